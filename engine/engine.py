@@ -1,0 +1,201 @@
+"""The engine: a loaded model plus the two code paths the services use — chunked prefill and batched decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import DeltaNetKernels, HybridModel
+from engine.state import HybridState
+from engine.tokenizer import Tokenizer
+from engine.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family."""
+
+    model_dir: str
+    dtype: str = "auto"
+    threads: int | None = None
+    deltanet_kernels: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.deltanet_kernels not in ("torch", "nki"):
+            raise ValueError(f"deltanet_kernels must be 'torch' or 'nki', got {self.deltanet_kernels!r}")
+
+
+class Engine:
+    """A Qwen3.5/3.6 hybrid model ready to prefill and decode on CPU (or CUDA) with PyTorch."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
+                 deltanet_kernels: str = "torch"):
+        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.config = ModelConfig.from_pretrained(model_dir)
+        name = self.config.torch_dtype if dtype == "auto" else dtype
+        if name not in DTYPES:
+            raise ValueError(f"checkpoint dtype {name!r} is not supported; pass --dtype float32 or bfloat16")
+        self.dtype = DTYPES[name]
+        weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype)
+        self.model = HybridModel(self.config, weights, DeltaNetKernels.named(deltanet_kernels))
+        self.model_dir = str(model_dir)
+        self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    def new_state(self) -> HybridState:
+        return HybridState.empty(self.config, self.dtype)
+
+    def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
+        """Raise ValueError for ids outside the vocabulary or a context past max_position_embeddings."""
+        v = self.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < v]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
+        if start + len(token_ids) > self.config.max_position_embeddings:
+            raise ValueError(f"context of {start + len(token_ids)} tokens exceeds the model's maximum "
+                             f"{self.config.max_position_embeddings}")
+
+    def prefill(self, token_ids: Sequence[int], state: HybridState | None = None, chunk_size: int = 512,
+                boundaries: Sequence[int] = (), on_chunk: Callable[[HybridState], None] | None = None
+                ) -> tuple[torch.Tensor, HybridState]:
+        """Chunked context encoding of `token_ids` on top of `state` (a fresh state when None).
+
+        Chunks hold at most `chunk_size` tokens and also end exactly at every absolute position in
+        `boundaries` (where a caller snapshots state). `on_chunk(state)` runs after every chunk; it may raise
+        to abandon the work (deadline, cancellation). Returns (fp32 logits [V] of the last token, state).
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not token_ids:
+            raise ValueError("prefill needs at least one token")
+        state = state if state is not None else self.new_state()
+        self.check_tokens(token_ids, state.num_tokens)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        start = state.num_tokens
+        logits = None
+        for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
+            logits = self.model.prefill_chunk(ids[lo - start: hi - start], state)
+            if on_chunk is not None:
+                on_chunk(state)
+        assert logits is not None
+        return logits, state
+
+    def forward_all(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, V] for every position of a fresh sequence (one chunk; for tests and scoring)."""
+        state = self.new_state()
+        self.check_tokens(token_ids)
+        return self.model.prefill_chunk(torch.as_tensor(list(token_ids)), state, all_logits=True)
+
+    def decode(self, states: list[HybridState], token_ids: Sequence[int]) -> torch.Tensor:
+        """One step for a batch of independent states (stacks their DeltaNet state for this call only).
+
+        Services keep sequences in a `DecodeBatch`, which avoids the stacking; this is the simple form.
+        """
+        batch = DecodeBatch(self, max_batch=len(states))
+        for s in states:
+            batch.add(s)
+        logits = batch.step(token_ids)
+        for s in list(states):
+            batch.remove(s)
+        return logits
+
+
+def chunk_spans(start: int, end: int, chunk_size: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Absolute [lo, hi) spans covering [start, end): at most chunk_size long, split at every boundary."""
+    cuts = {b for b in boundaries if start < b < end}
+    cuts.add(end)
+    spans, lo = [], start
+    for cut in sorted(cuts):
+        while lo < cut:
+            hi = min(lo + chunk_size, cut)
+            spans.append((lo, hi))
+            lo = hi
+    return spans
+
+
+class DecodeBatch:
+    """Sequences decoding together. DeltaNet state lives stacked in slot tensors (the sequence's HybridState
+    points at views of its slot while it is in the batch); active slots are kept dense in [0, size), so a step
+    reads a slice with no gather. KV stays in each sequence's own buffers."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        c, dt = engine.config, engine.dtype
+        self.engine = engine
+        self.max_batch = max_batch
+        n_lin = len(c.linear_layers)
+        self.conv = [torch.zeros(max_batch, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt)
+                     for _ in range(n_lin)]
+        self.recurrent = [torch.zeros(max_batch, c.linear_num_value_heads, c.linear_key_head_dim,
+                                      c.linear_value_head_dim, dtype=torch.float32) for _ in range(n_lin)]
+        self.states: list[HybridState] = []
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.states)
+
+    def _bind(self, state: HybridState, slot: int) -> None:
+        for j in range(len(self.conv)):
+            state.conv[j] = self.conv[j][slot]
+            state.recurrent[j] = self.recurrent[j][slot]
+
+    def add(self, state: HybridState) -> None:
+        if not self.free_slots:
+            raise RuntimeError("decode batch is full")
+        if any(s is state for s in self.states):
+            raise ValueError("state is already in the batch")
+        slot = len(self.states)
+        for j in range(len(self.conv)):
+            self.conv[j][slot].copy_(state.conv[j])
+            self.recurrent[j][slot].copy_(state.recurrent[j])
+        self._bind(state, slot)
+        self.states.append(state)
+
+    def remove(self, state: HybridState) -> None:
+        """Detach `state` (it gets its own copy of its DeltaNet state back); the last slot fills the hole."""
+        slot = next(i for i, s in enumerate(self.states) if s is state)
+        for j in range(len(self.conv)):
+            state.conv[j] = self.conv[j][slot].clone()
+            state.recurrent[j] = self.recurrent[j][slot].clone()
+        last = len(self.states) - 1
+        if slot != last:
+            moved = self.states[last]
+            for j in range(len(self.conv)):
+                self.conv[j][slot].copy_(self.conv[j][last])
+                self.recurrent[j][slot].copy_(self.recurrent[j][last])
+            self.states[slot] = moved
+            self._bind(moved, slot)
+        self.states.pop()
+
+    def step(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Feed token_ids[i] to self.states[i]; returns fp32 logits [B, V]."""
+        b = len(self.states)
+        if len(token_ids) != b:
+            raise ValueError(f"{len(token_ids)} tokens for a batch of {b}")
+        if b == 0:
+            raise ValueError("decode step on an empty batch")
+        for s in self.states:
+            self.engine.check_tokens([0], s.num_tokens)
+        self.engine.check_tokens(token_ids)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        return self.engine.model.decode_step(ids, self.states, [c[:b] for c in self.conv],
+                                             [r[:b] for r in self.recurrent])

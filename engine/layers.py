@@ -1,0 +1,186 @@
+"""The layers of a Qwen3.5/3.6 hybrid decoder, as transformers' Qwen3_5ForCausalLM computes them.
+
+Each token mixer has a prefill path (one sequence, T tokens, resumes from carried state) and a decode path
+(B sequences, one token each). Projections that read the same input are fused into one matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from kernels import causal_conv1d, causal_conv1d_update, chunk_gated_delta_rule, step_gated_delta_rule
+
+
+def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast back. `weight_plus_one` is fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight_plus_one).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """DeltaNet output norm: norm(x) * w (standard weight, in model dtype) * silu(gate) in fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((weight * xf.to(x.dtype)) * F.silu(gate.float())).to(x.dtype)
+
+
+class Rotary:
+    """Partial rotary embedding on the first `rotary_dim` dims of each head (text mRoPE == plain RoPE)."""
+
+    def __init__(self, config: ModelConfig):
+        dim = config.rotary_dim
+        self.dim = dim
+        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos, sin [N, rotary_dim] in `dtype` (computed in fp32 like transformers)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, D]; cos/sin [N, rotary_dim]."""
+        d = self.dim
+        rot, rest = x[..., :d], x[..., d:]
+        half = d // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        out = rot * cos[:, None, :] + rotated * sin[:, None, :]
+        return torch.cat([out, rest], dim=-1)
+
+
+@dataclass(slots=True)
+class MLP:
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+class DeltaNetMixer:
+    """Gated DeltaNet token mixer: fused in-projection -> causal conv -> gated delta rule -> gated norm -> out."""
+
+    def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+        p = prefix + "linear_attn."
+        self.c = c
+        # one matmul for q|k|v (conv input), z (output gate), b (beta), a (decay)
+        self.in_proj = torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"],
+                                  w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"]], dim=0).contiguous()
+        self.conv_weight = w[p + "conv1d.weight"][:, 0, :].contiguous()  # [D, W]
+        self.neg_A = -w[p + "A_log"].float().exp()  # [Hv]
+        self.dt_bias = w[p + "dt_bias"]
+        self.norm_weight = w[p + "norm.weight"]
+        self.out_proj = w[p + "out_proj.weight"]
+        self.splits = (c.conv_dim, c.linear_value_dim, c.linear_num_value_heads, c.linear_num_value_heads)
+
+    def _project(self, x: torch.Tensor):
+        mixed, z, b, a = F.linear(x, self.in_proj).split(self.splits, dim=-1)
+        beta = b.sigmoid()
+        g = self.neg_A * F.softplus(a.float() + self.dt_bias)
+        return mixed, z, beta, g
+
+    def _split_heads(self, mixed: torch.Tensor):
+        c = self.c
+        q, k, v = mixed.split((c.linear_key_dim, c.linear_key_dim, c.linear_value_dim), dim=-1)
+        lead = mixed.shape[:-1]
+        return (q.reshape(*lead, c.linear_num_key_heads, c.linear_key_head_dim),
+                k.reshape(*lead, c.linear_num_key_heads, c.linear_key_head_dim),
+                v.reshape(*lead, c.linear_num_value_heads, c.linear_value_head_dim))
+
+    def _output(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        z = z.reshape(*z.shape[:-1], c.linear_num_value_heads, c.linear_value_head_dim)
+        o = gated_rms_norm(o, z, self.norm_weight, c.rms_norm_eps)
+        return F.linear(o.flatten(-2), self.out_proj)
+
+    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor,
+                kernels) -> torch.Tensor:
+        """x [T, H]; conv_state [D, W-1] and rec_state [Hv, dk, dv] (fp32) are updated in place."""
+        mixed, z, beta, g = self._project(x)
+        mixed, new_conv = causal_conv1d(mixed[None], self.conv_weight, conv_state[None])
+        conv_state.copy_(new_conv[0])
+        q, k, v = self._split_heads(mixed[0])
+        o, new_rec = kernels.chunk(q[None], k[None], v[None], g[None], beta[None], initial_state=rec_state[None])
+        rec_state.copy_(new_rec[0])
+        return self._output(o[0], z)
+
+    def decode(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels) -> torch.Tensor:
+        """x [B, H]; conv_state [B, D, W-1] and rec_state [B, Hv, dk, dv] are updated in place."""
+        mixed, z, beta, g = self._project(x)
+        mixed = causal_conv1d_update(mixed, self.conv_weight, conv_state)
+        q, k, v = self._split_heads(mixed)
+        o = kernels.step(q, k, v, g, beta, rec_state)
+        return self._output(o, z)
+
+
+class AttentionMixer:
+    """Gated GQA: q_proj rows are per-head [q | gate]; q/k zero-centred norms; partial RoPE; out * sigmoid(gate)."""
+
+    def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], prefix: str, rotary: Rotary):
+        p = prefix + "self_attn."
+        self.c = c
+        self.rotary = rotary
+        self.qkv = torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]],
+                             dim=0).contiguous()
+        self.o_proj = w[p + "o_proj.weight"]
+        self.q_norm = 1.0 + w[p + "q_norm.weight"].float()
+        self.k_norm = 1.0 + w[p + "k_norm.weight"].float()
+        self.splits = (2 * c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                       c.num_key_value_heads * c.head_dim)
+        self.scale = c.head_dim ** -0.5
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied."""
+        c = self.c
+        n = x.shape[0]
+        qg, k, v = F.linear(x, self.qkv).split(self.splits, dim=-1)
+        qg = qg.view(n, c.num_attention_heads, 2 * c.head_dim)
+        q, gate = qg[..., : c.head_dim], qg[..., c.head_dim:].reshape(n, -1)
+        q = rms_norm(q, self.q_norm, c.rms_norm_eps)
+        k = rms_norm(k.view(n, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        v = v.view(n, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        return self.rotary.apply(q, cos, sin), gate, self.rotary.apply(k, cos, sin), v
+
+    def prefill(self, x: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int) -> torch.Tensor:
+        """x [T, H]; k_buf/v_buf [Hkv, capacity, D] receive this chunk's K/V at [start, start+T)."""
+        t = x.shape[0]
+        positions = torch.arange(start, start + t)
+        q, gate, k, v = self._qkv(x, positions)
+        k_buf[:, start:start + t] = k.transpose(0, 1)
+        v_buf[:, start:start + t] = v.transpose(0, 1)
+        keys, values = k_buf[:, : start + t], v_buf[:, : start + t]
+        if start == 0:
+            mask, causal = None, True
+        else:  # queries sit at the end of the key range: key j visible to query i iff j <= start + i
+            mask = torch.arange(start + t)[None, :] <= positions[:, None]
+            causal = False
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                           is_causal=causal, scale=self.scale, enable_gqa=True)
+        o = o[0].transpose(0, 1).reshape(t, -1)
+        return F.linear(o * torch.sigmoid(gate), self.o_proj)
+
+    def decode(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor
+               ) -> torch.Tensor:
+        """x [B, H]; kv[b] = (k_buf, v_buf) [Hkv, capacity, D] of sequence b, written at positions[b]."""
+        c = self.c
+        q, gate, k, v = self._qkv(x, positions)
+        group = c.num_attention_heads // c.num_key_value_heads
+        outs = []
+        for b, (k_buf, v_buf) in enumerate(kv):
+            pos = int(positions[b])
+            k_buf[:, pos] = k[b]
+            v_buf[:, pos] = v[b]
+            keys, values = k_buf[:, : pos + 1], v_buf[:, : pos + 1]  # [Hkv, L, D]
+            qb = q[b].view(c.num_key_value_heads, group, c.head_dim)  # query heads grouped by their KV head
+            scores = torch.matmul(qb, keys.transpose(1, 2)).float() * self.scale  # [Hkv, group, L]
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+            outs.append(torch.matmul(probs, values).reshape(-1))
+        o = torch.stack(outs)
+        return F.linear(o * torch.sigmoid(gate), self.o_proj)

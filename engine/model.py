@@ -1,0 +1,120 @@
+"""The Qwen3.5/3.6 hybrid text model: embedding -> [DeltaNet | gated GQA] + MLP blocks -> norm -> lm_head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import LINEAR, ModelConfig
+from engine.layers import MLP, AttentionMixer, DeltaNetMixer, Rotary, rms_norm
+from engine.state import HybridState
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaNetKernels:
+    """Which implementation of the gated delta rule the DeltaNet layers call (same shapes either way)."""
+
+    name: str
+    chunk: Callable
+    step: Callable
+
+    @classmethod
+    def named(cls, name: str) -> "DeltaNetKernels":
+        if name == "torch":
+            from kernels import chunk_gated_delta_rule, step_gated_delta_rule
+
+            return cls("torch", chunk_gated_delta_rule, step_gated_delta_rule)
+        if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
+            from kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
+
+            return cls("nki", nki_chunk_gated_delta_rule, nki_step_gated_delta_rule)
+        raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch' or 'nki'")
+
+
+class Block:
+    """One decoder layer: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], index: int, rotary: Rotary):
+        p = f"layers.{index}."
+        self.index = index
+        self.is_linear = c.layer_types[index] == LINEAR
+        self.eps = c.rms_norm_eps
+        self.in_norm = 1.0 + w[p + "input_layernorm.weight"].float()
+        self.post_norm = 1.0 + w[p + "post_attention_layernorm.weight"].float()
+        self.mixer = DeltaNetMixer(c, w, p) if self.is_linear else AttentionMixer(c, w, p, rotary)
+        self.mlp = MLP(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0).contiguous(),
+                       w[p + "mlp.down_proj.weight"])
+
+    def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        x = x + mixed
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps))
+
+
+class HybridModel:
+    """Holds the (fused) weights; runs prefill chunks on one sequence and decode steps on a batch."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], kernels: DeltaNetKernels):
+        self.config = config
+        self.kernels = kernels
+        rotary = Rotary(config)
+        self.embed = weights["embed_tokens.weight"]
+        self.lm_head = weights["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        self.final_norm = 1.0 + weights["norm.weight"].float()
+        self.blocks = [Block(config, weights, i, rotary) for i in range(config.num_hidden_layers)]
+        # position of each layer inside its kind's state lists
+        self.slot = {}
+        for kind_layers in (config.linear_layers, config.attention_layers):
+            for j, layer in enumerate(kind_layers):
+                self.slot[layer] = j
+        self.dtype = self.embed.dtype
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
+        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    @torch.inference_mode()
+    def prefill_chunk(self, token_ids: torch.Tensor, state: HybridState, all_logits: bool = False
+                      ) -> torch.Tensor:
+        """Consume token_ids [T] into `state` (in place). Returns logits of the last token [V] (or all [T, V])."""
+        t = token_ids.numel()
+        start = state.num_tokens
+        state.reserve(start + t)
+        x = self.embed[token_ids]
+        for blk in self.blocks:
+            h = rms_norm(x, blk.in_norm, blk.eps)
+            j = self.slot[blk.index]
+            if blk.is_linear:
+                mixed = blk.mixer.prefill(h, state.conv[j], state.recurrent[j], self.kernels)
+            else:
+                mixed = blk.mixer.prefill(h, state.keys[j], state.values[j], start)
+            x = blk.finish(x, mixed)
+        state.num_tokens = start + t
+        state.token_ids.extend(token_ids.tolist())
+        return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+
+    @torch.inference_mode()
+    def decode_step(self, token_ids: torch.Tensor, states: list[HybridState], conv: list[torch.Tensor],
+                    recurrent: list[torch.Tensor]) -> torch.Tensor:
+        """One token for each of B sequences: token_ids [B]; conv[j] [B, D, W-1] and recurrent[j] [B, Hv, dk, dv]
+        are the batch's stacked DeltaNet states (updated in place). KV lives in each state. Returns logits [B, V]."""
+        positions = torch.tensor([s.num_tokens for s in states])
+        for s in states:
+            s.reserve(s.num_tokens + 1)
+        x = self.embed[token_ids]
+        for blk in self.blocks:
+            h = rms_norm(x, blk.in_norm, blk.eps)
+            j = self.slot[blk.index]
+            if blk.is_linear:
+                mixed = blk.mixer.decode(h, conv[j], recurrent[j], self.kernels)
+            else:
+                kv = [(s.keys[j], s.values[j]) for s in states]
+                mixed = blk.mixer.decode(h, kv, positions)
+            x = blk.finish(x, mixed)
+        for s, tok in zip(states, token_ids.tolist()):
+            s.num_tokens += 1
+            s.token_ids.append(tok)
+        return self.logits(x)

@@ -1,0 +1,112 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, reproducible per-request seeds, stop conditions."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """Options of one request. temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed None = random."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # each error names the field, so services can turn it into a field violation
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(slots=True)
+class Sampler:
+    """Samples the tokens of one sequence; its generator makes a seeded request reproducible.
+
+    The generator is advanced exactly once per sampled token, so a request resumed after `n` tokens can be
+    reproduced by `Sampler.resumed(params, n)`.
+    """
+
+    params: SamplingParams
+    generator: torch.Generator = field(init=False)
+    draws: int = 0
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.generator.manual_seed(seed)
+
+    @classmethod
+    def resumed(cls, params: SamplingParams, draws: int) -> "Sampler":
+        s = cls(params)
+        for _ in range(draws):
+            s._uniform()
+        return s
+
+    def _uniform(self) -> float:
+        self.draws += 1
+        return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, float]:
+        """logits [V] (any float dtype) -> (token id, log-probability under the model's unmodified distribution)."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if self.params.greedy:
+            token = int(torch.argmax(logits))
+            self._uniform()  # keep draws aligned with tokens, so resumption is position-exact
+            return token, float(logprobs[token])
+        probs = _filtered_probs(logits, self.params)
+        # inverse-CDF with one uniform draw: independent of thread count and reproducible from the seed
+        cdf = torch.cumsum(probs, dim=-1)
+        u = self._uniform() * float(cdf[-1])
+        token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype)).clamp(max=cdf.numel() - 1))
+        while probs[token] == 0:  # u landed exactly on a boundary of a zeroed entry
+            token -= 1
+        return token, float(logprobs[token])
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    scaled = logits / p.temperature
+    if p.top_k and p.top_k < scaled.numel():
+        kth = torch.topk(scaled, p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled.double(), dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        drop = (cum - sorted_probs) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return probs
+
+
+def greedy_batch(logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Argmax for a whole batch at once: logits [B, V] -> ids, logprobs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.argmax(logits, dim=-1)
+    return ids.tolist(), logprobs.gather(1, ids[:, None])[:, 0].tolist()

@@ -1,0 +1,96 @@
+"""Tokenizer from a checkpoint directory (tokenizer.json + tokenizer_config.json) and streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer` with the checkpoint's special tokens and chat template."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"no tokenizer.json in {model_dir}")
+        self._tok = _HFTokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+        template_file = model_dir / "chat_template.jinja"
+        if self.chat_template is None and template_file.is_file():
+            self.chat_template = template_file.read_text()
+        self.eos_token: str | None = _token_text(cfg.get("eos_token"))
+        self.bos_token: str | None = _token_text(cfg.get("bos_token"))
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages ([{"role", "content"}]) with the checkpoint's Jinja template."""
+        if not self.chat_template:
+            raise TokenizerError("this checkpoint has no chat template; send a plain prompt instead")
+        import jinja2.sandbox
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TokenizerError("each chat message needs a string 'role' and 'content'")
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            eos_token=self.eos_token or "", bos_token=self.bos_token or "")
+
+
+def _raise(message: str) -> None:
+    raise TokenizerError(message)
+
+
+def _token_text(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting multi-byte characters.
+
+    Decodes a short window of trailing tokens each step; text that ends in an incomplete UTF-8 sequence
+    (U+FFFD) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self._tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-6:])  # a little context so the first delta decodes like the rest
+        self._prefix_offset = 0
+        self._read_offset = len(self.ids)
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the newly completed text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset])
+        full = self._tok.decode(self.ids[self._prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,140 @@
+"""Loading a Qwen3.5/3.6 checkpoint's text weights from safetensors, and the model fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import LINEAR, ModelConfig
+
+_PREFIXES = ("model.language_model.", "model.")
+_SKIPPED = ("model.visual.", "visual.", "mtp.", "model.mtp.")
+_SAMPLE_WINDOWS, _WINDOW_BYTES = 16, 4096
+
+
+class WeightError(ValueError):
+    """A checkpoint whose tensors do not match its config (missing, unexpected shape, unreadable)."""
+
+
+def expected_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical (prefix-free) name -> shape of every text-model tensor transformers would load."""
+    h = c.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c.vocab_size, h), "norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for i, kind in enumerate(c.layer_types):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (c.intermediate_size, h)
+        shapes[p + "mlp.up_proj.weight"] = (c.intermediate_size, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, c.intermediate_size)
+        if kind == LINEAR:
+            q = p + "linear_attn."
+            shapes[q + "in_proj_qkv.weight"] = (c.conv_dim, h)
+            shapes[q + "in_proj_z.weight"] = (c.linear_value_dim, h)
+            shapes[q + "in_proj_b.weight"] = (c.linear_num_value_heads, h)
+            shapes[q + "in_proj_a.weight"] = (c.linear_num_value_heads, h)
+            shapes[q + "conv1d.weight"] = (c.conv_dim, 1, c.linear_conv_kernel_dim)
+            shapes[q + "dt_bias"] = (c.linear_num_value_heads,)
+            shapes[q + "A_log"] = (c.linear_num_value_heads,)
+            shapes[q + "norm.weight"] = (c.linear_value_head_dim,)
+            shapes[q + "out_proj.weight"] = (h, c.linear_value_dim)
+        else:
+            q = p + "self_attn."
+            shapes[q + "q_proj.weight"] = (2 * c.num_attention_heads * c.head_dim, h)
+            shapes[q + "k_proj.weight"] = (c.num_key_value_heads * c.head_dim, h)
+            shapes[q + "v_proj.weight"] = (c.num_key_value_heads * c.head_dim, h)
+            shapes[q + "o_proj.weight"] = (h, c.num_attention_heads * c.head_dim)
+            shapes[q + "q_norm.weight"] = (c.head_dim,)
+            shapes[q + "k_norm.weight"] = (c.head_dim,)
+    return shapes
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightError(f"shards listed in {index.name} are missing: {missing}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightError(f"no safetensors weights in {model_dir}")
+    return files
+
+
+def _canonical(name: str) -> str | None:
+    """Strip the text-model prefix; None for tensors qwenpd does not use (vision tower, MTP head)."""
+    if name.startswith(_SKIPPED):
+        return None
+    if name == "lm_head.weight":
+        return name
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return None
+
+
+def _content_digest(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    """Digest of a tensor's stored bytes: all of a small tensor, evenly spaced windows of a large one."""
+    raw = t.contiguous().view(torch.uint8).reshape(-1)
+    n = raw.numel()
+    if n <= _SAMPLE_WINDOWS * _WINDOW_BYTES * 4:
+        h.update(raw.numpy().tobytes())
+        return
+    step = (n - _WINDOW_BYTES) // (_SAMPLE_WINDOWS - 1)
+    for i in range(_SAMPLE_WINDOWS):
+        h.update(raw[i * step: i * step + _WINDOW_BYTES].numpy().tobytes())
+
+
+def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype
+                 ) -> tuple[dict[str, torch.Tensor], str]:
+    """Read every expected tensor (checked for presence and shape), cast to `dtype`.
+
+    Returns (canonical name -> tensor, fingerprint). The fingerprint covers the config, every tensor's
+    name/shape/stored dtype and a digest of its stored bytes, so state from another model is refused later.
+    """
+    model_dir = Path(model_dir)
+    expected = expected_weight_shapes(config)
+    found: dict[str, torch.Tensor] = {}
+    for path in _weight_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    canon = _canonical(name)
+                    if canon is None or canon not in expected:
+                        continue
+                    if canon in found:
+                        raise WeightError(f"tensor {canon!r} appears twice (second copy as {name!r} in {path.name})")
+                    found[canon] = f.get_tensor(name)
+        except WeightError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise WeightError(f"cannot read {path}: {e}") from e
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise WeightError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    h = hashlib.sha256(json.dumps(config.fingerprint_dict(), sort_keys=True).encode())
+    weights: dict[str, torch.Tensor] = {}
+    for name in sorted(expected):
+        t = found[name]
+        if tuple(t.shape) != expected[name]:
+            raise WeightError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if not t.is_floating_point():
+            raise WeightError(f"tensor {name!r} has non-float dtype {t.dtype}")
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        _content_digest(h, t)
+        weights[name] = t.to(dtype)
+    return weights, h.hexdigest()

@@ -1,0 +1,128 @@
+"""The `qwenpd` command line. Subcommands import their machinery lazily so `--help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from engine.init_model import init_model
+
+    out = init_model(args.out, args.preset, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.preset} checkpoint to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prefill or args.decode:
+        from clients.cli import generate_remote  # through the services
+
+        return generate_remote(args)
+    if not args.model:
+        raise SystemExit("qwenpd generate: --model DIR is required (or --prefill ADDR --decode ADDR)")
+    from engine.engine import Engine
+    from engine.generate import generate
+
+    engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels)
+    if args.prompt_ids is not None:
+        prompt_ids = args.prompt_ids
+    elif args.prompt is not None:
+        if engine.tokenizer is None:
+            raise SystemExit("this checkpoint has no tokenizer.json; use --prompt-ids")
+        prompt_ids = engine.tokenizer.encode(args.prompt)
+    else:
+        raise SystemExit("qwenpd generate: give --prompt TEXT or --prompt-ids 1,2,3")
+    params = sampling_from_args(args)
+    started = time.perf_counter()
+    result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size,
+                      on_text=None if args.json else (lambda s: print(s, end="", flush=True)))
+    if args.json:
+        print(json.dumps({
+            "token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
+            "prompt_tokens": len(prompt_ids), "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+            "wall_s": time.perf_counter() - started,
+        }))
+    else:
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenpd", description="Disaggregated prefill/decode serving of "
+                                     "Qwen3.5/3.6 hybrid models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-model", help="write a checkpoint with deterministic random weights")
+    p.add_argument("--preset", default="tiny", help="tiny | small | qwen3.6-27b (default tiny)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="stored dtype (preset default)")
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("generate", help="generate in-process, or through the services with --prefill/--decode")
+    p.add_argument("--model", help="checkpoint directory (in-process)")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids, comma-separated")
+    add_sampling_args(p)
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "nki"],
+                   help="DeltaNet kernels: torch, or nki (NKI kernels; CPU emulator without the Neuron SDK)")
+    p.add_argument("--cache-salt", default=None, help="prefix-cache isolation key (services only)")
+    p.add_argument("--prefill", help="prefill service address (go through the services)")
+    p.add_argument("--decode", help="decode service address")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-call timeout in seconds (services)")
+    p.add_argument("--json", action="store_true", help="print one JSON line with ids, text and timings")
+    p.set_defaults(func=cmd_generate)
+
+    try:  # serving subcommands (serve, demo) live with the services
+        from clients.cli import add_service_commands
+    except ImportError:
+        pass
+    else:
+        add_service_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as e:  # configuration and input errors: one clear line, no traceback
+        print(f"qwenpd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny checkpoints built here (no downloads) — our own init-model and transformers' save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded default: `qwenpd init-model --preset tiny` (fp32 weights, real BPE tokenizer)."""
+    from engine.init_model import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: save a random transformers Qwen3.5 model with the given config overrides; cached per variant."""
+    from tests.hf_models import save_hf_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in cache:
+            cache[variant] = save_hf_checkpoint(tmp_path_factory.mktemp(variant) / "ckpt", variant)
+        return cache[variant]
+
+    return make

@@ -1,0 +1,102 @@
+"""Sampling and output tracking: greedy, temperature/top-k/top-p, seeds, stop conditions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.generate import OutputTracker
+from engine.sampling import Sampler, SamplingParams
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    tok, lp = Sampler(SamplingParams(temperature=0)).sample(logits)
+    assert tok == 1 and lp == pytest.approx(float(torch.log_softmax(logits, -1)[1]))
+
+
+def test_seed_reproducible_and_distinct():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=1.0, seed=1234)
+    a = [Sampler(p).sample(logits)[0] for _ in range(3)]
+    s1, s2 = Sampler(p), Sampler(SamplingParams(temperature=1.0, seed=99))
+    seq1 = [s1.sample(logits)[0] for _ in range(30)]
+    seq2 = [s2.sample(logits)[0] for _ in range(30)]
+    assert len(set(a)) == 1 and seq1 != seq2
+
+
+def test_resumed_sampler_continues_the_same_stream():
+    logits = torch.randn(20, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=0.8, seed=7)
+    whole = Sampler(p)
+    seq = [whole.sample(logits)[0] for _ in range(10)]
+    resumed = Sampler.resumed(p, 4)
+    assert [resumed.sample(logits)[0] for _ in range(6)] == seq[4:]
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
+    k2 = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {k2.sample(logits)[0] for _ in range(200)} <= {0, 1}
+    p = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=0))
+    assert {p.sample(logits)[0] for _ in range(200)} == {0}  # token 0 alone has > 50% of the mass
+
+
+def test_temperature_frequencies_follow_softmax():
+    logits = torch.tensor([1.0, 0.0, -1.0])
+    s = Sampler(SamplingParams(temperature=2.0, seed=3))
+    counts = torch.bincount(torch.tensor([s.sample(logits)[0] for _ in range(4000)]), minlength=3).float()
+    expected = torch.softmax(logits / 2.0, -1)
+    assert torch.allclose(counts / 4000, expected, atol=0.03)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -1), ("max_tokens", 0), ("seed", -5)])
+def test_bad_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_tracker_eos_stop_ids_and_length():
+    t = OutputTracker(SamplingParams(max_tokens=5), frozenset({9}))
+    assert [t.push(x) for x in (1, 2)] == ["", ""] and t.finish_reason is None
+    t.push(9)
+    assert t.finish_reason == "stop" and t.token_ids == [1, 2, 9]
+    t = OutputTracker(SamplingParams(max_tokens=5, ignore_eos=True), frozenset({9}))
+    for x in (9, 9, 9, 9, 9):
+        t.push(x)
+    assert t.finish_reason == "length"
+    t = OutputTracker(SamplingParams(max_tokens=5, stop_token_ids=(4,)), frozenset())
+    t.push(4)
+    assert t.finish_reason == "stop"
+
+
+def test_tracker_stop_strings_hold_back_and_cut(tiny_model_dir):
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_model_dir)
+    ids = tok.encode("Hello, world! How are you today?")
+    t = OutputTracker(SamplingParams(max_tokens=100, stop=("How are",)), frozenset(), tok)
+    streamed = "".join(t.push(i) for i in ids if t.finish_reason is None)
+    assert t.finish_reason == "stop"
+    assert streamed == t.text == "Hello, world! "
+
+
+def test_incremental_detokenizer_matches_full_decode(tiny_model_dir):
+    from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    tok = Tokenizer(tiny_model_dir)
+    text = "Grüße, 世界! qwenpd streams tokens — even multi-byte ones: ñ é 🙂."
+    ids = tok.encode(text)
+    d = IncrementalDetokenizer(tok)
+    out = "".join(d.push(i) for i in ids)
+    assert out == text == tok.decode(ids)
+
+
+def test_chat_template(tiny_model_dir):
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode("<|im_end|>") == [tok.eos_token_id]

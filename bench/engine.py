@@ -1,0 +1,160 @@
+"""Engine throughput vs transformers on the same checkpoint, dtype and thread count, in one run.
+
+    python bench/engine.py [--preset small] [--dtype bfloat16|float32|both] [--quick]
+
+Prints prefill tokens/s at several prompt lengths and decode tokens/s at several batch sizes for qwenpd and
+for transformers (`generate` with its cache), with ratios; beside them the plain bf16/fp32 matmul throughput
+of the model's shapes and the memory-read bandwidth this machine reaches, as ceilings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import DecodeBatch, Engine  # noqa: E402
+from engine.init_model import init_model  # noqa: E402
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_gflops(cfg, dtype, tokens: int) -> float:
+    """Plain torch.matmul over the model's projection shapes at `tokens` rows: the compute ceiling."""
+    h = cfg.hidden_size
+    shapes = [(h, 2 * cfg.intermediate_size), (cfg.intermediate_size, h), (h, cfg.conv_dim + cfg.linear_value_dim)]
+    mats = [(torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for k, n in shapes]
+    flops = sum(2 * tokens * k * n for k, n in shapes)
+    for a, b in mats:
+        a @ b
+    t = _best(lambda: [a @ b for a, b in mats], 3)
+    return flops / t / 1e9
+
+
+def read_bandwidth_gbs() -> float:
+    x = torch.ones(256 * 2**20 // 4, dtype=torch.float32)  # 256 MiB, well past the caches
+    x.sum()
+    t = _best(lambda: x.sum(), 5)
+    return x.numel() * 4 / t / 1e9
+
+
+def prompts(n: int, length: int, vocab: int, vary: bool) -> list[list[int]]:
+    g = torch.Generator().manual_seed(length * 31 + n)
+    lens = [max(8, length - (i * length) // (2 * n)) if vary else length for i in range(n)]
+    return [torch.randint(10, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def ours_prefill(eng: Engine, ids: list[int], chunk: int) -> float:
+    return _best(lambda: eng.prefill(ids, chunk_size=chunk), 2)
+
+
+def ours_decode(eng: Engine, batch: list[list[int]], steps: int) -> float:
+    db = DecodeBatch(eng, len(batch))
+    last = []
+    for p in batch:
+        logits, st = eng.prefill(p, chunk_size=2048)
+        db.add(st)
+        last.append(int(logits.argmax()))
+    db.step(last)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        last = db.step(last).argmax(-1).tolist()
+    return time.perf_counter() - t0
+
+
+def hf_prefill(hf, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        return _best(lambda: hf(x, use_cache=True, logits_to_keep=1), 2)
+
+
+def hf_decode(hf, batch: list[list[int]], steps: int) -> float:
+    """Decode time of transformers' generate: (N+1 new tokens) - (1 new token), left-padded batch."""
+    width = max(len(p) for p in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+        t2 = time.perf_counter()
+    return (t2 - t1) - (t1 - t0)
+
+
+def run(model_dir: Path, dtype_name: str, args) -> None:
+    from transformers import Qwen3_5ForCausalLM
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    eng = Engine(model_dir, dtype=dtype_name)
+    hf = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    cfg = eng.config
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed" not in n)
+    print(f"\n## {args.preset} preset, {dtype_name}, {torch.get_num_threads()} threads, "
+          f"{cfg.num_parameters() / 1e6:.0f}M params")
+    print("| measure | qwenpd | transformers | ratio |")
+    print("|---|---|---|---|")
+    for length in args.prefill_lengths:
+        ids = prompts(1, length, cfg.vocab_size, False)[0]
+        ours = length / ours_prefill(eng, ids, args.chunk_size)
+        theirs = length / hf_prefill(hf, ids)
+        print(f"| prefill {length} tok (tok/s) | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |")
+        if length == 2048:
+            prefill_2048 = ours
+    for bsz in args.batches:
+        batch = prompts(bsz, args.decode_prompt, cfg.vocab_size, vary=bsz > 1)
+        ours = bsz * args.steps / ours_decode(eng, batch, args.steps)
+        theirs = bsz * args.steps / hf_decode(hf, batch, args.steps)
+        print(f"| decode batch {bsz} (tok/s) | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |")
+        if bsz == 1:
+            step_s = 1 / ours
+    mm = matmul_gflops(cfg, dtype, 2048)
+    bw = read_bandwidth_gbs()
+    if 2048 in args.prefill_lengths:
+        achieved = 2 * cfg.num_parameters() * prefill_2048 / 1e9
+        print(f"\nprefill@2048: ~{achieved:,.0f} GFLOP/s (2*params*tok/s, attention excluded) vs plain "
+              f"torch.matmul of the model's shapes {mm:,.0f} GFLOP/s = {achieved / mm:.0%}")
+    if 1 in args.batches:
+        streamed = weight_bytes / step_s / 1e9
+        print(f"decode@1: {step_s * 1e3:.1f} ms/step, weights streamed {streamed:.1f} GB/s vs measured read "
+              f"bandwidth {bw:.1f} GB/s = {streamed / bw:.0%} ({weight_bytes / 1e9:.2f} GB of weights/step)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--dtype", default="both", choices=["bfloat16", "float32", "both"])
+    ap.add_argument("--model", help="existing checkpoint dir (default: init the preset into a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="shorter prompts and fewer steps")
+    ap.add_argument("--chunk-size", type=int, default=2048)
+    args = ap.parse_args()
+    args.prefill_lengths = [512, 2048] if args.quick else [512, 2048, 8192]
+    args.batches = [1, 8, 32]
+    args.steps = 8 if args.quick else 32
+    args.decode_prompt = 128 if args.quick else 512
+    dtypes = ["bfloat16", "float32"] if args.dtype == "both" else [args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in dtypes:
+            model_dir = Path(args.model) if args.model else init_model(Path(tmp) / name, args.preset, dtype=name)
+            run(model_dir, name, args)
+
+
+if __name__ == "__main__":
+    main()

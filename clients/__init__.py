@@ -1,1 +1,10 @@
+"""Callers of the services: `Client` / `AsyncClient` (prefill -> decode with one call), their errors, and the
+serving CLI (clients.cli: `qwenpd serve ...`, `qwenpd demo`). Importing this package does not import torch."""
 
+from clients.client import AsyncClient, Chunk, Client, Result
+from clients.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                            QwenpdError, RemoteError, ResourceExhausted, Unavailable)
+
+__all__ = ["AsyncClient", "Chunk", "Client", "Result", "Cancelled", "DataLoss", "DeadlineExceeded",
+           "FailedPrecondition", "InvalidArgument", "NotFound", "QwenpdError", "RemoteError", "ResourceExhausted",
+           "Unavailable"]

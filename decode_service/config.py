@@ -1,0 +1,63 @@
+"""DecodeConfig: everything the decode service is started with, built once from CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefill_service.config import DTYPE_CHOICES, split_address
+
+
+@dataclass(slots=True)
+class DecodeConfig:
+    """model_dir: HF-format checkpoint (the same model as prefill's: checkpoints of another are refused).
+    listen: HOST:PORT (port 0 = any free port). cache: cache store address. max_batch: sequences stepped
+    together. max_queue: sequences that may wait for a slot. default_max_tokens: max_tokens when a request
+    overrides sampling without giving it."""
+
+    model_dir: str
+    cache: str
+    listen: str = "127.0.0.1:0"
+    dtype: str = "auto"
+    max_batch: int = 32
+    max_queue: int = 256
+    threads: int | None = None
+    default_max_tokens: int = 256
+    grace_s: float = 5.0
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ValueError(f"model_dir {self.model_dir!r} has no config.json")
+        split_address(self.listen)
+        split_address(self.cache)
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0 = any free port)")
+    p.add_argument("--cache", required=True, help="cache store address HOST:PORT")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--max-batch", type=int, default=32, help="sequences stepped together (default 32)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences that may wait for a slot (default 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--default-max-tokens", type=int, default=256)
+
+
+def config_from_args(args: argparse.Namespace) -> DecodeConfig:
+    return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
+                        max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
+                        default_max_tokens=args.default_max_tokens)

@@ -1,0 +1,82 @@
+"""PrefillConfig: everything the prefill service is started with, built once from CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port); ValueError otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(slots=True)
+class PrefillConfig:
+    """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
+    chunk_size: prompt tokens per prefill chunk. max_queue: requests that may wait behind the running one.
+    default_max_tokens: max_tokens when a request leaves it out. handoff_ttl_s: how long a checkpoint waits for
+    its decode request (None = the store's default)."""
+
+    model_dir: str
+    cache: str
+    listen: str = "127.0.0.1:0"
+    dtype: str = "auto"
+    chunk_size: int = 512
+    max_queue: int = 64
+    threads: int | None = None
+    default_max_tokens: int = 256
+    handoff_ttl_s: float | None = None
+    model_name: str | None = None
+    grace_s: float = 5.0
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ValueError(f"model_dir {self.model_dir!r} has no config.json")
+        split_address(self.listen)
+        split_address(self.cache)
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:
+            raise ValueError(f"handoff_ttl_s must be > 0, got {self.handoff_ttl_s}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model_dir).resolve().name
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0 = any free port)")
+    p.add_argument("--cache", required=True, help="cache store address HOST:PORT")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill chunk (default 512)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting behind the running one (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--handoff-ttl", type=float, default=None, help="seconds a checkpoint waits for its decode call")
+    p.add_argument("--model-name", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> PrefillConfig:
+    return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
+                         chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
+                         default_max_tokens=args.default_max_tokens, handoff_ttl_s=args.handoff_ttl,
+                         model_name=args.model_name)

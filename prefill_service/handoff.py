@@ -1,0 +1,114 @@
+"""The prefill -> decode contract in domain form: sampling options to and from protobuf, and the `Handoff`
+record prefill stores in the checkpoint's metadata (key "qwenpd.handoff", protobuf JSON) for decode to resume
+from. Both services convert here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from engine.sampling import SamplingParams
+from protos.qwenpd.v1 import common_pb2
+from qwenpd.grpc_common import DataLoss, InvalidArgument
+
+HANDOFF_KEY = "qwenpd.handoff"
+PROMPT_TAIL = 8  # prompt ids kept for decode's incremental detokenizer
+_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, vocab_size: int,
+                     field_prefix: str = "sampling") -> SamplingParams:
+    """Validated engine SamplingParams from a request's message; InvalidArgument names the bad field.
+
+    Absent optional fields take their defaults (temperature 1, top_p 1, max_tokens `default_max_tokens`);
+    an absent seed stays None (prefill draws one with `with_seed`).
+    """
+    try:
+        params = SamplingParams(
+            temperature=pb.temperature if pb.HasField("temperature") else 1.0,
+            top_p=pb.top_p if pb.HasField("top_p") else 1.0,
+            top_k=pb.top_k,
+            seed=pb.seed if pb.HasField("seed") else None,
+            max_tokens=pb.max_tokens if pb.HasField("max_tokens") else default_max_tokens,
+            stop=tuple(pb.stop),
+            stop_token_ids=tuple(pb.stop_token_ids),
+            ignore_eos=pb.ignore_eos,
+        )
+    except ValueError as exc:  # SamplingParams' messages start with the field's name
+        name = str(exc).split(" ", 1)[0]
+        raise InvalidArgument(f"{field_prefix}.{name}" if name in _FIELDS else field_prefix, str(exc)) from None
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise InvalidArgument(f"{field_prefix}.stop_token_ids",
+                              f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return params
+
+
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """The same options with a seed drawn now if there was none, so decode can continue the stream."""
+    return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
+
+
+def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
+    pb = common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                   max_tokens=params.max_tokens, stop=list(params.stop),
+                                   stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        pb.seed = params.seed
+    return pb
+
+
+@dataclass(slots=True, frozen=True)
+class Handoff:
+    """What decode needs besides the state: the first token (already sampled), the resolved sampling options
+    (seed always set), how far the random stream has advanced, counts, and the prompt's last ids."""
+
+    request_id: str
+    first_token: int
+    first_logprob: float
+    first_text: str
+    sampling: SamplingParams
+    sampler_draws: int
+    prompt_tokens: int
+    cached_tokens: int
+    prompt_tail_ids: tuple[int, ...]
+
+    def to_pb(self) -> common_pb2.Handoff:
+        return common_pb2.Handoff(
+            request_id=self.request_id,
+            first_token=common_pb2.Token(id=self.first_token, text=self.first_text, logprob=self.first_logprob),
+            sampling=sampling_to_pb(self.sampling), sampler_draws=self.sampler_draws,
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+            prompt_tail_ids=list(self.prompt_tail_ids[-PROMPT_TAIL:]))
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.Handoff, vocab_size: int) -> "Handoff":
+        try:
+            sampling = sampling_from_pb(pb.sampling, pb.sampling.max_tokens, vocab_size, "handoff.sampling")
+        except InvalidArgument as exc:
+            raise DataLoss(f"checkpoint hand-off record is invalid: {exc.message}",
+                           reason="HANDOFF_CORRUPT") from None
+        if sampling.seed is None or pb.first_token.id >= vocab_size:
+            raise DataLoss("checkpoint hand-off record lacks a seed or has a bad first token",
+                           reason="HANDOFF_CORRUPT")
+        return cls(pb.request_id, pb.first_token.id, pb.first_token.logprob, pb.first_token.text, sampling,
+                   pb.sampler_draws, pb.prompt_tokens, pb.cached_tokens, tuple(pb.prompt_tail_ids))
+
+    def to_metadata(self) -> dict[str, str]:
+        return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], vocab_size: int) -> "Handoff":
+        raw = metadata.get(HANDOFF_KEY)
+        if raw is None:
+            raise DataLoss(f"checkpoint has no {HANDOFF_KEY!r} metadata: not written by a prefill service",
+                           reason="HANDOFF_MISSING")
+        try:
+            pb = json_format.Parse(raw, common_pb2.Handoff())
+        except json_format.ParseError as exc:
+            raise DataLoss(f"checkpoint hand-off record is not valid: {exc}", reason="HANDOFF_CORRUPT") from None
+        return cls.from_pb(pb, vocab_size)

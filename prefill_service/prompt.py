@@ -1,0 +1,43 @@
+"""A PrefillRequest's prompt (text, token ids or chat messages) as validated token ids."""
+
+from __future__ import annotations
+
+from engine.engine import Engine
+from engine.tokenizer import TokenizerError
+from protos.qwenpd.v1 import prefill_pb2
+from qwenpd.grpc_common import InvalidArgument
+
+_FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
+
+
+def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine) -> list[int]:
+    """Token ids of the prompt; InvalidArgument naming the field when it is missing, empty, not tokenizable,
+    holds an id outside the vocabulary, or does not fit the model's context."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidArgument("prompt", "give the prompt as text, token_ids or chat")
+    field = _FIELD[kind]
+    if kind == "token_ids":
+        ids = list(request.token_ids.ids)
+    else:
+        tok = engine.tokenizer
+        if tok is None:
+            raise InvalidArgument(field, "this model has no tokenizer; send token_ids")
+        if kind == "text":
+            text = request.text
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise InvalidArgument(field, "the chat has no messages")
+            try:
+                text = tok.apply_chat_template(messages)
+            except TokenizerError as exc:
+                raise InvalidArgument(field, str(exc)) from None
+        ids = tok.encode(text) if text else []
+    if not ids:
+        raise InvalidArgument(field, "the prompt is empty")
+    try:
+        engine.check_tokens(ids)
+    except ValueError as exc:  # an id outside the vocabulary, or longer than the context
+        raise InvalidArgument(field, str(exc)) from None
+    return ids

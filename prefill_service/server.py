@@ -1,0 +1,46 @@
+"""Run the prefill service: load the model, connect to the cache store, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from cache_store.client import CacheStoreClient
+from engine.engine import Engine
+from prefill_service.config import PrefillConfig, split_address
+from prefill_service.service import PrefillServicer
+from qwenpd.grpc_common import GrpcServer, make_server
+
+log = logging.getLogger(__name__)
+
+
+def warm_up(engine: Engine, chunk_size: int) -> None:
+    """One short prefill so the first request does not pay for lazy initialisation."""
+    engine.prefill(list(range(1, min(8, engine.config.vocab_size))), chunk_size=chunk_size)
+
+
+async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+    engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads)
+    if config.warmup:
+        warm_up(engine, config.chunk_size)
+    store = CacheStoreClient(config.cache)
+    try:
+        store.info()  # fail at start, not at the first request, if the store is unreachable or on another host
+        servicer = PrefillServicer(engine, config, store)
+        host, port = split_address(config.listen)
+        server = make_server(servicer, host=host, port=port)
+        await server.start()
+        log.info("prefill %s (%s, %s) on %s, cache store %s", config.name, engine.fingerprint[:16], engine.dtype,
+                 server.address, config.cache)
+        if on_ready is not None:
+            on_ready(server)
+        await server.serve_until_signal(grace_s=config.grace_s)
+        servicer.queue.shutdown()
+    finally:
+        store.close()
+
+
+def serve(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
+    asyncio.run(run(config, on_ready))
+    return 0

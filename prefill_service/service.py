@@ -1,0 +1,98 @@
+"""The PrefillService servicer: validate on the event loop, encode on the worker thread, answer with a handle.
+
+The worker runs the whole job for one request: chunked prefill (deadline and cancellation checked between
+chunks), sampling of the first token from the last logits, and the hand-off checkpoint (the state after ALL
+prompt tokens) written straight into the cache store's shared memory. Decode's first step consumes the first
+token sampled here, so no token is computed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from cache_store.checkpoint import CheckpointMeta
+from cache_store.client import CacheStoreClient
+from engine.engine import Engine
+from engine.sampling import Sampler, SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+from prefill_service.config import PrefillConfig
+from prefill_service.handoff import Handoff, sampling_from_pb, with_seed
+from prefill_service.prompt import prompt_token_ids
+from prefill_service.queue import Job, WorkQueue
+from protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from qwenpd.grpc_common import QwenpdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Encoded:
+    """What the worker hands back: the checkpoint handle, the first token and where the time went (ns)."""
+
+    checkpoint_id: str
+    handoff: Handoff
+    queue_ns: int
+    prefill_ns: int
+    write_ns: int
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, engine: Engine, config: PrefillConfig, store: CacheStoreClient):
+        self.engine = engine
+        self.config = config
+        self.store = store
+        self.queue: WorkQueue[Encoded] = WorkQueue(config.max_queue)
+        self.served = 0
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
+        arrived = time.monotonic_ns()
+        request_id = request.request_id or uuid.uuid4().hex
+        ids = prompt_token_ids(request, self.engine)
+        params = with_seed(sampling_from_pb(request.sampling, self.config.default_max_tokens,
+                                            self.engine.config.vocab_size))
+        remaining = context.time_remaining()
+        job = Job(request_id, deadline=None if remaining is None else time.monotonic() + remaining)
+        done = await self.queue.run(job, lambda j: self._encode(j, ids, params))
+        self.served += 1
+        h = done.handoff
+        timings = prefill_pb2.PrefillTimings(queue_ns=done.queue_ns, prefill_ns=done.prefill_ns,
+                                             checkpoint_write_ns=done.write_ns,
+                                             total_ns=time.monotonic_ns() - arrived)
+        return prefill_pb2.PrefillResponse(
+            request_id=request_id, checkpoint_id=done.checkpoint_id,
+            first_token=common_pb2.Token(id=h.first_token, text=h.first_text, logprob=h.first_logprob),
+            prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
+            prompt_token_ids=ids if request.return_prompt_token_ids else [])
+
+    def _encode(self, job: Job, ids: list[int], params: SamplingParams) -> Encoded:
+        """On the worker thread: prefill, sample the first token, write the hand-off checkpoint."""
+        started = time.monotonic_ns()
+        queue_ns = int(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1e9)
+        logits, state = self.engine.prefill(ids, chunk_size=self.config.chunk_size, on_chunk=lambda _: job.check())
+        sampler = Sampler(params)
+        token, logprob = sampler.sample(logits)
+        text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
+        computed = time.monotonic_ns()
+        handoff = Handoff(job.request_id, token, logprob, text, params, sampler.draws, len(ids), 0,
+                          tuple(ids[-8:]))
+        job.check()  # nobody would read the checkpoint
+        meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
+        checkpoint_id = self.store.put_checkpoint(state.to_tensors(), meta, handoff_ttl_s=self.config.handoff_ttl_s)
+        if job.cancelled.is_set():  # the caller left while we wrote: do not leave it pinned for nobody
+            try:
+                self.store.delete(checkpoint_id)
+            except QwenpdError:
+                pass
+        return Encoded(checkpoint_id, handoff, queue_ns, computed - started, time.monotonic_ns() - computed)
+
+    async def GetModelInfo(self, request: prefill_pb2.GetModelInfoRequest, context) -> prefill_pb2.ModelInfo:
+        e, c = self.engine, self.config
+        return prefill_pb2.ModelInfo(
+            model_name=c.name, model_path=str(e.model_dir), fingerprint=e.fingerprint,
+            dtype=str(e.dtype).removeprefix("torch."), vocab_size=e.config.vocab_size,
+            max_context=e.config.max_position_embeddings, chunk_size=c.chunk_size,
+            eos_token_ids=sorted(e.eos_token_ids),
+            has_chat_template=bool(e.tokenizer is not None and e.tokenizer.chat_template))

@@ -1,0 +1,92 @@
+"""CacheStoreConfig and its command-line flags (used by `python -m cache_store` and `qwenpd serve cache`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+
+from cache_store.allocator import ALIGN
+from cache_store.shm import STORE_ID_RE
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+@dataclass(slots=True, frozen=True)
+class CacheStoreConfig:
+    """How one cache store runs. Built once at the entry point and passed down."""
+
+    listen: str = "127.0.0.1:0"  # host:port; port 0 = any free port (read back after binding)
+    budget_bytes: int = 4 << 30  # most bytes of shared memory held (segments, used or free)
+    lease_ttl_s: float = 60.0  # default lease and hand-off pin duration
+    allocation_ttl_s: float = 60.0  # time a writer has between AllocateSegment and CommitCheckpoint
+    store_id: str = "default"  # prefixes segment names; a restarted store with the same id removes orphans
+    shm_dir: str = "/dev/shm"
+    segment_bytes: int = 256 << 20  # size of pooled segments; 0 = one segment per entry, removed when freed
+    grace_s: float = 5.0  # drain time on SIGTERM/SIGINT
+
+    def __post_init__(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        if self.budget_bytes < ALIGN:
+            raise ValueError(f"budget_bytes must be >= {ALIGN}, got {self.budget_bytes}")
+        for name in ("lease_ttl_s", "allocation_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if not STORE_ID_RE.match(self.store_id):
+            raise ValueError(f"store_id must match {STORE_ID_RE.pattern}, got {self.store_id!r}")
+        if not os.path.isdir(self.shm_dir):
+            raise ValueError(f"shm_dir {self.shm_dir!r} is not a directory")
+        if self.segment_bytes < 0 or self.segment_bytes % ALIGN:
+            raise ValueError(f"segment_bytes must be 0 or a multiple of {ALIGN}, got {self.segment_bytes}")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512M', '1_000_000' -> bytes (binary units for K/M/G/T without 'B')."""
+    m = re.fullmatch(r"\s*([0-9_]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4GiB, 512MiB, 1048576)")
+    return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = argparse.Namespace(**{f.name: f.default for f in CacheStoreConfig.__dataclass_fields__.values()})
+    parser.add_argument("--listen", default=d.listen, help=f"host:port, port 0 = any free port (default {d.listen})")
+    parser.add_argument("--budget", type=parse_bytes, default=d.budget_bytes, dest="budget_bytes",
+                        help="shared memory the store may hold, e.g. 8GiB (default 4GiB)")
+    parser.add_argument("--lease-ttl", type=float, default=d.lease_ttl_s, dest="lease_ttl_s", metavar="SECONDS",
+                        help=f"default lease / hand-off pin duration (default {d.lease_ttl_s:g})")
+    parser.add_argument("--allocation-ttl", type=float, default=d.allocation_ttl_s, dest="allocation_ttl_s",
+                        metavar="SECONDS", help=f"time allowed between allocate and commit (default {d.allocation_ttl_s:g})")
+    parser.add_argument("--store-id", default=d.store_id,
+                        help="segment name prefix; a restarted store with the same id removes its orphans")
+    parser.add_argument("--shm-dir", default=d.shm_dir, help=f"tmpfs directory for segments (default {d.shm_dir})")
+    parser.add_argument("--segment-size", type=parse_bytes, default=d.segment_bytes, dest="segment_bytes",
+                        help="pooled segment size (default 256MiB); 0 = one segment per entry")
+    parser.add_argument("--grace", type=float, default=d.grace_s, dest="grace_s", metavar="SECONDS",
+                        help=f"drain time on SIGTERM (default {d.grace_s:g})")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_args(argparse.ArgumentParser(prog="python -m cache_store",
+                                            description="qwenpd checkpoint cache store (same-host shared memory)"))
+
+
+def config_from_args(args: argparse.Namespace) -> CacheStoreConfig:
+    return CacheStoreConfig(listen=args.listen, budget_bytes=args.budget_bytes, lease_ttl_s=args.lease_ttl_s,
+                            allocation_ttl_s=args.allocation_ttl_s, store_id=args.store_id, shm_dir=args.shm_dir,
+                            segment_bytes=args.segment_bytes, grace_s=args.grace_s)

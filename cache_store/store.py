@@ -1,0 +1,134 @@
+"""The cache store's core: the index (what exists, who holds it), the allocator (where its bytes live) and the
+segment files (the shared memory itself), kept consistent. Synchronous and gRPC-free; the servicer wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cache_store.allocator import Extent, SegmentAllocator
+from cache_store.config import CacheStoreConfig
+from cache_store.index import Entry, Index, IndexStats, Kind
+from cache_store.shm import SegmentFiles
+from qwenpd.grpc_common import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Placement:
+    """An entry's payload in the index: where its bytes are and what the writer said about them."""
+
+    extent: Extent
+    size: int  # bytes the writer asked for (extent.length is rounded up)
+    fingerprint: str = ""
+    num_tokens: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StoreStats:
+    index: IndexStats
+    segment_bytes: int
+    segments: int
+
+
+class Store:
+    def __init__(self, config: CacheStoreConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        self.index = Index(config.budget_bytes, clock)
+        self.alloc = SegmentAllocator()
+        self.files = SegmentFiles(config.shm_dir, config.store_id)
+
+    def open(self) -> list[str]:
+        """Own the store id and remove orphaned segments of a previous instance; return their names."""
+        orphans = self.files.open()
+        if orphans:
+            log.warning("removed %d orphaned segments of store %r", len(orphans), self.config.store_id)
+        return orphans
+
+    def close(self) -> None:
+        """Remove every segment (readers' existing mappings stay valid until they unmap)."""
+        self.files.close()
+
+    # ---- writing -----------------------------------------------------------------------------------------
+    def allocate(self, kind: Kind, size: int) -> Entry:
+        need = self.alloc.rounded(size)
+        self._free(self.index.sweep())
+        self._free(self.index.make_room(need))
+        extent = self._place(need)
+        entry, freed = self.index.allocate(kind, need, self.config.allocation_ttl_s, Placement(extent, size))
+        self._free(freed)
+        return entry
+
+    def commit(self, entry_id: str, fingerprint: str, num_tokens: int, metadata: Mapping[str, str],
+               refs: Iterable[str] = (), handoff_ttl_s: float | None = None) -> tuple[Entry, str | None]:
+        entry = self.index.peek(entry_id)
+        if entry is not None and not entry.committed:
+            p: Placement = entry.payload
+            p.fingerprint, p.num_tokens, p.metadata = fingerprint, num_tokens, dict(metadata)
+        return self.index.commit(entry_id, refs, handoff_ttl_s)
+
+    def abort(self, entry_id: str) -> None:
+        self._free(self.index.abort(entry_id))
+
+    # ---- reading -----------------------------------------------------------------------------------------
+    def acquire(self, entry_id: str, expected_fingerprint: str | None, ttl_s: float) -> tuple[Entry, str, list[Entry]]:
+        """Lease an entry; returns it, the lease id and its manifest (referenced entries first, itself last)."""
+        entry = self.index.peek(entry_id)
+        if entry is not None and entry.committed and expected_fingerprint is not None \
+                and entry.payload.fingerprint != expected_fingerprint:
+            raise FailedPrecondition(f"checkpoint {entry_id} was written for model {entry.payload.fingerprint[:16]}, "
+                                     f"not {expected_fingerprint[:16]}", subject="fingerprint", reason="MODEL_MISMATCH")
+        entry, lease_id, freed = self.index.acquire(entry_id, ttl_s)
+        self._free(freed)
+        return entry, lease_id, [*(self.index.get(ref) for ref in entry.refs), entry]
+
+    def release(self, lease_id: str, delete: bool = False) -> None:
+        self._free(self.index.release(lease_id, delete))
+
+    def delete(self, entry_id: str) -> None:
+        self._free(self.index.delete(entry_id))
+
+    def sweep(self) -> None:
+        self._free(self.index.sweep())
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self.index.stats(), self.alloc.total_bytes, len(self.alloc.segment_names()))
+
+    # ---- space -------------------------------------------------------------------------------------------
+    def _place(self, need: int) -> Extent:
+        """A range of `need` bytes: a free hole, else a new segment, else make room and retry."""
+        budget = self.config.budget_bytes
+        while True:
+            extent = self.alloc.place(need)
+            if extent is not None:
+                return extent
+            pooled = self.config.segment_bytes
+            size = max(need, min(pooled, budget - self.alloc.total_bytes)) if pooled else need
+            if self.alloc.total_bytes + size <= budget:
+                self.alloc.add_segment(self.files.create(size), size)
+                continue
+            empty = self.alloc.empty_segments()
+            if empty:
+                self._remove_segment(empty[0])
+                continue
+            victim = self.index.evict_one()  # fragmentation: free more than the byte count says
+            if victim is None:
+                raise self.index.exhausted(need)
+            self._free([victim])
+
+    def _free(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            extent = entry.payload.extent
+            self.alloc.free(extent)
+            if not self.config.segment_bytes and self.alloc.is_empty(extent.segment):
+                self._remove_segment(extent.segment)
+
+    def _remove_segment(self, name: str) -> None:
+        self.alloc.remove_segment(name)
+        self.files.remove(name)

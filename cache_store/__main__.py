@@ -1,0 +1,29 @@
+"""`python -m cache_store --listen 127.0.0.1:0 --budget 8GiB ...`: run one cache store in the foreground."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from cache_store.config import build_parser, config_from_args
+from cache_store.server import serve
+from qwenpd.grpc_common import QwenpdError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return serve(config)
+    except QwenpdError as exc:
+        print(f"cache store: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""Clients of the cache store, sync and asyncio with the same surface. The two calls the services make:
+
+    prefill:  checkpoint_id = client.put_checkpoint(state.to_tensors(), CheckpointMeta(fp, n, {...}))
+    decode:   with client.checkpoint(checkpoint_id, fp, lambda n: expected_shapes(config, n), dtypes) as ckpt:
+                  state = HybridState.from_tensors(config, ckpt.tensors, ckpt.num_tokens, dtype)  # the one copy
+
+put_checkpoint allocates a segment range, writes the checkpoint straight into it (one copy, checksummed on the
+way) and commits it. get_checkpoint leases it and returns zero-copy tensor views of the mapped range, checked
+against the model; they are valid only until the lease is released (`release`, or the end of the `with`).
+Failures raise qwenpd.grpc_common errors (NotFound, FailedPrecondition, ResourceExhausted, DataLoss, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, read_checkpoint
+from cache_store.shm import SegmentMaps, host_id
+from protos.qwenpd.v1 import cache_store_pb2 as pb
+from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
+from qwenpd.grpc_common import (DEFAULT_MAX_MESSAGE_BYTES, DataLoss, FailedPrecondition, NotFound, QwenpdError,
+                                from_rpc_error)
+
+DEFAULT_TIMEOUT_S = 10.0
+_OFFLOAD_BYTES = 1 << 20  # async client: data-plane work above this runs in a thread, off the event loop
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]
+
+
+@dataclass(slots=True)
+class LeasedCheckpoint:
+    """A leased checkpoint. `tensors` alias shared memory: copy them out before releasing the lease."""
+
+    checkpoint_id: str
+    lease_id: str
+    tensors: dict[str, torch.Tensor]
+    meta: CheckpointMeta
+    lease_ttl_s: float
+
+    @property
+    def num_tokens(self) -> int:
+        return self.meta.num_tokens
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.meta.extra
+
+
+def _ns(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1_000_000_000)
+
+
+class _DataPlane:
+    """The client's shared-memory side: mappings kept across calls, checkpoint write and read."""
+
+    def __init__(self, info: pb.StoreInfo, io_threads: int | None):
+        if info.host_id != host_id():
+            raise FailedPrecondition("the cache store runs on another host; its shared-memory data plane is "
+                                     "same-host only", subject="host_id", reason="STORE_ON_OTHER_HOST")
+        self.io_threads = io_threads
+        self.writer_maps = SegmentMaps(info.shm_dir, writable=True)
+        self.reader_maps = SegmentMaps(info.shm_dir, writable=False)
+
+    def write(self, writer: CheckpointWriter, alloc: pb.Allocation) -> None:
+        seg = alloc.segment
+        if seg.length < writer.nbytes:
+            raise FailedPrecondition(f"allocation of {seg.length} bytes for a {writer.nbytes}-byte checkpoint",
+                                     reason="BAD_ALLOCATION")
+        view = self.writer_maps.view(seg.name, seg.offset, writer.nbytes)
+        try:
+            writer.write_into(view)
+        finally:
+            view.release()
+
+    def read(self, lease: pb.Lease, expected_fingerprint: str, expected_shapes: ShapeSpec | None,
+             expected_dtypes: Mapping[str, torch.dtype] | None) -> LeasedCheckpoint:
+        parts = lease.parts
+        if len(parts) != 1 or parts[0].kind != pb.ENTRY_KIND_CHECKPOINT:
+            raise FailedPrecondition(f"checkpoint manifest has {len(parts)} parts; this client reads "
+                                     "self-contained checkpoints only", reason="MANIFEST_UNSUPPORTED")
+        seg = parts[0].segment
+        view = self.reader_maps.view(seg.name, seg.offset, seg.length)
+        tensors, meta = read_checkpoint(view, expected_fingerprint, expected_shapes, expected_dtypes,
+                                        threads=self.io_threads)
+        info = lease.checkpoint
+        if meta.num_tokens != info.num_tokens or meta.fingerprint != info.fingerprint:
+            raise DataLoss(f"checkpoint {info.checkpoint_id}: bytes say {meta.num_tokens} tokens, the store says "
+                           f"{info.num_tokens}", reason="CHECKPOINT_CORRUPT")
+        return LeasedCheckpoint(info.checkpoint_id, lease.lease_id, tensors, meta, lease.ttl_ns / 1e9)
+
+    def close(self) -> None:
+        self.writer_maps.close()
+        self.reader_maps.close()
+
+
+def _allocate_request(writer: CheckpointWriter) -> pb.AllocateSegmentRequest:
+    return pb.AllocateSegmentRequest(size_bytes=writer.nbytes, kind=pb.ENTRY_KIND_CHECKPOINT)
+
+
+def _commit_request(entry_id: str, meta: CheckpointMeta, handoff_ttl_s: float | None) -> pb.CommitCheckpointRequest:
+    return pb.CommitCheckpointRequest(entry_id=entry_id, fingerprint=meta.fingerprint, num_tokens=meta.num_tokens,
+                                      metadata=dict(meta.extra), handoff_ttl_ns=_ns(handoff_ttl_s))
+
+
+def _acquire_request(checkpoint_id: str, expected_fingerprint: str, ttl_s: float | None) -> pb.AcquireLeaseRequest:
+    return pb.AcquireLeaseRequest(checkpoint_id=checkpoint_id, expected_fingerprint=expected_fingerprint,
+                                  ttl_ns=_ns(ttl_s))
+
+
+def _lease_id(lease: LeasedCheckpoint | str) -> str:
+    return lease.lease_id if isinstance(lease, LeasedCheckpoint) else lease
+
+
+def _torn(exc: NotFound) -> DataLoss:
+    return DataLoss(f"lease expired before release ({exc.message}): the state copied under it may be torn",
+                    reason="LEASE_EXPIRED")
+
+
+class CacheStoreClient:
+    """Blocking client. Every call has a deadline (`timeout_s`)."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CacheStoreStub(self._channel)
+        self._io_threads = io_threads
+        self._info: pb.StoreInfo | None = None
+        self._plane: _DataPlane | None = None
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def info(self) -> pb.StoreInfo:
+        """The store's description (cached). FailedPrecondition if the store is on another host."""
+        if self._plane is None:
+            info = self._call("GetStoreInfo", pb.GetStoreInfoRequest())
+            self._plane, self._info = _DataPlane(info, self._io_threads), info
+        return self._info  # type: ignore[return-value]
+
+    def _data_plane(self) -> _DataPlane:
+        if self._plane is None:
+            self.info()
+        return self._plane  # type: ignore[return-value]
+
+    def put_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: CheckpointMeta, *,
+                       handoff_ttl_s: float | None = None) -> str:
+        """Write and commit a checkpoint; returns its id. handoff_ttl_s: how long it stays pinned for its
+        reader (None = the store's lease TTL, 0 = not pinned)."""
+        writer = CheckpointWriter(tensors, meta, self._io_threads)
+        plane = self._data_plane()
+        alloc = self._call("AllocateSegment", _allocate_request(writer))
+        try:
+            plane.write(writer, alloc)
+        except BaseException:
+            with contextlib.suppress(QwenpdError):
+                self._call("AbortAllocation", pb.AbortAllocationRequest(entry_id=alloc.entry_id))
+            raise
+        return self._call("CommitCheckpoint", _commit_request(alloc.entry_id, meta, handoff_ttl_s)).checkpoint.checkpoint_id
+
+    def get_checkpoint(self, checkpoint_id: str, expected_fingerprint: str, expected_shapes: ShapeSpec | None = None,
+                       expected_dtypes: Mapping[str, torch.dtype] | None = None, *,
+                       ttl_s: float | None = None) -> LeasedCheckpoint:
+        """Lease, map and check a checkpoint. Release it with `release` once its tensors are copied out."""
+        plane = self._data_plane()
+        lease = self._call("AcquireLease", _acquire_request(checkpoint_id, expected_fingerprint, ttl_s))
+        try:
+            return plane.read(lease, expected_fingerprint, expected_shapes, expected_dtypes)
+        except BaseException:
+            with contextlib.suppress(QwenpdError):
+                self.release(lease.lease_id)
+            raise
+
+    def release(self, lease: LeasedCheckpoint | str, *, delete: bool = False) -> None:
+        """End a lease (NotFound if it already expired); with delete, also drop the checkpoint."""
+        self._call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=_lease_id(lease), delete_checkpoint=delete))
+
+    @contextlib.contextmanager
+    def checkpoint(self, checkpoint_id: str, expected_fingerprint: str, expected_shapes: ShapeSpec | None = None,
+                   expected_dtypes: Mapping[str, torch.dtype] | None = None, *, ttl_s: float | None = None,
+                   delete: bool = False) -> Iterator[LeasedCheckpoint]:
+        """get_checkpoint + release on exit. Raises DataLoss at exit if the lease expired meanwhile."""
+        ckpt = self.get_checkpoint(checkpoint_id, expected_fingerprint, expected_shapes, expected_dtypes, ttl_s=ttl_s)
+        try:
+            yield ckpt
+        except BaseException:
+            ckpt.tensors.clear()
+            with contextlib.suppress(QwenpdError):
+                self.release(ckpt, delete=delete)
+            raise
+        ckpt.tensors.clear()
+        try:
+            self.release(ckpt, delete=delete)
+        except NotFound as exc:
+            raise _torn(exc) from None
+
+    def delete(self, checkpoint_id: str) -> None:
+        self._call("DeleteCheckpoint", pb.DeleteCheckpointRequest(checkpoint_id=checkpoint_id))
+
+    def stats(self) -> pb.StoreStats:
+        return self._call("GetStats", pb.GetStatsRequest())
+
+    def close(self) -> None:
+        if self._plane is not None:
+            self._plane.close()
+        self._channel.close()
+
+    def __enter__(self) -> "CacheStoreClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncCacheStoreClient:
+    """asyncio client with the same surface; data-plane copies run in a worker thread."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CacheStoreStub(self._channel)
+        self._io_threads = io_threads
+        self._info: pb.StoreInfo | None = None
+        self._plane: _DataPlane | None = None
+
+    async def _call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def info(self) -> pb.StoreInfo:
+        """The store's description (cached). FailedPrecondition if the store is on another host."""
+        if self._plane is None:
+            info = await self._call("GetStoreInfo", pb.GetStoreInfoRequest())
+            self._plane, self._info = _DataPlane(info, self._io_threads), info
+        return self._info  # type: ignore[return-value]
+
+    async def _data_plane(self) -> _DataPlane:
+        if self._plane is None:
+            await self.info()
+        return self._plane  # type: ignore[return-value]
+
+    async def put_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: CheckpointMeta, *,
+                             handoff_ttl_s: float | None = None) -> str:
+        writer = CheckpointWriter(tensors, meta, self._io_threads)
+        plane = await self._data_plane()
+        alloc = await self._call("AllocateSegment", _allocate_request(writer))
+        try:
+            if writer.nbytes > _OFFLOAD_BYTES:
+                await asyncio.to_thread(plane.write, writer, alloc)
+            else:
+                plane.write(writer, alloc)
+        except BaseException:
+            with contextlib.suppress(QwenpdError):
+                await self._call("AbortAllocation", pb.AbortAllocationRequest(entry_id=alloc.entry_id))
+            raise
+        response = await self._call("CommitCheckpoint", _commit_request(alloc.entry_id, meta, handoff_ttl_s))
+        return response.checkpoint.checkpoint_id
+
+    async def get_checkpoint(self, checkpoint_id: str, expected_fingerprint: str,
+                             expected_shapes: ShapeSpec | None = None,
+                             expected_dtypes: Mapping[str, torch.dtype] | None = None, *,
+                             ttl_s: float | None = None) -> LeasedCheckpoint:
+        plane = await self._data_plane()
+        lease = await self._call("AcquireLease", _acquire_request(checkpoint_id, expected_fingerprint, ttl_s))
+        try:
+            size = sum(p.segment.length for p in lease.parts)
+            args = (lease, expected_fingerprint, expected_shapes, expected_dtypes)
+            return await asyncio.to_thread(plane.read, *args) if size > _OFFLOAD_BYTES else plane.read(*args)
+        except BaseException:
+            with contextlib.suppress(QwenpdError):
+                await self.release(lease.lease_id)
+            raise
+
+    async def release(self, lease: LeasedCheckpoint | str, *, delete: bool = False) -> None:
+        await self._call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=_lease_id(lease), delete_checkpoint=delete))
+
+    @contextlib.asynccontextmanager
+    async def checkpoint(self, checkpoint_id: str, expected_fingerprint: str,
+                         expected_shapes: ShapeSpec | None = None,
+                         expected_dtypes: Mapping[str, torch.dtype] | None = None, *, ttl_s: float | None = None,
+                         delete: bool = False) -> AsyncIterator[LeasedCheckpoint]:
+        ckpt = await self.get_checkpoint(checkpoint_id, expected_fingerprint, expected_shapes, expected_dtypes,
+                                         ttl_s=ttl_s)
+        try:
+            yield ckpt
+        except BaseException:
+            ckpt.tensors.clear()
+            with contextlib.suppress(QwenpdError):
+                await self.release(ckpt, delete=delete)
+            raise
+        ckpt.tensors.clear()
+        try:
+            await self.release(ckpt, delete=delete)
+        except NotFound as exc:
+            raise _torn(exc) from None
+
+    async def delete(self, checkpoint_id: str) -> None:
+        await self._call("DeleteCheckpoint", pb.DeleteCheckpointRequest(checkpoint_id=checkpoint_id))
+
+    async def stats(self) -> pb.StoreStats:
+        return await self._call("GetStats", pb.GetStatsRequest())
+
+    async def close(self) -> None:
+        if self._plane is not None:
+            self._plane.close()
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncCacheStoreClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

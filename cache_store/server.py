@@ -1,0 +1,152 @@
+"""The CacheStore gRPC service: protobuf in and out of the Store core, plus `serve(config)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from cache_store.config import CacheStoreConfig
+from cache_store.index import Entry, Kind
+from cache_store.shm import host_id
+from cache_store.store import Placement, Store
+from protos.qwenpd.v1 import cache_store_pb2 as pb
+from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
+from qwenpd.grpc_common import GrpcServer, InvalidArgument, make_server
+
+log = logging.getLogger(__name__)
+
+_KIND_TO_PB = {Kind.CHECKPOINT: pb.ENTRY_KIND_CHECKPOINT, Kind.KV_BLOCK: pb.ENTRY_KIND_KV_BLOCK,
+               Kind.SNAPSHOT: pb.ENTRY_KIND_SNAPSHOT}
+_NS = 1_000_000_000
+MAX_TTL_NS = 24 * 3600 * _NS
+
+
+def _ttl_s(value_ns: int, field: str) -> float:
+    if not 0 < value_ns <= MAX_TTL_NS:
+        raise InvalidArgument(field, f"must be in (0, {MAX_TTL_NS}] ns, got {value_ns}")
+    return value_ns / _NS
+
+
+def _required(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    return value
+
+
+def checkpoint_info(entry: Entry) -> pb.CheckpointInfo:
+    p: Placement = entry.payload
+    return pb.CheckpointInfo(checkpoint_id=entry.entry_id, fingerprint=p.fingerprint, num_tokens=p.num_tokens,
+                             size_bytes=p.size, metadata=p.metadata)
+
+
+def segment_ref(entry: Entry) -> pb.SegmentRef:
+    p: Placement = entry.payload
+    return pb.SegmentRef(name=p.extent.segment, offset=p.extent.offset, length=p.size)
+
+
+class CacheStoreServicer(pb_grpc.CacheStoreServicer):
+    """Every call is a few dictionary operations on the event loop; no bytes pass through here."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.config = store.config
+        self._host_id = host_id()
+
+    async def GetStoreInfo(self, request: pb.GetStoreInfoRequest, context) -> pb.StoreInfo:
+        c = self.config
+        return pb.StoreInfo(store_id=c.store_id, shm_dir=c.shm_dir, host_id=self._host_id,
+                            budget_bytes=c.budget_bytes, lease_ttl_ns=int(c.lease_ttl_s * _NS),
+                            allocation_ttl_ns=int(c.allocation_ttl_s * _NS))
+
+    async def AllocateSegment(self, request: pb.AllocateSegmentRequest, context) -> pb.Allocation:
+        if request.kind != pb.ENTRY_KIND_CHECKPOINT:
+            raise InvalidArgument("kind", "only ENTRY_KIND_CHECKPOINT can be allocated (prefix-cache kinds come next)")
+        if request.size_bytes <= 0:
+            raise InvalidArgument("size_bytes", "must be > 0")
+        entry = self.store.allocate(Kind.CHECKPOINT, request.size_bytes)
+        return pb.Allocation(entry_id=entry.entry_id, segment=segment_ref(entry),
+                             ttl_ns=int(self.config.allocation_ttl_s * _NS))
+
+    async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context) -> pb.CommitCheckpointResponse:
+        _required(request.entry_id, "entry_id")
+        _required(request.fingerprint, "fingerprint")
+        if request.HasField("handoff_ttl_ns"):
+            handoff = _ttl_s(request.handoff_ttl_ns, "handoff_ttl_ns") if request.handoff_ttl_ns else None
+        else:
+            handoff = self.config.lease_ttl_s
+        entry, lease_id = self.store.commit(request.entry_id, request.fingerprint, request.num_tokens,
+                                            dict(request.metadata), request.referenced_entry_ids, handoff)
+        return pb.CommitCheckpointResponse(checkpoint=checkpoint_info(entry), handoff_lease_id=lease_id or "")
+
+    async def AbortAllocation(self, request: pb.AbortAllocationRequest, context) -> pb.AbortAllocationResponse:
+        self.store.abort(_required(request.entry_id, "entry_id"))
+        return pb.AbortAllocationResponse()
+
+    async def AcquireLease(self, request: pb.AcquireLeaseRequest, context) -> pb.Lease:
+        checkpoint_id = _required(request.checkpoint_id, "checkpoint_id")
+        ttl = _ttl_s(request.ttl_ns, "ttl_ns") if request.HasField("ttl_ns") else self.config.lease_ttl_s
+        expected = request.expected_fingerprint if request.HasField("expected_fingerprint") else None
+        entry, lease_id, manifest = self.store.acquire(checkpoint_id, expected, ttl)
+        parts = [pb.ManifestPart(entry_id=e.entry_id, kind=_KIND_TO_PB[e.kind], segment=segment_ref(e))
+                 for e in manifest]
+        remaining = max(0.0, self.store.index.lease_expiry(lease_id) - self.store.clock())
+        return pb.Lease(lease_id=lease_id, checkpoint=checkpoint_info(entry), parts=parts, ttl_ns=int(remaining * _NS))
+
+    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
+        self.store.release(_required(request.lease_id, "lease_id"), request.delete_checkpoint)
+        return pb.ReleaseLeaseResponse()
+
+    async def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context) -> pb.DeleteCheckpointResponse:
+        self.store.delete(_required(request.checkpoint_id, "checkpoint_id"))
+        return pb.DeleteCheckpointResponse()
+
+    async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.StoreStats:
+        s = self.store.stats()
+        i = s.index
+        return pb.StoreStats(
+            budget_bytes=i.budget_bytes, used_bytes=i.used_bytes, pinned_bytes=i.pinned_bytes,
+            segment_bytes=s.segment_bytes, segments=s.segments, entries=i.entries, leases=i.leases,
+            allocations=i.allocations, evictions=i.evictions, evicted_bytes=i.evicted_bytes,
+            expired_leases=i.expired_leases, expired_allocations=i.expired_allocations,
+            acquire_hits=i.acquire_hits, acquire_misses=i.acquire_misses,
+            by_kind=[pb.KindStats(kind=_KIND_TO_PB[k], entries=n, bytes=b) for k, (n, b) in i.by_kind.items()])
+
+
+async def _sweep_forever(store: Store, max_interval_s: float = 1.0) -> None:
+    """Free expired leases and allocations even when no call arrives."""
+    while True:
+        nxt = store.index.next_expiry()
+        delay = max_interval_s if nxt is None else min(max_interval_s, max(0.005, nxt - store.clock()))
+        await asyncio.sleep(delay)
+        store.sweep()
+
+
+async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then drain, and remove every segment."""
+    store = Store(config)
+    store.open()
+    sweeper: asyncio.Task[None] | None = None
+    try:
+        server = make_server(CacheStoreServicer(store), host=config.host, port=config.port)
+        await server.start()
+        sweeper = asyncio.create_task(_sweep_forever(store))
+        if on_ready is not None:
+            on_ready(server)
+        await server.serve_until_signal(grace_s=config.grace_s)
+    finally:
+        if sweeper is not None:
+            sweeper.cancel()
+        store.close()
+
+
+def serve(config: CacheStoreConfig) -> int:
+    """Entry point for `qwenpd serve cache` and `python -m cache_store`: prints the bound address, blocks."""
+    def ready(server: GrpcServer) -> None:
+        print(f"qwenpd cache store {config.store_id!r} listening on {server.address} "
+              f"(budget {config.budget_bytes} bytes, shm {config.shm_dir})", flush=True)
+
+    asyncio.run(run(config, ready))
+    return 0

@@ -121,7 +121,10 @@ async def _sweep_forever(store: Store, max_interval_s: float = 1.0) -> None:
         nxt = store.index.next_expiry()
         delay = max_interval_s if nxt is None else min(max_interval_s, max(0.005, nxt - store.clock()))
         await asyncio.sleep(delay)
-        store.sweep()
+        try:
+            store.sweep()
+        except Exception:  # a bug here must not silently stop expiry for the rest of the store's life
+            log.exception("sweeping expired leases and allocations failed")
 
 
 async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
@@ -142,11 +145,14 @@ async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] |
         store.close()
 
 
-def serve(config: CacheStoreConfig) -> int:
-    """Entry point for `qwenpd serve cache` and `python -m cache_store`: prints the bound address, blocks."""
-    def ready(server: GrpcServer) -> None:
+def serve(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
+    """Entry point for `qwenpd serve cache` and `python -m cache_store`; blocks until SIGTERM/SIGINT.
+
+    on_ready gets the started server (its `.address` has the bound port); by default the address is printed.
+    """
+    def announce(server: GrpcServer) -> None:
         print(f"qwenpd cache store {config.store_id!r} listening on {server.address} "
               f"(budget {config.budget_bytes} bytes, shm {config.shm_dir})", flush=True)
 
-    asyncio.run(run(config, ready))
+    asyncio.run(run(config, on_ready or announce))
     return 0

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +127,12 @@ class SegmentMaps:
         self.writable = writable
         self._maps: dict[str, _Mapping] = {}
         self._zombies: list[mmap.mmap] = []  # closed later: buffers exported from them were still alive
+        self._lock = threading.Lock()  # the async client reads and writes from worker threads
 
     def view(self, name: str, offset: int, length: int) -> memoryview:
         """The byte range [offset, offset + length) of segment `name`."""
-        mapping = self._maps.get(name) or self._map(name)
+        with self._lock:
+            mapping = self._maps.get(name) or self._map(name)
         if offset < 0 or length < 0 or offset + length > len(mapping.mm):
             raise FailedPrecondition(f"range {offset}+{length} lies outside segment {name} ({len(mapping.mm)} bytes)",
                                      subject=name, reason="BAD_SEGMENT_RANGE")
@@ -159,7 +162,7 @@ class SegmentMaps:
         return mapping
 
     def prune(self) -> None:
-        """Close mappings whose segment file is gone (or replaced)."""
+        """Close mappings whose segment file is gone (or replaced). Called with the lock held."""
         for name, mapping in list(self._maps.items()):
             try:
                 st = os.stat(self.dir / name, follow_symlinks=False)
@@ -172,9 +175,10 @@ class SegmentMaps:
         self._close_zombies()
 
     def close(self) -> None:
-        self._zombies.extend(m.mm for m in self._maps.values())
-        self._maps.clear()
-        self._close_zombies()
+        with self._lock:
+            self._zombies.extend(m.mm for m in self._maps.values())
+            self._maps.clear()
+            self._close_zombies()
 
     def _close_zombies(self) -> None:
         alive = []

@@ -1,0 +1,45 @@
+"""`qwenpd init-model` and in-process `qwenpd generate` as a user runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from engine import Engine
+from engine.generate import generate
+from engine.sampling import SamplingParams
+
+
+def _qwenpd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwenpd.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_init_model_then_generate_json(tmp_path):
+    out = tmp_path / "m"
+    r = _qwenpd("init-model", "--preset", "tiny", "--out", str(out), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    r = _qwenpd("generate", "--model", str(out), "--prompt-ids", "5,6,7,8", "--max-tokens", "9",
+                "--temperature", "0", "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["prompt_tokens"] == 4 and len(line["token_ids"]) == 9
+    assert line["prefill_s"] > 0 and line["decode_s"] > 0 and line["finish_reason"] == "length"
+    eng = Engine(out)
+    ref = generate(eng, [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    assert line["token_ids"] == ref.token_ids and line["text"] == ref.text
+
+
+def test_generate_text_prompt_with_seed_is_reproducible(tiny_model_dir):
+    args = ("generate", "--model", str(tiny_model_dir), "--prompt", "Once upon a time", "--max-tokens", "12",
+            "--temperature", "0.9", "--top-p", "0.9", "--top-k", "50", "--seed", "42", "--json")
+    a, b = _qwenpd(*args), _qwenpd(*args)
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout.splitlines()[-1])["token_ids"] == json.loads(b.stdout.splitlines()[-1])["token_ids"]
+
+
+def test_generate_reports_bad_input_clearly(tiny_model_dir):
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "1,99999", "--json")
+    assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0")
+    assert r.returncode == 2 and "top_p" in r.stderr

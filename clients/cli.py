@@ -65,6 +65,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="4GiB", help="cache store shared-memory budget (default 4GiB)")
     p.add_argument("--store-id", default="default", help="cache store id (segment name prefix)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -173,7 +174,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else default_tiny_model()
     print(f"qwenpd demo: model {model}; starting cache store, prefill and decode ...", flush=True)
-    services = ServiceSet(model=str(model), store_id="demo", threads=args.threads, log_level="WARNING")
+    # a store id of its own: demos running side by side must not share (or clean up) each other's segments
+    services = ServiceSet(model=str(model), store_id=f"demo{os.getpid()}", threads=args.threads, log_level="WARNING")
     with services, Client(prefill=services.prefill, decode=services.decode, timeout=args.timeout) as client:
         print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}\n", flush=True)
         for i, prompt in enumerate(DEMO_PROMPTS, 1):

@@ -74,7 +74,7 @@ class ServiceSet:
     budget: str = "4GiB"
     store_id: str = "default"
     start_timeout_s: float = 120.0
-    grace_s: float = 10.0
+    grace_s: float = 5.0  # in-flight calls may finish within this on stop
     log_level: str = "INFO"
     children: list[Child] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory | None = None
@@ -84,7 +84,7 @@ class ServiceSet:
         return cls(model=args.model, host=args.host, cache_port=args.cache_port, prefill_port=args.prefill_port,
                    decode_port=args.decode_port, dtype=args.dtype, chunk_size=args.chunk_size,
                    max_batch=args.max_batch, threads=args.threads, budget=args.budget, store_id=args.store_id,
-                   start_timeout_s=args.start_timeout, log_level=args.log_level)
+                   start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level)
 
     @property
     def cache(self) -> str:
@@ -108,7 +108,7 @@ class ServiceSet:
         self._tmp = tempfile.TemporaryDirectory(prefix="qwenpd-serve-")
         tmp = Path(self._tmp.name)
         deadline = time.monotonic() + self.start_timeout_s
-        common = ["--log-level", self.log_level]
+        common = ["--log-level", self.log_level, "--grace", str(self.grace_s)]
         cache = Child("cache store", ["serve", "cache", "--listen", self._listen(self.cache_port), "--budget",
                                       self.budget, "--store-id", self.store_id, *common], tmp / "cache.json")
         self.children = [cache]
@@ -144,7 +144,7 @@ class ServiceSet:
             live = [c for c in group if c.proc is not None and c.proc.poll() is None]
             for c in live:
                 c.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s
+            deadline = time.monotonic() + self.grace_s + 10.0  # drain, then at most this long to exit
             for c in group:
                 if c.proc is None:
                     continue

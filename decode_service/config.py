@@ -55,9 +55,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="sequences that may wait for a slot (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
 
 
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
                         max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
-                        default_max_tokens=args.default_max_tokens)
+                        default_max_tokens=args.default_max_tokens, grace_s=args.grace)

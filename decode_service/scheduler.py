@@ -58,7 +58,7 @@ class Scheduler(Generic[S]):
     def _check_room(self) -> None:
         if self._closed:
             raise ResourceExhausted("decode service is shutting down", subject="decode_batch")
-        if len(self._running) >= self.max_batch and len(self._waiting) >= self.max_queued:
+        if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queued:
             raise ResourceExhausted(f"decode batch is full ({self.max_batch} running, {len(self._waiting)} waiting)",
                                     subject="decode_batch", retry_after_s=0.1)
 

@@ -73,10 +73,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--handoff-ttl", type=float, default=None, help="seconds a checkpoint waits for its decode call")
     p.add_argument("--model-name", default=None)
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
 
 
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
     return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
                          chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
-                         default_max_tokens=args.default_max_tokens, handoff_ttl_s=args.handoff_ttl,
-                         model_name=args.model_name)
+                         default_max_tokens=args.default_max_tokens, grace_s=args.grace,
+                         handoff_ttl_s=args.handoff_ttl, model_name=args.model_name)

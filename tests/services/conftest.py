@@ -1,0 +1,105 @@
+"""One `qwenpd serve all` on the tiny model for the whole session (real processes on 127.0.0.1, ports 0),
+plus the in-process engine on the same checkpoint as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from clients import Client
+
+SHM_DIR = Path("/dev/shm")
+
+
+@dataclass
+class Services:
+    cache: str
+    prefill: str
+    decode: str
+    store_id: str
+    proc: subprocess.Popen
+    children: dict[str, int]
+
+
+def qwenpd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qwenpd.cli", *args]
+
+
+def wait_ready_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proc.args} not ready after {timeout}s")
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+def segments(store_id: str) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"qwenpd-{store_id}-*"))
+
+
+def start_serve_all(model_dir: Path, tmp: Path, store_id: str, *extra: str) -> Services:
+    ready = tmp / f"{store_id}.json"
+    proc = subprocess.Popen(qwenpd_cmd("serve", "all", "--model", str(model_dir), "--store-id", store_id,
+                                       "--threads", "1", "--ready-file", str(ready), "--log-level", "WARNING",
+                                       *extra))
+    try:
+        info = wait_ready_file(ready, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return Services(info["cache"], info["prefill"], info["decode"], store_id, proc, info["children"])
+
+
+def stop_serve_all(s: Services, timeout: float = 30.0) -> int:
+    s.proc.send_signal(signal.SIGTERM)
+    return s.proc.wait(timeout)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def services(tiny_model_dir, tmp_path_factory):
+    s = start_serve_all(tiny_model_dir, tmp_path_factory.mktemp("serve"), f"test{os.getpid()}")
+    yield s
+    code = stop_serve_all(s)
+    assert code == 0, f"serve all exited with {code}"
+    assert not any(pid_alive(p) for p in s.children.values()), "a child outlived serve all"
+    assert segments(s.store_id) == [], "shared-memory segments left behind"
+
+
+@pytest.fixture(scope="session")
+def client(services):
+    with Client(prefill=services.prefill, decode=services.decode, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    from engine import Engine
+
+    return Engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def store(services):
+    from cache_store.client import CacheStoreClient
+
+    with CacheStoreClient(services.cache) as c:
+        yield c

@@ -21,7 +21,13 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
                  if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name}
     assert sorted(committed) == sorted(fresh), "generated file set differs: run `python -m protos.generate`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"stale generated files {stale}: run `python -m protos.generate`"
+    if stale:
+        old_lines, new_lines = committed[stale[0]].splitlines(), fresh[stale[0]].splitlines()
+        first = next((i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b),
+                     min(len(old_lines), len(new_lines)))
+        pytest.fail(f"stale generated files {stale}: run `python -m protos.generate` (a different grpcio-tools or "
+                    f"mypy-protobuf version also changes the output). First difference in {stale[0]}, line "
+                    f"{first + 1}:\n  committed: {old_lines[first:first + 1]}\n  fresh:     {new_lines[first:first + 1]}")
 
 
 def test_generated_modules_import_as_package() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per test process: services under test run in their own processes beside it on 2 cores
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

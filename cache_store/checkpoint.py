@@ -283,6 +283,13 @@ def _check_meta(meta: dict[str, str], header: dict[str, Any], expected_fingerpri
     return CheckpointMeta(fingerprint, int(tokens), extra)
 
 
+def check_tensors(tensors: Mapping[str, torch.Tensor], num_tokens: int, expected_shapes: ShapeSpec | None,
+                  expected_dtypes: Mapping[str, torch.dtype] | None) -> None:
+    """The model checks of read_checkpoint for tensors assembled from several parts."""
+    table = {name: (t.dtype, tuple(t.shape), 0, 0) for name, t in tensors.items()}
+    _check_expected(table, num_tokens, expected_shapes, expected_dtypes)
+
+
 def _check_expected(table: Mapping[str, tuple[torch.dtype, tuple[int, ...], int, int]], num_tokens: int,
                     expected_shapes: ShapeSpec | None, expected_dtypes: Mapping[str, torch.dtype] | None) -> None:
     for label, expected in (("shapes", expected_shapes), ("dtypes", expected_dtypes)):

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
-from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, read_checkpoint
+from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, check_tensors, read_checkpoint
 from cache_store.shm import SegmentMaps, host_id
 from protos.qwenpd.v1 import cache_store_pb2 as pb
 from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
@@ -53,6 +53,29 @@ class LeasedCheckpoint:
         return self.meta.extra
 
 
+@dataclass(slots=True)
+class SharedItem:
+    """A prefix-cache entry to write: a KV block or a DeltaNet snapshot, under its prefix key."""
+
+    kind: int  # pb.ENTRY_KIND_KV_BLOCK or pb.ENTRY_KIND_SNAPSHOT
+    prefix_key: str
+    tensors: Mapping[str, torch.Tensor]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class PrefixRead:
+    """A leased prefix hit. kv[i] holds block i's K/V per attention layer; snapshot the DeltaNet state after
+    `blocks` blocks (None on a miss). Tensors alias shared memory: copy them before `release_leases`."""
+
+    blocks: int
+    num_tokens: int
+    kv_ids: list[str]
+    kv: list[dict[str, torch.Tensor]]
+    snapshot: dict[str, torch.Tensor] | None
+    lease_ids: list[str]
+
+
 def _ns(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1_000_000_000)
 
@@ -79,21 +102,51 @@ class _DataPlane:
         finally:
             view.release()
 
+    def read_part(self, part: pb.ManifestPart, expected_fingerprint: str) -> tuple[dict[str, torch.Tensor],
+                                                                                  CheckpointMeta]:
+        seg = part.segment
+        return read_checkpoint(self.reader_maps.view(seg.name, seg.offset, seg.length), expected_fingerprint,
+                               threads=self.io_threads)
+
     def read(self, lease: pb.Lease, expected_fingerprint: str, expected_shapes: ShapeSpec | None,
              expected_dtypes: Mapping[str, torch.dtype] | None) -> LeasedCheckpoint:
         parts = lease.parts
-        if len(parts) != 1 or parts[0].kind != pb.ENTRY_KIND_CHECKPOINT:
-            raise FailedPrecondition(f"checkpoint manifest has {len(parts)} parts; this client reads "
-                                     "self-contained checkpoints only", reason="MANIFEST_UNSUPPORTED")
-        seg = parts[0].segment
-        view = self.reader_maps.view(seg.name, seg.offset, seg.length)
-        tensors, meta = read_checkpoint(view, expected_fingerprint, expected_shapes, expected_dtypes,
-                                        threads=self.io_threads)
+        if not parts or parts[-1].kind != pb.ENTRY_KIND_CHECKPOINT:
+            raise DataLoss("checkpoint manifest does not end with the checkpoint's own bytes",
+                           reason="MANIFEST_CORRUPT")
         info = lease.checkpoint
+        if len(parts) == 1:  # self-contained: zero-copy views, checked against the model in one go
+            seg = parts[0].segment
+            view = self.reader_maps.view(seg.name, seg.offset, seg.length)
+            tensors, meta = read_checkpoint(view, expected_fingerprint, expected_shapes, expected_dtypes,
+                                            threads=self.io_threads)
+        else:
+            tensors, meta = self._read_assembled(parts, expected_fingerprint, expected_shapes, expected_dtypes)
         if meta.num_tokens != info.num_tokens or meta.fingerprint != info.fingerprint:
             raise DataLoss(f"checkpoint {info.checkpoint_id}: bytes say {meta.num_tokens} tokens, the store says "
                            f"{info.num_tokens}", reason="CHECKPOINT_CORRUPT")
         return LeasedCheckpoint(info.checkpoint_id, lease.lease_id, tensors, meta, lease.ttl_ns / 1e9)
+
+    def _read_assembled(self, parts, expected_fingerprint: str, expected_shapes: ShapeSpec | None,
+                        expected_dtypes: Mapping[str, torch.dtype] | None
+                        ) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+        """Shared KV blocks (in prefix order) + the checkpoint's own tail KV and DeltaNet state: K/V of each
+        layer concatenated along the token axis, then checked against the model like a one-part checkpoint."""
+        blocks = [self.read_part(p, expected_fingerprint)[0] for p in parts[:-1]]
+        own, meta = self.read_part(parts[-1], expected_fingerprint)
+        tensors = dict(own)
+        for name, tail in own.items():
+            if name.endswith((".k", ".v")):
+                pieces = [b.get(name) for b in blocks]
+                if any(p is None for p in pieces):
+                    raise DataLoss(f"a KV block of the checkpoint lacks {name}", reason="MANIFEST_CORRUPT")
+                try:
+                    tensors[name] = torch.cat([*pieces, tail], dim=1)  # [Hkv, T, D]
+                except RuntimeError as exc:
+                    raise FailedPrecondition(f"KV blocks of {name} do not fit together: {exc}", subject=name,
+                                             reason="STATE_MISMATCH") from None
+        check_tensors(tensors, meta.num_tokens, expected_shapes, expected_dtypes)
+        return tensors, meta
 
     def close(self) -> None:
         self.writer_maps.close()
@@ -104,9 +157,11 @@ def _allocate_request(writer: CheckpointWriter) -> pb.AllocateSegmentRequest:
     return pb.AllocateSegmentRequest(size_bytes=writer.nbytes, kind=pb.ENTRY_KIND_CHECKPOINT)
 
 
-def _commit_request(entry_id: str, meta: CheckpointMeta, handoff_ttl_s: float | None) -> pb.CommitCheckpointRequest:
+def _commit_request(entry_id: str, meta: CheckpointMeta, handoff_ttl_s: float | None,
+                    refs: Sequence[str] = ()) -> pb.CommitCheckpointRequest:
     return pb.CommitCheckpointRequest(entry_id=entry_id, fingerprint=meta.fingerprint, num_tokens=meta.num_tokens,
-                                      metadata=dict(meta.extra), handoff_ttl_ns=_ns(handoff_ttl_s))
+                                      metadata=dict(meta.extra), handoff_ttl_ns=_ns(handoff_ttl_s),
+                                      referenced_entry_ids=list(refs))
 
 
 def _acquire_request(checkpoint_id: str, expected_fingerprint: str, ttl_s: float | None) -> pb.AcquireLeaseRequest:
@@ -154,9 +209,10 @@ class CacheStoreClient:
         return self._plane  # type: ignore[return-value]
 
     def put_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: CheckpointMeta, *,
-                       handoff_ttl_s: float | None = None) -> str:
+                       handoff_ttl_s: float | None = None, refs: Sequence[str] = ()) -> str:
         """Write and commit a checkpoint; returns its id. handoff_ttl_s: how long it stays pinned for its
-        reader (None = the store's lease TTL, 0 = not pinned)."""
+        reader (None = the store's lease TTL, 0 = not pinned). refs: shared KV blocks (in prefix order) that
+        hold the checkpoint's leading KV; `tensors` then carry only the KV after them."""
         writer = CheckpointWriter(tensors, meta, self._io_threads)
         plane = self._data_plane()
         alloc = self._call("AllocateSegment", _allocate_request(writer))
@@ -166,7 +222,50 @@ class CacheStoreClient:
             with contextlib.suppress(QwenpdError):
                 self._call("AbortAllocation", pb.AbortAllocationRequest(entry_id=alloc.entry_id))
             raise
-        return self._call("CommitCheckpoint", _commit_request(alloc.entry_id, meta, handoff_ttl_s)).checkpoint.checkpoint_id
+        return self._call("CommitCheckpoint",
+                          _commit_request(alloc.entry_id, meta, handoff_ttl_s, refs)).checkpoint.checkpoint_id
+
+    # ---- prefix cache --------------------------------------------------------------------------------------
+    def put_shared(self, items: Sequence[SharedItem], fingerprint: str) -> list[str]:
+        """Write KV blocks / snapshots and publish them under their keys in two calls; returns the id serving
+        each key (an existing entry's where another request cached the same prefix first)."""
+        if not items:
+            return []
+        plane = self._data_plane()
+        writers = [CheckpointWriter(it.tensors, CheckpointMeta(fingerprint, it.num_tokens, {}), self._io_threads)
+                   for it in items]
+        allocs = self._call("AllocateSegments", pb.AllocateSegmentsRequest(requests=[
+            pb.AllocateSegmentRequest(size_bytes=w.nbytes, kind=it.kind) for w, it in zip(writers, items)]))
+        try:
+            for w, alloc in zip(writers, allocs.allocations):
+                plane.write(w, alloc)
+        except BaseException:
+            for alloc in allocs.allocations:
+                with contextlib.suppress(QwenpdError):
+                    self._call("AbortAllocation", pb.AbortAllocationRequest(entry_id=alloc.entry_id))
+            raise
+        entries = [pb.SharedEntry(entry_id=a.entry_id, kind=it.kind, prefix_key=it.prefix_key,
+                                  fingerprint=fingerprint, num_tokens=it.num_tokens)
+                   for a, it in zip(allocs.allocations, items)]
+        return list(self._call("CommitShared", pb.CommitSharedRequest(entries=entries)).entry_ids)
+
+    def lookup_prefix(self, fingerprint: str, block_keys: Sequence[str], *, ttl_s: float | None = None) -> PrefixRead:
+        """Lease and map the longest usable cached prefix. Damaged entries raise DataLoss (leases released)."""
+        plane = self._data_plane()
+        hit = self._call("LookupPrefix", pb.LookupPrefixRequest(fingerprint=fingerprint, block_keys=list(block_keys),
+                                                                ttl_ns=_ns(ttl_s)))
+        try:
+            kv = [plane.read_part(p, fingerprint)[0] for p in hit.kv_blocks]
+            snapshot = plane.read_part(hit.snapshot, fingerprint)[0] if hit.HasField("snapshot") else None
+        except BaseException:
+            self.release_leases(hit.lease_ids)
+            raise
+        return PrefixRead(hit.blocks, hit.num_tokens, [p.entry_id for p in hit.kv_blocks], kv, snapshot,
+                          list(hit.lease_ids))
+
+    def release_leases(self, lease_ids: Sequence[str]) -> None:
+        if lease_ids:
+            self._call("ReleaseLeases", pb.ReleaseLeasesRequest(lease_ids=list(lease_ids)))
 
     def get_checkpoint(self, checkpoint_id: str, expected_fingerprint: str, expected_shapes: ShapeSpec | None = None,
                        expected_dtypes: Mapping[str, torch.dtype] | None = None, *,

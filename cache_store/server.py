@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _KIND_TO_PB = {Kind.CHECKPOINT: pb.ENTRY_KIND_CHECKPOINT, Kind.KV_BLOCK: pb.ENTRY_KIND_KV_BLOCK,
                Kind.SNAPSHOT: pb.ENTRY_KIND_SNAPSHOT}
+_PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 _NS = 1_000_000_000
 MAX_TTL_NS = 24 * 3600 * _NS
 
@@ -47,6 +48,19 @@ def segment_ref(entry: Entry) -> pb.SegmentRef:
     return pb.SegmentRef(name=p.extent.segment, offset=p.extent.offset, length=p.size)
 
 
+def _part(entry: Entry) -> pb.ManifestPart:
+    return pb.ManifestPart(entry_id=entry.entry_id, kind=_KIND_TO_PB[entry.kind], segment=segment_ref(entry))
+
+
+def _allocation_args(request: pb.AllocateSegmentRequest, kind_field: str, size_field: str) -> tuple[Kind, int]:
+    kind = _PB_TO_KIND.get(request.kind)
+    if kind is None:
+        raise InvalidArgument(kind_field, "must name an entry kind")
+    if request.size_bytes <= 0:
+        raise InvalidArgument(size_field, "must be > 0")
+    return kind, request.size_bytes
+
+
 class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     """Every call is a few dictionary operations on the event loop; no bytes pass through here."""
 
@@ -62,13 +76,42 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
                             allocation_ttl_ns=int(c.allocation_ttl_s * _NS))
 
     async def AllocateSegment(self, request: pb.AllocateSegmentRequest, context) -> pb.Allocation:
-        if request.kind != pb.ENTRY_KIND_CHECKPOINT:
-            raise InvalidArgument("kind", "only ENTRY_KIND_CHECKPOINT can be allocated (prefix-cache kinds come next)")
-        if request.size_bytes <= 0:
-            raise InvalidArgument("size_bytes", "must be > 0")
-        entry = self.store.allocate(Kind.CHECKPOINT, request.size_bytes)
+        entry = self.store.allocate(*_allocation_args(request, "kind", "size_bytes"))
+        return self._allocation(entry)
+
+    async def AllocateSegments(self, request: pb.AllocateSegmentsRequest, context) -> pb.AllocateSegmentsResponse:
+        wanted = [_allocation_args(r, f"requests[{i}].kind", f"requests[{i}].size_bytes")
+                  for i, r in enumerate(request.requests)]
+        return pb.AllocateSegmentsResponse(allocations=[self._allocation(e) for e in self.store.allocate_many(wanted)])
+
+    def _allocation(self, entry: Entry) -> pb.Allocation:
         return pb.Allocation(entry_id=entry.entry_id, segment=segment_ref(entry),
                              ttl_ns=int(self.config.allocation_ttl_s * _NS))
+
+    async def CommitShared(self, request: pb.CommitSharedRequest, context) -> pb.CommitSharedResponse:
+        ids = []
+        for i, e in enumerate(request.entries):
+            kind = _PB_TO_KIND.get(e.kind)
+            if kind not in (Kind.KV_BLOCK, Kind.SNAPSHOT):
+                raise InvalidArgument(f"entries[{i}].kind", "must be ENTRY_KIND_KV_BLOCK or ENTRY_KIND_SNAPSHOT")
+            ids.append(self.store.commit_shared(_required(e.entry_id, f"entries[{i}].entry_id"), kind,
+                                                _required(e.prefix_key, f"entries[{i}].prefix_key"),
+                                                _required(e.fingerprint, f"entries[{i}].fingerprint"), e.num_tokens))
+        return pb.CommitSharedResponse(entry_ids=ids)
+
+    async def LookupPrefix(self, request: pb.LookupPrefixRequest, context) -> pb.PrefixHit:
+        fingerprint = _required(request.fingerprint, "fingerprint")
+        ttl = _ttl_s(request.ttl_ns, "ttl_ns") if request.HasField("ttl_ns") else self.config.lease_ttl_s
+        hit = self.store.lookup(fingerprint, list(request.block_keys), ttl)
+        out = pb.PrefixHit(blocks=hit.blocks, num_tokens=hit.num_tokens, lease_ids=hit.lease_ids,
+                           kv_blocks=[_part(e) for e in hit.kv_blocks])
+        if hit.snapshot is not None:
+            out.snapshot.CopyFrom(_part(hit.snapshot))
+        return out
+
+    async def ReleaseLeases(self, request: pb.ReleaseLeasesRequest, context) -> pb.ReleaseLeasesResponse:
+        self.store.release_many(request.lease_ids)
+        return pb.ReleaseLeasesResponse()
 
     async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context) -> pb.CommitCheckpointResponse:
         _required(request.entry_id, "entry_id")
@@ -90,8 +133,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         ttl = _ttl_s(request.ttl_ns, "ttl_ns") if request.HasField("ttl_ns") else self.config.lease_ttl_s
         expected = request.expected_fingerprint if request.HasField("expected_fingerprint") else None
         entry, lease_id, manifest = self.store.acquire(checkpoint_id, expected, ttl)
-        parts = [pb.ManifestPart(entry_id=e.entry_id, kind=_KIND_TO_PB[e.kind], segment=segment_ref(e))
-                 for e in manifest]
+        parts = [_part(e) for e in manifest]
         remaining = max(0.0, self.store.index.lease_expiry(lease_id) - self.store.clock())
         return pb.Lease(lease_id=lease_id, checkpoint=checkpoint_info(entry), parts=parts, ttl_ns=int(remaining * _NS))
 
@@ -111,7 +153,8 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             segment_bytes=s.segment_bytes, segments=s.segments, entries=i.entries, leases=i.leases,
             allocations=i.allocations, evictions=i.evictions, evicted_bytes=i.evicted_bytes,
             expired_leases=i.expired_leases, expired_allocations=i.expired_allocations,
-            acquire_hits=i.acquire_hits, acquire_misses=i.acquire_misses,
+            acquire_hits=i.acquire_hits, acquire_misses=i.acquire_misses, prefix_hits=s.prefix.hits,
+            prefix_misses=s.prefix.misses, prefix_hit_tokens=s.prefix.hit_tokens,
             by_kind=[pb.KindStats(kind=_KIND_TO_PB[k], entries=n, bytes=b) for k, (n, b) in i.by_kind.items()])
 
 

@@ -13,7 +13,7 @@ from cache_store.allocator import Extent, SegmentAllocator
 from cache_store.config import CacheStoreConfig
 from cache_store.index import Entry, Index, IndexStats, Kind
 from cache_store.shm import SegmentFiles
-from qwenpd.grpc_common import FailedPrecondition
+from qwenpd.grpc_common import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,26 @@ class Placement:
     fingerprint: str = ""
     num_tokens: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    prefix_key: str = ""  # shared prefix-cache entries only: their key in Store.prefix
+
+
+@dataclass(slots=True)
+class PrefixLookup:
+    """A usable cached prefix: `blocks` leading blocks with a snapshot after the last (0 = miss), the leading
+    KV block entries present (possibly more than `blocks`), the snapshot entry, and leases pinning them."""
+
+    blocks: int
+    num_tokens: int
+    kv_blocks: list[Entry]
+    snapshot: Entry | None
+    lease_ids: list[str]
+
+
+@dataclass(slots=True)
+class PrefixCounters:
+    hits: int = 0
+    misses: int = 0
+    hit_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -34,6 +54,7 @@ class StoreStats:
     index: IndexStats
     segment_bytes: int
     segments: int
+    prefix: PrefixCounters
 
 
 class Store:
@@ -43,6 +64,9 @@ class Store:
         self.index = Index(config.budget_bytes, clock)
         self.alloc = SegmentAllocator()
         self.files = SegmentFiles(config.shm_dir, config.store_id)
+        # prefix cache: "<kind>:<key>" -> entry id of a committed shared entry
+        self.prefix: dict[str, str] = {}
+        self.prefix_counters = PrefixCounters()
 
     def open(self) -> list[str]:
         """Own the store id and remove orphaned segments of a previous instance; return their names."""
@@ -76,6 +100,74 @@ class Store:
     def abort(self, entry_id: str) -> None:
         self._free(self.index.abort(entry_id))
 
+    def allocate_many(self, requests: list[tuple[Kind, int]]) -> list[Entry]:
+        """Allocate several entries; on failure none stays allocated."""
+        done: list[Entry] = []
+        try:
+            for kind, size in requests:
+                done.append(self.allocate(kind, size))
+        except BaseException:
+            for entry in done:
+                self.abort(entry.entry_id)
+            raise
+        return done
+
+    # ---- prefix cache ------------------------------------------------------------------------------------
+    def commit_shared(self, entry_id: str, kind: Kind, prefix_key: str, fingerprint: str, num_tokens: int) -> str:
+        """Publish an allocation as a shared entry under its key; if the key is taken, drop the allocation and
+        return the id already serving it."""
+        slot = f"{kind.value}:{prefix_key}"
+        existing = self.prefix.get(slot)
+        if existing is not None and self.index.peek(existing) is not None:
+            self.abort(entry_id)
+            return existing
+        entry, _ = self.commit(entry_id, fingerprint, num_tokens, {}, (), None)
+        entry.payload.prefix_key = slot
+        self.prefix[slot] = entry.entry_id
+        return entry.entry_id
+
+    def lookup(self, fingerprint: str, block_keys: list[str], ttl_s: float) -> PrefixLookup:
+        """Longest prefix whose KV blocks all exist and that ends in a snapshot; leases every entry returned."""
+        self.sweep()
+        kv: list[Entry] = []
+        usable, snapshot = 0, None
+        for i, key in enumerate(block_keys):
+            entry = self._shared(Kind.KV_BLOCK, key, fingerprint)
+            if entry is None:
+                break
+            kv.append(entry)
+            snap = self._shared(Kind.SNAPSHOT, key, fingerprint)
+            if snap is not None:
+                usable, snapshot = i + 1, snap
+        pinned = kv + ([snapshot] if snapshot is not None else [])
+        lease_ids = []
+        for e in pinned:
+            _, lease_id, freed = self.index.acquire(e.entry_id, ttl_s)
+            lease_ids.append(lease_id)
+            self._free(freed)
+        c = self.prefix_counters
+        if snapshot is None:
+            c.misses += 1
+            return PrefixLookup(0, 0, kv, None, lease_ids)
+        c.hits += 1
+        c.hit_tokens += snapshot.payload.num_tokens
+        return PrefixLookup(usable, snapshot.payload.num_tokens, kv, snapshot, lease_ids)
+
+    def _shared(self, kind: Kind, key: str, fingerprint: str) -> Entry | None:
+        entry_id = self.prefix.get(f"{kind.value}:{key}")
+        entry = self.index.peek(entry_id) if entry_id is not None else None
+        if entry is None or not entry.committed or entry.payload.fingerprint != fingerprint:
+            return None
+        return entry
+
+    def release_many(self, lease_ids: Iterable[str]) -> None:
+        """End leases; ones already gone (expired, released) are skipped."""
+        for lease_id in lease_ids:
+            try:
+                self.release(lease_id)
+            except NotFound:
+                pass
+
     # ---- reading -----------------------------------------------------------------------------------------
     def acquire(self, entry_id: str, expected_fingerprint: str | None, ttl_s: float) -> tuple[Entry, str, list[Entry]]:
         """Lease an entry; returns it, the lease id and its manifest (referenced entries first, itself last)."""
@@ -98,7 +190,8 @@ class Store:
         self._free(self.index.sweep())
 
     def stats(self) -> StoreStats:
-        return StoreStats(self.index.stats(), self.alloc.total_bytes, len(self.alloc.segment_names()))
+        return StoreStats(self.index.stats(), self.alloc.total_bytes, len(self.alloc.segment_names()),
+                          self.prefix_counters)
 
     # ---- space -------------------------------------------------------------------------------------------
     def _place(self, need: int) -> Extent:
@@ -124,6 +217,9 @@ class Store:
 
     def _free(self, entries: list[Entry]) -> None:
         for entry in entries:
+            key = entry.payload.prefix_key
+            if key and self.prefix.get(key) == entry.entry_id:
+                del self.prefix[key]
             extent = entry.payload.extent
             self.alloc.free(extent)
             if not self.config.segment_bytes and self.alloc.is_empty(extent.segment):

@@ -242,7 +242,7 @@ class AllocateSegmentRequest(_message.Message):
     size_bytes: _builtins.int
     """Bytes the entry needs."""
     kind: Global___EntryKind.ValueType
-    """What it will hold. Only ENTRY_KIND_CHECKPOINT for now."""
+    """What it will hold."""
     def __init__(
         self,
         *,
@@ -725,3 +725,265 @@ class StoreStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreStats: _TypeAlias = StoreStats  # noqa: Y015
+
+@_typing.final
+class AllocateSegmentsRequest(_message.Message):
+    """Several allocations in one call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocateSegmentRequest]:
+        """One request per new entry."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___AllocateSegmentRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateSegmentsRequest: _TypeAlias = AllocateSegmentsRequest  # noqa: Y015
+
+@_typing.final
+class AllocateSegmentsResponse(_message.Message):
+    """The reserved ranges, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allocation]:
+        """One allocation per request."""
+
+    def __init__(
+        self,
+        *,
+        allocations: _abc.Iterable[Global___Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateSegmentsResponse: _TypeAlias = AllocateSegmentsResponse  # noqa: Y015
+
+@_typing.final
+class SharedEntry(_message.Message):
+    """A written allocation to publish as a shared prefix-cache entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PREFIX_KEY_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """Allocation.entry_id."""
+    kind: Global___EntryKind.ValueType
+    """ENTRY_KIND_KV_BLOCK or ENTRY_KIND_SNAPSHOT."""
+    prefix_key: _builtins.str
+    """Hex key of the block chain the entry belongs to: for a KV block, the key of that block; for a snapshot,
+    the key of the block that ends where the snapshot was taken. Keys are seeded with the model fingerprint
+    and the request's cache salt, so they never match across models or tenants.
+    """
+    fingerprint: _builtins.str
+    """Model fingerprint of the bytes."""
+    num_tokens: _builtins.int
+    """For a snapshot, the prefix length it was taken at; for a KV block, the tokens of the prefix it ends."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        kind: Global___EntryKind.ValueType = ...,
+        prefix_key: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        num_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "fingerprint", b"fingerprint", "kind", b"kind", "num_tokens", b"num_tokens", "prefix_key", b"prefix_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedEntry: _TypeAlias = SharedEntry  # noqa: Y015
+
+@_typing.final
+class CommitSharedRequest(_message.Message):
+    """Publishes shared entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedEntry]:
+        """The entries; each must be a live allocation."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SharedEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitSharedRequest: _TypeAlias = CommitSharedRequest  # noqa: Y015
+
+@_typing.final
+class CommitSharedResponse(_message.Message):
+    """What now serves each key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Per request entry, in order: its id, or the id of the entry already present under its key."""
+
+    def __init__(
+        self,
+        *,
+        entry_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_ids", b"entry_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitSharedResponse: _TypeAlias = CommitSharedResponse  # noqa: Y015
+
+@_typing.final
+class LookupPrefixRequest(_message.Message):
+    """Finds the longest usable cached prefix."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    BLOCK_KEYS_FIELD_NUMBER: _builtins.int
+    TTL_NS_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """Model fingerprint; entries of other models never match."""
+    ttl_ns: _builtins.int
+    """Duration of the returned leases. Absent = StoreInfo.lease_ttl_ns."""
+    @_builtins.property
+    def block_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of the prompt's full blocks that may be reused (those strictly inside the prompt), in order."""
+
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        block_keys: _abc.Iterable[_builtins.str] | None = ...,
+        ttl_ns: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ttl_ns", b"_ttl_ns", "ttl_ns", b"ttl_ns"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_ns", b"_ttl_ns", "block_keys", b"block_keys", "fingerprint", b"fingerprint", "ttl_ns", b"ttl_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ttl_ns: _TypeAlias = _typing.Literal["ttl_ns"]  # noqa: Y015
+    _WhichOneofArgType__ttl_ns: _TypeAlias = _typing.Literal["_ttl_ns", b"_ttl_ns"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ns) -> _WhichOneofReturnType__ttl_ns | None: ...
+
+Global___LookupPrefixRequest: _TypeAlias = LookupPrefixRequest  # noqa: Y015
+
+@_typing.final
+class PrefixHit(_message.Message):
+    """A usable prefix and where its bytes are."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    KV_BLOCKS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    LEASE_IDS_FIELD_NUMBER: _builtins.int
+    blocks: _builtins.int
+    """Usable prefix length in blocks: KV blocks 0..blocks-1 and a snapshot after block blocks-1 exist.
+    0 = miss.
+    """
+    num_tokens: _builtins.int
+    """Tokens of the usable prefix (the snapshot's num_tokens; 0 on a miss)."""
+    @_builtins.property
+    def kv_blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestPart]:
+        """The leading KV blocks present, in order; may be more than `blocks` (KV kept beyond the last snapshot
+        is reused by reference when the prompt's new state is committed, never written twice).
+        """
+
+    @_builtins.property
+    def snapshot(self) -> Global___ManifestPart:
+        """The snapshot at the end of the usable prefix; absent on a miss."""
+
+    @_builtins.property
+    def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Leases pinning every returned entry; release them (ReleaseLeases) once read or referenced."""
+
+    def __init__(
+        self,
+        *,
+        blocks: _builtins.int = ...,
+        num_tokens: _builtins.int = ...,
+        kv_blocks: _abc.Iterable[Global___ManifestPart] | None = ...,
+        snapshot: Global___ManifestPart | None = ...,
+        lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_snapshot", b"_snapshot", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_snapshot", b"_snapshot", "blocks", b"blocks", "kv_blocks", b"kv_blocks", "lease_ids", b"lease_ids", "num_tokens", b"num_tokens", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__snapshot: _TypeAlias = _typing.Literal["snapshot"]  # noqa: Y015
+    _WhichOneofArgType__snapshot: _TypeAlias = _typing.Literal["_snapshot", b"_snapshot"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__snapshot) -> _WhichOneofReturnType__snapshot | None: ...
+
+Global___PrefixHit: _TypeAlias = PrefixHit  # noqa: Y015
+
+@_typing.final
+class ReleaseLeasesRequest(_message.Message):
+    """Ends leases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lease ids to end."""
+
+    def __init__(
+        self,
+        *,
+        lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ids", b"lease_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeasesRequest: _TypeAlias = ReleaseLeasesRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseLeasesResponse(_message.Message):
+    """Empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeasesResponse: _TypeAlias = ReleaseLeasesResponse  # noqa: Y015

@@ -84,6 +84,26 @@ class CacheStoreStub:
                 request_serializer=qwenpd_dot_v1_dot_cache__store__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.StoreStats.FromString,
                 _registered_method=True)
+        self.AllocateSegments = channel.unary_unary(
+                '/qwenpd.v1.CacheStore/AllocateSegments',
+                request_serializer=qwenpd_dot_v1_dot_cache__store__pb2.AllocateSegmentsRequest.SerializeToString,
+                response_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.AllocateSegmentsResponse.FromString,
+                _registered_method=True)
+        self.CommitShared = channel.unary_unary(
+                '/qwenpd.v1.CacheStore/CommitShared',
+                request_serializer=qwenpd_dot_v1_dot_cache__store__pb2.CommitSharedRequest.SerializeToString,
+                response_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.CommitSharedResponse.FromString,
+                _registered_method=True)
+        self.LookupPrefix = channel.unary_unary(
+                '/qwenpd.v1.CacheStore/LookupPrefix',
+                request_serializer=qwenpd_dot_v1_dot_cache__store__pb2.LookupPrefixRequest.SerializeToString,
+                response_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.PrefixHit.FromString,
+                _registered_method=True)
+        self.ReleaseLeases = channel.unary_unary(
+                '/qwenpd.v1.CacheStore/ReleaseLeases',
+                request_serializer=qwenpd_dot_v1_dot_cache__store__pb2.ReleaseLeasesRequest.SerializeToString,
+                response_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.ReleaseLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class CacheStoreServicer:
@@ -161,6 +181,38 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllocateSegments(self, request, context):
+        """Reserves ranges for several new entries at once (all or none), e.g. a prompt's new KV blocks and
+        snapshots. RESOURCE_EXHAUSTED as for AllocateSegment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitShared(self, request, context):
+        """Prefix cache: publishes written allocations as shared KV blocks and DeltaNet snapshots under their
+        prefix keys. They are not pinned (LRU candidates) unless leased or referenced. An entry whose key is
+        already present is dropped in favour of the existing one (two requests raced to cache the same prefix).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupPrefix(self, request, context):
+        """Prefix cache: the longest usable cached prefix of a prompt (leading KV blocks present and a snapshot
+        at the end of the last of them), leased for reading. A miss is an answer, not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLeases(self, request, context):
+        """Ends several leases at once (e.g. those of a PrefixHit). Unknown or expired ids are skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +255,26 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.GetStatsRequest.FromString,
                     response_serializer=qwenpd_dot_v1_dot_cache__store__pb2.StoreStats.SerializeToString,
+            ),
+            'AllocateSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateSegments,
+                    request_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.AllocateSegmentsRequest.FromString,
+                    response_serializer=qwenpd_dot_v1_dot_cache__store__pb2.AllocateSegmentsResponse.SerializeToString,
+            ),
+            'CommitShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitShared,
+                    request_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.CommitSharedRequest.FromString,
+                    response_serializer=qwenpd_dot_v1_dot_cache__store__pb2.CommitSharedResponse.SerializeToString,
+            ),
+            'LookupPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupPrefix,
+                    request_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.LookupPrefixRequest.FromString,
+                    response_serializer=qwenpd_dot_v1_dot_cache__store__pb2.PrefixHit.SerializeToString,
+            ),
+            'ReleaseLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLeases,
+                    request_deserializer=qwenpd_dot_v1_dot_cache__store__pb2.ReleaseLeasesRequest.FromString,
+                    response_serializer=qwenpd_dot_v1_dot_cache__store__pb2.ReleaseLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +503,114 @@ class CacheStore:
             '/qwenpd.v1.CacheStore/GetStats',
             qwenpd_dot_v1_dot_cache__store__pb2.GetStatsRequest.SerializeToString,
             qwenpd_dot_v1_dot_cache__store__pb2.StoreStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenpd.v1.CacheStore/AllocateSegments',
+            qwenpd_dot_v1_dot_cache__store__pb2.AllocateSegmentsRequest.SerializeToString,
+            qwenpd_dot_v1_dot_cache__store__pb2.AllocateSegmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenpd.v1.CacheStore/CommitShared',
+            qwenpd_dot_v1_dot_cache__store__pb2.CommitSharedRequest.SerializeToString,
+            qwenpd_dot_v1_dot_cache__store__pb2.CommitSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenpd.v1.CacheStore/LookupPrefix',
+            qwenpd_dot_v1_dot_cache__store__pb2.LookupPrefixRequest.SerializeToString,
+            qwenpd_dot_v1_dot_cache__store__pb2.PrefixHit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenpd.v1.CacheStore/ReleaseLeases',
+            qwenpd_dot_v1_dot_cache__store__pb2.ReleaseLeasesRequest.SerializeToString,
+            qwenpd_dot_v1_dot_cache__store__pb2.ReleaseLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

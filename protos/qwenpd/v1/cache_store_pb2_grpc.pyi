@@ -73,6 +73,21 @@ class CacheStoreStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_store_pb2.GetStatsRequest, _cache_store_pb2.StoreStats]
     """Counters and gauges of the store."""
+    AllocateSegments: _grpc.UnaryUnaryMultiCallable[_cache_store_pb2.AllocateSegmentsRequest, _cache_store_pb2.AllocateSegmentsResponse]
+    """Reserves ranges for several new entries at once (all or none), e.g. a prompt's new KV blocks and
+    snapshots. RESOURCE_EXHAUSTED as for AllocateSegment.
+    """
+    CommitShared: _grpc.UnaryUnaryMultiCallable[_cache_store_pb2.CommitSharedRequest, _cache_store_pb2.CommitSharedResponse]
+    """Prefix cache: publishes written allocations as shared KV blocks and DeltaNet snapshots under their
+    prefix keys. They are not pinned (LRU candidates) unless leased or referenced. An entry whose key is
+    already present is dropped in favour of the existing one (two requests raced to cache the same prefix).
+    """
+    LookupPrefix: _grpc.UnaryUnaryMultiCallable[_cache_store_pb2.LookupPrefixRequest, _cache_store_pb2.PrefixHit]
+    """Prefix cache: the longest usable cached prefix of a prompt (leading KV blocks present and a snapshot
+    at the end of the last of them), leased for reading. A miss is an answer, not an error.
+    """
+    ReleaseLeases: _grpc.UnaryUnaryMultiCallable[_cache_store_pb2.ReleaseLeasesRequest, _cache_store_pb2.ReleaseLeasesResponse]
+    """Ends several leases at once (e.g. those of a PrefixHit). Unknown or expired ids are skipped."""
 
 @_typing.type_check_only
 class CacheStoreAsyncStub(CacheStoreStub):
@@ -116,6 +131,21 @@ class CacheStoreAsyncStub(CacheStoreStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_store_pb2.GetStatsRequest, _cache_store_pb2.StoreStats]  # type: ignore[assignment]
     """Counters and gauges of the store."""
+    AllocateSegments: _aio.UnaryUnaryMultiCallable[_cache_store_pb2.AllocateSegmentsRequest, _cache_store_pb2.AllocateSegmentsResponse]  # type: ignore[assignment]
+    """Reserves ranges for several new entries at once (all or none), e.g. a prompt's new KV blocks and
+    snapshots. RESOURCE_EXHAUSTED as for AllocateSegment.
+    """
+    CommitShared: _aio.UnaryUnaryMultiCallable[_cache_store_pb2.CommitSharedRequest, _cache_store_pb2.CommitSharedResponse]  # type: ignore[assignment]
+    """Prefix cache: publishes written allocations as shared KV blocks and DeltaNet snapshots under their
+    prefix keys. They are not pinned (LRU candidates) unless leased or referenced. An entry whose key is
+    already present is dropped in favour of the existing one (two requests raced to cache the same prefix).
+    """
+    LookupPrefix: _aio.UnaryUnaryMultiCallable[_cache_store_pb2.LookupPrefixRequest, _cache_store_pb2.PrefixHit]  # type: ignore[assignment]
+    """Prefix cache: the longest usable cached prefix of a prompt (leading KV blocks present and a snapshot
+    at the end of the last of them), leased for reading. A miss is an answer, not an error.
+    """
+    ReleaseLeases: _aio.UnaryUnaryMultiCallable[_cache_store_pb2.ReleaseLeasesRequest, _cache_store_pb2.ReleaseLeasesResponse]  # type: ignore[assignment]
+    """Ends several leases at once (e.g. those of a PrefixHit). Unknown or expired ids are skipped."""
 
 class CacheStoreServicer(metaclass=_abc_1.ABCMeta):
     """Owns the index (entries, leases, refcounts, LRU, byte budget) and the shared-memory segments.
@@ -204,5 +234,44 @@ class CacheStoreServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_store_pb2.StoreStats, _abc.Awaitable[_cache_store_pb2.StoreStats]]:
         """Counters and gauges of the store."""
+
+    @_abc_1.abstractmethod
+    def AllocateSegments(
+        self,
+        request: _cache_store_pb2.AllocateSegmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_store_pb2.AllocateSegmentsResponse, _abc.Awaitable[_cache_store_pb2.AllocateSegmentsResponse]]:
+        """Reserves ranges for several new entries at once (all or none), e.g. a prompt's new KV blocks and
+        snapshots. RESOURCE_EXHAUSTED as for AllocateSegment.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitShared(
+        self,
+        request: _cache_store_pb2.CommitSharedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_store_pb2.CommitSharedResponse, _abc.Awaitable[_cache_store_pb2.CommitSharedResponse]]:
+        """Prefix cache: publishes written allocations as shared KV blocks and DeltaNet snapshots under their
+        prefix keys. They are not pinned (LRU candidates) unless leased or referenced. An entry whose key is
+        already present is dropped in favour of the existing one (two requests raced to cache the same prefix).
+        """
+
+    @_abc_1.abstractmethod
+    def LookupPrefix(
+        self,
+        request: _cache_store_pb2.LookupPrefixRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_store_pb2.PrefixHit, _abc.Awaitable[_cache_store_pb2.PrefixHit]]:
+        """Prefix cache: the longest usable cached prefix of a prompt (leading KV blocks present and a snapshot
+        at the end of the last of them), leased for reading. A miss is an answer, not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLeases(
+        self,
+        request: _cache_store_pb2.ReleaseLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_store_pb2.ReleaseLeasesResponse, _abc.Awaitable[_cache_store_pb2.ReleaseLeasesResponse]]:
+        """Ends several leases at once (e.g. those of a PrefixHit). Unknown or expired ids are skipped."""
 
 def add_CacheStoreServicer_to_server(servicer: CacheStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,32 @@ from engine.config import ModelConfig
 from kernels import causal_conv1d, causal_conv1d_update, chunk_gated_delta_rule, step_gated_delta_rule
 
 
+def _onednn_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class Linear:
+    """y = x @ W^T. On CPU in bf16 the weight is packed once into oneDNN's blocked layout: the same result bit
+    for bit as F.linear, about 2x faster at decode batch sizes (weights stream at a higher fraction of memory
+    bandwidth) and a little faster at prefill sizes."""
+
+    __slots__ = ("weight", "packed")
+
+    def __init__(self, weight: torch.Tensor):
+        weight = weight.contiguous()
+        self.packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_packing_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            self.weight = None  # the packed copy replaces it
+        else:
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+
 def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast back. `weight_plus_one` is fp32."""
     xf = x.float()
@@ -53,14 +79,16 @@ class Rotary:
         return torch.cat([out, rest], dim=-1)
 
 
-@dataclass(slots=True)
 class MLP:
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    """SwiGLU with gate and up projections fused into one matmul."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+        self.gate_up = Linear(gate_up)  # [2I, H]
+        self.down = Linear(down)  # [H, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DeltaNetMixer:
@@ -70,17 +98,17 @@ class DeltaNetMixer:
         p = prefix + "linear_attn."
         self.c = c
         # one matmul for q|k|v (conv input), z (output gate), b (beta), a (decay)
-        self.in_proj = torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"],
-                                  w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"]], dim=0).contiguous()
+        self.in_proj = Linear(torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"],
+                                         w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"]], dim=0))
         self.conv_weight = w[p + "conv1d.weight"][:, 0, :].contiguous()  # [D, W]
         self.neg_A = -w[p + "A_log"].float().exp()  # [Hv]
         self.dt_bias = w[p + "dt_bias"]
         self.norm_weight = w[p + "norm.weight"]
-        self.out_proj = w[p + "out_proj.weight"]
+        self.out_proj = Linear(w[p + "out_proj.weight"])
         self.splits = (c.conv_dim, c.linear_value_dim, c.linear_num_value_heads, c.linear_num_value_heads)
 
     def _project(self, x: torch.Tensor):
-        mixed, z, b, a = F.linear(x, self.in_proj).split(self.splits, dim=-1)
+        mixed, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
         beta = b.sigmoid()
         g = self.neg_A * F.softplus(a.float() + self.dt_bias)
         return mixed, z, beta, g
@@ -97,7 +125,7 @@ class DeltaNetMixer:
         c = self.c
         z = z.reshape(*z.shape[:-1], c.linear_num_value_heads, c.linear_value_head_dim)
         o = gated_rms_norm(o, z, self.norm_weight, c.rms_norm_eps)
-        return F.linear(o.flatten(-2), self.out_proj)
+        return self.out_proj(o.flatten(-2))
 
     def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor,
                 kernels) -> torch.Tensor:
@@ -126,9 +154,8 @@ class AttentionMixer:
         p = prefix + "self_attn."
         self.c = c
         self.rotary = rotary
-        self.qkv = torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]],
-                             dim=0).contiguous()
-        self.o_proj = w[p + "o_proj.weight"]
+        self.qkv = Linear(torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]], 0))
+        self.o_proj = Linear(w[p + "o_proj.weight"])
         self.q_norm = 1.0 + w[p + "q_norm.weight"].float()
         self.k_norm = 1.0 + w[p + "k_norm.weight"].float()
         self.splits = (2 * c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
@@ -139,7 +166,7 @@ class AttentionMixer:
         """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied."""
         c = self.c
         n = x.shape[0]
-        qg, k, v = F.linear(x, self.qkv).split(self.splits, dim=-1)
+        qg, k, v = self.qkv(x).split(self.splits, dim=-1)
         qg = qg.view(n, c.num_attention_heads, 2 * c.head_dim)
         q, gate = qg[..., : c.head_dim], qg[..., c.head_dim:].reshape(n, -1)
         q = rms_norm(q, self.q_norm, c.rms_norm_eps)
@@ -164,7 +191,7 @@ class AttentionMixer:
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                            is_causal=causal, scale=self.scale, enable_gqa=True)
         o = o[0].transpose(0, 1).reshape(t, -1)
-        return F.linear(o * torch.sigmoid(gate), self.o_proj)
+        return self.o_proj(o * torch.sigmoid(gate))
 
     def decode(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor
                ) -> torch.Tensor:
@@ -183,4 +210,4 @@ class AttentionMixer:
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
             outs.append(torch.matmul(probs, values).reshape(-1))
         o = torch.stack(outs)
-        return F.linear(o * torch.sigmoid(gate), self.o_proj)
+        return self.o_proj(o * torch.sigmoid(gate))

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import LINEAR, ModelConfig
-from engine.layers import MLP, AttentionMixer, DeltaNetMixer, Rotary, rms_norm
+from engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rotary, rms_norm
 from engine.state import HybridState
 
 
@@ -45,7 +44,7 @@ class Block:
         self.in_norm = 1.0 + w[p + "input_layernorm.weight"].float()
         self.post_norm = 1.0 + w[p + "post_attention_layernorm.weight"].float()
         self.mixer = DeltaNetMixer(c, w, p) if self.is_linear else AttentionMixer(c, w, p, rotary)
-        self.mlp = MLP(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0).contiguous(),
+        self.mlp = MLP(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0),
                        w[p + "mlp.down_proj.weight"])
 
     def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class HybridModel:
         self.kernels = kernels
         rotary = Rotary(config)
         self.embed = weights["embed_tokens.weight"]
-        self.lm_head = weights["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        self.lm_head = Linear(weights["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"])
         self.final_norm = 1.0 + weights["norm.weight"].float()
         self.blocks = [Block(config, weights, i, rotary) for i in range(config.num_hidden_layers)]
         # position of each layer inside its kind's state lists
@@ -74,7 +73,7 @@ class HybridModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
         h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     @torch.inference_mode()
     def prefill_chunk(self, token_ids: torch.Tensor, state: HybridState, all_logits: bool = False

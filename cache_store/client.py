@@ -226,11 +226,13 @@ class CacheStoreClient:
                           _commit_request(alloc.entry_id, meta, handoff_ttl_s, refs)).checkpoint.checkpoint_id
 
     # ---- prefix cache --------------------------------------------------------------------------------------
-    def put_shared(self, items: Sequence[SharedItem], fingerprint: str) -> list[str]:
-        """Write KV blocks / snapshots and publish them under their keys in two calls; returns the id serving
-        each key (an existing entry's where another request cached the same prefix first)."""
+    def put_shared(self, items: Sequence[SharedItem], fingerprint: str, *, lease_ttl_s: float | None = None
+                   ) -> tuple[list[str], list[str]]:
+        """Write KV blocks / snapshots and publish them under their keys in two calls. Returns the id serving
+        each key (an existing entry's where another request cached the same prefix first) and, with
+        lease_ttl_s, leases holding them (release with release_leases)."""
         if not items:
-            return []
+            return [], []
         plane = self._data_plane()
         writers = [CheckpointWriter(it.tensors, CheckpointMeta(fingerprint, it.num_tokens, {}), self._io_threads)
                    for it in items]
@@ -247,7 +249,8 @@ class CacheStoreClient:
         entries = [pb.SharedEntry(entry_id=a.entry_id, kind=it.kind, prefix_key=it.prefix_key,
                                   fingerprint=fingerprint, num_tokens=it.num_tokens)
                    for a, it in zip(allocs.allocations, items)]
-        return list(self._call("CommitShared", pb.CommitSharedRequest(entries=entries)).entry_ids)
+        done = self._call("CommitShared", pb.CommitSharedRequest(entries=entries, lease_ttl_ns=_ns(lease_ttl_s)))
+        return list(done.entry_ids), list(done.lease_ids)
 
     def lookup_prefix(self, fingerprint: str, block_keys: Sequence[str], *, ttl_s: float | None = None) -> PrefixRead:
         """Lease and map the longest usable cached prefix. Damaged entries raise DataLoss (leases released)."""

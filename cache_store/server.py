@@ -97,7 +97,11 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             ids.append(self.store.commit_shared(_required(e.entry_id, f"entries[{i}].entry_id"), kind,
                                                 _required(e.prefix_key, f"entries[{i}].prefix_key"),
                                                 _required(e.fingerprint, f"entries[{i}].fingerprint"), e.num_tokens))
-        return pb.CommitSharedResponse(entry_ids=ids)
+        leases = []
+        if request.HasField("lease_ttl_ns"):
+            ttl = _ttl_s(request.lease_ttl_ns, "lease_ttl_ns")
+            leases = [self.store.lease(entry_id, ttl) for entry_id in ids]
+        return pb.CommitSharedResponse(entry_ids=ids, lease_ids=leases)
 
     async def LookupPrefix(self, request: pb.LookupPrefixRequest, context) -> pb.PrefixHit:
         fingerprint = _required(request.fingerprint, "fingerprint")

@@ -126,6 +126,12 @@ class Store:
         self.prefix[slot] = entry.entry_id
         return entry.entry_id
 
+    def lease(self, entry_id: str, ttl_s: float) -> str:
+        """Lease any committed entry (no fingerprint check: for shared entries the caller just wrote)."""
+        _, lease_id, freed = self.index.acquire(entry_id, ttl_s)
+        self._free(freed)
+        return lease_id
+
     def lookup(self, fingerprint: str, block_keys: list[str], ttl_s: float) -> PrefixLookup:
         """Longest prefix whose KV blocks all exist and that ends in a snapshot; leases every entry returned."""
         self.sweep()
@@ -140,11 +146,7 @@ class Store:
             if snap is not None:
                 usable, snapshot = i + 1, snap
         pinned = kv + ([snapshot] if snapshot is not None else [])
-        lease_ids = []
-        for e in pinned:
-            _, lease_id, freed = self.index.acquire(e.entry_id, ttl_s)
-            lease_ids.append(lease_id)
-            self._free(freed)
+        lease_ids = [self.lease(e.entry_id, ttl_s) for e in pinned]
         c = self.prefix_counters
         if snapshot is None:
             c.misses += 1

@@ -108,7 +108,9 @@ def test_client_put_shared_lookup_and_multipart_checkpoint(store):
         items = [SharedItem(pb.ENTRY_KIND_KV_BLOCK, "k0", blocks[0], 4),
                  SharedItem(pb.ENTRY_KIND_KV_BLOCK, "k1", blocks[1], 8),
                  SharedItem(pb.ENTRY_KIND_SNAPSHOT, "k1", snap, 8)]
-        ids = client.put_shared(items, "fp")
+        ids, leases = client.put_shared(items, "fp", lease_ttl_s=30)
+        assert len(leases) == 3 and client.stats().leases == 3
+        client.release_leases(leases)
         hit = client.lookup_prefix("fp", ["k0", "k1"])
         assert hit.blocks == 2 and hit.num_tokens == 8 and hit.kv_ids == ids[:2]
         assert torch.equal(hit.kv[1]["layers.3.k"], blocks[1]["layers.3.k"])

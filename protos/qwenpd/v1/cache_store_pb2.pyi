@@ -822,6 +822,11 @@ class CommitSharedRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_NS_FIELD_NUMBER: _builtins.int
+    lease_ttl_ns: _builtins.int
+    """Also lease every entry now serving a key, for this long (so a writer can reference them in a checkpoint
+    before eviction could take them). Absent = no leases.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedEntry]:
         """The entries; each must be a live allocation."""
@@ -830,12 +835,15 @@ class CommitSharedRequest(_message.Message):
         self,
         *,
         entries: _abc.Iterable[Global___SharedEntry] | None = ...,
+        lease_ttl_ns: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_ttl_ns", b"_lease_ttl_ns", "lease_ttl_ns", b"lease_ttl_ns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_ttl_ns", b"_lease_ttl_ns", "entries", b"entries", "lease_ttl_ns", b"lease_ttl_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lease_ttl_ns: _TypeAlias = _typing.Literal["lease_ttl_ns"]  # noqa: Y015
+    _WhichOneofArgType__lease_ttl_ns: _TypeAlias = _typing.Literal["_lease_ttl_ns", b"_lease_ttl_ns"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lease_ttl_ns) -> _WhichOneofReturnType__lease_ttl_ns | None: ...
 
 Global___CommitSharedRequest: _TypeAlias = CommitSharedRequest  # noqa: Y015
 
@@ -846,18 +854,24 @@ class CommitSharedResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRY_IDS_FIELD_NUMBER: _builtins.int
+    LEASE_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entry_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Per request entry, in order: its id, or the id of the entry already present under its key."""
+
+    @_builtins.property
+    def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Leases on those entries when lease_ttl_ns was given; release them with ReleaseLeases."""
 
     def __init__(
         self,
         *,
         entry_ids: _abc.Iterable[_builtins.str] | None = ...,
+        lease_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_ids", b"entry_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_ids", b"entry_ids", "lease_ids", b"lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

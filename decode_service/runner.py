@@ -1,25 +1,29 @@
-"""The decode stepping loop: ONE thread steps every active sequence together (continuous batching).
+"""The decode stepping loop: ONE thread owns the model and steps every active sequence together.
 
-Between steps it applies the scheduler's round (cancelled sequences leave and free their slot, waiting ones
-join), then one `DecodeBatch.step` feeds each sequence its last sampled token, samples the next token per
-sequence, and hands the outputs of the whole step to `deliver` at once (the service forwards them to the
-event loop with one thread-safe call). torch releases the GIL during the step, so the event loop streams the
-previous step's tokens while this one computes. No gRPC here.
+All tensor work of the decode service happens on this thread — loading the engine, the warm-up, copying a
+joining sequence's state out of shared memory into its batch slot, and every step — because torch's OpenMP
+runtime keeps one thread team per calling thread and several teams on the same cores slow each other down.
+
+Between steps the loop applies the scheduler's round (cancelled sequences leave and free their slot, waiting
+ones are loaded and join), then one `DecodeBatch.step` feeds each sequence its last sampled token, samples the
+next token per sequence, and hands the outputs of the whole step to `deliver` at once (the service forwards them
+to the event loop with one thread-safe call). No gRPC here.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from decode_service.scheduler import LoadInfo, Scheduler
 from engine.engine import DecodeBatch, Engine
 from engine.generate import FINISH_LENGTH, OutputTracker
 from engine.sampling import Sampler, greedy_batch
 from engine.state import HybridState
-from decode_service.scheduler import LoadInfo, Scheduler
 from qwenpd.grpc_common import QwenpdError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -36,19 +40,55 @@ class Output:
     error: QwenpdError | None = None
 
 
+class Lease:
+    """Who may still read a sequence's leased checkpoint bytes, and who releases them (exactly once).
+
+    The stepping thread `claim`s the bytes before copying them and calls `done` after; the request handler calls
+    `abandon` when it leaves. Whichever comes last releases: bytes are never released while being read."""
+
+    def __init__(self, release: Callable[[], None]):
+        self._release = release
+        self._lock = threading.Lock()
+        self._state = "held"  # held -> reading -> released, or held -> released
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._state != "held":
+                return False
+            self._state = "reading"
+            return True
+
+    def done(self) -> None:
+        with self._lock:
+            self._state = "released"
+        self._release()
+
+    def abandon(self) -> None:
+        with self._lock:
+            if self._state != "held":
+                return  # released already, or the reader releases when done
+            self._state = "released"
+        self._release()
+
+
 @dataclass(eq=False, slots=True)
 class Sequence:
-    """One sequence in (or waiting for) the batch. `next_token` is the sampled token the next step consumes."""
+    """One sequence in (or waiting for) the batch. `next_token` is the sampled token its next step consumes;
+    `num_tokens` the tokens its state has consumed. `load` builds the state from the leased bytes (run on the
+    stepping thread when the sequence joins); `lease` guards those bytes."""
 
     request_id: str
-    state: HybridState
+    load: Callable[[], HybridState]
+    lease: Lease
     sampler: Sampler
     tracker: OutputTracker
     next_token: int
+    num_tokens: int
     max_context: int
     sink: Any = None  # the service's per-request receiver of outputs; opaque here
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    state: HybridState | None = None
     finish_reason: str | None = field(default=None)
 
     def push(self, token_id: int, logprob: float) -> Output:
@@ -56,7 +96,7 @@ class Sequence:
         text = self.tracker.push(token_id, logprob)
         self.next_token = token_id
         reason = self.tracker.finish_reason
-        if reason is None and self.state.num_tokens >= self.max_context:  # no room to consume this token
+        if reason is None and self.num_tokens >= self.max_context:  # no room left to consume this token
             reason = FINISH_LENGTH
             text += self.tracker._flush()  # noqa: SLF001 - release held-back text as the sequence ends
         self.finish_reason = reason
@@ -67,30 +107,37 @@ Deliver = Callable[[list[tuple[Sequence, Output]]], None]
 
 
 class DecodeRunner:
-    """Owns the DecodeBatch and the stepping thread. `submit`/`cancel`/`load` may be called from any thread."""
+    """Owns the engine, the DecodeBatch and the stepping thread. `submit`/`cancel`/`load_info` may be called
+    from any thread; `start` returns the engine once it is loaded and warmed up on the stepping thread."""
 
-    def __init__(self, engine: Engine, max_batch: int, max_queued: int, deliver: Deliver):
-        self.engine = engine
-        self.batch = DecodeBatch(engine, max_batch)
+    def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
+                 warmup: bool = True):
         self.scheduler: Scheduler[Sequence] = Scheduler(max_batch, max_queued)
-        self._deliver = deliver
-        self._members: dict[int, Sequence] = {}  # id(state) -> sequence, for sequences in the batch
-        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self.max_batch = max_batch
+        self.engine: Engine | None = None
+        self.batch: DecodeBatch | None = None
         self.steps = 0
         self.tokens = 0
+        self._make_engine = make_engine
+        self._warmup = warmup
+        self._deliver = deliver
+        self._members: dict[int, Sequence] = {}  # id(state) -> sequence, for sequences in the batch
+        self._ready: concurrent.futures.Future[Engine] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, name="decode-loop", daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> Engine:
+        """Start the stepping thread; wait for the engine (raises what loading raised)."""
         self._thread.start()
+        return self._ready.result()
 
     def stop(self, timeout: float = 5.0) -> None:
         left = self.scheduler.close()
         self._thread.join(timeout)
+        err = Unavailable("decode service is shutting down", subject="decode_batch")
+        for seq in left:
+            seq.lease.abandon()
         if left:
-            err = Unavailable("decode service is shutting down", subject="decode_batch")
             self._deliver([(s, Output([], [], "", error=err)) for s in left])
-
-    def check_room(self) -> None:
-        self.scheduler.check_room()
 
     def submit(self, seq: Sequence) -> None:
         self.scheduler.submit(seq)
@@ -98,45 +145,81 @@ class DecodeRunner:
     def cancel(self, seq: Sequence) -> None:
         self.scheduler.cancel(seq)
 
-    def load(self) -> LoadInfo:
+    def load_info(self) -> LoadInfo:
         return self.scheduler.load()
 
     # ---- the stepping thread ---------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            engine = self._make_engine()
+            self.batch = DecodeBatch(engine, self.max_batch)
+            if self._warmup:
+                warm_up(engine)
+            self.engine = engine
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(engine)
+        self._run()
+
     def _run(self) -> None:
+        assert self.batch is not None
         while True:
             rnd = self.scheduler.next_round(idle=not self.batch.states, timeout=1.0)
             if rnd is None:
                 return
             for seq in rnd.leave:
                 self._leave(seq)
-            for seq in rnd.join:
-                self.batch.add(seq.state)
-                self._members[id(seq.state)] = seq
-            if not self.batch.states:
-                continue
-            try:
-                outputs = self._step()
-            except Exception as exc:  # noqa: BLE001 - the sequences of this step fail, the loop lives on
-                log.exception("decode step failed")
-                err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"decode step failed: {exc}")
-                outputs = [(seq, Output([], [], "", error=err)) for seq in self._members.values()]
-                for seq, _ in outputs:
-                    self._leave(seq)
-            self._deliver(outputs)
+            outputs = [out for seq in rnd.join if (out := self._join(seq)) is not None]
+            if self.batch.states:
+                try:
+                    outputs += self._step()
+                except Exception as exc:  # noqa: BLE001 - the sequences of this step fail, the loop lives on
+                    log.exception("decode step failed")
+                    err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"decode step failed: {exc}")
+                    failed = list(self._members.values())
+                    for seq in failed:
+                        self._leave(seq)
+                    outputs += [(seq, Output([], [], "", error=err)) for seq in failed]
+            if outputs:
+                self._deliver(outputs)
+
+    def _join(self, seq: Sequence) -> tuple[Sequence, Output] | None:
+        """Copy the sequence's state into a batch slot; an error output if that failed."""
+        assert self.batch is not None
+        if not seq.lease.claim():  # its request left while it waited: nothing to load
+            self.scheduler.finish(seq)
+            return None
+        try:
+            seq.state = seq.load()
+            self.batch.add(seq.state)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("loading sequence %s failed", seq.request_id)
+            self.scheduler.finish(seq)
+            err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"loading the checkpoint failed: {exc}")
+            return seq, Output([], [], "", error=err)
+        finally:
+            seq.load = _loaded  # drop the references to the leased bytes before they are released
+            seq.lease.done()
+        self._members[id(seq.state)] = seq
+        return None
 
     def _leave(self, seq: Sequence) -> None:
         """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler."""
-        if self._members.pop(id(seq.state), None) is not None:
+        assert self.batch is not None
+        if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
             self.batch.remove(seq.state)
         self.scheduler.finish(seq)
 
     def _step(self) -> list[tuple[Sequence, Output]]:
+        assert self.batch is not None
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
         logits = self.batch.step([seq.next_token for seq in seqs])  # [B, V] fp32
         greedy = [seq.sampler.params.greedy for seq in seqs]
         ids, logprobs = greedy_batch(logits) if any(greedy) else ([], [])
         outputs = []
         for row, seq in enumerate(seqs):
+            seq.num_tokens += 1
             token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
             outputs.append((seq, seq.push(token, logprob)))
         self.steps += 1
@@ -145,3 +228,16 @@ class DecodeRunner:
             if out.finish_reason is not None:
                 self._leave(seq)
         return outputs
+
+
+def _loaded() -> HybridState:
+    raise RuntimeError("sequence state was already loaded")
+
+
+def warm_up(engine: Engine) -> None:
+    """A short prefill and two decode steps, so the first request does not pay for lazy initialisation."""
+    _, state = engine.prefill([1, 2, 3, 4])
+    batch = DecodeBatch(engine, max_batch=1)
+    batch.add(state)
+    batch.step([5])
+    batch.step([6])

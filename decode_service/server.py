@@ -1,4 +1,4 @@
-"""Run the decode service: load the model, start the stepping thread, serve until SIGTERM/SIGINT."""
+"""Run the decode service: load the model on the stepping thread, serve until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -9,33 +9,22 @@ from collections.abc import Callable
 from cache_store.client import AsyncCacheStoreClient
 from decode_service.config import DecodeConfig
 from decode_service.service import DecodeServicer
-from engine.engine import DecodeBatch, Engine
+from engine.engine import Engine
 from prefill_service.config import split_address
 from qwenpd.grpc_common import GrpcServer, make_server
 
 log = logging.getLogger(__name__)
 
 
-def warm_up(engine: Engine) -> None:
-    """A short prefill and two decode steps, so the first request does not pay for lazy initialisation."""
-    _, state = engine.prefill([1, 2, 3, 4])
-    batch = DecodeBatch(engine, max_batch=1)
-    batch.add(state)
-    batch.step([5])
-    batch.step([6])
-
-
 async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
-    engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads)
-    if config.warmup:
-        warm_up(engine)
     async with AsyncCacheStoreClient(config.cache) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
-        servicer = DecodeServicer(engine, config, store)
-        host, port = split_address(config.listen)
-        server = make_server(servicer, host=host, port=port)
-        servicer.runner.start()
+        servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, dtype=config.dtype,
+                                                                threads=config.threads))
         try:
+            engine = await servicer.start()
+            host, port = split_address(config.listen)
+            server = make_server(servicer, host=host, port=port)
             await server.start()
             log.info("decode (%s, %s, max batch %d) on %s, cache store %s", engine.fingerprint[:16], engine.dtype,
                      config.max_batch, server.address, config.cache)
@@ -43,7 +32,7 @@ async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | Non
                 on_ready(server)
             await server.serve_until_signal(grace_s=config.grace_s)
         finally:
-            servicer.runner.stop()
+            servicer.stop()
 
 
 def serve(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:

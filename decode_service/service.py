@@ -1,11 +1,12 @@
 """The DecodeService servicer: checkpoint in, token stream out.
 
-Per request: lease the checkpoint (the store refuses another model's with FAILED_PRECONDITION), map and check
-it (shapes, dtypes, checksums: FAILED_PRECONDITION / DATA_LOSS), copy the state out and release the lease
-(deleting the single-use checkpoint: the bytes are no longer needed once copied), emit the first token that
-prefill sampled, then join the batch: the stepping thread's first step for this sequence consumes that token.
-Outputs arrive through an asyncio.Queue per request; several waiting outputs are merged into one chunk.
-Cancellation (client gone, deadline) takes the sequence out of the batch before the next step.
+Per request, on the event loop: lease the checkpoint (the store refuses another model's with
+FAILED_PRECONDITION), map and check it (shapes, dtypes, checksums: FAILED_PRECONDITION / DATA_LOSS), read the
+Handoff record and stream the first token that prefill sampled. Then the sequence waits for a batch slot; the
+stepping thread copies its state out of shared memory into the slot and releases the lease (deleting the
+single-use checkpoint), and its first step consumes that first token. Outputs arrive through an asyncio.Queue
+per request; several waiting outputs are merged into one chunk. Cancellation (client gone, deadline) takes the
+sequence out of the batch before the next step and releases the lease if the state was never copied.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 
 from cache_store.client import AsyncCacheStoreClient
 from decode_service.config import DecodeConfig
-from decode_service.runner import DecodeRunner, Output, Sequence
+from decode_service.runner import DecodeRunner, Lease, Output, Sequence
+from decode_service.state import state_from_checkpoint
 from engine.engine import Engine
 from engine.generate import FINISH_LENGTH, FINISH_STOP, OutputTracker
 from engine.sampling import Sampler
-from engine.state import HybridState, expected_shapes
+from engine.state import expected_shapes
 from prefill_service.handoff import Handoff, sampling_from_pb
 from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from qwenpd.grpc_common import InvalidArgument, QwenpdError
@@ -33,36 +36,54 @@ _FINISH = {FINISH_STOP: common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    """Create inside the running event loop; `start()` the runner before serving, `stop()` after."""
+    """Create inside the running event loop, `await start()` (loads the model on the stepping thread) before
+    serving, `stop()` after."""
 
-    def __init__(self, engine: Engine, config: DecodeConfig, store: AsyncCacheStoreClient):
-        self.engine = engine
+    def __init__(self, config: DecodeConfig, store: AsyncCacheStoreClient, make_engine: Callable[[], Engine]):
         self.config = config
         self.store = store
         self._loop = asyncio.get_running_loop()
-        self.runner = DecodeRunner(engine, config.max_batch, config.max_queue, self._deliver)
-        cfg = engine.config
-        self._shapes = lambda n: expected_shapes(cfg, n)
-        self._dtypes = {name: torch.float32 if name.endswith(".recurrent") else engine.dtype
-                        for name in expected_shapes(cfg, 0)}
+        self._background: set[asyncio.Task] = set()
+        self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver, config.warmup)
+        self.engine: Engine | None = None
+
+    async def start(self) -> Engine:
+        self.engine = e = await asyncio.to_thread(self.runner.start)
+        self._shapes = lambda n: expected_shapes(e.config, n)
+        self._dtypes = {name: torch.float32 if name.endswith(".recurrent") else e.dtype
+                        for name in expected_shapes(e.config, 0)}
+        return e
+
+    def stop(self) -> None:
+        self.runner.stop()
 
     # ---- stepping thread -> event loop -------------------------------------------------------------------------
     def _deliver(self, items: list[tuple[Sequence, Output]]) -> None:
-        if items:
-            self._loop.call_soon_threadsafe(_dispatch, items)
+        self._loop.call_soon_threadsafe(_dispatch, items)
+
+    def _release_later(self, lease_id: str) -> Callable[[], None]:
+        """A callable (any thread) that releases the lease and deletes its single-use checkpoint."""
+        def start() -> None:
+            task = asyncio.ensure_future(_release(self.store, lease_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        return lambda: self._loop.call_soon_threadsafe(start)
 
     # ---- rpcs ----------------------------------------------------------------------------------------------------
     async def Decode(self, request: decode_pb2.DecodeRequest, context):
         if not request.checkpoint_id:
             raise InvalidArgument("checkpoint_id", "is required")
-        self.runner.check_room()  # refuse before touching the checkpoint
-        seq = await self._load(request)
-        first = seq.sink.get_nowait()  # queued by _load
-        yield self._chunk(seq, [first])
-        if first.finish_reason is not None:
-            return
-        self.runner.submit(seq)
+        self.runner.scheduler.check_room()  # refuse before touching the checkpoint
+        seq = await self._acquire(request)
+        submitted = False
         try:
+            first = seq.sink.get_nowait()  # the token prefill sampled, queued by _acquire
+            yield self._chunk(seq, [first])
+            if first.finish_reason is not None:
+                return
+            self.runner.submit(seq)
+            submitted = True
             while True:
                 outs = [await seq.sink.get()]
                 while not seq.sink.empty():
@@ -75,13 +96,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if chunk.HasField("finish_reason"):
                     return
         finally:
-            if seq.finish_reason is None:  # cancelled, deadline, or failed: free the slot now
+            if submitted and seq.finish_reason is None:  # cancelled, deadline, or failed: free the slot now
                 self.runner.cancel(seq)
+            seq.lease.abandon()  # releases now unless the stepping thread has (or had) the bytes
 
-    async def _load(self, request: decode_pb2.DecodeRequest) -> Sequence:
-        """Lease, check and copy the checkpoint; release it; a Sequence whose sink holds the first token."""
+    async def _acquire(self, request: decode_pb2.DecodeRequest) -> Sequence:
+        """Lease and check the checkpoint; a Sequence (state not yet loaded) whose sink holds the first token."""
         e = self.engine
+        assert e is not None
         ckpt = await self.store.get_checkpoint(request.checkpoint_id, e.fingerprint, self._shapes, self._dtypes)
+        lease = Lease(self._release_later(ckpt.lease_id))
         try:
             handoff = Handoff.from_metadata(dict(ckpt.metadata), e.config.vocab_size)
             params = handoff.sampling
@@ -89,20 +113,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 params = dataclasses.replace(
                     sampling_from_pb(request.sampling, self.config.default_max_tokens, e.config.vocab_size),
                     seed=params.seed)
-            copy = asyncio.ensure_future(asyncio.to_thread(
-                HybridState.from_tensors, e.config, ckpt.tensors, ckpt.num_tokens, e.dtype))
-            try:
-                state = await asyncio.shield(copy)
-            finally:
-                if not copy.done():  # cancelled mid-copy: the bytes must stay leased until the copy stops
-                    await asyncio.wait([copy])
-        finally:
-            ckpt.tensors.clear()
-            await _release(self.store, ckpt.lease_id)
-        tracker = OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids)
-        seq = Sequence(request.request_id or handoff.request_id, state, Sampler.resumed(params, handoff.sampler_draws),
-                       tracker, handoff.first_token, e.config.max_position_embeddings, sink=asyncio.Queue(),
-                       prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens)
+        except BaseException:
+            lease.abandon()
+            raise
+        tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
+        seq = Sequence(
+            request_id=request.request_id or handoff.request_id,
+            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype), lease=lease,
+            sampler=Sampler.resumed(params, handoff.sampler_draws),
+            tracker=OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids),
+            next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
+            sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens)
         seq.sink.put_nowait(seq.push(handoff.first_token, handoff.first_logprob))
         return seq
 
@@ -118,7 +139,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return chunk
 
     async def GetLoad(self, request: decode_pb2.GetLoadRequest, context) -> decode_pb2.Load:
-        load = self.runner.load()
+        load = self.runner.load_info()
         return decode_pb2.Load(active_sequences=load.active, free_slots=load.free_slots, queued=load.queued,
                                max_batch=load.max_batch)
 
@@ -129,8 +150,8 @@ def _dispatch(items: list[tuple[Sequence, Output]]) -> None:
 
 
 async def _release(store: AsyncCacheStoreClient, lease_id: str) -> None:
-    """Release and delete the single-use checkpoint; never let a failure here hide the request's own result."""
+    """Release and delete the single-use checkpoint; a failure here never fails the request."""
     try:
-        await asyncio.shield(store.release(lease_id, delete=True))
+        await store.release(lease_id, delete=True)
     except QwenpdError as exc:
         log.warning("releasing lease %s: %s", lease_id, exc.message)

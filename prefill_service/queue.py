@@ -1,5 +1,7 @@
 """A bounded FIFO of prefill jobs in front of ONE worker thread (torch releases the GIL, so the event loop keeps
-serving while a prompt is encoded). Plain Python: no tensors, no gRPC.
+serving while a prompt is encoded). Plain Python: no tensors, no gRPC. The service runs all its tensor work on
+this thread, model loading included: torch's OpenMP runtime keeps a thread team per calling thread, and two
+teams on the same cores slow each other down.
 
 A job waits in the queue, then runs `fn(job)` on the worker. The caller's cancellation (client gone, deadline)
 sets `job.cancelled`; the job's own code checks `job.check()` between chunks and raises, so an abandoned job
@@ -82,6 +84,10 @@ class WorkQueue(Generic[T]):
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the worker thread outside the queue's bounds (start-up work: loading, warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _body(self, job: Job, fn: Callable[[Job], T]) -> T:
         with self._lock:

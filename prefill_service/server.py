@@ -9,6 +9,7 @@ from collections.abc import Callable
 from cache_store.client import CacheStoreClient
 from engine.engine import Engine
 from prefill_service.config import PrefillConfig, split_address
+from prefill_service.queue import WorkQueue
 from prefill_service.service import PrefillServicer
 from qwenpd.grpc_common import GrpcServer, make_server
 
@@ -20,14 +21,20 @@ def warm_up(engine: Engine, chunk_size: int) -> None:
     engine.prefill(list(range(1, min(8, engine.config.vocab_size))), chunk_size=chunk_size)
 
 
-async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+def load_engine(config: PrefillConfig) -> Engine:
     engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads)
     if config.warmup:
         warm_up(engine, config.chunk_size)
+    return engine
+
+
+async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+    queue: WorkQueue = WorkQueue(config.max_queue)
     store = CacheStoreClient(config.cache)
     try:
         store.info()  # fail at start, not at the first request, if the store is unreachable or on another host
-        servicer = PrefillServicer(engine, config, store)
+        engine = await queue.call(lambda: load_engine(config))  # on the worker thread, like every job
+        servicer = PrefillServicer(engine, config, store, queue)
         host, port = split_address(config.listen)
         server = make_server(servicer, host=host, port=port)
         await server.start()
@@ -36,8 +43,8 @@ async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | No
         if on_ready is not None:
             on_ready(server)
         await server.serve_until_signal(grace_s=config.grace_s)
-        servicer.queue.shutdown()
     finally:
+        queue.shutdown()
         store.close()
 
 

@@ -40,11 +40,11 @@ class Encoded:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine: Engine, config: PrefillConfig, store: CacheStoreClient):
+    def __init__(self, engine: Engine, config: PrefillConfig, store: CacheStoreClient, queue: WorkQueue):
         self.engine = engine
         self.config = config
         self.store = store
-        self.queue: WorkQueue[Encoded] = WorkQueue(config.max_queue)
+        self.queue = queue  # its worker thread loaded the engine and runs every job
         self.served = 0
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
@@ -71,7 +71,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         """On the worker thread: prefill, sample the first token, write the hand-off checkpoint."""
         started = time.monotonic_ns()
         queue_ns = int(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1e9)
-        logits, state = self.engine.prefill(ids, chunk_size=self.config.chunk_size, on_chunk=lambda _: job.check())
+        state = self.engine.new_state()
+        state.reserve(len(ids))  # KV capacity == prompt length: no regrowth, and to_tensors() needs no KV copy
+        logits, state = self.engine.prefill(ids, state, chunk_size=self.config.chunk_size,
+                                            on_chunk=lambda _: job.check())
         sampler = Sampler(params)
         token, logprob = sampler.sample(logits)
         text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""

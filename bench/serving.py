@@ -1,0 +1,223 @@
+"""Serving overhead: the gRPC services (cache store + prefill + decode processes) vs the in-process engine, in one
+run on the same checkpoint, dtype and thread count.
+
+    python bench/serving.py [--quick] [--preset small] [--dtype bfloat16] [--threads N] [--model DIR]
+
+Prints one table:
+  - TTFT at a 512-token prompt: in-process prefill + first-token sampling vs a Prefill call (client clock, hand-off
+    checkpoint written before the response) -> ratio and overhead in ms;
+  - TPOT at one stream: in-process `engine.generate` loop vs a Decode stream (client clock);
+  - aggregate decode tokens/s at 1/8/32 concurrent streams: in-process DecodeBatch steps with the same per-token
+    work (greedy pick + OutputTracker) vs that many concurrent Decode streams through gRPC;
+  - hand-off (write into shared memory + lease/map/verify + load into a decode batch slot + release) vs one memcpy
+    of the same bytes, with the breakdown.
+The in-process runs happen while the services sit idle, so both sides get the whole machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_store.checkpoint import CheckpointMeta  # noqa: E402
+from cache_store.client import CacheStoreClient  # noqa: E402
+from clients.client import Client  # noqa: E402
+from clients.supervisor import ServiceSet  # noqa: E402
+from engine import DecodeBatch, Engine  # noqa: E402
+from engine.generate import OutputTracker, generate  # noqa: E402
+from engine.init_model import init_model  # noqa: E402
+from engine.sampling import Sampler, SamplingParams, greedy_batch  # noqa: E402
+from engine.state import expected_shapes  # noqa: E402
+from decode_service.state import state_from_checkpoint  # noqa: E402
+from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
+
+
+def ids_of(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def median_of(fn, repeats: int) -> float:
+    fn()  # warm
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def paired(fa, fb, repeats: int) -> tuple[float, float]:
+    """Medians of fa() and fb() measured alternately, so both see the same background load."""
+    fa(), fb()  # warm
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(fa())
+        b.append(fb())
+    return statistics.median(a), statistics.median(b)
+
+
+# ---- in-process ------------------------------------------------------------------------------------------------
+def inproc_ttft(eng: Engine, ids: list[int], chunk: int) -> float:
+    t0 = time.perf_counter()
+    logits, _ = eng.prefill(ids, chunk_size=chunk)
+    Sampler(GREEDY).sample(logits)
+    return time.perf_counter() - t0
+
+
+def inproc_tpot(eng: Engine, ids: list[int], tokens: int) -> float:
+    r = generate(eng, ids, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
+    return r.decode_s / (tokens - 1)
+
+
+def inproc_decode_tps(eng: Engine, prompts: list[list[int]], steps: int) -> float:
+    """Aggregate tokens/s of one DecodeBatch with the service's per-token work: greedy pick + OutputTracker."""
+    batch = DecodeBatch(eng, len(prompts))
+    trackers, last = [], []
+    for p in prompts:
+        logits, state = eng.prefill(p)
+        batch.add(state)
+        trackers.append(OutputTracker(GREEDY, eng.eos_token_ids, eng.tokenizer, p))
+        last.append(int(logits.argmax()))
+    batch.step(last)  # warm
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        last, logprobs = greedy_batch(batch.step(last))
+        for tracker, token, lp in zip(trackers, last, logprobs, strict=True):
+            tracker.push(token, lp)
+    return len(prompts) * steps / (time.perf_counter() - t0)
+
+
+def handoff(eng: Engine, store: CacheStoreClient, num_tokens: int, repeats: int) -> dict[str, float]:
+    """The decode service's hand-off path for a state of `num_tokens` tokens (random contents), through the
+    running cache store, vs one memcpy of the checkpoint's bytes. write = put_checkpoint (AllocateSegment, copy +
+    checksum into shared memory, CommitCheckpoint); map = get_checkpoint (AcquireLease, map, verify checksums);
+    load = copy into decode state + DecodeBatch.add; release (ReleaseLease + delete) is off the critical path."""
+    cfg, g = eng.config, torch.Generator().manual_seed(num_tokens)
+    dtypes = {k: torch.float32 if k.endswith(".recurrent") else eng.dtype for k in expected_shapes(cfg, 0)}
+    state = eng.new_state()
+    state.reserve(num_tokens)  # as the prefill service does: KV capacity == prompt length
+    for layer_states in (state.keys, state.values, state.conv, state.recurrent):
+        for t in layer_states:
+            t.copy_(torch.randn(t.shape, generator=g))
+    state.num_tokens = num_tokens
+    meta = CheckpointMeta(eng.fingerprint, num_tokens, {"bench": "1"})
+    batch = DecodeBatch(eng, 1)
+    rows: list[dict[str, float]] = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        ckpt_id = store.put_checkpoint(state.to_tensors(), meta, handoff_ttl_s=0)
+        t1 = time.perf_counter()
+        leased = store.get_checkpoint(ckpt_id, eng.fingerprint, lambda n: expected_shapes(cfg, n), dtypes)
+        t2 = time.perf_counter()
+        loaded = state_from_checkpoint(cfg, leased.tensors, leased.num_tokens, eng.dtype)
+        batch.add(loaded)
+        t3 = time.perf_counter()
+        leased.tensors.clear()
+        store.release(leased, delete=True)
+        t4 = time.perf_counter()
+        batch.remove(loaded)
+        rows.append({"write": t1 - t0, "map": t2 - t1, "load": t3 - t2, "release": t4 - t3, "total": t3 - t0})
+    rows = rows[1:]
+    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    out["rpc"] = median_of(lambda: _timed(store.stats), repeats)
+    nbytes = sum(t.numel() * t.element_size() for t in state.to_tensors().values())
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    out["memcpy"] = median_of(lambda: _timed(lambda: dst.copy_(src)), repeats * 3)
+    out["bytes"] = nbytes
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---- through the services ------------------------------------------------------------------------------------------
+async def grpc_decode_tps(prefill: str, decode: str, prompts: list[list[int]], tokens: int) -> float:
+    """Prefill every prompt, then open all Decode streams at once; (tokens - 1) per stream come from decode steps."""
+    import grpc
+
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    async with grpc.aio.insecure_channel(prefill) as pch, grpc.aio.insecure_channel(decode) as dch:
+        pstub, dstub = prefill_pb2_grpc.PrefillServiceStub(pch), decode_pb2_grpc.DecodeServiceStub(dch)
+        handles = [await pstub.Prefill(prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=p),
+                                                                  sampling=sampling), timeout=600)
+                   for p in prompts]
+
+        async def stream(checkpoint_id: str) -> int:
+            n = 0
+            async for chunk in dstub.Decode(decode_pb2.DecodeRequest(checkpoint_id=checkpoint_id), timeout=600):
+                n += len(chunk.token_ids)
+            return n
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(stream(h.checkpoint_id) for h in handles))
+        elapsed = time.perf_counter() - t0
+    assert all(n == tokens for n in counts), counts
+    return len(prompts) * (tokens - 1) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--model", help="existing checkpoint dir (default: init the preset into a temp dir)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, each side (default: all)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    args = ap.parse_args()
+    repeats, decode_repeats, tokens, decode_prompt = (3, 1, 16, 64) if args.quick else (7, 3, 64, 128)
+    handoff_lengths = [512] if args.quick else [512, 4096, 32768]
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else init_model(Path(tmp) / args.preset, args.preset, dtype=args.dtype)
+        eng = Engine(model, dtype=args.dtype, threads=args.threads)
+        vocab = eng.config.vocab_size
+        prompt512 = ids_of(512, vocab, 1)
+        print(f"# bench/serving.py: {args.preset} preset, {args.dtype}, {args.threads} torch threads per side, "
+              f"{'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs, load average at start "
+              f"{os.getloadavg()[0]:.2f}")
+        rows = []
+        with ServiceSet(model=str(model), dtype=args.dtype, threads=args.threads, max_batch=32,
+                        store_id=f"bench{os.getpid()}", log_level="WARNING") as svc, \
+                Client(prefill=svc.prefill, decode=svc.decode, timeout=600) as client, \
+                CacheStoreClient(svc.cache) as store:
+            a, b = paired(lambda: inproc_ttft(eng, prompt512, 512),
+                          lambda: client.generate(token_ids=prompt512, max_tokens=1, temperature=0).ttft_s, repeats)
+            rows.append(("TTFT, 512-token prompt (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x (+{(b - a) * 1e3:.1f} ms)"))
+            short = ids_of(decode_prompt, vocab, 2)
+            a, b = paired(lambda: inproc_tpot(eng, short, tokens),
+                          lambda: client.generate(token_ids=short, max_tokens=tokens, temperature=0,
+                                                  ignore_eos=True).tpot_s, repeats)
+            rows.append(("TPOT, 1 stream (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x"))
+            for streams in (1, 8, 32):
+                prompts = [ids_of(decode_prompt, vocab, 100 + i) for i in range(streams)]
+                a, b = paired(lambda p=prompts: inproc_decode_tps(eng, p, tokens),
+                              lambda p=prompts: asyncio.run(grpc_decode_tps(svc.prefill, svc.decode, p, tokens)),
+                              decode_repeats)
+                rows.append((f"decode tokens/s, {streams} streams", a, b, f"{b / a:.1%} of in-process"))
+            handoffs = [(n, handoff(eng, store, n, repeats)) for n in handoff_lengths]
+        print("\n| measure | in-process | gRPC services | ratio |\n|---|---|---|---|")
+        for name, a, b, ratio in rows:
+            print(f"| {name} | {a:,.2f} | {b:,.2f} | {ratio} |")
+        print("\n| hand-off (ms) | bytes | memcpy | write + map + load | ratio | without its 3 RPCs | ratio | write "
+              "| lease+map+verify | load into slot | release (off path) | one RPC |\n" + "|---" * 12 + "|")
+        for n, h in handoffs:
+            ms = {k: v * 1e3 for k, v in h.items() if k != "bytes"}
+            plane = ms["total"] - 3 * ms["rpc"]
+            print(f"| {n} tokens | {h['bytes'] / 2**20:.1f} MiB | {ms['memcpy']:.3f} | {ms['total']:.3f} | "
+                  f"{ms['total'] / ms['memcpy']:.2f}x | {plane:.3f} | {plane / ms['memcpy']:.2f}x | {ms['write']:.3f} | "
+                  f"{ms['map']:.3f} | {ms['load']:.3f} | {ms['release']:.3f} | {ms['rpc']:.3f} |")
+        print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,8 @@ import pytest
 from clients import Client, DeadlineExceeded
 from engine.generate import generate
 from engine.sampling import SamplingParams
-from tests.services.conftest import pid_alive, qwenpd_cmd, segments, start_serve_all, stop_serve_all
+from tests.services.conftest import (pid_alive, qwenpd_cmd, segments, start_serve_all, stop_serve_all,
+                                     wait_ready_file)
 
 LONG = dict(temperature=0, max_tokens=5000, ignore_eos=True)
 
@@ -91,3 +92,66 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.stdout.count("TTFT") == 3 and "done" in r.stdout
     assert (tmp_path / "qwenpd" / "tiny-seed0" / "config.json").is_file()
     assert set(segments("demo*")) <= before
+
+
+@pytest.fixture(scope="module")
+def small_queue_prefill(services, tiny_model_dir, tmp_path_factory):
+    """A second prefill service on the same model and store: no waiting room, short chunks."""
+    ready = tmp_path_factory.mktemp("pq") / "prefill.json"
+    proc = subprocess.Popen(qwenpd_cmd("serve", "prefill", "--model", str(tiny_model_dir), "--cache", services.cache,
+                                       "--max-queue", "0", "--chunk-size", "64", "--threads", "1",
+                                       "--ready-file", str(ready), "--log-level", "WARNING"))
+    try:
+        yield wait_ready_file(ready, proc)["address"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+LONG_PROMPT = [5 + (7 * i) % 500 for i in range(8000)]
+
+
+def _prefill(address: str, ids: list[int], timeout: float):
+    import grpc
+
+    from clients.errors import from_rpc_error
+    from protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return prefill_pb2_grpc.PrefillServiceStub(ch).Prefill(
+                prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=ids)), timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def test_prefill_deadline_abandons_the_job_between_chunks(small_queue_prefill, store):
+    before = store.stats().allocations + store.stats().entries
+    with pytest.raises(DeadlineExceeded):
+        _prefill(small_queue_prefill, LONG_PROMPT, timeout=0.1)
+    time.sleep(1.5)  # the whole prompt takes longer than this; an unabandoned job would have written a checkpoint
+    after = store.stats()
+    assert after.allocations + after.entries == before
+    response = _prefill(small_queue_prefill, [1, 2, 3], timeout=30)  # and the worker is free again
+    store.delete(response.checkpoint_id)
+
+
+def test_prefill_queue_full_is_resource_exhausted(small_queue_prefill, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clients import ResourceExhausted
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(_prefill, small_queue_prefill, LONG_PROMPT, 60) for _ in range(3)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except ResourceExhausted as exc:
+                outcomes.append(exc)
+    refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+    assert refused and len(refused) < 3
+    assert refused[0].retry_after_s is not None
+    for o in outcomes:
+        if not isinstance(o, ResourceExhausted):
+            store.delete(o.checkpoint_id)

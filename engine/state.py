@@ -107,6 +107,41 @@ class HybridState:
             state.recurrent[j].copy_(tensors[f"layers.{layer}.recurrent"])
         return state
 
+    # ---- pieces for the prefix cache -------------------------------------------------------------------
+    def kv_tensors(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """K/V of tokens [lo, hi) of every attention layer (contiguous copies): one KV block or the tail."""
+        if not 0 <= lo <= hi <= self.num_tokens:
+            raise ValueError(f"token range [{lo}, {hi}) outside the {self.num_tokens} consumed")
+        out: dict[str, torch.Tensor] = {}
+        for j, layer in enumerate(self.config.attention_layers):
+            out[f"layers.{layer}.k"] = self.keys[j][:, lo:hi].contiguous()
+            out[f"layers.{layer}.v"] = self.values[j][:, lo:hi].contiguous()
+        return out
+
+    def deltanet_tensors(self) -> dict[str, torch.Tensor]:
+        """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position."""
+        out: dict[str, torch.Tensor] = {}
+        for j, layer in enumerate(self.config.linear_layers):
+            out[f"layers.{layer}.conv"] = self.conv[j].clone()
+            out[f"layers.{layer}.recurrent"] = self.recurrent[j].clone()
+        return out
+
+    @classmethod
+    def from_prefix(cls, config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],
+                    snapshot: dict[str, torch.Tensor], num_tokens: int, dtype: torch.dtype,
+                    extra_capacity: int = 0) -> "HybridState":
+        """A state restored from cached KV blocks (in prefix order) and the DeltaNet snapshot after the last
+        of them, copied straight into fresh buffers. Raises ValueError on a mismatch with the model."""
+        tensors = dict(snapshot)
+        for j, layer in enumerate(config.attention_layers):
+            for kind in ("k", "v"):
+                name = f"layers.{layer}.{kind}"
+                try:
+                    tensors[name] = torch.cat([b[name] for b in kv_blocks], dim=1)
+                except (KeyError, RuntimeError) as exc:
+                    raise ValueError(f"cached KV blocks do not fit the model at {name}: {exc}") from None
+        return cls.from_tensors(config, tensors, num_tokens, dtype, extra_capacity=max(extra_capacity, 64))
+
     def clone(self) -> "HybridState":
         n = self.num_tokens
         cap = max(_MIN_CAPACITY, n + _MIN_CAPACITY)

@@ -177,7 +177,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # a store id of its own: demos running side by side must not share (or clean up) each other's segments
     services = ServiceSet(model=str(model), store_id=f"demo{os.getpid()}", threads=args.threads, log_level="WARNING")
     with services, Client(prefill=services.prefill, decode=services.decode, timeout=args.timeout) as client:
-        print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}\n", flush=True)
+        print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}", flush=True)
+        warm = client.generate("warm up", max_tokens=2, temperature=0)
+        print(f"  warm-up request: first token after {1e3 * warm.ttft_s:.0f} ms (connections, the store's first "
+              "shared-memory segment)\n", flush=True)
         for i, prompt in enumerate(DEMO_PROMPTS, 1):
             print(f"[{i}] {prompt!r} ->", end=" ", flush=True)
             t0 = time.perf_counter()

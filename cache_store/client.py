@@ -226,31 +226,57 @@ class CacheStoreClient:
                           _commit_request(alloc.entry_id, meta, handoff_ttl_s, refs)).checkpoint.checkpoint_id
 
     # ---- prefix cache --------------------------------------------------------------------------------------
-    def put_shared(self, items: Sequence[SharedItem], fingerprint: str, *, lease_ttl_s: float | None = None
-                   ) -> tuple[list[str], list[str]]:
-        """Write KV blocks / snapshots and publish them under their keys in two calls. Returns the id serving
-        each key (an existing entry's where another request cached the same prefix first) and, with
-        lease_ttl_s, leases holding them (release with release_leases)."""
-        if not items:
-            return [], []
+    def put_shared(self, items: Sequence[SharedItem], fingerprint: str) -> list[str]:
+        """Write KV blocks / snapshots and publish them under their keys; returns the id serving each key (an
+        existing entry's where another request cached the same prefix first)."""
+        return self._put_prefix(items, fingerprint, None)[0]
+
+    def put_prefix_checkpoint(self, items: Sequence[SharedItem], tensors: Mapping[str, torch.Tensor],
+                              meta: CheckpointMeta, known_refs: Sequence[str], new_refs: int, *,
+                              handoff_ttl_s: float | None = None) -> str:
+        """Publish a prompt's new prefix entries and its hand-off checkpoint together: all ranges are allocated
+        in one call (all or nothing, so the hand-off never waits behind the request's own fresh entries), the
+        shared entries are committed under leases, then the checkpoint referencing `known_refs` + the first
+        `new_refs` new entries (the new KV blocks, in prefix order). Returns the checkpoint id."""
+        ids, leases, ckpt = self._put_prefix(items, meta.fingerprint, (tensors, meta))
+        try:
+            refs = [*known_refs, *ids[:new_refs]]
+            return self._call("CommitCheckpoint", _commit_request(ckpt, meta, handoff_ttl_s, refs)).checkpoint.checkpoint_id
+        except BaseException:
+            with contextlib.suppress(QwenpdError):
+                self._call("AbortAllocation", pb.AbortAllocationRequest(entry_id=ckpt))
+            raise
+        finally:
+            self.release_leases(leases)
+
+    def _put_prefix(self, items: Sequence[SharedItem], fingerprint: str,
+                    own: tuple[Mapping[str, torch.Tensor], CheckpointMeta] | None) -> tuple[list[str], list[str], str]:
         plane = self._data_plane()
         writers = [CheckpointWriter(it.tensors, CheckpointMeta(fingerprint, it.num_tokens, {}), self._io_threads)
                    for it in items]
-        allocs = self._call("AllocateSegments", pb.AllocateSegmentsRequest(requests=[
-            pb.AllocateSegmentRequest(size_bytes=w.nbytes, kind=it.kind) for w, it in zip(writers, items)]))
+        kinds = [it.kind for it in items]
+        if own is not None:
+            writers.append(CheckpointWriter(own[0], own[1], self._io_threads))
+            kinds.append(pb.ENTRY_KIND_CHECKPOINT)
+        if not writers:
+            return [], [], ""
+        allocs = list(self._call("AllocateSegments", pb.AllocateSegmentsRequest(requests=[
+            pb.AllocateSegmentRequest(size_bytes=w.nbytes, kind=k) for w, k in zip(writers, kinds)])).allocations)
         try:
-            for w, alloc in zip(writers, allocs.allocations):
+            for w, alloc in zip(writers, allocs):
                 plane.write(w, alloc)
+            entries = [pb.SharedEntry(entry_id=a.entry_id, kind=it.kind, prefix_key=it.prefix_key,
+                                      fingerprint=fingerprint, num_tokens=it.num_tokens)
+                       for a, it in zip(allocs, items)]
+            done = self._call("CommitShared", pb.CommitSharedRequest(
+                entries=entries, lease_ttl_ns=_ns(60.0) if own is not None and entries else None)) \
+                if entries else pb.CommitSharedResponse()
         except BaseException:
-            for alloc in allocs.allocations:
+            for alloc in allocs:
                 with contextlib.suppress(QwenpdError):
                     self._call("AbortAllocation", pb.AbortAllocationRequest(entry_id=alloc.entry_id))
             raise
-        entries = [pb.SharedEntry(entry_id=a.entry_id, kind=it.kind, prefix_key=it.prefix_key,
-                                  fingerprint=fingerprint, num_tokens=it.num_tokens)
-                   for a, it in zip(allocs.allocations, items)]
-        done = self._call("CommitShared", pb.CommitSharedRequest(entries=entries, lease_ttl_ns=_ns(lease_ttl_s)))
-        return list(done.entry_ids), list(done.lease_ids)
+        return list(done.entry_ids), list(done.lease_ids), allocs[-1].entry_id if own is not None else ""
 
     def lookup_prefix(self, fingerprint: str, block_keys: Sequence[str], *, ttl_s: float | None = None) -> PrefixRead:
         """Lease and map the longest usable cached prefix. Damaged entries raise DataLoss (leases released)."""

@@ -66,6 +66,9 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-id", default="default", help="cache store id (segment name prefix)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
+    from prefill_service.config import add_prefix_args
+
+    add_prefix_args(p)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

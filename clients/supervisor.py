@@ -76,6 +76,9 @@ class ServiceSet:
     start_timeout_s: float = 120.0
     grace_s: float = 5.0  # in-flight calls may finish within this on stop
     log_level: str = "INFO"
+    block_size: int = 256
+    snapshot_interval: int = 2048
+    prefix_cache: bool = True
     children: list[Child] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory | None = None
 
@@ -84,7 +87,9 @@ class ServiceSet:
         return cls(model=args.model, host=args.host, cache_port=args.cache_port, prefill_port=args.prefill_port,
                    decode_port=args.decode_port, dtype=args.dtype, chunk_size=args.chunk_size,
                    max_batch=args.max_batch, threads=args.threads, budget=args.budget, store_id=args.store_id,
-                   start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level)
+                   start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level,
+                   block_size=args.block_size, snapshot_interval=args.snapshot_interval,
+                   prefix_cache=args.prefix_cache)
 
     @property
     def cache(self) -> str:
@@ -104,6 +109,10 @@ class ServiceSet:
     def _listen(self, port: int) -> str:
         return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
+    def _prefix_flags(self) -> list[str]:
+        flags = ["--block-size", str(self.block_size), "--snapshot-interval", str(self.snapshot_interval)]
+        return flags if self.prefix_cache else [*flags, "--no-prefix-cache"]
+
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="qwenpd-serve-")
         tmp = Path(self._tmp.name)
@@ -120,7 +129,7 @@ class ServiceSet:
                 model += ["--threads", str(self.threads)]
             self.children += [
                 Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port), *model,
-                                  "--chunk-size", str(self.chunk_size)], tmp / "prefill.json"),
+                                  "--chunk-size", str(self.chunk_size), *self._prefix_flags()], tmp / "prefill.json"),
                 Child("decode", ["serve", "decode", "--listen", self._listen(self.decode_port), *model,
                                  "--max-batch", str(self.max_batch)], tmp / "decode.json"),
             ]

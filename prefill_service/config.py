@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache_store.prefix import PrefixPolicy
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
 
@@ -36,8 +38,12 @@ class PrefillConfig:
     model_name: str | None = None
     grace_s: float = 5.0
     warmup: bool = True
+    block_size: int = 256
+    snapshot_interval: int = 2048
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
+        self.prefix_policy  # validates block_size / snapshot_interval
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ValueError(f"model_dir {self.model_dir!r} has no config.json")
         split_address(self.listen)
@@ -58,6 +64,10 @@ class PrefillConfig:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
 
     @property
+    def prefix_policy(self) -> PrefixPolicy:
+        return PrefixPolicy(self.block_size, self.snapshot_interval, self.prefix_cache)
+
+    @property
     def name(self) -> str:
         return self.model_name or Path(self.model_dir).resolve().name
 
@@ -74,10 +84,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--handoff-ttl", type=float, default=None, help="seconds a checkpoint waits for its decode call")
     p.add_argument("--model-name", default=None)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
+    add_prefix_args(p)
+
+
+def add_prefix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, default=256, help="prefix cache: tokens per KV block (default 256)")
+    p.add_argument("--snapshot-interval", type=int, default=2048,
+                   help="prefix cache: DeltaNet snapshot every N tokens, a multiple of --block-size (default 2048; "
+                        "0 = only at the last block boundary inside each prompt)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="turn the prefix cache off (every prompt is encoded from scratch)")
 
 
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
     return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
                          chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
                          default_max_tokens=args.default_max_tokens, grace_s=args.grace,
-                         handoff_ttl_s=args.handoff_ttl, model_name=args.model_name)
+                         handoff_ttl_s=args.handoff_ttl, model_name=args.model_name, block_size=args.block_size,
+                         snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache)

@@ -19,6 +19,7 @@ from engine.engine import Engine
 from engine.sampling import Sampler, SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
 from prefill_service.config import PrefillConfig
+from prefill_service.prefix import PrefixCache
 from prefill_service.handoff import Handoff, sampling_from_pb, with_seed
 from prefill_service.prompt import prompt_token_ids
 from prefill_service.queue import Job, WorkQueue
@@ -35,6 +36,7 @@ class Encoded:
     checkpoint_id: str
     handoff: Handoff
     queue_ns: int
+    restore_ns: int
     prefill_ns: int
     write_ns: int
 
@@ -45,6 +47,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.config = config
         self.store = store
         self.queue = queue  # its worker thread loaded the engine and runs every job
+        self.prefix = PrefixCache(engine, store, config.prefix_policy)
         self.served = 0
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
@@ -55,10 +58,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                             self.engine.config.vocab_size))
         remaining = context.time_remaining()
         job = Job(request_id, deadline=None if remaining is None else time.monotonic() + remaining)
-        done = await self.queue.run(job, lambda j: self._encode(j, ids, params))
+        salt = request.cache_salt if request.HasField("cache_salt") else None
+        done = await self.queue.run(job, lambda j: self._encode(j, ids, params, salt))
         self.served += 1
         h = done.handoff
-        timings = prefill_pb2.PrefillTimings(queue_ns=done.queue_ns, prefill_ns=done.prefill_ns,
+        timings = prefill_pb2.PrefillTimings(queue_ns=done.queue_ns, cache_restore_ns=done.restore_ns,
+                                             prefill_ns=done.prefill_ns,
                                              checkpoint_write_ns=done.write_ns,
                                              total_ns=time.monotonic_ns() - arrived)
         return prefill_pb2.PrefillResponse(
@@ -67,29 +72,41 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
             prompt_token_ids=ids if request.return_prompt_token_ids else [])
 
-    def _encode(self, job: Job, ids: list[int], params: SamplingParams) -> Encoded:
-        """On the worker thread: prefill, sample the first token, write the hand-off checkpoint."""
+    def _encode(self, job: Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> Encoded:
+        """On the worker thread: restore the longest cached prefix, prefill the rest (stopping at snapshot
+        boundaries), sample the first token, publish new cache entries and write the hand-off checkpoint."""
         started = time.monotonic_ns()
         queue_ns = int(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1e9)
-        state = self.engine.new_state()
-        state.reserve(len(ids))  # KV capacity == prompt length: no regrowth, and to_tensors() needs no KV copy
-        logits, state = self.engine.prefill(ids, state, chunk_size=self.config.chunk_size,
-                                            on_chunk=lambda _: job.check())
-        sampler = Sampler(params)
-        token, logprob = sampler.sample(logits)
-        text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
-        computed = time.monotonic_ns()
-        handoff = Handoff(job.request_id, token, logprob, text, params, sampler.draws, len(ids), 0,
-                          tuple(ids[-8:]))
-        job.check()  # nobody would read the checkpoint
-        meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
-        checkpoint_id = self.store.put_checkpoint(state.to_tensors(), meta, handoff_ttl_s=self.config.handoff_ttl_s)
+        plan = self.prefix.plan(ids, cache_salt)
+        try:
+            state = self.prefix.restore(plan)
+            restored = time.monotonic_ns()
+            state.reserve(len(ids))  # KV capacity == prompt length: no regrowth, no KV copy for the tail
+
+            def between_chunks(s) -> None:
+                job.check()
+                plan.on_chunk(s)
+
+            logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
+                                                boundaries=plan.boundaries, on_chunk=between_chunks)
+            sampler = Sampler(params)
+            token, logprob = sampler.sample(logits)
+            text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
+            computed = time.monotonic_ns()
+            handoff = Handoff(job.request_id, token, logprob, text, params, sampler.draws, len(ids),
+                              plan.cached_tokens, tuple(ids[-8:]))
+            job.check()  # nobody would read the checkpoint
+            meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
+            checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)
+        finally:
+            self.prefix.release(plan)
         if job.cancelled.is_set():  # the caller left while we wrote: do not leave it pinned for nobody
             try:
                 self.store.delete(checkpoint_id)
             except QwenpdError:
                 pass
-        return Encoded(checkpoint_id, handoff, queue_ns, computed - started, time.monotonic_ns() - computed)
+        return Encoded(checkpoint_id, handoff, queue_ns, restored - started, computed - restored,
+                       time.monotonic_ns() - computed)
 
     async def GetModelInfo(self, request: prefill_pb2.GetModelInfoRequest, context) -> prefill_pb2.ModelInfo:
         e, c = self.engine, self.config

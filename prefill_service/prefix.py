@@ -1,0 +1,129 @@
+"""Hybrid prefix cache on the prefill side: restore the longest cached prefix, snapshot DeltaNet state at the
+policy's boundaries while encoding the rest, then publish the new KV blocks and snapshots and write the
+hand-off checkpoint as references to the shared blocks + the tail KV + the DeltaNet state at the prompt end.
+
+Runs on the prefill worker thread (the sync cache-store client). The prefix cache only ever saves work: a
+damaged or vanished entry means recomputing, never a wrong state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from cache_store.checkpoint import CheckpointMeta
+from cache_store.client import CacheStoreClient, PrefixRead, SharedItem
+from cache_store.prefix import PrefixPolicy, block_keys
+from engine.engine import Engine
+from engine.state import HybridState
+from protos.qwenpd.v1 import cache_store_pb2 as store_pb
+from qwenpd.grpc_common import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
+_PIN_S = 60.0  # how long prefix entries stay leased while this request reads or references them
+
+
+@dataclass(slots=True)
+class PrefixPlan:
+    """One prompt's view of the prefix cache: its block keys, the restored hit and the snapshots it takes."""
+
+    token_ids: Sequence[int]
+    keys: list[str]  # keys of every full block of the prompt
+    cached_tokens: int = 0
+    known_kv_ids: list[str] = field(default_factory=list)  # leading blocks already stored (maybe past the hit)
+    lease_ids: list[str] = field(default_factory=list)
+    boundaries: list[int] = field(default_factory=list)  # snapshot positions still to take
+    snapshots: dict[int, dict] = field(default_factory=dict)  # position -> DeltaNet tensors
+
+    def on_chunk(self, state: HybridState) -> None:
+        """Engine callback after each prefill chunk: the engine stops exactly at every boundary."""
+        if state.num_tokens in self.boundaries:
+            self.snapshots[state.num_tokens] = state.deltanet_tensors()
+
+
+class PrefixCache:
+    def __init__(self, engine: Engine, store: CacheStoreClient, policy: PrefixPolicy):
+        self.engine = engine
+        self.store = store
+        self.policy = policy
+
+    def plan(self, token_ids: Sequence[int], cache_salt: str | None) -> PrefixPlan:
+        b = self.policy.block_size
+        keys = block_keys(self.engine.fingerprint, cache_salt, token_ids, b) if self.policy.enabled else []
+        return PrefixPlan(token_ids, keys)
+
+    def restore(self, plan: PrefixPlan) -> HybridState:
+        """The state at the longest usable cached prefix (a fresh one on a miss); sets the plan's boundaries."""
+        usable = self.policy.usable_blocks(len(plan.token_ids))
+        state = None
+        if self.policy.enabled and usable:
+            hit = self._lookup(plan.keys[:usable])
+            if hit is not None:
+                plan.lease_ids = hit.lease_ids
+                plan.known_kv_ids = hit.kv_ids
+                if hit.blocks:
+                    state = self._state_from(hit)
+                    plan.cached_tokens = hit.num_tokens
+        if self.policy.enabled:
+            plan.boundaries = [p for p in self.policy.snapshot_positions(len(plan.token_ids))
+                               if p > plan.cached_tokens]
+        if state is None:
+            state = self.engine.new_state()
+        else:
+            state.token_ids = list(plan.token_ids[: plan.cached_tokens])
+        return state
+
+    def _lookup(self, keys: list[str]) -> PrefixRead | None:
+        try:
+            return self.store.lookup_prefix(self.engine.fingerprint, keys, ttl_s=_PIN_S)
+        except (DataLoss, FailedPrecondition) as exc:  # damaged entry: recompute instead
+            log.warning("prefix cache entry unusable, recomputing: %s", exc.message)
+            return None
+
+    def _state_from(self, hit: PrefixRead) -> HybridState | None:
+        try:
+            return HybridState.from_prefix(self.engine.config, hit.kv[: hit.blocks], hit.snapshot,
+                                           hit.num_tokens, self.engine.dtype)
+        except ValueError as exc:
+            log.warning("prefix cache hit does not fit the model, recomputing: %s", exc)
+            return None
+
+    def handoff(self, plan: PrefixPlan, state: HybridState, meta: CheckpointMeta,
+                handoff_ttl_s: float | None) -> str:
+        """Publish new KV blocks and snapshots with the hand-off checkpoint, which references every full KV
+        block of the prompt and carries only the tail KV and the DeltaNet state at the prompt end."""
+        b, n = self.policy.block_size, state.num_tokens
+        known = plan.known_kv_ids
+        try:
+            if not (self.policy.enabled and plan.keys):
+                return self._own_checkpoint(state, meta, handoff_ttl_s, [])
+            new_blocks = range(len(known), len(plan.keys))
+            items = [SharedItem(store_pb.ENTRY_KIND_KV_BLOCK, plan.keys[i], state.kv_tensors(i * b, (i + 1) * b),
+                                (i + 1) * b) for i in new_blocks]
+            items += [SharedItem(store_pb.ENTRY_KIND_SNAPSHOT, plan.keys[pos // b - 1], snap, pos)
+                      for pos, snap in sorted(plan.snapshots.items())]
+            own = state.kv_tensors(len(plan.keys) * b, n)
+            own.update(state.deltanet_tensors())
+            try:
+                return self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
+                                                        handoff_ttl_s=handoff_ttl_s)
+            except ResourceExhausted as exc:  # no room to cache this prompt: hand off without caching it
+                log.warning("prefix cache full, handing off without caching the prompt: %s", exc.message)
+                return self._own_checkpoint(state, meta, handoff_ttl_s, known)
+        finally:
+            self.release(plan)
+
+    def _own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
+                        refs: list[str]) -> str:
+        own = state.kv_tensors(len(refs) * self.policy.block_size, state.num_tokens)
+        own.update(state.deltanet_tensors())
+        return self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
+
+    def release(self, plan: PrefixPlan) -> None:
+        """Drop this request's pins on prefix entries (the checkpoint's references keep what it needs)."""
+        leases, plan.lease_ids = plan.lease_ids, []
+        try:
+            self.store.release_leases(leases)
+        except NotFound:
+            pass

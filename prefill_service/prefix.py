@@ -1,5 +1,5 @@
 """Hybrid prefix cache on the prefill side: restore the longest cached prefix, snapshot DeltaNet state at the
-policy's boundaries while encoding the rest, then publish the new KV blocks and snapshots and write the
+policy's boundaries (and where the prompt leaves the longest cached KV chain) while encoding the rest, then publish the new KV blocks and snapshots and write the
 hand-off checkpoint as references to the shared blocks + the tail KV + the DeltaNet state at the prompt end.
 
 Runs on the prefill worker thread (the sync cache-store client). The prefix cache only ever saves work: a
@@ -66,8 +66,12 @@ class PrefixCache:
                     state = self._state_from(hit)
                     plan.cached_tokens = hit.num_tokens
         if self.policy.enabled:
-            plan.boundaries = [p for p in self.policy.snapshot_positions(len(plan.token_ids))
-                               if p > plan.cached_tokens]
+            wanted = set(self.policy.snapshot_positions(len(plan.token_ids)))
+            if len(plan.known_kv_ids) > plan.cached_tokens // self.policy.block_size:
+                # the cached KV chain runs past the last snapshot and stops where this prompt diverges from an
+                # earlier one: the next prompt sharing that prefix will likely diverge there too, so snapshot it
+                wanted.add(len(plan.known_kv_ids) * self.policy.block_size)
+            plan.boundaries = sorted(p for p in wanted if p > plan.cached_tokens)
         if state is None:
             state = self.engine.new_state()
         else:

@@ -98,7 +98,7 @@ class Sequence:
         reason = self.tracker.finish_reason
         if reason is None and self.num_tokens >= self.max_context:  # no room left to consume this token
             reason = FINISH_LENGTH
-            text += self.tracker._flush()  # noqa: SLF001 - release held-back text as the sequence ends
+            text += self.tracker.finish(reason)
         self.finish_reason = reason
         return Output([token_id], [logprob], text, reason)
 

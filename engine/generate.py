@@ -78,6 +78,12 @@ class OutputTracker:
         self.text += emit
         return emit
 
+    def finish(self, reason: str) -> str:
+        """End the sequence from outside (e.g. the context is full); returns the held-back text, now final."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        return self._flush()
+
     def _flush(self) -> str:
         out, self._pending = self._pending, ""
         self.text += out

@@ -42,8 +42,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat messages ([{"role", "content"}]) with the checkpoint's Jinja template."""
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
+                            enable_thinking: bool | None = None) -> str:
+        """Render chat messages ([{"role", "content"}]) with the checkpoint's Jinja template.
+
+        enable_thinking is passed to the template (Qwen3.5 templates read it); None leaves the template's default.
+        """
         if not self.chat_template:
             raise TokenizerError("this checkpoint has no chat template; send a plain prompt instead")
         import jinja2.sandbox
@@ -53,9 +57,10 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TokenizerError("each chat message needs a string 'role' and 'content'")
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return env.from_string(self.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
-            eos_token=self.eos_token or "", bos_token=self.bos_token or "")
+            eos_token=self.eos_token or "", bos_token=self.bos_token or "", **extra)
 
 
 def _raise(message: str) -> None:

@@ -30,7 +30,8 @@ def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine) -> lis
             if not messages:
                 raise InvalidArgument(field, "the chat has no messages")
             try:
-                text = tok.apply_chat_template(messages)
+                thinking = request.chat.enable_thinking if request.chat.HasField("enable_thinking") else None
+                text = tok.apply_chat_template(messages, enable_thinking=thinking)
             except TokenizerError as exc:
                 raise InvalidArgument(field, str(exc)) from None
         ids = tok.encode(text) if text else []

@@ -100,3 +100,5 @@ def test_chat_template(tiny_model_dir):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.encode("<|im_end|>") == [tok.eos_token_id]
+    no_think = tok.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=False)
+    assert no_think == text + "<think>\n\n</think>\n\n"

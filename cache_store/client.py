@@ -7,6 +7,8 @@
 put_checkpoint allocates a segment range, writes the checkpoint straight into it (one copy, checksummed on the
 way) and commits it. get_checkpoint leases it and returns zero-copy tensor views of the mapped range, checked
 against the model; they are valid only until the lease is released (`release`, or the end of the `with`).
+On the mooncake data plane (StoreInfo.data_plane) the same calls put/get Mooncake Store objects instead: one
+batch put per write call, one batch get into a fresh registered buffer per read call.
 Failures raise qwenpd.grpc_common errors (NotFound, FailedPrecondition, ResourceExhausted, DataLoss, ...).
 """
 
@@ -81,32 +83,29 @@ def _ns(seconds: float | None) -> int | None:
 
 
 class _DataPlane:
-    """The client's shared-memory side: mappings kept across calls, checkpoint write and read."""
+    """The client's data-plane side: checkpoint write and read over whichever backend the store uses."""
 
-    def __init__(self, info: pb.StoreInfo, io_threads: int | None):
-        if info.host_id != host_id():
-            raise FailedPrecondition("the cache store runs on another host; its shared-memory data plane is "
-                                     "same-host only", subject="host_id", reason="STORE_ON_OTHER_HOST")
+    def __init__(self, io_threads: int | None):
         self.io_threads = io_threads
-        self.writer_maps = SegmentMaps(info.shm_dir, writable=True)
-        self.reader_maps = SegmentMaps(info.shm_dir, writable=False)
+
+    def write_many(self, writers: Sequence[CheckpointWriter], allocs: Sequence[pb.Allocation]) -> None:
+        raise NotImplementedError
+
+    def fetch(self, refs: Sequence[pb.SegmentRef]) -> list[Any]:
+        """The bytes of each range (views where the backend can, fresh buffers otherwise)."""
+        raise NotImplementedError
 
     def write(self, writer: CheckpointWriter, alloc: pb.Allocation) -> None:
-        seg = alloc.segment
-        if seg.length < writer.nbytes:
-            raise FailedPrecondition(f"allocation of {seg.length} bytes for a {writer.nbytes}-byte checkpoint",
-                                     reason="BAD_ALLOCATION")
-        view = self.writer_maps.view(seg.name, seg.offset, writer.nbytes)
-        try:
-            writer.write_into(view)
-        finally:
-            view.release()
+        self.write_many([writer], [alloc])
+
+    def read_parts(self, parts: Sequence[pb.ManifestPart], expected_fingerprint: str
+                   ) -> list[tuple[dict[str, torch.Tensor], CheckpointMeta]]:
+        return [read_checkpoint(buf, expected_fingerprint, threads=self.io_threads)
+                for buf in self.fetch([p.segment for p in parts])]
 
     def read_part(self, part: pb.ManifestPart, expected_fingerprint: str) -> tuple[dict[str, torch.Tensor],
                                                                                   CheckpointMeta]:
-        seg = part.segment
-        return read_checkpoint(self.reader_maps.view(seg.name, seg.offset, seg.length), expected_fingerprint,
-                               threads=self.io_threads)
+        return self.read_parts([part], expected_fingerprint)[0]
 
     def read(self, lease: pb.Lease, expected_fingerprint: str, expected_shapes: ShapeSpec | None,
              expected_dtypes: Mapping[str, torch.dtype] | None) -> LeasedCheckpoint:
@@ -115,25 +114,24 @@ class _DataPlane:
             raise DataLoss("checkpoint manifest does not end with the checkpoint's own bytes",
                            reason="MANIFEST_CORRUPT")
         info = lease.checkpoint
+        bufs = self.fetch([p.segment for p in parts])
         if len(parts) == 1:  # self-contained: zero-copy views, checked against the model in one go
-            seg = parts[0].segment
-            view = self.reader_maps.view(seg.name, seg.offset, seg.length)
-            tensors, meta = read_checkpoint(view, expected_fingerprint, expected_shapes, expected_dtypes,
+            tensors, meta = read_checkpoint(bufs[0], expected_fingerprint, expected_shapes, expected_dtypes,
                                             threads=self.io_threads)
         else:
-            tensors, meta = self._read_assembled(parts, expected_fingerprint, expected_shapes, expected_dtypes)
+            tensors, meta = self._read_assembled(bufs, expected_fingerprint, expected_shapes, expected_dtypes)
         if meta.num_tokens != info.num_tokens or meta.fingerprint != info.fingerprint:
             raise DataLoss(f"checkpoint {info.checkpoint_id}: bytes say {meta.num_tokens} tokens, the store says "
                            f"{info.num_tokens}", reason="CHECKPOINT_CORRUPT")
         return LeasedCheckpoint(info.checkpoint_id, lease.lease_id, tensors, meta, lease.ttl_ns / 1e9)
 
-    def _read_assembled(self, parts, expected_fingerprint: str, expected_shapes: ShapeSpec | None,
+    def _read_assembled(self, bufs: list[Any], expected_fingerprint: str, expected_shapes: ShapeSpec | None,
                         expected_dtypes: Mapping[str, torch.dtype] | None
                         ) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
         """Shared KV blocks (in prefix order) + the checkpoint's own tail KV and DeltaNet state: K/V of each
         layer concatenated along the token axis, then checked against the model like a one-part checkpoint."""
-        blocks = [self.read_part(p, expected_fingerprint)[0] for p in parts[:-1]]
-        own, meta = self.read_part(parts[-1], expected_fingerprint)
+        blocks = [read_checkpoint(b, expected_fingerprint, threads=self.io_threads)[0] for b in bufs[:-1]]
+        own, meta = read_checkpoint(bufs[-1], expected_fingerprint, threads=self.io_threads)
         tensors = dict(own)
         for name, tail in own.items():
             if name.endswith((".k", ".v")):
@@ -149,8 +147,69 @@ class _DataPlane:
         return tensors, meta
 
     def close(self) -> None:
+        pass
+
+
+class _ShmPlane(_DataPlane):
+    """Same host: mappings of the store's segments kept across calls; writes and reads in place."""
+
+    def __init__(self, info: pb.StoreInfo, io_threads: int | None):
+        super().__init__(io_threads)
+        if info.host_id != host_id():
+            raise FailedPrecondition("the cache store runs on another host; its shared-memory data plane is "
+                                     "same-host only (run it with --backend mooncake)", subject="host_id",
+                                     reason="STORE_ON_OTHER_HOST")
+        self.writer_maps = SegmentMaps(info.shm_dir, writable=True)
+        self.reader_maps = SegmentMaps(info.shm_dir, writable=False)
+
+    def write_many(self, writers: Sequence[CheckpointWriter], allocs: Sequence[pb.Allocation]) -> None:
+        for writer, alloc in zip(writers, allocs):
+            seg = alloc.segment
+            if seg.length < writer.nbytes:
+                raise FailedPrecondition(f"allocation of {seg.length} bytes for a {writer.nbytes}-byte checkpoint",
+                                         reason="BAD_ALLOCATION")
+            view = self.writer_maps.view(seg.name, seg.offset, writer.nbytes)
+            try:
+                writer.write_into(view)
+            finally:
+                view.release()
+
+    def fetch(self, refs: Sequence[pb.SegmentRef]) -> list[Any]:
+        return [self.reader_maps.view(r.name, r.offset, r.length) for r in refs]
+
+    def close(self) -> None:
         self.writer_maps.close()
         self.reader_maps.close()
+
+
+class _MooncakePlane(_DataPlane):
+    """Any host: objects in Mooncake Store, one batch put per write call and one batch get per read call."""
+
+    def __init__(self, info: pb.StoreInfo, io_threads: int | None):
+        super().__init__(io_threads)
+        from cache_store.mooncake import MooncakePlane
+        self.plane = MooncakePlane(info.mooncake_master, info.mooncake_metadata)
+
+    def write_many(self, writers: Sequence[CheckpointWriter], allocs: Sequence[pb.Allocation]) -> None:
+        for writer, alloc in zip(writers, allocs):
+            if alloc.segment.length < writer.nbytes:
+                raise FailedPrecondition(f"allocation of {alloc.segment.length} bytes for a {writer.nbytes}-byte "
+                                         "checkpoint", reason="BAD_ALLOCATION")
+        if writers:
+            self.plane.write_many(writers, [a.segment.name for a in allocs])
+
+    def fetch(self, refs: Sequence[pb.SegmentRef]) -> list[Any]:
+        return self.plane.read_many([r.name for r in refs], [r.length for r in refs]) if refs else []
+
+    def close(self) -> None:
+        self.plane.close()
+
+
+def data_plane(info: pb.StoreInfo, io_threads: int | None) -> _DataPlane:
+    """The client side of the store's data plane (StoreInfo.data_plane)."""
+    if info.data_plane == pb.DATA_PLANE_MOONCAKE:
+        return _MooncakePlane(info, io_threads)
+    return _ShmPlane(info, io_threads)
 
 
 def _allocate_request(writer: CheckpointWriter) -> pb.AllocateSegmentRequest:
@@ -200,7 +259,7 @@ class CacheStoreClient:
         """The store's description (cached). FailedPrecondition if the store is on another host."""
         if self._plane is None:
             info = self._call("GetStoreInfo", pb.GetStoreInfoRequest())
-            self._plane, self._info = _DataPlane(info, self._io_threads), info
+            self._plane, self._info = data_plane(info, self._io_threads), info
         return self._info  # type: ignore[return-value]
 
     def _data_plane(self) -> _DataPlane:
@@ -263,8 +322,7 @@ class CacheStoreClient:
         allocs = list(self._call("AllocateSegments", pb.AllocateSegmentsRequest(requests=[
             pb.AllocateSegmentRequest(size_bytes=w.nbytes, kind=k) for w, k in zip(writers, kinds)])).allocations)
         try:
-            for w, alloc in zip(writers, allocs):
-                plane.write(w, alloc)
+            plane.write_many(writers, allocs)
             entries = [pb.SharedEntry(entry_id=a.entry_id, kind=it.kind, prefix_key=it.prefix_key,
                                       fingerprint=fingerprint, num_tokens=it.num_tokens)
                        for a, it in zip(allocs, items)]
@@ -284,8 +342,17 @@ class CacheStoreClient:
         hit = self._call("LookupPrefix", pb.LookupPrefixRequest(fingerprint=fingerprint, block_keys=list(block_keys),
                                                                 ttl_ns=_ns(ttl_s)))
         try:
-            kv = [plane.read_part(p, fingerprint)[0] for p in hit.kv_blocks]
-            snapshot = plane.read_part(hit.snapshot, fingerprint)[0] if hit.HasField("snapshot") else None
+            parts = [*hit.kv_blocks, *([hit.snapshot] if hit.HasField("snapshot") else [])]
+            read = [tensors for tensors, _ in plane.read_parts(parts, fingerprint)]
+            kv = read[:len(hit.kv_blocks)]
+            snapshot = read[-1] if hit.HasField("snapshot") else None
+        except NotFound as exc:  # bytes gone from under the index (a restarted Mooncake master): drop the entries
+            self.release_leases(hit.lease_ids)
+            for part in parts:
+                if part.segment.name == exc.resource_name:
+                    with contextlib.suppress(QwenpdError):
+                        self.delete(part.entry_id)
+            raise
         except BaseException:
             self.release_leases(hit.lease_ids)
             raise
@@ -372,7 +439,7 @@ class AsyncCacheStoreClient:
         """The store's description (cached). FailedPrecondition if the store is on another host."""
         if self._plane is None:
             info = await self._call("GetStoreInfo", pb.GetStoreInfoRequest())
-            self._plane, self._info = _DataPlane(info, self._io_threads), info
+            self._plane, self._info = data_plane(info, self._io_threads), info
         return self._info  # type: ignore[return-value]
 
     async def _data_plane(self) -> _DataPlane:

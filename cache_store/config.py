@@ -26,6 +26,10 @@ class CacheStoreConfig:
     shm_dir: str = "/dev/shm"
     segment_bytes: int = 256 << 20  # size of pooled segments; 0 = one segment per entry, removed when freed
     grace_s: float = 5.0  # drain time on SIGTERM/SIGINT
+    backend: str = "shm"  # where bytes live: "shm" (same host) or "mooncake" (Mooncake Store, across hosts)
+    mooncake_master: str = ""  # mooncake backend: the master's host:port
+    mooncake_metadata: str = ""  # mooncake backend: metadata server URL, e.g. http://HOST:8080/metadata
+    mooncake_hostname: str = ""  # address other hosts reach this store's segment at ("" = the route to the master)
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -42,6 +46,10 @@ class CacheStoreConfig:
             raise ValueError(f"store_id must match {STORE_ID_RE.pattern}, got {self.store_id!r}")
         if not os.path.isdir(self.shm_dir):
             raise ValueError(f"shm_dir {self.shm_dir!r} is not a directory")
+        if self.backend not in ("shm", "mooncake"):
+            raise ValueError(f"backend must be shm or mooncake, got {self.backend!r}")
+        if self.backend == "mooncake" and not (self.mooncake_master and self.mooncake_metadata):
+            raise ValueError("the mooncake backend needs mooncake_master (HOST:PORT) and mooncake_metadata (URL)")
         if self.segment_bytes < 0 or self.segment_bytes % ALIGN:
             raise ValueError(f"segment_bytes must be 0 or a multiple of {ALIGN}, got {self.segment_bytes}")
 
@@ -78,15 +86,27 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="pooled segment size (default 256MiB); 0 = one segment per entry")
     parser.add_argument("--grace", type=float, default=d.grace_s, dest="grace_s", metavar="SECONDS",
                         help=f"drain time on SIGTERM (default {d.grace_s:g})")
+    parser.add_argument("--backend", choices=("shm", "mooncake"), default=d.backend,
+                        help="data plane: shm = same-host shared memory (default); mooncake = Mooncake Store, "
+                             "prefill and decode on other hosts (pip install 'qwenpd[mooncake]')")
+    parser.add_argument("--mooncake-master", default=d.mooncake_master, metavar="HOST:PORT",
+                        help="mooncake backend: the mooncake_master RPC address")
+    parser.add_argument("--metadata", "--mooncake-metadata", default=d.mooncake_metadata, dest="mooncake_metadata",
+                        metavar="URL", help="mooncake backend: metadata server, e.g. http://HOST:8080/metadata")
+    parser.add_argument("--mooncake-hostname", default=d.mooncake_hostname, metavar="ADDR",
+                        help="mooncake backend: the address other hosts reach this store at "
+                             "(default: this host's address on the route to the master)")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     return add_args(argparse.ArgumentParser(prog="python -m cache_store",
-                                            description="qwenpd checkpoint cache store (same-host shared memory)"))
+                                            description="qwenpd checkpoint cache store (same-host shared memory or Mooncake Store)"))
 
 
 def config_from_args(args: argparse.Namespace) -> CacheStoreConfig:
     return CacheStoreConfig(listen=args.listen, budget_bytes=args.budget_bytes, lease_ttl_s=args.lease_ttl_s,
                             allocation_ttl_s=args.allocation_ttl_s, store_id=args.store_id, shm_dir=args.shm_dir,
-                            segment_bytes=args.segment_bytes, grace_s=args.grace_s)
+                            segment_bytes=args.segment_bytes, grace_s=args.grace_s, backend=args.backend,
+                            mooncake_master=args.mooncake_master, mooncake_metadata=args.mooncake_metadata,
+                            mooncake_hostname=args.mooncake_hostname)

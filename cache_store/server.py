@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _KIND_TO_PB = {Kind.CHECKPOINT: pb.ENTRY_KIND_CHECKPOINT, Kind.KV_BLOCK: pb.ENTRY_KIND_KV_BLOCK,
                Kind.SNAPSHOT: pb.ENTRY_KIND_SNAPSHOT}
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
+_DATA_PLANE = {"shm": pb.DATA_PLANE_SHM, "mooncake": pb.DATA_PLANE_MOONCAKE}
 _NS = 1_000_000_000
 MAX_TTL_NS = 24 * 3600 * _NS
 
@@ -73,7 +74,8 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         c = self.config
         return pb.StoreInfo(store_id=c.store_id, shm_dir=c.shm_dir, host_id=self._host_id,
                             budget_bytes=c.budget_bytes, lease_ttl_ns=int(c.lease_ttl_s * _NS),
-                            allocation_ttl_ns=int(c.allocation_ttl_s * _NS))
+                            allocation_ttl_ns=int(c.allocation_ttl_s * _NS), data_plane=_DATA_PLANE[c.backend],
+                            mooncake_master=c.mooncake_master, mooncake_metadata=c.mooncake_metadata)
 
     async def AllocateSegment(self, request: pb.AllocateSegmentRequest, context) -> pb.Allocation:
         entry = self.store.allocate(*_allocation_args(request, "kind", "size_bytes"))
@@ -192,6 +194,12 @@ async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] |
         store.close()
 
 
+def _where(config: CacheStoreConfig) -> str:
+    if config.backend == "mooncake":
+        return f"mooncake master {config.mooncake_master}, metadata {config.mooncake_metadata}"
+    return f"shm {config.shm_dir}"
+
+
 def serve(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
     """Entry point for `qwenpd serve cache` and `python -m cache_store`; blocks until SIGTERM/SIGINT.
 
@@ -199,7 +207,7 @@ def serve(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | Non
     """
     def announce(server: GrpcServer) -> None:
         print(f"qwenpd cache store {config.store_id!r} listening on {server.address} "
-              f"(budget {config.budget_bytes} bytes, shm {config.shm_dir})", flush=True)
+              f"(budget {config.budget_bytes} bytes, {_where(config)})", flush=True)
 
     asyncio.run(run(config, on_ready or announce))
     return 0

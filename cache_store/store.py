@@ -1,5 +1,5 @@
-"""The cache store's core: the index (what exists, who holds it), the allocator (where its bytes live) and the
-segment files (the shared memory itself), kept consistent. Synchronous and gRPC-free; the servicer wraps it.
+"""The cache store's core: the index (what exists, who holds it) and the space where its bytes live (shm
+segments or Mooncake Store objects, space.py), kept consistent. Synchronous and gRPC-free; the servicer wraps it.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cache_store.allocator import Extent, SegmentAllocator
+from cache_store.allocator import Extent
 from cache_store.config import CacheStoreConfig
 from cache_store.index import Entry, Index, IndexStats, Kind
-from cache_store.shm import SegmentFiles
+from cache_store.space import Space, make_space
 from qwenpd.grpc_common import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
@@ -62,26 +62,25 @@ class Store:
         self.config = config
         self.clock = clock
         self.index = Index(config.budget_bytes, clock)
-        self.alloc = SegmentAllocator()
-        self.files = SegmentFiles(config.shm_dir, config.store_id)
+        self.space: Space = make_space(config)
         # prefix cache: "<kind>:<key>" -> entry id of a committed shared entry
         self.prefix: dict[str, str] = {}
         self.prefix_counters = PrefixCounters()
 
     def open(self) -> list[str]:
         """Own the store id and remove orphaned segments of a previous instance; return their names."""
-        orphans = self.files.open()
+        orphans = self.space.open()
         if orphans:
-            log.warning("removed %d orphaned segments of store %r", len(orphans), self.config.store_id)
+            log.warning("removed %d orphaned segments/objects of store %r", len(orphans), self.config.store_id)
         return orphans
 
     def close(self) -> None:
-        """Remove every segment (readers' existing mappings stay valid until they unmap)."""
-        self.files.close()
+        """Remove every segment or object (shm readers' existing mappings stay valid until they unmap)."""
+        self.space.close()
 
     # ---- writing -----------------------------------------------------------------------------------------
     def allocate(self, kind: Kind, size: int) -> Entry:
-        need = self.alloc.rounded(size)
+        need = self.space.rounded(size)
         self._free(self.index.sweep())
         self._free(self.index.make_room(need))
         extent = self._place(need)
@@ -192,41 +191,23 @@ class Store:
         self._free(self.index.sweep())
 
     def stats(self) -> StoreStats:
-        return StoreStats(self.index.stats(), self.alloc.total_bytes, len(self.alloc.segment_names()),
+        return StoreStats(self.index.stats(), self.space.total_bytes, self.space.segments,
                           self.prefix_counters)
 
     # ---- space -------------------------------------------------------------------------------------------
     def _place(self, need: int) -> Extent:
-        """A range of `need` bytes: a free hole, else a new segment, else make room and retry."""
-        budget = self.config.budget_bytes
-        while True:
-            extent = self.alloc.place(need)
-            if extent is not None:
-                return extent
-            pooled = self.config.segment_bytes
-            size = max(need, min(pooled, budget - self.alloc.total_bytes)) if pooled else need
-            if self.alloc.total_bytes + size <= budget:
-                self.alloc.add_segment(self.files.create(size), size)
-                continue
-            empty = self.alloc.empty_segments()
-            if empty:
-                self._remove_segment(empty[0])
-                continue
-            victim = self.index.evict_one()  # fragmentation: free more than the byte count says
-            if victim is None:
-                raise self.index.exhausted(need)
-            self._free([victim])
+        return self.space.place(need, lambda: self._evict_one(need))
+
+    def _evict_one(self, need: int) -> bool:
+        victim = self.index.evict_one()
+        if victim is None:
+            raise self.index.exhausted(need)
+        self._free([victim])
+        return True
 
     def _free(self, entries: list[Entry]) -> None:
         for entry in entries:
             key = entry.payload.prefix_key
             if key and self.prefix.get(key) == entry.entry_id:
                 del self.prefix[key]
-            extent = entry.payload.extent
-            self.alloc.free(extent)
-            if not self.config.segment_bytes and self.alloc.is_empty(extent.segment):
-                self._remove_segment(extent.segment)
-
-    def _remove_segment(self, name: str) -> None:
-        self.alloc.remove_segment(name)
-        self.files.remove(name)
+            self.space.free(entry.payload.extent)

@@ -24,7 +24,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the cache store, prefill or decode service, or all three")
     kinds = serve.add_subparsers(dest="service", required=True)
 
-    p = kinds.add_parser("cache", help="the checkpoint cache store (shared-memory data plane)")
+    p = kinds.add_parser("cache", help="the checkpoint cache store (shm or Mooncake Store data plane)")
     cache_config.add_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_serve_cache)
@@ -64,6 +64,11 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")
     p.add_argument("--budget", default="4GiB", help="cache store shared-memory budget (default 4GiB)")
     p.add_argument("--store-id", default="default", help="cache store id (segment name prefix)")
+    p.add_argument("--backend", choices=("shm", "mooncake"), default="shm",
+                   help="cache store data plane; mooncake starts a local mooncake_master unless --mooncake-master")
+    p.add_argument("--mooncake-master", default="", metavar="HOST:PORT", help="an existing mooncake_master")
+    p.add_argument("--metadata", "--mooncake-metadata", default="", dest="mooncake_metadata", metavar="URL",
+                   help="its metadata server URL (with --mooncake-master)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
     from prefill_service.config import add_prefix_args
@@ -104,9 +109,15 @@ def cmd_serve_cache(args: argparse.Namespace) -> int:
     from cache_store.config import config_from_args
     from cache_store.server import run
 
+    from qwenpd.grpc_common import QwenpdError
+
     _logging(args)
-    config = config_from_args(args)
-    asyncio.run(run(config, _ready("cache store", args.ready_file, {"store_id": config.store_id})))
+    try:
+        config = config_from_args(args)
+        asyncio.run(run(config, _ready("cache store", args.ready_file, {"store_id": config.store_id})))
+    except (ValueError, QwenpdError) as exc:  # bad flags, mooncake missing or unreachable: one clear line
+        print(f"qwenpd serve cache: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

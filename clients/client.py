@@ -8,11 +8,17 @@
 Both do Prefill (the prompt becomes a checkpoint and a first token) then Decode (a token stream). Every call
 has a deadline. Failures raise one exception class per status code (clients.errors), mapped in one function.
 With several addresses per service, each request goes to the least-loaded one (clients.routing).
+
+Crash recovery: when a decode stream breaks off (UNAVAILABLE: the service died or is shutting down), the client
+re-prefills prompt + the tokens it already received with `resume_generated` set, and continues on the best
+decode address. Prefill continues the same seeded random stream (the client always sends a seed), budget and
+stop-string state, so the caller sees one uninterrupted output, identical to a run without the failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -24,11 +30,13 @@ import grpc
 from clients.errors import QwenpdError, Unavailable, from_rpc_error
 from clients.routing import Backend, Pool
 from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from qwenpd.grpc_common import DEFAULT_MAX_MESSAGE_BYTES
+from qwenpd.security import Security
+from qwenpd.security import channel as secure_channel
 
 DEFAULT_TIMEOUT_S = 60.0
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
            common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error"}
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 @dataclass(slots=True)
@@ -84,7 +92,9 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("max_tokens", max_tokens)):
         if value is not None:
             setattr(sampling, name, value)
-    req = prefill_pb2.PrefillRequest(request_id=request_id, sampling=sampling)
+    if seed is None:  # chosen here, not by prefill, so that a resumed request continues the same random stream
+        sampling.seed = secrets.randbits(63)
+    req = prefill_pb2.PrefillRequest(request_id=request_id, sampling=sampling, return_prompt_token_ids=True)
     if prompt is not None:
         req.text = prompt
     elif token_ids is not None:
@@ -99,10 +109,20 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
 class AsyncClient:
     """asyncio client. Use `async with AsyncClient(...) as c:`; channels open on first use in the running loop."""
 
-    def __init__(self, prefill: str | Sequence[str], decode: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT_S):
+    max_resumes = 3  # re-prefill and continue at most this often per request after a decode stream broke off
+    resume_backoff_s = 0.2  # times the attempt number, before each re-prefill after the first
+    resumed = 0  # streams this client continued after a decode failure (counted per instance once one happens)
+
+    def __init__(self, prefill: str | Sequence[str], decode: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
+                 *, security: Security | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        """security: TLS (tls_ca; tls_cert/tls_key for mutual TLS) and the bearer token sent on every call.
+        max_message_bytes: largest message sent or received (the servers have their own limit)."""
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self.timeout = timeout
+        self._security = security
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes)]
         self._prefill = Pool(prefill if isinstance(prefill, str) else list(prefill), "prefill")
         self._decode = Pool(decode if isinstance(decode, str) else list(decode), "decode")
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -170,10 +190,22 @@ class AsyncClient:
 
     # ---- the two calls -------------------------------------------------------------------------------------------
     async def _run(self, trace: _Trace, request: prefill_pb2.PrefillRequest, timeout: float) -> AsyncIterator[Chunk]:
-        trace.prefill = await self._call_prefill(request, timeout)
+        trace.prefill = pre = await self._call_prefill(request, timeout)
         trace.first_token_at = time.perf_counter()
-        async for chunk in self._call_decode(trace.prefill, timeout, trace):
-            yield chunk
+        prompt_ids = list(pre.prompt_token_ids)
+        received: list[int] = []
+        for attempt in range(self.max_resumes + 1):
+            try:
+                async for chunk in self._call_decode(pre, timeout, trace):
+                    received += chunk.token_ids
+                    yield chunk
+                return
+            except Unavailable:
+                if attempt == self.max_resumes or not prompt_ids:
+                    raise
+            self.resumed += 1
+            await asyncio.sleep(self.resume_backoff_s * attempt)
+            pre = await self._call_prefill(_resume_request(request, prompt_ids + received, len(received)), timeout)
 
     async def _call_prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         last: QwenpdError | None = None
@@ -240,8 +272,18 @@ class AsyncClient:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            ch = self._channels[address] = secure_channel(address, self._security, self._options, aio=True)
         return ch
+
+
+def _resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generated: int) -> prefill_pb2.PrefillRequest:
+    """The request again, as token ids = prompt + the `generated` tokens already received."""
+    resumed = prefill_pb2.PrefillRequest()
+    resumed.CopyFrom(request)
+    resumed.token_ids.ids.extend(ids)  # selects token_ids in the prompt oneof
+    resumed.return_prompt_token_ids = False
+    resumed.resume_generated = generated
+    return resumed
 
 
 async def _unary(call: Any) -> Any:
@@ -267,8 +309,9 @@ def _result(trace: _Trace, ids: list[int], text: str, reason: str | None, logpro
 class Client:
     """Blocking client with AsyncClient's surface; runs its own event loop on a background thread."""
 
-    def __init__(self, prefill: str | Sequence[str], decode: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT_S):
-        self._async = AsyncClient(prefill, decode, timeout)
+    def __init__(self, prefill: str | Sequence[str], decode: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
+                 **options: Any):
+        self._async = AsyncClient(prefill, decode, timeout, **options)  # security=, max_message_bytes=
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qwenpd-client", daemon=True)
@@ -292,6 +335,11 @@ class Client:
                     return
         finally:
             self._wait(agen.aclose())  # cancels the decode call if the caller stopped early
+
+    @property
+    def resumed(self) -> int:
+        """Streams continued after a decode failure (AsyncClient.resumed)."""
+        return self._async.resumed
 
     def model_info(self, timeout: float | None = None) -> prefill_pb2.ModelInfo:
         return self._wait(self._async.model_info(timeout))

@@ -21,6 +21,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cache_store.mooncake_master import MooncakeMaster
 
 _PR_SET_PDEATHSIG = 1
 
@@ -39,9 +43,11 @@ class Child:
     ready_file: Path
     proc: subprocess.Popen | None = None
     address: str = ""
+    netns: str = ""  # run inside this network namespace (`ip netns exec`; tests of multi-host serving)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "qwenpd.cli", *self.argv,
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
+        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "qwenpd.cli", *self.argv,
                                       "--ready-file", str(self.ready_file)],
                                      preexec_fn=_die_with_parent, start_new_session=True)
 
@@ -79,7 +85,16 @@ class ServiceSet:
     block_size: int = 256
     snapshot_interval: int = 2048
     prefix_cache: bool = True
+    backend: str = "shm"  # cache store data plane: shm or mooncake
+    mooncake_master: str = ""  # mooncake: HOST:PORT of a running master; "" = start a local one on `host`
+    mooncake_metadata: str = ""  # mooncake: its metadata URL (with mooncake_master)
+    # prefill/decode elsewhere (tests of multi-host serving): listen host and network namespace of each
+    prefill_host: str = ""
+    decode_host: str = ""
+    prefill_netns: str = ""
+    decode_netns: str = ""
     children: list[Child] = field(default_factory=list)
+    master: "MooncakeMaster | None" = None
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @classmethod
@@ -89,7 +104,8 @@ class ServiceSet:
                    max_batch=args.max_batch, threads=args.threads, budget=args.budget, store_id=args.store_id,
                    start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level,
                    block_size=args.block_size, snapshot_interval=args.snapshot_interval,
-                   prefix_cache=args.prefix_cache)
+                   prefix_cache=args.prefix_cache, backend=args.backend, mooncake_master=args.mooncake_master,
+                   mooncake_metadata=args.mooncake_metadata)
 
     @property
     def cache(self) -> str:
@@ -106,8 +122,19 @@ class ServiceSet:
     def pids(self) -> dict[str, int]:
         return {c.role: c.proc.pid for c in self.children if c.proc is not None}
 
-    def _listen(self, port: int) -> str:
-        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+    def _listen(self, port: int, host: str = "") -> str:
+        host = host or self.host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _backend_flags(self) -> list[str]:
+        if self.backend != "mooncake":
+            return []
+        master, metadata = self.mooncake_master, self.mooncake_metadata
+        if not master:
+            from cache_store.mooncake_master import MooncakeMaster
+            self.master = MooncakeMaster(self.host).start()
+            master, metadata = self.master.address, self.master.metadata_url
+        return ["--backend", "mooncake", "--mooncake-master", master, "--metadata", metadata]
 
     def _prefix_flags(self) -> list[str]:
         flags = ["--block-size", str(self.block_size), "--snapshot-interval", str(self.snapshot_interval)]
@@ -118,20 +145,24 @@ class ServiceSet:
         tmp = Path(self._tmp.name)
         deadline = time.monotonic() + self.start_timeout_s
         common = ["--log-level", self.log_level, "--grace", str(self.grace_s)]
-        cache = Child("cache store", ["serve", "cache", "--listen", self._listen(self.cache_port), "--budget",
-                                      self.budget, "--store-id", self.store_id, *common], tmp / "cache.json")
-        self.children = [cache]
+        self.children = []
         try:
+            cache = Child("cache store", ["serve", "cache", "--listen", self._listen(self.cache_port), "--budget",
+                                          self.budget, "--store-id", self.store_id, *self._backend_flags(), *common],
+                          tmp / "cache.json")
+            self.children = [cache]
             cache.start()
             cache.wait_ready(deadline)
             model = ["--model", self.model, "--cache", cache.address, "--dtype", self.dtype, *common]
             if self.threads:
                 model += ["--threads", str(self.threads)]
             self.children += [
-                Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port), *model,
-                                  "--chunk-size", str(self.chunk_size), *self._prefix_flags()], tmp / "prefill.json"),
-                Child("decode", ["serve", "decode", "--listen", self._listen(self.decode_port), *model,
-                                 "--max-batch", str(self.max_batch)], tmp / "decode.json"),
+                Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port, self.prefill_host),
+                                  *model, "--chunk-size", str(self.chunk_size), *self._prefix_flags()],
+                      tmp / "prefill.json", netns=self.prefill_netns),
+                Child("decode", ["serve", "decode", "--listen", self._listen(self.decode_port, self.decode_host),
+                                 *model, "--max-batch", str(self.max_batch)], tmp / "decode.json",
+                      netns=self.decode_netns),
             ]
             for child in self.children[1:]:
                 child.start()
@@ -163,6 +194,9 @@ class ServiceSet:
                     c.proc.kill()
                     c.proc.wait()
                 codes[c.role] = c.proc.returncode
+        if self.master is not None:  # after the cache store: it removes its objects through the master
+            self.master.close()
+            self.master = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

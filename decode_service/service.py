@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,8 @@ from engine.sampling import Sampler
 from engine.state import expected_shapes
 from prefill_service.handoff import Handoff, sampling_from_pb
 from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from qwenpd.grpc_common import InvalidArgument, QwenpdError
+from qwenpd.grpc_common import DataLoss, InvalidArgument, QwenpdError
+from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     """Create inside the running event loop, `await start()` (loads the model on the stepping thread) before
     serving, `stop()` after."""
 
-    def __init__(self, config: DecodeConfig, store: AsyncCacheStoreClient, make_engine: Callable[[], Engine]):
+    def __init__(self, config: DecodeConfig, store: AsyncCacheStoreClient, make_engine: Callable[[], Engine],
+                 metrics: DecodeMetrics | None = None):
         self.config = config
         self.store = store
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Task] = set()
         self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver, config.warmup)
+        self.metrics = metrics or DecodeMetrics()
+        self.metrics.watch(self.runner.load_info)
         self.engine: Engine | None = None
 
     async def start(self) -> Engine:
@@ -80,6 +85,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         try:
             first = seq.sink.get_nowait()  # the token prefill sampled, queued by _acquire
             yield self._chunk(seq, [first])
+            first_at = time.monotonic()
             if first.finish_reason is not None:
                 return
             self.runner.submit(seq)
@@ -94,6 +100,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 chunk = self._chunk(seq, outs)
                 yield chunk
                 if chunk.HasField("finish_reason"):
+                    n = len(seq.tracker.token_ids)
+                    if n > 1:
+                        self.metrics.tpot.observe((time.monotonic() - first_at) / (n - 1))
                     return
         finally:
             if submitted and seq.finish_reason is None:  # cancelled, deadline, or failed: free the slot now
@@ -104,7 +113,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         """Lease and check the checkpoint; a Sequence (state not yet loaded) whose sink holds the first token."""
         e = self.engine
         assert e is not None
-        ckpt = await self.store.get_checkpoint(request.checkpoint_id, e.fingerprint, self._shapes, self._dtypes)
+        try:
+            ckpt = await self.store.get_checkpoint(request.checkpoint_id, e.fingerprint, self._shapes, self._dtypes)
+        except DataLoss:  # corrupt bytes help nobody: drop the single-use checkpoint and its hand-off pin now
+            await _delete_quietly(self.store, request.checkpoint_id)
+            raise
         lease = Lease(self._release_later(ckpt.lease_id))
         try:
             handoff = Handoff.from_metadata(dict(ckpt.metadata), e.config.vocab_size)
@@ -113,15 +126,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 params = dataclasses.replace(
                     sampling_from_pb(request.sampling, self.config.default_max_tokens, e.config.vocab_size),
                     seed=params.seed)
+                self.config.limits.check_sampling(params)
         except BaseException:
             lease.abandon()
             raise
         tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
+        tracker = OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids)
+        tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
         seq = Sequence(
             request_id=request.request_id or handoff.request_id,
             load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype), lease=lease,
             sampler=Sampler.resumed(params, handoff.sampler_draws),
-            tracker=OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids),
+            tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens)
         seq.sink.put_nowait(seq.push(handoff.first_token, handoff.first_logprob))
@@ -131,6 +147,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         chunk = decode_pb2.DecodeChunk(token_ids=[t for o in outs for t in o.token_ids],
                                        logprobs=[p for o in outs for p in o.logprobs],
                                        text="".join(o.text for o in outs))
+        self.metrics.tokens.inc(len(chunk.token_ids))
         reason = outs[-1].finish_reason
         if reason is not None:
             chunk.finish_reason = _FINISH[reason]
@@ -147,6 +164,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 def _dispatch(items: list[tuple[Sequence, Output]]) -> None:
     for seq, out in items:
         seq.sink.put_nowait(out)
+
+
+async def _delete_quietly(store: AsyncCacheStoreClient, checkpoint_id: str) -> None:
+    try:
+        await store.delete(checkpoint_id)
+    except QwenpdError as exc:
+        log.warning("deleting corrupt checkpoint %s: %s", checkpoint_id, exc.message)
 
 
 async def _release(store: AsyncCacheStoreClient, lease_id: str) -> None:

@@ -55,6 +55,17 @@ class OutputTracker:
             out += self._flush()
         return out
 
+    def held_back(self) -> tuple[str, int]:
+        """(text held back as a possible stop-string start, ids not yet detokenized): what a tracker resuming
+        this sequence elsewhere needs (`restore`) to continue its output exactly."""
+        return self._pending, self._detok.unread if self._detok is not None else 0
+
+    def restore(self, pending_text: str, unread: int) -> None:
+        """Continue a sequence another tracker started: `prompt_ids` end with the tokens it had generated."""
+        self._pending = pending_text
+        if self.tokenizer is not None and unread:
+            self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, unread)
+
     def _add_text(self, delta: str) -> str:
         if not self.params.stop:
             self.text += delta

@@ -80,11 +80,14 @@ class IncrementalDetokenizer:
     (U+FFFD) is held back until the next token completes it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), unread: int = 0):
+        """`unread`: how many of the last `prompt_ids` are generated tokens not yet turned into text (a resumed
+        sequence that broke off inside a multi-byte character)."""
         self._tok = tokenizer
-        self.ids: list[int] = list(prompt_ids[-6:])  # a little context so the first delta decodes like the rest
+        keep = 6 + unread  # a little context so the first delta decodes like the rest
+        self.ids: list[int] = list(prompt_ids[-keep:]) if keep else []
         self._prefix_offset = 0
-        self._read_offset = len(self.ids)
+        self._read_offset = max(0, len(self.ids) - unread)
         self.text = ""
 
     def push(self, token_id: int) -> str:
@@ -99,3 +102,8 @@ class IncrementalDetokenizer:
         self._read_offset = len(self.ids)
         self.text += delta
         return delta
+
+    @property
+    def unread(self) -> int:
+        """Ids pushed but not yet turned into text."""
+        return len(self.ids) - self._read_offset

@@ -76,6 +76,8 @@ class Handoff:
     prompt_tokens: int
     cached_tokens: int
     prompt_tail_ids: tuple[int, ...]
+    pending_text: str = ""  # resumed requests: stop-string text held back from the tokens already generated
+    detok_unread: int = 0  # resumed requests: generated ids at the end of the tail not yet detokenized
 
     def to_pb(self) -> common_pb2.Handoff:
         return common_pb2.Handoff(
@@ -83,7 +85,8 @@ class Handoff:
             first_token=common_pb2.Token(id=self.first_token, text=self.first_text, logprob=self.first_logprob),
             sampling=sampling_to_pb(self.sampling), sampler_draws=self.sampler_draws,
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
-            prompt_tail_ids=list(self.prompt_tail_ids[-PROMPT_TAIL:]))
+            prompt_tail_ids=list(self.prompt_tail_ids[-(PROMPT_TAIL + self.detok_unread):]),
+            pending_text=self.pending_text, detok_unread=self.detok_unread)
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Handoff, vocab_size: int) -> "Handoff":
@@ -95,8 +98,11 @@ class Handoff:
         if sampling.seed is None or pb.first_token.id >= vocab_size:
             raise DataLoss("checkpoint hand-off record lacks a seed or has a bad first token",
                            reason="HANDOFF_CORRUPT")
+        if pb.detok_unread > len(pb.prompt_tail_ids):
+            raise DataLoss("checkpoint hand-off record has more unread ids than tail ids", reason="HANDOFF_CORRUPT")
         return cls(pb.request_id, pb.first_token.id, pb.first_token.logprob, pb.first_token.text, sampling,
-                   pb.sampler_draws, pb.prompt_tokens, pb.cached_tokens, tuple(pb.prompt_tail_ids))
+                   pb.sampler_draws, pb.prompt_tokens, pb.cached_tokens, tuple(pb.prompt_tail_ids),
+                   pb.pending_text, pb.detok_unread)
 
     def to_metadata(self) -> dict[str, str]:
         return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}

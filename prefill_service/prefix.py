@@ -18,7 +18,7 @@ from cache_store.prefix import PrefixPolicy, block_keys
 from engine.engine import Engine
 from engine.state import HybridState
 from protos.qwenpd.v1 import cache_store_pb2 as store_pb
-from qwenpd.grpc_common import DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from qwenpd.grpc_common import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 _PIN_S = 60.0  # how long prefix entries stay leased while this request reads or references them
@@ -81,7 +81,7 @@ class PrefixCache:
     def _lookup(self, keys: list[str]) -> PrefixRead | None:
         try:
             return self.store.lookup_prefix(self.engine.fingerprint, keys, ttl_s=_PIN_S)
-        except (DataLoss, FailedPrecondition) as exc:  # damaged entry: recompute instead
+        except (DataLoss, FailedPrecondition, NotFound, Unavailable) as exc:  # damaged, gone or unreachable: recompute
             log.warning("prefix cache entry unusable, recomputing: %s", exc.message)
             return None
 

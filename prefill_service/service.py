@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from cache_store.checkpoint import CheckpointMeta
 from cache_store.client import CacheStoreClient
 from engine.engine import Engine
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import Sampler
 from engine.tokenizer import IncrementalDetokenizer
 from prefill_service.config import PrefillConfig
 from prefill_service.prefix import PrefixCache
 from prefill_service.handoff import Handoff, sampling_from_pb, with_seed
 from prefill_service.prompt import prompt_token_ids
+from prefill_service.resume import Resume, resume_point
 from prefill_service.queue import Job, WorkQueue
 from protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from qwenpd.grpc_common import QwenpdError
+from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +44,33 @@ class Encoded:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine: Engine, config: PrefillConfig, store: CacheStoreClient, queue: WorkQueue):
+    def __init__(self, engine: Engine, config: PrefillConfig, store: CacheStoreClient, queue: WorkQueue,
+                 metrics: PrefillMetrics | None = None):
         self.engine = engine
         self.config = config
         self.store = store
         self.queue = queue  # its worker thread loaded the engine and runs every job
-        self.prefix = PrefixCache(engine, store, config.prefix_policy)
+        self.metrics = metrics or PrefillMetrics()
+        self.metrics.queue_depth.set_function(lambda: queue.waiting)
+        self.prefix = PrefixCache(engine, store, config.prefix_policy, config.limits.max_cache_bytes_per_request,
+                                  on_skip=self.metrics.uncached.inc)
         self.served = 0
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         arrived = time.monotonic_ns()
         request_id = request.request_id or uuid.uuid4().hex
-        ids = prompt_token_ids(request, self.engine)
+        ids = prompt_token_ids(request, self.engine, self.config.limits)
         params = with_seed(sampling_from_pb(request.sampling, self.config.default_max_tokens,
                                             self.engine.config.vocab_size))
+        self.config.limits.check_sampling(params)
+        resume = resume_point(params, ids, request.resume_generated, self.engine)
         remaining = context.time_remaining()
         job = Job(request_id, deadline=None if remaining is None else time.monotonic() + remaining)
         salt = request.cache_salt if request.HasField("cache_salt") else None
-        done = await self.queue.run(job, lambda j: self._encode(j, ids, params, salt))
+        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt))
         self.served += 1
         h = done.handoff
+        self._observe(done, arrived)
         timings = prefill_pb2.PrefillTimings(queue_ns=done.queue_ns, cache_restore_ns=done.restore_ns,
                                              prefill_ns=done.prefill_ns,
                                              checkpoint_write_ns=done.write_ns,
@@ -72,7 +81,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
             prompt_token_ids=ids if request.return_prompt_token_ids else [])
 
-    def _encode(self, job: Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> Encoded:
+    def _encode(self, job: Job, ids: list[int], resume: Resume, cache_salt: str | None) -> Encoded:
         """On the worker thread: restore the longest cached prefix, prefill the rest (stopping at snapshot
         boundaries), sample the first token, publish new cache entries and write the hand-off checkpoint."""
         started = time.monotonic_ns()
@@ -89,12 +98,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
             logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
                                                 boundaries=plan.boundaries, on_chunk=between_chunks)
-            sampler = Sampler(params)
+            params = resume.params
+            sampler = Sampler.resumed(params, resume.draws)
             token, logprob = sampler.sample(logits)
             text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
             computed = time.monotonic_ns()
-            handoff = Handoff(job.request_id, token, logprob, text, params, sampler.draws, len(ids),
-                              plan.cached_tokens, tuple(ids[-8:]))
+            handoff = Handoff(job.request_id, token, logprob, text, params, sampler.draws, len(ids) - resume.draws,
+                              plan.cached_tokens, tuple(ids[-(8 + resume.detok_unread):]), resume.pending_text,
+                              resume.detok_unread)
             job.check()  # nobody would read the checkpoint
             meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
             checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)
@@ -107,6 +118,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 pass
         return Encoded(checkpoint_id, handoff, queue_ns, restored - started, computed - restored,
                        time.monotonic_ns() - computed)
+
+    def _observe(self, done: Encoded, arrived_ns: int) -> None:
+        m = self.metrics
+        m.ttft.observe((time.monotonic_ns() - arrived_ns) / 1e9)
+        m.queue.observe(done.queue_ns / 1e9)
+        m.restore.observe(done.restore_ns / 1e9)
+        m.compute.observe(done.prefill_ns / 1e9)
+        m.write.observe(done.write_ns / 1e9)
+        m.prompt_tokens.inc(done.handoff.prompt_tokens)
+        m.cached_tokens.inc(done.handoff.cached_tokens)
 
     async def GetModelInfo(self, request: prefill_pb2.GetModelInfoRequest, context) -> prefill_pb2.ModelInfo:
         e, c = self.engine, self.config

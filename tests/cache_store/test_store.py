@@ -106,8 +106,8 @@ def test_restart_removes_orphans_and_one_id_has_one_owner(store_id: str) -> None
     orphan = segment_files(store_id)[0].name
     with pytest.raises(FailedPrecondition, match="another live cache store"):
         open_store(store_id)
-    first.files._lock_fd and os.close(first.files._lock_fd)  # simulate a crash: lock gone, files stay
-    first.files._lock_fd = None
+    first.space.files._lock_fd and os.close(first.space.files._lock_fd)  # simulate a crash: lock gone, files stay
+    first.space.files._lock_fd = None
     assert (SHM / orphan).exists()
     second = Store(CacheStoreConfig(store_id=store_id))
     assert second.open() == [orphan]

@@ -103,3 +103,47 @@ def store(services):
 
     with CacheStoreClient(services.cache) as c:
         yield c
+
+
+# ---- data-plane backends ----------------------------------------------------------------------------------------
+BACKENDS = ["shm", "mooncake"]
+
+
+def mooncake_skip_reason() -> str | None:
+    """Why the mooncake backend cannot run here (None: it can)."""
+    from cache_store.mooncake import available
+    from cache_store.mooncake_master import master_binary
+
+    missing = available()
+    if missing:
+        return f"mooncake backend unavailable: {missing}"
+    if master_binary() is None:
+        return "mooncake backend unavailable: no mooncake_master binary"
+    return None
+
+
+def backend_flags(backend: str) -> list[str]:
+    """serve-all flags for a backend; skips the test where mooncake cannot run."""
+    if backend == "mooncake":
+        reason = mooncake_skip_reason()
+        if reason:
+            pytest.skip(reason)
+        return ["--backend", "mooncake"]
+    return []
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_services(request, services, tiny_model_dir, tmp_path_factory):
+    """`services` (shm), and a serve-all on the mooncake backend with its own local master."""
+    if request.param == "shm":
+        yield services
+        return
+    s = start_serve_all(tiny_model_dir, tmp_path_factory.mktemp("serve_mc"), f"mc{os.getpid()}",
+                        *backend_flags("mooncake"))
+    from cache_store.client import CacheStoreClient
+    from protos.qwenpd.v1 import cache_store_pb2 as pb
+
+    with CacheStoreClient(s.cache) as store:
+        assert store.info().data_plane == pb.DATA_PLANE_MOONCAKE
+    yield s
+    assert stop_serve_all(s) == 0

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from clients import AsyncClient
+from clients import AsyncClient, Client
 from engine.generate import generate
 from engine.sampling import SamplingParams
 
@@ -21,6 +21,13 @@ PROMPTS = {
 
 def reference(engine, prompt_ids, **kw) -> object:
     return generate(engine, prompt_ids, SamplingParams(**kw))
+
+
+@pytest.fixture(scope="module")
+def client(backend_services):
+    """Every test here runs on both data planes: shm (one host) and mooncake (Mooncake Store over TCP)."""
+    with Client(prefill=backend_services.prefill, decode=backend_services.decode, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,8 @@ def test_stream_chunks_add_up_to_generate(client):
     assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
 
 
-def test_16_concurrent_streams_equal_their_solo_output(services, client):
+def test_16_concurrent_streams_equal_their_solo_output(backend_services, client):
+    services = backend_services
     prompts = [f"Request {i}: " + "tokens and tensors " * (1 + i % 5) for i in range(16)]
     kw = dict(temperature=0, max_tokens=40, ignore_eos=True)
     solo = [client.generate(p, **kw).token_ids for p in prompts]

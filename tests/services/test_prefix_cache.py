@@ -13,7 +13,7 @@ from cache_store.client import CacheStoreClient
 from clients import Client
 from engine.generate import generate
 from engine.sampling import SamplingParams
-from tests.services.conftest import segments, start_serve_all, stop_serve_all
+from tests.services.conftest import BACKENDS, backend_flags, segments, start_serve_all, stop_serve_all
 
 BLOCK, INTERVAL = 16, 64
 GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
@@ -32,9 +32,9 @@ def _start(tiny_model_dir, tmp_path_factory, name, *extra):
                            "--block-size", str(BLOCK), "--snapshot-interval", str(INTERVAL), *extra)
 
 
-@pytest.fixture(scope="module")
-def cached(tiny_model_dir, tmp_path_factory):
-    s = _start(tiny_model_dir, tmp_path_factory, "prefix")
+@pytest.fixture(scope="module", params=BACKENDS)
+def cached(request, tiny_model_dir, tmp_path_factory):
+    s = _start(tiny_model_dir, tmp_path_factory, f"prefix_{request.param}", *backend_flags(request.param))
     with Client(prefill=s.prefill, decode=s.decode, timeout=60) as c, CacheStoreClient(s.cache) as store:
         yield c, store
     assert stop_serve_all(s) == 0
@@ -127,8 +127,9 @@ def test_blocks_are_stored_once(cached):
     assert after[pb.ENTRY_KIND_KV_BLOCK] - before[pb.ENTRY_KIND_KV_BLOCK] == 3
 
 
-def test_eviction_under_a_tiny_budget_stays_correct(tiny_model_dir, tmp_path_factory, engine):
-    s = _start(tiny_model_dir, tmp_path_factory, "evict", "--budget", "256KiB")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eviction_under_a_tiny_budget_stays_correct(tiny_model_dir, tmp_path_factory, engine, backend):
+    s = _start(tiny_model_dir, tmp_path_factory, f"evict_{backend}", "--budget", "256KiB", *backend_flags(backend))
     try:
         with Client(prefill=s.prefill, decode=s.decode, timeout=60) as client, CacheStoreClient(s.cache) as store:
             prompts = [_ids(150, seed=200 + i) for i in range(6)]

@@ -50,6 +50,30 @@ ENTRY_KIND_SNAPSHOT: EntryKind.ValueType  # 3
 """Prefix cache (next): DeltaNet conv + recurrent state at a block boundary."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
+class _DataPlane:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataPlaneEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataPlane.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_PLANE_UNSPECIFIED: _DataPlane.ValueType  # 0
+    """Not set: read as DATA_PLANE_SHM (stores before the field existed)."""
+    DATA_PLANE_SHM: _DataPlane.ValueType  # 1
+    """Shared-memory segments on the store's host."""
+    DATA_PLANE_MOONCAKE: _DataPlane.ValueType  # 2
+    """Mooncake Store (multi-host, over TCP/RDMA/EFA)."""
+
+class DataPlane(_DataPlane, metaclass=_DataPlaneEnumTypeWrapper):
+    """Where a store keeps its bytes."""
+
+DATA_PLANE_UNSPECIFIED: DataPlane.ValueType  # 0
+"""Not set: read as DATA_PLANE_SHM (stores before the field existed)."""
+DATA_PLANE_SHM: DataPlane.ValueType  # 1
+"""Shared-memory segments on the store's host."""
+DATA_PLANE_MOONCAKE: DataPlane.ValueType  # 2
+"""Mooncake Store (multi-host, over TCP/RDMA/EFA)."""
+Global___DataPlane: _TypeAlias = DataPlane  # noqa: Y015
+
 @_typing.final
 class SegmentRef(_message.Message):
     """A byte range of a shared-memory segment."""
@@ -60,7 +84,9 @@ class SegmentRef(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """File name of the segment in StoreInfo.shm_dir ("qwenpd-<store id>-<128-bit random hex>")."""
+    """File name of the segment in StoreInfo.shm_dir ("qwenpd-<store id>-<128-bit random hex>"); on the
+    mooncake data plane, the object key ("qwenpd/<store id>/<128-bit random hex>").
+    """
     offset: _builtins.int
     """First byte of the range in the segment."""
     length: _builtins.int
@@ -201,6 +227,9 @@ class StoreInfo(_message.Message):
     BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     LEASE_TTL_NS_FIELD_NUMBER: _builtins.int
     ALLOCATION_TTL_NS_FIELD_NUMBER: _builtins.int
+    DATA_PLANE_FIELD_NUMBER: _builtins.int
+    MOONCAKE_MASTER_FIELD_NUMBER: _builtins.int
+    MOONCAKE_METADATA_FIELD_NUMBER: _builtins.int
     store_id: _builtins.str
     """Instance id; prefixes every segment name, so a restarted store finds and removes its orphans."""
     shm_dir: _builtins.str
@@ -213,6 +242,14 @@ class StoreInfo(_message.Message):
     """Lease and hand-off pin duration when a request does not give one."""
     allocation_ttl_ns: _builtins.int
     """How long an allocation may stay uncommitted before it is freed."""
+    data_plane: Global___DataPlane.ValueType
+    """Where the bytes live: DATA_PLANE_SHM (segments in shm_dir, same host only) or DATA_PLANE_MOONCAKE
+    (Mooncake Store objects; SegmentRef.name is the object key, offset 0).
+    """
+    mooncake_master: _builtins.str
+    """Mooncake only: the mooncake_master RPC address (host:port) every data-plane client connects to."""
+    mooncake_metadata: _builtins.str
+    """Mooncake only: the metadata server URL (e.g. http://host:8080/metadata)."""
     def __init__(
         self,
         *,
@@ -222,10 +259,13 @@ class StoreInfo(_message.Message):
         budget_bytes: _builtins.int = ...,
         lease_ttl_ns: _builtins.int = ...,
         allocation_ttl_ns: _builtins.int = ...,
+        data_plane: Global___DataPlane.ValueType = ...,
+        mooncake_master: _builtins.str = ...,
+        mooncake_metadata: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_ttl_ns", b"allocation_ttl_ns", "budget_bytes", b"budget_bytes", "host_id", b"host_id", "lease_ttl_ns", b"lease_ttl_ns", "shm_dir", b"shm_dir", "store_id", b"store_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_ttl_ns", b"allocation_ttl_ns", "budget_bytes", b"budget_bytes", "data_plane", b"data_plane", "host_id", b"host_id", "lease_ttl_ns", b"lease_ttl_ns", "mooncake_master", b"mooncake_master", "mooncake_metadata", b"mooncake_metadata", "shm_dir", b"shm_dir", "store_id", b"store_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -222,6 +222,8 @@ class Handoff(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     PROMPT_TAIL_IDS_FIELD_NUMBER: _builtins.int
+    PENDING_TEXT_FIELD_NUMBER: _builtins.int
+    DETOK_UNREAD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request this checkpoint was made for."""
     sampler_draws: _builtins.int
@@ -230,6 +232,14 @@ class Handoff(_message.Message):
     """Tokens in the prompt; the checkpoint state has consumed exactly these."""
     cached_tokens: _builtins.int
     """Prompt tokens restored from the prefix cache instead of computed."""
+    pending_text: _builtins.str
+    """Text of already generated tokens held back as the possible start of a stop string (only when the
+    request resumes after PrefillRequest.resume_generated tokens); decode's output continues from it.
+    """
+    detok_unread: _builtins.int
+    """How many of the last prompt_tail_ids the detokenizer has not turned into text yet (an incomplete
+    UTF-8 character at the end of already generated tokens); 0 for a new request.
+    """
     @_builtins.property
     def first_token(self) -> Global___Token:
         """The first generated token, sampled by prefill from the last prompt logits."""
@@ -252,10 +262,12 @@ class Handoff(_message.Message):
         prompt_tokens: _builtins.int = ...,
         cached_tokens: _builtins.int = ...,
         prompt_tail_ids: _abc.Iterable[_builtins.int] | None = ...,
+        pending_text: _builtins.str = ...,
+        detok_unread: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "first_token", b"first_token", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "pending_text", b"pending_text", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

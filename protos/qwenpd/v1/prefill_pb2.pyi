@@ -86,6 +86,7 @@ class PrefillRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     RETURN_PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RESUME_GENERATED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen id for logs and tracing; echoed in errors. Empty = the server makes one up."""
     text: _builtins.str
@@ -96,6 +97,13 @@ class PrefillRequest(_message.Message):
     """
     return_prompt_token_ids: _builtins.bool
     """Return the prompt's token ids in the response (for clients that resume or count tokens themselves)."""
+    resume_generated: _builtins.int
+    """Resumes a request whose decode service failed mid-stream: the prompt (given as token_ids) ends with
+    this many tokens that were already generated for it. Prefill continues the request's seeded random
+    stream after them (the sampling seed must be the original one), counts them against max_tokens and
+    carries held-back stop-string text over to decode, so the output continues exactly where it broke
+    off. Must be less than the prompt's length and than max_tokens; absent or 0 = a new request.
+    """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds:
         """Token ids, used as is."""
@@ -120,17 +128,22 @@ class PrefillRequest(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         cache_salt: _builtins.str | None = ...,
         return_prompt_token_ids: _builtins.bool = ...,
+        resume_generated: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "resume_generated", b"resume_generated", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "request_id", b"request_id", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "request_id", b"request_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_salt: _TypeAlias = _typing.Literal["cache_salt"]  # noqa: Y015
     _WhichOneofArgType__cache_salt: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt"]  # noqa: Y015
+    _WhichOneofReturnType__resume_generated: _TypeAlias = _typing.Literal["resume_generated"]  # noqa: Y015
+    _WhichOneofArgType__resume_generated: _TypeAlias = _typing.Literal["_resume_generated", b"_resume_generated"]  # noqa: Y015
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "token_ids", "chat"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_salt) -> _WhichOneofReturnType__cache_salt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resume_generated) -> _WhichOneofReturnType__resume_generated | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_prompt) -> _WhichOneofReturnType_prompt | None: ...
 

@@ -232,6 +232,11 @@ def _lease_id(lease: LeasedCheckpoint | str) -> str:
     return lease.lease_id if isinstance(lease, LeasedCheckpoint) else lease
 
 
+def _gone(exc: NotFound, parts: Sequence[pb.ManifestPart]) -> list[str]:
+    """Entries whose bytes the data plane reported missing (mooncake: evicted, or a restarted master)."""
+    return [p.entry_id for p in parts if exc.resource_type == "mooncake_object" and p.segment.name == exc.resource_name]
+
+
 def _torn(exc: NotFound) -> DataLoss:
     return DataLoss(f"lease expired before release ({exc.message}): the state copied under it may be torn",
                     reason="LEASE_EXPIRED")
@@ -346,12 +351,11 @@ class CacheStoreClient:
             read = [tensors for tensors, _ in plane.read_parts(parts, fingerprint)]
             kv = read[:len(hit.kv_blocks)]
             snapshot = read[-1] if hit.HasField("snapshot") else None
-        except NotFound as exc:  # bytes gone from under the index (a restarted Mooncake master): drop the entries
+        except NotFound as exc:  # bytes gone from under the index (a restarted Mooncake master): drop the entry
             self.release_leases(hit.lease_ids)
-            for part in parts:
-                if part.segment.name == exc.resource_name:
-                    with contextlib.suppress(QwenpdError):
-                        self.delete(part.entry_id)
+            for entry_id in _gone(exc, parts):
+                with contextlib.suppress(QwenpdError):
+                    self.delete(entry_id)
             raise
         except BaseException:
             self.release_leases(hit.lease_ids)
@@ -371,6 +375,13 @@ class CacheStoreClient:
         lease = self._call("AcquireLease", _acquire_request(checkpoint_id, expected_fingerprint, ttl_s))
         try:
             return plane.read(lease, expected_fingerprint, expected_shapes, expected_dtypes)
+        except NotFound as exc:
+            for entry_id in _gone(exc, lease.parts):  # never reuse shared entries whose bytes are gone
+                with contextlib.suppress(QwenpdError):
+                    self.delete(entry_id)
+            with contextlib.suppress(QwenpdError):
+                self.release(lease.lease_id)
+            raise
         except BaseException:
             with contextlib.suppress(QwenpdError):
                 self.release(lease.lease_id)
@@ -474,6 +485,13 @@ class AsyncCacheStoreClient:
             size = sum(p.segment.length for p in lease.parts)
             args = (lease, expected_fingerprint, expected_shapes, expected_dtypes)
             return await asyncio.to_thread(plane.read, *args) if size > _OFFLOAD_BYTES else plane.read(*args)
+        except NotFound as exc:
+            for entry_id in _gone(exc, lease.parts):  # never reuse shared entries whose bytes are gone
+                with contextlib.suppress(QwenpdError):
+                    await self.delete(entry_id)
+            with contextlib.suppress(QwenpdError):
+                await self.release(lease.lease_id)
+            raise
         except BaseException:
             with contextlib.suppress(QwenpdError):
                 await self.release(lease.lease_id)

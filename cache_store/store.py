@@ -185,6 +185,13 @@ class Store:
         self._free(self.index.release(lease_id, delete))
 
     def delete(self, entry_id: str) -> None:
+        """Drop an entry. A shared entry also leaves the prefix map at once, even while checkpoints still
+        reference it (they keep its bytes): lookups and new writers no longer find it (e.g. bytes gone)."""
+        entry = self.index.peek(entry_id)
+        if entry is not None and entry.committed:
+            key = entry.payload.prefix_key
+            if key and self.prefix.get(key) == entry_id:
+                del self.prefix[key]
         self._free(self.index.delete(entry_id))
 
     def sweep(self) -> None:

@@ -27,6 +27,8 @@ from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, 
 from cache_store.shm import SegmentMaps, host_id
 from protos.qwenpd.v1 import cache_store_pb2 as pb
 from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
+from qwenpd.security import Security
+from qwenpd.security import channel as secure_channel
 from qwenpd.grpc_common import (DEFAULT_MAX_MESSAGE_BYTES, DataLoss, FailedPrecondition, NotFound, QwenpdError,
                                 from_rpc_error)
 
@@ -245,10 +247,11 @@ def _torn(exc: NotFound) -> DataLoss:
 class CacheStoreClient:
     """Blocking client. Every call has a deadline (`timeout_s`)."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None):
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None,
+                 security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = secure_channel(address, security, _CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheStoreStub(self._channel)
         self._io_threads = io_threads
         self._info: pb.StoreInfo | None = None
@@ -431,10 +434,11 @@ class CacheStoreClient:
 class AsyncCacheStoreClient:
     """asyncio client with the same surface; data-plane copies run in a worker thread."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None):
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None,
+                 security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = secure_channel(address, security, _CHANNEL_OPTIONS, aio=True)
         self._stub = pb_grpc.CacheStoreStub(self._channel)
         self._io_threads = io_threads
         self._info: pb.StoreInfo | None = None

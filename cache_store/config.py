@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cache_store.allocator import ALIGN
 from cache_store.shm import STORE_ID_RE
+from qwenpd import security as security_mod
+from qwenpd.security import Security
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
@@ -26,6 +28,8 @@ class CacheStoreConfig:
     shm_dir: str = "/dev/shm"
     segment_bytes: int = 256 << 20  # size of pooled segments; 0 = one segment per entry, removed when freed
     grace_s: float = 5.0  # drain time on SIGTERM/SIGINT
+    security: Security = field(default_factory=Security)  # TLS / mutual TLS and bearer token of the server
+    metrics_port: int = 0  # Prometheus /metrics on the listen host; 0 = off
     backend: str = "shm"  # where bytes live: "shm" (same host) or "mooncake" (Mooncake Store, across hosts)
     mooncake_master: str = ""  # mooncake backend: the master's host:port
     mooncake_metadata: str = ""  # mooncake backend: metadata server URL, e.g. http://HOST:8080/metadata
@@ -52,6 +56,8 @@ class CacheStoreConfig:
             raise ValueError("the mooncake backend needs mooncake_master (HOST:PORT) and mooncake_metadata (URL)")
         if self.segment_bytes < 0 or self.segment_bytes % ALIGN:
             raise ValueError(f"segment_bytes must be 0 or a multiple of {ALIGN}, got {self.segment_bytes}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
     @property
     def host(self) -> str:
@@ -96,6 +102,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--mooncake-hostname", default=d.mooncake_hostname, metavar="ADDR",
                         help="mooncake backend: the address other hosts reach this store at "
                              "(default: this host's address on the route to the master)")
+    security_mod.add_args(parser)
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (default 0 = off)")
     return parser
 
 
@@ -109,4 +117,5 @@ def config_from_args(args: argparse.Namespace) -> CacheStoreConfig:
                             allocation_ttl_s=args.allocation_ttl_s, store_id=args.store_id, shm_dir=args.shm_dir,
                             segment_bytes=args.segment_bytes, grace_s=args.grace_s, backend=args.backend,
                             mooncake_master=args.mooncake_master, mooncake_metadata=args.mooncake_metadata,
-                            mooncake_hostname=args.mooncake_hostname)
+                            mooncake_hostname=args.mooncake_hostname, security=security_mod.from_args(args),
+                            metrics_port=args.metrics_port)

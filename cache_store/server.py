@@ -15,6 +15,7 @@ from cache_store.store import Placement, Store
 from protos.qwenpd.v1 import cache_store_pb2 as pb
 from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
 from qwenpd.grpc_common import GrpcServer, InvalidArgument, make_server
+from qwenpd.metrics import StoreMetrics
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,13 @@ async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] |
     store = Store(config)
     store.open()
     sweeper: asyncio.Task[None] | None = None
+    metrics = StoreMetrics(store.stats, asyncio.get_running_loop())
     try:
-        server = make_server(CacheStoreServicer(store), host=config.host, port=config.port)
+        server = make_server(CacheStoreServicer(store), host=config.host, port=config.port,
+                             security=config.security, on_status=metrics.record)
         await server.start()
+        if config.metrics_port:
+            metrics.serve(config.host, config.metrics_port)
         sweeper = asyncio.create_task(_sweep_forever(store))
         if on_ready is not None:
             on_ready(server)
@@ -191,6 +196,7 @@ async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] |
     finally:
         if sweeper is not None:
             sweeper.cancel()
+        metrics.close()
         store.close()
 
 

@@ -3,8 +3,9 @@ serving CLI (clients.cli: `qwenpd serve ...`, `qwenpd demo`). Importing this pac
 
 from clients.client import AsyncClient, Chunk, Client, Result
 from clients.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
-                            QwenpdError, RemoteError, ResourceExhausted, Unavailable)
+                            QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable)
+from qwenpd.security import Security
 
 __all__ = ["AsyncClient", "Chunk", "Client", "Result", "Cancelled", "DataLoss", "DeadlineExceeded",
            "FailedPrecondition", "InvalidArgument", "NotFound", "QwenpdError", "RemoteError", "ResourceExhausted",
-           "Unavailable"]
+           "Security", "Unauthenticated", "Unavailable"]

@@ -69,11 +69,19 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mooncake-master", default="", metavar="HOST:PORT", help="an existing mooncake_master")
     p.add_argument("--metadata", "--mooncake-metadata", default="", dest="mooncake_metadata", metavar="URL",
                    help="its metadata server URL (with --mooncake-master)")
+    p.add_argument("--prefill-max-queue", type=int, default=64, help="prefill requests that may wait (default 64)")
+    p.add_argument("--decode-max-queue", type=int, default=256,
+                   help="decode sequences that may wait for a slot (default 256)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics of the cache store on this port, "
+                   "prefill on +1, decode on +2 (default 0 = off)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
     from prefill_service.config import add_prefix_args
+    from qwenpd import limits, security
 
     add_prefix_args(p)
+    limits.add_args(p)
+    security.add_args(p)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -162,7 +170,10 @@ def generate_remote(args: argparse.Namespace) -> int:
                    seed=args.seed, stop=list(args.stop), ignore_eos=args.ignore_eos, cache_salt=args.cache_salt)
     prompt = dict(prompt=args.prompt) if args.prompt is not None else dict(token_ids=args.prompt_ids)
     started = time.perf_counter()
-    with Client(prefill=args.prefill, decode=args.decode, timeout=args.timeout) as client:
+    from qwenpd.security import from_args as security_from_args
+
+    with Client(prefill=args.prefill, decode=args.decode, timeout=args.timeout,
+                security=security_from_args(args)) as client:
         if not args.json:
             for chunk in client.stream(**prompt, **options):
                 print(chunk.text, end="", flush=True)

@@ -8,12 +8,14 @@ call to them (`from_rpc_error`, shared with the servers' mapping in qwenpd.grpc_
     Unavailable                 a service is down or shutting down (.retry_after_s)
     DataLoss                    corrupt checkpoint bytes
     DeadlineExceeded, Cancelled the call's timeout passed / it was cancelled
+    Unauthenticated (.reason)   no or a wrong bearer token (MISSING_TOKEN / BAD_TOKEN)
     RemoteError (.code)         any other status (INTERNAL, UNIMPLEMENTED, ...)
 All derive from QwenpdError.
 """
 
 from qwenpd.grpc_common import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
-                                QwenpdError, RemoteError, ResourceExhausted, Unavailable, from_rpc_error)
+                                QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable,
+                                from_rpc_error)
 
 __all__ = ["Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound",
-           "QwenpdError", "RemoteError", "ResourceExhausted", "Unavailable", "from_rpc_error"]
+           "QwenpdError", "RemoteError", "ResourceExhausted", "Unauthenticated", "Unavailable", "from_rpc_error"]

@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qwenpd import limits as limits_mod
+from qwenpd import security as security_mod
+from qwenpd.limits import Limits
+from qwenpd.security import Security
+
 if TYPE_CHECKING:
     from cache_store.mooncake_master import MooncakeMaster
 
@@ -93,6 +98,11 @@ class ServiceSet:
     decode_host: str = ""
     prefill_netns: str = ""
     decode_netns: str = ""
+    security: Security = field(default_factory=Security)  # TLS / mTLS / token of all three and their links
+    limits: Limits = field(default_factory=Limits)  # per-request limits of prefill and decode
+    metrics_port: int = 0  # 0 = off; else /metrics of cache store, prefill, decode on this port, +1, +2
+    prefill_max_queue: int = 64
+    decode_max_queue: int = 256
     children: list[Child] = field(default_factory=list)
     master: "MooncakeMaster | None" = None
     _tmp: tempfile.TemporaryDirectory | None = None
@@ -105,7 +115,9 @@ class ServiceSet:
                    start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level,
                    block_size=args.block_size, snapshot_interval=args.snapshot_interval,
                    prefix_cache=args.prefix_cache, backend=args.backend, mooncake_master=args.mooncake_master,
-                   mooncake_metadata=args.mooncake_metadata)
+                   mooncake_metadata=args.mooncake_metadata, security=security_mod.from_args(args),
+                   limits=limits_mod.from_args(args), metrics_port=args.metrics_port,
+                   prefill_max_queue=args.prefill_max_queue, decode_max_queue=args.decode_max_queue)
 
     @property
     def cache(self) -> str:
@@ -136,6 +148,9 @@ class ServiceSet:
             master, metadata = self.master.address, self.master.metadata_url
         return ["--backend", "mooncake", "--mooncake-master", master, "--metadata", metadata]
 
+    def _metrics_flags(self, offset: int) -> list[str]:
+        return ["--metrics-port", str(self.metrics_port + offset)] if self.metrics_port else []
+
     def _prefix_flags(self) -> list[str]:
         flags = ["--block-size", str(self.block_size), "--snapshot-interval", str(self.snapshot_interval)]
         return flags if self.prefix_cache else [*flags, "--no-prefix-cache"]
@@ -144,31 +159,35 @@ class ServiceSet:
         self._tmp = tempfile.TemporaryDirectory(prefix="qwenpd-serve-")
         tmp = Path(self._tmp.name)
         deadline = time.monotonic() + self.start_timeout_s
-        common = ["--log-level", self.log_level, "--grace", str(self.grace_s)]
+        common = ["--log-level", self.log_level, "--grace", str(self.grace_s), *self.security.flags()]
         self.children = []
         try:
             cache = Child("cache store", ["serve", "cache", "--listen", self._listen(self.cache_port), "--budget",
-                                          self.budget, "--store-id", self.store_id, *self._backend_flags(), *common],
+                                          self.budget, "--store-id", self.store_id, *self._backend_flags(), *common,
+                                          *self._metrics_flags(0)],
                           tmp / "cache.json")
             self.children = [cache]
             cache.start()
             cache.wait_ready(deadline)
-            model = ["--model", self.model, "--cache", cache.address, "--dtype", self.dtype, *common]
+            model = ["--model", self.model, "--cache", cache.address, "--dtype", self.dtype, *common,
+                     *self.limits.flags()]
             if self.threads:
                 model += ["--threads", str(self.threads)]
             self.children += [
                 Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port, self.prefill_host),
-                                  *model, "--chunk-size", str(self.chunk_size), *self._prefix_flags()],
+                                  *model, "--chunk-size", str(self.chunk_size), *self._prefix_flags(),
+                                  "--max-queue", str(self.prefill_max_queue), *self._metrics_flags(1)],
                       tmp / "prefill.json", netns=self.prefill_netns),
                 Child("decode", ["serve", "decode", "--listen", self._listen(self.decode_port, self.decode_host),
-                                 *model, "--max-batch", str(self.max_batch)], tmp / "decode.json",
+                                 *model, "--max-batch", str(self.max_batch), "--max-queue",
+                                 str(self.decode_max_queue), *self._metrics_flags(2)], tmp / "decode.json",
                       netns=self.decode_netns),
             ]
             for child in self.children[1:]:
                 child.start()
             for child in self.children:
                 child.wait_ready(deadline)
-                wait_serving(child.address, deadline)
+                wait_serving(child.address, deadline, self.security)
         except BaseException:
             self.stop()
             raise
@@ -210,12 +229,12 @@ class ServiceSet:
         self.stop()
 
 
-def wait_serving(address: str, deadline: float) -> None:
-    """Poll grpc.health.v1 Check("") until SERVING."""
+def wait_serving(address: str, deadline: float, security: Security | None = None) -> None:
+    """Poll grpc.health.v1 Check("") until SERVING (over TLS when `security` has a CA)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with security_mod.channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefill_service.config import DTYPE_CHOICES, split_address
+from prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_service_limits, split_address
+from qwenpd import limits as limits_mod
+from qwenpd import security as security_mod
+from qwenpd.limits import Limits
+from qwenpd.security import Security
 
 
 @dataclass(slots=True)
@@ -14,7 +18,9 @@ class DecodeConfig:
     """model_dir: HF-format checkpoint (the same model as prefill's: checkpoints of another are refused).
     listen: HOST:PORT (port 0 = any free port). cache: cache store address. max_batch: sequences stepped
     together. max_queue: sequences that may wait for a slot. default_max_tokens: max_tokens when a request
-    overrides sampling without giving it."""
+    overrides sampling without giving it. limits: what one request may ask for (sampling overrides, message
+    size). security: TLS and bearer token of this server and of its cache-store connection. metrics_port:
+    Prometheus /metrics (0 = off)."""
 
     model_dir: str
     cache: str
@@ -26,6 +32,9 @@ class DecodeConfig:
     default_max_tokens: int = 256
     grace_s: float = 5.0
     warmup: bool = True
+    limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").is_file():
@@ -44,6 +53,7 @@ class DecodeConfig:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        self.default_max_tokens = check_service_limits(self.default_max_tokens, self.limits, self.metrics_port)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -56,9 +66,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
+    add_hardening_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
                         max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
-                        default_max_tokens=args.default_max_tokens, grace_s=args.grace)
+                        default_max_tokens=args.default_max_tokens, grace_s=args.grace,
+                        limits=limits_mod.from_args(args), security=security_mod.from_args(args),
+                        metrics_port=args.metrics_port)

@@ -12,26 +12,32 @@ from decode_service.service import DecodeServicer
 from engine.engine import Engine
 from prefill_service.config import split_address
 from qwenpd.grpc_common import GrpcServer, make_server
+from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
 
 
 async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
-    async with AsyncCacheStoreClient(config.cache) as store:
+    metrics = DecodeMetrics()
+    async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
         servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, dtype=config.dtype,
-                                                                threads=config.threads))
+                                                                threads=config.threads), metrics)
         try:
             engine = await servicer.start()
             host, port = split_address(config.listen)
-            server = make_server(servicer, host=host, port=port)
+            server = make_server(servicer, host=host, port=port, security=config.security,
+                                 max_message_bytes=config.limits.max_message_bytes, on_status=metrics.record)
             await server.start()
+            if config.metrics_port:
+                metrics.serve(host, config.metrics_port)
             log.info("decode (%s, %s, max batch %d) on %s, cache store %s", engine.fingerprint[:16], engine.dtype,
                      config.max_batch, server.address, config.cache)
             if on_ready is not None:
                 on_ready(server)
             await server.serve_until_signal(grace_s=config.grace_s)
         finally:
+            metrics.close()
             servicer.stop()
 
 

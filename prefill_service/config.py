@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache_store.prefix import PrefixPolicy
+from qwenpd import limits as limits_mod
+from qwenpd import security as security_mod
+from qwenpd.limits import Limits
+from qwenpd.security import Security
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -24,7 +28,8 @@ class PrefillConfig:
     """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
     chunk_size: prompt tokens per prefill chunk. max_queue: requests that may wait behind the running one.
     default_max_tokens: max_tokens when a request leaves it out. handoff_ttl_s: how long a checkpoint waits for
-    its decode request (None = the store's default)."""
+    its decode request (None = the store's default). limits: what one request may ask for. security: TLS and
+    bearer token of this server and of its cache-store connection. metrics_port: Prometheus /metrics (0 = off)."""
 
     model_dir: str
     cache: str
@@ -41,6 +46,9 @@ class PrefillConfig:
     block_size: int = 256
     snapshot_interval: int = 2048
     prefix_cache: bool = True
+    limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         self.prefix_policy  # validates block_size / snapshot_interval
@@ -62,6 +70,7 @@ class PrefillConfig:
             raise ValueError(f"handoff_ttl_s must be > 0, got {self.handoff_ttl_s}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        self.default_max_tokens = check_service_limits(self.default_max_tokens, self.limits, self.metrics_port)
 
     @property
     def prefix_policy(self) -> PrefixPolicy:
@@ -85,6 +94,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
     add_prefix_args(p)
+    add_hardening_args(p)
+
+
+def check_service_limits(default_max_tokens: int, limits: Limits, metrics_port: int) -> int:
+    """Validate the hardening options; returns default_max_tokens capped at limits.max_new_tokens."""
+    if not 0 <= metrics_port <= 65535:
+        raise ValueError(f"metrics_port must be in [0, 65535], got {metrics_port}")
+    return min(default_max_tokens, limits.max_new_tokens)
+
+
+def add_hardening_args(p: argparse.ArgumentParser) -> None:
+    """Limits, TLS / token flags and --metrics-port of the prefill and decode services."""
+    limits_mod.add_args(p)
+    security_mod.add_args(p)
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (default 0 = off)")
 
 
 def add_prefix_args(p: argparse.ArgumentParser) -> None:
@@ -101,4 +125,6 @@ def config_from_args(args: argparse.Namespace) -> PrefillConfig:
                          chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
                          default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                          handoff_ttl_s=args.handoff_ttl, model_name=args.model_name, block_size=args.block_size,
-                         snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache)
+                         snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
+                         limits=limits_mod.from_args(args), security=security_mod.from_args(args),
+                         metrics_port=args.metrics_port)

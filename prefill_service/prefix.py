@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cache_store.checkpoint import CheckpointMeta
 from cache_store.client import CacheStoreClient, PrefixRead, SharedItem
@@ -43,10 +43,17 @@ class PrefixPlan:
 
 
 class PrefixCache:
-    def __init__(self, engine: Engine, store: CacheStoreClient, policy: PrefixPolicy):
+    """max_bytes_per_request: most tensor bytes of new entries (KV blocks + snapshots) one prompt may add; a
+    prompt past it is handed off without caching anything new (None = no limit). on_skip: called then, and when
+    the store has no room."""
+
+    def __init__(self, engine: Engine, store: CacheStoreClient, policy: PrefixPolicy,
+                 max_bytes_per_request: int | None = None, on_skip: Callable[[], None] | None = None):
         self.engine = engine
         self.store = store
         self.policy = policy
+        self.max_bytes_per_request = max_bytes_per_request
+        self._on_skip = on_skip or (lambda: None)
 
     def plan(self, token_ids: Sequence[int], cache_salt: str | None) -> PrefixPlan:
         b = self.policy.block_size
@@ -107,6 +114,12 @@ class PrefixCache:
                                 (i + 1) * b) for i in new_blocks]
             items += [SharedItem(store_pb.ENTRY_KIND_SNAPSHOT, plan.keys[pos // b - 1], snap, pos)
                       for pos, snap in sorted(plan.snapshots.items())]
+            new_bytes = sum(t.numel() * t.element_size() for it in items for t in it.tensors.values())
+            if self.max_bytes_per_request is not None and new_bytes > self.max_bytes_per_request:
+                log.info("prompt would add %d bytes to the prefix cache (limit %d per request): not cached",
+                         new_bytes, self.max_bytes_per_request)
+                self._on_skip()
+                return self._own_checkpoint(state, meta, handoff_ttl_s, known)
             own = state.kv_tensors(len(plan.keys) * b, n)
             own.update(state.deltanet_tensors())
             try:
@@ -114,6 +127,7 @@ class PrefixCache:
                                                         handoff_ttl_s=handoff_ttl_s)
             except ResourceExhausted as exc:  # no room to cache this prompt: hand off without caching it
                 log.warning("prefix cache full, handing off without caching the prompt: %s", exc.message)
+                self._on_skip()
                 return self._own_checkpoint(state, meta, handoff_ttl_s, known)
         finally:
             self.release(plan)

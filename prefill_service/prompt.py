@@ -6,13 +6,15 @@ from engine.engine import Engine
 from engine.tokenizer import TokenizerError
 from protos.qwenpd.v1 import prefill_pb2
 from qwenpd.grpc_common import InvalidArgument
+from qwenpd.limits import Limits
 
 _FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
 
 
-def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine) -> list[int]:
+def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine, limits: Limits | None = None) -> list[int]:
     """Token ids of the prompt; InvalidArgument naming the field when it is missing, empty, not tokenizable,
-    holds an id outside the vocabulary, or does not fit the model's context."""
+    longer than `limits.max_prompt_tokens`, holds an id outside the vocabulary, or does not fit the model's
+    context."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidArgument("prompt", "give the prompt as text, token_ids or chat")
@@ -37,6 +39,8 @@ def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine) -> lis
         ids = tok.encode(text) if text else []
     if not ids:
         raise InvalidArgument(field, "the prompt is empty")
+    if limits is not None:
+        limits.check_prompt(len(ids), field)
     try:
         engine.check_tokens(ids)
     except ValueError as exc:  # an id outside the vocabulary, or longer than the context

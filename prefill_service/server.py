@@ -12,6 +12,7 @@ from prefill_service.config import PrefillConfig, split_address
 from prefill_service.queue import WorkQueue
 from prefill_service.service import PrefillServicer
 from qwenpd.grpc_common import GrpcServer, make_server
+from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,18 @@ def load_engine(config: PrefillConfig) -> Engine:
 
 async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
     queue: WorkQueue = WorkQueue(config.max_queue)
-    store = CacheStoreClient(config.cache)
+    store = CacheStoreClient(config.cache, security=config.security)
+    metrics = PrefillMetrics()
     try:
         store.info()  # fail at start, not at the first request, if the store is unreachable or on another host
         engine = await queue.call(lambda: load_engine(config))  # on the worker thread, like every job
-        servicer = PrefillServicer(engine, config, store, queue)
+        servicer = PrefillServicer(engine, config, store, queue, metrics)
         host, port = split_address(config.listen)
-        server = make_server(servicer, host=host, port=port)
+        server = make_server(servicer, host=host, port=port, security=config.security,
+                             max_message_bytes=config.limits.max_message_bytes, on_status=metrics.record)
         await server.start()
+        if config.metrics_port:
+            metrics.serve(host, config.metrics_port)
         log.info("prefill %s (%s, %s) on %s, cache store %s", config.name, engine.fingerprint[:16], engine.dtype,
                  server.address, config.cache)
         if on_ready is not None:
@@ -45,6 +50,7 @@ async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | No
         await server.serve_until_signal(grace_s=config.grace_s)
     finally:
         queue.shutdown()
+        metrics.close()
         store.close()
 
 

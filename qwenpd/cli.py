@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", help="decode service address")
     p.add_argument("--timeout", type=float, default=120.0, help="per-call timeout in seconds (services)")
     p.add_argument("--json", action="store_true", help="print one JSON line with ids, text and timings")
+    from qwenpd.security import add_args as add_security_args
+
+    add_security_args(p, server=False)
     p.set_defaults(func=cmd_generate)
 
     try:  # serving subcommands (serve, demo) live with the services

@@ -147,6 +147,13 @@ class Cancelled(QwenpdError):
     default_reason = "CANCELLED"
 
 
+class Unauthenticated(QwenpdError):
+    """The call carries no valid credentials (missing or wrong bearer token)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
 class RemoteError(QwenpdError):
     """A failed call whose status has no domain class here (INTERNAL, UNIMPLEMENTED, ...)."""
 
@@ -157,7 +164,7 @@ class RemoteError(QwenpdError):
 
 _BY_CODE: dict[grpc.StatusCode, type[QwenpdError]] = {
     cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
-                              DataLoss, DeadlineExceeded, Cancelled)
+                              DataLoss, DeadlineExceeded, Cancelled, Unauthenticated)
 }
 
 
@@ -228,41 +235,61 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: QwenpdError) -> Non
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Applies `to_status` to every handler: QwenpdError -> its status; anything else -> logged INTERNAL."""
+OnStatus = Callable[[str, grpc.StatusCode], None]  # (full method path, final code) of every finished call
 
-    def __init__(self) -> None:
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Applies `to_status` to every handler: QwenpdError -> its status; anything else -> logged INTERNAL.
+    `on_status` sees every call's final code (metrics)."""
+
+    def __init__(self, on_status: OnStatus | None = None) -> None:
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
+        self._on_status = on_status or (lambda method, code: None)
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         method = handler_call_details.method
         if method in self._cache:
             return self._cache[method]
         handler = await continuation(handler_call_details)
-        wrapped = _wrap_handler(handler, method) if handler is not None else None
+        wrapped = _wrap_handler(handler, method, self._on_status) if handler is not None else None
         if wrapped is not None:
             self._cache[method] = wrapped
         return wrapped
 
 
-async def _map_exception(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
-    if isinstance(exc, grpc.aio.AbortError):
+async def _map_exception(context: grpc.aio.ServicerContext, exc: Exception, method: str,
+                         on_status: OnStatus) -> None:
+    if isinstance(exc, grpc.aio.AbortError):  # context.abort() called directly: its code is on the context
+        on_status(method, _status_code(context.code()))
         raise exc
     if not isinstance(exc, QwenpdError):
         log.exception("unexpected error in %s", method)
         exc = QwenpdError(f"internal error in {method}: {type(exc).__name__}")
+    on_status(method, exc.code)
     await abort_with(context, exc)
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _status_code(code: Any) -> grpc.StatusCode:
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, on_status: OnStatus) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         behavior = handler.unary_unary or handler.stream_unary
 
         async def unary_response(request_or_iterator, context):
             try:
-                return await behavior(request_or_iterator, context)
+                response = await behavior(request_or_iterator, context)
+            except asyncio.CancelledError:  # the caller left or its deadline passed
+                on_status(method, grpc.StatusCode.CANCELLED)
+                raise
             except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
-                await _map_exception(context, exc, method)
+                await _map_exception(context, exc, method, on_status)
+            else:
+                on_status(method, grpc.StatusCode.OK)
+                return response
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return factory(unary_response, request_deserializer=handler.request_deserializer,
@@ -274,14 +301,25 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
             try:
                 async for item in behavior(request_or_iterator, context):
                     yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                on_status(method, grpc.StatusCode.CANCELLED)
+                raise
             except Exception as exc:  # noqa: BLE001
-                await _map_exception(context, exc, method)
+                await _map_exception(context, exc, method, on_status)
+            else:
+                on_status(method, grpc.StatusCode.OK)
     else:  # a coroutine writing with context.write()
         async def stream_response(request_or_iterator, context):  # type: ignore[misc]
             try:
-                return await behavior(request_or_iterator, context)
+                result = await behavior(request_or_iterator, context)
+            except asyncio.CancelledError:
+                on_status(method, grpc.StatusCode.CANCELLED)
+                raise
             except Exception as exc:  # noqa: BLE001
-                await _map_exception(context, exc, method)
+                await _map_exception(context, exc, method, on_status)
+            else:
+                on_status(method, grpc.StatusCode.OK)
+                return result
     return factory(stream_response, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
@@ -351,15 +389,22 @@ class GrpcServer:
 
 def make_server(*servicers: Any, host: str = "127.0.0.1", port: int = 0,
                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), options: Iterable[tuple[str, Any]] = (),
-                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> GrpcServer:
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Any = None,
+                on_status: OnStatus | None = None) -> GrpcServer:
     """Build a grpc.aio server serving `servicers` (instances of generated `*Servicer` classes) plus
     grpc.health.v1 and reflection, with the error-mapping interceptor first. Call inside the event loop.
 
+    security: a qwenpd.security.Security (TLS / mutual TLS port, bearer-token check); None = plaintext, open.
+    on_status(method, code) is called once per finished call (metrics).
     port 0 binds a free port; the bound one is `GrpcServer.port`. Raises OSError if the address cannot be bound.
     """
+    from qwenpd import security as sec_mod  # imports this module: keep the dependency one-way at import time
+
+    sec = security or sec_mod.Security()
     merged = dict(server_options(max_message_bytes))
     merged.update(dict(options))
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(), *interceptors], options=list(merged.items()))
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(on_status), *sec_mod.server_interceptors(sec),
+                                           *interceptors], options=list(merged.items()))
     names = []
     for servicer in servicers:
         add, full_name = _registration(servicer)
@@ -370,7 +415,8 @@ def make_server(*servicers: Any, host: str = "127.0.0.1", port: int = 0,
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = format_address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        creds = sec_mod.server_credentials(sec)
+        bound = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
     except RuntimeError as exc:
         raise OSError(f"cannot bind {address}: {exc}") from exc
     if bound == 0:

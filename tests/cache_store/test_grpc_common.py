@@ -20,6 +20,7 @@ CASES = [
     gc.DataLoss("checksum mismatch", reason="CHECKSUM_MISMATCH", metadata={"tensor": "layers.0.k"}),
     gc.DeadlineExceeded("deadline passed between chunks"),
     gc.Cancelled("client went away"),
+    gc.Unauthenticated("the bearer token is not valid", reason="BAD_TOKEN"),
 ]
 
 
@@ -128,3 +129,40 @@ def test_make_server_needs_a_generated_servicer() -> None:
             gc.make_server(object())
 
     asyncio.run(main())
+
+
+def test_every_call_reports_its_final_code_and_the_token_is_checked_per_call(tmp_path) -> None:
+    """on_status (metrics) sees OK, mapped errors and unauthenticated calls; the bearer-token check runs on every
+    call, not once per method (the error interceptor caches handlers); health checks need no token."""
+    from qwenpd.security import Security, channel
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    seen: list[tuple[str, grpc.StatusCode]] = []
+
+    async def main() -> None:
+        server = gc.make_server(Decode(), security=Security(auth_token_file=str(token)),
+                                on_status=lambda m, c: seen.append((m.rsplit("/", 1)[-1], c)))
+        await server.start()
+        try:
+            async with channel(server.address, Security(auth_token_file=str(token)), aio=True) as good, \
+                    grpc.aio.insecure_channel(server.address) as anon:
+                ok, bad = decode_pb2_grpc.DecodeServiceStub(good), decode_pb2_grpc.DecodeServiceStub(anon)
+                assert [c.token_ids[0] async for c in ok.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"))] == [1, 2]
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in bad.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"), timeout=5):
+                        pass
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert isinstance(gc.from_rpc_error(e.value), gc.Unauthenticated)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await ok.GetLoad(decode_pb2.GetLoadRequest(), timeout=5)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                health = health_pb2_grpc.HealthStub(anon)
+                assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await server.shutdown(grace_s=0)
+
+    asyncio.run(main())
+    assert seen == [("Decode", grpc.StatusCode.OK), ("Decode", grpc.StatusCode.UNAUTHENTICATED),
+                    ("GetLoad", grpc.StatusCode.UNAVAILABLE), ("Check", grpc.StatusCode.OK)]

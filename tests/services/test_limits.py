@@ -1,0 +1,170 @@
+"""Per-request limits through `serve all` (each one at the limit: accepted; one past it: refused with the right
+code and field; the services keep serving), and the Prometheus /metrics endpoint of each service.
+
+Queue depth and batch size are covered by tests/services/test_bookkeeping.py (Scheduler and WorkQueue at and
+past their bounds) and test_lifecycle.py (a full prefill queue through real processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients import Client, InvalidArgument, ResourceExhausted
+from protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
+from qwenpd.grpc_common import from_rpc_error
+from tests.services.conftest import start_serve_all, stop_serve_all
+
+BLOCK = 16
+MAX_PROMPT, MAX_NEW, MAX_STOPS, MAX_STOP_LEN, MAX_MESSAGE = 64, 16, 2, 8, 8192
+
+
+def _free_port_run(n: int = 3) -> int:
+    """A port p with p, p+1, ..., p+n-1 all free on 127.0.0.1 (the metrics ports of serve all)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            for i in range(n):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
+def _cache_bytes_of_one_block(engine) -> int:
+    """Tensor bytes a 20-token prompt adds to the prefix cache at block size 16: KV block 0 + a snapshot at 16."""
+    _, state = engine.prefill(list(range(1, BLOCK + 1)))
+    tensors = [*state.kv_tensors(0, BLOCK).values(), *state.deltanet_tensors().values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model_dir, tmp_path_factory, engine):
+    metrics_port = _free_port_run()
+    s = start_serve_all(tiny_model_dir, tmp_path_factory.mktemp("limits"), f"lim{os.getpid()}",
+                        "--block-size", str(BLOCK), "--snapshot-interval", "0",
+                        "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
+                        "--max-stop-strings", str(MAX_STOPS), "--max-stop-length", str(MAX_STOP_LEN),
+                        "--max-message-bytes", str(MAX_MESSAGE),
+                        "--max-cache-bytes-per-request", str(_cache_bytes_of_one_block(engine)),
+                        "--metrics-port", str(metrics_port))
+    s.metrics_port = metrics_port
+    yield s
+    assert stop_serve_all(s) == 0
+
+
+@pytest.fixture(scope="module")
+def lclient(limited):
+    with Client(prefill=limited.prefill, decode=limited.decode, timeout=60) as c:
+        yield c
+
+
+LIMITS = {  # name: (accepted kwargs, refused kwargs, field)
+    "prompt-tokens": (dict(token_ids=[7] * MAX_PROMPT), dict(token_ids=[7] * (MAX_PROMPT + 1)), "token_ids.ids"),
+    "new-tokens": (dict(prompt="hi", max_tokens=MAX_NEW), dict(prompt="hi", max_tokens=MAX_NEW + 1),
+                   "sampling.max_tokens"),
+    "stop-strings": (dict(prompt="hi", stop=["zq"] * MAX_STOPS), dict(prompt="hi", stop=["zq"] * (MAX_STOPS + 1)),
+                     "sampling.stop"),
+    "stop-length": (dict(prompt="hi", stop=["q" * MAX_STOP_LEN]), dict(prompt="hi", stop=["q" * (MAX_STOP_LEN + 1)]),
+                    "sampling.stop[0]"),
+}
+
+
+@pytest.mark.parametrize("ok,bad,field", list(LIMITS.values()), ids=list(LIMITS))
+def test_limit(lclient, ok, bad, field):
+    r = lclient.generate(**{"max_tokens": 2, "temperature": 0, **ok})
+    assert r.token_ids
+    with pytest.raises(InvalidArgument) as info:
+        lclient.generate(**{"max_tokens": 2, **bad})
+    assert info.value.field == field
+    assert lclient.generate("still serving", max_tokens=2, temperature=0).token_ids
+
+
+def _prefill_of_size(address: str, size: int) -> prefill_pb2.PrefillResponse:
+    """A Prefill call whose request message is exactly `size` bytes (padded with cache_salt)."""
+    req = prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[1, 2, 3]), cache_salt="")
+    n = size - req.ByteSize()
+    while req.ByteSize() != size and n > 0:  # the salt's length prefix grows with it
+        req.cache_salt = "s" * n
+        n -= 1
+    assert req.ByteSize() == size
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return prefill_pb2_grpc.PrefillServiceStub(ch).Prefill(req, timeout=30)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def test_message_size(limited, lclient):
+    from cache_store.client import CacheStoreClient
+
+    response = _prefill_of_size(limited.prefill, MAX_MESSAGE)
+    with CacheStoreClient(limited.cache) as store:
+        store.delete(response.checkpoint_id)
+    with pytest.raises(ResourceExhausted):
+        _prefill_of_size(limited.prefill, MAX_MESSAGE + 1)
+    with Client(prefill=limited.prefill, decode=limited.decode, timeout=10, max_message_bytes=1024) as small:
+        with pytest.raises(ResourceExhausted):  # the client's own send limit
+            small.generate("x" * 2000, max_tokens=1)
+    assert lclient.generate("still serving", max_tokens=2, temperature=0).token_ids
+
+
+def test_per_request_cache_budget(lclient):
+    """A prompt adding exactly the budget is cached (its repeat restores 16 tokens); one adding more is served
+    but not cached."""
+    at = [11 + i for i in range(BLOCK + 4)]  # KV block 0 + snapshot at 16 == the budget
+    past = [101 + i for i in range(2 * BLOCK + 4)]  # two KV blocks + a snapshot at 32
+    for ids, cached in ((at, BLOCK), (past, 0)):
+        first = lclient.generate(token_ids=ids, max_tokens=2, temperature=0)
+        again = lclient.generate(token_ids=ids, max_tokens=2, temperature=0)
+        assert first.token_ids == again.token_ids
+        assert again.cached_tokens == cached
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+            if "le" not in s.labels:
+                out[key] = s.value
+    return out
+
+
+def test_metrics_move_after_requests(limited, lclient):
+    port = limited.metrics_port
+    before = {name: _scrape(port + i) for i, name in enumerate(("cache", "prefill", "decode"))}
+    r = lclient.generate("count me", max_tokens=4, temperature=0, ignore_eos=True)
+    with pytest.raises(InvalidArgument):
+        lclient.generate("too many", max_tokens=MAX_NEW + 1)
+    cache, prefill, decode = (_scrape(port + i) for i in range(3))
+
+    def moved(after, name, key):
+        return after.get(key, 0) - before[name].get(key, 0)
+
+    ok = "qwenpd_requests_total,code=OK,method={},service={}"
+    assert moved(prefill, "prefill", ok.format("Prefill", "prefill")) == 1
+    assert moved(prefill, "prefill", "qwenpd_requests_total,code=INVALID_ARGUMENT,method=Prefill,service=prefill") == 1
+    assert moved(prefill, "prefill", "qwenpd_prefill_ttft_seconds_count") == 1
+    assert moved(prefill, "prefill", "qwenpd_prefill_queue_seconds_count") == 1
+    assert moved(prefill, "prefill", "qwenpd_prompt_tokens_total") == r.prompt_tokens
+    assert "qwenpd_prefill_queue_depth" in prefill
+    assert moved(decode, "decode", ok.format("Decode", "decode")) == 1
+    assert moved(decode, "decode", "qwenpd_output_tokens_total") == 4
+    assert moved(decode, "decode", "qwenpd_decode_tpot_seconds_count") == 1
+    assert decode["qwenpd_decode_active_sequences"] == 0 and "qwenpd_decode_queue_depth" in decode
+    assert moved(cache, "cache", ok.format("AcquireLease", "cache_store")) == 1
+    assert moved(cache, "cache", "qwenpd_cache_acquire_hits_total") == 1
+    assert cache["qwenpd_cache_entries"] >= 0 and "qwenpd_cache_used_bytes" in cache
+    assert "qwenpd_cache_prefix_hits_total" in cache

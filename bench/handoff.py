@@ -1,13 +1,22 @@
-"""Hand-off cost through the cache store's shared-memory data plane, against one memcpy of the same bytes.
+"""Hand-off cost through the cache store's data planes (shm, mooncake), against one memcpy of the same bytes.
 
     python bench/handoff.py [--sizes 1,16,128] [--repeat 10] [--threads N] [--no-store]
+    python bench/handoff.py --shapes tiny-2k,small-2k,27b-4k --backends shm,mooncake --repeat 5
 
 Table 1 (data plane): write = plan + copy tensors into a mapped segment range with checksums + header;
 read = parse + verify checksums + zero-copy tensor views; ratio = (write + read) / memcpy, where memcpy is one
 single-threaded memmove of the same bytes into an already-faulted buffer. Steady state: segments stay mapped
 across hand-offs, as the services keep them.
-Table 2 (through a live store process): put = AllocateSegment + write + CommitCheckpoint (+ DeleteCheckpoint);
-get = AcquireLease + read + ReleaseLease, over loopback gRPC.
+Table 2 (through a live store process, per backend): put = AllocateSegment + write + CommitCheckpoint
+(+ DeleteCheckpoint); get = AcquireLease + read + ReleaseLease, over loopback gRPC. For mooncake (a local
+mooncake_master, TCP on loopback) the same run also measures Mooncake's own put_from/get_into of the same bytes
+from/into warm registered buffers ("raw"; each object read once, like a hand-off): our overhead is the gap.
+--shapes: states of the real shapes (synthetic values): <preset>-<tokens>, preset tiny|small|27b (Qwen3.6-27B).
+
+Paper estimate, trn2 over EFA (mooncake-transfer-engine-efa-non-cuda): a trn2.48xlarge has 16 EFAv3 NICs of
+200 Gb/s (3.2 Tb/s, AWS's trn2 instance page). Assuming one NIC per hand-off at ~80% of line rate (~20 GB/s):
+Qwen3.6-27B at 4K tokens (403 MiB) ~21 ms, at 32K (2.2 GiB) ~115 ms, plus the device->host DMA on each side;
+striped over 4 NICs, ~4x less. On loopback TCP here Mooncake moves ~1.4 GB/s (27b-4k: ~300 ms).
 """
 
 from __future__ import annotations
@@ -44,6 +53,27 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def model_state(shape: str) -> dict[str, torch.Tensor]:
+    """The hand-off state of `<preset>-<tokens>` (e.g. 27b-4k): K/V bf16 per attention layer, DeltaNet conv
+    state bf16 and recurrent state fp32 per linear layer, with the preset's real shapes; random values."""
+    from engine.config import preset
+
+    name, _, toks = shape.rpartition("-")
+    c = preset({"27b": "qwen3.6-27b"}.get(name, name))
+    t = int(toks[:-1]) * 1024 if toks.endswith("k") else int(toks)
+    conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+    out: dict[str, torch.Tensor] = {}
+    for i, kind in enumerate(c.layer_types):
+        if kind == "full_attention":
+            for n in ("k", "v"):
+                out[f"layers.{i}.{n}"] = torch.empty(c.num_key_value_heads, t, c.head_dim, dtype=torch.bfloat16).uniform_()
+        else:
+            out[f"layers.{i}.conv"] = torch.empty(conv_dim, c.linear_conv_kernel_dim - 1, dtype=torch.bfloat16).uniform_()
+            out[f"layers.{i}.recurrent"] = torch.empty(c.linear_num_value_heads, c.linear_key_head_dim,
+                                                       c.linear_value_head_dim).uniform_()
+    return out
+
+
 def median_ms(fn, repeat: int) -> float:
     fn()  # warm-up: faults pages in, fills caches of Python objects
     times = []
@@ -54,8 +84,7 @@ def median_ms(fn, repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def data_plane_row(mib: int, repeat: int, threads: int) -> tuple[float, ...]:
-    tensors = make_state(mib)
+def data_plane_row(tensors: dict[str, torch.Tensor], repeat: int, threads: int) -> tuple[float, ...]:
     meta = CheckpointMeta("bench-fingerprint", 1234, {"qwenpd.handoff": "{}"})
     nbytes = CheckpointWriter(tensors, meta).nbytes
     path = f"/dev/shm/qwenpd-bench-{os.getpid()}"
@@ -80,20 +109,28 @@ def data_plane_row(mib: int, repeat: int, threads: int) -> tuple[float, ...]:
     return nbytes / 2**20, copy_ms, write_ms, read_ms, (write_ms + read_ms) / copy_ms
 
 
-def store_rows(sizes: list[int], repeat: int, threads: int) -> list[tuple[float, ...]]:
+def store_rows(states: dict[str, dict[str, torch.Tensor]], repeat: int, threads: int,
+               backend: str) -> list[tuple]:
     from cache_store.client import CacheStoreClient
 
-    budget = (repeat + 3) * max(sizes) + 64
+    biggest = max(CheckpointWriter(t, CheckpointMeta("x", 1)).nbytes for t in states.values()) >> 20
+    budget = (repeat + 3) * (biggest + 1) + 64
+    master = None
+    flags = ["--segment-size", f"{budget}MiB"]
+    if backend == "mooncake":
+        from cache_store.mooncake_master import MooncakeMaster
+        master = MooncakeMaster().start()
+        flags = ["--backend", "mooncake", "--mooncake-master", master.address, "--metadata", master.metadata_url]
     proc = subprocess.Popen([sys.executable, "-m", "cache_store", "--listen", "127.0.0.1:0", "--store-id",
-                             f"bench{os.getpid()}", "--budget", f"{budget}MiB", "--segment-size", f"{budget}MiB"],
+                             f"bench{os.getpid()}", "--budget", f"{budget}MiB", *flags],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         address = re.search(r"listening on (\S+)", proc.stdout.readline()).group(1)  # type: ignore[union-attr]
         rows = []
         with CacheStoreClient(address, io_threads=threads) as client:
-            for mib in sizes:
-                tensors = make_state(mib)
+            for label, tensors in states.items():
                 meta = CheckpointMeta("bench-fingerprint", 1234)
+                nbytes = CheckpointWriter(tensors, meta).nbytes
                 put_ms = median_ms(lambda: client.delete(client.put_checkpoint(tensors, meta)), repeat)
                 ids = [client.put_checkpoint(tensors, meta) for _ in range(repeat + 1)]
 
@@ -102,31 +139,73 @@ def store_rows(sizes: list[int], repeat: int, threads: int) -> list[tuple[float,
                         pass
 
                 get_ms = median_ms(get, repeat)
-                rows.append((CheckpointWriter(tensors, meta).nbytes / 2**20, put_ms, get_ms))
+                raw = raw_mooncake_ms(master, nbytes, repeat) if master else (float("nan"), float("nan"))
+                rows.append((label, nbytes, put_ms, get_ms, *raw))
         return rows
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+        if master is not None:
+            master.close()
+
+
+def raw_mooncake_ms(master, nbytes: int, repeat: int) -> tuple[float, float]:
+    """Mooncake Store's own put_from / get_into of `nbytes` from / into warm registered buffers."""
+    import numpy as np
+
+    from cache_store.mooncake import connect
+
+    mc = connect(master.address, master.metadata_url)
+    src, dst = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+    for buf in (src, dst):
+        mc.register_buffer(buf.ctypes.data, nbytes)
+    keys = iter(f"bench/raw/{i}" for i in range(10 * repeat + 10))
+    done: list[str] = []
+
+    def put() -> None:
+        key = next(keys)
+        assert mc.put_from(key, src.ctypes.data, nbytes) == 0
+        done.append(key)
+
+    put_ms = median_ms(put, repeat)
+    fresh = iter(list(done))  # each object read once, as hand-offs do (a key's first get costs more)
+    get_ms = median_ms(lambda: mc.get_into(next(fresh), dst.ctypes.data, nbytes), repeat)
+    mc.remove_by_regex("^bench/raw/", True)
+    mc.close()
+    return put_ms, get_ms
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1,16,128", help="state sizes in MiB (default 1,16,128)")
+    parser.add_argument("--sizes", default="1,16,128", help="hybrid-like states of these MiB (default 1,16,128)")
+    parser.add_argument("--shapes", default="", help="real-shape states instead, e.g. tiny-2k,small-2k,27b-4k,27b-32k")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads", type=int, default=default_threads(), help="checkpoint I/O threads")
+    parser.add_argument("--backends", default="shm", help="live-store backends to measure: shm,mooncake")
     parser.add_argument("--no-store", action="store_true", help="skip the live-store table")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
     torch.set_num_threads(1)
+    if args.shapes:
+        states = {s: model_state(s) for s in args.shapes.split(",")}
+    else:
+        states = {f"{m}MiB": make_state(int(m)) for m in args.sizes.split(",")}
     print(f"cpus={os.cpu_count()} io_threads={args.threads} repeat={args.repeat} (medians)")
-    print(f"{'MiB':>8} {'memcpy ms':>10} {'write ms':>9} {'read ms':>8} {'ratio':>6}")
-    for mib in sizes:
-        size, copy_ms, write_ms, read_ms, ratio = data_plane_row(mib, args.repeat, args.threads)
-        print(f"{size:8.1f} {copy_ms:10.2f} {write_ms:9.2f} {read_ms:8.2f} {ratio:6.2f}")
-    if not args.no_store:
-        print(f"\nthrough a live cache store (loopback gRPC)\n{'MiB':>8} {'put ms':>8} {'get ms':>8}")
-        for size, put_ms, get_ms in store_rows(sizes, args.repeat, args.threads):
-            print(f"{size:8.1f} {put_ms:8.2f} {get_ms:8.2f}")
+    print(f"{'state':>10} {'MiB':>8} {'memcpy ms':>10} {'write ms':>9} {'read ms':>8} {'ratio':>6}")
+    memcpy = {}
+    for label, tensors in states.items():
+        size, copy_ms, write_ms, read_ms, ratio = data_plane_row(tensors, args.repeat, args.threads)
+        memcpy[label] = copy_ms
+        print(f"{label:>10} {size:8.1f} {copy_ms:10.2f} {write_ms:9.2f} {read_ms:8.2f} {ratio:6.2f}")
+    if args.no_store:
+        return 0
+    print("\nthrough a live cache store (loopback gRPC); MB/s = checkpoint bytes / median time")
+    print(f"{'backend':>8} {'state':>10} {'MiB':>8} {'put MB/s':>9} {'get MB/s':>9} {'raw put':>8} {'raw get':>8} "
+          f"{'memcpy':>8}")
+    for backend in args.backends.split(","):
+        for label, nbytes, put_ms, get_ms, raw_put, raw_get in store_rows(states, args.repeat, args.threads, backend):
+            rate = lambda ms: nbytes / 1e3 / ms  # noqa: E731  (MB/s)
+            print(f"{backend:>8} {label:>10} {nbytes / 2**20:8.1f} {rate(put_ms):9.0f} {rate(get_ms):9.0f} "
+                  f"{rate(raw_put):8.0f} {rate(raw_get):8.0f} {rate(memcpy[label]):8.0f}")
     return 0
 
 

@@ -110,7 +110,8 @@ class AsyncClient:
     """asyncio client. Use `async with AsyncClient(...) as c:`; channels open on first use in the running loop."""
 
     max_resumes = 3  # re-prefill and continue at most this often per request after a decode stream broke off
-    resume_backoff_s = 0.2  # times the attempt number, before each re-prefill after the first
+    resume_wait_s = 15.0  # how long a broken stream waits for some decode address to answer (e.g. a restart)
+    resume_poll_s = 0.2  # between those checks
     resumed = 0  # streams this client continued after a decode failure (counted per instance once one happens)
 
     def __init__(self, prefill: str | Sequence[str], decode: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
@@ -201,10 +202,9 @@ class AsyncClient:
                     yield chunk
                 return
             except Unavailable:
-                if attempt == self.max_resumes or not prompt_ids:
+                if attempt == self.max_resumes or not prompt_ids or not await self._decode_back():
                     raise
             self.resumed += 1
-            await asyncio.sleep(self.resume_backoff_s * attempt)
             pre = await self._call_prefill(_resume_request(request, prompt_ids + received, len(received)), timeout)
 
     async def _call_prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
@@ -255,6 +255,21 @@ class AsyncClient:
                 Pool.finished(backend, ok or received)
         assert last is not None
         raise last
+
+    async def _decode_back(self) -> bool:
+        """Wait up to resume_wait_s until some decode address answers again; re-prefilling before that would
+        only leave a checkpoint nobody reads."""
+        deadline = time.monotonic() + self.resume_wait_s
+        while True:
+            for backend in self._decode.ranked():
+                try:
+                    await self.load(backend.address, timeout=1.0)
+                    return True
+                except QwenpdError:
+                    pass
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.resume_poll_s)
 
     async def _ranked_decode(self, timeout: float) -> list[Backend]:
         if len(self._decode) > 1:

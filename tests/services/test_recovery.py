@@ -176,6 +176,28 @@ def test_sigterm_decode_goes_not_serving_drains_and_the_client_resumes(stack):
     assert ids == ref.token_ids and "".join(text) == ref.text
 
 
+def test_decode_restarted_at_the_same_address_takes_over(stack):
+    stack.extra["decode4"] = ("--listen", f"127.0.0.1:{_free_port()}")
+    stack.start("decode4")
+    opts = dict(temperature=0, max_tokens=1000, ignore_eos=True)
+    with Client(prefill=stack.addr["prefill"], decode=stack.addr["decode4"], timeout=60) as c:
+        ref = c.generate("The restart prompt", **opts)
+        ids: list[int] = []
+        restart = threading.Thread(target=stack.start, args=("decode4",))
+        for i, chunk in enumerate(c.stream("The restart prompt", **opts)):
+            ids += chunk.token_ids
+            if i == 3:
+                stack.kill("decode4")
+                restart.start()  # the stream waits for the address to answer again
+        restart.join(60)
+        assert c.resumed == 1
+        assert ids == ref.token_ids
+        stack.kill("decode4")
+        c._async.resume_wait_s = 1.0  # noqa: SLF001 - nobody comes back this time
+        with pytest.raises(Unavailable):
+            c.generate("nobody left", **opts)
+
+
 def test_prefill_kill9_is_retried_elsewhere_or_unavailable(stack):
     decode = stack.addr[_ensure_two_decodes(stack)[0]]
     stack.start("prefill2")

@@ -194,7 +194,12 @@ class MooncakePlane:
                                   retry_after_s=0.5, reason="MOONCAKE_PUT_FAILED")
 
     def read_many(self, keys: Sequence[str], sizes: Sequence[int]) -> list[memoryview]:
-        """Fetch objects into one fresh registered buffer; the views stay valid as long as anything uses them."""
+        """Fetch objects into one fresh registered buffer; the views stay valid as long as anything uses them.
+        A key asked for twice is fetched once (a batch get with repeated keys fills only one buffer)."""
+        unique = dict(zip(keys, sizes))
+        if len(unique) < len(keys):
+            views = dict(zip(unique, self.read_many(list(unique), list(unique.values()))))
+            return [views[k] for k in keys]
         offsets = np.cumsum([0, *(-(-n // _ALIGN) * _ALIGN for n in sizes)]).tolist()
         buf = _Buffer(self.client, max(offsets[-1], 1))
         try:

@@ -39,7 +39,8 @@ class Stack:
         for name in names:
             ready[name] = self.tmp / f"{name}-{time.monotonic_ns()}.json"
             if name == "cache":
-                args = ["serve", "cache", "--listen", self.cache_listen, "--store-id", self.store_id]
+                args = ["serve", "cache", "--listen", self.cache_listen, "--store-id", self.store_id,
+                        "--allocation-ttl", "3", "--lease-ttl", "4"]  # what dead services held comes back soon
             else:
                 args = ["serve", name.rstrip("0123456789"), "--model", str(self.model_dir), "--cache",
                         self.cache_listen, "--threads", "1", *self.extra.get(name, ())]
@@ -221,6 +222,13 @@ def test_prefill_kill9_is_retried_elsewhere_or_unavailable(stack):
     with Client(prefill=[doomed, stack.addr["prefill"]], decode=decode, timeout=60) as c:
         for _ in range(2):
             assert len(c.generate("retried", max_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
+    from cache_store.client import CacheStoreClient
+
+    with CacheStoreClient(stack.addr["cache"]) as store:  # what the killed prefill held expires
+        deadline = time.monotonic() + 12
+        while (st := store.stats()).leases or st.allocations:
+            assert time.monotonic() < deadline, f"still held after the prefill died: {st}"
+            time.sleep(0.1)
 
 
 def test_cache_store_restart_reclaims_segments_and_stale_handles_are_not_found(stack):

@@ -17,6 +17,7 @@ from qwenpd.grpc_common import DataLoss, InvalidArgument
 
 HANDOFF_KEY = "qwenpd.handoff"
 PROMPT_TAIL = 8  # prompt ids kept for decode's incremental detokenizer
+MAX_DRAWS = 1 << 20  # more sampler draws than any context holds tokens: a record claiming more is corrupt
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -97,6 +98,9 @@ class Handoff:
                            reason="HANDOFF_CORRUPT") from None
         if sampling.seed is None or pb.first_token.id >= vocab_size:
             raise DataLoss("checkpoint hand-off record lacks a seed or has a bad first token",
+                           reason="HANDOFF_CORRUPT")
+        if not 1 <= pb.sampler_draws <= MAX_DRAWS:  # decode replays this many draws: bound it
+            raise DataLoss(f"checkpoint hand-off record has {pb.sampler_draws} sampler draws",
                            reason="HANDOFF_CORRUPT")
         if pb.detok_unread > len(pb.prompt_tail_ids):
             raise DataLoss("checkpoint hand-off record has more unread ids than tail ids", reason="HANDOFF_CORRUPT")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,7 @@ class Sequence:
     cached_tokens: int = 0
     state: HybridState | None = None
     finish_reason: str | None = field(default=None)
+    submitted_at: float = 0.0  # time.monotonic() when it started waiting for a slot
 
     def push(self, token_id: int, logprob: float) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""
@@ -122,6 +124,8 @@ class DecodeRunner:
         self._warmup = warmup
         self._deliver = deliver
         self._members: dict[int, Sequence] = {}  # id(state) -> sequence, for sequences in the batch
+        self.on_join: Callable[[float], None] = lambda waited_s: None  # metrics: slot wait of a joining sequence
+        self.on_step: Callable[[int], None] = lambda batch_size: None  # metrics: sequences in each step
         self._ready: concurrent.futures.Future[Engine] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, name="decode-loop", daemon=True)
 
@@ -140,6 +144,7 @@ class DecodeRunner:
             self._deliver([(s, Output([], [], "", error=err)) for s in left])
 
     def submit(self, seq: Sequence) -> None:
+        seq.submitted_at = time.monotonic()
         self.scheduler.submit(seq)
 
     def cancel(self, seq: Sequence) -> None:
@@ -202,6 +207,7 @@ class DecodeRunner:
             seq.load = _loaded  # drop the references to the leased bytes before they are released
             seq.lease.done()
         self._members[id(seq.state)] = seq
+        self.on_join(time.monotonic() - seq.submitted_at)
         return None
 
     def _leave(self, seq: Sequence) -> None:
@@ -214,6 +220,7 @@ class DecodeRunner:
     def _step(self) -> list[tuple[Sequence, Output]]:
         assert self.batch is not None
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
+        self.on_step(len(seqs))
         logits = self.batch.step([seq.next_token for seq in seqs])  # [B, V] fp32
         greedy = [seq.sampler.params.greedy for seq in seqs]
         ids, logprobs = greedy_batch(logits) if any(greedy) else ([], [])

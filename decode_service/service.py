@@ -49,7 +49,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._background: set[asyncio.Task] = set()
         self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver, config.warmup)
         self.metrics = metrics or DecodeMetrics()
-        self.metrics.watch(self.runner.load_info)
+        self.metrics.watch(self.runner)
         self.engine: Engine | None = None
 
     async def start(self) -> Engine:

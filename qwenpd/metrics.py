@@ -3,8 +3,8 @@
 
 Every service counts its calls by method and status code (`qwenpd_requests_total`, fed by the error-mapping
 interceptor in qwenpd.grpc_common). Prefill adds time-to-first-token, queue, restore, compute and hand-off write
-histograms and the queue depth; decode adds time per output token, output tokens, active sequences and queue
-depth; the cache store exports its bytes, entries, leases, evictions and prefix/lease hits and misses, read on
+histograms and the queue depth; decode adds time per output token, slot wait and batch size histograms, output
+tokens, active sequences and queue depth; the cache store exports its bytes, entries, leases, evictions and prefix/lease hits and misses, read on
 the store's event loop at scrape time.
 """
 
@@ -83,11 +83,17 @@ class DecodeMetrics(Metrics):
         self.active = Gauge("qwenpd_decode_active_sequences", "sequences in the batch", registry=self.registry)
         self.queue_depth = Gauge("qwenpd_decode_queue_depth", "sequences waiting for a batch slot",
                                  registry=self.registry)
+        self.queue = self._histogram("qwenpd_decode_queue_seconds",
+                                     "time a sequence waited for a batch slot (state load included)")
+        self.batch = Histogram("qwenpd_decode_batch_size", "sequences stepped together, per step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
 
-    def watch(self, load: Callable[[], Any]) -> None:
-        """Read active/queued from `load()` (a LoadInfo) at scrape time."""
-        self.active.set_function(lambda: load().active)
-        self.queue_depth.set_function(lambda: load().queued)
+    def watch(self, runner: Any) -> None:
+        """Read active/queued from the runner's LoadInfo at scrape time; observe its joins and steps."""
+        self.active.set_function(lambda: runner.load_info().active)
+        self.queue_depth.set_function(lambda: runner.load_info().queued)
+        runner.on_join = self.queue.observe
+        runner.on_step = self.batch.observe
 
 
 class StoreMetrics(Metrics):

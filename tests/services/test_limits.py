@@ -163,8 +163,49 @@ def test_metrics_move_after_requests(limited, lclient):
     assert moved(decode, "decode", ok.format("Decode", "decode")) == 1
     assert moved(decode, "decode", "qwenpd_output_tokens_total") == 4
     assert moved(decode, "decode", "qwenpd_decode_tpot_seconds_count") == 1
+    assert moved(decode, "decode", "qwenpd_decode_queue_seconds_count") == 1
+    assert moved(decode, "decode", "qwenpd_decode_batch_size_count") == 3  # 4 tokens: the first came from prefill
     assert decode["qwenpd_decode_active_sequences"] == 0 and "qwenpd_decode_queue_depth" in decode
     assert moved(cache, "cache", ok.format("AcquireLease", "cache_store")) == 1
     assert moved(cache, "cache", "qwenpd_cache_acquire_hits_total") == 1
     assert cache["qwenpd_cache_entries"] >= 0 and "qwenpd_cache_used_bytes" in cache
     assert "qwenpd_cache_prefix_hits_total" in cache
+
+
+def test_decode_sampling_override_is_limited_too(limited, lclient):
+    """Decode may override sampling: the same limits apply there (field named, checkpoint not left leased)."""
+    from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+    with grpc.insecure_channel(limited.prefill) as pch, grpc.insecure_channel(limited.decode) as dch:
+        pre = prefill_pb2_grpc.PrefillServiceStub(pch).Prefill(
+            prefill_pb2.PrefillRequest(text="override"), timeout=30)
+        request = decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id,
+                                           sampling=common_pb2.SamplingParams(max_tokens=MAX_NEW + 1))
+        with pytest.raises(InvalidArgument) as info:
+            try:
+                list(decode_pb2_grpc.DecodeServiceStub(dch).Decode(request, timeout=30))
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+    assert info.value.field == "sampling.max_tokens"
+    assert lclient.generate("still serving", max_tokens=2, temperature=0).token_ids
+
+
+def test_resumed_prompt_counts_only_its_own_prompt_tokens(limited):
+    """A resumed request (prompt + tokens generated before a decode failure) is held to the original prompt
+    limit; the generated tokens count against max_tokens instead."""
+    from cache_store.client import CacheStoreClient
+    from protos.qwenpd.v1 import common_pb2
+
+    generated = 5
+    req = prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[7] * MAX_PROMPT + [8] * generated),
+                                     sampling=common_pb2.SamplingParams(max_tokens=MAX_NEW, seed=1),
+                                     resume_generated=generated)
+    with grpc.insecure_channel(limited.prefill) as ch:
+        stub = prefill_pb2_grpc.PrefillServiceStub(ch)
+        response = stub.Prefill(req, timeout=30)
+        req.resume_generated = 0
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Prefill(req, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with CacheStoreClient(limited.cache) as store:
+        store.delete(response.checkpoint_id)

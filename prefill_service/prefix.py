@@ -45,15 +45,17 @@ class PrefixPlan:
 class PrefixCache:
     """max_bytes_per_request: most tensor bytes of new entries (KV blocks + snapshots) one prompt may add; a
     prompt past it is handed off without caching anything new (None = no limit). on_skip: called then, and when
-    the store has no room."""
+    the store has no room. on_written: bytes of tensors written per request (hand-off + new entries)."""
 
     def __init__(self, engine: Engine, store: CacheStoreClient, policy: PrefixPolicy,
-                 max_bytes_per_request: int | None = None, on_skip: Callable[[], None] | None = None):
+                 max_bytes_per_request: int | None = None, on_skip: Callable[[], None] | None = None,
+                 on_written: Callable[[int], None] | None = None):
         self.engine = engine
         self.store = store
         self.policy = policy
         self.max_bytes_per_request = max_bytes_per_request
         self._on_skip = on_skip or (lambda: None)
+        self._on_written = on_written or (lambda nbytes: None)
 
     def plan(self, token_ids: Sequence[int], cache_salt: str | None) -> PrefixPlan:
         b = self.policy.block_size
@@ -114,7 +116,7 @@ class PrefixCache:
                                 (i + 1) * b) for i in new_blocks]
             items += [SharedItem(store_pb.ENTRY_KIND_SNAPSHOT, plan.keys[pos // b - 1], snap, pos)
                       for pos, snap in sorted(plan.snapshots.items())]
-            new_bytes = sum(t.numel() * t.element_size() for it in items for t in it.tensors.values())
+            new_bytes = sum(_nbytes(it.tensors) for it in items)
             if self.max_bytes_per_request is not None and new_bytes > self.max_bytes_per_request:
                 log.info("prompt would add %d bytes to the prefix cache (limit %d per request): not cached",
                          new_bytes, self.max_bytes_per_request)
@@ -123,8 +125,10 @@ class PrefixCache:
             own = state.kv_tensors(len(plan.keys) * b, n)
             own.update(state.deltanet_tensors())
             try:
-                return self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
-                                                        handoff_ttl_s=handoff_ttl_s)
+                checkpoint_id = self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
+                                                                 handoff_ttl_s=handoff_ttl_s)
+                self._on_written(new_bytes + _nbytes(own))
+                return checkpoint_id
             except ResourceExhausted as exc:  # no room to cache this prompt: hand off without caching it
                 log.warning("prefix cache full, handing off without caching the prompt: %s", exc.message)
                 self._on_skip()
@@ -136,7 +140,9 @@ class PrefixCache:
                         refs: list[str]) -> str:
         own = state.kv_tensors(len(refs) * self.policy.block_size, state.num_tokens)
         own.update(state.deltanet_tensors())
-        return self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
+        checkpoint_id = self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
+        self._on_written(_nbytes(own))
+        return checkpoint_id
 
     def release(self, plan: PrefixPlan) -> None:
         """Drop this request's pins on prefix entries (the checkpoint's references keep what it needs)."""
@@ -145,3 +151,7 @@ class PrefixCache:
             self.store.release_leases(leases)
         except NotFound:
             pass
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -53,7 +53,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.metrics = metrics or PrefillMetrics()
         self.metrics.queue_depth.set_function(lambda: queue.waiting)
         self.prefix = PrefixCache(engine, store, config.prefix_policy, config.limits.max_cache_bytes_per_request,
-                                  on_skip=self.metrics.uncached.inc)
+                                  on_skip=self.metrics.uncached.inc, on_written=self.metrics.handoff_bytes.inc)
         self.served = 0
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:

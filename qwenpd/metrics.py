@@ -3,9 +3,9 @@
 
 Every service counts its calls by method and status code (`qwenpd_requests_total`, fed by the error-mapping
 interceptor in qwenpd.grpc_common). Prefill adds time-to-first-token, queue, restore, compute and hand-off write
-histograms and the queue depth; decode adds time per output token, slot wait and batch size histograms, output
-tokens, active sequences and queue depth; the cache store exports its bytes, entries, leases, evictions and prefix/lease hits and misses, read on
-the store's event loop at scrape time.
+histograms, hand-off bytes and the queue depth; decode adds time per output token, slot wait and batch size
+histograms, output tokens, active sequences and queue depth; the cache store exports its bytes, entries,
+leases, evictions and prefix/lease hits and misses, read on the store's event loop at scrape time.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class PrefillMetrics(Metrics):
         self.compute = self._histogram("qwenpd_prefill_compute_seconds", "chunked prefill of the uncached suffix")
         self.write = self._histogram("qwenpd_handoff_write_seconds",
                                      "publishing cache entries and writing the hand-off checkpoint")
+        self.handoff_bytes = Counter("qwenpd_handoff_bytes", "tensor bytes written to the cache store (hand-off "
+                                     "checkpoints and new prefix-cache entries)", registry=self.registry)
         self.prompt_tokens = Counter("qwenpd_prompt_tokens", "prompt tokens received", registry=self.registry)
         self.cached_tokens = Counter("qwenpd_cached_tokens", "prompt tokens restored from the prefix cache",
                                      registry=self.registry)

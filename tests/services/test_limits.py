@@ -160,6 +160,7 @@ def test_metrics_move_after_requests(limited, lclient):
     assert moved(prefill, "prefill", "qwenpd_prefill_queue_seconds_count") == 1
     assert moved(prefill, "prefill", "qwenpd_prompt_tokens_total") == r.prompt_tokens
     assert "qwenpd_prefill_queue_depth" in prefill
+    assert moved(prefill, "prefill", "qwenpd_handoff_bytes_total") > 0
     assert moved(decode, "decode", ok.format("Decode", "decode")) == 1
     assert moved(decode, "decode", "qwenpd_output_tokens_total") == 4
     assert moved(decode, "decode", "qwenpd_decode_tpot_seconds_count") == 1

@@ -113,11 +113,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         """Lease and check the checkpoint; a Sequence (state not yet loaded) whose sink holds the first token."""
         e = self.engine
         assert e is not None
+        started = time.monotonic()
         try:
             ckpt = await self.store.get_checkpoint(request.checkpoint_id, e.fingerprint, self._shapes, self._dtypes)
         except DataLoss:  # corrupt bytes help nobody: drop the single-use checkpoint and its hand-off pin now
             await _delete_quietly(self.store, request.checkpoint_id)
             raise
+        self.metrics.handoff_read.observe(time.monotonic() - started)
         lease = Lease(self._release_later(ckpt.lease_id))
         try:
             handoff = Handoff.from_metadata(dict(ckpt.metadata), e.config.vocab_size)

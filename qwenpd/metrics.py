@@ -85,6 +85,8 @@ class DecodeMetrics(Metrics):
         self.active = Gauge("qwenpd_decode_active_sequences", "sequences in the batch", registry=self.registry)
         self.queue_depth = Gauge("qwenpd_decode_queue_depth", "sequences waiting for a batch slot",
                                  registry=self.registry)
+        self.handoff_read = self._histogram("qwenpd_handoff_read_seconds",
+                                            "leasing, mapping and checking a hand-off checkpoint")
         self.queue = self._histogram("qwenpd_decode_queue_seconds",
                                      "time a sequence waited for a batch slot (state load included)")
         self.batch = Histogram("qwenpd_decode_batch_size", "sequences stepped together, per step",

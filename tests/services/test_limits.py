@@ -165,6 +165,7 @@ def test_metrics_move_after_requests(limited, lclient):
     assert moved(decode, "decode", "qwenpd_output_tokens_total") == 4
     assert moved(decode, "decode", "qwenpd_decode_tpot_seconds_count") == 1
     assert moved(decode, "decode", "qwenpd_decode_queue_seconds_count") == 1
+    assert moved(decode, "decode", "qwenpd_handoff_read_seconds_count") == 1
     assert moved(decode, "decode", "qwenpd_decode_batch_size_count") == 3  # 4 tokens: the first came from prefill
     assert decode["qwenpd_decode_active_sequences"] == 0 and "qwenpd_decode_queue_depth" in decode
     assert moved(cache, "cache", ok.format("AcquireLease", "cache_store")) == 1

@@ -40,7 +40,8 @@ def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine, limits
     if not ids:
         raise InvalidArgument(field, "the prompt is empty")
     if limits is not None:
-        limits.check_prompt(len(ids), field)
+        # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
+        limits.check_prompt(len(ids) - min(request.resume_generated, len(ids) - 1), field)
     try:
         engine.check_tokens(ids)
     except ValueError as exc:  # an id outside the vocabulary, or longer than the context

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, check_tensors, read_checkpoint
@@ -78,6 +79,17 @@ class PrefixRead:
     kv: list[dict[str, torch.Tensor]]
     snapshot: dict[str, torch.Tensor] | None
     lease_ids: list[str]
+
+
+def _cat_tokens(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [H, n_i, D] pieces along tokens with NumPy's plain memcpy, not torch: a torch op on an I/O
+    thread starts a second OpenMP thread team in the process, which then fights the decode loop's team for the
+    cores (measured: decode TPOT +40% behind a multi-part read)."""
+    dtype = pieces[0].dtype
+    if any(p.dtype != dtype or p.ndim != 3 for p in pieces):
+        raise ValueError("KV pieces differ in dtype or rank")
+    raw = [p.view(torch.int16 if p.element_size() == 2 else torch.int32).numpy() for p in pieces]
+    return torch.from_numpy(np.concatenate(raw, axis=1)).view(dtype)
 
 
 def _ns(seconds: float | None) -> int | None:
@@ -141,8 +153,8 @@ class _DataPlane:
                 if any(p is None for p in pieces):
                     raise DataLoss(f"a KV block of the checkpoint lacks {name}", reason="MANIFEST_CORRUPT")
                 try:
-                    tensors[name] = torch.cat([*pieces, tail], dim=1)  # [Hkv, T, D]
-                except RuntimeError as exc:
+                    tensors[name] = _cat_tokens([*pieces, tail])  # [Hkv, T, D]
+                except (RuntimeError, ValueError) as exc:
                     raise FailedPrecondition(f"KV blocks of {name} do not fit together: {exc}", subject=name,
                                              reason="STATE_MISMATCH") from None
         check_tensors(tensors, meta.num_tokens, expected_shapes, expected_dtypes)

@@ -186,7 +186,9 @@ def main() -> None:
               f"{'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs, load average at start "
               f"{os.getloadavg()[0]:.2f}")
         rows = []
-        with ServiceSet(model=str(model), dtype=args.dtype, threads=args.threads, max_batch=32,
+        # prefix cache off: this measures transport and hand-off overhead on identical work (the repeated TTFT
+        # prompt would otherwise be a cache hit); bench/prefix_cache.py measures the cache
+        with ServiceSet(model=str(model), dtype=args.dtype, threads=args.threads, max_batch=32, prefix_cache=False,
                         store_id=f"bench{os.getpid()}", log_level="WARNING") as svc, \
                 Client(prefill=svc.prefill, decode=svc.decode, timeout=600) as client, \
                 CacheStoreClient(svc.cache) as store:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import grpc
 
 from cache_store.config import CacheStoreConfig
 from cache_store.index import Entry, Kind

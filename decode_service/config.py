@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_service_limits, split_address
+from prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_model_service, check_service_limits
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits
@@ -37,22 +36,9 @@ class DecodeConfig:
     metrics_port: int = 0
 
     def __post_init__(self) -> None:
-        if not (Path(self.model_dir) / "config.json").is_file():
-            raise ValueError(f"model_dir {self.model_dir!r} has no config.json")
-        split_address(self.listen)
-        split_address(self.cache)
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        check_model_service(self)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.default_max_tokens < 1:
-            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
-        if self.grace_s < 0:
-            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         self.default_max_tokens = check_service_limits(self.default_max_tokens, self.limits, self.metrics_port)
 
 

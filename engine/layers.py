@@ -6,13 +6,12 @@ Each token mixer has a prefill path (one sequence, T tokens, resumes from carrie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from kernels import causal_conv1d, causal_conv1d_update, chunk_gated_delta_rule, step_gated_delta_rule
+from kernels import causal_conv1d, causal_conv1d_update
 
 
 def _onednn_packing_available() -> bool:

@@ -23,6 +23,25 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_model_service(cfg) -> None:
+    """The checks a model-serving config (prefill or decode) shares: checkpoint, addresses, dtype, queue,
+    threads, default max_tokens and grace; ValueError naming the field."""
+    if not (Path(cfg.model_dir) / "config.json").is_file():
+        raise ValueError(f"model_dir {cfg.model_dir!r} has no config.json")
+    split_address(cfg.listen)
+    split_address(cfg.cache)
+    if cfg.dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {cfg.dtype!r}")
+    if cfg.max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {cfg.max_queue}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+    if cfg.default_max_tokens < 1:
+        raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
+    if cfg.grace_s < 0:
+        raise ValueError(f"grace_s must be >= 0, got {cfg.grace_s}")
+
+
 @dataclass(slots=True)
 class PrefillConfig:
     """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
@@ -52,24 +71,11 @@ class PrefillConfig:
 
     def __post_init__(self) -> None:
         self.prefix_policy  # validates block_size / snapshot_interval
-        if not (Path(self.model_dir) / "config.json").is_file():
-            raise ValueError(f"model_dir {self.model_dir!r} has no config.json")
-        split_address(self.listen)
-        split_address(self.cache)
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        check_model_service(self)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.default_max_tokens < 1:
-            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:
             raise ValueError(f"handoff_ttl_s must be > 0, got {self.handoff_ttl_s}")
-        if self.grace_s < 0:
-            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         self.default_max_tokens = check_service_limits(self.default_max_tokens, self.limits, self.metrics_port)
 
     @property

@@ -193,8 +193,10 @@ class DecodeBatch:
             raise ValueError(f"{len(token_ids)} tokens for a batch of {b}")
         if b == 0:
             raise ValueError("decode step on an empty batch")
-        for s in self.states:
-            self.engine.check_tokens([0], s.num_tokens)
+        longest = max(s.num_tokens for s in self.states)
+        limit = self.engine.config.max_position_embeddings
+        if longest + 1 > limit:  # one check for the whole batch: only the longest sequence can overflow
+            raise ValueError(f"context of {longest + 1} tokens exceeds the model's maximum {limit}")
         self.engine.check_tokens(token_ids)
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)
         return self.engine.model.decode_step(ids, self.states, [c[:b] for c in self.conv],

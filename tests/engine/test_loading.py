@@ -109,3 +109,15 @@ def test_token_outside_vocab_and_context_are_refused(tiny_model_dir):
         eng.prefill([1, eng.config.vocab_size])
     with pytest.raises(ValueError, match="exceeds the model's maximum"):
         eng.prefill([1] * (eng.config.max_position_embeddings + 1), chunk_size=4096)
+
+
+def test_decode_step_past_the_context_is_refused(tiny_model_dir):
+    from engine import DecodeBatch
+
+    eng = Engine(tiny_model_dir)
+    _, state = eng.prefill([1, 2, 3])
+    batch = DecodeBatch(eng, 2)
+    batch.add(state)
+    state.num_tokens = eng.config.max_position_embeddings  # as if the context were full
+    with pytest.raises(ValueError, match="exceeds the model's maximum"):
+        batch.step([5])

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import DecodeBatch, Engine  # noqa: E402
-from engine.init_model import init_model  # noqa: E402
+from qwenpd.engine import DecodeBatch, Engine  # noqa: E402
+from qwenpd.engine.init_model import init_model  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:

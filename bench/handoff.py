@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, default_threads, read_checkpoint  # noqa: E402
+from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, default_threads, read_checkpoint  # noqa: E402
 
 
 def make_state(mib: int) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
 def model_state(shape: str) -> dict[str, torch.Tensor]:
     """The hand-off state of `<preset>-<tokens>` (e.g. 27b-4k): K/V bf16 per attention layer, DeltaNet conv
     state bf16 and recurrent state fp32 per linear layer, with the preset's real shapes; random values."""
-    from engine.config import preset
+    from qwenpd.engine.config import preset
 
     name, _, toks = shape.rpartition("-")
     c = preset({"27b": "qwen3.6-27b"}.get(name, name))
@@ -111,17 +111,17 @@ def data_plane_row(tensors: dict[str, torch.Tensor], repeat: int, threads: int) 
 
 def store_rows(states: dict[str, dict[str, torch.Tensor]], repeat: int, threads: int,
                backend: str) -> list[tuple]:
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     biggest = max(CheckpointWriter(t, CheckpointMeta("x", 1)).nbytes for t in states.values()) >> 20
     budget = (repeat + 3) * (biggest + 1) + 64
     master = None
     flags = ["--segment-size", f"{budget}MiB"]
     if backend == "mooncake":
-        from cache_store.mooncake_master import MooncakeMaster
+        from qwenpd.cache_store.mooncake_master import MooncakeMaster
         master = MooncakeMaster().start()
         flags = ["--backend", "mooncake", "--mooncake-master", master.address, "--metadata", master.metadata_url]
-    proc = subprocess.Popen([sys.executable, "-m", "cache_store", "--listen", "127.0.0.1:0", "--store-id",
+    proc = subprocess.Popen([sys.executable, "-m", "qwenpd.cache_store", "--listen", "127.0.0.1:0", "--store-id",
                              f"bench{os.getpid()}", "--budget", f"{budget}MiB", *flags],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
@@ -153,7 +153,7 @@ def raw_mooncake_ms(master, nbytes: int, repeat: int) -> tuple[float, float]:
     """Mooncake Store's own put_from / get_into of `nbytes` from / into warm registered buffers."""
     import numpy as np
 
-    from cache_store.mooncake import connect
+    from qwenpd.cache_store.mooncake import connect
 
     mc = connect(master.address, master.metadata_url)
     src, dst = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients import AsyncClient, Cancelled, QwenpdError  # noqa: E402
+from qwenpd.clients import AsyncClient, Cancelled, QwenpdError  # noqa: E402
 
 PROMPT_LENGTHS = (4, 16, 64, 256, 700)  # mixed: most short, some long
 SHARED_PREFIX_TOKENS = 300
@@ -134,8 +134,8 @@ def start_serve_all(model: Path, store_id: str, tmp: Path, threads: int) -> tupl
 
 def wait_idle(info: dict, timeout: float = 30.0) -> tuple[int, int]:
     """Wait until the decode service is idle and the store holds no lease or allocation; (leases, allocations)."""
-    from cache_store.client import CacheStoreClient
-    from clients import Client
+    from qwenpd.cache_store.client import CacheStoreClient
+    from qwenpd.clients import Client
 
     deadline = time.monotonic() + timeout
     with Client(prefill=info["prefill"], decode=info["decode"], timeout=10) as c, CacheStoreClient(info["cache"]) as s:
@@ -148,7 +148,7 @@ def wait_idle(info: dict, timeout: float = 30.0) -> tuple[int, int]:
 
 def store_segments(info: dict, store_id: str) -> tuple[int, int]:
     """(segments the store reports, segment files of this store in /dev/shm)."""
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     with CacheStoreClient(info["cache"]) as s:
         known = s.stats().segments
@@ -162,7 +162,7 @@ def percentile(xs: list[float], q: float) -> float:
 def run(model: Path, clients: int, duration: float, warmup: float, threads: int = 1, seed: int = 0,
         rss_tolerance: float = 0.10) -> dict:
     """Start serve all, warm up, load, check; the report as a dict (`report["ok"]`: every check passed)."""
-    from engine.config import ModelConfig
+    from qwenpd.engine.config import ModelConfig
 
     vocab = ModelConfig.from_pretrained(model).vocab_size
     store_id = f"load{os.getpid()}"
@@ -231,7 +231,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from engine.init_model import init_model
+            from qwenpd.engine.init_model import init_model
 
             model = init_model(Path(tmp) / "tiny", "tiny", seed=0)
         report = run(model, args.clients, args.duration, args.warmup, args.threads, args.seed)

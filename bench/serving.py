@@ -29,17 +29,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_store.checkpoint import CheckpointMeta  # noqa: E402
-from cache_store.client import CacheStoreClient  # noqa: E402
-from clients.client import Client  # noqa: E402
-from clients.supervisor import ServiceSet  # noqa: E402
-from engine import DecodeBatch, Engine  # noqa: E402
-from engine.generate import OutputTracker, generate  # noqa: E402
-from engine.init_model import init_model  # noqa: E402
-from engine.sampling import Sampler, SamplingParams, greedy_batch  # noqa: E402
-from engine.state import expected_shapes  # noqa: E402
-from decode_service.state import state_from_checkpoint  # noqa: E402
-from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
+from qwenpd.cache_store.checkpoint import CheckpointMeta  # noqa: E402
+from qwenpd.cache_store.client import CacheStoreClient  # noqa: E402
+from qwenpd.clients.client import Client  # noqa: E402
+from qwenpd.clients.supervisor import ServiceSet  # noqa: E402
+from qwenpd.engine import DecodeBatch, Engine  # noqa: E402
+from qwenpd.engine.generate import generate
+from qwenpd.engine.output import OutputTracker  # noqa: E402
+from qwenpd.engine.init_model import init_model  # noqa: E402
+from qwenpd.engine.sampling import Sampler, SamplingParams, greedy_batch  # noqa: E402
+from qwenpd.engine.state import expected_shapes  # noqa: E402
+from qwenpd.decode_service.state import state_from_checkpoint  # noqa: E402
+from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 

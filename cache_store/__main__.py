@@ -1,12 +1,12 @@
-"""`python -m cache_store --listen 127.0.0.1:0 --budget 8GiB ...`: run one cache store in the foreground."""
+"""`python -m qwenpd.cache_store --listen 127.0.0.1:0 --budget 8GiB ...`: run one cache store in the foreground."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from cache_store.config import build_parser, config_from_args
-from cache_store.server import serve
+from qwenpd.cache_store.config import build_parser, config_from_args
+from qwenpd.cache_store.server import serve
 from qwenpd.grpc_common import QwenpdError
 
 

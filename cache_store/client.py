@@ -24,10 +24,10 @@ import grpc
 import numpy as np
 import torch
 
-from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, check_tensors, read_checkpoint
-from cache_store.shm import SegmentMaps, host_id
-from protos.qwenpd.v1 import cache_store_pb2 as pb
-from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
+from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, check_tensors, read_checkpoint
+from qwenpd.cache_store.shm import SegmentMaps, host_id
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
 from qwenpd.security import Security
 from qwenpd.security import channel as secure_channel
 from qwenpd.grpc_common import (DEFAULT_MAX_MESSAGE_BYTES, DataLoss, FailedPrecondition, NotFound, QwenpdError,
@@ -201,7 +201,7 @@ class _MooncakePlane(_DataPlane):
 
     def __init__(self, info: pb.StoreInfo, io_threads: int | None):
         super().__init__(io_threads)
-        from cache_store.mooncake import MooncakePlane
+        from qwenpd.cache_store.mooncake import MooncakePlane
         self.plane = MooncakePlane(info.mooncake_master, info.mooncake_metadata)
 
     def write_many(self, writers: Sequence[CheckpointWriter], allocs: Sequence[pb.Allocation]) -> None:

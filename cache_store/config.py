@@ -1,4 +1,4 @@
-"""CacheStoreConfig and its command-line flags (used by `python -m cache_store` and `qwenpd serve cache`)."""
+"""CacheStoreConfig and its command-line flags (used by `python -m qwenpd.cache_store` and `qwenpd serve cache`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from cache_store.allocator import ALIGN
-from cache_store.shm import STORE_ID_RE
+from qwenpd.cache_store.allocator import ALIGN
+from qwenpd.cache_store.shm import STORE_ID_RE
 from qwenpd import security as security_mod
 from qwenpd.security import Security
 
@@ -108,7 +108,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_args(argparse.ArgumentParser(prog="python -m cache_store",
+    return add_args(argparse.ArgumentParser(prog="python -m qwenpd.cache_store",
                                             description="qwenpd checkpoint cache store (same-host shared memory or Mooncake Store)"))
 
 

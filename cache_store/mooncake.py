@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from cache_store.allocator import Extent
-from cache_store.config import CacheStoreConfig
+from qwenpd.cache_store.allocator import Extent
+from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.grpc_common import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)

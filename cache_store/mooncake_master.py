@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from qwenpd.grpc_common import FailedPrecondition, Unavailable
-from cache_store.mooncake import INSTALL_HINT
+from qwenpd.cache_store.mooncake import INSTALL_HINT
 
 
 def _die_with_parent() -> None:  # in the child before exec: no master outlives the process that started it

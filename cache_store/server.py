@@ -7,12 +7,12 @@ import logging
 from collections.abc import Callable
 
 
-from cache_store.config import CacheStoreConfig
-from cache_store.index import Entry, Kind
-from cache_store.shm import host_id
-from cache_store.store import Placement, Store
-from protos.qwenpd.v1 import cache_store_pb2 as pb
-from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
+from qwenpd.cache_store.config import CacheStoreConfig
+from qwenpd.cache_store.index import Entry, Kind
+from qwenpd.cache_store.shm import host_id
+from qwenpd.cache_store.store import Placement, Store
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
 from qwenpd.grpc_common import GrpcServer, InvalidArgument, make_server
 from qwenpd.metrics import StoreMetrics
 
@@ -206,7 +206,7 @@ def _where(config: CacheStoreConfig) -> str:
 
 
 def serve(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
-    """Entry point for `qwenpd serve cache` and `python -m cache_store`; blocks until SIGTERM/SIGINT.
+    """Entry point for `qwenpd serve cache` and `python -m qwenpd.cache_store`; blocks until SIGTERM/SIGINT.
 
     on_ready gets the started server (its `.address` has the bound port); by default the address is printed.
     """

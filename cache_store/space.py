@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from cache_store.allocator import Extent, SegmentAllocator
-from cache_store.config import CacheStoreConfig
-from cache_store.shm import SegmentFiles
+from qwenpd.cache_store.allocator import Extent, SegmentAllocator
+from qwenpd.cache_store.config import CacheStoreConfig
+from qwenpd.cache_store.shm import SegmentFiles
 
 BACKENDS = ("shm", "mooncake")
 
@@ -98,6 +98,6 @@ class ShmSpace:
 
 def make_space(config: CacheStoreConfig) -> Space:
     if config.backend == "mooncake":
-        from cache_store.mooncake import MooncakeSpace
+        from qwenpd.cache_store.mooncake import MooncakeSpace
         return MooncakeSpace(config)
     return ShmSpace(config)

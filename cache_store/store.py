@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cache_store.allocator import Extent
-from cache_store.config import CacheStoreConfig
-from cache_store.index import Entry, Index, IndexStats, Kind
-from cache_store.space import Space, make_space
+from qwenpd.cache_store.allocator import Extent
+from qwenpd.cache_store.config import CacheStoreConfig
+from qwenpd.cache_store.index import Entry, Index, IndexStats, Kind
+from qwenpd.cache_store.space import Space, make_space
 from qwenpd.grpc_common import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Callers of the services: `Client` / `AsyncClient` (prefill -> decode with one call), their errors, and the
 serving CLI (clients.cli: `qwenpd serve ...`, `qwenpd demo`). Importing this package does not import torch."""
 
-from clients.client import AsyncClient, Chunk, Client, Result
-from clients.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+from qwenpd.clients.client import AsyncClient, Chunk, Client, Result
+from qwenpd.clients.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                             QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable)
 from qwenpd.security import Security
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:
-    from cache_store import config as cache_config
-    from decode_service import config as decode_config
-    from prefill_service import config as prefill_config
+    from qwenpd.cache_store import config as cache_config
+    from qwenpd.decode_service import config as decode_config
+    from qwenpd.prefill_service import config as prefill_config
 
     serve = sub.add_parser("serve", help="run the cache store, prefill or decode service, or all three")
     kinds = serve.add_subparsers(dest="service", required=True)
@@ -76,7 +76,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    "prefill on +1, decode on +2 (default 0 = off)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
-    from prefill_service.config import add_prefix_args
+    from qwenpd.prefill_service.config import add_prefix_args
     from qwenpd import limits, security
 
     add_prefix_args(p)
@@ -114,8 +114,8 @@ def write_ready_file(path: str | None, payload: dict) -> None:
 def cmd_serve_cache(args: argparse.Namespace) -> int:
     import asyncio
 
-    from cache_store.config import config_from_args
-    from cache_store.server import run
+    from qwenpd.cache_store.config import config_from_args
+    from qwenpd.cache_store.server import run
 
     from qwenpd.grpc_common import QwenpdError
 
@@ -130,23 +130,23 @@ def cmd_serve_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_prefill(args: argparse.Namespace) -> int:
-    from prefill_service.config import config_from_args
-    from prefill_service.server import serve
+    from qwenpd.prefill_service.config import config_from_args
+    from qwenpd.prefill_service.server import serve
 
     _logging(args)
     return serve(config_from_args(args), _ready("prefill", args.ready_file))
 
 
 def cmd_serve_decode(args: argparse.Namespace) -> int:
-    from decode_service.config import config_from_args
-    from decode_service.server import serve
+    from qwenpd.decode_service.config import config_from_args
+    from qwenpd.decode_service.server import serve
 
     _logging(args)
     return serve(config_from_args(args), _ready("decode", args.ready_file))
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:
-    from clients.supervisor import ServiceSet, wait_for_signal
+    from qwenpd.clients.supervisor import ServiceSet, wait_for_signal
 
     _logging(args)
     with ServiceSet.from_args(args) as services:
@@ -160,7 +160,7 @@ def cmd_serve_all(args: argparse.Namespace) -> int:
 
 # ---- generate through the services -----------------------------------------------------------------------------
 def generate_remote(args: argparse.Namespace) -> int:
-    from clients.client import Client
+    from qwenpd.clients.client import Client
 
     if not (args.prefill and args.decode):
         raise SystemExit("qwenpd generate: give both --prefill ADDR and --decode ADDR")
@@ -194,8 +194,8 @@ DEMO_PROMPTS = ("The quick brown fox", "Once upon a time there was a small model
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from clients.client import Client
-    from clients.supervisor import ServiceSet
+    from qwenpd.clients.client import Client
+    from qwenpd.clients.supervisor import ServiceSet
 
     model = Path(args.model) if args.model else default_tiny_model()
     print(f"qwenpd demo: model {model}; starting cache store, prefill and decode ...", flush=True)
@@ -230,7 +230,7 @@ def default_tiny_model() -> Path:
     """The embedded tiny model in the user's cache directory, made by init-model on first use."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenpd" / "tiny-seed0"
     if not (root / "config.json").is_file():
-        from engine.init_model import init_model
+        from qwenpd.engine.init_model import init_model
 
         print(f"qwenpd demo: writing the tiny model to {root}", flush=True)
         init_model(root, "tiny", seed=0)

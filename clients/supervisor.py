@@ -29,7 +29,7 @@ from qwenpd.limits import Limits
 from qwenpd.security import Security
 
 if TYPE_CHECKING:
-    from cache_store.mooncake_master import MooncakeMaster
+    from qwenpd.cache_store.mooncake_master import MooncakeMaster
 
 _PR_SET_PDEATHSIG = 1
 
@@ -143,7 +143,7 @@ class ServiceSet:
             return []
         master, metadata = self.mooncake_master, self.mooncake_metadata
         if not master:
-            from cache_store.mooncake_master import MooncakeMaster
+            from qwenpd.cache_store.mooncake_master import MooncakeMaster
             self.master = MooncakeMaster(self.host).start()
             master, metadata = self.master.address, self.master.metadata_url
         return ["--backend", "mooncake", "--mooncake-master", master, "--metadata", metadata]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_model_service, check_service_limits
+from qwenpd.prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_model_service, check_service_limits
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from decode_service.scheduler import LoadInfo, Scheduler
-from engine.engine import DecodeBatch, Engine
-from engine.generate import FINISH_LENGTH, OutputTracker
-from engine.sampling import Sampler, greedy_batch
-from engine.state import HybridState
+from qwenpd.decode_service.scheduler import LoadInfo, Scheduler
+from qwenpd.engine.engine import DecodeBatch, Engine
+from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
+from qwenpd.engine.sampling import Sampler, greedy_batch
+from qwenpd.engine.state import HybridState
 from qwenpd.grpc_common import QwenpdError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Output:
     error: QwenpdError | None = None
 
 
-class Lease:
+class ReadGuard:
     """Who may still read a sequence's leased checkpoint bytes, and who releases them (exactly once).
 
     The stepping thread `claim`s the bytes before copying them and calls `done` after; the request handler calls
@@ -73,14 +73,14 @@ class Lease:
 
 
 @dataclass(eq=False, slots=True)
-class Sequence:
+class DecodeSequence:
     """One sequence in (or waiting for) the batch. `next_token` is the sampled token its next step consumes;
     `num_tokens` the tokens its state has consumed. `load` builds the state from the leased bytes (run on the
-    stepping thread when the sequence joins); `lease` guards those bytes."""
+    stepping thread when the sequence joins); `guard` guards those bytes."""
 
     request_id: str
     load: Callable[[], HybridState]
-    lease: Lease
+    guard: ReadGuard
     sampler: Sampler
     tracker: OutputTracker
     next_token: int
@@ -105,7 +105,7 @@ class Sequence:
         return Output([token_id], [logprob], text, reason)
 
 
-Deliver = Callable[[list[tuple[Sequence, Output]]], None]
+Deliver = Callable[[list[tuple[DecodeSequence, Output]]], None]
 
 
 class DecodeRunner:
@@ -114,7 +114,7 @@ class DecodeRunner:
 
     def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
                  warmup: bool = True):
-        self.scheduler: Scheduler[Sequence] = Scheduler(max_batch, max_queued)
+        self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
         self.engine: Engine | None = None
         self.batch: DecodeBatch | None = None
@@ -123,7 +123,7 @@ class DecodeRunner:
         self._make_engine = make_engine
         self._warmup = warmup
         self._deliver = deliver
-        self._members: dict[int, Sequence] = {}  # id(state) -> sequence, for sequences in the batch
+        self._members: dict[int, DecodeSequence] = {}  # id(state) -> sequence, for sequences in the batch
         self.on_join: Callable[[float], None] = lambda waited_s: None  # metrics: slot wait of a joining sequence
         self.on_step: Callable[[int], None] = lambda batch_size: None  # metrics: sequences in each step
         self._ready: concurrent.futures.Future[Engine] = concurrent.futures.Future()
@@ -139,15 +139,15 @@ class DecodeRunner:
         self._thread.join(timeout)
         err = Unavailable("decode service is shutting down", subject="decode_batch")
         for seq in left:
-            seq.lease.abandon()
+            seq.guard.abandon()
         if left:
             self._deliver([(s, Output([], [], "", error=err)) for s in left])
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: DecodeSequence) -> None:
         seq.submitted_at = time.monotonic()
         self.scheduler.submit(seq)
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: DecodeSequence) -> None:
         self.scheduler.cancel(seq)
 
     def load_info(self) -> LoadInfo:
@@ -189,10 +189,10 @@ class DecodeRunner:
             if outputs:
                 self._deliver(outputs)
 
-    def _join(self, seq: Sequence) -> tuple[Sequence, Output] | None:
+    def _join(self, seq: DecodeSequence) -> tuple[DecodeSequence, Output] | None:
         """Copy the sequence's state into a batch slot; an error output if that failed."""
         assert self.batch is not None
-        if not seq.lease.claim():  # its request left while it waited: nothing to load
+        if not seq.guard.claim():  # its request left while it waited: nothing to load
             self.scheduler.finish(seq)
             return None
         try:
@@ -205,19 +205,19 @@ class DecodeRunner:
             return seq, Output([], [], "", error=err)
         finally:
             seq.load = _loaded  # drop the references to the leased bytes before they are released
-            seq.lease.done()
+            seq.guard.done()
         self._members[id(seq.state)] = seq
         self.on_join(time.monotonic() - seq.submitted_at)
         return None
 
-    def _leave(self, seq: Sequence) -> None:
+    def _leave(self, seq: DecodeSequence) -> None:
         """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler."""
         assert self.batch is not None
         if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
             self.batch.remove(seq.state)
         self.scheduler.finish(seq)
 
-    def _step(self) -> list[tuple[Sequence, Output]]:
+    def _step(self) -> list[tuple[DecodeSequence, Output]]:
         assert self.batch is not None
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
         self.on_step(len(seqs))

@@ -6,11 +6,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from cache_store.client import AsyncCacheStoreClient
-from decode_service.config import DecodeConfig
-from decode_service.service import DecodeServicer
-from engine.engine import Engine
-from prefill_service.config import split_address
+from qwenpd.cache_store.client import AsyncCacheStoreClient
+from qwenpd.decode_service.config import DecodeConfig
+from qwenpd.decode_service.service import DecodeServicer
+from qwenpd.engine.engine import Engine
+from qwenpd.prefill_service.config import split_address
 from qwenpd.grpc_common import GrpcServer, make_server
 from qwenpd.metrics import DecodeMetrics
 

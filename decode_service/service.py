@@ -19,16 +19,16 @@ from collections.abc import Callable
 
 import torch
 
-from cache_store.client import AsyncCacheStoreClient
-from decode_service.config import DecodeConfig
-from decode_service.runner import DecodeRunner, Lease, Output, Sequence
-from decode_service.state import state_from_checkpoint
-from engine.engine import Engine
-from engine.generate import FINISH_LENGTH, FINISH_STOP, OutputTracker
-from engine.sampling import Sampler
-from engine.state import expected_shapes
-from prefill_service.handoff import Handoff, sampling_from_pb
-from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from qwenpd.cache_store.client import AsyncCacheStoreClient
+from qwenpd.decode_service.config import DecodeConfig
+from qwenpd.decode_service.runner import DecodeRunner, Output, ReadGuard, DecodeSequence
+from qwenpd.decode_service.state import state_from_checkpoint
+from qwenpd.engine.engine import Engine
+from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
+from qwenpd.engine.sampling import Sampler
+from qwenpd.engine.state import expected_shapes
+from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb
+from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from qwenpd.grpc_common import DataLoss, InvalidArgument, QwenpdError
 from qwenpd.metrics import DecodeMetrics
 
@@ -63,7 +63,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.runner.stop()
 
     # ---- stepping thread -> event loop -------------------------------------------------------------------------
-    def _deliver(self, items: list[tuple[Sequence, Output]]) -> None:
+    def _deliver(self, items: list[tuple[DecodeSequence, Output]]) -> None:
         self._loop.call_soon_threadsafe(_dispatch, items)
 
     def _release_later(self, lease_id: str) -> Callable[[], None]:
@@ -107,10 +107,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         finally:
             if submitted and seq.finish_reason is None:  # cancelled, deadline, or failed: free the slot now
                 self.runner.cancel(seq)
-            seq.lease.abandon()  # releases now unless the stepping thread has (or had) the bytes
+            seq.guard.abandon()  # releases now unless the stepping thread has (or had) the bytes
 
-    async def _acquire(self, request: decode_pb2.DecodeRequest) -> Sequence:
-        """Lease and check the checkpoint; a Sequence (state not yet loaded) whose sink holds the first token."""
+    async def _acquire(self, request: decode_pb2.DecodeRequest) -> DecodeSequence:
+        """Lease and check the checkpoint; a DecodeSequence (state not yet loaded) whose sink holds the first token."""
         e = self.engine
         assert e is not None
         started = time.monotonic()
@@ -120,7 +120,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await _delete_quietly(self.store, request.checkpoint_id)
             raise
         self.metrics.handoff_read.observe(time.monotonic() - started)
-        lease = Lease(self._release_later(ckpt.lease_id))
+        guard = ReadGuard(self._release_later(ckpt.lease_id))
         try:
             handoff = Handoff.from_metadata(dict(ckpt.metadata), e.config.vocab_size)
             params = handoff.sampling
@@ -130,14 +130,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     seed=params.seed)
                 self.config.limits.check_sampling(params)
         except BaseException:
-            lease.abandon()
+            guard.abandon()
             raise
         tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
         tracker = OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids)
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
-        seq = Sequence(
+        seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
-            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype), lease=lease,
+            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype), guard=guard,
             sampler=Sampler.resumed(params, handoff.sampler_draws),
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
@@ -145,7 +145,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         seq.sink.put_nowait(seq.push(handoff.first_token, handoff.first_logprob))
         return seq
 
-    def _chunk(self, seq: Sequence, outs: list[Output]) -> decode_pb2.DecodeChunk:
+    def _chunk(self, seq: DecodeSequence, outs: list[Output]) -> decode_pb2.DecodeChunk:
         chunk = decode_pb2.DecodeChunk(token_ids=[t for o in outs for t in o.token_ids],
                                        logprobs=[p for o in outs for p in o.logprobs],
                                        text="".join(o.text for o in outs))
@@ -163,7 +163,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                max_batch=load.max_batch)
 
 
-def _dispatch(items: list[tuple[Sequence, Output]]) -> None:
+def _dispatch(items: list[tuple[DecodeSequence, Output]]) -> None:
     for seq, out in items:
         seq.sink.put_nowait(out)
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from engine.config import ModelConfig
-from engine.state import HybridState
+from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.state import HybridState
 
 EXTRA_CAPACITY = 64  # KV room for generated tokens before the first regrowth
 

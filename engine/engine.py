@@ -8,11 +8,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.config import ModelConfig
-from engine.model import DeltaNetKernels, HybridModel
-from engine.state import HybridState
-from engine.tokenizer import Tokenizer
-from engine.weights import load_weights
+from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.model import DeltaNetKernels, HybridModel
+from qwenpd.engine.state import HybridState
+from qwenpd.engine.tokenizer import Tokenizer
+from qwenpd.engine.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig, preset
-from engine.weights import expected_weight_shapes
+from qwenpd.engine.config import ModelConfig, preset
+from qwenpd.engine.weights import expected_weight_shapes
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (

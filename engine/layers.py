@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from kernels import causal_conv1d, causal_conv1d_update
+from qwenpd.engine.config import ModelConfig
+from qwenpd.kernels import causal_conv1d, causal_conv1d_update
 
 
 def _onednn_packing_available() -> bool:

@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from engine.config import LINEAR, ModelConfig
-from engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rotary, rms_norm
-from engine.state import HybridState
+from qwenpd.engine.config import LINEAR, ModelConfig
+from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rotary, rms_norm
+from qwenpd.engine.state import HybridState
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,11 +23,11 @@ class DeltaNetKernels:
     @classmethod
     def named(cls, name: str) -> "DeltaNetKernels":
         if name == "torch":
-            from kernels import chunk_gated_delta_rule, step_gated_delta_rule
+            from qwenpd.kernels import chunk_gated_delta_rule, step_gated_delta_rule
 
             return cls("torch", chunk_gated_delta_rule, step_gated_delta_rule)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
-            from kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
+            from qwenpd.kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
 
             return cls("nki", nki_chunk_gated_delta_rule, nki_step_gated_delta_rule)
         raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch' or 'nki'")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import ModelConfig
+from qwenpd.engine.config import ModelConfig
 
 _MIN_CAPACITY = 64
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.config import LINEAR, ModelConfig
+from qwenpd.engine.config import LINEAR, ModelConfig
 
 _PREFIXES = ("model.language_model.", "model.")
 _SKIPPED = ("model.visual.", "visual.", "mtp.", "model.mtp.")

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache_store.prefix import PrefixPolicy
+from qwenpd.cache_store.prefix import PrefixPolicy
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits

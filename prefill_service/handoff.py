@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format
 
-from engine.sampling import SamplingParams
-from protos.qwenpd.v1 import common_pb2
+from qwenpd.engine.sampling import SamplingParams
+from qwenpd.protos.qwenpd.v1 import common_pb2
 from qwenpd.grpc_common import DataLoss, InvalidArgument
 
 HANDOFF_KEY = "qwenpd.handoff"

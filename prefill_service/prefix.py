@@ -12,12 +12,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from cache_store.checkpoint import CheckpointMeta
-from cache_store.client import CacheStoreClient, PrefixRead, SharedItem
-from cache_store.prefix import PrefixPolicy, block_keys
-from engine.engine import Engine
-from engine.state import HybridState
-from protos.qwenpd.v1 import cache_store_pb2 as store_pb
+from qwenpd.cache_store.checkpoint import CheckpointMeta
+from qwenpd.cache_store.client import CacheStoreClient, PrefixRead, SharedItem
+from qwenpd.cache_store.prefix import PrefixPolicy, block_keys
+from qwenpd.engine.engine import Engine
+from qwenpd.engine.state import HybridState
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as store_pb
 from qwenpd.grpc_common import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.engine import Engine
-from engine.tokenizer import TokenizerError
-from protos.qwenpd.v1 import prefill_pb2
+from qwenpd.engine.engine import Engine
+from qwenpd.engine.tokenizer import TokenizerError
+from qwenpd.protos.qwenpd.v1 import prefill_pb2
 from qwenpd.grpc_common import InvalidArgument
 from qwenpd.limits import Limits
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from engine.engine import Engine
-from engine.generate import OutputTracker
-from engine.sampling import SamplingParams
+from qwenpd.engine.engine import Engine
+from qwenpd.engine.output import OutputTracker
+from qwenpd.engine.sampling import SamplingParams
 from qwenpd.grpc_common import InvalidArgument
 
 

@@ -6,11 +6,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from cache_store.client import CacheStoreClient
-from engine.engine import Engine
-from prefill_service.config import PrefillConfig, split_address
-from prefill_service.queue import WorkQueue
-from prefill_service.service import PrefillServicer
+from qwenpd.cache_store.client import CacheStoreClient
+from qwenpd.engine.engine import Engine
+from qwenpd.prefill_service.config import PrefillConfig, split_address
+from qwenpd.prefill_service.queue import WorkQueue
+from qwenpd.prefill_service.service import PrefillServicer
 from qwenpd.grpc_common import GrpcServer, make_server
 from qwenpd.metrics import PrefillMetrics
 

@@ -13,18 +13,18 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from cache_store.checkpoint import CheckpointMeta
-from cache_store.client import CacheStoreClient
-from engine.engine import Engine
-from engine.sampling import Sampler
-from engine.tokenizer import IncrementalDetokenizer
-from prefill_service.config import PrefillConfig
-from prefill_service.prefix import PrefixCache
-from prefill_service.handoff import Handoff, sampling_from_pb, with_seed
-from prefill_service.prompt import prompt_token_ids
-from prefill_service.resume import Resume, resume_point
-from prefill_service.queue import Job, WorkQueue
-from protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from qwenpd.cache_store.checkpoint import CheckpointMeta
+from qwenpd.cache_store.client import CacheStoreClient
+from qwenpd.engine.engine import Engine
+from qwenpd.engine.sampling import Sampler
+from qwenpd.engine.tokenizer import IncrementalDetokenizer
+from qwenpd.prefill_service.config import PrefillConfig
+from qwenpd.prefill_service.prefix import PrefixCache
+from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb, with_seed
+from qwenpd.prefill_service.prompt import prompt_token_ids
+from qwenpd.prefill_service.resume import Resume, resume_point
+from qwenpd.prefill_service.queue import Job, WorkQueue
+from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from qwenpd.grpc_common import QwenpdError
 from qwenpd.metrics import PrefillMetrics
 

@@ -1,4 +1,4 @@
-"""Generate the Python modules and mypy stubs of protos/qwenpd/v1/*.proto: `python -m protos.generate`.
+"""Generate the Python modules and mypy stubs of protos/qwenpd/v1/*.proto: `python -m qwenpd.protos.generate`.
 
 The generated files are committed; tests/test_protos_fresh.py regenerates them into a temporary directory
 and requires byte-identical output. protoc writes imports relative to the proto root (`from qwenpd.v1
@@ -17,7 +17,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent  # the `protos` package; .proto paths are relative to it
 PACKAGE_DIR = Path("qwenpd") / "v1"
-PACKAGE_PREFIX = "protos."  # where the proto root lives in the Python import space
+PACKAGE_PREFIX = "qwenpd.protos."  # where the proto root lives in the Python import space
 
 # `qwenpd.v1.<module>_pb2` / `qwenpd.v1 import` not already preceded by the package prefix
 _IMPORT_RE = re.compile(r"(?<![\w.])qwenpd\.v1(?=\.\w+_pb2\b| import )")
@@ -74,7 +74,7 @@ def _grpc_tools_include() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qwenpd.protos.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PROTO_ROOT,
                         help="directory standing for the `protos` package (default: the package itself)")
     args = parser.parse_args(argv)

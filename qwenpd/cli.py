@@ -27,14 +27,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from engine.sampling import SamplingParams
+    from qwenpd.engine.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                           max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
-    from engine.init_model import init_model
+    from qwenpd.engine.init_model import init_model
 
     out = init_model(args.out, args.preset, seed=args.seed, dtype=args.dtype)
     print(f"wrote {args.preset} checkpoint to {out}")
@@ -43,13 +43,13 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.prefill or args.decode:
-        from clients.cli import generate_remote  # through the services
+        from qwenpd.clients.cli import generate_remote  # through the services
 
         return generate_remote(args)
     if not args.model:
         raise SystemExit("qwenpd generate: --model DIR is required (or --prefill ADDR --decode ADDR)")
-    from engine.engine import Engine
-    from engine.generate import generate
+    from qwenpd.engine.engine import Engine
+    from qwenpd.engine.generate import generate
 
     engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels)
     if args.prompt_ids is not None:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     try:  # serving subcommands (serve, demo) live with the services
-        from clients.cli import add_service_commands
+        from qwenpd.clients.cli import add_service_commands
     except ImportError:
         pass
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from engine.sampling import SamplingParams
+from qwenpd.engine.sampling import SamplingParams
 from qwenpd.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, InvalidArgument
 
 

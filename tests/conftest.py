@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded default: `qwenpd init-model --preset tiny` (fp32 weights, real BPE tokenizer)."""
-    from engine.init_model import init_model
+    from qwenpd.engine.init_model import init_model
 
     return init_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
 

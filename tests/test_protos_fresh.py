@@ -1,4 +1,4 @@
-"""The committed generated protobuf modules are exactly what `python -m protos.generate` produces now."""
+"""The committed generated protobuf modules are exactly what `python -m qwenpd.protos.generate` produces now."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from protos import generate as gen
+from qwenpd.protos import generate as gen
 
 pytest.importorskip("grpc_tools")
 pytest.importorskip("mypy_protobuf")
@@ -19,24 +19,24 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     package = gen.PROTO_ROOT / gen.PACKAGE_DIR
     committed = {p.name: p.read_bytes() for p in package.iterdir()
                  if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name}
-    assert sorted(committed) == sorted(fresh), "generated file set differs: run `python -m protos.generate`"
+    assert sorted(committed) == sorted(fresh), "generated file set differs: run `python -m qwenpd.protos.generate`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     if stale:
         old_lines, new_lines = committed[stale[0]].splitlines(), fresh[stale[0]].splitlines()
         first = next((i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b),
                      min(len(old_lines), len(new_lines)))
-        pytest.fail(f"stale generated files {stale}: run `python -m protos.generate` (a different grpcio-tools or "
+        pytest.fail(f"stale generated files {stale}: run `python -m qwenpd.protos.generate` (a different grpcio-tools or "
                     f"mypy-protobuf version also changes the output). First difference in {stale[0]}, line "
                     f"{first + 1}:\n  committed: {old_lines[first:first + 1]}\n  fresh:     {new_lines[first:first + 1]}")
 
 
 def test_generated_modules_import_as_package() -> None:
-    from protos.qwenpd.v1 import cache_store_pb2_grpc, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+    from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
     assert prefill_pb2.DESCRIPTOR.package == "qwenpd.v1"
     assert decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name == "qwenpd.v1.DecodeService"
     for module in (prefill_pb2_grpc, decode_pb2_grpc, cache_store_pb2_grpc):
-        assert module.__name__.startswith("protos.qwenpd.v1.")
+        assert module.__name__.startswith("qwenpd.protos.qwenpd.v1.")
 
 
 def _descriptor_set(tmp_path: Path):

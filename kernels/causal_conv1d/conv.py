@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.causal_conv1d.checks import accumulate_dtype, check_conv_inputs, finish
+from qwenpd.kernels.causal_conv1d.checks import accumulate_dtype, check_conv_inputs, finish
 
 BLOCK_ELEMENTS = 1 << 19  # per block of tokens on CPU: 2 MiB of fp32
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.causal_conv1d.checks import accumulate_dtype, check_conv_inputs, finish
+from qwenpd.kernels.causal_conv1d.checks import accumulate_dtype, check_conv_inputs, finish
 
 
 def naive_causal_conv1d(x: Tensor, weight: Tensor, state: Tensor | None = None,

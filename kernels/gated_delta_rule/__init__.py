@@ -1,7 +1,7 @@
 """Gated DeltaNet recurrence: the naive reference, the chunked prefill kernel and the single-step decode kernel."""
 
-from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
-from kernels.gated_delta_rule.naive import naive_gated_delta_rule
-from kernels.gated_delta_rule.step import step_gated_delta_rule
+from qwenpd.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
+from qwenpd.kernels.gated_delta_rule.naive import naive_gated_delta_rule
+from qwenpd.kernels.gated_delta_rule.step import step_gated_delta_rule
 
 __all__ = ["chunk_gated_delta_rule", "naive_gated_delta_rule", "step_gated_delta_rule"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.gated_delta_rule.checks import check_sequence_inputs, compute_dtype, inv_l2norm
+from qwenpd.kernels.gated_delta_rule.checks import check_sequence_inputs, compute_dtype, inv_l2norm
 
 
 def _to_chunks(x: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.gated_delta_rule.checks import check_step_inputs, prepare_qk
+from qwenpd.kernels.gated_delta_rule.checks import check_step_inputs, prepare_qk
 
 
 def step_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,

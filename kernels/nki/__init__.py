@@ -17,6 +17,6 @@ Scalar Engine, on data already in SBUF. Decode is a length-4 dot per channel plu
 the same story. The torch implementation (kernels.causal_conv1d) stays the definition of its semantics.
 """
 
-from kernels.nki.ops import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
+from qwenpd.kernels.nki.ops import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
 
 __all__ = ["nki_chunk_gated_delta_rule", "nki_step_gated_delta_rule"]

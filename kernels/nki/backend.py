@@ -61,7 +61,7 @@ def resolve_mode(mode: str | None = None) -> str:
 
 def modules_for(mode: str) -> Modules:
     if mode == "emulator":
-        from kernels.nki import emulator
+        from qwenpd.kernels.nki import emulator
 
         return Modules(mode, emulator, emulator.language, emulator.isa)
     import nki
@@ -83,7 +83,7 @@ def load_kernels(mode: str) -> dict[str, ModuleType]:
     mods, loaded = modules_for(mode), {}
     here = Path(__file__).parent
     for name in _KERNEL_MODULES:
-        spec = importlib.util.spec_from_file_location(f"kernels.nki._{mode}.{name}", here / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"qwenpd.kernels.nki._{mode}.{name}", here / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         _binding.modules = mods
         try:

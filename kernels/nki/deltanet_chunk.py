@@ -21,8 +21,8 @@ unmeasured.
 
 from __future__ import annotations
 
-from kernels.nki.backend import bound_modules
-from kernels.nki.layout import (
+from qwenpd.kernels.nki.backend import bound_modules
+from qwenpd.kernels.nki.layout import (
     BLOCK,
     BLOCK_MASKS,
     BLOCKDIAG,

@@ -14,8 +14,8 @@ On chip: 3.5 KiB of SBUF per partition, 3 PSUM banks. Speed on trn2 unmeasured.
 
 from __future__ import annotations
 
-from kernels.nki.backend import bound_modules
-from kernels.nki.layout import IDENT, ONES, C
+from qwenpd.kernels.nki.backend import bound_modules
+from qwenpd.kernels.nki.layout import IDENT, ONES, C
 
 nki, nl, nisa = bound_modules()
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.gated_delta_rule.checks import check_sequence_inputs, check_step_inputs, prepare_qk
-from kernels.nki.backend import load_kernels, resolve_mode, run_kernel
-from kernels.nki.layout import MAX_HEAD_DIM, C, constants
+from qwenpd.kernels.gated_delta_rule.checks import check_sequence_inputs, check_step_inputs, prepare_qk
+from qwenpd.kernels.nki.backend import load_kernels, resolve_mode, run_kernel
+from qwenpd.kernels.nki.layout import MAX_HEAD_DIM, C, constants
 
 
 def _check_head_dims(dk: int, dv: int) -> None:

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from cache_store.checkpoint import CheckpointMeta
-from cache_store.client import CacheStoreClient
+from qwenpd.cache_store.checkpoint import CheckpointMeta
+from qwenpd.cache_store.client import CacheStoreClient
 from tests.cache_store.conftest import STATE_DTYPES, state_shapes, state_tensors
 
 FINGERPRINT = "peer-fingerprint"

@@ -66,7 +66,7 @@ class StoreProcess:
 
 
 def start_store(store_id: str, *args: str) -> StoreProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "cache_store", "--listen", "127.0.0.1:0", "--store-id", store_id,
+    proc = subprocess.Popen([sys.executable, "-m", "qwenpd.cache_store", "--listen", "127.0.0.1:0", "--store-id", store_id,
                              "--grace", "1", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     line = proc.stdout.readline()  # type: ignore[union-attr]

@@ -9,8 +9,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from cache_store import checkpoint as ck
-from cache_store.checkpoint import CheckpointMeta, read_checkpoint, serialize_checkpoint, write_checkpoint
+from qwenpd.cache_store import checkpoint as ck
+from qwenpd.cache_store.checkpoint import CheckpointMeta, read_checkpoint, serialize_checkpoint, write_checkpoint
 from qwenpd.grpc_common import DataLoss, FailedPrecondition
 from tests.cache_store.conftest import STATE_DTYPES, state_shapes, state_tensors
 

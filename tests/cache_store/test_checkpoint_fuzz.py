@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_store.checkpoint import CheckpointMeta, read_checkpoint, serialize_checkpoint
+from qwenpd.cache_store.checkpoint import CheckpointMeta, read_checkpoint, serialize_checkpoint
 from qwenpd.grpc_common import DataLoss, FailedPrecondition
 from tests.cache_store.conftest import state_tensors
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from cache_store.config import CacheStoreConfig, add_args, build_parser, config_from_args, parse_bytes
+from qwenpd.cache_store.config import CacheStoreConfig, add_args, build_parser, config_from_args, parse_bytes
 
 
 def test_flags_build_a_config() -> None:

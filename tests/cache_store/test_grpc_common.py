@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
+from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
 from qwenpd import grpc_common as gc
 
 CASES = [

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from cache_store.allocator import Extent, SegmentAllocator
-from cache_store.index import Index, Kind
+from qwenpd.cache_store.allocator import Extent, SegmentAllocator
+from qwenpd.cache_store.index import Index, Kind
 from qwenpd.grpc_common import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 

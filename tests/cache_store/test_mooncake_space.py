@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_store.checkpoint import CheckpointMeta, CheckpointWriter, read_checkpoint
-from cache_store.config import CacheStoreConfig
-from cache_store.index import Kind
-from cache_store.store import Store
+from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, read_checkpoint
+from qwenpd.cache_store.config import CacheStoreConfig
+from qwenpd.cache_store.index import Kind
+from qwenpd.cache_store.store import Store
 from qwenpd.grpc_common import NotFound
 
 KiB = 1 << 10
@@ -17,8 +17,8 @@ KiB = 1 << 10
 
 @pytest.fixture(scope="module")
 def master():
-    from cache_store.mooncake import available
-    from cache_store.mooncake_master import MooncakeMaster, master_binary
+    from qwenpd.cache_store.mooncake import available
+    from qwenpd.cache_store.mooncake_master import MooncakeMaster, master_binary
 
     reason = available() or (None if master_binary() else "no mooncake_master binary")
     if reason:
@@ -29,7 +29,7 @@ def master():
 
 @pytest.fixture(scope="module")
 def plane(master):
-    from cache_store.mooncake import MooncakePlane
+    from qwenpd.cache_store.mooncake import MooncakePlane
 
     p = MooncakePlane(master.address, master.metadata_url)
     yield p

@@ -18,11 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from cache_store.checkpoint import CheckpointMeta
-from cache_store.client import AsyncCacheStoreClient, CacheStoreClient
-from cache_store.shm import SEGMENT_NAME_RE
-from protos.qwenpd.v1 import cache_store_pb2 as pb
-from protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
+from qwenpd.cache_store.checkpoint import CheckpointMeta
+from qwenpd.cache_store.client import AsyncCacheStoreClient, CacheStoreClient
+from qwenpd.cache_store.shm import SEGMENT_NAME_RE
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
 from qwenpd.grpc_common import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tests.cache_store.conftest import (REPO, SHM, STATE_DTYPES, leftover_files, segment_files, start_store,
                                         state_shapes, state_tensors)
@@ -114,7 +114,7 @@ def test_orphans_are_removed_by_a_restarted_store(store_factory, store_id) -> No
 
 
 def test_a_store_id_has_one_live_owner(store) -> None:
-    dup = subprocess.run([sys.executable, "-m", "cache_store", "--listen", "127.0.0.1:0", "--store-id", store.store_id],
+    dup = subprocess.run([sys.executable, "-m", "qwenpd.cache_store", "--listen", "127.0.0.1:0", "--store-id", store.store_id],
                          cwd=REPO, capture_output=True, text=True, timeout=30)
     assert dup.returncode == 1 and "another live cache store" in dup.stderr
 

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from engine import Engine
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.engine import Engine
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 
 
 def _qwenpd(*args: str) -> subprocess.CompletedProcess:

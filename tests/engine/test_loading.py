@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import ConfigError, Engine, ModelConfig, PRESETS
-from engine.weights import WeightError
+from qwenpd.engine import ConfigError, Engine, ModelConfig, PRESETS
+from qwenpd.engine.weights import WeightError
 
 
 def _copy(src, dst):
@@ -88,7 +88,7 @@ def test_sharded_checkpoint_loads(tmp_path, hf_checkpoint):
 
 
 def test_fingerprint_distinguishes_models(tmp_path, tiny_model_dir):
-    from engine.init_model import init_model
+    from qwenpd.engine.init_model import init_model
 
     other = init_model(tmp_path / "other", "tiny", seed=1)
     assert Engine(tiny_model_dir).fingerprint != Engine(other).fingerprint
@@ -96,7 +96,7 @@ def test_fingerprint_distinguishes_models(tmp_path, tiny_model_dir):
 
 
 def test_init_model_is_deterministic(tmp_path):
-    from engine.init_model import init_model
+    from qwenpd.engine.init_model import init_model
 
     a, b = init_model(tmp_path / "a", "tiny", seed=5), init_model(tmp_path / "b", "tiny", seed=5)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
@@ -112,7 +112,7 @@ def test_token_outside_vocab_and_context_are_refused(tiny_model_dir):
 
 
 def test_decode_step_past_the_context_is_refused(tiny_model_dir):
-    from engine import DecodeBatch
+    from qwenpd.engine import DecodeBatch
 
     eng = Engine(tiny_model_dir)
     _, state = eng.prefill([1, 2, 3])

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from engine import Engine
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.engine import Engine
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

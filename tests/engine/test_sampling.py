@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.generate import OutputTracker
-from engine.sampling import Sampler, SamplingParams
+from qwenpd.engine.output import OutputTracker
+from qwenpd.engine.sampling import Sampler, SamplingParams
 
 
 def test_greedy_is_argmax():
@@ -72,7 +72,7 @@ def test_tracker_eos_stop_ids_and_length():
 
 
 def test_tracker_stop_strings_hold_back_and_cut(tiny_model_dir):
-    from engine.tokenizer import Tokenizer
+    from qwenpd.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_model_dir)
     ids = tok.encode("Hello, world! How are you today?")
@@ -83,7 +83,7 @@ def test_tracker_stop_strings_hold_back_and_cut(tiny_model_dir):
 
 
 def test_incremental_detokenizer_matches_full_decode(tiny_model_dir):
-    from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+    from qwenpd.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
     tok = Tokenizer(tiny_model_dir)
     text = "Grüße, 世界! qwenpd streams tokens — even multi-byte ones: ñ é 🙂."
@@ -94,7 +94,7 @@ def test_incremental_detokenizer_matches_full_decode(tiny_model_dir):
 
 
 def test_chat_template(tiny_model_dir):
-    from engine.tokenizer import Tokenizer
+    from qwenpd.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_model_dir)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])

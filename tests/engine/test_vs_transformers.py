@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import DecodeBatch, Engine
+from qwenpd.engine import DecodeBatch, Engine
 from tests.hf_models import VARIANTS, load_hf
 
 ATOL = 1e-4

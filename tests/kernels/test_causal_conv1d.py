@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from kernels import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
-from kernels.causal_conv1d import conv as conv_module
+from qwenpd.kernels import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
+from qwenpd.kernels.causal_conv1d import conv as conv_module
 from tests.kernels.helpers import DTYPE_NAMES, assert_close
 
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from kernels import chunk_gated_delta_rule, naive_gated_delta_rule, step_gated_delta_rule
+from qwenpd.kernels import chunk_gated_delta_rule, naive_gated_delta_rule, step_gated_delta_rule
 from tests.kernels.helpers import DTYPE_NAMES, assert_close, gdn_inputs
 
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")

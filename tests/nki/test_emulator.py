@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels.nki import emulator as nki
-from kernels.nki.backend import load_kernels, real_nki_available, resolve_mode
-from kernels.nki.emulator.core import PSUM_PARTITION_BYTES, SBUF_PARTITION_BYTES, ConstraintError, Ledger
-from kernels.nki.layout import constants
+from qwenpd.kernels.nki import emulator as nki
+from qwenpd.kernels.nki.backend import load_kernels, real_nki_available, resolve_mode
+from qwenpd.kernels.nki.emulator.core import PSUM_PARTITION_BYTES, SBUF_PARTITION_BYTES, ConstraintError, Ledger
+from qwenpd.kernels.nki.layout import constants
 
 nl, nisa = nki.language, nki.isa
 F32 = nl.float32

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.gated_delta_rule import naive_gated_delta_rule
-from kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
-from kernels.nki.backend import real_nki_available
+from qwenpd.kernels.gated_delta_rule import naive_gated_delta_rule
+from qwenpd.kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
+from qwenpd.kernels.nki.backend import real_nki_available
 from tests.nki.helpers import as_double, assert_close, make_inputs, random_state
 
 pytestmark = pytest.mark.skipif(not real_nki_available(),

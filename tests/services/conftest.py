@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import Client
+from qwenpd.clients import Client
 
 SHM_DIR = Path("/dev/shm")
 
@@ -92,14 +92,14 @@ def client(services):
 
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir):
-    from engine import Engine
+    from qwenpd.engine import Engine
 
     return Engine(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def store(services):
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     with CacheStoreClient(services.cache) as c:
         yield c
@@ -111,8 +111,8 @@ BACKENDS = ["shm", "mooncake"]
 
 def mooncake_skip_reason() -> str | None:
     """Why the mooncake backend cannot run here (None: it can)."""
-    from cache_store.mooncake import available
-    from cache_store.mooncake_master import master_binary
+    from qwenpd.cache_store.mooncake import available
+    from qwenpd.cache_store.mooncake_master import master_binary
 
     missing = available()
     if missing:
@@ -140,8 +140,8 @@ def backend_services(request, services, tiny_model_dir, tmp_path_factory):
         return
     s = start_serve_all(tiny_model_dir, tmp_path_factory.mktemp("serve_mc"), f"mc{os.getpid()}",
                         *backend_flags("mooncake"))
-    from cache_store.client import CacheStoreClient
-    from protos.qwenpd.v1 import cache_store_pb2 as pb
+    from qwenpd.cache_store.client import CacheStoreClient
+    from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 
     with CacheStoreClient(s.cache) as store:
         assert store.info().data_plane == pb.DATA_PLANE_MOONCAKE

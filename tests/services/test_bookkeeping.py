@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from clients.routing import Pool
-from decode_service.scheduler import Scheduler
-from engine.sampling import SamplingParams
-from prefill_service.handoff import Handoff, sampling_from_pb, sampling_to_pb, with_seed
-from prefill_service.queue import Job, WorkQueue
-from protos.qwenpd.v1 import common_pb2
+from qwenpd.clients.routing import Pool
+from qwenpd.decode_service.scheduler import Scheduler
+from qwenpd.engine.sampling import SamplingParams
+from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb, sampling_to_pb, with_seed
+from qwenpd.prefill_service.queue import Job, WorkQueue
+from qwenpd.protos.qwenpd.v1 import common_pb2
 from qwenpd.grpc_common import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from clients import AsyncClient, Client
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.clients import AsyncClient, Client
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 
 PROMPTS = {
     "text": "The quick brown fox jumps over the lazy dog.",

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import Client, FailedPrecondition, InvalidArgument, NotFound
-from clients.errors import from_rpc_error
-from protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from qwenpd.clients import Client, FailedPrecondition, InvalidArgument, NotFound
+from qwenpd.clients.errors import from_rpc_error
+from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.services.conftest import qwenpd_cmd, wait_ready_file
 
 MAX_CONTEXT = 8192  # the tiny preset
@@ -71,7 +71,7 @@ def test_unknown_checkpoint_is_not_found(services):
 
 def test_checkpoint_of_another_model_is_refused(services, store, tmp_path):
     """A second prefill service on another tiny seed shares the cache store; decode refuses its checkpoint."""
-    from engine.init_model import init_model
+    from qwenpd.engine.init_model import init_model
 
     other = init_model(tmp_path / "other", "tiny", seed=1)
     ready = tmp_path / "other-prefill.json"

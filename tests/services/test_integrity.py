@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.errors import DataLoss, from_rpc_error
-from protos.qwenpd.v1 import (cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc,
+from qwenpd.clients.errors import DataLoss, from_rpc_error
+from qwenpd.protos.qwenpd.v1 import (cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc,
                               prefill_pb2, prefill_pb2_grpc)
 from tests.services.conftest import SHM_DIR
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from clients import Client, DeadlineExceeded
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.clients import Client, DeadlineExceeded
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 from tests.services.conftest import (pid_alive, qwenpd_cmd, segments, start_serve_all, stop_serve_all,
                                      wait_ready_file)
 
@@ -114,8 +114,8 @@ LONG_PROMPT = [5 + (7 * i) % 500 for i in range(8000)]
 def _prefill(address: str, ids: list[int], timeout: float):
     import grpc
 
-    from clients.errors import from_rpc_error
-    from protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
+    from qwenpd.clients.errors import from_rpc_error
+    from qwenpd.protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
 
     with grpc.insecure_channel(address) as ch:
         try:
@@ -139,7 +139,7 @@ def test_prefill_deadline_abandons_the_job_between_chunks(small_queue_prefill, s
 def test_prefill_queue_full_is_resource_exhausted(small_queue_prefill, store):
     from concurrent.futures import ThreadPoolExecutor
 
-    from clients import ResourceExhausted
+    from qwenpd.clients import ResourceExhausted
 
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(_prefill, small_queue_prefill, LONG_PROMPT, 60) for _ in range(3)]

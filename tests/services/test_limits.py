@@ -14,8 +14,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients import Client, InvalidArgument, ResourceExhausted
-from protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
+from qwenpd.clients import Client, InvalidArgument, ResourceExhausted
+from qwenpd.protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
 from qwenpd.grpc_common import from_rpc_error
 from tests.services.conftest import start_serve_all, stop_serve_all
 
@@ -106,7 +106,7 @@ def _prefill_of_size(address: str, size: int) -> prefill_pb2.PrefillResponse:
 
 
 def test_message_size(limited, lclient):
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     response = _prefill_of_size(limited.prefill, MAX_MESSAGE)
     with CacheStoreClient(limited.cache) as store:
@@ -176,7 +176,7 @@ def test_metrics_move_after_requests(limited, lclient):
 
 def test_decode_sampling_override_is_limited_too(limited, lclient):
     """Decode may override sampling: the same limits apply there (field named, checkpoint not left leased)."""
-    from protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+    from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
     with grpc.insecure_channel(limited.prefill) as pch, grpc.insecure_channel(limited.decode) as dch:
         pre = prefill_pb2_grpc.PrefillServiceStub(pch).Prefill(
@@ -195,8 +195,8 @@ def test_decode_sampling_override_is_limited_too(limited, lclient):
 def test_resumed_prompt_counts_only_its_own_prompt_tokens(limited):
     """A resumed request (prompt + tokens generated before a decode failure) is held to the original prompt
     limit; the generated tokens count against max_tokens instead."""
-    from cache_store.client import CacheStoreClient
-    from protos.qwenpd.v1 import common_pb2
+    from qwenpd.cache_store.client import CacheStoreClient
+    from qwenpd.protos.qwenpd.v1 import common_pb2
 
     generated = 5
     req = prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[7] * MAX_PROMPT + [8] * generated),

@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-from cache_store.checkpoint import CheckpointMeta
-from cache_store.client import CacheStoreClient
-from clients import Client
-from clients.errors import NotFound, QwenpdError, Unavailable
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.cache_store.checkpoint import CheckpointMeta
+from qwenpd.cache_store.client import CacheStoreClient
+from qwenpd.clients import Client
+from qwenpd.clients.errors import NotFound, QwenpdError, Unavailable
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 from tests.services.conftest import mooncake_skip_reason, start_serve_all, stop_serve_all
 
 GREEDY = dict(temperature=0, max_tokens=8, ignore_eos=True)
@@ -26,7 +26,7 @@ def master():
     reason = mooncake_skip_reason()
     if reason:
         pytest.skip(reason)
-    from cache_store.mooncake_master import MooncakeMaster
+    from qwenpd.cache_store.mooncake_master import MooncakeMaster
 
     m = MooncakeMaster().start()
     yield m
@@ -34,7 +34,7 @@ def master():
 
 
 def test_missing_master_is_a_clear_error_not_a_hang(tmp_path):
-    from cache_store.mooncake import connect
+    from qwenpd.cache_store.mooncake import connect
 
     if mooncake_skip_reason():
         pytest.skip(mooncake_skip_reason())

@@ -14,10 +14,10 @@ import subprocess
 
 import pytest
 
-from clients import Client
-from clients.supervisor import ServiceSet
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.clients import Client
+from qwenpd.clients.supervisor import ServiceSet
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 from tests.services.conftest import mooncake_skip_reason
 
 GREEDY = dict(temperature=0, max_tokens=16, ignore_eos=True)
@@ -90,7 +90,7 @@ def hosts():
 
 @pytest.fixture(scope="module")
 def master(hosts):
-    from cache_store.mooncake_master import MooncakeMaster
+    from qwenpd.cache_store.mooncake_master import MooncakeMaster
 
     with MooncakeMaster(hosts.root_ip[0]) as m:
         yield m

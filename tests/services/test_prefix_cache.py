@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from cache_store.client import CacheStoreClient
-from clients import Client
-from engine.generate import generate
-from engine.sampling import SamplingParams
+from qwenpd.cache_store.client import CacheStoreClient
+from qwenpd.clients import Client
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
 from tests.services.conftest import BACKENDS, backend_flags, segments, start_serve_all, stop_serve_all
 
 BLOCK, INTERVAL = 16, 64
@@ -122,7 +122,7 @@ def test_blocks_are_stored_once(cached):
     client.generate(token_ids=ids + _ids(40, seed=13), **GREEDY)
     after = {k.kind: k.entries for k in store.stats().by_kind}
     # 200 -> 12 full blocks; 240 -> 15: only the 3 new blocks are written, the first 12 are shared
-    from protos.qwenpd.v1 import cache_store_pb2 as pb
+    from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 
     assert after[pb.ENTRY_KIND_KV_BLOCK] - before[pb.ENTRY_KIND_KV_BLOCK] == 3
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients import Client, NotFound, Unavailable
+from qwenpd.clients import Client, NotFound, Unavailable
 from tests.services.conftest import pid_alive, qwenpd_cmd, segments, wait_ready_file
 
 LONG = dict(max_tokens=400, ignore_eos=True)
@@ -80,7 +80,7 @@ def stack(tiny_model_dir, tmp_path_factory):
 
 
 def _busy_decode(stack: Stack, names: list[str], timeout: float = 10.0) -> str:
-    from protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
+    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,7 +138,7 @@ def pid_alive_name(stack: Stack, name: str) -> bool:
 
 
 def test_resume_leaves_nothing_leased(stack):
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     names = _ensure_two_decodes(stack)
     _stream_with_kill(stack, names, kill_after=2, temperature=0, **LONG)
@@ -222,7 +222,7 @@ def test_prefill_kill9_is_retried_elsewhere_or_unavailable(stack):
     with Client(prefill=[doomed, stack.addr["prefill"]], decode=decode, timeout=60) as c:
         for _ in range(2):
             assert len(c.generate("retried", max_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     with CacheStoreClient(stack.addr["cache"]) as store:  # what the killed prefill held expires
         deadline = time.monotonic() + 12
@@ -232,8 +232,8 @@ def test_prefill_kill9_is_retried_elsewhere_or_unavailable(stack):
 
 
 def test_cache_store_restart_reclaims_segments_and_stale_handles_are_not_found(stack):
-    from protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-    from clients.errors import from_rpc_error
+    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+    from qwenpd.clients.errors import from_rpc_error
 
     names = _ensure_two_decodes(stack)
     with grpc.insecure_channel(stack.addr["prefill"]) as ch:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import Client, Security, Unauthenticated, Unavailable
+from qwenpd.clients import Client, Security, Unauthenticated, Unavailable
 from qwenpd.security import channel
 from tests.services.certs import make_pki
 from tests.services.conftest import qwenpd_cmd, segments, start_serve_all, stop_serve_all, wait_ready_file
@@ -48,10 +48,10 @@ def _client_security(pki, **overrides) -> Security:
 
 
 def test_defaults_listen_on_loopback():
-    from cache_store.config import CacheStoreConfig
-    from clients.supervisor import ServiceSet
-    from decode_service.config import DecodeConfig
-    from prefill_service.config import PrefillConfig
+    from qwenpd.cache_store.config import CacheStoreConfig
+    from qwenpd.clients.supervisor import ServiceSet
+    from qwenpd.decode_service.config import DecodeConfig
+    from qwenpd.prefill_service.config import PrefillConfig
 
     assert CacheStoreConfig().host == "127.0.0.1"
     for cls in (PrefillConfig, DecodeConfig):
@@ -87,7 +87,7 @@ def test_transport_refused(secure, pki, security):
 
 @pytest.mark.parametrize("token", ["missing", "wrong"])
 def test_token_required_on_every_service(secure, pki, token):
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
 
     sec = _client_security(pki, auth_token_file=None if token == "missing" else str(pki.wrong_token))
     with Client(prefill=secure.prefill, decode=secure.decode, timeout=10, security=sec) as c:
@@ -111,7 +111,7 @@ def test_health_stays_open_without_token(secure, pki):
 
 def test_plain_tls_cache_store(tmp_path, pki):
     """TLS without client certificates: a client that trusts the CA gets in; a plaintext one does not."""
-    from cache_store.client import CacheStoreClient
+    from qwenpd.cache_store.client import CacheStoreClient
     from qwenpd.grpc_common import Unavailable as StoreUnavailable
 
     ready = tmp_path / "store.json"
@@ -135,7 +135,7 @@ def test_checkpoint_ids_are_128_bit_random(services, store):
     tests/cache_store/test_service.py and test_store.py.)"""
     import re
 
-    from protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
+    from qwenpd.protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
 
     with grpc.insecure_channel(services.prefill) as ch:
         stub = prefill_pb2_grpc.PrefillServiceStub(ch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.nki.emulator.core import (
+from qwenpd.kernels.nki.emulator.core import (
     PSUM_BANK_BYTES,
     Tensor,
     check_buffer,
@@ -19,7 +19,7 @@ from kernels.nki.emulator.core import (
     sbuf,
     shared_hbm,
 )
-from kernels.nki.emulator.language import Operator, float32
+from qwenpd.kernels.nki.emulator.language import Operator, float32
 
 __all__ = [
     "activation",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.nki.emulator.core import (
+from qwenpd.kernels.nki.emulator.core import (
     PMAX,
     PSUM_BANK_BYTES,
     PSUM_BANKS,

@@ -8,7 +8,7 @@ written and read through the segments, never through these calls.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from protos.qwenpd.v1 import cache_store_pb2 as _cache_store_pb2
+from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as _cache_store_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -5,7 +5,7 @@ The decode service: hand-off checkpoint in, token stream out."""
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from protos.qwenpd.v1 import decode_pb2 as _decode_pb2
+from qwenpd.protos.qwenpd.v1 import decode_pb2 as _decode_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwenpd.cache_store.client import CacheStoreClient  # noqa: E402
 from qwenpd.clients.client import Client  # noqa: E402
-from qwenpd.clients.supervisor import ServiceSet  # noqa: E402
+from qwenpd.supervisor import ServiceSet  # noqa: E402
 from qwenpd.engine import DecodeBatch, Engine, HybridState  # noqa: E402
 from qwenpd.engine.init_model import init_model  # noqa: E402
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb  # noqa: E402

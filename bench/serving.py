@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwenpd.cache_store.checkpoint import CheckpointMeta  # noqa: E402
 from qwenpd.cache_store.client import CacheStoreClient  # noqa: E402
 from qwenpd.clients.client import Client  # noqa: E402
-from qwenpd.clients.supervisor import ServiceSet  # noqa: E402
+from qwenpd.supervisor import ServiceSet  # noqa: E402
 from qwenpd.engine import DecodeBatch, Engine  # noqa: E402
 from qwenpd.engine.generate import generate
 from qwenpd.engine.output import OutputTracker  # noqa: E402

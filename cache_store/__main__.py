@@ -7,7 +7,7 @@ import sys
 
 from qwenpd.cache_store.config import build_parser, config_from_args
 from qwenpd.cache_store.server import serve
-from qwenpd.grpc_common import QwenpdError
+from qwenpd.errors import QwenpdError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import xxhash
 
-from qwenpd.grpc_common import DataLoss, FailedPrecondition
+from qwenpd.errors import DataLoss, FailedPrecondition
 
 FORMAT_VERSION = "1"
 HASH_CHUNK = 4 << 20

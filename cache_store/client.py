@@ -9,7 +9,7 @@ way) and commits it. get_checkpoint leases it and returns zero-copy tensor views
 against the model; they are valid only until the lease is released (`release`, or the end of the `with`).
 On the mooncake data plane (StoreInfo.data_plane) the same calls put/get Mooncake Store objects instead: one
 batch put per write call, one batch get into a fresh registered buffer per read call.
-Failures raise qwenpd.grpc_common errors (NotFound, FailedPrecondition, ResourceExhausted, DataLoss, ...).
+Failures raise qwenpd.errors exceptions (NotFound, FailedPrecondition, ResourceExhausted, DataLoss, ...).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
 from qwenpd.security import Security
 from qwenpd.security import channel as secure_channel
-from qwenpd.grpc_common import (DEFAULT_MAX_MESSAGE_BYTES, DataLoss, FailedPrecondition, NotFound, QwenpdError,
-                                from_rpc_error)
+from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
+from qwenpd.errors import DataLoss, FailedPrecondition, NotFound, QwenpdError
+from qwenpd.grpc_status import from_rpc_error
 
 DEFAULT_TIMEOUT_S = 10.0
 _OFFLOAD_BYTES = 1 << 20  # async client: data-plane work above this runs in a thread, off the event loop

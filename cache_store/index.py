@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenpd.grpc_common import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from qwenpd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 
 class Kind(enum.Enum):

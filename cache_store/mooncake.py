@@ -27,7 +27,7 @@ import numpy as np
 
 from qwenpd.cache_store.allocator import Extent
 from qwenpd.cache_store.config import CacheStoreConfig
-from qwenpd.grpc_common import FailedPrecondition, NotFound, Unavailable
+from qwenpd.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

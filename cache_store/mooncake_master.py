@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwenpd.grpc_common import FailedPrecondition, Unavailable
+from qwenpd.errors import FailedPrecondition, Unavailable
 from qwenpd.cache_store.mooncake import INSTALL_HINT
 
 

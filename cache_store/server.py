@@ -13,7 +13,8 @@ from qwenpd.cache_store.shm import host_id
 from qwenpd.cache_store.store import Placement, Store
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
-from qwenpd.grpc_common import GrpcServer, InvalidArgument, make_server
+from qwenpd.grpc_server import GrpcServer, make_server
+from qwenpd.errors import InvalidArgument
 from qwenpd.metrics import StoreMetrics
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenpd.grpc_common import FailedPrecondition, ResourceExhausted
+from qwenpd.errors import FailedPrecondition, ResourceExhausted
 
 PREFIX = "qwenpd-"
 STORE_ID_RE = re.compile(r"^[a-z0-9_]{1,32}$")

@@ -13,7 +13,7 @@ from qwenpd.cache_store.allocator import Extent
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.cache_store.index import Entry, Index, IndexStats, Kind
 from qwenpd.cache_store.space import Space, make_space
-from qwenpd.grpc_common import FailedPrecondition, NotFound
+from qwenpd.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
 

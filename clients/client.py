@@ -30,7 +30,7 @@ import grpc
 from qwenpd.clients.errors import QwenpdError, Unavailable, from_rpc_error
 from qwenpd.clients.routing import Backend, Pool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from qwenpd.grpc_common import DEFAULT_MAX_MESSAGE_BYTES
+from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
 from qwenpd.security import Security
 from qwenpd.security import channel as secure_channel
 

@@ -1,5 +1,5 @@
 """The failures a client sees: one exception class per status code, and the ONE function mapping a failed
-call to them (`from_rpc_error`, shared with the servers' mapping in qwenpd.grpc_common, so both sides agree).
+call to them (`from_rpc_error`, shared with the servers' mapping in qwenpd.grpc_status, so both sides agree).
 
     InvalidArgument (.field)    the request is malformed; `field` names the bad field, e.g. "sampling.top_p"
     NotFound                    unknown or expired checkpoint
@@ -13,9 +13,8 @@ call to them (`from_rpc_error`, shared with the servers' mapping in qwenpd.grpc_
 All derive from QwenpdError.
 """
 
-from qwenpd.grpc_common import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
-                                QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable,
-                                from_rpc_error)
+from qwenpd.errors import Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable
+from qwenpd.grpc_status import from_rpc_error
 
 __all__ = ["Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound",
            "QwenpdError", "RemoteError", "ResourceExhausted", "Unauthenticated", "Unavailable", "from_rpc_error"]

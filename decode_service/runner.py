@@ -25,7 +25,7 @@ from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine.sampling import Sampler, greedy_batch
 from qwenpd.engine.state import HybridState
-from qwenpd.grpc_common import QwenpdError, Unavailable
+from qwenpd.errors import QwenpdError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from qwenpd.grpc_common import ResourceExhausted
+from qwenpd.errors import ResourceExhausted
 
 S = TypeVar("S")
 

@@ -10,8 +10,8 @@ from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
 from qwenpd.engine.engine import Engine
-from qwenpd.prefill_service.config import split_address
-from qwenpd.grpc_common import GrpcServer, make_server
+from qwenpd.address import split_address
+from qwenpd.grpc_server import GrpcServer, make_server
 from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.state import expected_shapes
 from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from qwenpd.grpc_common import DataLoss, InvalidArgument, QwenpdError
+from qwenpd.errors import DataLoss, InvalidArgument, QwenpdError
 from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)

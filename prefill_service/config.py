@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwenpd.address import split_address
 from qwenpd.cache_store.prefix import PrefixPolicy
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
@@ -13,14 +14,6 @@ from qwenpd.limits import Limits
 from qwenpd.security import Security
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[v6]:PORT' -> (host, port); ValueError otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 def check_model_service(cfg) -> None:

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 
 from qwenpd.engine.sampling import SamplingParams
 from qwenpd.protos.qwenpd.v1 import common_pb2
-from qwenpd.grpc_common import DataLoss, InvalidArgument
+from qwenpd.errors import DataLoss, InvalidArgument
 
 HANDOFF_KEY = "qwenpd.handoff"
 PROMPT_TAIL = 8  # prompt ids kept for decode's incremental detokenizer

@@ -18,7 +18,7 @@ from qwenpd.cache_store.prefix import PrefixPolicy, block_keys
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.state import HybridState
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as store_pb
-from qwenpd.grpc_common import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from qwenpd.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 _PIN_S = 60.0  # how long prefix entries stay leased while this request reads or references them

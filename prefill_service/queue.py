@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from qwenpd.grpc_common import Cancelled, DeadlineExceeded, ResourceExhausted
+from qwenpd.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 T = TypeVar("T")
 

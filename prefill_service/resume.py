@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import OutputTracker
 from qwenpd.engine.sampling import SamplingParams
-from qwenpd.grpc_common import InvalidArgument
+from qwenpd.errors import InvalidArgument
 
 
 @dataclass(slots=True, frozen=True)

@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
-from qwenpd.prefill_service.config import PrefillConfig, split_address
+from qwenpd.address import split_address
+from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
-from qwenpd.grpc_common import GrpcServer, make_server
+from qwenpd.grpc_server import GrpcServer, make_server
 from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)

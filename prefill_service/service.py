@@ -25,7 +25,7 @@ from qwenpd.prefill_service.prompt import prompt_token_ids
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-from qwenpd.grpc_common import QwenpdError
+from qwenpd.errors import QwenpdError
 from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.prefill or args.decode:
-        from qwenpd.clients.cli import generate_remote  # through the services
+        from qwenpd.serve import generate_remote  # through the services
 
         return generate_remote(args)
     if not args.model:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     try:  # serving subcommands (serve, demo) live with the services
-        from qwenpd.clients.cli import add_service_commands
+        from qwenpd.serve import add_service_commands
     except ImportError:
         pass
     else:

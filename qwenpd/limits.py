@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from qwenpd.engine.sampling import SamplingParams
-from qwenpd.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, InvalidArgument
+from typing import TYPE_CHECKING
+
+from qwenpd.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from qwenpd.engine.sampling import SamplingParams
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # control plane only: prompts and token lists, never tensors
 
 
 @dataclass(slots=True, frozen=True)

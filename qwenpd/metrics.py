@@ -2,7 +2,7 @@
 `--metrics-port` (0 = off) at http://HOST:PORT/metrics.
 
 Every service counts its calls by method and status code (`qwenpd_requests_total`, fed by the error-mapping
-interceptor in qwenpd.grpc_common). Prefill adds time-to-first-token, queue, restore, compute and hand-off write
+interceptor in qwenpd.grpc_status). Prefill adds time-to-first-token, queue, restore, compute and hand-off write
 histograms, hand-off bytes and the queue depth; decode adds time per output token, slot wait and batch size
 histograms, output tokens, active sequences and queue depth; the cache store exports its bytes, entries,
 leases, evictions and prefix/lease hits and misses, read on the store's event loop at scrape time.

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from qwenpd.grpc_common import Unauthenticated
+from qwenpd.errors import Unauthenticated
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 

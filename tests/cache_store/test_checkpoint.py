@@ -11,7 +11,7 @@ import torch
 
 from qwenpd.cache_store import checkpoint as ck
 from qwenpd.cache_store.checkpoint import CheckpointMeta, read_checkpoint, serialize_checkpoint, write_checkpoint
-from qwenpd.grpc_common import DataLoss, FailedPrecondition
+from qwenpd.errors import DataLoss, FailedPrecondition
 from tests.cache_store.conftest import STATE_DTYPES, state_shapes, state_tensors
 
 FP = "f" * 64

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwenpd.cache_store.checkpoint import CheckpointMeta, read_checkpoint, serialize_checkpoint
-from qwenpd.grpc_common import DataLoss, FailedPrecondition
+from qwenpd.errors import DataLoss, FailedPrecondition
 from tests.cache_store.conftest import state_tensors
 
 FP = "fingerprint"

@@ -8,7 +8,7 @@ import pytest
 
 from qwenpd.cache_store.allocator import Extent, SegmentAllocator
 from qwenpd.cache_store.index import Index, Kind
-from qwenpd.grpc_common import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from qwenpd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 
 class Clock:

@@ -10,7 +10,7 @@ from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, read
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.cache_store.index import Kind
 from qwenpd.cache_store.store import Store
-from qwenpd.grpc_common import NotFound
+from qwenpd.errors import NotFound
 
 KiB = 1 << 10
 

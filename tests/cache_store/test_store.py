@@ -11,7 +11,7 @@ from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.cache_store.index import Kind
 from qwenpd.cache_store.shm import SEGMENT_NAME_RE
 from qwenpd.cache_store.store import Store
-from qwenpd.grpc_common import FailedPrecondition, ResourceExhausted
+from qwenpd.errors import FailedPrecondition, ResourceExhausted
 from tests.cache_store.conftest import SHM, leftover_files, segment_files
 
 MiB = 1 << 20

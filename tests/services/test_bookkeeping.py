@@ -16,7 +16,7 @@ from qwenpd.engine.sampling import SamplingParams
 from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb, sampling_to_pb, with_seed
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2
-from qwenpd.grpc_common import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from qwenpd.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 
 # ---- decode admission ----------------------------------------------------------------------------------------------

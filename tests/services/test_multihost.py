@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from qwenpd.clients import Client
-from qwenpd.clients.supervisor import ServiceSet
+from qwenpd.supervisor import ServiceSet
 from qwenpd.engine.generate import generate
 from qwenpd.engine.sampling import SamplingParams
 from tests.services.conftest import mooncake_skip_reason

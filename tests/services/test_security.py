@@ -49,7 +49,7 @@ def _client_security(pki, **overrides) -> Security:
 
 def test_defaults_listen_on_loopback():
     from qwenpd.cache_store.config import CacheStoreConfig
-    from qwenpd.clients.supervisor import ServiceSet
+    from qwenpd.supervisor import ServiceSet
     from qwenpd.decode_service.config import DecodeConfig
     from qwenpd.prefill_service.config import PrefillConfig
 
@@ -112,7 +112,7 @@ def test_health_stays_open_without_token(secure, pki):
 def test_plain_tls_cache_store(tmp_path, pki):
     """TLS without client certificates: a client that trusts the CA gets in; a plaintext one does not."""
     from qwenpd.cache_store.client import CacheStoreClient
-    from qwenpd.grpc_common import Unavailable as StoreUnavailable
+    from qwenpd.errors import Unavailable as StoreUnavailable
 
     ready = tmp_path / "store.json"
     proc = subprocess.Popen(qwenpd_cmd("serve", "cache", "--store-id", f"tls{os.getpid()}", "--ready-file",

@@ -1,4 +1,4 @@
-"""qwenpd.grpc_common: the one error mapping (both ways) and the server skeleton, on an in-process server."""
+"""The one error mapping (qwenpd.errors <-> qwenpd.grpc_status, both ways) and the server skeleton (qwenpd.grpc_server), on an in-process server."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
-from qwenpd import grpc_common as gc
+from qwenpd import errors, grpc_server, grpc_status
 
 CASES = [
-    gc.InvalidArgument("sampling.top_p", "must be in (0, 1]"),
-    gc.NotFound("checkpoint abc not found", resource_type="checkpoint", resource_name="abc"),
-    gc.FailedPrecondition("model mismatch", subject="fingerprint", reason="MODEL_MISMATCH"),
-    gc.ResourceExhausted("cache full", subject="cache_store.budget_bytes", retry_after_s=0.25),
-    gc.Unavailable("draining", subject="decode", retry_after_s=1.5),
-    gc.DataLoss("checksum mismatch", reason="CHECKSUM_MISMATCH", metadata={"tensor": "layers.0.k"}),
-    gc.DeadlineExceeded("deadline passed between chunks"),
-    gc.Cancelled("client went away"),
-    gc.Unauthenticated("the bearer token is not valid", reason="BAD_TOKEN"),
+    errors.InvalidArgument("sampling.top_p", "must be in (0, 1]"),
+    errors.NotFound("checkpoint abc not found", resource_type="checkpoint", resource_name="abc"),
+    errors.FailedPrecondition("model mismatch", subject="fingerprint", reason="MODEL_MISMATCH"),
+    errors.ResourceExhausted("cache full", subject="cache_store.budget_bytes", retry_after_s=0.25),
+    errors.Unavailable("draining", subject="decode", retry_after_s=1.5),
+    errors.DataLoss("checksum mismatch", reason="CHECKSUM_MISMATCH", metadata={"tensor": "layers.0.k"}),
+    errors.DeadlineExceeded("deadline passed between chunks"),
+    errors.Cancelled("client went away"),
+    errors.Unauthenticated("the bearer token is not valid", reason="BAD_TOKEN"),
 ]
 
 
@@ -39,10 +39,10 @@ class FakeRpcError(grpc.RpcError):
 
 
 @pytest.mark.parametrize("exc", CASES, ids=lambda e: type(e).__name__)
-def test_errors_round_trip_through_status(exc: gc.QwenpdError) -> None:
-    status = gc.to_status(exc)
+def test_errors_round_trip_through_status(exc: errors.QwenpdError) -> None:
+    status = grpc_status.to_status(exc)
     assert status.code == exc.code
-    back = gc.from_rpc_error(FakeRpcError(status))
+    back = grpc_status.from_rpc_error(FakeRpcError(status))
     assert type(back) is type(exc)
     assert (back.message, back.reason, back.metadata) == (exc.message, exc.reason, exc.metadata)
     for attr in ("field", "resource_name", "resource_type", "subject", "retry_after_s"):
@@ -50,11 +50,11 @@ def test_errors_round_trip_through_status(exc: gc.QwenpdError) -> None:
 
 
 def test_unknown_codes_become_remote_errors() -> None:
-    status = gc.to_status(gc.QwenpdError("nope"))
+    status = grpc_status.to_status(errors.QwenpdError("nope"))
     err = FakeRpcError(status)
     err._code = grpc.StatusCode.UNIMPLEMENTED  # a code with no domain class
-    back = gc.from_rpc_error(err)
-    assert isinstance(back, gc.RemoteError) and back.code == grpc.StatusCode.UNIMPLEMENTED
+    back = grpc_status.from_rpc_error(err)
+    assert isinstance(back, errors.RemoteError) and back.code == grpc.StatusCode.UNIMPLEMENTED
 
 
 class Decode(decode_pb2_grpc.DecodeServiceServicer):
@@ -63,18 +63,18 @@ class Decode(decode_pb2_grpc.DecodeServiceServicer):
     async def Decode(self, request, context):
         yield decode_pb2.DecodeChunk(token_ids=[1])
         if request.checkpoint_id == "missing":
-            raise gc.NotFound("checkpoint missing not found", resource_type="checkpoint", resource_name="missing")
+            raise errors.NotFound("checkpoint missing not found", resource_type="checkpoint", resource_name="missing")
         if request.checkpoint_id == "bug":
             raise KeyError("oops")
         yield decode_pb2.DecodeChunk(token_ids=[2])
 
     async def GetLoad(self, request, context):
-        raise gc.Unavailable("warming up", retry_after_s=0.5)
+        raise errors.Unavailable("warming up", retry_after_s=0.5)
 
 
 def test_server_maps_errors_for_unary_and_streaming_calls() -> None:
     async def main() -> None:
-        server = gc.make_server(Decode(), host="127.0.0.1", port=0)
+        server = grpc_server.make_server(Decode(), host="127.0.0.1", port=0)
         assert server.port > 0 and server.service_names == ("qwenpd.v1.DecodeService",)
         await server.start()
         try:
@@ -88,16 +88,16 @@ def test_server_maps_errors_for_unary_and_streaming_calls() -> None:
                     async for c in stub.Decode(decode_pb2.DecodeRequest(checkpoint_id="missing"), timeout=5):
                         got.append(c.token_ids[0])
                 assert got == [1]
-                err = gc.from_rpc_error(e.value)
-                assert isinstance(err, gc.NotFound) and err.resource_name == "missing"
+                err = grpc_status.from_rpc_error(e.value)
+                assert isinstance(err, errors.NotFound) and err.resource_name == "missing"
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     async for _ in stub.Decode(decode_pb2.DecodeRequest(checkpoint_id="bug"), timeout=5):
                         pass
                 assert e.value.code() == grpc.StatusCode.INTERNAL and "KeyError" in e.value.details()
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=5)
-                err = gc.from_rpc_error(e.value)
-                assert isinstance(err, gc.Unavailable) and err.retry_after_s == 0.5
+                err = grpc_status.from_rpc_error(e.value)
+                assert isinstance(err, errors.Unavailable) and err.retry_after_s == 0.5
                 health = health_pb2_grpc.HealthStub(channel)
                 reply = await health.Check(health_pb2.HealthCheckRequest(service="qwenpd.v1.DecodeService"), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -112,11 +112,11 @@ def test_server_maps_errors_for_unary_and_streaming_calls() -> None:
 
 def test_binding_a_taken_port_fails() -> None:
     async def main() -> None:
-        first = gc.make_server(Decode(), host="127.0.0.1", port=0)
+        first = grpc_server.make_server(Decode(), host="127.0.0.1", port=0)
         await first.start()
         try:
             with pytest.raises(OSError):
-                gc.make_server(Decode(), host="127.0.0.1", port=first.port)
+                grpc_server.make_server(Decode(), host="127.0.0.1", port=first.port)
         finally:
             await first.shutdown(grace_s=0)
 
@@ -126,7 +126,7 @@ def test_binding_a_taken_port_fails() -> None:
 def test_make_server_needs_a_generated_servicer() -> None:
     async def main() -> None:
         with pytest.raises(TypeError, match="generated"):
-            gc.make_server(object())
+            grpc_server.make_server(object())
 
     asyncio.run(main())
 
@@ -141,7 +141,7 @@ def test_every_call_reports_its_final_code_and_the_token_is_checked_per_call(tmp
     seen: list[tuple[str, grpc.StatusCode]] = []
 
     async def main() -> None:
-        server = gc.make_server(Decode(), security=Security(auth_token_file=str(token)),
+        server = grpc_server.make_server(Decode(), security=Security(auth_token_file=str(token)),
                                 on_status=lambda m, c: seen.append((m.rsplit("/", 1)[-1], c)))
         await server.start()
         try:
@@ -153,7 +153,7 @@ def test_every_call_reports_its_final_code_and_the_token_is_checked_per_call(tmp
                     async for _ in bad.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"), timeout=5):
                         pass
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert isinstance(gc.from_rpc_error(e.value), gc.Unauthenticated)
+                assert isinstance(grpc_status.from_rpc_error(e.value), errors.Unauthenticated)
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await ok.GetLoad(decode_pb2.GetLoadRequest(), timeout=5)
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE

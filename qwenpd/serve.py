@@ -117,7 +117,7 @@ def cmd_serve_cache(args: argparse.Namespace) -> int:
     from qwenpd.cache_store.config import config_from_args
     from qwenpd.cache_store.server import run
 
-    from qwenpd.grpc_common import QwenpdError
+    from qwenpd.errors import QwenpdError
 
     _logging(args)
     try:
@@ -146,7 +146,7 @@ def cmd_serve_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:
-    from qwenpd.clients.supervisor import ServiceSet, wait_for_signal
+    from qwenpd.supervisor import ServiceSet, wait_for_signal
 
     _logging(args)
     with ServiceSet.from_args(args) as services:
@@ -195,7 +195,7 @@ DEMO_PROMPTS = ("The quick brown fox", "Once upon a time there was a small model
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from qwenpd.clients.client import Client
-    from qwenpd.clients.supervisor import ServiceSet
+    from qwenpd.supervisor import ServiceSet
 
     model = Path(args.model) if args.model else default_tiny_model()
     print(f"qwenpd demo: model {model}; starting cache store, prefill and decode ...", flush=True)

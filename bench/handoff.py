@@ -125,7 +125,7 @@ def store_rows(states: dict[str, dict[str, torch.Tensor]], repeat: int, threads:
                              f"bench{os.getpid()}", "--budget", f"{budget}MiB", *flags],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
-        address = re.search(r"listening on (\S+)", proc.stdout.readline()).group(1)  # type: ignore[union-attr]
+        address = re.search(r"serving on (\S+)", proc.stdout.readline()).group(1)  # type: ignore[union-attr]
         rows = []
         with CacheStoreClient(address, io_threads=threads) as client:
             for label, tensors in states.items():

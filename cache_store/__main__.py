@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from qwenpd.cache_store.config import build_parser, config_from_args
 from qwenpd.cache_store.server import serve
-from qwenpd.errors import QwenpdError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad flags: usage error, exit 2; a failure to start: one line, exit 1 (as `qwenpd serve cache`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -18,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        return serve(config)
-    except QwenpdError as exc:
-        print(f"cache store: {exc.message}", file=sys.stderr)
-        return 1
+    return serve(config)
 
 
 if __name__ == "__main__":

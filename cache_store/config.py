@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 from qwenpd.cache_store.allocator import ALIGN
 from qwenpd.cache_store.shm import STORE_ID_RE
-from qwenpd import security as security_mod
+from qwenpd import service_config
+from qwenpd.address import split_address
 from qwenpd.security import Security
+from qwenpd.service_config import DEFAULT_GRACE_S, check_server
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
@@ -27,7 +29,7 @@ class CacheStoreConfig:
     store_id: str = "default"  # prefixes segment names; a restarted store with the same id removes orphans
     shm_dir: str = "/dev/shm"
     segment_bytes: int = 256 << 20  # size of pooled segments; 0 = one segment per entry, removed when freed
-    grace_s: float = 5.0  # drain time on SIGTERM/SIGINT
+    grace_s: float = DEFAULT_GRACE_S  # drain time on SIGTERM/SIGINT
     security: Security = field(default_factory=Security)  # TLS / mutual TLS and bearer token of the server
     metrics_port: int = 0  # Prometheus /metrics on the listen host; 0 = off
     backend: str = "shm"  # where bytes live: "shm" (same host) or "mooncake" (Mooncake Store, across hosts)
@@ -36,16 +38,12 @@ class CacheStoreConfig:
     mooncake_hostname: str = ""  # address other hosts reach this store's segment at ("" = the route to the master)
 
     def __post_init__(self) -> None:
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        check_server(self.listen, self.grace_s, self.metrics_port)
         if self.budget_bytes < ALIGN:
             raise ValueError(f"budget_bytes must be >= {ALIGN}, got {self.budget_bytes}")
         for name in ("lease_ttl_s", "allocation_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.grace_s < 0:
-            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if not STORE_ID_RE.match(self.store_id):
             raise ValueError(f"store_id must match {STORE_ID_RE.pattern}, got {self.store_id!r}")
         if not os.path.isdir(self.shm_dir):
@@ -56,16 +54,14 @@ class CacheStoreConfig:
             raise ValueError("the mooncake backend needs mooncake_master (HOST:PORT) and mooncake_metadata (URL)")
         if self.segment_bytes < 0 or self.segment_bytes % ALIGN:
             raise ValueError(f"segment_bytes must be 0 or a multiple of {ALIGN}, got {self.segment_bytes}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_address(self.listen)[1]
 
 
 def parse_bytes(text: str) -> int:
@@ -77,8 +73,8 @@ def parse_bytes(text: str) -> int:
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    d = argparse.Namespace(**{f.name: f.default for f in CacheStoreConfig.__dataclass_fields__.values()})
-    parser.add_argument("--listen", default=d.listen, help=f"host:port, port 0 = any free port (default {d.listen})")
+    d = service_config.field_defaults(CacheStoreConfig)
+    service_config.add_server_args(parser, d)
     parser.add_argument("--budget", type=parse_bytes, default=d.budget_bytes, dest="budget_bytes",
                         help="shared memory the store may hold, e.g. 8GiB (default 4GiB)")
     parser.add_argument("--lease-ttl", type=float, default=d.lease_ttl_s, dest="lease_ttl_s", metavar="SECONDS",
@@ -90,8 +86,6 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--shm-dir", default=d.shm_dir, help=f"tmpfs directory for segments (default {d.shm_dir})")
     parser.add_argument("--segment-size", type=parse_bytes, default=d.segment_bytes, dest="segment_bytes",
                         help="pooled segment size (default 256MiB); 0 = one segment per entry")
-    parser.add_argument("--grace", type=float, default=d.grace_s, dest="grace_s", metavar="SECONDS",
-                        help=f"drain time on SIGTERM (default {d.grace_s:g})")
     parser.add_argument("--backend", choices=("shm", "mooncake"), default=d.backend,
                         help="data plane: shm = same-host shared memory (default); mooncake = Mooncake Store, "
                              "prefill and decode on other hosts (pip install 'qwenpd[mooncake]')")
@@ -102,8 +96,6 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--mooncake-hostname", default=d.mooncake_hostname, metavar="ADDR",
                         help="mooncake backend: the address other hosts reach this store at "
                              "(default: this host's address on the route to the master)")
-    security_mod.add_args(parser)
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (default 0 = off)")
     return parser
 
 
@@ -113,9 +105,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> CacheStoreConfig:
-    return CacheStoreConfig(listen=args.listen, budget_bytes=args.budget_bytes, lease_ttl_s=args.lease_ttl_s,
-                            allocation_ttl_s=args.allocation_ttl_s, store_id=args.store_id, shm_dir=args.shm_dir,
-                            segment_bytes=args.segment_bytes, grace_s=args.grace_s, backend=args.backend,
-                            mooncake_master=args.mooncake_master, mooncake_metadata=args.mooncake_metadata,
-                            mooncake_hostname=args.mooncake_hostname, security=security_mod.from_args(args),
-                            metrics_port=args.metrics_port)
+    return service_config.from_args(CacheStoreConfig, args)

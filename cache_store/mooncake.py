@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from qwenpd.address import split_address
 from qwenpd.cache_store.allocator import Extent
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.errors import FailedPrecondition, NotFound, Unavailable
@@ -58,11 +59,11 @@ def available() -> str | None:
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    try:
+        return split_address(address)
+    except ValueError:
         raise FailedPrecondition(f"mooncake master must be HOST:PORT, got {address!r}", subject="mooncake_master",
-                                 reason="BAD_MOONCAKE_MASTER")
-    return host.strip("[]"), int(port)
+                                 reason="BAD_MOONCAKE_MASTER") from None
 
 
 def local_address(master: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 
 from qwenpd.cache_store.config import CacheStoreConfig
@@ -13,7 +12,7 @@ from qwenpd.cache_store.shm import host_id
 from qwenpd.cache_store.store import Placement, Store
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
-from qwenpd.grpc_server import GrpcServer, make_server
+from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.errors import InvalidArgument
 from qwenpd.metrics import StoreMetrics
 
@@ -177,25 +176,19 @@ async def _sweep_forever(store: Store, max_interval_s: float = 1.0) -> None:
             log.exception("sweeping expired leases and allocations failed")
 
 
-async def run(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+async def run(config: CacheStoreConfig, on_ready: OnReady | None = None) -> None:
     """Serve until SIGTERM/SIGINT; then drain, and remove every segment."""
     store = Store(config)
     store.open()
-    sweeper: asyncio.Task[None] | None = None
+    sweeper = asyncio.create_task(_sweep_forever(store))
     metrics = StoreMetrics(store.stats, asyncio.get_running_loop())
     try:
-        server = make_server(CacheStoreServicer(store), host=config.host, port=config.port,
-                             security=config.security, on_status=metrics.record)
-        await server.start()
-        if config.metrics_port:
-            metrics.serve(config.host, config.metrics_port)
-        sweeper = asyncio.create_task(_sweep_forever(store))
-        if on_ready is not None:
-            on_ready(server)
-        await server.serve_until_signal(grace_s=config.grace_s)
+        await run_server(CacheStoreServicer(store), listen=config.listen, security=config.security, metrics=metrics,
+                         metrics_port=config.metrics_port, grace_s=config.grace_s, on_ready=on_ready,
+                         describe=f"cache store {config.store_id!r} (budget {config.budget_bytes} bytes, "
+                                  f"{_where(config)})")
     finally:
-        if sweeper is not None:
-            sweeper.cancel()
+        sweeper.cancel()
         metrics.close()
         store.close()
 
@@ -206,14 +199,8 @@ def _where(config: CacheStoreConfig) -> str:
     return f"shm {config.shm_dir}"
 
 
-def serve(config: CacheStoreConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
-    """Entry point for `qwenpd serve cache` and `python -m qwenpd.cache_store`; blocks until SIGTERM/SIGINT.
-
-    on_ready gets the started server (its `.address` has the bound port); by default the address is printed.
-    """
-    def announce(server: GrpcServer) -> None:
-        print(f"qwenpd cache store {config.store_id!r} listening on {server.address} "
-              f"(budget {config.budget_bytes} bytes, {_where(config)})", flush=True)
-
-    asyncio.run(run(config, on_ready or announce))
-    return 0
+def serve(config: CacheStoreConfig, ready_file: str | None = None) -> int:
+    """Entry point of `qwenpd serve cache` and `python -m qwenpd.cache_store`: run one cache store in this process
+    until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
+    return serve_main("cache store", lambda on_ready: run(config, on_ready), ready_file,
+                      {"store_id": config.store_id})

@@ -109,7 +109,7 @@ def _unlink(path: Path) -> None:
 
 
 @dataclass(slots=True)
-class _Mapping:
+class _SegmentMapping:
     mm: mmap.mmap
     inode: tuple[int, int]
 
@@ -125,7 +125,7 @@ class SegmentMaps:
     def __init__(self, shm_dir: str | Path, writable: bool):
         self.dir = Path(shm_dir)
         self.writable = writable
-        self._maps: dict[str, _Mapping] = {}
+        self._maps: dict[str, _SegmentMapping] = {}
         self._zombies: list[mmap.mmap] = []  # closed later: buffers exported from them were still alive
         self._lock = threading.Lock()  # the async client reads and writes from worker threads
 
@@ -138,7 +138,7 @@ class SegmentMaps:
                                      subject=name, reason="BAD_SEGMENT_RANGE")
         return memoryview(mapping.mm)[offset:offset + length]
 
-    def _map(self, name: str) -> _Mapping:
+    def _map(self, name: str) -> _SegmentMapping:
         if not SEGMENT_NAME_RE.match(name):
             raise FailedPrecondition(f"not a cache store segment name: {name!r}", subject=name,
                                      reason="BAD_SEGMENT_NAME")
@@ -157,7 +157,7 @@ class SegmentMaps:
             mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=prot)
         finally:
             os.close(fd)
-        mapping = _Mapping(mm, (st.st_dev, st.st_ino))
+        mapping = _SegmentMapping(mm, (st.st_dev, st.st_ino))
         self._maps[name] = mapping
         return mapping
 

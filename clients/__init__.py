@@ -1,11 +1,36 @@
-"""Callers of the services: `Client` / `AsyncClient` (prefill -> decode with one call), their errors, and the
-serving CLI (clients.cli: `qwenpd serve ...`, `qwenpd demo`). Importing this package does not import torch."""
+"""Callers of the services: `Client` / `AsyncClient` (prefill -> decode with one call, resuming a stream whose
+decode instance died), one exception class per failure kind (`qwenpd.clients.errors`), and least-loaded
+routing over several addresses (`qwenpd.clients.routing`, plain Python). The serving CLI and the process
+supervisor are not here: they are `qwenpd.serve` and `qwenpd.supervisor`.
 
-from qwenpd.clients.client import AsyncClient, Chunk, Client, Result
-from qwenpd.clients.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
-                            QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable)
-from qwenpd.security import Security
+    from qwenpd.clients import Client
 
-__all__ = ["AsyncClient", "Chunk", "Client", "Result", "Cancelled", "DataLoss", "DeadlineExceeded",
-           "FailedPrecondition", "InvalidArgument", "NotFound", "QwenpdError", "RemoteError", "ResourceExhausted",
-           "Security", "Unauthenticated", "Unavailable"]
+Importing this package imports neither torch nor grpc; the names below load their modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AsyncClient": "client", "Chunk": "client", "Client": "client", "Result": "client",
+    "Cancelled": "errors", "DataLoss": "errors", "DeadlineExceeded": "errors", "FailedPrecondition": "errors",
+    "InvalidArgument": "errors", "NotFound": "errors", "QwenpdError": "errors", "RemoteError": "errors",
+    "ResourceExhausted": "errors", "Unauthenticated": "errors", "Unavailable": "errors",
+}
+_FROM_SECURITY = {"Security"}
+
+__all__ = sorted([*_EXPORTS, *_FROM_SECURITY])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    if name in _FROM_SECURITY:
+        return getattr(importlib.import_module("qwenpd.security"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

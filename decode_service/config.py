@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from qwenpd.prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_model_service, check_service_limits
-from qwenpd import limits as limits_mod
-from qwenpd import security as security_mod
+from qwenpd import service_config
 from qwenpd.limits import Limits
 from qwenpd.security import Security
+from qwenpd.service_config import DEFAULT_GRACE_S, check_model_service
 
 
 @dataclass(slots=True)
@@ -29,7 +28,7 @@ class DecodeConfig:
     max_queue: int = 256
     threads: int | None = None
     default_max_tokens: int = 256
-    grace_s: float = 5.0
+    grace_s: float = DEFAULT_GRACE_S
     warmup: bool = True
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
@@ -39,25 +38,14 @@ class DecodeConfig:
         check_model_service(self)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        self.default_max_tokens = check_service_limits(self.default_max_tokens, self.limits, self.metrics_port)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0 = any free port)")
-    p.add_argument("--cache", required=True, help="cache store address HOST:PORT")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    p.add_argument("--max-batch", type=int, default=32, help="sequences stepped together (default 32)")
-    p.add_argument("--max-queue", type=int, default=256, help="sequences that may wait for a slot (default 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--default-max-tokens", type=int, default=256)
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
-    add_hardening_args(p)
+    d = service_config.field_defaults(DecodeConfig)
+    service_config.add_model_service_args(p, d)
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"sequences stepped together (default {d.max_batch})")
 
 
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:
-    return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
-                        max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
-                        default_max_tokens=args.default_max_tokens, grace_s=args.grace,
-                        limits=limits_mod.from_args(args), security=security_mod.from_args(args),
-                        metrics_port=args.metrics_port)
+    return service_config.from_args(DecodeConfig, args)

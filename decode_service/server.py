@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
 from qwenpd.engine.engine import Engine
-from qwenpd.address import split_address
-from qwenpd.grpc_server import GrpcServer, make_server
+from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
 
 
-async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
     metrics = DecodeMetrics()
     async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
@@ -25,22 +22,16 @@ async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | Non
                                                                 threads=config.threads), metrics)
         try:
             engine = await servicer.start()
-            host, port = split_address(config.listen)
-            server = make_server(servicer, host=host, port=port, security=config.security,
-                                 max_message_bytes=config.limits.max_message_bytes, on_status=metrics.record)
-            await server.start()
-            if config.metrics_port:
-                metrics.serve(host, config.metrics_port)
-            log.info("decode (%s, %s, max batch %d) on %s, cache store %s", engine.fingerprint[:16], engine.dtype,
-                     config.max_batch, server.address, config.cache)
-            if on_ready is not None:
-                on_ready(server)
-            await server.serve_until_signal(grace_s=config.grace_s)
+            await run_server(servicer, listen=config.listen, security=config.security, metrics=metrics,
+                             metrics_port=config.metrics_port, grace_s=config.grace_s, on_ready=on_ready,
+                             max_message_bytes=config.limits.max_message_bytes,
+                             describe=f"decode ({engine.fingerprint[:16]}, {engine.dtype}, max batch "
+                                      f"{config.max_batch}), cache store {config.cache},")
         finally:
             metrics.close()
             servicer.stop()
 
 
-def serve(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
-    asyncio.run(run(config, on_ready))
-    return 0
+def serve(config: DecodeConfig, ready_file: str | None = None) -> int:
+    """Run the decode service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
+    return serve_main("decode", lambda on_ready: run(config, on_ready), ready_file)

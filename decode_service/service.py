@@ -27,7 +27,7 @@ from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
 from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.state import expected_shapes
-from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb
+from qwenpd.handoff import Handoff, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from qwenpd.errors import DataLoss, InvalidArgument, QwenpdError
 from qwenpd.metrics import DecodeMetrics

@@ -1,6 +1,6 @@
 """Math kernels of qwenpd: Gated DeltaNet recurrence and its causal conv, each a naive reference + fast paths.
 
-Backend-specific kernels live in subpackages imported on demand (e.g. `kernels.nki` on trn2), never here.
+Backend-specific kernels live in subpackages imported on demand (e.g. `qwenpd.kernels.nki` on trn2), never here.
 """
 
 from qwenpd.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update, naive_causal_conv1d

@@ -6,33 +6,11 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwenpd.address import split_address
-from qwenpd.cache_store.prefix import PrefixPolicy
-from qwenpd import limits as limits_mod
-from qwenpd import security as security_mod
+from qwenpd import service_config
 from qwenpd.limits import Limits
+from qwenpd.prefill_service.prefix_policy import DEFAULT_BLOCK_SIZE, DEFAULT_SNAPSHOT_INTERVAL, PrefixPolicy
 from qwenpd.security import Security
-
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-
-
-def check_model_service(cfg) -> None:
-    """The checks a model-serving config (prefill or decode) shares: checkpoint, addresses, dtype, queue,
-    threads, default max_tokens and grace; ValueError naming the field."""
-    if not (Path(cfg.model_dir) / "config.json").is_file():
-        raise ValueError(f"model_dir {cfg.model_dir!r} has no config.json")
-    split_address(cfg.listen)
-    split_address(cfg.cache)
-    if cfg.dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {cfg.dtype!r}")
-    if cfg.max_queue < 0:
-        raise ValueError(f"max_queue must be >= 0, got {cfg.max_queue}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
-    if cfg.default_max_tokens < 1:
-        raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
-    if cfg.grace_s < 0:
-        raise ValueError(f"grace_s must be >= 0, got {cfg.grace_s}")
+from qwenpd.service_config import DEFAULT_GRACE_S, check_model_service
 
 
 @dataclass(slots=True)
@@ -53,10 +31,10 @@ class PrefillConfig:
     default_max_tokens: int = 256
     handoff_ttl_s: float | None = None
     model_name: str | None = None
-    grace_s: float = 5.0
+    grace_s: float = DEFAULT_GRACE_S
     warmup: bool = True
-    block_size: int = 256
-    snapshot_interval: int = 2048
+    block_size: int = DEFAULT_BLOCK_SIZE
+    snapshot_interval: int = DEFAULT_SNAPSHOT_INTERVAL
     prefix_cache: bool = True
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
@@ -69,7 +47,6 @@ class PrefillConfig:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:
             raise ValueError(f"handoff_ttl_s must be > 0, got {self.handoff_ttl_s}")
-        self.default_max_tokens = check_service_limits(self.default_max_tokens, self.limits, self.metrics_port)
 
     @property
     def prefix_policy(self) -> PrefixPolicy:
@@ -81,49 +58,26 @@ class PrefillConfig:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0 = any free port)")
-    p.add_argument("--cache", required=True, help="cache store address HOST:PORT")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill chunk (default 512)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting behind the running one (default 64)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--default-max-tokens", type=int, default=256)
-    p.add_argument("--handoff-ttl", type=float, default=None, help="seconds a checkpoint waits for its decode call")
-    p.add_argument("--model-name", default=None)
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on SIGTERM")
+    d = service_config.field_defaults(PrefillConfig)
+    service_config.add_model_service_args(p, d)
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size,
+                   help=f"prompt tokens per prefill chunk (default {d.chunk_size})")
+    p.add_argument("--handoff-ttl", type=float, default=d.handoff_ttl_s, dest="handoff_ttl_s",
+                   help="seconds a checkpoint waits for its decode call")
+    p.add_argument("--model-name", default=d.model_name)
     add_prefix_args(p)
-    add_hardening_args(p)
-
-
-def check_service_limits(default_max_tokens: int, limits: Limits, metrics_port: int) -> int:
-    """Validate the hardening options; returns default_max_tokens capped at limits.max_new_tokens."""
-    if not 0 <= metrics_port <= 65535:
-        raise ValueError(f"metrics_port must be in [0, 65535], got {metrics_port}")
-    return min(default_max_tokens, limits.max_new_tokens)
-
-
-def add_hardening_args(p: argparse.ArgumentParser) -> None:
-    """Limits, TLS / token flags and --metrics-port of the prefill and decode services."""
-    limits_mod.add_args(p)
-    security_mod.add_args(p)
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (default 0 = off)")
 
 
 def add_prefix_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, default=256, help="prefix cache: tokens per KV block (default 256)")
-    p.add_argument("--snapshot-interval", type=int, default=2048,
-                   help="prefix cache: DeltaNet snapshot every N tokens, a multiple of --block-size (default 2048; "
-                        "0 = only at the last block boundary inside each prompt)")
+    d = PrefixPolicy()  # the prefix-cache defaults (PrefillConfig takes the same)
+    p.add_argument("--block-size", type=int, default=d.block_size,
+                   help=f"prefix cache: tokens per KV block (default {d.block_size})")
+    p.add_argument("--snapshot-interval", type=int, default=d.snapshot_interval,
+                   help=f"prefix cache: DeltaNet snapshot every N tokens, a multiple of --block-size (default "
+                        f"{d.snapshot_interval}; 0 = only at the last block boundary inside each prompt)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="turn the prefix cache off (every prompt is encoded from scratch)")
 
 
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
-    return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
-                         chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
-                         default_max_tokens=args.default_max_tokens, grace_s=args.grace,
-                         handoff_ttl_s=args.handoff_ttl, model_name=args.model_name, block_size=args.block_size,
-                         snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
-                         limits=limits_mod.from_args(args), security=security_mod.from_args(args),
-                         metrics_port=args.metrics_port)
+    return service_config.from_args(PrefillConfig, args)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import CacheStoreClient, PrefixRead, SharedItem
-from qwenpd.cache_store.prefix import PrefixPolicy, block_keys
+from qwenpd.prefill_service.prefix_policy import PrefixPolicy, block_keys
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.state import HybridState
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as store_pb

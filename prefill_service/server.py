@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
-from qwenpd.address import split_address
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
-from qwenpd.grpc_server import GrpcServer, make_server
+from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
@@ -30,31 +27,24 @@ def load_engine(config: PrefillConfig) -> Engine:
     return engine
 
 
-async def run(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
+async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:
     queue: WorkQueue = WorkQueue(config.max_queue)
     store = CacheStoreClient(config.cache, security=config.security)
     metrics = PrefillMetrics()
     try:
         store.info()  # fail at start, not at the first request, if the store is unreachable or on another host
         engine = await queue.call(lambda: load_engine(config))  # on the worker thread, like every job
-        servicer = PrefillServicer(engine, config, store, queue, metrics)
-        host, port = split_address(config.listen)
-        server = make_server(servicer, host=host, port=port, security=config.security,
-                             max_message_bytes=config.limits.max_message_bytes, on_status=metrics.record)
-        await server.start()
-        if config.metrics_port:
-            metrics.serve(host, config.metrics_port)
-        log.info("prefill %s (%s, %s) on %s, cache store %s", config.name, engine.fingerprint[:16], engine.dtype,
-                 server.address, config.cache)
-        if on_ready is not None:
-            on_ready(server)
-        await server.serve_until_signal(grace_s=config.grace_s)
+        await run_server(PrefillServicer(engine, config, store, queue, metrics), listen=config.listen,
+                         security=config.security, metrics=metrics, metrics_port=config.metrics_port,
+                         grace_s=config.grace_s, on_ready=on_ready, max_message_bytes=config.limits.max_message_bytes,
+                         describe=f"prefill {config.name} ({engine.fingerprint[:16]}, {engine.dtype}), "
+                                  f"cache store {config.cache},")
     finally:
         queue.shutdown()
         metrics.close()
         store.close()
 
 
-def serve(config: PrefillConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> int:
-    asyncio.run(run(config, on_ready))
-    return 0
+def serve(config: PrefillConfig, ready_file: str | None = None) -> int:
+    """Run the prefill service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
+    return serve_main("prefill", lambda on_ready: run(config, on_ready), ready_file)

@@ -20,7 +20,7 @@ from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.prefix import PrefixCache
-from qwenpd.prefill_service.handoff import Handoff, sampling_from_pb, with_seed
+from qwenpd.handoff import Handoff, sampling_from_pb, with_seed
 from qwenpd.prefill_service.prompt import prompt_token_ids
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue

@@ -2,7 +2,7 @@
 
 The generated files are committed; tests/test_protos_fresh.py regenerates them into a temporary directory
 and requires byte-identical output. protoc writes imports relative to the proto root (`from qwenpd.v1
-import common_pb2`); we rewrite them to the package path (`from protos.qwenpd.v1 import common_pb2`) here,
+import common_pb2`); we rewrite them to the package path (`from qwenpd.protos.qwenpd.v1 import common_pb2`) here,
 never by hand.
 """
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import json
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,13 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qwenpd import security as sec_mod
-from qwenpd.address import format_address
+from qwenpd.address import format_address, split_address
+from qwenpd.errors import QwenpdError
 from qwenpd.grpc_status import ErrorMappingInterceptor, OnStatus
 from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
+from qwenpd.service_config import DEFAULT_GRACE_S
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRACE_S = 5.0
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
@@ -131,3 +136,52 @@ def _registration(servicer: Any) -> tuple[Callable[[Any, Any], None], str]:
             service = cls_name[: -len("Servicer")]
             return getattr(module, f"add_{cls_name}_to_server"), pb2.DESCRIPTOR.services_by_name[service].full_name
     raise TypeError(f"{type(servicer).__name__} does not subclass a generated *Servicer class")
+
+
+# ---- the one start-up sequence ---------------------------------------------------------------------------
+OnReady = Callable[[GrpcServer], None]
+
+
+async def run_server(servicer: Any, *, listen: str, security: Any, metrics: Any, metrics_port: int, grace_s: float,
+                     on_ready: OnReady | None, describe: str,
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    """Serve `servicer` on `listen` until SIGTERM/SIGINT, then drain for `grace_s`: build the server (error
+    mapping, security, message limit, health, reflection), start it, expose `metrics` (a qwenpd.metrics.Metrics)
+    on `metrics_port` (0 = off), log `describe` with the bound address, and call `on_ready(server)`."""
+    host, port = split_address(listen)
+    server = make_server(servicer, host=host, port=port, security=security, max_message_bytes=max_message_bytes,
+                         on_status=metrics.record)
+    await server.start()
+    if metrics_port:
+        metrics.serve(host, metrics_port)
+    log.info("%s on %s", describe, server.address)
+    if on_ready is not None:
+        on_ready(server)
+    await server.serve_until_signal(grace_s=grace_s)
+
+
+def write_ready_file(path: str | None, payload: dict[str, Any]) -> None:
+    """Write `payload` as JSON to `path` atomically (nothing when path is None)."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    Path(tmp).write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def serve_main(role: str, run: Callable[[OnReady], Awaitable[None]], ready_file: str | None = None,
+               ready_extra: dict[str, Any] | None = None) -> int:
+    """The one entry point of every qwenpd server process: run `run(on_ready)` until it returns (after a
+    signal). Once SERVING, prints "qwenpd ROLE serving on ADDRESS" and writes {"address", "pid", **ready_extra}
+    to `ready_file`, so a parent that asked for port 0 learns the bound port. A failure to start (a dependency
+    unreachable or refusing, the address taken) is one line on stderr and exit code 1, never a traceback."""
+    def on_ready(server: GrpcServer) -> None:
+        write_ready_file(ready_file, {"address": server.address, "pid": os.getpid(), **(ready_extra or {})})
+        print(f"qwenpd {role} serving on {server.address}", flush=True)
+
+    try:
+        asyncio.run(run(on_ready))
+    except (QwenpdError, OSError) as exc:
+        print(f"qwenpd {role}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -94,65 +94,46 @@ def _logging(args: argparse.Namespace) -> None:
                         stream=sys.stderr)
 
 
-def _ready(role: str, ready_file: str | None, extra: dict | None = None):
-    def on_ready(server) -> None:
-        write_ready_file(ready_file, {"address": server.address, "pid": os.getpid(), **(extra or {})})
-        print(f"qwenpd {role} serving on {server.address}", flush=True)
-
-    return on_ready
-
-
-def write_ready_file(path: str | None, payload: dict) -> None:
-    if path is None:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
 # ---- serve -----------------------------------------------------------------------------------------------------
-def cmd_serve_cache(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from qwenpd.cache_store.config import config_from_args
-    from qwenpd.cache_store.server import run
-
-    from qwenpd.errors import QwenpdError
-
+def _serve(args: argparse.Namespace, config_from_args, serve) -> int:
+    """One service in this process: bad flags exit 2 with one line; the server's own exits otherwise
+    (qwenpd.grpc_server.serve_main), as `python -m qwenpd.cache_store` does."""
     _logging(args)
     try:
         config = config_from_args(args)
-        asyncio.run(run(config, _ready("cache store", args.ready_file, {"store_id": config.store_id})))
-    except (ValueError, QwenpdError) as exc:  # bad flags, mooncake missing or unreachable: one clear line
-        print(f"qwenpd serve cache: {getattr(exc, 'message', exc)}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"qwenpd serve {args.service}: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return serve(config, args.ready_file)
+
+
+def cmd_serve_cache(args: argparse.Namespace) -> int:
+    from qwenpd.cache_store import config, server
+
+    return _serve(args, config.config_from_args, server.serve)
 
 
 def cmd_serve_prefill(args: argparse.Namespace) -> int:
-    from qwenpd.prefill_service.config import config_from_args
-    from qwenpd.prefill_service.server import serve
+    from qwenpd.prefill_service import config, server
 
-    _logging(args)
-    return serve(config_from_args(args), _ready("prefill", args.ready_file))
+    return _serve(args, config.config_from_args, server.serve)
 
 
 def cmd_serve_decode(args: argparse.Namespace) -> int:
-    from qwenpd.decode_service.config import config_from_args
-    from qwenpd.decode_service.server import serve
+    from qwenpd.decode_service import config, server
 
-    _logging(args)
-    return serve(config_from_args(args), _ready("decode", args.ready_file))
+    return _serve(args, config.config_from_args, server.serve)
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:
+    from qwenpd import grpc_server
     from qwenpd.supervisor import ServiceSet, wait_for_signal
 
     _logging(args)
     with ServiceSet.from_args(args) as services:
         print(f"qwenpd serve all: cache store {services.cache}, prefill {services.prefill}, decode {services.decode}"
               " (Ctrl-C stops all three)", flush=True)
-        write_ready_file(args.ready_file, {"cache": services.cache, "prefill": services.prefill,
+        grpc_server.write_ready_file(args.ready_file, {"cache": services.cache, "prefill": services.prefill,
                                            "decode": services.decode, "pid": os.getpid(),
                                            "children": services.pids()})
         return wait_for_signal(services)

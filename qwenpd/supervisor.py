@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwenpd import limits as limits_mod
+from qwenpd.address import format_address
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits
 from qwenpd.security import Security
@@ -135,8 +136,7 @@ class ServiceSet:
         return {c.role: c.proc.pid for c in self.children if c.proc is not None}
 
     def _listen(self, port: int, host: str = "") -> str:
-        host = host or self.host
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(host or self.host, port)
 
     def _backend_flags(self) -> list[str]:
         if self.backend != "mooncake":

@@ -70,7 +70,7 @@ def start_store(store_id: str, *args: str) -> StoreProcess:
                              "--grace", "1", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     line = proc.stdout.readline()  # type: ignore[union-attr]
-    m = re.search(r"listening on (\S+)", line)
+    m = re.search(r"serving on (\S+)", line)
     if m is None:
         proc.kill()
         raise RuntimeError(f"store did not start: {line!r} {proc.stderr.read()}")  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ import torch
 from qwenpd.cache_store.client import CacheStoreClient, SharedItem
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.index import Kind
-from qwenpd.cache_store.prefix import PrefixPolicy, block_keys
+from qwenpd.prefill_service.prefix_policy import PrefixPolicy, block_keys
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 from tests.cache_store.conftest import STATE_DTYPES, state_shapes, state_tensors
 from tests.cache_store.test_store import Clock, open_store

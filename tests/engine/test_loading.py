@@ -23,7 +23,7 @@ def test_presets_are_consistent():
     assert 165e6 < small.num_parameters() < 185e6  # ~174M
     big = PRESETS["qwen3.6-27b"]
     assert big.layer_types.count("linear_attention") == 48
-    # DESIGN.md: recurrent 3 MiB/layer x 48 + conv, KV 64 KiB/token
+    # docs/design.md: recurrent 3 MiB/layer x 48 + conv, KV 64 KiB/token
     assert big.state_bytes(0) == 48 * (3 * 2**20 + big.conv_dim * 3 * 2)
     assert big.state_bytes(1) - big.state_bytes(0) == 64 * 1024
 

@@ -9,7 +9,7 @@ import pytest
 
 from qwenpd.engine.output import OutputTracker
 from qwenpd.engine.sampling import SamplingParams
-from qwenpd.prefill_service.handoff import PROMPT_TAIL
+from qwenpd.handoff import PROMPT_TAIL
 from qwenpd.prefill_service.resume import resume_point
 from qwenpd.errors import InvalidArgument
 
@@ -69,7 +69,7 @@ def test_handoff_records_from_random_metadata_are_accepted_or_data_loss():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from qwenpd.prefill_service.handoff import HANDOFF_KEY, MAX_DRAWS, Handoff
+    from qwenpd.handoff import HANDOFF_KEY, MAX_DRAWS, Handoff
     from qwenpd.protos.qwenpd.v1 import common_pb2
     from qwenpd.errors import DataLoss
 

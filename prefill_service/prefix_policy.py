@@ -4,7 +4,7 @@ A prompt is cut into blocks of `block_size` tokens. Block i's key is a hash of b
 tokens, and the chain starts from a seed of the model fingerprint and the request's cache salt, so a key names
 a whole prefix of one model for one tenant (the salt itself never leaves the prefill service). GQA KV is
 stored per block; DeltaNet conv + recurrent state is snapshotted only at some block boundaries, since one
-snapshot costs as much as thousands of tokens of KV (see DESIGN.md).
+snapshot costs as much as thousands of tokens of KV (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ from typing import Sequence
 import numpy as np
 
 
+DEFAULT_BLOCK_SIZE = 256  # tokens per KV block
+DEFAULT_SNAPSHOT_INTERVAL = 2048  # tokens between periodic DeltaNet snapshots
+
+
 @dataclass(slots=True, frozen=True)
 class PrefixPolicy:
     """block_size: tokens per KV block; snapshot_interval: a snapshot every this many tokens (a multiple of
     block_size; 0 = only the last boundary inside each prompt)."""
 
-    block_size: int = 256
-    snapshot_interval: int = 2048
+    block_size: int = DEFAULT_BLOCK_SIZE
+    snapshot_interval: int = DEFAULT_SNAPSHOT_INTERVAL
     enabled: bool = True
 
     def __post_init__(self) -> None:

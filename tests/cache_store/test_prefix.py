@@ -127,3 +127,43 @@ def test_client_put_shared_lookup_and_multipart_checkpoint(store):
         assert client.stats().leases == 0
         stats = client.stats()
         assert stats.prefix_hits == 1 and stats.prefix_hit_tokens == 8
+
+
+def test_async_client_has_the_prefix_calls(store):
+    """AsyncCacheStoreClient offers the same calls (the blocking client wraps it): blocks + snapshot cached,
+    looked up, and a prefix checkpoint referencing a block reads back whole."""
+    import asyncio
+
+    from qwenpd.cache_store.client import AsyncCacheStoreClient
+
+    whole = state_tensors(seed=2, tokens=8)
+    block = {n: t[:, :4].contiguous() for n, t in whole.items() if n.endswith((".k", ".v"))}
+    own = {n: (t[:, 4:].contiguous() if n.endswith((".k", ".v")) else t) for n, t in whole.items()}
+    snap = {n: t for n, t in whole.items() if not n.endswith((".k", ".v"))}
+
+    async def main() -> None:
+        async with AsyncCacheStoreClient(store.address) as client:
+            ids = await client.put_shared([SharedItem(pb.ENTRY_KIND_KV_BLOCK, "a0", block, 4),
+                                           SharedItem(pb.ENTRY_KIND_SNAPSHOT, "a0", snap, 4)], "fp-async")
+            hit = await client.lookup_prefix("fp-async", ["a0", "a1"])
+            assert hit.blocks == 1 and hit.num_tokens == 4 and hit.kv_ids == ids[:1]
+            assert torch.equal(hit.snapshot["layers.0.recurrent"], snap["layers.0.recurrent"])
+            await client.release_leases(hit.lease_ids)
+            ckpt_id = await client.put_prefix_checkpoint([], own, CheckpointMeta("fp-async", 8, {}), ids[:1], 0)
+            async with client.checkpoint(ckpt_id, "fp-async", state_shapes, STATE_DTYPES) as ckpt:
+                assert all(torch.equal(ckpt.tensors[n], t) for n, t in whole.items())
+            assert (await client.stats()).leases == 0
+
+    asyncio.run(main())
+
+
+def test_blocking_and_async_clients_offer_the_same_calls():
+    import inspect
+
+    from qwenpd.cache_store.client import AsyncCacheStoreClient
+
+    def calls(cls: type) -> dict[str, list[str]]:
+        return {name: list(inspect.signature(fn).parameters) for name, fn in vars(cls).items()
+                if callable(fn) and not name.startswith("_")}
+
+    assert calls(CacheStoreClient) == calls(AsyncCacheStoreClient)

@@ -3,46 +3,33 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwenpd import service_config
-from qwenpd.limits import Limits
 from qwenpd.prefill_service.prefix_policy import DEFAULT_BLOCK_SIZE, DEFAULT_SNAPSHOT_INTERVAL, PrefixPolicy
-from qwenpd.security import Security
-from qwenpd.service_config import DEFAULT_GRACE_S, check_model_service
+from qwenpd.service_config import ModelServiceConfig
 
 
 @dataclass(slots=True)
-class PrefillConfig:
-    """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
-    chunk_size: prompt tokens per prefill chunk. max_queue: requests that may wait behind the running one.
-    default_max_tokens: max_tokens when a request leaves it out. handoff_ttl_s: how long a checkpoint waits for
-    its decode request (None = the store's default). limits: what one request may ask for. security: TLS and
-    bearer token of this server and of its cache-store connection. metrics_port: Prometheus /metrics (0 = off)."""
+class PrefillConfig(ModelServiceConfig):
+    """The shared fields (qwenpd.service_config.ModelServiceConfig), plus: chunk_size: prompt tokens per
+    prefill chunk. max_queue: requests that may wait behind the running one. handoff_ttl_s: how long a
+    checkpoint waits for its decode request (None = the store's default). model_name: the name ModelInfo
+    reports (default: the checkpoint folder's). block_size / snapshot_interval / prefix_cache: the prefix
+    cache (prefix_policy.py)."""
 
-    model_dir: str
-    cache: str
-    listen: str = "127.0.0.1:0"
-    dtype: str = "auto"
-    chunk_size: int = 512
     max_queue: int = 64
-    threads: int | None = None
-    default_max_tokens: int = 256
+    chunk_size: int = 512
     handoff_ttl_s: float | None = None
     model_name: str | None = None
-    grace_s: float = DEFAULT_GRACE_S
-    warmup: bool = True
     block_size: int = DEFAULT_BLOCK_SIZE
     snapshot_interval: int = DEFAULT_SNAPSHOT_INTERVAL
     prefix_cache: bool = True
-    limits: Limits = field(default_factory=Limits)
-    security: Security = field(default_factory=Security)
-    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         self.prefix_policy  # validates block_size / snapshot_interval
-        check_model_service(self)
+        ModelServiceConfig.__post_init__(self)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,11 +18,40 @@ from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.address import split_address
 from qwenpd.limits import Limits
+from qwenpd.security import Security
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 DEFAULT_GRACE_S = 5.0  # seconds in-flight calls may finish on SIGTERM
 
 C = TypeVar("C")
+
+
+@dataclass(slots=True)
+class ModelServiceConfig:
+    """What the prefill and decode services are both started with (each subclass adds its own fields).
+
+    model_dir: HF-format checkpoint (prefill and decode must load the same model: checkpoints of another are
+    refused). cache: cache store address. listen: HOST:PORT (port 0 = any free port). max_queue: requests that
+    may wait. threads: torch CPU threads. default_max_tokens: max_tokens when a request leaves it out (capped at
+    limits.max_new_tokens). grace_s: drain time on SIGTERM. warmup: run one tiny request at start. limits: what
+    one request may ask for. security: TLS and bearer token of this server and of its cache-store connection.
+    metrics_port: Prometheus /metrics (0 = off)."""
+
+    model_dir: str
+    cache: str
+    listen: str = "127.0.0.1:0"
+    dtype: str = "auto"
+    max_queue: int = 64
+    threads: int | None = None
+    default_max_tokens: int = 256
+    grace_s: float = DEFAULT_GRACE_S
+    warmup: bool = True
+    limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
+    metrics_port: int = 0
+
+    def __post_init__(self) -> None:
+        check_model_service(self)
 
 
 def field_defaults(cls: type) -> argparse.Namespace:
@@ -89,7 +119,7 @@ def check_server(listen: str, grace_s: float, metrics_port: int) -> None:
         raise ValueError(f"metrics_port must be in [0, 65535], got {metrics_port}")
 
 
-def check_model_service(cfg: Any) -> None:
+def check_model_service(cfg: ModelServiceConfig) -> None:
     """The checks a model-serving config (prefill or decode) shares: checkpoint, addresses, dtype, queue,
     threads, default max_tokens, grace and metrics port; ValueError naming the field. Caps
     `cfg.default_max_tokens` at the limits' max_new_tokens."""

@@ -1,5 +1,6 @@
 """The cache store's control-plane client: one asyncio implementation (`AsyncCacheStoreClient`) and a thin
-blocking wrapper with the same calls (`CacheStoreClient`). The two calls the services make:
+blocking wrapper with the same calls (`CacheStoreClient`: the same coroutines over a blocking channel, so they
+never suspend and run to completion on the caller's thread). The two calls the services make:
 
     prefill:  checkpoint_id = client.put_checkpoint(state.to_tensors(), CheckpointMeta(fp, n, {...}))
     decode:   with client.checkpoint(checkpoint_id, fp, lambda n: expected_shapes(config, n), dtypes) as ckpt:
@@ -20,10 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import queue
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -81,11 +79,25 @@ class AsyncCacheStoreClient:
                  security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = secure_channel(address, security, _CHANNEL_OPTIONS, aio=True)
+        self.offload_bytes: int | None = _OFFLOAD_BYTES  # data-plane work above this runs in a worker thread
+        self._channel = self._open_channel(address, security)
         self._stub = pb_grpc.CacheStoreStub(self._channel)
         self._io_threads = io_threads
         self._info: pb.StoreInfo | None = None
         self._plane: DataPlane | None = None
+
+    def _open_channel(self, address: str, security: Security | None) -> Any:
+        return secure_channel(address, security, _CHANNEL_OPTIONS, aio=True)
+
+    async def _close_channel(self) -> None:
+        await self._channel.close()
+
+    async def _data_work(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """Data-plane work (copies, checksums) of `nbytes` bytes: inline, or in a worker thread when large, so
+        the event loop keeps serving. None = always inline (the blocking client: on its caller's thread)."""
+        if self.offload_bytes is not None and nbytes > self.offload_bytes:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     async def _call(self, method: str, request: Any) -> Any:
         try:
@@ -119,7 +131,7 @@ class AsyncCacheStoreClient:
         plane = await self._data_plane()
         alloc = await self._call("AllocateSegment", _allocate_request(writer))
         try:
-            await _data_work(writer.nbytes, plane.write, writer, alloc)
+            await self._data_work(writer.nbytes, plane.write, writer, alloc)
         except BaseException:
             await self._abort([alloc.entry_id])
             raise
@@ -165,7 +177,7 @@ class AsyncCacheStoreClient:
         allocs = list((await self._call("AllocateSegments", pb.AllocateSegmentsRequest(requests=[
             pb.AllocateSegmentRequest(size_bytes=w.nbytes, kind=k) for w, k in zip(writers, kinds)]))).allocations)
         try:
-            await _data_work(sum(w.nbytes for w in writers), plane.write_many, writers, allocs)
+            await self._data_work(sum(w.nbytes for w in writers), plane.write_many, writers, allocs)
             entries = [pb.SharedEntry(entry_id=a.entry_id, kind=it.kind, prefix_key=it.prefix_key,
                                       fingerprint=fingerprint, num_tokens=it.num_tokens)
                        for a, it in zip(allocs, items)]
@@ -187,7 +199,7 @@ class AsyncCacheStoreClient:
         parts = [*hit.kv_blocks, *([hit.snapshot] if hit.HasField("snapshot") else [])]
         try:
             size = sum(p.segment.length for p in parts)
-            read = [tensors for tensors, _ in await _data_work(size, plane.read_parts, parts, fingerprint)]
+            read = [tensors for tensors, _ in await self._data_work(size, plane.read_parts, parts, fingerprint)]
         except BaseException as exc:
             await self.release_leases(hit.lease_ids)
             if isinstance(exc, NotFound):  # bytes gone from under the index (a restarted Mooncake master)
@@ -211,7 +223,7 @@ class AsyncCacheStoreClient:
         lease = await self._call("AcquireLease", _acquire_request(checkpoint_id, expected_fingerprint, ttl_s))
         try:
             size = sum(p.segment.length for p in lease.parts)
-            return await _data_work(size, plane.read, lease, expected_fingerprint, expected_shapes, expected_dtypes)
+            return await self._data_work(size, plane.read, lease, expected_fingerprint, expected_shapes, expected_dtypes)
         except BaseException as exc:
             if isinstance(exc, NotFound):  # never reuse shared entries whose bytes are gone
                 await self._delete_quietly(_gone(exc, lease.parts))
@@ -258,7 +270,7 @@ class AsyncCacheStoreClient:
     async def close(self) -> None:
         if self._plane is not None:
             self._plane.close()
-        await self._channel.close()
+        await self._close_channel()
 
     async def __aenter__(self) -> "AsyncCacheStoreClient":
         return self
@@ -267,20 +279,31 @@ class AsyncCacheStoreClient:
         await self.close()
 
 
+class _BlockingTransport(AsyncCacheStoreClient):
+    """AsyncCacheStoreClient's calls over a blocking channel: its coroutines never suspend (RPCs block, data-plane
+    work runs inline), so CacheStoreClient drives them to completion with one `send`, on the caller's thread."""
+
+    def _open_channel(self, address: str, security: Security | None) -> Any:
+        self.offload_bytes = None
+        return secure_channel(address, security, _CHANNEL_OPTIONS)
+
+    async def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def _close_channel(self) -> None:
+        self._channel.close()
+
+
 class CacheStoreClient:
-    """Blocking client with AsyncCacheStoreClient's calls. It runs the asyncio client on an event loop of its
-    own (a background thread) and hands each call's data-plane work back to the calling thread."""
+    """Blocking client with AsyncCacheStoreClient's calls: the same implementation over a blocking channel, run
+    on the calling thread (no event loop, no thread hop; data-plane work on the caller's thread). Thread-safe."""
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None,
                  security: Security | None = None):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="qwenpd-cache-client", daemon=True)
-        self._thread.start()
-
-        async def make() -> AsyncCacheStoreClient:  # the aio channel belongs to the loop that uses it
-            return AsyncCacheStoreClient(address, timeout_s=timeout_s, io_threads=io_threads, security=security)
-
-        self._async = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
+        self._async = _BlockingTransport(address, timeout_s=timeout_s, io_threads=io_threads, security=security)
 
     @property
     def address(self) -> str:
@@ -290,26 +313,16 @@ class CacheStoreClient:
     def timeout_s(self) -> float:
         return self._async.timeout_s
 
-    def _run(self, call: Callable[[], Any]) -> Any:
-        """Run the coroutine `call()` on the loop; meanwhile do the data-plane work it hands back here."""
-        work: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-        async def with_caller_thread() -> Any:
-            _caller_work.set(work)  # this task's context only
-            try:
-                return await call()
-            finally:
-                work.put(None)
-
-        done = asyncio.run_coroutine_threadsafe(with_caller_thread(), self._loop)
-        while (item := work.get()) is not None:
-            fn, args, future = item
-            try:
-                result, error = fn(*args), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                result, error = None, exc
-            self._loop.call_soon_threadsafe(_settle, future, result, error)
-        return done.result()
+    @staticmethod
+    def _run(call: Callable[[], Any]) -> Any:
+        """Run the coroutine `call()`, which never suspends over the blocking transport, to its result."""
+        coro = call()
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        coro.close()
+        raise RuntimeError("a blocking cache-store call suspended")  # a bug: something awaited real I/O
 
     def info(self) -> pb.StoreInfo:
         return self._run(self._async.info)
@@ -366,45 +379,13 @@ class CacheStoreClient:
         return self._run(self._async.stats)
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self._async.close)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+        self._run(self._async.close)
 
     def __enter__(self) -> "CacheStoreClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ---- where data-plane work runs ----------------------------------------------------------------------------
-# The blocking client's current call: the queue its calling thread takes data-plane work from (None otherwise).
-_caller_work: contextvars.ContextVar[queue.SimpleQueue[Any] | None] = contextvars.ContextVar(
-    "qwenpd_cache_store_caller_work", default=None)
-
-
-async def _data_work(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
-    """Run data-plane work `fn(*args)` of `nbytes` bytes: on the blocking client's calling thread when the call
-    came through CacheStoreClient; else inline when small, in a worker thread when large (off the event loop)."""
-    work = _caller_work.get()
-    if work is not None:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        work.put((fn, args, future))
-        return await future
-    if nbytes > _OFFLOAD_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _ns(seconds: float | None) -> int | None:

@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, default_threads, read_checkpoint  # noqa: E402
+from qwenpd.cache_store.checkpoint import (CheckpointMeta, CheckpointWriter, default_threads,  # noqa: E402
+                                           read_checkpoint)
 
 
 def make_state(mib: int) -> dict[str, torch.Tensor]:

@@ -223,7 +223,8 @@ class AsyncCacheStoreClient:
         lease = await self._call("AcquireLease", _acquire_request(checkpoint_id, expected_fingerprint, ttl_s))
         try:
             size = sum(p.segment.length for p in lease.parts)
-            return await self._data_work(size, plane.read, lease, expected_fingerprint, expected_shapes, expected_dtypes)
+            return await self._data_work(size, plane.read, lease, expected_fingerprint, expected_shapes,
+                                         expected_dtypes)
         except BaseException as exc:
             if isinstance(exc, NotFound):  # never reuse shared entries whose bytes are gone
                 await self._delete_quietly(_gone(exc, lease.parts))

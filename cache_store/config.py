@@ -7,10 +7,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from qwenpd.cache_store.allocator import ALIGN
-from qwenpd.cache_store.shm import STORE_ID_RE
 from qwenpd import service_config
 from qwenpd.address import split_address
+from qwenpd.cache_store.allocator import ALIGN
+from qwenpd.cache_store.shm import STORE_ID_RE
 from qwenpd.security import Security
 from qwenpd.service_config import DEFAULT_GRACE_S, check_server
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwenpd.errors import FailedPrecondition, Unavailable
 from qwenpd.cache_store.mooncake import INSTALL_HINT
+from qwenpd.errors import FailedPrecondition, Unavailable
 
 
 def _die_with_parent() -> None:  # in the child before exec: no master outlives the process that started it

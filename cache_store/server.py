@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.cache_store.index import Entry, Kind
 from qwenpd.cache_store.shm import host_id
 from qwenpd.cache_store.store import Placement, Store
+from qwenpd.errors import InvalidArgument
+from qwenpd.grpc_server import OnReady, run_server, serve_main
+from qwenpd.metrics import StoreMetrics
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
-from qwenpd.grpc_server import OnReady, run_server, serve_main
-from qwenpd.errors import InvalidArgument
-from qwenpd.metrics import StoreMetrics
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ call to them (`from_rpc_error`, shared with the servers' mapping in qwenpd.grpc_
 All derive from QwenpdError.
 """
 
-from qwenpd.errors import Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable
+from qwenpd.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                           QwenpdError, RemoteError, ResourceExhausted, Unauthenticated, Unavailable)
 from qwenpd.grpc_status import from_rpc_error
 
 __all__ = ["Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound",

@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 
-
 DEFAULT_BLOCK_SIZE = 256  # tokens per KV block
 DEFAULT_SNAPSHOT_INTERVAL = 2048  # tokens between periodic DeltaNet snapshots
 

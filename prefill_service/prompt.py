@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.tokenizer import TokenizerError
-from qwenpd.protos.qwenpd.v1 import prefill_pb2
 from qwenpd.errors import InvalidArgument
 from qwenpd.limits import Limits
+from qwenpd.protos.qwenpd.v1 import prefill_pb2
 
 _FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
 

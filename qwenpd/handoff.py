@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from google.protobuf import json_format
 
 from qwenpd.engine.sampling import SamplingParams
-from qwenpd.protos.qwenpd.v1 import common_pb2
 from qwenpd.errors import DataLoss, InvalidArgument
+from qwenpd.protos.qwenpd.v1 import common_pb2
 
 HANDOFF_KEY = "qwenpd.handoff"
 PROMPT_TAIL = 8  # prompt ids kept for decode's incremental detokenizer

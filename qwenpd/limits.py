@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from qwenpd.errors import InvalidArgument

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
 from qwenpd import errors, grpc_server, grpc_status
+from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc
 
 CASES = [
     errors.InvalidArgument("sampling.top_p", "must be in (0, 1]"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenpd.cache_store.client import CacheStoreClient, SharedItem
 from qwenpd.cache_store.checkpoint import CheckpointMeta
+from qwenpd.cache_store.client import CacheStoreClient, SharedItem
 from qwenpd.cache_store.index import Kind
 from qwenpd.prefill_service.prefix_policy import PrefixPolicy, block_keys
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb

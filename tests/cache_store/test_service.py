@@ -21,10 +21,11 @@ from grpc_status import rpc_status
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import AsyncCacheStoreClient, CacheStoreClient
 from qwenpd.cache_store.shm import SEGMENT_NAME_RE
+from qwenpd.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2_grpc as pb_grpc
-from qwenpd.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from tests.cache_store.conftest import (REPO, SHM, STATE_DTYPES, leftover_files, segment_files, state_shapes, state_tensors)
+from tests.cache_store.conftest import (REPO, SHM, STATE_DTYPES, leftover_files, segment_files, state_shapes,
+                                        state_tensors)
 
 FP = "test-fingerprint"
 

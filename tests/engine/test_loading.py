@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenpd.engine import ConfigError, Engine, ModelConfig, PRESETS
+from qwenpd.engine import PRESETS, ConfigError, Engine, ModelConfig
 from qwenpd.engine.weights import WeightError
 
 

@@ -13,10 +13,10 @@ import pytest
 from qwenpd.clients.routing import Pool
 from qwenpd.decode_service.scheduler import Scheduler
 from qwenpd.engine.sampling import SamplingParams
+from qwenpd.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from qwenpd.handoff import Handoff, sampling_from_pb, sampling_to_pb, with_seed
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2
-from qwenpd.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 
 # ---- decode admission ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from qwenpd.clients.errors import DataLoss, from_rpc_error
 from qwenpd.protos.qwenpd.v1 import (cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc,
-                              prefill_pb2, prefill_pb2_grpc)
+                                     prefill_pb2, prefill_pb2_grpc)
 from tests.services.conftest import SHM_DIR
 
 CLEAN = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,

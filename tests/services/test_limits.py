@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwenpd.clients import Client, InvalidArgument, ResourceExhausted
-from qwenpd.protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
 from qwenpd.grpc_status import from_rpc_error
+from qwenpd.protos.qwenpd.v1 import prefill_pb2, prefill_pb2_grpc
 from tests.services.conftest import start_serve_all, stop_serve_all
 
 BLOCK = 16

@@ -232,8 +232,8 @@ def test_prefill_kill9_is_retried_elsewhere_or_unavailable(stack):
 
 
 def test_cache_store_restart_reclaims_segments_and_stale_handles_are_not_found(stack):
-    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
     from qwenpd.clients.errors import from_rpc_error
+    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
     names = _ensure_two_decodes(stack)
     with grpc.insecure_channel(stack.addr["prefill"]) as ch:

@@ -9,9 +9,9 @@ import pytest
 
 from qwenpd.engine.output import OutputTracker
 from qwenpd.engine.sampling import SamplingParams
+from qwenpd.errors import InvalidArgument
 from qwenpd.handoff import PROMPT_TAIL
 from qwenpd.prefill_service.resume import resume_point
-from qwenpd.errors import InvalidArgument
 
 TEXT = "Tea: héllo wörld, 你好 🙂 — then xy stop ab and more text after it"
 
@@ -69,9 +69,9 @@ def test_handoff_records_from_random_metadata_are_accepted_or_data_loss():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
+    from qwenpd.errors import DataLoss
     from qwenpd.handoff import HANDOFF_KEY, MAX_DRAWS, Handoff
     from qwenpd.protos.qwenpd.v1 import common_pb2
-    from qwenpd.errors import DataLoss
 
     u32 = st.integers(0, 2**32 - 1)
     records = st.builds(

@@ -19,7 +19,8 @@ import functools
 import numpy as np
 
 from qwenpd.kernels.nki.emulator import isa, language
-from qwenpd.kernels.nki.emulator.core import ConstraintError, Ledger, Tensor, private_hbm, require, set_ledger, shared_hbm
+from qwenpd.kernels.nki.emulator.core import (ConstraintError, Ledger, Tensor, private_hbm, require, set_ledger,
+                                              shared_hbm)
 
 __all__ = ["ConstraintError", "Ledger", "isa", "jit", "language", "simulate"]
 

@@ -109,7 +109,7 @@ class ShardPlan:
 
     def _deltanet_ranges(self, field: str) -> list[Range] | None:
         c = self.config
-        dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
+        dv = c.linear_value_head_dim
         v0, v1 = self._heads(c.linear_num_value_heads)
         if field in ("in_proj_qkv.weight", "conv1d.weight"):
             return self._qkv_channels()

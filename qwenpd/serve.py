@@ -39,6 +39,14 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=cmd_serve_decode)
 
+    p = kinds.add_parser("gateway", help="the gateway: gRPC Generate and the OpenAI-compatible HTTP API over pools "
+                         "of prefill and decode instances")
+    from qwenpd.gateway import config as gateway_config
+
+    gateway_config.add_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_serve_gateway)
+
     p = kinds.add_parser("all", help="cache store + prefill + decode as child processes on one host")
     add_serve_all_args(p)
     _add_common(p)
@@ -143,6 +151,19 @@ def cmd_serve_decode(args: argparse.Namespace) -> int:
 
     _logging(args)
     return serve(config_from_args(args), _ready("decode", args.ready_file))
+
+
+def cmd_serve_gateway(args: argparse.Namespace) -> int:
+    from qwenpd.gateway.config import config_from_args
+    from qwenpd.gateway.server import serve
+
+    _logging(args)
+
+    def on_ready(server, http: str) -> None:
+        write_ready_file(args.ready_file, {"address": server.address, "http": http, "pid": os.getpid()})
+        print(f"qwenpd gateway serving gRPC on {server.address}" + (f", HTTP on {http}" if http else ""), flush=True)
+
+    return serve(config_from_args(args), on_ready)
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from qwenpd.clients.routing import Backend, Pool
-from qwenpd.errors import QwenpdError, Unavailable
+from qwenpd.errors import DeadlineExceeded, QwenpdError, Unavailable
 from qwenpd.grpc_status import from_rpc_error
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -106,12 +106,15 @@ class Dispatcher:
         self.poll_load = poll_load
         self.eject = eject
         self.resumed = 0  # streams continued after a decode failure
-        self.on_health: Callable[[Backend, str, bool], None] = lambda backend, kind, up: None
+        # on_health(backend, kind, why): called when a backend is ejected (why = the failure) or readmitted
+        self.on_health: Callable[[Backend, str, str], None] = lambda backend, kind, why: None
 
     # ---- the request ---------------------------------------------------------------------------------------------
     async def run(self, trace: Trace, request: prefill_pb2.PrefillRequest, timeout: float) -> AsyncIterator[Chunk]:
         """Prefill then decode's chunks, resumed on another decode instance if the stream breaks off. `request`
         must carry a seed and ask for the prompt's token ids (`with_seed`)."""
+        if not self.poll_load:
+            self.decode_pool.ranked()  # no decode instance can take it: refuse before prefill does the work
         trace.prefill = pre = await self.prefill(request, timeout)
         trace.first_token_at = time.perf_counter()
         prompt_ids = list(pre.prompt_token_ids)
@@ -142,7 +145,7 @@ class Dispatcher:
                 return response
             except Unavailable as exc:
                 last = exc
-                self._failed(backend, "prefill")
+                self._failed(backend, "prefill", exc)
             finally:
                 Pool.finished(backend, ok)
         assert last is not None
@@ -171,7 +174,7 @@ class Dispatcher:
             except grpc.RpcError as err:
                 exc = from_rpc_error(err)
                 if isinstance(exc, Unavailable):
-                    self._failed(backend, "decode")
+                    self._failed(backend, "decode", exc)
                 if received or not isinstance(exc, Unavailable):
                     raise exc from None
                 last = exc  # nothing streamed yet: another decode instance can take the checkpoint
@@ -186,11 +189,15 @@ class Dispatcher:
         stub = decode_pb2_grpc.DecodeServiceStub(self._channel(address))
         return await unary(stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=timeout))
 
-    async def check_health(self, timeout: float = 1.0) -> None:
+    async def check_health(self, timeout: float = 2.0) -> None:
         """One round: every decode instance's GetLoad (its load, and whether it answers) and every prefill
-        instance's grpc.health.v1 status; ejects those that fail, readmits those that pass."""
+        instance's grpc.health.v1 status. A backend that refuses connections or says NOT_SERVING is ejected at
+        once; one that is only slow to answer (a busy host) after `slow_checks` rounds in a row. A backend that
+        passes is readmitted."""
         await asyncio.gather(*(self._poll(b, timeout) for b in self.decode_pool.backends),
                              *(self._check_prefill(b, timeout) for b in self.prefill_pool.backends))
+
+    slow_checks = 3
 
     async def _check_prefill(self, backend: Backend, timeout: float) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -198,29 +205,41 @@ class Dispatcher:
         stub = health_pb2_grpc.HealthStub(self._channel(backend.address))
         try:
             status = (await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)).status
-            up = status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            up = False
-        self._set_up(backend, "prefill", up)
+        except grpc.RpcError as err:
+            self._checked(backend, "prefill", from_rpc_error(err))
+        else:
+            self._checked(backend, "prefill", None if status == health_pb2.HealthCheckResponse.SERVING else
+                          Unavailable("not serving"))
 
     async def _poll(self, backend: Backend, timeout: float) -> None:
         try:
             load = await self.load(backend.address, timeout)
-        except QwenpdError:
+        except QwenpdError as exc:
             backend.reported = None
-            self._set_up(backend, "decode", False)
+            self._checked(backend, "decode", exc)
         else:
             self.decode_pool.report(backend, load.active_sequences, load.queued, load.max_batch)
-            self._set_up(backend, "decode", True)
+            self._checked(backend, "decode", None)
 
-    def _set_up(self, backend: Backend, kind: str, up: bool) -> None:
+    def _checked(self, backend: Backend, kind: str, error: QwenpdError | None) -> None:
+        if error is None:
+            backend.slow_checks = 0
+            self._set_up(backend, kind, True)
+            return
+        if isinstance(error, DeadlineExceeded):
+            backend.slow_checks += 1
+            if backend.slow_checks < self.slow_checks:
+                return
+        self._set_up(backend, kind, False, error.message)
+
+    def _set_up(self, backend: Backend, kind: str, up: bool, why: str = "") -> None:
         if not self.eject:
             return
         if Pool.set_up(backend, up):
-            self.on_health(backend, kind, up)
+            self.on_health(backend, kind, why)
 
-    def _failed(self, backend: Backend, kind: str) -> None:
-        self._set_up(backend, kind, False)
+    def _failed(self, backend: Backend, kind: str, error: QwenpdError) -> None:
+        self._set_up(backend, kind, False, error.message)
 
     async def _decode_back(self) -> bool:
         """Wait up to resume_wait_s until some decode address answers again; re-prefilling before that would

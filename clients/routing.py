@@ -25,6 +25,7 @@ class Backend:
     failures: int = 0  # consecutive failed calls; reset by a success
     up: bool = True  # False: ejected (failed a health check or a call) until a health check passes
     max_in_flight: int = 0  # 0 = no bound on our concurrent calls here
+    slow_checks: int = 0  # consecutive health checks that timed out
 
 
 class Pool:

@@ -79,15 +79,18 @@ class Gateway:
         for ch in channels.values():
             await ch.close()
 
-    def _on_health(self, backend: Backend, kind: str, up: bool) -> None:
-        self.metrics.backend_up.labels(kind, backend.address).set(int(up))
-        log.warning("%s %s %s", kind, backend.address, "readmitted" if up else "ejected")
+    def _on_health(self, backend: Backend, kind: str, why: str) -> None:
+        self.metrics.backend_up.labels(kind, backend.address).set(int(backend.up))
+        if backend.up:
+            log.warning("%s %s readmitted", kind, backend.address)
+        else:
+            log.warning("%s %s ejected: %s", kind, backend.address, why)
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             try:
-                await self.dispatcher.check_health(min(1.0, self.config.health_interval_s))
+                await self.dispatcher.check_health()
             except Exception:  # noqa: BLE001 - the loop must outlive any one round
                 log.exception("health check round failed")
 

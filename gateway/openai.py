@@ -4,7 +4,7 @@ Plain Python (no HTTP framework, no grpc): the HTTP layer (gateway.http) only mo
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
 reports the chosen token's log-probability only), tools, response_format, logit_bias, penalties, echo,
-best_of, suffix. Per-token strings of `logprobs`: decode sends text per chunk, not per token, so a chunk's text
+best_of, suffix. Extensions (vLLM's names): `top_k`, `ignore_eos`. Per-token strings of `logprobs`: decode sends text per chunk, not per token, so a chunk's text
 is given to its last token and the others get "" (the strings still concatenate to the output text).
 """
 
@@ -119,6 +119,12 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         if len(stops) > MAX_STOP:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
         s.stop.extend(stops)
+    # extensions beside OpenAI's parameters (as vLLM names them)
+    top_k = _get(body, "top_k", (int,), 0)
+    if top_k < 0:
+        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
+    s.top_k = top_k
+    s.ignore_eos = _get(body, "ignore_eos", (bool,), False)
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _get(body, penalty, (int, float), 0) != 0:
             raise ApiError(400, f"'{penalty}' is not supported (only 0)", param=penalty)

@@ -3,13 +3,15 @@ POST /v1/chat/completions, GET /v1/models, GET /health.
 
 `stream: true` answers with server-sent events, one `data: {json}` per chunk, `data: [DONE]` last (with
 stream_options.include_usage, a usage chunk with no choices before it). A client that disconnects cancels the
-request (Starlette cancels the response on http.disconnect), which cancels the decode calls and frees their
-slots. `Authorization: Bearer <token>` is required when the gateway has a token (not for /health); the prefix
-cache salt comes from the `X-Cache-Salt` header, else from the body's `user`.
+request (Starlette cancels a streaming response on http.disconnect; a whole answer being collected is watched
+the same way), which cancels the decode calls and frees their slots. `Authorization: Bearer <token>` is required
+when the gateway has a token (not for /health); the prefix-cache salt comes from the `X-Cache-Salt` header, else
+from the body's `user`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -98,9 +100,12 @@ class HttpApi:
         if parsed.stream:
             return await self._stream(route, parsed, request_id)
         try:
-            choices = await self._collect(parsed, request_id)
+            choices = await _unless_disconnected(request, self._collect(parsed, request_id))
         except QwenpdError as exc:
             return self._fail(route, openai.api_error(exc))
+        if choices is None:  # the caller left: its decode calls are cancelled, nobody reads an answer
+            self._count(route, 499)
+            return Response(status_code=499)
         self._count(route, 200)
         return JSONResponse(openai.response(parsed, request_id, [c for c, _ in choices],
                                             _usage(parsed, choices)))
@@ -211,6 +216,24 @@ class HttpApi:
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                         code="method_not_allowed"))
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Run `work` (a coroutine) unless the client disconnects first: then cancel it (which cancels its decode
+    calls and frees their slots) and return None. Streaming responses get the same from Starlette."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
 
 
 def _usage(parsed: Parsed, choices: list[tuple[Choice, int]]) -> dict[str, Any]:

@@ -47,7 +47,13 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=cmd_serve_gateway)
 
-    p = kinds.add_parser("all", help="cache store + prefill + decode as child processes on one host")
+    p = kinds.add_parser("child", help="(internal) a service started from its config, as `serve all` does")
+    p.add_argument("--config", required=True, help="JSON file written by the supervisor")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve_child)
+
+    p = kinds.add_parser("all", help="cache store + prefill + decode + gateway as child processes on one host, "
+                         "restarted in place when they crash")
     add_serve_all_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_serve_all)
@@ -61,16 +67,24 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_serve_all_args(p: argparse.ArgumentParser) -> None:
+    from qwenpd.cache_store.config import parse_bytes
+
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address all three listen on (default 127.0.0.1)")
     p.add_argument("--cache-port", type=int, default=0, help="0 = any free port (default)")
     p.add_argument("--prefill-port", type=int, default=0)
     p.add_argument("--decode-port", type=int, default=0)
+    p.add_argument("--gateway-port", type=int, default=0, help="the gateway's gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=0, help="the gateway's OpenAI-compatible HTTP port")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of one crashed child within 5 minutes before serve all gives up (default 5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")
-    p.add_argument("--budget", default="4GiB", help="cache store shared-memory budget (default 4GiB)")
+    p.add_argument("--budget", type=parse_bytes, default="4GiB",
+                   help="cache store shared-memory budget (default 4GiB)")
     p.add_argument("--store-id", default="default", help="cache store id (segment name prefix)")
     p.add_argument("--backend", choices=("shm", "mooncake"), default="shm",
                    help="cache store data plane; mooncake starts a local mooncake_master unless --mooncake-master")
@@ -81,7 +95,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-max-queue", type=int, default=256,
                    help="decode sequences that may wait for a slot (default 256)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics of the cache store on this port, "
-                   "prefill on +1, decode on +2 (default 0 = off)")
+                   "prefill on +1, decode on +2, gateway on +3, the supervisor's restart counts on +4 (0 = off)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
     from qwenpd.prefill_service.config import add_prefix_args
@@ -158,12 +172,42 @@ def cmd_serve_gateway(args: argparse.Namespace) -> int:
     from qwenpd.gateway.server import serve
 
     _logging(args)
+    return serve(config_from_args(args), _gateway_ready(args.ready_file))
 
+
+def cmd_serve_child(args: argparse.Namespace) -> int:
+    """A service from the config the supervisor wrote (qwenpd.supervisor.config_to_json)."""
+    from qwenpd.supervisor import config_from_json
+
+    _logging(args)
+    config = config_from_json(Path(args.config).read_text())
+    kind = type(config).__name__
+    if kind == "CacheStoreConfig":
+        import asyncio
+
+        from qwenpd.cache_store.server import run
+
+        asyncio.run(run(config, _ready("cache store", args.ready_file, {"store_id": config.store_id})))
+        return 0
+    if kind == "PrefillConfig":
+        from qwenpd.prefill_service.server import serve
+
+        return serve(config, _ready("prefill", args.ready_file))
+    if kind == "DecodeConfig":
+        from qwenpd.decode_service.server import serve
+
+        return serve(config, _ready("decode", args.ready_file))
+    from qwenpd.gateway.server import serve
+
+    return serve(config, _gateway_ready(args.ready_file))
+
+
+def _gateway_ready(ready_file: str | None):
     def on_ready(server, http: str) -> None:
-        write_ready_file(args.ready_file, {"address": server.address, "http": http, "pid": os.getpid()})
+        write_ready_file(ready_file, {"address": server.address, "http": http, "pid": os.getpid()})
         print(f"qwenpd gateway serving gRPC on {server.address}" + (f", HTTP on {http}" if http else ""), flush=True)
 
-    return serve(config_from_args(args), on_ready)
+    return on_ready
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:
@@ -171,12 +215,14 @@ def cmd_serve_all(args: argparse.Namespace) -> int:
 
     _logging(args)
     with ServiceSet.from_args(args) as services:
-        print(f"qwenpd serve all: cache store {services.cache}, prefill {services.prefill}, decode {services.decode}"
-              " (Ctrl-C stops all three)", flush=True)
-        write_ready_file(args.ready_file, {"cache": services.cache, "prefill": services.prefill,
-                                           "decode": services.decode, "pid": os.getpid(),
-                                           "children": services.pids()})
-        return wait_for_signal(services)
+        addresses = services.addresses()
+        print("qwenpd serve all: " + ", ".join(f"{role} {addr}" for role, addr in addresses.items()) +
+              " (Ctrl-C stops them all)", flush=True)
+        def ready() -> None:  # again after each restart: the children's pids change
+            write_ready_file(args.ready_file, {**addresses, "pid": os.getpid(), "children": services.pids()})
+
+        ready()
+        return wait_for_signal(services, on_restart=ready)
 
 
 # ---- generate through the services -----------------------------------------------------------------------------
@@ -215,33 +261,47 @@ DEMO_PROMPTS = ("The quick brown fox", "Once upon a time there was a small model
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qwenpd.clients.client import Client
+    import grpc
+
+    from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
     from qwenpd.supervisor import ServiceSet
 
     model = Path(args.model) if args.model else default_tiny_model()
-    print(f"qwenpd demo: model {model}; starting cache store, prefill and decode ...", flush=True)
+    print(f"qwenpd demo: model {model}; starting cache store, prefill, decode and gateway ...", flush=True)
     # a store id of its own: demos running side by side must not share (or clean up) each other's segments
-    services = ServiceSet(model=str(model), store_id=f"demo{os.getpid()}", threads=args.threads, log_level="WARNING")
-    with services, Client(prefill=services.prefill, decode=services.decode, timeout=args.timeout) as client:
-        print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}", flush=True)
-        warm = client.generate("warm up", max_tokens=2, temperature=0)
-        print(f"  warm-up request: first token after {1e3 * warm.ttft_s:.0f} ms (connections, the store's first "
+    services = ServiceSet.build(str(model), gateway=True, store_id=f"demo{os.getpid()}", threads=args.threads,
+                                log_level="WARNING")
+    with services, grpc.insecure_channel(services.gateway) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}\n"
+              f"  gateway: gRPC {services.gateway}, OpenAI-compatible HTTP http://{services.http}/v1", flush=True)
+
+        def run(prompt: str, max_tokens: int, show: bool) -> tuple[int, float, generate_pb2.GenerateChunk]:
+            request = generate_pb2.GenerateRequest(text=prompt, sampling=common_pb2.SamplingParams(
+                temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            started = time.perf_counter()
+            first = None
+            n = 0
+            for chunk in stub.Generate(request, timeout=args.timeout):
+                first = first or time.perf_counter()
+                n += len(chunk.token_ids)
+                if show:
+                    print(chunk.text, end="", flush=True)
+            assert first is not None
+            return n, first - started, chunk
+
+        _, ttft, _ = run("warm up", 2, show=False)
+        print(f"  warm-up request: first token after {1e3 * ttft:.0f} ms (connections, the store's first "
               "shared-memory segment)\n", flush=True)
         for i, prompt in enumerate(DEMO_PROMPTS, 1):
             print(f"[{i}] {prompt!r} ->", end=" ", flush=True)
-            t0 = time.perf_counter()
-            first = last = None
-            n = 0
-            for chunk in client.stream(prompt, max_tokens=args.max_tokens, temperature=0, ignore_eos=True):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                n += len(chunk.token_ids)
-                print(chunk.text, end="", flush=True)
-            assert first is not None and last is not None
-            tpot = (last - first) / max(1, n - 1)
-            print(f"\n    {n} tokens  TTFT {1e3 * (first - t0):.1f} ms  TPOT {1e3 * tpot:.2f} ms  "
-                  f"{n / (last - t0):.0f} tokens/s", flush=True)
+            n, ttft, last = run(prompt, args.max_tokens, show=True)
+            t = last.timings
+            print(f"\n    {n} tokens  TTFT {1e3 * ttft:.1f} ms (gateway: {t.ttft_ns / 1e6:.1f} ms)  "
+                  f"TPOT {t.tpot_ns / 1e6:.2f} ms  cached {last.usage.cached_tokens} prompt tokens", flush=True)
+        print("\n  time to first token: call start to the first chunk here (gateway: arrival to prefill's answer);\n"
+              "  time per output token: (last token - first token) / (tokens - 1), timed at the gateway per token,\n"
+              "  not per chunk, so tokens that share a chunk do not shrink it.", flush=True)
         print("\nstopping services ...", flush=True)
     print("qwenpd demo: done", flush=True)
     return 0

@@ -228,6 +228,9 @@ def test_http_disconnect_frees_the_decode_slot(gateway, model_name, services):
             if i == 4:
                 break
     assert wait_idle(services.decode, timeout=3.0) < 3.0
+    with pytest.raises(httpx.ReadTimeout):  # a whole answer, abandoned by its caller
+        httpx.post(f"{gateway.base_url}/completions", json={**body, "stream": False}, timeout=1.0)
+    assert wait_idle(services.decode, timeout=3.0) < 3.0
 
 
 def test_bearer_token_and_no_backend(services, tmp_path):

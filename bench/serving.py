@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--model", help="existing checkpoint dir (default: init the preset into a temp dir)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, each side (default: all)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    ap.add_argument("--gateway-only", action="store_true", help="only the gateway table")
     args = ap.parse_args()
     repeats, decode_repeats, tokens, decode_prompt = (3, 1, 16, 64) if args.quick else (7, 3, 64, 128)
     handoff_lengths = [512] if args.quick else [512, 4096, 32768]
@@ -269,33 +270,39 @@ def main() -> None:
                               store_id=f"bench{os.getpid()}", log_level="WARNING", gateway=True) as svc, \
                 Client(prefill=svc.prefill, decode=svc.decode, timeout=600) as client, \
                 CacheStoreClient(svc.cache) as store:
-            a, b = paired(lambda: inproc_ttft(eng, prompt512, 512),
-                          lambda: client.generate(token_ids=prompt512, max_tokens=1, temperature=0).ttft_s, repeats)
-            rows.append(("TTFT, 512-token prompt (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x (+{(b - a) * 1e3:.1f} ms)"))
-            short = ids_of(decode_prompt, vocab, 2)
-            a, b = paired(lambda: inproc_tpot(eng, short, tokens),
-                          lambda: client.generate(token_ids=short, max_tokens=tokens, temperature=0,
-                                                  ignore_eos=True).tpot_s, repeats)
-            rows.append(("TPOT, 1 stream (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x"))
-            for streams in (1, 8, 32):
-                prompts = [ids_of(decode_prompt, vocab, 100 + i) for i in range(streams)]
-                a, b = paired(lambda p=prompts: inproc_decode_tps(eng, p, tokens),
-                              lambda p=prompts: asyncio.run(grpc_decode_tps(svc.prefill, svc.decode, p, tokens)),
-                              decode_repeats)
-                rows.append((f"decode tokens/s, {streams} streams", a, b, f"{b / a:.1%} of in-process"))
-            handoffs = [(n, handoff(eng, store, n, repeats)) for n in handoff_lengths]
+            handoffs = []
+            if not args.gateway_only:
+                a, b = paired(lambda: inproc_ttft(eng, prompt512, 512),
+                              lambda: client.generate(token_ids=prompt512, max_tokens=1, temperature=0).ttft_s,
+                              repeats)
+                rows.append(("TTFT, 512-token prompt (ms)", a * 1e3, b * 1e3,
+                             f"{b / a:.3f}x (+{(b - a) * 1e3:.1f} ms)"))
+                short = ids_of(decode_prompt, vocab, 2)
+                a, b = paired(lambda: inproc_tpot(eng, short, tokens),
+                              lambda: client.generate(token_ids=short, max_tokens=tokens, temperature=0,
+                                                      ignore_eos=True).tpot_s, repeats)
+                rows.append(("TPOT, 1 stream (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x"))
+                for streams in (1, 8, 32):
+                    prompts = [ids_of(decode_prompt, vocab, 100 + i) for i in range(streams)]
+                    a, b = paired(lambda p=prompts: inproc_decode_tps(eng, p, tokens),
+                                  lambda p=prompts: asyncio.run(grpc_decode_tps(svc.prefill, svc.decode, p, tokens)),
+                                  decode_repeats)
+                    rows.append((f"decode tokens/s, {streams} streams", a, b, f"{b / a:.1%} of in-process"))
+                handoffs = [(n, handoff(eng, store, n, repeats)) for n in handoff_lengths]
             gateway = asyncio.run(gateway_rows(svc, vocab, prompt512, tokens * 2, repeats))
-        print("\n| measure | in-process | gRPC services | ratio |\n|---|---|---|---|")
+        if rows:
+            print("\n| measure | in-process | gRPC services | ratio |\n|---|---|---|---|")
         for name, a, b, ratio in rows:
             print(f"| {name} | {a:,.2f} | {b:,.2f} | {ratio} |")
-        print("\n| hand-off (ms) | bytes | memcpy | write + map + load | ratio | without its 3 RPCs | ratio | write "
-              "| lease+map+verify | load into slot | release (off path) | one RPC |\n" + "|---" * 12 + "|")
+        if handoffs:
+            print("\n| hand-off (ms) | bytes | memcpy | write + map + load | ratio | without its 3 RPCs | ratio "
+                  "| write | lease+map+verify | load into slot | release (off path) | one RPC |\n" + "|---" * 12 + "|")
         for n, h in handoffs:
             ms = {k: v * 1e3 for k, v in h.items() if k != "bytes"}
             plane = ms["total"] - 3 * ms["rpc"]
             print(f"| {n} tokens | {h['bytes'] / 2**20:.1f} MiB | {ms['memcpy']:.3f} | {ms['total']:.3f} | "
-                  f"{ms['total'] / ms['memcpy']:.2f}x | {plane:.3f} | {plane / ms['memcpy']:.2f}x | {ms['write']:.3f} | "
-                  f"{ms['map']:.3f} | {ms['load']:.3f} | {ms['release']:.3f} | {ms['rpc']:.3f} |")
+                  f"{ms['total'] / ms['memcpy']:.2f}x | {plane:.3f} | {plane / ms['memcpy']:.2f}x | "
+                  f"{ms['write']:.3f} | {ms['map']:.3f} | {ms['load']:.3f} | {ms['release']:.3f} | {ms['rpc']:.3f} |")
         print("\n| gateway | direct client | gateway gRPC | gateway HTTP | gRPC vs direct | HTTP vs direct |\n" +
               "|---" * 6 + "|")
         for name, direct, grpc_, http in gateway:

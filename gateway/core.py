@@ -141,6 +141,11 @@ class Gateway:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         with_seed(request)
+        if n == 1:  # no tasks, no queue: one stream as it comes
+            choice = Choice(0)
+            async for chunk in self.stream(request, timeout, choice.trace):
+                yield choice, chunk
+            return
         queue: asyncio.Queue = asyncio.Queue()
         first_answered = asyncio.Event()
         choices = [Choice(i) for i in range(n)]

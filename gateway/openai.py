@@ -1,11 +1,12 @@
 """The OpenAI API's request and response shapes: JSON bodies of /v1/completions and /v1/chat/completions checked
 and turned into PrefillRequests, completions turned back into OpenAI JSON, and errors in OpenAI's error shape.
-Plain Python (no HTTP framework, no grpc): the HTTP layer (gateway.http) only moves bytes.
+No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
 reports the chosen token's log-probability only), tools, response_format, logit_bias, penalties, echo,
-best_of, suffix. Extensions (vLLM's names): `top_k`, `ignore_eos`. Per-token strings of `logprobs`: decode sends text per chunk, not per token, so a chunk's text
-is given to its last token and the others get "" (the strings still concatenate to the output text).
+best_of, suffix. Extensions (vLLM's names): `top_k`, `ignore_eos`. Per-token strings of `logprobs`: decode sends
+text per chunk, not per token, so a chunk's text is given to its last token and the others get "" (the strings
+still concatenate to the output text).
 """
 
 from __future__ import annotations

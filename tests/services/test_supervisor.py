@@ -95,6 +95,22 @@ def test_kill9_of_the_decode_child_is_restarted_and_the_stream_completes(tiny_mo
         gateway_metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics + 3}/metrics", timeout=10).read()
         assert b"qwenpd_gateway_resumes_total 1.0" in gateway_metrics
         s.children = ready["children"]
+        os.kill(s.children["cache store"], signal.SIGKILL)  # restarted in place, reclaims its orphans
+        short = generate_pb2.GenerateRequest(text="after the store", sampling=common_pb2.SamplingParams(
+            temperature=0, max_tokens=5, ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with grpc.insecure_channel(s.gateway) as ch:
+                    stub = generate_pb2_grpc.GenerateServiceStub(ch)
+                    assert sum(len(c.token_ids) for c in stub.Generate(short, timeout=30)) == 5
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "nothing served after the cache store restart"
+                time.sleep(0.5)
+        ready = json.loads((tmp_path / f"sup{os.getpid()}.json").read_text())
+        assert ready["cache"] == s.cache and ready["children"]["cache store"] != s.children["cache store"]
+        s.children = ready["children"]
     finally:
         assert stop_serve_all(s) == 0
     assert not any(pid_alive(p) for p in s.children.values())

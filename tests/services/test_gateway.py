@@ -101,6 +101,13 @@ def test_grpc_errors_are_mapped_and_the_gateway_stays_up(stub, gateway):
     assert status == health_pb2.HealthCheckResponse.SERVING
     info = stub.GetModelInfo(prefill_pb2.GetModelInfoRequest(), timeout=5)
     assert info.vocab_size > 0
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(gateway.address) as ch:  # what a stub in another language discovers
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "qwenpd.v1.GenerateService" in db.get_services()
+        method = db.FindSymbol("qwenpd.v1.GenerateService")
+        assert method.name == "qwenpd/v1/generate.proto"
 
 
 def test_grpc_cancel_frees_the_decode_slot(stub, services):

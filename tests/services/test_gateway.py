@@ -106,8 +106,7 @@ def test_grpc_errors_are_mapped_and_the_gateway_stays_up(stub, gateway):
     with grpc.insecure_channel(gateway.address) as ch:  # what a stub in another language discovers
         db = ProtoReflectionDescriptorDatabase(ch)
         assert "qwenpd.v1.GenerateService" in db.get_services()
-        method = db.FindSymbol("qwenpd.v1.GenerateService")
-        assert method.name == "qwenpd/v1/generate.proto"
+        assert db.FindFileContainingSymbol("qwenpd.v1.GenerateService").name == "qwenpd/v1/generate.proto"
 
 
 def test_grpc_cancel_frees_the_decode_slot(stub, services):

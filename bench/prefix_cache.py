@@ -73,7 +73,7 @@ def main() -> None:
         engine = Engine(model, threads=args.threads)
         vocab = engine.config.vocab_size
         rows, store_rows = [], []
-        with ServiceSet(model=model, threads=args.threads, store_id="benchprefix", log_level="WARNING",
+        with ServiceSet.build(model, threads=args.threads, store_id="benchprefix", log_level="WARNING",
                         block_size=BLOCK, snapshot_interval=INTERVAL, budget="8GiB") as services, \
                 Client(prefill=services.prefill, decode=services.decode, timeout=600) as client, \
                 CacheStoreClient(services.cache) as store:

@@ -10,7 +10,10 @@ Prints one table:
   - aggregate decode tokens/s at 1/8/32 concurrent streams: in-process DecodeBatch steps with the same per-token
     work (greedy pick + OutputTracker) vs that many concurrent Decode streams through gRPC;
   - hand-off (write into shared memory + lease/map/verify + load into a decode batch slot + release) vs one memcpy
-    of the same bytes, with the breakdown.
+    of the same bytes, with the breakdown;
+  - the gateway beside the direct client (same services, same run): time to the first streamed chunk at a
+    512-token prompt and aggregate tokens/s of 1/32 concurrent whole requests (prefill + decode), through
+    `Client` (prefill and decode called directly), the gateway's gRPC Generate, and its HTTP API (SSE streaming).
 The in-process runs happen while the services sit idle, so both sides get the whole machine.
 """
 
@@ -167,6 +170,80 @@ async def grpc_decode_tps(prefill: str, decode: str, prompts: list[list[int]], t
     return len(prompts) * (tokens - 1) / elapsed
 
 
+# ---- the gateway beside the direct client ----------------------------------------------------------------------------
+async def direct_stream(client, ids: list[int], tokens: int) -> tuple[float, int]:
+    """(seconds to the first chunk, tokens) of one streamed request through AsyncClient."""
+    t0, first, n = time.perf_counter(), None, 0
+    async for chunk in client.stream(token_ids=ids, max_tokens=tokens, temperature=0, ignore_eos=True):
+        first = first or time.perf_counter()
+        n += len(chunk.token_ids)
+    return first - t0, n
+
+
+async def grpc_stream(stub, ids: list[int], tokens: int) -> tuple[float, int]:
+    from qwenpd.protos.qwenpd.v1 import generate_pb2
+
+    request = generate_pb2.GenerateRequest(token_ids=prefill_pb2.TokenIds(ids=ids), sampling=common_pb2.SamplingParams(
+        temperature=0, max_tokens=tokens, ignore_eos=True))
+    t0, first, n = time.perf_counter(), None, 0
+    async for chunk in stub.Generate(request, timeout=600):
+        first = first or time.perf_counter()
+        n += len(chunk.token_ids)
+    return first - t0, n
+
+
+async def http_stream(http, model: str, ids: list[int], tokens: int) -> tuple[float, int]:
+    """SSE streaming through /v1/completions; tokens counted from usage (include_usage)."""
+    import json
+
+    body = {"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0, first, n = time.perf_counter(), None, 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            first = first or time.perf_counter()
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                n = event["usage"]["completion_tokens"]
+    return first - t0, n
+
+
+async def gateway_rows(svc, vocab: int, prompt512: list[int], tokens: int, repeats: int) -> list[tuple]:
+    import grpc
+    import httpx
+
+    from qwenpd.clients.client import AsyncClient
+    from qwenpd.protos.qwenpd.v1 import generate_pb2_grpc
+
+    async with AsyncClient(svc.prefill, svc.decode, timeout=600) as client, \
+            grpc.aio.insecure_channel(svc.gateway) as ch, \
+            httpx.AsyncClient(base_url=f"http://{svc.http}", timeout=600) as http:
+        stub = generate_pb2_grpc.GenerateServiceStub(ch)
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        paths = {"direct": lambda ids, n: direct_stream(client, ids, n),
+                 "gRPC": lambda ids, n: grpc_stream(stub, ids, n),
+                 "HTTP": lambda ids, n: http_stream(http, model, ids, n)}
+        ttft: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(repeats + 1):  # alternating, first round is warm-up
+            for name, run in paths.items():
+                ttft[name].append((await run(prompt512, 1))[0])
+        rows = [("time to first chunk, 512-token prompt (ms)",
+                 *(statistics.median(v[1:]) * 1e3 for v in ttft.values()))]
+        for streams in (1, 32):
+            prompts = [ids_of(64, vocab, 300 + i) for i in range(streams)]
+            tps: dict[str, list[float]] = {k: [] for k in paths}
+            for _ in range(max(1, repeats // 2) + 1):  # the paths take turns, so they share the background load
+                for name, run in paths.items():
+                    t0 = time.perf_counter()
+                    counts = await asyncio.gather(*(run(p, tokens) for p in prompts))
+                    tps[name].append(sum(n for _, n in counts) / (time.perf_counter() - t0))
+                    assert all(n == tokens for _, n in counts), (name, counts)
+            rows.append((f"tokens/s, {streams} concurrent requests", *(statistics.median(v[1:]) for v in tps.values())))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -174,6 +251,7 @@ def main() -> None:
     ap.add_argument("--model", help="existing checkpoint dir (default: init the preset into a temp dir)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, each side (default: all)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    ap.add_argument("--gateway-only", action="store_true", help="only the gateway table")
     args = ap.parse_args()
     repeats, decode_repeats, tokens, decode_prompt = (3, 1, 16, 64) if args.quick else (7, 3, 64, 128)
     handoff_lengths = [512] if args.quick else [512, 4096, 32768]
@@ -189,36 +267,51 @@ def main() -> None:
         rows = []
         # prefix cache off: this measures transport and hand-off overhead on identical work (the repeated TTFT
         # prompt would otherwise be a cache hit); bench/prefix_cache.py measures the cache
-        with ServiceSet(model=str(model), dtype=args.dtype, threads=args.threads, max_batch=32, prefix_cache=False,
-                        store_id=f"bench{os.getpid()}", log_level="WARNING") as svc, \
+        with ServiceSet.build(str(model), dtype=args.dtype, threads=args.threads, max_batch=32, prefix_cache=False,
+                              store_id=f"bench{os.getpid()}", log_level="WARNING", gateway=True) as svc, \
                 Client(prefill=svc.prefill, decode=svc.decode, timeout=600) as client, \
                 CacheStoreClient(svc.cache) as store:
-            a, b = paired(lambda: inproc_ttft(eng, prompt512, 512),
-                          lambda: client.generate(token_ids=prompt512, max_tokens=1, temperature=0).ttft_s, repeats)
-            rows.append(("TTFT, 512-token prompt (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x (+{(b - a) * 1e3:.1f} ms)"))
-            short = ids_of(decode_prompt, vocab, 2)
-            a, b = paired(lambda: inproc_tpot(eng, short, tokens),
-                          lambda: client.generate(token_ids=short, max_tokens=tokens, temperature=0,
-                                                  ignore_eos=True).tpot_s, repeats)
-            rows.append(("TPOT, 1 stream (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x"))
-            for streams in (1, 8, 32):
-                prompts = [ids_of(decode_prompt, vocab, 100 + i) for i in range(streams)]
-                a, b = paired(lambda p=prompts: inproc_decode_tps(eng, p, tokens),
-                              lambda p=prompts: asyncio.run(grpc_decode_tps(svc.prefill, svc.decode, p, tokens)),
-                              decode_repeats)
-                rows.append((f"decode tokens/s, {streams} streams", a, b, f"{b / a:.1%} of in-process"))
-            handoffs = [(n, handoff(eng, store, n, repeats)) for n in handoff_lengths]
-        print("\n| measure | in-process | gRPC services | ratio |\n|---|---|---|---|")
+            handoffs = []
+            if not args.gateway_only:
+                a, b = paired(lambda: inproc_ttft(eng, prompt512, 512),
+                              lambda: client.generate(token_ids=prompt512, max_tokens=1, temperature=0).ttft_s,
+                              repeats)
+                rows.append(("TTFT, 512-token prompt (ms)", a * 1e3, b * 1e3,
+                             f"{b / a:.3f}x (+{(b - a) * 1e3:.1f} ms)"))
+                short = ids_of(decode_prompt, vocab, 2)
+                a, b = paired(lambda: inproc_tpot(eng, short, tokens),
+                              lambda: client.generate(token_ids=short, max_tokens=tokens, temperature=0,
+                                                      ignore_eos=True).tpot_s, repeats)
+                rows.append(("TPOT, 1 stream (ms)", a * 1e3, b * 1e3, f"{b / a:.3f}x"))
+                for streams in (1, 8, 32):
+                    prompts = [ids_of(decode_prompt, vocab, 100 + i) for i in range(streams)]
+                    a, b = paired(lambda p=prompts: inproc_decode_tps(eng, p, tokens),
+                                  lambda p=prompts: asyncio.run(grpc_decode_tps(svc.prefill, svc.decode, p, tokens)),
+                                  decode_repeats)
+                    rows.append((f"decode tokens/s, {streams} streams", a, b, f"{b / a:.1%} of in-process"))
+                handoffs = [(n, handoff(eng, store, n, repeats)) for n in handoff_lengths]
+            gateway = asyncio.run(gateway_rows(svc, vocab, prompt512, tokens * 2, repeats))
+        if rows:
+            print("\n| measure | in-process | gRPC services | ratio |\n|---|---|---|---|")
         for name, a, b, ratio in rows:
             print(f"| {name} | {a:,.2f} | {b:,.2f} | {ratio} |")
-        print("\n| hand-off (ms) | bytes | memcpy | write + map + load | ratio | without its 3 RPCs | ratio | write "
-              "| lease+map+verify | load into slot | release (off path) | one RPC |\n" + "|---" * 12 + "|")
+        if handoffs:
+            print("\n| hand-off (ms) | bytes | memcpy | write + map + load | ratio | without its 3 RPCs | ratio "
+                  "| write | lease+map+verify | load into slot | release (off path) | one RPC |\n" + "|---" * 12 + "|")
         for n, h in handoffs:
             ms = {k: v * 1e3 for k, v in h.items() if k != "bytes"}
             plane = ms["total"] - 3 * ms["rpc"]
             print(f"| {n} tokens | {h['bytes'] / 2**20:.1f} MiB | {ms['memcpy']:.3f} | {ms['total']:.3f} | "
-                  f"{ms['total'] / ms['memcpy']:.2f}x | {plane:.3f} | {plane / ms['memcpy']:.2f}x | {ms['write']:.3f} | "
-                  f"{ms['map']:.3f} | {ms['load']:.3f} | {ms['release']:.3f} | {ms['rpc']:.3f} |")
+                  f"{ms['total'] / ms['memcpy']:.2f}x | {plane:.3f} | {plane / ms['memcpy']:.2f}x | "
+                  f"{ms['write']:.3f} | {ms['map']:.3f} | {ms['load']:.3f} | {ms['release']:.3f} | {ms['rpc']:.3f} |")
+        print("\n| gateway | direct client | gateway gRPC | gateway HTTP | gRPC vs direct | HTTP vs direct |\n" +
+              "|---" * 6 + "|")
+        for name, direct, grpc_, http in gateway:
+            if name.startswith("time"):
+                ratios = f"{grpc_ - direct:+.1f} ms | {http - direct:+.1f} ms"
+            else:
+                ratios = f"{grpc_ / direct:.1%} | {http / direct:.1%}"
+            print(f"| {name} | {direct:,.2f} | {grpc_:,.2f} | {http:,.2f} | {ratios} |")
         print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

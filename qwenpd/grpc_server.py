@@ -6,6 +6,7 @@ SIGTERM/SIGINT) and `run_server`, the one start-up sequence of the cache store, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
@@ -139,25 +140,30 @@ def _registration(servicer: Any) -> tuple[Callable[[Any, Any], None], str]:
 
 
 # ---- the one start-up sequence ---------------------------------------------------------------------------
-OnReady = Callable[[GrpcServer], None]
+OnReady = Callable[[GrpcServer, dict[str, str]], None]  # (started server, extra addresses such as {"http": ...})
+Companion = Callable[[GrpcServer], contextlib.AbstractAsyncContextManager[dict[str, str]]]
 
 
 async def run_server(servicer: Any, *, listen: str, security: Any, metrics: Any, metrics_port: int, grace_s: float,
-                     on_ready: OnReady | None, describe: str,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                     on_ready: OnReady | None, describe: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     companion: Companion | None = None) -> None:
     """Serve `servicer` on `listen` until SIGTERM/SIGINT, then drain for `grace_s`: build the server (error
-    mapping, security, message limit, health, reflection), start it, expose `metrics` (a qwenpd.metrics.Metrics)
-    on `metrics_port` (0 = off), log `describe` with the bound address, and call `on_ready(server)`."""
+    mapping, security, message limit, health, reflection), start it, start the `companion` server if any (an
+    async context manager run for the server's lifetime, yielding its addresses, e.g. the gateway's HTTP API),
+    expose `metrics` (a qwenpd.metrics.Metrics) on `metrics_port` (0 = off), log `describe` with the bound
+    addresses, and call `on_ready(server, companion addresses)`."""
     host, port = split_address(listen)
     server = make_server(servicer, host=host, port=port, security=security, max_message_bytes=max_message_bytes,
                          on_status=metrics.record)
-    await server.start()
-    if metrics_port:
-        metrics.serve(host, metrics_port)
-    log.info("%s on %s", describe, server.address)
-    if on_ready is not None:
-        on_ready(server)
-    await server.serve_until_signal(grace_s=grace_s)
+    async with contextlib.AsyncExitStack() as stack:
+        await server.start()
+        extra = await stack.enter_async_context(companion(server)) if companion is not None else {}
+        if metrics_port:
+            metrics.serve(host, metrics_port)
+        log.info("%s on %s%s", describe, server.address, "".join(f", {k} on {v}" for k, v in extra.items() if v))
+        if on_ready is not None:
+            on_ready(server, extra)
+        await server.serve_until_signal(grace_s=grace_s)
 
 
 def write_ready_file(path: str | None, payload: dict[str, Any]) -> None:
@@ -175,9 +181,10 @@ def serve_main(role: str, run: Callable[[OnReady], Awaitable[None]], ready_file:
     signal). Once SERVING, prints "qwenpd ROLE serving on ADDRESS" and writes {"address", "pid", **ready_extra}
     to `ready_file`, so a parent that asked for port 0 learns the bound port. A failure to start (a dependency
     unreachable or refusing, the address taken) is one line on stderr and exit code 1, never a traceback."""
-    def on_ready(server: GrpcServer) -> None:
-        write_ready_file(ready_file, {"address": server.address, "pid": os.getpid(), **(ready_extra or {})})
-        print(f"qwenpd {role} serving on {server.address}", flush=True)
+    def on_ready(server: GrpcServer, extra: dict[str, str]) -> None:
+        write_ready_file(ready_file, {"address": server.address, "pid": os.getpid(), **(ready_extra or {}), **extra})
+        also = "".join(f", {name} on {address}" for name, address in extra.items() if address)
+        print(f"qwenpd {role} serving on {server.address}{also}", flush=True)
 
     try:
         asyncio.run(run(on_ready))

@@ -61,15 +61,6 @@ class Limits:
                 raise InvalidArgument(f"{prefix}.stop[{i}]", f"{len(s)} characters; a stop string may have at "
                                       f"most {self.max_stop_length}", reason="STOP_STRING_TOO_LONG")
 
-    def flags(self) -> list[str]:
-        """The command-line flags that rebuild these limits (for child processes)."""
-        out = ["--max-new-tokens", str(self.max_new_tokens), "--max-stop-strings", str(self.max_stop_strings),
-               "--max-stop-length", str(self.max_stop_length), "--max-message-bytes", str(self.max_message_bytes)]
-        if self.max_prompt_tokens is not None:
-            out += ["--max-prompt-tokens", str(self.max_prompt_tokens)]
-        if self.max_cache_bytes_per_request is not None:
-            out += ["--max-cache-bytes-per-request", str(self.max_cache_bytes_per_request)]
-        return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

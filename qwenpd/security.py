@@ -62,14 +62,6 @@ class Security:
             return None
         return Path(self.auth_token_file).read_text().strip()
 
-    def flags(self) -> list[str]:
-        """The command-line flags that rebuild this config (for child processes)."""
-        out: list[str] = []
-        for flag, value in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key), ("--tls-ca", self.tls_ca),
-                            ("--auth-token-file", self.auth_token_file)):
-            if value is not None:
-                out += [flag, str(Path(value).resolve())]
-        return [*out, "--tls-client-auth"] if self.client_auth else out
 
 
 def _read(path: str | None) -> bytes | None:

@@ -8,6 +8,7 @@ Every `serve` command takes `--ready-file PATH`: once the server is SERVING it w
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -39,7 +40,21 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=cmd_serve_decode)
 
-    p = kinds.add_parser("all", help="cache store + prefill + decode as child processes on one host")
+    p = kinds.add_parser("gateway", help="the gateway: gRPC Generate and the OpenAI-compatible HTTP API over pools "
+                         "of prefill and decode instances")
+    from qwenpd.gateway import config as gateway_config
+
+    gateway_config.add_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_serve_gateway)
+
+    p = kinds.add_parser("child", help="(internal) a service started from its config, as `serve all` does")
+    p.add_argument("--config", required=True, help="JSON file written by the supervisor")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve_child)
+
+    p = kinds.add_parser("all", help="cache store + prefill + decode + gateway as child processes on one host, "
+                         "restarted in place when they crash")
     add_serve_all_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_serve_all)
@@ -53,32 +68,46 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_serve_all_args(p: argparse.ArgumentParser) -> None:
+    """Flags of `serve all`; every default comes from the config it lands in."""
+    from qwenpd import limits, security, service_config
+    from qwenpd.cache_store.config import CacheStoreConfig, parse_bytes
+    from qwenpd.decode_service.config import DecodeConfig
+    from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
+    from qwenpd.supervisor import ServiceSet
+
+    cache, prefill = service_config.field_defaults(CacheStoreConfig), service_config.field_defaults(PrefillConfig)
+    decode, sup = service_config.field_defaults(DecodeConfig), service_config.field_defaults(ServiceSet)
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1", help="address all three listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address all of them listen on (default 127.0.0.1)")
     p.add_argument("--cache-port", type=int, default=0, help="0 = any free port (default)")
     p.add_argument("--prefill-port", type=int, default=0)
     p.add_argument("--decode-port", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--gateway-port", type=int, default=0, help="the gateway's gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=0, help="the gateway's OpenAI-compatible HTTP port")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
+    p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
+                   f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
+    p.add_argument("--dtype", default=prefill.dtype, choices=service_config.DTYPE_CHOICES)
+    p.add_argument("--chunk-size", type=int, default=prefill.chunk_size)
+    p.add_argument("--max-batch", type=int, default=decode.max_batch)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")
-    p.add_argument("--budget", default="4GiB", help="cache store shared-memory budget (default 4GiB)")
-    p.add_argument("--store-id", default="default", help="cache store id (segment name prefix)")
-    p.add_argument("--backend", choices=("shm", "mooncake"), default="shm",
+    p.add_argument("--budget", type=parse_bytes, default=cache.budget_bytes,
+                   help=f"cache store shared-memory budget (default {cache.budget_bytes >> 30}GiB)")
+    p.add_argument("--store-id", default=cache.store_id, help="cache store id (segment name prefix)")
+    p.add_argument("--backend", choices=("shm", "mooncake"), default=cache.backend,
                    help="cache store data plane; mooncake starts a local mooncake_master unless --mooncake-master")
     p.add_argument("--mooncake-master", default="", metavar="HOST:PORT", help="an existing mooncake_master")
     p.add_argument("--metadata", "--mooncake-metadata", default="", dest="mooncake_metadata", metavar="URL",
                    help="its metadata server URL (with --mooncake-master)")
-    p.add_argument("--prefill-max-queue", type=int, default=64, help="prefill requests that may wait (default 64)")
-    p.add_argument("--decode-max-queue", type=int, default=256,
-                   help="decode sequences that may wait for a slot (default 256)")
+    p.add_argument("--prefill-max-queue", type=int, default=prefill.max_queue,
+                   help=f"prefill requests that may wait (default {prefill.max_queue})")
+    p.add_argument("--decode-max-queue", type=int, default=decode.max_queue,
+                   help=f"decode sequences that may wait for a slot (default {decode.max_queue})")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics of the cache store on this port, "
-                   "prefill on +1, decode on +2 (default 0 = off)")
-    p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for all three to serve")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls may finish on stop")
-    from qwenpd.prefill_service.config import add_prefix_args
-    from qwenpd import limits, security
-
+                   "prefill on +1, decode on +2, gateway on +3, the supervisor's restart counts on +4 (0 = off)")
+    p.add_argument("--start-timeout", type=float, default=sup.start_timeout_s,
+                   help=f"seconds to wait for all of them to serve (default {sup.start_timeout_s:g})")
+    p.add_argument("--grace", type=float, default=prefill.grace_s, help="seconds in-flight calls may finish on stop")
     add_prefix_args(p)
     limits.add_args(p)
     security.add_args(p)
@@ -125,18 +154,38 @@ def cmd_serve_decode(args: argparse.Namespace) -> int:
     return _serve(args, config.config_from_args, server.serve)
 
 
+def cmd_serve_gateway(args: argparse.Namespace) -> int:
+    from qwenpd.gateway import config, server
+
+    return _serve(args, config.config_from_args, server.serve)
+
+
+def cmd_serve_child(args: argparse.Namespace) -> int:
+    """A service from the config the supervisor wrote (qwenpd.supervisor.config_to_json)."""
+    from qwenpd.supervisor import config_from_json
+
+    _logging(args)
+    config = config_from_json(Path(args.config).read_text())
+    servers = {"CacheStoreConfig": "qwenpd.cache_store.server", "PrefillConfig": "qwenpd.prefill_service.server",
+               "DecodeConfig": "qwenpd.decode_service.server", "GatewayConfig": "qwenpd.gateway.server"}
+    return importlib.import_module(servers[type(config).__name__]).serve(config, args.ready_file)
+
+
 def cmd_serve_all(args: argparse.Namespace) -> int:
     from qwenpd import grpc_server
     from qwenpd.supervisor import ServiceSet, wait_for_signal
 
     _logging(args)
     with ServiceSet.from_args(args) as services:
-        print(f"qwenpd serve all: cache store {services.cache}, prefill {services.prefill}, decode {services.decode}"
-              " (Ctrl-C stops all three)", flush=True)
-        grpc_server.write_ready_file(args.ready_file, {"cache": services.cache, "prefill": services.prefill,
-                                           "decode": services.decode, "pid": os.getpid(),
-                                           "children": services.pids()})
-        return wait_for_signal(services)
+        addresses = services.addresses()
+        print("qwenpd serve all: " + ", ".join(f"{role} {addr}" for role, addr in addresses.items()) +
+              " (Ctrl-C stops them all)", flush=True)
+        def ready() -> None:  # again after each restart: the children's pids change
+            grpc_server.write_ready_file(args.ready_file,
+                                         {**addresses, "pid": os.getpid(), "children": services.pids()})
+
+        ready()
+        return wait_for_signal(services, on_restart=ready)
 
 
 # ---- generate through the services -----------------------------------------------------------------------------
@@ -175,33 +224,47 @@ DEMO_PROMPTS = ("The quick brown fox", "Once upon a time there was a small model
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qwenpd.clients.client import Client
+    import grpc
+
+    from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
     from qwenpd.supervisor import ServiceSet
 
     model = Path(args.model) if args.model else default_tiny_model()
-    print(f"qwenpd demo: model {model}; starting cache store, prefill and decode ...", flush=True)
+    print(f"qwenpd demo: model {model}; starting cache store, prefill, decode and gateway ...", flush=True)
     # a store id of its own: demos running side by side must not share (or clean up) each other's segments
-    services = ServiceSet(model=str(model), store_id=f"demo{os.getpid()}", threads=args.threads, log_level="WARNING")
-    with services, Client(prefill=services.prefill, decode=services.decode, timeout=args.timeout) as client:
-        print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}", flush=True)
-        warm = client.generate("warm up", max_tokens=2, temperature=0)
-        print(f"  warm-up request: first token after {1e3 * warm.ttft_s:.0f} ms (connections, the store's first "
+    services = ServiceSet.build(str(model), gateway=True, store_id=f"demo{os.getpid()}", threads=args.threads,
+                                log_level="WARNING")
+    with services, grpc.insecure_channel(services.gateway) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        print(f"  cache store {services.cache}  prefill {services.prefill}  decode {services.decode}\n"
+              f"  gateway: gRPC {services.gateway}, OpenAI-compatible HTTP http://{services.http}/v1", flush=True)
+
+        def run(prompt: str, max_tokens: int, show: bool) -> tuple[int, float, generate_pb2.GenerateChunk]:
+            request = generate_pb2.GenerateRequest(text=prompt, sampling=common_pb2.SamplingParams(
+                temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            started = time.perf_counter()
+            first = None
+            n = 0
+            for chunk in stub.Generate(request, timeout=args.timeout):
+                first = first or time.perf_counter()
+                n += len(chunk.token_ids)
+                if show:
+                    print(chunk.text, end="", flush=True)
+            assert first is not None
+            return n, first - started, chunk
+
+        _, ttft, _ = run("warm up", 2, show=False)
+        print(f"  warm-up request: first token after {1e3 * ttft:.0f} ms (connections, the store's first "
               "shared-memory segment)\n", flush=True)
         for i, prompt in enumerate(DEMO_PROMPTS, 1):
             print(f"[{i}] {prompt!r} ->", end=" ", flush=True)
-            t0 = time.perf_counter()
-            first = last = None
-            n = 0
-            for chunk in client.stream(prompt, max_tokens=args.max_tokens, temperature=0, ignore_eos=True):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                n += len(chunk.token_ids)
-                print(chunk.text, end="", flush=True)
-            assert first is not None and last is not None
-            tpot = (last - first) / max(1, n - 1)
-            print(f"\n    {n} tokens  TTFT {1e3 * (first - t0):.1f} ms  TPOT {1e3 * tpot:.2f} ms  "
-                  f"{n / (last - t0):.0f} tokens/s", flush=True)
+            n, ttft, last = run(prompt, args.max_tokens, show=True)
+            t = last.timings
+            print(f"\n    {n} tokens  TTFT {1e3 * ttft:.1f} ms (gateway: {t.ttft_ns / 1e6:.1f} ms)  "
+                  f"TPOT {t.tpot_ns / 1e6:.2f} ms  cached {last.usage.cached_tokens} prompt tokens", flush=True)
+        print("\n  time to first token: call start to the first chunk here (gateway: arrival to prefill's answer);\n"
+              "  time per output token: (last token - first token) / (tokens - 1), timed at the gateway per token,\n"
+              "  not per chunk, so tokens that share a chunk do not shrink it.", flush=True)
         print("\nstopping services ...", flush=True)
     print("qwenpd demo: done", flush=True)
     return 0

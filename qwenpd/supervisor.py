@@ -1,38 +1,78 @@
-"""`qwenpd serve all` and the demo: the cache store, prefill and decode services as child processes.
+"""`qwenpd serve all` and the demo: the cache store, prefill, decode and gateway as child processes, restarted in
+place when they crash.
 
-Each child is `python -m qwenpd.cli serve <kind> ... --ready-file F` and writes its bound address to F once it
-serves (so port 0 works); the parent then checks grpc.health.v1 says SERVING for each. Stopping sends SIGTERM
-to prefill and decode first (they drain and release their leases), then to the cache store (which removes its
-shared-memory segments), and SIGKILLs whatever has not exited after the grace period. Children also get
-SIGTERM if this process dies (PR_SET_PDEATHSIG), so none outlive it; they run in their own session, so a
-terminal Ctrl-C reaches only the parent, which stops them in order.
+The supervisor holds the real config objects (CacheStoreConfig, PrefillConfig, DecodeConfig, GatewayConfig) and
+hands each child its own as JSON (`qwenpd serve child --config FILE`), so no field is declared twice. Each child
+writes its bound address to a ready file once it serves (port 0 works); the parent then checks grpc.health.v1
+says SERVING, and pins the bound address into the config so that a restart comes back at the same address.
+
+Supervision: a child that exits on its own is restarted in place after a backoff (0.5 s doubling to 8 s), at most
+`max_restarts` times in `restart_window_s` per child; past that budget everything stops (exit 1). Every restart
+is logged and counted (`qwenpd_child_restarts_total{role}` on metrics port + 4). A restarted decode takes over the
+streams that the gateway and clients resume; a restarted cache store reclaims its orphaned segments.
+
+Stopping sends SIGTERM to the gateway, then prefill and decode (they drain and release their leases), then the
+cache store (which removes its shared-memory segments), and SIGKILLs whatever has not exited after the grace
+period. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG), so none outlive it; they run in their
+own session, so a terminal Ctrl-C reaches only the parent, which stops them in order.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
+import logging
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwenpd import limits as limits_mod
-from qwenpd.address import format_address
 from qwenpd import security as security_mod
-from qwenpd.limits import Limits
+from qwenpd.address import format_address
+from qwenpd.cache_store.config import CacheStoreConfig, parse_bytes
+from qwenpd.decode_service.config import DecodeConfig
+from qwenpd.gateway.config import GatewayConfig
+from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.security import Security
 
 if TYPE_CHECKING:
     from qwenpd.cache_store.mooncake_master import MooncakeMaster
 
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
+PLACEHOLDER = "127.0.0.1:0"  # the cache address of prefill/decode configs until the store has bound its port
+LOCAL_MASTER = "local"  # mooncake_master/_metadata of a cache config: start a local mooncake_master child
+CONFIG_TYPES = {cls.__name__: cls for cls in (CacheStoreConfig, PrefillConfig, DecodeConfig, GatewayConfig)}
+
+
+# ---- configs as JSON, for children -------------------------------------------------------------------------------
+def config_to_json(config: Any) -> str:
+    return json.dumps({"type": type(config).__name__, "fields": dataclasses.asdict(config)})
+
+
+def config_from_json(text: str) -> Any:
+    data = json.loads(text)
+    return _build(CONFIG_TYPES[data["type"]], data["fields"])
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+            kw[f.name] = _build(hints[f.name], value) if dataclasses.is_dataclass(hints[f.name]) else value
+    return cls(**kw)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -44,18 +84,30 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 @dataclass
 class Child:
+    """One supervised process, started from its config."""
+
     role: str
-    argv: list[str]
-    ready_file: Path
+    config: Any
+    tmp: Path
+    log_level: str = "INFO"
+    netns: str = ""  # run inside this network namespace (`ip netns exec`; tests of multi-host serving)
     proc: subprocess.Popen | None = None
     address: str = ""
-    netns: str = ""  # run inside this network namespace (`ip netns exec`; tests of multi-host serving)
+    info: dict = field(default_factory=dict)  # the ready file's contents
+    restarts: list[float] = field(default_factory=list)  # monotonic times of restarts
+
+    @property
+    def ready_file(self) -> Path:
+        return self.tmp / f"{self.role.replace(' ', '_')}.json"
 
     def start(self) -> None:
+        config_file = self.tmp / f"{self.role.replace(' ', '_')}.config.json"
+        config_file.write_text(config_to_json(self.config))
+        self.ready_file.unlink(missing_ok=True)
         wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "qwenpd.cli", *self.argv,
-                                      "--ready-file", str(self.ready_file)],
-                                     preexec_fn=_die_with_parent, start_new_session=True)
+        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "qwenpd.cli", "serve", "child", "--config",
+                                      str(config_file), "--ready-file", str(self.ready_file), "--log-level",
+                                      self.log_level], preexec_fn=_die_with_parent, start_new_session=True)
 
     def wait_ready(self, deadline: float) -> str:
         assert self.proc is not None
@@ -66,144 +118,228 @@ class Child:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.role} did not start serving in time")
             time.sleep(0.02)
-        self.address = json.loads(self.ready_file.read_text())["address"]
+        self.info = json.loads(self.ready_file.read_text())
+        self.address = self.info["address"]
+        self.config = dataclasses.replace(self.config, listen=self.address)  # a restart comes back here
+        if self.info.get("http"):
+            self.config = dataclasses.replace(self.config, http_listen=self.info["http"])
         return self.address
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
 
 
 @dataclass
 class ServiceSet:
-    """Start with `with ServiceSet(model=...) as s:`; addresses in s.cache / s.prefill / s.decode."""
+    """Start with `with ServiceSet.build(model=...) as s:`; addresses in s.cache / s.prefill / s.decode (and
+    s.gateway / s.http when a gateway runs). Holds the services' own config objects."""
 
-    model: str
-    host: str = "127.0.0.1"
-    cache_port: int = 0
-    prefill_port: int = 0
-    decode_port: int = 0
-    dtype: str = "auto"
-    chunk_size: int = 512
-    max_batch: int = 32
-    threads: int | None = None
-    budget: str = "4GiB"
-    store_id: str = "default"
+    cache_config: CacheStoreConfig
+    prefill_config: PrefillConfig
+    decode_config: DecodeConfig
+    gateway_config: GatewayConfig | None = None  # None = no gateway
     start_timeout_s: float = 120.0
-    grace_s: float = 5.0  # in-flight calls may finish within this on stop
     log_level: str = "INFO"
-    block_size: int = 256
-    snapshot_interval: int = 2048
-    prefix_cache: bool = True
-    backend: str = "shm"  # cache store data plane: shm or mooncake
-    mooncake_master: str = ""  # mooncake: HOST:PORT of a running master; "" = start a local one on `host`
-    mooncake_metadata: str = ""  # mooncake: its metadata URL (with mooncake_master)
-    # prefill/decode elsewhere (tests of multi-host serving): listen host and network namespace of each
-    prefill_host: str = ""
-    decode_host: str = ""
     prefill_netns: str = ""
     decode_netns: str = ""
-    security: Security = field(default_factory=Security)  # TLS / mTLS / token of all three and their links
-    limits: Limits = field(default_factory=Limits)  # per-request limits of prefill and decode
-    metrics_port: int = 0  # 0 = off; else /metrics of cache store, prefill, decode on this port, +1, +2
-    prefill_max_queue: int = 64
-    decode_max_queue: int = 256
+    max_restarts: int = 5  # per child within restart_window_s; past it, serve all stops everything
+    restart_window_s: float = 300.0
+    metrics_port: int = 0  # the supervisor's own /metrics (restart counts); 0 = off
     children: list[Child] = field(default_factory=list)
     master: "MooncakeMaster | None" = None
     _tmp: tempfile.TemporaryDirectory | None = None
+    _metrics: Any = None
+
+    @classmethod
+    def build(cls, model: str, host: str = "127.0.0.1", *, gateway: bool = False, budget: str | int = "4GiB",
+              prefill_host: str = "", decode_host: str = "", **overrides: Any) -> "ServiceSet":
+        """Configs for one host: every override names a field of one or more of the configs (or of ServiceSet)
+        and is applied to each that has it, e.g. threads= (prefill and decode), max_batch= (decode),
+        store_id= (cache store), grace_s= (all); metrics_port=N gives the five processes N .. N+4."""
+        def pick(config_cls: type, **base: Any) -> Any:
+            names = {f.name for f in dataclasses.fields(config_cls)}
+            return config_cls(**base, **{k: v for k, v in overrides.items() if k in names and k not in base})
+
+        own = {f.name for f in dataclasses.fields(cls)}
+        known = own | {f.name for c in CONFIG_TYPES.values() for f in dataclasses.fields(c)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"ServiceSet.build: unknown options {unknown}")
+        budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
+        if overrides.get("backend") == "mooncake" and not overrides.get("mooncake_master"):
+            overrides.update(mooncake_master=LOCAL_MASTER, mooncake_metadata=LOCAL_MASTER)
+        metrics = overrides.pop("metrics_port", 0)  # cache store, prefill, decode, gateway, supervisor: +0..+4
+        port = (lambda offset: metrics + offset if metrics else 0)  # noqa: E731
+        cache = pick(CacheStoreConfig, listen=format_address(host, 0), budget_bytes=budget_bytes,
+                     metrics_port=port(0))
+        prefill = pick(PrefillConfig, model_dir=str(model), cache=PLACEHOLDER,
+                       listen=format_address(prefill_host or host, 0), metrics_port=port(1))
+        decode = pick(DecodeConfig, model_dir=str(model), cache=PLACEHOLDER,
+                      listen=format_address(decode_host or host, 0), metrics_port=port(2))
+        gw = pick(GatewayConfig, prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(host, 0),
+                  http_listen=format_address(host, 0), metrics_port=port(3)) if gateway else None
+        return cls(cache, prefill, decode, gw, metrics_port=port(4),
+                   **{k: v for k, v in overrides.items() if k in own})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServiceSet":
-        return cls(model=args.model, host=args.host, cache_port=args.cache_port, prefill_port=args.prefill_port,
-                   decode_port=args.decode_port, dtype=args.dtype, chunk_size=args.chunk_size,
-                   max_batch=args.max_batch, threads=args.threads, budget=args.budget, store_id=args.store_id,
-                   start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level,
-                   block_size=args.block_size, snapshot_interval=args.snapshot_interval,
-                   prefix_cache=args.prefix_cache, backend=args.backend, mooncake_master=args.mooncake_master,
-                   mooncake_metadata=args.mooncake_metadata, security=security_mod.from_args(args),
-                   limits=limits_mod.from_args(args), metrics_port=args.metrics_port,
-                   prefill_max_queue=args.prefill_max_queue, decode_max_queue=args.decode_max_queue)
+        """The configs `qwenpd serve all` flags describe (add_serve_all_args in qwenpd.serve)."""
+        sec = security_mod.from_args(args)
+        limits = limits_mod.from_args(args)
+        metrics = args.metrics_port
+
+        def port(offset: int) -> int:
+            return metrics + offset if metrics else 0
+
+        common = dict(dtype=args.dtype, threads=args.threads, grace_s=args.grace, limits=limits, security=sec)
+        local = args.backend == "mooncake" and not args.mooncake_master
+        cache = CacheStoreConfig(listen=format_address(args.host, args.cache_port), budget_bytes=args.budget,
+                                 store_id=args.store_id, grace_s=args.grace, security=sec, metrics_port=port(0),
+                                 backend=args.backend, mooncake_master=LOCAL_MASTER if local else args.mooncake_master,
+                                 mooncake_metadata=LOCAL_MASTER if local else args.mooncake_metadata)
+        prefill = PrefillConfig(model_dir=args.model, cache=PLACEHOLDER,
+                                listen=format_address(args.host, args.prefill_port), chunk_size=args.chunk_size,
+                                max_queue=args.prefill_max_queue, block_size=args.block_size,
+                                snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
+                                metrics_port=port(1), **common)
+        decode = DecodeConfig(model_dir=args.model, cache=PLACEHOLDER,
+                              listen=format_address(args.host, args.decode_port), max_batch=args.max_batch,
+                              max_queue=args.decode_max_queue, metrics_port=port(2), **common)
+        gateway = None if args.no_gateway else GatewayConfig(
+            prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),
+            http_listen=format_address(args.host, args.http_port), grace_s=args.grace, security=sec,
+            max_message_bytes=limits.max_message_bytes, metrics_port=port(3))
+        return cls(cache, prefill, decode, gateway, start_timeout_s=args.start_timeout, log_level=args.log_level,
+                   max_restarts=args.max_restarts, metrics_port=port(4))
+
+    # ---- addresses -----------------------------------------------------------------------------------------------
+    def _child(self, role: str) -> Child:
+        return next(c for c in self.children if c.role == role)
 
     @property
     def cache(self) -> str:
-        return self.children[0].address
+        return self._child("cache store").address
 
     @property
     def prefill(self) -> str:
-        return self.children[1].address
+        return self._child("prefill").address
 
     @property
     def decode(self) -> str:
-        return self.children[2].address
+        return self._child("decode").address
+
+    @property
+    def gateway(self) -> str:
+        return self._child("gateway").address
+
+    @property
+    def http(self) -> str:
+        return self._child("gateway").info.get("http", "")
+
+    @property
+    def security(self) -> Security:
+        return self.cache_config.security
 
     def pids(self) -> dict[str, int]:
         return {c.role: c.proc.pid for c in self.children if c.proc is not None}
 
-    def _listen(self, port: int, host: str = "") -> str:
-        return format_address(host or self.host, port)
+    def addresses(self) -> dict[str, str]:
+        out = {c.role.replace("cache store", "cache"): c.address for c in self.children}
+        if self.gateway_config is not None and self.children and self.children[-1].role == "gateway":
+            out["http"] = self.http
+        return out
 
-    def _backend_flags(self) -> list[str]:
-        if self.backend != "mooncake":
-            return []
-        master, metadata = self.mooncake_master, self.mooncake_metadata
-        if not master:
+    # ---- start and stop ------------------------------------------------------------------------------------------
+    def _mooncake(self) -> None:
+        c = self.cache_config
+        if c.backend == "mooncake" and c.mooncake_master == LOCAL_MASTER:
             from qwenpd.cache_store.mooncake_master import MooncakeMaster
-            self.master = MooncakeMaster(self.host).start()
-            master, metadata = self.master.address, self.master.metadata_url
-        return ["--backend", "mooncake", "--mooncake-master", master, "--metadata", metadata]
 
-    def _metrics_flags(self, offset: int) -> list[str]:
-        return ["--metrics-port", str(self.metrics_port + offset)] if self.metrics_port else []
-
-    def _prefix_flags(self) -> list[str]:
-        flags = ["--block-size", str(self.block_size), "--snapshot-interval", str(self.snapshot_interval)]
-        return flags if self.prefix_cache else [*flags, "--no-prefix-cache"]
+            self.master = MooncakeMaster(c.host).start()
+            self.cache_config = dataclasses.replace(c, mooncake_master=self.master.address,
+                                                    mooncake_metadata=self.master.metadata_url)
 
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="qwenpd-serve-")
         tmp = Path(self._tmp.name)
         deadline = time.monotonic() + self.start_timeout_s
-        common = ["--log-level", self.log_level, "--grace", str(self.grace_s), *self.security.flags()]
         self.children = []
         try:
-            cache = Child("cache store", ["serve", "cache", "--listen", self._listen(self.cache_port), "--budget",
-                                          self.budget, "--store-id", self.store_id, *self._backend_flags(), *common,
-                                          *self._metrics_flags(0)],
-                          tmp / "cache.json")
+            self._mooncake()
+            cache = Child("cache store", self.cache_config, tmp, self.log_level)
             self.children = [cache]
-            cache.start()
-            cache.wait_ready(deadline)
-            model = ["--model", self.model, "--cache", cache.address, "--dtype", self.dtype, *common,
-                     *self.limits.flags()]
-            if self.threads:
-                model += ["--threads", str(self.threads)]
-            self.children += [
-                Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port, self.prefill_host),
-                                  *model, "--chunk-size", str(self.chunk_size), *self._prefix_flags(),
-                                  "--max-queue", str(self.prefill_max_queue), *self._metrics_flags(1)],
-                      tmp / "prefill.json", netns=self.prefill_netns),
-                Child("decode", ["serve", "decode", "--listen", self._listen(self.decode_port, self.decode_host),
-                                 *model, "--max-batch", str(self.max_batch), "--max-queue",
-                                 str(self.decode_max_queue), *self._metrics_flags(2)], tmp / "decode.json",
-                      netns=self.decode_netns),
-            ]
-            for child in self.children[1:]:
-                child.start()
-            for child in self.children:
-                child.wait_ready(deadline)
-                wait_serving(child.address, deadline, self.security)
+            self._launch([cache], deadline)
+            models = [Child("prefill", dataclasses.replace(self.prefill_config, cache=cache.address), tmp,
+                            self.log_level, self.prefill_netns),
+                      Child("decode", dataclasses.replace(self.decode_config, cache=cache.address), tmp,
+                            self.log_level, self.decode_netns)]
+            self.children += models
+            self._launch(models, deadline)
+            if self.gateway_config is not None:
+                gw = Child("gateway", dataclasses.replace(self.gateway_config, prefill=(models[0].address,),
+                                                          decode=(models[1].address,)), tmp, self.log_level)
+                self.children.append(gw)
+                self._launch([gw], deadline)
+            if self.metrics_port:
+                self._serve_metrics()
         except BaseException:
             self.stop()
             raise
 
+    def _launch(self, children: list[Child], deadline: float) -> None:
+        for child in children:
+            child.start()
+        for child in children:
+            child.wait_ready(deadline)
+            wait_serving(child.address, deadline, self.security)
+
+    def _serve_metrics(self) -> None:
+        from prometheus_client import Counter
+
+        from qwenpd.metrics import Metrics
+
+        self._metrics = Metrics("supervisor")
+        self._metrics.restarts = Counter("qwenpd_child_restarts", "children restarted in place after they exited",
+                                         ["role"], registry=self._metrics.registry)
+        self._metrics.serve(self.cache_config.host, self.metrics_port)
+
     def failed(self) -> Child | None:
         """A child that has exited, if any."""
-        return next((c for c in self.children if c.proc is not None and c.proc.poll() is not None), None)
+        return next((c for c in self.children if c.exited()), None)
+
+    def restart(self, child: Child) -> bool:
+        """Restart an exited child in place after a backoff; False when its restart budget is spent."""
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < self.restart_window_s]
+        if len(child.restarts) >= self.max_restarts:
+            return False
+        delay = min(8.0, 0.5 * 2 ** len(child.restarts))
+        code = child.proc.returncode if child.proc is not None else None
+        log.warning("%s exited with code %s; restarting it at %s in %.1f s (restart %d of %d in %.0f s)",
+                    child.role, code, child.address, delay, len(child.restarts) + 1, self.max_restarts,
+                    self.restart_window_s)
+        time.sleep(delay)
+        child.restarts.append(time.monotonic())
+        if self._metrics is not None:
+            self._metrics.restarts.labels(child.role).inc()
+        child.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        child.wait_ready(deadline)
+        wait_serving(child.address, deadline, self.security)
+        log.warning("%s is back at %s", child.role, child.address)
+        return True
 
     def stop(self) -> dict[str, int]:
-        """Stop decode and prefill, then the cache store; return each child's exit code."""
+        """Stop the gateway, decode and prefill, then the cache store; return each child's exit code."""
         codes: dict[str, int] = {}
-        for group in (self.children[1:], self.children[:1]):
+        grace = max(c.config.grace_s for c in self.children) if self.children else 0.0
+        for group in ([c for c in self.children if c.role == "gateway"],
+                      [c for c in self.children if c.role in ("prefill", "decode")],
+                      [c for c in self.children if c.role == "cache store"]):
             live = [c for c in group if c.proc is not None and c.proc.poll() is None]
             for c in live:
                 c.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s + 10.0  # drain, then at most this long to exit
+            deadline = time.monotonic() + grace + 10.0  # drain, then at most this long to exit
             for c in group:
                 if c.proc is None:
                     continue
@@ -216,6 +352,9 @@ class ServiceSet:
         if self.master is not None:  # after the cache store: it removes its objects through the master
             self.master.close()
             self.master = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -248,17 +387,27 @@ def wait_serving(address: str, deadline: float, security: Security | None = None
             time.sleep(0.05)
 
 
-def wait_for_signal(services: ServiceSet) -> int:
-    """Block until SIGINT/SIGTERM (exit 0) or until a child dies on its own (exit 1)."""
+def wait_for_signal(services: ServiceSet, restart: bool = True,
+                    on_restart: typing.Callable[[], None] = lambda: None) -> int:
+    """Block until SIGINT/SIGTERM (exit 0), restarting children that exit on their own; exit 1 when a child's
+    restart budget is spent (or, with restart=False, at the first child that exits)."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop.wait(0.2):
             dead = services.failed()
-            if dead is not None:
-                print(f"qwenpd serve all: {dead.role} exited with code {dead.proc.returncode}; stopping the others",
-                      file=sys.stderr, flush=True)
-                return 1
+            if dead is None:
+                continue
+            try:
+                if restart and services.restart(dead):
+                    on_restart()
+                    continue
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"qwenpd serve all: restarting {dead.role} failed: {exc}", file=sys.stderr, flush=True)
+            code = dead.proc.returncode if dead.proc is not None else None
+            print(f"qwenpd serve all: {dead.role} exited with code {code} and will not be restarted; stopping "
+                  "the others", file=sys.stderr, flush=True)
+            return 1
         return 0
     finally:
         for sig, handler in previous.items():

@@ -27,6 +27,8 @@ class Services:
     store_id: str
     proc: subprocess.Popen
     children: dict[str, int]
+    gateway: str = ""  # the gateway's gRPC address
+    http: str = ""  # its HTTP API, HOST:PORT
 
 
 def qwenpd_cmd(*args: str) -> list[str]:
@@ -58,7 +60,8 @@ def start_serve_all(model_dir: Path, tmp: Path, store_id: str, *extra: str) -> S
     except BaseException:
         proc.kill()
         raise
-    return Services(info["cache"], info["prefill"], info["decode"], store_id, proc, info["children"])
+    return Services(info["cache"], info["prefill"], info["decode"], store_id, proc, info["children"],
+                    info.get("gateway", ""), info.get("http", ""))
 
 
 def stop_serve_all(s: Services, timeout: float = 30.0) -> int:

@@ -98,10 +98,10 @@ def master(hosts):
 
 @pytest.fixture(scope="module")
 def split(hosts, master, tiny_model_dir):
-    s = ServiceSet(model=str(tiny_model_dir), host=hosts.root_ip[0], threads=1, log_level="WARNING",
+    s = ServiceSet.build(str(tiny_model_dir), host=hosts.root_ip[0], threads=1, log_level="WARNING",
                    store_id=f"mh{os.getpid()}", backend="mooncake", mooncake_master=master.address,
                    mooncake_metadata=master.metadata_url, prefill_host=hosts.ns_ip[0], prefill_netns=hosts.ns[0],
-                   decode_host=hosts.ns_ip[1], decode_netns=hosts.ns[1], start_timeout_s=90)
+                   decode_host=hosts.ns_ip[1], decode_netns=hosts.ns[1], start_timeout_s=90, gateway=False)
     with s:
         yield s
 

@@ -56,7 +56,9 @@ def test_defaults_listen_on_loopback():
     assert CacheStoreConfig().host == "127.0.0.1"
     for cls in (PrefillConfig, DecodeConfig):
         assert cls.__dataclass_fields__["listen"].default.startswith("127.0.0.1:")
-    assert ServiceSet.__dataclass_fields__["host"].default == "127.0.0.1"
+    import inspect
+
+    assert inspect.signature(ServiceSet.build).parameters["host"].default == "127.0.0.1"
 
 
 def test_mtls_and_token_end_to_end(secure, pki):
@@ -145,3 +147,30 @@ def test_checkpoint_ids_are_128_bit_random(services, store):
         assert re.fullmatch(r"[0-9a-f]{32}", checkpoint_id)
         store.delete(checkpoint_id)
     assert ids[0] != ids[1]
+
+
+def test_gateway_over_mtls_with_token(secure, pki):
+    """serve all's gateway speaks the same TLS and token as the services: gRPC Generate and HTTPS, both ways."""
+    import httpx
+
+    from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+
+    request = generate_pb2.GenerateRequest(text="through the gateway", sampling=common_pb2.SamplingParams(
+        temperature=0, max_tokens=3, ignore_eos=True))
+    with channel(secure.gateway, _client_security(pki), aio=False) as ch:
+        chunks = list(generate_pb2_grpc.GenerateServiceStub(ch).Generate(request, timeout=60))
+    assert sum(len(c.token_ids) for c in chunks) == 3
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    with httpx.Client(base_url=f"https://{secure.http}", verify=context, timeout=60) as h:
+        assert h.get("/v1/models").status_code == 401
+        r = h.get("/v1/models", headers={"authorization": "Bearer s3cret-token"})
+        assert r.status_code == 200, r.text
+        model = r.json()["data"][0]["id"]
+        r = h.post("/v1/completions", headers={"authorization": "Bearer s3cret-token"},
+                   json={"model": model, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    with pytest.raises(httpx.HTTPError):  # no client certificate: the TLS handshake fails
+        httpx.get(f"https://{secure.http}/health", verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=10)

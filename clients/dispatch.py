@@ -1,0 +1,281 @@
+"""Prefill -> decode over pools of instances, with crash resume: the one implementation behind `AsyncClient` and
+the gateway (qwenpd.gateway).
+
+`Dispatcher.run(trace, request, timeout)` prefills on the best prefill instance (another one if it is
+UNAVAILABLE), streams Decode from the best decode instance and, when a decode stream breaks off (UNAVAILABLE: the
+instance died or is shutting down), re-prefills prompt + the tokens already received with `resume_generated`
+set and continues on the best decode instance. Prefill continues the same seeded random stream (the request
+must carry a seed: `with_seed`), budget and stop-string state, so the caller sees one uninterrupted output,
+identical to a run without the failure. Leaving the stream early cancels the decode call, which frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from qwenpd.clients.routing import Backend, Pool
+from qwenpd.errors import DeadlineExceeded, QwenpdError, Unavailable
+from qwenpd.grpc_status import from_rpc_error
+from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error"}
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A piece of streamed output. `finish_reason` ("stop", "length", ...) only on the last chunk."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Trace:
+    """Filled in while a request runs (perf_counter seconds).
+
+    Time per output token is defined over tokens, not chunks: tpot_s = (time the last token arrived - time the
+    first token was known) / (tokens - 1). The first token is known when the prefill response arrives (a fixed
+    point, never delayed by how decode's chunks are coalesced), so several tokens sharing a chunk cannot shrink it.
+    """
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens: int = 0
+    resumes: int = 0
+    prefill: prefill_pb2.PrefillResponse | None = None
+    usage: common_pb2.Usage | None = None
+
+    def received(self, n: int, at: float | None = None) -> None:
+        if n:
+            self.tokens += n
+            self.last_token_at = time.perf_counter() if at is None else at
+
+    @property
+    def ttft_s(self) -> float:
+        return 0.0 if self.first_token_at is None else self.first_token_at - self.started
+
+    @property
+    def decode_s(self) -> float:
+        if self.first_token_at is None or self.last_token_at is None:
+            return 0.0
+        return max(0.0, self.last_token_at - self.first_token_at)
+
+    @property
+    def tpot_s(self) -> float:
+        return self.decode_s / (self.tokens - 1) if self.tokens > 1 else 0.0
+
+
+def with_seed(request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
+    """Draw the seed here when the caller gave none, so that a resumed request continues the same random stream.
+    Also asks for the prompt's token ids, which a resume sends back. Modifies and returns `request`."""
+    if not request.sampling.HasField("seed"):
+        request.sampling.seed = secrets.randbits(63)
+    request.return_prompt_token_ids = True
+    return request
+
+
+class Dispatcher:
+    """Calls prefill then decode on the best instances of two pools and resumes broken decode streams.
+
+    channel(address) gives the (cached) aio channel of an address. poll_load: ask every decode instance for its
+    GetLoad just before each choice (a client without a background poller); the gateway instead keeps loads and
+    health current with `check_health()` and sets eject: a call failing with UNAVAILABLE ejects its backend
+    until a health check readmits it.
+    """
+
+    max_resumes = 3  # re-prefill and continue at most this often per request after a decode stream broke off
+    resume_wait_s = 15.0  # how long a broken stream waits for some decode address to answer (e.g. a restart)
+    resume_poll_s = 0.2  # between those checks
+
+    def __init__(self, prefill: Pool, decode: Pool, channel: Callable[[str], grpc.aio.Channel], *,
+                 poll_load: bool = True, eject: bool = False):
+        self.prefill_pool = prefill
+        self.decode_pool = decode
+        self._channel = channel
+        self.poll_load = poll_load
+        self.eject = eject
+        self.resumed = 0  # streams continued after a decode failure
+        # on_health(backend, kind, why): called when a backend is ejected (why = the failure) or readmitted
+        self.on_health: Callable[[Backend, str, str], None] = lambda backend, kind, why: None
+
+    # ---- the request ---------------------------------------------------------------------------------------------
+    async def run(self, trace: Trace, request: prefill_pb2.PrefillRequest, timeout: float) -> AsyncIterator[Chunk]:
+        """Prefill then decode's chunks, resumed on another decode instance if the stream breaks off. `request`
+        must carry a seed and ask for the prompt's token ids (`with_seed`)."""
+        if not self.poll_load:
+            self.decode_pool.ranked()  # no decode instance can take it: refuse before prefill does the work
+        trace.prefill = pre = await self.prefill(request, timeout)
+        trace.first_token_at = time.perf_counter()
+        prompt_ids = list(pre.prompt_token_ids)
+        received: list[int] = []
+        for attempt in range(self.max_resumes + 1):
+            try:
+                async for chunk in self.decode(pre, timeout, trace):
+                    received += chunk.token_ids
+                    yield chunk
+                return
+            except Unavailable:
+                if attempt == self.max_resumes or not prompt_ids or not await self._decode_back():
+                    raise
+            self.resumed += 1
+            trace.resumes += 1
+            pre = await self.prefill(resume_request(request, prompt_ids + received, len(received)), timeout)
+
+    async def prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
+        """Prefill on the best instance; on UNAVAILABLE the next one (anything else is the request's own fault)."""
+        last: QwenpdError | None = None
+        for backend in self.prefill_pool.ranked():
+            stub = prefill_pb2_grpc.PrefillServiceStub(self._channel(backend.address))
+            Pool.started(backend)
+            ok = False
+            try:
+                response = await unary(stub.Prefill(request, timeout=timeout))
+                ok = True
+                return response
+            except Unavailable as exc:
+                last = exc
+                self._failed(backend, "prefill", exc)
+            finally:
+                Pool.finished(backend, ok)
+        assert last is not None
+        raise last
+
+    async def decode(self, pre: prefill_pb2.PrefillResponse, timeout: float, trace: Trace) -> AsyncIterator[Chunk]:
+        """Decode's chunks of one checkpoint; UNAVAILABLE before the first chunk tries the next instance."""
+        request = decode_pb2.DecodeRequest(request_id=pre.request_id, checkpoint_id=pre.checkpoint_id)
+        last: QwenpdError | None = None
+        for backend in await self._ranked_decode(timeout):
+            stub = decode_pb2_grpc.DecodeServiceStub(self._channel(backend.address))
+            call = stub.Decode(request, timeout=timeout)
+            Pool.started(backend)
+            received = ok = False
+            try:
+                async for pb in call:
+                    received = True
+                    chunk = Chunk(list(pb.token_ids), pb.text, list(pb.logprobs),
+                                  FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None)
+                    trace.received(len(chunk.token_ids))
+                    if chunk.finish_reason is not None:
+                        trace.usage = pb.usage
+                    yield chunk
+                ok = True
+                return
+            except grpc.RpcError as err:
+                exc = from_rpc_error(err)
+                if isinstance(exc, Unavailable):
+                    self._failed(backend, "decode", exc)
+                if received or not isinstance(exc, Unavailable):
+                    raise exc from None
+                last = exc  # nothing streamed yet: another decode instance can take the checkpoint
+            finally:
+                call.cancel()  # no-op when finished; frees the slot when the caller stopped early
+                Pool.finished(backend, ok or received)
+        assert last is not None
+        raise last
+
+    # ---- loads and health ----------------------------------------------------------------------------------------
+    async def load(self, address: str, timeout: float) -> decode_pb2.Load:
+        stub = decode_pb2_grpc.DecodeServiceStub(self._channel(address))
+        return await unary(stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=timeout))
+
+    async def check_health(self, timeout: float = 2.0) -> None:
+        """One round: every decode instance's GetLoad (its load, and whether it answers) and every prefill
+        instance's grpc.health.v1 status. A backend that refuses connections or says NOT_SERVING is ejected at
+        once; one that is only slow to answer (a busy host) after `slow_checks` rounds in a row. A backend that
+        passes is readmitted."""
+        await asyncio.gather(*(self._poll(b, timeout) for b in self.decode_pool.backends),
+                             *(self._check_prefill(b, timeout) for b in self.prefill_pool.backends))
+
+    slow_checks = 3
+
+    async def _check_prefill(self, backend: Backend, timeout: float) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel(backend.address))
+        try:
+            status = (await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)).status
+        except grpc.RpcError as err:
+            self._checked(backend, "prefill", from_rpc_error(err))
+        else:
+            self._checked(backend, "prefill", None if status == health_pb2.HealthCheckResponse.SERVING else
+                          Unavailable("not serving"))
+
+    async def _poll(self, backend: Backend, timeout: float) -> None:
+        try:
+            load = await self.load(backend.address, timeout)
+        except QwenpdError as exc:
+            backend.reported = None
+            self._checked(backend, "decode", exc)
+        else:
+            self.decode_pool.report(backend, load.active_sequences, load.queued, load.max_batch)
+            self._checked(backend, "decode", None)
+
+    def _checked(self, backend: Backend, kind: str, error: QwenpdError | None) -> None:
+        if error is None:
+            backend.slow_checks = 0
+            self._set_up(backend, kind, True)
+            return
+        if isinstance(error, DeadlineExceeded):
+            backend.slow_checks += 1
+            if backend.slow_checks < self.slow_checks:
+                return
+        self._set_up(backend, kind, False, error.message)
+
+    def _set_up(self, backend: Backend, kind: str, up: bool, why: str = "") -> None:
+        if not self.eject:
+            return
+        if Pool.set_up(backend, up):
+            self.on_health(backend, kind, why)
+
+    def _failed(self, backend: Backend, kind: str, error: QwenpdError) -> None:
+        self._set_up(backend, kind, False, error.message)
+
+    async def _decode_back(self) -> bool:
+        """Wait up to resume_wait_s until some decode address answers again; re-prefilling before that would
+        only leave a checkpoint nobody reads."""
+        deadline = time.monotonic() + self.resume_wait_s
+        while True:
+            for backend in self.decode_pool.backends:
+                try:
+                    load = await self.load(backend.address, timeout=1.0)
+                except QwenpdError:
+                    continue
+                self.decode_pool.report(backend, load.active_sequences, load.queued, load.max_batch)
+                self._set_up(backend, "decode", True)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.resume_poll_s)
+
+    async def _ranked_decode(self, timeout: float) -> list[Backend]:
+        if self.poll_load and len(self.decode_pool) > 1:
+            await asyncio.gather(*(self._poll(b, min(timeout, 2.0)) for b in self.decode_pool.backends))
+        return self.decode_pool.ranked()
+
+
+def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generated: int) -> prefill_pb2.PrefillRequest:
+    """The request again, as token ids = prompt + the `generated` tokens already received."""
+    resumed = prefill_pb2.PrefillRequest()
+    resumed.CopyFrom(request)
+    resumed.token_ids.ids.extend(ids)  # selects token_ids in the prompt oneof
+    resumed.return_prompt_token_ids = False
+    resumed.resume_generated = generated
+    return resumed
+
+
+async def unary(call: Any) -> Any:
+    try:
+        return await call
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None

@@ -1,0 +1,82 @@
+"""GatewayConfig: everything the gateway is started with, built once from CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from qwenpd import service_config
+from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
+from qwenpd.security import Security
+from qwenpd.service_config import DEFAULT_GRACE_S, check_address, check_server
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    """prefill / decode: the backends' addresses. listen: gRPC HOST:PORT; http_listen: the OpenAI-compatible HTTP
+    API's HOST:PORT ("" = off); port 0 = any free port. timeout_s: deadline of a request's backend calls (a gRPC
+    caller's own deadline wins when shorter). max_in_flight_prefill / _decode: calls of ours one backend may
+    have running (0 = no bound); past every backend's bound a request is refused with RESOURCE_EXHAUSTED (HTTP
+    429). health_interval_s: how often backends are checked (ejected while down, readmitted when back).
+    resume_wait_s: how long a broken stream waits for a decode instance to answer. model_name: the name the HTTP
+    API serves ("" = the prefill's). security: TLS and bearer token of both servers and of the backend calls."""
+
+    prefill: tuple[str, ...]
+    decode: tuple[str, ...]
+    listen: str = "127.0.0.1:0"
+    http_listen: str = ""
+    timeout_s: float = 600.0
+    max_in_flight_prefill: int = 64
+    max_in_flight_decode: int = 512
+    health_interval_s: float = 1.0
+    resume_wait_s: float = 15.0
+    model_name: str = ""
+    grace_s: float = DEFAULT_GRACE_S
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics_port: int = 0
+    security: Security = field(default_factory=Security)
+
+    def __post_init__(self) -> None:
+        self.prefill, self.decode = tuple(self.prefill), tuple(self.decode)
+        check_server(self.listen, self.grace_s, self.metrics_port)
+        for kind, addrs in (("prefill", self.prefill), ("decode", self.decode)):
+            if not addrs:
+                raise ValueError(f"give at least one {kind} address")
+            for a in addrs:
+                check_address(kind, a)
+        if self.http_listen:
+            check_address("http_listen", self.http_listen)
+        for name in ("timeout_s", "health_interval_s", "resume_wait_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_in_flight_prefill", "max_in_flight_decode"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = service_config.field_defaults(GatewayConfig)
+    p.add_argument("--prefill", required=True, type=_addresses, help="prefill addresses HOST:PORT, comma-separated")
+    p.add_argument("--decode", required=True, type=_addresses, help="decode addresses HOST:PORT, comma-separated")
+    service_config.add_server_args(p, d)  # --listen (gRPC), --grace, TLS and token, --metrics-port
+    p.add_argument("--http-listen", default=d.http_listen, help="OpenAI-compatible HTTP API HOST:PORT (default: off)")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, dest="timeout_s",
+                   help=f"seconds a request's backend calls may take (default {d.timeout_s:g})")
+    p.add_argument("--max-in-flight-prefill", type=int, default=d.max_in_flight_prefill,
+                   help=f"our calls per prefill instance (default {d.max_in_flight_prefill}; 0 = any)")
+    p.add_argument("--max-in-flight-decode", type=int, default=d.max_in_flight_decode,
+                   help=f"our streams per decode instance (default {d.max_in_flight_decode}; 0 = any)")
+    p.add_argument("--health-interval", type=float, default=d.health_interval_s, dest="health_interval_s",
+                   help=f"seconds between backend health checks (default {d.health_interval_s:g})")
+    p.add_argument("--resume-wait", type=float, default=d.resume_wait_s, dest="resume_wait_s",
+                   help=f"seconds a broken stream waits for some decode instance to answer (default {d.resume_wait_s:g})")
+    p.add_argument("--model-name", default=d.model_name, help="model name of the HTTP API (default: the prefill's)")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest gRPC message")
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    return service_config.from_args(GatewayConfig, args)

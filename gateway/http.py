@@ -1,0 +1,247 @@
+"""The OpenAI-compatible HTTP API (Starlette on uvicorn, in the gateway's event loop): POST /v1/completions,
+POST /v1/chat/completions, GET /v1/models, GET /health.
+
+`stream: true` answers with server-sent events, one `data: {json}` per chunk, `data: [DONE]` last (with
+stream_options.include_usage, a usage chunk with no choices before it). A client that disconnects cancels the
+request (Starlette cancels a streaming response on http.disconnect; a whole answer being collected is watched
+the same way), which cancels the decode calls and frees their slots. `Authorization: Bearer <token>` is required
+when the gateway has a token (not for /health); the prefix-cache salt comes from the `X-Cache-Salt` header, else
+from the body's `user`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from qwenpd.errors import QwenpdError
+from qwenpd.gateway import openai
+from qwenpd.gateway.core import Choice, Gateway, collect, usage
+from qwenpd.gateway.openai import ApiError, Parsed
+
+log = logging.getLogger(__name__)
+
+SALT_HEADER = "x-cache-salt"
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class HttpApi:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        token = gateway.config.security.token()
+        self._expected = f"Bearer {token}".encode() if token else None
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ], exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    # ---- routes --------------------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        d = self.gateway.dispatcher
+        body = {"prefill_up": d.prefill_pool.up_count(), "decode_up": d.decode_pool.up_count()}
+        ok = body["prefill_up"] > 0 and body["decode_up"] > 0
+        self._count("/health", 200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unavailable", **body}, status_code=200 if ok else 503)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            await self.gateway.get_model_info(10.0)
+        except ApiError as err:
+            return self._fail("/v1/models", err)
+        except QwenpdError as exc:
+            return self._fail("/v1/models", openai.api_error(exc))
+        self._count("/v1/models", 200)
+        return JSONResponse({"object": "list", "data": [{"id": self.gateway.model_name, "object": "model",
+                                                         "created": 0, "owned_by": "qwenpd"}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/completions", openai.parse_completion)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/chat/completions", openai.parse_chat)
+
+    # ---- the common path -----------------------------------------------------------------------------------------
+    async def _generate(self, request: Request, route: str, parse) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._json(request)
+            parsed: Parsed = parse(body, request.headers.get(SALT_HEADER))
+            if parsed.model != self.gateway.model_name:
+                await self._check_model(parsed.model)
+        except ApiError as err:
+            return self._fail(route, err)
+        except QwenpdError as exc:
+            return self._fail(route, openai.api_error(exc))
+        request_id = ("chatcmpl-" if parsed.chat else "cmpl-") + uuid.uuid4().hex
+        if parsed.stream:
+            return await self._stream(route, parsed, request_id)
+        try:
+            choices = await _unless_disconnected(request, self._collect(parsed, request_id))
+        except QwenpdError as exc:
+            return self._fail(route, openai.api_error(exc))
+        if choices is None:  # the caller left: its decode calls are cancelled, nobody reads an answer
+            self._count(route, 499)
+            return Response(status_code=499)
+        self._count(route, 200)
+        return JSONResponse(openai.response(parsed, request_id, [c for c, _ in choices],
+                                            _usage(parsed, choices)))
+
+    async def _collect(self, parsed: Parsed, request_id: str) -> list[tuple[Choice, int]]:
+        """Every choice of every prompt, run to the end: (choice, prompt index), in output order."""
+        out: list[tuple[Choice, int]] = []
+        for i, prompt in enumerate(parsed.prompts):
+            prompt.request_id = f"{request_id}-{i}"
+            group: dict[int, Choice] = {}
+            async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
+                collect(choice, chunk)
+                group[choice.index] = choice
+            for j in range(parsed.n):
+                c = group[j]
+                c.index = i * parsed.n + j
+                out.append((c, i))
+        return out
+
+    async def _stream(self, route: str, parsed: Parsed, request_id: str) -> Response:
+        """Start the first prompt before answering, so that a request refused at once (a full queue, no backend
+        up, a bad prompt) still gets its proper status instead of a 200 with an error event."""
+        events = self._events(parsed, request_id)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        except QwenpdError as exc:
+            return self._fail(route, openai.api_error(exc))
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield first
+                async for event in events:
+                    yield event
+            except QwenpdError as exc:  # after the 200: the error as a last event, as OpenAI does
+                yield _sse(openai.api_error(exc).body())
+            finally:
+                await events.aclose()
+            yield b"data: [DONE]\n\n"
+
+        self._count(route, 200)
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _events(self, parsed: Parsed, request_id: str) -> AsyncIterator[bytes]:
+        totals = [0, 0, 0]
+        for i, prompt in enumerate(parsed.prompts):
+            prompt.request_id = f"{request_id}-{i}"
+            started: set[int] = set()
+            async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
+                index = i * parsed.n + choice.index
+                first = index not in started
+                started.add(index)
+                if not (first or chunk.text or chunk.finish_reason or parsed.logprobs):
+                    continue  # nothing to say (text held back or mid-character)
+                yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, chunk.text,
+                                               chunk.logprobs, chunk.finish_reason, first))
+                if chunk.finish_reason is not None:
+                    u = usage(choice.trace)
+                    if choice.index == 0:
+                        totals[0] += u.prompt_tokens
+                        totals[1] += u.cached_tokens
+                    totals[2] += u.completion_tokens
+        if parsed.include_usage:
+            yield _sse(openai.usage_chunk(parsed, request_id, openai.usage_json(*totals)))
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self._expected is None:
+            return
+        got = request.headers.get("authorization", "").encode()
+        if not got:
+            raise ApiError(401, "this server requires 'Authorization: Bearer <token>'", "authentication_error",
+                           code="missing_api_key")
+        if not hmac.compare_digest(got, self._expected):
+            raise ApiError(401, "the bearer token is not valid", "authentication_error", code="invalid_api_key")
+
+    async def _json(self, request: Request) -> Any:
+        limit = self.gateway.config.max_message_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    async def _check_model(self, model: str) -> None:
+        await self.gateway.get_model_info(10.0)
+        if model != self.gateway.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves "
+                           f"'{self.gateway.model_name}'", param="model", code="model_not_found")
+
+    def _count(self, route: str, status: int) -> None:
+        self.gateway.metrics.http_requests.labels(route, str(status)).inc()
+
+    def _fail(self, route: str, err: ApiError) -> JSONResponse:
+        self._count(route, err.status)
+        return _error_response(err)
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return _error_response(ApiError(404, f"no route {request.url.path}", code="not_found"))
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                                        code="method_not_allowed"))
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Run `work` (a coroutine) unless the client disconnects first: then cancel it (which cancels its decode
+    calls and frees their slots) and return None. Streaming responses get the same from Starlette."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
+
+
+def _usage(parsed: Parsed, choices: list[tuple[Choice, int]]) -> dict[str, Any]:
+    prompt = cached = completion = 0
+    for choice, _ in choices:
+        u = usage(choice.trace)
+        if choice.index % parsed.n == 0:
+            prompt += u.prompt_tokens
+            cached += u.cached_tokens
+        completion += u.completion_tokens
+    return openai.usage_json(prompt, cached, completion)

@@ -1,0 +1,296 @@
+"""The OpenAI API's request and response shapes: JSON bodies of /v1/completions and /v1/chat/completions checked
+and turned into PrefillRequests, completions turned back into OpenAI JSON, and errors in OpenAI's error shape.
+No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
+
+What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
+reports the chosen token's log-probability only), tools, response_format, logit_bias, penalties, echo,
+best_of, suffix. Extensions (vLLM's names): `top_k`, `ignore_eos`. Per-token strings of `logprobs`: decode sends
+text per chunk, not per token, so a chunk's text is given to its last token and the others get "" (the strings
+still concatenate to the output text).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdError, ResourceExhausted,
+                           Unauthenticated, Unavailable)
+from qwenpd.gateway.core import Choice, token_texts
+from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
+
+MAX_N = 16
+MAX_STOP = 4  # as OpenAI
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "echo",
+                "suffix", "audio", "modalities", "prediction")
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error: HTTP status, message, type, the offending parameter and a code."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error(exc: QwenpdError) -> ApiError:
+    """A backend or routing failure as the HTTP error a caller of the OpenAI API expects."""
+    if isinstance(exc, InvalidArgument):
+        return ApiError(400, exc.message, param=exc.field or None, code=exc.reason.lower())
+    if isinstance(exc, Unauthenticated):
+        return ApiError(401, exc.message, "authentication_error", code="invalid_api_key")
+    if isinstance(exc, ResourceExhausted):
+        return ApiError(429, exc.message, "rate_limit_error", code="queue_full",
+                        retry_after_s=exc.retry_after_s if exc.retry_after_s is not None else 1.0)
+    if isinstance(exc, Unavailable):
+        return ApiError(503, exc.message, "service_unavailable", code="no_backend",
+                        retry_after_s=exc.retry_after_s)
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, exc.message, "timeout", code="deadline_exceeded")
+    if isinstance(exc, Cancelled):
+        return ApiError(499, exc.message, "cancelled", code="cancelled")
+    return ApiError(500, exc.message, "server_error", code=exc.status.lower())
+
+
+# ---- requests ----------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Parsed:
+    """A checked request: one PrefillRequest per prompt, n completions of each."""
+
+    chat: bool
+    model: str
+    prompts: list[prefill_pb2.PrefillRequest]
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds:  # JSON true is not a number
+        raise ApiError(400, f"'{name}' must be {_kind_names(kinds)}, got a boolean", param=name)
+    if not isinstance(value, kinds):
+        raise ApiError(400, f"'{name}' must be {_kind_names(kinds)}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+             dict: "an object"}
+    return " or ".join(dict.fromkeys(names[k] for k in kinds))
+
+
+def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
+    s = common_pb2.SamplingParams()
+    temperature = _get(body, "temperature", (int, float))
+    if temperature is not None:
+        if not 0 <= temperature <= 2:
+            raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+        s.temperature = float(temperature)
+    top_p = _get(body, "top_p", (int, float))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+        s.top_p = float(top_p)
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, name, (int,))
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", param=name)
+        s.max_tokens = max_tokens
+    seed = _get(body, "seed", (int,))
+    if seed is not None:
+        s.seed = seed & ((1 << 63) - 1)  # OpenAI allows negative seeds; ours are unsigned
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+            raise ApiError(400, "'stop' must be a non-empty string or an array of them", param="stop")
+        if len(stops) > MAX_STOP:
+            raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
+        s.stop.extend(stops)
+    # extensions beside OpenAI's parameters (as vLLM names them)
+    top_k = _get(body, "top_k", (int,), 0)
+    if top_k < 0:
+        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
+    s.top_k = top_k
+    s.ignore_eos = _get(body, "ignore_eos", (bool,), False)
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if _get(body, penalty, (int, float), 0) != 0:
+            raise ApiError(400, f"'{penalty}' is not supported (only 0)", param=penalty)
+    return s
+
+
+def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int, bool, bool]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _get(body, "model", (str,))
+    if not model:
+        raise ApiError(400, "'model' is required", param="model")
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, False, [], {}):
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name)
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise ApiError(400, "'response_format' is not supported by this server", param="response_format")
+    n = _get(body, "n", (int,), 1)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    if _get(body, "best_of", (int,), n) != n:
+        raise ApiError(400, "'best_of' is not supported (only equal to n)", param="best_of")
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    include_usage = bool(options.get("include_usage", False))
+    if options and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    return model, _sampling(body, chat), n, stream, include_usage
+
+
+def _salt(body: dict, header_salt: str | None) -> str | None:
+    if header_salt:
+        return header_salt
+    return _get(body, "user", (str,)) or None
+
+
+def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
+    model, sampling, n, stream, include_usage = _common(body, chat=False)
+    logprobs = _get(body, "logprobs", (int,))
+    if logprobs is not None and logprobs != 0:
+        raise ApiError(400, "'logprobs' > 0 asks for top log-probabilities, which this server cannot return; use "
+                       "logprobs=0 for the chosen tokens' log-probabilities", param="logprobs")
+    prompt = body.get("prompt")
+    prompts: list[Any]
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, (str, list)) for x in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "'prompt' must be a string, an array of token ids, or an array of those", param="prompt")
+    salt = _salt(body, header_salt)
+    out = []
+    for p in prompts:
+        req = prefill_pb2.PrefillRequest(sampling=sampling)
+        if isinstance(p, str):
+            if not p:
+                raise ApiError(400, "'prompt' is empty", param="prompt")
+            req.text = p
+        elif p and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in p):
+            req.token_ids.ids.extend(p)
+        else:
+            raise ApiError(400, "'prompt' token arrays must hold non-negative integers", param="prompt")
+        if salt is not None:
+            req.cache_salt = salt
+        out.append(req)
+    return Parsed(False, model, out, n, stream, include_usage, logprobs is not None)
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, "only text content parts are supported", param=f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, "'content' must be a string or an array of text parts", param=f"messages[{i}].content")
+
+
+def parse_chat(body: Any, header_salt: str | None = None) -> Parsed:
+    model, sampling, n, stream, include_usage = _common(body, chat=True)
+    logprobs = _get(body, "logprobs", (bool,), False)
+    top = _get(body, "top_logprobs", (int,), 0)
+    if top:
+        raise ApiError(400, "'top_logprobs' is not supported: the decode service reports only the chosen token's "
+                       "log-probability (use logprobs: true without top_logprobs)", param="top_logprobs")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    chat = prefill_pb2.Chat()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
+        role = "system" if m["role"] == "developer" else m["role"]
+        chat.messages.append(common_pb2.ChatMessage(role=role, content=_content(m, i)))
+    req = prefill_pb2.PrefillRequest(sampling=sampling, chat=chat)
+    salt = _salt(body, header_salt)
+    if salt is not None:
+        req.cache_salt = salt
+    return Parsed(True, model, [req], n, stream, include_usage, logprobs)
+
+
+# ---- responses ---------------------------------------------------------------------------------------------------
+def _logprobs(p: Parsed, texts: list[str], logprobs: list[float]) -> Any:
+    if not p.logprobs:
+        return None
+    if p.chat:
+        return {"content": [{"token": t, "logprob": _finite(lp), "bytes": list(t.encode()), "top_logprobs": []}
+                            for t, lp in zip(texts, logprobs)]}
+    offsets, at = [], 0
+    for t in texts:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": texts, "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": None,
+            "text_offset": offsets}
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no -inf
+
+
+def usage_json(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+    out = []
+    for c in choices:
+        text = "".join(c.text)
+        lp = _logprobs(p, c.token_texts, c.logprobs)
+        if p.chat:
+            out.append({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                        "finish_reason": c.finish_reason})
+        else:
+            out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {"id": request_id, "object": "chat.completion" if p.chat else "text_completion", "created": p.created,
+            "model": p.model, "choices": out, "usage": usage, "system_fingerprint": None}
+
+
+def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], text: str, logprobs: list[float],
+                 finish_reason: str | None, first: bool) -> dict[str, Any]:
+    lp = _logprobs(p, token_texts(token_ids, text), logprobs)
+    if p.chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        if finish_reason is not None and not text and not first:
+            delta = {}
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+    else:
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+    out = {"id": request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
+           "created": p.created, "model": p.model, "choices": [choice]}
+    if p.include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(p: Parsed, request_id: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
+            "created": p.created, "model": p.model, "choices": [], "usage": usage}

@@ -1,0 +1,118 @@
+"""`qwenpd serve all` as a supervisor: it hands each child its real config object (as JSON), starts a gateway in
+front, and restarts a crashed child in place, so a stream through the gateway completes as if nothing happened."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from qwenpd.cache_store.config import CacheStoreConfig
+from qwenpd.decode_service.config import DecodeConfig
+from qwenpd.gateway.config import GatewayConfig
+from qwenpd.limits import Limits
+from qwenpd.prefill_service.config import PrefillConfig
+from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from qwenpd.supervisor import ServiceSet, config_from_json, config_to_json
+from tests.services.conftest import pid_alive, segments, start_serve_all, stop_serve_all
+
+
+def test_configs_travel_to_children_unchanged(tiny_model_dir):
+    model = str(tiny_model_dir)
+    for config in (CacheStoreConfig(store_id="x1", budget_bytes=1 << 30),
+                   PrefillConfig(model_dir=model, cache="127.0.0.1:5", chunk_size=64, threads=2,
+                                 limits=Limits(max_new_tokens=99), prefix_cache=False),
+                   DecodeConfig(model_dir=model, cache="127.0.0.1:5", max_batch=3),
+                   GatewayConfig(prefill=("a:1", "b:2"), decode=("c:3",), http_listen="127.0.0.1:0")):
+        assert config_from_json(config_to_json(config)) == config
+
+
+def test_build_routes_each_option_to_the_configs_that_have_it(tiny_model_dir):
+    s = ServiceSet.build(str(tiny_model_dir), gateway=True, threads=2, max_batch=4, store_id="abc",
+                         grace_s=1.0, metrics_port=9000)
+    assert (s.prefill_config.threads, s.decode_config.threads, s.decode_config.max_batch) == (2, 2, 4)
+    assert s.cache_config.store_id == "abc"
+    assert {c.grace_s for c in (s.cache_config, s.prefill_config, s.decode_config, s.gateway_config)} == {1.0}
+    assert [c.metrics_port for c in (s.cache_config, s.prefill_config, s.decode_config, s.gateway_config)] == \
+        [9000, 9001, 9002, 9003] and s.metrics_port == 9004
+    with pytest.raises(TypeError):
+        ServiceSet.build(str(tiny_model_dir), no_such_option=1)
+
+
+def _free_ports(n: int) -> int:
+    """A base port with n free ports after it."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+def test_kill9_of_the_decode_child_is_restarted_and_the_stream_completes(tiny_model_dir, tmp_path):
+    metrics = _free_ports(5)
+    s = start_serve_all(tiny_model_dir, tmp_path, f"sup{os.getpid()}", "--metrics-port", str(metrics))
+    try:
+        assert s.gateway and s.http
+        request = generate_pb2.GenerateRequest(text="The supervised prompt", sampling=common_pb2.SamplingParams(
+            temperature=0.9, seed=3, max_tokens=600, ignore_eos=True))
+        with grpc.insecure_channel(s.gateway) as ch:
+            stub = generate_pb2_grpc.GenerateServiceStub(ch)
+            ref = list(stub.Generate(request, timeout=60))
+            got = []
+            for i, chunk in enumerate(stub.Generate(request, timeout=60)):
+                got.append(chunk)
+                if i == 3:
+                    os.kill(s.children["decode"], signal.SIGKILL)
+        assert [t for c in got for t in c.token_ids] == [t for c in ref for t in c.token_ids]
+        assert "".join(c.text for c in got) == "".join(c.text for c in ref)
+        assert got[-1].timings.resumes == 1
+        ready = json.loads((tmp_path / f"sup{os.getpid()}.json").read_text())
+        assert ready["decode"] == s.decode and ready["children"]["decode"] != s.children["decode"]
+        assert pid_alive(ready["children"]["decode"]) and s.proc.poll() is None
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics + 4}/metrics", timeout=10).read().decode()
+        assert 'qwenpd_child_restarts_total{role="decode"} 1.0' in scrape
+        gateway_metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics + 3}/metrics", timeout=10).read()
+        assert b"qwenpd_gateway_resumes_total 1.0" in gateway_metrics
+        s.children = ready["children"]
+        os.kill(s.children["cache store"], signal.SIGKILL)  # restarted in place, reclaims its orphans
+        short = generate_pb2.GenerateRequest(text="after the store", sampling=common_pb2.SamplingParams(
+            temperature=0, max_tokens=5, ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with grpc.insecure_channel(s.gateway) as ch:
+                    stub = generate_pb2_grpc.GenerateServiceStub(ch)
+                    assert sum(len(c.token_ids) for c in stub.Generate(short, timeout=30)) == 5
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "nothing served after the cache store restart"
+                time.sleep(0.5)
+        ready = json.loads((tmp_path / f"sup{os.getpid()}.json").read_text())
+        assert ready["cache"] == s.cache and ready["children"]["cache store"] != s.children["cache store"]
+        s.children = ready["children"]
+    finally:
+        assert stop_serve_all(s) == 0
+    assert not any(pid_alive(p) for p in s.children.values())
+    time.sleep(0.1)
+    assert segments(s.store_id) == []

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, unary, with_seed
-from qwenpd.clients.routing import Pool
+from qwenpd.clients.routing import BackendPool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
 from qwenpd.security import Security
@@ -94,8 +94,8 @@ class AsyncClient:
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes)]
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self.dispatcher = Dispatcher(Pool(prefill if isinstance(prefill, str) else list(prefill), "prefill"),
-                                     Pool(decode if isinstance(decode, str) else list(decode), "decode"),
+        self.dispatcher = Dispatcher(BackendPool(prefill if isinstance(prefill, str) else list(prefill), "prefill"),
+                                     BackendPool(decode if isinstance(decode, str) else list(decode), "decode"),
                                      self._channel)
 
     # resume policy (clients.dispatch.Dispatcher): how often, how long to wait for a decode address

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from qwenpd.clients.routing import Backend, Pool
+from qwenpd.clients.routing import Backend, BackendPool
 from qwenpd.errors import DeadlineExceeded, QwenpdError, Unavailable
 from qwenpd.grpc_status import from_rpc_error
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -98,7 +98,7 @@ class Dispatcher:
     resume_wait_s = 15.0  # how long a broken stream waits for some decode address to answer (e.g. a restart)
     resume_poll_s = 0.2  # between those checks
 
-    def __init__(self, prefill: Pool, decode: Pool, channel: Callable[[str], grpc.aio.Channel], *,
+    def __init__(self, prefill: BackendPool, decode: BackendPool, channel: Callable[[str], grpc.aio.Channel], *,
                  poll_load: bool = True, eject: bool = False):
         self.prefill_pool = prefill
         self.decode_pool = decode
@@ -137,7 +137,7 @@ class Dispatcher:
         last: QwenpdError | None = None
         for backend in self.prefill_pool.ranked():
             stub = prefill_pb2_grpc.PrefillServiceStub(self._channel(backend.address))
-            Pool.started(backend)
+            BackendPool.started(backend)
             ok = False
             try:
                 response = await unary(stub.Prefill(request, timeout=timeout))
@@ -147,7 +147,7 @@ class Dispatcher:
                 last = exc
                 self._failed(backend, "prefill", exc)
             finally:
-                Pool.finished(backend, ok)
+                BackendPool.finished(backend, ok)
         assert last is not None
         raise last
 
@@ -158,7 +158,7 @@ class Dispatcher:
         for backend in await self._ranked_decode(timeout):
             stub = decode_pb2_grpc.DecodeServiceStub(self._channel(backend.address))
             call = stub.Decode(request, timeout=timeout)
-            Pool.started(backend)
+            BackendPool.started(backend)
             received = ok = False
             try:
                 async for pb in call:
@@ -180,7 +180,7 @@ class Dispatcher:
                 last = exc  # nothing streamed yet: another decode instance can take the checkpoint
             finally:
                 call.cancel()  # no-op when finished; frees the slot when the caller stopped early
-                Pool.finished(backend, ok or received)
+                BackendPool.finished(backend, ok or received)
         assert last is not None
         raise last
 
@@ -235,7 +235,7 @@ class Dispatcher:
     def _set_up(self, backend: Backend, kind: str, up: bool, why: str = "") -> None:
         if not self.eject:
             return
-        if Pool.set_up(backend, up):
+        if BackendPool.set_up(backend, up):
             self.on_health(backend, kind, why)
 
     def _failed(self, backend: Backend, kind: str, error: QwenpdError) -> None:

@@ -28,7 +28,7 @@ class Backend:
     slow_checks: int = 0  # consecutive health checks that timed out
 
 
-class Pool:
+class BackendPool:
     """The addresses of one service kind and their load as this process sees it."""
 
     def __init__(self, addresses: str | list[str] | tuple[str, ...], kind: str, max_in_flight: int = 0):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, unary, with_seed
-from qwenpd.clients.routing import Backend, Pool
+from qwenpd.clients.routing import Backend, BackendPool
 from qwenpd.gateway.config import GatewayConfig
 from qwenpd.gateway.metrics import GatewayMetrics
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -52,8 +52,8 @@ class Gateway:
         self._options = [("grpc.max_receive_message_length", config.max_message_bytes),
                          ("grpc.max_send_message_length", config.max_message_bytes)]
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self.dispatcher = Dispatcher(Pool(list(config.prefill), "prefill", config.max_in_flight_prefill),
-                                     Pool(list(config.decode), "decode", config.max_in_flight_decode),
+        self.dispatcher = Dispatcher(BackendPool(list(config.prefill), "prefill", config.max_in_flight_prefill),
+                                     BackendPool(list(config.decode), "decode", config.max_in_flight_decode),
                                      self._channel, poll_load=False, eject=True)
         self.dispatcher.resume_wait_s = config.resume_wait_s
         self.dispatcher.on_health = self._on_health

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from qwenpd.clients.routing import Pool
+from qwenpd.clients.routing import BackendPool
 from qwenpd.decode_service.scheduler import Scheduler
 from qwenpd.engine.sampling import SamplingParams
 from qwenpd.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, ResourceExhausted
@@ -118,21 +118,21 @@ def test_job_check_raises_on_cancel_and_deadline():
 
 # ---- routing -------------------------------------------------------------------------------------------------------
 def test_pool_prefers_least_loaded_then_rotates():
-    p = Pool(["a", "b", "c"], "decode")
+    p = BackendPool(["a", "b", "c"], "decode")
     a, b, c = p.backends
     p.report(a, active=4, queued=0, max_batch=8)
     p.report(b, active=1, queued=0, max_batch=8)
     p.report(c, active=1, queued=0, max_batch=8)
     first = {p.ranked()[0].address for _ in range(4)}
     assert first == {"b", "c"}  # tie between b and c shared round-robin, a never first
-    Pool.started(b)
-    Pool.finished(b, ok=False)  # a failing backend ranks last
+    BackendPool.started(b)
+    BackendPool.finished(b, ok=False)  # a failing backend ranks last
     assert p.ranked()[-1] is b
-    q = Pool("x", "prefill")
-    Pool.started(q.backends[0])
+    q = BackendPool("x", "prefill")
+    BackendPool.started(q.backends[0])
     assert q.backends[0].in_flight == 1
     with pytest.raises(ValueError):
-        Pool([], "prefill")
+        BackendPool([], "prefill")
 
 
 # ---- hand-off record -----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qwenpd.clients.dispatch import Trace
-from qwenpd.clients.routing import Pool
+from qwenpd.clients.routing import BackendPool
 from qwenpd.errors import ResourceExhausted, Unavailable
 from qwenpd.gateway.core import Choice, collect, token_texts
 from qwenpd.clients.dispatch import Chunk
@@ -14,26 +14,26 @@ from qwenpd.gateway.openai import ApiError, api_error, parse_chat, parse_complet
 
 
 def test_ejected_backends_are_skipped_until_readmitted():
-    p = Pool(["a", "b"], "decode")
+    p = BackendPool(["a", "b"], "decode")
     a, b = p.backends
-    assert Pool.set_up(a, False) and not Pool.set_up(a, False)
+    assert BackendPool.set_up(a, False) and not BackendPool.set_up(a, False)
     assert p.ranked() == [b]
-    Pool.set_up(b, False)
+    BackendPool.set_up(b, False)
     with pytest.raises(Unavailable):
         p.ranked()
-    assert Pool.set_up(a, True)
+    assert BackendPool.set_up(a, True)
     assert p.ranked() == [a] and p.up_count() == 1
 
 
 def test_in_flight_bound_refuses_with_resource_exhausted():
-    p = Pool(["a", "b"], "prefill", max_in_flight=1)
-    Pool.started(p.backends[0])
+    p = BackendPool(["a", "b"], "prefill", max_in_flight=1)
+    BackendPool.started(p.backends[0])
     assert p.ranked() == [p.backends[1]]
-    Pool.started(p.backends[1])
+    BackendPool.started(p.backends[1])
     with pytest.raises(ResourceExhausted) as err:
         p.ranked()
     assert err.value.retry_after_s
-    Pool.finished(p.backends[0], ok=True)
+    BackendPool.finished(p.backends[0], ok=True)
     assert p.ranked() == [p.backends[0]]
 
 

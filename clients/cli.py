@@ -59,6 +59,9 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-port", type=int, default=0)
     p.add_argument("--decode-port", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    for role in ("prefill", "decode"):
+        p.add_argument(f"--{role}-device", default="cpu", help=f"torch device of {role} (default cpu)")
+        p.add_argument(f"--{role}-cores", default=None, metavar="LIST", help=f"NeuronCores of {role}, e.g. 0-3")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")
@@ -130,19 +133,25 @@ def cmd_serve_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_prefill(args: argparse.Namespace) -> int:
+    from qwenpd.engine.device import set_neuron_cores
     from qwenpd.prefill_service.config import config_from_args
     from qwenpd.prefill_service.server import serve
 
     _logging(args)
-    return serve(config_from_args(args), _ready("prefill", args.ready_file))
+    config = config_from_args(args)
+    set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
+    return serve(config, _ready("prefill", args.ready_file))
 
 
 def cmd_serve_decode(args: argparse.Namespace) -> int:
+    from qwenpd.engine.device import set_neuron_cores
     from qwenpd.decode_service.config import config_from_args
     from qwenpd.decode_service.server import serve
 
     _logging(args)
-    return serve(config_from_args(args), _ready("decode", args.ready_file))
+    config = config_from_args(args)
+    set_neuron_cores(config.neuron_cores)
+    return serve(config, _ready("decode", args.ready_file))
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:

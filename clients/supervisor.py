@@ -79,6 +79,10 @@ class ServiceSet:
     prefill_port: int = 0
     decode_port: int = 0
     dtype: str = "auto"
+    prefill_device: str = "cpu"
+    decode_device: str = "cpu"
+    prefill_cores: str | None = None  # NeuronCores of each (trn2: disjoint sets on one host)
+    decode_cores: str | None = None
     chunk_size: int = 512
     max_batch: int = 32
     threads: int | None = None
@@ -110,7 +114,9 @@ class ServiceSet:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServiceSet":
         return cls(model=args.model, host=args.host, cache_port=args.cache_port, prefill_port=args.prefill_port,
-                   decode_port=args.decode_port, dtype=args.dtype, chunk_size=args.chunk_size,
+                   decode_port=args.decode_port, dtype=args.dtype, prefill_device=args.prefill_device,
+                   decode_device=args.decode_device, prefill_cores=args.prefill_cores,
+                   decode_cores=args.decode_cores, chunk_size=args.chunk_size,
                    max_batch=args.max_batch, threads=args.threads, budget=args.budget, store_id=args.store_id,
                    start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level,
                    block_size=args.block_size, snapshot_interval=args.snapshot_interval,
@@ -155,6 +161,9 @@ class ServiceSet:
         flags = ["--block-size", str(self.block_size), "--snapshot-interval", str(self.snapshot_interval)]
         return flags if self.prefix_cache else [*flags, "--no-prefix-cache"]
 
+    def _device_flags(self, device: str, cores: str | None) -> list[str]:
+        return ["--device", device, *(["--neuron-cores", cores] if cores else [])]
+
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="qwenpd-serve-")
         tmp = Path(self._tmp.name)
@@ -175,11 +184,13 @@ class ServiceSet:
                 model += ["--threads", str(self.threads)]
             self.children += [
                 Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port, self.prefill_host),
-                                  *model, "--chunk-size", str(self.chunk_size), *self._prefix_flags(),
+                                  *model, *self._device_flags(self.prefill_device, self.prefill_cores),
+                                  "--chunk-size", str(self.chunk_size), *self._prefix_flags(),
                                   "--max-queue", str(self.prefill_max_queue), *self._metrics_flags(1)],
                       tmp / "prefill.json", netns=self.prefill_netns),
                 Child("decode", ["serve", "decode", "--listen", self._listen(self.decode_port, self.decode_host),
-                                 *model, "--max-batch", str(self.max_batch), "--max-queue",
+                                 *model, *self._device_flags(self.decode_device, self.decode_cores),
+                                 "--max-batch", str(self.max_batch), "--max-queue",
                                  str(self.decode_max_queue), *self._metrics_flags(2)], tmp / "decode.json",
                       netns=self.decode_netns),
             ]

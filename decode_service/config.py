@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from qwenpd.prefill_service.config import DTYPE_CHOICES, add_hardening_args, check_model_service, check_service_limits
+from qwenpd.prefill_service.config import (DTYPE_CHOICES, add_device_args, add_hardening_args, check_model_service,
+                                           check_service_limits)
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits
@@ -15,7 +16,8 @@ from qwenpd.security import Security
 @dataclass(slots=True)
 class DecodeConfig:
     """model_dir: HF-format checkpoint (the same model as prefill's: checkpoints of another are refused).
-    listen: HOST:PORT (port 0 = any free port). cache: cache store address. max_batch: sequences stepped
+    listen: HOST:PORT (port 0 = any free port). cache: cache store address. device: torch device of the engine;
+    neuron_cores: NeuronCores visible to this process (e.g. '4-7'). max_batch: sequences stepped
     together. max_queue: sequences that may wait for a slot. default_max_tokens: max_tokens when a request
     overrides sampling without giving it. limits: what one request may ask for (sampling overrides, message
     size). security: TLS and bearer token of this server and of its cache-store connection. metrics_port:
@@ -25,6 +27,8 @@ class DecodeConfig:
     cache: str
     listen: str = "127.0.0.1:0"
     dtype: str = "auto"
+    device: str = "cpu"
+    neuron_cores: str | None = None
     max_batch: int = 32
     max_queue: int = 256
     threads: int | None = None
@@ -47,6 +51,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0 = any free port)")
     p.add_argument("--cache", required=True, help="cache store address HOST:PORT")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    add_device_args(p)
     p.add_argument("--max-batch", type=int, default=32, help="sequences stepped together (default 32)")
     p.add_argument("--max-queue", type=int, default=256, help="sequences that may wait for a slot (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -57,6 +62,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
+                        device=args.device, neuron_cores=args.neuron_cores,
                         max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
                         default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                         limits=limits_mod.from_args(args), security=security_mod.from_args(args),

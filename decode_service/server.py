@@ -22,7 +22,8 @@ async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | Non
     async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
         servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, dtype=config.dtype,
-                                                                threads=config.threads), metrics)
+                                                                threads=config.threads, device=config.device),
+                                  metrics)
         try:
             engine = await servicer.start()
             host, port = split_address(config.listen)

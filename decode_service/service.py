@@ -137,7 +137,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
         seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
-            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype), guard=guard,
+            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype, e.device), guard=guard,
             sampler=Sampler.resumed(params, handoff.sampler_draws),
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,

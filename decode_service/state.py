@@ -13,7 +13,7 @@ EXTRA_CAPACITY = 64  # KV room for generated tokens before the first regrowth
 
 
 def state_from_checkpoint(config: ModelConfig, tensors: Mapping[str, torch.Tensor], num_tokens: int,
-                          dtype: torch.dtype) -> HybridState:
+                          dtype: torch.dtype, device: torch.device | str = "cpu") -> HybridState:
     """The state of a checked checkpoint (names, shapes and dtypes already verified by the reader).
 
     KV is copied once into fresh buffers with room to grow (no zero fill: positions past num_tokens are never
@@ -25,7 +25,7 @@ def state_from_checkpoint(config: ModelConfig, tensors: Mapping[str, torch.Tenso
     for layer in config.attention_layers:
         for out, kind in ((keys, "k"), (values, "v")):
             src = tensors[f"layers.{layer}.{kind}"]  # [Hkv, T, D]
-            buf = torch.empty(src.shape[0], cap, src.shape[2], dtype=dtype)
+            buf = torch.empty(src.shape[0], cap, src.shape[2], dtype=dtype, device=device)
             buf[:, :num_tokens].copy_(src)
             out.append(buf)
     conv = [tensors[f"layers.{layer}.conv"] for layer in config.linear_layers]

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.device import resolve_device
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.state import HybridState
 from qwenpd.engine.tokenizer import Tokenizer
@@ -19,12 +20,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family."""
+    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device."""
 
     model_dir: str
     dtype: str = "auto"
     threads: int | None = None
     deltanet_kernels: str = "torch"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -33,14 +35,18 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.deltanet_kernels not in ("torch", "nki"):
             raise ValueError(f"deltanet_kernels must be 'torch' or 'nki', got {self.deltanet_kernels!r}")
+        resolve_device(self.device)
 
 
 class Engine:
-    """A Qwen3.5/3.6 hybrid model ready to prefill and decode on CPU (or CUDA) with PyTorch."""
+    """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
+
+    Weights, KV, DeltaNet state and logits live on `self.device`; only token ids cross to and from the host."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
-                 deltanet_kernels: str = "torch"):
-        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels)
+                 deltanet_kernels: str = "torch", device: str = "cpu"):
+        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device))
+        self.device = resolve_device(device)
         if threads is not None:
             torch.set_num_threads(threads)
         self.config = ModelConfig.from_pretrained(model_dir)
@@ -49,6 +55,7 @@ class Engine:
             raise ValueError(f"checkpoint dtype {name!r} is not supported; pass --dtype float32 or bfloat16")
         self.dtype = DTYPES[name]
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype)
+        weights = {name: t.to(self.device) for name, t in weights.items()}
         self.model = HybridModel(self.config, weights, DeltaNetKernels.named(deltanet_kernels))
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
@@ -58,7 +65,7 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
 
     def new_state(self) -> HybridState:
-        return HybridState.empty(self.config, self.dtype)
+        return HybridState.empty(self.config, self.dtype, self.device)
 
     def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
         """Raise ValueError for ids outside the vocabulary or a context past max_position_embeddings."""
@@ -85,7 +92,7 @@ class Engine:
             raise ValueError("prefill needs at least one token")
         state = state if state is not None else self.new_state()
         self.check_tokens(token_ids, state.num_tokens)
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        ids = list(token_ids)
         start = state.num_tokens
         logits = None
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
@@ -99,7 +106,7 @@ class Engine:
         """Logits [T, V] for every position of a fresh sequence (one chunk; for tests and scoring)."""
         state = self.new_state()
         self.check_tokens(token_ids)
-        return self.model.prefill_chunk(torch.as_tensor(list(token_ids)), state, all_logits=True)
+        return self.model.prefill_chunk(list(token_ids), state, all_logits=True)
 
     def decode(self, states: list[HybridState], token_ids: Sequence[int]) -> torch.Tensor:
         """One step for a batch of independent states (stacks their DeltaNet state for this call only).
@@ -136,14 +143,14 @@ class DecodeBatch:
     def __init__(self, engine: Engine, max_batch: int):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        c, dt = engine.config, engine.dtype
+        c, dt, dev = engine.config, engine.dtype, engine.device
         self.engine = engine
         self.max_batch = max_batch
         n_lin = len(c.linear_layers)
-        self.conv = [torch.zeros(max_batch, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt)
+        self.conv = [torch.zeros(max_batch, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt, device=dev)
                      for _ in range(n_lin)]
         self.recurrent = [torch.zeros(max_batch, c.linear_num_value_heads, c.linear_key_head_dim,
-                                      c.linear_value_head_dim, dtype=torch.float32) for _ in range(n_lin)]
+                                      c.linear_value_head_dim, dtype=torch.float32, device=dev) for _ in range(n_lin)]
         self.states: list[HybridState] = []
 
     def __len__(self) -> int:
@@ -198,6 +205,5 @@ class DecodeBatch:
         if longest + 1 > limit:  # one check for the whole batch: only the longest sequence can overflow
             raise ValueError(f"context of {longest + 1} tokens exceeds the model's maximum {limit}")
         self.engine.check_tokens(token_ids)
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-        return self.engine.model.decode_step(ids, self.states, [c[:b] for c in self.conv],
+        return self.engine.model.decode_step(list(token_ids), self.states, [c[:b] for c in self.conv],
                                              [r[:b] for r in self.recurrent])

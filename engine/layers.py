@@ -57,10 +57,11 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
 class Rotary:
     """Partial rotary embedding on the first `rotary_dim` dims of each head (text mRoPE == plain RoPE)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, device: torch.device):
         dim = config.rotary_dim
         self.dim = dim
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        steps = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N] -> cos, sin [N, rotary_dim] in `dtype` (computed in fp32 like transformers)."""
@@ -177,7 +178,7 @@ class AttentionMixer:
     def prefill(self, x: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int) -> torch.Tensor:
         """x [T, H]; k_buf/v_buf [Hkv, capacity, D] receive this chunk's K/V at [start, start+T)."""
         t = x.shape[0]
-        positions = torch.arange(start, start + t)
+        positions = torch.arange(start, start + t, device=x.device)
         q, gate, k, v = self._qkv(x, positions)
         k_buf[:, start:start + t] = k.transpose(0, 1)
         v_buf[:, start:start + t] = v.transpose(0, 1)
@@ -185,22 +186,22 @@ class AttentionMixer:
         if start == 0:
             mask, causal = None, True
         else:  # queries sit at the end of the key range: key j visible to query i iff j <= start + i
-            mask = torch.arange(start + t)[None, :] <= positions[:, None]
+            mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None]
             causal = False
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                            is_causal=causal, scale=self.scale, enable_gqa=True)
         o = o[0].transpose(0, 1).reshape(t, -1)
         return self.o_proj(o * torch.sigmoid(gate))
 
-    def decode(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor
+    def decode(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]
                ) -> torch.Tensor:
         """x [B, H]; kv[b] = (k_buf, v_buf) [Hkv, capacity, D] of sequence b, written at positions[b]."""
         c = self.c
-        q, gate, k, v = self._qkv(x, positions)
+        q, gate, k, v = self._qkv(x, torch.tensor(positions, device=x.device))
         group = c.num_attention_heads // c.num_key_value_heads
         outs = []
         for b, (k_buf, v_buf) in enumerate(kv):
-            pos = int(positions[b])
+            pos = positions[b]
             k_buf[:, pos] = k[b]
             v_buf[:, pos] = v[b]
             # one query per KV head group; small matmuls run faster (and more exactly) in fp32 than in bf16

@@ -58,7 +58,8 @@ class HybridModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], kernels: DeltaNetKernels):
         self.config = config
         self.kernels = kernels
-        rotary = Rotary(config)
+        self.device = weights["embed_tokens.weight"].device
+        rotary = Rotary(config, self.device)
         self.embed = weights["embed_tokens.weight"]
         self.lm_head = Linear(weights["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"])
         self.final_norm = 1.0 + weights["norm.weight"].float()
@@ -76,13 +77,14 @@ class HybridModel:
         return self.lm_head(h).float()
 
     @torch.inference_mode()
-    def prefill_chunk(self, token_ids: torch.Tensor, state: HybridState, all_logits: bool = False
+    def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False
                       ) -> torch.Tensor:
-        """Consume token_ids [T] into `state` (in place). Returns logits of the last token [V] (or all [T, V])."""
-        t = token_ids.numel()
+        """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (or all
+        [T, V])."""
+        t = len(token_ids)
         start = state.num_tokens
         state.reserve(start + t)
-        x = self.embed[token_ids]
+        x = self.embed[torch.tensor(token_ids, dtype=torch.long, device=self.device)]
         for blk in self.blocks:
             h = rms_norm(x, blk.in_norm, blk.eps)
             j = self.slot[blk.index]
@@ -92,18 +94,18 @@ class HybridModel:
                 mixed = blk.mixer.prefill(h, state.keys[j], state.values[j], start)
             x = blk.finish(x, mixed)
         state.num_tokens = start + t
-        state.token_ids.extend(token_ids.tolist())
+        state.token_ids.extend(token_ids)
         return self.logits(x) if all_logits else self.logits(x[-1:])[0]
 
     @torch.inference_mode()
-    def decode_step(self, token_ids: torch.Tensor, states: list[HybridState], conv: list[torch.Tensor],
+    def decode_step(self, token_ids: list[int], states: list[HybridState], conv: list[torch.Tensor],
                     recurrent: list[torch.Tensor]) -> torch.Tensor:
-        """One token for each of B sequences: token_ids [B]; conv[j] [B, D, W-1] and recurrent[j] [B, Hv, dk, dv]
+        """One token for each of B sequences: token_ids (B host ints); conv[j] [B, D, W-1] and recurrent[j] [B, Hv, dk, dv]
         are the batch's stacked DeltaNet states (updated in place). KV lives in each state. Returns logits [B, V]."""
-        positions = torch.tensor([s.num_tokens for s in states])
+        positions = [s.num_tokens for s in states]
         for s in states:
             s.reserve(s.num_tokens + 1)
-        x = self.embed[token_ids]
+        x = self.embed[torch.tensor(token_ids, dtype=torch.long, device=self.device)]
         for blk in self.blocks:
             h = rms_norm(x, blk.in_norm, blk.eps)
             j = self.slot[blk.index]
@@ -113,7 +115,7 @@ class HybridModel:
                 kv = [(s.keys[j], s.values[j]) for s in states]
                 mixed = blk.mixer.decode(h, kv, positions)
             x = blk.finish(x, mixed)
-        for s, tok in zip(states, token_ids.tolist()):
+        for s, tok in zip(states, token_ids):
             s.num_tokens += 1
             s.token_ids.append(tok)
         return self.logits(x)

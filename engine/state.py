@@ -70,21 +70,23 @@ class HybridState:
 
     # ---- (de)serialisation: flat name -> tensor, used by checkpoints --------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat, contiguous tensors named by absolute layer index ("layers.3.k", "layers.0.recurrent", ...)."""
+        """Flat, contiguous host tensors named by absolute layer index ("layers.3.k", "layers.0.recurrent", ...)."""
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.attention_layers):
             k, v = self.kv(j)
-            out[f"layers.{layer}.k"] = k.contiguous()
-            out[f"layers.{layer}.v"] = v.contiguous()
+            out[f"layers.{layer}.k"] = _host(k)
+            out[f"layers.{layer}.v"] = _host(v)
         for j, layer in enumerate(self.config.linear_layers):
-            out[f"layers.{layer}.conv"] = self.conv[j].contiguous()
-            out[f"layers.{layer}.recurrent"] = self.recurrent[j].contiguous()
+            out[f"layers.{layer}.conv"] = _host(self.conv[j])
+            out[f"layers.{layer}.recurrent"] = _host(self.recurrent[j])
         return out
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], num_tokens: int,
-                     dtype: torch.dtype, extra_capacity: int = _MIN_CAPACITY) -> "HybridState":
-        """Inverse of to_tensors; copies into fresh buffers with room to grow. Raises ValueError on mismatch."""
+                     dtype: torch.dtype, extra_capacity: int = _MIN_CAPACITY,
+                     device: torch.device | str = "cpu") -> "HybridState":
+        """Inverse of to_tensors; copies into fresh buffers on `device` with room to grow. Raises ValueError on
+        mismatch."""
         expected = expected_shapes(config, num_tokens)
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
@@ -97,7 +99,7 @@ class HybridState:
             want = torch.float32 if name.endswith(".recurrent") else dtype
             if t.dtype != want:
                 raise ValueError(f"state tensor {name} has dtype {t.dtype}, expected {want}")
-        state = cls.empty(config, dtype, capacity=max(_MIN_CAPACITY, num_tokens + extra_capacity))
+        state = cls.empty(config, dtype, device, capacity=max(_MIN_CAPACITY, num_tokens + extra_capacity))
         state.num_tokens = num_tokens
         for j, layer in enumerate(config.attention_layers):
             state.keys[j][:, :num_tokens] = tensors[f"layers.{layer}.k"]
@@ -114,22 +116,22 @@ class HybridState:
             raise ValueError(f"token range [{lo}, {hi}) outside the {self.num_tokens} consumed")
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.attention_layers):
-            out[f"layers.{layer}.k"] = self.keys[j][:, lo:hi].contiguous()
-            out[f"layers.{layer}.v"] = self.values[j][:, lo:hi].contiguous()
+            out[f"layers.{layer}.k"] = _host(self.keys[j][:, lo:hi])
+            out[f"layers.{layer}.v"] = _host(self.values[j][:, lo:hi])
         return out
 
     def deltanet_tensors(self) -> dict[str, torch.Tensor]:
         """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position."""
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.linear_layers):
-            out[f"layers.{layer}.conv"] = self.conv[j].clone()
-            out[f"layers.{layer}.recurrent"] = self.recurrent[j].clone()
+            out[f"layers.{layer}.conv"] = _host(self.conv[j], copy=True)
+            out[f"layers.{layer}.recurrent"] = _host(self.recurrent[j], copy=True)
         return out
 
     @classmethod
     def from_prefix(cls, config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],
                     snapshot: dict[str, torch.Tensor], num_tokens: int, dtype: torch.dtype,
-                    extra_capacity: int = 0) -> "HybridState":
+                    extra_capacity: int = 0, device: torch.device | str = "cpu") -> "HybridState":
         """A state restored from cached KV blocks (in prefix order) and the DeltaNet snapshot after the last
         of them, copied straight into fresh buffers. Raises ValueError on a mismatch with the model."""
         tensors = dict(snapshot)
@@ -140,12 +142,13 @@ class HybridState:
                     tensors[name] = torch.cat([b[name] for b in kv_blocks], dim=1)
                 except (KeyError, RuntimeError) as exc:
                     raise ValueError(f"cached KV blocks do not fit the model at {name}: {exc}") from None
-        return cls.from_tensors(config, tensors, num_tokens, dtype, extra_capacity=max(extra_capacity, 64))
+        return cls.from_tensors(config, tensors, num_tokens, dtype, extra_capacity=max(extra_capacity, 64),
+                                device=device)
 
     def clone(self) -> "HybridState":
         n = self.num_tokens
         cap = max(_MIN_CAPACITY, n + _MIN_CAPACITY)
-        keys = [torch.zeros(k.shape[0], cap, k.shape[2], dtype=k.dtype) for k in self.keys]
+        keys = [k.new_zeros(k.shape[0], cap, k.shape[2]) for k in self.keys]
         values = [torch.zeros_like(k) for k in keys]
         for dst, src in zip(keys + values, self.keys + self.values):
             dst[:, :n] = src[:, :n]
@@ -154,6 +157,13 @@ class HybridState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+
+def _host(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """A contiguous host copy for the checkpoint boundary (the cache store writes host memory); meta stays meta."""
+    if t.device.type in ("cpu", "meta"):
+        return t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
+    return t.to("cpu", memory_format=torch.contiguous_format)
 
 
 def expected_shapes(config: ModelConfig, num_tokens: int) -> dict[str, tuple[int, ...]]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenpd.cache_store.prefix import PrefixPolicy
+from qwenpd.engine.device import DEVICE_KINDS, parse_cores
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits
@@ -40,11 +41,16 @@ def check_model_service(cfg) -> None:
         raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
     if cfg.grace_s < 0:
         raise ValueError(f"grace_s must be >= 0, got {cfg.grace_s}")
+    if cfg.device.split(":", 1)[0] not in DEVICE_KINDS:
+        raise ValueError(f"device must be one of {DEVICE_KINDS}, got {cfg.device!r}")
+    if cfg.neuron_cores is not None:
+        parse_cores(cfg.neuron_cores)
 
 
 @dataclass(slots=True)
 class PrefillConfig:
     """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
+    device: torch device of the engine; neuron_cores: NeuronCores visible to this process (e.g. '0-3').
     chunk_size: prompt tokens per prefill chunk. max_queue: requests that may wait behind the running one.
     default_max_tokens: max_tokens when a request leaves it out. handoff_ttl_s: how long a checkpoint waits for
     its decode request (None = the store's default). limits: what one request may ask for. security: TLS and
@@ -54,6 +60,8 @@ class PrefillConfig:
     cache: str
     listen: str = "127.0.0.1:0"
     dtype: str = "auto"
+    device: str = "cpu"
+    neuron_cores: str | None = None
     chunk_size: int = 512
     max_queue: int = 64
     threads: int | None = None
@@ -92,6 +100,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0 = any free port)")
     p.add_argument("--cache", required=True, help="cache store address HOST:PORT")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    add_device_args(p)
     p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill chunk (default 512)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting behind the running one (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -108,6 +117,13 @@ def check_service_limits(default_max_tokens: int, limits: Limits, metrics_port: 
     if not 0 <= metrics_port <= 65535:
         raise ValueError(f"metrics_port must be in [0, 65535], got {metrics_port}")
     return min(default_max_tokens, limits.max_new_tokens)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --neuron-cores of a model-serving process (prefill, decode, generate)."""
+    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda[:N] | neuron (default cpu)")
+    p.add_argument("--neuron-cores", default=None, metavar="LIST",
+                   help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
 
 
 def add_hardening_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +144,7 @@ def add_prefix_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
     return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
+                         device=args.device, neuron_cores=args.neuron_cores,
                          chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
                          default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                          handoff_ttl_s=args.handoff_ttl, model_name=args.model_name, block_size=args.block_size,

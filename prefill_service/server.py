@@ -23,7 +23,7 @@ def warm_up(engine: Engine, chunk_size: int) -> None:
 
 
 def load_engine(config: PrefillConfig) -> Engine:
-    engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads)
+    engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads, device=config.device)
     if config.warmup:
         warm_up(engine, config.chunk_size)
     return engine

@@ -48,10 +48,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_remote(args)
     if not args.model:
         raise SystemExit("qwenpd generate: --model DIR is required (or --prefill ADDR --decode ADDR)")
+    from qwenpd.engine.device import set_neuron_cores
     from qwenpd.engine.engine import Engine
     from qwenpd.engine.generate import generate
 
-    engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels)
+    set_neuron_cores(args.neuron_cores)
+    engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels,
+                    device=args.device)
     if args.prompt_ids is not None:
         prompt_ids = args.prompt_ids
     elif args.prompt is not None:
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda[:N] | neuron (default cpu)")
+    p.add_argument("--neuron-cores", default=None, metavar="LIST",
+                   help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
     p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "nki"],
                    help="DeltaNet kernels: torch, or nki (NKI kernels; CPU emulator without the Neuron SDK)")
     p.add_argument("--cache-salt", default=None, help="prefix-cache isolation key (services only)")

@@ -43,3 +43,20 @@ def test_generate_reports_bad_input_clearly(tiny_model_dir):
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
     r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0")
     assert r.returncode == 2 and "top_p" in r.stderr
+
+
+def test_generate_on_explicit_cpu_device_with_neuron_cores(tiny_model_dir):
+    """--device cpu gives the default's tokens; --neuron-cores is accepted (it only sets the runtime's env)."""
+    base = ("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6,7", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos", "--json")
+    a = _qwenpd(*base)
+    b = _qwenpd(*base, "--device", "cpu", "--neuron-cores", "0-1")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout.splitlines()[-1])["token_ids"] == json.loads(b.stdout.splitlines()[-1])["token_ids"]
+
+
+def test_generate_refuses_unknown_device(tiny_model_dir):
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--device", "tpu")
+    assert r.returncode == 2 and "device must be one of" in r.stderr and "Traceback" not in r.stderr
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--neuron-cores", "3-1")
+    assert r.returncode == 2 and "runs backwards" in r.stderr

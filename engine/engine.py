@@ -14,6 +14,7 @@ from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.state import HybridState
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
+from qwenpd.kernels.ops import register_device_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +57,7 @@ class Engine:
         self.dtype = DTYPES[name]
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype)
         weights = {name: t.to(self.device) for name, t in weights.items()}
+        self.kernel_family = register_device_kernels(self.device.type) if deltanet_kernels == "torch" else "nki"
         self.model = HybridModel(self.config, weights, DeltaNetKernels.named(deltanet_kernels))
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.engine.config import ModelConfig
-from qwenpd.kernels import causal_conv1d, causal_conv1d_update
 
 
 def _onednn_packing_available() -> bool:
@@ -127,21 +126,23 @@ class DeltaNetMixer:
         o = gated_rms_norm(o, z, self.norm_weight, c.rms_norm_eps)
         return self.out_proj(o.flatten(-2))
 
-    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor,
-                kernels) -> torch.Tensor:
-        """x [T, H]; conv_state [D, W-1] and rec_state [Hv, dk, dv] (fp32) are updated in place."""
+    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H]; conv_state [D, W-1] and rec_state [Hv, dk, dv] (fp32) are updated in place. mask [T] bool
+        marks the real tokens (a prefix; padding leaves both states alone)."""
         mixed, z, beta, g = self._project(x)
-        mixed, new_conv = causal_conv1d(mixed[None], self.conv_weight, conv_state[None])
+        mask = None if mask is None else mask[None]
+        mixed, new_conv = kernels.conv(mixed[None], self.conv_weight, conv_state[None], mask)
         conv_state.copy_(new_conv[0])
         q, k, v = self._split_heads(mixed[0])
-        o, new_rec = kernels.chunk(q[None], k[None], v[None], g[None], beta[None], initial_state=rec_state[None])
+        o, new_rec = kernels.chunk(q[None], k[None], v[None], g[None], beta[None], rec_state[None], mask)
         rec_state.copy_(new_rec[0])
         return self._output(o[0], z)
 
     def decode(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels) -> torch.Tensor:
         """x [B, H]; conv_state [B, D, W-1] and rec_state [B, Hv, dk, dv] are updated in place."""
         mixed, z, beta, g = self._project(x)
-        mixed = causal_conv1d_update(mixed, self.conv_weight, conv_state)
+        mixed = kernels.conv_update(mixed, self.conv_weight, conv_state)
         q, k, v = self._split_heads(mixed)
         o = kernels.step(q, k, v, g, beta, rec_state)
         return self._output(o, z)

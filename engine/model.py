@@ -14,22 +14,29 @@ from qwenpd.engine.state import HybridState
 
 @dataclass(frozen=True, slots=True)
 class DeltaNetKernels:
-    """Which implementation of the gated delta rule the DeltaNet layers call (same shapes either way)."""
+    """What the DeltaNet layers call (same shapes and contract as the qwenpd:: ops in kernels/ops.py).
+
+    "torch": the custom ops, whose kernel is picked per device (torch reference, FLA on CUDA, NKI on neuron).
+    "nki": the NKI kernels called directly, eagerly (the CPU emulator without the Neuron SDK; tests and demos).
+    """
 
     name: str
-    chunk: Callable
-    step: Callable
+    chunk: Callable  # (q, k, v, g, beta, initial_state, mask) -> (o, final_state)
+    step: Callable  # (q, k, v, g, beta, state) -> o, state updated in place
+    conv: Callable  # (x, weight, state, mask) -> (y, new_state)
+    conv_update: Callable  # (x, weight, state) -> y, state updated in place
 
     @classmethod
     def named(cls, name: str) -> "DeltaNetKernels":
+        from qwenpd.kernels import ops
+
         if name == "torch":
-            from qwenpd.kernels import chunk_gated_delta_rule, step_gated_delta_rule
-
-            return cls("torch", chunk_gated_delta_rule, step_gated_delta_rule)
+            return cls("torch", ops.chunk_gated_delta_rule, ops.step_gated_delta_rule, ops.causal_conv1d,
+                       ops.causal_conv1d_update)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
-            from qwenpd.kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
+            from qwenpd.kernels.nki import torch_ops
 
-            return cls("nki", nki_chunk_gated_delta_rule, nki_step_gated_delta_rule)
+            return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.causal_conv1d, ops.causal_conv1d_update)
         raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch' or 'nki'")
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from qwenpd.prefill_service.config import (DTYPE_CHOICES, add_device_args, add_hardening_args, check_model_service,
                                            check_service_limits)
+from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits
@@ -17,7 +18,8 @@ from qwenpd.security import Security
 class DecodeConfig:
     """model_dir: HF-format checkpoint (the same model as prefill's: checkpoints of another are refused).
     listen: HOST:PORT (port 0 = any free port). cache: cache store address. device: torch device of the engine;
-    neuron_cores: NeuronCores visible to this process (e.g. '4-7'). max_batch: sequences stepped
+    neuron_cores: NeuronCores visible to this process (e.g. '4-7'). kv_cache_bytes: size of the paged KV cache
+    (None = grows on demand; with a size, a sequence is admitted only when the pages of its longest KV are free). max_batch: sequences stepped
     together. max_queue: sequences that may wait for a slot. default_max_tokens: max_tokens when a request
     overrides sampling without giving it. limits: what one request may ask for (sampling overrides, message
     size). security: TLS and bearer token of this server and of its cache-store connection. metrics_port:
@@ -29,6 +31,8 @@ class DecodeConfig:
     dtype: str = "auto"
     device: str = "cpu"
     neuron_cores: str | None = None
+    kv_cache_bytes: int | None = None
+    page_size: int = DEFAULT_PAGE_SIZE
     max_batch: int = 32
     max_queue: int = 256
     threads: int | None = None
@@ -62,7 +66,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
-                        device=args.device, neuron_cores=args.neuron_cores,
+                        device=args.device, neuron_cores=args.neuron_cores, kv_cache_bytes=args.kv_cache_bytes,
+                        page_size=args.page_size or DEFAULT_PAGE_SIZE,
                         max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
                         default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                         limits=limits_mod.from_args(args), security=security_mod.from_args(args),

@@ -10,7 +10,7 @@ from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
 from qwenpd.engine.engine import Engine
-from qwenpd.prefill_service.config import split_address
+from qwenpd.prefill_service.config import engine_kwargs, split_address
 from qwenpd.grpc_common import GrpcServer, make_server
 from qwenpd.metrics import DecodeMetrics
 
@@ -21,9 +21,7 @@ async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | Non
     metrics = DecodeMetrics()
     async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
-        servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, dtype=config.dtype,
-                                                                threads=config.threads, device=config.device),
-                                  metrics)
+        servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, **engine_kwargs(config)), metrics)
         try:
             engine = await servicer.start()
             host, port = split_address(config.listen)

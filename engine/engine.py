@@ -10,7 +10,9 @@ import torch
 
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import resolve_device
+from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
+from qwenpd.engine.runner import Buckets, GraphRunner, pick
 from qwenpd.engine.state import HybridState
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
@@ -28,6 +30,8 @@ class EngineConfig:
     threads: int | None = None
     deltanet_kernels: str = "torch"
     device: str = "cpu"
+    kv_cache_bytes: int | None = None  # None = a cache that grows on demand (eager use)
+    page_size: int = DEFAULT_PAGE_SIZE
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -37,16 +41,23 @@ class EngineConfig:
         if self.deltanet_kernels not in ("torch", "nki"):
             raise ValueError(f"deltanet_kernels must be 'torch' or 'nki', got {self.deltanet_kernels!r}")
         resolve_device(self.device)
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
 
 
 class Engine:
     """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
 
-    Weights, KV, DeltaNet state and logits live on `self.device`; only token ids cross to and from the host."""
+    Weights, KV (one paged cache, `kv_cache_bytes` big), DeltaNet state and logits live on `self.device`; only
+    token ids cross to and from the host."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
-                 deltanet_kernels: str = "torch", device: str = "cpu"):
-        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device))
+                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: int | None = None,
+                 page_size: int = DEFAULT_PAGE_SIZE):
+        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device),
+                                          kv_cache_bytes, page_size)
         self.device = resolve_device(device)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -59,6 +70,8 @@ class Engine:
         weights = {name: t.to(self.device) for name, t in weights.items()}
         self.kernel_family = register_device_kernels(self.device.type) if deltanet_kernels == "torch" else "nki"
         self.model = HybridModel(self.config, weights, DeltaNetKernels.named(deltanet_kernels))
+        self.kv_cache = PagedKVCache(self.config, self.dtype, self.device, page_size, kv_cache_bytes)
+        self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
         eos = set(self.config.eos_token_ids)
@@ -66,8 +79,25 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
+    def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None) -> float:
+        """Compile the prefill chunk and decode step for every bucket (torch.compile, static shapes) and use them
+        from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes)."""
+        if self.kv_cache.growable:
+            raise ValueError("compiled graphs need a fixed-size KV cache: give kv_cache_bytes (--kv-cache-bytes)")
+        if buckets.batches[-1] < max_batch:
+            raise ValueError(f"largest batch bucket {buckets.batches[-1]} is below max_batch {max_batch}")
+        backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
+        self.runner = GraphRunner(self.model, buckets, backend)
+        scratch = self.new_state()
+        return self.runner.warm_up(scratch, buckets.batches[-1])
+
     def new_state(self) -> HybridState:
-        return HybridState.empty(self.config, self.dtype, self.device)
+        return HybridState.empty(self.config, self.kv_cache)
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor], num_tokens: int, extra_tokens: int = 0
+                           ) -> HybridState:
+        """A state from checkpoint tensors (full K/V per layer), its KV copied into this engine's pages."""
+        return HybridState.from_tensors(self.config, tensors, num_tokens, self.kv_cache, extra_tokens)
 
     def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
         """Raise ValueError for ids outside the vocabulary or a context past max_position_embeddings."""
@@ -98,7 +128,7 @@ class Engine:
         start = state.num_tokens
         logits = None
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
-            logits = self.model.prefill_chunk(ids[lo - start: hi - start], state)
+            logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state)
             if on_chunk is not None:
                 on_chunk(state)
         assert logits is not None
@@ -108,7 +138,7 @@ class Engine:
         """Logits [T, V] for every position of a fresh sequence (one chunk; for tests and scoring)."""
         state = self.new_state()
         self.check_tokens(token_ids)
-        return self.model.prefill_chunk(list(token_ids), state, all_logits=True)
+        return self.eager.prefill_chunk(list(token_ids), state, all_logits=True)
 
     def decode(self, states: list[HybridState], token_ids: Sequence[int]) -> torch.Tensor:
         """One step for a batch of independent states (stacks their DeltaNet state for this call only).
@@ -140,7 +170,7 @@ def chunk_spans(start: int, end: int, chunk_size: int, boundaries: Sequence[int]
 class DecodeBatch:
     """Sequences decoding together. DeltaNet state lives stacked in slot tensors (the sequence's HybridState
     points at views of its slot while it is in the batch); active slots are kept dense in [0, size), so a step
-    reads a slice with no gather. KV stays in each sequence's own buffers."""
+    reads a slice with no gather. KV stays in each sequence's pages of the engine's paged cache."""
 
     def __init__(self, engine: Engine, max_batch: int):
         if max_batch < 1:
@@ -149,9 +179,11 @@ class DecodeBatch:
         self.engine = engine
         self.max_batch = max_batch
         n_lin = len(c.linear_layers)
-        self.conv = [torch.zeros(max_batch, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt, device=dev)
+        buckets = engine.runner.buckets  # compiled: padding rows of the largest bucket are free slots too
+        rows = max_batch if buckets is None else pick(buckets.batches, max_batch, "decode batch of")
+        self.conv = [torch.zeros(rows, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt, device=dev)
                      for _ in range(n_lin)]
-        self.recurrent = [torch.zeros(max_batch, c.linear_num_value_heads, c.linear_key_head_dim,
+        self.recurrent = [torch.zeros(rows, c.linear_num_value_heads, c.linear_key_head_dim,
                                       c.linear_value_head_dim, dtype=torch.float32, device=dev) for _ in range(n_lin)]
         self.states: list[HybridState] = []
 
@@ -207,5 +239,4 @@ class DecodeBatch:
         if longest + 1 > limit:  # one check for the whole batch: only the longest sequence can overflow
             raise ValueError(f"context of {longest + 1} tokens exceeds the model's maximum {limit}")
         self.engine.check_tokens(token_ids)
-        return self.engine.model.decode_step(list(token_ids), self.states, [c[:b] for c in self.conv],
-                                             [r[:b] for r in self.recurrent])
+        return self.engine.runner.decode_step(list(token_ids), self.states, self.conv, self.recurrent)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.engine.config import ModelConfig
+from qwenpd.kernels import ops
 
 
 def _onednn_packing_available() -> bool:
@@ -176,39 +177,22 @@ class AttentionMixer:
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         return self.rotary.apply(q, cos, sin), gate, self.rotary.apply(k, cos, sin), v
 
-    def prefill(self, x: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int) -> torch.Tensor:
-        """x [T, H]; k_buf/v_buf [Hkv, capacity, D] receive this chunk's K/V at [start, start+T)."""
+    def prefill(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                table: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """x [T, H] at positions start..start+T-1 (start [1]); this chunk's K/V go to pool slots [T] first, then
+        every query attends causally over the sequence's pages (table [W])."""
         t = x.shape[0]
-        positions = torch.arange(start, start + t, device=x.device)
+        positions = start + torch.arange(t, device=x.device)
         q, gate, k, v = self._qkv(x, positions)
-        k_buf[:, start:start + t] = k.transpose(0, 1)
-        v_buf[:, start:start + t] = v.transpose(0, 1)
-        keys, values = k_buf[:, : start + t], v_buf[:, : start + t]
-        if start == 0:
-            mask, causal = None, True
-        else:  # queries sit at the end of the key range: key j visible to query i iff j <= start + i
-            mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None]
-            causal = False
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                                           is_causal=causal, scale=self.scale, enable_gqa=True)
-        o = o[0].transpose(0, 1).reshape(t, -1)
-        return self.o_proj(o * torch.sigmoid(gate))
+        ops.write_kv(k_pool, v_pool, slots, k, v)
+        o = ops.paged_attention_prefill(q, k_pool, v_pool, table, start, self.scale)
+        return self.o_proj(o.reshape(t, -1) * torch.sigmoid(gate))
 
-    def decode(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]
-               ) -> torch.Tensor:
-        """x [B, H]; kv[b] = (k_buf, v_buf) [Hkv, capacity, D] of sequence b, written at positions[b]."""
-        c = self.c
-        q, gate, k, v = self._qkv(x, torch.tensor(positions, device=x.device))
-        group = c.num_attention_heads // c.num_key_value_heads
-        outs = []
-        for b, (k_buf, v_buf) in enumerate(kv):
-            pos = positions[b]
-            k_buf[:, pos] = k[b]
-            v_buf[:, pos] = v[b]
-            # one query per KV head group; small matmuls run faster (and more exactly) in fp32 than in bf16
-            keys, values = k_buf[:, : pos + 1].float(), v_buf[:, : pos + 1].float()  # [Hkv, L, D]
-            qb = q[b].view(c.num_key_value_heads, group, c.head_dim).float()
-            scores = torch.matmul(qb, keys.transpose(1, 2)).mul_(self.scale)  # [Hkv, group, L]
-            outs.append(torch.matmul(torch.softmax(scores, dim=-1), values).reshape(-1))
-        o = torch.stack(outs).to(x.dtype)
-        return self.o_proj(o * torch.sigmoid(gate))
+    def decode(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+               tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, H]; sequence b's new K/V go to slots[b] (its token positions[b]), then one paged attention
+        call for the whole batch (tables [B, W]; fp32 scores and sums)."""
+        q, gate, k, v = self._qkv(x, positions)
+        ops.write_kv(k_pool, v_pool, slots, k, v)
+        o = ops.paged_attention_decode(q, k_pool, v_pool, tables, positions + 1, self.scale)
+        return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate))

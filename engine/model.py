@@ -9,7 +9,6 @@ import torch
 
 from qwenpd.engine.config import LINEAR, ModelConfig
 from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rotary, rms_norm
-from qwenpd.engine.state import HybridState
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,46 +82,37 @@ class HybridModel:
         h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()
 
-    @torch.inference_mode()
-    def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False
+    # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
+    def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
+                      k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
+                      table: torch.Tensor, start: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor
                       ) -> torch.Tensor:
-        """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (or all
-        [T, V])."""
-        t = len(token_ids)
-        start = state.num_tokens
-        state.reserve(start + t)
-        x = self.embed[torch.tensor(token_ids, dtype=torch.long, device=self.device)]
+        """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
+        pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
+        real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V]."""
+        x = self.embed[ids]
         for blk in self.blocks:
             h = rms_norm(x, blk.in_norm, blk.eps)
             j = self.slot[blk.index]
             if blk.is_linear:
-                mixed = blk.mixer.prefill(h, state.conv[j], state.recurrent[j], self.kernels)
+                mixed = blk.mixer.prefill(h, conv[j], recurrent[j], self.kernels, mask)
             else:
-                mixed = blk.mixer.prefill(h, state.keys[j], state.values[j], start)
+                mixed = blk.mixer.prefill(h, k_pools[j], v_pools[j], slots, table, start)
             x = blk.finish(x, mixed)
-        state.num_tokens = start + t
-        state.token_ids.extend(token_ids)
-        return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+        return self.logits(x.index_select(0, last))
 
-    @torch.inference_mode()
-    def decode_step(self, token_ids: list[int], states: list[HybridState], conv: list[torch.Tensor],
-                    recurrent: list[torch.Tensor]) -> torch.Tensor:
-        """One token for each of B sequences: token_ids (B host ints); conv[j] [B, D, W-1] and recurrent[j] [B, Hv, dk, dv]
-        are the batch's stacked DeltaNet states (updated in place). KV lives in each state. Returns logits [B, V]."""
-        positions = [s.num_tokens for s in states]
-        for s in states:
-            s.reserve(s.num_tokens + 1)
-        x = self.embed[torch.tensor(token_ids, dtype=torch.long, device=self.device)]
+    def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
+                     k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
+                     tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
+        recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]."""
+        x = self.embed[ids]
         for blk in self.blocks:
             h = rms_norm(x, blk.in_norm, blk.eps)
             j = self.slot[blk.index]
             if blk.is_linear:
                 mixed = blk.mixer.decode(h, conv[j], recurrent[j], self.kernels)
             else:
-                kv = [(s.keys[j], s.values[j]) for s in states]
-                mixed = blk.mixer.decode(h, kv, positions)
+                mixed = blk.mixer.decode(h, k_pools[j], v_pools[j], slots, tables, positions)
             x = blk.finish(x, mixed)
-        for s, tok in zip(states, token_ids):
-            s.num_tokens += 1
-            s.token_ids.append(tok)
         return self.logits(x)

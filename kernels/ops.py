@@ -95,7 +95,7 @@ def _(x, weight, state):
 # ---- paged attention ------------------------------------------------------------------------------------------
 @torch.library.custom_op("qwenpd::write_kv", mutates_args=("k_pool", "v_pool"))
 def write_kv(k_pool: Tensor, v_pool: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
-    """k, v [N, Hkv, D] into pools [num_pages, page_size, Hkv, D] at flat slots [N] int64."""
+    """k, v [N, Hkv, D] into pools [num_pages, Hkv, page_size, D] at flat slots [N] int64."""
     pa.write_kv(k_pool, v_pool, slots, k, v)
 
 

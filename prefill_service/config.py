@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenpd.cache_store.prefix import PrefixPolicy
+from qwenpd.cache_store.config import parse_bytes
 from qwenpd.engine.device import DEVICE_KINDS, parse_cores
+from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.limits import Limits
@@ -45,12 +48,18 @@ def check_model_service(cfg) -> None:
         raise ValueError(f"device must be one of {DEVICE_KINDS}, got {cfg.device!r}")
     if cfg.neuron_cores is not None:
         parse_cores(cfg.neuron_cores)
+    if cfg.kv_cache_bytes is not None and cfg.kv_cache_bytes < 1:
+        raise ValueError(f"kv_cache_bytes must be positive, got {cfg.kv_cache_bytes}")
+    if cfg.page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {cfg.page_size}")
 
 
 @dataclass(slots=True)
 class PrefillConfig:
     """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
     device: torch device of the engine; neuron_cores: NeuronCores visible to this process (e.g. '0-3').
+    kv_cache_bytes: size of the paged KV cache (None = grows on demand); page_size: tokens per KV page, a divisor
+    of block_size so a prefix-cache block is whole pages.
     chunk_size: prompt tokens per prefill chunk. max_queue: requests that may wait behind the running one.
     default_max_tokens: max_tokens when a request leaves it out. handoff_ttl_s: how long a checkpoint waits for
     its decode request (None = the store's default). limits: what one request may ask for. security: TLS and
@@ -62,6 +71,8 @@ class PrefillConfig:
     dtype: str = "auto"
     device: str = "cpu"
     neuron_cores: str | None = None
+    kv_cache_bytes: int | None = None
+    page_size: int | None = None  # None = gcd(64, block_size)
     chunk_size: int = 512
     max_queue: int = 64
     threads: int | None = None
@@ -79,7 +90,11 @@ class PrefillConfig:
 
     def __post_init__(self) -> None:
         self.prefix_policy  # validates block_size / snapshot_interval
+        if self.page_size is None:
+            self.page_size = math.gcd(DEFAULT_PAGE_SIZE, self.block_size)
         check_model_service(self)
+        if self.block_size % self.page_size:
+            raise ValueError(f"page_size {self.page_size} must divide block_size {self.block_size}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:
@@ -120,10 +135,21 @@ def check_service_limits(default_max_tokens: int, limits: Limits, metrics_port: 
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device and --neuron-cores of a model-serving process (prefill, decode, generate)."""
+    """--device, --neuron-cores and the paged KV cache of a model-serving process (prefill, decode)."""
     p.add_argument("--device", default="cpu", help="torch device: cpu | cuda[:N] | neuron (default cpu)")
     p.add_argument("--neuron-cores", default=None, metavar="LIST",
                    help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
+    p.add_argument("--kv-cache-bytes", type=parse_bytes, default=None, metavar="BYTES",
+                   help="paged KV cache size, e.g. 8GiB (default: grows on demand)")
+    p.add_argument("--page-size", type=int, default=None,
+                   help=f"tokens per KV page; prefill: a divisor of --block-size (default gcd({DEFAULT_PAGE_SIZE}, "
+                        f"block size)), decode: default {DEFAULT_PAGE_SIZE}")
+
+
+def engine_kwargs(cfg) -> dict:
+    """Engine(...) keyword arguments of a prefill or decode config."""
+    return dict(dtype=cfg.dtype, threads=cfg.threads, device=cfg.device, kv_cache_bytes=cfg.kv_cache_bytes,
+                page_size=cfg.page_size)
 
 
 def add_hardening_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +170,8 @@ def add_prefix_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
     return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
-                         device=args.device, neuron_cores=args.neuron_cores,
+                         device=args.device, neuron_cores=args.neuron_cores, kv_cache_bytes=args.kv_cache_bytes,
+                         page_size=args.page_size,
                          chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
                          default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                          handoff_ttl_s=args.handoff_ttl, model_name=args.model_name, block_size=args.block_size,

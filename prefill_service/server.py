@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
-from qwenpd.prefill_service.config import PrefillConfig, split_address
+from qwenpd.prefill_service.config import PrefillConfig, engine_kwargs, split_address
 from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
 from qwenpd.grpc_common import GrpcServer, make_server
@@ -23,7 +23,7 @@ def warm_up(engine: Engine, chunk_size: int) -> None:
 
 
 def load_engine(config: PrefillConfig) -> Engine:
-    engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads, device=config.device)
+    engine = Engine(config.model_dir, **engine_kwargs(config))
     if config.warmup:
         warm_up(engine, config.chunk_size)
     return engine

@@ -13,7 +13,8 @@ from qwenpd.engine.device import parse_cores, resolve_device, set_neuron_cores
 
 
 def _all_tensors(state):
-    return [*state.keys, *state.values, *state.conv, *state.recurrent]
+    cache = state.kv.cache
+    return [*cache.k, *cache.v, *state.conv, *state.recurrent]
 
 
 def test_prefill_and_decode_on_meta(tiny_model_dir):

@@ -20,7 +20,7 @@ def _gdn(seq=20, batch=2):
 
 def _pools(pages=9, page=4, hkv=2, dim=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(pages, page, hkv, dim, generator=gen), torch.randn(pages, page, hkv, dim, generator=gen)
+    return torch.randn(pages, hkv, page, dim, generator=gen), torch.randn(pages, hkv, page, dim, generator=gen)
 
 
 def _opcheck(op, args):
@@ -128,12 +128,14 @@ def test_write_kv_touches_only_its_slots():
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     slots = torch.tensor([5, 0, 13])
     ops.write_kv(kp, vp, slots, k, v)
-    flat_k, flat_v = kp.flatten(0, 1), vp.flatten(0, 1)
-    assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
-    rest = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    def flat(pool):  # [num_pages * page_size, Hkv, D], token-major
+        return pool.transpose(1, 2).flatten(0, 1)
+
+    assert torch.equal(flat(kp)[slots], k) and torch.equal(flat(vp)[slots], v)
+    rest = torch.ones(flat(kp).shape[0], dtype=torch.bool)
     rest[slots] = False
-    assert torch.equal(flat_k[rest], before_k.flatten(0, 1)[rest])
-    assert torch.equal(flat_v[rest], before_v.flatten(0, 1)[rest])
+    assert torch.equal(flat(kp)[rest], flat(before_k)[rest])
+    assert torch.equal(flat(vp)[rest], flat(before_v)[rest])
 
 
 def test_ops_run_on_meta():

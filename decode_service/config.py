@@ -33,6 +33,8 @@ class DecodeConfig:
     neuron_cores: str | None = None
     kv_cache_bytes: int | None = None
     page_size: int = DEFAULT_PAGE_SIZE
+    compile: bool = False
+    compile_cache: str | None = None
     max_batch: int = 32
     max_queue: int = 256
     threads: int | None = None
@@ -67,7 +69,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
                         device=args.device, neuron_cores=args.neuron_cores, kv_cache_bytes=args.kv_cache_bytes,
-                        page_size=args.page_size or DEFAULT_PAGE_SIZE,
+                        page_size=args.page_size or DEFAULT_PAGE_SIZE, compile=args.compile,
+                        compile_cache=args.compile_cache,
                         max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
                         default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                         limits=limits_mod.from_args(args), security=security_mod.from_args(args),

@@ -10,18 +10,24 @@ from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
 from qwenpd.engine.engine import Engine
-from qwenpd.prefill_service.config import engine_kwargs, split_address
+from qwenpd.prefill_service.config import compile_engine, engine_kwargs, split_address
 from qwenpd.grpc_common import GrpcServer, make_server
 from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
 
 
+def _engine(config: DecodeConfig) -> Engine:
+    engine = Engine(config.model_dir, **engine_kwargs(config))
+    compile_engine(engine, config, chunk_size=64, max_batch=config.max_batch)  # decode runs no prefill chunks
+    return engine
+
+
 async def run(config: DecodeConfig, on_ready: Callable[[GrpcServer], None] | None = None) -> None:
     metrics = DecodeMetrics()
     async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
-        servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, **engine_kwargs(config)), metrics)
+        servicer = DecodeServicer(config, store, lambda: _engine(config), metrics)
         try:
             engine = await servicer.start()
             host, port = split_address(config.listen)

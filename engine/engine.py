@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -79,14 +80,26 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
-    def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None) -> float:
+    def default_buckets(self, chunk_size: int, max_batch: int, max_context: int | None = None) -> Buckets:
+        """Buckets for contexts up to max_context (default: what the model and the KV cache allow)."""
+        cache = self.kv_cache
+        limit = min(self.config.max_position_embeddings, cache.allocator.usable * cache.page_size)
+        return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
+
+    def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
+                cache_dir: str | None = None) -> float:
         """Compile the prefill chunk and decode step for every bucket (torch.compile, static shapes) and use them
-        from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes)."""
+        from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
+        the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them."""
+        if cache_dir:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         if self.kv_cache.growable:
             raise ValueError("compiled graphs need a fixed-size KV cache: give kv_cache_bytes (--kv-cache-bytes)")
         if buckets.batches[-1] < max_batch:
             raise ValueError(f"largest batch bucket {buckets.batches[-1]} is below max_batch {max_batch}")
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
+        for linear in self.model.linears():
+            linear.unpack()
         self.runner = GraphRunner(self.model, buckets, backend)
         scratch = self.new_state()
         return self.runner.warm_up(scratch, buckets.batches[-1])
@@ -124,6 +137,8 @@ class Engine:
             raise ValueError("prefill needs at least one token")
         state = state if state is not None else self.new_state()
         self.check_tokens(token_ids, state.num_tokens)
+        if self.runner.buckets is not None:  # compiled: no chunk longer than the largest graph
+            chunk_size = min(chunk_size, self.runner.buckets.chunks[-1])
         ids = list(token_ids)
         start = state.num_tokens
         logits = None

@@ -34,6 +34,11 @@ class Linear:
         else:
             self.weight = weight
 
+    def unpack(self) -> None:
+        """Back to a plain weight (compiled graphs cannot trace the opaque packed tensor; inductor packs itself)."""
+        if self.packed is not None:
+            self.weight, self.packed = self.packed.to_dense(), None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")

@@ -77,6 +77,11 @@ class HybridModel:
                 self.slot[layer] = j
         self.dtype = self.embed.dtype
 
+    def linears(self) -> list[Linear]:
+        """Every projection of the model."""
+        parts = [p for blk in self.blocks for p in (blk.mixer, blk.mlp)]
+        return [self.lm_head, *(v for p in parts for v in vars(p).values() if isinstance(v, Linear))]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
         h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)

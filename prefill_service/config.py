@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ def check_model_service(cfg) -> None:
         raise ValueError(f"kv_cache_bytes must be positive, got {cfg.kv_cache_bytes}")
     if cfg.page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {cfg.page_size}")
+    if cfg.compile and cfg.kv_cache_bytes is None:
+        raise ValueError("--compile needs a fixed-size KV cache: give --kv-cache-bytes")
 
 
 @dataclass(slots=True)
@@ -59,7 +62,8 @@ class PrefillConfig:
     """model_dir: HF-format checkpoint. listen: HOST:PORT (port 0 = any free port). cache: cache store address.
     device: torch device of the engine; neuron_cores: NeuronCores visible to this process (e.g. '0-3').
     kv_cache_bytes: size of the paged KV cache (None = grows on demand); page_size: tokens per KV page, a divisor
-    of block_size so a prefix-cache block is whole pages.
+    of block_size so a prefix-cache block is whole pages. compile: torch.compile every bucket at start (needs
+    kv_cache_bytes); compile_cache: a directory that keeps compiled graphs across restarts.
     chunk_size: prompt tokens per prefill chunk. max_queue: requests that may wait behind the running one.
     default_max_tokens: max_tokens when a request leaves it out. handoff_ttl_s: how long a checkpoint waits for
     its decode request (None = the store's default). limits: what one request may ask for. security: TLS and
@@ -73,6 +77,8 @@ class PrefillConfig:
     neuron_cores: str | None = None
     kv_cache_bytes: int | None = None
     page_size: int | None = None  # None = gcd(64, block_size)
+    compile: bool = False
+    compile_cache: str | None = None
     chunk_size: int = 512
     max_queue: int = 64
     threads: int | None = None
@@ -144,6 +150,18 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=None,
                    help=f"tokens per KV page; prefill: a divisor of --block-size (default gcd({DEFAULT_PAGE_SIZE}, "
                         f"block size)), decode: default {DEFAULT_PAGE_SIZE}")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the prefill chunk / decode step over static buckets at start (needs "
+                        "--kv-cache-bytes)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR", help="keep compiled graphs here across restarts")
+
+
+def compile_engine(engine, cfg, chunk_size: int, max_batch: int) -> None:
+    """Compile every bucket of a prefill or decode engine if cfg.compile; logs the warm-up time."""
+    if cfg.compile:
+        buckets = engine.default_buckets(chunk_size, max_batch)
+        seconds = engine.compile(buckets, max_batch, cache_dir=cfg.compile_cache)
+        logging.getLogger(__name__).info("compiled %d graphs (%s) in %.1f s", buckets.count(), buckets, seconds)
 
 
 def engine_kwargs(cfg) -> dict:
@@ -171,7 +189,7 @@ def add_prefix_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
     return PrefillConfig(model_dir=args.model, cache=args.cache, listen=args.listen, dtype=args.dtype,
                          device=args.device, neuron_cores=args.neuron_cores, kv_cache_bytes=args.kv_cache_bytes,
-                         page_size=args.page_size,
+                         page_size=args.page_size, compile=args.compile, compile_cache=args.compile_cache,
                          chunk_size=args.chunk_size, max_queue=args.max_queue, threads=args.threads,
                          default_max_tokens=args.default_max_tokens, grace_s=args.grace,
                          handoff_ttl_s=args.handoff_ttl, model_name=args.model_name, block_size=args.block_size,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
-from qwenpd.prefill_service.config import PrefillConfig, engine_kwargs, split_address
+from qwenpd.prefill_service.config import PrefillConfig, compile_engine, engine_kwargs, split_address
 from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
 from qwenpd.grpc_common import GrpcServer, make_server
@@ -24,6 +24,7 @@ def warm_up(engine: Engine, chunk_size: int) -> None:
 
 def load_engine(config: PrefillConfig) -> Engine:
     engine = Engine(config.model_dir, **engine_kwargs(config))
+    compile_engine(engine, config, config.chunk_size, max_batch=1)
     if config.warmup:
         warm_up(engine, config.chunk_size)
     return engine

@@ -60,3 +60,17 @@ def test_generate_refuses_unknown_device(tiny_model_dir):
     assert r.returncode == 2 and "device must be one of" in r.stderr and "Traceback" not in r.stderr
     r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--neuron-cores", "3-1")
     assert r.returncode == 2 and "runs backwards" in r.stderr
+
+
+def test_generate_compiled_reports_warmup_and_gives_the_eager_tokens(tiny_model_dir, tmp_path):
+    base = ("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6,7,8,9", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos", "--json", "--chunk-size", "16", "--kv-cache-bytes", "1MiB")
+    eager = _qwenpd(*base)
+    compiled = _qwenpd(*base, "--compile", "--compile-cache", str(tmp_path / "cache"))
+    assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
+    a, b = (json.loads(r.stdout.splitlines()[-1]) for r in (eager, compiled))
+    assert a["warmup_s"] == 0 and b["warmup_s"] > 0
+    assert b["token_ids"] == a["token_ids"]
+    assert b["prefill_s"] < b["warmup_s"]  # the warm-up is not counted as prefill
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--compile")
+    assert r.returncode == 2 and "--kv-cache-bytes" in r.stderr

@@ -36,3 +36,15 @@ def test_serve_all_passes_each_role_its_device_and_cores():
     s = ServiceSet.from_args(args)
     assert s._device_flags(s.prefill_device, s.prefill_cores) == ["--device", "neuron", "--neuron-cores", "0-3"]
     assert s._device_flags(s.decode_device, s.decode_cores) == ["--device", "cuda:1"]
+
+
+@pytest.mark.parametrize("module", [prefill_config, decode_config], ids=["prefill", "decode"])
+def test_compile_flags_need_a_fixed_kv_cache(module, tiny_model_dir, tmp_path):
+    p = argparse.ArgumentParser()
+    module.add_args(p)
+    base = ["--model", str(tiny_model_dir), "--cache", "127.0.0.1:1", "--compile"]
+    with pytest.raises(ValueError, match="--kv-cache-bytes"):
+        module.config_from_args(p.parse_args(base))
+    cfg = module.config_from_args(p.parse_args([*base, "--kv-cache-bytes", "64MiB", "--compile-cache",
+                                                str(tmp_path)]))
+    assert cfg.compile and cfg.kv_cache_bytes == 64 << 20 and cfg.compile_cache == str(tmp_path)

@@ -91,6 +91,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_device(args: argparse.Namespace) -> int:
+    from qwenpd.engine.check_device import check_device
+    from qwenpd.engine.device import set_neuron_cores
+
+    set_neuron_cores(args.neuron_cores)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    return check_device(args.device, tuple(args.presets.split(",")), args.speed_preset, not args.no_compile,
+                        args.prompt_tokens, batches, args.steps, args.kv_cache_bytes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenpd", description="Disaggregated prefill/decode serving of "
                                      "Qwen3.5/3.6 hybrid models")
@@ -131,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_security_args(p, server=False)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check-device", help="engine on DEVICE vs CPU fp32 (accuracy), compile, prefill/decode speed")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | neuron (default cpu)")
+    p.add_argument("--neuron-cores", default=None, metavar="LIST", help="NeuronCores to use, e.g. 0-3")
+    p.add_argument("--presets", default="tiny,small", help="checkpoints for the accuracy check (default tiny,small)")
+    p.add_argument("--speed-preset", default="small", help="checkpoint for compile and speed (default small)")
+    p.add_argument("--no-compile", action="store_true", help="measure the eager engine")
+    p.add_argument("--prompt-tokens", type=int, default=2048, help="prefill length measured (default 2048)")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes measured (default 1,8,32)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (default 16)")
+    p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=1 << 30, metavar="BYTES", help="(default 1GiB)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_check_device)
 
     try:  # serving subcommands (serve, demo) live with the services
         from qwenpd.clients.cli import add_service_commands

@@ -74,3 +74,15 @@ def test_generate_compiled_reports_warmup_and_gives_the_eager_tokens(tiny_model_
     assert b["prefill_s"] < b["warmup_s"]  # the warm-up is not counted as prefill
     r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--compile")
     assert r.returncode == 2 and "--kv-cache-bytes" in r.stderr
+
+
+def test_check_device_on_cpu_prints_one_table():
+    r = _qwenpd("check-device", "--device", "cpu", "--presets", "tiny", "--speed-preset", "tiny", "--no-compile",
+                "--prompt-tokens", "100", "--batches", "1,2", "--steps", "2", "--kv-cache-bytes", "8MiB")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:4] == ["check", "model", "dtype", "ok"]
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:]}
+    assert "greedy 16/16 equal" in rows["fp32 vs cpu"]
+    assert {"prefill 100 (eager)", "decode b1 (eager)", "decode b2 (eager)"} <= set(rows)
+    assert all(" yes " in line for line in lines[2:])

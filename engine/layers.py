@@ -19,14 +19,16 @@ def _onednn_packing_available() -> bool:
 
 
 class Linear:
-    """y = x @ W^T. On CPU in bf16 the weight is packed once into oneDNN's blocked layout: the same result bit
-    for bit as F.linear, about 2x faster at decode batch sizes (weights stream at a higher fraction of memory
-    bandwidth) and a little faster at prefill sizes."""
+    """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere may be fp32: the model rounds to
+    bf16 only at matmul inputs). On CPU in bf16 the weight is packed once into oneDNN's blocked layout: the same
+    result bit for bit as F.linear, about 2x faster at decode batch sizes (weights stream at a higher fraction of
+    memory bandwidth) and a little faster at prefill sizes."""
 
-    __slots__ = ("weight", "packed")
+    __slots__ = ("weight", "packed", "dtype")
 
     def __init__(self, weight: torch.Tensor):
         weight = weight.contiguous()
+        self.dtype = weight.dtype
         self.packed = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_packing_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -40,16 +42,19 @@ class Linear:
             self.weight, self.packed = self.packed.to_dense(), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
-def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast back. `weight_plus_one` is fp32."""
+def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast to out_dtype (default x.dtype).
+    `weight_plus_one` is fp32."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight_plus_one).to(x.dtype)
+    return (xf * weight_plus_one).to(out_dtype or x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,7 +98,7 @@ class MLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate.float()) * up.float())  # fp32 product, rounded once at down's input
 
 
 class DeltaNetMixer:
@@ -105,7 +110,8 @@ class DeltaNetMixer:
         # one matmul for q|k|v (conv input), z (output gate), b (beta), a (decay)
         self.in_proj = Linear(torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"],
                                          w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"]], dim=0))
-        self.conv_weight = w[p + "conv1d.weight"][:, 0, :].contiguous()  # [D, W]
+        # fp32 taps on fp32 inputs: the conv, the delta rule and the output norm run on unrounded activations
+        self.conv_weight = w[p + "conv1d.weight"][:, 0, :].float().contiguous()  # [D, W]
         self.neg_A = -w[p + "A_log"].float().exp()  # [Hv]
         self.dt_bias = w[p + "dt_bias"]
         self.norm_weight = w[p + "norm.weight"]
@@ -114,9 +120,9 @@ class DeltaNetMixer:
 
     def _project(self, x: torch.Tensor):
         mixed, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
-        beta = b.sigmoid()
+        beta = b.float().sigmoid()
         g = self.neg_A * F.softplus(a.float() + self.dt_bias)
-        return mixed, z, beta, g
+        return mixed.float(), z, beta, g
 
     def _split_heads(self, mixed: torch.Tensor):
         c = self.c
@@ -170,16 +176,17 @@ class AttentionMixer:
         self.scale = c.head_dim ** -0.5
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied."""
+        """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied (q, k in fp32:
+        rounded only where they enter a matmul or the KV cache)."""
         c = self.c
         n = x.shape[0]
         qg, k, v = self.qkv(x).split(self.splits, dim=-1)
         qg = qg.view(n, c.num_attention_heads, 2 * c.head_dim)
         q, gate = qg[..., : c.head_dim], qg[..., c.head_dim:].reshape(n, -1)
-        q = rms_norm(q, self.q_norm, c.rms_norm_eps)
-        k = rms_norm(k.view(n, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        q = rms_norm(q, self.q_norm, c.rms_norm_eps, torch.float32)
+        k = rms_norm(k.view(n, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps, torch.float32)
         v = v.view(n, c.num_key_value_heads, c.head_dim)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin(positions, torch.float32)
         return self.rotary.apply(q, cos, sin), gate, self.rotary.apply(k, cos, sin), v
 
     def prefill(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
@@ -190,8 +197,8 @@ class AttentionMixer:
         positions = start + torch.arange(t, device=x.device)
         q, gate, k, v = self._qkv(x, positions)
         ops.write_kv(k_pool, v_pool, slots, k, v)
-        o = ops.paged_attention_prefill(q, k_pool, v_pool, table, start, self.scale)
-        return self.o_proj(o.reshape(t, -1) * torch.sigmoid(gate))
+        o = ops.paged_attention_prefill(q.to(k_pool.dtype), k_pool, v_pool, table, start, self.scale)
+        return self.o_proj(o.reshape(t, -1).float() * torch.sigmoid(gate.float()))
 
     def decode(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -199,5 +206,5 @@ class AttentionMixer:
         call for the whole batch (tables [B, W]; fp32 scores and sums)."""
         q, gate, k, v = self._qkv(x, positions)
         ops.write_kv(k_pool, v_pool, slots, k, v)
-        o = ops.paged_attention_decode(q, k_pool, v_pool, tables, positions + 1, self.scale)
-        return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate))
+        o = ops.paged_attention_decode(q, k_pool, v_pool, tables, positions + 1, self.scale)  # fp32 q and out
+        return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()))

@@ -40,22 +40,28 @@ class DeltaNetKernels:
 
 
 class Block:
-    """One decoder layer: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """One decoder layer: x + mixer(norm(x)), then x + mlp(norm(x)). The residual stream x is fp32; norms read it
+    in fp32 and round once, to the model dtype, for the matmuls that follow."""
 
     def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], index: int, rotary: Rotary):
         p = f"layers.{index}."
         self.index = index
         self.is_linear = c.layer_types[index] == LINEAR
         self.eps = c.rms_norm_eps
+        self.dtype = w[p + "input_layernorm.weight"].dtype
         self.in_norm = 1.0 + w[p + "input_layernorm.weight"].float()
         self.post_norm = 1.0 + w[p + "post_attention_layernorm.weight"].float()
         self.mixer = DeltaNetMixer(c, w, p) if self.is_linear else AttentionMixer(c, w, p, rotary)
         self.mlp = MLP(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0),
                        w[p + "mlp.down_proj.weight"])
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer's input: fp32 residual [N, H] -> normalised, in the model dtype."""
+        return rms_norm(x, self.in_norm, self.eps, self.dtype)
+
     def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        x = x + mixed
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps))
+        x = x + mixed  # fp32 + model dtype -> fp32
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype))
 
 
 class HybridModel:
@@ -84,7 +90,7 @@ class HybridModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
-        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
         return self.lm_head(h).float()
 
     # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
@@ -95,9 +101,9 @@ class HybridModel:
         """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
         pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
         real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V]."""
-        x = self.embed[ids]
+        x = self.embed[ids].float()  # the residual stream stays fp32
         for blk in self.blocks:
-            h = rms_norm(x, blk.in_norm, blk.eps)
+            h = blk.norm(x)
             j = self.slot[blk.index]
             if blk.is_linear:
                 mixed = blk.mixer.prefill(h, conv[j], recurrent[j], self.kernels, mask)
@@ -111,9 +117,9 @@ class HybridModel:
                      tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
         recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]."""
-        x = self.embed[ids]
+        x = self.embed[ids].float()  # the residual stream stays fp32
         for blk in self.blocks:
-            h = rms_norm(x, blk.in_norm, blk.eps)
+            h = blk.norm(x)
             j = self.slot[blk.index]
             if blk.is_linear:
                 mixed = blk.mixer.decode(h, conv[j], recurrent[j], self.kernels)

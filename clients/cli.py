@@ -62,6 +62,9 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     for role in ("prefill", "decode"):
         p.add_argument(f"--{role}-device", default="cpu", help=f"torch device of {role} (default cpu)")
         p.add_argument(f"--{role}-cores", default=None, metavar="LIST", help=f"NeuronCores of {role}, e.g. 0-3")
+    p.add_argument("--kv-cache-bytes", default=None, metavar="BYTES",
+                   help="paged KV cache of prefill and of decode, e.g. 4GiB (default: grows on demand)")
+    p.add_argument("--compile", action="store_true", help="prefill and decode compile their graphs at start")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")

@@ -83,6 +83,8 @@ class ServiceSet:
     decode_device: str = "cpu"
     prefill_cores: str | None = None  # NeuronCores of each (trn2: disjoint sets on one host)
     decode_cores: str | None = None
+    kv_cache_bytes: str | None = None  # each of prefill and decode (e.g. "4GiB"); None = grows on demand
+    compile: bool = False
     chunk_size: int = 512
     max_batch: int = 32
     threads: int | None = None
@@ -116,7 +118,8 @@ class ServiceSet:
         return cls(model=args.model, host=args.host, cache_port=args.cache_port, prefill_port=args.prefill_port,
                    decode_port=args.decode_port, dtype=args.dtype, prefill_device=args.prefill_device,
                    decode_device=args.decode_device, prefill_cores=args.prefill_cores,
-                   decode_cores=args.decode_cores, chunk_size=args.chunk_size,
+                   decode_cores=args.decode_cores, kv_cache_bytes=args.kv_cache_bytes, compile=args.compile,
+                   chunk_size=args.chunk_size,
                    max_batch=args.max_batch, threads=args.threads, budget=args.budget, store_id=args.store_id,
                    start_timeout_s=args.start_timeout, grace_s=args.grace, log_level=args.log_level,
                    block_size=args.block_size, snapshot_interval=args.snapshot_interval,
@@ -182,6 +185,10 @@ class ServiceSet:
                      *self.limits.flags()]
             if self.threads:
                 model += ["--threads", str(self.threads)]
+            if self.kv_cache_bytes:
+                model += ["--kv-cache-bytes", self.kv_cache_bytes]
+            if self.compile:
+                model += ["--compile"]
             self.children += [
                 Child("prefill", ["serve", "prefill", "--listen", self._listen(self.prefill_port, self.prefill_host),
                                   *model, *self._device_flags(self.prefill_device, self.prefill_cores),

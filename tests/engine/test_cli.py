@@ -11,8 +11,9 @@ from qwenpd.engine.generate import generate
 from qwenpd.engine.sampling import SamplingParams
 
 
-def _qwenpd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwenpd.cli", *args], capture_output=True, text=True, timeout=120)
+def _qwenpd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwenpd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_init_model_then_generate_json(tmp_path):
@@ -66,12 +67,13 @@ def test_generate_compiled_reports_warmup_and_gives_the_eager_tokens(tiny_model_
     base = ("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6,7,8,9", "--max-tokens", "6",
             "--temperature", "0", "--ignore-eos", "--json", "--chunk-size", "16", "--kv-cache-bytes", "1MiB")
     eager = _qwenpd(*base)
-    compiled = _qwenpd(*base, "--compile", "--compile-cache", str(tmp_path / "cache"))
-    assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
-    a, b = (json.loads(r.stdout.splitlines()[-1]) for r in (eager, compiled))
+    compiled = [_qwenpd(*base, "--compile", "--compile-cache", str(tmp_path / "cache"), timeout=600) for _ in "ab"]
+    assert all(r.returncode == 0 for r in (eager, *compiled)), eager.stderr + compiled[0].stderr
+    a, b, again = (json.loads(r.stdout.splitlines()[-1]) for r in (eager, *compiled))
     assert a["warmup_s"] == 0 and b["warmup_s"] > 0
-    assert b["token_ids"] == a["token_ids"]
+    assert b["token_ids"] == a["token_ids"] == again["token_ids"]
     assert b["prefill_s"] < b["warmup_s"]  # the warm-up is not counted as prefill
+    assert again["warmup_s"] < b["warmup_s"] / 2  # the second run reuses the compile cache
     r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--compile")
     assert r.returncode == 2 and "--kv-cache-bytes" in r.stderr
 

@@ -44,7 +44,7 @@ def warm_floor(engine: Engine, prompt: list[int], cached: int, reps: int = 3) ->
     restore, suffix, step = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        state = HybridState.from_prefix(engine.config, blocks, snap, cached, engine.dtype)
+        state = HybridState.from_prefix(engine.config, blocks, snap, cached, engine.kv_cache)
         t1 = time.perf_counter()
         logits, state = engine.prefill(prompt[cached:], state, chunk_size=BLOCK * 8)
         t2 = time.perf_counter()

@@ -105,12 +105,9 @@ def handoff(eng: Engine, store: CacheStoreClient, num_tokens: int, repeats: int)
     load = copy into decode state + DecodeBatch.add; release (ReleaseLease + delete) is off the critical path."""
     cfg, g = eng.config, torch.Generator().manual_seed(num_tokens)
     dtypes = {k: torch.float32 if k.endswith(".recurrent") else eng.dtype for k in expected_shapes(cfg, 0)}
-    state = eng.new_state()
-    state.reserve(num_tokens)  # as the prefill service does: KV capacity == prompt length
-    for layer_states in (state.keys, state.values, state.conv, state.recurrent):
-        for t in layer_states:
-            t.copy_(torch.randn(t.shape, generator=g))
-    state.num_tokens = num_tokens
+    tensors = {name: torch.randn(shape, generator=g).to(dtypes[name])
+               for name, shape in expected_shapes(cfg, num_tokens).items()}
+    state = eng.state_from_tensors(tensors, num_tokens)
     meta = CheckpointMeta(eng.fingerprint, num_tokens, {"bench": "1"})
     batch = DecodeBatch(eng, 1)
     rows: list[dict[str, float]] = []
@@ -120,13 +117,14 @@ def handoff(eng: Engine, store: CacheStoreClient, num_tokens: int, repeats: int)
         t1 = time.perf_counter()
         leased = store.get_checkpoint(ckpt_id, eng.fingerprint, lambda n: expected_shapes(cfg, n), dtypes)
         t2 = time.perf_counter()
-        loaded = state_from_checkpoint(cfg, leased.tensors, leased.num_tokens, eng.dtype)
+        loaded = state_from_checkpoint(cfg, leased.tensors, leased.num_tokens, eng.kv_cache)
         batch.add(loaded)
         t3 = time.perf_counter()
         leased.tensors.clear()
         store.release(leased, delete=True)
         t4 = time.perf_counter()
         batch.remove(loaded)
+        loaded.release()
         rows.append({"write": t1 - t0, "map": t2 - t1, "load": t3 - t2, "release": t4 - t3, "total": t3 - t0})
     rows = rows[1:]
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}

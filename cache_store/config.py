@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import dataclass, field
 
 from qwenpd import service_config
@@ -12,10 +11,7 @@ from qwenpd.address import split_address
 from qwenpd.cache_store.allocator import ALIGN
 from qwenpd.cache_store.shm import STORE_ID_RE
 from qwenpd.security import Security
-from qwenpd.service_config import DEFAULT_GRACE_S, check_server
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+from qwenpd.service_config import DEFAULT_GRACE_S, check_server, parse_bytes
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,14 +58,6 @@ class CacheStoreConfig:
     @property
     def port(self) -> int:
         return split_address(self.listen)[1]
-
-
-def parse_bytes(text: str) -> int:
-    """'4GiB', '512M', '1_000_000' -> bytes (binary units for K/M/G/T without 'B')."""
-    m = re.fullmatch(r"\s*([0-9_]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4GiB, 512MiB, 1048576)")
-    return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -6,12 +6,13 @@ import argparse
 from dataclasses import dataclass
 
 from qwenpd import service_config
-from qwenpd.service_config import ModelServiceConfig
+from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE
+from qwenpd.model_service import ModelServiceConfig, add_model_service_args
 
 
 @dataclass(slots=True)
 class DecodeConfig(ModelServiceConfig):
-    """The shared fields (qwenpd.service_config.ModelServiceConfig), plus: max_batch: sequences stepped
+    """The shared fields (qwenpd.model_service.ModelServiceConfig; page_size defaults to 64), plus: max_batch: sequences stepped
     together. max_queue: sequences that may wait for a slot. (default_max_tokens applies when a request
     overrides sampling without giving max_tokens; limits bound those overrides.)"""
 
@@ -19,6 +20,8 @@ class DecodeConfig(ModelServiceConfig):
     max_batch: int = 32
 
     def __post_init__(self) -> None:
+        if self.page_size is None:
+            self.page_size = DEFAULT_PAGE_SIZE
         ModelServiceConfig.__post_init__(self)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
@@ -26,7 +29,7 @@ class DecodeConfig(ModelServiceConfig):
 
 def add_args(p: argparse.ArgumentParser) -> None:
     d = service_config.field_defaults(DecodeConfig)
-    service_config.add_model_service_args(p, d)
+    add_model_service_args(p, d)
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"sequences stepped together (default {d.max_batch})")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenpd.decode_service.scheduler import LoadInfo, Scheduler
+from qwenpd.engine.blocks import PageBudget, pages_for
 from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine.sampling import Sampler, greedy_batch
@@ -87,6 +88,7 @@ class DecodeSequence:
     num_tokens: int
     max_context: int
     sink: Any = None  # the service's per-request receiver of outputs; opaque here
+    kv_tokens: int = 0  # the most tokens its KV can ever hold (pages promised at admission)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     state: HybridState | None = None
@@ -143,9 +145,14 @@ class DecodeRunner:
         if left:
             self._deliver([(s, Output([], [], "", error=err)) for s in left])
 
+    def pages_of(self, seq: DecodeSequence) -> int:
+        """KV pages `seq` may need (promised at admission, so it never runs out mid-generation)."""
+        assert self.engine is not None
+        return pages_for(seq.kv_tokens, self.engine.kv_cache.page_size)
+
     def submit(self, seq: DecodeSequence) -> None:
         seq.submitted_at = time.monotonic()
-        self.scheduler.submit(seq)
+        self.scheduler.submit(seq, self.pages_of(seq))
 
     def cancel(self, seq: DecodeSequence) -> None:
         self.scheduler.cancel(seq)
@@ -160,6 +167,8 @@ class DecodeRunner:
             self.batch = DecodeBatch(engine, self.max_batch)
             if self._warmup:
                 warm_up(engine)
+            cache = engine.kv_cache
+            self.scheduler.pages = PageBudget(None if cache.growable else cache.allocator.usable)
             self.engine = engine
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._ready.set_exception(exc)
@@ -200,6 +209,8 @@ class DecodeRunner:
             self.batch.add(seq.state)
         except Exception as exc:  # noqa: BLE001
             log.exception("loading sequence %s failed", seq.request_id)
+            if seq.state is not None:
+                seq.state.release()
             self.scheduler.finish(seq)
             err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"loading the checkpoint failed: {exc}")
             return seq, Output([], [], "", error=err)
@@ -215,6 +226,7 @@ class DecodeRunner:
         assert self.batch is not None
         if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
             self.batch.remove(seq.state)
+            seq.state.release()  # its KV pages are free from now on
         self.scheduler.finish(seq)
 
     def _step(self) -> list[tuple[DecodeSequence, Output]]:

@@ -3,6 +3,9 @@ handlers on the event loop submit and cancel; the stepping thread takes a `Round
 
 Sequences wait in a bounded FIFO until a batch slot is free. A cancelled sequence leaves the waiting line at
 once, or the batch at the next step boundary (the stepping thread removes it before stepping again).
+
+With a KV page budget, a sequence is admitted only if the pages of its whole final length fit beside those promised
+to every sequence already waiting or running; its promise ends when it leaves (finished, cancelled, closed).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from qwenpd.engine.blocks import PageBudget
 from qwenpd.errors import ResourceExhausted
 
 S = TypeVar("S")
@@ -48,12 +52,16 @@ class Scheduler(Generic[S]):
         self._running: list[S] = []  # in the batch, or joining at the next round
         self._leaving: list[S] = []  # cancelled while running: removed at the next round
         self._closed = False
+        self.pages = PageBudget(None)  # the engine's KV budget, set once it is loaded
+        self._promised: dict[int, int] = {}  # id(seq) -> pages promised to it
 
     # ---- handler side ----------------------------------------------------------------------------------------
-    def check_room(self) -> None:
-        """Raise ResourceExhausted if a new sequence could not even wait (admission control before work)."""
+    def check_room(self, pages: int = 0) -> None:
+        """Raise ResourceExhausted if a new sequence (needing `pages` KV pages) could not even wait (admission
+        control before work)."""
         with self._cond:
             self._check_room()
+            self._check_pages(pages)
 
     def _check_room(self) -> None:
         if self._closed:
@@ -62,17 +70,34 @@ class Scheduler(Generic[S]):
             raise ResourceExhausted(f"decode batch is full ({self.max_batch} running, {len(self._waiting)} waiting)",
                                     subject="decode_batch", retry_after_s=0.1)
 
-    def submit(self, seq: S) -> None:
+    def submit(self, seq: S, pages: int = 0) -> None:
+        """Queue `seq`, promising it `pages` KV pages; ResourceExhausted if no slot can wait or the pages do not fit."""
         with self._cond:
             self._check_room()
+            self._check_pages(pages)
+            self.pages.reserve(pages)
+            self._promised[id(seq)] = pages
             self._waiting.append(seq)
             self._cond.notify()
+
+    def _check_pages(self, pages: int) -> None:
+        if self.pages.fits(pages):
+            return
+        total = self.pages.pages
+        if total is not None and pages > total:
+            raise ResourceExhausted(f"sequence needs {pages} KV pages, the whole cache has {total}", subject="kv_cache")
+        raise ResourceExhausted(f"KV cache is full ({self.pages.reserved} of {total} pages promised, {pages} needed)",
+                                subject="kv_cache", retry_after_s=0.1)
+
+    def _unpromise(self, seq: S) -> None:
+        self.pages.release(self._promised.pop(id(seq), 0))
 
     def cancel(self, seq: S) -> None:
         """Take `seq` out: at once if waiting, at the next round if running; no-op if already gone."""
         with self._cond:
             try:
                 self._waiting.remove(seq)
+                self._unpromise(seq)
                 return
             except ValueError:
                 pass
@@ -109,6 +134,7 @@ class Scheduler(Generic[S]):
         with self._cond:
             self._remove_running(seq)
             self._leaving = [s for s in self._leaving if s is not seq]
+            self._unpromise(seq)
 
     def _remove_running(self, seq: S) -> None:
         self._running = [s for s in self._running if s is not seq]
@@ -121,5 +147,7 @@ class Scheduler(Generic[S]):
             self._waiting.clear()
             self._running.clear()
             self._leaving.clear()
+            self._promised.clear()
+            self.pages.reserved = 0
             self._cond.notify_all()
             return left

@@ -7,7 +7,8 @@ import logging
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
-from qwenpd.engine.engine import Engine
+from qwenpd.engine.device import set_neuron_cores
+from qwenpd.model_service import build_engine
 from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import DecodeMetrics
 
@@ -18,8 +19,8 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
     metrics = DecodeMetrics()
     async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
-        servicer = DecodeServicer(config, store, lambda: Engine(config.model_dir, dtype=config.dtype,
-                                                                threads=config.threads), metrics)
+        # decode runs no prefill chunks: its buckets are batch sizes and block-table widths
+        servicer = DecodeServicer(config, store, lambda: build_engine(config, 64, config.max_batch), metrics)
         try:
             engine = await servicer.start()
             await run_server(servicer, listen=config.listen, security=config.security, metrics=metrics,
@@ -34,4 +35,5 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
 
 def serve(config: DecodeConfig, ready_file: str | None = None) -> int:
     """Run the decode service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
+    set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
     return serve_main("decode", lambda on_ready: run(config, on_ready), ready_file)

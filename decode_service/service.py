@@ -83,6 +83,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         seq = await self._acquire(request)
         submitted = False
         try:
+            self.runner.scheduler.check_room(self.runner.pages_of(seq))  # KV pages, before the first token goes out
             first = seq.sink.get_nowait()  # the token prefill sampled, queued by _acquire
             yield self._chunk(seq, [first])
             first_at = time.monotonic()
@@ -133,11 +134,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             guard.abandon()
             raise
         tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
+        kv_tokens = min(e.config.max_position_embeddings, num_tokens + params.max_tokens)  # its longest possible KV
         tracker = OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids)
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
         seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
-            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.dtype), guard=guard,
+            load=lambda: state_from_checkpoint(e.config, tensors, num_tokens, e.kv_cache, kv_tokens - num_tokens),
+            guard=guard, kv_tokens=kv_tokens,
             sampler=Sampler.resumed(params, handoff.sampler_draws),
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,

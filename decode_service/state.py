@@ -7,27 +7,23 @@ from collections.abc import Mapping
 import torch
 
 from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.kv_cache import PagedKVCache
 from qwenpd.engine.state import HybridState
-
-EXTRA_CAPACITY = 64  # KV room for generated tokens before the first regrowth
 
 
 def state_from_checkpoint(config: ModelConfig, tensors: Mapping[str, torch.Tensor], num_tokens: int,
-                          dtype: torch.dtype) -> HybridState:
+                          kv_cache: PagedKVCache, max_new_tokens: int = 0) -> HybridState:
     """The state of a checked checkpoint (names, shapes and dtypes already verified by the reader).
 
-    KV is copied once into fresh buffers with room to grow (no zero fill: positions past num_tokens are never
-    read). Conv and recurrent state stay views of the checkpoint's bytes: `DecodeBatch.add` copies them into
-    the batch slot, which is their one copy, so the state must join a batch before the bytes are released.
+    KV is copied once, page by page, into pages of the decode engine's cache, with pages for `max_new_tokens`
+    more tokens reserved at once (the scheduler promised them at admission). Conv and recurrent state stay views
+    of the checkpoint's bytes: `DecodeBatch.add` copies them into the batch slot (on the device), which is their
+    one copy, so the state must join a batch before the bytes are released.
     """
-    cap = num_tokens + EXTRA_CAPACITY
-    keys, values = [], []
-    for layer in config.attention_layers:
-        for out, kind in ((keys, "k"), (values, "v")):
-            src = tensors[f"layers.{layer}.{kind}"]  # [Hkv, T, D]
-            buf = torch.empty(src.shape[0], cap, src.shape[2], dtype=dtype)
-            buf[:, :num_tokens].copy_(src)
-            out.append(buf)
     conv = [tensors[f"layers.{layer}.conv"] for layer in config.linear_layers]
     recurrent = [tensors[f"layers.{layer}.recurrent"] for layer in config.linear_layers]
-    return HybridState(config, num_tokens, keys, values, conv, recurrent)
+    state = HybridState(config, num_tokens, kv_cache.sequence(), conv, recurrent)
+    state.reserve(num_tokens + max_new_tokens)
+    for j, layer in enumerate(config.attention_layers):
+        state.kv.load(j, tensors[f"layers.{layer}.k"], tensors[f"layers.{layer}.v"])
+    return state

@@ -1,13 +1,35 @@
 """The model code the prefill and decode services share: config and presets (config.py), safetensors loading
-(weights.py), the hybrid layers and model (layers.py, model.py), per-sequence state (state.py), the engine with
-its two code paths, chunked prefill and batched decode (engine.py), sampling (sampling.py), stop conditions and
-streamed text (output.py), the tokenizer (tokenizer.py), the in-process loop (generate.py) and `init-model`
-(init_model.py). Math kernels come from qwenpd.kernels; nothing here knows about gRPC."""
+(weights.py), the hybrid layers and model (layers.py, model.py), the device engine with its two code paths,
+chunked prefill and batched decode (engine.py), the compiled-graph runner over static buckets (runner.py), the
+paged KV cache (kv_cache.py, with its plain page bookkeeping in blocks.py), per-sequence state (state.py),
+devices (device.py), sampling (sampling.py), stop conditions and streamed text (output.py), the tokenizer
+(tokenizer.py), the in-process loop (generate.py), `init-model` (init_model.py), `check-device`
+(check_device.py) and the tensor-parallel sharding plan (sharding.py). Math kernels come from qwenpd.kernels;
+nothing here knows about gRPC.
 
-from qwenpd.engine.config import PRESETS, ConfigError, ModelConfig, preset
-from qwenpd.engine.engine import DecodeBatch, Engine, EngineConfig, chunk_spans
-from qwenpd.engine.sampling import Sampler, SamplingParams
-from qwenpd.engine.state import HybridState
+Importing this package imports no torch: the names below load their modules on first use, so plain
+bookkeeping (blocks.py) stays importable on its own.
+"""
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "preset", "DecodeBatch", "Engine", "EngineConfig",
-           "chunk_spans", "Sampler", "SamplingParams", "HybridState"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config", "preset": "config",
+    "DecodeBatch": "engine", "Engine": "engine", "EngineConfig": "engine", "chunk_spans": "engine",
+    "Sampler": "sampling", "SamplingParams": "sampling", "HybridState": "state",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -9,22 +10,29 @@ from typing import Callable, Sequence
 import torch
 
 from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.device import resolve_device
+from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
+from qwenpd.engine.runner import Buckets, GraphRunner, pick
 from qwenpd.engine.state import HybridState
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
+from qwenpd.kernels.ops import register_device_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family."""
+    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device."""
 
     model_dir: str
     dtype: str = "auto"
     threads: int | None = None
     deltanet_kernels: str = "torch"
+    device: str = "cpu"
+    kv_cache_bytes: int | None = None  # None = a cache that grows on demand (eager use)
+    page_size: int = DEFAULT_PAGE_SIZE
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -33,14 +41,25 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.deltanet_kernels not in ("torch", "nki"):
             raise ValueError(f"deltanet_kernels must be 'torch' or 'nki', got {self.deltanet_kernels!r}")
+        resolve_device(self.device)
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
 
 
 class Engine:
-    """A Qwen3.5/3.6 hybrid model ready to prefill and decode on CPU (or CUDA) with PyTorch."""
+    """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
+
+    Weights, KV (one paged cache, `kv_cache_bytes` big), DeltaNet state and logits live on `self.device`; only
+    token ids cross to and from the host."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
-                 deltanet_kernels: str = "torch"):
-        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels)
+                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: int | None = None,
+                 page_size: int = DEFAULT_PAGE_SIZE):
+        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device),
+                                          kv_cache_bytes, page_size)
+        self.device = resolve_device(device)
         if threads is not None:
             torch.set_num_threads(threads)
         self.config = ModelConfig.from_pretrained(model_dir)
@@ -49,7 +68,11 @@ class Engine:
             raise ValueError(f"checkpoint dtype {name!r} is not supported; pass --dtype float32 or bfloat16")
         self.dtype = DTYPES[name]
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype)
+        weights = {name: t.to(self.device) for name, t in weights.items()}
+        self.kernel_family = register_device_kernels(self.device.type) if deltanet_kernels == "torch" else "nki"
         self.model = HybridModel(self.config, weights, DeltaNetKernels.named(deltanet_kernels))
+        self.kv_cache = PagedKVCache(self.config, self.dtype, self.device, page_size, kv_cache_bytes)
+        self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
         eos = set(self.config.eos_token_ids)
@@ -57,8 +80,37 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
+    def default_buckets(self, chunk_size: int, max_batch: int, max_context: int | None = None) -> Buckets:
+        """Buckets for contexts up to max_context (default: what the model and the KV cache allow)."""
+        cache = self.kv_cache
+        limit = min(self.config.max_position_embeddings, cache.allocator.usable * cache.page_size)
+        return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
+
+    def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
+                cache_dir: str | None = None) -> float:
+        """Compile the prefill chunk and decode step for every bucket (torch.compile, static shapes) and use them
+        from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
+        the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them."""
+        if cache_dir:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        if self.kv_cache.growable:
+            raise ValueError("compiled graphs need a fixed-size KV cache: give kv_cache_bytes (--kv-cache-bytes)")
+        if buckets.batches[-1] < max_batch:
+            raise ValueError(f"largest batch bucket {buckets.batches[-1]} is below max_batch {max_batch}")
+        backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
+        for linear in self.model.linears():
+            linear.unpack()
+        self.runner = GraphRunner(self.model, buckets, backend)
+        scratch = self.new_state()
+        return self.runner.warm_up(scratch, buckets.batches[-1])
+
     def new_state(self) -> HybridState:
-        return HybridState.empty(self.config, self.dtype)
+        return HybridState.empty(self.config, self.kv_cache)
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor], num_tokens: int, extra_tokens: int = 0
+                           ) -> HybridState:
+        """A state from checkpoint tensors (full K/V per layer), its KV copied into this engine's pages."""
+        return HybridState.from_tensors(self.config, tensors, num_tokens, self.kv_cache, extra_tokens)
 
     def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
         """Raise ValueError for ids outside the vocabulary or a context past max_position_embeddings."""
@@ -85,11 +137,13 @@ class Engine:
             raise ValueError("prefill needs at least one token")
         state = state if state is not None else self.new_state()
         self.check_tokens(token_ids, state.num_tokens)
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        if self.runner.buckets is not None:  # compiled: no chunk longer than the largest graph
+            chunk_size = min(chunk_size, self.runner.buckets.chunks[-1])
+        ids = list(token_ids)
         start = state.num_tokens
         logits = None
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
-            logits = self.model.prefill_chunk(ids[lo - start: hi - start], state)
+            logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state)
             if on_chunk is not None:
                 on_chunk(state)
         assert logits is not None
@@ -99,7 +153,7 @@ class Engine:
         """Logits [T, V] for every position of a fresh sequence (one chunk; for tests and scoring)."""
         state = self.new_state()
         self.check_tokens(token_ids)
-        return self.model.prefill_chunk(torch.as_tensor(list(token_ids)), state, all_logits=True)
+        return self.eager.prefill_chunk(list(token_ids), state, all_logits=True)
 
     def decode(self, states: list[HybridState], token_ids: Sequence[int]) -> torch.Tensor:
         """One step for a batch of independent states (stacks their DeltaNet state for this call only).
@@ -131,19 +185,21 @@ def chunk_spans(start: int, end: int, chunk_size: int, boundaries: Sequence[int]
 class DecodeBatch:
     """Sequences decoding together. DeltaNet state lives stacked in slot tensors (the sequence's HybridState
     points at views of its slot while it is in the batch); active slots are kept dense in [0, size), so a step
-    reads a slice with no gather. KV stays in each sequence's own buffers."""
+    reads a slice with no gather. KV stays in each sequence's pages of the engine's paged cache."""
 
     def __init__(self, engine: Engine, max_batch: int):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        c, dt = engine.config, engine.dtype
+        c, dt, dev = engine.config, engine.dtype, engine.device
         self.engine = engine
         self.max_batch = max_batch
         n_lin = len(c.linear_layers)
-        self.conv = [torch.zeros(max_batch, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt)
+        buckets = engine.runner.buckets  # compiled: padding rows of the largest bucket are free slots too
+        rows = max_batch if buckets is None else pick(buckets.batches, max_batch, "decode batch of")
+        self.conv = [torch.zeros(rows, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt, device=dev)
                      for _ in range(n_lin)]
-        self.recurrent = [torch.zeros(max_batch, c.linear_num_value_heads, c.linear_key_head_dim,
-                                      c.linear_value_head_dim, dtype=torch.float32) for _ in range(n_lin)]
+        self.recurrent = [torch.zeros(rows, c.linear_num_value_heads, c.linear_key_head_dim,
+                                      c.linear_value_head_dim, dtype=torch.float32, device=dev) for _ in range(n_lin)]
         self.states: list[HybridState] = []
 
     def __len__(self) -> int:
@@ -198,6 +254,4 @@ class DecodeBatch:
         if longest + 1 > limit:  # one check for the whole batch: only the longest sequence can overflow
             raise ValueError(f"context of {longest + 1} tokens exceeds the model's maximum {limit}")
         self.engine.check_tokens(token_ids)
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-        return self.engine.model.decode_step(ids, self.states, [c[:b] for c in self.conv],
-                                             [r[:b] for r in self.recurrent])
+        return self.engine.runner.decode_step(list(token_ids), self.states, self.conv, self.recurrent)

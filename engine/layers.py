@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.engine.config import ModelConfig
-from qwenpd.kernels import causal_conv1d, causal_conv1d_update
+from qwenpd.kernels import ops
 
 
 def _onednn_packing_available() -> bool:
@@ -19,14 +19,16 @@ def _onednn_packing_available() -> bool:
 
 
 class Linear:
-    """y = x @ W^T. On CPU in bf16 the weight is packed once into oneDNN's blocked layout: the same result bit
-    for bit as F.linear, about 2x faster at decode batch sizes (weights stream at a higher fraction of memory
-    bandwidth) and a little faster at prefill sizes."""
+    """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere may be fp32: the model rounds to
+    bf16 only at matmul inputs). On CPU in bf16 the weight is packed once into oneDNN's blocked layout: the same
+    result bit for bit as F.linear, about 2x faster at decode batch sizes (weights stream at a higher fraction of
+    memory bandwidth) and a little faster at prefill sizes."""
 
-    __slots__ = ("weight", "packed")
+    __slots__ = ("weight", "packed", "dtype")
 
     def __init__(self, weight: torch.Tensor):
         weight = weight.contiguous()
+        self.dtype = weight.dtype
         self.packed = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_packing_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -34,17 +36,25 @@ class Linear:
         else:
             self.weight = weight
 
+    def unpack(self) -> None:
+        """Back to a plain weight (compiled graphs cannot trace the opaque packed tensor; inductor packs itself)."""
+        if self.packed is not None:
+            self.weight, self.packed = self.packed.to_dense(), None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
-def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast back. `weight_plus_one` is fp32."""
+def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast to out_dtype (default x.dtype).
+    `weight_plus_one` is fp32."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight_plus_one).to(x.dtype)
+    return (xf * weight_plus_one).to(out_dtype or x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,10 +67,11 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
 class Rotary:
     """Partial rotary embedding on the first `rotary_dim` dims of each head (text mRoPE == plain RoPE)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, device: torch.device):
         dim = config.rotary_dim
         self.dim = dim
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        steps = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N] -> cos, sin [N, rotary_dim] in `dtype` (computed in fp32 like transformers)."""
@@ -87,7 +98,7 @@ class MLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate.float()) * up.float())  # fp32 product, rounded once at down's input
 
 
 class DeltaNetMixer:
@@ -99,7 +110,8 @@ class DeltaNetMixer:
         # one matmul for q|k|v (conv input), z (output gate), b (beta), a (decay)
         self.in_proj = Linear(torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"],
                                          w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"]], dim=0))
-        self.conv_weight = w[p + "conv1d.weight"][:, 0, :].contiguous()  # [D, W]
+        # fp32 taps on fp32 inputs: the conv, the delta rule and the output norm run on unrounded activations
+        self.conv_weight = w[p + "conv1d.weight"][:, 0, :].float().contiguous()  # [D, W]
         self.neg_A = -w[p + "A_log"].float().exp()  # [Hv]
         self.dt_bias = w[p + "dt_bias"]
         self.norm_weight = w[p + "norm.weight"]
@@ -108,9 +120,9 @@ class DeltaNetMixer:
 
     def _project(self, x: torch.Tensor):
         mixed, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
-        beta = b.sigmoid()
+        beta = b.float().sigmoid()
         g = self.neg_A * F.softplus(a.float() + self.dt_bias)
-        return mixed, z, beta, g
+        return mixed.float(), z, beta, g
 
     def _split_heads(self, mixed: torch.Tensor):
         c = self.c
@@ -126,21 +138,23 @@ class DeltaNetMixer:
         o = gated_rms_norm(o, z, self.norm_weight, c.rms_norm_eps)
         return self.out_proj(o.flatten(-2))
 
-    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor,
-                kernels) -> torch.Tensor:
-        """x [T, H]; conv_state [D, W-1] and rec_state [Hv, dk, dv] (fp32) are updated in place."""
+    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H]; conv_state [D, W-1] and rec_state [Hv, dk, dv] (fp32) are updated in place. mask [T] bool
+        marks the real tokens (a prefix; padding leaves both states alone)."""
         mixed, z, beta, g = self._project(x)
-        mixed, new_conv = causal_conv1d(mixed[None], self.conv_weight, conv_state[None])
+        mask = None if mask is None else mask[None]
+        mixed, new_conv = kernels.conv(mixed[None], self.conv_weight, conv_state[None], mask)
         conv_state.copy_(new_conv[0])
         q, k, v = self._split_heads(mixed[0])
-        o, new_rec = kernels.chunk(q[None], k[None], v[None], g[None], beta[None], initial_state=rec_state[None])
+        o, new_rec = kernels.chunk(q[None], k[None], v[None], g[None], beta[None], rec_state[None], mask)
         rec_state.copy_(new_rec[0])
         return self._output(o[0], z)
 
     def decode(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels) -> torch.Tensor:
         """x [B, H]; conv_state [B, D, W-1] and rec_state [B, Hv, dk, dv] are updated in place."""
         mixed, z, beta, g = self._project(x)
-        mixed = causal_conv1d_update(mixed, self.conv_weight, conv_state)
+        mixed = kernels.conv_update(mixed, self.conv_weight, conv_state)
         q, k, v = self._split_heads(mixed)
         o = kernels.step(q, k, v, g, beta, rec_state)
         return self._output(o, z)
@@ -162,51 +176,35 @@ class AttentionMixer:
         self.scale = c.head_dim ** -0.5
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied."""
+        """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied (q, k in fp32:
+        rounded only where they enter a matmul or the KV cache)."""
         c = self.c
         n = x.shape[0]
         qg, k, v = self.qkv(x).split(self.splits, dim=-1)
         qg = qg.view(n, c.num_attention_heads, 2 * c.head_dim)
         q, gate = qg[..., : c.head_dim], qg[..., c.head_dim:].reshape(n, -1)
-        q = rms_norm(q, self.q_norm, c.rms_norm_eps)
-        k = rms_norm(k.view(n, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        q = rms_norm(q, self.q_norm, c.rms_norm_eps, torch.float32)
+        k = rms_norm(k.view(n, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps, torch.float32)
         v = v.view(n, c.num_key_value_heads, c.head_dim)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin(positions, torch.float32)
         return self.rotary.apply(q, cos, sin), gate, self.rotary.apply(k, cos, sin), v
 
-    def prefill(self, x: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int) -> torch.Tensor:
-        """x [T, H]; k_buf/v_buf [Hkv, capacity, D] receive this chunk's K/V at [start, start+T)."""
+    def prefill(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                table: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """x [T, H] at positions start..start+T-1 (start [1]); this chunk's K/V go to pool slots [T] first, then
+        every query attends causally over the sequence's pages (table [W])."""
         t = x.shape[0]
-        positions = torch.arange(start, start + t)
+        positions = start + torch.arange(t, device=x.device)
         q, gate, k, v = self._qkv(x, positions)
-        k_buf[:, start:start + t] = k.transpose(0, 1)
-        v_buf[:, start:start + t] = v.transpose(0, 1)
-        keys, values = k_buf[:, : start + t], v_buf[:, : start + t]
-        if start == 0:
-            mask, causal = None, True
-        else:  # queries sit at the end of the key range: key j visible to query i iff j <= start + i
-            mask = torch.arange(start + t)[None, :] <= positions[:, None]
-            causal = False
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                                           is_causal=causal, scale=self.scale, enable_gqa=True)
-        o = o[0].transpose(0, 1).reshape(t, -1)
-        return self.o_proj(o * torch.sigmoid(gate))
+        ops.write_kv(k_pool, v_pool, slots, k, v)
+        o = ops.paged_attention_prefill(q.to(k_pool.dtype), k_pool, v_pool, table, start, self.scale)
+        return self.o_proj(o.reshape(t, -1).float() * torch.sigmoid(gate.float()))
 
-    def decode(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor
-               ) -> torch.Tensor:
-        """x [B, H]; kv[b] = (k_buf, v_buf) [Hkv, capacity, D] of sequence b, written at positions[b]."""
-        c = self.c
+    def decode(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+               tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, H]; sequence b's new K/V go to slots[b] (its token positions[b]), then one paged attention
+        call for the whole batch (tables [B, W]; fp32 scores and sums)."""
         q, gate, k, v = self._qkv(x, positions)
-        group = c.num_attention_heads // c.num_key_value_heads
-        outs = []
-        for b, (k_buf, v_buf) in enumerate(kv):
-            pos = int(positions[b])
-            k_buf[:, pos] = k[b]
-            v_buf[:, pos] = v[b]
-            # one query per KV head group; small matmuls run faster (and more exactly) in fp32 than in bf16
-            keys, values = k_buf[:, : pos + 1].float(), v_buf[:, : pos + 1].float()  # [Hkv, L, D]
-            qb = q[b].view(c.num_key_value_heads, group, c.head_dim).float()
-            scores = torch.matmul(qb, keys.transpose(1, 2)).mul_(self.scale)  # [Hkv, group, L]
-            outs.append(torch.matmul(torch.softmax(scores, dim=-1), values).reshape(-1))
-        o = torch.stack(outs).to(x.dtype)
-        return self.o_proj(o * torch.sigmoid(gate))
+        ops.write_kv(k_pool, v_pool, slots, k, v)
+        o = ops.paged_attention_decode(q, k_pool, v_pool, tables, positions + 1, self.scale)  # fp32 q and out
+        return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()))

@@ -9,47 +9,59 @@ import torch
 
 from qwenpd.engine.config import LINEAR, ModelConfig
 from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rotary, rms_norm
-from qwenpd.engine.state import HybridState
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaNetKernels:
-    """Which implementation of the gated delta rule the DeltaNet layers call (same shapes either way)."""
+    """What the DeltaNet layers call (same shapes and contract as the qwenpd:: ops in kernels/ops.py).
+
+    "torch": the custom ops, whose kernel is picked per device (torch reference, FLA on CUDA, NKI on neuron).
+    "nki": the NKI kernels called directly, eagerly (the CPU emulator without the Neuron SDK; tests and demos).
+    """
 
     name: str
-    chunk: Callable
-    step: Callable
+    chunk: Callable  # (q, k, v, g, beta, initial_state, mask) -> (o, final_state)
+    step: Callable  # (q, k, v, g, beta, state) -> o, state updated in place
+    conv: Callable  # (x, weight, state, mask) -> (y, new_state)
+    conv_update: Callable  # (x, weight, state) -> y, state updated in place
 
     @classmethod
     def named(cls, name: str) -> "DeltaNetKernels":
+        from qwenpd.kernels import ops
+
         if name == "torch":
-            from qwenpd.kernels import chunk_gated_delta_rule, step_gated_delta_rule
-
-            return cls("torch", chunk_gated_delta_rule, step_gated_delta_rule)
+            return cls("torch", ops.chunk_gated_delta_rule, ops.step_gated_delta_rule, ops.causal_conv1d,
+                       ops.causal_conv1d_update)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
-            from qwenpd.kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
+            from qwenpd.kernels.nki import torch_ops
 
-            return cls("nki", nki_chunk_gated_delta_rule, nki_step_gated_delta_rule)
+            return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.causal_conv1d, ops.causal_conv1d_update)
         raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch' or 'nki'")
 
 
 class Block:
-    """One decoder layer: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """One decoder layer: x + mixer(norm(x)), then x + mlp(norm(x)). The residual stream x is fp32; norms read it
+    in fp32 and round once, to the model dtype, for the matmuls that follow."""
 
     def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], index: int, rotary: Rotary):
         p = f"layers.{index}."
         self.index = index
         self.is_linear = c.layer_types[index] == LINEAR
         self.eps = c.rms_norm_eps
+        self.dtype = w[p + "input_layernorm.weight"].dtype
         self.in_norm = 1.0 + w[p + "input_layernorm.weight"].float()
         self.post_norm = 1.0 + w[p + "post_attention_layernorm.weight"].float()
         self.mixer = DeltaNetMixer(c, w, p) if self.is_linear else AttentionMixer(c, w, p, rotary)
         self.mlp = MLP(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0),
                        w[p + "mlp.down_proj.weight"])
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer's input: fp32 residual [N, H] -> normalised, in the model dtype."""
+        return rms_norm(x, self.in_norm, self.eps, self.dtype)
+
     def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        x = x + mixed
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps))
+        x = x + mixed  # fp32 + model dtype -> fp32
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype))
 
 
 class HybridModel:
@@ -58,7 +70,8 @@ class HybridModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], kernels: DeltaNetKernels):
         self.config = config
         self.kernels = kernels
-        rotary = Rotary(config)
+        self.device = weights["embed_tokens.weight"].device
+        rotary = Rotary(config, self.device)
         self.embed = weights["embed_tokens.weight"]
         self.lm_head = Linear(weights["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"])
         self.final_norm = 1.0 + weights["norm.weight"].float()
@@ -70,50 +83,47 @@ class HybridModel:
                 self.slot[layer] = j
         self.dtype = self.embed.dtype
 
+    def linears(self) -> list[Linear]:
+        """Every projection of the model."""
+        parts = [p for blk in self.blocks for p in (blk.mixer, blk.mlp)]
+        return [self.lm_head, *(v for p in parts for v in vars(p).values() if isinstance(v, Linear))]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
-        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
         return self.lm_head(h).float()
 
-    @torch.inference_mode()
-    def prefill_chunk(self, token_ids: torch.Tensor, state: HybridState, all_logits: bool = False
+    # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
+    def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
+                      k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
+                      table: torch.Tensor, start: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor
                       ) -> torch.Tensor:
-        """Consume token_ids [T] into `state` (in place). Returns logits of the last token [V] (or all [T, V])."""
-        t = token_ids.numel()
-        start = state.num_tokens
-        state.reserve(start + t)
-        x = self.embed[token_ids]
+        """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
+        pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
+        real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V]."""
+        x = self.embed[ids].float()  # the residual stream stays fp32
         for blk in self.blocks:
-            h = rms_norm(x, blk.in_norm, blk.eps)
+            h = blk.norm(x)
             j = self.slot[blk.index]
             if blk.is_linear:
-                mixed = blk.mixer.prefill(h, state.conv[j], state.recurrent[j], self.kernels)
+                mixed = blk.mixer.prefill(h, conv[j], recurrent[j], self.kernels, mask)
             else:
-                mixed = blk.mixer.prefill(h, state.keys[j], state.values[j], start)
+                mixed = blk.mixer.prefill(h, k_pools[j], v_pools[j], slots, table, start)
             x = blk.finish(x, mixed)
-        state.num_tokens = start + t
-        state.token_ids.extend(token_ids.tolist())
-        return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+        return self.logits(x.index_select(0, last))
 
-    @torch.inference_mode()
-    def decode_step(self, token_ids: torch.Tensor, states: list[HybridState], conv: list[torch.Tensor],
-                    recurrent: list[torch.Tensor]) -> torch.Tensor:
-        """One token for each of B sequences: token_ids [B]; conv[j] [B, D, W-1] and recurrent[j] [B, Hv, dk, dv]
-        are the batch's stacked DeltaNet states (updated in place). KV lives in each state. Returns logits [B, V]."""
-        positions = torch.tensor([s.num_tokens for s in states])
-        for s in states:
-            s.reserve(s.num_tokens + 1)
-        x = self.embed[token_ids]
+    def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
+                     k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
+                     tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
+        recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]."""
+        x = self.embed[ids].float()  # the residual stream stays fp32
         for blk in self.blocks:
-            h = rms_norm(x, blk.in_norm, blk.eps)
+            h = blk.norm(x)
             j = self.slot[blk.index]
             if blk.is_linear:
                 mixed = blk.mixer.decode(h, conv[j], recurrent[j], self.kernels)
             else:
-                kv = [(s.keys[j], s.values[j]) for s in states]
-                mixed = blk.mixer.decode(h, kv, positions)
+                mixed = blk.mixer.decode(h, k_pools[j], v_pools[j], slots, tables, positions)
             x = blk.finish(x, mixed)
-        for s, tok in zip(states, token_ids.tolist()):
-            s.num_tokens += 1
-            s.token_ids.append(tok)
         return self.logits(x)

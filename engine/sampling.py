@@ -48,6 +48,9 @@ class SamplingParams:
 class Sampler:
     """Samples the tokens of one sequence; its generator makes a seeded request reproducible.
 
+    The math runs where the logits are (any device); the generator is a host one drawing one uniform per token,
+    so a seeded request gives the same tokens on every device.
+
     The generator is advanced exactly once per sampled token, so a request resumed after `n` tokens can be
     reproduced by `Sampler.resumed(params, n)`.
     """
@@ -84,7 +87,8 @@ class Sampler:
         # inverse-CDF with one uniform draw: independent of thread count and reproducible from the seed
         cdf = torch.cumsum(probs, dim=-1)
         u = self._uniform() * float(cdf[-1])
-        token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype)).clamp(max=cdf.numel() - 1))
+        point = torch.tensor([u], dtype=cdf.dtype, device=cdf.device)
+        token = int(torch.searchsorted(cdf, point).clamp(max=cdf.numel() - 1))
         while probs[token] == 0:  # u landed exactly on a boundary of a zeroed entry
             token -= 1
         return token, float(logprobs[token])

@@ -1,4 +1,6 @@
-"""Per-sequence hybrid model state: GQA KV for attention layers, conv + recurrent state for DeltaNet layers."""
+"""Per-sequence hybrid model state: GQA KV (pages of the engine's paged cache) for attention layers, conv +
+recurrent state for DeltaNet layers. The checkpoint format at the boundary is unchanged: full contiguous K/V
+tensors per layer, converted here (to_tensors / from_tensors)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,14 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenpd.engine.config import ModelConfig
-
-_MIN_CAPACITY = 64
+from qwenpd.engine.kv_cache import PagedKVCache, SequenceKV
 
 
 @dataclass(slots=True)
 class HybridState:
     """Everything a sequence needs to continue: the state after consuming `num_tokens` tokens.
 
-    keys/values:  per attention layer, a capacity-backed buffer [Hkv, capacity, D]; the live part is
-                  [:, :num_tokens]. Model dtype.
+    kv:           the sequence's pages in the engine's PagedKVCache (all attention layers share the block table).
     conv:         per DeltaNet layer [conv_dim, W-1], the last W-1 projected inputs (oldest first). Model dtype.
     recurrent:    per DeltaNet layer [Hv, dk, dv], float32 always.
     Layer lists follow config.attention_layers / config.linear_layers order.
@@ -24,84 +24,58 @@ class HybridState:
 
     config: ModelConfig
     num_tokens: int
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: SequenceKV
     conv: list[torch.Tensor]
     recurrent: list[torch.Tensor]
     token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-              capacity: int = _MIN_CAPACITY) -> "HybridState":
-        c = config
-        kv_shape = (c.num_key_value_heads, capacity, c.head_dim)
-        n_attn, n_lin = len(c.attention_layers), len(c.linear_layers)
+    def empty(cls, config: ModelConfig, kv_cache: PagedKVCache) -> "HybridState":
+        c, dtype, device = config, kv_cache.dtype, kv_cache.device
         return cls(
             config=c,
             num_tokens=0,
-            keys=[torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(n_attn)],
-            values=[torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(n_attn)],
+            kv=kv_cache.sequence(),
             conv=[torch.zeros(c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
-                  for _ in range(n_lin)],
+                  for _ in range(len(c.linear_layers))],
             recurrent=[torch.zeros(c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
-                                   dtype=torch.float32, device=device) for _ in range(n_lin)],
+                                   dtype=torch.float32, device=device) for _ in range(len(c.linear_layers))],
         )
 
-    # ---- KV buffer management ------------------------------------------------------------------------
     @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 1 << 62
+    def device(self) -> torch.device:
+        return self.kv.cache.device
 
     def reserve(self, num_tokens: int) -> None:
-        """Make room for `num_tokens` tokens in total (amortised doubling)."""
-        if num_tokens <= self.capacity:
-            return
-        new_cap = max(num_tokens, 2 * self.capacity, _MIN_CAPACITY)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                new = old.new_zeros(old.shape[0], new_cap, old.shape[2])
-                new[:, : self.num_tokens] = old[:, : self.num_tokens]
-                buffers[i] = new
+        """Own KV pages for `num_tokens` tokens in total (OutOfPages if the cache cannot give them)."""
+        self.kv.reserve(num_tokens)
 
-    def kv(self, attn_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live K, V of attention layer number `attn_index` (views): [Hkv, num_tokens, D] each."""
-        n = self.num_tokens
-        return self.keys[attn_index][:, :n], self.values[attn_index][:, :n]
+    def release(self) -> None:
+        """Give the KV pages back now (also happens when the state is garbage collected)."""
+        self.kv.release()
+
+    def kv_of(self, attn_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live K, V of attention layer number `attn_index` (copies): [Hkv, num_tokens, D] each."""
+        return self.kv.read(attn_index, 0, self.num_tokens)
 
     # ---- (de)serialisation: flat name -> tensor, used by checkpoints --------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat, contiguous tensors named by absolute layer index ("layers.3.k", "layers.0.recurrent", ...)."""
-        out: dict[str, torch.Tensor] = {}
-        for j, layer in enumerate(self.config.attention_layers):
-            k, v = self.kv(j)
-            out[f"layers.{layer}.k"] = k.contiguous()
-            out[f"layers.{layer}.v"] = v.contiguous()
-        for j, layer in enumerate(self.config.linear_layers):
-            out[f"layers.{layer}.conv"] = self.conv[j].contiguous()
-            out[f"layers.{layer}.recurrent"] = self.recurrent[j].contiguous()
+        """Flat, contiguous host tensors named by absolute layer index ("layers.3.k", "layers.0.recurrent", ...)."""
+        out = self.kv_tensors(0, self.num_tokens)
+        out.update(self.deltanet_tensors())
         return out
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], num_tokens: int,
-                     dtype: torch.dtype, extra_capacity: int = _MIN_CAPACITY) -> "HybridState":
-        """Inverse of to_tensors; copies into fresh buffers with room to grow. Raises ValueError on mismatch."""
-        expected = expected_shapes(config, num_tokens)
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ValueError(f"state tensors do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
-        for name, shape in expected.items():
-            t = tensors[name]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"state tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-            want = torch.float32 if name.endswith(".recurrent") else dtype
-            if t.dtype != want:
-                raise ValueError(f"state tensor {name} has dtype {t.dtype}, expected {want}")
-        state = cls.empty(config, dtype, capacity=max(_MIN_CAPACITY, num_tokens + extra_capacity))
+                     kv_cache: PagedKVCache, extra_tokens: int = 0) -> "HybridState":
+        """Inverse of to_tensors: KV copied page by page into the cache (pages for num_tokens + extra_tokens),
+        DeltaNet state into fresh tensors on the cache's device. Raises ValueError on a mismatch with the model."""
+        check_tensors(config, tensors, num_tokens, kv_cache.dtype)
+        state = cls.empty(config, kv_cache)
         state.num_tokens = num_tokens
+        state.reserve(num_tokens + extra_tokens)
         for j, layer in enumerate(config.attention_layers):
-            state.keys[j][:, :num_tokens] = tensors[f"layers.{layer}.k"]
-            state.values[j][:, :num_tokens] = tensors[f"layers.{layer}.v"]
+            state.kv.load(j, tensors[f"layers.{layer}.k"], tensors[f"layers.{layer}.v"])
         for j, layer in enumerate(config.linear_layers):
             state.conv[j].copy_(tensors[f"layers.{layer}.conv"])
             state.recurrent[j].copy_(tensors[f"layers.{layer}.recurrent"])
@@ -109,51 +83,65 @@ class HybridState:
 
     # ---- pieces for the prefix cache -------------------------------------------------------------------
     def kv_tensors(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        """K/V of tokens [lo, hi) of every attention layer (contiguous copies): one KV block or the tail."""
+        """K/V of tokens [lo, hi) of every attention layer (contiguous host copies): one KV block or the tail."""
         if not 0 <= lo <= hi <= self.num_tokens:
             raise ValueError(f"token range [{lo}, {hi}) outside the {self.num_tokens} consumed")
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.attention_layers):
-            out[f"layers.{layer}.k"] = self.keys[j][:, lo:hi].contiguous()
-            out[f"layers.{layer}.v"] = self.values[j][:, lo:hi].contiguous()
+            k, v = self.kv.read(j, lo, hi)
+            out[f"layers.{layer}.k"] = _host(k)
+            out[f"layers.{layer}.v"] = _host(v)
         return out
 
     def deltanet_tensors(self) -> dict[str, torch.Tensor]:
         """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position."""
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.linear_layers):
-            out[f"layers.{layer}.conv"] = self.conv[j].clone()
-            out[f"layers.{layer}.recurrent"] = self.recurrent[j].clone()
+            out[f"layers.{layer}.conv"] = _host(self.conv[j], copy=True)
+            out[f"layers.{layer}.recurrent"] = _host(self.recurrent[j], copy=True)
         return out
 
     @classmethod
     def from_prefix(cls, config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],
-                    snapshot: dict[str, torch.Tensor], num_tokens: int, dtype: torch.dtype,
-                    extra_capacity: int = 0) -> "HybridState":
+                    snapshot: dict[str, torch.Tensor], num_tokens: int, kv_cache: PagedKVCache,
+                    extra_tokens: int = 0) -> "HybridState":
         """A state restored from cached KV blocks (in prefix order) and the DeltaNet snapshot after the last
-        of them, copied straight into fresh buffers. Raises ValueError on a mismatch with the model."""
+        of them. Raises ValueError on a mismatch with the model."""
         tensors = dict(snapshot)
-        for j, layer in enumerate(config.attention_layers):
+        for layer in config.attention_layers:
             for kind in ("k", "v"):
                 name = f"layers.{layer}.{kind}"
                 try:
                     tensors[name] = torch.cat([b[name] for b in kv_blocks], dim=1)
                 except (KeyError, RuntimeError) as exc:
                     raise ValueError(f"cached KV blocks do not fit the model at {name}: {exc}") from None
-        return cls.from_tensors(config, tensors, num_tokens, dtype, extra_capacity=max(extra_capacity, 64))
-
-    def clone(self) -> "HybridState":
-        n = self.num_tokens
-        cap = max(_MIN_CAPACITY, n + _MIN_CAPACITY)
-        keys = [torch.zeros(k.shape[0], cap, k.shape[2], dtype=k.dtype) for k in self.keys]
-        values = [torch.zeros_like(k) for k in keys]
-        for dst, src in zip(keys + values, self.keys + self.values):
-            dst[:, :n] = src[:, :n]
-        return HybridState(self.config, n, keys, values, [c.clone() for c in self.conv],
-                           [r.clone() for r in self.recurrent], list(self.token_ids))
+        return cls.from_tensors(config, tensors, num_tokens, kv_cache, extra_tokens)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+        return self.config.state_bytes(self.num_tokens, self.kv.cache.k[0].element_size() if self.kv.cache.k else 2)
+
+
+def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], num_tokens: int, dtype: torch.dtype) -> None:
+    """ValueError unless `tensors` are exactly the state tensors of `config` after num_tokens tokens."""
+    expected = expected_shapes(config, num_tokens)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"state tensors do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"state tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+        want = torch.float32 if name.endswith(".recurrent") else dtype
+        if t.dtype != want:
+            raise ValueError(f"state tensor {name} has dtype {t.dtype}, expected {want}")
+
+
+def _host(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """A contiguous host copy for the checkpoint boundary (the cache store writes host memory); meta stays meta."""
+    if t.device.type in ("cpu", "meta"):
+        return t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
+    return t.to("cpu", memory_format=torch.contiguous_format)
 
 
 def expected_shapes(config: ModelConfig, num_tokens: int) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from qwenpd.cache_store.client import CacheStoreClient
+from qwenpd.engine.device import set_neuron_cores
 from qwenpd.engine.engine import Engine
+from qwenpd.model_service import build_engine
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
@@ -21,7 +23,7 @@ def warm_up(engine: Engine, chunk_size: int) -> None:
 
 
 def load_engine(config: PrefillConfig) -> Engine:
-    engine = Engine(config.model_dir, dtype=config.dtype, threads=config.threads)
+    engine = build_engine(config, config.chunk_size, max_batch=1)
     if config.warmup:
         warm_up(engine, config.chunk_size)
     return engine
@@ -47,4 +49,5 @@ async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:
 
 def serve(config: PrefillConfig, ready_file: str | None = None) -> int:
     """Run the prefill service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
+    set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
     return serve_main("prefill", lambda on_ready: run(config, on_ready), ready_file)

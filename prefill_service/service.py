@@ -25,7 +25,8 @@ from qwenpd.prefill_service.prompt import prompt_token_ids
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-from qwenpd.errors import QwenpdError
+from qwenpd.engine.blocks import OutOfPages
+from qwenpd.errors import QwenpdError, ResourceExhausted
 from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             state = self.prefix.restore(plan)
             restored = time.monotonic_ns()
-            state.reserve(len(ids))  # KV capacity == prompt length: no regrowth, no KV copy for the tail
+            try:
+                state.reserve(len(ids))  # every page of the prompt at once, before any work
+            except OutOfPages as exc:
+                raise ResourceExhausted(f"prompt of {len(ids)} tokens does not fit the KV cache: {exc}",
+                                        subject="kv_cache", retry_after_s=None) from None
 
             def between_chunks(s) -> None:
                 job.check()

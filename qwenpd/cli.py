@@ -16,6 +16,12 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
+def _parse_bytes(text: str) -> int:
+    from qwenpd.service_config import parse_bytes
+
+    return parse_bytes(text)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -48,10 +54,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_remote(args)
     if not args.model:
         raise SystemExit("qwenpd generate: --model DIR is required (or --prefill ADDR --decode ADDR)")
+    from qwenpd.engine.device import set_neuron_cores
     from qwenpd.engine.engine import Engine
     from qwenpd.engine.generate import generate
 
-    engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels)
+    set_neuron_cores(args.neuron_cores)
+    engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels,
+                    device=args.device, kv_cache_bytes=args.kv_cache_bytes)
     if args.prompt_ids is not None:
         prompt_ids = args.prompt_ids
     elif args.prompt is not None:
@@ -62,17 +71,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("qwenpd generate: give --prompt TEXT or --prompt-ids 1,2,3")
     params = sampling_from_args(args)
     started = time.perf_counter()
+    warmup_s = 0.0
+    if args.compile:
+        if args.kv_cache_bytes is None:
+            raise ValueError("--compile needs a fixed-size KV cache: give --kv-cache-bytes")
+        buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
+        warmup_s = engine.compile(buckets, max_batch=1, cache_dir=args.compile_cache)
     result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size,
                       on_text=None if args.json else (lambda s: print(s, end="", flush=True)))
     if args.json:
         print(json.dumps({
             "token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
             "prompt_tokens": len(prompt_ids), "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+            "warmup_s": warmup_s,
             "wall_s": time.perf_counter() - started,
         }))
     else:
         print()
     return 0
+
+
+def cmd_check_device(args: argparse.Namespace) -> int:
+    from qwenpd.engine.check_device import check_device
+    from qwenpd.engine.device import set_neuron_cores
+
+    set_neuron_cores(args.neuron_cores)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    return check_device(args.device, tuple(args.presets.split(",")), args.speed_preset, not args.no_compile,
+                        args.prompt_tokens, batches, args.steps, args.kv_cache_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda[:N] | neuron (default cpu)")
+    p.add_argument("--neuron-cores", default=None, metavar="LIST",
+                   help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
+    p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None, metavar="BYTES",
+                   help="paged KV cache size, e.g. 1GiB (default: grows on demand)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile prefill and decode over static buckets first (needs --kv-cache-bytes); "
+                        "warmup_s in --json, excluded from prefill_s/decode_s")
+    p.add_argument("--compile-cache", default=None, metavar="DIR", help="keep compiled graphs here across runs")
     p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "nki"],
                    help="DeltaNet kernels: torch, or nki (NKI kernels; CPU emulator without the Neuron SDK)")
     p.add_argument("--cache-salt", default=None, help="prefix-cache isolation key (services only)")
@@ -106,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_security_args(p, server=False)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check-device", help="engine on DEVICE vs CPU fp32 (accuracy), compile, prefill/decode speed")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | neuron (default cpu)")
+    p.add_argument("--neuron-cores", default=None, metavar="LIST", help="NeuronCores to use, e.g. 0-3")
+    p.add_argument("--presets", default="tiny,small", help="checkpoints for the accuracy check (default tiny,small)")
+    p.add_argument("--speed-preset", default="small", help="checkpoint for compile and speed (default small)")
+    p.add_argument("--no-compile", action="store_true", help="measure the eager engine")
+    p.add_argument("--prompt-tokens", type=int, default=2048, help="prefill length measured (default 2048)")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes measured (default 1,8,32)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (default 16)")
+    p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=1 << 30, metavar="BYTES", help="(default 1GiB)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_check_device)
 
     try:  # serving subcommands (serve, demo) live with the services
         from qwenpd.serve import add_service_commands

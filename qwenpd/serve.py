@@ -70,7 +70,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
 def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     """Flags of `serve all`; every default comes from the config it lands in."""
     from qwenpd import limits, security, service_config
-    from qwenpd.cache_store.config import CacheStoreConfig, parse_bytes
+    from qwenpd.cache_store.config import CacheStoreConfig
+    from qwenpd.service_config import parse_bytes
     from qwenpd.decode_service.config import DecodeConfig
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
     from qwenpd.supervisor import ServiceSet
@@ -88,6 +89,13 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
                    f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
     p.add_argument("--dtype", default=prefill.dtype, choices=service_config.DTYPE_CHOICES)
+    for role, d in (("prefill", prefill), ("decode", decode)):
+        p.add_argument(f"--{role}-device", default=d.device, help=f"torch device of {role} (default {d.device})")
+        p.add_argument(f"--{role}-cores", default=d.neuron_cores, metavar="LIST",
+                       help=f"NeuronCores of {role}, e.g. 0-3 (trn2: disjoint sets on one host)")
+    p.add_argument("--kv-cache-bytes", type=parse_bytes, default=prefill.kv_cache_bytes, metavar="BYTES",
+                   help="paged KV cache of prefill and of decode, e.g. 4GiB (default: grows on demand)")
+    p.add_argument("--compile", action="store_true", help="prefill and decode compile their graphs at start")
     p.add_argument("--chunk-size", type=int, default=prefill.chunk_size)
     p.add_argument("--max-batch", type=int, default=decode.max_batch)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")

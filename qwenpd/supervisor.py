@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.address import format_address
-from qwenpd.cache_store.config import CacheStoreConfig, parse_bytes
+from qwenpd.cache_store.config import CacheStoreConfig
+from qwenpd.service_config import parse_bytes
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.gateway.config import GatewayConfig
 from qwenpd.prefill_service.config import PrefillConfig
@@ -191,7 +192,8 @@ class ServiceSet:
         def port(offset: int) -> int:
             return metrics + offset if metrics else 0
 
-        common = dict(dtype=args.dtype, threads=args.threads, grace_s=args.grace, limits=limits, security=sec)
+        common = dict(dtype=args.dtype, threads=args.threads, grace_s=args.grace, limits=limits, security=sec,
+                      kv_cache_bytes=args.kv_cache_bytes, compile=args.compile)
         local = args.backend == "mooncake" and not args.mooncake_master
         cache = CacheStoreConfig(listen=format_address(args.host, args.cache_port), budget_bytes=args.budget,
                                  store_id=args.store_id, grace_s=args.grace, security=sec, metrics_port=port(0),
@@ -201,10 +203,12 @@ class ServiceSet:
                                 listen=format_address(args.host, args.prefill_port), chunk_size=args.chunk_size,
                                 max_queue=args.prefill_max_queue, block_size=args.block_size,
                                 snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
-                                metrics_port=port(1), **common)
+                                metrics_port=port(1), device=args.prefill_device,
+                                neuron_cores=args.prefill_cores, **common)
         decode = DecodeConfig(model_dir=args.model, cache=PLACEHOLDER,
                               listen=format_address(args.host, args.decode_port), max_batch=args.max_batch,
-                              max_queue=args.decode_max_queue, metrics_port=port(2), **common)
+                              max_queue=args.decode_max_queue, metrics_port=port(2), device=args.decode_device,
+                              neuron_cores=args.decode_cores, **common)
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),
             http_listen=format_address(args.host, args.http_port), grace_s=args.grace, security=sec,

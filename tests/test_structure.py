@@ -23,8 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
     "engine": {"kernels"},
     "cache_store": {"protos", *CORE},
-    "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", *CORE},
-    "decode_service": {"engine", "kernels", "cache_store", "protos", "handoff", *CORE},
+    "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
+    "decode_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
     "clients": {"protos", "errors", "grpc_status", "security", "address", "limits"},
     "gateway": {"clients", "protos", *CORE},
     # shared modules of qwenpd/
@@ -37,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "service_config": {"limits", "security", "address"},
     "grpc_server": {"errors", "grpc_status", "security", "address", "limits", "service_config"},
     "handoff": {"engine", "protos", "errors"},  # the prefill -> decode contract
+    "model_service": {"engine", "service_config", "limits", "security", "address"},  # what prefill and decode share
     # entry points and process management: they start everything
     "__init__": set(),
     "cli": {"*"},
@@ -46,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
 # Plain bookkeeping: no grpc and no torch among its imports, even indirectly (module level).
 BOOKKEEPING = ("qwenpd.cache_store.index", "qwenpd.cache_store.allocator", "qwenpd.prefill_service.queue",
                "qwenpd.prefill_service.prefix_policy", "qwenpd.decode_service.scheduler", "qwenpd.clients.routing",
-               "qwenpd.errors", "qwenpd.address")
+               "qwenpd.engine.blocks", "qwenpd.errors", "qwenpd.address")
 
 
 @dataclass(frozen=True, slots=True)

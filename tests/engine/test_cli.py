@@ -11,8 +11,9 @@ from qwenpd.engine.generate import generate
 from qwenpd.engine.sampling import SamplingParams
 
 
-def _qwenpd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwenpd.cli", *args], capture_output=True, text=True, timeout=120)
+def _qwenpd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwenpd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_init_model_then_generate_json(tmp_path):
@@ -43,3 +44,47 @@ def test_generate_reports_bad_input_clearly(tiny_model_dir):
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
     r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0")
     assert r.returncode == 2 and "top_p" in r.stderr
+
+
+def test_generate_on_explicit_cpu_device_with_neuron_cores(tiny_model_dir):
+    """--device cpu gives the default's tokens; --neuron-cores is accepted (it only sets the runtime's env)."""
+    base = ("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6,7", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos", "--json")
+    a = _qwenpd(*base)
+    b = _qwenpd(*base, "--device", "cpu", "--neuron-cores", "0-1")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout.splitlines()[-1])["token_ids"] == json.loads(b.stdout.splitlines()[-1])["token_ids"]
+
+
+def test_generate_refuses_unknown_device(tiny_model_dir):
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--device", "tpu")
+    assert r.returncode == 2 and "device must be one of" in r.stderr and "Traceback" not in r.stderr
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--neuron-cores", "3-1")
+    assert r.returncode == 2 and "runs backwards" in r.stderr
+
+
+def test_generate_compiled_reports_warmup_and_gives_the_eager_tokens(tiny_model_dir, tmp_path):
+    base = ("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6,7,8,9", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos", "--json", "--chunk-size", "16", "--kv-cache-bytes", "1MiB")
+    eager = _qwenpd(*base)
+    compiled = [_qwenpd(*base, "--compile", "--compile-cache", str(tmp_path / "cache"), timeout=600) for _ in "ab"]
+    assert all(r.returncode == 0 for r in (eager, *compiled)), eager.stderr + compiled[0].stderr
+    a, b, again = (json.loads(r.stdout.splitlines()[-1]) for r in (eager, *compiled))
+    assert a["warmup_s"] == 0 and b["warmup_s"] > 0
+    assert b["token_ids"] == a["token_ids"] == again["token_ids"]
+    assert b["prefill_s"] < b["warmup_s"]  # the warm-up is not counted as prefill
+    assert again["warmup_s"] < b["warmup_s"] / 2  # the second run reuses the compile cache
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5", "--compile")
+    assert r.returncode == 2 and "--kv-cache-bytes" in r.stderr
+
+
+def test_check_device_on_cpu_prints_one_table():
+    r = _qwenpd("check-device", "--device", "cpu", "--presets", "tiny", "--speed-preset", "tiny", "--no-compile",
+                "--prompt-tokens", "100", "--batches", "1,2", "--steps", "2", "--kv-cache-bytes", "8MiB")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:4] == ["check", "model", "dtype", "ok"]
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:]}
+    assert "greedy 16/16 equal" in rows["fp32 vs cpu"]
+    assert {"prefill 100 (eager)", "decode b1 (eager)", "decode b2 (eager)"} <= set(rows)
+    assert all(" yes " in line for line in lines[2:])

@@ -167,3 +167,20 @@ def test_bfloat16_as_accurate_as_transformers(hf_checkpoint):
     batch.add(state)
     stepped = _max_abs(batch.step([ids[150]])[0], truth[150])
     assert stepped <= 1.5 * theirs + 1e-3, f"bf16 decode error {stepped:.3e}, transformers {theirs:.3e}"
+
+
+def test_bfloat16_rms_error_below_transformers(tmp_path):
+    """bf16 with an fp32 residual stream, fp32 norms and activations (bf16 only at matmul inputs and in the KV
+    cache): on a checkpoint stored in bf16 (so fp32 runs see the same weights), the rms logit error against the
+    fp32 truth is clearly below that of transformers' all-bf16 run (measured: 0.71x)."""
+    from transformers import Qwen3_5ForCausalLM
+
+    from qwenpd.engine.init_model import init_model
+
+    path = init_model(tmp_path / "m", "tiny", seed=0, dtype="bfloat16")
+    ids = _ids(200, 512, seed=6)
+    truth = _hf_logits(Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.float32), ids)
+    rms = lambda a: a.pow(2).mean().sqrt().item()  # noqa: E731
+    theirs = rms(_hf_logits(Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.bfloat16), ids) - truth)
+    ours = rms(Engine(path, dtype="bfloat16").forward_all(ids) - truth)
+    assert ours <= 0.8 * theirs, f"bf16 rms error: ours {ours:.3e}, transformers {theirs:.3e}"

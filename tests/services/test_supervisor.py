@@ -3,7 +3,6 @@ front, and restarts a crashed child in place, so a stream through the gateway co
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal

@@ -1,0 +1,59 @@
+"""Which torch device the engine runs on, and NeuronCore partitioning. No global device state: the device is
+an argument of the engine, and every tensor it makes is created on it.
+
+- "cpu", "cuda" (or "cuda:N"), "neuron" (TorchNeuron, torch-neuronx imported lazily) and "meta" (shapes only:
+  tests run a whole prefill + decode on it to prove nothing in the engine assumes CPU).
+- `--neuron-cores 0-3` sets NEURON_RT_VISIBLE_CORES for this process before the runtime starts, so prefill and
+  decode on one trn2 host use disjoint cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+DEVICE_KINDS = ("cpu", "cuda", "neuron", "meta")
+_CORES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'cpu' | 'cuda[:N]' | 'neuron[:N]' | 'meta' -> torch.device; ValueError if it is not usable here."""
+    text = str(name)
+    kind = text.split(":", 1)[0]
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"device must be one of {DEVICE_KINDS} (optionally ':N'), got {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    if kind == "neuron":
+        try:
+            import torch_neuronx  # noqa: F401 - registers the 'neuron' device (TorchNeuron)
+        except ImportError as e:
+            raise ValueError(f"device 'neuron' needs torch-neuronx (the `neuron` extra): {e}") from None
+    return torch.device(text)
+
+
+def parse_cores(spec: str) -> str:
+    """Validate a NeuronCore list such as '0-3' or '0,2,4-5'; returns it unchanged."""
+    if not _CORES.match(spec):
+        raise ValueError(f"neuron cores must look like '0-3' or '0,1,4-7', got {spec!r}")
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if hi and int(hi) < int(lo):
+            raise ValueError(f"neuron core range {part!r} runs backwards")
+    return spec
+
+
+def set_neuron_cores(spec: str | None) -> None:
+    """Make only `spec`'s NeuronCores visible to this process (before the Neuron runtime starts)."""
+    if spec:
+        os.environ["NEURON_RT_VISIBLE_CORES"] = parse_cores(spec)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on `device` (timings); a no-op where work is synchronous."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "neuron":
+        torch.neuron.synchronize()  # type: ignore[attr-defined]

@@ -1,0 +1,127 @@
+"""The paged KV cache: one pool of fixed-size pages per attention layer, on the engine's device.
+
+Pools are [num_pages, Hkv, page_size, D] (see kernels/paged_attention). A sequence owns a list of pages (its block
+table, `SequenceKV`); token j lives in page pages[j // P] at offset j % P. The page size divides the prefix-cache
+block size, so a cached block [Hkv, 256, D] is a whole number of pages and is copied in page by page.
+
+Sized by bytes (`--kv-cache-bytes`): fixed, and a sequence that does not fit raises OutOfPages. Without a size the
+cache grows by doubling when it runs out (eager use: tests, `generate`); compiled graphs need a fixed size.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from qwenpd.engine.blocks import NULL_PAGE, OutOfPages, PageAllocator, pages_for
+from qwenpd.engine.config import ModelConfig
+
+DEFAULT_PAGE_SIZE = 64
+_GROWABLE_START_PAGES = 16
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one page across every attention layer (K and V)."""
+    per_token = 2 * config.num_key_value_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+    return len(config.attention_layers) * per_token * page_size
+
+
+class PagedKVCache:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, page_size: int = DEFAULT_PAGE_SIZE,
+                 num_bytes: int | None = None):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.config, self.dtype, self.device, self.page_size = config, dtype, torch.device(device), page_size
+        self.growable = num_bytes is None
+        if num_bytes is None:
+            num_pages = _GROWABLE_START_PAGES
+        else:
+            num_pages = num_bytes // max(1, page_bytes(config, page_size, dtype))
+            if num_pages < 2:
+                raise ValueError(f"kv cache of {num_bytes} bytes holds {num_pages} pages of {page_size} tokens; "
+                                 "at least 2 are needed")
+        self.allocator = PageAllocator(num_pages)
+        shape = (num_pages, config.num_key_value_heads, page_size, config.head_dim)
+        n = len(config.attention_layers)
+        # zeros, not empty: padded reads must see finite values (masked scores are -inf, weights 0, but 0 * NaN)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    def allocate(self, n: int) -> list[int]:
+        if self.growable and n > self.allocator.free:
+            self._grow(max(2 * self.num_pages, self.num_pages + n))
+        return self.allocator.allocate(n)
+
+    def _grow(self, num_pages: int) -> None:
+        for pools in (self.k, self.v):
+            for i, old in enumerate(pools):
+                new = old.new_zeros(num_pages, *old.shape[1:])
+                new[: old.shape[0]] = old
+                pools[i] = new
+        self.allocator.grow(num_pages)
+
+    def sequence(self) -> "SequenceKV":
+        return SequenceKV(self)
+
+
+class SequenceKV:
+    """One sequence's pages (its block table). Pages return to the cache on `release()` or when this object is
+    garbage collected."""
+
+    __slots__ = ("cache", "pages", "_finalizer", "__weakref__")
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+        self.pages: list[int] = []
+        self._finalizer = weakref.finalize(self, cache.allocator.release, self.pages)
+
+    def reserve(self, num_tokens: int) -> None:
+        """Own enough pages for `num_tokens` tokens in total."""
+        need = pages_for(num_tokens, self.cache.page_size) - len(self.pages)
+        if need > 0:
+            self.pages.extend(self.cache.allocate(need))
+
+    def release(self) -> None:
+        self._finalizer()  # once: a later call or garbage collection does nothing
+        self.pages.clear()
+
+    def slots(self, lo: int, hi: int) -> list[int]:
+        """Flat pool slots of tokens [lo, hi)."""
+        p, pages = self.cache.page_size, self.pages
+        return [pages[j // p] * p + j % p for j in range(lo, hi)]
+
+    def table(self, width: int | None = None) -> list[int]:
+        """The block table padded with the null page to `width` entries."""
+        width = len(self.pages) if width is None else width
+        if width < len(self.pages):
+            raise ValueError(f"block table of {len(self.pages)} pages does not fit width {width}")
+        return self.pages + [NULL_PAGE] * (width - len(self.pages))
+
+    def read(self, j: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of tokens [lo, hi) of attention layer number j: contiguous [Hkv, hi-lo, D] copies."""
+        p = self.cache.page_size
+        idx = torch.tensor(self.pages[lo // p: pages_for(hi, p)], dtype=torch.long, device=self.cache.device)
+        out = []
+        for pool in (self.cache.k[j], self.cache.v[j]):
+            gathered = pool[idx].transpose(0, 1).flatten(1, 2)  # [Hkv, pages * P, D]
+            out.append(gathered[:, lo % p: lo % p + hi - lo].contiguous())
+        return out[0], out[1]
+
+    def load(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens [0, T) of layer j from contiguous k, v [Hkv, T, D] (any device), page by page; pages reserved."""
+        p, t = self.cache.page_size, k.shape[1]
+        n = pages_for(t, p)
+        if n > len(self.pages):
+            raise OutOfPages(f"sequence owns {len(self.pages)} pages, {n} needed for {t} tokens")
+        idx = torch.tensor(self.pages[:n], dtype=torch.long, device=self.cache.device)
+        for pool, src in ((self.cache.k[j], k), (self.cache.v[j], v)):
+            full = t // p
+            if full:  # whole pages: [Hkv, full*P, D] -> [full, Hkv, P, D]
+                pool[idx[:full]] = src[:, : full * p].unflatten(1, (full, p)).transpose(0, 1).to(pool)
+            if t % p:
+                pool[self.pages[full], :, : t % p] = src[:, full * p:].to(pool)

@@ -1,0 +1,153 @@
+"""Host bookkeeping around the model's two graphs: token ids, KV slots, block tables and positions become
+tensors on the device, padded to static buckets when the graphs are compiled.
+
+Eager (no buckets): every shape is exact. Compiled (`--compile`): `torch.compile(fullgraph=True, dynamic=False)`
+of HybridModel.prefill_graph and .decode_graph, one graph per bucket: a prefill chunk is padded to a chunk-length
+bucket (padding tokens are masked out of the DeltaNet states and write their K/V to the null page, so no state
+changes), a decode batch to a batch-size bucket (padding rows use free batch slots and the null page), block tables
+to a width bucket (null pages, masked). `warm_up` compiles every bucket; serving never recompiles.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qwenpd.engine.blocks import NULL_PAGE, pages_for
+from qwenpd.engine.model import HybridModel
+from qwenpd.engine.state import HybridState
+
+
+def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= factor
+    return tuple(sorted({*out, hi}))
+
+
+def pick(buckets: tuple[int, ...], n: int, what: str) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest compiled bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True, slots=True)
+class Buckets:
+    """Static shapes the compiled graphs exist for: prefill chunk lengths, decode batch sizes, block-table widths
+    (pages per sequence)."""
+
+    chunks: tuple[int, ...]
+    batches: tuple[int, ...]
+    widths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("chunks", "batches", "widths"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
+                raise ValueError(f"{name} buckets must be increasing positive ints, got {values}")
+
+    @classmethod
+    def default(cls, chunk_size: int, max_batch: int, max_context: int, page_size: int) -> "Buckets":
+        """Chunks {64, chunk_size}; batches 1, 4, 16, ... up to max_batch; widths x4 from 512 tokens of pages
+        up to max_context."""
+        max_pages = pages_for(max_context, page_size)
+        return cls(tuple(sorted({min(64, chunk_size), chunk_size})), _geometric(1, max_batch, 4),
+                   _geometric(min(max_pages, pages_for(512, page_size)), max_pages, 4))
+
+    def count(self) -> int:
+        return len(self.widths) * (len(self.chunks) + len(self.batches))
+
+
+class GraphRunner:
+    """Runs prefill chunks and decode steps of `model` with pages from `states`' cache; compiled over `buckets`
+    when given (then the KV cache must not grow), eager otherwise."""
+
+    def __init__(self, model: HybridModel, buckets: Buckets | None = None, backend: str = "inductor"):
+        self.model, self.buckets, self.device = model, buckets, model.device
+        self.prefill_fn, self.decode_fn = model.prefill_graph, model.decode_graph
+        self.warmup_s = 0.0
+        if buckets is not None:
+            opts = dict(fullgraph=True, dynamic=False, backend=backend)
+            self.prefill_fn = torch.compile(model.prefill_graph, **opts)
+            self.decode_fn = torch.compile(model.decode_graph, **opts)
+
+    def _long(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _pad(self, buckets: tuple[int, ...] | None, n: int, what: str) -> int:
+        return n if buckets is None else pick(buckets, n, what)
+
+    def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False) -> torch.Tensor:
+        """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (all
+        [T, V] with all_logits, eager only)."""
+        t, start, b = len(token_ids), state.num_tokens, self.buckets
+        state.reserve(start + t)
+        padded = self._pad(None if b is None else b.chunks, t, "prefill chunk of")
+        width = self._pad(None if b is None else b.widths, len(state.kv.pages), "block table of")
+        pad = padded - t
+        slots = state.kv.slots(start, start + t) + [NULL_PAGE] * pad  # padding writes to the null page (slot 0)
+        mask = None if b is None else torch.arange(padded, device=self.device) < t
+        last = self._long(list(range(t)) if all_logits else [t - 1])
+        cache = state.kv.cache
+        args = (self._long(token_ids + [0] * pad), state.conv, state.recurrent, cache.k, cache.v, self._long(slots),
+                self._long(state.kv.table(width)), self._long([start]), mask, last)
+        with torch.inference_mode():  # inputs are made outside it: graphs guard on the kind of tensor
+            logits = self.prefill_fn(*args)
+        state.num_tokens = start + t
+        state.token_ids.extend(token_ids)
+        return logits if all_logits else logits[0]
+
+    def decode_step(self, token_ids: list[int], states: list[HybridState], conv: list[torch.Tensor],
+                    recurrent: list[torch.Tensor]) -> torch.Tensor:
+        """One token for each of B sequences. conv[j] [>=B', D, W-1] and recurrent[j] [>=B', Hv, dk, dv] are the
+        batch's slot tensors (rows past B are free slots, used as padding rows when compiled); KV goes to each
+        state's pages. Returns logits [B, V]."""
+        for s in states:
+            s.reserve(s.num_tokens + 1)
+        n, b = len(states), self.buckets
+        rows = self._pad(None if b is None else b.batches, n, "decode batch of")
+        width = self._pad(None if b is None else b.widths, max(len(s.kv.pages) for s in states), "block table of")
+        pad = rows - n
+        positions = [s.num_tokens for s in states]
+        slots = [s.kv.slots(p, p + 1)[0] for s, p in zip(states, positions)]
+        tables = [s.kv.table(width) for s in states] + [[NULL_PAGE] * width] * pad
+        cache = states[0].kv.cache
+        args = (self._long(token_ids + [0] * pad), [c[:rows] for c in conv], [r[:rows] for r in recurrent], cache.k,
+                cache.v, self._long(slots + [0] * pad), self._long(tables), self._long(positions + [0] * pad))
+        with torch.inference_mode():
+            logits = self.decode_fn(*args)
+        for s, tok in zip(states, token_ids):
+            s.num_tokens += 1
+            s.token_ids.append(tok)
+        return logits[:n]
+
+    def warm_up(self, scratch: HybridState, max_batch: int) -> float:
+        """Compile (run once) every bucket on scratch inputs that touch only the null page and scratch state;
+        returns the seconds it took. Inputs are made outside inference mode, like the batch slots they stand for
+        (inference tensors would guard differently)."""
+        if self.buckets is None:
+            return 0.0
+        t0 = time.perf_counter()
+        cache, b = scratch.kv.cache, self.buckets
+        slots_conv = [c.expand(max_batch, *c.shape).clone() for c in scratch.conv]
+        slots_rec = [r.expand(max_batch, *r.shape).clone() for r in scratch.recurrent]
+        for width in b.widths:
+            table = self._long([NULL_PAGE] * width)
+            for chunk in b.chunks:  # distinct tensors per argument: graphs guard on aliasing too
+                ids, slots, start, last = (self._long([0] * n) for n in (chunk, chunk, 1, 1))
+                mask = torch.zeros(chunk, dtype=torch.bool, device=self.device)
+                with torch.inference_mode():
+                    self.prefill_fn(ids, scratch.conv, scratch.recurrent, cache.k, cache.v, slots, table, start,
+                                    mask, last)
+            for rows in b.batches:
+                ids, slots, positions = (self._long([0] * rows) for _ in range(3))
+                tables = self._long([[NULL_PAGE] * width] * rows)
+                with torch.inference_mode():
+                    self.decode_fn(ids, [c[:rows] for c in slots_conv], [r[:rows] for r in slots_rec], cache.k,
+                                   cache.v, slots, tables, positions)
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s

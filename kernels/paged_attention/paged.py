@@ -1,0 +1,115 @@
+"""Attention over a paged KV cache with static shapes (the compiled paths pad to buckets; nothing here reads a
+tensor's value on the host).
+
+Pools are [num_pages, Hkv, page_size, D] per attention layer (a page is a [Hkv, P, D] slice of a prefix-cache
+block [Hkv, 256, D], so blocks are copied page by page without re-layout); token j of a sequence lives at flat
+slot block_table[j // page_size] * page_size + j % page_size. Page 0 is the engine's null page: padding rows and
+padding tokens write there and table padding points there, so no real sequence's KV is touched.
+
+- write_kv: scatter new K/V into their slots (one index_copy_ per pool).
+- paged_attention_prefill: one sequence's chunk of T queries against its pages, causal (SDPA with a mask).
+- paged_attention_decode: one query per sequence for a whole batch, in one call: tiles of pages are gathered for
+  every sequence at once and merged with an online softmax in fp32, so only one tile at a time is ever
+  converted to fp32, never the whole KV.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TILE_TOKENS = 512  # tokens per sequence gathered per tile in decode
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def check_pools(k_pool: Tensor, v_pool: Tensor, q: Tensor) -> tuple[int, int]:
+    """[num_pages, Hkv, page_size, D] pools matching q [..., Hq, D]; returns (page_size, Hq // Hkv)."""
+    _require(k_pool.ndim == 4 and v_pool.shape == k_pool.shape,
+             f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {tuple(k_pool.shape)}, "
+             f"{tuple(v_pool.shape)}")
+    _require(q.shape[-1] == k_pool.shape[3], f"q head dim {q.shape[-1]} != pool head dim {k_pool.shape[3]}")
+    hq, hkv = q.shape[-2], k_pool.shape[1]
+    _require(hq % hkv == 0, f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    return k_pool.shape[2], hq // hkv
+
+
+def write_kv(k_pool: Tensor, v_pool: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """k, v [N, Hkv, D] into the pools at flat slots [N] (int64), in place."""
+    page = k_pool.shape[2]
+    pages, offsets = slots // page, slots % page
+    k_pool[pages, :, offsets] = k.to(k_pool.dtype)
+    v_pool[pages, :, offsets] = v.to(v_pool.dtype)
+
+
+def paged_attention_prefill(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, start: Tensor,
+                            scale: float) -> Tensor:
+    """A chunk of one sequence; its K/V must already be written.
+
+    Args:
+        q: [T, Hq, D] queries at positions start .. start+T-1.
+        k_pool, v_pool: [num_pages, Hkv, page_size, D].
+        block_table: [W] int64 page ids covering at least start + T tokens of real ones (rest: page 0).
+        start: [] or [1] int64 position of the chunk's first token.
+        scale: multiplies q.k.
+
+    Returns:
+        o [T, Hq, D] in q.dtype (SDPA accumulates in fp32).
+    """
+    page, _ = check_pools(k_pool, v_pool, q)
+    _require(block_table.ndim == 1, f"block_table must be [W], got {tuple(block_table.shape)}")
+    t, length = q.shape[0], block_table.shape[0] * page
+    keys = k_pool[block_table].transpose(0, 1).flatten(1, 2)  # [Hkv, W*P, D]
+    values = v_pool[block_table].transpose(0, 1).flatten(1, 2)
+    query_pos = start.reshape(1) + torch.arange(t, device=q.device)  # [T]
+    visible = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [T, W*P]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None].to(q.dtype), values[None].to(q.dtype),
+                                       attn_mask=visible, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1).contiguous()
+
+
+def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,
+                           scale: float) -> Tensor:
+    """One new token for each of B sequences; their K/V at context_lens - 1 must already be written.
+
+    Args:
+        q: [B, Hq, D].
+        k_pool, v_pool: [num_pages, Hkv, page_size, D].
+        block_tables: [B, W] int64, row b covering context_lens[b] tokens (padding: page 0).
+        context_lens: [B] int64 >= 1, tokens each query attends to (itself included).
+        scale: multiplies q.k.
+
+    Returns:
+        o [B, Hq, D] in q.dtype; scores, softmax and the weighted sum in fp32.
+    """
+    page, group = check_pools(k_pool, v_pool, q)
+    batch, hq, dim = q.shape
+    hkv = k_pool.shape[1]
+    _require(block_tables.ndim == 2 and block_tables.shape[0] == batch,
+             f"block_tables must be [B={batch}, W], got {tuple(block_tables.shape)}")
+    _require(context_lens.shape == (batch,), f"context_lens must be [B={batch}], got {tuple(context_lens.shape)}")
+    qf = q.float().view(batch, hkv, group, dim) * scale
+    best = torch.full((batch, hkv, group, 1), float("-inf"), device=q.device)
+    total = torch.zeros(batch, hkv, group, 1, device=q.device)
+    acc = torch.zeros(batch, hkv, group, dim, device=q.device)
+    pages_per_tile = max(1, TILE_TOKENS // page)
+    for w0 in range(0, block_tables.shape[1], pages_per_tile):
+        pages = block_tables[:, w0:w0 + pages_per_tile]  # [B, n]
+        keys = k_pool[pages].transpose(1, 2).flatten(2, 3).transpose(2, 3).float()  # [B, Hkv, D, L]
+        values = v_pool[pages].transpose(1, 2).flatten(2, 3).float()  # [B, Hkv, L, D]
+        scores = qf @ keys  # [B, Hkv, group, L]
+        pos = w0 * page + torch.arange(keys.shape[-1], device=q.device)
+        hidden = (pos[None, :] >= context_lens[:, None])[:, None, None, :]
+        scores = scores.masked_fill(hidden, float("-inf"))
+        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+        safe = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)  # no -inf - -inf
+        weights = torch.exp(scores - safe)
+        rescale = torch.exp(best - safe)
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        acc = acc * rescale + weights @ values
+        best = new_best
+    return (acc / total).to(q.dtype).view(batch, hq, dim)

@@ -1,0 +1,126 @@
+"""The compiled engine (torch.compile, static buckets, paged KV) against transformers and the eager engine on the
+same checkpoints; padding changes no state; zero recompiles after warm-up (torch._dynamo error_on_recompile)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from qwenpd.engine import DecodeBatch, Engine
+from qwenpd.engine.runner import Buckets
+from tests.hf_models import load_hf
+
+ATOL = 1e-4
+BUCKETS = Buckets(chunks=(16, 64), batches=(1, 4), widths=(8, 32))
+PAGE = 16
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def engines(hf_checkpoint):
+    """(transformers, eager engine, compiled engine) on the 'every2nd' checkpoint (attention every 2nd layer)."""
+    path = hf_checkpoint("every2nd")
+    compiled = Engine(path, dtype="float32", kv_cache_bytes=(1 << 20), page_size=PAGE)
+    compiled.warmup_s = compiled.compile(BUCKETS, max_batch=4)
+    return load_hf(path, "every2nd"), Engine(path, dtype="float32", page_size=PAGE), compiled
+
+
+@pytest.fixture
+def no_recompiles():
+    """Fail on any recompilation inside the test; and check that no graph was added at all."""
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+    assert counters["stats"]["unique_graphs"] == before, "a graph was compiled after warm-up"
+
+
+def test_warm_up_compiled_every_bucket(engines):
+    _, _, compiled = engines
+    assert compiled.warmup_s > 0 and compiled.runner.buckets is BUCKETS
+    assert counters["stats"]["unique_graphs"] >= BUCKETS.count()
+
+
+@pytest.mark.parametrize("t,chunk", [(1, 16), (13, 16), (64, 64), (150, 64)], ids=lambda v: str(v))
+def test_compiled_prefill_matches_transformers(engines, no_recompiles, t, chunk):
+    hf, eager, compiled = engines
+    ids = _ids(t, eager.config.vocab_size, seed=t)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1].float()
+    logits, state = compiled.prefill(ids, chunk_size=chunk)
+    assert (logits - ref).abs().max().item() <= ATOL
+    _, eager_state = eager.prefill(ids, chunk_size=chunk)
+    for name, a in state.to_tensors().items():  # padding of the last chunk changed no state
+        b = eager_state.to_tensors()[name]
+        assert (a - b).abs().max().item() <= ATOL * max(1.0, b.abs().max().item()), name
+
+
+def test_compiled_greedy_matches_transformers_generate(engines, no_recompiles):
+    hf, eager, compiled = engines
+    prompt = _ids(23, eager.config.vocab_size, seed=11)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    expected = out[0, len(prompt):].tolist()
+    logits, state = compiled.prefill(prompt, chunk_size=16)
+    batch = DecodeBatch(compiled, 1)
+    batch.add(state)
+    got = [int(logits.argmax())]
+    while len(got) < 40:
+        got.append(int(batch.step([got[-1]])[0].argmax()))
+    assert got == expected
+
+
+def test_compiled_batch_with_padding_rows_join_and_leave(engines, no_recompiles):
+    """Three sequences in a batch bucket of 4 (one padding row), one leaves, another joins: every step equals the
+    eager engine's solo decode of that sequence."""
+    _, eager, compiled = engines
+    v = eager.config.vocab_size
+    prompts = {n: _ids(length, v, seed=length) for n, length in (("a", 9), ("b", 130), ("c", 30), ("d", 5))}
+
+    def solo(name):
+        logits, st = eager.prefill(prompts[name])
+        b = DecodeBatch(eager, 1)
+        b.add(st)
+        toks, outs = [int(logits.argmax())], []
+        for _ in range(6):
+            outs.append(b.step([toks[-1]])[0])
+            toks.append(int(outs[-1].argmax()))
+        return toks, outs
+
+    ref = {n: solo(n) for n in prompts}
+    batch, states, fed = DecodeBatch(compiled, 4), {}, {}
+    for n in ("a", "b", "c"):
+        _, states[n] = compiled.prefill(prompts[n], chunk_size=64)
+        batch.add(states[n])
+        fed[n] = 0
+    for step in range(6):
+        if step == 2:
+            batch.remove(states.pop("a"))
+            _, states["d"] = compiled.prefill(prompts["d"], chunk_size=64)
+            batch.add(states["d"])
+            fed["d"] = 0
+        names = [next(n for n, s in states.items() if s is st) for st in batch.states]
+        logits = batch.step([ref[n][0][fed[n]] for n in names])
+        for row, n in enumerate(names):
+            assert (logits[row] - ref[n][1][fed[n]]).abs().max().item() <= ATOL, (n, step)
+            fed[n] += 1
+
+
+def test_compile_needs_a_fixed_kv_cache(hf_checkpoint):
+    eng = Engine(hf_checkpoint("every2nd"), dtype="float32")
+    with pytest.raises(ValueError, match="fixed-size KV cache"):
+        eng.compile(BUCKETS, max_batch=4)
+
+
+def test_chunks_are_capped_at_the_largest_bucket_and_contexts_past_the_widths_refused(engines, no_recompiles):
+    _, eager, compiled = engines
+    ids = _ids(100, eager.config.vocab_size, 1)
+    logits, _ = compiled.prefill(ids, chunk_size=100)  # run as chunks of 64 + 36
+    assert (logits - eager.prefill(ids, chunk_size=100)[0]).abs().max().item() <= ATOL
+    with pytest.raises(ValueError, match="exceeds the largest compiled bucket"):
+        compiled.prefill(_ids(32 * PAGE + 1, eager.config.vocab_size, 2), chunk_size=64)
+    assert Buckets.default(512, 32, 32768, 64) == Buckets((64, 512), (1, 4, 16, 32), (8, 32, 128, 512))

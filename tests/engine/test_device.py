@@ -1,0 +1,67 @@
+"""The engine on other torch devices: `meta` (shapes only) proves nothing in a whole prefill + decode assumes
+CPU; device names and NeuronCore lists are validated."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from qwenpd.engine import DecodeBatch, Engine
+from qwenpd.engine.device import parse_cores, resolve_device, set_neuron_cores
+
+
+def _all_tensors(state):
+    cache = state.kv.cache
+    return [*cache.k, *cache.v, *state.conv, *state.recurrent]
+
+
+def test_prefill_and_decode_on_meta(tiny_model_dir):
+    eng = Engine(tiny_model_dir, dtype="float32", device="meta")
+    c = eng.config
+    assert all(t.device.type == "meta" for t in (eng.model.embed, eng.model.final_norm))
+    logits, state = eng.prefill(list(range(1, 40)), chunk_size=16)
+    assert logits.device.type == "meta" and logits.shape == (c.vocab_size,)
+    assert all(t.device.type == "meta" for t in _all_tensors(state))
+    _, other = eng.prefill([5, 6, 7])
+    batch = DecodeBatch(eng, max_batch=4)
+    batch.add(state)
+    batch.add(other)
+    for step in range(3):
+        out = batch.step([11, 12])
+        assert out.device.type == "meta" and out.shape == (2, c.vocab_size) and out.dtype == torch.float32
+    assert state.num_tokens == 39 + 3 and other.num_tokens == 3 + 3
+    assert all(t.device.type == "meta" for t in _all_tensors(state))
+    assert all(t.device.type == "meta" for t in [*batch.conv, *batch.recurrent])
+
+
+def test_forward_all_on_meta(tiny_model_dir):
+    eng = Engine(tiny_model_dir, dtype="bfloat16", device="meta")
+    out = eng.forward_all([1, 2, 3, 4, 5])
+    assert out.device.type == "meta" and out.shape == (5, eng.config.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda0", "gpu:1"])
+def test_unknown_device_refused(name):
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
+def test_cuda_refused_without_cuda():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize("spec", ["0", "0-3", "0,2,4-7"])
+def test_neuron_cores_accepted(spec, monkeypatch):
+    monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
+    set_neuron_cores(spec)
+    assert os.environ["NEURON_RT_VISIBLE_CORES"] == spec
+
+
+@pytest.mark.parametrize("spec", ["", "a", "3-1", "0-", "1;2"])
+def test_neuron_cores_refused(spec):
+    with pytest.raises(ValueError):
+        parse_cores(spec)

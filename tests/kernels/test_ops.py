@@ -1,0 +1,158 @@
+"""The qwenpd:: custom ops: torch.library.opcheck (schema, fake tensors, AOT dispatch), equality with the torch
+kernels they wrap, the padding (mask) contract, and the paged attention kernels against the dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenpd.kernels import causal_conv1d, chunk_gated_delta_rule, naive_gated_delta_rule, ops
+from qwenpd.kernels.paged_attention import naive_paged_attention
+from tests.kernels.helpers import assert_close, gdn_inputs
+
+OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+
+
+def _gdn(seq=20, batch=2):
+    x = gdn_inputs(batch, seq, 2, 4, 16, 8, with_state=True, seed=seq)
+    return x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"]
+
+
+def _pools(pages=9, page=4, hkv=2, dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(pages, hkv, page, dim, generator=gen), torch.randn(pages, hkv, page, dim, generator=gen)
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+def test_opcheck_chunk_gated_delta_rule():
+    args = _gdn()
+    _opcheck(torch.ops.qwenpd.chunk_gated_delta_rule.default, args)
+    _opcheck(torch.ops.qwenpd.chunk_gated_delta_rule.default, (*args, torch.arange(20)[None].expand(2, -1) < 13))
+
+
+def test_opcheck_step_gated_delta_rule():
+    q, k, v, g, beta, s0 = _gdn(seq=1)
+    _opcheck(torch.ops.qwenpd.step_gated_delta_rule.default, (q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0))
+
+
+def test_opcheck_conv():
+    x, w, s = torch.randn(2, 7, 12), torch.randn(12, 4), torch.randn(2, 12, 3)
+    _opcheck(torch.ops.qwenpd.causal_conv1d.default, (x, w, s))
+    _opcheck(torch.ops.qwenpd.causal_conv1d.default, (x, w, s, torch.arange(7)[None].expand(2, -1) < 5))
+    _opcheck(torch.ops.qwenpd.causal_conv1d_update.default, (x[:, 0], w, s))
+
+
+def test_opcheck_paged_attention():
+    kp, vp = _pools()
+    q = torch.randn(5, 4, 8)
+    _opcheck(torch.ops.qwenpd.write_kv.default, (kp, vp, torch.tensor([4, 5, 6, 9, 30]), q[:, :2], q[:, 2:]))
+    _opcheck(torch.ops.qwenpd.paged_attention_prefill.default, (q, kp, vp, torch.tensor([3, 1, 0]),
+                                                                torch.tensor([3]), 0.3))
+    _opcheck(torch.ops.qwenpd.paged_attention_decode.default, (q[:3], kp, vp, torch.tensor([[1, 2], [3, 0], [4, 5]]),
+                                                               torch.tensor([7, 1, 8]), 0.3))
+
+
+def test_ops_equal_the_kernels_they_wrap():
+    q, k, v, g, beta, s0 = _gdn()
+    o, s = ops.chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    o_ref, s_ref = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+    x, w, st = torch.randn(2, 7, 12), torch.randn(12, 4), torch.randn(2, 12, 3)
+    y, new = ops.causal_conv1d(x, w, st)
+    y_ref, new_ref = causal_conv1d(x, w, st)
+    assert torch.equal(y, y_ref) and torch.equal(new, new_ref)
+
+
+@pytest.mark.parametrize("real", [1, 2, 9, 20], ids=lambda n: f"real{n}")
+def test_padding_changes_no_state(real):
+    """A chunk padded past its `real` tokens (mask) leaves exactly the state of the unpadded chunk."""
+    q, k, v, g, beta, s0 = _gdn(seq=20)
+    mask = (torch.arange(20) < real)[None].expand(2, -1)
+    o, s = ops.chunk_gated_delta_rule(q, k, v, g, beta, s0, mask)
+    o_ref, s_ref = naive_gated_delta_rule(q[:, :real], k[:, :real], v[:, :real], g[:, :real], beta[:, :real],
+                                          initial_state=s0)
+    assert_close(o[:, :real], o_ref, atol=1e-5, what="outputs")
+    assert_close(s, s_ref, atol=1e-5, what="state")
+    x, w, st = torch.randn(2, 20, 12), torch.randn(12, 4), torch.randn(2, 12, 3)
+    y, new = ops.causal_conv1d(x, w, st, mask)
+    y_ref, new_ref = causal_conv1d(x[:, :real], w, st)
+    assert_close(y[:, :real], y_ref, atol=1e-6, what="conv outputs")  # same sums, other vector blocking
+    assert torch.equal(new, new_ref)
+
+
+def _table(n_tokens, page, pages, gen):
+    """A random non-null page list (page 0 is the null page) long enough for n_tokens."""
+    return (torch.randperm(pages - 1, generator=gen)[: -(-n_tokens // page)] + 1).tolist()
+
+
+@pytest.mark.parametrize("page", [1, 4, 16], ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paged_decode_matches_reference(page, dtype, monkeypatch):
+    from qwenpd.kernels.paged_attention import paged
+
+    monkeypatch.setattr(paged, "TILE_TOKENS", 2 * page)  # several tiles: the online softmax merges them
+    gen = torch.Generator().manual_seed(page)
+    pages, hkv, hq, dim = 40, 2, 6, 8
+    kp, vp = (t.to(dtype) for t in _pools(pages, page, hkv, dim, seed=page))
+    lens = [1, page, 3 * page + 1, 5]
+    tables = [_table(n, page, pages, gen) for n in lens]
+    width = max(len(t) for t in tables) + 1  # padded with the null page
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = torch.randn(len(lens), hq, dim, generator=gen).to(dtype)
+    o = ops.paged_attention_decode(q, kp, vp, bt, torch.tensor(lens), 0.35)
+    assert o.dtype == dtype
+    for b, n in enumerate(lens):
+        ref = naive_paged_attention(q[b:b + 1], kp, vp, tables[b], [n - 1], 0.35)
+        assert_close(o[b:b + 1], ref, atol=1e-5 if dtype == torch.float32 else 2e-2, what=f"seq {b}")
+
+
+@pytest.mark.parametrize("start,t", [(0, 5), (7, 6), (16, 1)], ids=lambda v: str(v))
+def test_paged_prefill_matches_reference(start, t):
+    gen = torch.Generator().manual_seed(start)
+    page, pages = 4, 12
+    kp, vp = _pools(pages, page, 2, 8, seed=start)
+    table = _table(start + t, page, pages, gen)
+    q = torch.randn(t, 4, 8, generator=gen)
+    bt = torch.tensor(table + [0, 0])
+    o = ops.paged_attention_prefill(q, kp, vp, bt, torch.tensor([start]), 0.35)
+    ref = naive_paged_attention(q, kp, vp, table, list(range(start, start + t)), 0.35)
+    assert_close(o, ref, atol=1e-5)
+
+
+def test_write_kv_touches_only_its_slots():
+    kp, vp = _pools()
+    before_k, before_v = kp.clone(), vp.clone()
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slots = torch.tensor([5, 0, 13])
+    ops.write_kv(kp, vp, slots, k, v)
+    def flat(pool):  # [num_pages * page_size, Hkv, D], token-major
+        return pool.transpose(1, 2).flatten(0, 1)
+
+    assert torch.equal(flat(kp)[slots], k) and torch.equal(flat(vp)[slots], v)
+    rest = torch.ones(flat(kp).shape[0], dtype=torch.bool)
+    rest[slots] = False
+    assert torch.equal(flat(kp)[rest], flat(before_k)[rest])
+    assert torch.equal(flat(vp)[rest], flat(before_v)[rest])
+
+
+def test_ops_run_on_meta():
+    q, k, v, g, beta, s0 = (t.to("meta") for t in _gdn())
+    o, s = ops.chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    assert o.device.type == "meta" and o.shape == v.shape and s.shape == s0.shape and s.dtype == torch.float32
+    kp, vp = (t.to("meta") for t in _pools())
+    o = ops.paged_attention_decode(torch.empty(3, 4, 8, device="meta"), kp, vp,
+                                   torch.zeros(3, 2, dtype=torch.long, device="meta"),
+                                   torch.ones(3, dtype=torch.long, device="meta"), 0.3)
+    assert o.shape == (3, 4, 8) and o.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fla_equals_torch_kernels_on_cuda():
+    from qwenpd.kernels import fla
+
+    if not fla.available():
+        pytest.skip("flash-linear-attention is not installed")
+    assert fla.check_equal("cuda") < 2e-2

@@ -1,7 +1,9 @@
 """`qwenpd check-device --device D`: the first thing an operator runs on a new host (GPU, trn2, or CPU).
 
 1. Accuracy: on generated checkpoints (init-model presets), the engine on D in fp32 against the CPU fp32 engine:
-   max-abs logit error of a prefill and greedy tokens of a short decode (must be equal).
+   max-abs logit error of a prefill and greedy tokens of a short decode (must be equal). On CUDA with
+   flash-linear-attention installed, also FLA against the torch ops (tf32 inside: a logit tolerance under
+   teacher forcing).
 2. Compile: the bf16 engine on D compiled over a few buckets (one prefill chunk, decode b1/b8/b32); warm-up
    time, and the compiled logits against eager on the same device.
 3. Speed: prefill of a long prompt and decode steps at batch 1, 8, 32 (tokens/s, ms/step).
@@ -24,6 +26,8 @@ from qwenpd.engine.init_model import init_model
 from qwenpd.engine.runner import Buckets
 
 FP32_ATOL = 2e-3  # logits of std ~1: fp32 on another device differs only by summation order
+FLA_RTOL = 2e-2  # FLA's Triton kernels compute in tf32 (10-bit mantissa) inside
+FLA_KERNEL_ATOL = 5e-2  # random unit-scale inputs, a 100-token chunk (measured on an H200: 8e-4)
 
 
 @dataclass
@@ -50,7 +54,9 @@ def _greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[torch.Tensor
 
 
 def accuracy(model_dir: Path, name: str, device: str, steps: int = 16) -> Row:
-    ref, dev = Engine(model_dir, dtype="float32"), Engine(model_dir, dtype="float32", device=device)
+    """The torch ops on `device` against the CPU: same math, only summation order differs."""
+    ref = Engine(model_dir, dtype="float32", deltanet_kernels="torch")
+    dev = Engine(model_dir, dtype="float32", device=device, deltanet_kernels="torch")
     prompt = _ids(300, ref.config.vocab_size, seed=1)
     ref_logits, ref_tokens = _greedy(ref, prompt, steps)
     logits, tokens = _greedy(dev, prompt, steps)
@@ -59,6 +65,36 @@ def accuracy(model_dir: Path, name: str, device: str, steps: int = 16) -> Row:
     ok = err <= FP32_ATOL and tokens == ref_tokens
     return Row("fp32 vs cpu", name, "fp32", f"max|dlogit| {err:.1e}, greedy {equal}/{steps} equal "
                f"[{dev.kernel_family}]", ok)
+
+
+def _forced(engine: Engine, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits of the prefill and of each decode step fed `tokens` (teacher forcing), [1 + len(tokens), V] fp32."""
+    logits, state = engine.prefill(prompt, chunk_size=128)
+    batch = DecodeBatch(engine, 1)
+    batch.add(state)
+    out = [logits.float().cpu()]
+    for t in tokens:
+        out.append(batch.step([t])[0].float().cpu())
+    return torch.stack(out)
+
+
+def fla_accuracy(model_dir: Path, name: str, device: str, steps: int = 16) -> Row:
+    """deltanet_kernels="fla" (FLA's chunked kernel for prefill) against the torch ops, both on `device`: FLA runs
+    tf32 inside, so the check is a tolerance on logits fed the same tokens (teacher forcing), not equal greedy
+    tokens. FLA's own recurrent step is measured too and reported: the engine does not use it."""
+    from qwenpd.kernels import fla
+
+    ref = Engine(model_dir, dtype="float32", device=device, deltanet_kernels="torch")
+    dev = Engine(model_dir, dtype="float32", device=device, deltanet_kernels="fla")
+    prompt = _ids(300, ref.config.vocab_size, seed=1)
+    tokens = _ids(steps, ref.config.vocab_size, seed=3)
+    a, b = _forced(ref, prompt, tokens), _forced(dev, prompt, tokens)
+    err, scale = (a - b).abs().max().item(), a.abs().max().item()
+    chunk_err, step_err = fla.check_equal(device)
+    ok = err <= FLA_RTOL * max(1.0, scale) and chunk_err <= FLA_KERNEL_ATOL
+    return Row("fla vs torch ops", name, "fp32", f"max|dlogit| {err:.1e} over prefill + {steps} forced steps "
+               f"(|logit| <= {scale:.1f}); FLA chunk kernel {chunk_err:.1e}, FLA recurrent step (unused) "
+               f"{step_err:.1e}", ok)
 
 
 def _decode_rate(engine: Engine, tensors: dict, n: int, batch_size: int, steps: int, device) -> float:
@@ -77,8 +113,8 @@ def _decode_rate(engine: Engine, tensors: dict, n: int, batch_size: int, steps: 
 
 
 def speed(model_dir: Path, name: str, device: str, compile_: bool, prompt_len: int, batches: tuple[int, ...],
-          steps: int, kv_bytes: int) -> list[Row]:
-    eng = Engine(model_dir, dtype="bfloat16", device=device, kv_cache_bytes=kv_bytes)
+          steps: int, kv_bytes: int, kernels: str = "torch") -> list[Row]:
+    eng = Engine(model_dir, dtype="bfloat16", device=device, kv_cache_bytes=kv_bytes, deltanet_kernels=kernels)
     dev, chunk = eng.device, 512
     rows = []
     prompt = _ids(prompt_len, eng.config.vocab_size, seed=2)
@@ -99,7 +135,8 @@ def speed(model_dir: Path, name: str, device: str, compile_: bool, prompt_len: i
     _, state = eng.prefill(prompt, chunk_size=chunk)
     synchronize(dev)
     took = time.perf_counter() - t0
-    rows.append(Row(f"prefill {prompt_len} ({mode})", name, "bf16", f"{took:.3f} s, {prompt_len / took:,.0f} tok/s"))
+    rows.append(Row(f"prefill {prompt_len} ({mode})", name, "bf16", f"{took:.3f} s, {prompt_len / took:,.0f} tok/s "
+                    f"[{eng.kernel_family}]"))
     tensors, n = state.to_tensors(), state.num_tokens
     del state
     for b in batches:
@@ -127,6 +164,11 @@ def check_device(device: str, presets: tuple[str, ...] = ("tiny", "small"), spee
         dirs = {p: init_model(Path(tmp) / p, p, seed=0) for p in {*presets, speed_preset}}
         for p in presets:
             rows.append(accuracy(dirs[p], p, device))
+        if resolve_device(device).type == "cuda":
+            from qwenpd.kernels import fla
+
+            if fla.available():
+                rows += [fla_accuracy(dirs[p], p, device) for p in presets]
         rows += speed(dirs[speed_preset], speed_preset, device, compile_, prompt_len, batches, steps, kv_bytes)
     print_table(rows, device)
     return 0 if all(r.ok for r in rows) else 1

@@ -22,6 +22,19 @@ from qwenpd.kernels.ops import register_device_kernels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DELTANET_KERNELS = ("torch", "fla", "nki")
+
+
+def _deltanet_family(name: str, device_type: str) -> str:
+    """The DeltaNet kernel family of an engine on `device_type`: "torch" (the reference ops; NKI kernels registered
+    on neuron), "fla" (flash-linear-attention's chunked kernel on CUDA; tf32 inside) or "nki" (called directly)."""
+    from qwenpd.kernels import fla
+
+    if name == "fla" and (device_type != "cuda" or not fla.available()):
+        raise ValueError("deltanet_kernels='fla' needs a CUDA device and the flash-linear-attention package")
+    return name
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device."""
@@ -39,8 +52,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.deltanet_kernels not in ("torch", "nki"):
-            raise ValueError(f"deltanet_kernels must be 'torch' or 'nki', got {self.deltanet_kernels!r}")
+        if self.deltanet_kernels not in DELTANET_KERNELS:
+            raise ValueError(f"deltanet_kernels must be one of {DELTANET_KERNELS}, got {self.deltanet_kernels!r}")
         resolve_device(self.device)
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
@@ -69,8 +82,9 @@ class Engine:
         self.dtype = DTYPES[name]
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype)
         weights = {name: t.to(self.device) for name, t in weights.items()}
-        self.kernel_family = register_device_kernels(self.device.type) if deltanet_kernels == "torch" else "nki"
-        self.model = HybridModel(self.config, weights, DeltaNetKernels.named(deltanet_kernels))
+        family = _deltanet_family(deltanet_kernels, self.device.type)
+        self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family
+        self.model = HybridModel(self.config, weights, DeltaNetKernels.named(family))
         self.kv_cache = PagedKVCache(self.config, self.dtype, self.device, page_size, kv_cache_bytes)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)

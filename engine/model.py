@@ -15,7 +15,9 @@ from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rot
 class DeltaNetKernels:
     """What the DeltaNet layers call (same shapes and contract as the qwenpd:: ops in kernels/ops.py).
 
-    "torch": the custom ops, whose kernel is picked per device (torch reference, FLA on CUDA, NKI on neuron).
+    "torch": the custom ops, whose kernel is picked per device (the torch reference; the NKI kernels on neuron).
+    "fla": flash-linear-attention's chunked Triton kernel for prefill (CUDA; tf32 inside); decode steps on the
+           torch op (FLA's recurrent step failed our check, see kernels/ops.py).
     "nki": the NKI kernels called directly, eagerly (the CPU emulator without the Neuron SDK; tests and demos).
     """
 
@@ -32,11 +34,14 @@ class DeltaNetKernels:
         if name == "torch":
             return cls("torch", ops.chunk_gated_delta_rule, ops.step_gated_delta_rule, ops.causal_conv1d,
                        ops.causal_conv1d_update)
+        if name == "fla":
+            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.step_gated_delta_rule, ops.causal_conv1d,
+                       ops.causal_conv1d_update)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
             from qwenpd.kernels.nki import torch_ops
 
             return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.causal_conv1d, ops.causal_conv1d_update)
-        raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch' or 'nki'")
+        raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch', 'fla' or 'nki'")
 
 
 class Block:

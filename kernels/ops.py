@@ -2,8 +2,9 @@
 
 Each op has a fake (meta) implementation, so torch.compile traces it with static shapes and the meta device runs
 it; the default kernel (every device) is the torch code in this package, which stays the reference. Per-device
-kernels are added on top: flash-linear-attention's on CUDA when that package is importable (kernels/fla.py), the
-NKI kernels on neuron (kernels/nki, registered when torch-neuronx is imported: `register_device_kernels`).
+kernels are added on top: the NKI kernels on neuron (kernels/nki, registered when torch-neuronx is imported:
+`register_device_kernels`). flash-linear-attention's chunked CUDA kernel is an op of its own
+(qwenpd::fla_chunk_gated_delta_rule), which an engine chooses with deltanet_kernels="fla".
 
     qwenpd::chunk_gated_delta_rule(q, k, v, g, beta, initial_state, mask?) -> (o, final_state)
     qwenpd::step_gated_delta_rule(q, k, v, g, beta, state!) -> o                 (state updated in place)
@@ -55,6 +56,24 @@ def step_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
 @step_gated_delta_rule.register_fake
 def _(q, k, v, g, beta, state):
     return torch.empty_like(v)
+
+
+# flash-linear-attention's chunked kernel (CUDA only; tf32 inside, so close to but not bit-equal with the torch
+# code): an op of its own, chosen per engine (`deltanet_kernels="fla"`), never silently in place of the reference.
+# FLA's fused recurrent step is not used: on an H200 (FLA 0.6.0) its state diverged from the reference within
+# 20 steps (kernels/fla.py check_equal reports it), so decode steps stay on qwenpd::step_gated_delta_rule.
+@torch.library.custom_op("qwenpd::fla_chunk_gated_delta_rule", mutates_args=())
+def fla_chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor,
+                               mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """chunk_gated_delta_rule's contract, computed by flash-linear-attention (kernels/fla.py)."""
+    from qwenpd.kernels import fla
+
+    return fla.fla_chunk(q, k, v, g, beta, initial_state, mask)
+
+
+@fla_chunk_gated_delta_rule.register_fake
+def _(q, k, v, g, beta, initial_state, mask=None):
+    return torch.empty_like(v), initial_state.new_empty(initial_state.shape, dtype=torch.float32)
 
 
 # ---- causal conv1d ----------------------------------------------------------------------------------------------
@@ -131,11 +150,7 @@ def _(q, k_pool, v_pool, block_tables, context_lens, scale):
 # ---- per-device kernels -----------------------------------------------------------------------------------------
 @functools.cache
 def register_device_kernels(device_type: str) -> str:
-    """Add the fast kernels of `device_type` to the ops (once); returns which family now serves the DeltaNet ops."""
-    if device_type == "cuda":
-        from qwenpd.kernels import fla
-
-        return fla.register(chunk_gated_delta_rule, step_gated_delta_rule)
+    """Add the kernels of `device_type` to the ops (once); returns which family now serves the DeltaNet ops."""
     if device_type == "neuron":
         from qwenpd.kernels.nki import torch_ops
 

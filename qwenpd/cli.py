@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile prefill and decode over static buckets first (needs --kv-cache-bytes); "
                         "warmup_s in --json, excluded from prefill_s/decode_s")
     p.add_argument("--compile-cache", default=None, metavar="DIR", help="keep compiled graphs here across runs")
-    p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "nki"],
-                   help="DeltaNet kernels: torch, or nki (NKI kernels; CPU emulator without the Neuron SDK)")
+    p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "fla", "nki"],
+                   help="DeltaNet kernels: torch (the reference ops; NKI kernels on neuron), fla "
+                        "(flash-linear-attention's chunked kernel for prefill, CUDA), nki (NKI kernels called "
+                        "directly; CPU emulator without the Neuron SDK)")
     p.add_argument("--cache-salt", default=None, help="prefix-cache isolation key (services only)")
     p.add_argument("--prefill", help="prefill service address (go through the services)")
     p.add_argument("--decode", help="decode service address")

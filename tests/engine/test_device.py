@@ -65,3 +65,15 @@ def test_neuron_cores_accepted(spec, monkeypatch):
 def test_neuron_cores_refused(spec):
     with pytest.raises(ValueError):
         parse_cores(spec)
+
+
+def test_deltanet_kernel_families(tiny_model_dir):
+    """The torch ops are the default everywhere; fla is refused without CUDA (and the package)."""
+    from qwenpd.engine.engine import Engine, _deltanet_family
+
+    assert _deltanet_family("torch", "cpu") == "torch" and _deltanet_family("nki", "cpu") == "nki"
+    with pytest.raises(ValueError, match="flash-linear-attention"):
+        Engine(tiny_model_dir, dtype="float32", deltanet_kernels="fla")
+    with pytest.raises(ValueError, match="deltanet_kernels"):
+        Engine(tiny_model_dir, dtype="float32", deltanet_kernels="auto")
+    assert Engine(tiny_model_dir, dtype="float32").kernel_family == "torch"

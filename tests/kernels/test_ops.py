@@ -155,4 +155,7 @@ def test_fla_equals_torch_kernels_on_cuda():
 
     if not fla.available():
         pytest.skip("flash-linear-attention is not installed")
-    assert fla.check_equal("cuda") < 2e-2
+    from qwenpd.engine.check_device import FLA_KERNEL_ATOL
+
+    chunk_err, _ = fla.check_equal("cuda")  # FLA's recurrent step is not used (kernels/ops.py says why)
+    assert chunk_err < FLA_KERNEL_ATOL

@@ -4,7 +4,7 @@ never suspend and run to completion on the caller's thread). The two calls the s
 
     prefill:  checkpoint_id = client.put_checkpoint(state.to_tensors(), CheckpointMeta(fp, n, {...}))
     decode:   with client.checkpoint(checkpoint_id, fp, lambda n: expected_shapes(config, n), dtypes) as ckpt:
-                  state = HybridState.from_tensors(config, ckpt.tensors, ckpt.num_tokens, dtype)  # the one copy
+                  state = engine.state_from_tensors(ckpt.tensors, ckpt.num_tokens)  # the one copy, page by page
 
 put_checkpoint allocates a range, writes the checkpoint straight into it (one copy, checksummed on the way) and
 commits it. get_checkpoint leases it and returns zero-copy tensor views of the mapped range, checked against
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,11 +76,12 @@ class PrefixRead:
 class AsyncCacheStoreClient:
     """The cache store client (asyncio). Every call has a deadline (`timeout_s`)."""
 
+    offload_bytes: int | None = _OFFLOAD_BYTES  # data-plane work above this runs in a worker thread; None = inline
+
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, io_threads: int | None = None,
                  security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self.offload_bytes: int | None = _OFFLOAD_BYTES  # data-plane work above this runs in a worker thread
         self._channel = self._open_channel(address, security)
         self._stub = pb_grpc.CacheStoreStub(self._channel)
         self._io_threads = io_threads
@@ -101,7 +103,8 @@ class AsyncCacheStoreClient:
 
     async def _call(self, method: str, request: Any) -> Any:
         try:
-            return await getattr(self._stub, method)(request, timeout=self.timeout_s)
+            reply = getattr(self._stub, method)(request, timeout=self.timeout_s)
+            return await reply if inspect.isawaitable(reply) else reply  # a blocking channel answers at once
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -284,15 +287,10 @@ class _BlockingTransport(AsyncCacheStoreClient):
     """AsyncCacheStoreClient's calls over a blocking channel: its coroutines never suspend (RPCs block, data-plane
     work runs inline), so CacheStoreClient drives them to completion with one `send`, on the caller's thread."""
 
-    def _open_channel(self, address: str, security: Security | None) -> Any:
-        self.offload_bytes = None
-        return secure_channel(address, security, _CHANNEL_OPTIONS)
+    offload_bytes = None
 
-    async def _call(self, method: str, request: Any) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    def _open_channel(self, address: str, security: Security | None) -> Any:
+        return secure_channel(address, security, _CHANNEL_OPTIONS)
 
     async def _close_channel(self) -> None:
         self._channel.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
@@ -11,8 +9,6 @@ from qwenpd.engine.device import set_neuron_cores
 from qwenpd.model_service import build_engine
 from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import DecodeMetrics
-
-log = logging.getLogger(__name__)
 
 
 async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
@@ -26,8 +22,8 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
             await run_server(servicer, listen=config.listen, security=config.security, metrics=metrics,
                              metrics_port=config.metrics_port, grace_s=config.grace_s, on_ready=on_ready,
                              max_message_bytes=config.limits.max_message_bytes,
-                             describe=f"decode ({engine.fingerprint[:16]}, {engine.dtype}, max batch "
-                                      f"{config.max_batch}), cache store {config.cache},")
+                             describe=f"decode ({engine.fingerprint[:16]}, {engine.dtype}, {engine.device}, max "
+                                      f"batch {config.max_batch}; cache store {config.cache})")
         finally:
             metrics.close()
             servicer.stop()

@@ -49,7 +49,8 @@ def _(q, k, v, g, beta, initial_state, mask=None):
 
 @torch.library.custom_op("qwenpd::step_gated_delta_rule", mutates_args=("state",))
 def step_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> Tensor:
-    """q, k [B, Hk, K]; v [B, Hv, V]; g, beta [B, Hv]; state [B, Hv, K, V] fp32 updated in place. Returns o [B, Hv, V]."""
+    """q, k [B, Hk, K]; v [B, Hv, V]; g, beta [B, Hv]; state [B, Hv, K, V] fp32 updated in place.
+    Returns o [B, Hv, V]."""
     return _step(q, k, v, g, beta, state)
 
 

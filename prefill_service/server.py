@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.device import set_neuron_cores
 from qwenpd.engine.engine import Engine
@@ -13,8 +11,6 @@ from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
 from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import PrefillMetrics
-
-log = logging.getLogger(__name__)
 
 
 def warm_up(engine: Engine, chunk_size: int) -> None:
@@ -39,8 +35,8 @@ async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:
         await run_server(PrefillServicer(engine, config, store, queue, metrics), listen=config.listen,
                          security=config.security, metrics=metrics, metrics_port=config.metrics_port,
                          grace_s=config.grace_s, on_ready=on_ready, max_message_bytes=config.limits.max_message_bytes,
-                         describe=f"prefill {config.name} ({engine.fingerprint[:16]}, {engine.dtype}), "
-                                  f"cache store {config.cache},")
+                         describe=f"prefill {config.name} ({engine.fingerprint[:16]}, {engine.dtype}, "
+                                  f"{engine.device}; cache store {config.cache})")
     finally:
         queue.shutdown()
         metrics.close()

@@ -1,6 +1,7 @@
 """The gRPC server skeleton every qwenpd service uses: `make_server` (the error-mapping interceptor first,
 security, health, reflection, message limits, port 0 read back), `GrpcServer` (start, graceful shutdown on
-SIGTERM/SIGINT) and `run_server`, the one start-up sequence of the cache store, prefill and decode servers.
+SIGTERM/SIGINT), and `run_server` / `serve_main`, the one start-up of the cache store, prefill, decode and the
+gateway.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
 from qwenpd.service_config import DEFAULT_GRACE_S
 
 log = logging.getLogger(__name__)
-
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:

@@ -174,9 +174,8 @@ def cmd_serve_child(args: argparse.Namespace) -> int:
 
     _logging(args)
     config = config_from_json(Path(args.config).read_text())
-    servers = {"CacheStoreConfig": "qwenpd.cache_store.server", "PrefillConfig": "qwenpd.prefill_service.server",
-               "DecodeConfig": "qwenpd.decode_service.server", "GatewayConfig": "qwenpd.gateway.server"}
-    return importlib.import_module(servers[type(config).__name__]).serve(config, args.ready_file)
+    package = type(config).__module__.rsplit(".", 1)[0]  # qwenpd.<service>.config -> qwenpd.<service>.server
+    return importlib.import_module(f"{package}.server").serve(config, args.ready_file)
 
 
 def cmd_serve_all(args: argparse.Namespace) -> int:

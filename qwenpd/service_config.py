@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
@@ -45,16 +45,15 @@ def field_defaults(cls: type) -> argparse.Namespace:
     return argparse.Namespace(**out)
 
 
-def from_args(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:
-    """Build config `cls` from parsed flags: every field with a flag of that `dest`, plus `extra`; the
-    `limits` and `security` fields (when the class has them) from their flag groups."""
+def from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """Build config `cls` from parsed flags: every field with a flag of that `dest`; the `limits` and `security`
+    fields (when the class has them) from their flag groups."""
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if "limits" in names:
         kw["limits"] = limits_mod.from_args(args)
     if "security" in names:
         kw["security"] = security_mod.from_args(args)
-    kw.update(extra)
     return cls(**kw)
 
 

@@ -13,8 +13,10 @@ from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import resolve_device
 from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
+from qwenpd.engine.parallel import RankSpec, TPGroup, launch, mirrored
 from qwenpd.engine.runner import Buckets, GraphRunner, pick
-from qwenpd.engine.state import HybridState
+from qwenpd.engine.sharding import ShardPlan
+from qwenpd.engine.state import HybridState, check_tensors, expected_shapes, prefix_tensors
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
 from qwenpd.kernels.ops import register_device_kernels
@@ -46,6 +48,7 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_bytes: int | None = None  # None = a cache that grows on demand (eager use)
     page_size: int = DEFAULT_PAGE_SIZE
+    tp: int = 1  # tensor-parallel degree (ranks 1..tp-1 are child processes of this one)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -59,20 +62,30 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
 
 
 class Engine:
     """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
 
     Weights, KV (one paged cache, `kv_cache_bytes` big), DeltaNet state and logits live on `self.device`; only
-    token ids cross to and from the host."""
+    token ids cross to and from the host.
+
+    With `tp` > 1 this process is rank 0 of a tensor-parallel group: it starts ranks 1..tp-1 (each loads only
+    its shard of the weights) and every call below runs on all of them in lockstep (engine/parallel.py).
+    `config` is always the full model; `local_config` is what this rank computes. State crosses the engine's
+    boundary (state_from_tensors, HybridState.to_tensors, ...) in the canonical full-tensor layout, so any
+    degree reads what any other wrote. `close()` stops the other ranks."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
                  deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: int | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE):
+                 page_size: int = DEFAULT_PAGE_SIZE, tp: int = 1, group: TPGroup | None = None):
         self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device),
-                                          kv_cache_bytes, page_size)
+                                          kv_cache_bytes, page_size, tp)
         self.device = resolve_device(device)
+        if threads is None and tp > 1 and self.device.type == "cpu":  # the ranks share the host's cores
+            threads = max(1, (os.cpu_count() or 1) // tp)
         if threads is not None:
             torch.set_num_threads(threads)
         self.config = ModelConfig.from_pretrained(model_dir)
@@ -80,12 +93,33 @@ class Engine:
         if name not in DTYPES:
             raise ValueError(f"checkpoint dtype {name!r} is not supported; pass --dtype float32 or bfloat16")
         self.dtype = DTYPES[name]
-        weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype)
+        self.plan = ShardPlan(self.config, tp, 0 if group is None else group.rank)  # ShardingError if tp misfits
+        if tp > 1 and group is None:
+            group = launch(RankSpec(str(model_dir), dtype, threads, deltanet_kernels, str(device), kv_cache_bytes,
+                                    page_size, tp))
+        self.group = group
+        try:
+            self._load(model_dir, deltanet_kernels, kv_cache_bytes, page_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, model_dir: str | Path, deltanet_kernels: str, kv_cache_bytes: int | None, page_size: int
+              ) -> None:
+        sharded = self.plan.degree > 1
+        self.local_config = self.plan.local_config if sharded else self.config
+        weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype,
+                                                 self.plan.weight_ranges if sharded else None)
+        if sharded and self.config.tie_word_embeddings:  # the output head is the embedding's vocabulary slice
+            v0, v1 = self.plan.vocab_range
+            weights["lm_head.weight"] = weights["embed_tokens.weight"][v0:v1].clone()
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family
-        self.model = HybridModel(self.config, weights, DeltaNetKernels.named(family))
-        self.kv_cache = PagedKVCache(self.config, self.dtype, self.device, page_size, kv_cache_bytes)
+        if self.group is not None:
+            self.group.config = self.config
+        self.model = HybridModel(self.local_config, weights, DeltaNetKernels.named(family), self.group)
+        self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_cache_bytes)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
@@ -94,12 +128,25 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
+    @property
+    def tp(self) -> int:
+        return self.plan.degree
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel group (nothing to do otherwise). Idempotent."""
+        if self.group is not None and self.group.leader:
+            self.group.close()
+
+    def _adopt(self, obj):
+        return obj if self.group is None else self.group.adopt(obj)
+
     def default_buckets(self, chunk_size: int, max_batch: int, max_context: int | None = None) -> Buckets:
         """Buckets for contexts up to max_context (default: what the model and the KV cache allow)."""
         cache = self.kv_cache
         limit = min(self.config.max_position_embeddings, cache.allocator.usable * cache.page_size)
         return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
 
+    @mirrored()
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
                 cache_dir: str | None = None) -> float:
         """Compile the prefill chunk and decode step for every bucket (torch.compile, static shapes) and use them
@@ -115,16 +162,38 @@ class Engine:
         for linear in self.model.linears():
             linear.unpack()
         self.runner = GraphRunner(self.model, buckets, backend)
-        scratch = self.new_state()
+        scratch = HybridState.empty(self.local_config, self.kv_cache)
         return self.runner.warm_up(scratch, buckets.batches[-1])
 
+    @mirrored(creates=True)
     def new_state(self) -> HybridState:
-        return HybridState.empty(self.config, self.kv_cache)
+        return self._adopt(HybridState.empty(self.local_config, self.kv_cache))
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor], num_tokens: int, extra_tokens: int = 0
                            ) -> HybridState:
-        """A state from checkpoint tensors (full K/V per layer), its KV copied into this engine's pages."""
-        return HybridState.from_tensors(self.config, tensors, num_tokens, self.kv_cache, extra_tokens)
+        """A state from checkpoint tensors (full K/V per layer), its KV copied into this engine's pages.
+        Raises ValueError on a mismatch with the model."""
+        check_tensors(self.config, tensors, num_tokens, self.dtype)
+        return self._load_state(tensors, num_tokens, extra_tokens)
+
+    def state_from_prefix(self, kv_blocks: list[dict[str, torch.Tensor]], snapshot: dict[str, torch.Tensor],
+                          num_tokens: int, extra_tokens: int = 0) -> HybridState:
+        """A state restored from cached KV blocks (in prefix order) and the DeltaNet snapshot after the last of
+        them. Raises ValueError on a mismatch with the model."""
+        return self.state_from_tensors(prefix_tensors(self.config, kv_blocks, snapshot), num_tokens, extra_tokens)
+
+    @mirrored(creates=True)
+    def _load_state(self, tensors: dict[str, torch.Tensor] | None, num_tokens: int, extra_tokens: int
+                    ) -> HybridState:
+        if self.group is not None:  # each rank receives only its slices of the leader's canonical tensors
+            dtypes = {name: torch.float32 if name.endswith(".recurrent") else self.dtype
+                      for name in expected_shapes(self.local_config, num_tokens)}
+            shapes = {name: (shape, dtypes[name]) for name, shape in
+                      expected_shapes(self.local_config, num_tokens).items()}
+            tensors = self.group.scatter_state(tensors, shapes)
+        assert tensors is not None
+        return self._adopt(HybridState.from_tensors(self.local_config, tensors, num_tokens, self.kv_cache,
+                                                    extra_tokens))
 
     def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
         """Raise ValueError for ids outside the vocabulary or a context past max_position_embeddings."""
@@ -157,17 +226,30 @@ class Engine:
         start = state.num_tokens
         logits = None
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
-            logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state)
+            logits = self.prefill_chunk(ids[lo - start: hi - start], state)
             if on_chunk is not None:
                 on_chunk(state)
         assert logits is not None
         return logits, state
 
+    @mirrored()
+    def prefill_chunk(self, token_ids: list[int], state: HybridState) -> torch.Tensor:
+        """One chunk (at most the largest compiled chunk) into `state`; logits [V] of its last token."""
+        return self.runner.prefill_chunk(token_ids, state)
+
     def forward_all(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] for every position of a fresh sequence (one chunk; for tests and scoring)."""
-        state = self.new_state()
         self.check_tokens(token_ids)
-        return self.eager.prefill_chunk(list(token_ids), state, all_logits=True)
+        return self._forward_all(list(token_ids))
+
+    @mirrored()
+    def _forward_all(self, token_ids: list[int]) -> torch.Tensor:
+        return self.eager.prefill_chunk(token_ids, HybridState.empty(self.local_config, self.kv_cache),
+                                        all_logits=True)
+
+    def decode_batch(self, max_batch: int) -> "DecodeBatch":
+        """A follower rank's mirror of the leader's new DecodeBatch (the leader's constructor sends this)."""
+        return self._adopt(DecodeBatch(self, max_batch))
 
     def decode(self, states: list[HybridState], token_ids: Sequence[int]) -> torch.Tensor:
         """One step for a batch of independent states (stacks their DeltaNet state for this call only).
@@ -204,7 +286,7 @@ class DecodeBatch:
     def __init__(self, engine: Engine, max_batch: int):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        c, dt, dev = engine.config, engine.dtype, engine.device
+        c, dt, dev = engine.local_config, engine.dtype, engine.device
         self.engine = engine
         self.max_batch = max_batch
         n_lin = len(c.linear_layers)
@@ -215,6 +297,12 @@ class DecodeBatch:
         self.recurrent = [torch.zeros(rows, c.linear_num_value_heads, c.linear_key_head_dim,
                                       c.linear_value_head_dim, dtype=torch.float32, device=dev) for _ in range(n_lin)]
         self.states: list[HybridState] = []
+        self.group, self.handle = None, 0
+        group = engine.group
+        if group is not None and group.leader:  # the other ranks make their mirror (Engine.decode_batch)
+            with group.lock:
+                group.send(None, "decode_batch", (max_batch,), {}, creates=True)
+                group.adopt(self)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -228,6 +316,7 @@ class DecodeBatch:
             state.conv[j] = self.conv[j][slot]
             state.recurrent[j] = self.recurrent[j][slot]
 
+    @mirrored()
     def add(self, state: HybridState) -> None:
         if not self.free_slots:
             raise RuntimeError("decode batch is full")
@@ -240,6 +329,7 @@ class DecodeBatch:
         self._bind(state, slot)
         self.states.append(state)
 
+    @mirrored()
     def remove(self, state: HybridState) -> None:
         """Detach `state` (it gets its own copy of its DeltaNet state back); the last slot fills the hole."""
         slot = next(i for i, s in enumerate(self.states) if s is state)
@@ -256,6 +346,7 @@ class DecodeBatch:
             self._bind(moved, slot)
         self.states.pop()
 
+    @mirrored()
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Feed token_ids[i] to self.states[i]; returns fp32 logits [B, V]."""
         b = len(self.states)

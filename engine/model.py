@@ -48,8 +48,10 @@ class Block:
     """One decoder layer: x + mixer(norm(x)), then x + mlp(norm(x)). The residual stream x is fp32; norms read it
     in fp32 and round once, to the model dtype, for the matmuls that follow."""
 
-    def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], index: int, rotary: Rotary):
+    def __init__(self, c: ModelConfig, w: dict[str, torch.Tensor], index: int, rotary: Rotary,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         p = f"layers.{index}."
+        self.reduce = reduce
         self.index = index
         self.is_linear = c.layer_types[index] == LINEAR
         self.eps = c.rms_norm_eps
@@ -65,22 +67,33 @@ class Block:
         return rms_norm(x, self.in_norm, self.eps, self.dtype)
 
     def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        x = x + mixed  # fp32 + model dtype -> fp32
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype))
+        """x + mixer output, then + MLP output. Under tensor parallelism both are partial sums of the row-parallel
+        projections (o_proj / out_proj, down_proj): summed over the ranks in fp32 before they join x."""
+        if self.reduce is None:
+            x = x + mixed  # fp32 + model dtype -> fp32
+            return x + self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype))
+        x = x + self.reduce(mixed.float())
+        return x + self.reduce(self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype)).float())
 
 
 class HybridModel:
-    """Holds the (fused) weights; runs prefill chunks on one sequence and decode steps on a batch."""
+    """Holds the (fused) weights; runs prefill chunks on one sequence and decode steps on a batch.
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], kernels: DeltaNetKernels):
+    Under tensor parallelism (`tp`, a TPGroup) `config` is the rank's local config and `weights` its shard
+    (engine/sharding.py): the same code computes its heads and channels, `tp.all_reduce` sums the row-parallel
+    outputs and `tp.gather_vocab` joins the vocabulary slices of the logits."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], kernels: DeltaNetKernels, tp=None):
         self.config = config
         self.kernels = kernels
+        self.tp = tp
         self.device = weights["embed_tokens.weight"].device
         rotary = Rotary(config, self.device)
         self.embed = weights["embed_tokens.weight"]
-        self.lm_head = Linear(weights["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"])
+        self.lm_head = Linear(weights["lm_head.weight"] if "lm_head.weight" in weights else self.embed)
         self.final_norm = 1.0 + weights["norm.weight"].float()
-        self.blocks = [Block(config, weights, i, rotary) for i in range(config.num_hidden_layers)]
+        reduce = None if tp is None else tp.all_reduce
+        self.blocks = [Block(config, weights, i, rotary, reduce) for i in range(config.num_hidden_layers)]
         # position of each layer inside its kind's state lists
         self.slot = {}
         for kind_layers in (config.linear_layers, config.attention_layers):
@@ -96,7 +109,8 @@ class HybridModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
         h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
     def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],

@@ -5,14 +5,16 @@ tensors per layer, converted here (to_tensors / from_tensors)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.kv_cache import PagedKVCache, SequenceKV
+from qwenpd.engine.parallel import mirrored
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class HybridState:
     """Everything a sequence needs to continue: the state after consuming `num_tokens` tokens.
 
@@ -20,6 +22,10 @@ class HybridState:
     conv:         per DeltaNet layer [conv_dim, W-1], the last W-1 projected inputs (oldest first). Model dtype.
     recurrent:    per DeltaNet layer [Hv, dk, dv], float32 always.
     Layer lists follow config.attention_layers / config.linear_layers order.
+
+    Under tensor parallelism `config` is the rank's local config and the tensors hold its heads and channels;
+    the leader's state is mirrored on every rank (`group`, `handle`: engine/parallel.py), and the methods that
+    return host tensors return the canonical full tensors on the leader (None on the other ranks).
     """
 
     config: ModelConfig
@@ -28,6 +34,8 @@ class HybridState:
     conv: list[torch.Tensor]
     recurrent: list[torch.Tensor]
     token_ids: list[int] = field(default_factory=list)
+    group: Any = None  # the TPGroup this state is mirrored in (None: not sharded)
+    handle: int = 0
 
     @classmethod
     def empty(cls, config: ModelConfig, kv_cache: PagedKVCache) -> "HybridState":
@@ -46,10 +54,12 @@ class HybridState:
     def device(self) -> torch.device:
         return self.kv.cache.device
 
+    @mirrored()
     def reserve(self, num_tokens: int) -> None:
         """Own KV pages for `num_tokens` tokens in total (OutOfPages if the cache cannot give them)."""
         self.kv.reserve(num_tokens)
 
+    @mirrored()
     def release(self) -> None:
         """Give the KV pages back now (also happens when the state is garbage collected)."""
         self.kv.release()
@@ -61,8 +71,10 @@ class HybridState:
     # ---- (de)serialisation: flat name -> tensor, used by checkpoints --------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat, contiguous host tensors named by absolute layer index ("layers.3.k", "layers.0.recurrent", ...)."""
-        out = self.kv_tensors(0, self.num_tokens)
-        out.update(self.deltanet_tensors())
+        out, deltanet = self.kv_tensors(0, self.num_tokens), self.deltanet_tensors()
+        if out is None:  # a follower rank: its slices went to the leader
+            return None
+        out.update(deltanet)
         return out
 
     @classmethod
@@ -82,6 +94,7 @@ class HybridState:
         return state
 
     # ---- pieces for the prefix cache -------------------------------------------------------------------
+    @mirrored()
     def kv_tensors(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """K/V of tokens [lo, hi) of every attention layer (contiguous host copies): one KV block or the tail."""
         if not 0 <= lo <= hi <= self.num_tokens:
@@ -91,15 +104,20 @@ class HybridState:
             k, v = self.kv.read(j, lo, hi)
             out[f"layers.{layer}.k"] = _host(k)
             out[f"layers.{layer}.v"] = _host(v)
-        return out
+        return self._canonical(out)
 
+    @mirrored()
     def deltanet_tensors(self) -> dict[str, torch.Tensor]:
         """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position."""
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.linear_layers):
             out[f"layers.{layer}.conv"] = _host(self.conv[j], copy=True)
             out[f"layers.{layer}.recurrent"] = _host(self.recurrent[j], copy=True)
-        return out
+        return self._canonical(out)
+
+    def _canonical(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Sharded: every rank's slices joined into the canonical tensors on the leader (None elsewhere)."""
+        return local if self.group is None else self.group.gather_state(local)
 
     @classmethod
     def from_prefix(cls, config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],
@@ -107,18 +125,25 @@ class HybridState:
                     extra_tokens: int = 0) -> "HybridState":
         """A state restored from cached KV blocks (in prefix order) and the DeltaNet snapshot after the last
         of them. Raises ValueError on a mismatch with the model."""
-        tensors = dict(snapshot)
-        for layer in config.attention_layers:
-            for kind in ("k", "v"):
-                name = f"layers.{layer}.{kind}"
-                try:
-                    tensors[name] = torch.cat([b[name] for b in kv_blocks], dim=1)
-                except (KeyError, RuntimeError) as exc:
-                    raise ValueError(f"cached KV blocks do not fit the model at {name}: {exc}") from None
-        return cls.from_tensors(config, tensors, num_tokens, kv_cache, extra_tokens)
+        return cls.from_tensors(config, prefix_tensors(config, kv_blocks, snapshot), num_tokens, kv_cache,
+                                extra_tokens)
 
     def nbytes(self) -> int:
         return self.config.state_bytes(self.num_tokens, self.kv.cache.k[0].element_size() if self.kv.cache.k else 2)
+
+
+def prefix_tensors(config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],
+                   snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state tensors of a cached prefix: its KV blocks joined along tokens, plus the DeltaNet snapshot."""
+    tensors = dict(snapshot)
+    for layer in config.attention_layers:
+        for kind in ("k", "v"):
+            name = f"layers.{layer}.{kind}"
+            try:
+                tensors[name] = torch.cat([b[name] for b in kv_blocks], dim=1)
+            except (KeyError, RuntimeError) as exc:
+                raise ValueError(f"cached KV blocks do not fit the model at {name}: {exc}") from None
+    return tensors
 
 
 def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], num_tokens: int, dtype: torch.dtype) -> None:

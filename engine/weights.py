@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,30 +88,63 @@ def _canonical(name: str) -> str | None:
     return None
 
 
-def _content_digest(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _content_digest(h: "hashlib._Hash", raw: memoryview) -> None:
     """Digest of a tensor's stored bytes: all of a small tensor, evenly spaced windows of a large one."""
-    raw = t.contiguous().view(torch.uint8).reshape(-1)
-    n = raw.numel()
+    n = len(raw)
     if n <= _SAMPLE_WINDOWS * _WINDOW_BYTES * 4:
-        h.update(raw.numpy().tobytes())
+        h.update(raw)
         return
     step = (n - _WINDOW_BYTES) // (_SAMPLE_WINDOWS - 1)
     for i in range(_SAMPLE_WINDOWS):
-        h.update(raw[i * step: i * step + _WINDOW_BYTES].numpy().tobytes())
+        h.update(raw[i * step: i * step + _WINDOW_BYTES])
 
 
-def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype
-                 ) -> tuple[dict[str, torch.Tensor], str]:
+def _stored_bytes(path: Path) -> dict[str, memoryview]:
+    """Each tensor's stored bytes as a view of the mapped file (the safetensors layout: 8-byte header length,
+    JSON header, data). Reading a view reads only the pages it touches; the mapping goes with the views."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    (header_len,) = struct.unpack("<Q", view[:8])
+    header = json.loads(bytes(view[8: 8 + header_len]))
+    base = 8 + header_len
+    spans = {name: view[base + entry["data_offsets"][0]: base + entry["data_offsets"][1]]
+             for name, entry in header.items() if name != "__metadata__"}
+    return spans
+
+
+def _read(f, name: str, ranges: Callable[[str], list | None] | None, canon: str) -> torch.Tensor:
+    """The whole stored tensor, or only the slices `ranges(canon)` names (concatenated along their dim)."""
+    wanted = None if ranges is None else ranges(canon)
+    if wanted is None:
+        return f.get_tensor(name)
+    sliced = f.get_slice(name)
+    pieces = []
+    for dim, start, stop in wanted:
+        index = (slice(None),) * dim + (slice(start, stop),)
+        pieces.append(sliced[index])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=wanted[0][0])
+
+
+def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
+                 ranges: Callable[[str], list | None] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Read every expected tensor (checked for presence and shape), cast to `dtype`.
 
-    Returns (canonical name -> tensor, fingerprint). The fingerprint covers the config, every tensor's
-    name/shape/stored dtype and a digest of its stored bytes, so state from another model is refused later.
+    `ranges(name)` (a tensor-parallel rank's `ShardPlan.weight_ranges`) reads only those slices of each tensor:
+    a rank never holds, or reads from disk, more than its share. Returns (canonical name -> tensor,
+    fingerprint). The fingerprint covers the config, every tensor's name/shape/stored dtype and a digest of its
+    stored bytes (read from the file, so every rank computes the same one), so state from another model is
+    refused later.
     """
     model_dir = Path(model_dir)
     expected = expected_weight_shapes(config)
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
     found: dict[str, torch.Tensor] = {}
+    headers: dict[str, tuple[tuple[int, ...], str, memoryview]] = {}
     for path in _weight_files(model_dir):
         try:
+            spans = _stored_bytes(path)
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     canon = _canonical(name)
@@ -116,13 +152,16 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype
                         continue
                     if canon in found:
                         raise WeightError(f"tensor {canon!r} appears twice (second copy as {name!r} in {path.name})")
-                    found[canon] = f.get_tensor(name)
+                    sliced = f.get_slice(name)
+                    shape = tuple(sliced.get_shape())
+                    if shape != expected[canon]:
+                        raise WeightError(f"tensor {canon!r} has shape {shape}, expected {expected[canon]}")
+                    found[canon] = _read(f, name, ranges, canon)
+                    headers[canon] = (shape, found[canon].dtype, spans[name])
         except WeightError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise WeightError(f"cannot read {path}: {e}") from e
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(found))
     if missing:
         raise WeightError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -130,11 +169,10 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype
     weights: dict[str, torch.Tensor] = {}
     for name in sorted(expected):
         t = found[name]
-        if tuple(t.shape) != expected[name]:
-            raise WeightError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
+        shape, stored, raw = headers[name]
         if not t.is_floating_point():
             raise WeightError(f"tensor {name!r} has non-float dtype {t.dtype}")
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        _content_digest(h, t)
+        h.update(f"{name}:{shape}:{stored};".encode())
+        _content_digest(h, raw)
         weights[name] = t.to(dtype)
     return weights, h.hexdigest()

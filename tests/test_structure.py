@@ -21,7 +21,7 @@ CORE = {"errors", "address", "grpc_status", "grpc_server", "security", "limits",
 ALLOWED: dict[str, set[str]] = {
     "protos": set(),
     "kernels": set(),
-    "engine": {"kernels"},
+    "engine": {"kernels", "errors"},  # errors: plain domain errors (a lost tensor-parallel rank is UNAVAILABLE)
     "cache_store": {"protos", *CORE},
     "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
     "decode_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},

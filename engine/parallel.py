@@ -1,0 +1,405 @@
+"""Tensor parallelism: N ranks, each holding its ShardPlan's share of the model, run the same calls in lockstep.
+
+Rank 0, the leader, is the process that serves: its Engine, states and decode batch look like unsharded ones.
+Each call that touches the model or a sequence's state is a `mirrored` method: on the leader it is first
+broadcast (method name, arguments, the handle of any object it creates) to the other ranks, which `follow` by
+running the same method on their own shard; the collectives inside the forward (one all-reduce per mixer and
+per MLP, an all-gather of the logits' vocabulary slices) then meet. Host tensors never ride in a message:
+state crosses ranks in the canonical full-tensor layout, each rank sending (`gather_state`) or receiving
+(`scatter_state`) only its own slices. Control messages use a CPU (gloo) group; activations use the device's
+backend (gloo on CPU, nccl on CUDA).
+
+Followers are child processes of the leader, started by `launch`; they die with it (PR_SET_PDEATHSIG) and
+leave their loop when it closes the group or its connection drops. A follower that dies marks the group
+broken: every later call raises RankLost (UNAVAILABLE), and `on_lost` lets the service go down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import functools
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from qwenpd.engine.sharding import ShardPlan, merge_state, plans
+from qwenpd.errors import Unavailable
+
+log = logging.getLogger("qwenpd.tp")
+
+_CONTROL_TIMEOUT = timedelta(days=365)  # a follower waits for the next call as long as the leader lives
+_COMPUTE_TIMEOUT = timedelta(minutes=10)  # a collective inside a call (compiling a bucket included)
+_JOIN_TIMEOUT_S = 300.0
+
+
+class RankLost(Unavailable):
+    """A rank of the tensor-parallel group died: the group cannot compute any more."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankSpec:
+    """What a follower needs to build its shard of the engine (the leader's Engine arguments)."""
+
+    model_dir: str
+    dtype: str
+    threads: int | None
+    deltanet_kernels: str
+    device: str
+    kv_cache_bytes: int | None
+    page_size: int
+    degree: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A mirrored object named in a message: a state or a decode batch, by its handle."""
+
+    handle: int
+
+
+def rank_device(device: str, rank: int) -> str:
+    """The device of `rank`: one accelerator per rank ("cuda" -> "cuda:<rank>"), the CPU shared."""
+    if device in ("cuda", "neuron"):
+        return f"{device}:{rank}"
+    return device
+
+
+class TPGroup:
+    """This process's place in a tensor-parallel group of `degree` ranks."""
+
+    def __init__(self, degree: int, rank: int, followers: list[subprocess.Popen] | None = None):
+        self.degree, self.rank = degree, rank
+        self.config = None  # the full model config (set by the engine)
+        self.leader = rank == 0
+        self.control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+        self.compute = dist.group.WORLD
+        self.followers = followers or []
+        self.lock = threading.RLock()  # one call at a time, from any thread, in the same order on every rank
+        self.objects: dict[int, Any] = {}  # followers: handle -> state or batch
+        self.on_lost: Callable[[str], None] = lambda reason: None
+        self.broken: str | None = None
+        self._handles = itertools.count(1)
+        self._creating: int | None = None  # the handle an object created by the current call takes
+        self._depth = 0
+        self._drops: list[int] = []
+        self._closed = False
+        if self.followers:
+            threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
+
+    def plan(self, config) -> ShardPlan:
+        return ShardPlan(config, self.degree, self.rank)
+
+    # ---- collectives inside the forward ---------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of `t` over the ranks (the row-parallel projections' partial outputs)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", self.compute)
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, V/n] vocabulary slices from every rank -> [N, V] (rank order is vocabulary order)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        n, part = logits.shape
+        stacked = funcol.all_gather_single(logits.contiguous(), 0, self.compute)  # [degree * N, V/n]
+        return stacked.view(self.degree, n, part).permute(1, 0, 2).reshape(n, self.degree * part)
+
+    # ---- the leader's side of a mirrored call ---------------------------------------------------------------
+    def send(self, target: Any, method: str, args: tuple, kwargs: dict, creates: bool) -> None:
+        """Broadcast one call: `target` is the engine (None) or a mirrored object; `creates` gives the object
+        the call makes a handle (`adopt`)."""
+        self.check()
+        handle = next(self._handles) if creates else None
+        drops, self._drops = self._drops, []
+        message = [(None if target is None else Ref(target.handle), method, tuple(_wire(a) for a in args),
+                    {k: _wire(v) for k, v in kwargs.items()}, handle, drops)]
+        try:
+            dist.broadcast_object_list(message, src=0, group=self.control)
+        except Exception as exc:  # noqa: BLE001 - a follower's end of the connection is gone
+            self._lose(f"sending to the tensor-parallel ranks failed: {exc}")
+        self._creating = handle
+
+    def adopt(self, obj: Any) -> Any:
+        """Give an object made by the current call its handle (the same on every rank)."""
+        handle, self._creating = self._creating, None
+        if handle is None:
+            return obj
+        obj.group, obj.handle = self, handle
+        if self.leader:
+            import weakref
+
+            weakref.finalize(obj, self._drops.append, handle)  # released on the followers with the next call
+        else:
+            self.objects[handle] = obj
+        return obj
+
+    def check(self) -> None:
+        if self.broken is not None:
+            raise RankLost(self.broken, subject="tensor_parallel")
+
+    # ---- state across ranks (canonical layout; each rank sends or receives only its slices) -----------------
+    def gather_state(self, local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every rank's `local` state slices -> canonical tensors on the leader (None elsewhere)."""
+        config = self.config
+        names = sorted(local)
+        shards: list[dict[str, torch.Tensor]] = [{} for _ in range(self.degree)]
+        for name in names:
+            t = local[name].contiguous()
+            pieces = [torch.empty_like(t) for _ in range(self.degree)] if self.leader else None
+            self._collective(dist.gather, t, pieces, dst=0, group=self.control)
+            if self.leader:
+                for r, piece in enumerate(pieces):
+                    shards[r][name] = piece
+        if not self.leader:
+            return None
+        group_plans = plans(config, self.degree)
+        like = {name: torch.empty(canonical_shape(config, name, local[name].shape), dtype=local[name].dtype)
+                for name in names}
+        return merge_state(shards, group_plans, like)
+
+    def scatter_state(self, canonical: Mapping[str, torch.Tensor] | None,
+                      local_shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        """The leader's canonical tensors -> each rank's slices (this rank's returned)."""
+        config, out = self.config, {}
+        group_plans = plans(config, self.degree)
+        for name in sorted(local_shapes):
+            shape, dtype = local_shapes[name]
+            piece = torch.empty(shape, dtype=dtype)
+            pieces = None
+            if self.leader:
+                assert canonical is not None
+                src = canonical[name]
+                pieces = [_slices(src, p.state_ranges(name)) for p in group_plans]
+            self._collective(dist.scatter, piece, pieces, src=0, group=self.control)
+            out[name] = piece
+        return out
+
+    def _collective(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._lose(f"tensor-parallel transfer failed: {exc}")
+
+    # ---- lifetime ---------------------------------------------------------------------------------------------
+    def _lose(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            log.error("tensor-parallel group lost: %s", reason)
+            try:
+                self.on_lost(reason)
+            except Exception:  # noqa: BLE001
+                log.exception("on_lost failed")
+        raise RankLost(self.broken, subject="tensor_parallel")
+
+    def _watch(self) -> None:
+        """Leader: notice a follower that exits (the service must not wait on a collective that never meets)."""
+        while not self._closed:
+            for rank, proc in enumerate(self.followers, start=1):
+                code = proc.poll()
+                if code is not None and not self._closed:
+                    with contextlib.suppress(RankLost):
+                        self._lose(f"tensor-parallel rank {rank} exited with code {code}")
+                    self.close()
+                    return
+            time.sleep(0.2)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Leader: tell the followers to leave, wait for them (kill what lingers). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.leader and self.broken is None:
+            with contextlib.suppress(Exception), self.lock:
+                dist.broadcast_object_list([None], src=0, group=self.control)
+        deadline = time.monotonic() + timeout
+        for proc in self.followers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+# ---- mirrored methods ---------------------------------------------------------------------------------------
+def mirrored(creates: bool = False):
+    """Decorate a method of Engine, HybridState or DecodeBatch that every rank must run: on the leader the
+    outermost such call is broadcast first (nested ones ride along inside it). `creates`: the call makes one
+    mirrored object, which must pass through `group.adopt`."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            group = self.group
+            if group is None or not group.leader:
+                return method(self, *args, **kwargs)
+            with group.lock:
+                if group._depth == 0:
+                    group.send(None if _is_engine(self) else self, method.__name__, args, kwargs, creates)
+                group._depth += 1
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    group._depth -= 1
+        call.mirrored = True
+        return call
+
+    return wrap
+
+
+def _is_engine(obj: Any) -> bool:
+    return not hasattr(obj, "handle")
+
+
+def _wire(value: Any) -> Any:
+    """What of an argument travels: mirrored objects as Refs, plain values as they are; host tensors (and
+    containers of them), callables: None (the method moves state with gather/scatter_state)."""
+    if hasattr(value, "handle") and hasattr(value, "group"):
+        return Ref(value.handle)
+    if isinstance(value, torch.Tensor) or callable(value):
+        return None
+    if isinstance(value, Mapping):
+        return None if any(isinstance(v, torch.Tensor) for v in value.values()) else dict(value)
+    if isinstance(value, (list, tuple)):
+        items = [_wire(v) for v in value]
+        if any(isinstance(v, (Mapping, torch.Tensor)) for v in value):
+            return None
+        return type(value)(items) if isinstance(value, tuple) else items
+    return value
+
+
+def _unwire(group: TPGroup, value: Any) -> Any:
+    if isinstance(value, Ref):
+        return group.objects[value.handle]
+    if isinstance(value, list):
+        return [_unwire(group, v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_unwire(group, v) for v in value)
+    return value
+
+
+def canonical_shape(config, name: str, local: tuple[int, ...]) -> tuple[int, ...]:
+    """The full shape of state tensor `name` given a rank's local one (the heads/channels axis is dim 0)."""
+    kind = name.rsplit(".", 1)[1]
+    full = {"k": config.num_key_value_heads, "v": config.num_key_value_heads, "conv": config.conv_dim,
+            "recurrent": config.linear_num_value_heads}[kind]
+    return (full, *tuple(local)[1:])
+
+
+def _slices(t: torch.Tensor, ranges) -> torch.Tensor:
+    from qwenpd.engine.sharding import take
+
+    return take(t, ranges)
+
+
+# ---- starting a group ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: RankSpec) -> TPGroup:
+    """Leader: start ranks 1..degree-1 as child processes and join the group as rank 0."""
+    port = _free_port()
+    followers = []
+    env = dict(os.environ)
+    for rank in range(1, spec.degree):
+        cmd = [sys.executable, "-m", "qwenpd.engine.parallel", "--rank", str(rank), "--port", str(port),
+               "--spec", json.dumps(asdict(spec))]
+        followers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+    try:
+        _init(0, spec, port)
+    except BaseException:
+        for proc in followers:
+            proc.kill()
+            proc.wait()
+        raise
+    return TPGroup(spec.degree, 0, followers)
+
+
+def _init(rank: int, spec: RankSpec, port: int) -> None:
+    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.degree,
+                            timeout=_COMPUTE_TIMEOUT)
+
+
+def follow(engine) -> None:
+    """A follower's loop: run each call the leader broadcasts, on this rank's engine, until it closes."""
+    group: TPGroup = engine.group
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=group.control)
+        if message[0] is None:
+            return
+        target, method, args, kwargs, handle, drops = message[0]
+        for h in drops:
+            obj = group.objects.pop(h, None)
+            if obj is not None and hasattr(obj, "release"):
+                obj.release()
+        obj = engine if target is None else group.objects[target.handle]
+        group._creating = handle
+        try:
+            getattr(obj, method)(*_unwire(group, args), **{k: _unwire(group, v) for k, v in kwargs.items()})
+        except Exception:  # noqa: BLE001 - the leader raised the same (same state, same inputs): carry on
+            log.warning("mirrored %s raised on rank %d", method, group.rank, exc_info=True)
+        finally:
+            group._creating = None
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the leader dies, however it dies (no orphan ranks)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A follower rank: `python -m qwenpd.engine.parallel --rank R --port P --spec JSON` (started by launch)."""
+    parser = argparse.ArgumentParser(prog="qwenpd.engine.parallel")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--spec", required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s tp-rank{args.rank} %(levelname)s %(message)s")
+    spec = RankSpec(**json.loads(args.spec))
+    _init(args.rank, spec, args.port)
+    from qwenpd.engine.engine import Engine
+
+    group = TPGroup(spec.degree, args.rank)
+    try:
+        engine = Engine(spec.model_dir, spec.dtype, spec.threads, spec.deltanet_kernels,
+                        rank_device(spec.device, args.rank), spec.kv_cache_bytes, spec.page_size, tp=spec.degree,
+                        group=group)
+        follow(engine)
+    except Exception as exc:  # noqa: BLE001 - the leader is gone or the group broke: nothing left to serve
+        log.warning("rank %d leaves: %s", args.rank, exc)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # run as the package's module, so pickled Refs and this code share one class
+    from qwenpd.engine.parallel import main as _main
+
+    sys.exit(_main())

@@ -6,7 +6,7 @@ from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.service import DecodeServicer
 from qwenpd.engine.device import set_neuron_cores
-from qwenpd.model_service import build_engine
+from qwenpd.model_service import build_engine, rank_lost
 from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import DecodeMetrics
 
@@ -27,9 +27,12 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
         finally:
             metrics.close()
             servicer.stop()
+            if servicer.runner.engine is not None:
+                servicer.runner.engine.close()  # the other tensor-parallel ranks, if any
 
 
 def serve(config: DecodeConfig, ready_file: str | None = None) -> int:
     """Run the decode service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
     set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
-    return serve_main("decode", lambda on_ready: run(config, on_ready), ready_file)
+    code = serve_main("decode", lambda on_ready: run(config, on_ready), ready_file)
+    return 1 if rank_lost() else code

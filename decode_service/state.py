@@ -6,20 +6,25 @@ from collections.abc import Mapping
 
 import torch
 
-from qwenpd.engine.config import ModelConfig
-from qwenpd.engine.kv_cache import PagedKVCache
+from qwenpd.engine.engine import Engine
 from qwenpd.engine.state import HybridState
 
 
-def state_from_checkpoint(config: ModelConfig, tensors: Mapping[str, torch.Tensor], num_tokens: int,
-                          kv_cache: PagedKVCache, max_new_tokens: int = 0) -> HybridState:
+def state_from_checkpoint(engine: Engine, tensors: Mapping[str, torch.Tensor], num_tokens: int,
+                          max_new_tokens: int = 0) -> HybridState:
     """The state of a checked checkpoint (names, shapes and dtypes already verified by the reader).
+
+    A tensor-parallel engine takes it through `Engine.state_from_tensors`: each rank receives and copies only
+    its heads and channels. Unsharded:
 
     KV is copied once, page by page, into pages of the decode engine's cache, with pages for `max_new_tokens`
     more tokens reserved at once (the scheduler promised them at admission). Conv and recurrent state stay views
     of the checkpoint's bytes: `DecodeBatch.add` copies them into the batch slot (on the device), which is their
     one copy, so the state must join a batch before the bytes are released.
     """
+    if engine.tp > 1:
+        return engine.state_from_tensors(dict(tensors), num_tokens, max_new_tokens)
+    config, kv_cache = engine.config, engine.kv_cache
     conv = [tensors[f"layers.{layer}.conv"] for layer in config.linear_layers]
     recurrent = [tensors[f"layers.{layer}.recurrent"] for layer in config.linear_layers]
     state = HybridState(config, num_tokens, kv_cache.sequence(), conv, recurrent)

@@ -96,8 +96,7 @@ class PrefixCache:
 
     def _state_from(self, hit: PrefixRead) -> HybridState | None:
         try:
-            return HybridState.from_prefix(self.engine.config, hit.kv[: hit.blocks], hit.snapshot,
-                                           hit.num_tokens, self.engine.kv_cache)
+            return self.engine.state_from_prefix(hit.kv[: hit.blocks], hit.snapshot, hit.num_tokens)
         except ValueError as exc:
             log.warning("prefix cache hit does not fit the model, recomputing: %s", exc)
             return None

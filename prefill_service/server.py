@@ -5,7 +5,7 @@ from __future__ import annotations
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.device import set_neuron_cores
 from qwenpd.engine.engine import Engine
-from qwenpd.model_service import build_engine
+from qwenpd.model_service import build_engine, rank_lost
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.queue import WorkQueue
 from qwenpd.prefill_service.service import PrefillServicer
@@ -29,6 +29,7 @@ async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:
     queue: WorkQueue = WorkQueue(config.max_queue)
     store = CacheStoreClient(config.cache, security=config.security)
     metrics = PrefillMetrics()
+    engine = None
     try:
         store.info()  # fail at start, not at the first request, if the store is unreachable or on another host
         engine = await queue.call(lambda: load_engine(config))  # on the worker thread, like every job
@@ -41,9 +42,12 @@ async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:
         queue.shutdown()
         metrics.close()
         store.close()
+        if engine is not None:
+            engine.close()  # the other tensor-parallel ranks, if any
 
 
 def serve(config: PrefillConfig, ready_file: str | None = None) -> int:
     """Run the prefill service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
     set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
-    return serve_main("prefill", lambda on_ready: run(config, on_ready), ready_file)
+    code = serve_main("prefill", lambda on_ready: run(config, on_ready), ready_file)
+    return 1 if rank_lost() else code

@@ -56,11 +56,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("qwenpd generate: --model DIR is required (or --prefill ADDR --decode ADDR)")
     from qwenpd.engine.device import set_neuron_cores
     from qwenpd.engine.engine import Engine
-    from qwenpd.engine.generate import generate
 
     set_neuron_cores(args.neuron_cores)
     engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels,
-                    device=args.device, kv_cache_bytes=args.kv_cache_bytes)
+                    device=args.device, kv_cache_bytes=args.kv_cache_bytes, tp=args.tp)
+    try:
+        return _generate_local(engine, args)
+    finally:
+        engine.close()
+
+
+def _generate_local(engine, args: argparse.Namespace) -> int:
+    from qwenpd.engine.generate import generate
+
     if args.prompt_ids is not None:
         prompt_ids = args.prompt_ids
     elif args.prompt is not None:
@@ -128,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu | cuda[:N] | neuron (default cpu)")
     p.add_argument("--neuron-cores", default=None, metavar="LIST",
                    help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: shard the model over this many ranks (child processes; CPU: "
+                        "threads split between them)")
     p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None, metavar="BYTES",
                    help="paged KV cache size, e.g. 1GiB (default: grows on demand)")
     p.add_argument("--compile", action="store_true",

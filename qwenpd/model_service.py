@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenpd import limits as limits_mod
 from qwenpd.engine.device import DEVICE_KINDS, parse_cores
+from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.engine import Engine
+from qwenpd.engine.sharding import ShardPlan
 from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE
 from qwenpd.limits import Limits
 from qwenpd.security import Security
@@ -33,7 +37,8 @@ class ModelServiceConfig:
     torch.compile every bucket at start (needs kv_cache_bytes); compile_cache: a directory that keeps compiled
     graphs across restarts. max_queue: requests that may wait. threads: torch CPU threads. default_max_tokens:
     max_tokens when a request leaves it out (capped at limits.max_new_tokens). grace_s: drain time on SIGTERM.
-    warmup: run one tiny request at start. limits: what one request may ask for. security: TLS and bearer token
+    warmup: run one tiny request at start. tp: tensor-parallel degree (the service starts and supervises its
+    tp - 1 other ranks; the device is split one per rank). limits: what one request may ask for. security: TLS and bearer token
     of this server and of its cache-store connection. metrics_port: Prometheus /metrics (0 = off)."""
 
     model_dir: str
@@ -54,6 +59,7 @@ class ModelServiceConfig:
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
     metrics_port: int = 0
+    tp: int = 1
 
     def __post_init__(self) -> None:
         check_model_service(self)
@@ -61,7 +67,7 @@ class ModelServiceConfig:
     def engine_kwargs(self) -> dict:
         """Engine(...) keyword arguments of this service."""
         return dict(dtype=self.dtype, threads=self.threads, device=self.device, kv_cache_bytes=self.kv_cache_bytes,
-                    page_size=self.page_size)
+                    page_size=self.page_size, tp=self.tp)
 
 
 def add_model_service_args(p: argparse.ArgumentParser, d: argparse.Namespace) -> None:
@@ -84,7 +90,9 @@ def add_model_service_args(p: argparse.ArgumentParser, d: argparse.Namespace) ->
                    help="keep compiled graphs here across restarts")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests that may wait (default {d.max_queue})")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (per rank)")
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help=f"tensor-parallel degree: ranks this service starts and shards the model over (default {d.tp})")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     add_server_args(p, d)
     limits_mod.add_args(p)
@@ -113,14 +121,41 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
         raise ValueError(f"max_queue must be >= 0, got {cfg.max_queue}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+    check_tp(cfg.model_dir, cfg.tp)
     if cfg.default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
     cfg.default_max_tokens = min(cfg.default_max_tokens, cfg.limits.max_new_tokens)
 
 
+def check_tp(model_dir: str, tp: int) -> None:
+    """ValueError unless `tp` shards the model in `model_dir` (heads, channels and vocabulary divide)."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if tp > 1:
+        ShardPlan(ModelConfig.from_pretrained(model_dir), tp, 0)  # ShardingError (a ValueError) names what misfits
+
+
+_lost: list[str] = []
+
+
+def rank_lost() -> str | None:
+    """Why this process's tensor-parallel group broke (a rank died), or None."""
+    return _lost[0] if _lost else None
+
+
+def _stop_on_rank_loss(reason: str) -> None:
+    """A rank died: stop serving (health NOT_SERVING, drain: in-flight calls fail UNAVAILABLE and clients
+    resume elsewhere), then exit non-zero so a supervisor restarts the whole group."""
+    _lost.append(reason)
+    log.error("%s: shutting the service down", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int) -> Engine:
     """The service's engine on its device, compiled over every bucket when cfg.compile (warm-up time logged)."""
     engine = Engine(cfg.model_dir, **cfg.engine_kwargs())
+    if engine.group is not None:
+        engine.group.on_lost = _stop_on_rank_loss
     if cfg.compile:
         buckets = engine.default_buckets(chunk_size, max_batch)
         seconds = engine.compile(buckets, max_batch, cache_dir=cfg.compile_cache)

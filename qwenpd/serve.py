@@ -93,6 +93,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{role}-device", default=d.device, help=f"torch device of {role} (default {d.device})")
         p.add_argument(f"--{role}-cores", default=d.neuron_cores, metavar="LIST",
                        help=f"NeuronCores of {role}, e.g. 0-3 (trn2: disjoint sets on one host)")
+        p.add_argument(f"--{role}-tp", type=int, default=d.tp,
+                       help=f"tensor-parallel degree of {role} (default {d.tp}; any pair hands off exactly)")
     p.add_argument("--kv-cache-bytes", type=parse_bytes, default=prefill.kv_cache_bytes, metavar="BYTES",
                    help="paged KV cache of prefill and of decode, e.g. 4GiB (default: grows on demand)")
     p.add_argument("--compile", action="store_true", help="prefill and decode compile their graphs at start")

@@ -156,11 +156,14 @@ class ServiceSet:
               prefill_host: str = "", decode_host: str = "", **overrides: Any) -> "ServiceSet":
         """Configs for one host: every override names a field of one or more of the configs (or of ServiceSet)
         and is applied to each that has it, e.g. threads= (prefill and decode), max_batch= (decode),
-        store_id= (cache store), grace_s= (all); metrics_port=N gives the five processes N .. N+4."""
+        store_id= (cache store), grace_s= (all); metrics_port=N gives the five processes N .. N+4;
+        prefill_tp= / decode_tp= set one service's tensor-parallel degree."""
         def pick(config_cls: type, **base: Any) -> Any:
             names = {f.name for f in dataclasses.fields(config_cls)}
             return config_cls(**base, **{k: v for k, v in overrides.items() if k in names and k not in base})
 
+        per_role = {role: {"tp": overrides.pop(f"{role}_tp")} for role in ("prefill", "decode")
+                    if f"{role}_tp" in overrides}
         own = {f.name for f in dataclasses.fields(cls)}
         known = own | {f.name for c in CONFIG_TYPES.values() for f in dataclasses.fields(c)}
         unknown = sorted(set(overrides) - known)
@@ -174,9 +177,10 @@ class ServiceSet:
         cache = pick(CacheStoreConfig, listen=format_address(host, 0), budget_bytes=budget_bytes,
                      metrics_port=port(0))
         prefill = pick(PrefillConfig, model_dir=str(model), cache=PLACEHOLDER,
-                       listen=format_address(prefill_host or host, 0), metrics_port=port(1))
+                       listen=format_address(prefill_host or host, 0), metrics_port=port(1),
+                       **per_role.get("prefill", {}))
         decode = pick(DecodeConfig, model_dir=str(model), cache=PLACEHOLDER,
-                      listen=format_address(decode_host or host, 0), metrics_port=port(2))
+                      listen=format_address(decode_host or host, 0), metrics_port=port(2), **per_role.get("decode", {}))
         gw = pick(GatewayConfig, prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(host, 0),
                   http_listen=format_address(host, 0), metrics_port=port(3)) if gateway else None
         return cls(cache, prefill, decode, gw, metrics_port=port(4),
@@ -204,11 +208,11 @@ class ServiceSet:
                                 max_queue=args.prefill_max_queue, block_size=args.block_size,
                                 snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
                                 metrics_port=port(1), device=args.prefill_device,
-                                neuron_cores=args.prefill_cores, **common)
+                                neuron_cores=args.prefill_cores, tp=args.prefill_tp, **common)
         decode = DecodeConfig(model_dir=args.model, cache=PLACEHOLDER,
                               listen=format_address(args.host, args.decode_port), max_batch=args.max_batch,
                               max_queue=args.decode_max_queue, metrics_port=port(2), device=args.decode_device,
-                              neuron_cores=args.decode_cores, **common)
+                              neuron_cores=args.decode_cores, tp=args.decode_tp, **common)
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),
             http_listen=format_address(args.host, args.http_port), grace_s=args.grace, security=sec,

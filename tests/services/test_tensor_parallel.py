@@ -1,0 +1,115 @@
+"""Prefill and decode each at their own tensor-parallel degree: every pair gives the tokens of the unsharded
+in-process engine, with and without a prefix-cache hit, and a lost decode (leader or one of its ranks) is
+resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from qwenpd.clients import Client
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import SamplingParams
+from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from tests.services.conftest import pid_alive, segments, start_serve_all, stop_serve_all
+
+PAIRS = [(1, 2), (2, 1), (2, 2)]  # (1, 1) is every other service test
+
+
+def _ranks(pid: int) -> list[int]:
+    """The child processes of `pid` (a service's tensor-parallel ranks, started by whichever thread loaded the
+    engine)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(p) for p in children.read_text().split()]
+        except FileNotFoundError:
+            pass
+    return sorted(out)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    import torch
+
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+REQUESTS = [  # (prompt ids, sampling): greedy and seeded; 300 tokens cross a 256-token prefix-cache block
+    (_prompt(300, 1), dict(temperature=0, max_tokens=12, ignore_eos=True)),
+    (_prompt(40, 2), dict(temperature=0.8, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)),
+]
+
+
+@pytest.fixture(scope="module")
+def expected(engine):
+    return [generate(engine, ids, SamplingParams(**kw)).token_ids for ids, kw in REQUESTS]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"prefill-tp{p[0]}-decode-tp{p[1]}")
+def test_every_pair_gives_the_same_tokens(pair, tiny_model_dir, tmp_path, expected):
+    p, d = pair
+    s = start_serve_all(tiny_model_dir, tmp_path, f"tp{p}{d}{os.getpid()}", "--prefill-tp", str(p), "--decode-tp",
+                        str(d), "--no-gateway")
+    try:
+        assert len(_ranks(s.children["prefill"])) == p - 1 and len(_ranks(s.children["decode"])) == d - 1
+        ranks = _ranks(s.children["prefill"]) + _ranks(s.children["decode"])
+        with Client(prefill=s.prefill, decode=s.decode, timeout=120) as c:
+            for (ids, kw), want in zip(REQUESTS, expected):
+                first = c.generate(token_ids=ids, **kw)
+                again = c.generate(token_ids=ids, **kw)  # its first 256 tokens now come from the prefix cache
+                assert first.token_ids == want and again.token_ids == want
+            hit = c.generate(token_ids=REQUESTS[0][0], **REQUESTS[0][1])
+            assert hit.cached_tokens >= 256
+    finally:
+        code = stop_serve_all(s)
+    assert code == 0
+    assert not any(pid_alive(pid) for pid in [*s.children.values(), *ranks]), "a process outlived serve all"
+    assert segments(s.store_id) == []
+
+
+def _stream(gateway: str, request, on_chunk=None) -> list:
+    with grpc.insecure_channel(gateway) as ch:
+        stub = generate_pb2_grpc.GenerateServiceStub(ch)
+        got = []
+        for i, chunk in enumerate(stub.Generate(request, timeout=120)):
+            got.append(chunk)
+            if on_chunk is not None:
+                on_chunk(i)
+        return got
+
+
+@pytest.mark.parametrize("victim", ["leader", "rank"])
+def test_lost_decode_is_resumed_exactly(victim, tiny_model_dir, tmp_path):
+    """kill -9 of the decode leader, or of one of its ranks mid-stream: the service goes down (a lost rank: health
+    NOT_SERVING, in-flight calls UNAVAILABLE, exit 1), serve all restarts it, the stream resumes exactly."""
+    s = start_serve_all(tiny_model_dir, tmp_path, f"tpk{victim[0]}{os.getpid()}", "--decode-tp", "2")
+    try:
+        request = generate_pb2.GenerateRequest(text="A tensor-parallel decode", sampling=common_pb2.SamplingParams(
+            temperature=0.9, seed=4, max_tokens=300, ignore_eos=True))
+        ref = _stream(s.gateway, request)
+        leader = s.children["decode"]
+        (rank,) = _ranks(leader)
+
+        def kill(i: int) -> None:
+            if i == 3:
+                os.kill(leader if victim == "leader" else rank, signal.SIGKILL)
+
+        got = _stream(s.gateway, request, kill)
+        assert [t for c in got for t in c.token_ids] == [t for c in ref for t in c.token_ids]
+        assert got[-1].timings.resumes >= 1
+        deadline = time.monotonic() + 30
+        while pid_alive(leader) or pid_alive(rank):
+            assert time.monotonic() < deadline, "the old decode group is still running"
+            time.sleep(0.1)
+        ready = json.loads((tmp_path / f"tpk{victim[0]}{os.getpid()}.json").read_text())
+        s.children = ready["children"]
+        assert s.children["decode"] != leader and len(_ranks(s.children["decode"])) == 1
+    finally:
+        code = stop_serve_all(s)
+    assert code == 0

@@ -1,6 +1,6 @@
 """Engine throughput vs transformers on the same checkpoint, dtype and thread count, in one run.
 
-    python bench/engine.py [--preset small] [--dtype bfloat16|float32|both] [--quick] [--no-compile]
+    python bench/engine.py [--preset small] [--dtype bfloat16|float32|both] [--quick] [--no-compile] [--tp 2]
 
 Prints prefill tokens/s at several prompt lengths and decode tokens/s at several batch sizes for qwenpd eager,
 qwenpd compiled (torch.compile over static buckets, paged KV; its warm-up time is printed) and transformers
@@ -87,11 +87,31 @@ def prompts(n: int, length: int, vocab: int, vary: bool) -> list[list[int]]:
     return [torch.randint(10, vocab, (L,), generator=g).tolist() for L in lens]
 
 
+def _threads(eng: Engine) -> None:
+    """A sharded engine's rank 0 runs on its share of the cores (set while it is measured), the rest on all."""
+    torch.set_num_threads(eng.engine_config.threads or _ALL_THREADS)
+
+
+_ALL_THREADS = torch.get_num_threads()
+
+
 def ours_prefill(eng: Engine, ids: list[int], chunk: int) -> float:
-    return _best(lambda: eng.prefill(ids, chunk_size=chunk), 2)
+    _threads(eng)
+    try:
+        return _best(lambda: eng.prefill(ids, chunk_size=chunk), 2)
+    finally:
+        torch.set_num_threads(_ALL_THREADS)
 
 
 def ours_decode(eng: Engine, batch: list[list[int]], steps: int) -> float:
+    _threads(eng)
+    try:
+        return _decode(eng, batch, steps)
+    finally:
+        torch.set_num_threads(_ALL_THREADS)
+
+
+def _decode(eng: Engine, batch: list[list[int]], steps: int) -> float:
     db = DecodeBatch(eng, len(batch))
     last = []
     for p in batch:
@@ -133,9 +153,13 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
     from transformers import Qwen3_5ForCausalLM
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    threads = torch.get_num_threads()
     engines = {"eager": Engine(model_dir, dtype=dtype_name)}
     warmup = None
-    if not args.no_compile:
+    if args.tp > 1:  # the sharded engine beside the unsharded one: its ranks split the same cores
+        engines[f"tp{args.tp}"] = Engine(model_dir, dtype=dtype_name, tp=args.tp, threads=max(1, threads // args.tp))
+        torch.set_num_threads(threads)
+    elif not args.no_compile:
         engines["compiled"], warmup = compiled_engine(model_dir, dtype_name, args)
     hf = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     cfg = engines["eager"].config
@@ -150,6 +174,7 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
           " | ".join(f"{n} / transformers" for n in names) + " |")
     print("|---|" + "---|" * (2 * len(names) + 1))
     best = {}
+    comm: dict[int, tuple[float, float]] = {}
     for length in args.prefill_lengths:
         ids = prompts(1, length, cfg.vocab_size, False)[0]
         ours = [length / ours_prefill(engines[n], ids, args.chunk_size) for n in names]
@@ -164,6 +189,9 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
         _row(f"decode batch {bsz} (tok/s)", ours, theirs, "{:,.1f}")
         if bsz == 1:
             step_s = 1 / max(ours)
+        if args.tp > 1:
+            sharded = engines[f"tp{args.tp}"]
+            comm[bsz] = (sharded.measure_collectives(bsz), bsz / ours[names.index(f"tp{args.tp}")])
     prefill_2048 = best.get("prefill_2048", 0.0)
     mm = matmul_gflops(cfg, dtype, 2048)
     bw = read_bandwidth_gbs()
@@ -174,6 +202,12 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
         print(f"\nprefill@2048 (best engine): ~{achieved:,.0f} GFLOP/s (2 x non-embedding params x tok/s; attention and DeltaNet "
               f"recurrence excluded) vs plain "
               f"torch.matmul of the model's shapes {mm:,.0f} GFLOP/s = {achieved / mm:.0%}")
+    for bsz, (coll_s, step) in comm.items():
+        print(f"tp{args.tp} decode@{bsz}: {step * 1e3:.1f} ms/step, of which collectives alone "
+              f"{coll_s * 1e3:.2f} ms = {coll_s / step:.0%} (2 x {cfg.num_hidden_layers} all-reduces of "
+              f"[{bsz}, {cfg.hidden_size}] fp32 + the logits' all-gather)")
+    for eng in engines.values():
+        eng.close()
     if 1 in args.batches:
         streamed = weight_bytes / step_s / 1e9
         print(f"decode@1 (best engine): {step_s * 1e3:.1f} ms/step, weights streamed {streamed:.1f} GB/s vs measured read "
@@ -194,6 +228,8 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled engine")
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache of the compiled engine")
+    ap.add_argument("--tp", type=int, default=1, help="also run the engine sharded over this many ranks (instead "
+                    "of the compiled column); prints the collectives' share of a decode step")
     args = ap.parse_args()
     args.prefill_lengths = [512, 2048] if args.quick else [512, 2048, 8192]
     args.batches = [1, 8, 32]

@@ -82,27 +82,35 @@ class CheckpointWriter:
 
     `write_into(buf)` copies each tensor once into `buf` and hashes it there (chunk by chunk, on up to
     `threads` threads), then writes the header. Tensors must not change in between.
+
+    A value that is not a torch.Tensor is written in place by its owners (tensor-parallel ranks, each writing
+    its own slice): it has `shape`, `dtype`, `owner` and `materialize()`. Given the file range the buffer is
+    (`location`: shared memory), `owner.write_slices(location, [(value, offset in the range), ...])` writes
+    them there and returns once every byte has landed; this writer then only hashes them. Without a location
+    (a plain buffer) it copies `materialize()`d tensors like any other.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], meta: CheckpointMeta, threads: int | None = None):
+    def __init__(self, tensors: Mapping[str, Any], meta: CheckpointMeta, threads: int | None = None):
         self.meta = meta
         self.threads = threads or default_threads()
-        self._tensors: list[tuple[str, torch.Tensor]] = []
+        self._tensors: list[tuple[str, Any]] = []
         for name, t in tensors.items():
             if not isinstance(name, str) or not name or name == "__metadata__":
                 raise ValueError(f"invalid tensor name {name!r}")
             if t.dtype not in _ST_DTYPES:
                 raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored")
-            t = t.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            self._tensors.append((name, t.contiguous()))
+            if isinstance(t, torch.Tensor):
+                t = t.detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                t = t.contiguous()
+            self._tensors.append((name, t))
         # decreasing element size keeps every tensor aligned to its element size
-        self._tensors.sort(key=lambda item: (-item[1].element_size(), item[0]))
+        self._tensors.sort(key=lambda item: (-_element_size(item[1]), item[0]))
         self._table: dict[str, dict[str, Any]] = {}
         offset = 0
         for name, t in self._tensors:
-            n = t.numel() * t.element_size()
+            n = math.prod(t.shape) * _element_size(t)
             self._table[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
             offset += n
         self.data_bytes = offset
@@ -118,29 +126,34 @@ class CheckpointWriter:
         meta[K_HEADER_CHECKSUM] = f"{_header_digest(header):016x}"
         return json.dumps(header, separators=(",", ":")).encode()
 
-    def write_into(self, buf: Any) -> int:
-        """Write the checkpoint into the first `nbytes` of the writable buffer `buf`; return nbytes."""
+    def write_into(self, buf: Any, location: tuple[str, str, int] | None = None) -> int:
+        """Write the checkpoint into the first `nbytes` of the writable buffer `buf`; return nbytes. `location`
+        (directory, file name, offset): the file range `buf` maps, where owners of rank-written values write
+        their slices themselves."""
         view = memoryview(buf).cast("B")
         if view.readonly:
             raise ValueError("checkpoint buffer is read-only")
         if len(view) < self.nbytes:
             raise ValueError(f"checkpoint needs {self.nbytes} bytes, buffer has {len(view)}")
         data_start = 8 + self.header_bytes
+        tensors = self._place_remote(location, data_start)
         anchor = (ctypes.c_char * len(view)).from_buffer(view)  # pins the buffer while raw copies run
         try:
             base = ctypes.addressof(anchor)
             items = [(name, src_ptr, data_start + off, n)
-                     for name, t in self._tensors
-                     for src_ptr, off, n in _chunks(t.data_ptr(), self._table[name]["data_offsets"][0],
-                                                    t.numel() * t.element_size())]
+                     for name, t in tensors
+                     for src_ptr, off, n in _chunks(t.data_ptr() if isinstance(t, torch.Tensor) else None,
+                                                    self._table[name]["data_offsets"][0],
+                                                    math.prod(t.shape) * _element_size(t))]
 
-            def copy_and_hash(item: tuple[str, int, int, int]) -> int:
+            def copy_and_hash(item: tuple[str, int | None, int, int]) -> int:
                 # copy a cache-sized step, then hash it while it is hot; both calls release the GIL
                 _, src_ptr, dst, n = item
                 h = xxhash.xxh3_64()
                 for step in range(0, n, _COPY_STEP):
                     m = min(_COPY_STEP, n - step)
-                    ctypes.memmove(base + dst + step, src_ptr + step, m)
+                    if src_ptr is not None:  # None: its owners wrote it in place already
+                        ctypes.memmove(base + dst + step, src_ptr + step, m)
                     h.update(view[dst + step:dst + step + m])
                 return h.intdigest()
 
@@ -154,6 +167,34 @@ class CheckpointWriter:
         finally:
             del anchor
         return self.nbytes
+
+    def _place_remote(self, location: tuple[str, str, int] | None, data_start: int) -> list[tuple[str, Any]]:
+        """Have the owners of rank-written values write them (at `location`), or materialise them (no location).
+        Returns the tensors to copy and hash, rank-written ones left as they are (hashed only)."""
+        remote = [(name, t) for name, t in self._tensors if not isinstance(t, torch.Tensor)]
+        if not remote:
+            return self._tensors
+        if location is None:
+            return [(name, t if isinstance(t, torch.Tensor) else _checked(name, t, t.materialize()))
+                    for name, t in self._tensors]
+        owners: dict[int, tuple[Any, list[tuple[Any, int]]]] = {}
+        for name, t in remote:
+            owners.setdefault(id(t.owner), (t.owner, []))[1].append(
+                (t, data_start + self._table[name]["data_offsets"][0]))
+        for owner, placements in owners.values():
+            owner.write_slices(location, placements)
+        return self._tensors
+
+
+def _element_size(t: Any) -> int:
+    return t.element_size() if isinstance(t, torch.Tensor) else torch.empty((), dtype=t.dtype).element_size()
+
+
+def _checked(name: str, planned: Any, t: torch.Tensor) -> torch.Tensor:
+    if tuple(t.shape) != tuple(planned.shape) or t.dtype != planned.dtype:
+        raise ValueError(f"tensor {name}: materialised as {tuple(t.shape)} {t.dtype}, planned "
+                         f"{tuple(planned.shape)} {planned.dtype}")
+    return t.contiguous()
 
 
 def plan_checkpoint(tensors: Mapping[str, torch.Tensor], meta: CheckpointMeta,
@@ -342,10 +383,11 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _chunks(src_ptr: int, offset: int, nbytes: int) -> list[tuple[int, int, int]]:
-    """(src pointer, data offset, length) of each HASH_CHUNK piece of one tensor; one empty piece if empty."""
-    return [(src_ptr + i, offset + i, min(HASH_CHUNK, nbytes - i)) for i in range(0, nbytes, HASH_CHUNK)] or \
-        [(src_ptr, offset, 0)]
+def _chunks(src_ptr: int | None, offset: int, nbytes: int) -> list[tuple[int | None, int, int]]:
+    """(src pointer, data offset, length) of each HASH_CHUNK piece of one tensor; one empty piece if empty. A
+    None source (written in place by its owners) stays None."""
+    return [(None if src_ptr is None else src_ptr + i, offset + i, min(HASH_CHUNK, nbytes - i))
+            for i in range(0, nbytes, HASH_CHUNK)] or [(src_ptr, offset, 0)]
 
 
 def _combine(table: Mapping[str, Any], items: Sequence[tuple[str, int, int, int]], digests: Sequence[int]) -> dict[str, int]:

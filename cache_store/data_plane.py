@@ -137,8 +137,8 @@ class ShmClientPlane(DataPlane):
                 raise FailedPrecondition(f"allocation of {seg.length} bytes for a {writer.nbytes}-byte checkpoint",
                                          reason="BAD_ALLOCATION")
             view = self.writer_maps.view(seg.name, seg.offset, writer.nbytes)
-            try:
-                writer.write_into(view)
+            try:  # the location lets tensor-parallel ranks write their slices into the segment themselves
+                writer.write_into(view, location=(str(self.writer_maps.dir), seg.name, seg.offset))
             finally:
                 view.release()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -246,6 +247,27 @@ class Engine:
     def _forward_all(self, token_ids: list[int]) -> torch.Tensor:
         return self.eager.prefill_chunk(token_ids, HybridState.empty(self.local_config, self.kv_cache),
                                         all_logits=True)
+
+    @mirrored()
+    def measure_collectives(self, rows: int, iters: int = 20) -> float:
+        """Seconds per decode step of `rows` sequences spent in the collectives alone (one all-reduce of
+        [rows, hidden] fp32 per mixer and per MLP, then the logits' all-gather), each waited for as the forward
+        waits: the communication share of a sharded step. 0 when not sharded."""
+        if self.group is None:
+            return 0.0
+        x = torch.ones(rows, self.config.hidden_size, device=self.device)
+        part = torch.ones(rows, self.config.vocab_size // self.tp, device=self.device)
+
+        def step() -> None:
+            for _ in range(2 * self.config.num_hidden_layers):
+                float(self.group.all_reduce(x)[0, 0])
+            float(self.group.gather_vocab(part)[0, 0])
+
+        step()
+        started = time.perf_counter()
+        for _ in range(iters):
+            step()
+        return (time.perf_counter() - started) / iters
 
     def decode_batch(self, max_batch: int) -> "DecodeBatch":
         """A follower rank's mirror of the leader's new DecodeBatch (the leader's constructor sends this)."""

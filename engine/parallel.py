@@ -198,6 +198,10 @@ class TPGroup:
 
     # ---- lifetime ---------------------------------------------------------------------------------------------
     def _lose(self, reason: str) -> None:
+        dead = [f"tensor-parallel rank {rank} exited with code {proc.poll()}"
+                for rank, proc in enumerate(self.followers, start=1) if proc.poll() is not None]
+        if dead:  # the cause, rather than the failed transfer it caused
+            reason = dead[0]
         if self.broken is None:
             self.broken = reason
             log.error("tensor-parallel group lost: %s", reason)
@@ -301,6 +305,89 @@ def canonical_shape(config, name: str, local: tuple[int, ...]) -> tuple[int, ...
     full = {"k": config.num_key_value_heads, "v": config.num_key_value_heads, "conv": config.conv_dim,
             "recurrent": config.linear_num_value_heads}[kind]
     return (full, *tuple(local)[1:])
+
+
+class StagedState:
+    """Each rank's slices of some state tensors, copied at one moment (KV blocks, a DeltaNet snapshot, a
+    hand-off) and kept on that rank until they are written into a shared checkpoint or dropped: what lets every
+    rank write its own slice straight into the shared-memory checkpoint (no gather through rank 0)."""
+
+    def __init__(self, group: TPGroup, local: dict[str, torch.Tensor]):
+        self.local = local
+        self.group, self.handle = None, 0
+        self._plan = ShardPlan(group.config, group.degree, group.rank)
+        self._joined: dict[str, torch.Tensor] | None = None
+
+    def tensors(self) -> dict[str, "StagedTensor"]:
+        """The leader's stand-ins for the canonical tensors (CheckpointWriter writes them through us)."""
+        config = self._plan.config
+        return {name: StagedTensor(self, name, canonical_shape(config, name, t.shape), t.dtype)
+                for name, t in self.local.items()}
+
+    def write_slices(self, location: tuple[str, str, int], placements: list[tuple["StagedTensor", int]]) -> None:
+        """Every rank writes its slices of the placed tensors into the file range `location` (directory, file,
+        offset; each tensor at its offset in the range); returns when all have landed (or raises on every
+        rank if one failed)."""
+        self._write(location, [(t.name, offset) for t, offset in placements])
+
+    @mirrored()
+    def _write(self, location: tuple[str, str, int], placements: list[tuple[str, int]]) -> None:
+        directory, name, base = location
+        error = None
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                for tensor_name, offset in placements:
+                    local = self.local[tensor_name].contiguous()
+                    row = local[0].numel() * local.element_size()  # slices are whole rows of dim 0
+                    raw = local.view(-1).view(torch.uint8)
+                    for (dim, start, stop), local_row in self._plan.write_ranges(tensor_name):
+                        assert dim == 0, "state slices run along dim 0"
+                        os.pwrite(fd, raw[local_row * row: (local_row + stop - start) * row].numpy(),
+                                  base + offset + start * row)
+            finally:
+                os.close(fd)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = exc
+        ok = torch.tensor([0 if error is not None else 1], dtype=torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group.control)
+        if int(ok) == 0:
+            raise RuntimeError(f"a tensor-parallel rank failed to write its slices: {error or 'on another rank'}")
+
+    def joined(self) -> dict[str, torch.Tensor]:
+        """The canonical tensors, gathered to the leader once (for buffers that are not shared memory)."""
+        if self._joined is None:
+            self._joined = self._gather()
+        return self._joined
+
+    @mirrored()
+    def _gather(self) -> dict[str, torch.Tensor] | None:
+        return self.group.gather_state(self.local)
+
+    def release(self) -> None:
+        self.local = {}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StagedTensor:
+    """A canonical state tensor whose slices wait on the ranks (CheckpointWriter's rank-written value)."""
+
+    owner: StagedState
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def materialize(self) -> torch.Tensor:
+        return self.owner.joined()[self.name]
 
 
 def _slices(t: torch.Tensor, ranges) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.kv_cache import PagedKVCache, SequenceKV
-from qwenpd.engine.parallel import mirrored
+from qwenpd.engine.parallel import StagedState, mirrored
 
 
 @dataclass(slots=True, weakref_slot=True)
@@ -94,30 +94,49 @@ class HybridState:
         return state
 
     # ---- pieces for the prefix cache -------------------------------------------------------------------
-    @mirrored()
-    def kv_tensors(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        """K/V of tokens [lo, hi) of every attention layer (contiguous host copies): one KV block or the tail."""
+    def kv_tensors(self, lo: int, hi: int, for_write: bool = False) -> dict[str, torch.Tensor]:
+        """K/V of tokens [lo, hi) of every attention layer (contiguous host copies): one KV block or the tail.
+
+        Sharded, the leader gets the canonical tensors (gathered from every rank; None on the others); with
+        `for_write`, stand-ins instead, whose slices each rank keeps and writes itself into the shared-memory
+        checkpoint they go to (engine/parallel.py StagedState; other buffers gather them then)."""
         if not 0 <= lo <= hi <= self.num_tokens:
             raise ValueError(f"token range [{lo}, {hi}) outside the {self.num_tokens} consumed")
+        return self._across_ranks("_kv_local", (lo, hi), for_write)
+
+    def deltanet_tensors(self, for_write: bool = False) -> dict[str, torch.Tensor]:
+        """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position.
+        Sharded: as kv_tensors."""
+        return self._across_ranks("_deltanet_local", (), for_write)
+
+    def _kv_local(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.attention_layers):
             k, v = self.kv.read(j, lo, hi)
             out[f"layers.{layer}.k"] = _host(k)
             out[f"layers.{layer}.v"] = _host(v)
-        return self._canonical(out)
+        return out
 
-    @mirrored()
-    def deltanet_tensors(self) -> dict[str, torch.Tensor]:
-        """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position."""
+    def _deltanet_local(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for j, layer in enumerate(self.config.linear_layers):
             out[f"layers.{layer}.conv"] = _host(self.conv[j], copy=True)
             out[f"layers.{layer}.recurrent"] = _host(self.recurrent[j], copy=True)
-        return self._canonical(out)
+        return out
 
-    def _canonical(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Sharded: every rank's slices joined into the canonical tensors on the leader (None elsewhere)."""
-        return local if self.group is None else self.group.gather_state(local)
+    def _across_ranks(self, local: str, args: tuple, for_write: bool) -> dict[str, Any] | None:
+        if self.group is None:
+            return getattr(self, local)(*args)
+        return self._stage(local, args) if for_write else self._gather(local, args)
+
+    @mirrored()
+    def _gather(self, local: str, args: tuple) -> dict[str, torch.Tensor] | None:
+        return self.group.gather_state(getattr(self, local)(*args))
+
+    @mirrored(creates=True)
+    def _stage(self, local: str, args: tuple) -> dict[str, Any] | None:
+        staged = self.group.adopt(StagedState(self.group, getattr(self, local)(*args)))
+        return staged.tensors() if self.group.leader else None
 
     @classmethod
     def from_prefix(cls, config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],

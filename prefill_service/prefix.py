@@ -39,7 +39,7 @@ class PrefixPlan:
     def on_chunk(self, state: HybridState) -> None:
         """Engine callback after each prefill chunk: the engine stops exactly at every boundary."""
         if state.num_tokens in self.boundaries:
-            self.snapshots[state.num_tokens] = state.deltanet_tensors()
+            self.snapshots[state.num_tokens] = state.deltanet_tensors(for_write=True)
 
 
 class PrefixCache:
@@ -111,7 +111,7 @@ class PrefixCache:
             if not (self.policy.enabled and plan.keys):
                 return self._own_checkpoint(state, meta, handoff_ttl_s, [])
             new_blocks = range(len(known), len(plan.keys))
-            items = [SharedItem(store_pb.ENTRY_KIND_KV_BLOCK, plan.keys[i], state.kv_tensors(i * b, (i + 1) * b),
+            items = [SharedItem(store_pb.ENTRY_KIND_KV_BLOCK, plan.keys[i], state.kv_tensors(i * b, (i + 1) * b, for_write=True),
                                 (i + 1) * b) for i in new_blocks]
             items += [SharedItem(store_pb.ENTRY_KIND_SNAPSHOT, plan.keys[pos // b - 1], snap, pos)
                       for pos, snap in sorted(plan.snapshots.items())]
@@ -121,8 +121,8 @@ class PrefixCache:
                          new_bytes, self.max_bytes_per_request)
                 self._on_skip()
                 return self._own_checkpoint(state, meta, handoff_ttl_s, known)
-            own = state.kv_tensors(len(plan.keys) * b, n)
-            own.update(state.deltanet_tensors())
+            own = state.kv_tensors(len(plan.keys) * b, n, for_write=True)
+            own.update(state.deltanet_tensors(for_write=True))
             try:
                 checkpoint_id = self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
                                                                  handoff_ttl_s=handoff_ttl_s)
@@ -137,8 +137,8 @@ class PrefixCache:
 
     def _own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
                         refs: list[str]) -> str:
-        own = state.kv_tensors(len(refs) * self.policy.block_size, state.num_tokens)
-        own.update(state.deltanet_tensors())
+        own = state.kv_tensors(len(refs) * self.policy.block_size, state.num_tokens, for_write=True)
+        own.update(state.deltanet_tensors(for_write=True))
         checkpoint_id = self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
         self._on_written(_nbytes(own))
         return checkpoint_id

@@ -94,6 +94,40 @@ def test_state_is_canonical_across_degrees(sharded):
     assert (a - b).abs().max().item() < ATOL
 
 
+def test_ranks_write_their_slices_into_the_checkpoint(sharded, tmp_path):
+    """for_write stand-ins: each rank writes its own slices into the (file-backed) checkpoint range; the leader
+    only hashes. The result reads back, checksums verified, as the unsharded state; a plain buffer gathers."""
+    import mmap
+
+    from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, read_checkpoint, serialize_checkpoint
+
+    _, _, ref, eng = sharded
+    ids = _ids(41, ref.config.vocab_size, seed=4)
+    _, s_ref = ref.prefill(ids, chunk_size=16)
+    _, s_tp = eng.prefill(ids, chunk_size=16)
+    staged = s_tp.kv_tensors(5, 41, for_write=True)
+    staged.update(s_tp.deltanet_tensors(for_write=True))
+    assert not any(isinstance(t, torch.Tensor) for t in staged.values())
+    want = s_ref.kv_tensors(5, 41)
+    want.update(s_ref.deltanet_tensors())
+    meta = CheckpointMeta(eng.fingerprint, len(ids))
+    writer = CheckpointWriter(staged, meta)
+    offset = 4096 + 64
+    (tmp_path / "segment").write_bytes(bytes(offset + writer.nbytes))
+    with open(tmp_path / "segment", "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+    view = memoryview(mm)[offset:offset + writer.nbytes]
+    writer.write_into(view, location=(str(tmp_path), "segment", offset))
+    for buf in (view, serialize_checkpoint(staged, meta)):
+        got, _ = read_checkpoint(buf, eng.fingerprint)
+        assert got.keys() == want.keys()
+        for name, t in want.items():
+            assert got[name].dtype == t.dtype and (got[name] - t).abs().max().item() < ATOL, name
+        del got
+    view.release()
+    mm.close()
+
+
 def test_degree_must_divide(tiny_model_dir):
     with pytest.raises(ShardingError, match="num_attention_heads"):
         Engine(tiny_model_dir, tp=3)

@@ -46,12 +46,11 @@ INSTANCES = {"trn2.48xlarge": 64, "trn2.3xlarge": 4}  # logical cores at LNC=2
 
 
 # ---- bytes from the shapes and the sharding plan ----------------------------------------------------------------
-def _numel(shape: tuple[int, ...], ranges: list[tuple[Range, int]] | list[Range] | None) -> int:
+def _numel(shape: tuple[int, ...], ranges: list[Range] | None) -> int:
     """Elements of the slices `ranges` of a tensor of `shape` (the whole tensor for None)."""
     if ranges is None:
         return math.prod(shape)
-    spans = [r[0] if isinstance(r[0], tuple) else r for r in ranges]
-    return sum((stop - start) * math.prod(shape) // shape[dim] for dim, start, stop in spans)
+    return sum((stop - start) * math.prod(shape) // shape[dim] for dim, start, stop in ranges)
 
 
 def weight_bytes(c: ModelConfig, plan: ShardPlan | None, replicated_only: bool = False) -> int:
@@ -73,7 +72,10 @@ def state_bytes(c: ModelConfig, tokens: int, plan: ShardPlan | None, kinds: tupl
         kind = name.rsplit(".", 1)[1]
         if kind not in kinds:
             continue
-        ranges = None if plan is None else plan.write_ranges(name) if written else plan.state_ranges(name)
+        if plan is None:
+            ranges = None
+        else:
+            ranges = [r for r, _ in plan.write_ranges(name)] if written else plan.state_ranges(name)
         total += (4 if kind == "recurrent" else 2) * _numel(shape, ranges)
     return total
 
@@ -304,7 +306,7 @@ def main() -> int:
     tps = [int(x) for x in args.tp.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     memcpy = None if args.no_measure else measure_memcpy_gbps() * GB
-    print(f"# Sizing on paper (bf16 weights and KV, fp32 DeltaNet recurrent state)\n")
+    print("# Sizing on paper (bf16 weights and KV, fp32 DeltaNet recurrent state)\n")
     print(f"this machine: memcpy {memcpy / GB:,.1f} GB/s (1 GiB torch copy, {torch.get_num_threads()} threads, "
           f"median of 5)\n" if memcpy else "memcpy not measured (--no-measure)\n")
     for name in args.models.split(","):

@@ -82,7 +82,7 @@ def _draw(name: str, shape: tuple[int, ...], rows: int, g: torch.Generator) -> t
     block = (rows, *shape[1:])
     if name.endswith("A_log"):
         return torch.empty(block).uniform_(0.05, 1.0, generator=g).log()
-    if name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):  # standard-weight gated norm
+    if name.endswith(("dt_bias", "linear_attn.norm.weight")):  # standard-weight gated norm
         return 1.0 + 0.1 * torch.randn(block, generator=g)
     if name.endswith("norm.weight"):  # zero-centred norms: scale is (1 + w)
         return 0.1 * torch.randn(block, generator=g)

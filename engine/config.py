@@ -249,13 +249,33 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def layer_group(self) -> int:
+        """Length of the shortest repeating unit of `layer_types` (4 for Qwen3.5/3.6: 3 DeltaNet + 1 attention)."""
+        n = self.num_hidden_layers
+        return next(p for p in range(1, n + 1)
+                    if n % p == 0 and self.layer_types == self.layer_types[:p] * (n // p))
+
+    def with_num_layers(self, num_layers: int) -> "ModelConfig":
+        """The same model with `num_layers` layers: whole repeats of `layer_group`, so every layer keeps its
+        shapes and the hybrid pattern (and with it the state per layer type) stays that of the real model."""
+        group = self.layer_group
+        if num_layers < 1 or num_layers % group:
+            kinds = f"{self.layer_types[:group].count(LINEAR)} DeltaNet + {self.layer_types[:group].count(FULL)} " \
+                    "attention layers"
+            raise ConfigError(f"num_layers must be a positive multiple of {group} (one group of {kinds}), "
+                              f"got {num_layers}")
+        return self.replace(num_hidden_layers=num_layers,
+                            layer_types=self.layer_types[:group] * (num_layers // group))
+
 
 def _pattern(groups: int, linear_per_group: int = 3) -> tuple[str, ...]:
     return tuple(([LINEAR] * linear_per_group + [FULL]) * groups)
 
 
 # One table of named shapes. `tiny` is the embedded default (tests, demo); `small` is the benchmark model;
-# `qwen3.6-27b` has the real shapes, for sizing only (its weights are not available here).
+# `qwen3.6-27b` and `qwen3.5-2b` have the real shapes (their weights are not available here: `init-model` writes
+# random weights of those shapes, `--num-layers` cuts the depth, `bench/sizing.py` sizes them).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
@@ -270,12 +290,29 @@ PRESETS: dict[str, ModelConfig] = {
         linear_conv_kernel_dim=4, layer_types=_pattern(2), max_position_embeddings=32768,
         torch_dtype="bfloat16",
     ),
+    # Qwen/Qwen3.6-27B (same architecture as Qwen3.5-27B, model_type qwen3_5): the model card gives hidden 5120,
+    # 64 layers as 16 x (3 x Gated DeltaNet + 1 x gated attention), DeltaNet 48 V / 16 QK heads of dim 128,
+    # attention 24 Q / 4 KV heads of dim 256 with rotary dim 64, vocabulary 248320; THUDM/slime
+    # scripts/models/qwen3.5-27B.sh agrees and adds FFN 17408, rotary base 1e7 and untied embeddings.
     "qwen3.6-27b": ModelConfig(
         vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
         num_attention_heads=24, num_key_value_heads=4, head_dim=256,
         linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, layer_types=_pattern(16), max_position_embeddings=262144,
         eos_token_ids=(248044,), torch_dtype="bfloat16", model_type="qwen3_5",
+        mrope_section=(11, 11, 10), mrope_interleaved=True,
+    ),
+    # Qwen/Qwen3.5-2B, as its model card is quoted (awesomeagents.ai, apxml.com): hidden 2048, 24 layers as
+    # 6 x (3 x Gated DeltaNet + 1 x gated attention), FFN 6144, DeltaNet 16 V / 16 QK heads of dim 128, attention
+    # 8 Q / 2 KV heads of dim 256 with rotary dim 64, vocabulary 248320. Assumed, not read from its config.json:
+    # tied embeddings (as in THUDM/slime's Qwen3.5-0.8B script; the untied count, 2.4B text parameters, would not
+    # be a "2B"), and the 27B's rope, token ids and context.
+    "qwen3.5-2b": ModelConfig(
+        vocab_size=248320, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4, layer_types=_pattern(6), max_position_embeddings=262144,
+        tie_word_embeddings=True, eos_token_ids=(248044,), torch_dtype="bfloat16", model_type="qwen3_5",
         mrope_section=(11, 11, 10), mrope_interleaved=True,
     ),
 }

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from qwenpd.engine.config import ModelConfig, preset
 from qwenpd.engine.weights import expected_weight_shapes
@@ -54,33 +57,101 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def random_weights(c: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """fp32 weights scaled so activations stay O(1) and logits are well separated (no near-ties in tests)."""
+# What init-model draws at a time (fp32 elements: 64 MiB). A checkpoint of any size is written block by block
+# straight into its file, so memory stays at one block whatever the model (a 4-layer 27B is 8 GB in bf16).
+_BLOCK_ELEMENTS = 1 << 24
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def _row_blocks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int]]:
+    """[start, stop) row blocks of a tensor drawn piecewise. Every block but the last holds a multiple of 16
+    elements and the last at least 16 (unless the whole tensor has fewer), so the blocks' draws equal one draw of
+    the whole tensor: torch's CPU normal sampler works in groups of 16 and redraws a ragged tail of 16
+    (tests/engine/test_init_model.py checks it)."""
+    rows, per_row = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    step = max(16, max_elements // per_row // 16 * 16)
+    blocks = [(i, min(i + step, rows)) for i in range(0, rows, step)]
+    if len(blocks) > 1 and (blocks[-1][1] - blocks[-1][0]) * per_row < 16:
+        blocks[-2:] = [(blocks[-2][0], rows)]
+    return blocks
+
+
+def _draw(name: str, shape: tuple[int, ...], rows: int, g: torch.Generator) -> torch.Tensor:
+    """`rows` rows of weight `name` (full shape `shape`), fp32, scaled so activations stay O(1) and logits are well
+    separated (no near-ties in tests)."""
+    block = (rows, *shape[1:])
+    if name.endswith("A_log"):
+        return torch.empty(block).uniform_(0.05, 1.0, generator=g).log()
+    if name.endswith(("dt_bias", "linear_attn.norm.weight")):  # standard-weight gated norm
+        return 1.0 + 0.1 * torch.randn(block, generator=g)
+    if name.endswith("norm.weight"):  # zero-centred norms: scale is (1 + w)
+        return 0.1 * torch.randn(block, generator=g)
+    if name == "embed_tokens.weight":
+        return torch.randn(block, generator=g)
+    return torch.randn(block, generator=g) / math.sqrt(shape[-1])  # [out, in] projections and the conv
+
+
+def _weight_blocks(c: ModelConfig, seed: int, dtype: torch.dtype, max_elements: int = _BLOCK_ELEMENTS
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, block of rows in `dtype`) of every weight, in sorted name order: one generator walks the
+    names in that order, so a seed gives the same weights however they are cut into blocks."""
     g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
     for name, shape in sorted(expected_weight_shapes(c).items()):
-        if name.endswith("A_log"):
-            t = torch.empty(shape).uniform_(0.05, 1.0, generator=g).log()
-        elif name.endswith("dt_bias"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("linear_attn.norm.weight"):  # standard-weight gated norm
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("norm.weight"):  # zero-centred norms: scale is (1 + w)
-            t = 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("conv1d.weight"):
-            t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-        elif name == "embed_tokens.weight":
-            t = torch.randn(shape, generator=g)
-        else:  # [out, in] projections
-            t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-        out[name] = t
-    return out
+        for start, stop in _row_blocks(shape, max_elements):
+            yield name, _draw(name, shape, stop - start, g).to(dtype).contiguous()
+
+
+def random_weights(c: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Every weight whole, fp32 (small models; `init_model` streams instead)."""
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for name, block in _weight_blocks(c, seed, torch.float32):
+        blocks.setdefault(name, []).append(block)
+    return {name: torch.cat(parts) for name, parts in blocks.items()}
+
+
+def _stored_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def write_weights(path: str | Path, c: ModelConfig, seed: int, dtype: torch.dtype,
+                  max_elements: int = _BLOCK_ELEMENTS) -> int:
+    """Write `c`'s random weights as one safetensors file, block by block (the header is known from the shapes
+    alone), through a temporary file renamed at the end. Returns the bytes of tensor data."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian data; this writer copies native bytes")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in sorted(expected_weight_shapes(c).items()):
+        size = math.prod(shape) * itemsize
+        header[_stored_name(name)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                      "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, block in _weight_blocks(c, seed, dtype, max_elements):
+            f.write(block.reshape(-1).view(torch.uint8).numpy())
+        written = f.tell() - 8 - len(raw)
+    if written != offset:
+        raise RuntimeError(f"wrote {written} bytes of tensor data, the header promised {offset}")
+    tmp.replace(path)
+    return offset
 
 
 def init_model(out_dir: str | Path, config: ModelConfig | str = "tiny", seed: int = 0,
-               dtype: str | None = None) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json."""
+               dtype: str | None = None, num_layers: int | None = None) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json.
+
+    `num_layers` cuts the model to that many layers (a multiple of its layer group: 4 for Qwen3.5/3.6), keeping
+    every other shape: the real state sizes and sharding of a model whose full depth does not fit here.
+    """
     c = preset(config) if isinstance(config, str) else config
+    if num_layers is not None:
+        c = c.with_num_layers(num_layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(min(c.vocab_size, 4096))
@@ -88,10 +159,7 @@ def init_model(out_dir: str | Path, config: ModelConfig | str = "tiny", seed: in
     c = c.replace(eos_token_ids=(ids["<|im_end|>"], ids["<|endoftext|>"]), pad_token_id=ids["<|endoftext|>"],
                   torch_dtype=dtype or c.torch_dtype)
     store = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.torch_dtype]
-    weights = random_weights(c, seed)
-    tensors = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.to(store).contiguous()
-               for k, v in weights.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(out / "model.safetensors", c, seed, store)
     (out / "config.json").write_text(json.dumps(c.to_hf_dict(), indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({

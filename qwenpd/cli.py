@@ -42,8 +42,14 @@ def sampling_from_args(args: argparse.Namespace):
 def cmd_init_model(args: argparse.Namespace) -> int:
     from qwenpd.engine.init_model import init_model
 
-    out = init_model(args.out, args.preset, seed=args.seed, dtype=args.dtype)
-    print(f"wrote {args.preset} checkpoint to {out}")
+    from qwenpd.engine.config import ModelConfig
+
+    started = time.perf_counter()
+    out = init_model(args.out, args.preset, seed=args.seed, dtype=args.dtype, num_layers=args.num_layers)
+    c = ModelConfig.from_pretrained(out)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {args.preset} checkpoint ({c.num_hidden_layers} layers, {c.num_parameters() / 1e9:.3g} G params, "
+          f"{size / 1e9:.3g} GB {c.torch_dtype}) to {out} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -119,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-model", help="write a checkpoint with deterministic random weights")
-    p.add_argument("--preset", default="tiny", help="tiny | small | qwen3.6-27b (default tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny | small | qwen3.5-2b | qwen3.6-27b (default tiny)")
+    p.add_argument("--num-layers", type=int, default=None, metavar="N",
+                   help="keep N layers (a multiple of 4: 3 DeltaNet + 1 attention), every other shape as the preset")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="stored dtype (preset default)")

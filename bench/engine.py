@@ -204,7 +204,7 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
               f"torch.matmul of the model's shapes {mm:,.0f} GFLOP/s = {achieved / mm:.0%}")
     for bsz, (coll_s, step) in comm.items():
         print(f"tp{args.tp} decode@{bsz}: {step * 1e3:.1f} ms/step, of which collectives alone "
-              f"{coll_s * 1e3:.2f} ms = {coll_s / step:.0%} (2 x {cfg.num_hidden_layers} all-reduces of "
+              f"{coll_s * 1e3:.2f} ms = {coll_s / step:.0%} (1 + 2 x {cfg.num_hidden_layers} all-reduces of "
               f"[{bsz}, {cfg.hidden_size}] fp32 + the logits' all-gather)")
     for eng in engines.values():
         eng.close()

@@ -111,9 +111,6 @@ class Engine:
         self.local_config = self.plan.local_config if sharded else self.config
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype,
                                                  self.plan.weight_ranges if sharded else None)
-        if sharded and self.config.tie_word_embeddings:  # the output head is the embedding's vocabulary slice
-            v0, v1 = self.plan.vocab_range
-            weights["lm_head.weight"] = weights["embed_tokens.weight"][v0:v1].clone()
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family
@@ -251,15 +248,15 @@ class Engine:
     @mirrored()
     def measure_collectives(self, rows: int, iters: int = 20) -> float:
         """Seconds per decode step of `rows` sequences spent in the collectives alone (one all-reduce of
-        [rows, hidden] fp32 per mixer and per MLP, then the logits' all-gather), each waited for as the forward
-        waits: the communication share of a sharded step. 0 when not sharded."""
+        [rows, hidden] fp32 for the embedding and per mixer and per MLP, then the logits' all-gather), each
+        waited for as the forward waits: the communication share of a sharded step. 0 when not sharded."""
         if self.group is None:
             return 0.0
         x = torch.ones(rows, self.config.hidden_size, device=self.device)
         part = torch.ones(rows, self.config.vocab_size // self.tp, device=self.device)
 
         def step() -> None:
-            for _ in range(2 * self.config.num_hidden_layers):
+            for _ in range(2 * self.config.num_hidden_layers + 1):
                 float(self.group.all_reduce(x)[0, 0])
             float(self.group.gather_vocab(part)[0, 0])
 

@@ -89,7 +89,8 @@ class HybridModel:
         self.tp = tp
         self.device = weights["embed_tokens.weight"].device
         rotary = Rotary(config, self.device)
-        self.embed = weights["embed_tokens.weight"]
+        self.embed = weights["embed_tokens.weight"]  # sharded: this rank's vocabulary rows
+        self.vocab_start = 0 if tp is None else tp.rank * self.embed.shape[0]
         self.lm_head = Linear(weights["lm_head.weight"] if "lm_head.weight" in weights else self.embed)
         self.final_norm = 1.0 + weights["norm.weight"].float()
         reduce = None if tp is None else tp.all_reduce
@@ -106,6 +107,16 @@ class HybridModel:
         parts = [p for blk in self.blocks for p in (blk.mixer, blk.mlp)]
         return [self.lm_head, *(v for p in parts for v in vars(p).values() if isinstance(v, Linear))]
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [N] -> the fp32 residual stream [N, H]. Sharded by vocabulary: each rank looks up the ids in its
+        rows (zeros for the others) and the all-reduce joins them (exact: one nonzero term per row)."""
+        if self.tp is None:
+            return self.embed[ids].float()
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed.shape[0])
+        x = self.embed[local.clamp(0, self.embed.shape[0] - 1)].float() * mine[:, None]
+        return self.tp.all_reduce(x)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
         h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
@@ -120,7 +131,7 @@ class HybridModel:
         """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
         pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
         real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V]."""
-        x = self.embed[ids].float()  # the residual stream stays fp32
+        x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
             h = blk.norm(x)
             j = self.slot[blk.index]
@@ -136,7 +147,7 @@ class HybridModel:
                      tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
         recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]."""
-        x = self.embed[ids].float()  # the residual stream stays fp32
+        x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
             h = blk.norm(x)
             j = self.slot[blk.index]

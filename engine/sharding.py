@@ -11,7 +11,9 @@ Megatron-style, by heads and channels, decided here and nowhere else:
                 recurrent state by head; out_proj row parallel
     MLP         gate_proj/up_proj split by rows (column parallel), down_proj by input columns (row parallel)
     lm_head     split by vocabulary rows (each rank scores its slice of the vocabulary)
-    replicated  embeddings, every norm weight
+    embeddings  split by vocabulary rows too (a rank looks up the ids in its slice, zeros elsewhere, and one
+                all-reduce joins them); with tied embeddings the same slice is the rank's lm_head
+    replicated  every norm weight
 
 The checkpoint and every hand-off stay in the canonical full-tensor layout; a rank reads and writes only its
 `state_ranges`, so a prefill at one degree hands off to a decode at any other. `local_config` is the model a
@@ -85,10 +87,10 @@ class ShardPlan:
         """The slices of canonical weight `name` (prefix-free, e.g. "layers.3.mlp.up_proj.weight") this rank
         holds, concatenated along their dim in order; None = the whole tensor (replicated)."""
         c = self.config
-        if name == "lm_head.weight":
-            return [(0, *self.vocab_range)]
+        if name in ("lm_head.weight", "embed_tokens.weight"):
+            return [(0, *self.vocab_range)] if self.degree > 1 else None
         if not name.startswith("layers."):
-            return None  # embed_tokens, the final norm
+            return None  # the final norm
         layer, field = name.split(".", 2)[1:]
         if field.startswith("mlp."):
             per = c.intermediate_size // self.degree

@@ -34,6 +34,7 @@ def test_shards_have_the_local_models_shapes(name: str, degree: int) -> None:
                 continue  # the vocabulary is not part of the local model
             assert tuple(t.shape) == want[n], (plan.rank, n)
         assert tuple(got["lm_head.weight"].shape) == (config.vocab_size // degree, config.hidden_size)
+        assert tuple(got["embed_tokens.weight"].shape) == (config.vocab_size // degree, config.hidden_size)
         state = {n: torch.empty(s, device="meta") for n, s in expected_shapes(config, 7).items()}
         local_state = plan.shard_state(state)
         assert {n: tuple(t.shape) for n, t in local_state.items()} == expected_shapes(local, 7)

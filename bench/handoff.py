@@ -2,6 +2,7 @@
 
     python bench/handoff.py [--sizes 1,16,128] [--repeat 10] [--threads N] [--no-store]
     python bench/handoff.py --shapes tiny-2k,small-2k,27b-4k --backends shm,mooncake --repeat 5
+    python bench/handoff.py --tp 1,2,4 --shapes 27b-4k,27b-32k --repeat 5
 
 Table 1 (data plane): write = plan + copy tensors into a mapped segment range with checksums + header;
 read = parse + verify checksums + zero-copy tensor views; ratio = (write + read) / memcpy, where memcpy is one
@@ -12,6 +13,12 @@ Table 2 (through a live store process, per backend): put = AllocateSegment + wri
 mooncake_master, TCP on loopback) the same run also measures Mooncake's own put_from/get_into of the same bytes
 from/into warm registered buffers ("raw"; each object read once, like a hand-off): our overhead is the gap.
 --shapes: states of the real shapes (synthetic values): <preset>-<tokens>, preset tiny|small|27b (Qwen3.6-27B).
+--tp: the hand-off between tensor-parallel engines (Table 3), with Qwen3.6-27B's state shapes cut to one layer
+group (3 DeltaNet + 1 attention layer; `init-model --num-layers 4`) and small matmul weights (hidden 256, vocab
+1024: weights take no part in a hand-off, and 8 GB of them would not let the bench run here). put = every rank
+stages its slices, each writes them into the store's shared-memory range itself, rank 0 hashes and commits;
+get = lease + verify + scatter each rank its slices into its KV pages and DeltaNet state + release. Bytes per
+rank come from the sharding plan (what it writes / reads).
 
 Paper estimate, trn2 over EFA (mooncake-transfer-engine-efa-non-cuda): a trn2.48xlarge has 16 EFAv3 NICs of
 200 Gb/s (3.2 Tb/s, AWS's trn2 instance page). Assuming one NIC per hand-off at ~80% of line rate (~20 GB/s):
@@ -61,7 +68,11 @@ def model_state(shape: str) -> dict[str, torch.Tensor]:
 
     name, _, toks = shape.rpartition("-")
     c = preset({"27b": "qwen3.6-27b"}.get(name, name))
-    t = int(toks[:-1]) * 1024 if toks.endswith("k") else int(toks)
+    return state_of(c, int(toks[:-1]) * 1024 if toks.endswith("k") else int(toks))
+
+
+def state_of(c, t: int) -> dict[str, torch.Tensor]:
+    """The state tensors of model config `c` after `t` tokens (random values)."""
     conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
     out: dict[str, torch.Tensor] = {}
     for i, kind in enumerate(c.layer_types):
@@ -176,6 +187,87 @@ def raw_mooncake_ms(master, nbytes: int, repeat: int) -> tuple[float, float]:
     return put_ms, get_ms
 
 
+def tp_rows(shapes: list[str], degrees: list[int], repeat: int, threads: int) -> list[tuple]:
+    """Hand-off put/get between tensor-parallel engines of the 27B's state shapes (module docstring)."""
+    import tempfile
+
+    from qwenpd.cache_store.client import CacheStoreClient
+    from qwenpd.engine import Engine
+    from qwenpd.engine.config import preset
+    from qwenpd.engine.init_model import init_model
+    from qwenpd.engine.sharding import ShardPlan
+
+    config = preset("qwen3.6-27b").with_num_layers(4).replace(hidden_size=256, intermediate_size=256,
+                                                               vocab_size=1024, max_position_embeddings=65536)
+    states = {s: state_of(config, int(s.rpartition("-")[2].rstrip("k")) * 1024) for s in shapes}
+    biggest = max(CheckpointWriter(t, CheckpointMeta("x", 1)).nbytes for t in states.values()) >> 20
+    budget = 4 * (biggest + 1) + 64
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = init_model(Path(tmp) / "q27-state", config)
+        proc = subprocess.Popen([sys.executable, "-m", "qwenpd.cache_store", "--listen", "127.0.0.1:0", "--store-id",
+                                 f"benchtp{os.getpid()}", "--budget", f"{budget}MiB", "--segment-size", f"{budget}MiB"],
+                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        try:
+            address = re.search(r"serving on (\S+)", proc.stdout.readline()).group(1)  # type: ignore[union-attr]
+            with CacheStoreClient(address, io_threads=threads) as client:
+                for tp in degrees:
+                    eng = Engine(model, tp=tp, threads=max(1, (os.cpu_count() or 1) // tp))
+                    try:
+                        for label, canonical in states.items():
+                            rows.append((label, tp, *_tp_row(eng, client, canonical, repeat),
+                                         *_rank_bytes(ShardPlan(eng.config, tp, 0), canonical, tp)))
+                    finally:
+                        eng.close()
+                        torch.set_num_threads(1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return rows
+
+
+def _tp_row(eng, client, canonical: dict[str, torch.Tensor], repeat: int) -> tuple[int, float, float]:
+    n = canonical["layers.3.k"].shape[1]
+    meta = CheckpointMeta(eng.fingerprint, n)
+    state = eng.state_from_tensors(canonical, n)
+
+    def put() -> str:
+        own = state.kv_tensors(0, n, for_write=True)
+        own.update(state.deltanet_tensors(for_write=True))
+        return client.put_checkpoint(own, meta)
+
+    with client.checkpoint(put(), eng.fingerprint, delete=True) as lease:  # exact, whoever wrote which slice
+        assert all(torch.equal(lease.tensors[k], v) for k, v in canonical.items())
+    nbytes = CheckpointWriter(canonical, meta).nbytes
+    put_ms = median_ms(lambda: client.delete(put()), repeat)
+    ids = [put() for _ in range(repeat + 1)]
+
+    def get() -> None:
+        with client.checkpoint(ids.pop(), eng.fingerprint, delete=True) as lease:
+            eng.state_from_tensors(dict(lease.tensors), n).release()
+
+    get_ms = median_ms(get, repeat)
+    state.release()
+    return nbytes, put_ms, get_ms
+
+
+def _rank_bytes(plan, canonical: dict[str, torch.Tensor], tp: int) -> tuple[int, int]:
+    """(most bytes one rank writes, most bytes one rank reads) of `canonical` under `tp` ranks."""
+    from qwenpd.engine.sharding import ShardPlan
+
+    def row_bytes(t: torch.Tensor) -> int:
+        return t[0].numel() * t.element_size()
+
+    writes, reads = [], []
+    for rank in range(tp):
+        p = ShardPlan(plan.config, tp, rank)
+        writes.append(sum((stop - start) * row_bytes(t) for name, t in canonical.items()
+                          for (_, start, stop), _ in p.write_ranges(name)))
+        reads.append(sum((stop - start) * row_bytes(t) for name, t in canonical.items()
+                         for _, start, stop in p.state_ranges(name)))
+    return max(writes), max(reads)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,16,128", help="hybrid-like states of these MiB (default 1,16,128)")
@@ -184,8 +276,24 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=default_threads(), help="checkpoint I/O threads")
     parser.add_argument("--backends", default="shm", help="live-store backends to measure: shm,mooncake")
     parser.add_argument("--no-store", action="store_true", help="skip the live-store table")
+    parser.add_argument("--tp", default="", help="tensor-parallel hand-off table only, at these degrees (e.g. 1,2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.tp:
+        shapes = (args.shapes or "27b-4k,27b-32k").split(",")
+        print(f"cpus={os.cpu_count()} io_threads={args.threads} repeat={args.repeat} (medians); Qwen3.6-27B state "
+              "shapes, 4 layers (1 attention + 3 DeltaNet), bf16 KV/conv + fp32 recurrent, shared memory")
+        rows = tp_rows(shapes, [int(d) for d in args.tp.split(",")], args.repeat, args.threads)
+        print("| state | TP | checkpoint MiB | most per rank: write / read MiB | put ms | get ms | put / TP 1 | "
+              "get / TP 1 |")
+        print("|---|---|---|---|---|---|---|---|")
+        base = {label: (put, get) for label, tp, _, put, get, *_ in rows if tp == 1}
+        for label, tp, nbytes, put_ms, get_ms, w, r in rows:
+            b = base.get(label)
+            ratio = (lambda x, y: f"{x / y:.2f}x") if b else (lambda x, y: "")  # noqa: E731
+            print(f"| {label} | {tp} | {nbytes / 2**20:.1f} | {w / 2**20:.1f} / {r / 2**20:.1f} | {put_ms:.1f} | "
+                  f"{get_ms:.1f} | {ratio(put_ms, b[0]) if b else ''} | {ratio(get_ms, b[1]) if b else ''} |")
+        return 0
     if args.shapes:
         states = {s: model_state(s) for s in args.shapes.split(",")}
     else:

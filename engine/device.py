@@ -45,6 +45,25 @@ def parse_cores(spec: str) -> str:
     return spec
 
 
+def expand_cores(spec: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]."""
+    out: list[int] = []
+    for part in parse_cores(spec).split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def split_cores(spec: str, parts: int) -> list[str]:
+    """A NeuronCore list split evenly between `parts` tensor-parallel ranks, in order ('0-7', 2 -> '0-3', '4-7'
+    as '0,1,2,3' and '4,5,6,7'). ValueError unless it divides."""
+    cores = expand_cores(spec)
+    if len(cores) % parts:
+        raise ValueError(f"{len(cores)} neuron cores ({spec}) do not split evenly between {parts} ranks")
+    per = len(cores) // parts
+    return [",".join(str(c) for c in cores[r * per:(r + 1) * per]) for r in range(parts)]
+
+
 def set_neuron_cores(spec: str | None) -> None:
     """Make only `spec`'s NeuronCores visible to this process (before the Neuron runtime starts)."""
     if spec:

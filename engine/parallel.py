@@ -74,10 +74,16 @@ class Ref:
 
 
 def rank_device(device: str, rank: int) -> str:
-    """The device of `rank`: one accelerator per rank ("cuda" -> "cuda:<rank>"), the CPU shared."""
+    """The device of `rank`: one accelerator per rank ("cuda" -> "cuda:<rank>"; on neuron with the process's
+    NeuronCores split between the ranks, each sees only its own: "neuron"), the CPU shared."""
+    if device == "neuron" and os.environ.get(_SPLIT_CORES):
+        return device
     if device in ("cuda", "neuron"):
         return f"{device}:{rank}"
     return device
+
+
+_SPLIT_CORES = "QWENPD_TP_SPLIT_CORES"  # set when launch gave each rank its share of NEURON_RT_VISIBLE_CORES
 
 
 class TPGroup:
@@ -408,7 +414,16 @@ def launch(spec: RankSpec) -> TPGroup:
     port = _free_port()
     followers = []
     env = dict(os.environ)
+    shares = None
+    visible = os.environ.get("NEURON_RT_VISIBLE_CORES")
+    if spec.device == "neuron" and visible:  # the service's NeuronCores, split evenly between its ranks
+        from qwenpd.engine.device import split_cores
+
+        shares = split_cores(visible, spec.degree)
+        os.environ["NEURON_RT_VISIBLE_CORES"], os.environ[_SPLIT_CORES] = shares[0], "1"
     for rank in range(1, spec.degree):
+        if shares is not None:
+            env = {**env, "NEURON_RT_VISIBLE_CORES": shares[rank], _SPLIT_CORES: "1"}
         cmd = [sys.executable, "-m", "qwenpd.engine.parallel", "--rank", str(rank), "--port", str(port),
                "--spec", json.dumps(asdict(spec))]
         followers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))

@@ -77,3 +77,12 @@ def test_deltanet_kernel_families(tiny_model_dir):
     with pytest.raises(ValueError, match="deltanet_kernels"):
         Engine(tiny_model_dir, dtype="float32", deltanet_kernels="auto")
     assert Engine(tiny_model_dir, dtype="float32").kernel_family == "torch"
+
+
+def test_neuron_cores_split_between_ranks():
+    from qwenpd.engine.device import split_cores
+
+    assert split_cores("0-7", 2) == ["0,1,2,3", "4,5,6,7"]
+    assert split_cores("4-5,8,9", 4) == ["4", "5", "8", "9"]
+    with pytest.raises(ValueError, match="do not split evenly"):
+        split_cores("0-2", 2)

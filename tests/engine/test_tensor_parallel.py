@@ -202,8 +202,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.environ.get("QWENPD_REAL_SHAPES"),
-                    reason="writes and loads an 8 GB checkpoint (about 4 minutes here): set QWENPD_REAL_SHAPES=1")
+SLOW = pytest.mark.skipif(not os.environ.get("QWENPD_SLOW_TESTS"),
+                          reason="minutes on a 2-core machine: set QWENPD_SLOW_TESTS=1")
+
+
+@SLOW
+def test_compiled_tp_equals_eager_tp1(tiny_model_dir):
+    """--compile with --tp 2: the collectives trace into the static graphs (functional collectives) and the
+    tokens are those of the eager unsharded engine."""
+    def run(*extra: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-m", "qwenpd.cli", "generate", "--model", str(tiny_model_dir),
+                              "--prompt-ids", "1,2,3,4,5", "--max-tokens", "6", "--temperature", "0", "--json",
+                              "--threads", "1", *extra], capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["token_ids"]
+
+    assert run("--compile", "--kv-cache-bytes", "4MiB", "--tp", "2") == run()
+
+
+@SLOW
 def test_qwen36_27b_shapes_tp4_equals_tp1(tmp_path):
     """The real Qwen3.6-27B shapes (one 3 x DeltaNet + 1 x attention group, bf16): TP 4 (KV heads one per rank,
     DeltaNet heads 4 + 12 per rank, vocabulary quarters) gives the greedy tokens of TP 1, and the same state in the

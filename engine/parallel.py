@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from qwenpd.engine.blocks import OutOfPages
 from qwenpd.engine.sharding import ShardPlan, merge_state, plans
 from qwenpd.errors import Unavailable
 
@@ -159,6 +160,17 @@ class TPGroup:
         if self.broken is not None:
             raise RankLost(self.broken, subject="tensor_parallel")
 
+    def check_ranks(self, wait_s: float = 1.0) -> None:
+        """Leader: raise RankLost if a rank has exited (waiting up to `wait_s` for one whose connection just
+        dropped to finish exiting)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.broken is not None or any(p.poll() is not None for p in self.followers):
+                self._lose("a tensor-parallel rank failed")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
     # ---- state across ranks (canonical layout; each rank sends or receives only its slices) -----------------
     def gather_state(self, local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Every rank's `local` state slices -> canonical tensors on the leader (None elsewhere)."""
@@ -266,6 +278,12 @@ def mirrored(creates: bool = False):
                 group._depth += 1
                 try:
                     return method(self, *args, **kwargs)
+                except RankLost:
+                    raise
+                except RuntimeError as exc:  # a collective inside failed: a rank died? then say so (UNAVAILABLE)
+                    if not isinstance(exc, OutOfPages):
+                        group.check_ranks()
+                    raise
                 finally:
                     group._depth -= 1
         call.mirrored = True
@@ -410,7 +428,10 @@ def _free_port() -> int:
 
 
 def launch(spec: RankSpec) -> TPGroup:
-    """Leader: start ranks 1..degree-1 as child processes and join the group as rank 0."""
+    """Leader: start ranks 1..degree-1 as child processes and join the group as rank 0. One group per process
+    (torch.distributed has one default group): close() an engine's group before starting another."""
+    if dist.is_initialized():
+        raise RuntimeError("this process already leads a tensor-parallel group: close() that engine first")
     port = _free_port()
     followers = []
     env = dict(os.environ)

@@ -232,9 +232,7 @@ def _tp_row(eng, client, canonical: dict[str, torch.Tensor], repeat: int) -> tup
     state = eng.state_from_tensors(canonical, n)
 
     def put() -> str:
-        own = state.kv_tensors(0, n, for_write=True)
-        own.update(state.deltanet_tensors(for_write=True))
-        return client.put_checkpoint(own, meta)
+        return client.put_checkpoint(state.handoff_tensors(0, for_write=True), meta)
 
     with client.checkpoint(put(), eng.fingerprint, delete=True) as lease:  # exact, whoever wrote which slice
         assert all(torch.equal(lease.tensors[k], v) for k, v in canonical.items())

@@ -71,11 +71,7 @@ class HybridState:
     # ---- (de)serialisation: flat name -> tensor, used by checkpoints --------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat, contiguous host tensors named by absolute layer index ("layers.3.k", "layers.0.recurrent", ...)."""
-        out, deltanet = self.kv_tensors(0, self.num_tokens), self.deltanet_tensors()
-        if out is None:  # a follower rank: its slices went to the leader
-            return None
-        out.update(deltanet)
-        return out
+        return self.handoff_tensors(0)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], num_tokens: int,
@@ -108,6 +104,16 @@ class HybridState:
         """Conv and recurrent state of every DeltaNet layer (copies): a snapshot at the current position.
         Sharded: as kv_tensors."""
         return self._across_ranks("_deltanet_local", (), for_write)
+
+    def handoff_tensors(self, lo: int, for_write: bool = False) -> dict[str, torch.Tensor]:
+        """K/V of tokens [lo, num_tokens) and the DeltaNet state: a checkpoint's own tensors (KV before `lo`
+        lives in shared prefix blocks). Sharded: as kv_tensors, in one exchange."""
+        if not 0 <= lo <= self.num_tokens:
+            raise ValueError(f"token {lo} outside the {self.num_tokens} consumed")
+        return self._across_ranks("_handoff_local", (lo,), for_write)
+
+    def _handoff_local(self, lo: int) -> dict[str, torch.Tensor]:
+        return {**self._kv_local(lo, self.num_tokens), **self._deltanet_local()}
 
     def _kv_local(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

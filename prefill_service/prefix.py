@@ -105,7 +105,7 @@ class PrefixCache:
                 handoff_ttl_s: float | None) -> str:
         """Publish new KV blocks and snapshots with the hand-off checkpoint, which references every full KV
         block of the prompt and carries only the tail KV and the DeltaNet state at the prompt end."""
-        b, n = self.policy.block_size, state.num_tokens
+        b = self.policy.block_size
         known = plan.known_kv_ids
         try:
             if not (self.policy.enabled and plan.keys):
@@ -121,8 +121,7 @@ class PrefixCache:
                          new_bytes, self.max_bytes_per_request)
                 self._on_skip()
                 return self._own_checkpoint(state, meta, handoff_ttl_s, known)
-            own = state.kv_tensors(len(plan.keys) * b, n, for_write=True)
-            own.update(state.deltanet_tensors(for_write=True))
+            own = state.handoff_tensors(len(plan.keys) * b, for_write=True)
             try:
                 checkpoint_id = self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
                                                                  handoff_ttl_s=handoff_ttl_s)
@@ -137,8 +136,7 @@ class PrefixCache:
 
     def _own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
                         refs: list[str]) -> str:
-        own = state.kv_tensors(len(refs) * self.policy.block_size, state.num_tokens, for_write=True)
-        own.update(state.deltanet_tensors(for_write=True))
+        own = state.handoff_tensors(len(refs) * self.policy.block_size, for_write=True)
         checkpoint_id = self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
         self._on_written(_nbytes(own))
         return checkpoint_id

@@ -11,7 +11,8 @@ import torch
 
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import resolve_device
-from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache
+from qwenpd.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCacheSize, PagedKVCache, check_kv_cache_size,
+                                    resolve_kv_cache_bytes)
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.runner import Buckets, GraphRunner, pick
 from qwenpd.engine.state import HybridState
@@ -37,14 +38,16 @@ def _deltanet_family(name: str, device_type: str) -> str:
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device."""
+    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device, KV
+    cache size (bytes as an int, a fraction of the device memory free after loading the weights as a float in
+    (0, 1]) and page size."""
 
     model_dir: str
     dtype: str = "auto"
     threads: int | None = None
     deltanet_kernels: str = "torch"
     device: str = "cpu"
-    kv_cache_bytes: int | None = None  # None = a cache that grows on demand (eager use)
+    kv_cache_bytes: KVCacheSize | None = None  # None = a cache that grows on demand (eager use)
     page_size: int = DEFAULT_PAGE_SIZE
 
     def __post_init__(self) -> None:
@@ -55,8 +58,7 @@ class EngineConfig:
         if self.deltanet_kernels not in DELTANET_KERNELS:
             raise ValueError(f"deltanet_kernels must be one of {DELTANET_KERNELS}, got {self.deltanet_kernels!r}")
         resolve_device(self.device)
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        check_kv_cache_size(self.kv_cache_bytes)
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
 
@@ -64,11 +66,12 @@ class EngineConfig:
 class Engine:
     """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
 
-    Weights, KV (one paged cache, `kv_cache_bytes` big), DeltaNet state and logits live on `self.device`; only
-    token ids cross to and from the host."""
+    Weights, KV (one paged cache, `kv_cache_bytes` big: bytes, or a fraction of the memory free on the device once
+    the weights are loaded), DeltaNet state and logits live on `self.device`; only token ids cross to and from the
+    host."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
-                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: int | None = None,
+                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: KVCacheSize | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE):
         self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device),
                                           kv_cache_bytes, page_size)
@@ -85,7 +88,9 @@ class Engine:
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family
         self.model = HybridModel(self.config, weights, DeltaNetKernels.named(family))
-        self.kv_cache = PagedKVCache(self.config, self.dtype, self.device, page_size, kv_cache_bytes)
+        del weights  # what the model did not keep (unfused copies) is freed before free memory is measured
+        kv_bytes = resolve_kv_cache_bytes(kv_cache_bytes, self.device)
+        self.kv_cache = PagedKVCache(self.config, self.dtype, self.device, page_size, kv_bytes)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None

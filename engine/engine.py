@@ -14,7 +14,7 @@ from qwenpd.engine.device import resolve_device
 from qwenpd.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCacheSize, PagedKVCache, check_kv_cache_size,
                                     resolve_kv_cache_bytes)
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
-from qwenpd.engine.runner import Buckets, GraphRunner, pick
+from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner, pick
 from qwenpd.engine.state import HybridState
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
@@ -106,9 +106,9 @@ class Engine:
         return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
 
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
-                cache_dir: str | None = None) -> float:
-        """Compile the prefill chunk and decode step for every bucket (torch.compile, static shapes) and use them
-        from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
+                cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS) -> float:
+        """Compile the prefill chunk and decode step (or only those in `graphs`) for every bucket (torch.compile,
+        static shapes) and use them from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
         the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them."""
         if cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
@@ -119,7 +119,7 @@ class Engine:
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
         for linear in self.model.linears():
             linear.unpack()
-        self.runner = GraphRunner(self.model, buckets, backend)
+        self.runner = GraphRunner(self.model, buckets, backend, graphs)
         scratch = self.new_state()
         return self.runner.warm_up(scratch, buckets.batches[-1])
 

@@ -5,7 +5,9 @@ Eager (no buckets): every shape is exact. Compiled (`--compile`): `torch.compile
 of HybridModel.prefill_graph and .decode_graph, one graph per bucket: a prefill chunk is padded to a chunk-length
 bucket (padding tokens are masked out of the DeltaNet states and write their K/V to the null page, so no state
 changes), a decode batch to a batch-size bucket (padding rows use free batch slots and the null page), block tables
-to a width bucket (null pages, masked). `warm_up` compiles every bucket; serving never recompiles.
+to a width bucket (null pages, masked). `warm_up` compiles every bucket; serving never recompiles. A service
+compiles only the graphs it runs (`graphs`: prefill or decode); the other one runs eagerly, on the same padded
+shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from qwenpd.engine.blocks import NULL_PAGE, pages_for
 from qwenpd.engine.model import HybridModel
 from qwenpd.engine.state import HybridState
+
+GRAPHS = ("prefill", "decode")
 
 
 def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -58,21 +62,28 @@ class Buckets:
         return cls(tuple(sorted({min(64, chunk_size), chunk_size})), _geometric(1, max_batch, 4),
                    _geometric(min(max_pages, pages_for(512, page_size)), max_pages, 4))
 
-    def count(self) -> int:
-        return len(self.widths) * (len(self.chunks) + len(self.batches))
+    def count(self, graphs: tuple[str, ...] = GRAPHS) -> int:
+        """How many graphs compiling `graphs` ("prefill", "decode") over these buckets makes."""
+        per_width = {"prefill": len(self.chunks), "decode": len(self.batches)}
+        return len(self.widths) * sum(per_width[g] for g in graphs)
 
 
 class GraphRunner:
-    """Runs prefill chunks and decode steps of `model` with pages from `states`' cache; compiled over `buckets`
-    when given (then the KV cache must not grow), eager otherwise."""
+    """Runs prefill chunks and decode steps of `model` with pages from `states`' cache; with `buckets`, padded to
+    them and compiled (the kinds in `graphs`; then the KV cache must not grow), eager otherwise."""
 
-    def __init__(self, model: HybridModel, buckets: Buckets | None = None, backend: str = "inductor"):
+    def __init__(self, model: HybridModel, buckets: Buckets | None = None, backend: str = "inductor",
+                 graphs: tuple[str, ...] = GRAPHS):
+        if not set(graphs) <= set(GRAPHS):
+            raise ValueError(f"graphs must be among {GRAPHS}, got {graphs}")
         self.model, self.buckets, self.device = model, buckets, model.device
         self.prefill_fn, self.decode_fn = model.prefill_graph, model.decode_graph
+        self.graphs = graphs if buckets is not None else ()
         self.warmup_s = 0.0
-        if buckets is not None:
-            opts = dict(fullgraph=True, dynamic=False, backend=backend)
+        opts = dict(fullgraph=True, dynamic=False, backend=backend)
+        if "prefill" in self.graphs:
             self.prefill_fn = torch.compile(model.prefill_graph, **opts)
+        if "decode" in self.graphs:
             self.decode_fn = torch.compile(model.decode_graph, **opts)
 
     def _long(self, values) -> torch.Tensor:
@@ -126,10 +137,10 @@ class GraphRunner:
         return logits[:n]
 
     def warm_up(self, scratch: HybridState, max_batch: int) -> float:
-        """Compile (run once) every bucket on scratch inputs that touch only the null page and scratch state;
-        returns the seconds it took. Inputs are made outside inference mode, like the batch slots they stand for
+        """Compile (run once) every bucket of the compiled graphs on scratch inputs that touch only the null page and
+        scratch state; returns the seconds it took. Inputs are made outside inference mode, like the batch slots they stand for
         (inference tensors would guard differently)."""
-        if self.buckets is None:
+        if not self.graphs:
             return 0.0
         t0 = time.perf_counter()
         cache, b = scratch.kv.cache, self.buckets
@@ -137,13 +148,13 @@ class GraphRunner:
         slots_rec = [r.expand(max_batch, *r.shape).clone() for r in scratch.recurrent]
         for width in b.widths:
             table = self._long([NULL_PAGE] * width)
-            for chunk in b.chunks:  # distinct tensors per argument: graphs guard on aliasing too
+            for chunk in b.chunks if "prefill" in self.graphs else ():  # distinct tensors per argument: graphs guard on aliasing too
                 ids, slots, start, last = (self._long([0] * n) for n in (chunk, chunk, 1, 1))
                 mask = torch.zeros(chunk, dtype=torch.bool, device=self.device)
                 with torch.inference_mode():
                     self.prefill_fn(ids, scratch.conv, scratch.recurrent, cache.k, cache.v, slots, table, start,
                                     mask, last)
-            for rows in b.batches:
+            for rows in b.batches if "decode" in self.graphs else ():
                 ids, slots, positions = (self._long([0] * rows) for _ in range(3))
                 tables = self._long([[NULL_PAGE] * width] * rows)
                 with torch.inference_mode():

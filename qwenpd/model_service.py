@@ -119,8 +119,9 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
     cfg.default_max_tokens = min(cfg.default_max_tokens, cfg.limits.max_new_tokens)
 
 
-def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int) -> Engine:
-    """The service's engine on its device, compiled over every bucket when cfg.compile (warm-up time logged)."""
+def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graphs: tuple[str, ...]) -> Engine:
+    """The service's engine on its device; when cfg.compile, the graphs it runs (`graphs`: "prefill", "decode")
+    compiled over every bucket (warm-up time logged)."""
     engine = Engine(cfg.model_dir, **cfg.engine_kwargs())
     if cfg.kv_cache_bytes is not None:
         cache = engine.kv_cache
@@ -128,6 +129,6 @@ def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int) -> En
                  cache.page_size, cache.num_bytes / (1 << 20), cfg.kv_cache_bytes)
     if cfg.compile:
         buckets = engine.default_buckets(chunk_size, max_batch)
-        seconds = engine.compile(buckets, max_batch, cache_dir=cfg.compile_cache)
-        log.info("compiled %d graphs (%s) in %.1f s", buckets.count(), buckets, seconds)
+        seconds = engine.compile(buckets, max_batch, cache_dir=cfg.compile_cache, graphs=graphs)
+        log.info("compiled %d %s graphs (%s) in %.1f s", buckets.count(graphs), "+".join(graphs), buckets, seconds)
     return engine

@@ -124,3 +124,18 @@ def test_chunks_are_capped_at_the_largest_bucket_and_contexts_past_the_widths_re
     with pytest.raises(ValueError, match="exceeds the largest compiled bucket"):
         compiled.prefill(_ids(32 * PAGE + 1, eager.config.vocab_size, 2), chunk_size=64)
     assert Buckets.default(512, 32, 32768, 64) == Buckets((64, 512), (1, 4, 16, 32), (8, 32, 128, 512))
+
+
+def test_a_service_compiles_only_the_graphs_it_runs(engines, hf_checkpoint):
+    """Decode compiles only decode graphs; its prefill (the start-up check) runs eagerly on the padded shapes."""
+    _, eager, _ = engines
+    buckets = Buckets(chunks=(32,), batches=(2,), widths=(16,))  # shapes no other test compiles
+    decode_only = Engine(hf_checkpoint("every2nd"), dtype="float32", kv_cache_bytes=(1 << 20), page_size=PAGE)
+    before = counters["stats"]["unique_graphs"]
+    decode_only.compile(buckets, max_batch=2, graphs=("decode",))
+    assert counters["stats"]["unique_graphs"] - before == buckets.count(("decode",)) == 1
+    assert decode_only.runner.prefill_fn == decode_only.model.prefill_graph
+    ids = _ids(20, eager.config.vocab_size, 3)
+    logits, state = decode_only.prefill(ids, chunk_size=32)
+    assert (logits - eager.prefill(ids, chunk_size=32)[0]).abs().max().item() <= ATOL
+    assert counters["stats"]["unique_graphs"] - before == 1

@@ -81,6 +81,9 @@ class GraphRunner:
         self.graphs = graphs if buckets is not None else ()
         self.warmup_s = 0.0
         opts = dict(fullgraph=True, dynamic=False, backend=backend)
+        if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, buckets.count(self.graphs))
         if "prefill" in self.graphs:
             self.prefill_fn = torch.compile(model.prefill_graph, **opts)
         if "decode" in self.graphs:

@@ -139,3 +139,14 @@ def test_a_service_compiles_only_the_graphs_it_runs(engines, hf_checkpoint):
     logits, state = decode_only.prefill(ids, chunk_size=32)
     assert (logits - eager.prefill(ids, chunk_size=32)[0]).abs().max().item() <= ATOL
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_more_buckets_than_dynamos_default_limit_per_function(engines):
+    """A decode service's default buckets (4 batch sizes x 3+ widths) are more than dynamo's 8 graphs per function,
+    which would fail the warm-up under fullgraph=True: the runner raises the limit to its bucket count."""
+    from qwenpd.engine.runner import GraphRunner
+
+    _, _, compiled = engines
+    many = Buckets(chunks=(16,), batches=(1, 4, 16, 32), widths=(8, 32, 128))
+    GraphRunner(compiled.model, many, graphs=("decode",))
+    assert torch._dynamo.config.recompile_limit >= many.count(("decode",)) == 12

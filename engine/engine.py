@@ -106,9 +106,11 @@ class Engine:
         return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
 
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
-                cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS) -> float:
+                cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS, regional: bool | None = None
+                ) -> float:
         """Compile the prefill chunk and decode step (or only those in `graphs`) for every bucket (torch.compile,
-        static shapes) and use them from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
+        static shapes) and use them from now on; returns the warm-up seconds. `regional` compiles per layer kind
+        instead of whole graphs (engine/runner.py; default: on CPU). Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
         the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them."""
         if cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
@@ -119,7 +121,8 @@ class Engine:
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
         for linear in self.model.linears():
             linear.unpack()
-        self.runner = GraphRunner(self.model, buckets, backend, graphs)
+        regional = self.device.type == "cpu" if regional is None else regional
+        self.runner = GraphRunner(self.model, buckets, backend, graphs, regional)
         scratch = self.new_state()
         return self.runner.warm_up(scratch, buckets.batches[-1])
 

@@ -15,8 +15,9 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
     metrics = DecodeMetrics()
     async with AsyncCacheStoreClient(config.cache, security=config.security) as store:
         await store.info()  # fail at start if the store is unreachable or on another host
-        # decode runs no prefill chunks: its buckets are batch sizes and block-table widths
-        servicer = DecodeServicer(config, store, lambda: build_engine(config, 64, config.max_batch), metrics)
+        # decode runs no prefill chunks (but its start-up check, eagerly): it compiles only its decode graphs
+        servicer = DecodeServicer(config, store, lambda: build_engine(config, 64, config.max_batch, ("decode",)),
+                                  metrics)
         try:
             engine = await servicer.start()
             await run_server(servicer, listen=config.listen, security=config.security, metrics=metrics,

@@ -113,7 +113,7 @@ def _decode_rate(engine: Engine, tensors: dict, n: int, batch_size: int, steps: 
 
 
 def speed(model_dir: Path, name: str, device: str, compile_: bool, prompt_len: int, batches: tuple[int, ...],
-          steps: int, kv_bytes: int, kernels: str = "torch") -> list[Row]:
+          steps: int, kv_bytes: int | float, kernels: str = "torch") -> list[Row]:
     eng = Engine(model_dir, dtype="bfloat16", device=device, kv_cache_bytes=kv_bytes, deltanet_kernels=kernels)
     dev, chunk = eng.device, 512
     rows = []
@@ -157,7 +157,7 @@ def print_table(rows: list[Row], device: str) -> None:
 
 def check_device(device: str, presets: tuple[str, ...] = ("tiny", "small"), speed_preset: str = "small",
                  compile_: bool = True, prompt_len: int = 2048, batches: tuple[int, ...] = (1, 8, 32),
-                 steps: int = 16, kv_bytes: int = 1 << 30) -> int:
+                 steps: int = 16, kv_bytes: int | float = 1 << 30) -> int:
     resolve_device(device)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="qwenpd-check-") as tmp:

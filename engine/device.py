@@ -76,3 +76,34 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "neuron":
         torch.neuron.synchronize()  # type: ignore[attr-defined]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: CUDA from the driver (torch.cuda.mem_get_info), CPU MemAvailable from
+    /proc/meminfo, neuron from torch-neuronx where it reports it. ValueError where it cannot be told (meta, a CPU
+    without /proc/meminfo, a torch-neuronx without a memory query)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return _mem_available()
+    if device.type == "neuron":
+        import torch_neuronx  # noqa: F401 - registers torch.neuron (TorchNeuron)
+
+        query = getattr(getattr(torch, "neuron", None), "mem_get_info", None)
+        if query is not None:
+            return int(query(device)[0])
+    raise ValueError(f"cannot tell the free memory of device {str(device)!r}; give --kv-cache-bytes as a size "
+                     "(e.g. 8GiB) instead of a fraction")
+
+
+def _mem_available(meminfo: str = "/proc/meminfo") -> int:
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # "MemAvailable:  123456 kB"
+    except OSError:
+        pass
+    raise ValueError(f"cannot read MemAvailable from {meminfo}; give --kv-cache-bytes as a size (e.g. 8GiB) "
+                     "instead of a fraction")

@@ -12,10 +12,11 @@ import torch
 
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import resolve_device
-from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache
+from qwenpd.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCacheSize, PagedKVCache, check_kv_cache_size,
+                                    resolve_kv_cache_bytes)
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.parallel import RankSpec, TPGroup, launch, mirrored
-from qwenpd.engine.runner import Buckets, GraphRunner, pick
+from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner, pick
 from qwenpd.engine.sharding import ShardPlan
 from qwenpd.engine.state import HybridState, check_tensors, expected_shapes, prefix_tensors
 from qwenpd.engine.tokenizer import Tokenizer
@@ -40,14 +41,16 @@ def _deltanet_family(name: str, device_type: str) -> str:
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device."""
+    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device, KV
+    cache size (bytes as an int, a fraction of the device memory free after loading the weights as a float in
+    (0, 1]) and page size."""
 
     model_dir: str
     dtype: str = "auto"
     threads: int | None = None
     deltanet_kernels: str = "torch"
     device: str = "cpu"
-    kv_cache_bytes: int | None = None  # None = a cache that grows on demand (eager use)
+    kv_cache_bytes: KVCacheSize | None = None  # None = a cache that grows on demand (eager use)
     page_size: int = DEFAULT_PAGE_SIZE
     tp: int = 1  # tensor-parallel degree (ranks 1..tp-1 are child processes of this one)
 
@@ -59,8 +62,7 @@ class EngineConfig:
         if self.deltanet_kernels not in DELTANET_KERNELS:
             raise ValueError(f"deltanet_kernels must be one of {DELTANET_KERNELS}, got {self.deltanet_kernels!r}")
         resolve_device(self.device)
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        check_kv_cache_size(self.kv_cache_bytes)
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.tp < 1:
@@ -70,8 +72,9 @@ class EngineConfig:
 class Engine:
     """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
 
-    Weights, KV (one paged cache, `kv_cache_bytes` big), DeltaNet state and logits live on `self.device`; only
-    token ids cross to and from the host.
+    Weights, KV (one paged cache, `kv_cache_bytes` big: bytes, or a fraction of the memory free on the device once
+    the weights are loaded), DeltaNet state and logits live on `self.device`; only token ids cross to and from the
+    host.
 
     With `tp` > 1 this process is rank 0 of a tensor-parallel group: it starts ranks 1..tp-1 (each loads only
     its shard of the weights) and every call below runs on all of them in lockstep (engine/parallel.py).
@@ -80,7 +83,7 @@ class Engine:
     degree reads what any other wrote. `close()` stops the other ranks."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
-                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: int | None = None,
+                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: KVCacheSize | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, tp: int = 1, group: TPGroup | None = None):
         self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device),
                                           kv_cache_bytes, page_size, tp)
@@ -105,7 +108,7 @@ class Engine:
             self.close()
             raise
 
-    def _load(self, model_dir: str | Path, deltanet_kernels: str, kv_cache_bytes: int | None, page_size: int
+    def _load(self, model_dir: str | Path, deltanet_kernels: str, kv_cache_bytes: KVCacheSize | None, page_size: int
               ) -> None:
         sharded = self.plan.degree > 1
         self.local_config = self.plan.local_config if sharded else self.config
@@ -117,7 +120,12 @@ class Engine:
         if self.group is not None:
             self.group.config = self.config
         self.model = HybridModel(self.local_config, weights, DeltaNetKernels.named(family), self.group)
-        self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_cache_bytes)
+        del weights  # what the model did not keep (unfused copies) is freed before free memory is measured
+        kv_bytes = resolve_kv_cache_bytes(kv_cache_bytes, self.device)
+        if self.group is not None and kv_bytes is not None:  # every rank must hold the same number of pages
+            shared = isinstance(kv_cache_bytes, float) and self.device.type == "cpu"  # ranks share host memory
+            kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
+        self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
@@ -146,9 +154,11 @@ class Engine:
 
     @mirrored()
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
-                cache_dir: str | None = None) -> float:
-        """Compile the prefill chunk and decode step for every bucket (torch.compile, static shapes) and use them
-        from now on; returns the warm-up seconds. Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
+                cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS, regional: bool | None = None
+                ) -> float:
+        """Compile the prefill chunk and decode step (or only those in `graphs`) for every bucket (torch.compile,
+        static shapes) and use them from now on; returns the warm-up seconds. `regional` compiles per layer kind
+        instead of whole graphs (engine/runner.py; default: on CPU). Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
         the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them."""
         if cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
@@ -159,7 +169,8 @@ class Engine:
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
         for linear in self.model.linears():
             linear.unpack()
-        self.runner = GraphRunner(self.model, buckets, backend)
+        regional = self.device.type == "cpu" if regional is None else regional
+        self.runner = GraphRunner(self.model, buckets, backend, graphs, regional)
         scratch = HybridState.empty(self.local_config, self.kv_cache)
         return self.runner.warm_up(scratch, buckets.batches[-1])
 

@@ -4,8 +4,9 @@ Pools are [num_pages, Hkv, page_size, D] (see kernels/paged_attention). A sequen
 table, `SequenceKV`); token j lives in page pages[j // P] at offset j % P. The page size divides the prefix-cache
 block size, so a cached block [Hkv, 256, D] is a whole number of pages and is copied in page by page.
 
-Sized by bytes (`--kv-cache-bytes`): fixed, and a sequence that does not fit raises OutOfPages. Without a size the
-cache grows by doubling when it runs out (eager use: tests, `generate`); compiled graphs need a fixed size.
+Sized by `--kv-cache-bytes`: a number of bytes, or a fraction of the memory free on the device once the weights
+are loaded (`KVCacheSize`); fixed, and a sequence that does not fit raises OutOfPages. Without a size the cache
+grows by doubling when it runs out (eager use: tests, `generate`); compiled graphs need a fixed size.
 """
 
 from __future__ import annotations
@@ -16,9 +17,34 @@ import torch
 
 from qwenpd.engine.blocks import NULL_PAGE, OutOfPages, PageAllocator, pages_for
 from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.device import free_memory
 
 DEFAULT_PAGE_SIZE = 64
 _GROWABLE_START_PAGES = 16
+
+KVCacheSize = int | float
+"""A KV cache size as given: an int is bytes, a float in (0, 1] is that fraction of the device's free memory."""
+
+
+def check_kv_cache_size(size: KVCacheSize | None) -> None:
+    """ValueError unless `size` is None, a positive int (bytes) or a float in (0, 1] (a fraction)."""
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"kv_cache_bytes must be a byte count or a fraction in (0, 1], got {size!r}")
+    if isinstance(size, int) and size < 1:
+        raise ValueError(f"kv_cache_bytes must be positive, got {size}")
+    if isinstance(size, float) and not 0.0 < size <= 1.0:
+        raise ValueError(f"kv_cache_bytes as a fraction of free device memory must be in (0, 1], got {size}")
+
+
+def resolve_kv_cache_bytes(size: KVCacheSize | None, device: torch.device) -> int | None:
+    """Bytes of a KV cache of `size` on `device`: bytes as given, a fraction of what is free there now (call it
+    once the weights are loaded), None for a cache that grows on demand."""
+    check_kv_cache_size(size)
+    if isinstance(size, float):
+        return int(size * free_memory(device))
+    return size
 
 
 def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -51,6 +77,10 @@ class PagedKVCache:
     @property
     def num_pages(self) -> int:
         return self.allocator.num_pages
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_pages * page_bytes(self.config, self.page_size, self.dtype)
 
     def allocate(self, n: int) -> list[int]:
         if self.growable and n > self.allocator.free:

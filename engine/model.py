@@ -126,34 +126,52 @@ class HybridModel:
     # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
     def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
                       k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
-                      table: torch.Tensor, start: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor
-                      ) -> torch.Tensor:
+                      table: torch.Tensor, start: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor,
+                      layers: "HybridModel | None" = None) -> torch.Tensor:
         """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
         pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
-        real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V]."""
+        real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V].
+        `layers` runs each layer and the head (default this model; a runner's compiled regions)."""
+        layers = layers or self
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
-            h = blk.norm(x)
             j = self.slot[blk.index]
             if blk.is_linear:
-                mixed = blk.mixer.prefill(h, conv[j], recurrent[j], self.kernels, mask)
+                x = layers.linear_prefill(blk, x, conv[j], recurrent[j], mask)
             else:
-                mixed = blk.mixer.prefill(h, k_pools[j], v_pools[j], slots, table, start)
-            x = blk.finish(x, mixed)
-        return self.logits(x.index_select(0, last))
+                x = layers.attention_prefill(blk, x, k_pools[j], v_pools[j], slots, table, start)
+        return layers.logits(x.index_select(0, last))
 
     def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
                      k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
-                     tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                     tables: torch.Tensor, positions: torch.Tensor, layers: "HybridModel | None" = None
+                     ) -> torch.Tensor:
         """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
-        recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]."""
+        recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]. `layers` as in prefill_graph."""
+        layers = layers or self
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
-            h = blk.norm(x)
             j = self.slot[blk.index]
             if blk.is_linear:
-                mixed = blk.mixer.decode(h, conv[j], recurrent[j], self.kernels)
+                x = layers.linear_decode(blk, x, conv[j], recurrent[j])
             else:
-                mixed = blk.mixer.decode(h, k_pools[j], v_pools[j], slots, tables, positions)
-            x = blk.finish(x, mixed)
-        return self.logits(x)
+                x = layers.attention_decode(blk, x, k_pools[j], v_pools[j], slots, tables, positions)
+        return layers.logits(x)
+
+    # ---- one layer of each kind: the graphs' steps, and the regions a regional compile compiles (once per kind
+    # and shape, shared by every layer of that kind: a layer's weights are inputs, not constants) ---------------
+    def linear_prefill(self, blk: Block, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        return blk.finish(x, blk.mixer.prefill(blk.norm(x), conv, recurrent, self.kernels, mask))
+
+    def attention_prefill(self, blk: Block, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                          slots: torch.Tensor, table: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return blk.finish(x, blk.mixer.prefill(blk.norm(x), k_pool, v_pool, slots, table, start))
+
+    def linear_decode(self, blk: Block, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor
+                      ) -> torch.Tensor:
+        return blk.finish(x, blk.mixer.decode(blk.norm(x), conv, recurrent, self.kernels))
+
+    def attention_decode(self, blk: Block, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                         slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return blk.finish(x, blk.mixer.decode(blk.norm(x), k_pool, v_pool, slots, tables, positions))

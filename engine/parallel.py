@@ -62,7 +62,7 @@ class RankSpec:
     threads: int | None
     deltanet_kernels: str
     device: str
-    kv_cache_bytes: int | None
+    kv_cache_bytes: int | float | None  # bytes, or a fraction of free device memory
     page_size: int
     degree: int
 
@@ -159,6 +159,13 @@ class TPGroup:
     def check(self) -> None:
         if self.broken is not None:
             raise RankLost(self.broken, subject="tensor_parallel")
+
+    def agree_bytes(self, nbytes: int) -> int:
+        """The smallest of every rank's `nbytes` (all ranks call it while building their engines): page counts
+        must match, or one rank would run out of pages where the leader did not."""
+        t = torch.tensor([nbytes], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t)
 
     def check_ranks(self, wait_s: float = 1.0) -> None:
         """Leader: raise RankLost if a rank has exited (waiting up to `wait_s` for one whose connection just

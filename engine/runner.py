@@ -5,12 +5,22 @@ Eager (no buckets): every shape is exact. Compiled (`--compile`): `torch.compile
 of HybridModel.prefill_graph and .decode_graph, one graph per bucket: a prefill chunk is padded to a chunk-length
 bucket (padding tokens are masked out of the DeltaNet states and write their K/V to the null page, so no state
 changes), a decode batch to a batch-size bucket (padding rows use free batch slots and the null page), block tables
-to a width bucket (null pages, masked). `warm_up` compiles every bucket; serving never recompiles.
+to a width bucket (null pages, masked). `warm_up` compiles every bucket; serving never recompiles. A service
+compiles only the graphs it runs (`graphs`: prefill or decode); the other one runs eagerly, on the same padded
+shapes.
+
+Regional compilation (`regional=True`, the default on CPU) compiles each layer kind and the head instead of the
+whole graph: a region is traced and code-generated once per layer kind and shape and serves every layer of that
+kind (the weights are its inputs), and a DeltaNet layer's region does not depend on the block-table width, so a
+width bucket adds only the attention layer's region. On `small` it cuts the warm-up of every bucket about
+threefold; the price is one compiled call per layer instead of one per step (tens of microseconds on CPU, where
+a step takes milliseconds). Whole graphs (`regional=False`) suit devices where launches are dear (neuron, CUDA).
 """
 
 from __future__ import annotations
 
 import time
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +28,21 @@ import torch
 from qwenpd.engine.blocks import NULL_PAGE, pages_for
 from qwenpd.engine.model import HybridModel
 from qwenpd.engine.state import HybridState
+
+GRAPHS = ("prefill", "decode")
+_REGIONS = {"prefill": ("linear_prefill", "attention_prefill", "logits"),
+            "decode": ("linear_decode", "attention_decode", "logits")}
+
+
+class CompiledLayers:
+    """The model's layer steps and head (HybridModel.linear_prefill, ..., .logits), those of `graphs` compiled
+    with `opts`: the `layers` a regionally compiled graph runs."""
+
+    def __init__(self, model: HybridModel, graphs: tuple[str, ...], opts: dict):
+        names = {name for g in graphs for name in _REGIONS[g]}
+        for name in {name for names_ in _REGIONS.values() for name in names_}:
+            fn = getattr(model, name)
+            setattr(self, name, torch.compile(fn, **opts) if name in names else fn)
 
 
 def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -52,28 +77,44 @@ class Buckets:
 
     @classmethod
     def default(cls, chunk_size: int, max_batch: int, max_context: int, page_size: int) -> "Buckets":
-        """Chunks {64, chunk_size}; batches 1, 4, 16, ... up to max_batch; widths x4 from 512 tokens of pages
-        up to max_context."""
+        """Chunks {64, chunk_size} (no chunk longer than max_context); batches 1, 4, 16, ... up to max_batch;
+        widths x4 from 512 tokens of pages up to max_context."""
         max_pages = pages_for(max_context, page_size)
+        chunk_size = min(chunk_size, max_context)
         return cls(tuple(sorted({min(64, chunk_size), chunk_size})), _geometric(1, max_batch, 4),
                    _geometric(min(max_pages, pages_for(512, page_size)), max_pages, 4))
 
-    def count(self) -> int:
-        return len(self.widths) * (len(self.chunks) + len(self.batches))
+    def count(self, graphs: tuple[str, ...] = GRAPHS) -> int:
+        """How many graphs compiling `graphs` ("prefill", "decode") over these buckets makes."""
+        per_width = {"prefill": len(self.chunks), "decode": len(self.batches)}
+        return len(self.widths) * sum(per_width[g] for g in graphs)
 
 
 class GraphRunner:
-    """Runs prefill chunks and decode steps of `model` with pages from `states`' cache; compiled over `buckets`
-    when given (then the KV cache must not grow), eager otherwise."""
+    """Runs prefill chunks and decode steps of `model` with pages from `states`' cache; with `buckets`, padded to
+    them and compiled (the kinds in `graphs`; then the KV cache must not grow), eager otherwise."""
 
-    def __init__(self, model: HybridModel, buckets: Buckets | None = None, backend: str = "inductor"):
+    def __init__(self, model: HybridModel, buckets: Buckets | None = None, backend: str = "inductor",
+                 graphs: tuple[str, ...] = GRAPHS, regional: bool = False):
+        if not set(graphs) <= set(GRAPHS):
+            raise ValueError(f"graphs must be among {GRAPHS}, got {graphs}")
         self.model, self.buckets, self.device = model, buckets, model.device
         self.prefill_fn, self.decode_fn = model.prefill_graph, model.decode_graph
+        self.graphs = graphs if buckets is not None else ()
         self.warmup_s = 0.0
-        if buckets is not None:
-            opts = dict(fullgraph=True, dynamic=False, backend=backend)
-            self.prefill_fn = torch.compile(model.prefill_graph, **opts)
-            self.decode_fn = torch.compile(model.decode_graph, **opts)
+        opts = dict(fullgraph=True, dynamic=False, backend=backend)
+        if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, buckets.count(self.graphs))
+        if regional and self.graphs:
+            layers = CompiledLayers(model, self.graphs, opts)
+            self.prefill_fn = functools.partial(model.prefill_graph, layers=layers)
+            self.decode_fn = functools.partial(model.decode_graph, layers=layers)
+        else:
+            if "prefill" in self.graphs:
+                self.prefill_fn = torch.compile(model.prefill_graph, **opts)
+            if "decode" in self.graphs:
+                self.decode_fn = torch.compile(model.decode_graph, **opts)
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -126,10 +167,10 @@ class GraphRunner:
         return logits[:n]
 
     def warm_up(self, scratch: HybridState, max_batch: int) -> float:
-        """Compile (run once) every bucket on scratch inputs that touch only the null page and scratch state;
-        returns the seconds it took. Inputs are made outside inference mode, like the batch slots they stand for
+        """Compile (run once) every bucket of the compiled graphs on scratch inputs that touch only the null page and
+        scratch state; returns the seconds it took. Inputs are made outside inference mode, like the batch slots they stand for
         (inference tensors would guard differently)."""
-        if self.buckets is None:
+        if not self.graphs:
             return 0.0
         t0 = time.perf_counter()
         cache, b = scratch.kv.cache, self.buckets
@@ -137,13 +178,13 @@ class GraphRunner:
         slots_rec = [r.expand(max_batch, *r.shape).clone() for r in scratch.recurrent]
         for width in b.widths:
             table = self._long([NULL_PAGE] * width)
-            for chunk in b.chunks:  # distinct tensors per argument: graphs guard on aliasing too
+            for chunk in b.chunks if "prefill" in self.graphs else ():  # distinct tensors per argument: graphs guard on aliasing too
                 ids, slots, start, last = (self._long([0] * n) for n in (chunk, chunk, 1, 1))
                 mask = torch.zeros(chunk, dtype=torch.bool, device=self.device)
                 with torch.inference_mode():
                     self.prefill_fn(ids, scratch.conv, scratch.recurrent, cache.k, cache.v, slots, table, start,
                                     mask, last)
-            for rows in b.batches:
+            for rows in b.batches if "decode" in self.graphs else ():
                 ids, slots, positions = (self._long([0] * rows) for _ in range(3))
                 tables = self._long([[NULL_PAGE] * width] * rows)
                 with torch.inference_mode():

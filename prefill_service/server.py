@@ -19,7 +19,7 @@ def warm_up(engine: Engine, chunk_size: int) -> None:
 
 
 def load_engine(config: PrefillConfig) -> Engine:
-    engine = build_engine(config, config.chunk_size, max_batch=1)
+    engine = build_engine(config, config.chunk_size, max_batch=1, graphs=("prefill",))
     if config.warmup:
         warm_up(engine, config.chunk_size)
     return engine

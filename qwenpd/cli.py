@@ -16,10 +16,10 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
-def _parse_bytes(text: str) -> int:
-    from qwenpd.service_config import parse_bytes
+def _parse_kv_cache_size(text: str) -> int | float:
+    from qwenpd.service_config import parse_kv_cache_size
 
-    return parse_bytes(text)
+    return parse_kv_cache_size(text)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: shard the model over this many ranks (child processes; CPU: "
                         "threads split between them)")
-    p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None, metavar="BYTES",
-                   help="paged KV cache size, e.g. 1GiB (default: grows on demand)")
+    p.add_argument("--kv-cache-bytes", type=_parse_kv_cache_size, default=None, metavar="SIZE",
+                   help="paged KV cache size: bytes (e.g. 1GiB) or a fraction of the device memory free once the "
+                        "weights are loaded (e.g. 0.9 or 90%%) (default: grows on demand)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile prefill and decode over static buckets first (needs --kv-cache-bytes); "
                         "warmup_s in --json, excluded from prefill_s/decode_s")
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=2048, help="prefill length measured (default 2048)")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes measured (default 1,8,32)")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (default 16)")
-    p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=1 << 30, metavar="BYTES", help="(default 1GiB)")
+    p.add_argument("--kv-cache-bytes", type=_parse_kv_cache_size, default=1 << 30, metavar="SIZE",
+                   help="bytes or a fraction of free device memory (default 1GiB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_check_device)
 

@@ -16,12 +16,12 @@ from qwenpd import limits as limits_mod
 from qwenpd.engine.device import DEVICE_KINDS, parse_cores
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.engine import Engine
+from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE, KVCacheSize, check_kv_cache_size
 from qwenpd.engine.sharding import ShardPlan
-from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE
 from qwenpd.limits import Limits
 from qwenpd.security import Security
 from qwenpd.service_config import (DEFAULT_GRACE_S, DTYPE_CHOICES, add_server_args, check_address, check_server,
-                                   parse_bytes)
+                                   parse_kv_cache_size)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ class ModelServiceConfig:
     model_dir: HF-format checkpoint (prefill and decode must load the same model: checkpoints of another are
     refused). cache: cache store address. listen: HOST:PORT (port 0 = any free port). device: torch device of the
     engine; neuron_cores: NeuronCores visible to this process (e.g. '0-3'). kv_cache_bytes: size of the paged KV
-    cache (None = grows on demand); page_size: tokens per KV page (None = the service's default). compile:
+    cache: bytes (int), or a fraction in (0, 1] (float) of the device memory free once the weights are loaded (None
+    = grows on demand); page_size: tokens per KV page (None = the service's default). compile:
     torch.compile every bucket at start (needs kv_cache_bytes); compile_cache: a directory that keeps compiled
     graphs across restarts. max_queue: requests that may wait. threads: torch CPU threads. default_max_tokens:
     max_tokens when a request leaves it out (capped at limits.max_new_tokens). grace_s: drain time on SIGTERM.
@@ -47,7 +48,7 @@ class ModelServiceConfig:
     dtype: str = "auto"
     device: str = "cpu"
     neuron_cores: str | None = None
-    kv_cache_bytes: int | None = None
+    kv_cache_bytes: KVCacheSize | None = None
     page_size: int | None = None
     compile: bool = False
     compile_cache: str | None = None
@@ -78,8 +79,9 @@ def add_model_service_args(p: argparse.ArgumentParser, d: argparse.Namespace) ->
     p.add_argument("--device", default=d.device, help=f"torch device: cpu | cuda[:N] | neuron (default {d.device})")
     p.add_argument("--neuron-cores", default=d.neuron_cores, metavar="LIST",
                    help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
-    p.add_argument("--kv-cache-bytes", type=parse_bytes, default=d.kv_cache_bytes, metavar="BYTES",
-                   help="paged KV cache size, e.g. 8GiB (default: grows on demand)")
+    p.add_argument("--kv-cache-bytes", type=parse_kv_cache_size, default=d.kv_cache_bytes, metavar="SIZE",
+                   help="paged KV cache size: bytes (e.g. 8GiB) or a fraction of the device memory free once the "
+                        "weights are loaded (e.g. 0.9 or 90%%) (default: grows on demand)")
     p.add_argument("--page-size", type=int, default=d.page_size,
                    help=f"tokens per KV page; prefill: a divisor of --block-size (default gcd({DEFAULT_PAGE_SIZE}, "
                         f"block size)), decode: default {DEFAULT_PAGE_SIZE}")
@@ -111,8 +113,7 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
         raise ValueError(f"device must be one of {DEVICE_KINDS}, got {cfg.device!r}")
     if cfg.neuron_cores is not None:
         parse_cores(cfg.neuron_cores)
-    if cfg.kv_cache_bytes is not None and cfg.kv_cache_bytes < 1:
-        raise ValueError(f"kv_cache_bytes must be positive, got {cfg.kv_cache_bytes}")
+    check_kv_cache_size(cfg.kv_cache_bytes)
     if cfg.page_size is not None and cfg.page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {cfg.page_size}")
     if cfg.compile and cfg.kv_cache_bytes is None:
@@ -151,13 +152,18 @@ def _stop_on_rank_loss(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int) -> Engine:
-    """The service's engine on its device, compiled over every bucket when cfg.compile (warm-up time logged)."""
+def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graphs: tuple[str, ...]) -> Engine:
+    """The service's engine on its device; when cfg.compile, the graphs it runs (`graphs`: "prefill", "decode")
+    compiled over every bucket (warm-up time logged)."""
     engine = Engine(cfg.model_dir, **cfg.engine_kwargs())
     if engine.group is not None:
         engine.group.on_lost = _stop_on_rank_loss
+    if cfg.kv_cache_bytes is not None:
+        cache = engine.kv_cache
+        log.info("KV cache: %d pages of %d tokens, %.1f MiB (--kv-cache-bytes %s)", cache.num_pages,
+                 cache.page_size, cache.num_bytes / (1 << 20), cfg.kv_cache_bytes)
     if cfg.compile:
         buckets = engine.default_buckets(chunk_size, max_batch)
-        seconds = engine.compile(buckets, max_batch, cache_dir=cfg.compile_cache)
-        log.info("compiled %d graphs (%s) in %.1f s", buckets.count(), buckets, seconds)
+        seconds = engine.compile(buckets, max_batch, cache_dir=cfg.compile_cache, graphs=graphs)
+        log.info("compiled %d %s graphs (%s) in %.1f s", buckets.count(graphs), "+".join(graphs), buckets, seconds)
     return engine

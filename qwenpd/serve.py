@@ -95,8 +95,10 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                        help=f"NeuronCores of {role}, e.g. 0-3 (trn2: disjoint sets on one host)")
         p.add_argument(f"--{role}-tp", type=int, default=d.tp,
                        help=f"tensor-parallel degree of {role} (default {d.tp}; any pair hands off exactly)")
-    p.add_argument("--kv-cache-bytes", type=parse_bytes, default=prefill.kv_cache_bytes, metavar="BYTES",
-                   help="paged KV cache of prefill and of decode, e.g. 4GiB (default: grows on demand)")
+    p.add_argument("--kv-cache-bytes", type=service_config.parse_kv_cache_size, default=prefill.kv_cache_bytes,
+                   metavar="SIZE", help="paged KV cache of prefill and of decode: bytes (e.g. 4GiB) or a fraction of "
+                   "the memory free on each one's device once its weights are loaded (e.g. 0.45 or 45%%; on one "
+                   "device both take it of what is free when each starts) (default: grows on demand)")
     p.add_argument("--compile", action="store_true", help="prefill and decode compile their graphs at start")
     p.add_argument("--chunk-size", type=int, default=prefill.chunk_size)
     p.add_argument("--max-batch", type=int, default=decode.max_batch)

@@ -34,6 +34,25 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
 
 
+def parse_kv_cache_size(text: str) -> int | float:
+    """--kv-cache-bytes: a byte size ('8GiB', '1048576' -> int) or a fraction of the device memory free once the
+    weights are loaded ('0.9', '90%' -> float in (0, 1]); a plain number with a decimal point is a fraction."""
+    m = re.fullmatch(r"\s*([0-9]*\.[0-9]+|[0-9]+(?:\.[0-9]*)?)\s*(%?)\s*", text)
+    if m and (m.group(2) or "." in m.group(1)):
+        fraction = float(m.group(1)) / (100 if m.group(2) else 1)
+        if not 0.0 < fraction <= 1.0:
+            raise argparse.ArgumentTypeError(f"a KV cache fraction must be in (0, 1] (or (0%, 100%]), got {text!r}")
+        return fraction
+    try:
+        size = parse_bytes(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a KV cache size: {text!r} (a byte size such as 8GiB, or a fraction "
+                                         "of free device memory such as 0.9 or 90%)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"a KV cache size must be at least 1 byte, got {text!r}")
+    return size
+
+
 def field_defaults(cls: type) -> argparse.Namespace:
     """The defaults of a config dataclass's fields, as a namespace (`d.max_queue`)."""
     out = {}

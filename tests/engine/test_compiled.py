@@ -124,3 +124,52 @@ def test_chunks_are_capped_at_the_largest_bucket_and_contexts_past_the_widths_re
     with pytest.raises(ValueError, match="exceeds the largest compiled bucket"):
         compiled.prefill(_ids(32 * PAGE + 1, eager.config.vocab_size, 2), chunk_size=64)
     assert Buckets.default(512, 32, 32768, 64) == Buckets((64, 512), (1, 4, 16, 32), (8, 32, 128, 512))
+    assert Buckets.default(512, 1, 11, 64) == Buckets((11,), (1,), (1,))  # generate: the prompt + max_tokens
+
+
+def test_a_service_compiles_only_the_graphs_it_runs(engines, hf_checkpoint):
+    """Decode compiles only decode graphs; its prefill (the start-up check) runs eagerly on the padded shapes.
+    (Whole graphs here, regions in the other tests.)"""
+    _, eager, _ = engines
+    buckets = Buckets(chunks=(32,), batches=(2,), widths=(16,))  # shapes no other test compiles
+    decode_only = Engine(hf_checkpoint("every2nd"), dtype="float32", kv_cache_bytes=(1 << 20), page_size=PAGE)
+    before = counters["stats"]["unique_graphs"]
+    decode_only.compile(buckets, max_batch=2, graphs=("decode",), regional=False)  # whole graphs
+    assert counters["stats"]["unique_graphs"] - before == buckets.count(("decode",)) == 1
+    assert decode_only.runner.prefill_fn == decode_only.model.prefill_graph
+    ids = _ids(20, eager.config.vocab_size, 3)
+    logits, state = decode_only.prefill(ids, chunk_size=32)
+    assert (logits - eager.prefill(ids, chunk_size=32)[0]).abs().max().item() <= ATOL
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_more_buckets_than_dynamos_default_limit_per_function(engines):
+    """A decode service's default buckets (4 batch sizes x 3+ widths) are more than dynamo's 8 graphs per function,
+    which would fail the warm-up under fullgraph=True: the runner raises the limit to its bucket count."""
+    from qwenpd.engine.runner import GraphRunner
+
+    _, _, compiled = engines
+    many = Buckets(chunks=(16,), batches=(1, 4, 16, 32), widths=(8, 32, 128))
+    GraphRunner(compiled.model, many, graphs=("decode",))
+    assert torch._dynamo.config.recompile_limit >= many.count(("decode",)) == 12
+
+
+def test_regions_are_compiled_once_per_layer_kind_and_shape(engines, hf_checkpoint):
+    """Regional compile: a region serves every layer of its kind (not one graph per layer), and a DeltaNet region
+    does not depend on the block-table width; the steps equal the eager engine's."""
+    _, eager, _ = engines
+    buckets = Buckets(chunks=(48,), batches=(3,), widths=(16, 24))  # shapes no other test compiles
+    eng = Engine(hf_checkpoint("every2nd"), dtype="float32", kv_cache_bytes=(1 << 20), page_size=PAGE)
+    assert len(eng.config.linear_layers) >= 2 and len(eng.config.attention_layers) >= 2
+    before = counters["stats"]["unique_graphs"]
+    eng.compile(buckets, max_batch=3, regional=True)
+    # prefill: DeltaNet 1 + attention 2 widths + head; decode: DeltaNet 1 + attention 2 + head 3 rows (+ 1 row)
+    assert counters["stats"]["unique_graphs"] - before <= 8
+    before = counters["stats"]["unique_graphs"]
+    ids = _ids(40, eager.config.vocab_size, 4)
+    logits, state = eng.prefill(ids, chunk_size=48)
+    ref, ref_state = eager.prefill(ids, chunk_size=48)
+    assert (logits - ref).abs().max().item() <= ATOL
+    got = eng.decode([state], [7])
+    assert (got - eager.decode([ref_state], [7])).abs().max().item() <= ATOL
+    assert counters["stats"]["unique_graphs"] == before  # nothing compiled after the warm-up

@@ -1,5 +1,9 @@
 """One `qwenpd serve all` on the tiny model for the whole session (real processes on 127.0.0.1, ports 0),
-plus the in-process engine on the same checkpoint as the reference."""
+plus the in-process engine on the same checkpoint as the reference.
+
+QWENPD_TEST_COMPILE=1 runs the suites compiled: every prefill and decode service the tests start (through
+`start_serve_all` or `model_service_flags()`) compiles its graphs over a fixed paged KV cache (`--compile
+--kv-cache-bytes`), and the eager in-process engine stays the reference."""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import pytest
 from qwenpd.clients import Client
 
 SHM_DIR = Path("/dev/shm")
+COMPILE = os.environ.get("QWENPD_TEST_COMPILE", "") not in ("", "0")
+COMPILE_KV_BYTES = "8MiB"  # tiny: 32 KiB per 64-token page, so the model's whole context (8192 tokens) fits
+READY_TIMEOUT_S = 600.0 if COMPILE else 120.0  # a cold compile of every bucket takes minutes on 2 cores
 
 
 @dataclass
@@ -35,7 +42,15 @@ def qwenpd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "qwenpd.cli", *args]
 
 
-def wait_ready_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> dict:
+def model_service_flags(*given: str) -> list[str]:
+    """Flags every `serve prefill|decode|all` of the tests adds: --compile over a fixed KV cache when
+    QWENPD_TEST_COMPILE=1 (unless `given`, the test's own flags, already choose), else none."""
+    if not COMPILE or "--compile" in given:
+        return []
+    return ["--compile", *(() if "--kv-cache-bytes" in given else ("--kv-cache-bytes", COMPILE_KV_BYTES))]
+
+
+def wait_ready_file(path: Path, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> dict:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -54,6 +69,7 @@ def start_serve_all(model_dir: Path, tmp: Path, store_id: str, *extra: str) -> S
     ready = tmp / f"{store_id}.json"
     proc = subprocess.Popen(qwenpd_cmd("serve", "all", "--model", str(model_dir), "--store-id", store_id,
                                        "--threads", "1", "--ready-file", str(ready), "--log-level", "WARNING",
+                                       "--start-timeout", str(READY_TIMEOUT_S), *model_service_flags(*extra),
                                        *extra))
     try:
         info = wait_ready_file(ready, proc)

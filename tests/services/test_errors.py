@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qwenpd.clients import Client, FailedPrecondition, InvalidArgument, NotFound
 from qwenpd.clients.errors import from_rpc_error
 from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.services.conftest import qwenpd_cmd, wait_ready_file
+from tests.services.conftest import model_service_flags, qwenpd_cmd, wait_ready_file
 
 MAX_CONTEXT = 8192  # the tiny preset
 
@@ -76,7 +76,8 @@ def test_checkpoint_of_another_model_is_refused(services, store, tmp_path):
     other = init_model(tmp_path / "other", "tiny", seed=1)
     ready = tmp_path / "other-prefill.json"
     proc = subprocess.Popen(qwenpd_cmd("serve", "prefill", "--model", str(other), "--cache", services.cache,
-                                       "--threads", "1", "--ready-file", str(ready), "--log-level", "WARNING"))
+                                       "--threads", "1", "--ready-file", str(ready), "--log-level", "WARNING",
+                                       *model_service_flags()))
     try:
         address = wait_ready_file(ready, proc)["address"]
         with grpc.insecure_channel(address) as ch:

@@ -13,8 +13,8 @@ import pytest
 from qwenpd.clients import Client, DeadlineExceeded
 from qwenpd.engine.generate import generate
 from qwenpd.engine.sampling import SamplingParams
-from tests.services.conftest import (pid_alive, qwenpd_cmd, segments, start_serve_all, stop_serve_all,
-                                     wait_ready_file)
+from tests.services.conftest import (model_service_flags, pid_alive, qwenpd_cmd, segments, start_serve_all,
+                                     stop_serve_all, wait_ready_file)
 
 LONG = dict(temperature=0, max_tokens=5000, ignore_eos=True)
 
@@ -102,7 +102,8 @@ def small_queue_prefill(services, tiny_model_dir, tmp_path_factory):
     ready = tmp_path_factory.mktemp("pq") / "prefill.json"
     proc = subprocess.Popen(qwenpd_cmd("serve", "prefill", "--model", str(tiny_model_dir), "--cache", services.cache,
                                        "--max-queue", "0", "--chunk-size", "64", "--threads", "1",
-                                       "--ready-file", str(ready), "--log-level", "WARNING"))
+                                       "--ready-file", str(ready), "--log-level", "WARNING",
+                                       *model_service_flags()))
     try:
         yield wait_ready_file(ready, proc)["address"]
     finally:

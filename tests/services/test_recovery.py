@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from qwenpd.clients import Client, NotFound, Unavailable
-from tests.services.conftest import pid_alive, qwenpd_cmd, segments, wait_ready_file
+from tests.services.conftest import model_service_flags, pid_alive, qwenpd_cmd, segments, wait_ready_file
 
 LONG = dict(max_tokens=400, ignore_eos=True)
 
@@ -43,7 +43,7 @@ class Stack:
                         "--allocation-ttl", "3", "--lease-ttl", "4"]  # what dead services held comes back soon
             else:
                 args = ["serve", name.rstrip("0123456789"), "--model", str(self.model_dir), "--cache",
-                        self.cache_listen, "--threads", "1", *self.extra.get(name, ())]
+                        self.cache_listen, "--threads", "1", *self.extra.get(name, ()), *model_service_flags()]
             self.procs[name] = subprocess.Popen(qwenpd_cmd(*args, "--ready-file", str(ready[name]),
                                                            "--log-level", "ERROR"))
         for name in names:

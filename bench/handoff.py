@@ -201,7 +201,7 @@ def tp_rows(shapes: list[str], degrees: list[int], repeat: int, threads: int) ->
                                                                vocab_size=1024, max_position_embeddings=65536)
     states = {s: state_of(config, int(s.rpartition("-")[2].rstrip("k")) * 1024) for s in shapes}
     biggest = max(CheckpointWriter(t, CheckpointMeta("x", 1)).nbytes for t in states.values()) >> 20
-    budget = 4 * (biggest + 1) + 64
+    budget = (repeat + 3) * (biggest + 1) + 64
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = init_model(Path(tmp) / "q27-state", config)
@@ -242,7 +242,7 @@ def _tp_row(eng, client, canonical: dict[str, torch.Tensor], repeat: int) -> tup
 
     def get() -> None:
         with client.checkpoint(ids.pop(), eng.fingerprint, delete=True) as lease:
-            eng.state_from_tensors(dict(lease.tensors), n).release()
+            eng.state_from_tensors(dict(lease.tensors), n, locations=lease.locations).release()
 
     get_ms = median_ms(get, repeat)
     state.release()

@@ -8,7 +8,7 @@ batch get into a registered buffer per read call). No RPCs here: the control pla
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,16 @@ from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
 
 @dataclass(slots=True)
 class LeasedCheckpoint:
-    """A leased checkpoint. `tensors` alias shared memory: copy them out before releasing the lease."""
+    """A leased checkpoint. `tensors` alias shared memory: copy them out before releasing the lease.
+    `locations`: for each tensor that is a view of a shared-memory file, (file path, byte offset of its data), so
+    other processes of this host (tensor-parallel ranks) can read their slices of it themselves."""
 
     checkpoint_id: str
     lease_id: str
     tensors: dict[str, torch.Tensor]
     meta: CheckpointMeta
     lease_ttl_s: float
+    locations: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +94,13 @@ class DataPlane:
         if meta.num_tokens != info.num_tokens or meta.fingerprint != info.fingerprint:
             raise DataLoss(f"checkpoint {info.checkpoint_id}: bytes say {meta.num_tokens} tokens, the store says "
                            f"{info.num_tokens}", reason="CHECKPOINT_CORRUPT")
-        return LeasedCheckpoint(info.checkpoint_id, lease.lease_id, tensors, meta, lease.ttl_ns / 1e9)
+        return LeasedCheckpoint(info.checkpoint_id, lease.lease_id, tensors, meta, lease.ttl_ns / 1e9,
+                                self.locate([p.segment for p in parts], bufs, tensors))
+
+    def locate(self, refs: Sequence[pb.SegmentRef], bufs: Sequence[Any], tensors: Mapping[str, torch.Tensor]
+               ) -> dict[str, tuple[str, int]]:
+        """(file, offset) of each tensor that is a view of a shared-memory file (none here: see ShmClientPlane)."""
+        return {}
 
     def _read_assembled(self, bufs: list[Any], expected_fingerprint: str, expected_shapes: ShapeSpec | None,
                         expected_dtypes: Mapping[str, torch.dtype] | None
@@ -144,6 +153,17 @@ class ShmClientPlane(DataPlane):
 
     def fetch(self, refs: Sequence[pb.SegmentRef]) -> list[Any]:
         return [self.reader_maps.view(r.name, r.offset, r.length) for r in refs]
+
+    def locate(self, refs: Sequence[pb.SegmentRef], bufs: Sequence[Any], tensors: Mapping[str, torch.Tensor]
+               ) -> dict[str, tuple[str, int]]:
+        spans = [(np.frombuffer(buf, dtype=np.uint8).ctypes.data, len(buf), ref) for ref, buf in zip(refs, bufs)]
+        out = {}
+        for name, t in tensors.items():
+            ptr = t.data_ptr()
+            for base, length, ref in spans:  # a view of that part (assembled KV is a fresh buffer: no location)
+                if base <= ptr < base + length:
+                    out[name] = (str(self.reader_maps.dir / ref.name), ref.offset + ptr - base)
+        return out
 
     def close(self) -> None:
         self.writer_maps.close()

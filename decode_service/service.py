@@ -139,7 +139,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
         seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
-            load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv_tokens - num_tokens),
+            load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv_tokens - num_tokens, ckpt.locations),
             guard=guard, kv_tokens=kv_tokens,
             sampler=Sampler.resumed(params, handoff.sampler_draws),
             tracker=tracker,

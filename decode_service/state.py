@@ -11,11 +11,13 @@ from qwenpd.engine.state import HybridState
 
 
 def state_from_checkpoint(engine: Engine, tensors: Mapping[str, torch.Tensor], num_tokens: int,
-                          max_new_tokens: int = 0) -> HybridState:
+                          max_new_tokens: int = 0, locations: dict[str, tuple[str, int]] | None = None
+                          ) -> HybridState:
     """The state of a checked checkpoint (names, shapes and dtypes already verified by the reader).
 
-    A tensor-parallel engine takes it through `Engine.state_from_tensors`: each rank receives and copies only
-    its heads and channels. Unsharded:
+    A tensor-parallel engine takes it through `Engine.state_from_tensors`: each rank reads its heads and
+    channels straight from the shared-memory checkpoint where `locations` says where they are (else receives
+    them from rank 0). Unsharded:
 
     KV is copied once, page by page, into pages of the decode engine's cache, with pages for `max_new_tokens`
     more tokens reserved at once (the scheduler promised them at admission). Conv and recurrent state stay views
@@ -23,7 +25,7 @@ def state_from_checkpoint(engine: Engine, tensors: Mapping[str, torch.Tensor], n
     one copy, so the state must join a batch before the bytes are released.
     """
     if engine.tp > 1:
-        return engine.state_from_tensors(dict(tensors), num_tokens, max_new_tokens)
+        return engine.state_from_tensors(dict(tensors), num_tokens, max_new_tokens, locations)
     config, kv_cache = engine.config, engine.kv_cache
     conv = [tensors[f"layers.{layer}.conv"] for layer in config.linear_layers]
     recurrent = [tensors[f"layers.{layer}.recurrent"] for layer in config.linear_layers]

@@ -178,12 +178,15 @@ class Engine:
     def new_state(self) -> HybridState:
         return self._adopt(HybridState.empty(self.local_config, self.kv_cache))
 
-    def state_from_tensors(self, tensors: dict[str, torch.Tensor], num_tokens: int, extra_tokens: int = 0
-                           ) -> HybridState:
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor], num_tokens: int, extra_tokens: int = 0,
+                           locations: dict[str, tuple[str, int]] | None = None) -> HybridState:
         """A state from checkpoint tensors (full K/V per layer), its KV copied into this engine's pages.
-        Raises ValueError on a mismatch with the model."""
+        Raises ValueError on a mismatch with the model. Sharded, `locations` (file, offset of each tensor's data
+        in a shared-memory file: LeasedCheckpoint.locations) let every rank read its own slices there; the other
+        tensors are scattered from this rank."""
         check_tensors(self.config, tensors, num_tokens, self.dtype)
-        return self._load_state(tensors, num_tokens, extra_tokens)
+        located = {n: loc for n, loc in (locations or {}).items() if n in tensors}
+        return self._load_state(tensors, num_tokens, extra_tokens, located)
 
     def state_from_prefix(self, kv_blocks: list[dict[str, torch.Tensor]], snapshot: dict[str, torch.Tensor],
                           num_tokens: int, extra_tokens: int = 0) -> HybridState:
@@ -192,14 +195,16 @@ class Engine:
         return self.state_from_tensors(prefix_tensors(self.config, kv_blocks, snapshot), num_tokens, extra_tokens)
 
     @mirrored(creates=True)
-    def _load_state(self, tensors: dict[str, torch.Tensor] | None, num_tokens: int, extra_tokens: int
-                    ) -> HybridState:
-        if self.group is not None:  # each rank receives only its slices of the leader's canonical tensors
-            dtypes = {name: torch.float32 if name.endswith(".recurrent") else self.dtype
-                      for name in expected_shapes(self.local_config, num_tokens)}
-            shapes = {name: (shape, dtypes[name]) for name, shape in
-                      expected_shapes(self.local_config, num_tokens).items()}
-            tensors = self.group.scatter_state(tensors, shapes)
+    def _load_state(self, tensors: dict[str, torch.Tensor] | None, num_tokens: int, extra_tokens: int,
+                    located: dict[str, tuple[str, int]] | None = None) -> HybridState:
+        if self.group is not None:  # each rank reads (located) or receives only its slices
+            shapes = {name: (shape, torch.float32 if name.endswith(".recurrent") else self.dtype)
+                      for name, shape in expected_shapes(self.local_config, num_tokens).items()}
+            located = located or {}
+            direct = self.group.read_state(located, {n: s for n, s in shapes.items() if n in located})
+            rest = None if tensors is None else {n: t for n, t in tensors.items() if n not in located}
+            tensors = {**direct, **self.group.scatter_state(rest, {n: s for n, s in shapes.items()
+                                                                   if n not in located})}
         assert tensors is not None
         return self._adopt(HybridState.from_tensors(self.local_config, tensors, num_tokens, self.kv_cache,
                                                     extra_tokens))

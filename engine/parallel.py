@@ -23,6 +23,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import signal
@@ -234,6 +235,7 @@ class TPGroup:
         self._drops: list[int] = []
         self._closed = False
         self._parent = os.getppid()
+        self._maps: dict[str, tuple[tuple[int, int, int], torch.Tensor]] = {}  # read_state's file mappings
         self.shm = None  # CPU ranks of one host: shared-memory collectives (ShmCollectives)
         if host_memory is not None:
             self.shm = ShmCollectives.open(host_memory, degree, rank, self.control, self._peers_alive)
@@ -357,6 +359,47 @@ class TPGroup:
             self._collective(dist.scatter, piece, pieces, src=0, group=self.control)
             out[name] = piece
         return out
+
+    def read_state(self, located: Mapping[str, tuple[str, int]],
+                   local_shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        """This rank's slices of canonical state tensors that lie in shared-memory files (`located`: file, byte
+        offset of the tensor's data), read straight from there: dim-0 rows of the canonical layout."""
+        plan = ShardPlan(self.config, self.degree, self.rank)
+        out = {}
+        for name, (path, offset) in sorted(located.items()):
+            shape, dtype = local_shapes[name]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            row = math.prod(shape[1:]) * itemsize
+            data = self._mapped(path)
+            pieces = [data[offset + start * row: offset + stop * row] for _, start, stop in plan.state_ranges(name)]
+            raw = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one range: a view, copied once by the caller
+            if raw.numel() != math.prod(shape) * itemsize:
+                raise RuntimeError(f"{name} lies outside {path}")
+            out[name] = raw.view(dtype).view(shape)
+        return out
+
+    def _mapped(self, path: str) -> torch.Tensor:
+        """`path` mapped read-only, kept across calls (mapping anew would fault in every page again); remapped when
+        the file at `path` is another one (same name, new inode: a restarted store)."""
+        import warnings
+
+        st = os.stat(path)
+        held = self._maps.get(path)
+        if held is not None and held[0] == (st.st_dev, st.st_ino, st.st_size):
+            return held[1]
+        for gone in [p for p in self._maps if p == path or not os.path.exists(p)]:
+            self._maps.pop(gone)  # the mapping goes with the last view of it
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        with warnings.catch_warnings():  # read-only memory: nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(mm, dtype=torch.uint8)
+        self._maps[path] = ((st.st_dev, st.st_ino, st.st_size), data)
+        return data
 
     def _collective(self, fn, *args, **kwargs) -> None:
         try:

@@ -660,7 +660,15 @@ def _host_memory(spec: RankSpec, port: int) -> str | None:
 
 
 def _init(rank: int, spec: RankSpec, port: int) -> None:
-    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+    """Join the group: nccl on CUDA, TorchNeuron's "neuron" backend on trn2 (registered by importing
+    torch_neuronx; not run here: no Neuron SDK), gloo on CPU."""
+    backend = "gloo"
+    if spec.device.startswith("cuda"):
+        backend = "nccl"
+    elif spec.device.startswith("neuron"):
+        import torch_neuronx  # noqa: F401 - registers the neuron device and its distributed backend
+
+        backend = "neuron"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.degree,
                             timeout=_COMPUTE_TIMEOUT)
 

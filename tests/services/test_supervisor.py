@@ -3,6 +3,7 @@ front, and restarts a crashed child in place, so a stream through the gateway co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -115,3 +116,15 @@ def test_kill9_of_the_decode_child_is_restarted_and_the_stream_completes(tiny_mo
     assert not any(pid_alive(p) for p in s.children.values())
     time.sleep(0.1)
     assert segments(s.store_id) == []
+
+
+def test_compiled_children_get_a_compile_cache_for_restarts(tiny_model_dir, tmp_path):
+    from qwenpd.supervisor import _with_compile_cache
+
+    compiled = DecodeConfig(model_dir=str(tiny_model_dir), cache="127.0.0.1:5", compile=True, kv_cache_bytes=1 << 20)
+    got = _with_compile_cache(compiled, "127.0.0.1:6", tmp_path / "c")
+    assert (got.cache, got.compile_cache) == ("127.0.0.1:6", str(tmp_path / "c"))
+    own = dataclasses.replace(compiled, compile_cache="/kept")
+    assert _with_compile_cache(own, "127.0.0.1:6", tmp_path / "c").compile_cache == "/kept"
+    eager = DecodeConfig(model_dir=str(tiny_model_dir), cache="127.0.0.1:5")
+    assert _with_compile_cache(eager, "127.0.0.1:6", tmp_path / "c").compile_cache is None

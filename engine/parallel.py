@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from qwenpd.engine.blocks import OutOfPages
-from qwenpd.engine.sharding import ShardPlan, merge_state, plans
+from qwenpd.engine.sharding import ShardPlan, merge_state, plans, take
 from qwenpd.errors import Unavailable
 
 log = logging.getLogger("qwenpd.tp")
@@ -249,8 +249,9 @@ class TPGroup:
             return all(p.poll() is None for p in self.followers)
         return os.getppid() == self._parent
 
-    def plan(self, config) -> ShardPlan:
-        return ShardPlan(config, self.degree, self.rank)
+    def plan(self) -> ShardPlan:
+        """This rank's share of the model (the engine sets `config`)."""
+        return ShardPlan(self.config, self.degree, self.rank)
 
     # ---- collectives inside the forward ---------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -355,7 +356,7 @@ class TPGroup:
             if self.leader:
                 assert canonical is not None
                 src = canonical[name]
-                pieces = [_slices(src, p.state_ranges(name)) for p in group_plans]
+                pieces = [take(src, p.state_ranges(name)) for p in group_plans]
             self._collective(dist.scatter, piece, pieces, src=0, group=self.control)
             out[name] = piece
         return out
@@ -364,7 +365,7 @@ class TPGroup:
                    local_shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
         """This rank's slices of canonical state tensors that lie in shared-memory files (`located`: file, byte
         offset of the tensor's data), read straight from there: dim-0 rows of the canonical layout."""
-        plan = ShardPlan(self.config, self.degree, self.rank)
+        plan = self.plan()
         out = {}
         for name, (path, offset) in sorted(located.items()):
             shape, dtype = local_shapes[name]
@@ -533,7 +534,7 @@ class StagedState:
     def __init__(self, group: TPGroup, local: dict[str, torch.Tensor]):
         self.local = local
         self.group, self.handle = None, 0
-        self._plan = ShardPlan(group.config, group.degree, group.rank)
+        self._plan = group.plan()
         self._joined: dict[str, torch.Tensor] | None = None
 
     def tensors(self) -> dict[str, "StagedTensor"]:
@@ -596,22 +597,13 @@ class StagedTensor:
     dtype: torch.dtype
 
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def materialize(self) -> torch.Tensor:
         return self.owner.joined()[self.name]
-
-
-def _slices(t: torch.Tensor, ranges) -> torch.Tensor:
-    from qwenpd.engine.sharding import take
-
-    return take(t, ranges)
 
 
 # ---- starting a group ----------------------------------------------------------------------------------------

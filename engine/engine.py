@@ -167,8 +167,6 @@ class Engine:
         if buckets.batches[-1] < max_batch:
             raise ValueError(f"largest batch bucket {buckets.batches[-1]} is below max_batch {max_batch}")
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
-        for linear in self.model.linears():
-            linear.unpack()
         regional = self.device.type == "cpu" if regional is None else regional
         self.runner = GraphRunner(self.model, buckets, backend, graphs, regional)
         scratch = HybridState.empty(self.local_config, self.kv_cache)

@@ -6,77 +6,12 @@ Each token mixer has a prefill path (one sequence, T tokens, resumes from carrie
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.linear import Linear
 from qwenpd.kernels import ops
-
-
-def _onednn_packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-# From this many rows on, a CPU without bf16 instructions multiplies faster in fp32. One projection alone (its
-# weight partly cached) breaks even at 2 rows; across the whole model (fp32 weights stream twice the bytes) decode
-# batch 8 gained nothing with 2 (small: 106 vs 112 tok/s) and batch 32 gains 2x, so: 16.
-WIDE_ROWS = 16
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); read from /proc/cpuinfo (elsewhere: assume
-    it does, which keeps the plain bf16 path)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-class Linear:
-    """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere may be fp32: the model rounds to
-    bf16 only at matmul inputs). On CPU in bf16 the weight is packed once into oneDNN's blocked layout: the same
-    result bit for bit as F.linear, about 2x faster at decode batch sizes (weights stream at a higher fraction of
-    memory bandwidth) and a little faster at prefill sizes.
-
-    A CPU without bf16 instructions (no AVX512-BF16, no AMX) converts bf16 to fp32 inside every oneDNN kernel and
-    reaches about a quarter of its fp32 matmul rate; there (`wide`, default: detected) the layer also keeps an fp32
-    copy of the weight (twice the bf16 bytes again) and multiplies inputs of WIDE_ROWS rows or more in fp32: the
-    same bf16-rounded operands (their products are exact in fp32) and fp32 sums, rounded to bf16 at the end, so
-    within one bf16 rounding of the bf16 kernel; about 4x faster at prefill sizes and 2x at decode batch 32 on
-    `small`. Fewer rows (decode at small batches) stay on the packed bf16 weight, which streams half the bytes."""
-
-    __slots__ = ("weight", "packed", "dtype", "wide")
-
-    def __init__(self, weight: torch.Tensor, wide: bool | None = None):
-        weight = weight.contiguous()
-        self.dtype = weight.dtype
-        self.packed = None
-        cpu_bf16 = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-        wide = cpu_bf16 and not cpu_has_bf16() if wide is None else wide
-        self.wide = weight.float() if wide else None  # [out, in] fp32
-        if cpu_bf16 and _onednn_packing_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            self.weight = None  # the packed copy replaces it
-        else:
-            self.weight = weight
-
-    def unpack(self) -> None:
-        """Back to a plain weight (compiled graphs cannot trace the opaque packed tensor; inductor packs itself)."""
-        if self.packed is not None:
-            self.weight, self.packed = self.packed.to_dense(), None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
-        if self.wide is not None and x.numel() >= WIDE_ROWS * x.shape[-1]:
-            return F.linear(x.float(), self.wide).to(self.dtype)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.weight)
 
 
 def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
@@ -236,6 +171,6 @@ class AttentionMixer:
         """x [B, H]; sequence b's new K/V go to slots[b] (its token positions[b]), then one paged attention
         call for the whole batch (tables [B, W]; fp32 scores and sums)."""
         q, gate, k, v = self._qkv(x, positions)
-        ops.write_kv(k_pool, v_pool, slots, k, v)
-        o = ops.paged_attention_decode(q, k_pool, v_pool, tables, positions + 1, self.scale)  # fp32 q and out
+        ops.decode_write_kv(k_pool, v_pool, slots, k, v)
+        o = ops.decode_paged_attention(q, k_pool, v_pool, tables, positions + 1, self.scale)  # fp32 q and out
         return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()))

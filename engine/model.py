@@ -8,14 +8,16 @@ from typing import Callable
 import torch
 
 from qwenpd.engine.config import LINEAR, ModelConfig
-from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Linear, Rotary, rms_norm
+from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Rotary, rms_norm
+from qwenpd.engine.linear import Linear
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaNetKernels:
     """What the DeltaNet layers call (same shapes and contract as the qwenpd:: ops in kernels/ops.py).
 
-    "torch": the custom ops, whose kernel is picked per device (the torch reference; the NKI kernels on neuron).
+    "torch": the custom ops, whose kernel is picked per device (the torch reference; the NKI kernels on neuron);
+             decode steps on CPU and CUDA call the torch reference directly (ops.decode_*).
     "fla": flash-linear-attention's chunked Triton kernel for prefill (CUDA; tf32 inside); decode steps on the
            torch op (FLA's recurrent step failed our check, see kernels/ops.py).
     "nki": the NKI kernels called directly, eagerly (the CPU emulator without the Neuron SDK; tests and demos).
@@ -32,15 +34,16 @@ class DeltaNetKernels:
         from qwenpd.kernels import ops
 
         if name == "torch":
-            return cls("torch", ops.chunk_gated_delta_rule, ops.step_gated_delta_rule, ops.causal_conv1d,
-                       ops.causal_conv1d_update)
+            return cls("torch", ops.chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.causal_conv1d,
+                       ops.decode_causal_conv1d_update)
         if name == "fla":
-            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.step_gated_delta_rule, ops.causal_conv1d,
-                       ops.causal_conv1d_update)
+            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.causal_conv1d,
+                       ops.decode_causal_conv1d_update)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
             from qwenpd.kernels.nki import torch_ops
 
-            return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.causal_conv1d, ops.causal_conv1d_update)
+            return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.causal_conv1d,
+                       ops.decode_causal_conv1d_update)
         raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch', 'fla' or 'nki'")
 
 
@@ -101,11 +104,6 @@ class HybridModel:
             for j, layer in enumerate(kind_layers):
                 self.slot[layer] = j
         self.dtype = self.embed.dtype
-
-    def linears(self) -> list[Linear]:
-        """Every projection of the model."""
-        parts = [p for blk in self.blocks for p in (blk.mixer, blk.mlp)]
-        return [self.lm_head, *(v for p in parts for v in vars(p).values() if isinstance(v, Linear))]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N] -> the fp32 residual stream [N, H]. Sharded by vocabulary: each rank looks up the ids in its

@@ -73,6 +73,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     from qwenpd.cache_store.config import CacheStoreConfig
     from qwenpd.service_config import parse_bytes
     from qwenpd.decode_service.config import DecodeConfig
+    from qwenpd.gateway.config import GatewayConfig
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
     from qwenpd.supervisor import ServiceSet
 
@@ -86,6 +87,10 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-port", type=int, default=0, help="the gateway's gRPC port (0 = any free port)")
     p.add_argument("--http-port", type=int, default=0, help="the gateway's OpenAI-compatible HTTP port")
     p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
+    p.add_argument("--resume-wait", type=float, default=service_config.field_defaults(GatewayConfig).resume_wait_s,
+                   dest="resume_wait_s", metavar="S", help="seconds the gateway holds a broken decode stream while "
+                   "no decode instance answers, e.g. during a restart (default %(default)g; a compiled decode "
+                   "service restarts in its warm-up time)")
     p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
                    f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
     p.add_argument("--dtype", default=prefill.dtype, choices=service_config.DTYPE_CHOICES)

@@ -1,32 +1,66 @@
-"""Linear in bf16 on CPU: the fp32 path of a CPU without bf16 instructions (`wide`) equals the bf16 kernel within
-one bf16 rounding; few rows stay on the packed bf16 weight, bit for bit."""
+"""Linear in bf16 on CPU: the packed weights behind qwenpd::packed_linear. Fewer than WIDE_ROWS rows multiply by
+the packed bf16 weight, bit for bit F.linear's result; on a CPU without bf16 instructions (`wide`) more rows
+multiply the same bf16-rounded inputs by a packed fp32 copy and return fp32 sums, which round to F.linear's bf16
+result or one ulp beside it."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenpd.engine.layers import WIDE_ROWS, Linear
+from qwenpd.engine import linear as linear_mod
+from qwenpd.engine.linear import WIDE_ROWS, Linear
 
 
-@pytest.mark.parametrize("rows", [1, WIDE_ROWS - 1, WIDE_ROWS, 64, 300], ids=lambda r: f"N{r}")
-def test_wide_linear_equals_the_bf16_kernel(rows):
+@pytest.mark.parametrize("rows", [1, WIDE_ROWS, 8, 64, 300], ids=lambda r: f"N{r}")
+def test_packed_linear_equals_f_linear(rows):
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(384, 256, generator=g) / 16).bfloat16()
     x = torch.randn(rows, 256, generator=g)  # fp32 activations: rounded to bf16 at the matmul input
     ref = F.linear(x.bfloat16(), w)
     plain, wide = Linear(w, wide=False), Linear(w, wide=True)
+    assert torch.equal(plain(x), ref)  # the packed bf16 weight at every row count
     got = wide(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 384)
-    assert torch.equal(plain(x), ref)
+    assert got.shape == (rows, 384) and not got.isnan().any()
     if rows < WIDE_ROWS:
-        assert torch.equal(got, ref)  # the packed bf16 weight, not the fp32 copy
-    else:  # same operands and fp32 sums; the bf16 kernel's summation order may round the other way, by one ulp
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    else:  # fp32 out: exact products of the bf16 operands, fp32 sums (the order may differ from F.linear's)
+        assert got.dtype == torch.float32
+        exact = F.linear(x.bfloat16().double(), w.double())
+        assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
         ulp = ref.float().abs().clamp_min(1e-3) * 2.0 ** -7
-        assert not got.isnan().any() and ((got.float() - ref.float()).abs() <= ulp).all()
+        assert ((got.bfloat16().float() - ref.float()).abs() <= ulp).all()
 
 
-def test_wide_is_for_bf16_on_cpu_only():
-    assert Linear(torch.randn(8, 8), wide=None).wide is None  # fp32 weights never get a copy
-    assert Linear(torch.randn(8, 8, dtype=torch.bfloat16, device="meta")).wide is None
+def test_packed_linear_compiles_to_the_same_result():
+    """A compiled graph calls the same op on the same packed copies (the key is a graph input like a weight)."""
+    w = (torch.randn(96, 64) / 8).bfloat16()
+    lin = Linear(w, wide=True)
+    step = torch.compile(lambda x: lin(x) * 2, fullgraph=True, dynamic=False)
+    for rows in (1, 5):
+        x = torch.randn(rows, 64)
+        assert torch.equal(step(x), lin(x) * 2)
+
+
+def test_packed_linear_op_contract_and_lifetime():
+    lin = Linear(torch.randn(32, 16).bfloat16(), wide=True)
+    x = torch.randn(3, 16).bfloat16()
+    torch.library.opcheck(torch.ops.qwenpd.packed_linear.default, (x, lin.key, True))
+    torch.library.opcheck(torch.ops.qwenpd.packed_linear.default, (x, lin.key, False))
+    assert lin.key.untyped_storage().nbytes() == 8 and lin.out_features == 32  # the key holds no weight
+    handle = int(lin.key[0, 0])
+    assert handle in linear_mod._PACKED
+    del lin
+    gc.collect()
+    assert handle not in linear_mod._PACKED  # the copies go with their key
+    with pytest.raises(ValueError, match="no packed weight"):
+        torch.ops.qwenpd.packed_linear(x, torch.tensor(handle).expand(32, 16), False)
+
+
+def test_only_bf16_on_cpu_is_packed():
+    assert Linear(torch.randn(8, 8), wide=None).key is None  # fp32 weights multiply by F.linear
+    meta = Linear(torch.randn(8, 8, dtype=torch.bfloat16, device="meta"))
+    assert meta.key is None and meta(torch.empty(2, 8, device="meta")).shape == (2, 8)

@@ -89,7 +89,8 @@ def test_lost_decode_rank_then_leader_are_resumed_exactly(tiny_model_dir, tmp_pa
     of the decode leader itself: a lost rank takes the service down (its calls fail UNAVAILABLE, health
     NOT_SERVING, exit 1), serve all restarts it with fresh ranks, and both streams resume exactly."""
     store_id = f"tpk{os.getpid()}"
-    s = start_serve_all(tiny_model_dir, tmp_path, store_id, "--decode-tp", "2")
+    # the gateway holds a broken stream until the restarted service answers: compiled, that is its warm-up
+    s = start_serve_all(tiny_model_dir, tmp_path, store_id, "--decode-tp", "2", "--resume-wait", "120")
     try:
         request = generate_pb2.GenerateRequest(text="A tensor-parallel decode", sampling=common_pb2.SamplingParams(
             temperature=0.9, seed=4, max_tokens=300, ignore_eos=True))

@@ -1,6 +1,7 @@
 """Engine throughput vs transformers on the same checkpoint, dtype and thread count, in one run.
 
-    python bench/engine.py [--preset small] [--dtype bfloat16|float32|both] [--quick] [--no-compile] [--tp 2]
+    python bench/engine.py [--preset small] [--dtype bfloat16|float32|both] [--quick] [--no-compile] [--whole-graphs]
+                           [--tp 2]
 
 Prints prefill tokens/s at several prompt lengths and decode tokens/s at several batch sizes for qwenpd eager,
 qwenpd compiled (torch.compile over static buckets, paged KV; its warm-up time is printed) and transformers
@@ -50,7 +51,7 @@ def compiled_engine(model_dir: Path, dtype_name: str, args) -> tuple[Engine, flo
     widths = sorted({pages_for(args.decode_prompt + args.steps + 2, page), pages_for(longest, page)})
     chunks = sorted({min(length, args.chunk_size) for length in args.prefill_lengths})
     buckets = Buckets(tuple(chunks), tuple(args.batches), tuple(widths))
-    return eng, eng.compile(buckets, max_batch=max(args.batches))
+    return eng, eng.compile(buckets, max_batch=max(args.batches), regional=False if args.whole_graphs else None)
 
 
 def _best(fn, repeats: int) -> float:
@@ -168,7 +169,8 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
           f"{cfg.num_parameters() / 1e6:.0f}M params")
     print(cpu_description())
     if warmup is not None:
-        print(f"compiled: {engines['compiled'].runner.buckets} warmed up in {warmup:.1f} s")
+        kind = "whole graphs" if args.whole_graphs else "regions on CPU"
+        print(f"compiled ({kind}): {engines['compiled'].runner.buckets} warmed up in {warmup:.1f} s")
     names = list(engines)
     print("| measure | " + " | ".join(f"qwenpd {n}" for n in names) + " | transformers | " +
           " | ".join(f"{n} / transformers" for n in names) + " |")
@@ -227,6 +229,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter prompts and fewer steps")
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled engine")
+    ap.add_argument("--whole-graphs", action="store_true", help="compile one graph per bucket on CPU too (default "
+                    "there: one region per layer kind; slower warm-up, faster steps)")
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache of the compiled engine")
     ap.add_argument("--tp", type=int, default=1, help="also run the engine sharded over this many ranks (instead "
                     "of the compiled column); prints the collectives' share of a decode step")

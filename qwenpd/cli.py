@@ -90,7 +90,8 @@ def _generate_local(engine, args: argparse.Namespace) -> int:
         if args.kv_cache_bytes is None:
             raise ValueError("--compile needs a fixed-size KV cache: give --kv-cache-bytes")
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
-        warmup_s = engine.compile(buckets, max_batch=1, cache_dir=args.compile_cache)
+        warmup_s = engine.compile(buckets, max_batch=1, cache_dir=args.compile_cache,
+                                  regional=False if args.whole_graphs else None)
     result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size,
                       on_text=None if args.json else (lambda s: print(s, end="", flush=True)))
     if args.json:
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile prefill and decode over static buckets first (needs --kv-cache-bytes); "
                         "warmup_s in --json, excluded from prefill_s/decode_s")
     p.add_argument("--compile-cache", default=None, metavar="DIR", help="keep compiled graphs here across runs")
+    p.add_argument("--whole-graphs", action="store_true", help="with --compile on CPU: one graph per bucket "
+                   "instead of one region per layer kind (slower warm-up, faster steps)")
     p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "fla", "nki"],
                    help="DeltaNet kernels: torch (the reference ops; NKI kernels on neuron), fla "
                         "(flash-linear-attention's chunked kernel for prefill, CUDA), nki (NKI kernels called "

@@ -105,6 +105,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    "the memory free on each one's device once its weights are loaded (e.g. 0.45 or 45%%; on one "
                    "device both take it of what is free when each starts) (default: grows on demand)")
     p.add_argument("--compile", action="store_true", help="prefill and decode compile their graphs at start")
+    p.add_argument("--whole-graphs", action="store_true", help="with --compile on CPU: one graph per bucket instead "
+                   "of one region per layer kind (slower warm-up, faster steps)")
     p.add_argument("--chunk-size", type=int, default=prefill.chunk_size)
     p.add_argument("--max-batch", type=int, default=decode.max_batch)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")

@@ -197,7 +197,7 @@ class ServiceSet:
             return metrics + offset if metrics else 0
 
         common = dict(dtype=args.dtype, threads=args.threads, grace_s=args.grace, limits=limits, security=sec,
-                      kv_cache_bytes=args.kv_cache_bytes, compile=args.compile)
+                      kv_cache_bytes=args.kv_cache_bytes, compile=args.compile, whole_graphs=args.whole_graphs)
         local = args.backend == "mooncake" and not args.mooncake_master
         cache = CacheStoreConfig(listen=format_address(args.host, args.cache_port), budget_bytes=args.budget,
                                  store_id=args.store_id, grace_s=args.grace, security=sec, metrics_port=port(0),

@@ -151,16 +151,19 @@ def _(q, k_pool, v_pool, block_tables, context_lens, scale):
 
 
 # ---- the decode step's ops where their kernel is this package's torch code ----------------------------------------
-def _direct(op, kernel):
+def _direct(op, kernel, in_graphs=lambda *args: True):
     """`op` on devices with kernels of their own (neuron) and where nothing runs (meta); on CPU and CUDA, whose
     kernel of `op` is `kernel`, that code called directly: the same math without the op's dispatch (~80 us a call
-    on CPU) and, in a compiled graph, traced into it, so inductor fuses it with its neighbours instead of calling
-    an opaque op (compiled decode b1 of `small` here: 24.5 -> 20.5 ms a step). Used by the decode step, where a
-    batch of one cannot amortise either cost; prefill keeps the ops (matmul-bound, and faster to compile)."""
+    on CPU) and, in a graph being compiled, traced into it, so inductor fuses it with its neighbours instead of
+    calling an opaque op (compiled decode b1 of `small` here: 24.5 -> 20.5 ms a step). `in_graphs(*args)` says
+    whether to trace it (default: always). Used by the decode step, where a batch of one cannot amortise either
+    cost; prefill keeps the ops (matmul-bound, and faster to compile)."""
 
     @functools.wraps(kernel)
     def call(*args):
-        return kernel(*args) if args[0].device.type in ("cpu", "cuda") else op(*args)
+        if args[0].device.type in ("cpu", "cuda") and (not torch.compiler.is_compiling() or in_graphs(*args)):
+            return kernel(*args)
+        return op(*args)
 
     return call
 
@@ -168,7 +171,10 @@ def _direct(op, kernel):
 decode_step_gated_delta_rule = _direct(step_gated_delta_rule, _step)
 decode_causal_conv1d_update = _direct(causal_conv1d_update, _conv_update)
 decode_write_kv = _direct(write_kv, pa.write_kv)
-decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode)
+# Paged attention is traced into a graph only for block tables of one tile: traced, its loop over tiles unrolls per
+# width bucket (traced at every width, a decode service's warm-up went from 50 s to 430 s); wider, the op runs it.
+decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode,
+                                 lambda q, k_pool, v_pool, tables, *_: tables.shape[1] * k_pool.shape[2] <= pa.TILE_TOKENS)
 
 
 # ---- per-device kernels -----------------------------------------------------------------------------------------

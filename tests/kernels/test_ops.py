@@ -138,6 +138,34 @@ def test_write_kv_touches_only_its_slots():
     assert torch.equal(flat(vp)[rest], flat(before_v)[rest])
 
 
+@pytest.mark.parametrize("width", [2, 9], ids=["one-tile", "wide"])
+def test_decode_ops_are_traced_into_graphs_except_wide_attention(width):
+    """ops.decode_*: on CPU a compiled graph traces their torch code (fused by inductor) instead of calling the
+    opaque op; paged attention only while the block table is one tile (its tile loop would unroll per width)."""
+    *one_token, state = _gdn(seq=1)
+    q, k, v, g, beta = (t[:, 0] for t in one_token)  # [B, H, ...]: the token axis dropped
+    kp, vp = _pools(pages=12, page=64)  # width 2: 128 tokens, one tile; width 9: 576 tokens, two tiles
+    bt, lens = torch.randint(1, 12, (2, width)), torch.tensor([3, 60 * width])
+    qa = torch.randn(2, 4, 8)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def step(q, k, v, g, beta, state, qa, bt, lens):
+        o = ops.decode_step_gated_delta_rule(q, k, v, g, beta, state)
+        return o, ops.decode_paged_attention(qa, kp, vp, bt, lens, 0.3)
+
+    eager_state = state.clone()
+    want = step(q, k, v, g, beta, eager_state, qa, bt, lens)
+    torch._dynamo.reset()
+    got = torch.compile(step, backend=backend, fullgraph=True)(q, k, v, g, beta, state, qa, bt, lens)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(state, eager_state)
+    assert not any("step_gated_delta_rule" in t for t in targets)  # traced: plain aten ops
+    assert any("paged_attention_decode" in t for t in targets) == (width == 9)
+
+
 def test_ops_run_on_meta():
     q, k, v, g, beta, s0 = (t.to("meta") for t in _gdn())
     o, s = ops.chunk_gated_delta_rule(q, k, v, g, beta, s0)

@@ -102,7 +102,7 @@ class Linear:
     inputs of WIDE_ROWS rows or more multiply in fp32 and return fp32, fewer rows return the weight dtype. `wide`:
     whether to keep that fp32 copy (default: detected); `weight` is then None and `key` finds the packed copies."""
 
-    __slots__ = ("weight", "key", "dtype", "wide", "__weakref__")
+    __slots__ = ("weight", "key", "dtype", "wide")
 
     def __init__(self, weight: torch.Tensor, wide: bool | None = None):
         weight = weight.contiguous()

@@ -174,7 +174,8 @@ decode_write_kv = _direct(write_kv, pa.write_kv)
 # Paged attention is traced into a graph only for block tables of one tile: traced, its loop over tiles unrolls per
 # width bucket (traced at every width, a decode service's warm-up went from 50 s to 430 s); wider, the op runs it.
 decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode,
-                                 lambda q, k_pool, v_pool, tables, *_: tables.shape[1] * k_pool.shape[2] <= pa.TILE_TOKENS)
+                                 lambda q, k_pool, v_pool, tables, *_: tables.shape[1] * k_pool.shape[2]
+                                 <= pa.TILE_TOKENS)
 
 
 # ---- per-device kernels -----------------------------------------------------------------------------------------

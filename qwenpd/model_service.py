@@ -36,12 +36,13 @@ class ModelServiceConfig:
     cache: bytes (int), or a fraction in (0, 1] (float) of the device memory free once the weights are loaded (None
     = grows on demand); page_size: tokens per KV page (None = the service's default). compile:
     torch.compile every bucket at start (needs kv_cache_bytes); compile_cache: a directory that keeps compiled
-    graphs across restarts; whole_graphs: one graph per bucket on CPU too (default there: one region per layer kind,
-    shared by its layers: several times faster to warm up, a decode step ~12% slower). max_queue: requests that may wait. threads: torch CPU threads. default_max_tokens:
-    max_tokens when a request leaves it out (capped at limits.max_new_tokens). grace_s: drain time on SIGTERM.
-    warmup: run one tiny request at start. tp: tensor-parallel degree (the service starts and supervises its
-    tp - 1 other ranks; the device is split one per rank). limits: what one request may ask for. security: TLS and bearer token
-    of this server and of its cache-store connection. metrics_port: Prometheus /metrics (0 = off)."""
+    graphs across restarts; whole_graphs: one graph per bucket on CPU too (default there: one region per layer
+    kind, shared by its layers: several times faster to warm up, a decode step ~12% slower). max_queue: requests
+    that may wait. threads: torch CPU threads. default_max_tokens: max_tokens when a request leaves it out (capped
+    at limits.max_new_tokens). grace_s: drain time on SIGTERM. warmup: run one tiny request at start. tp:
+    tensor-parallel degree (the service starts and supervises its tp - 1 other ranks; the device is split one per
+    rank). limits: what one request may ask for. security: TLS and bearer token of this server and of its
+    cache-store connection. metrics_port: Prometheus /metrics (0 = off)."""
 
     model_dir: str
     cache: str

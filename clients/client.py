@@ -224,6 +224,15 @@ class Client:
         """Streams continued after a decode failure (AsyncClient.resumed)."""
         return self._async.resumed
 
+    @property
+    def resume_wait_s(self) -> float:
+        """How long a broken stream waits for some decode address to answer (AsyncClient.resume_wait_s)."""
+        return self._async.resume_wait_s
+
+    @resume_wait_s.setter
+    def resume_wait_s(self, value: float) -> None:
+        self._async.resume_wait_s = value
+
     def model_info(self, timeout: float | None = None) -> prefill_pb2.ModelInfo:
         return self._wait(self._async.model_info(timeout))
 

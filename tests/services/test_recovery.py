@@ -183,6 +183,7 @@ def test_decode_restarted_at_the_same_address_takes_over(stack):
     opts = dict(temperature=0, max_tokens=1000, ignore_eos=True)
     with Client(prefill=stack.addr["prefill"], decode=stack.addr["decode4"], timeout=60) as c:
         ref = c.generate("The restart prompt", **opts)
+        c.resume_wait_s = 120  # compiled, the restarted service answers after its warm-up
         ids: list[int] = []
         restart = threading.Thread(target=stack.start, args=("decode4",))
         for i, chunk in enumerate(c.stream("The restart prompt", **opts)):
@@ -190,11 +191,11 @@ def test_decode_restarted_at_the_same_address_takes_over(stack):
             if i == 3:
                 stack.kill("decode4")
                 restart.start()  # the stream waits for the address to answer again
-        restart.join(60)
+        restart.join(120)
         assert c.resumed == 1
         assert ids == ref.token_ids
         stack.kill("decode4")
-        c._async.resume_wait_s = 1.0  # noqa: SLF001 - nobody comes back this time
+        c.resume_wait_s = 1.0  # nobody comes back this time
         with pytest.raises(Unavailable):
             c.generate("nobody left", **opts)
 

@@ -112,10 +112,6 @@ class Linear:
         self.key = pack(weight, self.wide) if packable else None
         self.weight = None if packable else weight
 
-    @property
-    def out_features(self) -> int:
-        return (self.weight if self.key is None else self.key).shape[0]
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if self.key is None:

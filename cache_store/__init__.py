@@ -16,3 +16,7 @@ Client side (used by prefill and decode):
     client.py      the control-plane client: AsyncCacheStoreClient and its blocking wrapper CacheStoreClient
     data_plane.py  writing and reading checkpoint bytes over shm mappings or Mooncake batch put/get
 """
+
+from qwenpd.layout import subpackage_only
+
+subpackage_only(__name__)  # never a top-level package (qwenpd/layout.py)

@@ -13,6 +13,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from qwenpd.layout import subpackage_only
+
+subpackage_only(__name__)  # never a top-level package (qwenpd/layout.py)
+
 _EXPORTS = {
     "AsyncClient": "client", "Chunk": "client", "Client": "client", "Result": "client",
     "Cancelled": "errors", "DataLoss": "errors", "DeadlineExceeded": "errors", "FailedPrecondition": "errors",

@@ -8,3 +8,7 @@
 
 It reads the hand-off record prefill wrote (`qwenpd.handoff`); it never imports the prefill service.
 """
+
+from qwenpd.layout import subpackage_only
+
+subpackage_only(__name__)  # never a top-level package (qwenpd/layout.py)

@@ -16,6 +16,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from qwenpd.layout import subpackage_only
+
+subpackage_only(__name__)  # never a top-level package (qwenpd/layout.py)
+
 _EXPORTS = {
     "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config", "preset": "config",
     "DecodeBatch": "engine", "Engine": "engine", "EngineConfig": "engine", "chunk_spans": "engine",

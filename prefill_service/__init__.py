@@ -11,3 +11,7 @@ and writes the hand-off checkpoint (the state after ALL prompt tokens) through t
 
 The hand-off record it writes is the shared contract `qwenpd.handoff`; it never imports the decode service.
 """
+
+from qwenpd.layout import subpackage_only
+
+subpackage_only(__name__)  # never a top-level package (qwenpd/layout.py)

@@ -75,3 +75,33 @@ def test_fresh_venv_beside_another_kernels_package(wheel: Path, tmp_path: Path) 
     cli = subprocess.run([str(env_dir / "bin" / "qwenpd"), "--help"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
     assert cli.returncode == 0 and "init-model" in cli.stdout, cli.stderr
+
+
+FROM_THE_ROOT = """
+import sys
+assert sys.path[0] == "", sys.path[:2]  # the checkout root is first on the path, as for any `python -` there
+import transformers.models.qwen3_5.modeling_qwen3_5  # imports Hugging Face's `kernels` package
+import kernels
+import qwenpd.kernels
+assert not kernels.__file__.startswith(ROOT), kernels.__file__  # the installed package, not our folder
+assert qwenpd.kernels.__file__.startswith(ROOT) or qwenpd.kernels.__file__.startswith(sys.prefix)
+assert kernels is not qwenpd.kernels
+for name in FOLDERS:
+    try:
+        __import__(name)
+    except ImportError as e:  # nothing installed under that name: the folder says where it belongs
+        assert f"qwenpd.{name}" in str(e), e
+    else:
+        assert not sys.modules[name].__file__.startswith(ROOT + "/" + name), (name, sys.modules[name].__file__)
+print("ok")
+"""
+
+
+def test_running_from_the_checkout_root_shadows_no_installed_package() -> None:
+    """A command run from the repository root (pytest, `python -`, a script there) has the root on sys.path; no
+    top-level folder of ours may then stand in for an installed package of the same name (transformers imports
+    Hugging Face's `kernels`), and importing a folder by its bare name never gives our code."""
+    pytest.importorskip("transformers")
+    source = f"ROOT = {str(REPO)!r}\nFOLDERS = {(*FOLDERS, 'gateway')!r}\n" + FROM_THE_ROOT
+    run = subprocess.run([sys.executable, "-"], input=source, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

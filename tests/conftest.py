@@ -20,6 +20,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    """The in-process engine on the tiny model: the reference for the service suites, and what unit tests that
+    need a real tokenizer or EOS ids use."""
+    from qwenpd.engine import Engine
+
+    return Engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: save a random transformers Qwen3.5 model with the given config overrides; cached per variant."""
     from tests.hf_models import save_hf_checkpoint

@@ -3,7 +3,7 @@
 Registered only after torch-neuronx has been imported (it names the `neuron` device); nothing else imports this
 module. The wrappers in kernels/nki/ops.py take torch tensors and run the kernels in the NKI mode that
 kernels/nki/backend.py picks ("device" on a trn2 host). Not exercised on CPU hosts: there the NKI kernels are
-tested through the emulator (tests/nki) and the ops keep their torch kernels.
+tested through the emulator (tests/kernels/nki) and the ops keep their torch kernels.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""One `qwenpd serve all` on the tiny model for the whole session (real processes on 127.0.0.1, ports 0),
-plus the in-process engine on the same checkpoint as the reference.
+"""One `qwenpd serve all` on the tiny model for the whole session (real processes on 127.0.0.1, ports 0); the
+in-process engine on the same checkpoint, the reference, is tests/conftest.py's `engine`.
 
 QWENPD_TEST_COMPILE=1 runs the suites compiled: every prefill and decode service the tests start (through
 `start_serve_all` or `model_service_flags()`) compiles its graphs over a fixed paged KV cache (`--compile
@@ -107,13 +107,6 @@ def services(tiny_model_dir, tmp_path_factory):
 def client(services):
     with Client(prefill=services.prefill, decode=services.decode, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="session")
-def engine(tiny_model_dir):
-    from qwenpd.engine import Engine
-
-    return Engine(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Per-request limits through `serve all` (each one at the limit: accepted; one past it: refused with the right
 code and field; the services keep serving), and the Prometheus /metrics endpoint of each service.
 
-Queue depth and batch size are covered by tests/services/test_bookkeeping.py (Scheduler and WorkQueue at and
-past their bounds) and test_lifecycle.py (a full prefill queue through real processes)."""
+Queue depth and batch size are covered by tests/decode_service/test_scheduler.py and
+tests/prefill_service/test_queue.py (Scheduler and WorkQueue at and past their bounds) and test_lifecycle.py (a full
+prefill queue through real processes)."""
 
 from __future__ import annotations
 

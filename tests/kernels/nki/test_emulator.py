@@ -237,8 +237,9 @@ def test_one_source_binds_to_each_backend():
 
 def test_importing_never_imports_nki():
     """Importing the package never imports `nki`; nor do the kernel modules when bound to the emulator."""
-    code = ("import os, sys; import kernels.nki; assert 'nki' not in sys.modules; "
-            "os.environ['QWENPD_NKI_MODE'] = 'emulator'; import kernels.nki.deltanet_chunk, kernels.nki.deltanet_step; "
+    code = ("import os, sys; import qwenpd.kernels.nki; assert 'nki' not in sys.modules; "
+            "os.environ['QWENPD_NKI_MODE'] = 'emulator'; "
+            "import qwenpd.kernels.nki.deltanet_chunk, qwenpd.kernels.nki.deltanet_step; "
             "assert 'nki' not in sys.modules")
     env = {k: v for k, v in os.environ.items() if k != "QWENPD_NKI_MODE"}
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], env=env)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3], env=env)

@@ -12,7 +12,7 @@ import pytest
 from qwenpd.kernels.gated_delta_rule import naive_gated_delta_rule
 from qwenpd.kernels.nki import nki_chunk_gated_delta_rule, nki_step_gated_delta_rule
 from qwenpd.kernels.nki.backend import real_nki_available
-from tests.nki.helpers import as_double, assert_close, make_inputs, random_state
+from tests.kernels.nki.helpers import as_double, assert_close, make_inputs, random_state
 
 pytestmark = pytest.mark.skipif(not real_nki_available(),
                                 reason="the Neuron SDK (`import nki`, NKI >= 0.3.0) is not installed")

@@ -17,7 +17,7 @@ import torch
 
 from qwenpd.kernels.gated_delta_rule import naive_gated_delta_rule
 from qwenpd.kernels.nki import nki_chunk_gated_delta_rule
-from tests.nki.helpers import as_double, assert_close, make_inputs, random_state
+from tests.kernels.nki.helpers import as_double, assert_close, make_inputs, random_state
 
 FP32, BF16 = 2e-5, 8e-3
 EMU = {"mode": "emulator"}

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwenpd.engine import DecodeBatch, Engine  # noqa: E402
-from qwenpd.engine.blocks import pages_for  # noqa: E402
+from qwenpd.engine.pages import pages_for  # noqa: E402
 from qwenpd.engine.init_model import init_model  # noqa: E402
 from qwenpd.engine.runner import Buckets  # noqa: E402
 

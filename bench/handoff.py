@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwenpd.cache_store.checkpoint import (CheckpointMeta, CheckpointWriter, default_threads,  # noqa: E402
                                            read_checkpoint)
+from qwenpd.engine import state_spec  # noqa: E402
 
 
 def make_state(mib: int) -> dict[str, torch.Tensor]:
@@ -54,10 +55,10 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
     heads = max(1, min(16, half // (128 * 128 * 4)))
     rec_bytes = heads * 128 * 128 * 4
     tokens = max(1, half // 2 // (4 * 128 * 2))
-    tensors = {f"layers.{i}.recurrent": torch.randn(heads, 128, 128, generator=g)
+    tensors = {state_spec.tensor_name(i, "recurrent"): torch.randn(heads, 128, 128, generator=g)
                for i in range(max(1, half // rec_bytes))}
-    tensors["layers.99.k"] = torch.randn(4, tokens, 128, generator=g).bfloat16()
-    tensors["layers.99.v"] = torch.randn(4, tokens, 128, generator=g).bfloat16()
+    for kind in state_spec.KV_KINDS:
+        tensors[state_spec.tensor_name(99, kind)] = torch.randn(4, tokens, 128, generator=g).bfloat16()
     return tensors
 
 
@@ -72,18 +73,10 @@ def model_state(shape: str) -> dict[str, torch.Tensor]:
 
 
 def state_of(c, t: int) -> dict[str, torch.Tensor]:
-    """The state tensors of model config `c` after `t` tokens (random values)."""
-    conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
-    out: dict[str, torch.Tensor] = {}
-    for i, kind in enumerate(c.layer_types):
-        if kind == "full_attention":
-            for n in ("k", "v"):
-                out[f"layers.{i}.{n}"] = torch.empty(c.num_key_value_heads, t, c.head_dim, dtype=torch.bfloat16).uniform_()
-        else:
-            out[f"layers.{i}.conv"] = torch.empty(conv_dim, c.linear_conv_kernel_dim - 1, dtype=torch.bfloat16).uniform_()
-            out[f"layers.{i}.recurrent"] = torch.empty(c.linear_num_value_heads, c.linear_key_head_dim,
-                                                       c.linear_value_head_dim).uniform_()
-    return out
+    """The state tensors of model config `c` after `t` tokens, bf16 model dtype (random values)."""
+    dtypes = state_spec.dtypes(c, torch.bfloat16)
+    return {name: torch.empty(shape, dtype=dtypes[name]).uniform_()
+            for name, shape in state_spec.shapes(c, t).items()}
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -195,7 +188,7 @@ def tp_rows(shapes: list[str], degrees: list[int], repeat: int, threads: int) ->
     from qwenpd.engine import Engine
     from qwenpd.engine.config import preset
     from qwenpd.engine.init_model import init_model
-    from qwenpd.engine.sharding import ShardPlan
+    from qwenpd.engine.tp.plan import ShardPlan
 
     config = preset("qwen3.6-27b").with_num_layers(4).replace(hidden_size=256, intermediate_size=256,
                                                                vocab_size=1024, max_position_embeddings=65536)
@@ -227,7 +220,7 @@ def tp_rows(shapes: list[str], degrees: list[int], repeat: int, threads: int) ->
 
 
 def _tp_row(eng, client, canonical: dict[str, torch.Tensor], repeat: int) -> tuple[int, float, float]:
-    n = canonical["layers.3.k"].shape[1]
+    n = next(t.shape[1] for name, t in canonical.items() if state_spec.kind_of(name).per_token)  # tokens
     meta = CheckpointMeta(eng.fingerprint, n)
     state = eng.state_from_tensors(canonical, n)
 
@@ -251,7 +244,7 @@ def _tp_row(eng, client, canonical: dict[str, torch.Tensor], repeat: int) -> tup
 
 def _rank_bytes(plan, canonical: dict[str, torch.Tensor], tp: int) -> tuple[int, int]:
     """(most bytes one rank writes, most bytes one rank reads) of `canonical` under `tp` ranks."""
-    from qwenpd.engine.sharding import ShardPlan
+    from qwenpd.engine.tp.plan import ShardPlan
 
     def row_bytes(t: torch.Tensor) -> int:
         return t[0].numel() * t.element_size()

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qwenpd.engine import DecodeBatch, Engine
-from qwenpd.engine.blocks import pages_for
+from qwenpd.engine.pages import pages_for
 from qwenpd.engine.init_model import init_model
 from qwenpd.engine.runner import Buckets
 

@@ -41,7 +41,7 @@ from qwenpd.engine.generate import generate
 from qwenpd.engine.output import OutputTracker  # noqa: E402
 from qwenpd.engine.init_model import init_model  # noqa: E402
 from qwenpd.engine.sampling import Sampler, SamplingParams, greedy_batch  # noqa: E402
-from qwenpd.engine.state import expected_shapes  # noqa: E402
+from qwenpd.engine import state_spec  # noqa: E402
 from qwenpd.decode_service.state import state_from_checkpoint  # noqa: E402
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 
@@ -104,9 +104,9 @@ def handoff(eng: Engine, store: CacheStoreClient, num_tokens: int, repeats: int)
     checksum into shared memory, CommitCheckpoint); map = get_checkpoint (AcquireLease, map, verify checksums);
     load = copy into decode state + DecodeBatch.add; release (ReleaseLease + delete) is off the critical path."""
     cfg, g = eng.config, torch.Generator().manual_seed(num_tokens)
-    dtypes = {k: torch.float32 if k.endswith(".recurrent") else eng.dtype for k in expected_shapes(cfg, 0)}
+    dtypes = state_spec.dtypes(cfg, eng.dtype)
     tensors = {name: torch.randn(shape, generator=g).to(dtypes[name])
-               for name, shape in expected_shapes(cfg, num_tokens).items()}
+               for name, shape in state_spec.shapes(cfg, num_tokens).items()}
     state = eng.state_from_tensors(tensors, num_tokens)
     meta = CheckpointMeta(eng.fingerprint, num_tokens, {"bench": "1"})
     batch = DecodeBatch(eng, 1)
@@ -115,7 +115,7 @@ def handoff(eng: Engine, store: CacheStoreClient, num_tokens: int, repeats: int)
         t0 = time.perf_counter()
         ckpt_id = store.put_checkpoint(state.to_tensors(), meta, handoff_ttl_s=0)
         t1 = time.perf_counter()
-        leased = store.get_checkpoint(ckpt_id, eng.fingerprint, lambda n: expected_shapes(cfg, n), dtypes)
+        leased = store.get_checkpoint(ckpt_id, eng.fingerprint, lambda n: state_spec.shapes(cfg, n), dtypes)
         t2 = time.perf_counter()
         loaded = state_from_checkpoint(cfg, leased.tensors, leased.num_tokens, eng.kv_cache)
         batch.add(loaded)

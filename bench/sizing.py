@@ -4,7 +4,7 @@
                            [--reserve-gib 4] [--page-size 64] [--prompt 4096] [--output 512] [--no-measure]
 
 Everything is arithmetic from the presets' shapes (engine/config.py) and the tensor-parallel plan
-(engine/sharding.py: what each rank holds and writes), in bf16 with the DeltaNet recurrent state in fp32, plus one
+(engine/tp/plan.py: what each rank holds and writes), in bf16 with the DeltaNet recurrent state in fp32, plus one
 measurement: this machine's memcpy bandwidth (a 1 GiB torch copy). Nothing here ran on trn2.
 
 trn2 figures (AWS Neuron docs, Trainium2 architecture): a chip has 8 physical NeuronCores, 96 GiB of HBM at
@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwenpd.engine.blocks import pages_for  # noqa: E402
+from qwenpd.engine.pages import pages_for  # noqa: E402
 from qwenpd.engine.config import ModelConfig, preset  # noqa: E402
-from qwenpd.engine.sharding import Range, ShardingError, ShardPlan  # noqa: E402
-from qwenpd.engine.state import expected_shapes  # noqa: E402
+from qwenpd.engine.tp.plan import Range, ShardingError, ShardPlan  # noqa: E402
+from qwenpd.engine import state_spec  # noqa: E402
+from qwenpd.engine.state_spec import shapes as expected_shapes  # noqa: E402
 from qwenpd.engine.weights import expected_weight_shapes  # noqa: E402
 
 GIB, GB = 1 << 30, 1e9
@@ -69,23 +70,23 @@ def state_bytes(c: ModelConfig, tokens: int, plan: ShardPlan | None, kinds: tupl
     (plan None), what one rank holds (its state_ranges), or what it writes into a shared checkpoint."""
     total = 0
     for name, shape in expected_shapes(c, tokens).items():
-        kind = name.rsplit(".", 1)[1]
-        if kind not in kinds:
+        kind = state_spec.kind_of(name)
+        if kind.name not in kinds:
             continue
         if plan is None:
             ranges = None
         else:
             ranges = [r for r, _ in plan.write_ranges(name)] if written else plan.state_ranges(name)
-        total += (4 if kind == "recurrent" else 2) * _numel(shape, ranges)
+        total += kind.dtype(torch.bfloat16).itemsize * _numel(shape, ranges)
     return total
 
 
 def kv_per_token(c: ModelConfig, plan: ShardPlan | None) -> int:
-    return state_bytes(c, 1, plan, ("k", "v"))
+    return state_bytes(c, 1, plan, state_spec.KV_KINDS)
 
 
 def deltanet_per_seq(c: ModelConfig, plan: ShardPlan | None) -> int:
-    return state_bytes(c, 1, plan, ("conv", "recurrent"))
+    return state_bytes(c, 1, plan, state_spec.DELTANET_KINDS)
 
 
 def plan_or_reason(c: ModelConfig, tp: int) -> ShardPlan | str:
@@ -179,7 +180,7 @@ def state_table(c: ModelConfig, tps: list[int], page_size: int) -> None:
 def handoff_table(c: ModelConfig, tps: list[int], contexts: list[int], host_bps: float,
                   memcpy_bps: float | None) -> None:
     rows = []
-    kinds = ("k", "v", "conv", "recurrent")
+    kinds = tuple(state_spec.KINDS)
     for ctx in contexts:
         total = state_bytes(c, ctx, None, kinds)
         cells = [f"{ctx // 1024}K", mib(total), ms(total / host_bps),

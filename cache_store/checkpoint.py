@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import xxhash
@@ -54,6 +54,39 @@ _ST_DTYPES: dict[torch.dtype, str] = {
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 ShapeSpec = Mapping[str, Sequence[int]] | Callable[[int], Mapping[str, Sequence[int]]]
+Location = tuple[str, str, int]  # a shared-memory file range: directory, file name, byte offset
+
+
+@runtime_checkable
+class SliceOwner(Protocol):
+    """Who holds the slices of rank-written tensors (a tensor-parallel group's staged state) and writes them."""
+
+    def write_slices(self, location: Location, placements: list[tuple["RankWritten", int]]) -> None:
+        """Write each placed tensor's slices at its offset in the file range `location`; return once every byte
+        has landed (or raise)."""
+
+    def joined(self) -> Mapping[str, torch.Tensor]:
+        """The whole tensors, assembled (for buffers that are not a file range)."""
+
+
+@runtime_checkable
+class RankWritten(Protocol):
+    """A tensor of a checkpoint whose bytes its owner writes in place (engine/tp/state_io.py StagedTensor)."""
+
+    owner: SliceOwner
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numel(self) -> int: ...
+
+    def element_size(self) -> int: ...
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor (gathered by the owner)."""
+
+
+Checkpointable = torch.Tensor | RankWritten
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,20 +116,21 @@ class CheckpointWriter:
     `write_into(buf)` copies each tensor once into `buf` and hashes it there (chunk by chunk, on up to
     `threads` threads), then writes the header. Tensors must not change in between.
 
-    A value that is not a torch.Tensor is written in place by its owners (tensor-parallel ranks, each writing
-    its own slice): it has `shape`, `dtype`, `owner` and `materialize()`. Given the file range the buffer is
-    (`location`: shared memory), `owner.write_slices(location, [(value, offset in the range), ...])` writes
-    them there and returns once every byte has landed; this writer then only hashes them. Without a location
-    (a plain buffer) it copies `materialize()`d tensors like any other.
+    A value that is not a torch.Tensor is a `RankWritten` (tensor-parallel ranks, each writing its own slice).
+    Given the file range the buffer is (`location`: shared memory), its owner's `write_slices` writes them there
+    and returns once every byte has landed; this writer then only hashes them. Without a location (a plain
+    buffer) it copies `materialize()`d tensors like any other.
     """
 
-    def __init__(self, tensors: Mapping[str, Any], meta: CheckpointMeta, threads: int | None = None):
+    def __init__(self, tensors: Mapping[str, Checkpointable], meta: CheckpointMeta, threads: int | None = None):
         self.meta = meta
         self.threads = threads or default_threads()
         self._tensors: list[tuple[str, Any]] = []
         for name, t in tensors.items():
             if not isinstance(name, str) or not name or name == "__metadata__":
                 raise ValueError(f"invalid tensor name {name!r}")
+            if not isinstance(t, (torch.Tensor, RankWritten)):
+                raise ValueError(f"tensor {name}: a {type(t).__name__} is neither a tensor nor rank-written")
             if t.dtype not in _ST_DTYPES:
                 raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored")
             if isinstance(t, torch.Tensor):
@@ -126,7 +160,7 @@ class CheckpointWriter:
         meta[K_HEADER_CHECKSUM] = f"{_header_digest(header):016x}"
         return json.dumps(header, separators=(",", ":")).encode()
 
-    def write_into(self, buf: Any, location: tuple[str, str, int] | None = None) -> int:
+    def write_into(self, buf: Any, location: Location | None = None) -> int:
         """Write the checkpoint into the first `nbytes` of the writable buffer `buf`; return nbytes. `location`
         (directory, file name, offset): the file range `buf` maps, where owners of rank-written values write
         their slices themselves."""
@@ -168,7 +202,7 @@ class CheckpointWriter:
             del anchor
         return self.nbytes
 
-    def _place_remote(self, location: tuple[str, str, int] | None, data_start: int) -> list[tuple[str, Any]]:
+    def _place_remote(self, location: Location | None, data_start: int) -> list[tuple[str, Any]]:
         """Have the owners of rank-written values write them (at `location`), or materialise them (no location).
         Returns the tensors to copy and hash, rank-written ones left as they are (hashed only)."""
         remote = [(name, t) for name, t in self._tensors if not isinstance(t, torch.Tensor)]
@@ -177,7 +211,7 @@ class CheckpointWriter:
         if location is None:
             return [(name, t if isinstance(t, torch.Tensor) else _checked(name, t, t.materialize()))
                     for name, t in self._tensors]
-        owners: dict[int, tuple[Any, list[tuple[Any, int]]]] = {}
+        owners: dict[int, tuple[SliceOwner, list[tuple[RankWritten, int]]]] = {}
         for name, t in remote:
             owners.setdefault(id(t.owner), (t.owner, []))[1].append(
                 (t, data_start + self._table[name]["data_offsets"][0]))
@@ -324,8 +358,8 @@ def _check_meta(meta: dict[str, str], header: dict[str, Any], expected_fingerpri
     return CheckpointMeta(fingerprint, int(tokens), extra)
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor], num_tokens: int, expected_shapes: ShapeSpec | None,
-                  expected_dtypes: Mapping[str, torch.dtype] | None) -> None:
+def check_assembled(tensors: Mapping[str, torch.Tensor], num_tokens: int, expected_shapes: ShapeSpec | None,
+                    expected_dtypes: Mapping[str, torch.dtype] | None) -> None:
     """The model checks of read_checkpoint for tensors assembled from several parts."""
     table = {name: (t.dtype, tuple(t.shape), 0, 0) for name, t in tensors.items()}
     _check_expected(table, num_tokens, expected_shapes, expected_dtypes)

@@ -11,7 +11,8 @@ from qwenpd.address import split_address
 from qwenpd.cache_store.allocator import ALIGN
 from qwenpd.cache_store.shm import STORE_ID_RE
 from qwenpd.security import Security
-from qwenpd.service_config import DEFAULT_GRACE_S, check_server, parse_bytes
+from qwenpd.service_config import DEFAULT_GRACE_S, check_server
+from qwenpd.units import parse_bytes
 
 
 @dataclass(slots=True, frozen=True)

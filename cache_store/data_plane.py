@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwenpd.cache_store.checkpoint import CheckpointMeta, CheckpointWriter, ShapeSpec, check_tensors, read_checkpoint
+from qwenpd.cache_store.checkpoint import (CheckpointMeta, CheckpointWriter, ShapeSpec, check_assembled,
+                                           read_checkpoint)
 from qwenpd.cache_store.shm import SegmentMaps, host_id
 from qwenpd.errors import DataLoss, FailedPrecondition
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as pb
@@ -120,7 +121,7 @@ class DataPlane:
                 except (RuntimeError, ValueError) as exc:
                     raise FailedPrecondition(f"KV blocks of {name} do not fit together: {exc}", subject=name,
                                              reason="STATE_MISMATCH") from None
-        check_tensors(tensors, meta.num_tokens, expected_shapes, expected_dtypes)
+        check_assembled(tensors, meta.num_tokens, expected_shapes, expected_dtypes)
         return tensors, meta
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ to the serving hosts (e.g. `iptables -A INPUT -p tcp --dport PORT ! -s 10.0.0.0/
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -19,13 +18,7 @@ from pathlib import Path
 
 from qwenpd.cache_store.mooncake import INSTALL_HINT
 from qwenpd.errors import FailedPrecondition, Unavailable
-
-
-def _die_with_parent() -> None:  # in the child before exec: no master outlives the process that started it
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+from qwenpd.process import die_with_parent
 
 
 def master_binary() -> str | None:
@@ -85,7 +78,7 @@ class MooncakeMaster:
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s
         while not (_listening(self.host, self.port) and _listening(self.host, self.http_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, unary, with_seed
+from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, resumable, unary
 from qwenpd.clients.routing import BackendPool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
@@ -77,7 +77,7 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
         req.chat.messages.extend(common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ())
     if cache_salt is not None:
         req.cache_salt = cache_salt
-    return with_seed(req)
+    return resumable(req)
 
 
 class AsyncClient:
@@ -184,9 +184,11 @@ def _result(trace: Trace, ids: list[int], text: str, reason: str | None, logprob
     pre = trace.prefill
     assert pre is not None and trace.first_token_at is not None
     usage = trace.usage
-    return Result(ids, text, reason, usage.prompt_tokens if usage else pre.prompt_tokens,
-                  usage.cached_tokens if usage else pre.cached_tokens, trace.ttft_s, trace.tpot_s, logprobs,
-                  trace.ttft_s, trace.decode_s, pre.request_id)
+    return Result(token_ids=ids, text=text, finish_reason=reason,
+                  prompt_tokens=usage.prompt_tokens if usage else pre.prompt_tokens,
+                  cached_tokens=usage.cached_tokens if usage else pre.cached_tokens, ttft_s=trace.ttft_s,
+                  tpot_s=trace.tpot_s, logprobs=logprobs, prefill_s=trace.ttft_s, decode_s=trace.decode_s,
+                  request_id=pre.request_id)
 
 
 class Client:

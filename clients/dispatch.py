@@ -5,7 +5,7 @@ the gateway (qwenpd.gateway).
 UNAVAILABLE), streams Decode from the best decode instance and, when a decode stream breaks off (UNAVAILABLE: the
 instance died or is shutting down), re-prefills prompt + the tokens already received with `resume_generated`
 set and continues on the best decode instance. Prefill continues the same seeded random stream (the request
-must carry a seed: `with_seed`), budget and stop-string state, so the caller sees one uninterrupted output,
+must carry a seed: `resumable`), budget and stop-string state, so the caller sees one uninterrupted output,
 identical to a run without the failure. Leaving the stream early cancels the decode call, which frees its slot.
 """
 
@@ -76,9 +76,10 @@ class Trace:
         return self.decode_s / (self.tokens - 1) if self.tokens > 1 else 0.0
 
 
-def with_seed(request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
-    """Draw the seed here when the caller gave none, so that a resumed request continues the same random stream.
-    Also asks for the prompt's token ids, which a resume sends back. Modifies and returns `request`."""
+def resumable(request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
+    """Make `request` one that can be resumed: draw the seed here when the caller gave none, so that a resumed
+    request continues the same random stream, and ask for the prompt's token ids, which a resume sends back.
+    Modifies and returns `request`."""
     if not request.sampling.HasField("seed"):
         request.sampling.seed = secrets.randbits(63)
     request.return_prompt_token_ids = True
@@ -112,7 +113,7 @@ class Dispatcher:
     # ---- the request ---------------------------------------------------------------------------------------------
     async def run(self, trace: Trace, request: prefill_pb2.PrefillRequest, timeout: float) -> AsyncIterator[Chunk]:
         """Prefill then decode's chunks, resumed on another decode instance if the stream breaks off. `request`
-        must carry a seed and ask for the prompt's token ids (`with_seed`)."""
+        must carry a seed and ask for the prompt's token ids (`resumable`)."""
         if not self.poll_load:
             self.decode_pool.ranked()  # no decode instance can take it: refuse before prefill does the work
         trace.prefill = pre = await self.prefill(request, timeout)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenpd.decode_service.scheduler import LoadInfo, Scheduler
-from qwenpd.engine.blocks import PageBudget, pages_for
+from qwenpd.engine.pages import PageBudget, pages_for
 from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine.sampling import Sampler, greedy_batch

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from qwenpd.engine.blocks import PageBudget
+from qwenpd.engine.pages import PageBudget
 from qwenpd.errors import ResourceExhausted
 
 S = TypeVar("S")

@@ -34,6 +34,6 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
 
 def serve(config: DecodeConfig, ready_file: str | None = None) -> int:
     """Run the decode service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
-    set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
+    set_neuron_cores(config.engine.neuron_cores)  # before anything starts the Neuron runtime in this process
     code = serve_main("decode", lambda on_ready: run(config, on_ready), ready_file)
     return 1 if rank_lost() else code

@@ -17,16 +17,14 @@ import logging
 import time
 from collections.abc import Callable
 
-import torch
-
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.runner import DecodeRunner, Output, ReadGuard, DecodeSequence
 from qwenpd.decode_service.state import state_from_checkpoint
+from qwenpd.engine import state_spec
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
 from qwenpd.engine.sampling import Sampler
-from qwenpd.engine.state import expected_shapes
 from qwenpd.handoff import Handoff, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from qwenpd.errors import DataLoss, InvalidArgument, QwenpdError
@@ -54,9 +52,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     async def start(self) -> Engine:
         self.engine = e = await asyncio.to_thread(self.runner.start)
-        self._shapes = lambda n: expected_shapes(e.config, n)
-        self._dtypes = {name: torch.float32 if name.endswith(".recurrent") else e.dtype
-                        for name in expected_shapes(e.config, 0)}
+        self._shapes = lambda n: state_spec.shapes(e.config, n)
+        self._dtypes = state_spec.dtypes(e.config, e.dtype)
         return e
 
     def stop(self) -> None:

@@ -26,11 +26,5 @@ def state_from_checkpoint(engine: Engine, tensors: Mapping[str, torch.Tensor], n
     """
     if engine.tp > 1:
         return engine.state_from_tensors(dict(tensors), num_tokens, max_new_tokens, locations)
-    config, kv_cache = engine.config, engine.kv_cache
-    conv = [tensors[f"layers.{layer}.conv"] for layer in config.linear_layers]
-    recurrent = [tensors[f"layers.{layer}.recurrent"] for layer in config.linear_layers]
-    state = HybridState(config, num_tokens, kv_cache.sequence(), conv, recurrent)
-    state.reserve(num_tokens + max_new_tokens)
-    for j, layer in enumerate(config.attention_layers):
-        state.kv.load(j, tensors[f"layers.{layer}.k"], tensors[f"layers.{layer}.v"])
-    return state
+    return HybridState.from_tensors(engine.config, dict(tensors), num_tokens, engine.kv_cache, max_new_tokens,
+                                    views=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qwenpd.engine.blocks import pages_for
+from qwenpd.engine.pages import pages_for
 from qwenpd.engine.device import resolve_device, synchronize
 from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.init_model import init_model

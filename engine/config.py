@@ -120,11 +120,10 @@ class ModelConfig:
         return total
 
     def state_bytes(self, num_tokens: int, dtype_bytes: int = 2) -> int:
-        """Bytes of the per-sequence hand-off state after `num_tokens` tokens."""
-        kv = len(self.attention_layers) * 2 * self.num_key_value_heads * self.head_dim * num_tokens * dtype_bytes
-        conv = self.conv_dim * (self.linear_conv_kernel_dim - 1) * dtype_bytes
-        rec = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
-        return kv + len(self.linear_layers) * (conv + rec)
+        """Bytes of the per-sequence hand-off state after `num_tokens` tokens (engine/state_spec.py)."""
+        from qwenpd.engine import state_spec  # the state's contract (it imports this module)
+
+        return state_spec.nbytes(self, num_tokens, dtype_bytes)
 
     # ---- (de)serialisation ------------------------------------------------------------------------
     @classmethod

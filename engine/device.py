@@ -14,7 +14,8 @@ import re
 
 import torch
 
-DEVICE_KINDS = ("cpu", "cuda", "neuron", "meta")
+from qwenpd.engine.engine_config import DEVICE_KINDS
+
 _CORES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 

@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import resolve_device
-from qwenpd.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCacheSize, PagedKVCache, check_kv_cache_size,
-                                    resolve_kv_cache_bytes)
+from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
-from qwenpd.engine.parallel import RankSpec, TPGroup, launch, mirrored
 from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner, pick
-from qwenpd.engine.sharding import ShardPlan
-from qwenpd.engine.state import HybridState, check_tensors, expected_shapes, prefix_tensors
+from qwenpd.engine import state_spec
+from qwenpd.engine.engine_config import EngineConfig
+from qwenpd.engine.state import HybridState
+from qwenpd.engine.tp import state_io
+from qwenpd.engine.tp.calls import ENGINE_HANDLE, Mirror, adopt, cross_rank, mirror_new
+from qwenpd.engine.tp.group import TPGroup
+from qwenpd.engine.tp.launch import launch
+from qwenpd.engine.tp.plan import ShardPlan
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
 from qwenpd.kernels.ops import register_device_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-DELTANET_KERNELS = ("torch", "fla", "nki")
 
 
 def _deltanet_family(name: str, device_type: str) -> str:
@@ -39,71 +39,46 @@ def _deltanet_family(name: str, device_type: str) -> str:
     return name
 
 
-@dataclass(slots=True)
-class EngineConfig:
-    """How to run a checkpoint: dtype ('auto' keeps the stored dtype), threads, DeltaNet kernel family, device, KV
-    cache size (bytes as an int, a fraction of the device memory free after loading the weights as a float in
-    (0, 1]) and page size."""
-
-    model_dir: str
-    dtype: str = "auto"
-    threads: int | None = None
-    deltanet_kernels: str = "torch"
-    device: str = "cpu"
-    kv_cache_bytes: KVCacheSize | None = None  # None = a cache that grows on demand (eager use)
-    page_size: int = DEFAULT_PAGE_SIZE
-    tp: int = 1  # tensor-parallel degree (ranks 1..tp-1 are child processes of this one)
-
-    def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.deltanet_kernels not in DELTANET_KERNELS:
-            raise ValueError(f"deltanet_kernels must be one of {DELTANET_KERNELS}, got {self.deltanet_kernels!r}")
-        resolve_device(self.device)
-        check_kv_cache_size(self.kv_cache_bytes)
-        if self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.tp < 1:
-            raise ValueError(f"tp must be >= 1, got {self.tp}")
-
-
 class Engine:
     """A Qwen3.5/3.6 hybrid model ready to prefill and decode on one torch device (cpu, cuda, neuron, meta).
+
+    Built from an EngineConfig (`Engine(config)`), or from a checkpoint directory and EngineConfig fields as
+    keywords (`Engine(model_dir, dtype="float32")`): the options are declared and checked there, once.
 
     Weights, KV (one paged cache, `kv_cache_bytes` big: bytes, or a fraction of the memory free on the device once
     the weights are loaded), DeltaNet state and logits live on `self.device`; only token ids cross to and from the
     host.
 
     With `tp` > 1 this process is rank 0 of a tensor-parallel group: it starts ranks 1..tp-1 (each loads only
-    its shard of the weights) and every call below runs on all of them in lockstep (engine/parallel.py).
+    its shard of the weights) and every cross-rank call below runs on all of them in lockstep (engine/tp/).
     `config` is always the full model; `local_config` is what this rank computes. State crosses the engine's
-    boundary (state_from_tensors, HybridState.to_tensors, ...) in the canonical full-tensor layout, so any
-    degree reads what any other wrote. `close()` stops the other ranks."""
+    boundary (state_from_tensors, HybridState.to_tensors, ...) in the canonical full-tensor layout
+    (engine/state_spec.py), so any degree reads what any other wrote. `close()` stops the other ranks."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "auto", threads: int | None = None,
-                 deltanet_kernels: str = "torch", device: str = "cpu", kv_cache_bytes: KVCacheSize | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE, tp: int = 1, group: TPGroup | None = None):
-        self.engine_config = EngineConfig(str(model_dir), dtype, threads, deltanet_kernels, str(device),
-                                          kv_cache_bytes, page_size, tp)
-        self.device = resolve_device(device)
-        if threads is None and tp > 1 and self.device.type == "cpu":  # the ranks share the host's cores
-            threads = max(1, (os.cpu_count() or 1) // tp)
+    def __init__(self, config: EngineConfig | str | Path, *, group: TPGroup | None = None, **options: Any):
+        if not isinstance(config, EngineConfig):
+            config = EngineConfig(model_dir=str(config), **options)
+        elif options:
+            raise TypeError("give an EngineConfig or a model directory with options, not both")
+        self.engine_config = config
+        self.device = resolve_device(config.device)
+        threads = config.threads
+        if threads is None and config.tp > 1 and self.device.type == "cpu":  # the ranks share the host's cores
+            threads = max(1, (os.cpu_count() or 1) // config.tp)
         if threads is not None:
             torch.set_num_threads(threads)
-        self.config = ModelConfig.from_pretrained(model_dir)
-        name = self.config.torch_dtype if dtype == "auto" else dtype
+        self.config = ModelConfig.from_pretrained(config.model_dir)
+        name = self.config.torch_dtype if config.dtype == "auto" else config.dtype
         if name not in DTYPES:
             raise ValueError(f"checkpoint dtype {name!r} is not supported; pass --dtype float32 or bfloat16")
         self.dtype = DTYPES[name]
-        self.plan = ShardPlan(self.config, tp, 0 if group is None else group.rank)  # ShardingError if tp misfits
-        if tp > 1 and group is None:
-            group = launch(RankSpec(str(model_dir), dtype, threads, deltanet_kernels, str(device), kv_cache_bytes,
-                                    page_size, tp))
+        self.plan = ShardPlan(self.config, config.tp, 0 if group is None else group.rank)  # ShardingError if misfit
+        if config.tp > 1 and group is None:
+            group = launch(config)
         self.group = group
+        self.mirror = None if group is None else Mirror(group, ENGINE_HANDLE)
         try:
-            self._load(model_dir, deltanet_kernels, kv_cache_bytes, page_size)
+            self._load(config.model_dir, config.deltanet_kernels, config.kv_cache_bytes, config.pages)
         except BaseException:
             self.close()
             raise
@@ -143,16 +118,13 @@ class Engine:
         if self.group is not None and self.group.leader:
             self.group.close()
 
-    def _adopt(self, obj):
-        return obj if self.group is None else self.group.adopt(obj)
-
     def default_buckets(self, chunk_size: int, max_batch: int, max_context: int | None = None) -> Buckets:
         """Buckets for contexts up to max_context (default: what the model and the KV cache allow)."""
         cache = self.kv_cache
         limit = min(self.config.max_position_embeddings, cache.allocator.usable * cache.page_size)
         return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
 
-    @mirrored()
+    @cross_rank("engine.compile")
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
                 cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS, regional: bool | None = None
                 ) -> float:
@@ -172,9 +144,9 @@ class Engine:
         scratch = HybridState.empty(self.local_config, self.kv_cache)
         return self.runner.warm_up(scratch, buckets.batches[-1])
 
-    @mirrored(creates=True)
+    @cross_rank("engine.new_state", creates=True)
     def new_state(self) -> HybridState:
-        return self._adopt(HybridState.empty(self.local_config, self.kv_cache))
+        return adopt(self, HybridState.empty(self.local_config, self.kv_cache))
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor], num_tokens: int, extra_tokens: int = 0,
                            locations: dict[str, tuple[str, int]] | None = None) -> HybridState:
@@ -182,7 +154,7 @@ class Engine:
         Raises ValueError on a mismatch with the model. Sharded, `locations` (file, offset of each tensor's data
         in a shared-memory file: LeasedCheckpoint.locations) let every rank read its own slices there; the other
         tensors are scattered from this rank."""
-        check_tensors(self.config, tensors, num_tokens, self.dtype)
+        state_spec.check_tensors(self.config, tensors, num_tokens, self.dtype)
         located = {n: loc for n, loc in (locations or {}).items() if n in tensors}
         return self._load_state(tensors, num_tokens, extra_tokens, located)
 
@@ -190,21 +162,16 @@ class Engine:
                           num_tokens: int, extra_tokens: int = 0) -> HybridState:
         """A state restored from cached KV blocks (in prefix order) and the DeltaNet snapshot after the last of
         them. Raises ValueError on a mismatch with the model."""
-        return self.state_from_tensors(prefix_tensors(self.config, kv_blocks, snapshot), num_tokens, extra_tokens)
+        return self.state_from_tensors(state_spec.join_blocks(self.config, kv_blocks, snapshot), num_tokens,
+                                       extra_tokens)
 
-    @mirrored(creates=True)
+    @cross_rank("engine.load_state", creates=True)
     def _load_state(self, tensors: dict[str, torch.Tensor] | None, num_tokens: int, extra_tokens: int,
                     located: dict[str, tuple[str, int]] | None = None) -> HybridState:
         if self.group is not None:  # each rank reads (located) or receives only its slices
-            shapes = {name: (shape, torch.float32 if name.endswith(".recurrent") else self.dtype)
-                      for name, shape in expected_shapes(self.local_config, num_tokens).items()}
-            located = located or {}
-            direct = self.group.read_state(located, {n: s for n, s in shapes.items() if n in located})
-            rest = None if tensors is None else {n: t for n, t in tensors.items() if n not in located}
-            tensors = {**direct, **self.group.scatter_state(rest, {n: s for n, s in shapes.items()
-                                                                   if n not in located})}
+            tensors = state_io.receive_state(self.group, self.local_config, tensors, num_tokens, self.dtype, located or {})
         assert tensors is not None
-        return self._adopt(HybridState.from_tensors(self.local_config, tensors, num_tokens, self.kv_cache,
+        return adopt(self, HybridState.from_tensors(self.local_config, tensors, num_tokens, self.kv_cache,
                                                     extra_tokens))
 
     def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
@@ -244,7 +211,7 @@ class Engine:
         assert logits is not None
         return logits, state
 
-    @mirrored()
+    @cross_rank("engine.prefill_chunk")
     def prefill_chunk(self, token_ids: list[int], state: HybridState) -> torch.Tensor:
         """One chunk (at most the largest compiled chunk) into `state`; logits [V] of its last token."""
         return self.runner.prefill_chunk(token_ids, state)
@@ -254,35 +221,21 @@ class Engine:
         self.check_tokens(token_ids)
         return self._forward_all(list(token_ids))
 
-    @mirrored()
+    @cross_rank("engine.forward_all")
     def _forward_all(self, token_ids: list[int]) -> torch.Tensor:
         return self.eager.prefill_chunk(token_ids, HybridState.empty(self.local_config, self.kv_cache),
                                         all_logits=True)
 
-    @mirrored()
+    @cross_rank("engine.measure_collectives")
     def measure_collectives(self, rows: int, iters: int = 20) -> float:
-        """Seconds per decode step of `rows` sequences spent in the collectives alone (one all-reduce of
-        [rows, hidden] fp32 for the embedding and per mixer and per MLP, then the logits' all-gather), each
-        waited for as the forward waits: the communication share of a sharded step. 0 when not sharded."""
-        if self.group is None:
-            return 0.0
-        x = torch.ones(rows, self.config.hidden_size, device=self.device)
-        part = torch.ones(rows, self.config.vocab_size // self.tp, device=self.device)
+        """Seconds per decode step of `rows` sequences spent in the collectives alone (TPGroup.measure_collectives):
+        the communication share of a sharded step. 0 when not sharded."""
+        return 0.0 if self.group is None else self.group.measure_collectives(rows, iters, self.device)
 
-        def step() -> None:
-            for _ in range(2 * self.config.num_hidden_layers + 1):
-                float(self.group.all_reduce(x)[0, 0])
-            float(self.group.gather_vocab(part)[0, 0])
-
-        step()
-        started = time.perf_counter()
-        for _ in range(iters):
-            step()
-        return (time.perf_counter() - started) / iters
-
+    @cross_rank("engine.decode_batch", creates=True)
     def decode_batch(self, max_batch: int) -> "DecodeBatch":
-        """A follower rank's mirror of the leader's new DecodeBatch (the leader's constructor sends this)."""
-        return self._adopt(DecodeBatch(self, max_batch))
+        """A follower rank's copy of the leader's new DecodeBatch (the leader's constructor sends this call)."""
+        return adopt(self, DecodeBatch(self, max_batch))
 
     def decode(self, states: list[HybridState], token_ids: Sequence[int]) -> torch.Tensor:
         """One step for a batch of independent states (stacks their DeltaNet state for this call only).
@@ -330,12 +283,8 @@ class DecodeBatch:
         self.recurrent = [torch.zeros(rows, c.linear_num_value_heads, c.linear_key_head_dim,
                                       c.linear_value_head_dim, dtype=torch.float32, device=dev) for _ in range(n_lin)]
         self.states: list[HybridState] = []
-        self.group, self.handle = None, 0
-        group = engine.group
-        if group is not None and group.leader:  # the other ranks make their mirror (Engine.decode_batch)
-            with group.lock:
-                group.send(None, "decode_batch", (max_batch,), {}, creates=True)
-                group.adopt(self)
+        self.mirror = None
+        mirror_new(engine, "engine.decode_batch", (max_batch,), self)  # the other ranks make their copy
 
     def __len__(self) -> int:
         return len(self.states)
@@ -349,7 +298,7 @@ class DecodeBatch:
             state.conv[j] = self.conv[j][slot]
             state.recurrent[j] = self.recurrent[j][slot]
 
-    @mirrored()
+    @cross_rank("batch.add")
     def add(self, state: HybridState) -> None:
         if not self.free_slots:
             raise RuntimeError("decode batch is full")
@@ -362,7 +311,7 @@ class DecodeBatch:
         self._bind(state, slot)
         self.states.append(state)
 
-    @mirrored()
+    @cross_rank("batch.remove")
     def remove(self, state: HybridState) -> None:
         """Detach `state` (it gets its own copy of its DeltaNet state back); the last slot fills the hole."""
         slot = next(i for i, s in enumerate(self.states) if s is state)
@@ -379,7 +328,7 @@ class DecodeBatch:
             self._bind(moved, slot)
         self.states.pop()
 
-    @mirrored()
+    @cross_rank("batch.step")
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Feed token_ids[i] to self.states[i]; returns fp32 logits [B, V]."""
         b = len(self.states)

@@ -43,5 +43,5 @@ def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_si
         logits = batch.step([token])[0]
         token, logprob = sampler.sample(logits)
     decode_s = time.perf_counter() - t1
-    return GenerationResult(tracker.token_ids, tracker.text, tracker.finish_reason, tracker.logprobs,
-                            prefill_s, decode_s)
+    return GenerationResult(token_ids=tracker.token_ids, text=tracker.text, finish_reason=tracker.finish_reason,
+                            logprobs=tracker.logprobs, prefill_s=prefill_s, decode_s=decode_s)

@@ -15,27 +15,12 @@ import weakref
 
 import torch
 
-from qwenpd.engine.blocks import NULL_PAGE, OutOfPages, PageAllocator, pages_for
+from qwenpd.engine.pages import NULL_PAGE, OutOfPages, PageAllocator, pages_for
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import free_memory
+from qwenpd.engine.engine_config import DEFAULT_PAGE_SIZE, KVCacheSize, check_kv_cache_size
 
-DEFAULT_PAGE_SIZE = 64
 _GROWABLE_START_PAGES = 16
-
-KVCacheSize = int | float
-"""A KV cache size as given: an int is bytes, a float in (0, 1] is that fraction of the device's free memory."""
-
-
-def check_kv_cache_size(size: KVCacheSize | None) -> None:
-    """ValueError unless `size` is None, a positive int (bytes) or a float in (0, 1] (a fraction)."""
-    if size is None:
-        return
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
-        raise ValueError(f"kv_cache_bytes must be a byte count or a fraction in (0, 1], got {size!r}")
-    if isinstance(size, int) and size < 1:
-        raise ValueError(f"kv_cache_bytes must be positive, got {size}")
-    if isinstance(size, float) and not 0.0 < size <= 1.0:
-        raise ValueError(f"kv_cache_bytes as a fraction of free device memory must be in (0, 1], got {size}")
 
 
 def resolve_kv_cache_bytes(size: KVCacheSize | None, device: torch.device) -> int | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenpd.engine.blocks import NULL_PAGE, pages_for
+from qwenpd.engine.pages import NULL_PAGE, pages_for
 from qwenpd.engine.model import HybridModel
 from qwenpd.engine.state import HybridState
 

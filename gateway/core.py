@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, unary, with_seed
+from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, resumable, unary
 from qwenpd.clients.routing import Backend, BackendPool
 from qwenpd.gateway.config import GatewayConfig
 from qwenpd.gateway.metrics import GatewayMetrics
@@ -120,7 +120,7 @@ class Gateway:
         """One completion: the chunks of prefill -> decode, resumed across decode failures. Observes TTFT/TPOT."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        with_seed(request)
+        resumable(request)
         async for chunk in self.dispatcher.run(trace, request, timeout):
             yield chunk
             if chunk.finish_reason is not None:
@@ -140,7 +140,7 @@ class Gateway:
         module docstring). Leaving early cancels every stream, which frees their decode slots."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        with_seed(request)
+        resumable(request)
         if n == 1:  # no tasks, no queue: one stream as it comes
             choice = Choice(0)
             async for chunk in self.stream(request, timeout, choice.trace):

@@ -9,15 +9,15 @@ from pathlib import Path
 import math
 
 from qwenpd import service_config
-from qwenpd.engine.kv_cache import DEFAULT_PAGE_SIZE
-from qwenpd.model_service import ModelServiceConfig, add_model_service_args
+from qwenpd.engine.engine_config import DEFAULT_PAGE_SIZE, EngineConfig
+from qwenpd.model_service import ModelServiceConfig, add_model_service_args, model_service_from_args
 from qwenpd.prefill_service.prefix_policy import DEFAULT_BLOCK_SIZE, DEFAULT_SNAPSHOT_INTERVAL, PrefixPolicy
 
 
 @dataclass(slots=True)
 class PrefillConfig(ModelServiceConfig):
-    """The shared fields (qwenpd.model_service.ModelServiceConfig; page_size defaults to gcd(64, block_size), so
-    a prefix-cache block is whole pages), plus: chunk_size: prompt tokens per
+    """The shared fields (qwenpd.model_service.ModelServiceConfig; the engine's page_size defaults to
+    gcd(64, block_size), so a prefix-cache block is whole pages), plus: chunk_size: prompt tokens per
     prefill chunk. max_queue: requests that may wait behind the running one. handoff_ttl_s: how long a
     checkpoint waits for its decode request (None = the store's default). model_name: the name ModelInfo
     reports (default: the checkpoint folder's). block_size / snapshot_interval / prefix_cache: the prefix
@@ -33,11 +33,11 @@ class PrefillConfig(ModelServiceConfig):
 
     def __post_init__(self) -> None:
         self.prefix_policy  # validates block_size / snapshot_interval
-        if self.page_size is None:
-            self.page_size = math.gcd(DEFAULT_PAGE_SIZE, self.block_size)
+        if self.engine.page_size is None:
+            self.engine = self.engine.replace(page_size=math.gcd(DEFAULT_PAGE_SIZE, self.block_size))
         ModelServiceConfig.__post_init__(self)
-        if self.block_size % self.page_size:
-            raise ValueError(f"page_size {self.page_size} must divide block_size {self.block_size}")
+        if self.block_size % self.engine.page_size:
+            raise ValueError(f"page_size {self.engine.page_size} must divide block_size {self.block_size}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:
@@ -54,7 +54,7 @@ class PrefillConfig(ModelServiceConfig):
 
 def add_args(p: argparse.ArgumentParser) -> None:
     d = service_config.field_defaults(PrefillConfig)
-    add_model_service_args(p, d)
+    add_model_service_args(p, d, EngineConfig(model_dir=""))
     p.add_argument("--chunk-size", type=int, default=d.chunk_size,
                    help=f"prompt tokens per prefill chunk (default {d.chunk_size})")
     p.add_argument("--handoff-ttl", type=float, default=d.handoff_ttl_s, dest="handoff_ttl_s",
@@ -75,4 +75,4 @@ def add_prefix_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PrefillConfig:
-    return service_config.from_args(PrefillConfig, args)
+    return model_service_from_args(PrefillConfig, args)

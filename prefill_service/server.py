@@ -48,6 +48,6 @@ async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:
 
 def serve(config: PrefillConfig, ready_file: str | None = None) -> int:
     """Run the prefill service in this process until SIGTERM/SIGINT (see qwenpd.grpc_server.serve_main)."""
-    set_neuron_cores(config.neuron_cores)  # before anything starts the Neuron runtime in this process
+    set_neuron_cores(config.engine.neuron_cores)  # before anything starts the Neuron runtime in this process
     code = serve_main("prefill", lambda on_ready: run(config, on_ready), ready_file)
     return 1 if rank_lost() else code

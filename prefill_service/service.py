@@ -20,12 +20,12 @@ from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.prefix import PrefixCache
-from qwenpd.handoff import Handoff, sampling_from_pb, with_seed
+from qwenpd.handoff import PROMPT_TAIL, Handoff, sampling_from_pb, with_seed
 from qwenpd.prefill_service.prompt import prompt_token_ids
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-from qwenpd.engine.blocks import OutOfPages
+from qwenpd.engine.pages import OutOfPages
 from qwenpd.errors import QwenpdError, ResourceExhausted
 from qwenpd.metrics import PrefillMetrics
 
@@ -108,9 +108,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             token, logprob = sampler.sample(logits)
             text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
             computed = time.monotonic_ns()
-            handoff = Handoff(job.request_id, token, logprob, text, params, sampler.draws, len(ids) - resume.draws,
-                              plan.cached_tokens, tuple(ids[-(8 + resume.detok_unread):]), resume.pending_text,
-                              resume.detok_unread)
+            handoff = Handoff(request_id=job.request_id, first_token=token, first_logprob=logprob, first_text=text,
+                              sampling=params, sampler_draws=sampler.draws,
+                              prompt_tokens=len(ids) - resume.draws, cached_tokens=plan.cached_tokens,
+                              prompt_tail_ids=tuple(ids[-(PROMPT_TAIL + resume.detok_unread):]),
+                              pending_text=resume.pending_text, detok_unread=resume.detok_unread)
             job.check()  # nobody would read the checkpoint
             meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
             checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)
@@ -121,8 +123,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 self.store.delete(checkpoint_id)
             except QwenpdError:
                 pass
-        return Encoded(checkpoint_id, handoff, queue_ns, restored - started, computed - restored,
-                       time.monotonic_ns() - computed)
+        return Encoded(checkpoint_id=checkpoint_id, handoff=handoff, queue_ns=queue_ns, restore_ns=restored - started,
+                       prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed)
 
     def _observe(self, done: Encoded, arrived_ns: int) -> None:
         m = self.metrics

@@ -17,7 +17,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _parse_kv_cache_size(text: str) -> int | float:
-    from qwenpd.service_config import parse_kv_cache_size
+    from qwenpd.units import parse_kv_cache_size
 
     return parse_kv_cache_size(text)
 
@@ -54,18 +54,25 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from qwenpd.engine import engine_config
+
     if args.prefill or args.decode:
         from qwenpd.serve import generate_remote  # through the services
 
+        given = [f"--{f.replace('_', '-')}" for f in engine_config.FIELDS
+                 if getattr(args, f) != getattr(engine_config.EngineConfig(model_dir=""), f)]
+        if given or args.model:
+            raise ValueError(f"{', '.join(given or ['--model'])}: engine options apply in-process; the services "
+                             "were started with their own")
         return generate_remote(args)
     if not args.model:
         raise SystemExit("qwenpd generate: --model DIR is required (or --prefill ADDR --decode ADDR)")
     from qwenpd.engine.device import set_neuron_cores
     from qwenpd.engine.engine import Engine
 
-    set_neuron_cores(args.neuron_cores)
-    engine = Engine(args.model, dtype=args.dtype, threads=args.threads, deltanet_kernels=args.deltanet_kernels,
-                    device=args.device, kv_cache_bytes=args.kv_cache_bytes, tp=args.tp)
+    config = engine_config.from_args(args, args.model)
+    set_neuron_cores(config.neuron_cores)
+    engine = Engine(config)
     try:
         return _generate_local(engine, args)
     finally:
@@ -86,12 +93,11 @@ def _generate_local(engine, args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     started = time.perf_counter()
     warmup_s = 0.0
-    if args.compile:
-        if args.kv_cache_bytes is None:
-            raise ValueError("--compile needs a fixed-size KV cache: give --kv-cache-bytes")
+    config = engine.engine_config
+    if config.compile:
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
-        warmup_s = engine.compile(buckets, max_batch=1, cache_dir=args.compile_cache,
-                                  regional=False if args.whole_graphs else None)
+        warmup_s = engine.compile(buckets, max_batch=1, cache_dir=config.compile_cache,
+                                  regional=False if config.whole_graphs else None)
     result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size,
                       on_text=None if args.json else (lambda s: print(s, end="", flush=True)))
     if args.json:
@@ -140,27 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids, comma-separated")
     add_sampling_args(p)
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda[:N] | neuron (default cpu)")
-    p.add_argument("--neuron-cores", default=None, metavar="LIST",
-                   help="NeuronCores this process may use, e.g. 0-3 (sets NEURON_RT_VISIBLE_CORES)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel degree: shard the model over this many ranks (child processes; CPU: "
-                        "threads split between them)")
-    p.add_argument("--kv-cache-bytes", type=_parse_kv_cache_size, default=None, metavar="SIZE",
-                   help="paged KV cache size: bytes (e.g. 1GiB) or a fraction of the device memory free once the "
-                        "weights are loaded (e.g. 0.9 or 90%%) (default: grows on demand)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile prefill and decode over static buckets first (needs --kv-cache-bytes); "
-                        "warmup_s in --json, excluded from prefill_s/decode_s")
-    p.add_argument("--compile-cache", default=None, metavar="DIR", help="keep compiled graphs here across runs")
-    p.add_argument("--whole-graphs", action="store_true", help="with --compile on CPU: one graph per bucket "
-                   "instead of one region per layer kind (slower warm-up, faster steps)")
-    p.add_argument("--deltanet-kernels", default="torch", choices=["torch", "fla", "nki"],
-                   help="DeltaNet kernels: torch (the reference ops; NKI kernels on neuron), fla "
-                        "(flash-linear-attention's chunked kernel for prefill, CUDA), nki (NKI kernels called "
-                        "directly; CPU emulator without the Neuron SDK)")
+    from qwenpd.engine import engine_config  # plain Python: --help stays instant
+
+    engine_config.add_args(p)  # --compile: warmup_s in --json, excluded from prefill_s/decode_s
     p.add_argument("--cache-salt", default=None, help="prefix-cache isolation key (services only)")
     p.add_argument("--prefill", help="prefill service address (go through the services)")
     p.add_argument("--decode", help="decode service address")

@@ -71,7 +71,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     """Flags of `serve all`; every default comes from the config it lands in."""
     from qwenpd import limits, security, service_config
     from qwenpd.cache_store.config import CacheStoreConfig
-    from qwenpd.service_config import parse_bytes
+    from qwenpd.engine import engine_config
+    from qwenpd.units import parse_bytes
     from qwenpd.decode_service.config import DecodeConfig
     from qwenpd.gateway.config import GatewayConfig
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
@@ -93,23 +94,9 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    "service restarts in its warm-up time)")
     p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
                    f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
-    p.add_argument("--dtype", default=prefill.dtype, choices=service_config.DTYPE_CHOICES)
-    for role, d in (("prefill", prefill), ("decode", decode)):
-        p.add_argument(f"--{role}-device", default=d.device, help=f"torch device of {role} (default {d.device})")
-        p.add_argument(f"--{role}-cores", default=d.neuron_cores, metavar="LIST",
-                       help=f"NeuronCores of {role}, e.g. 0-3 (trn2: disjoint sets on one host)")
-        p.add_argument(f"--{role}-tp", type=int, default=d.tp,
-                       help=f"tensor-parallel degree of {role} (default {d.tp}; any pair hands off exactly)")
-    p.add_argument("--kv-cache-bytes", type=service_config.parse_kv_cache_size, default=prefill.kv_cache_bytes,
-                   metavar="SIZE", help="paged KV cache of prefill and of decode: bytes (e.g. 4GiB) or a fraction of "
-                   "the memory free on each one's device once its weights are loaded (e.g. 0.45 or 45%%; on one "
-                   "device both take it of what is free when each starts) (default: grows on demand)")
-    p.add_argument("--compile", action="store_true", help="prefill and decode compile their graphs at start")
-    p.add_argument("--whole-graphs", action="store_true", help="with --compile on CPU: one graph per bucket instead "
-                   "of one region per layer kind (slower warm-up, faster steps)")
+    engine_config.add_args(p, roles=("prefill", "decode"))  # the services' engine flags, per role where they differ
     p.add_argument("--chunk-size", type=int, default=prefill.chunk_size)
     p.add_argument("--max-batch", type=int, default=decode.max_batch)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each of prefill and decode")
     p.add_argument("--budget", type=parse_bytes, default=cache.budget_bytes,
                    help=f"cache store shared-memory budget (default {cache.budget_bytes >> 30}GiB)")
     p.add_argument("--store-id", default=cache.store_id, help="cache store id (segment name prefix)")

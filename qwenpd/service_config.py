@@ -1,5 +1,5 @@
 """What the server configs share: the server options every qwenpd server has (listen address, grace, TLS and
-bearer token, Prometheus port), their checks, byte sizes, and the one way to turn a config dataclass into
+bearer token, Prometheus port), their checks, and the one way to turn a config dataclass into
 command-line flags and back (the model services' own shared fields are `qwenpd.model_service`).
 
 Each default is written once, on the config dataclass; flags read it from there (`field_defaults`), and
@@ -10,47 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from typing import TypeVar
 
 from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.address import split_address
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 DEFAULT_GRACE_S = 5.0  # seconds in-flight calls may finish on SIGTERM
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
 C = TypeVar("C")
-
-
-def parse_bytes(text: str) -> int:
-    """'4GiB', '512M', '1_000_000' -> bytes (binary units for K/M/G/T without 'B')."""
-    m = re.fullmatch(r"\s*([0-9_]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4GiB, 512MiB, 1048576)")
-    return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
-
-
-def parse_kv_cache_size(text: str) -> int | float:
-    """--kv-cache-bytes: a byte size ('8GiB', '1048576' -> int) or a fraction of the device memory free once the
-    weights are loaded ('0.9', '90%' -> float in (0, 1]); a plain number with a decimal point is a fraction."""
-    m = re.fullmatch(r"\s*([0-9]*\.[0-9]+|[0-9]+(?:\.[0-9]*)?)\s*(%?)\s*", text)
-    if m and (m.group(2) or "." in m.group(1)):
-        fraction = float(m.group(1)) / (100 if m.group(2) else 1)
-        if not 0.0 < fraction <= 1.0:
-            raise argparse.ArgumentTypeError(f"a KV cache fraction must be in (0, 1] (or (0%, 100%]), got {text!r}")
-        return fraction
-    try:
-        size = parse_bytes(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"not a KV cache size: {text!r} (a byte size such as 8GiB, or a fraction "
-                                         "of free device memory such as 0.9 or 90%)") from None
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"a KV cache size must be at least 1 byte, got {text!r}")
-    return size
 
 
 def field_defaults(cls: type) -> argparse.Namespace:
@@ -64,16 +32,16 @@ def field_defaults(cls: type) -> argparse.Namespace:
     return argparse.Namespace(**out)
 
 
-def from_args(cls: type[C], args: argparse.Namespace) -> C:
+def from_args(cls: type[C], args: argparse.Namespace, **given) -> C:
     """Build config `cls` from parsed flags: every field with a flag of that `dest`; the `limits` and `security`
-    fields (when the class has them) from their flag groups."""
+    fields (when the class has them) from their flag groups; `given` fields as they are."""
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if "limits" in names:
         kw["limits"] = limits_mod.from_args(args)
     if "security" in names:
         kw["security"] = security_mod.from_args(args)
-    return cls(**kw)
+    return cls(**{**kw, **given})
 
 
 def add_server_args(p: argparse.ArgumentParser, d: argparse.Namespace) -> None:

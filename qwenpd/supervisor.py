@@ -20,8 +20,8 @@ own session, so a terminal Ctrl-C reaches only the parent, which stops them in o
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -39,7 +39,10 @@ from qwenpd import limits as limits_mod
 from qwenpd import security as security_mod
 from qwenpd.address import format_address
 from qwenpd.cache_store.config import CacheStoreConfig
-from qwenpd.service_config import parse_bytes
+from qwenpd.engine import engine_config
+from qwenpd.engine.engine_config import EngineConfig
+from qwenpd.process import die_with_parent
+from qwenpd.units import parse_bytes
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.gateway.config import GatewayConfig
 from qwenpd.prefill_service.config import PrefillConfig
@@ -50,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 PLACEHOLDER = "127.0.0.1:0"  # the cache address of prefill/decode configs until the store has bound its port
 LOCAL_MASTER = "local"  # mooncake_master/_metadata of a cache config: start a local mooncake_master child
 CONFIG_TYPES = {cls.__name__: cls for cls in (CacheStoreConfig, PrefillConfig, DecodeConfig, GatewayConfig)}
@@ -74,13 +76,6 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
             value = values[f.name]
             kw[f.name] = _build(hints[f.name], value) if dataclasses.is_dataclass(hints[f.name]) else value
     return cls(**kw)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -108,7 +103,8 @@ class Child:
         wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "qwenpd.cli", "serve", "child", "--config",
                                       str(config_file), "--ready-file", str(self.ready_file), "--log-level",
-                                      self.log_level], preexec_fn=_die_with_parent, start_new_session=True)
+                                      self.log_level], start_new_session=True,
+                                     preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
 
     def wait_ready(self, deadline: float) -> str:
         assert self.proc is not None
@@ -165,7 +161,7 @@ class ServiceSet:
         per_role = {role: {"tp": overrides.pop(f"{role}_tp")} for role in ("prefill", "decode")
                     if f"{role}_tp" in overrides}
         own = {f.name for f in dataclasses.fields(cls)}
-        known = own | {f.name for c in CONFIG_TYPES.values() for f in dataclasses.fields(c)}
+        known = own | set(engine_config.FIELDS) | {f.name for c in CONFIG_TYPES.values() for f in dataclasses.fields(c)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"ServiceSet.build: unknown options {unknown}")
@@ -176,11 +172,14 @@ class ServiceSet:
         port = (lambda offset: metrics + offset if metrics else 0)  # noqa: E731
         cache = pick(CacheStoreConfig, listen=format_address(host, 0), budget_bytes=budget_bytes,
                      metrics_port=port(0))
-        prefill = pick(PrefillConfig, model_dir=str(model), cache=PLACEHOLDER,
-                       listen=format_address(prefill_host or host, 0), metrics_port=port(1),
-                       **per_role.get("prefill", {}))
-        decode = pick(DecodeConfig, model_dir=str(model), cache=PLACEHOLDER,
-                      listen=format_address(decode_host or host, 0), metrics_port=port(2), **per_role.get("decode", {}))
+        def engine(role: str) -> EngineConfig:
+            given = {k: v for k, v in overrides.items() if k in engine_config.FIELDS}
+            return EngineConfig(model_dir=str(model), **{**given, **per_role.get(role, {})})
+
+        prefill = pick(PrefillConfig, engine=engine("prefill"), cache=PLACEHOLDER,
+                       listen=format_address(prefill_host or host, 0), metrics_port=port(1))
+        decode = pick(DecodeConfig, engine=engine("decode"), cache=PLACEHOLDER,
+                      listen=format_address(decode_host or host, 0), metrics_port=port(2))
         gw = pick(GatewayConfig, prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(host, 0),
                   http_listen=format_address(host, 0), metrics_port=port(3)) if gateway else None
         return cls(cache, prefill, decode, gw, metrics_port=port(4),
@@ -196,23 +195,20 @@ class ServiceSet:
         def port(offset: int) -> int:
             return metrics + offset if metrics else 0
 
-        common = dict(dtype=args.dtype, threads=args.threads, grace_s=args.grace, limits=limits, security=sec,
-                      kv_cache_bytes=args.kv_cache_bytes, compile=args.compile, whole_graphs=args.whole_graphs)
+        common = dict(grace_s=args.grace, limits=limits, security=sec)
         local = args.backend == "mooncake" and not args.mooncake_master
         cache = CacheStoreConfig(listen=format_address(args.host, args.cache_port), budget_bytes=args.budget,
                                  store_id=args.store_id, grace_s=args.grace, security=sec, metrics_port=port(0),
                                  backend=args.backend, mooncake_master=LOCAL_MASTER if local else args.mooncake_master,
                                  mooncake_metadata=LOCAL_MASTER if local else args.mooncake_metadata)
-        prefill = PrefillConfig(model_dir=args.model, cache=PLACEHOLDER,
+        prefill = PrefillConfig(engine=engine_config.from_args(args, args.model, "prefill"), cache=PLACEHOLDER,
                                 listen=format_address(args.host, args.prefill_port), chunk_size=args.chunk_size,
                                 max_queue=args.prefill_max_queue, block_size=args.block_size,
                                 snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
-                                metrics_port=port(1), device=args.prefill_device,
-                                neuron_cores=args.prefill_cores, tp=args.prefill_tp, **common)
-        decode = DecodeConfig(model_dir=args.model, cache=PLACEHOLDER,
+                                metrics_port=port(1), **common)
+        decode = DecodeConfig(engine=engine_config.from_args(args, args.model, "decode"), cache=PLACEHOLDER,
                               listen=format_address(args.host, args.decode_port), max_batch=args.max_batch,
-                              max_queue=args.decode_max_queue, metrics_port=port(2), device=args.decode_device,
-                              neuron_cores=args.decode_cores, tp=args.decode_tp, **common)
+                              max_queue=args.decode_max_queue, metrics_port=port(2), **common)
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),
             http_listen=format_address(args.host, args.http_port), grace_s=args.grace, security=sec,
@@ -427,7 +423,7 @@ def _with_compile_cache(config: Any, cache: str, default_dir: Path) -> Any:
     this run, so a child restarted after a crash reuses its graphs instead of compiling again (a compiled TP 2
     decode restarted in ~28 s cold here, longer than a resuming client waits for a decode)."""
     changes: dict[str, Any] = {"cache": cache}
-    if config.compile and config.compile_cache is None:
-        changes["compile_cache"] = str(default_dir)
+    if config.engine.compile and config.engine.compile_cache is None:
+        changes["engine"] = config.engine.replace(compile_cache=str(default_dir))
     return dataclasses.replace(config, **changes)
 

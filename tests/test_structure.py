@@ -16,12 +16,14 @@ FOLDERS = ("protos", "kernels", "engine", "cache_store", "prefill_service", "dec
 GENERIC_TOP_LEVEL = set(FOLDERS)  # names that must never be imported bare
 
 # The shared modules in qwenpd/ that every side may use (no service, no engine among their own imports).
-CORE = {"errors", "address", "grpc_status", "grpc_server", "security", "limits", "metrics", "service_config"}
+CORE = {"errors", "address", "grpc_status", "grpc_server", "security", "limits", "metrics", "service_config", "units",
+        "process"}
 # What each part may import, by part name: a folder above, or a module of qwenpd/ ("errors", "handoff", ...).
 ALLOWED: dict[str, set[str]] = {
     "protos": set(),
     "kernels": set(),
-    "engine": {"kernels", "errors"},  # errors: plain domain errors (a lost tensor-parallel rank is UNAVAILABLE)
+    # errors: plain domain errors (a lost tensor-parallel rank is UNAVAILABLE); units: flag values; process: ranks
+    "engine": {"kernels", "errors", "units", "process"},
     "cache_store": {"protos", *CORE},
     "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
     "decode_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
@@ -30,12 +32,14 @@ ALLOWED: dict[str, set[str]] = {
     # shared modules of qwenpd/
     "errors": set(),
     "layout": set(),  # each folder's __init__ calls it first: a folder is never a top-level package
+    "units": set(),
+    "process": set(),
     "address": set(),
     "metrics": set(),
     "grpc_status": {"errors"},
     "security": {"errors"},
     "limits": {"errors"},
-    "service_config": {"limits", "security", "address"},
+    "service_config": {"limits", "security", "address", "units"},
     "grpc_server": {"errors", "grpc_status", "security", "address", "limits", "service_config"},
     "handoff": {"engine", "protos", "errors"},  # the prefill -> decode contract
     "model_service": {"engine", "service_config", "limits", "security", "address"},  # what prefill and decode share
@@ -48,7 +52,8 @@ ALLOWED: dict[str, set[str]] = {
 # Plain bookkeeping: no grpc and no torch among its imports, even indirectly (module level).
 BOOKKEEPING = ("qwenpd.cache_store.index", "qwenpd.cache_store.allocator", "qwenpd.prefill_service.queue",
                "qwenpd.prefill_service.prefix_policy", "qwenpd.decode_service.scheduler", "qwenpd.clients.routing",
-               "qwenpd.engine.blocks", "qwenpd.errors", "qwenpd.address")
+               "qwenpd.engine.pages", "qwenpd.engine.engine_config", "qwenpd.errors", "qwenpd.address", "qwenpd.units",
+               "qwenpd.process")
 
 
 @dataclass(frozen=True, slots=True)

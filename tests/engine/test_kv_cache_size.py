@@ -16,7 +16,7 @@ from qwenpd.engine.device import _mem_available, free_memory
 from qwenpd.engine.engine import EngineConfig
 from qwenpd.engine.kv_cache import page_bytes
 from qwenpd.serve import add_serve_all_args
-from qwenpd.service_config import parse_kv_cache_size
+from qwenpd.units import parse_kv_cache_size
 from qwenpd.supervisor import ServiceSet, config_from_json, config_to_json
 
 
@@ -87,7 +87,8 @@ def test_serve_all_hands_both_services_the_fraction(tiny_model_dir):
     s = ServiceSet.from_args(args)
     for cfg in (s.prefill_config, s.decode_config):
         again = config_from_json(config_to_json(cfg))  # how the supervisor hands a child its config
-        assert again.kv_cache_bytes == cfg.kv_cache_bytes == 0.45 and isinstance(again.kv_cache_bytes, float)
+        assert again.engine.kv_cache_bytes == cfg.engine.kv_cache_bytes == 0.45 and \
+            isinstance(again.engine.kv_cache_bytes, float)
 
 
 @pytest.mark.parametrize("argv", [

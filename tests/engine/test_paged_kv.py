@@ -10,7 +10,7 @@ import torch
 
 from qwenpd.decode_service.scheduler import Scheduler
 from qwenpd.engine import DecodeBatch, Engine
-from qwenpd.engine.blocks import NULL_PAGE, OutOfPages, PageAllocator, PageBudget, pages_for
+from qwenpd.engine.pages import NULL_PAGE, OutOfPages, PageAllocator, PageBudget, pages_for
 from qwenpd.engine.kv_cache import page_bytes
 from qwenpd.errors import ResourceExhausted
 

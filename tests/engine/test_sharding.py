@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.engine.config import preset
-from qwenpd.engine.sharding import ShardingError, ShardPlan, merge_state, plans, take
-from qwenpd.engine.state import expected_shapes
+from qwenpd.engine.tp.plan import ShardingError, ShardPlan, merge_state, plans, take
+from qwenpd.engine.state_spec import shapes as expected_shapes
 from qwenpd.engine.weights import expected_weight_shapes
 
 CASES = [("tiny", 1), ("tiny", 2), ("tiny", 4), ("small", 2), ("small", 4), ("small", 8),

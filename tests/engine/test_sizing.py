@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qwenpd.engine.config import preset
-from qwenpd.engine.sharding import ShardPlan
+from qwenpd.engine.tp.plan import ShardPlan
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "sizing.py"
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from qwenpd.engine import DecodeBatch, Engine
-from qwenpd.engine.parallel import RankLost
-from qwenpd.engine.sharding import ShardingError
+from qwenpd.engine.tp.group import RankLost
+from qwenpd.engine.tp.plan import ShardingError
 
 
 def _ids(n: int, vocab: int, seed: int) -> list[int]:

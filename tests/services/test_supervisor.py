@@ -17,6 +17,7 @@ import pytest
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.gateway.config import GatewayConfig
+from qwenpd.engine.engine_config import EngineConfig
 from qwenpd.limits import Limits
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
@@ -27,9 +28,9 @@ from tests.services.conftest import pid_alive, segments, start_serve_all, stop_s
 def test_configs_travel_to_children_unchanged(tiny_model_dir):
     model = str(tiny_model_dir)
     for config in (CacheStoreConfig(store_id="x1", budget_bytes=1 << 30),
-                   PrefillConfig(model_dir=model, cache="127.0.0.1:5", chunk_size=64, threads=2,
+                   PrefillConfig(engine=EngineConfig(model, threads=2), cache="127.0.0.1:5", chunk_size=64,
                                  limits=Limits(max_new_tokens=99), prefix_cache=False),
-                   DecodeConfig(model_dir=model, cache="127.0.0.1:5", max_batch=3),
+                   DecodeConfig(engine=EngineConfig(model), cache="127.0.0.1:5", max_batch=3),
                    GatewayConfig(prefill=("a:1", "b:2"), decode=("c:3",), http_listen="127.0.0.1:0")):
         assert config_from_json(config_to_json(config)) == config
 
@@ -37,7 +38,7 @@ def test_configs_travel_to_children_unchanged(tiny_model_dir):
 def test_build_routes_each_option_to_the_configs_that_have_it(tiny_model_dir):
     s = ServiceSet.build(str(tiny_model_dir), gateway=True, threads=2, max_batch=4, store_id="abc",
                          grace_s=1.0, metrics_port=9000)
-    assert (s.prefill_config.threads, s.decode_config.threads, s.decode_config.max_batch) == (2, 2, 4)
+    assert (s.prefill_config.engine.threads, s.decode_config.engine.threads, s.decode_config.max_batch) == (2, 2, 4)
     assert s.cache_config.store_id == "abc"
     assert {c.grace_s for c in (s.cache_config, s.prefill_config, s.decode_config, s.gateway_config)} == {1.0}
     assert [c.metrics_port for c in (s.cache_config, s.prefill_config, s.decode_config, s.gateway_config)] == \
@@ -123,10 +124,11 @@ def test_kill9_of_the_decode_child_is_restarted_and_the_stream_completes(tiny_mo
 def test_compiled_children_get_a_compile_cache_for_restarts(tiny_model_dir, tmp_path):
     from qwenpd.supervisor import _with_compile_cache
 
-    compiled = DecodeConfig(model_dir=str(tiny_model_dir), cache="127.0.0.1:5", compile=True, kv_cache_bytes=1 << 20)
+    compiled = DecodeConfig(engine=EngineConfig(str(tiny_model_dir), compile=True, kv_cache_bytes=1 << 20),
+                            cache="127.0.0.1:5")
     got = _with_compile_cache(compiled, "127.0.0.1:6", tmp_path / "c")
-    assert (got.cache, got.compile_cache) == ("127.0.0.1:6", str(tmp_path / "c"))
-    own = dataclasses.replace(compiled, compile_cache="/kept")
-    assert _with_compile_cache(own, "127.0.0.1:6", tmp_path / "c").compile_cache == "/kept"
-    eager = DecodeConfig(model_dir=str(tiny_model_dir), cache="127.0.0.1:5")
-    assert _with_compile_cache(eager, "127.0.0.1:6", tmp_path / "c").compile_cache is None
+    assert (got.cache, got.engine.compile_cache) == ("127.0.0.1:6", str(tmp_path / "c"))
+    own = dataclasses.replace(compiled, engine=compiled.engine.replace(compile_cache="/kept"))
+    assert _with_compile_cache(own, "127.0.0.1:6", tmp_path / "c").engine.compile_cache == "/kept"
+    eager = DecodeConfig(engine=EngineConfig(str(tiny_model_dir)), cache="127.0.0.1:5")
+    assert _with_compile_cache(eager, "127.0.0.1:6", tmp_path / "c").engine.compile_cache is None

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenpd.engine import state_spec
 from qwenpd.engine.config import LINEAR, ModelConfig
+from qwenpd.engine.state_spec import Split
 
 Range = tuple[int, int, int]  # (dim, start, stop) of a canonical tensor
 
@@ -143,26 +145,25 @@ class ShardPlan:
     # ---- state (KV, conv, recurrent) in the canonical checkpoint layout ---------------------------------
     def state_ranges(self, name: str) -> list[Range]:
         """The slices of canonical state tensor `name` ("layers.3.k", "layers.0.conv", "layers.0.recurrent")
-        this rank holds, concatenated along their dim in order."""
-        c = self.config
-        kind = name.rsplit(".", 1)[1]
-        if kind in ("k", "v"):  # [Hkv, T, D]
+        this rank holds, concatenated along dim 0 in order (state_spec.py says how each kind splits)."""
+        c, split = self.config, state_spec.kind_of(name).split
+        if split is Split.KV_HEADS:  # [Hkv, T, D]
             return [(0, *self._heads(c.num_key_value_heads))]
-        if kind == "conv":  # [conv_dim, W-1]
+        if split is Split.QKV_CHANNELS:  # [conv_dim, W-1]
             return self._qkv_channels()
-        if kind == "recurrent":  # [Hv, dk, dv]
+        if split is Split.VALUE_HEADS:  # [Hv, dk, dv]
             return [(0, *self._heads(c.linear_num_value_heads))]
         raise ShardingError(f"no sharding rule for state tensor {name!r}")
 
     def write_ranges(self, name: str) -> list[tuple[Range, int]]:
         """What this rank writes of `name` into a shared (canonical) checkpoint: (range, offset of that range in
         its local tensor) for each of its `state_ranges` it owns. Of the replicas of a KV head (degree above
-        num_key_value_heads) or of a DeltaNet key head's conv channels, only the first rank writes."""
-        c, kind = self.config, name.rsplit(".", 1)[1]
+        num_key_value_heads) or of a DeltaNet key head's q/k channels, only the first rank writes."""
+        c, split = self.config, state_spec.kind_of(name).split
         out, offset = [], 0
         for i, (dim, start, stop) in enumerate(self.state_ranges(name)):
-            replicated = (kind in ("k", "v") and not self._first_replica(c.num_key_value_heads)) or \
-                (kind == "conv" and i < 2 and not self._first_replica(c.linear_num_key_heads))
+            replicated = (split is Split.KV_HEADS and not self._first_replica(c.num_key_value_heads)) or \
+                (split is Split.QKV_CHANNELS and i < 2 and not self._first_replica(c.linear_num_key_heads))
             if not replicated:
                 out.append(((dim, start, stop), offset))
             offset += stop - start

@@ -112,10 +112,10 @@ Deliver = Callable[[list[tuple[DecodeSequence, Output]]], None]
 
 class DecodeRunner:
     """Owns the engine, the DecodeBatch and the stepping thread. `submit`/`cancel`/`load_info` may be called
-    from any thread; `start` returns the engine once it is loaded and warmed up on the stepping thread."""
+    from any thread; `start` returns the engine once it is loaded (and warmed up: Engine.warm_up) on the stepping
+    thread."""
 
-    def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
-                 warmup: bool = True):
+    def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver):
         self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
         self.engine: Engine | None = None
@@ -123,7 +123,6 @@ class DecodeRunner:
         self.steps = 0
         self.tokens = 0
         self._make_engine = make_engine
-        self._warmup = warmup
         self._deliver = deliver
         self._members: dict[int, DecodeSequence] = {}  # id(state) -> sequence, for sequences in the batch
         self.on_join: Callable[[float], None] = lambda waited_s: None  # metrics: slot wait of a joining sequence
@@ -165,8 +164,6 @@ class DecodeRunner:
         try:
             engine = self._make_engine()
             self.batch = DecodeBatch(engine, self.max_batch)
-            if self._warmup:
-                warm_up(engine)
             cache = engine.kv_cache
             self.scheduler.pages = PageBudget(None if cache.growable else cache.allocator.usable)
             self.engine = engine
@@ -251,12 +248,3 @@ class DecodeRunner:
 
 def _loaded() -> HybridState:
     raise RuntimeError("sequence state was already loaded")
-
-
-def warm_up(engine: Engine) -> None:
-    """A short prefill and two decode steps, so the first request does not pay for lazy initialisation."""
-    _, state = engine.prefill([1, 2, 3, 4])
-    batch = DecodeBatch(engine, max_batch=1)
-    batch.add(state)
-    batch.step([5])
-    batch.step([6])

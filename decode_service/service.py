@@ -45,7 +45,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.store = store
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Task] = set()
-        self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver, config.warmup)
+        self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver)
         self.metrics = metrics or DecodeMetrics()
         self.metrics.watch(self.runner)
         self.engine: Engine | None = None

@@ -79,6 +79,8 @@ class Engine:
         self.mirror = None if group is None else Mirror(group, ENGINE_HANDLE)
         try:
             self._load(config.model_dir, config.deltanet_kernels, config.kv_cache_bytes, config.pages)
+            if config.warm_up and (group is None or group.leader):  # followers run the leader's warm-up calls
+                self.warm_up()
         except BaseException:
             self.close()
             raise
@@ -117,6 +119,20 @@ class Engine:
         """Stop the other ranks of a tensor-parallel group (nothing to do otherwise). Idempotent."""
         if self.group is not None and self.group.leader:
             self.group.close()
+
+    def warm_up(self) -> None:
+        """Do a first request's one-time work now: a short prefill and two decode steps on a scratch sequence,
+        released after. The first call of a qwenpd:: custom op makes torch import torch._dynamo (~1 s), and oneDNN
+        creates its kernels on first use; without this the first request's time to first token pays for both."""
+        _, state = self.prefill(list(range(1, min(5, self.config.vocab_size))))
+        batch = DecodeBatch(self, max_batch=1)
+        batch.add(state)
+        try:
+            batch.step([1])
+            batch.step([2])
+        finally:
+            batch.remove(state)
+            state.release()
 
     def default_buckets(self, chunk_size: int, max_batch: int, max_context: int | None = None) -> Buckets:
         """Buckets for contexts up to max_context (default: what the model and the KV cache allow)."""

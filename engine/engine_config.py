@@ -41,7 +41,8 @@ class EngineConfig:
     once the weights are loaded; None = grows on demand. page_size: tokens per KV page (None = the role's
     default: DEFAULT_PAGE_SIZE, prefill a divisor of its block size). tp: tensor-parallel degree (ranks 1..tp-1
     are child processes). compile / compile_cache / whole_graphs: torch.compile the graphs the process runs at
-    start (needs kv_cache_bytes), keep them in a directory across restarts, one graph per bucket on CPU too."""
+    start (needs kv_cache_bytes), keep them in a directory across restarts, one graph per bucket on CPU too.
+    warm_up: do a first request's one-time work while loading (Engine.warm_up), not inside the first request."""
 
     model_dir: str
     dtype: str = "auto"
@@ -55,6 +56,7 @@ class EngineConfig:
     compile: bool = False
     compile_cache: str | None = None
     whole_graphs: bool = False
+    warm_up: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", str(self.model_dir))

@@ -13,16 +13,8 @@ from qwenpd.grpc_server import OnReady, run_server, serve_main
 from qwenpd.metrics import PrefillMetrics
 
 
-def warm_up(engine: Engine, chunk_size: int) -> None:
-    """One short prefill so the first request does not pay for lazy initialisation."""
-    engine.prefill(list(range(1, min(8, engine.config.vocab_size))), chunk_size=chunk_size)
-
-
 def load_engine(config: PrefillConfig) -> Engine:
-    engine = build_engine(config, config.chunk_size, max_batch=1, graphs=("prefill",))
-    if config.warmup:
-        warm_up(engine, config.chunk_size)
-    return engine
+    return build_engine(config, config.chunk_size, max_batch=1, graphs=("prefill",))  # warmed up as it loads
 
 
 async def run(config: PrefillConfig, on_ready: OnReady | None = None) -> None:

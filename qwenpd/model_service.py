@@ -35,7 +35,7 @@ class ModelServiceConfig:
     options; prefill and decode must load the same model: checkpoints of another are refused). cache: cache store
     address. listen: HOST:PORT (port 0 = any free port). max_queue: requests that may wait. default_max_tokens:
     max_tokens when a request leaves it out (capped at limits.max_new_tokens). grace_s: drain time on SIGTERM.
-    warmup: run one tiny request at start. limits: what one request may ask for. security: TLS and bearer token
+    limits: what one request may ask for. security: TLS and bearer token
     of this server and of its cache-store connection. metrics_port: Prometheus /metrics (0 = off)."""
 
     engine: EngineConfig
@@ -44,7 +44,6 @@ class ModelServiceConfig:
     max_queue: int = 64
     default_max_tokens: int = 256
     grace_s: float = DEFAULT_GRACE_S
-    warmup: bool = True
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
     metrics_port: int = 0

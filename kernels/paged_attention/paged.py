@@ -93,18 +93,16 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
              f"block_tables must be [B={batch}, W], got {tuple(block_tables.shape)}")
     _require(context_lens.shape == (batch,), f"context_lens must be [B={batch}], got {tuple(context_lens.shape)}")
     qf = q.float().view(batch, hkv, group, dim) * scale
+    pages_per_tile = max(1, TILE_TOKENS // page)
+    if block_tables.shape[1] <= pages_per_tile:  # one tile: the loop below once, without its running state
+        scores, values = _tile(qf, k_pool, v_pool, block_tables, context_lens, 0)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # a real token is always visible: no -inf max
+        return ((weights @ values) / weights.sum(-1, keepdim=True)).to(q.dtype).view(batch, hq, dim)
     best = torch.full((batch, hkv, group, 1), float("-inf"), device=q.device)
     total = torch.zeros(batch, hkv, group, 1, device=q.device)
     acc = torch.zeros(batch, hkv, group, dim, device=q.device)
-    pages_per_tile = max(1, TILE_TOKENS // page)
     for w0 in range(0, block_tables.shape[1], pages_per_tile):
-        pages = block_tables[:, w0:w0 + pages_per_tile]  # [B, n]
-        keys = k_pool[pages].transpose(1, 2).flatten(2, 3).transpose(2, 3).float()  # [B, Hkv, D, L]
-        values = v_pool[pages].transpose(1, 2).flatten(2, 3).float()  # [B, Hkv, L, D]
-        scores = qf @ keys  # [B, Hkv, group, L]
-        pos = w0 * page + torch.arange(keys.shape[-1], device=q.device)
-        hidden = (pos[None, :] >= context_lens[:, None])[:, None, None, :]
-        scores = scores.masked_fill(hidden, float("-inf"))
+        scores, values = _tile(qf, k_pool, v_pool, block_tables[:, w0:w0 + pages_per_tile], context_lens, w0 * page)
         new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
         safe = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)  # no -inf - -inf
         weights = torch.exp(scores - safe)
@@ -113,3 +111,16 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
         acc = acc * rescale + weights @ values
         best = new_best
     return (acc / total).to(q.dtype).view(batch, hq, dim)
+
+
+def _tile(qf: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Tensor, context_lens: Tensor, first: int
+          ) -> tuple[Tensor, Tensor]:
+    """Scores [B, Hkv, group, L] (fp32, -inf past each context) and values [B, Hkv, L, D] (fp32) of the pages
+    [B, n] whose first token is at position `first`."""
+    page = k_pool.shape[2]
+    keys = k_pool[pages].transpose(1, 2).flatten(2, 3).transpose(2, 3).float()  # [B, Hkv, D, L]
+    values = v_pool[pages].transpose(1, 2).flatten(2, 3).float()  # [B, Hkv, L, D]
+    scores = qf @ keys  # [B, Hkv, group, L]
+    pos = first + torch.arange(pages.shape[1] * page, device=qf.device)
+    hidden = (pos[None, :] >= context_lens[:, None])[:, None, None, :]
+    return scores.masked_fill(hidden, float("-inf")), values

@@ -6,7 +6,7 @@ stream_options.include_usage, a usage chunk with no choices before it). A client
 request (Starlette cancels a streaming response on http.disconnect; a whole answer being collected is watched
 the same way), which cancels the decode calls and frees their slots. `Authorization: Bearer <token>` is required
 when the gateway has a token (not for /health); the prefix-cache salt comes from the `X-Cache-Salt` header, else
-from the body's `user`.
+from the body's `cache_salt` (never from `user`).
 """
 
 from __future__ import annotations

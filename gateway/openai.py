@@ -4,7 +4,11 @@ No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
 reports the chosen token's log-probability only), tools, response_format, logit_bias, penalties, echo,
-best_of, suffix. Extensions (vLLM's names): `top_k`, `ignore_eos`. Per-token strings of `logprobs`: decode sends
+best_of, suffix; and so is every parameter an endpoint does not know (`min_p`, `repetition_penalty`,
+`reasoning_effort`, ...): each endpoint reads a fixed set of names. Extensions (vLLM's names): `top_k`,
+`ignore_eos`, `cache_salt` (the prefix-cache partition; the `X-Cache-Salt` header wins over it) and
+`chat_template_kwargs` (`enable_thinking` only). `user`, `safety_identifier` and `prompt_cache_key` identify an
+end user or a prompt family: accepted, and they do not partition the cache (sharing across users stays). Per-token strings of `logprobs`: decode sends
 text per chunk, not per token, so a chunk's text is given to its last token and the others get "" (the strings
 still concatenate to the output text).
 """
@@ -25,6 +29,13 @@ MAX_N = 16
 MAX_STOP = 4  # as OpenAI
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "echo",
                 "suffix", "audio", "modalities", "prediction")
+# The names each endpoint reads; any other is refused (400 naming it).
+_COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
+                            "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
+                            "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key",
+                            *_UNSUPPORTED})
+_COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
+_CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"}
 
 
 class ApiError(Exception):
@@ -135,6 +146,11 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
 def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int, bool, bool]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - (_CHAT_PARAMS if chat else _COMPLETION_PARAMS))
+    if unknown:
+        raise ApiError(400, f"'{unknown[0]}' is not supported by this server", param=unknown[0])
+    for name in ("user", "safety_identifier", "prompt_cache_key"):  # accepted; they do not partition the cache
+        _get(body, name, (str,))
     model = _get(body, "model", (str,))
     if not model:
         raise ApiError(400, "'model' is required", param="model")
@@ -157,9 +173,10 @@ def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int,
 
 
 def _salt(body: dict, header_salt: str | None) -> str | None:
+    """The prefix-cache partition: the X-Cache-Salt header, else the body's `cache_salt`, else none (shared)."""
     if header_salt:
         return header_salt
-    return _get(body, "user", (str,)) or None
+    return _get(body, "cache_salt", (str,)) or None
 
 
 def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
@@ -228,6 +245,15 @@ def parse_chat(body: Any, header_salt: str | None = None) -> Parsed:
             raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
         chat.messages.append(common_pb2.ChatMessage(role=role, content=_content(m, i)))
+    kwargs = _get(body, "chat_template_kwargs", (dict,), {})
+    for key, value in kwargs.items():
+        if key != "enable_thinking":
+            raise ApiError(400, f"chat template argument '{key}' is not supported (only enable_thinking)",
+                           param=f"chat_template_kwargs.{key}")
+        if not isinstance(value, bool):
+            raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
+                           param="chat_template_kwargs.enable_thinking")
+        chat.enable_thinking = value
     req = prefill_pb2.PrefillRequest(sampling=sampling, chat=chat)
     salt = _salt(body, header_salt)
     if salt is not None:

@@ -11,7 +11,7 @@ from qwenpd.gateway.openai import ApiError, api_error, parse_chat, parse_complet
 
 def test_openai_requests_become_prefill_requests():
     p = parse_completion({"model": "m", "prompt": [[1, 2], "hi"], "max_tokens": 5, "temperature": 0, "seed": -1,
-                          "stop": "x", "n": 2, "user": "alice"})
+                          "stop": "x", "n": 2, "cache_salt": "alice"})
     assert len(p.prompts) == 2 and p.n == 2
     first, second = p.prompts
     assert list(first.token_ids.ids) == [1, 2] and second.text == "hi"
@@ -50,3 +50,37 @@ def test_errors_map_to_http_statuses():
     assert (full.status, full.retry_after_s) == (429, 2.5)
     assert api_error(Unavailable("down")).status == 503
     assert api_error(DeadlineExceeded("late")).status == 504
+
+
+def test_every_parameter_is_read_or_refused_by_name():
+    """A parameter this server does not implement is a 400 naming it, never ignored: the known-unsupported ones
+    and names no endpoint reads alike (min_p, repetition_penalty, reasoning_effort, chat template arguments)."""
+    for body, param in [({"model": "m", "prompt": "x", "min_p": 0.1}, "min_p"),
+                        ({"model": "m", "prompt": "x", "repetition_penalty": 1.1}, "repetition_penalty"),
+                        ({"model": "m", "prompt": "x", "messages": []}, "messages"),
+                        ({"model": "m", "prompt": "x", "max_completion_tokens": 3}, "max_completion_tokens")]:
+        with pytest.raises(ApiError) as err:
+            parse_completion(body)
+        assert err.value.status == 400 and err.value.param == param
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for extra, param in [({"reasoning_effort": "low"}, "reasoning_effort"), ({"min_p": 0.05}, "min_p"),
+                         ({"chat_template_kwargs": {"foo": 1}}, "chat_template_kwargs.foo"),
+                         ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
+                         ({"user": 5}, "user")]:
+        with pytest.raises(ApiError) as err:
+            parse_chat({**chat, **extra})
+        assert err.value.status == 400 and err.value.param == param
+
+
+def test_enable_thinking_reaches_the_template_and_user_ids_do_not_partition_the_cache():
+    on = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                     "chat_template_kwargs": {"enable_thinking": False}}).prompts[0]
+    assert on.chat.HasField("enable_thinking") and on.chat.enable_thinking is False
+    plain = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).prompts[0]
+    assert not plain.chat.HasField("enable_thinking")
+    ids = {"user": "alice", "safety_identifier": "s-1", "prompt_cache_key": "k"}
+    assert not parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], **ids}).prompts[0].cache_salt
+    assert not parse_completion({"model": "m", "prompt": "x", **ids}).prompts[0].cache_salt
+    salted = parse_completion({"model": "m", "prompt": "x", "cache_salt": "t1", **ids}, header_salt=None)
+    assert salted.prompts[0].cache_salt == "t1"
+    assert parse_completion({"model": "m", "prompt": "x", "cache_salt": "t1"}, header_salt="h").prompts[0].cache_salt == "h"

@@ -139,7 +139,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     async def GetModelInfo(self, request: prefill_pb2.GetModelInfoRequest, context) -> prefill_pb2.ModelInfo:
         e, c = self.engine, self.config
         return prefill_pb2.ModelInfo(
-            model_name=c.name, model_path=str(e.model_dir), fingerprint=e.fingerprint,
+            model_name=c.name, fingerprint=e.fingerprint,
             dtype=str(e.dtype).removeprefix("torch."), vocab_size=e.config.vocab_size,
             max_context=e.config.max_position_embeddings, chunk_size=c.chunk_size,
             eos_token_ids=sorted(e.eos_token_ids),

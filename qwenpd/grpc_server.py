@@ -22,7 +22,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from qwenpd import security as sec_mod
 from qwenpd.address import format_address, split_address
@@ -92,6 +93,44 @@ class GrpcServer:
                 await result
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"  # what buf curl and newer grpcurl ask for
+
+
+def enable_reflection(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+    """Server reflection under both of its names: grpc.reflection.v1alpha (what grpcio-reflection ships) and
+    grpc.reflection.v1 (the same messages and wire format under the package newer clients use), one servicer."""
+    _register_reflection_v1_descriptors()
+    servicer = reflection.aio.ReflectionServicer((*names, reflection.SERVICE_NAME, REFLECTION_V1))
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _register_reflection_v1_descriptors() -> None:
+    """grpc/reflection/v1/reflection.proto in the default descriptor pool (v1alpha's, renamed), so reflection can
+    describe its own v1 service too. Once per process."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    for message in proto.message_type:
+        for f in message.field:
+            if f.type_name.startswith(".grpc.reflection.v1alpha."):
+                f.type_name = f.type_name.replace(".grpc.reflection.v1alpha.", ".grpc.reflection.v1.")
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(".grpc.reflection.v1alpha.", ".grpc.reflection.v1.")
+            method.output_type = method.output_type.replace(".grpc.reflection.v1alpha.", ".grpc.reflection.v1.")
+    pool.Add(proto)
+
+
 def make_server(*servicers: Any, host: str = "127.0.0.1", port: int = 0,
                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), options: Iterable[tuple[str, Any]] = (),
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Any = None,
@@ -115,7 +154,7 @@ def make_server(*servicers: Any, host: str = "127.0.0.1", port: int = 0,
         names.append(full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection(server, (*names, health.SERVICE_NAME))
     address = format_address(host, port)
     try:
         creds = sec_mod.server_credentials(sec)

@@ -166,3 +166,33 @@ def test_every_call_reports_its_final_code_and_the_token_is_checked_per_call(tmp
     asyncio.run(main())
     assert seen == [("Decode", grpc.StatusCode.OK), ("Decode", grpc.StatusCode.UNAUTHENTICATED),
                     ("GetLoad", grpc.StatusCode.UNAVAILABLE), ("Check", grpc.StatusCode.OK)]
+
+
+def test_reflection_answers_as_v1_and_v1alpha() -> None:
+    """buf curl and newer grpcurl ask grpc.reflection.v1; older clients v1alpha: both list the services and
+    describe them (the two versions share their messages' wire format)."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    async def ask(channel, service: str, request: reflection_pb2.ServerReflectionRequest):
+        call = channel.stream_stream(f"/{service}/ServerReflectionInfo",
+                                     request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        return [r async for r in call(iter([request]), timeout=5)][0]
+
+    async def main() -> None:
+        server = grpc_server.make_server(Decode(), host="127.0.0.1", port=0)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                for service in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
+                    listed = await ask(channel, service, reflection_pb2.ServerReflectionRequest(list_services=""))
+                    names = {s.name for s in listed.list_services_response.service}
+                    assert {"qwenpd.v1.DecodeService", "grpc.reflection.v1.ServerReflection"} <= names, names
+                    for symbol in ("qwenpd.v1.DecodeService", "grpc.reflection.v1.ServerReflection"):
+                        found = await ask(channel, service, reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol=symbol))
+                        assert found.file_descriptor_response.file_descriptor_proto, (service, symbol)
+        finally:
+            await server.shutdown(grace_s=0)
+
+    asyncio.run(main())

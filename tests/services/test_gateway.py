@@ -101,6 +101,7 @@ def test_grpc_errors_are_mapped_and_the_gateway_stays_up(stub, gateway):
     assert status == health_pb2.HealthCheckResponse.SERVING
     info = stub.GetModelInfo(prefill_pb2.GetModelInfoRequest(), timeout=5)
     assert info.vocab_size > 0
+    assert info.model_name and not info.model_path  # the server's filesystem path is not disclosed
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     with grpc.insecure_channel(gateway.address) as ch:  # what a stub in another language discovers

@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -275,8 +280,16 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model name (the checkpoint directory's name unless configured)."""
-    model_path: _builtins.str
-    """Checkpoint directory on the server's host."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def model_path(self) -> _builtins.str:
+        """Deprecated, always empty: the server's filesystem layout is not disclosed to callers (its logs have it)."""
+
+    @model_path.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def model_path(self, value: _builtins.str) -> None:
+        """Deprecated, always empty: the server's filesystem layout is not disclosed to callers (its logs have it)."""
+
     fingerprint: _builtins.str
     """Digest of config, state layout and weights; checkpoints carry it and readers refuse a mismatch."""
     dtype: _builtins.str

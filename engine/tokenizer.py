@@ -9,8 +9,25 @@ from typing import Any, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 
 
+# Bounds of Tokenizer.encode_at_most: a normalizer can shorten a text (NFC composes characters); a piece boundary
+# can change the tokens next to it; pieces are short enough for one encode call to be a short pause.
+NORMALIZE_SLACK = 4
+SEAM_SLACK = 64
+PIECE_CHARS = 1 << 16
+
+
 class TokenizerError(ValueError):
     pass
+
+
+def _cut(text: str, at: int) -> int:
+    """A cut at or after `at`: just before a space that follows a non-space (or the end)."""
+    if at >= len(text):
+        return len(text)
+    found = text.find(" ", at)
+    while found != -1 and text[found - 1].isspace():
+        found = text.find(" ", found + 1)
+    return len(text) if found == -1 else found
 
 
 class Tokenizer:
@@ -32,9 +49,31 @@ class Tokenizer:
         self.bos_token: str | None = _token_text(cfg.get("bos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The most characters one token stands for (byte-level BPE: one per byte of its piece): a text of n
+        # characters has at least n / (that x NORMALIZE_SLACK) tokens, whatever it says.
+        self.max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_at_most(self, text: str, limit: int) -> list[int] | None:
+        """The ids of `text`, or None once it certainly has more than `limit` tokens, found without tokenizing
+        all of it: `tokenizers` holds the GIL for a whole call (a 10 MB text: ~8 s with every other thread of the
+        process stopped, and gigabytes for the encoding). A text too long for any tokenization is refused from
+        its length; a long one is counted piece by piece (pieces cut before a space, where pre-tokenizers cut
+        too, each allowed SEAM_SLACK tokens of error), stopping as soon as the count is past the limit; only
+        what may fit is encoded whole."""
+        if len(text) > limit * self.max_token_chars * NORMALIZE_SLACK:
+            return None
+        if len(text) > PIECE_CHARS:
+            counted, seams, start = 0, 0, 0
+            while start < len(text):
+                end = _cut(text, start + PIECE_CHARS)
+                counted += len(self._tok.encode(text[start:end], add_special_tokens=False).ids)
+                if counted - SEAM_SLACK * seams > limit:
+                    return None
+                start, seams = end, seams + 1
+        return self.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

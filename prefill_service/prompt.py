@@ -36,7 +36,12 @@ def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine, limits
                 text = tok.apply_chat_template(messages, enable_thinking=thinking)
             except TokenizerError as exc:
                 raise InvalidArgument(field, str(exc)) from None
-        ids = tok.encode(text) if text else []
+        # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
+        most = prompt_capacity(engine, limits) + max(0, request.resume_generated)
+        ids = tok.encode_at_most(text, most) if text else []
+        if ids is None:
+            raise InvalidArgument(field, f"the prompt has more than {most} tokens, the most this server takes",
+                                  reason="PROMPT_TOO_LONG")
     if not ids:
         raise InvalidArgument(field, "the prompt is empty")
     if limits is not None:
@@ -47,3 +52,11 @@ def prompt_token_ids(request: prefill_pb2.PrefillRequest, engine: Engine, limits
     except ValueError as exc:  # an id outside the vocabulary, or longer than the context
         raise InvalidArgument(field, str(exc)) from None
     return ids
+
+
+def prompt_capacity(engine: Engine, limits: Limits | None) -> int:
+    """The most prompt tokens a request may have: the model's context, or less by `limits`."""
+    context = engine.config.max_position_embeddings
+    if limits is None or limits.max_prompt_tokens is None:
+        return context
+    return min(context, limits.max_prompt_tokens)

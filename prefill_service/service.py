@@ -8,6 +8,7 @@ token sampled here, so no token is computed twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -60,7 +61,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         arrived = time.monotonic_ns()
         request_id = request.request_id or uuid.uuid4().hex
-        ids = prompt_token_ids(request, self.engine, self.config.limits)
+        # off the event loop: health checks and other requests go on while a long text is tokenized (a piece at a
+        # time: prompt.py)
+        ids = await asyncio.to_thread(prompt_token_ids, request, self.engine, self.config.limits)
         params = with_seed(sampling_from_pb(request.sampling, self.config.default_max_tokens,
                                             self.engine.config.vocab_size))
         self.config.limits.check_sampling(params)

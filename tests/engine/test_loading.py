@@ -121,3 +121,21 @@ def test_decode_step_past_the_context_is_refused(tiny_model_dir):
     state.num_tokens = eng.config.max_position_embeddings  # as if the context were full
     with pytest.raises(ValueError, match="exceeds the model's maximum"):
         batch.step([5])
+
+
+def test_encode_at_most_refuses_what_cannot_fit_without_tokenizing_it_all(tiny_model_dir):
+    """Tokenizer.encode_at_most: the exact ids of what may fit; None, quickly, for what certainly does not."""
+    import time
+
+    from qwenpd.engine.tokenizer import PIECE_CHARS, Tokenizer
+
+    tok = Tokenizer(tiny_model_dir)
+    short = "the quick brown fox jumps over the lazy dog " * 50
+    assert tok.encode_at_most(short, 10_000) == tok.encode(short)
+    long_text = "alpha beta, gamma δέλτα 12345 " * (3 * PIECE_CHARS // 30)  # several pieces
+    true = len(tok.encode(long_text))
+    assert tok.encode_at_most(long_text, true) == tok.encode(long_text)  # at the limit: exact, whole
+    assert tok.encode_at_most(long_text, true // 2) is None  # counted piece by piece, past the limit
+    t0 = time.monotonic()
+    assert tok.encode_at_most("word " * 2_000_000, 8192) is None  # 10 MB: refused from its length
+    assert time.monotonic() - t0 < 1.0

@@ -18,8 +18,11 @@ class GatewayConfig:
     caller's own deadline wins when shorter). max_in_flight_prefill / _decode: calls of ours one backend may
     have running (0 = no bound); past every backend's bound a request is refused with RESOURCE_EXHAUSTED (HTTP
     429). health_interval_s: how often backends are checked (ejected while down, readmitted when back).
-    resume_wait_s: how long a broken stream waits for a decode instance to answer. model_name: the name the HTTP
-    API serves ("" = the prefill's). security: TLS and bearer token of both servers and of the backend calls."""
+    resume_wait_s: how long a broken stream waits for a decode instance to answer. served_model_names: the names
+    the HTTP API serves the model under, the first one reported (none = the prefill's model name). cors_origins:
+    origins a browser may call the HTTP API from (none = no CORS headers: other sites' pages cannot read
+    answers; POST bodies must be application/json in any case). security: TLS and bearer token of both servers
+    and of the backend calls."""
 
     prefill: tuple[str, ...]
     decode: tuple[str, ...]
@@ -30,7 +33,8 @@ class GatewayConfig:
     max_in_flight_decode: int = 512
     health_interval_s: float = 1.0
     resume_wait_s: float = 15.0
-    model_name: str = ""
+    served_model_names: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     grace_s: float = DEFAULT_GRACE_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int = 0
@@ -38,6 +42,9 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         self.prefill, self.decode = tuple(self.prefill), tuple(self.decode)
+        self.served_model_names, self.cors_origins = tuple(self.served_model_names), tuple(self.cors_origins)
+        if any(not name or not name.strip() for name in self.served_model_names):
+            raise ValueError("served_model_names: a name must not be empty")
         check_server(self.listen, self.grace_s, self.metrics_port)
         for kind, addrs in (("prefill", self.prefill), ("decode", self.decode)):
             if not addrs:
@@ -74,8 +81,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"seconds between backend health checks (default {d.health_interval_s:g})")
     p.add_argument("--resume-wait", type=float, default=d.resume_wait_s, dest="resume_wait_s",
                    help=f"seconds a broken stream waits for some decode instance to answer (default {d.resume_wait_s:g})")
-    p.add_argument("--model-name", default=d.model_name, help="model name of the HTTP API (default: the prefill's)")
+    add_http_args(p)
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest gRPC message")
+
+
+def add_http_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP API's naming and CORS flags (serve gateway and serve all)."""
+    p.add_argument("--served-model-name", "--model-name", nargs="+", default=(), dest="served_model_names",
+                   metavar="NAME", help="names the HTTP API serves the model under, the first one reported "
+                   "(default: the prefill's model name: the checkpoint's _name_or_path or folder)")
+    p.add_argument("--cors-origin", action="append", default=[], dest="cors_origins", metavar="ORIGIN",
+                   help="an origin browsers may call the HTTP API from, e.g. https://app.example (repeatable; "
+                   "default: none, no CORS headers)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

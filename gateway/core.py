@@ -110,7 +110,15 @@ class Gateway:
 
     @property
     def model_name(self) -> str:
-        return self.config.model_name or (self.model_info.model_name if self.model_info else "")
+        """The name the model is reported under: the first served name, else the prefill's."""
+        return self.model_names[0] if self.model_names else ""
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name requests may give (served_model_names, else the prefill's model name)."""
+        if self.config.served_model_names:
+            return self.config.served_model_names
+        return (self.model_info.model_name,) if self.model_info else ()
 
     def timeout(self, caller_remaining: float | None) -> float:
         return self.config.timeout_s if caller_remaining is None else min(self.config.timeout_s, caller_remaining)

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -55,8 +57,12 @@ class HttpApi:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={404: self._not_found, 405: self._not_allowed})
+        ], exception_handlers={404: self._not_found, 405: self._not_allowed},
+            middleware=[Middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
+                                   allow_methods=["GET", "POST"], allow_headers=["*"])]
+            if gateway.config.cors_origins else [])
 
     # ---- routes --------------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -75,8 +81,18 @@ class HttpApi:
         except QwenpdError as exc:
             return self._fail("/v1/models", openai.api_error(exc))
         self._count("/v1/models", 200)
-        return JSONResponse({"object": "list", "data": [{"id": self.gateway.model_name, "object": "model",
-                                                         "created": 0, "owned_by": "qwenpd"}]})
+        return JSONResponse({"object": "list", "data": [_model_json(name) for name in self.gateway.model_names]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            await self._check_model(request.path_params["model_id"])
+        except ApiError as err:
+            return self._fail("/v1/models/{id}", err)
+        except QwenpdError as exc:
+            return self._fail("/v1/models/{id}", openai.api_error(exc))
+        self._count("/v1/models/{id}", 200)
+        return JSONResponse(_model_json(request.path_params["model_id"]))
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "/v1/completions", openai.parse_completion)
@@ -90,7 +106,7 @@ class HttpApi:
             self._authorize(request)
             body = await self._json(request)
             parsed: Parsed = parse(body, request.headers.get(SALT_HEADER))
-            if parsed.model != self.gateway.model_name:
+            if parsed.model not in self.gateway.model_names:
                 await self._check_model(parsed.model)
         except ApiError as err:
             return self._fail(route, err)
@@ -185,6 +201,10 @@ class HttpApi:
             raise ApiError(401, "the bearer token is not valid", "authentication_error", code="invalid_api_key")
 
     async def _json(self, request: Request) -> Any:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":  # a form or text/plain post from another site's page is not a request
+            raise ApiError(415, f"the request body must be application/json, got {kind or 'no content type'}",
+                           code="unsupported_media_type")
         limit = self.gateway.config.max_message_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -199,9 +219,10 @@ class HttpApi:
 
     async def _check_model(self, model: str) -> None:
         await self.gateway.get_model_info(10.0)
-        if model != self.gateway.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves "
-                           f"'{self.gateway.model_name}'", param="model", code="model_not_found")
+        if model not in self.gateway.model_names:
+            served = ", ".join(f"'{name}'" for name in self.gateway.model_names)
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves {served}", param="model",
+                           code="model_not_found")
 
     def _count(self, route: str, status: int) -> None:
         self.gateway.metrics.http_requests.labels(route, str(status)).inc()
@@ -216,6 +237,10 @@ class HttpApi:
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                         code="method_not_allowed"))
+
+
+def _model_json(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "qwenpd"}
 
 
 async def _unless_disconnected(request: Request, work: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,17 @@ class PrefillConfig(ModelServiceConfig):
 
     @property
     def name(self) -> str:
-        return self.model_name or Path(self.model_dir).resolve().name
+        return self.model_name or checkpoint_name(self.model_dir)
+
+
+def checkpoint_name(model_dir: str) -> str:
+    """What a checkpoint calls itself: config.json's `_name_or_path` (transformers writes the hub id there), else
+    the folder's name."""
+    try:
+        name = json.loads((Path(model_dir) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        name = None
+    return name if isinstance(name, str) and name.strip() else Path(model_dir).resolve().name
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

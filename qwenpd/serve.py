@@ -74,7 +74,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     from qwenpd.engine import engine_config
     from qwenpd.units import parse_bytes
     from qwenpd.decode_service.config import DecodeConfig
-    from qwenpd.gateway.config import GatewayConfig
+    from qwenpd.gateway.config import GatewayConfig, add_http_args
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
     from qwenpd.supervisor import ServiceSet
 
@@ -115,6 +115,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    help=f"seconds to wait for all of them to serve (default {sup.start_timeout_s:g})")
     p.add_argument("--grace", type=float, default=prefill.grace_s, help="seconds in-flight calls may finish on stop")
     add_prefix_args(p)
+    add_http_args(p)
     limits.add_args(p)
     security.add_args(p)
 

@@ -212,7 +212,8 @@ class ServiceSet:
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),
             http_listen=format_address(args.host, args.http_port), grace_s=args.grace, security=sec,
-            max_message_bytes=limits.max_message_bytes, metrics_port=port(3), resume_wait_s=args.resume_wait_s)
+            max_message_bytes=limits.max_message_bytes, metrics_port=port(3), resume_wait_s=args.resume_wait_s,
+            served_model_names=tuple(args.served_model_names), cors_origins=tuple(args.cors_origins))
         return cls(cache, prefill, decode, gateway, start_timeout_s=args.start_timeout, log_level=args.log_level,
                    max_restarts=args.max_restarts, metrics_port=port(4))
 

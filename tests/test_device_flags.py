@@ -57,3 +57,18 @@ def test_compile_flags_need_a_fixed_kv_cache(module, tiny_model_dir, tmp_path):
     assert ec.compile and ec.kv_cache_bytes == 64 << 20 and ec.compile_cache == str(tmp_path)
     assert not ec.whole_graphs and module.config_from_args(
         p.parse_args([*base, "--kv-cache-bytes", "64MiB", "--whole-graphs"])).engine.whole_graphs
+
+
+def test_serve_all_passes_the_gateway_its_names_and_origins(tiny_model_dir):
+    p = argparse.ArgumentParser()
+    add_serve_all_args(p)
+    args = p.parse_args(["--model", str(tiny_model_dir), "--served-model-name", "a", "b/c",
+                         "--cors-origin", "https://x.example"])
+    args.log_level = "INFO"
+    s = ServiceSet.from_args(args)
+    assert s.gateway_config.served_model_names == ("a", "b/c")
+    assert s.gateway_config.cors_origins == ("https://x.example",)
+    args = p.parse_args(["--model", str(tiny_model_dir)])
+    args.log_level = "INFO"
+    plain = ServiceSet.from_args(args)
+    assert plain.gateway_config.served_model_names == () and plain.gateway_config.cors_origins == ()

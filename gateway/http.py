@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from starlette.routing import Route
 
 from qwenpd.errors import QwenpdError
 from qwenpd.gateway import openai
+from qwenpd.gateway.access import Access, AccessLog
 from qwenpd.gateway.core import Choice, Gateway, collect, usage
 from qwenpd.gateway.openai import ApiError, Parsed
 
@@ -59,10 +59,11 @@ class HttpApi:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={404: self._not_found, 405: self._not_allowed},
-            middleware=[Middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
-                                   allow_methods=["GET", "POST"], allow_headers=["*"])]
-            if gateway.config.cors_origins else [])
+        ], exception_handlers={404: self._not_found, 405: self._not_allowed}, middleware=[
+            Middleware(AccessLog),
+            *([Middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
+                          allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["x-request-id"])]
+              if gateway.config.cors_origins else [])])
 
     # ---- routes --------------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -112,25 +113,28 @@ class HttpApi:
             return self._fail(route, err)
         except QwenpdError as exc:
             return self._fail(route, openai.api_error(exc))
-        request_id = ("chatcmpl-" if parsed.chat else "cmpl-") + uuid.uuid4().hex
+        access: Access = request.state.access
+        request_id = ("chatcmpl-" if parsed.chat else "cmpl-") + access.request_id
         if parsed.stream:
-            return await self._stream(route, parsed, request_id)
+            return await self._stream(route, parsed, request_id, access)
         try:
-            choices = await _unless_disconnected(request, self._collect(parsed, request_id))
+            choices = await _unless_disconnected(request, self._collect(parsed, access))
         except QwenpdError as exc:
             return self._fail(route, openai.api_error(exc))
         if choices is None:  # the caller left: its decode calls are cancelled, nobody reads an answer
             self._count(route, 499)
             return Response(status_code=499)
         self._count(route, 200)
-        return JSONResponse(openai.response(parsed, request_id, [c for c, _ in choices],
-                                            _usage(parsed, choices)))
+        totals = _usage(parsed, choices)
+        access.prompt_tokens, access.completion_tokens = totals["prompt_tokens"], totals["completion_tokens"]
+        access.ttft_s = choices[0][0].trace.ttft_s if choices else None
+        return JSONResponse(openai.response(parsed, request_id, [c for c, _ in choices], totals))
 
-    async def _collect(self, parsed: Parsed, request_id: str) -> list[tuple[Choice, int]]:
+    async def _collect(self, parsed: Parsed, access: Access) -> list[tuple[Choice, int]]:
         """Every choice of every prompt, run to the end: (choice, prompt index), in output order."""
         out: list[tuple[Choice, int]] = []
         for i, prompt in enumerate(parsed.prompts):
-            prompt.request_id = f"{request_id}-{i}"
+            prompt.request_id = f"{access.request_id}-{i}"
             group: dict[int, Choice] = {}
             async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
                 collect(choice, chunk)
@@ -141,10 +145,10 @@ class HttpApi:
                 out.append((c, i))
         return out
 
-    async def _stream(self, route: str, parsed: Parsed, request_id: str) -> Response:
+    async def _stream(self, route: str, parsed: Parsed, request_id: str, access: Access) -> Response:
         """Start the first prompt before answering, so that a request refused at once (a full queue, no backend
         up, a bad prompt) still gets its proper status instead of a 200 with an error event."""
-        events = self._events(parsed, request_id)
+        events = self._events(parsed, request_id, access)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
@@ -167,10 +171,10 @@ class HttpApi:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _events(self, parsed: Parsed, request_id: str) -> AsyncIterator[bytes]:
+    async def _events(self, parsed: Parsed, request_id: str, access: Access) -> AsyncIterator[bytes]:
         totals = [0, 0, 0]
         for i, prompt in enumerate(parsed.prompts):
-            prompt.request_id = f"{request_id}-{i}"
+            prompt.request_id = f"{access.request_id}-{i}"
             started: set[int] = set()
             async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
                 index = i * parsed.n + choice.index
@@ -186,6 +190,9 @@ class HttpApi:
                         totals[0] += u.prompt_tokens
                         totals[1] += u.cached_tokens
                     totals[2] += u.completion_tokens
+                    access.prompt_tokens, access.completion_tokens = totals[0], totals[2]
+                    if access.ttft_s is None:
+                        access.ttft_s = choice.trace.ttft_s
         if parsed.include_usage:
             yield _sse(openai.usage_chunk(parsed, request_id, openai.usage_json(*totals)))
 

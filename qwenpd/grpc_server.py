@@ -203,6 +203,7 @@ async def run_server(servicer: Any, *, listen: str, security: Any, metrics: Any,
         if on_ready is not None:
             on_ready(server, extra)
         await server.serve_until_signal(grace_s=grace_s)
+        log.info("%s on %s stopped", describe, server.address)
 
 
 def write_ready_file(path: str | None, payload: dict[str, Any]) -> None:

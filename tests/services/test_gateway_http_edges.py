@@ -34,8 +34,10 @@ def test_only_json_bodies_are_requests_and_no_cors_by_default(plain):
         r = httpx.post(f"{plain.base_url}/completions", content=body, headers=headers, timeout=60)
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (kind, r.text)
     r = httpx.post(f"{plain.base_url}/completions", content=body, timeout=60,
-                   headers={"content-type": "application/json; charset=utf-8", "origin": "https://evil.example"})
+                   headers={"content-type": "application/json; charset=utf-8", "origin": "https://evil.example",
+                            "x-request-id": "edge-1"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert r.headers["x-request-id"] == "edge-1" and r.json()["id"] == "cmpl-edge-1"  # one id end to end
     pre = httpx.options(f"{plain.base_url}/completions", headers={
         "origin": "https://evil.example", "access-control-request-method": "POST"})
     assert "access-control-allow-origin" not in pre.headers

@@ -70,7 +70,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"prompt tokens per prefill chunk (default {d.chunk_size})")
     p.add_argument("--handoff-ttl", type=float, default=d.handoff_ttl_s, dest="handoff_ttl_s",
                    help="seconds a checkpoint waits for its decode call")
-    p.add_argument("--model-name", default=d.model_name)
+    p.add_argument("--model-name", default=d.model_name, help="the name GetModelInfo reports (default: the "
+                   "checkpoint's _name_or_path, else its folder)")
     add_prefix_args(p)
 
 

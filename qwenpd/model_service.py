@@ -63,7 +63,9 @@ def add_model_service_args(p: argparse.ArgumentParser, d: argparse.Namespace, en
     engine_config.add_args(p, engine_defaults)
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests that may wait (default {d.max_queue})")
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help=f"max_tokens of a request that gives none (default {d.default_max_tokens}; at most "
+                        "--max-new-tokens)")
     add_server_args(p, d)
     limits_mod.add_args(p)
 

@@ -61,9 +61,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="start everything on the embedded tiny model and stream a few prompts")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the tiny model, made if missing)")
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per demo answer (default 24)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per service")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds each demo call may take (default 120)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -83,8 +83,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address all of them listen on (default 127.0.0.1)")
     p.add_argument("--cache-port", type=int, default=0, help="0 = any free port (default)")
-    p.add_argument("--prefill-port", type=int, default=0)
-    p.add_argument("--decode-port", type=int, default=0)
+    p.add_argument("--prefill-port", type=int, default=0, help="the prefill service's port (0 = any free port)")
+    p.add_argument("--decode-port", type=int, default=0, help="the decode service's port (0 = any free port)")
     p.add_argument("--gateway-port", type=int, default=0, help="the gateway's gRPC port (0 = any free port)")
     p.add_argument("--http-port", type=int, default=0, help="the gateway's OpenAI-compatible HTTP port")
     p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
@@ -95,8 +95,10 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
                    f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
     engine_config.add_args(p, roles=("prefill", "decode"))  # the services' engine flags, per role where they differ
-    p.add_argument("--chunk-size", type=int, default=prefill.chunk_size)
-    p.add_argument("--max-batch", type=int, default=decode.max_batch)
+    p.add_argument("--chunk-size", type=int, default=prefill.chunk_size,
+                   help=f"prompt tokens per prefill chunk (default {prefill.chunk_size})")
+    p.add_argument("--max-batch", type=int, default=decode.max_batch,
+                   help=f"sequences decode steps together (default {decode.max_batch})")
     p.add_argument("--budget", type=parse_bytes, default=cache.budget_bytes,
                    help=f"cache store shared-memory budget (default {cache.budget_bytes >> 30}GiB)")
     p.add_argument("--store-id", default=cache.store_id, help="cache store id (segment name prefix)")
@@ -122,7 +124,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-file", default=None, help="write {\"address\", \"pid\"} here once serving")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log lines of this level and above, on stderr (default INFO)")
 
 
 def _logging(args: argparse.Namespace) -> None:

@@ -88,3 +88,25 @@ def test_check_device_on_cpu_prints_one_table():
     assert "greedy 16/16 equal" in rows["fp32 vs cpu"]
     assert {"prefill 100 (eager)", "decode b1 (eager)", "decode b2 (eager)"} <= set(rows)
     assert all(" yes " in line for line in lines[2:])
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    """`--help` of every subcommand documents every flag (a flag without help text is a question for the user)."""
+    import argparse
+
+    from qwenpd.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and action.dest != "help" and not (action.help or "").strip():
+                missing.append(f"{path} {action.option_strings[0]}")
+
+    walk(build_parser(), "qwenpd")
+    assert not missing, missing
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "gateway" in serve and "all" in serve

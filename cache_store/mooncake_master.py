@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qwenpd.cache_store.mooncake import INSTALL_HINT
 from qwenpd.errors import FailedPrecondition, Unavailable
-from qwenpd.process import die_with_parent
+from qwenpd.process import dying_with_parent
 
 
 def master_binary() -> str | None:
@@ -77,8 +77,8 @@ class MooncakeMaster:
                 f"-metrics_port={metrics_port}"]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(dying_with_parent(argv), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while not (_listening(self.host, self.port) and _listening(self.host, self.http_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -7,21 +7,22 @@ writes its bound address to a ready file once it serves (port 0 works); the pare
 says SERVING, and pins the bound address into the config so that a restart comes back at the same address.
 
 Supervision: a child that exits on its own is restarted in place after a backoff (0.5 s doubling to 8 s), at most
-`max_restarts` times in `restart_window_s` per child; past that budget everything stops (exit 1). Every restart
+`max_restarts` times in `restart_window_s` per child; past that budget everything stops (exit 1). A child that
+exits before it first serves is started again the same way, within the same budget. Every restart
 is logged and counted (`qwenpd_child_restarts_total{role}` on metrics port + 4). A restarted decode takes over the
 streams that the gateway and clients resume; a restarted cache store reclaims its orphaned segments.
 
 Stopping sends SIGTERM to the gateway, then prefill and decode (they drain and release their leases), then the
 cache store (which removes its shared-memory segments), and SIGKILLs whatever has not exited after the grace
-period. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG), so none outlive it; they run in their
-own session, so a terminal Ctrl-C reaches only the parent, which stops them in order.
+period. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG, set by qwenpd.process's trampoline, never
+by preexec_fn: nothing runs between fork and exec in a parent with live gRPC threads), so none outlive it; they run
+in their own session, so a terminal Ctrl-C reaches only the parent, which stops them in order.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import signal
@@ -41,7 +42,7 @@ from qwenpd.address import format_address
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.engine import engine_config
 from qwenpd.engine.engine_config import EngineConfig
-from qwenpd.process import die_with_parent
+from qwenpd.process import dying_with_parent
 from qwenpd.units import parse_bytes
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.gateway.config import GatewayConfig
@@ -78,6 +79,10 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kw)
 
 
+class ChildExited(RuntimeError):
+    """A child exited before it served."""
+
+
 @dataclass
 class Child:
     """One supervised process, started from its config."""
@@ -101,17 +106,16 @@ class Child:
         config_file.write_text(config_to_json(self.config))
         self.ready_file.unlink(missing_ok=True)
         wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "qwenpd.cli", "serve", "child", "--config",
-                                      str(config_file), "--ready-file", str(self.ready_file), "--log-level",
-                                      self.log_level], start_new_session=True,
-                                     preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
+        argv = [*wrap, sys.executable, "-m", "qwenpd.cli", "serve", "child", "--config", str(config_file),
+                "--ready-file", str(self.ready_file), "--log-level", self.log_level]
+        self.proc = subprocess.Popen(dying_with_parent(argv, signal.SIGTERM), start_new_session=True)
 
     def wait_ready(self, deadline: float) -> str:
         assert self.proc is not None
         while not self.ready_file.exists():
             code = self.proc.poll()
             if code is not None:
-                raise RuntimeError(f"{self.role} exited with code {code} before serving")
+                raise ChildExited(f"{self.role} exited with code {code} before serving")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.role} did not start serving in time")
             time.sleep(0.02)
@@ -294,8 +298,20 @@ class ServiceSet:
     def _launch(self, children: list[Child], deadline: float) -> None:
         for child in children:
             child.start()
+        self._await_serving(children, deadline)
+
+    def _await_serving(self, children: list[Child], deadline: float) -> None:
+        """Wait until each child serves; one that exits first is started again like one that exits later
+        (backoff, within its restart budget), so a child dying in start-up stops nothing by itself."""
         for child in children:
-            child.wait_ready(deadline)
+            while True:
+                try:
+                    child.wait_ready(deadline)
+                    break
+                except ChildExited:
+                    if not self._start_again(child):
+                        raise
+                    deadline = max(deadline, time.monotonic() + self.start_timeout_s)
             wait_serving(child.address, deadline, self.security)
 
     def _serve_metrics(self) -> None:
@@ -314,6 +330,14 @@ class ServiceSet:
 
     def restart(self, child: Child) -> bool:
         """Restart an exited child in place after a backoff; False when its restart budget is spent."""
+        if not self._start_again(child):
+            return False
+        self._await_serving([child], time.monotonic() + self.start_timeout_s)
+        log.warning("%s is back at %s", child.role, child.address)
+        return True
+
+    def _start_again(self, child: Child) -> bool:
+        """Start an exited child again after a backoff if its restart budget allows; False when it is spent."""
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < self.restart_window_s]
         if len(child.restarts) >= self.max_restarts:
@@ -321,17 +345,13 @@ class ServiceSet:
         delay = min(8.0, 0.5 * 2 ** len(child.restarts))
         code = child.proc.returncode if child.proc is not None else None
         log.warning("%s exited with code %s; restarting it at %s in %.1f s (restart %d of %d in %.0f s)",
-                    child.role, code, child.address, delay, len(child.restarts) + 1, self.max_restarts,
-                    self.restart_window_s)
+                    child.role, code, child.address or "a new address", delay, len(child.restarts) + 1,
+                    self.max_restarts, self.restart_window_s)
         time.sleep(delay)
         child.restarts.append(time.monotonic())
         if self._metrics is not None:
             self._metrics.restarts.labels(child.role).inc()
         child.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        child.wait_ready(deadline)
-        wait_serving(child.address, deadline, self.security)
-        log.warning("%s is back at %s", child.role, child.address)
         return True
 
     def stop(self) -> dict[str, int]:

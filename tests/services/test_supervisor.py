@@ -132,3 +132,38 @@ def test_compiled_children_get_a_compile_cache_for_restarts(tiny_model_dir, tmp_
     assert _with_compile_cache(own, "127.0.0.1:6", tmp_path / "c").engine.compile_cache == "/kept"
     eager = DecodeConfig(engine=EngineConfig(str(tiny_model_dir)), cache="127.0.0.1:5")
     assert _with_compile_cache(eager, "127.0.0.1:6", tmp_path / "c").engine.compile_cache is None
+
+
+def test_a_child_that_dies_during_start_up_is_started_again(tiny_model_dir):
+    """A child that exits before it first serves costs one restart of its budget, not the whole start."""
+    import threading
+
+    s = ServiceSet.build(str(tiny_model_dir), gateway=False, threads=1, store_id=f"startup{os.getpid()}",
+                         log_level="WARNING")
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            s.start()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=start)
+    t.start()
+    try:
+        killed = None
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline:  # kill -9 the prefill child before it serves
+            prefill = next((c for c in s.children if c.role == "prefill" and c.proc is not None), None)
+            if prefill is not None and not prefill.ready_file.exists():
+                prefill.proc.kill()
+                killed = prefill.proc.pid
+            time.sleep(0.01)
+        assert killed is not None, "prefill served before it could be killed"
+        t.join(timeout=180)
+        assert not t.is_alive() and not errors, errors
+        prefill = next(c for c in s.children if c.role == "prefill")
+        assert prefill.proc.pid != killed and len(prefill.restarts) == 1 and prefill.address
+    finally:
+        t.join(timeout=180)
+        s.stop()

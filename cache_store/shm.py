@@ -60,8 +60,9 @@ class SegmentFiles:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise FailedPrecondition(f"another live cache store uses store id {self.store_id!r} in {self.dir}",
-                                     subject="store_id", reason="STORE_ID_IN_USE") from None
+            raise FailedPrecondition(f"another live cache store uses store id {self.store_id!r} in {self.dir}: "
+                                     "give each deployment its own --store-id", subject="store_id",
+                                     reason="STORE_ID_IN_USE") from None
         self._lock_fd = fd
         orphans = sorted(p.name for p in self.dir.iterdir() if p.name.startswith(self.prefix))
         for name in orphans:

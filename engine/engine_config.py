@@ -38,7 +38,7 @@ class EngineConfig:
     cuda[:N] | neuron | meta (its availability is checked when the engine is built). neuron_cores: NeuronCores
     this process may use ('0-3'; the process sets NEURON_RT_VISIBLE_CORES before the runtime starts).
     kv_cache_bytes: the paged KV cache, bytes (int) or a fraction in (0, 1] (float) of the device memory free
-    once the weights are loaded; None = grows on demand. page_size: tokens per KV page (None = the role's
+    once the weights are loaded; None = grows on demand (compiled: compiled_kv_cache_default). page_size: tokens per KV page (None = the role's
     default: DEFAULT_PAGE_SIZE, prefill a divisor of its block size). tp: tensor-parallel degree (ranks 1..tp-1
     are child processes). compile / compile_cache / whole_graphs: torch.compile the graphs the process runs at
     start (needs kv_cache_bytes), keep them in a directory across restarts, one graph per bucket on CPU too.
@@ -78,8 +78,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
-        if self.compile and self.kv_cache_bytes is None:
-            raise ValueError("--compile needs a fixed-size KV cache: give --kv-cache-bytes")
+        if self.compile and self.kv_cache_bytes is None:  # compiled graphs need a fixed size: the default
+            object.__setattr__(self, "kv_cache_bytes", compiled_kv_cache_default(self.device))
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -105,6 +105,16 @@ class EngineConfig:
     @classmethod
     def from_json(cls, text: str) -> "EngineConfig":
         return cls(**json.loads(text))
+
+
+COMPILED_KV_CACHE_CPU = 2 << 30  # bytes, as vLLM's CPU backend takes a fixed KV size (its default is 4 GiB)
+COMPILED_KV_CACHE_FRACTION = 0.45  # of the memory free on an accelerator: prefill and decode on one device both fit
+
+
+def compiled_kv_cache_default(device: str) -> KVCacheSize:
+    """The KV cache of a compiled engine given no size: a fixed 2 GiB on CPU, 45% of the device memory free once
+    the weights are loaded elsewhere (services log what it came to)."""
+    return COMPILED_KV_CACHE_CPU if device.split(":", 1)[0] == "cpu" else COMPILED_KV_CACHE_FRACTION
 
 
 def check_kv_cache_size(size: KVCacheSize | None) -> None:
@@ -138,7 +148,8 @@ _FLAGS = (
           "and decode degrees hand off exactly)", {"type": int}, per_role="tp"),
     _Flag("threads", "torch CPU threads (per rank; default: torch's, split between the ranks)", {"type": int}),
     _Flag("kv_cache_bytes", "paged KV cache: bytes (e.g. 8GiB) or a fraction of the device memory free once the "
-          "weights are loaded (e.g. 0.9 or 90%%) (default: grows on demand)",
+          "weights are loaded (e.g. 0.9 or 90%%) (default: grows on demand; with --compile a fixed size: generate "
+          "the pages its prompt and --max-tokens need, services 2GiB on CPU and 45%% of free memory elsewhere)",
           {"type": parse_kv_cache_size, "metavar": "SIZE"}),
     _Flag("page_size", f"tokens per KV page (default {DEFAULT_PAGE_SIZE}; prefill: gcd({DEFAULT_PAGE_SIZE}, "
           "--block-size), a divisor of its block size)", {"type": int}),
@@ -146,7 +157,7 @@ _FLAGS = (
           "(flash-linear-attention's chunked prefill kernel, CUDA) or nki (default %(default)s)",
           {"choices": DELTANET_KERNELS}),
     _Flag("compile", "torch.compile the prefill chunks / decode steps this process runs over static buckets at "
-          "start (needs --kv-cache-bytes)", {"action": "store_true"}),
+          "start (over a fixed-size KV cache: see --kv-cache-bytes)", {"action": "store_true"}),
     _Flag("compile_cache", "keep compiled graphs in this directory across restarts", {"metavar": "DIR"}),
     _Flag("whole_graphs", "with --compile on CPU: one graph per bucket instead of one region per layer kind "
           "(slower warm-up, faster steps; neuron and CUDA always compile whole graphs)", {"action": "store_true"}),

@@ -32,6 +32,17 @@ def resolve_kv_cache_bytes(size: KVCacheSize | None, device: torch.device) -> in
     return size
 
 
+def kv_cache_bytes_for(engine_config, tokens: int) -> int:
+    """Bytes of a KV cache that holds one sequence of `tokens` tokens for the engine `engine_config` describes (its
+    pages, the null page, and one page of slack), for a fixed-size cache sized to one known request."""
+    from qwenpd.engine.engine import DTYPES
+
+    config = ModelConfig.from_pretrained(engine_config.model_dir)
+    dtype = DTYPES[config.torch_dtype if engine_config.dtype == "auto" else engine_config.dtype]
+    page = engine_config.pages
+    return (pages_for(tokens, page) + 2) * page_bytes(config, page, dtype)
+
+
 def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of one page across every attention layer (K and V)."""
     per_token = 2 * config.num_key_value_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()

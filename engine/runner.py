@@ -19,8 +19,9 @@ a step takes milliseconds). Whole graphs (`regional=False`) suit devices where l
 
 from __future__ import annotations
 
-import time
 import functools
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ import torch
 from qwenpd.engine.pages import NULL_PAGE, pages_for
 from qwenpd.engine.model import HybridModel
 from qwenpd.engine.state import HybridState
+
+log = logging.getLogger("qwenpd.compile")
 
 GRAPHS = ("prefill", "decode")
 _REGIONS = {"prefill": ("linear_prefill", "attention_prefill", "logits"),
@@ -176,19 +179,33 @@ class GraphRunner:
         cache, b = scratch.kv.cache, self.buckets
         slots_conv = [c.expand(max_batch, *c.shape).clone() for c in scratch.conv]
         slots_rec = [r.expand(max_batch, *r.shape).clone() for r in scratch.recurrent]
+        total, done = b.count(self.graphs), 0
         for width in b.widths:
             table = self._long([NULL_PAGE] * width)
             for chunk in b.chunks if "prefill" in self.graphs else ():  # distinct tensors per argument: graphs guard on aliasing too
                 ids, slots, start, last = (self._long([0] * n) for n in (chunk, chunk, 1, 1))
                 mask = torch.zeros(chunk, dtype=torch.bool, device=self.device)
+                started = time.perf_counter()
                 with torch.inference_mode():
                     self.prefill_fn(ids, scratch.conv, scratch.recurrent, cache.k, cache.v, slots, table, start,
                                     mask, last)
+                done += 1
+                _progress(done, total, f"prefill chunk {chunk}, width {width}", started, t0)
             for rows in b.batches if "decode" in self.graphs else ():
                 ids, slots, positions = (self._long([0] * rows) for _ in range(3))
                 tables = self._long([[NULL_PAGE] * width] * rows)
+                started = time.perf_counter()
                 with torch.inference_mode():
                     self.decode_fn(ids, [c[:rows] for c in slots_conv], [r[:rows] for r in slots_rec], cache.k,
                                    cache.v, slots, tables, positions)
+                done += 1
+                _progress(done, total, f"decode batch {rows}, width {width}", started, t0)
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
+
+
+def _progress(done: int, total: int, what: str, started: float, t0: float) -> None:
+    """One line per compiled bucket (INFO on qwenpd.compile): which, how many are left, how long it took."""
+    now = time.perf_counter()
+    log.info("compiled %d/%d: %s in %.1f s (%.0f s so far, %d left)", done, total, what, now - started, now - t0,
+             total - done)

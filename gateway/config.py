@@ -11,6 +11,9 @@ from qwenpd.security import Security
 from qwenpd.service_config import DEFAULT_GRACE_S, check_address, check_server
 
 
+DEFAULT_RESUME_WAIT_S = 15.0
+
+
 @dataclass(slots=True)
 class GatewayConfig:
     """prefill / decode: the backends' addresses. listen: gRPC HOST:PORT; http_listen: the OpenAI-compatible HTTP
@@ -32,7 +35,7 @@ class GatewayConfig:
     max_in_flight_prefill: int = 64
     max_in_flight_decode: int = 512
     health_interval_s: float = 1.0
-    resume_wait_s: float = 15.0
+    resume_wait_s: float = DEFAULT_RESUME_WAIT_S
     served_model_names: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     grace_s: float = DEFAULT_GRACE_S

@@ -72,25 +72,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from qwenpd.engine.engine import Engine
 
     config = engine_config.from_args(args, args.model)
+    prompt_ids = _prompt_ids(args)
+    if config.compile and args.kv_cache_bytes is None:  # exactly the pages this prompt and max_tokens need
+        from qwenpd.engine.kv_cache import kv_cache_bytes_for
+
+        config = config.replace(kv_cache_bytes=kv_cache_bytes_for(config, len(prompt_ids) + args.max_tokens))
     set_neuron_cores(config.neuron_cores)
+    if config.compile:  # one line per compiled bucket on stderr (warm-up takes a while)
+        import logging
+
+        logging.basicConfig(format="qwenpd generate: %(message)s")
+        logging.getLogger("qwenpd.compile").setLevel(logging.INFO)
     engine = Engine(config)
     try:
-        return _generate_local(engine, args)
+        return _generate_local(engine, prompt_ids, args)
     finally:
         engine.close()
 
 
-def _generate_local(engine, args: argparse.Namespace) -> int:
+def _prompt_ids(args: argparse.Namespace) -> list[int]:
+    if args.prompt_ids is not None:
+        return args.prompt_ids
+    if args.prompt is None:
+        raise SystemExit("qwenpd generate: give --prompt TEXT or --prompt-ids 1,2,3")
+    from pathlib import Path
+
+    from qwenpd.engine.tokenizer import Tokenizer
+
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        raise SystemExit("this checkpoint has no tokenizer.json; use --prompt-ids")
+    return Tokenizer(args.model).encode(args.prompt)
+
+
+def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace) -> int:
     from qwenpd.engine.generate import generate
 
-    if args.prompt_ids is not None:
-        prompt_ids = args.prompt_ids
-    elif args.prompt is not None:
-        if engine.tokenizer is None:
-            raise SystemExit("this checkpoint has no tokenizer.json; use --prompt-ids")
-        prompt_ids = engine.tokenizer.encode(args.prompt)
-    else:
-        raise SystemExit("qwenpd generate: give --prompt TEXT or --prompt-ids 1,2,3")
     params = sampling_from_args(args)
     started = time.perf_counter()
     warmup_s = 0.0

@@ -74,7 +74,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     from qwenpd.engine import engine_config
     from qwenpd.units import parse_bytes
     from qwenpd.decode_service.config import DecodeConfig
-    from qwenpd.gateway.config import GatewayConfig, add_http_args
+    from qwenpd.gateway.config import DEFAULT_RESUME_WAIT_S, add_http_args
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
     from qwenpd.supervisor import ServiceSet
 
@@ -88,10 +88,10 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-port", type=int, default=0, help="the gateway's gRPC port (0 = any free port)")
     p.add_argument("--http-port", type=int, default=0, help="the gateway's OpenAI-compatible HTTP port")
     p.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
-    p.add_argument("--resume-wait", type=float, default=service_config.field_defaults(GatewayConfig).resume_wait_s,
-                   dest="resume_wait_s", metavar="S", help="seconds the gateway holds a broken decode stream while "
-                   "no decode instance answers, e.g. during a restart (default %(default)g; a compiled decode "
-                   "service restarts in its warm-up time)")
+    p.add_argument("--resume-wait", type=float, default=None, dest="resume_wait_s", metavar="S",
+                   help="seconds the gateway holds a broken decode stream while no decode instance answers, e.g. "
+                   f"during a restart (default {DEFAULT_RESUME_WAIT_S:g}; with "
+                   "--compile 120, long enough for a decode service to restart from its compile cache)")
     p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
                    f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
     engine_config.add_args(p, roles=("prefill", "decode"))  # the services' engine flags, per role where they differ
@@ -101,7 +101,9 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    help=f"sequences decode steps together (default {decode.max_batch})")
     p.add_argument("--budget", type=parse_bytes, default=cache.budget_bytes,
                    help=f"cache store shared-memory budget (default {cache.budget_bytes >> 30}GiB)")
-    p.add_argument("--store-id", default=cache.store_id, help="cache store id (segment name prefix)")
+    p.add_argument("--store-id", default=None, help="cache store id (the prefix of its shared-memory segments; a "
+                   "store started again with the same id removes the segments its predecessor left) (default: one "
+                   "per deployment, from --cache-port when given, else from this process's id)")
     p.add_argument("--backend", choices=("shm", "mooncake"), default=cache.backend,
                    help="cache store data plane; mooncake starts a local mooncake_master unless --mooncake-master")
     p.add_argument("--mooncake-master", default="", metavar="HOST:PORT", help="an existing mooncake_master")
@@ -182,19 +184,28 @@ def cmd_serve_child(args: argparse.Namespace) -> int:
 
 def cmd_serve_all(args: argparse.Namespace) -> int:
     from qwenpd import grpc_server
-    from qwenpd.supervisor import ServiceSet, wait_for_signal
+    from qwenpd.supervisor import ChildExited, ServiceSet, wait_for_signal
 
     _logging(args)
-    with ServiceSet.from_args(args) as services:
+    services = ServiceSet.from_args(args)
+    try:
+        try:
+            services.start()
+        except (ChildExited, TimeoutError) as exc:  # the child said why on stderr: one more line, no traceback
+            print(f"qwenpd serve all: {exc}", file=sys.stderr)
+            return 1
         addresses = services.addresses()
         print("qwenpd serve all: " + ", ".join(f"{role} {addr}" for role, addr in addresses.items()) +
               " (Ctrl-C stops them all)", flush=True)
+
         def ready() -> None:  # again after each restart: the children's pids change
             grpc_server.write_ready_file(args.ready_file,
                                          {**addresses, "pid": os.getpid(), "children": services.pids()})
 
         ready()
         return wait_for_signal(services, on_restart=ready)
+    finally:
+        services.stop()
 
 
 # ---- generate through the services -----------------------------------------------------------------------------

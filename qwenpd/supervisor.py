@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from qwenpd.engine.engine_config import EngineConfig
 from qwenpd.process import dying_with_parent
 from qwenpd.units import parse_bytes
 from qwenpd.decode_service.config import DecodeConfig
-from qwenpd.gateway.config import GatewayConfig
+from qwenpd.gateway.config import DEFAULT_RESUME_WAIT_S, GatewayConfig
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.security import Security
 
@@ -83,6 +84,21 @@ class ChildExited(RuntimeError):
     """A child exited before it served."""
 
 
+# Exit codes of a child that could not start and said why (serve_main: 1, a dependency or an address; argparse and
+# config checks: 2): starting it again would fail the same way. Any other exit before serving is restarted.
+CANNOT_START = (1, 2)
+
+
+COMPILED_RESUME_WAIT_S = 120.0  # serve all --compile: a decode restart (from its compile cache) takes this long here
+
+
+def deployment_store_id(cache_port: int) -> str:
+    """serve all's store id when none is given: one per deployment, so two on one host never share segments: from
+    the cache store's port when it is fixed (a deployment started again on it reclaims its predecessor's
+    segments), else from this process's id."""
+    return f"port{cache_port}" if cache_port else f"pid{os.getpid()}"
+
+
 @dataclass
 class Child:
     """One supervised process, started from its config."""
@@ -112,12 +128,17 @@ class Child:
 
     def wait_ready(self, deadline: float) -> str:
         assert self.proc is not None
+        said = time.monotonic()
         while not self.ready_file.exists():
             code = self.proc.poll()
             if code is not None:
                 raise ChildExited(f"{self.role} exited with code {code} before serving")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.role} did not start serving in time")
+            if time.monotonic() - said > 15:  # a compiled service warms up for minutes: say what is awaited
+                said = time.monotonic()
+                log.warning("waiting for %s (pid %d) to serve (%.0f s left)", self.role, self.proc.pid,
+                            deadline - said)
             time.sleep(0.02)
         self.info = json.loads(self.ready_file.read_text())
         self.address = self.info["address"]
@@ -202,7 +223,8 @@ class ServiceSet:
         common = dict(grace_s=args.grace, limits=limits, security=sec)
         local = args.backend == "mooncake" and not args.mooncake_master
         cache = CacheStoreConfig(listen=format_address(args.host, args.cache_port), budget_bytes=args.budget,
-                                 store_id=args.store_id, grace_s=args.grace, security=sec, metrics_port=port(0),
+                                 store_id=args.store_id or deployment_store_id(args.cache_port), grace_s=args.grace,
+                                 security=sec, metrics_port=port(0),
                                  backend=args.backend, mooncake_master=LOCAL_MASTER if local else args.mooncake_master,
                                  mooncake_metadata=LOCAL_MASTER if local else args.mooncake_metadata)
         prefill = PrefillConfig(engine=engine_config.from_args(args, args.model, "prefill"), cache=PLACEHOLDER,
@@ -216,7 +238,9 @@ class ServiceSet:
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),
             http_listen=format_address(args.host, args.http_port), grace_s=args.grace, security=sec,
-            max_message_bytes=limits.max_message_bytes, metrics_port=port(3), resume_wait_s=args.resume_wait_s,
+            max_message_bytes=limits.max_message_bytes, metrics_port=port(3),
+            resume_wait_s=args.resume_wait_s or (COMPILED_RESUME_WAIT_S if decode.engine.compile else
+                                                  DEFAULT_RESUME_WAIT_S),
             served_model_names=tuple(args.served_model_names), cors_origins=tuple(args.cors_origins))
         return cls(cache, prefill, decode, gateway, start_timeout_s=args.start_timeout, log_level=args.log_level,
                    max_restarts=args.max_restarts, metrics_port=port(4))
@@ -309,7 +333,7 @@ class ServiceSet:
                     child.wait_ready(deadline)
                     break
                 except ChildExited:
-                    if not self._start_again(child):
+                    if child.proc.returncode in CANNOT_START or not self._start_again(child):
                         raise
                     deadline = max(deadline, time.monotonic() + self.start_timeout_s)
             wait_serving(child.address, deadline, self.security)

@@ -45,12 +45,11 @@ def test_serve_all_passes_each_role_its_device_and_cores(tiny_model_dir):
 
 
 @pytest.mark.parametrize("module", [prefill_config, decode_config], ids=["prefill", "decode"])
-def test_compile_flags_need_a_fixed_kv_cache(module, tiny_model_dir, tmp_path):
+def test_compile_flags_get_a_fixed_kv_cache(module, tiny_model_dir, tmp_path):
     p = argparse.ArgumentParser()
     module.add_args(p)
     base = ["--model", str(tiny_model_dir), "--cache", "127.0.0.1:1", "--compile"]
-    with pytest.raises(ValueError, match="--kv-cache-bytes"):
-        module.config_from_args(p.parse_args(base))
+    assert module.config_from_args(p.parse_args(base)).engine.kv_cache_bytes == 2 << 30  # the CPU default
     cfg = module.config_from_args(p.parse_args([*base, "--kv-cache-bytes", "64MiB", "--compile-cache",
                                                 str(tmp_path)]))
     ec = cfg.engine
@@ -72,3 +71,16 @@ def test_serve_all_passes_the_gateway_its_names_and_origins(tiny_model_dir):
     args.log_level = "INFO"
     plain = ServiceSet.from_args(args)
     assert plain.gateway_config.served_model_names == () and plain.gateway_config.cors_origins == ()
+
+
+def test_serve_all_resume_wait_follows_the_mode(tiny_model_dir):
+    """A compiled decode restarts in its warm-up from the compile cache: the gateway waits long enough for that by
+    default; an eager one restarts in seconds."""
+    p = argparse.ArgumentParser()
+    add_serve_all_args(p)
+    waits = []
+    for extra in ([], ["--compile"], ["--compile", "--resume-wait", "30"]):
+        args = p.parse_args(["--model", str(tiny_model_dir), *extra])
+        args.log_level = "INFO"
+        waits.append(ServiceSet.from_args(args).gateway_config.resume_wait_s)
+    assert waits == [15.0, 120.0, 30.0]

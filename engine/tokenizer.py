@@ -56,6 +56,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def max_text_chars(self, limit: int) -> int:
+        """The most characters a text of at most `limit` tokens can have (longer ones are refused unread)."""
+        return limit * self.max_token_chars * NORMALIZE_SLACK
+
     def encode_at_most(self, text: str, limit: int) -> list[int] | None:
         """The ids of `text`, or None once it certainly has more than `limit` tokens, found without tokenizing
         all of it: `tokenizers` holds the GIL for a whole call (a 10 MB text: ~8 s with every other thread of the
@@ -63,7 +67,7 @@ class Tokenizer:
         its length; a long one is counted piece by piece (pieces cut before a space, where pre-tokenizers cut
         too, each allowed SEAM_SLACK tokens of error), stopping as soon as the count is past the limit; only
         what may fit is encoded whole."""
-        if len(text) > limit * self.max_token_chars * NORMALIZE_SLACK:
+        if len(text) > self.max_text_chars(limit):
             return None
         if len(text) > PIECE_CHARS:
             counted, seams, start = 0, 0, 0

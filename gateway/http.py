@@ -212,7 +212,7 @@ class HttpApi:
         if kind != "application/json":  # a form or text/plain post from another site's page is not a request
             raise ApiError(415, f"the request body must be application/json, got {kind or 'no content type'}",
                            code="unsupported_media_type")
-        limit = self.gateway.config.max_message_bytes
+        limit = self._body_limit()
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
@@ -223,6 +223,16 @@ class HttpApi:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    def _body_limit(self) -> int:
+        """The largest body worth reading: what the longest prompt that could fit the model's context takes in JSON
+        (12 bytes a character at worst: a \\uXXXX surrogate pair), plus room for the other fields; never past
+        --max-message-bytes."""
+        limit = self.gateway.config.max_message_bytes
+        info = self.gateway.model_info
+        if info is not None and info.max_prompt_chars:
+            limit = min(limit, 12 * info.max_prompt_chars + (1 << 20))
+        return limit
 
     async def _check_model(self, model: str) -> None:
         await self.gateway.get_model_info(10.0)

@@ -22,7 +22,7 @@ from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.prefix import PrefixCache
 from qwenpd.handoff import PROMPT_TAIL, Handoff, sampling_from_pb, with_seed
-from qwenpd.prefill_service.prompt import prompt_token_ids
+from qwenpd.prefill_service.prompt import prompt_capacity, prompt_token_ids
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -146,4 +146,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             dtype=str(e.dtype).removeprefix("torch."), vocab_size=e.config.vocab_size,
             max_context=e.config.max_position_embeddings, chunk_size=c.chunk_size,
             eos_token_ids=sorted(e.eos_token_ids),
-            has_chat_template=bool(e.tokenizer is not None and e.tokenizer.chat_template))
+            has_chat_template=bool(e.tokenizer is not None and e.tokenizer.chat_template),
+            max_prompt_chars=0 if e.tokenizer is None else e.tokenizer.max_text_chars(
+                prompt_capacity(e, self.config.limits)))

@@ -278,6 +278,7 @@ class ModelInfo(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     EOS_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model name (the checkpoint directory's name unless configured)."""
     @_builtins.property
@@ -302,6 +303,10 @@ class ModelInfo(_message.Message):
     """Tokens per prefill chunk."""
     has_chat_template: _builtins.bool
     """Whether Chat prompts are accepted."""
+    max_prompt_chars: _builtins.int
+    """The most characters a text prompt may have and still fit the prompt limit (each token stands for at most so
+    many characters); longer ones are refused without being tokenized. 0 = no tokenizer.
+    """
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids that end generation unless ignore_eos is set."""
@@ -318,10 +323,11 @@ class ModelInfo(_message.Message):
         chunk_size: _builtins.int = ...,
         eos_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         has_chat_template: _builtins.bool = ...,
+        max_prompt_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "fingerprint", b"fingerprint", "has_chat_template", b"has_chat_template", "max_context", b"max_context", "model_name", b"model_name", "model_path", b"model_path", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "fingerprint", b"fingerprint", "has_chat_template", b"has_chat_template", "max_context", b"max_context", "max_prompt_chars", b"max_prompt_chars", "model_name", b"model_name", "model_path", b"model_path", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,246 @@
+"""Qwen3.5/3.6 chat output as OpenAI expects it: reasoning, content and tool calls, parsed from text deltas.
+
+The model writes its reasoning inside `<think>...</think>` (the chat template's generation prompt may already have
+opened it: `thinking_open`), and calls tools as
+
+    <tool_call>
+    <function=NAME>
+    <parameter=KEY>
+    VALUE
+    </parameter>
+    ...
+    </function>
+    </tool_call>
+
+possibly several, possibly after text, possibly inside the reasoning (a call there is still a call). `ChatOutput`
+is a pure function of the text deltas: `push(text)` returns what is now certain (reasoning, content, tool-call
+deltas), holding back a tail that might still become markup; `finish()` flushes. No markup of a call ever reaches
+content; a call that is not well formed is given back as the text it was. Tool-call deltas follow OpenAI's stream
+shape: the first carries index, id, type and name, then argument fragments that concatenate to the JSON object of
+the whole call; values are converted by the tool's JSON schema (integer, number, boolean, object, array, null;
+strings verbatim). The non-streamed result is the concatenation of the stream (`ChatOutput.parse`).
+
+Plain Python (no grpc, no torch): used by the gateway and the client library alike. Groundwork of issue 24: not
+yet wired to requests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>\n?(.*?)</function>\s*", re.S)
+_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+_MARKUP = (THINK_OPEN, THINK_CLOSE, CALL_OPEN)
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """One piece of a tool call in OpenAI's stream shape (the first of a call has id, type and name)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            out.update(id=self.id, type="function")
+        function: dict[str, Any] = {"arguments": self.arguments}
+        if self.name is not None:
+            function["name"] = self.name
+        out["function"] = function
+        return out
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one push made certain."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.reasoning or self.content or self.tool_calls)
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A whole output: reasoning, content and the tool calls it made."""
+
+    reasoning: str
+    content: str
+    tool_calls: list[ToolCall]
+
+
+class ChatOutput:
+    """Streaming parser of one completion (see the module docstring)."""
+
+    def __init__(self, tools: Sequence[Mapping[str, Any]] = (), thinking_open: bool = False,
+                 new_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12)):
+        self._types = {_tool_name(t): _parameter_types(t) for t in tools if _tool_name(t)}
+        self._thinking = thinking_open
+        self._new_id = new_id
+        self._pending = ""  # text not yet certain
+        self._calls = 0
+        self._after_think = False  # content's first newlines after </think> are the template's, not the answer's
+
+    @classmethod
+    def parse(cls, text: str, tools: Sequence[Mapping[str, Any]] = (), thinking_open: bool = False,
+              new_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12)) -> Parsed:
+        """The whole of `text` at once: exactly what the stream of it adds up to."""
+        parser = cls(tools, thinking_open, new_id)
+        return collect([parser.push(text), parser.finish()])
+
+    def push(self, text: str) -> Delta:
+        self._pending += text
+        return self._drain(final=False)
+
+    def finish(self) -> Delta:
+        return self._drain(final=True)
+
+    # ---- the state machine ------------------------------------------------------------------------------------
+    def _drain(self, final: bool) -> Delta:
+        out = Delta()
+        while self._pending:
+            if self._pending.startswith(CALL_OPEN):
+                end = self._pending.find(CALL_CLOSE)
+                if end < 0:
+                    if not final:
+                        break  # the call is still being written
+                    self._text(out, self._pending)  # never closed: it was text after all
+                    self._pending = ""
+                    break
+                block = self._pending[len(CALL_OPEN):end]
+                self._pending = self._pending[end + len(CALL_CLOSE):]
+                deltas = self._call(block)
+                if deltas is None:
+                    self._text(out, CALL_OPEN + block + CALL_CLOSE)  # not a well-formed call: its text
+                else:
+                    out.tool_calls += deltas
+                continue
+            if self._thinking and self._pending.startswith(THINK_CLOSE):
+                self._thinking = False
+                self._after_think = True
+                self._pending = self._pending[len(THINK_CLOSE):]
+                continue
+            if not self._thinking and self._pending.startswith(THINK_OPEN) and not (out.content or self._calls):
+                self._thinking = True
+                self._pending = self._pending[len(THINK_OPEN):]
+                continue
+            cut = self._next_markup(self._pending)
+            if cut == 0:  # a markup prefix that cannot be decided yet
+                if not final:
+                    break
+                cut = len(self._pending)
+            self._text(out, self._pending[:cut])
+            self._pending = self._pending[cut:]
+        return out
+
+    def _next_markup(self, text: str) -> int:
+        """Where the next (possible) markup starts in `text`: its length if none; 0 if it starts with a prefix of
+        one that more text could complete."""
+        cut = len(text)
+        for tag in (*_MARKUP, *((THINK_CLOSE,) if self._thinking else ())):
+            at = text.find(tag, 1) if text.startswith(tag) else text.find(tag)
+            if at >= 0:
+                cut = min(cut, at)
+        for n in range(min(len(text), max(map(len, _MARKUP))), 0, -1):  # a partial tag at the end
+            if any(tag.startswith(text[-n:]) for tag in _MARKUP + (THINK_CLOSE,)):
+                cut = min(cut, len(text) - n)
+                break
+        return cut
+
+    def _text(self, out: Delta, text: str) -> None:
+        if self._thinking:
+            out.reasoning += text
+            return
+        if self._after_think:
+            text = text.lstrip("\n")
+            self._after_think = not text
+        out.content += text
+
+    def _call(self, block: str) -> list[ToolCallDelta] | None:
+        m = _FUNCTION.fullmatch(block)
+        if m is None:
+            return None
+        name, body = m.group(1).strip(), m.group(2)
+        params = list(_PARAMETER.finditer(body))
+        if _PARAMETER.sub("", body).strip():  # text between parameters: not a call
+            return None
+        types = self._types.get(name, {})
+        index = self._calls
+        self._calls += 1
+        deltas = [ToolCallDelta(index, id=self._new_id(), name=name)]
+        for i, p in enumerate(params):
+            key = p.group(1).strip()
+            value = json.dumps(_convert(p.group(2), types.get(key)), ensure_ascii=False)
+            deltas.append(ToolCallDelta(index, arguments=("{" if i == 0 else ", ") + json.dumps(key) + ": " + value))
+        deltas.append(ToolCallDelta(index, arguments="}" if params else "{}"))
+        return deltas
+
+
+def collect(deltas: Sequence[Delta]) -> Parsed:
+    """The whole output of a stream of deltas (tool calls joined by index)."""
+    reasoning = "".join(d.reasoning for d in deltas)
+    content = "".join(d.content for d in deltas)
+    calls: dict[int, ToolCall] = {}
+    for d in deltas:
+        for t in d.tool_calls:
+            call = calls.setdefault(t.index, ToolCall(t.id or "", t.name or "", ""))
+            call.arguments += t.arguments
+    return Parsed(reasoning, content, [calls[i] for i in sorted(calls)])
+
+
+def _tool_name(tool: Mapping[str, Any]) -> str | None:
+    function = tool.get("function") if isinstance(tool, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    return name if isinstance(name, str) else None
+
+
+def _parameter_types(tool: Mapping[str, Any]) -> dict[str, Any]:
+    params = tool["function"].get("parameters") or {}
+    props = params.get("properties") if isinstance(params, Mapping) else None
+    return {k: (v.get("type") if isinstance(v, Mapping) else None) for k, v in (props or {}).items()}
+
+
+def _convert(value: str, kind: Any) -> Any:
+    """A parameter's text as the JSON value its schema type says (strings, and what does not parse: verbatim)."""
+    kinds = kind if isinstance(kind, list) else [kind]
+    text = value.strip()
+    for k in kinds:
+        try:
+            if k == "integer" and re.fullmatch(r"[-+]?\d+", text):
+                return int(text)
+            if k == "number":
+                number = float(text)
+                return int(number) if re.fullmatch(r"[-+]?\d+", text) else number
+            if k == "boolean" and text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            if k in ("object", "array"):
+                parsed = json.loads(text)
+                if isinstance(parsed, dict if k == "object" else list):
+                    return parsed
+            if k == "null" and text.lower() in ("null", "none", ""):
+                return None
+        except ValueError:
+            continue
+    return value

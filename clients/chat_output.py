@@ -95,8 +95,10 @@ class ChatOutput:
     """Streaming parser of one completion (see the module docstring)."""
 
     def __init__(self, tools: Sequence[Mapping[str, Any]] = (), thinking_open: bool = False,
-                 new_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12)):
+                 new_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12), calls: bool = True):
+        """`calls`: parse tool calls (False: their markup is text, for requests that offered no tools)."""
         self._types = {_tool_name(t): _parameter_types(t) for t in tools if _tool_name(t)}
+        self._markup = _MARKUP if calls else (THINK_OPEN, THINK_CLOSE)
         self._thinking = thinking_open
         self._new_id = new_id
         self._pending = ""  # text not yet certain
@@ -105,9 +107,9 @@ class ChatOutput:
 
     @classmethod
     def parse(cls, text: str, tools: Sequence[Mapping[str, Any]] = (), thinking_open: bool = False,
-              new_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12)) -> Parsed:
+              new_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12), calls: bool = True) -> Parsed:
         """The whole of `text` at once: exactly what the stream of it adds up to."""
-        parser = cls(tools, thinking_open, new_id)
+        parser = cls(tools, thinking_open, new_id, calls)
         return collect([parser.push(text), parser.finish()])
 
     def push(self, text: str) -> Delta:
@@ -121,7 +123,7 @@ class ChatOutput:
     def _drain(self, final: bool) -> Delta:
         out = Delta()
         while self._pending:
-            if self._pending.startswith(CALL_OPEN):
+            if CALL_OPEN in self._markup and self._pending.startswith(CALL_OPEN):
                 end = self._pending.find(CALL_CLOSE)
                 if end < 0:
                     if not final:
@@ -159,12 +161,12 @@ class ChatOutput:
         """Where the next (possible) markup starts in `text`: its length if none; 0 if it starts with a prefix of
         one that more text could complete."""
         cut = len(text)
-        for tag in (*_MARKUP, *((THINK_CLOSE,) if self._thinking else ())):
+        for tag in self._markup:
             at = text.find(tag, 1) if text.startswith(tag) else text.find(tag)
             if at >= 0:
                 cut = min(cut, at)
         for n in range(min(len(text), max(map(len, _MARKUP))), 0, -1):  # a partial tag at the end
-            if any(tag.startswith(text[-n:]) for tag in _MARKUP + (THINK_CLOSE,)):
+            if any(tag.startswith(text[-n:]) for tag in self._markup):
                 cut = min(cut, len(text) - n)
                 break
         return cut

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from qwenpd.clients.chat_output import ChatOutput
 from qwenpd.errors import QwenpdError
 from qwenpd.gateway import openai
 from qwenpd.gateway.access import Access, AccessLog
@@ -175,15 +176,24 @@ class HttpApi:
         totals = [0, 0, 0]
         for i, prompt in enumerate(parsed.prompts):
             prompt.request_id = f"{access.request_id}-{i}"
-            started: set[int] = set()
+            outputs: dict[int, ChatOutput] = {}  # chat: each choice's reasoning/content parser
             async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
                 index = i * parsed.n + choice.index
-                first = index not in started
-                started.add(index)
-                if not (first or chunk.text or chunk.finish_reason or parsed.logprobs):
+                first = index not in outputs
+                if first:
+                    outputs[index] = openai.chat_output(choice)
+                text, reasoning = chunk.text, ""
+                if parsed.chat:  # the chunk's text, parsed: what is certain now (a tag's start waits for the rest)
+                    delta = outputs[index].push(chunk.text)
+                    if chunk.finish_reason is not None:
+                        tail = outputs[index].finish()
+                        delta.content += tail.content
+                        delta.reasoning += tail.reasoning
+                    text, reasoning = delta.content, delta.reasoning
+                if not (first or text or reasoning or chunk.finish_reason or parsed.logprobs):
                     continue  # nothing to say (text held back or mid-character)
-                yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, chunk.text,
-                                               chunk.logprobs, chunk.finish_reason, first))
+                yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, text, chunk.logprobs,
+                                               chunk.finish_reason, first, reasoning, token_text=chunk.text))
                 if chunk.finish_reason is not None:
                     u = usage(choice.trace)
                     if choice.index == 0:

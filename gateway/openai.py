@@ -22,6 +22,8 @@ from typing import Any
 
 from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdError, ResourceExhausted,
                            Unauthenticated, Unavailable)
+from qwenpd.clients.chat_output import ChatOutput
+from qwenpd.clients.chat_output import collect as collect_output
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
@@ -286,14 +288,35 @@ def usage_json(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def reasoning_open(choice: Choice) -> bool:
+    """Whether the prompt's chat template opened the model's reasoning (the first prefill says)."""
+    return bool(choice.trace.prefill is not None and choice.trace.prefill.reasoning_open)
+
+
+def chat_output(choice: Choice) -> ChatOutput:
+    """The parser of a chat choice's output: reasoning apart from content (tool calls: not offered yet)."""
+    return ChatOutput(thinking_open=reasoning_open(choice), calls=False)
+
+
+def message(text: str, reasoning: str) -> dict[str, Any]:
+    """An assistant message or delta: `content`, and the reasoning under both names clients read
+    (`reasoning_content`, `reasoning`) when there is any."""
+    out: dict[str, Any] = {"content": text}
+    if reasoning:
+        out["reasoning_content"] = out["reasoning"] = reasoning
+    return out
+
+
 def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
     out = []
     for c in choices:
         text = "".join(c.text)
         lp = _logprobs(p, c.token_texts, c.logprobs)
         if p.chat:
-            out.append({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                        "finish_reason": c.finish_reason})
+            parser = chat_output(c)
+            whole = collect_output([parser.push(text), parser.finish()])
+            out.append({"index": c.index, "message": {"role": "assistant", **message(whole.content, whole.reasoning)},
+                        "logprobs": lp, "finish_reason": c.finish_reason})
         else:
             out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
     return {"id": request_id, "object": "chat.completion" if p.chat else "text_completion", "created": p.created,
@@ -301,11 +324,14 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
 
 
 def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], text: str, logprobs: list[float],
-                 finish_reason: str | None, first: bool) -> dict[str, Any]:
-    lp = _logprobs(p, token_texts(token_ids, text), logprobs)
+                 finish_reason: str | None, first: bool, reasoning: str = "",
+                 token_text: str | None = None) -> dict[str, Any]:
+    """One event. Chat: `text` and `reasoning` are the parsed parts of the chunk's text (`token_text`, for the
+    log-probabilities' token strings)."""
+    lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs)
     if p.chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        if finish_reason is not None and not text and not first:
+        delta: dict[str, Any] = {"role": "assistant", **message(text, reasoning)} if first else message(text, reasoning)
+        if finish_reason is not None and not text and not reasoning and not first:
             delta = {}
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
     else:

@@ -22,7 +22,7 @@ from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.prefix import PrefixCache
 from qwenpd.handoff import PROMPT_TAIL, Handoff, sampling_from_pb, with_seed
-from qwenpd.prefill_service.prompt import prompt_capacity, prompt_token_ids
+from qwenpd.prefill_service.prompt import encode_prompt, prompt_capacity
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -63,7 +63,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         # off the event loop: health checks and other requests go on while a long text is tokenized (a piece at a
         # time: prompt.py)
-        ids = await asyncio.to_thread(prompt_token_ids, request, self.engine, self.config.limits)
+        prompt = await asyncio.to_thread(encode_prompt, request, self.engine, self.config.limits)
+        ids = prompt.ids
         params = with_seed(sampling_from_pb(request.sampling, self.config.default_max_tokens,
                                             self.engine.config.vocab_size))
         self.config.limits.check_sampling(params)
@@ -83,7 +84,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             request_id=request_id, checkpoint_id=done.checkpoint_id,
             first_token=common_pb2.Token(id=h.first_token, text=h.first_text, logprob=h.first_logprob),
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
-            prompt_token_ids=ids if request.return_prompt_token_ids else [])
+            prompt_token_ids=ids if request.return_prompt_token_ids else [], reasoning_open=prompt.reasoning_open)
 
     def _encode(self, job: Job, ids: list[int], resume: Resume, cache_salt: str | None) -> Encoded:
         """On the worker thread: restore the longest cached prefix, prefill the rest (stopping at snapshot

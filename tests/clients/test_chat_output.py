@@ -97,3 +97,9 @@ def test_stream_shape_is_openais():
     assert all("id" not in p.to_openai() and "name" not in p.to_openai()["function"] for p in pieces[1:])
     assert json.loads("".join(p.arguments for p in pieces)) == CALL_ARGS
     assert not any(d.content for d in deltas)
+
+
+def test_without_tools_call_markup_is_content():
+    """A request that offered no tools gets what the model wrote as text; reasoning is still separated."""
+    got = ChatOutput.parse("<think>x</think>" + SEARCH_CALL, calls=False)
+    assert (got.reasoning, got.content, got.tool_calls) == ("x", SEARCH_CALL, [])

@@ -205,6 +205,7 @@ class PrefillResponse(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    REASONING_OPEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id (the caller's, or the one the server made up)."""
     checkpoint_id: _builtins.str
@@ -213,6 +214,10 @@ class PrefillResponse(_message.Message):
     """Tokens in the prompt."""
     cached_tokens: _builtins.int
     """Prompt tokens restored from the prefix cache instead of computed."""
+    reasoning_open: _builtins.bool
+    """The chat template's generation prompt opened the model's reasoning (the rendered prompt ends with "<think>"):
+    the output is reasoning until "</think>". False for text and token-id prompts.
+    """
     @_builtins.property
     def first_token(self) -> _common_pb2.Token:
         """The first generated token. For display only: the Decode stream emits it again as its first token,
@@ -237,10 +242,11 @@ class PrefillResponse(_message.Message):
         cached_tokens: _builtins.int = ...,
         timings: Global___PrefillTimings | None = ...,
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        reasoning_open: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "checkpoint_id", b"checkpoint_id", "first_token", b"first_token", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "checkpoint_id", b"checkpoint_id", "first_token", b"first_token", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "reasoning_open", b"reasoning_open", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -104,6 +104,8 @@ class ChatOutput:
         self._pending = ""  # text not yet certain
         self._calls = 0
         self._after_think = False  # content's first newlines after </think> are the template's, not the answer's
+        self._after_call = False  # whitespace between and after calls is layout, not content
+        self._after_open = False  # the newline after the model's own <think> is layout too
 
     @classmethod
     def parse(cls, text: str, tools: Sequence[Mapping[str, Any]] = (), thinking_open: bool = False,
@@ -138,6 +140,7 @@ class ChatOutput:
                     self._text(out, CALL_OPEN + block + CALL_CLOSE)  # not a well-formed call: its text
                 else:
                     out.tool_calls += deltas
+                    self._after_call = not self._thinking
                 continue
             if self._thinking and self._pending.startswith(THINK_CLOSE):
                 self._thinking = False
@@ -146,6 +149,7 @@ class ChatOutput:
                 continue
             if not self._thinking and self._pending.startswith(THINK_OPEN) and not (out.content or self._calls):
                 self._thinking = True
+                self._after_open = True
                 self._pending = self._pending[len(THINK_OPEN):]
                 continue
             cut = self._next_markup(self._pending)
@@ -173,11 +177,14 @@ class ChatOutput:
 
     def _text(self, out: Delta, text: str) -> None:
         if self._thinking:
+            if self._after_open:
+                text = text.lstrip("\n")
+                self._after_open = not text
             out.reasoning += text
             return
-        if self._after_think:
-            text = text.lstrip("\n")
-            self._after_think = not text
+        if self._after_think or self._after_call:
+            text = text.lstrip("\n") if self._after_think else text.lstrip()
+            self._after_think = self._after_call = not text
         out.content += text
 
     def _call(self, block: str) -> list[ToolCallDelta] | None:

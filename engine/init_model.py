@@ -20,13 +20,40 @@ from qwenpd.engine.config import ModelConfig, preset
 from qwenpd.engine.weights import expected_weight_shapes
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# The Qwen3.6 chat format: tools offered in the system turn, calls as <tool_call><function=...><parameter=...>,
+# tool results as <tool_response> in a user turn, reasoning opened by the generation prompt when enable_thinking
+# is true and closed empty when it is false (left to the model when not given).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
-    "{% endif %}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\n' -}}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\n\n' -}}{%- endif -%}"
+    "{{- '# Tools\n\nYou have access to the following functions:\n\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n"
+    "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n"
+    "</function>\n</tool_call><|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and tools and loop.first -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- if message['content'] or not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\n<function=' + call['function']['name'] + '>\n' -}}"
+    "{%- for key, value in (call['function']['arguments'] or {}).items() -%}"
+    "{{- '<parameter=' + key + '>\n' + (value if value is string else (value | tojson)) + '\n</parameter>\n' -}}"
+    "{%- endfor -%}"
+    "{{- '</function>\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}"
+    "{%- elif enable_thinking is defined and enable_thinking is true -%}{{- '<think>\n' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 _CORPUS = """\

@@ -85,9 +85,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
-                            enable_thinking: bool | None = None) -> str:
-        """Render chat messages ([{"role", "content"}]) with the checkpoint's Jinja template.
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            enable_thinking: bool | None = None, tools: Sequence[dict[str, Any]] | None = None
+                            ) -> str:
+        """Render chat messages ([{"role", "content", optional "tool_calls", "tool_call_id", "name",
+        "reasoning_content"}]) with the checkpoint's Jinja template; `tools` (OpenAI's tool list) as the template's
+        `tools`.
 
         enable_thinking is passed to the template (Qwen3.5 templates read it); None leaves the template's default.
         """
@@ -97,13 +100,23 @@ class Tokenizer:
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson  # as transformers renders templates: no HTML escaping
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TokenizerError("each chat message needs a string 'role' and 'content'")
-        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+            if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+                raise TokenizerError("a message's 'tool_calls' must be a list")
+        extra: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        if tools:
+            extra["tools"] = list(tools)
         return env.from_string(self.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             eos_token=self.eos_token or "", bos_token=self.bos_token or "", **extra)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise(message: str) -> None:

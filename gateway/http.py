@@ -176,24 +176,31 @@ class HttpApi:
         totals = [0, 0, 0]
         for i, prompt in enumerate(parsed.prompts):
             prompt.request_id = f"{access.request_id}-{i}"
-            outputs: dict[int, ChatOutput] = {}  # chat: each choice's reasoning/content parser
+            outputs: dict[int, ChatOutput] = {}  # chat: each choice's reasoning/content/tool-call parser
+            called: set[int] = set()
             async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
                 index = i * parsed.n + choice.index
                 first = index not in outputs
                 if first:
-                    outputs[index] = openai.chat_output(choice)
-                text, reasoning = chunk.text, ""
+                    outputs[index] = openai.chat_output(parsed, choice)
+                text, reasoning, calls, finish = chunk.text, "", [], chunk.finish_reason
                 if parsed.chat:  # the chunk's text, parsed: what is certain now (a tag's start waits for the rest)
                     delta = outputs[index].push(chunk.text)
                     if chunk.finish_reason is not None:
                         tail = outputs[index].finish()
                         delta.content += tail.content
                         delta.reasoning += tail.reasoning
+                        delta.tool_calls += tail.tool_calls
+                    limit = None if parsed.parallel_tool_calls else 1
+                    calls = [t.to_openai() for t in delta.tool_calls if limit is None or t.index < limit]
+                    if calls:
+                        called.add(index)
                     text, reasoning = delta.content, delta.reasoning
-                if not (first or text or reasoning or chunk.finish_reason or parsed.logprobs):
+                    finish = openai.tool_finish(chunk.finish_reason, index in called)
+                if not (first or text or reasoning or calls or finish or parsed.logprobs):
                     continue  # nothing to say (text held back or mid-character)
                 yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, text, chunk.logprobs,
-                                               chunk.finish_reason, first, reasoning, token_text=chunk.text))
+                                               finish, first, reasoning, token_text=chunk.text, tool_calls=calls))
                 if chunk.finish_reason is not None:
                     u = usage(choice.trace)
                     if choice.index == 0:

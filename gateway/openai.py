@@ -15,6 +15,7 @@ still concatenate to the output text).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,15 +30,16 @@ from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 MAX_N = 16
 MAX_STOP = 4  # as OpenAI
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "echo",
-                "suffix", "audio", "modalities", "prediction")
+_UNSUPPORTED = ("functions", "function_call", "response_format", "logit_bias", "echo", "suffix", "audio",
+                "modalities", "prediction")
 # The names each endpoint reads; any other is refused (400 naming it).
 _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
                             "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key",
                             *_UNSUPPORTED})
 _COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
-_CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"}
+_CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
+                                  "tool_choice", "parallel_tool_calls"}
 
 
 class ApiError(Exception):
@@ -85,6 +87,8 @@ class Parsed:
     include_usage: bool = False
     logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    tools: list[dict[str, Any]] = field(default_factory=list)  # offered, with tool_choice "auto": calls are parsed
+    parallel_tool_calls: bool = True
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -246,7 +250,10 @@ def parse_chat(body: Any, header_salt: str | None = None) -> Parsed:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        chat.messages.append(common_pb2.ChatMessage(role=role, content=_content(m, i)))
+        chat.messages.append(_message(m, role, i))
+    tools = _tools(body)
+    if tools:
+        chat.tools_json = json.dumps(tools)
     kwargs = _get(body, "chat_template_kwargs", (dict,), {})
     for key, value in kwargs.items():
         if key != "enable_thinking":
@@ -260,7 +267,48 @@ def parse_chat(body: Any, header_salt: str | None = None) -> Parsed:
     salt = _salt(body, header_salt)
     if salt is not None:
         req.cache_salt = salt
-    return Parsed(True, model, [req], n, stream, include_usage, logprobs)
+    parallel = _get(body, "parallel_tool_calls", (bool,), True)
+    return Parsed(True, model, [req], n, stream, include_usage, logprobs, tools=tools, parallel_tool_calls=parallel)
+
+
+def _tools(body: dict) -> list[dict[str, Any]]:
+    """The tools a chat request offers the model, checked; none when tool_choice is "none" (the model is not told
+    of them). tool_choice "required" or a named function needs constrained decoding, which is not built yet."""
+    tools = _get(body, "tools", (list,), [])
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) or \
+                not isinstance(function.get("name"), str) or not function["name"]:
+            raise ApiError(400, "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                           param=f"tools[{i}]")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ApiError(400, "a tool's 'parameters' must be a JSON schema object", param=f"tools[{i}].function")
+    choice = body.get("tool_choice")
+    if choice in (None, "auto"):
+        return tools
+    if choice == "none":
+        return []
+    if choice == "required" or isinstance(choice, dict):
+        raise ApiError(400, "tool_choice 'required' and named functions need constrained decoding, which this server "
+                       "does not do yet; use 'auto' or 'none'", param="tool_choice")
+    raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or a named function", param="tool_choice")
+
+
+def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:
+    """A chat message of the request as the prefill service takes it (tool calls and results included)."""
+    out = common_pb2.ChatMessage(role=role, content=_content(m, i))
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise ApiError(400, "'tool_calls' must be an array, on assistant messages", param=f"messages[{i}].tool_calls")
+        out.tool_calls_json = json.dumps(calls)
+    for name in ("tool_call_id", "name", "reasoning_content"):
+        value = m.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ApiError(400, f"'{name}' must be a string", param=f"messages[{i}].{name}")
+            setattr(out, name, value)
+    return out
 
 
 # ---- responses ---------------------------------------------------------------------------------------------------
@@ -293,18 +341,26 @@ def reasoning_open(choice: Choice) -> bool:
     return bool(choice.trace.prefill is not None and choice.trace.prefill.reasoning_open)
 
 
-def chat_output(choice: Choice) -> ChatOutput:
-    """The parser of a chat choice's output: reasoning apart from content (tool calls: not offered yet)."""
-    return ChatOutput(thinking_open=reasoning_open(choice), calls=False)
+def chat_output(p: Parsed, choice: Choice) -> ChatOutput:
+    """The parser of a chat choice's output: reasoning apart from content, and tool calls when tools were offered
+    (otherwise their markup is text)."""
+    return ChatOutput(p.tools, thinking_open=reasoning_open(choice), calls=bool(p.tools))
 
 
-def message(text: str, reasoning: str) -> dict[str, Any]:
-    """An assistant message or delta: `content`, and the reasoning under both names clients read
-    (`reasoning_content`, `reasoning`) when there is any."""
+def message(text: str, reasoning: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An assistant message or delta: `content`, the reasoning under both names clients read
+    (`reasoning_content`, `reasoning`) when there is any, and `tool_calls` when there are."""
     out: dict[str, Any] = {"content": text}
     if reasoning:
         out["reasoning_content"] = out["reasoning"] = reasoning
+    if tool_calls:
+        out["tool_calls"] = tool_calls
     return out
+
+
+def tool_finish(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish reason of a choice that called tools: "tool_calls" where the model stopped by itself."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
 
 
 def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
@@ -313,10 +369,12 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
         text = "".join(c.text)
         lp = _logprobs(p, c.token_texts, c.logprobs)
         if p.chat:
-            parser = chat_output(c)
+            parser = chat_output(p, c)
             whole = collect_output([parser.push(text), parser.finish()])
-            out.append({"index": c.index, "message": {"role": "assistant", **message(whole.content, whole.reasoning)},
-                        "logprobs": lp, "finish_reason": c.finish_reason})
+            calls = [t.to_openai() for t in whole.tool_calls][:None if p.parallel_tool_calls else 1]
+            content: Any = None if calls and not whole.content.strip() else whole.content
+            out.append({"index": c.index, "message": {"role": "assistant", **message(content, whole.reasoning, calls)},
+                        "logprobs": lp, "finish_reason": tool_finish(c.finish_reason, bool(calls))})
         else:
             out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
     return {"id": request_id, "object": "chat.completion" if p.chat else "text_completion", "created": p.created,
@@ -324,14 +382,15 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
 
 
 def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], text: str, logprobs: list[float],
-                 finish_reason: str | None, first: bool, reasoning: str = "",
-                 token_text: str | None = None) -> dict[str, Any]:
-    """One event. Chat: `text` and `reasoning` are the parsed parts of the chunk's text (`token_text`, for the
-    log-probabilities' token strings)."""
+                 finish_reason: str | None, first: bool, reasoning: str = "", token_text: str | None = None,
+                 tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One event. Chat: `text`, `reasoning` and `tool_calls` are the parsed parts of the chunk's text
+    (`token_text`, for the log-probabilities' token strings)."""
     lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs)
     if p.chat:
-        delta: dict[str, Any] = {"role": "assistant", **message(text, reasoning)} if first else message(text, reasoning)
-        if finish_reason is not None and not text and not reasoning and not first:
+        parts = message(text, reasoning, tool_calls)
+        delta: dict[str, Any] = {"role": "assistant", **parts} if first else parts
+        if finish_reason is not None and not text and not reasoning and not tool_calls and not first:
             delta = {}
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
     else:

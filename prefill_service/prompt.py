@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.tokenizer import TokenizerError
 from qwenpd.errors import InvalidArgument
 from qwenpd.limits import Limits
-from qwenpd.protos.qwenpd.v1 import prefill_pb2
+from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 _FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
 REASONING_OPEN = "<think>"  # Qwen3.5/3.6 reasoning; their templates open it in the generation prompt
@@ -40,12 +42,13 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
         if kind == "text":
             text = request.text
         else:
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            messages = [_message(m, i) for i, m in enumerate(request.chat.messages)]
             if not messages:
                 raise InvalidArgument(field, "the chat has no messages")
+            tools = _json(request.chat.tools_json, "chat.tools_json", list) if request.chat.tools_json else None
             try:
                 thinking = request.chat.enable_thinking if request.chat.HasField("enable_thinking") else None
-                text = tok.apply_chat_template(messages, enable_thinking=thinking)
+                text = tok.apply_chat_template(messages, enable_thinking=thinking, tools=tools)
             except TokenizerError as exc:
                 raise InvalidArgument(field, str(exc)) from None
             reasoning_open = text.rstrip().endswith(REASONING_OPEN)
@@ -65,6 +68,35 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     except ValueError as exc:  # an id outside the vocabulary, or longer than the context
         raise InvalidArgument(field, str(exc)) from None
     return Prompt(ids, reasoning_open)
+
+
+def _message(m: common_pb2.ChatMessage, i: int) -> dict[str, Any]:
+    """A chat message as chat templates take it (assistant tool calls with their arguments as objects)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls_json:
+        calls = _json(m.tool_calls_json, f"chat.messages[{i}].tool_calls_json", list)
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidArgument(f"chat.messages[{i}].tool_calls_json", "each tool call needs a function name")
+            arguments = function.get("arguments", "{}")
+            if isinstance(arguments, str):
+                function["arguments"] = _json(arguments or "{}", f"chat.messages[{i}].tool_calls_json", dict)
+        out["tool_calls"] = calls
+    for name in ("tool_call_id", "name", "reasoning_content"):
+        if getattr(m, name):
+            out[name] = getattr(m, name)
+    return out
+
+
+def _json(text: str, field: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(field, f"not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise InvalidArgument(field, f"must be a JSON {'array' if kind is list else 'object'}")
+    return value
 
 
 def prompt_capacity(engine: Engine, limits: Limits | None) -> int:

@@ -38,7 +38,7 @@ GOLDEN = [  # (name, thinking_open, output, reasoning, content, [(name, argument
      "The answer is 4.", []),
     ("reasoning opened by the model", False, "<think>hmm</think>\n\nDone.", "hmm", "Done.", []),
     ("one call after text", False, "Sure.\n" + CALL, "", "Sure.\n", [("get_weather", CALL_ARGS)]),
-    ("two calls", False, CALL + "\n" + SEARCH_CALL, "", "\n",
+    ("two calls", False, CALL + "\n" + SEARCH_CALL + "\n", "", "",
      [("get_weather", CALL_ARGS), ("search", {"q": "line one\nline <two>"})]),
     ("a call inside the reasoning", True, "I should look it up.\n" + SEARCH_CALL + "\n</think>\n\n",
      "I should look it up.\n\n", "", [("search", {"q": "line one\nline <two>"})]),

@@ -26,7 +26,8 @@ from qwenpd.grpc_status import from_rpc_error
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error"}
+                common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error",
+                common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 
 
 @dataclass(slots=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from qwenpd.clients.chat_output import ChatOutput
 from qwenpd.clients.dispatch import FINISH_NAMES, Trace
 from qwenpd.errors import InvalidArgument
 from qwenpd.gateway.core import Gateway, usage
@@ -25,6 +28,14 @@ def prefill_request(request: generate_pb2.GenerateRequest) -> prefill_pb2.Prefil
     return out
 
 
+def _chat_output(request: prefill_pb2.PrefillRequest, trace: Trace) -> ChatOutput:
+    """The parser of a chat completion: reasoning (when the template opened it), tool calls (when tools were
+    offered; their markup is text otherwise)."""
+    tools = json.loads(request.chat.tools_json) if request.chat.tools_json else []
+    opened = bool(trace.prefill is not None and trace.prefill.reasoning_open)
+    return ChatOutput(tools, thinking_open=opened, calls=bool(tools))
+
+
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -33,13 +44,30 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         pre = prefill_request(request)
         trace = Trace()
         first = True
+        output: ChatOutput | None = None
+        called = False
         async for chunk in self.gateway.stream(pre, self.gateway.timeout(context.time_remaining()), trace):
             out = generate_pb2.GenerateChunk(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
             if first:
                 out.request_id = pre.request_id
                 first = False
-            if chunk.finish_reason is not None:
-                out.finish_reason = _FINISH[chunk.finish_reason]
+                if pre.WhichOneof("prompt") == "chat":  # parsed into content, reasoning and tool calls
+                    output = _chat_output(pre, trace)
+            finish = chunk.finish_reason
+            if output is not None:
+                delta = output.push(chunk.text)
+                if finish is not None:
+                    tail = output.finish()
+                    delta.content, delta.reasoning = delta.content + tail.content, delta.reasoning + tail.reasoning
+                    delta.tool_calls += tail.tool_calls
+                out.content, out.reasoning = delta.content, delta.reasoning
+                out.tool_calls.extend(generate_pb2.ToolCallDelta(index=t.index, id=t.id or "", name=t.name or "",
+                                                                 arguments=t.arguments) for t in delta.tool_calls)
+                called = called or bool(delta.tool_calls)
+                if called and finish == "stop":
+                    finish = "tool_calls"
+            if finish is not None:
+                out.finish_reason = _FINISH[finish]
                 out.usage.CopyFrom(usage(trace))
                 out.timings.CopyFrom(generate_pb2.GenerateTimings(
                     ttft_ns=int(trace.ttft_s * 1e9), decode_ns=int(trace.decode_s * 1e9),

@@ -145,3 +145,36 @@ def test_the_embedded_template_renders_tools_calls_and_results(tiny_model_dir):
     assert "<tool_response>\nsunny\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n<think>\n")
     plain = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert plain == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_grpc_generate_parses_chat_output_for_callers_in_any_language():
+    """GenerateChunk carries the chat output parsed (content, reasoning, tool-call pieces) beside the raw text,
+    and the last chunk says FINISH_REASON_TOOL_CALLS when the model called tools."""
+    from qwenpd.gateway.grpc_service import GenerateServicer
+    from qwenpd.protos.qwenpd.v1 import generate_pb2
+
+    class Gateway(Backends):
+        def timeout(self, remaining):
+            return 60.0
+
+        async def stream(self, request, timeout, trace):
+            async for choice, chunk in self.choices(request, 1, timeout):
+                trace.prefill = choice.trace.prefill
+                yield chunk
+
+    request = generate_pb2.GenerateRequest(chat=prefill_pb2.Chat(
+        messages=[common_pb2.ChatMessage(role="user", content="Paris?")], tools_json=json.dumps(TOOLS)))
+    context = SimpleNamespace(time_remaining=lambda: None)
+
+    async def run():
+        return [c async for c in GenerateServicer(Gateway()).Generate(request, context)]
+
+    chunks = asyncio.run(run())
+    assert "".join(c.text for c in chunks) == OUTPUT  # the raw text, as before
+    assert "".join(c.content for c in chunks) == "Let me check.\n"
+    assert "".join(c.reasoning for c in chunks) == "The user wants the weather.\n"
+    pieces = [t for c in chunks for t in c.tool_calls]
+    assert [(p.index, p.name) for p in pieces if p.id] == [(0, "get_weather"), (1, "get_time")]
+    args = {i: "".join(p.arguments for p in pieces if p.index == i) for i in (0, 1)}
+    assert json.loads(args[0]) == {"city": "Paris", "days": 2} and json.loads(args[1]) == {}
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS

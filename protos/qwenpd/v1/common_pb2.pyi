@@ -35,6 +35,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The client cancelled or its deadline passed."""
     FINISH_REASON_ERROR: _FinishReason.ValueType  # 4
     """The server failed; the stream ends with an error status."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 5
+    """A chat with tools: the model stopped after calling tools (GenerateChunk.tool_calls). Only the gateway sets it."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a sequence ended."""
@@ -49,6 +51,8 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The client cancelled or its deadline passed."""
 FINISH_REASON_ERROR: FinishReason.ValueType  # 4
 """The server failed; the stream ends with an error status."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 5
+"""A chat with tools: the model stopped after calling tools (GenerateChunk.tool_calls). Only the gateway sets it."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final

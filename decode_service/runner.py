@@ -231,7 +231,7 @@ class DecodeRunner:
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
         self.on_step(len(seqs))
         logits = self.batch.step([seq.next_token for seq in seqs])  # [B, V] fp32
-        greedy = [seq.sampler.params.greedy for seq in seqs]
+        greedy = [seq.sampler.params.plain_greedy for seq in seqs]
         ids, logprobs = greedy_batch(logits) if any(greedy) else ([], [])
         outputs = []
         for row, seq in enumerate(seqs):

@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, reproducible per-request seeds, stop conditions."""
+"""Per-request sampling: greedy, temperature, top-k, min-p, top-p, logit bias, reproducible per-request seeds, stop
+conditions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """Options of one request. temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed None = random."""
+    """Options of one request. temperature 0 = greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off (drop tokens
+    less likely than min_p times the most likely one); logit_bias: (token id, added logit) pairs, applied before
+    everything else, greedy included; seed None = random."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -21,6 +24,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation
@@ -38,10 +43,19 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if any(t < 0 or not math.isfinite(b) or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the logits as they are: what a batch argmax (greedy_batch) can serve."""
+        return self.greedy and not self.logit_bias
 
 
 @dataclass(slots=True)
@@ -79,6 +93,8 @@ class Sampler:
         """logits [V] (any float dtype) -> (token id, log-probability under the model's unmodified distribution)."""
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
+        if self.params.logit_bias:
+            logits = _biased(logits, self.params.logit_bias)
         if self.params.greedy:
             token = int(torch.argmax(logits))
             self._uniform()  # keep draws aligned with tokens, so resumption is position-exact
@@ -100,6 +116,8 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled.double(), dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     if p.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)
@@ -107,6 +125,12 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return probs
+
+
+def _biased(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=logits.device)
+    values = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, values)
 
 
 def greedy_batch(logits: torch.Tensor) -> tuple[list[int], list[float]]:

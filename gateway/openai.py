@@ -3,14 +3,15 @@ and turned into PrefillRequests, completions turned back into OpenAI JSON, and e
 No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
-reports the chosen token's log-probability only), tools, response_format, logit_bias, penalties, echo,
-best_of, suffix; and so is every parameter an endpoint does not know (`min_p`, `repetition_penalty`,
-`reasoning_effort`, ...): each endpoint reads a fixed set of names. Extensions (vLLM's names): `top_k`,
-`ignore_eos`, `cache_salt` (the prefix-cache partition; the `X-Cache-Salt` header wins over it) and
-`chat_template_kwargs` (`enable_thinking` only). `user`, `safety_identifier` and `prompt_cache_key` identify an
-end user or a prompt family: accepted, and they do not partition the cache (sharing across users stays). Per-token strings of `logprobs`: decode sends
-text per chunk, not per token, so a chunk's text is given to its last token and the others get "" (the strings
-still concatenate to the output text).
+reports the chosen token's log-probability only), response_format, penalties, echo, best_of, suffix,
+tool_choice required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
+`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's, `logit_bias`, and vLLM's
+`top_k`, `min_p`, `stop_token_ids`, `ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt`
+header wins over it); `chat_template_kwargs` takes `enable_thinking` only. `user`, `safety_identifier` and
+`prompt_cache_key` identify an end user or a prompt family: accepted, and they do not partition the cache.
+Chat outputs are parsed into reasoning, content and tool calls (clients.chat_output). Per-token strings of
+`logprobs`: decode sends text per chunk, not per token, so a chunk's text is given to its last token and the
+others get "" (the strings still concatenate to the output text).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 MAX_N = 16
 MAX_STOP = 4  # as OpenAI
-_UNSUPPORTED = ("functions", "function_call", "response_format", "logit_bias", "echo", "suffix", "audio",
-                "modalities", "prediction")
+_UNSUPPORTED = ("functions", "function_call", "response_format", "echo", "suffix", "audio", "modalities",
+                "prediction")
 # The names each endpoint reads; any other is refused (400 naming it).
 _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
-                            "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key",
+                            "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key", "min_p",
+                            "logit_bias", "stop_token_ids",
                             *_UNSUPPORTED})
 _COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
 _CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
@@ -143,6 +145,19 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
     s.top_k = top_k
     s.ignore_eos = _get(body, "ignore_eos", (bool,), False)
+    min_p = _get(body, "min_p", (int, float), 0)
+    if not 0 <= min_p <= 1:
+        raise ApiError(400, f"'min_p' must be in [0, 1], got {min_p}", param="min_p")
+    s.min_p = float(min_p)
+    for key, bias in _get(body, "logit_bias", (dict,), {}).items():
+        if not str(key).isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float)) or \
+                not -100 <= bias <= 100:
+            raise ApiError(400, "'logit_bias' maps token ids to numbers in [-100, 100]", param="logit_bias")
+        s.logit_bias[int(key)] = float(bias)
+    stop_ids = _get(body, "stop_token_ids", (list,), [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids):
+        raise ApiError(400, "'stop_token_ids' must be non-negative integers", param="stop_token_ids")
+    s.stop_token_ids.extend(stop_ids)
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _get(body, penalty, (int, float), 0) != 0:
             raise ApiError(400, f"'{penalty}' is not supported (only 0)", param=penalty)
@@ -300,7 +315,8 @@ def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:
     calls = m.get("tool_calls")
     if calls is not None:
         if role != "assistant" or not isinstance(calls, list):
-            raise ApiError(400, "'tool_calls' must be an array, on assistant messages", param=f"messages[{i}].tool_calls")
+            raise ApiError(400, "'tool_calls' must be an array, on assistant messages",
+                           param=f"messages[{i}].tool_calls")
         out.tool_calls_json = json.dumps(calls)
     for name in ("tool_call_id", "name", "reasoning_content"):
         value = m.get(name)

@@ -38,14 +38,17 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             stop=tuple(pb.stop),
             stop_token_ids=tuple(pb.stop_token_ids),
             ignore_eos=pb.ignore_eos,
+            min_p=pb.min_p,
+            logit_bias=tuple(sorted(pb.logit_bias.items())),
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
         raise InvalidArgument(f"{field_prefix}.{name}" if name in _FIELDS else field_prefix, str(exc)) from None
-    bad = [t for t in params.stop_token_ids if t >= vocab_size]
-    if bad:
-        raise InvalidArgument(f"{field_prefix}.stop_token_ids",
-                              f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise InvalidArgument(f"{field_prefix}.{name}",
+                                  f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     return params
 
 
@@ -57,7 +60,8 @@ def with_seed(params: SamplingParams) -> SamplingParams:
 def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
     pb = common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                    max_tokens=params.max_tokens, stop=list(params.stop),
-                                   stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+                                   stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+                                   min_p=params.min_p, logit_bias=dict(params.logit_bias))
     if params.seed is not None:
         pb.seed = params.seed
     return pb

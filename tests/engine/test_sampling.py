@@ -102,3 +102,24 @@ def test_chat_template(tiny_model_dir):
     assert tok.encode("<|im_end|>") == [tok.eos_token_id]
     no_think = tok.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=False)
     assert no_think == text + "<think>\n\n</think>\n\n"
+
+
+def test_logit_bias_and_min_p():
+    """logit_bias moves the choice, greedy included (logprobs stay the model's); min_p drops the unlikely."""
+    import torch
+
+    from qwenpd.engine.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([3.0, 2.0, 1.0, -5.0])
+    forced = Sampler(SamplingParams(temperature=0, logit_bias=((3, 100.0),), seed=1))
+    token, logprob = forced.sample(logits)
+    assert token == 3 and abs(logprob - float(torch.log_softmax(logits, -1)[3])) < 1e-6
+    assert not forced.params.plain_greedy and SamplingParams(temperature=0).plain_greedy
+    banned = Sampler(SamplingParams(temperature=1.0, logit_bias=((0, -100.0),), seed=2))
+    assert all(banned.sample(logits)[0] != 0 for _ in range(50))
+    kept = Sampler(SamplingParams(temperature=1.0, min_p=0.3, seed=3))  # p(1)/p(0) = 0.37 kept, p(2)/p(0) dropped
+    assert {kept.sample(logits)[0] for _ in range(200)} <= {0, 1}
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 200.0),))

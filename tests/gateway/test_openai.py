@@ -54,8 +54,8 @@ def test_errors_map_to_http_statuses():
 
 def test_every_parameter_is_read_or_refused_by_name():
     """A parameter this server does not implement is a 400 naming it, never ignored: the known-unsupported ones
-    and names no endpoint reads alike (min_p, repetition_penalty, reasoning_effort, chat template arguments)."""
-    for body, param in [({"model": "m", "prompt": "x", "min_p": 0.1}, "min_p"),
+    and names no endpoint reads alike (typical_p, repetition_penalty, reasoning_effort, chat template arguments)."""
+    for body, param in [({"model": "m", "prompt": "x", "typical_p": 0.9}, "typical_p"),
                         ({"model": "m", "prompt": "x", "repetition_penalty": 1.1}, "repetition_penalty"),
                         ({"model": "m", "prompt": "x", "messages": []}, "messages"),
                         ({"model": "m", "prompt": "x", "max_completion_tokens": 3}, "max_completion_tokens")]:
@@ -63,7 +63,7 @@ def test_every_parameter_is_read_or_refused_by_name():
             parse_completion(body)
         assert err.value.status == 400 and err.value.param == param
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    for extra, param in [({"reasoning_effort": "low"}, "reasoning_effort"), ({"min_p": 0.05}, "min_p"),
+    for extra, param in [({"reasoning_effort": "low"}, "reasoning_effort"), ({"mirostat": 1}, "mirostat"),
                          ({"chat_template_kwargs": {"foo": 1}}, "chat_template_kwargs.foo"),
                          ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
                          ({"user": 5}, "user")]:
@@ -84,3 +84,16 @@ def test_enable_thinking_reaches_the_template_and_user_ids_do_not_partition_the_
     salted = parse_completion({"model": "m", "prompt": "x", "cache_salt": "t1", **ids}, header_salt=None)
     assert salted.prompts[0].cache_salt == "t1"
     assert parse_completion({"model": "m", "prompt": "x", "cache_salt": "t1"}, header_salt="h").prompts[0].cache_salt == "h"
+
+
+def test_sampling_extensions_reach_the_prefill_request():
+    p = parse_completion({"model": "m", "prompt": "x", "min_p": 0.05, "logit_bias": {"17": 100, "3": -100.0},
+                          "stop_token_ids": [5, 6]})
+    s = p.prompts[0].sampling
+    assert abs(s.min_p - 0.05) < 1e-12 and dict(s.logit_bias) == {17: 100.0, 3: -100.0}
+    assert list(s.stop_token_ids) == [5, 6]
+    for bad, param in [({"min_p": 2}, "min_p"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                       ({"logit_bias": {"1": 101}}, "logit_bias"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+        with pytest.raises(ApiError) as err:
+            parse_completion({"model": "m", "prompt": "x", **bad})
+        assert err.value.param == param

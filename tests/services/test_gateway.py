@@ -280,3 +280,14 @@ def test_full_backends_are_429_with_retry_after_and_deadlines_504(services, tmp_
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     finally:
         assert g.stop() == 0
+
+
+def test_logit_bias_and_min_p_hold_across_the_hand_off(stub):
+    """Prefill samples the first token and decode the rest: a bias that forces a token forces every one of them,
+    and min_p = 1 keeps only the most likely token (greedy's choice) at any temperature."""
+    forced = common_pb2.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={42: 100.0})
+    _, ids, _ = _generate(stub, text=PROMPT, sampling=forced)
+    assert ids == [42] * 6
+    greedy = common_pb2.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    top = common_pb2.SamplingParams(temperature=1.5, max_tokens=6, ignore_eos=True, min_p=1.0, seed=7)
+    assert _generate(stub, text=PROMPT, sampling=top)[1] == _generate(stub, text=PROMPT, sampling=greedy)[1]

@@ -20,6 +20,10 @@ class TokenizerError(ValueError):
     pass
 
 
+# What a chat template gets from the server itself; callers' template arguments may not set these.
+TEMPLATE_NAMES = ("messages", "tools", "add_generation_prompt", "enable_thinking", "bos_token", "eos_token")
+
+
 def _cut(text: str, at: int) -> int:
     """A cut at or after `at`: just before a space that follows a non-space (or the end)."""
     if at >= len(text):
@@ -86,8 +90,8 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            enable_thinking: bool | None = None, tools: Sequence[dict[str, Any]] | None = None
-                            ) -> str:
+                            enable_thinking: bool | None = None, tools: Sequence[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
         """Render chat messages ([{"role", "content", optional "tool_calls", "tool_call_id", "name",
         "reasoning_content"}]) with the checkpoint's Jinja template; `tools` (OpenAI's tool list) as the template's
         `tools`.
@@ -106,7 +110,12 @@ class Tokenizer:
                 raise TokenizerError("each chat message needs a string 'role' and 'content'")
             if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
                 raise TokenizerError("a message's 'tool_calls' must be a list")
-        extra: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        taken = set(TEMPLATE_NAMES) & set(template_kwargs or {})
+        if taken:
+            raise TokenizerError(f"template argument {sorted(taken)[0]!r} is set by the server, not by a caller")
+        extra: dict[str, Any] = dict(template_kwargs or {})
+        if enable_thinking is not None:
+            extra["enable_thinking"] = enable_thinking
         if tools:
             extra["tools"] = list(tools)
         return env.from_string(self.chat_template).render(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 from dataclasses import dataclass, field
 
 from qwenpd import service_config
@@ -38,6 +40,7 @@ class GatewayConfig:
     resume_wait_s: float = DEFAULT_RESUME_WAIT_S
     served_model_names: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    default_chat_template_kwargs: str = ""  # a JSON object: chat template arguments a request does not set itself
     grace_s: float = DEFAULT_GRACE_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int = 0
@@ -48,6 +51,8 @@ class GatewayConfig:
         self.served_model_names, self.cors_origins = tuple(self.served_model_names), tuple(self.cors_origins)
         if any(not name or not name.strip() for name in self.served_model_names):
             raise ValueError("served_model_names: a name must not be empty")
+        if self.default_chat_template_kwargs and not isinstance(self.template_defaults, dict):
+            raise ValueError("default_chat_template_kwargs must be a JSON object")
         check_server(self.listen, self.grace_s, self.metrics_port)
         for kind, addrs in (("prefill", self.prefill), ("decode", self.decode)):
             if not addrs:
@@ -62,6 +67,18 @@ class GatewayConfig:
         for name in ("max_in_flight_prefill", "max_in_flight_decode"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def template_defaults(self) -> Any:
+        """default_chat_template_kwargs parsed (None if it is not JSON)."""
+        return _template_defaults(self.default_chat_template_kwargs)
+
+
+def _template_defaults(text: str) -> Any:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return None
 
 
 def _addresses(text: str) -> tuple[str, ...]:
@@ -93,6 +110,9 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", "--model-name", nargs="+", default=(), dest="served_model_names",
                    metavar="NAME", help="names the HTTP API serves the model under, the first one reported "
                    "(default: the prefill's model name: the checkpoint's _name_or_path or folder)")
+    p.add_argument("--default-chat-template-kwargs", default="", metavar="JSON",
+                   help="chat template arguments of every chat request that does not set them itself, a JSON object, "
+                   "e.g. '{\"enable_thinking\": false}' (default: none)")
     p.add_argument("--cors-origin", action="append", default=[], dest="cors_origins", metavar="ORIGIN",
                    help="an origin browsers may call the HTTP API from, e.g. https://app.example (repeatable; "
                    "default: none, no CORS headers)")

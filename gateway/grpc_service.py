@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from qwenpd.clients.chat_output import ChatOutput
 from qwenpd.clients.dispatch import FINISH_NAMES, Trace
@@ -28,6 +29,19 @@ def prefill_request(request: generate_pb2.GenerateRequest) -> prefill_pb2.Prefil
     return out
 
 
+def with_template_defaults(request: prefill_pb2.PrefillRequest, defaults: dict[str, Any]) -> None:
+    """The server's default chat template arguments under a chat request's own (in place)."""
+    if not defaults or request.WhichOneof("prompt") != "chat":
+        return
+    chat = request.chat
+    if "enable_thinking" in defaults and not chat.HasField("enable_thinking"):
+        chat.enable_thinking = bool(defaults["enable_thinking"])
+    others = {k: v for k, v in defaults.items() if k != "enable_thinking"}
+    if others:
+        given = json.loads(chat.template_kwargs_json) if chat.template_kwargs_json else {}
+        chat.template_kwargs_json = json.dumps({**others, **(given if isinstance(given, dict) else {})})
+
+
 def _chat_output(request: prefill_pb2.PrefillRequest, trace: Trace) -> ChatOutput:
     """The parser of a chat completion: reasoning (when the template opened it), tool calls (when tools were
     offered; their markup is text otherwise)."""
@@ -42,6 +56,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context):
         pre = prefill_request(request)
+        with_template_defaults(pre, self.gateway.config.template_defaults or {})
         trace = Trace()
         first = True
         output: ChatOutput | None = None

@@ -100,7 +100,9 @@ class HttpApi:
         return await self._generate(request, "/v1/completions", openai.parse_completion)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, "/v1/chat/completions", openai.parse_chat)
+        defaults = self.gateway.config.template_defaults
+        return await self._generate(request, "/v1/chat/completions",
+                                    lambda body, salt: openai.parse_chat(body, salt, defaults))
 
     # ---- the common path -----------------------------------------------------------------------------------------
     async def _generate(self, request: Request, route: str, parse) -> Response:

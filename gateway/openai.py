@@ -250,7 +250,10 @@ def _content(message: dict, i: int) -> str:
     raise ApiError(400, "'content' must be a string or an array of text parts", param=f"messages[{i}].content")
 
 
-def parse_chat(body: Any, header_salt: str | None = None) -> Parsed:
+def parse_chat(body: Any, header_salt: str | None = None,
+               default_template_kwargs: dict[str, Any] | None = None) -> Parsed:
+    """A chat request; `default_template_kwargs` (the server's --default-chat-template-kwargs) under the request's
+    own chat_template_kwargs."""
     model, sampling, n, stream, include_usage = _common(body, chat=True)
     logprobs = _get(body, "logprobs", (bool,), False)
     top = _get(body, "top_logprobs", (int,), 0)
@@ -269,15 +272,18 @@ def parse_chat(body: Any, header_salt: str | None = None) -> Parsed:
     tools = _tools(body)
     if tools:
         chat.tools_json = json.dumps(tools)
-    kwargs = _get(body, "chat_template_kwargs", (dict,), {})
+    kwargs = {**(default_template_kwargs or {}), **_get(body, "chat_template_kwargs", (dict,), {})}
+    others = {}
     for key, value in kwargs.items():
-        if key != "enable_thinking":
-            raise ApiError(400, f"chat template argument '{key}' is not supported (only enable_thinking)",
-                           param=f"chat_template_kwargs.{key}")
-        if not isinstance(value, bool):
-            raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
-                           param="chat_template_kwargs.enable_thinking")
-        chat.enable_thinking = value
+        if key == "enable_thinking":
+            if not isinstance(value, bool):
+                raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
+                               param="chat_template_kwargs.enable_thinking")
+            chat.enable_thinking = value
+        else:
+            others[key] = value
+    if others:
+        chat.template_kwargs_json = json.dumps(others)
     req = prefill_pb2.PrefillRequest(sampling=sampling, chat=chat)
     salt = _salt(body, header_salt)
     if salt is not None:

@@ -46,11 +46,14 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
             if not messages:
                 raise InvalidArgument(field, "the chat has no messages")
             tools = _json(request.chat.tools_json, "chat.tools_json", list) if request.chat.tools_json else None
+            kwargs = _json(request.chat.template_kwargs_json, "chat.template_kwargs_json", dict) \
+                if request.chat.template_kwargs_json else None
             try:
                 thinking = request.chat.enable_thinking if request.chat.HasField("enable_thinking") else None
-                text = tok.apply_chat_template(messages, enable_thinking=thinking, tools=tools)
+                text = tok.apply_chat_template(messages, enable_thinking=thinking, tools=tools, template_kwargs=kwargs)
             except TokenizerError as exc:
-                raise InvalidArgument(field, str(exc)) from None
+                taken = "set by the server" in str(exc)  # a template argument a caller may not give
+                raise InvalidArgument("chat.template_kwargs_json" if taken else field, str(exc)) from None
             reasoning_open = text.rstrip().endswith(REASONING_OPEN)
         # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
         most = prompt_capacity(engine, limits) + max(0, request.resume_generated)

@@ -54,7 +54,7 @@ def test_errors_map_to_http_statuses():
 
 def test_every_parameter_is_read_or_refused_by_name():
     """A parameter this server does not implement is a 400 naming it, never ignored: the known-unsupported ones
-    and names no endpoint reads alike (typical_p, repetition_penalty, reasoning_effort, chat template arguments)."""
+    and names no endpoint reads alike (typical_p, repetition_penalty, reasoning_effort)."""
     for body, param in [({"model": "m", "prompt": "x", "typical_p": 0.9}, "typical_p"),
                         ({"model": "m", "prompt": "x", "repetition_penalty": 1.1}, "repetition_penalty"),
                         ({"model": "m", "prompt": "x", "messages": []}, "messages"),
@@ -64,7 +64,6 @@ def test_every_parameter_is_read_or_refused_by_name():
         assert err.value.status == 400 and err.value.param == param
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     for extra, param in [({"reasoning_effort": "low"}, "reasoning_effort"), ({"mirostat": 1}, "mirostat"),
-                         ({"chat_template_kwargs": {"foo": 1}}, "chat_template_kwargs.foo"),
                          ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
                          ({"user": 5}, "user")]:
         with pytest.raises(ApiError) as err:
@@ -97,3 +96,25 @@ def test_sampling_extensions_reach_the_prefill_request():
         with pytest.raises(ApiError) as err:
             parse_completion({"model": "m", "prompt": "x", **bad})
         assert err.value.param == param
+
+
+def test_chat_template_arguments_and_server_defaults():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    req = parse_chat({**chat, "chat_template_kwargs": {"preserve_thinking": True, "enable_thinking": True}},
+                     default_template_kwargs={"enable_thinking": False, "style": "terse"}).prompts[0]
+    assert req.chat.enable_thinking is True  # the request's own wins over the server's default
+    import json
+
+    assert json.loads(req.chat.template_kwargs_json) == {"style": "terse", "preserve_thinking": True}
+    plain = parse_chat(chat, default_template_kwargs={"enable_thinking": False}).prompts[0]
+    assert plain.chat.HasField("enable_thinking") and plain.chat.enable_thinking is False
+
+
+def test_template_arguments_reach_the_template_and_reserved_names_are_refused(tiny_model_dir):
+    from qwenpd.engine.tokenizer import Tokenizer, TokenizerError
+
+    tok = Tokenizer(tiny_model_dir)
+    tok.chat_template = "{{ greeting }}|{{ messages[0]['content'] }}"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], template_kwargs={"greeting": "hi"}) == "hi|x"
+    with pytest.raises(TokenizerError, match="set by the server"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], template_kwargs={"messages": []})

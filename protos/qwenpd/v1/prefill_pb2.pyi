@@ -57,10 +57,15 @@ class Chat(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     ENABLE_THINKING_FIELD_NUMBER: _builtins.int
     TOOLS_JSON_FIELD_NUMBER: _builtins.int
+    TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _builtins.int
     enable_thinking: _builtins.bool
     """Passed to the template as `enable_thinking`. Absent = the template's default."""
     tools_json: _builtins.str
     """Tools the model may call: OpenAI's `tools` array as JSON, passed to the template as `tools`. Empty = none."""
+    template_kwargs_json: _builtins.str
+    """Other arguments of the template (e.g. preserve_thinking), a JSON object of name -> value. Names the template
+    gets from elsewhere (messages, tools, add_generation_prompt, enable_thinking, bos_token, eos_token) are refused.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation so far, oldest first."""
@@ -71,10 +76,11 @@ class Chat(_message.Message):
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         enable_thinking: _builtins.bool | None = ...,
         tools_json: _builtins.str = ...,
+        template_kwargs_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enable_thinking", b"_enable_thinking", "enable_thinking", b"enable_thinking"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enable_thinking", b"_enable_thinking", "enable_thinking", b"enable_thinking", "messages", b"messages", "tools_json", b"tools_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enable_thinking", b"_enable_thinking", "enable_thinking", b"enable_thinking", "messages", b"messages", "template_kwargs_json", b"template_kwargs_json", "tools_json", b"tools_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enable_thinking: _TypeAlias = _typing.Literal["enable_thinking"]  # noqa: Y015
     _WhichOneofArgType__enable_thinking: _TypeAlias = _typing.Literal["_enable_thinking", b"_enable_thinking"]  # noqa: Y015

@@ -26,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # no EOS or stop id before this many tokens (unless ignore_eos, EOS ends nothing anyway)
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation
@@ -43,6 +44,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not (0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(t < 0 or not math.isfinite(b) or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
@@ -55,7 +58,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the logits as they are: what a batch argmax (greedy_batch) can serve."""
-        return self.greedy and not self.logit_bias
+        return self.greedy and not self.logit_bias and not self.min_tokens
 
 
 @dataclass(slots=True)
@@ -70,6 +73,7 @@ class Sampler:
     """
 
     params: SamplingParams
+    ending_ids: frozenset[int] = frozenset()  # ids that end a sequence (EOS, stop ids): held back by min_tokens
     generator: torch.Generator = field(init=False)
     draws: int = 0
 
@@ -79,8 +83,8 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     @classmethod
-    def resumed(cls, params: SamplingParams, draws: int) -> "Sampler":
-        s = cls(params)
+    def resumed(cls, params: SamplingParams, draws: int, ending_ids: frozenset[int] = frozenset()) -> "Sampler":
+        s = cls(params, ending_ids)
         for _ in range(draws):
             s._uniform()
         return s
@@ -95,6 +99,10 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         if self.params.logit_bias:
             logits = _biased(logits, self.params.logit_bias)
+        if self.draws < self.params.min_tokens:  # draws = tokens this sequence has made so far
+            held = [t for t in (*self.ending_ids, *self.params.stop_token_ids) if t < logits.numel()]
+            if held:
+                logits = logits.index_fill(0, torch.tensor(held, device=logits.device), float("-inf"))
         if self.params.greedy:
             token = int(torch.argmax(logits))
             self._uniform()  # keep draws aligned with tokens, so resumption is position-exact

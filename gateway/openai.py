@@ -37,7 +37,7 @@ _UNSUPPORTED = ("functions", "function_call", "response_format", "echo", "suffix
 _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
                             "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key", "min_p",
-                            "logit_bias", "stop_token_ids",
+                            "logit_bias", "stop_token_ids", "min_tokens",
                             *_UNSUPPORTED})
 _COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
 _CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
@@ -154,6 +154,10 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
                 not -100 <= bias <= 100:
             raise ApiError(400, "'logit_bias' maps token ids to numbers in [-100, 100]", param="logit_bias")
         s.logit_bias[int(key)] = float(bias)
+    min_tokens = _get(body, "min_tokens", (int,), 0)
+    if min_tokens < 0:
+        raise ApiError(400, f"'min_tokens' must be >= 0, got {min_tokens}", param="min_tokens")
+    s.min_tokens = min_tokens
     stop_ids = _get(body, "stop_token_ids", (list,), [])
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids):
         raise ApiError(400, "'stop_token_ids' must be non-negative integers", param="stop_token_ids")

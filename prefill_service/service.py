@@ -108,7 +108,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
                                                 boundaries=plan.boundaries, on_chunk=between_chunks)
             params = resume.params
-            sampler = Sampler.resumed(params, resume.draws)
+            sampler = Sampler.resumed(params, resume.draws, self.engine.eos_token_ids)
             token, logprob = sampler.sample(logits)
             text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
             computed = time.monotonic_ns()

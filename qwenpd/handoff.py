@@ -40,6 +40,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             ignore_eos=pb.ignore_eos,
             min_p=pb.min_p,
             logit_bias=tuple(sorted(pb.logit_bias.items())),
+            min_tokens=pb.min_tokens,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
@@ -61,7 +62,8 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
     pb = common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                    max_tokens=params.max_tokens, stop=list(params.stop),
                                    stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                                   min_p=params.min_p, logit_bias=dict(params.logit_bias))
+                                   min_p=params.min_p, logit_bias=dict(params.logit_bias),
+                                   min_tokens=params.min_tokens)
     if params.seed is not None:
         pb.seed = params.seed
     return pb

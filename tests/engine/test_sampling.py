@@ -123,3 +123,15 @@ def test_logit_bias_and_min_p():
         SamplingParams(min_p=1.5)
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias=((1, 200.0),))
+
+
+def test_min_tokens_holds_back_the_ending_ids():
+    import torch
+
+    from qwenpd.engine.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([0.0, 5.0, 1.0, 0.5])  # id 1 (EOS here) is the likeliest
+    sampler = Sampler(SamplingParams(temperature=0, min_tokens=3, stop_token_ids=(2,)), frozenset({1}))
+    assert [sampler.sample(logits)[0] for _ in range(4)] == [3, 3, 3, 1]  # neither EOS nor the stop id before 3
+    resumed = Sampler.resumed(SamplingParams(temperature=0, min_tokens=3), 3, frozenset({1}))
+    assert resumed.sample(logits)[0] == 1  # a resume after 3 tokens owes none

@@ -291,3 +291,12 @@ def test_logit_bias_and_min_p_hold_across_the_hand_off(stub):
     greedy = common_pb2.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     top = common_pb2.SamplingParams(temperature=1.5, max_tokens=6, ignore_eos=True, min_p=1.0, seed=7)
     assert _generate(stub, text=PROMPT, sampling=top)[1] == _generate(stub, text=PROMPT, sampling=greedy)[1]
+
+
+def test_min_tokens_across_the_hand_off(stub):
+    """EOS forced by a bias still waits for min_tokens: prefill's token and decode's first ones are held back."""
+    eos = stub.GetModelInfo(prefill_pb2.GetModelInfoRequest(), timeout=5).eos_token_ids[0]
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=12, min_tokens=4, logit_bias={eos: 100.0})
+    chunks, ids, _ = _generate(stub, text=PROMPT, sampling=sampling)
+    assert len(ids) == 5 and eos not in ids[:4] and ids[4] == eos
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP

@@ -59,14 +59,17 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                           temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
                           stop: Sequence[str] | str | None, stop_token_ids: Sequence[int] | None,
                           ignore_eos: bool, cache_salt: str | None, request_id: str, min_p: float = 0.0,
-                          logit_bias: dict[int, float] | None = None) -> prefill_pb2.PrefillRequest:
+                          logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0
+                          ) -> prefill_pb2.PrefillRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids, messages")
     sampling = common_pb2.SamplingParams(top_k=top_k or 0, ignore_eos=ignore_eos,
                                          stop=[stop] if isinstance(stop, str) else list(stop or ()),
                                          stop_token_ids=list(stop_token_ids or ()), min_p=min_p,
-                                         logit_bias=dict(logit_bias or {}))
+                                         logit_bias=dict(logit_bias or {}), min_tokens=min_tokens,
+                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("max_tokens", max_tokens)):
         if value is not None:
             setattr(sampling, name, value)
@@ -121,16 +124,19 @@ class AsyncClient:
                        seed: int | None = None, stop: Sequence[str] | str | None = None,
                        stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                        cache_salt: str | None = None, request_id: str = "", timeout: float | None = None,
-                       min_p: float = 0.0, logit_bias: dict[int, float] | None = None) -> Result:
+                       min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+                       presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Result:
         """Prefill then decode to the end. Give exactly one of prompt (text), token_ids, messages (chat, rendered
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
-        likely; logit_bias adds to token ids' logits. `timeout` bounds each of the two calls (default: the
+        likely; logit_bias adds to token ids' logits; min_tokens holds EOS and stop ids back; presence_penalty and
+        frequency_penalty are OpenAI's. `timeout` bounds each of the two calls (default: the
         client's)."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
-                                        min_p=min_p, logit_bias=logit_bias)
+                                        min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         trace = Trace()
         ids: list[int] = []
         logprobs: list[float] = []
@@ -149,13 +155,15 @@ class AsyncClient:
                      seed: int | None = None, stop: Sequence[str] | str | None = None,
                      stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                      cache_salt: str | None = None, request_id: str = "", timeout: float | None = None,
-                     min_p: float = 0.0, logit_bias: dict[int, float] | None = None) -> AsyncIterator[Chunk]:
+                     min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> AsyncIterator[Chunk]:
         """Prefill then yield Decode's chunks as they arrive (the first holds the first token); options as for
         `generate`. Leaving the loop early cancels the decode call, which frees its batch slot."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
-                                        min_p=min_p, logit_bias=logit_bias)
+                                        min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):
             yield chunk
 

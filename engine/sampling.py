@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,8 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # no EOS or stop id before this many tokens (unless ignore_eos, EOS ends nothing anyway)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # times how often it was generated
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation
@@ -44,6 +47,10 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not (0.0 <= self.min_p <= 1.0):
@@ -58,7 +65,12 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the logits as they are: what a batch argmax (greedy_batch) can serve."""
-        return self.greedy and not self.logit_bias and not self.min_tokens
+        return self.greedy and not (self.logit_bias or self.min_tokens or self.penalized)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling depends on the tokens generated so far (their counts cross hand-off and resume)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass(slots=True)
@@ -76,6 +88,7 @@ class Sampler:
     ending_ids: frozenset[int] = frozenset()  # ids that end a sequence (EOS, stop ids): held back by min_tokens
     generator: torch.Generator = field(init=False)
     draws: int = 0
+    counts: dict[int, int] = field(default_factory=dict)  # tokens generated so far (penalties)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -83,11 +96,20 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     @classmethod
-    def resumed(cls, params: SamplingParams, draws: int, ending_ids: frozenset[int] = frozenset()) -> "Sampler":
+    def resumed(cls, params: SamplingParams, draws: int, ending_ids: frozenset[int] = frozenset(),
+                generated: Sequence[int] = ()) -> "Sampler":
+        """The sampler of a sequence that has made `draws` tokens already, `generated` among them (the ones the
+        penalties count: all of them where params.penalized)."""
         s = cls(params, ending_ids)
+        s.seen(generated)
         for _ in range(draws):
             s._uniform()
         return s
+
+    def seen(self, tokens: Sequence[int]) -> None:
+        """Count tokens generated outside this sampler (prefill's first token, a resumed stream's)."""
+        for t in tokens:
+            self.counts[t] = self.counts.get(t, 0) + 1
 
     def _uniform(self) -> float:
         self.draws += 1
@@ -99,6 +121,8 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         if self.params.logit_bias:
             logits = _biased(logits, self.params.logit_bias)
+        if self.params.penalized and self.counts:
+            logits = _penalized(logits, self.counts, self.params)
         if self.draws < self.params.min_tokens:  # draws = tokens this sequence has made so far
             held = [t for t in (*self.ending_ids, *self.params.stop_token_ids) if t < logits.numel()]
             if held:
@@ -106,6 +130,7 @@ class Sampler:
         if self.params.greedy:
             token = int(torch.argmax(logits))
             self._uniform()  # keep draws aligned with tokens, so resumption is position-exact
+            self.seen((token,))
             return token, float(logprobs[token])
         probs = _filtered_probs(logits, self.params)
         # inverse-CDF with one uniform draw: independent of thread count and reproducible from the seed
@@ -115,6 +140,7 @@ class Sampler:
         token = int(torch.searchsorted(cdf, point).clamp(max=cdf.numel() - 1))
         while probs[token] == 0:  # u landed exactly on a boundary of a zeroed entry
             token -= 1
+        self.seen((token,))
         return token, float(logprobs[token])
 
 
@@ -133,6 +159,13 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return probs
+
+
+def _penalized(logits: torch.Tensor, counts: dict[int, int], p: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, -(p.presence_penalty + p.frequency_penalty * n))
 
 
 def _biased(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:

@@ -3,10 +3,10 @@ and turned into PrefillRequests, completions turned back into OpenAI JSON, and e
 No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
-reports the chosen token's log-probability only), response_format, penalties, echo, best_of, suffix,
-tool_choice required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
-`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's, `logit_bias`, and vLLM's
-`top_k`, `min_p`, `stop_token_ids`, `ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt`
+reports the chosen token's log-probability only), response_format, echo, best_of, suffix, tool_choice
+required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
+`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
+presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`, `ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt`
 header wins over it); `chat_template_kwargs` takes `enable_thinking` only. `user`, `safety_identifier` and
 `prompt_cache_key` identify an end user or a prompt family: accepted, and they do not partition the cache.
 Chat outputs are parsed into reasoning, content and tool calls (clients.chat_output). Per-token strings of
@@ -163,8 +163,10 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         raise ApiError(400, "'stop_token_ids' must be non-negative integers", param="stop_token_ids")
     s.stop_token_ids.extend(stop_ids)
     for penalty in ("presence_penalty", "frequency_penalty"):
-        if _get(body, penalty, (int, float), 0) != 0:
-            raise ApiError(400, f"'{penalty}' is not supported (only 0)", param=penalty)
+        value = _get(body, penalty, (int, float), 0)
+        if not -2 <= value <= 2:
+            raise ApiError(400, f"'{penalty}' must be in [-2, 2], got {value}", param=penalty)
+        setattr(s, penalty, float(value))
     return s
 
 

@@ -108,7 +108,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
                                                 boundaries=plan.boundaries, on_chunk=between_chunks)
             params = resume.params
-            sampler = Sampler.resumed(params, resume.draws, self.engine.eos_token_ids)
+            generated = tuple(ids[len(ids) - resume.draws:]) if resume.draws and params.penalized else ()
+            sampler = Sampler.resumed(params, resume.draws, self.engine.eos_token_ids, generated)
             token, logprob = sampler.sample(logits)
             text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
             computed = time.monotonic_ns()
@@ -116,7 +117,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                               sampling=params, sampler_draws=sampler.draws,
                               prompt_tokens=len(ids) - resume.draws, cached_tokens=plan.cached_tokens,
                               prompt_tail_ids=tuple(ids[-(PROMPT_TAIL + resume.detok_unread):]),
-                              pending_text=resume.pending_text, detok_unread=resume.detok_unread)
+                              pending_text=resume.pending_text, detok_unread=resume.detok_unread,
+                              generated_ids=generated)
             job.check()  # nobody would read the checkpoint
             meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
             checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)

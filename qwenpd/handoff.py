@@ -41,6 +41,8 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             min_p=pb.min_p,
             logit_bias=tuple(sorted(pb.logit_bias.items())),
             min_tokens=pb.min_tokens,
+            presence_penalty=pb.presence_penalty,
+            frequency_penalty=pb.frequency_penalty,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
@@ -63,7 +65,8 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
                                    max_tokens=params.max_tokens, stop=list(params.stop),
                                    stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
                                    min_p=params.min_p, logit_bias=dict(params.logit_bias),
-                                   min_tokens=params.min_tokens)
+                                   min_tokens=params.min_tokens, presence_penalty=params.presence_penalty,
+                                   frequency_penalty=params.frequency_penalty)
     if params.seed is not None:
         pb.seed = params.seed
     return pb
@@ -85,6 +88,7 @@ class Handoff:
     prompt_tail_ids: tuple[int, ...]
     pending_text: str = ""  # resumed requests: stop-string text held back from the tokens already generated
     detok_unread: int = 0  # resumed requests: generated ids at the end of the tail not yet detokenized
+    generated_ids: tuple[int, ...] = ()  # resumed requests with penalties: the tokens before first_token
 
     def to_pb(self) -> common_pb2.Handoff:
         return common_pb2.Handoff(
@@ -93,7 +97,8 @@ class Handoff:
             sampling=sampling_to_pb(self.sampling), sampler_draws=self.sampler_draws,
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
             prompt_tail_ids=list(self.prompt_tail_ids[-(PROMPT_TAIL + self.detok_unread):]),
-            pending_text=self.pending_text, detok_unread=self.detok_unread)
+            pending_text=self.pending_text, detok_unread=self.detok_unread,
+            generated_ids=list(self.generated_ids))
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Handoff, vocab_size: int) -> "Handoff":
@@ -110,9 +115,14 @@ class Handoff:
                            reason="HANDOFF_CORRUPT")
         if pb.detok_unread > len(pb.prompt_tail_ids):
             raise DataLoss("checkpoint hand-off record has more unread ids than tail ids", reason="HANDOFF_CORRUPT")
-        return cls(pb.request_id, pb.first_token.id, pb.first_token.logprob, pb.first_token.text, sampling,
-                   pb.sampler_draws, pb.prompt_tokens, pb.cached_tokens, tuple(pb.prompt_tail_ids),
-                   pb.pending_text, pb.detok_unread)
+        if len(pb.generated_ids) >= pb.sampler_draws or any(t >= vocab_size for t in pb.generated_ids):
+            raise DataLoss("checkpoint hand-off record has more generated ids than draws, or bad ones",
+                           reason="HANDOFF_CORRUPT")
+        return cls(request_id=pb.request_id, first_token=pb.first_token.id, first_logprob=pb.first_token.logprob,
+                   first_text=pb.first_token.text, sampling=sampling, sampler_draws=pb.sampler_draws,
+                   prompt_tokens=pb.prompt_tokens, cached_tokens=pb.cached_tokens,
+                   prompt_tail_ids=tuple(pb.prompt_tail_ids), pending_text=pb.pending_text,
+                   detok_unread=pb.detok_unread, generated_ids=tuple(pb.generated_ids))
 
     def to_metadata(self) -> dict[str, str]:
         return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}

@@ -3,6 +3,7 @@ and from protobuf, the metadata round trip, and refusals of malformed records.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -71,3 +72,14 @@ def test_handoff_records_from_random_metadata_are_accepted_or_data_loss():
         assert 1 <= h.sampler_draws <= MAX_DRAWS  # decode replays them: never an endless loop
 
     check()
+
+
+def test_penalties_and_the_generated_ids_cross_the_hand_off():
+    params = SamplingParams(seed=3, max_tokens=9, presence_penalty=0.5, frequency_penalty=-1.0, min_tokens=2,
+                            min_p=0.1, logit_bias=((4, 2.0),))
+    h = Handoff(request_id="r", first_token=17, first_logprob=-1.0, first_text="", sampling=params, sampler_draws=4,
+                prompt_tokens=40, cached_tokens=0, prompt_tail_ids=(1, 2), generated_ids=(5, 6, 7))
+    back = Handoff.from_metadata(h.to_metadata(), 512)
+    assert back.sampling == params and back.generated_ids == (5, 6, 7)
+    with pytest.raises(DataLoss):  # more generated ids than the sampler has drawn
+        Handoff.from_metadata(dataclasses.replace(h, sampler_draws=3).to_metadata(), 512)

@@ -135,3 +135,20 @@ def test_min_tokens_holds_back_the_ending_ids():
     assert [sampler.sample(logits)[0] for _ in range(4)] == [3, 3, 3, 1]  # neither EOS nor the stop id before 3
     resumed = Sampler.resumed(SamplingParams(temperature=0, min_tokens=3), 3, frozenset({1}))
     assert resumed.sample(logits)[0] == 1  # a resume after 3 tokens owes none
+
+
+def test_presence_and_frequency_penalties_count_what_was_generated():
+    """Penalties push a repeated token down; a sampler resumed with the tokens so far continues identically."""
+    import torch
+
+    from qwenpd.engine.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0])
+    params = SamplingParams(temperature=0, frequency_penalty=0.6, presence_penalty=0.1)
+    whole = Sampler(params)
+    tokens = [whole.sample(logits)[0] for _ in range(8)]
+    assert tokens[:4] == [0, 1, 0, 2] and set(tokens) == {0, 1, 2}  # a used token falls behind the next
+    resumed = Sampler.resumed(params, 5, generated=tokens[:5])
+    assert [resumed.sample(logits)[0] for _ in range(3)] == tokens[5:]
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3.0)

@@ -29,7 +29,7 @@ def test_openai_requests_become_prefill_requests():
 @pytest.mark.parametrize("body,param", [
     ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "m", "prompt": "x", "stop": ["a"] * 5}, "stop"),
-    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": "m", "prompt": [-1]}, "prompt"),

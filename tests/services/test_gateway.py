@@ -300,3 +300,16 @@ def test_min_tokens_across_the_hand_off(stub):
     chunks, ids, _ = _generate(stub, text=PROMPT, sampling=sampling)
     assert len(ids) == 5 and eos not in ids[:4] and ids[4] == eos
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+def test_penalties_across_the_hand_off_equal_the_in_process_engine(stub, engine):
+    """Decode counts prefill's first token: penalized greedy decoding through the split gives the tokens the
+    in-process loop gives."""
+    from qwenpd.engine.generate import generate
+    from qwenpd.engine.sampling import SamplingParams
+
+    opts = dict(temperature=0.0, max_tokens=16, ignore_eos=True, presence_penalty=0.4, frequency_penalty=1.2)
+    _, ids, _ = _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(**opts))
+    ref = generate(engine, engine.tokenizer.encode(PROMPT), SamplingParams(**opts))
+    plain = _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(**GREEDY))[1]
+    assert ids == ref.token_ids and ids[:16] != plain[:16]  # the penalties changed the output, the same way

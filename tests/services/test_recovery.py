@@ -120,6 +120,8 @@ def _ensure_two_decodes(stack: Stack) -> list[str]:
     pytest.param(dict(temperature=0), id="greedy"),
     pytest.param(dict(temperature=1.0, top_k=50, seed=1234), id="seeded"),
     pytest.param(dict(temperature=1.0, seed=7, stop=["ab", "e t", "xyz q"]), id="seeded-stop"),
+    # the counts of what was generated cross the resume with the rest of the sampler's state
+    pytest.param(dict(temperature=1.0, seed=11, presence_penalty=0.5, frequency_penalty=1.0), id="seeded-penalized"),
 ])
 def test_decode_kill9_mid_stream_resumes_with_identical_output(stack, options):
     names = _ensure_two_decodes(stack)

@@ -92,6 +92,8 @@ class SamplingParams(_message.Message):
     MIN_P_FIELD_NUMBER: _builtins.int
     LOGIT_BIAS_FIELD_NUMBER: _builtins.int
     MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Softmax temperature; 0 = greedy. Absent = 1.0."""
     top_p: _builtins.float
@@ -108,6 +110,10 @@ class SamplingParams(_message.Message):
     """Drop tokens less likely than min_p times the most likely one, in [0, 1]; 0 = off."""
     min_tokens: _builtins.int
     """No EOS id or stop id is sampled before this many tokens have been generated; 0 = off."""
+    presence_penalty: _builtins.float
+    """OpenAI's: subtracted from the logit of every token generated so far, in [-2, 2]; 0 = off."""
+    frequency_penalty: _builtins.float
+    """OpenAI's: subtracted times how often each token was generated so far, in [-2, 2]; 0 = off."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings: generation ends before the first occurrence of any of them; the match is never emitted."""
@@ -134,10 +140,12 @@ class SamplingParams(_message.Message):
         min_p: _builtins.float = ...,
         logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
         min_tokens: _builtins.int = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_tokens", b"max_tokens", "min_p", b"min_p", "min_tokens", b"min_tokens", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_tokens", b"max_tokens", "min_p", b"min_p", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -280,6 +288,7 @@ class Handoff(_message.Message):
     PROMPT_TAIL_IDS_FIELD_NUMBER: _builtins.int
     PENDING_TEXT_FIELD_NUMBER: _builtins.int
     DETOK_UNREAD_FIELD_NUMBER: _builtins.int
+    GENERATED_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request this checkpoint was made for."""
     sampler_draws: _builtins.int
@@ -308,6 +317,10 @@ class Handoff(_message.Message):
     def prompt_tail_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The last few prompt ids (up to 8), so decode's incremental detokenizer starts mid-text correctly."""
 
+    @_builtins.property
+    def generated_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The tokens generated before first_token (a resumed request), when sampling depends on them (penalties)."""
+
     def __init__(
         self,
         *,
@@ -320,10 +333,11 @@ class Handoff(_message.Message):
         prompt_tail_ids: _abc.Iterable[_builtins.int] | None = ...,
         pending_text: _builtins.str = ...,
         detok_unread: _builtins.int = ...,
+        generated_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "pending_text", b"pending_text", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "generated_ids", b"generated_ids", "pending_text", b"pending_text", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,12 +6,13 @@ What decode cannot do is refused with a 400 naming the parameter, never silently
 reports the chosen token's log-probability only), response_format, echo, best_of, suffix, tool_choice
 required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
 `reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
-presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`, `ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt`
-header wins over it); `chat_template_kwargs` takes `enable_thinking` only. `user`, `safety_identifier` and
-`prompt_cache_key` identify an end user or a prompt family: accepted, and they do not partition the cache.
-Chat outputs are parsed into reasoning, content and tool calls (clients.chat_output). Per-token strings of
-`logprobs`: decode sends text per chunk, not per token, so a chunk's text is given to its last token and the
-others get "" (the strings still concatenate to the output text).
+presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
+`ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
+`chat_template_kwargs` reaches the template (`enable_thinking` and any other argument). `user`,
+`safety_identifier` and `prompt_cache_key` identify an end user or a prompt family: accepted, and they do not
+partition the cache. Chat outputs are parsed into reasoning, content and tool calls (clients.chat_output).
+Per-token strings of `logprobs`: decode sends text per chunk, not per token, so a chunk's text is given to its
+last token and the others get "" (the strings still concatenate to the output text).
 """
 
 from __future__ import annotations

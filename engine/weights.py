@@ -126,6 +126,57 @@ def _read(f, name: str, ranges: Callable[[str], list | None] | None, canon: str)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=wanted[0][0])
 
 
+SCALE_SUFFIX = ".weight_scale_inv"
+_FP8 = (torch.float8_e4m3fn,)
+
+
+def fp8_block_size(model_dir: Path) -> tuple[int, int] | None:
+    """The block size of a fine-grained FP8 checkpoint (config.json's quantization_config), None without one;
+    WeightError naming the field for a quantization this loader does not implement."""
+    raw = json.loads((model_dir / "config.json").read_text())
+    q = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise WeightError(f"quantization_config.quant_method {method!r} is not supported (only fine-grained 'fp8')")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise WeightError(f"quantization_config.fmt {q.get('fmt')!r} is not supported (only 'e4m3')")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise WeightError(f"quantization_config.activation_scheme {q.get('activation_scheme')!r} is not supported "
+                          "(only 'dynamic')")
+    size = q.get("weight_block_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(n, int) and n > 0 for n in size)):
+        raise WeightError(f"quantization_config.weight_block_size {size!r} must be two positive integers")
+    return size[0], size[1]
+
+
+def dequantize_fp8(name: str, q: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None
+                   ) -> torch.Tensor:
+    """W = q * scale per block (fp32): the fine-grained FP8 format (one fp32 scale per block of the
+    [out, in] weight, ragged edge blocks included)."""
+    if block is None:
+        raise WeightError(f"tensor {name!r} is stored as FP8 but config.json has no quantization_config")
+    if scale is None:
+        raise WeightError(f"tensor {name!r} is stored as FP8 without its {name[:-len('.weight')]}{SCALE_SUFFIX}")
+    rows, cols = q.shape[0], q.shape[-1]
+    want = (-(-rows // block[0]), -(-cols // block[1]))
+    if q.ndim != 2 or tuple(scale.shape) != want or not scale.is_floating_point():
+        raise WeightError(f"the block scales of {name!r} have shape {tuple(scale.shape)}, expected {want} "
+                          f"(blocks of {block[0]}x{block[1]})")
+    full = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return q.float() * full
+
+
+def _slices(t: torch.Tensor, ranges: Callable[[str], list | None] | None, name: str) -> torch.Tensor:
+    """This rank's slices of a whole tensor (`ranges` as in load_weights)."""
+    wanted = None if ranges is None else ranges(name)
+    if wanted is None:
+        return t
+    pieces = [t.narrow(dim, start, stop - start) for dim, start, stop in wanted]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=wanted[0][0])
+
+
 def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                  ranges: Callable[[str], list | None] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Read every expected tensor (checked for presence and shape), cast to `dtype`.
@@ -140,7 +191,9 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     expected = expected_weight_shapes(config)
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    block = fp8_block_size(model_dir)
     found: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}  # weight name -> its FP8 block scales
     headers: dict[str, tuple[tuple[int, ...], str, memoryview]] = {}
     for path in _weight_files(model_dir):
         try:
@@ -148,6 +201,11 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     canon = _canonical(name)
+                    if canon is not None and canon.endswith(SCALE_SUFFIX):
+                        weight = canon[: -len(SCALE_SUFFIX)] + ".weight"
+                        if weight in expected:
+                            scales[weight] = f.get_tensor(name)
+                        continue
                     if canon is None or canon not in expected:
                         continue
                     if canon in found:
@@ -156,7 +214,8 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                     shape = tuple(sliced.get_shape())
                     if shape != expected[canon]:
                         raise WeightError(f"tensor {canon!r} has shape {shape}, expected {expected[canon]}")
-                    found[canon] = _read(f, name, ranges, canon)
+                    fp8 = sliced.get_dtype().startswith("F8")
+                    found[canon] = f.get_tensor(name) if fp8 else _read(f, name, ranges, canon)  # FP8: whole
                     headers[canon] = (shape, found[canon].dtype, spans[name])
         except WeightError:
             raise
@@ -165,6 +224,15 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     missing = sorted(set(expected) - set(found))
     if missing:
         raise WeightError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    scale_digests: dict[str, str] = {}
+    for name, t in found.items():  # FP8 weights: dequantized with their block scales, then this rank's slices
+        if t.dtype in _FP8:
+            scale = scales.pop(name, None)
+            if scale is not None:
+                scale_digests[name] = hashlib.sha256(scale.float().numpy().tobytes()).hexdigest()
+            found[name] = _slices(dequantize_fp8(name, t, scale, block), ranges, name)
+    if scales:
+        raise WeightError(f"tensor {sorted(scales)[0]!r} has block scales but is not stored as FP8")
     h = hashlib.sha256(json.dumps(config.fingerprint_dict(), sort_keys=True).encode())
     weights: dict[str, torch.Tensor] = {}
     for name in sorted(expected):
@@ -174,5 +242,7 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
             raise WeightError(f"tensor {name!r} has non-float dtype {t.dtype}")
         h.update(f"{name}:{shape}:{stored};".encode())
         _content_digest(h, raw)
+        if stored in _FP8:  # what the stored bytes mean: the block size and the scales
+            h.update(f"fp8 block {block} scales {scale_digests[name]};".encode())
         weights[name] = t.to(dtype)
     return weights, h.hexdigest()

@@ -38,6 +38,8 @@ class Chunk:
     text: str
     logprobs: list[float]
     finish_reason: str | None = None
+    # with top_logprobs: each token's candidates, most likely first: (id, log-probability, the token's text)
+    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -166,7 +168,8 @@ class Dispatcher:
                 async for pb in call:
                     received = True
                     chunk = Chunk(list(pb.token_ids), pb.text, list(pb.logprobs),
-                                  FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None)
+                                  FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None,
+                                  [[(c.id, c.logprob, c.text) for c in t.candidates] for t in pb.top_logprobs])
                     trace.received(len(chunk.token_ids))
                     if chunk.finish_reason is not None:
                         trace.usage = pb.usage

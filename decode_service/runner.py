@@ -40,6 +40,7 @@ class Output:
     text: str
     finish_reason: str | None = None
     error: QwenpdError | None = None
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, with top_logprobs
 
 
 class ReadGuard:
@@ -95,7 +96,7 @@ class DecodeSequence:
     finish_reason: str | None = field(default=None)
     submitted_at: float = 0.0  # time.monotonic() when it started waiting for a slot
 
-    def push(self, token_id: int, logprob: float) -> Output:
+    def push(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""
         text = self.tracker.push(token_id, logprob)
         self.next_token = token_id
@@ -104,7 +105,7 @@ class DecodeSequence:
             reason = FINISH_LENGTH
             text += self.tracker.finish(reason)
         self.finish_reason = reason
-        return Output([token_id], [logprob], text, reason)
+        return Output([token_id], [logprob], text, reason, top=[top] if top is not None else [])
 
 
 Deliver = Callable[[list[tuple[DecodeSequence, Output]]], None]
@@ -237,7 +238,8 @@ class DecodeRunner:
         for row, seq in enumerate(seqs):
             seq.num_tokens += 1
             token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
-            outputs.append((seq, seq.push(token, logprob)))
+            top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
+            outputs.append((seq, seq.push(token, logprob, top)))
         self.steps += 1
         self.tokens += len(seqs)
         for seq, out in outputs:

@@ -25,6 +25,7 @@ from qwenpd.engine import state_spec
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
 from qwenpd.engine.sampling import Sampler
+from qwenpd.engine.tokenizer import candidates
 from qwenpd.handoff import Handoff, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from qwenpd.errors import DataLoss, InvalidArgument, QwenpdError
@@ -143,13 +144,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens)
-        seq.sink.put_nowait(seq.push(handoff.first_token, handoff.first_logprob))
+        first_top = [(i, lp) for i, lp, _ in handoff.first_top] if params.top_logprobs else None
+        seq.sink.put_nowait(seq.push(handoff.first_token, handoff.first_logprob, first_top))
         return seq
 
     def _chunk(self, seq: DecodeSequence, outs: list[Output]) -> decode_pb2.DecodeChunk:
         chunk = decode_pb2.DecodeChunk(token_ids=[t for o in outs for t in o.token_ids],
                                        logprobs=[p for o in outs for p in o.logprobs],
                                        text="".join(o.text for o in outs))
+        if seq.sampler.params.top_logprobs:
+            tok = self.engine.tokenizer if self.engine is not None else None
+            chunk.top_logprobs.extend(
+                common_pb2.TopLogprobs(candidates=[common_pb2.TopLogprob(id=i, logprob=lp, text=t)
+                                                   for i, lp, t in candidates(tok, top)])
+                for o in outs for top in o.top)
         self.metrics.tokens.inc(len(chunk.token_ids))
         reason = outs[-1].finish_reason
         if reason is not None:

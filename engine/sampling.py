@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """Options of one request. temperature 0 = greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off (drop tokens
@@ -30,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS or stop id before this many tokens (unless ignore_eos, EOS ends nothing anyway)
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # times how often it was generated
+    top_logprobs: int = 0  # report this many most likely tokens at each position (Sampler.last_top)
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation
@@ -51,6 +55,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not math.isfinite(value) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not (0.0 <= self.min_p <= 1.0):
@@ -65,7 +71,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the logits as they are: what a batch argmax (greedy_batch) can serve."""
-        return self.greedy and not (self.logit_bias or self.min_tokens or self.penalized)
+        return self.greedy and not (self.logit_bias or self.min_tokens or self.penalized or self.top_logprobs)
 
     @property
     def penalized(self) -> bool:
@@ -89,6 +95,7 @@ class Sampler:
     generator: torch.Generator = field(init=False)
     draws: int = 0
     counts: dict[int, int] = field(default_factory=dict)  # tokens generated so far (penalties)
+    last_top: list[tuple[int, float]] = field(default_factory=list)  # the last position's candidates
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -119,6 +126,9 @@ class Sampler:
         """logits [V] (any float dtype) -> (token id, log-probability under the model's unmodified distribution)."""
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
+        if self.params.top_logprobs:
+            top = torch.topk(logprobs, min(self.params.top_logprobs, logprobs.numel()))
+            self.last_top = list(zip(top.indices.tolist(), top.values.tolist()))
         if self.params.logit_bias:
             logits = _biased(logits, self.params.logit_bias)
         if self.params.penalized and self.counts:

@@ -123,6 +123,12 @@ class Tokenizer:
             eos_token=self.eos_token or "", bos_token=self.bos_token or "", **extra)
 
 
+def candidates(tokenizer: "Tokenizer | None", top: Sequence[tuple[int, float]]) -> tuple[tuple[int, float, str], ...]:
+    """(id, log-probability, the token's own text) of a position's most likely tokens (no text without a
+    tokenizer)."""
+    return tuple((i, lp, tokenizer.decode([i], skip_special_tokens=False) if tokenizer else "") for i, lp in top)
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -40,6 +40,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)  # one string per token (token_texts())
+    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)  # per token, when asked
     finish_reason: str | None = None
 
 
@@ -215,5 +216,6 @@ def collect(choice: Choice, chunk: Chunk) -> None:
     elif chunk.text and choice.token_texts:
         choice.token_texts[-1] += chunk.text
     choice.logprobs += chunk.logprobs
+    choice.top_logprobs += chunk.top_logprobs
     choice.finish_reason = chunk.finish_reason or choice.finish_reason
 

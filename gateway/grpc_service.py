@@ -9,7 +9,7 @@ from qwenpd.clients.chat_output import ChatOutput
 from qwenpd.clients.dispatch import FINISH_NAMES, Trace
 from qwenpd.errors import InvalidArgument
 from qwenpd.gateway.core import Gateway, usage
-from qwenpd.protos.qwenpd.v1 import generate_pb2, generate_pb2_grpc, prefill_pb2
+from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc, prefill_pb2
 
 _FINISH = {name: value for value, name in FINISH_NAMES.items()}
 
@@ -63,6 +63,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         called = False
         async for chunk in self.gateway.stream(pre, self.gateway.timeout(context.time_remaining()), trace):
             out = generate_pb2.GenerateChunk(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+            out.top_logprobs.extend(common_pb2.TopLogprobs(candidates=[
+                common_pb2.TopLogprob(id=i, logprob=lp, text=t) for i, lp, t in top]) for top in chunk.top_logprobs)
             if first:
                 out.request_id = pre.request_id
                 first = False

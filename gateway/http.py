@@ -202,7 +202,8 @@ class HttpApi:
                 if not (first or text or reasoning or calls or finish or parsed.logprobs):
                     continue  # nothing to say (text held back or mid-character)
                 yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, text, chunk.logprobs,
-                                               finish, first, reasoning, token_text=chunk.text, tool_calls=calls))
+                                               finish, first, reasoning, token_text=chunk.text, tool_calls=calls,
+                                               top_logprobs=chunk.top_logprobs))
                 if chunk.finish_reason is not None:
                     u = usage(choice.trace)
                     if choice.index == 0:

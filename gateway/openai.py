@@ -2,9 +2,8 @@
 and turned into PrefillRequests, completions turned back into OpenAI JSON, and errors in OpenAI's error shape.
 No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
-What decode cannot do is refused with a 400 naming the parameter, never silently ignored: top_logprobs (decode
-reports the chosen token's log-probability only), response_format, echo, best_of, suffix, tool_choice
-required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
+What decode cannot do is refused with a 400 naming the parameter, never silently ignored: response_format, echo,
+best_of, suffix, tool_choice required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
 `reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
 presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
 `ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
@@ -31,6 +30,7 @@ from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 MAX_N = 16
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_STOP = 4  # as OpenAI
 _UNSUPPORTED = ("functions", "function_call", "response_format", "echo", "suffix", "audio", "modalities",
                 "prediction")
@@ -92,6 +92,7 @@ class Parsed:
     created: int = field(default_factory=lambda: int(time.time()))
     tools: list[dict[str, Any]] = field(default_factory=list)  # offered, with tool_choice "auto": calls are parsed
     parallel_tool_calls: bool = True
+    top_logprobs: int = 0
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -210,9 +211,9 @@ def _salt(body: dict, header_salt: str | None) -> str | None:
 def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
     model, sampling, n, stream, include_usage = _common(body, chat=False)
     logprobs = _get(body, "logprobs", (int,))
-    if logprobs is not None and logprobs != 0:
-        raise ApiError(400, "'logprobs' > 0 asks for top log-probabilities, which this server cannot return; use "
-                       "logprobs=0 for the chosen tokens' log-probabilities", param="logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
+    sampling.top_logprobs = logprobs or 0  # N > 0: the N most likely tokens at each position too
     prompt = body.get("prompt")
     prompts: list[Any]
     if isinstance(prompt, str):
@@ -238,7 +239,7 @@ def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
         if salt is not None:
             req.cache_salt = salt
         out.append(req)
-    return Parsed(False, model, out, n, stream, include_usage, logprobs is not None)
+    return Parsed(False, model, out, n, stream, include_usage, logprobs is not None, top_logprobs=logprobs or 0)
 
 
 def _content(message: dict, i: int) -> str:
@@ -264,9 +265,10 @@ def parse_chat(body: Any, header_salt: str | None = None,
     model, sampling, n, stream, include_usage = _common(body, chat=True)
     logprobs = _get(body, "logprobs", (bool,), False)
     top = _get(body, "top_logprobs", (int,), 0)
-    if top:
-        raise ApiError(400, "'top_logprobs' is not supported: the decode service reports only the chosen token's "
-                       "log-probability (use logprobs: true without top_logprobs)", param="top_logprobs")
+    if not 0 <= top <= MAX_TOP_LOGPROBS or (top and not logprobs):
+        raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}] and needs 'logprobs': true",
+                       param="top_logprobs")
+    sampling.top_logprobs = top
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
@@ -296,7 +298,8 @@ def parse_chat(body: Any, header_salt: str | None = None,
     if salt is not None:
         req.cache_salt = salt
     parallel = _get(body, "parallel_tool_calls", (bool,), True)
-    return Parsed(True, model, [req], n, stream, include_usage, logprobs, tools=tools, parallel_tool_calls=parallel)
+    return Parsed(True, model, [req], n, stream, include_usage, logprobs, tools=tools, parallel_tool_calls=parallel,
+                  top_logprobs=top)
 
 
 def _tools(body: dict) -> list[dict[str, Any]]:
@@ -341,17 +344,22 @@ def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:
 
 
 # ---- responses ---------------------------------------------------------------------------------------------------
-def _logprobs(p: Parsed, texts: list[str], logprobs: list[float]) -> Any:
+def _logprobs(p: Parsed, texts: list[str], logprobs: list[float],
+              tops: list[list[tuple[int, float, str]]] | None = None) -> Any:
     if not p.logprobs:
         return None
+    tops = tops if tops else [[] for _ in texts]
     if p.chat:
-        return {"content": [{"token": t, "logprob": _finite(lp), "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, lp in zip(texts, logprobs)]}
+        return {"content": [{"token": t, "logprob": _finite(lp), "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": c, "logprob": _finite(v), "bytes": list(c.encode())}
+                                              for _, v, c in top]}
+                            for t, lp, top in zip(texts, logprobs, tops)]}
     offsets, at = [], 0
     for t in texts:
         offsets.append(at)
         at += len(t)
-    return {"tokens": texts, "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": None,
+    return {"tokens": texts, "token_logprobs": [_finite(lp) for lp in logprobs],
+            "top_logprobs": [{c: _finite(v) for _, v, c in top} for top in tops] if p.top_logprobs else None,
             "text_offset": offsets}
 
 
@@ -396,7 +404,7 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
     out = []
     for c in choices:
         text = "".join(c.text)
-        lp = _logprobs(p, c.token_texts, c.logprobs)
+        lp = _logprobs(p, c.token_texts, c.logprobs, c.top_logprobs)
         if p.chat:
             parser = chat_output(p, c)
             whole = collect_output([parser.push(text), parser.finish()])
@@ -412,10 +420,11 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
 
 def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], text: str, logprobs: list[float],
                  finish_reason: str | None, first: bool, reasoning: str = "", token_text: str | None = None,
-                 tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 tool_calls: list[dict[str, Any]] | None = None,
+                 top_logprobs: list[list[tuple[int, float, str]]] | None = None) -> dict[str, Any]:
     """One event. Chat: `text`, `reasoning` and `tool_calls` are the parsed parts of the chunk's text
     (`token_text`, for the log-probabilities' token strings)."""
-    lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs)
+    lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs, top_logprobs)
     if p.chat:
         parts = message(text, reasoning, tool_calls)
         delta: dict[str, Any] = {"role": "assistant", **parts} if first else parts

@@ -18,6 +18,7 @@ from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.sampling import Sampler
+from qwenpd.engine.tokenizer import candidates
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.prefix import PrefixCache
@@ -82,7 +83,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                              total_ns=time.monotonic_ns() - arrived)
         return prefill_pb2.PrefillResponse(
             request_id=request_id, checkpoint_id=done.checkpoint_id,
-            first_token=common_pb2.Token(id=h.first_token, text=h.first_text, logprob=h.first_logprob),
+            first_token=common_pb2.Token(id=h.first_token, text=h.first_text, logprob=h.first_logprob,
+                                         top_logprobs=h.to_pb().first_token.top_logprobs),
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
             prompt_token_ids=ids if request.return_prompt_token_ids else [], reasoning_open=prompt.reasoning_open)
 
@@ -111,6 +113,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             generated = tuple(ids[len(ids) - resume.draws:]) if resume.draws and params.penalized else ()
             sampler = Sampler.resumed(params, resume.draws, self.engine.eos_token_ids, generated)
             token, logprob = sampler.sample(logits)
+            top = candidates(self.engine.tokenizer, sampler.last_top)
             text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
             computed = time.monotonic_ns()
             handoff = Handoff(request_id=job.request_id, first_token=token, first_logprob=logprob, first_text=text,
@@ -118,7 +121,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                               prompt_tokens=len(ids) - resume.draws, cached_tokens=plan.cached_tokens,
                               prompt_tail_ids=tuple(ids[-(PROMPT_TAIL + resume.detok_unread):]),
                               pending_text=resume.pending_text, detok_unread=resume.detok_unread,
-                              generated_ids=generated)
+                              generated_ids=generated, first_top=top)
             job.check()  # nobody would read the checkpoint
             meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
             checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)

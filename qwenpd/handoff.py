@@ -43,6 +43,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             min_tokens=pb.min_tokens,
             presence_penalty=pb.presence_penalty,
             frequency_penalty=pb.frequency_penalty,
+            top_logprobs=pb.top_logprobs,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
@@ -66,7 +67,7 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
                                    stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
                                    min_p=params.min_p, logit_bias=dict(params.logit_bias),
                                    min_tokens=params.min_tokens, presence_penalty=params.presence_penalty,
-                                   frequency_penalty=params.frequency_penalty)
+                                   frequency_penalty=params.frequency_penalty, top_logprobs=params.top_logprobs)
     if params.seed is not None:
         pb.seed = params.seed
     return pb
@@ -89,11 +90,14 @@ class Handoff:
     pending_text: str = ""  # resumed requests: stop-string text held back from the tokens already generated
     detok_unread: int = 0  # resumed requests: generated ids at the end of the tail not yet detokenized
     generated_ids: tuple[int, ...] = ()  # resumed requests with penalties: the tokens before first_token
+    first_top: tuple[tuple[int, float, str], ...] = ()  # top_logprobs: the first token's candidates (id, lp, text)
 
     def to_pb(self) -> common_pb2.Handoff:
         return common_pb2.Handoff(
             request_id=self.request_id,
-            first_token=common_pb2.Token(id=self.first_token, text=self.first_text, logprob=self.first_logprob),
+            first_token=common_pb2.Token(id=self.first_token, text=self.first_text, logprob=self.first_logprob,
+                                         top_logprobs=[common_pb2.TopLogprob(id=i, logprob=lp, text=t)
+                                                       for i, lp, t in self.first_top]),
             sampling=sampling_to_pb(self.sampling), sampler_draws=self.sampler_draws,
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
             prompt_tail_ids=list(self.prompt_tail_ids[-(PROMPT_TAIL + self.detok_unread):]),
@@ -122,7 +126,8 @@ class Handoff:
                    first_text=pb.first_token.text, sampling=sampling, sampler_draws=pb.sampler_draws,
                    prompt_tokens=pb.prompt_tokens, cached_tokens=pb.cached_tokens,
                    prompt_tail_ids=tuple(pb.prompt_tail_ids), pending_text=pb.pending_text,
-                   detok_unread=pb.detok_unread, generated_ids=tuple(pb.generated_ids))
+                   detok_unread=pb.detok_unread, generated_ids=tuple(pb.generated_ids),
+                   first_top=tuple((c.id, c.logprob, c.text) for c in pb.first_token.top_logprobs))
 
     def to_metadata(self) -> dict[str, str]:
         return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}

@@ -191,7 +191,7 @@ def test_typed_errors(oai, model_name):
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model=model_name, messages=CHAT, logprobs=True, top_logprobs=3)
+        oai.chat.completions.create(model=model_name, messages=CHAT, logprobs=True, top_logprobs=21)  # past 20
     assert "top_logprobs" in str(err.value)
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=model_name, prompt="x", max_tokens=-3)
@@ -209,7 +209,7 @@ def test_typed_errors(oai, model_name):
     pytest.param({"model": "MODEL", "prompt": "x", "stop": ["a", 3]}, 400, id="stop-int"),
     pytest.param({"model": "MODEL", "prompt": [1, "a"]}, 400, id="mixed-prompt"),
     pytest.param({"model": "MODEL", "prompt": "x", "n": 0}, 400, id="n-zero"),
-    pytest.param({"model": "MODEL", "prompt": "x", "logprobs": 5}, 400, id="top-logprobs"),
+    pytest.param({"model": "MODEL", "prompt": "x", "logprobs": 21}, 400, id="top-logprobs-past-20"),
     pytest.param({"model": "MODEL", "prompt": "x", "tools": [{"type": "function"}]}, 400, id="tools"),
     pytest.param({"model": "other", "prompt": "x"}, 404, id="unknown-model"),
     pytest.param({"model": "MODEL", "prompt": "x" * 70_000_000}, 413, id="huge-body"),
@@ -313,3 +313,21 @@ def test_penalties_across_the_hand_off_equal_the_in_process_engine(stub, engine)
     ref = generate(engine, engine.tokenizer.encode(PROMPT), SamplingParams(**opts))
     plain = _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(**GREEDY))[1]
     assert ids == ref.token_ids and ids[:16] != plain[:16]  # the penalties changed the output, the same way
+
+
+def test_top_logprobs_across_the_hand_off(oai, model_name, stub):
+    """The most likely tokens at each position, prefill's first token included, in OpenAI's shapes and in
+    GenerateChunk: greedy picks the first candidate, whose log-probability is the chosen token's."""
+    chat = oai.chat.completions.create(model=model_name, messages=CHAT, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob for e in content)
+    comp = oai.completions.create(model=model_name, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    assert [len(t) for t in comp.choices[0].logprobs.top_logprobs] == [2] * 5
+    chunks, ids, _ = _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(
+        temperature=0.0, max_tokens=5, ignore_eos=True, top_logprobs=4))
+    tops = [t for c in chunks for t in c.top_logprobs]
+    assert len(tops) == len(ids) == 5 and [t.candidates[0].id for t in tops] == ids
+    assert all(len(t.candidates) == 4 and t.candidates[0].text for t in tops)

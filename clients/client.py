@@ -18,6 +18,7 @@ failure. That logic (clients.dispatch.Dispatcher) is shared with the gateway.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 import grpc
 
+from qwenpd.clients.chat_output import ChatOutput
+from qwenpd.clients.chat_request import chat_message
 from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, resumable, unary
 from qwenpd.clients.routing import BackendPool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
@@ -52,6 +55,11 @@ class Result:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     request_id: str = ""
+    # chat prompts: `text` parsed (clients.chat_output): the answer, the reasoning, and the tool calls in OpenAI's
+    # shape ({"id", "type", "function": {"name", "arguments"}}) when tools were offered
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
@@ -60,8 +68,9 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                           stop: Sequence[str] | str | None, stop_token_ids: Sequence[int] | None,
                           ignore_eos: bool, cache_salt: str | None, request_id: str, min_p: float = 0.0,
                           logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0
-                          ) -> prefill_pb2.PrefillRequest:
+                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          tools: Sequence[dict[str, Any]] | None = None,
+                          chat_template_kwargs: dict[str, Any] | None = None) -> prefill_pb2.PrefillRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids, messages")
@@ -79,7 +88,16 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
     elif token_ids is not None:
         req.token_ids.ids.extend(token_ids)
     else:
-        req.chat.messages.extend(common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ())
+        req.chat.messages.extend(chat_message(m, i) for i, m in enumerate(messages or ()))
+        if tools:
+            req.chat.tools_json = json.dumps(list(tools))
+        kwargs = dict(chat_template_kwargs or {})
+        if "enable_thinking" in kwargs:
+            req.chat.enable_thinking = bool(kwargs.pop("enable_thinking"))
+        if kwargs:
+            req.chat.template_kwargs_json = json.dumps(kwargs)
+    if messages is None and (tools or chat_template_kwargs):
+        raise ValueError("tools and chat_template_kwargs need a chat prompt (messages)")
     if cache_salt is not None:
         req.cache_salt = cache_salt
     return resumable(req)
@@ -125,18 +143,22 @@ class AsyncClient:
                        stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                        cache_salt: str | None = None, request_id: str = "", timeout: float | None = None,
                        min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                       presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Result:
+                       presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                       tools: Sequence[dict[str, Any]] | None = None,
+                       chat_template_kwargs: dict[str, Any] | None = None) -> Result:
         """Prefill then decode to the end. Give exactly one of prompt (text), token_ids, messages (chat, rendered
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
         likely; logit_bias adds to token ids' logits; min_tokens holds EOS and stop ids back; presence_penalty and
-        frequency_penalty are OpenAI's. `timeout` bounds each of the two calls (default: the
-        client's)."""
+        frequency_penalty are OpenAI's. Chat prompts (messages, OpenAI-style: assistant tool_calls and tool results
+        included) may offer `tools` and pass `chat_template_kwargs`; their Result has the text parsed into content,
+        reasoning and tool_calls. `timeout` bounds each of the two calls (default: the client's)."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
-                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                        tools=tools, chat_template_kwargs=chat_template_kwargs)
         trace = Trace()
         ids: list[int] = []
         logprobs: list[float] = []
@@ -147,7 +169,17 @@ class AsyncClient:
             logprobs += chunk.logprobs
             text.append(chunk.text)
             reason = chunk.finish_reason or reason
-        return _result(trace, ids, "".join(text), reason, logprobs)
+        result = _result(trace, ids, "".join(text), reason, logprobs)
+        if messages is None:
+            result.content = result.text
+            return result
+        opened = bool(trace.prefill is not None and trace.prefill.reasoning_open)
+        parsed = ChatOutput.parse(result.text, tools or (), opened, calls=bool(tools))
+        result.content, result.reasoning = parsed.content, parsed.reasoning
+        result.tool_calls = [c.to_openai() for c in parsed.tool_calls]
+        if result.tool_calls and result.finish_reason == "stop":
+            result.finish_reason = "tool_calls"
+        return result
 
     async def stream(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                      messages: Sequence[dict[str, str]] | None = None, max_tokens: int | None = None,
@@ -156,14 +188,18 @@ class AsyncClient:
                      stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                      cache_salt: str | None = None, request_id: str = "", timeout: float | None = None,
                      min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> AsyncIterator[Chunk]:
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     tools: Sequence[dict[str, Any]] | None = None,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> AsyncIterator[Chunk]:
         """Prefill then yield Decode's chunks as they arrive (the first holds the first token); options as for
-        `generate`. Leaving the loop early cancels the decode call, which frees its batch slot."""
+        `generate` (the raw text: parse a chat's with clients.chat_output.ChatOutput). Leaving the loop early cancels
+        the decode call, which frees its batch slot."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
-                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                        tools=tools, chat_template_kwargs=chat_template_kwargs)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):
             yield chunk
 

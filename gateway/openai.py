@@ -25,6 +25,7 @@ from typing import Any
 from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdError, ResourceExhausted,
                            Unauthenticated, Unavailable)
 from qwenpd.clients.chat_output import ChatOutput
+from qwenpd.clients.chat_request import chat_message
 from qwenpd.clients.chat_output import collect as collect_output
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
@@ -327,20 +328,10 @@ def _tools(body: dict) -> list[dict[str, Any]]:
 
 def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:
     """A chat message of the request as the prefill service takes it (tool calls and results included)."""
-    out = common_pb2.ChatMessage(role=role, content=_content(m, i))
-    calls = m.get("tool_calls")
-    if calls is not None:
-        if role != "assistant" or not isinstance(calls, list):
-            raise ApiError(400, "'tool_calls' must be an array, on assistant messages",
-                           param=f"messages[{i}].tool_calls")
-        out.tool_calls_json = json.dumps(calls)
-    for name in ("tool_call_id", "name", "reasoning_content"):
-        value = m.get(name)
-        if value is not None:
-            if not isinstance(value, str):
-                raise ApiError(400, f"'{name}' must be a string", param=f"messages[{i}].{name}")
-            setattr(out, name, value)
-    return out
+    try:
+        return chat_message(m, i, role, _content(m, i))
+    except InvalidArgument as exc:
+        raise ApiError(400, exc.description, param=exc.field) from None
 
 
 # ---- responses ---------------------------------------------------------------------------------------------------

@@ -331,3 +331,22 @@ def test_top_logprobs_across_the_hand_off(oai, model_name, stub):
     tops = [t for c in chunks for t in c.top_logprobs]
     assert len(tops) == len(ids) == 5 and [t.candidates[0].id for t in tops] == ids
     assert all(len(t.candidates) == 4 and t.candidates[0].text for t in tops)
+
+
+def test_the_python_client_offers_tools_and_parses_chat_output(client):
+    """Client.generate with messages: tools and template arguments reach the template, and the Result has the
+    text parsed (content; tool calls only when tools were offered)."""
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                                                                                   "properties": {}}}}]
+    messages = [{"role": "user", "content": "Time?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "noon"}]
+    plain = client.generate(messages=messages, max_tokens=8, temperature=0)
+    offered = client.generate(messages=messages, max_tokens=8, temperature=0, tools=tools,
+                              chat_template_kwargs={"enable_thinking": False})
+    assert plain.content == plain.text and not plain.tool_calls
+    assert offered.prompt_tokens > plain.prompt_tokens  # the tools and the closed reasoning are in the prompt
+    assert not offered.reasoning  # enable_thinking false: the template closed it
+    with pytest.raises(ValueError, match="messages"):
+        client.generate("text prompt", tools=tools)

@@ -1,0 +1,36 @@
+"""OpenAI-style chat messages as the prefill service takes them (`qwenpd.v1.ChatMessage`): tool calls of assistant
+turns and tool results included. Shared by the client library and the gateway; plain Python and protobuf."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from qwenpd.errors import InvalidArgument
+from qwenpd.protos.qwenpd.v1 import common_pb2
+
+
+def chat_message(m: Mapping[str, Any], i: int, role: str | None = None, content: str | None = None
+                 ) -> common_pb2.ChatMessage:
+    """Message `i` of a chat (`role`/`content` when the caller already normalised them); InvalidArgument naming
+    `messages[i].<field>` for what is malformed."""
+    role = m.get("role") if role is None else role
+    content = m.get("content") if content is None else content
+    if not isinstance(role, str):
+        raise InvalidArgument(f"messages[{i}].role", "each message needs a string 'role'")
+    if content is not None and not isinstance(content, str):
+        raise InvalidArgument(f"messages[{i}].content", "'content' must be a string")
+    out = common_pb2.ChatMessage(role=role, content=content or "")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise InvalidArgument(f"messages[{i}].tool_calls", "'tool_calls' must be an array, on assistant messages")
+        out.tool_calls_json = json.dumps(calls)
+    for name in ("tool_call_id", "name", "reasoning_content"):
+        value = m.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidArgument(f"messages[{i}].{name}", f"'{name}' must be a string")
+            setattr(out, name, value)
+    return out

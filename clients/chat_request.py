@@ -34,3 +34,13 @@ def chat_message(m: Mapping[str, Any], i: int, role: str | None = None, content:
                 raise InvalidArgument(f"messages[{i}].{name}", f"'{name}' must be a string")
             setattr(out, name, value)
     return out
+
+
+def set_template_kwargs(chat: Any, kwargs: Mapping[str, Any]) -> None:
+    """`chat_template_kwargs` onto a `qwenpd.v1.Chat` (in place): `enable_thinking` in its own field, every other
+    argument in `template_kwargs_json`."""
+    if "enable_thinking" in kwargs:
+        chat.enable_thinking = bool(kwargs["enable_thinking"])
+    others = {k: v for k, v in kwargs.items() if k != "enable_thinking"}
+    if others:
+        chat.template_kwargs_json = json.dumps(others)

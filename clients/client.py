@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from qwenpd.clients.chat_output import ChatOutput
-from qwenpd.clients.chat_request import chat_message
+from qwenpd.clients.chat_request import chat_message, set_template_kwargs
 from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, resumable, unary
 from qwenpd.clients.routing import BackendPool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
@@ -91,11 +91,7 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
         req.chat.messages.extend(chat_message(m, i) for i, m in enumerate(messages or ()))
         if tools:
             req.chat.tools_json = json.dumps(list(tools))
-        kwargs = dict(chat_template_kwargs or {})
-        if "enable_thinking" in kwargs:
-            req.chat.enable_thinking = bool(kwargs.pop("enable_thinking"))
-        if kwargs:
-            req.chat.template_kwargs_json = json.dumps(kwargs)
+        set_template_kwargs(req.chat, chat_template_kwargs or {})
     if messages is None and (tools or chat_template_kwargs):
         raise ValueError("tools and chat_template_kwargs need a chat prompt (messages)")
     if cache_salt is not None:
@@ -173,8 +169,7 @@ class AsyncClient:
         if messages is None:
             result.content = result.text
             return result
-        opened = bool(trace.prefill is not None and trace.prefill.reasoning_open)
-        parsed = ChatOutput.parse(result.text, tools or (), opened, calls=bool(tools))
+        parsed = ChatOutput.parse(result.text, tools or (), trace.reasoning_open, calls=bool(tools))
         result.content, result.reasoning = parsed.content, parsed.reasoning
         result.tool_calls = [c.to_openai() for c in parsed.tool_calls]
         if result.tool_calls and result.finish_reason == "stop":

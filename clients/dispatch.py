@@ -65,6 +65,11 @@ class Trace:
             self.last_token_at = time.perf_counter() if at is None else at
 
     @property
+    def reasoning_open(self) -> bool:
+        """Whether the prompt's chat template opened the model's reasoning (the first prefill says)."""
+        return bool(self.prefill is not None and self.prefill.reasoning_open)
+
+    @property
     def ttft_s(self) -> float:
         return 0.0 if self.first_token_at is None else self.first_token_at - self.started
 

@@ -46,8 +46,7 @@ def _chat_output(request: prefill_pb2.PrefillRequest, trace: Trace) -> ChatOutpu
     """The parser of a chat completion: reasoning (when the template opened it), tool calls (when tools were
     offered; their markup is text otherwise)."""
     tools = json.loads(request.chat.tools_json) if request.chat.tools_json else []
-    opened = bool(trace.prefill is not None and trace.prefill.reasoning_open)
-    return ChatOutput(tools, thinking_open=opened, calls=bool(tools))
+    return ChatOutput(tools, thinking_open=trace.reasoning_open, calls=bool(tools))
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):

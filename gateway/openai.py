@@ -25,7 +25,7 @@ from typing import Any
 from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdError, ResourceExhausted,
                            Unauthenticated, Unavailable)
 from qwenpd.clients.chat_output import ChatOutput
-from qwenpd.clients.chat_request import chat_message
+from qwenpd.clients.chat_request import chat_message, set_template_kwargs
 from qwenpd.clients.chat_output import collect as collect_output
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
@@ -283,17 +283,10 @@ def parse_chat(body: Any, header_salt: str | None = None,
     if tools:
         chat.tools_json = json.dumps(tools)
     kwargs = {**(default_template_kwargs or {}), **_get(body, "chat_template_kwargs", (dict,), {})}
-    others = {}
-    for key, value in kwargs.items():
-        if key == "enable_thinking":
-            if not isinstance(value, bool):
-                raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
-                               param="chat_template_kwargs.enable_thinking")
-            chat.enable_thinking = value
-        else:
-            others[key] = value
-    if others:
-        chat.template_kwargs_json = json.dumps(others)
+    if not isinstance(kwargs.get("enable_thinking", False), bool):
+        raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
+                       param="chat_template_kwargs.enable_thinking")
+    set_template_kwargs(chat, kwargs)
     req = prefill_pb2.PrefillRequest(sampling=sampling, chat=chat)
     salt = _salt(body, header_salt)
     if salt is not None:
@@ -364,15 +357,10 @@ def usage_json(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def reasoning_open(choice: Choice) -> bool:
-    """Whether the prompt's chat template opened the model's reasoning (the first prefill says)."""
-    return bool(choice.trace.prefill is not None and choice.trace.prefill.reasoning_open)
-
-
 def chat_output(p: Parsed, choice: Choice) -> ChatOutput:
     """The parser of a chat choice's output: reasoning apart from content, and tool calls when tools were offered
     (otherwise their markup is text)."""
-    return ChatOutput(p.tools, thinking_open=reasoning_open(choice), calls=bool(p.tools))
+    return ChatOutput(p.tools, thinking_open=choice.trace.reasoning_open, calls=bool(p.tools))
 
 
 def message(text: str, reasoning: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -20,6 +20,10 @@ class TokenizerError(ValueError):
     pass
 
 
+class TemplateArgumentError(TokenizerError):
+    """A chat template argument a caller may not give (one the server sets itself)."""
+
+
 # What a chat template gets from the server itself; callers' template arguments may not set these.
 TEMPLATE_NAMES = ("messages", "tools", "add_generation_prompt", "enable_thinking", "bos_token", "eos_token")
 
@@ -112,7 +116,7 @@ class Tokenizer:
                 raise TokenizerError("a message's 'tool_calls' must be a list")
         taken = set(TEMPLATE_NAMES) & set(template_kwargs or {})
         if taken:
-            raise TokenizerError(f"template argument {sorted(taken)[0]!r} is set by the server, not by a caller")
+            raise TemplateArgumentError(f"template argument {sorted(taken)[0]!r} is set by the server, not by a caller")
         extra: dict[str, Any] = dict(template_kwargs or {})
         if enable_thinking is not None:
             extra["enable_thinking"] = enable_thinking

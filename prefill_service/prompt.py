@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenpd.engine.engine import Engine
-from qwenpd.engine.tokenizer import TokenizerError
+from qwenpd.engine.tokenizer import TemplateArgumentError, TokenizerError
 from qwenpd.errors import InvalidArgument
 from qwenpd.limits import Limits
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
@@ -51,9 +51,10 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
             try:
                 thinking = request.chat.enable_thinking if request.chat.HasField("enable_thinking") else None
                 text = tok.apply_chat_template(messages, enable_thinking=thinking, tools=tools, template_kwargs=kwargs)
+            except TemplateArgumentError as exc:
+                raise InvalidArgument("chat.template_kwargs_json", str(exc)) from None
             except TokenizerError as exc:
-                taken = "set by the server" in str(exc)  # a template argument a caller may not give
-                raise InvalidArgument("chat.template_kwargs_json" if taken else field, str(exc)) from None
+                raise InvalidArgument(field, str(exc)) from None
             reasoning_open = text.rstrip().endswith(REASONING_OPEN)
         # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
         most = prompt_capacity(engine, limits) + max(0, request.resume_generated)

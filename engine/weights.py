@@ -8,6 +8,7 @@ import mmap
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -116,13 +117,13 @@ def _stored_bytes(path: Path) -> dict[str, memoryview]:
 def _read(f, name: str, ranges: Callable[[str], list | None] | None, canon: str) -> torch.Tensor:
     """The whole stored tensor, or only the slices `ranges(canon)` names (concatenated along their dim)."""
     wanted = None if ranges is None else ranges(canon)
-    if wanted is None:
-        return f.get_tensor(name)
-    sliced = f.get_slice(name)
-    pieces = []
-    for dim, start, stop in wanted:
-        index = (slice(None),) * dim + (slice(start, stop),)
-        pieces.append(sliced[index])
+    return f.get_tensor(name) if wanted is None else _take(f.get_slice(name), wanted)
+
+
+def _take(source: Any, wanted: list) -> torch.Tensor:
+    """The slices `wanted` ((dim, start, stop), ...) of `source` (a tensor, or a safetensors slice that reads only
+    them), concatenated along their dim."""
+    pieces = [source[(slice(None),) * dim + (slice(start, stop),)] for dim, start, stop in wanted]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=wanted[0][0])
 
 
@@ -171,10 +172,7 @@ def dequantize_fp8(name: str, q: torch.Tensor, scale: torch.Tensor | None, block
 def _slices(t: torch.Tensor, ranges: Callable[[str], list | None] | None, name: str) -> torch.Tensor:
     """This rank's slices of a whole tensor (`ranges` as in load_weights)."""
     wanted = None if ranges is None else ranges(name)
-    if wanted is None:
-        return t
-    pieces = [t.narrow(dim, start, stop - start) for dim, start, stop in wanted]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=wanted[0][0])
+    return t if wanted is None else _take(t, wanted)
 
 
 def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,

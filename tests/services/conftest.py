@@ -103,6 +103,16 @@ def services(tiny_model_dir, tmp_path_factory):
     assert segments(s.store_id) == [], "shared-memory segments left behind"
 
 
+@pytest.fixture(scope="module")
+def gateway(services, tmp_path_factory):
+    """A gateway (HTTP and gRPC Generate) over the session's services, one per test module."""
+    from tests.services.gateway_proc import start_gateway  # it imports this module
+
+    g = start_gateway(tmp_path_factory.mktemp("gateway"), [services.prefill], [services.decode])
+    yield g
+    assert g.stop() == 0
+
+
 @pytest.fixture(scope="session")
 def client(services):
     with Client(prefill=services.prefill, decode=services.decode, timeout=60) as c:

@@ -19,13 +19,6 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def gateway(services, tmp_path_factory):
-    g = start_gateway(tmp_path_factory.mktemp("gateway"), [services.prefill], [services.decode])
-    yield g
-    assert g.stop() == 0
-
-
-@pytest.fixture(scope="module")
 def model_name(gateway):
     return httpx.get(f"{gateway.base_url}/models").json()["data"][0]["id"]
 

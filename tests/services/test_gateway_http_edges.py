@@ -12,13 +12,6 @@ from tests.services.gateway_proc import start_gateway
 
 
 @pytest.fixture(scope="module")
-def plain(services, tmp_path_factory):
-    g = start_gateway(tmp_path_factory.mktemp("gw-plain"), [services.prefill], [services.decode])
-    yield g
-    assert g.stop() == 0
-
-
-@pytest.fixture(scope="module")
 def named(services, tmp_path_factory):
     g = start_gateway(tmp_path_factory.mktemp("gw-named"), [services.prefill], [services.decode],
                       "--served-model-name", "qwen-tiny", "org/qwen-tiny-v2", "--cors-origin", "https://app.example")
@@ -26,19 +19,19 @@ def named(services, tmp_path_factory):
     assert g.stop() == 0
 
 
-def test_only_json_bodies_are_requests_and_no_cors_by_default(plain):
-    model = httpx.get(f"{plain.base_url}/models").json()["data"][0]["id"]
+def test_only_json_bodies_are_requests_and_no_cors_by_default(gateway):
+    model = httpx.get(f"{gateway.base_url}/models").json()["data"][0]["id"]
     body = '{"model": "%s", "prompt": "hi", "max_tokens": 2}' % model
     for kind in ("text/plain", "application/x-www-form-urlencoded", None):
         headers = {"content-type": kind} if kind else {}
-        r = httpx.post(f"{plain.base_url}/completions", content=body, headers=headers, timeout=60)
+        r = httpx.post(f"{gateway.base_url}/completions", content=body, headers=headers, timeout=60)
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (kind, r.text)
-    r = httpx.post(f"{plain.base_url}/completions", content=body, timeout=60,
+    r = httpx.post(f"{gateway.base_url}/completions", content=body, timeout=60,
                    headers={"content-type": "application/json; charset=utf-8", "origin": "https://evil.example",
                             "x-request-id": "edge-1"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert r.headers["x-request-id"] == "edge-1" and r.json()["id"] == "cmpl-edge-1"  # one id end to end
-    pre = httpx.options(f"{plain.base_url}/completions", headers={
+    pre = httpx.options(f"{gateway.base_url}/completions", headers={
         "origin": "https://evil.example", "access-control-request-method": "POST"})
     assert "access-control-allow-origin" not in pre.headers
 

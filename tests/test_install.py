@@ -83,8 +83,8 @@ assert sys.path[0] == "", sys.path[:2]  # the checkout root is first on the path
 import transformers.models.qwen3_5.modeling_qwen3_5  # imports Hugging Face's `kernels` package
 import kernels
 import qwenpd.kernels
-assert not kernels.__file__.startswith(ROOT), kernels.__file__  # the installed package, not our folder
-assert qwenpd.kernels.__file__.startswith(ROOT) or qwenpd.kernels.__file__.startswith(sys.prefix)
+assert not kernels.__file__.startswith(ROOT + "/"), kernels.__file__  # the installed package, not our folder
+assert qwenpd.kernels.__file__.startswith((ROOT + "/", sys.prefix + "/"))
 assert kernels is not qwenpd.kernels
 for name in FOLDERS:
     try:

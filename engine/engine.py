@@ -13,7 +13,7 @@ from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.device import resolve_device
 from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
-from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner, pick
+from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner
 from qwenpd.engine import state_spec
 from qwenpd.engine.engine_config import EngineConfig
 from qwenpd.engine.state import HybridState
@@ -292,8 +292,7 @@ class DecodeBatch:
         self.engine = engine
         self.max_batch = max_batch
         n_lin = len(c.linear_layers)
-        buckets = engine.runner.buckets  # compiled: padding rows of the largest bucket are free slots too
-        rows = max_batch if buckets is None else pick(buckets.batches, max_batch, "decode batch of")
+        rows = engine.runner.decode_rows(max_batch)  # a step's padding rows are free slots too
         self.conv = [torch.zeros(rows, c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt, device=dev)
                      for _ in range(n_lin)]
         self.recurrent = [torch.zeros(rows, c.linear_num_value_heads, c.linear_key_head_dim,

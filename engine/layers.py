@@ -30,6 +30,9 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     return ((weight * xf.to(x.dtype)) * F.silu(gate.float())).to(x.dtype)
 
 
+VECTOR_SPAN = 64  # elements: the most one step of torch's CPU elementwise loops takes (2 vectors of 32 bf16)
+
+
 class Rotary:
     """Partial rotary embedding on the first `rotary_dim` dims of each head (text mRoPE == plain RoPE)."""
 
@@ -37,13 +40,15 @@ class Rotary:
         dim = config.rotary_dim
         self.dim = dim
         steps = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
-        self.inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
+        inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
+        # [inv_freq, inv_freq] padded to whole vector spans: cos/sin of every position take torch's vector path
+        # whatever the number of rows (batch invariance: runner.decode_row_multiple)
+        self.inv_freq2 = F.pad(torch.cat([inv_freq, inv_freq]), (0, -dim % VECTOR_SPAN))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N] -> cos, sin [N, rotary_dim] in `dtype` (computed in fp32 like transformers)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        emb = positions.float()[:, None] * self.inv_freq2[None, :]
+        return emb.cos()[:, :self.dim].to(dtype), emb.sin()[:, :self.dim].to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [N, heads, D]; cos/sin [N, rotary_dim]."""
@@ -74,20 +79,24 @@ class DeltaNetMixer:
         p = prefix + "linear_attn."
         self.c = c
         # one matmul for q|k|v (conv input), z (output gate), b (beta), a (decay)
-        self.in_proj = Linear(torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"],
-                                         w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"]], dim=0))
+        # b and a each padded with zero rows to whole vector spans: their sigmoid and softplus take torch's vector
+        # path for every head whatever the number of rows (batch invariance: runner.decode_row_multiple)
+        hv = self.heads = c.linear_num_value_heads
+        span = hv + -hv % VECTOR_SPAN
+        b, a = (F.pad(w[p + name], (0, 0, 0, span - hv)) for name in ("in_proj_b.weight", "in_proj_a.weight"))
+        self.in_proj = Linear(torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"], b, a], dim=0))
         # fp32 taps on fp32 inputs: the conv, the delta rule and the output norm run on unrounded activations
         self.conv_weight = w[p + "conv1d.weight"][:, 0, :].float().contiguous()  # [D, W]
-        self.neg_A = -w[p + "A_log"].float().exp()  # [Hv]
-        self.dt_bias = w[p + "dt_bias"]
+        self.neg_A = F.pad(-w[p + "A_log"].float().exp(), (0, span - hv))  # [span]
+        self.dt_bias = F.pad(w[p + "dt_bias"], (0, span - hv))
         self.norm_weight = w[p + "norm.weight"]
         self.out_proj = Linear(w[p + "out_proj.weight"])
-        self.splits = (c.conv_dim, c.linear_value_dim, c.linear_num_value_heads, c.linear_num_value_heads)
+        self.splits = (c.conv_dim, c.linear_value_dim, span, span)
 
     def _project(self, x: torch.Tensor):
         mixed, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
-        beta = b.float().sigmoid()
-        g = self.neg_A * F.softplus(a.float() + self.dt_bias)
+        beta = b.float().sigmoid()[..., :self.heads]
+        g = (self.neg_A * F.softplus(a.float() + self.dt_bias))[..., :self.heads]
         return mixed.float(), z, beta, g
 
     def _split_heads(self, mixed: torch.Tensor):

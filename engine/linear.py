@@ -21,10 +21,21 @@ that: the packed fp32 copy (`wide`) is faster from 2 rows on, 1.8x at 8. It mult
 inputs (their products are exact in fp32) with fp32 sums, and its output stays fp32: the model rounds to bf16 only
 at matmul inputs. A CPU with bf16 arithmetic keeps the packed bf16 weight for every row count; other devices
 multiply by the plain weight (F.linear).
+
+Batch invariance: a row's result must not depend on which other rows share the call, or a sequence decoded in a
+batch of 8 and the same sequence replayed alone after a crash (decode_service/replay) part ways at the first
+near-tie. oneDNN's packed kernels give every row the same bits for any row count from 2 on (checked from 2 to 300
+rows, bf16 and fp32, tests/engine/test_linear.py), but take another path for a single row (its sums differ in the
+last bits), and MKL's fp32 sgemm behind F.linear changes its blocking with the row count. So on CPU fp32 weights
+are packed too, every call of one row runs as two (the row twice, one result kept: a decode step at batch 1 streams
+the weight once either way), and a CPU without bf16 arithmetic uses the wide copy for every row count (it no
+longer takes the narrow bf16 path for one row: about 2x the projection time at batch 1 on such a CPU, per the table
+above, for one arithmetic at every batch size).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import weakref
@@ -33,8 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# From this many rows on, a CPU without bf16 instructions multiplies by the packed fp32 copy (table above).
-WIDE_ROWS = 2
+PACKED_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes packed for oneDNN on CPU
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,6 +67,25 @@ def onednn_packing_available() -> bool:
 class PackedCopies:
     narrow: torch.Tensor  # the weight in oneDNN's layout, its own dtype
     wide: torch.Tensor | None  # an fp32 copy in oneDNN's layout (CPUs without bf16 arithmetic), else None
+    one_row_exact: bool = False  # oneDNN's one-row kernel gives this shape the bits of the many-row one
+
+
+_ONE_ROW_EXACT: dict[tuple, bool] = {}  # (out, in, dtype, wide) -> PackedCopies.one_row_exact
+
+
+def _one_row_exact(copies: PackedCopies, wide: bool) -> bool:
+    """Whether one row multiplies to the same bits alone as among others, for this weight shape and dtype: tried
+    once per shape on four random rows (the kernel oneDNN picks depends on shapes and dtypes only; where the
+    one-row kernel differs, random rows differ in the last bits with near certainty). Where it does not, a
+    decode step at batch 1 keeps oneDNN's faster one-row kernel."""
+    w = copies.wide if wide else copies.narrow  # a packed copy keeps the weight's shape [out, in]
+    out_features, in_features = w.shape
+    key = (out_features, in_features, w.dtype, wide)
+    if key not in _ONE_ROW_EXACT:
+        x = torch.randn(4, in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+        many = _linear_rows(x, copies, wide)
+        _ONE_ROW_EXACT[key] = all(torch.equal(_linear_rows(x[i:i + 1], copies, wide)[0], many[i]) for i in range(4))
+    return _ONE_ROW_EXACT[key]
 
 
 _PACKED: dict[int, PackedCopies] = {}  # handle -> the copies; an entry lives as long as its key
@@ -75,8 +104,16 @@ def _packed_linear_cpu(x: torch.Tensor, key: torch.Tensor, wide: bool) -> torch.
 
 def _linear(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
     if wide:
-        return torch.ops.mkldnn._linear_pointwise(x.float(), copies.wide, None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, copies.narrow, None, "none", [], "")
+        x = x.float()
+    if x.numel() == x.shape[-1] and not copies.one_row_exact:  # run one row as two (docstring)
+        row = x.reshape(1, x.shape[-1])
+        y = _linear_rows(torch.cat((row, row)), copies, wide)[:1]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _linear_rows(x, copies, wide)
+
+
+def _linear_rows(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, copies.wide if wide else copies.narrow, None, "none", [], "")
 
 
 # A Library kernel, not torch.library.custom_op: its Python wrapper costs ~15 us a call against ~3 us here, and a
@@ -93,8 +130,10 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
     """Register the packed copies of a CPU weight [out, in]; returns the key that finds them: their handle, int64,
     viewed as [out, in]. The copies are dropped with the key."""
     handle = next(_handles)
-    _PACKED[handle] = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
-                                   torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
+    wide = wide and weight.dtype != torch.float32  # an fp32 weight is its own wide copy
+    copies = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
+                          torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
+    _PACKED[handle] = dataclasses.replace(copies, one_row_exact=_one_row_exact(copies, wide))
     key = torch.tensor(handle, dtype=torch.int64).expand(weight.shape)
     weakref.finalize(key, _PACKED.pop, handle, None)
     return key
@@ -102,17 +141,18 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
 
 class Linear:
     """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere are fp32: the model rounds to bf16
-    only at matmul inputs). A bf16 weight on CPU is packed (module docstring); on a CPU without bf16 arithmetic,
-    inputs of WIDE_ROWS rows or more multiply in fp32 and return fp32, fewer rows return the weight dtype. `wide`:
-    whether to keep that fp32 copy (default: detected); `weight` is then None and `key` finds the packed copies."""
+    only at matmul inputs). A bf16 or fp32 weight on CPU is packed (module docstring), and every row's result is
+    independent of the row count; on a CPU without bf16 arithmetic a bf16 weight multiplies in fp32 and returns
+    fp32. `wide`: whether to keep that fp32 copy of a bf16 weight (default: detected); `weight` is None when packed
+    and `key` finds the packed copies."""
 
     __slots__ = ("weight", "key", "dtype", "wide", "_copies")
 
     def __init__(self, weight: torch.Tensor, wide: bool | None = None):
         weight = weight.contiguous()
         self.dtype = weight.dtype
-        packable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_packing_available()
-        self.wide = packable and (not cpu_has_bf16() if wide is None else wide)
+        packable = weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and onednn_packing_available()
+        self.wide = packable and weight.dtype == torch.bfloat16 and (not cpu_has_bf16() if wide is None else wide)
         self.key = pack(weight, self.wide) if packable else None
         self._copies = _PACKED[int(self.key[0, 0])] if packable else None
         self.weight = None if packable else weight
@@ -121,9 +161,8 @@ class Linear:
         x = x.to(self.dtype)
         if self.key is None:
             return F.linear(x, self.weight)
-        wide = self.wide and x.numel() >= WIDE_ROWS * x.shape[-1]
         if torch.compiler.is_compiling():  # graphs call the op: the key stands in for the packed copies
-            return torch.ops.qwenpd.packed_linear(x, self.key, wide)
+            return torch.ops.qwenpd.packed_linear(x, self.key, self.wide)
         # eager: the op's kernel without its dispatch into Python and the key's lookup (~15 us a call; a decode
         # step of `small` makes 33)
-        return _linear(x, self._copies, wide)
+        return _linear(x, self._copies, self.wide)

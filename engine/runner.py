@@ -21,18 +21,40 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.pages import NULL_PAGE, pages_for
+from qwenpd.engine.layers import VECTOR_SPAN
 from qwenpd.engine.model import HybridModel
 from qwenpd.engine.state import HybridState
 
 log = logging.getLogger("qwenpd.compile")
 
 GRAPHS = ("prefill", "decode")
+
+
+def decode_row_multiple(c: ModelConfig) -> int:
+    """Rows an eager decode step on CPU is padded to a multiple of, so that a sequence's logits are the same bits
+    in any batch and any slot (crash resume replays a sequence in another batch than the one that decoded it).
+
+    torch's CPU elementwise loops run vectors over the first multiple of VECTOR_SPAN elements of a tensor and
+    scalar code over the rest; for exp, sigmoid, silu, softplus, cos/sin and fused multiply-adds the vector and
+    scalar results differ in the last bits. With rows a multiple of this, every such op of the step over
+    contiguous rows (their sizes per row below) covers a whole number of VECTOR_SPANs, so no element takes the
+    scalar path. The per-head decay and write strength and the rotary angles are computed padded to whole spans
+    (engine/layers.py) and sliced after, so they need no rows; strided views loop row by row, the same in any
+    batch. Matmuls (engine/linear.py) and paged attention (fixed-width tiles) are row-independent by
+    construction. 1 for Qwen3.6-27B and `small`; tests/engine/test_batch_invariance.py checks it."""
+    per_row = (c.conv_dim, c.linear_value_dim,  # conv silu; gated norm silu
+               c.linear_key_head_dim * c.linear_value_head_dim,  # state decay and update, per head (fma)
+               c.intermediate_size, c.num_attention_heads * c.head_dim,  # MLP silu; attention output gate
+               c.vocab_size, c.hidden_size)
+    return VECTOR_SPAN // math.gcd(VECTOR_SPAN, *per_row)
 _REGIONS = {"prefill": ("linear_prefill", "attention_prefill", "logits"),
             "decode": ("linear_decode", "attention_decode", "logits")}
 
@@ -104,6 +126,8 @@ class GraphRunner:
         self.model, self.buckets, self.device = model, buckets, model.device
         self.prefill_fn, self.decode_fn = model.prefill_graph, model.decode_graph
         self.graphs = graphs if buckets is not None else ()
+        # eager on CPU: decode rows padded for batch invariance (decode_row_multiple); compiled: to the buckets
+        self.row_multiple = decode_row_multiple(model.config) if buckets is None and self.device.type == "cpu" else 1
         self.warmup_s = 0.0
         opts = dict(fullgraph=True, dynamic=False, backend=backend)
         if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
@@ -124,6 +148,12 @@ class GraphRunner:
 
     def _pad(self, buckets: tuple[int, ...] | None, n: int, what: str) -> int:
         return n if buckets is None else pick(buckets, n, what)
+
+    def decode_rows(self, n: int) -> int:
+        """Rows a decode step of n sequences runs (its slot tensors need that many)."""
+        if self.buckets is not None:
+            return pick(self.buckets.batches, n, "decode batch of")
+        return -(-n // self.row_multiple) * self.row_multiple
 
     def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False) -> torch.Tensor:
         """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (all
@@ -148,12 +178,12 @@ class GraphRunner:
     def decode_step(self, token_ids: list[int], states: list[HybridState], conv: list[torch.Tensor],
                     recurrent: list[torch.Tensor]) -> torch.Tensor:
         """One token for each of B sequences. conv[j] [>=B', D, W-1] and recurrent[j] [>=B', Hv, dk, dv] are the
-        batch's slot tensors (rows past B are free slots, used as padding rows when compiled); KV goes to each
-        state's pages. Returns logits [B, V]."""
+        batch's slot tensors, B' = decode_rows(B) (rows past B are free slots, used as padding rows); KV goes to
+        each state's pages. Returns logits [B, V]."""
         for s in states:
             s.reserve(s.num_tokens + 1)
         n, b = len(states), self.buckets
-        rows = self._pad(None if b is None else b.batches, n, "decode batch of")
+        rows = self.decode_rows(n)
         width = self._pad(None if b is None else b.widths, max(len(s.kv.pages) for s in states), "block table of")
         pad = rows - n
         positions = [s.num_tokens for s in states]

@@ -94,7 +94,14 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     _require(context_lens.shape == (batch,), f"context_lens must be [B={batch}], got {tuple(context_lens.shape)}")
     qf = q.float().view(batch, hkv, group, dim) * scale
     pages_per_tile = max(1, TILE_TOKENS // page)
-    if block_tables.shape[1] <= pages_per_tile:  # one tile: the loop below once, without its running state
+    # Every tile is pages_per_tile wide (the table padded with the null page, masked), so a sequence's result
+    # does not depend on the batch it runs in: its tiles start at the same positions and have the same width
+    # whatever the longest context beside it, and a tile past its context leaves its running sums bit for bit
+    # (weights 0, rescale 1). The single-tile path below gives the loop's first tile exactly.
+    width = -(-block_tables.shape[1] // pages_per_tile) * pages_per_tile
+    if width != block_tables.shape[1]:
+        block_tables = F.pad(block_tables, (0, width - block_tables.shape[1]))
+    if width == pages_per_tile:  # one tile: the loop below once, without its running state
         scores, values = _tile(qf, k_pool, v_pool, block_tables, context_lens, 0)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # a real token is always visible: no -inf max
         return ((weights @ values) / weights.sum(-1, keepdim=True)).to(q.dtype).view(batch, hq, dim)

@@ -1,7 +1,7 @@
-"""Linear in bf16 on CPU: the packed weights behind qwenpd::packed_linear. Fewer than WIDE_ROWS rows multiply by
-the packed bf16 weight, bit for bit F.linear's result; on a CPU without bf16 instructions (`wide`) more rows
-multiply the same bf16-rounded inputs by a packed fp32 copy and return fp32 sums, which round to F.linear's bf16
-result or one ulp beside it."""
+"""Linear on CPU: the packed weights behind qwenpd::packed_linear. The packed bf16 weight gives F.linear's bf16
+result bit for bit; on a CPU without bf16 instructions (`wide`) rows multiply the same bf16-rounded inputs by a
+packed fp32 copy and return fp32 sums, which round to F.linear's bf16 result or one ulp beside it. fp32 weights are
+packed too. Every row's result is the same bits whatever the rows beside it (batch invariance)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.engine import linear as linear_mod
-from qwenpd.engine.linear import WIDE_ROWS, Linear
+from qwenpd.engine.linear import Linear
 
 
-@pytest.mark.parametrize("rows", [1, WIDE_ROWS, 8, 64, 300], ids=lambda r: f"N{r}")
+@pytest.mark.parametrize("rows", [1, 2, 8, 64, 300], ids=lambda r: f"N{r}")
 def test_packed_linear_equals_f_linear(rows):
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(384, 256, generator=g) / 16).bfloat16()
@@ -25,14 +25,27 @@ def test_packed_linear_equals_f_linear(rows):
     assert torch.equal(plain(x), ref)  # the packed bf16 weight at every row count
     got = wide(x)
     assert got.shape == (rows, 384) and not got.isnan().any()
-    if rows < WIDE_ROWS:
-        assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
-    else:  # fp32 out: exact products of the bf16 operands, fp32 sums (the order may differ from F.linear's)
-        assert got.dtype == torch.float32
-        exact = F.linear(x.bfloat16().double(), w.double())
-        assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
-        ulp = ref.float().abs().clamp_min(1e-3) * 2.0 ** -7
-        assert ((got.bfloat16().float() - ref.float()).abs() <= ulp).all()
+    # fp32 out: exact products of the bf16 operands, fp32 sums (the order may differ from F.linear's)
+    assert got.dtype == torch.float32
+    exact = F.linear(x.bfloat16().double(), w.double())
+    assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    ulp = ref.float().abs().clamp_min(1e-3) * 2.0 ** -7
+    assert ((got.bfloat16().float() - ref.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("dtype,wide", [(torch.float32, None), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16-wide"])
+@pytest.mark.parametrize("shape", [(384, 256), (256, 1024), (512, 5120)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_row_is_the_same_bits_among_any_rows(dtype, wide, shape):
+    """A decode step of 1 or of 8 sequences gives each sequence the same bits (crash resume replays a sequence in
+    another batch). Plain fp32 F.linear (MKL) and oneDNN's one-row kernel both fail this (engine/linear.py)."""
+    g = torch.Generator().manual_seed(shape[1])
+    lin = Linear((torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(dtype), wide=wide)
+    x = torch.randn(40, shape[1], generator=g)
+    rows = {n: lin(x[:n]) for n in (1, 2, 3, 8, 17, 40)}
+    for n, y in rows.items():
+        assert torch.equal(y, rows[40][:n]), f"{n} rows"
+        assert torch.equal(lin(x[n - 1]), rows[40][n - 1])  # a 1-D input too
 
 
 def test_packed_linear_compiles_to_the_same_result():
@@ -60,7 +73,8 @@ def test_packed_linear_op_contract_and_lifetime():
         torch.ops.qwenpd.packed_linear(x, torch.tensor(handle).expand(32, 16), False)
 
 
-def test_only_bf16_on_cpu_is_packed():
-    assert Linear(torch.randn(8, 8), wide=None).key is None  # fp32 weights multiply by F.linear
+def test_bf16_and_fp32_on_cpu_are_packed():
+    assert Linear(torch.randn(8, 8), wide=None).key is not None
+    assert Linear(torch.randn(8, 8).half()).key is None  # fp16 multiplies by F.linear
     meta = Linear(torch.randn(8, 8, dtype=torch.bfloat16, device="meta"))
     assert meta.key is None and meta(torch.empty(2, 8, device="meta")).shape == (2, 8)

@@ -1,0 +1,61 @@
+"""Batch invariance of the decode step: a sequence's logits are the same bits whatever batch it runs in, in any
+slot, beside sequences of any context length (one or several attention tiles). Crash resume depends on it: the
+resumed sequence is replayed through decode steps in another batch than the one that first decoded it, and the
+next token must come from identical logits (decode_service/runner.py). Checked on our `tiny` and on transformers'
+checkpoints of other shapes (odd head counts, GQA ratios, conv widths), fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenpd.engine import DecodeBatch, Engine
+
+CONTEXTS = (5, 17, 600, 60, 9, 100, 1100, 3)  # 600 and 1100 span two and three attention tiles
+STEPS = 12
+
+
+def _decode(engine: Engine, prompts: list[list[int]], order: list[int], feed: list[list[int]]) -> dict[int, torch.Tensor]:
+    """Decode prompts[i] for i in `order` together (slots in that order), feeding feed[i]; logits [STEPS, V] per i."""
+    states = {i: engine.prefill(prompts[i])[1] for i in order}
+    batch = DecodeBatch(engine, max_batch=len(prompts))
+    for i in order:
+        batch.add(states[i])
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in order}
+    try:
+        for step in range(STEPS):
+            rows = [order.index(i) for i in order]
+            logits = batch.step([feed[i][step] for i in order])
+            for i, row in zip(order, rows):
+                out[i].append(logits[row].clone())
+    finally:
+        for s in list(batch.states):
+            batch.remove(s)
+        for s in states.values():
+            s.release()
+    return {i: torch.stack(v) for i, v in out.items()}
+
+
+def _check(engine: Engine) -> None:
+    g = torch.Generator().manual_seed(0)
+    v = engine.config.vocab_size
+    prompts = [torch.randint(0, v, (n,), generator=g).tolist() for n in CONTEXTS]
+    feed = [torch.randint(0, v, (STEPS,), generator=g).tolist() for _ in CONTEXTS]
+    everyone = _decode(engine, prompts, list(range(len(prompts))), feed)
+    reversed_ = _decode(engine, prompts, list(reversed(range(len(prompts)))), feed)
+    for i in range(len(prompts)):
+        alone = _decode(engine, prompts, [i], feed)[i]
+        assert torch.equal(alone, everyone[i]), f"context {CONTEXTS[i]}: alone vs in a batch of {len(prompts)}"
+        assert torch.equal(reversed_[i], everyone[i]), f"context {CONTEXTS[i]}: another slot"
+    pair = _decode(engine, prompts, [6, 1], feed)  # the longest beside a short one
+    assert torch.equal(pair[1], everyone[1]) and torch.equal(pair[6], everyone[6])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_decode_is_batch_invariant(tiny_model_dir, dtype):
+    _check(Engine(tiny_model_dir, dtype=dtype))
+
+
+@pytest.mark.parametrize("variant", ["every2nd", "conv5_tied"])
+def test_transformers_checkpoints_decode_batch_invariant(hf_checkpoint, variant):
+    _check(Engine(hf_checkpoint(variant), dtype="float32"))

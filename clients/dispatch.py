@@ -4,9 +4,10 @@ the gateway (qwenpd.gateway).
 `Dispatcher.run(trace, request, timeout)` prefills on the best prefill instance (another one if it is
 UNAVAILABLE), streams Decode from the best decode instance and, when a decode stream breaks off (UNAVAILABLE: the
 instance died or is shutting down), re-prefills prompt + the tokens already received with `resume_generated`
-set and continues on the best decode instance. Prefill continues the same seeded random stream (the request
-must carry a seed: `resumable`), budget and stop-string state, so the caller sees one uninterrupted output,
-identical to a run without the failure. Leaving the stream early cancels the decode call, which frees its slot.
+set (and the stream's last resume point, `resume_checkpoint_id`) and continues on the best decode instance.
+Prefill restores the state the failed decode had (or recomputes the prompt), decode replays the tokens after it
+and continues the same seeded random stream (the request must carry a seed: `resumable`), budget and stop-string
+state, so the caller sees one uninterrupted output, identical to a run without the failure. Leaving the stream early cancels the decode call, which frees its slot.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Trace:
     resumes: int = 0
     prefill: prefill_pb2.PrefillResponse | None = None
     usage: common_pb2.Usage | None = None
+    resume_point: str = ""  # the checkpoint id of the decode stream's last ResumePoint
 
     def received(self, n: int, at: float | None = None) -> None:
         if n:
@@ -139,7 +141,8 @@ class Dispatcher:
                     raise
             self.resumed += 1
             trace.resumes += 1
-            pre = await self.prefill(resume_request(request, prompt_ids + received, len(received)), timeout)
+            pre = await self.prefill(resume_request(request, prompt_ids + received, len(received),
+                                                    trace.resume_point), timeout)
 
     async def prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         """Prefill on the best instance; on UNAVAILABLE the next one (anything else is the request's own fault)."""
@@ -172,6 +175,10 @@ class Dispatcher:
             try:
                 async for pb in call:
                     received = True
+                    if pb.HasField("resume_point"):
+                        trace.resume_point = pb.resume_point.checkpoint_id
+                        if not pb.token_ids and not pb.text and not pb.HasField("finish_reason"):
+                            continue  # only where to resume from: nothing for the caller
                     chunk = Chunk(list(pb.token_ids), pb.text, list(pb.logprobs),
                                   FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None,
                                   [[(c.id, c.logprob, c.text) for c in t.candidates] for t in pb.top_logprobs])
@@ -274,13 +281,17 @@ class Dispatcher:
         return self.decode_pool.ranked()
 
 
-def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generated: int) -> prefill_pb2.PrefillRequest:
-    """The request again, as token ids = prompt + the `generated` tokens already received."""
+def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generated: int, resume_point: str = ""
+                   ) -> prefill_pb2.PrefillRequest:
+    """The request again, as token ids = prompt + the `generated` tokens already received, resumed from the
+    broken stream's last resume point (a checkpoint id; "" = none)."""
     resumed = prefill_pb2.PrefillRequest()
     resumed.CopyFrom(request)
+    del resumed.token_ids.ids[:]  # a token-id prompt's own ids are among `ids` already
     resumed.token_ids.ids.extend(ids)  # selects token_ids in the prompt oneof
     resumed.return_prompt_token_ids = False
     resumed.resume_generated = generated
+    resumed.resume_checkpoint_id = resume_point
     return resumed
 
 

@@ -14,10 +14,13 @@ from qwenpd.model_service import ModelServiceConfig, add_model_service_args, mod
 class DecodeConfig(ModelServiceConfig):
     """The shared fields (qwenpd.model_service.ModelServiceConfig; the engine's page_size defaults to 64), plus:
     max_batch: sequences stepped together. max_queue: sequences that may wait for a slot. (default_max_tokens applies when a request
-    overrides sampling without giving max_tokens; limits bound those overrides.)"""
+    overrides sampling without giving max_tokens; limits bound those overrides.) checkpoint_every: write each
+    sequence's state to the cache store every this many tokens, so a crash resume replays at most that many decode
+    steps (0 = never: a resume replays every token generated since the hand-off)."""
 
     max_queue: int = 256
     max_batch: int = 32
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.engine.page_size is None:
@@ -25,6 +28,8 @@ class DecodeConfig(ModelServiceConfig):
         ModelServiceConfig.__post_init__(self)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +37,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_model_service_args(p, d, EngineConfig(model_dir=""))
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"sequences stepped together (default {d.max_batch})")
+    add_checkpoint_every(p, d.checkpoint_every, "checkpoint_every")
+
+
+def add_checkpoint_every(p: argparse.ArgumentParser, default: int, dest: str) -> None:
+    p.add_argument("--decode-checkpoint-every", type=int, default=default, dest=dest, metavar="N",
+                   help="write each stream's state to the cache store every N generated tokens, so a resume after a "
+                   "decode crash replays at most N tokens (default %(default)s = off: a resume replays every token "
+                   "since the hand-off checkpoint, one decode step each)")
 
 
 def config_from_args(args: argparse.Namespace) -> DecodeConfig:

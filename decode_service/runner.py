@@ -8,10 +8,20 @@ Between steps the loop applies the scheduler's round (cancelled sequences leave 
 ones are loaded and join), then one `DecodeBatch.step` feeds each sequence its last sampled token, samples the
 next token per sequence, and hands the outputs of the whole step to `deliver` at once (the service forwards them
 to the event loop with one thread-safe call). No gRPC here.
+
+Crash resume is exact because a resumed sequence is replayed here, not recomputed by prefill: it joins with the
+state the failed decode had at some point (its hand-off checkpoint or a decode-side checkpoint) and the tokens
+already streamed after that point (`replay`), and each step feeds it the next of them instead of sampling, as
+one row of the batch, through the same kernels as a live step. The decode step is batch invariant (engine/
+runner.py decode_row_multiple, engine/linear.py, kernels/paged_attention), so the logits after the last replayed
+token are the bits the failed decode computed, and the sampler (advanced by the draws already made) picks the
+token it would have picked. With `checkpoint_every`, a sequence's state is copied out every that many tokens for
+the service to store, so a resume replays at most that many steps.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -20,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from qwenpd.decode_service.scheduler import LoadInfo, Scheduler
 from qwenpd.engine.pages import PageBudget, pages_for
 from qwenpd.engine.engine import DecodeBatch, Engine
@@ -27,6 +39,7 @@ from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine.sampling import Sampler, greedy_batch
 from qwenpd.engine.state import HybridState
 from qwenpd.errors import QwenpdError, Unavailable
+from qwenpd.handoff import STREAM_TAIL, StreamRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,11 @@ class Output:
     finish_reason: str | None = None
     error: QwenpdError | None = None
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, with top_logprobs
+    # a decode-side checkpoint to store: the state after `record.num_tokens` tokens (host copies), or, once
+    # stored, the resume point to announce
+    checkpoint: dict[str, torch.Tensor] | None = None
+    record: StreamRecord | None = None
+    resume: tuple[str, int] | None = None  # (checkpoint id, tokens it has consumed)
 
 
 class ReadGuard:
@@ -95,6 +113,13 @@ class DecodeSequence:
     state: HybridState | None = None
     finish_reason: str | None = field(default=None)
     submitted_at: float = 0.0  # time.monotonic() when it started waiting for a slot
+    replay: collections.deque[int] = field(default_factory=collections.deque)  # resumed: fed after next_token
+    stream: StreamRecord | None = None  # whose state this is (stored with its checkpoints)
+    tail: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=STREAM_TAIL))
+    checkpointed_at: int = 0  # num_tokens of its latest resume point
+    resume_id: str = ""  # the checkpoint it can be resumed from (the service's bookkeeping)
+    writing: bool = False  # a checkpoint of it is being stored
+    ended: bool = False  # its request left: nothing more to store
 
     def push(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""
@@ -116,13 +141,17 @@ class DecodeRunner:
     from any thread; `start` returns the engine once it is loaded (and warmed up: Engine.warm_up) on the stepping
     thread."""
 
-    def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver):
+    def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
+                 checkpoint_every: int = 0):
         self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
+        self.checkpoint_every = checkpoint_every  # tokens between decode-side checkpoints (0 = none)
         self.engine: Engine | None = None
         self.batch: DecodeBatch | None = None
         self.steps = 0
         self.tokens = 0
+        self.replayed = 0  # tokens fed again for resumed sequences
+        self.on_replay: Callable[[int], None] = lambda n: None  # metrics: tokens replayed in a step
         self._make_engine = make_engine
         self._deliver = deliver
         self._members: dict[int, DecodeSequence] = {}  # id(state) -> sequence, for sequences in the batch
@@ -231,21 +260,48 @@ class DecodeRunner:
         assert self.batch is not None
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
         self.on_step(len(seqs))
-        logits = self.batch.step([seq.next_token for seq in seqs])  # [B, V] fp32
-        greedy = [seq.sampler.params.plain_greedy for seq in seqs]
+        fed = [seq.next_token for seq in seqs]
+        logits = self.batch.step(fed)  # [B, V] fp32
+        greedy = [seq.sampler.params.plain_greedy and not seq.replay for seq in seqs]
         ids, logprobs = greedy_batch(logits) if any(greedy) else ([], [])
         outputs = []
+        replayed = 0
         for row, seq in enumerate(seqs):
             seq.num_tokens += 1
+            seq.tail.append(fed[row])
+            if seq.replay:  # already streamed before a failure: feed it, sample nothing
+                seq.next_token = seq.replay.popleft()
+                replayed += 1
+                continue
             token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
             top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
-            outputs.append((seq, seq.push(token, logprob, top)))
+            out = seq.push(token, logprob, top)
+            if self._checkpoint_due(seq, out):
+                out.checkpoint = seq.state.to_tensors()
+                out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
+                seq.checkpointed_at = seq.num_tokens
+            outputs.append((seq, out))
         self.steps += 1
-        self.tokens += len(seqs)
+        self.tokens += len(seqs) - replayed
+        if replayed:
+            self.replayed += replayed
+            self.on_replay(replayed)
         for seq, out in outputs:
             if out.finish_reason is not None:
                 self._leave(seq)
         return outputs
+
+    def _checkpoint_due(self, seq: DecodeSequence, out: Output) -> bool:
+        """Whether to copy out `seq`'s state now: every checkpoint_every tokens while it goes on, unless the last
+        copy is still being stored (the next one is due checkpoint_every tokens later)."""
+        if not self.checkpoint_every or out.finish_reason is not None or seq.stream is None or seq.state is None:
+            return False
+        if seq.num_tokens - seq.checkpointed_at < self.checkpoint_every:
+            return False
+        if seq.writing:
+            seq.checkpointed_at = seq.num_tokens
+            return False
+        return True
 
 
 def _loaded() -> HybridState:

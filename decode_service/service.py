@@ -3,20 +3,29 @@
 Per request, on the event loop: lease the checkpoint (the store refuses another model's with
 FAILED_PRECONDITION), map and check it (shapes, dtypes, checksums: FAILED_PRECONDITION / DATA_LOSS), read the
 Handoff record and stream the first token that prefill sampled. Then the sequence waits for a batch slot; the
-stepping thread copies its state out of shared memory into the slot and releases the lease (deleting the
-single-use checkpoint), and its first step consumes that first token. Outputs arrive through an asyncio.Queue
-per request; several waiting outputs are merged into one chunk. Cancellation (client gone, deadline) takes the
-sequence out of the batch before the next step and releases the lease if the state was never copied.
+stepping thread copies its state out of shared memory into the slot and releases the lease, and its first step
+consumes that first token. Outputs arrive through an asyncio.Queue per request; several waiting outputs are
+merged into one chunk. Cancellation (client gone, deadline) takes the sequence out of the batch before the next
+step and releases the lease if the state was never copied.
+
+Resume points: the hand-off checkpoint is not deleted when its state is loaded but kept (unpinned) while the
+stream lives, and announced to the client (DecodeChunk.resume_point), so that if this service dies the stream
+resumes from the exact state it started from (decode_service/runner.py replays the tokens after it). With
+--decode-checkpoint-every N the stepping thread copies a sequence's state out every N tokens; it is stored here,
+announced, and replaces the previous resume point (deleted). The stream's last resume point is deleted when it
+ends; those of a service that died are unpinned and go with the store's LRU eviction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
+from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.runner import DecodeRunner, Output, ReadGuard, DecodeSequence
@@ -26,7 +35,7 @@ from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
 from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.tokenizer import candidates
-from qwenpd.handoff import Handoff, sampling_from_pb
+from qwenpd.handoff import Handoff, StreamRecord, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from qwenpd.errors import DataLoss, InvalidArgument, QwenpdError
 from qwenpd.metrics import DecodeMetrics
@@ -46,9 +55,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.store = store
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Task] = set()
-        self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver)
+        self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver,
+                                   config.checkpoint_every)
         self.metrics = metrics or DecodeMetrics()
         self.metrics.watch(self.runner)
+        self.runner.on_replay = self.metrics.replayed.inc
         self.engine: Engine | None = None
 
     async def start(self) -> Engine:
@@ -62,16 +73,49 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     # ---- stepping thread -> event loop -------------------------------------------------------------------------
     def _deliver(self, items: list[tuple[DecodeSequence, Output]]) -> None:
-        self._loop.call_soon_threadsafe(_dispatch, items)
+        self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _dispatch(self, items: list[tuple[DecodeSequence, Output]]) -> None:
+        for seq, out in items:
+            if out.checkpoint is not None:
+                tensors, out.checkpoint = out.checkpoint, None
+                if not seq.ended and not seq.writing:
+                    seq.writing = True
+                    self._spawn(self._store_resume_point(seq, tensors, out.record))
+            seq.sink.put_nowait(out)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _store_resume_point(self, seq: DecodeSequence, tensors: dict, record) -> None:
+        """Store a decode-side checkpoint; announce it and drop the previous resume point, unless the stream ended
+        meanwhile (then drop this one). A failure only costs the stream a longer replay if it is resumed."""
+        assert self.engine is not None
+        started = time.monotonic()
+        try:
+            meta = CheckpointMeta(self.engine.fingerprint, record.num_tokens, record.to_metadata())
+            checkpoint_id = await self.store.put_checkpoint(tensors, meta, handoff_ttl_s=0)
+        except QwenpdError as exc:
+            log.warning("decode checkpoint of %s not stored: %s", seq.request_id, exc.message)
+            return
+        finally:
+            seq.writing = False
+            del tensors
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_write.observe(time.monotonic() - started)
+        if seq.ended:
+            await _delete_quietly(self.store, checkpoint_id)
+            return
+        previous, seq.resume_id = seq.resume_id, checkpoint_id
+        seq.sink.put_nowait(Output([], [], "", resume=(checkpoint_id, record.num_tokens)))
+        if previous:
+            await _delete_quietly(self.store, previous)
 
     def _release_later(self, lease_id: str) -> Callable[[], None]:
-        """A callable (any thread) that releases the lease and deletes its single-use checkpoint."""
-        def start() -> None:
-            task = asyncio.ensure_future(_release(self.store, lease_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-        return lambda: self._loop.call_soon_threadsafe(start)
+        """A callable (any thread) that releases the lease; the checkpoint stays as the stream's resume point."""
+        return lambda: self._loop.call_soon_threadsafe(self._spawn, _release(self.store, lease_id))
 
     # ---- rpcs ----------------------------------------------------------------------------------------------------
     async def Decode(self, request: decode_pb2.DecodeRequest, context):
@@ -82,8 +126,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         submitted = False
         try:
             self.runner.scheduler.check_room(self.runner.pages_of(seq))  # KV pages, before the first token goes out
-            first = seq.sink.get_nowait()  # the token prefill sampled, queued by _acquire
-            yield self._chunk(seq, [first])
+            first = seq.sink.get_nowait()  # the token prefill sampled (none when resumed), queued by _acquire
+            chunk = self._chunk(seq, [first])
+            if chunk.token_ids or chunk.HasField("resume_point"):
+                yield chunk
             first_at = time.monotonic()
             if first.finish_reason is not None:
                 return
@@ -106,7 +152,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         finally:
             if submitted and seq.finish_reason is None:  # cancelled, deadline, or failed: free the slot now
                 self.runner.cancel(seq)
+            seq.ended = True
             seq.guard.abandon()  # releases now unless the stepping thread has (or had) the bytes
+            if seq.resume_id:  # the stream is over: nobody resumes it (freed once no lease holds it)
+                self._spawn(_delete_quietly(self.store, seq.resume_id))
 
     async def _acquire(self, request: decode_pb2.DecodeRequest) -> DecodeSequence:
         """Lease and check the checkpoint; a DecodeSequence (state not yet loaded) whose sink holds the first token."""
@@ -130,28 +179,47 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 self.config.limits.check_sampling(params)
         except BaseException:
             guard.abandon()
+            self._spawn(_delete_quietly(self.store, request.checkpoint_id))  # used up, as by a stream
             raise
         tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
-        kv_tokens = min(e.config.max_position_embeddings, num_tokens + params.max_tokens)  # its longest possible KV
+        delivered = handoff.first_token_delivered  # resumed: first_token and replay_ids were streamed already
+        fed = 1 + len(handoff.replay_ids) if delivered else 0  # tokens consumed before the first new one
+        # its longest possible KV
+        kv_tokens = min(e.config.max_position_embeddings, num_tokens + fed + params.max_tokens)
         tracker = OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids)
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
+        generated = handoff.generated_ids if delivered else (*handoff.generated_ids, handoff.first_token)
+        stream = StreamRecord.from_metadata(ckpt.metadata)
         seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
             load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv_tokens - num_tokens, ckpt.locations),
             guard=guard, kv_tokens=kv_tokens,
             sampler=Sampler.resumed(params, handoff.sampler_draws, e.eos_token_ids,
-                                    (*handoff.generated_ids, handoff.first_token) if params.penalized else ()),
+                                    generated if params.penalized else ()),
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
-            sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens)
+            sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens,
+            replay=collections.deque(handoff.replay_ids), stream=stream, checkpointed_at=num_tokens,
+            resume_id=request.checkpoint_id)
+        if stream is not None:
+            seq.tail.extend(stream.tail)
+        resume = (request.checkpoint_id, num_tokens) if stream is not None else None
+        if delivered:  # nothing to stream before the replay: only where to resume from
+            seq.sink.put_nowait(Output([], [], "", resume=resume))
+            return seq
         first_top = [(i, lp) for i, lp, _ in handoff.first_top] if params.top_logprobs else None
-        seq.sink.put_nowait(seq.push(handoff.first_token, handoff.first_logprob, first_top))
+        first = seq.push(handoff.first_token, handoff.first_logprob, first_top)
+        first.resume = resume
+        seq.sink.put_nowait(first)
         return seq
 
     def _chunk(self, seq: DecodeSequence, outs: list[Output]) -> decode_pb2.DecodeChunk:
         chunk = decode_pb2.DecodeChunk(token_ids=[t for o in outs for t in o.token_ids],
                                        logprobs=[p for o in outs for p in o.logprobs],
                                        text="".join(o.text for o in outs))
+        resumes = [o.resume for o in outs if o.resume is not None]
+        if resumes:
+            chunk.resume_point.checkpoint_id, chunk.resume_point.num_tokens = resumes[-1]
         if seq.sampler.params.top_logprobs:
             tok = self.engine.tokenizer if self.engine is not None else None
             chunk.top_logprobs.extend(
@@ -172,11 +240,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                max_batch=load.max_batch)
 
 
-def _dispatch(items: list[tuple[DecodeSequence, Output]]) -> None:
-    for seq, out in items:
-        seq.sink.put_nowait(out)
-
-
 async def _delete_quietly(store: AsyncCacheStoreClient, checkpoint_id: str) -> None:
     try:
         await store.delete(checkpoint_id)
@@ -185,8 +248,8 @@ async def _delete_quietly(store: AsyncCacheStoreClient, checkpoint_id: str) -> N
 
 
 async def _release(store: AsyncCacheStoreClient, lease_id: str) -> None:
-    """Release and delete the single-use checkpoint; a failure here never fails the request."""
+    """End the read lease (the checkpoint stays, unpinned, as a resume point); a failure never fails the request."""
     try:
-        await store.release(lease_id, delete=True)
+        await store.release(lease_id)
     except QwenpdError as exc:
         log.warning("releasing lease %s: %s", lease_id, exc.message)

@@ -134,6 +134,10 @@ class PrefixCache:
         finally:
             self.release(plan)
 
+    def own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None) -> str:
+        """A hand-off checkpoint holding all of the state itself (no prefix-cache references)."""
+        return self._own_checkpoint(state, meta, handoff_ttl_s, [])
+
     def _own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
                         refs: list[str]) -> str:
         own = state.handoff_tensors(len(refs) * self.policy.block_size, for_write=True)

@@ -4,6 +4,12 @@ The worker runs the whole job for one request: chunked prefill (deadline and can
 chunks), sampling of the first token from the last logits, and the hand-off checkpoint (the state after ALL
 prompt tokens) written straight into the cache store's shared memory. Decode's first step consumes the first
 token sampled here, so no token is computed twice.
+
+A resumed request (resume_generated = n) is not prefilled over prompt + generated tokens: that sums differently
+from the decode steps that produced them, and a near-tie would then flip the continuation. Its state is the one
+the failed decode had at its last resume point (resume_checkpoint_id: the hand-off or a decode-side checkpoint,
+used when its stream record matches), else the original prompt prefilled again as the first time; the hand-off
+then asks decode to replay the generated tokens after that point through its own step (decode_service/runner.py).
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from qwenpd.engine.tokenizer import candidates
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.prefill_service.prefix import PrefixCache
-from qwenpd.handoff import PROMPT_TAIL, Handoff, sampling_from_pb, with_seed
+from qwenpd.engine import state_spec
+from qwenpd.handoff import (PROMPT_TAIL, STREAM_TAIL, Handoff, StreamRecord, prompt_digest, sampling_from_pb,
+                            with_seed)
 from qwenpd.prefill_service.prompt import encode_prompt, prompt_capacity
 from qwenpd.prefill_service.resume import Resume, resume_point
 from qwenpd.prefill_service.queue import Job, WorkQueue
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from qwenpd.engine.pages import OutOfPages
-from qwenpd.errors import QwenpdError, ResourceExhausted
+from qwenpd.errors import InvalidArgument, QwenpdError, ResourceExhausted
 from qwenpd.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         remaining = context.time_remaining()
         job = Job(request_id, deadline=None if remaining is None else time.monotonic() + remaining)
         salt = request.cache_salt if request.HasField("cache_salt") else None
-        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt))
+        resume_from = request.resume_checkpoint_id
+        if resume_from and not resume.draws:
+            raise InvalidArgument("resume_checkpoint_id", "is only valid with resume_generated > 0")
+        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from))
         self.served += 1
         h = done.handoff
         self._observe(done, arrived)
@@ -83,48 +94,62 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                              total_ns=time.monotonic_ns() - arrived)
         return prefill_pb2.PrefillResponse(
             request_id=request_id, checkpoint_id=done.checkpoint_id,
-            first_token=common_pb2.Token(id=h.first_token, text=h.first_text, logprob=h.first_logprob,
+            first_token=common_pb2.Token(id=ids[-1] if resume.draws else h.first_token, text=h.first_text,
+                                         logprob=h.first_logprob,
                                          top_logprobs=h.to_pb().first_token.top_logprobs),
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
             prompt_token_ids=ids if request.return_prompt_token_ids else [], reasoning_open=prompt.reasoning_open)
 
-    def _encode(self, job: Job, ids: list[int], resume: Resume, cache_salt: str | None) -> Encoded:
-        """On the worker thread: restore the longest cached prefix, prefill the rest (stopping at snapshot
-        boundaries), sample the first token, publish new cache entries and write the hand-off checkpoint."""
+    def _encode(self, job: Job, ids: list[int], resume: Resume, cache_salt: str | None,
+                resume_from: str = "") -> Encoded:
+        """On the worker thread: restore the longest cached prefix, prefill the rest of the prompt (stopping at
+        snapshot boundaries), sample the first token, publish new cache entries and write the hand-off checkpoint.
+        Resumed: the state at the stream's resume point, or the original prompt's, and no sampling (module doc)."""
         started = time.monotonic_ns()
         queue_ns = int(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1e9)
-        plan = self.prefix.plan(ids, cache_salt)
+        prompt_len = len(ids) - resume.draws  # the original prompt
+        params = resume.params
+        stream = None
+        if resume_from:
+            stream = self._stream_state(resume_from, ids, prompt_len, params.seed)
+            self.metrics.resumes.labels("checkpoint" if stream is not None else "recomputed").inc()
+        elif resume.draws:
+            self.metrics.resumes.labels("recomputed").inc()
+        plan = self.prefix.plan(ids[:prompt_len] if stream is None else (), cache_salt)
         try:
-            state = self.prefix.restore(plan)
+            state = self.prefix.restore(plan) if stream is None else stream
             restored = time.monotonic_ns()
-            try:
-                state.reserve(len(ids))  # every page of the prompt at once, before any work
-            except OutOfPages as exc:
-                raise ResourceExhausted(f"prompt of {len(ids)} tokens does not fit the KV cache: {exc}",
-                                        subject="kv_cache", retry_after_s=None) from None
-
-            def between_chunks(s) -> None:
-                job.check()
-                plan.on_chunk(s)
-
-            logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
-                                                boundaries=plan.boundaries, on_chunk=between_chunks)
-            params = resume.params
-            generated = tuple(ids[len(ids) - resume.draws:]) if resume.draws and params.penalized else ()
-            sampler = Sampler.resumed(params, resume.draws, self.engine.eos_token_ids, generated)
-            token, logprob = sampler.sample(logits)
-            top = candidates(self.engine.tokenizer, sampler.last_top)
-            text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
+            if stream is None:
+                logits, state = self._prefill(job, ids[:prompt_len], plan, state)
+            c = state.num_tokens  # consumed: the prompt, or up to the resume point
+            if resume.draws:  # decode feeds ids[c:] and samples after the last: nothing is sampled here
+                generated = tuple(ids[prompt_len:]) if params.penalized else ()
+                token, logprob, text, top, draws = ids[c], 0.0, "", (), resume.draws
+            else:
+                generated = ()
+                sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids)
+                token, logprob = sampler.sample(logits)
+                top = candidates(self.engine.tokenizer, sampler.last_top)
+                text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
+                draws = sampler.draws
             computed = time.monotonic_ns()
             handoff = Handoff(request_id=job.request_id, first_token=token, first_logprob=logprob, first_text=text,
-                              sampling=params, sampler_draws=sampler.draws,
-                              prompt_tokens=len(ids) - resume.draws, cached_tokens=plan.cached_tokens,
+                              sampling=params, sampler_draws=draws,
+                              prompt_tokens=prompt_len, cached_tokens=c if stream is not None else plan.cached_tokens,
                               prompt_tail_ids=tuple(ids[-(PROMPT_TAIL + resume.detok_unread):]),
                               pending_text=resume.pending_text, detok_unread=resume.detok_unread,
-                              generated_ids=generated, first_top=top)
+                              generated_ids=generated, first_top=top, first_token_delivered=bool(resume.draws),
+                              replay_ids=tuple(ids[c + 1:]))
+            record = StreamRecord(prompt_digest(ids[:prompt_len]), prompt_len, c, params.seed,
+                                  tuple(ids[max(0, c - STREAM_TAIL):c]))
             job.check()  # nobody would read the checkpoint
-            meta = CheckpointMeta(self.engine.fingerprint, state.num_tokens, handoff.to_metadata())
-            checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)
+            meta = CheckpointMeta(self.engine.fingerprint, c, {**handoff.to_metadata(), **record.to_metadata()})
+            if stream is None:
+                checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)
+            else:  # its own copy of every tensor: the old resume point is dropped now
+                checkpoint_id = self.prefix.own_checkpoint(state, meta, self.config.handoff_ttl_s)
+                state.release()
+                self._delete_quietly(resume_from)
         finally:
             self.prefix.release(plan)
         if job.cancelled.is_set():  # the caller left while we wrote: do not leave it pinned for nobody
@@ -134,6 +159,57 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 pass
         return Encoded(checkpoint_id=checkpoint_id, handoff=handoff, queue_ns=queue_ns, restore_ns=restored - started,
                        prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed)
+
+    def _prefill(self, job: Job, ids: list[int], plan, state):
+        """Prefill `ids` after the plan's cached prefix; (logits of the last token, state)."""
+        try:
+            state.reserve(len(ids))  # every page of the prompt at once, before any work
+        except OutOfPages as exc:
+            raise ResourceExhausted(f"prompt of {len(ids)} tokens does not fit the KV cache: {exc}",
+                                    subject="kv_cache", retry_after_s=None) from None
+
+        def between_chunks(s) -> None:
+            job.check()
+            plan.on_chunk(s)
+
+        return self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
+                                   boundaries=plan.boundaries, on_chunk=between_chunks)
+
+    def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None):
+        """The state of a broken stream's resume point, if it is still stored and its stream record matches this
+        request (StreamRecord.matches); None otherwise (the prompt is then recomputed)."""
+        e = self.engine
+        try:
+            ckpt = self.store.get_checkpoint(checkpoint_id, e.fingerprint, lambda n: state_spec.shapes(e.config, n),
+                                             state_spec.dtypes(e.config, e.dtype))
+        except QwenpdError as exc:
+            log.info("resume point %s not used, recomputing the prompt: %s", checkpoint_id, exc.message)
+            return None
+        try:
+            record = StreamRecord.from_metadata(ckpt.metadata)
+            why = ("it has no stream record" if record is None or record.num_tokens != ckpt.num_tokens
+                   else record.mismatch(ids, prompt_len, seed))
+            if why:
+                log.warning("resume point %s does not match the request (%s), recomputing the prompt", checkpoint_id,
+                            why)
+                return None
+            try:
+                return e.state_from_tensors(dict(ckpt.tensors), ckpt.num_tokens)
+            except (ValueError, OutOfPages) as exc:
+                log.warning("resume point %s not loaded, recomputing the prompt: %s", checkpoint_id, exc)
+                return None
+        finally:
+            ckpt.tensors.clear()
+            try:
+                self.store.release(ckpt)
+            except QwenpdError:
+                pass
+
+    def _delete_quietly(self, checkpoint_id: str) -> None:
+        try:
+            self.store.delete(checkpoint_id)
+        except QwenpdError as exc:
+            log.info("old resume point %s not deleted: %s", checkpoint_id, exc.message)
 
     def _observe(self, done: Encoded, arrived_ns: int) -> None:
         m = self.metrics

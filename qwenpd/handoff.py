@@ -6,8 +6,13 @@ from. Both services convert here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from google.protobuf import json_format
 
@@ -89,8 +94,10 @@ class Handoff:
     prompt_tail_ids: tuple[int, ...]
     pending_text: str = ""  # resumed requests: stop-string text held back from the tokens already generated
     detok_unread: int = 0  # resumed requests: generated ids at the end of the tail not yet detokenized
-    generated_ids: tuple[int, ...] = ()  # resumed requests with penalties: the tokens before first_token
+    generated_ids: tuple[int, ...] = ()  # resumed requests with penalties: the tokens generated so far
     first_top: tuple[tuple[int, float, str], ...] = ()  # top_logprobs: the first token's candidates (id, lp, text)
+    first_token_delivered: bool = False  # resumed: first_token was streamed before the failure
+    replay_ids: tuple[int, ...] = ()  # resumed: tokens already streamed, fed after first_token before sampling
 
     def to_pb(self) -> common_pb2.Handoff:
         return common_pb2.Handoff(
@@ -102,7 +109,8 @@ class Handoff:
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
             prompt_tail_ids=list(self.prompt_tail_ids[-(PROMPT_TAIL + self.detok_unread):]),
             pending_text=self.pending_text, detok_unread=self.detok_unread,
-            generated_ids=list(self.generated_ids))
+            generated_ids=list(self.generated_ids), first_token_delivered=self.first_token_delivered,
+            replay_ids=list(self.replay_ids))
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Handoff, vocab_size: int) -> "Handoff":
@@ -119,15 +127,20 @@ class Handoff:
                            reason="HANDOFF_CORRUPT")
         if pb.detok_unread > len(pb.prompt_tail_ids):
             raise DataLoss("checkpoint hand-off record has more unread ids than tail ids", reason="HANDOFF_CORRUPT")
-        if len(pb.generated_ids) >= pb.sampler_draws or any(t >= vocab_size for t in pb.generated_ids):
+        most = pb.sampler_draws if pb.first_token_delivered else pb.sampler_draws - 1  # draws made before decode
+        if len(pb.generated_ids) > most or any(t >= vocab_size for t in (*pb.generated_ids, *pb.replay_ids)):
             raise DataLoss("checkpoint hand-off record has more generated ids than draws, or bad ones",
+                           reason="HANDOFF_CORRUPT")
+        if pb.replay_ids and (not pb.first_token_delivered or len(pb.replay_ids) >= pb.sampler_draws):
+            raise DataLoss("checkpoint hand-off record replays more tokens than were drawn",
                            reason="HANDOFF_CORRUPT")
         return cls(request_id=pb.request_id, first_token=pb.first_token.id, first_logprob=pb.first_token.logprob,
                    first_text=pb.first_token.text, sampling=sampling, sampler_draws=pb.sampler_draws,
                    prompt_tokens=pb.prompt_tokens, cached_tokens=pb.cached_tokens,
                    prompt_tail_ids=tuple(pb.prompt_tail_ids), pending_text=pb.pending_text,
                    detok_unread=pb.detok_unread, generated_ids=tuple(pb.generated_ids),
-                   first_top=tuple((c.id, c.logprob, c.text) for c in pb.first_token.top_logprobs))
+                   first_top=tuple((c.id, c.logprob, c.text) for c in pb.first_token.top_logprobs),
+                   first_token_delivered=pb.first_token_delivered, replay_ids=tuple(pb.replay_ids))
 
     def to_metadata(self) -> dict[str, str]:
         return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}
@@ -143,3 +156,59 @@ class Handoff:
         except json_format.ParseError as exc:
             raise DataLoss(f"checkpoint hand-off record is not valid: {exc}", reason="HANDOFF_CORRUPT") from None
         return cls.from_pb(pb, vocab_size)
+
+
+STREAM_KEY = "qwenpd.stream"
+STREAM_TAIL = 16  # last consumed ids a stream record keeps
+
+
+def prompt_digest(token_ids: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(token_ids, dtype="<u4").tobytes()).hexdigest()
+
+
+@dataclass(slots=True, frozen=True)
+class StreamRecord:
+    """Whose state a resume checkpoint holds and how far it got: stored with the hand-off checkpoint (prefill)
+    and with every decode-side checkpoint (decode), key "qwenpd.stream". A resume restores the state only if the
+    record matches the request: same original prompt and seed (which with the sampling options fix the whole
+    stream), a position inside the tokens the client has, and the same ids just before it."""
+
+    prompt_digest: str  # prompt_digest() of the original prompt
+    prompt_tokens: int
+    num_tokens: int  # tokens the state has consumed
+    seed: int
+    tail: tuple[int, ...]  # the last STREAM_TAIL ids consumed
+
+    def to_metadata(self) -> dict[str, str]:
+        return {STREAM_KEY: json.dumps({"prompt_digest": self.prompt_digest, "prompt_tokens": self.prompt_tokens,
+                                        "num_tokens": self.num_tokens, "seed": self.seed, "tail": list(self.tail)})}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> "StreamRecord | None":
+        """The record, or None if there is none or it does not parse (the checkpoint is then not used)."""
+        try:
+            d = json.loads(metadata[STREAM_KEY])
+            return cls(str(d["prompt_digest"]), int(d["prompt_tokens"]), int(d["num_tokens"]), int(d["seed"]),
+                       tuple(int(t) for t in d["tail"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def advanced(self, num_tokens: int, tail: Sequence[int]) -> "StreamRecord":
+        return dataclasses.replace(self, num_tokens=num_tokens, tail=tuple(tail)[-STREAM_TAIL:])
+
+    def mismatch(self, ids: Sequence[int], prompt_tokens: int, seed: int | None) -> str:
+        """Why this state does not continue `ids` (original prompt + tokens generated) with `prompt_tokens`
+        prompt tokens; "" when it does: a position from the prompt's end up to the last id (exclusive), same
+        prompt, seed and tail."""
+        c = self.num_tokens
+        if self.prompt_tokens != prompt_tokens:
+            return f"its prompt has {self.prompt_tokens} tokens, this one {prompt_tokens}"
+        if not prompt_tokens <= c < len(ids):
+            return f"its position {c} is not in [{prompt_tokens}, {len(ids)})"
+        if self.seed != seed:
+            return "another seed"
+        if tuple(ids[max(0, c - STREAM_TAIL):c]) != self.tail:
+            return "other tokens before its position"
+        if self.prompt_digest != prompt_digest(ids[:prompt_tokens]):
+            return "another prompt"
+        return ""

@@ -75,6 +75,10 @@ class PrefillMetrics(Metrics):
                                  registry=self.registry)
         self.uncached = Counter("qwenpd_prefix_cache_skipped", "prompts not cached: over the per-request cache "
                                 "budget or the store was full", registry=self.registry)
+        self.resumes = Counter("qwenpd_prefill_resumes", "resumed streams, by where their state came from: "
+                               "checkpoint (the failed decode's own state: exact) or recomputed (the prompt "
+                               "prefilled again: exact when chunked as the first time)", ["source"],
+                               registry=self.registry)
 
 
 class DecodeMetrics(Metrics):
@@ -91,6 +95,12 @@ class DecodeMetrics(Metrics):
                                      "time a sequence waited for a batch slot (state load included)")
         self.batch = Histogram("qwenpd_decode_batch_size", "sequences stepped together, per step",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.replayed = Counter("qwenpd_decode_replayed_tokens", "tokens of resumed streams fed again through "
+                                "decode steps (already streamed before a failure)", registry=self.registry)
+        self.checkpoints = Counter("qwenpd_decode_checkpoints", "decode-side resume checkpoints written",
+                                   registry=self.registry)
+        self.checkpoint_write = self._histogram("qwenpd_decode_checkpoint_write_seconds",
+                                                "writing one decode-side resume checkpoint to the cache store")
 
     def watch(self, runner: Any) -> None:
         """Read active/queued from the runner's LoadInfo at scrape time; observe its joins and steps."""

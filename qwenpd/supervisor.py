@@ -234,6 +234,7 @@ class ServiceSet:
                                 metrics_port=port(1), **common)
         decode = DecodeConfig(engine=engine_config.from_args(args, args.model, "decode"), cache=PLACEHOLDER,
                               listen=format_address(args.host, args.decode_port), max_batch=args.max_batch,
+                              checkpoint_every=args.decode_checkpoint_every,
                               max_queue=args.decode_max_queue, metrics_port=port(2), **common)
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),

@@ -52,7 +52,9 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def save_hf_checkpoint(out: Path, variant: str, seed: int = 0) -> Path:
+def save_hf_checkpoint(out: Path, variant: str, seed: int = 0, sharpen: bool = True) -> Path:
+    """transformers' own save_pretrained of a random model; `sharpen` replaces its small init (near-uniform
+    logits: near-ties everywhere, the hard case for crash resume) with O(1)-activation weights."""
     from transformers import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig
 
     kw = {**BASE, **VARIANTS[variant]}
@@ -66,7 +68,8 @@ def save_hf_checkpoint(out: Path, variant: str, seed: int = 0) -> Path:
         model = Qwen3_5ForConditionalGeneration(cfg)
     else:
         model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**kw))
-    _randomise(model, seed)
+    if sharpen:
+        _randomise(model, seed)
     model.eval()
     model.save_pretrained(out)
     if variant == "multimodal":  # real checkpoints also carry the MTP head, which qwenpd must skip

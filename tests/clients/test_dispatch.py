@@ -22,3 +22,16 @@ def test_tpot_counts_tokens_not_chunks():
     one.first_token_at = 1.0
     one.received(1, at=1.0)
     assert one.tpot_s == 0.0
+
+
+def test_resume_request_of_a_token_id_prompt_sends_the_prompt_once():
+    """The resumed request is prompt + generated as token ids, whatever form the prompt had: a token-id prompt's
+    ids were once appended to (prompt + prompt + generated: another sequence, continued wrongly)."""
+    from qwenpd.clients.dispatch import resume_request
+    from qwenpd.protos.qwenpd.v1 import prefill_pb2
+
+    for original in (prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[5, 6, 7])),
+                     prefill_pb2.PrefillRequest(text="five six seven")):
+        resumed = resume_request(original, [5, 6, 7, 9, 9], 2, "ckpt-1")
+        assert list(resumed.token_ids.ids) == [5, 6, 7, 9, 9] and resumed.WhichOneof("prompt") == "token_ids"
+        assert resumed.resume_generated == 2 and resumed.resume_checkpoint_id == "ckpt-1"

@@ -353,6 +353,8 @@ class Handoff(_message.Message):
     PENDING_TEXT_FIELD_NUMBER: _builtins.int
     DETOK_UNREAD_FIELD_NUMBER: _builtins.int
     GENERATED_IDS_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_DELIVERED_FIELD_NUMBER: _builtins.int
+    REPLAY_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request this checkpoint was made for."""
     sampler_draws: _builtins.int
@@ -369,6 +371,10 @@ class Handoff(_message.Message):
     """How many of the last prompt_tail_ids the detokenizer has not turned into text yet (an incomplete
     UTF-8 character at the end of already generated tokens); 0 for a new request.
     """
+    first_token_delivered: _builtins.bool
+    """A resumed request: first_token was already streamed to the client before the failure, so decode feeds it
+    (and then replay_ids) without streaming it again, and samples only after the last of them.
+    """
     @_builtins.property
     def first_token(self) -> Global___Token:
         """The first generated token, sampled by prefill from the last prompt logits."""
@@ -383,7 +389,16 @@ class Handoff(_message.Message):
 
     @_builtins.property
     def generated_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The tokens generated before first_token (a resumed request), when sampling depends on them (penalties)."""
+        """The tokens generated before first_token (a resumed request), when sampling depends on them (penalties);
+        with first_token_delivered, all tokens generated so far.
+        """
+
+    @_builtins.property
+    def replay_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A resumed request: tokens already streamed that decode feeds after first_token, one decode step each,
+        through the same kernels as a live step, before it samples the next token (crash resume is then exact:
+        decode_service/runner.py).
+        """
 
     def __init__(
         self,
@@ -398,11 +413,42 @@ class Handoff(_message.Message):
         pending_text: _builtins.str = ...,
         detok_unread: _builtins.int = ...,
         generated_ids: _abc.Iterable[_builtins.int] | None = ...,
+        first_token_delivered: _builtins.bool = ...,
+        replay_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "generated_ids", b"generated_ids", "pending_text", b"pending_text", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "first_token_delivered", b"first_token_delivered", "generated_ids", b"generated_ids", "pending_text", b"pending_text", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "replay_ids", b"replay_ids", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Handoff: _TypeAlias = Handoff  # noqa: Y015
+
+@_typing.final
+class ResumePoint(_message.Message):
+    """Where a stream can be resumed from after its decode service fails: a checkpoint of the sequence's state
+    that decode keeps in the cache store while the stream lives (the hand-off checkpoint, then the latest
+    decode-side checkpoint when decode writes them), deleted when the stream ends.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    checkpoint_id: _builtins.str
+    """Pass it as PrefillRequest.resume_checkpoint_id when resuming the stream."""
+    num_tokens: _builtins.int
+    """Tokens (prompt + generated) the checkpoint's state has consumed."""
+    def __init__(
+        self,
+        *,
+        checkpoint_id: _builtins.str = ...,
+        num_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "num_tokens", b"num_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumePoint: _TypeAlias = ResumePoint  # noqa: Y015

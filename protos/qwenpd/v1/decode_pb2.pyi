@@ -65,6 +65,7 @@ class DecodeChunk(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    RESUME_POINT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text added by these tokens (text that may still become a stop string is held back)."""
     finish_reason: _common_pb2.FinishReason.ValueType
@@ -85,6 +86,14 @@ class DecodeChunk(_message.Message):
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TopLogprobs]:
         """With SamplingParams.top_logprobs: the candidates of each token in token_ids, same order."""
 
+    @_builtins.property
+    def resume_point(self) -> _common_pb2.ResumePoint:
+        """Set when the stream has a new place to resume from (first with the hand-off checkpoint, then every
+        --decode-checkpoint-every tokens); it covers only tokens already sent. Keep the last one: if the stream
+        breaks off (UNAVAILABLE), resume with PrefillRequest.resume_checkpoint_id = its checkpoint_id. A chunk
+        may carry only this (no tokens).
+        """
+
     def __init__(
         self,
         *,
@@ -94,10 +103,11 @@ class DecodeChunk(_message.Message):
         finish_reason: _common_pb2.FinishReason.ValueType | None = ...,
         usage: _common_pb2.Usage | None = ...,
         top_logprobs: _abc.Iterable[_common_pb2.TopLogprobs] | None = ...,
+        resume_point: _common_pb2.ResumePoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "resume_point", b"resume_point", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "text", b"text", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "resume_point", b"resume_point", "text", b"text", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__finish_reason: _TypeAlias = _typing.Literal["finish_reason"]  # noqa: Y015
     _WhichOneofArgType__finish_reason: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason"]  # noqa: Y015

@@ -56,7 +56,8 @@ class DecodeServiceServicer:
     def Decode(self, request, context):
         """Acquires the checkpoint, loads it into a batch slot and streams the output. The first token of the
         stream is the one prefill sampled (read from the checkpoint's Handoff metadata, never recomputed); the
-        model's first decode step consumes it. The last chunk carries finish_reason and usage. Cancelling the
+        model's first decode step consumes it. A resumed request's stream starts with the first new token, after
+        decode has replayed the tokens already sent (Handoff.replay_ids). The last chunk carries finish_reason and usage. Cancelling the
         call frees the slot at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -38,7 +38,8 @@ class DecodeServiceStub:
     Decode: _grpc.UnaryStreamMultiCallable[_decode_pb2.DecodeRequest, _decode_pb2.DecodeChunk]
     """Acquires the checkpoint, loads it into a batch slot and streams the output. The first token of the
     stream is the one prefill sampled (read from the checkpoint's Handoff metadata, never recomputed); the
-    model's first decode step consumes it. The last chunk carries finish_reason and usage. Cancelling the
+    model's first decode step consumes it. A resumed request's stream starts with the first new token, after
+    decode has replayed the tokens already sent (Handoff.replay_ids). The last chunk carries finish_reason and usage. Cancelling the
     call frees the slot at once.
     """
     GetLoad: _grpc.UnaryUnaryMultiCallable[_decode_pb2.GetLoadRequest, _decode_pb2.Load]
@@ -54,7 +55,8 @@ class DecodeServiceAsyncStub(DecodeServiceStub):
     Decode: _aio.UnaryStreamMultiCallable[_decode_pb2.DecodeRequest, _decode_pb2.DecodeChunk]  # type: ignore[assignment]
     """Acquires the checkpoint, loads it into a batch slot and streams the output. The first token of the
     stream is the one prefill sampled (read from the checkpoint's Handoff metadata, never recomputed); the
-    model's first decode step consumes it. The last chunk carries finish_reason and usage. Cancelling the
+    model's first decode step consumes it. A resumed request's stream starts with the first new token, after
+    decode has replayed the tokens already sent (Handoff.replay_ids). The last chunk carries finish_reason and usage. Cancelling the
     call frees the slot at once.
     """
     GetLoad: _aio.UnaryUnaryMultiCallable[_decode_pb2.GetLoadRequest, _decode_pb2.Load]  # type: ignore[assignment]
@@ -73,7 +75,8 @@ class DecodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_decode_pb2.DecodeChunk], _abc.AsyncIterator[_decode_pb2.DecodeChunk]]:
         """Acquires the checkpoint, loads it into a batch slot and streams the output. The first token of the
         stream is the one prefill sampled (read from the checkpoint's Handoff metadata, never recomputed); the
-        model's first decode step consumes it. The last chunk carries finish_reason and usage. Cancelling the
+        model's first decode step consumes it. A resumed request's stream starts with the first new token, after
+        decode has replayed the tokens already sent (Handoff.replay_ids). The last chunk carries finish_reason and usage. Cancelling the
         call frees the slot at once.
         """
 

@@ -102,6 +102,7 @@ class PrefillRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     RETURN_PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     RESUME_GENERATED_FIELD_NUMBER: _builtins.int
+    RESUME_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen id for logs and tracing; echoed in errors. Empty = the server makes one up."""
     text: _builtins.str
@@ -118,6 +119,15 @@ class PrefillRequest(_message.Message):
     stream after them (the sampling seed must be the original one), counts them against max_tokens and
     carries held-back stop-string text over to decode, so the output continues exactly where it broke
     off. Must be less than the prompt's length and than max_tokens; absent or 0 = a new request.
+    Prefill recomputes only the original prompt (or restores resume_checkpoint_id's state) and decode replays
+    the generated tokens through its own step kernels, so the continuation is the one the failed decode would
+    have produced, bit for bit (greedy and seeded sampling alike).
+    """
+    resume_checkpoint_id: _builtins.str
+    """With resume_generated: the checkpoint_id of the last ResumePoint the broken Decode stream sent. Prefill
+    restores that state (the exact one the failed decode had) instead of recomputing the prompt, and decode
+    replays only the tokens after it. A checkpoint that is gone or does not match this request is ignored (the
+    prompt is recomputed); one that matches is deleted once the new hand-off checkpoint is written.
     """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds:
@@ -144,10 +154,11 @@ class PrefillRequest(_message.Message):
         cache_salt: _builtins.str | None = ...,
         return_prompt_token_ids: _builtins.bool = ...,
         resume_generated: _builtins.int | None = ...,
+        resume_checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "resume_generated", b"resume_generated", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "request_id", b"request_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "request_id", b"request_id", "resume_checkpoint_id", b"resume_checkpoint_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_salt: _TypeAlias = _typing.Literal["cache_salt"]  # noqa: Y015
     _WhichOneofArgType__cache_salt: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt"]  # noqa: Y015
@@ -231,7 +242,9 @@ class PrefillResponse(_message.Message):
     @_builtins.property
     def first_token(self) -> _common_pb2.Token:
         """The first generated token. For display only: the Decode stream emits it again as its first token,
-        with stop-string handling, so a client that streams Decode must not print this one too.
+        with stop-string handling, so a client that streams Decode must not print this one too. On a resume
+        (resume_generated > 0) nothing new is sampled here: it is the last token already generated, and the
+        Decode stream starts with the next new one.
         """
 
     @_builtins.property

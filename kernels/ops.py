@@ -171,11 +171,13 @@ def _direct(op, kernel, in_graphs=lambda *args: True):
 decode_step_gated_delta_rule = _direct(step_gated_delta_rule, _step)
 decode_causal_conv1d_update = _direct(causal_conv1d_update, _conv_update)
 decode_write_kv = _direct(write_kv, pa.write_kv)
-# Paged attention is traced into a graph only for block tables of one tile: traced, its loop over tiles unrolls per
-# width bucket (traced at every width, a decode service's warm-up went from 50 s to 430 s); wider, the op runs it.
-decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode,
-                                 lambda q, k_pool, v_pool, tables, *_: tables.shape[1] * k_pool.shape[2]
-                                 <= pa.TILE_TOKENS)
+# Paged attention is never traced into a graph: a compiled graph calls the op, whose kernel is the same eager code
+# at every block-table width. Traced, inductor's code for one tile sums differently from the op's, so a sequence
+# decoded beside a long one (a wider bucket: the op) and replayed alone after a crash (one tile: traced) parted
+# ways (batch invariance: engine/runner.py decode_row_multiple). Tracing one-tile tables saved 7-14% of a compiled
+# decode step of `small` at batch 1 (bf16, this repo's 2-core EPYC); traced at every width, its loop over tiles
+# unrolls per width bucket (a decode service's warm-up went from 50 s to 430 s).
+decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode, lambda *args: False)
 
 
 # ---- per-device kernels -----------------------------------------------------------------------------------------

@@ -59,3 +59,22 @@ def test_tiny_decode_is_batch_invariant(tiny_model_dir, dtype):
 @pytest.mark.parametrize("variant", ["every2nd", "conv5_tied"])
 def test_transformers_checkpoints_decode_batch_invariant(hf_checkpoint, variant):
     _check(Engine(hf_checkpoint(variant), dtype="float32"))
+
+
+def test_compiled_decode_is_batch_invariant_across_batch_and_width_buckets(tiny_model_dir):
+    """Compiled decode: a sequence alone (batch bucket 1, one-tile width bucket) and beside a 1100-token one
+    (bucket 8, the wide bucket) gets the same bits; inductor's code for a traced attention tile did not."""
+    engine = Engine(tiny_model_dir, dtype="float32", kv_cache_bytes=64 << 20)
+    engine.compile(engine.default_buckets(64, 8, max_context=2048), max_batch=8, graphs=("decode",))
+    assert len(engine.runner.buckets.widths) > 1 and engine.runner.buckets.batches[0] == 1
+    _check(engine)
+
+
+def test_tensor_parallel_decode_is_batch_invariant(tiny_model_dir):
+    """Two ranks (each its heads and channels; the all-reduce sums two partials per element): still invariant,
+    so a resumed --decode-tp stream replays exactly (tests/services/test_tensor_parallel.py kills a rank)."""
+    engine = Engine(tiny_model_dir, dtype="float32", tp=2)
+    try:
+        _check(engine)
+    finally:
+        engine.close()

@@ -152,6 +152,7 @@ class DecodeRunner:
         self.tokens = 0
         self.replayed = 0  # tokens fed again for resumed sequences
         self.on_replay: Callable[[int], None] = lambda n: None  # metrics: tokens replayed in a step
+        self.on_checkpoint_copy: Callable[[float], None] = lambda s: None  # metrics: seconds a state copy took
         self._make_engine = make_engine
         self._deliver = deliver
         self._members: dict[int, DecodeSequence] = {}  # id(state) -> sequence, for sequences in the batch
@@ -277,7 +278,9 @@ class DecodeRunner:
             top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
             out = seq.push(token, logprob, top)
             if self._checkpoint_due(seq, out):
+                copy_started = time.perf_counter()
                 out.checkpoint = seq.state.to_tensors()
+                self.on_checkpoint_copy(time.perf_counter() - copy_started)
                 out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
                 seq.checkpointed_at = seq.num_tokens
             outputs.append((seq, out))

@@ -60,6 +60,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.metrics = metrics or DecodeMetrics()
         self.metrics.watch(self.runner)
         self.runner.on_replay = self.metrics.replayed.inc
+        self.runner.on_checkpoint_copy = self.metrics.checkpoint_copy.observe
         self.engine: Engine | None = None
 
     async def start(self) -> Engine:

@@ -101,6 +101,9 @@ class DecodeMetrics(Metrics):
                                    registry=self.registry)
         self.checkpoint_write = self._histogram("qwenpd_decode_checkpoint_write_seconds",
                                                 "writing one decode-side resume checkpoint to the cache store")
+        self.checkpoint_copy = self._histogram("qwenpd_decode_checkpoint_copy_seconds",
+                                               "copying a sequence's state out for a decode-side checkpoint (on "
+                                               "the stepping thread: the batch waits)")
 
     def watch(self, runner: Any) -> None:
         """Read active/queued from the runner's LoadInfo at scrape time; observe its joins and steps."""

@@ -253,3 +253,52 @@ def _convert(value: str, kind: Any) -> Any:
         except ValueError:
             continue
     return value
+
+
+# ---- constrained tool calls --------------------------------------------------------------------------------------
+_STRING_VALUE = r"/[^<]*[^<\n]\n/"  # a string parameter's text and the newline before </parameter> (no "<" in it)
+_COMPACT = {"whitespace_flexible": False}
+
+
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's dialect) of output that is only calls of `tools` in the format above: each call
+    names one of them and gives every required parameter (then any optional ones, in schema order), string values
+    as text (one line of at most maxLength characters where the schema bounds it; string enums verbatim), every
+    other schema as compact JSON valid under it. `parallel`: one call or several. What
+    tool_choice "required" (all tools) and a named function (one) constrain the answer to."""
+    rules = ["start: BREAK? call" + (' ("\\n" call)*' if parallel else ""), r"BREAK: /\n{1,2}/",
+             f"STRING: {_STRING_VALUE}"]
+    functions = []
+    for i, tool in enumerate(tools):
+        name = _tool_name(tool)
+        params = tool["function"].get("parameters") or {}
+        props = params.get("properties") or {} if isinstance(params, Mapping) else {}
+        required = [k for k in params.get("required", []) if k in props] if isinstance(params, Mapping) else []
+        parts = []
+        for j, key in enumerate([*required, *(k for k in props if k not in required)]):
+            schema = props[key] if isinstance(props[key], Mapping) else {}
+            rule = f"p{i}_{j}"
+            choices = schema["enum"] if isinstance(schema.get("enum"), list) else \
+                [schema["const"]] if "const" in schema else None
+            if choices and all(isinstance(c, str) for c in choices):  # written verbatim, as any string value
+                alternatives = " | ".join(f'"{_lark_text(c)}"' for c in choices)
+                rules.append(f'{rule}: "<parameter={_lark_text(key)}>\\n" ({alternatives}) "\\n</parameter>\\n"')
+            elif schema.get("type", "string") == "string" and choices is None:
+                text = "STRING"
+                if isinstance(schema.get("maxLength"), int) and schema["maxLength"] >= 1:  # one bounded line
+                    text = f"/[^<\\n]{{1,{schema['maxLength']}}}\\n/"
+                rules.append(f'{rule}: "<parameter={_lark_text(key)}>\\n" {text} "</parameter>\\n"')
+            else:
+                value = {**schema, "x-guidance": _COMPACT}
+                rules.append(f'{rule}: "<parameter={_lark_text(key)}>\\n" v{i}_{j} "\\n</parameter>\\n"')
+                rules.append(f"v{i}_{j}: %json {json.dumps(value)}")
+            parts.append(rule if key in required else f"{rule}?")
+        rules.append(f'f{i}: "<function={_lark_text(name)}>\\n" {" ".join(parts)} "</function>\\n"')
+        functions.append(f"f{i}")
+    rules.append(f'call: "<tool_call>\\n" ({" | ".join(functions)}) "</tool_call>"')
+    return "\n".join(rules)
+
+
+def _lark_text(text: str | None) -> str:
+    """`text` inside a Lark double-quoted string."""
+    return json.dumps(text or "")[1:-1]

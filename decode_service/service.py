@@ -196,7 +196,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv_tokens - num_tokens, ckpt.locations),
             guard=guard, kv_tokens=kv_tokens,
             sampler=Sampler.resumed(params, handoff.sampler_draws, e.eos_token_ids,
-                                    generated if params.penalized else ()),
+                                    generated if params.history else (), e.grammars),
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qwenpd.engine.config import ModelConfig
+from qwenpd.engine.constraint import Grammars
 from qwenpd.engine.device import resolve_device
 from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
@@ -114,6 +116,14 @@ class Engine:
     @property
     def tp(self) -> int:
         return self.plan.degree
+
+    @functools.cached_property
+    def grammars(self) -> Grammars | None:
+        """Constrained decoding's factory over this model's tokenizer (None without a tokenizer); built on first
+        use."""
+        if self.tokenizer is None:
+            return None
+        return Grammars(self.tokenizer.to_json(), self.config.vocab_size, self.tokenizer.eos_token_id)
 
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel group (nothing to do otherwise). Idempotent."""

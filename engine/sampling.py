@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenpd.engine.constraint import ConstraintError, Grammars, Constraint
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 
@@ -34,6 +35,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # times how often it was generated
     top_logprobs: int = 0  # report this many most likely tokens at each position (Sampler.last_top)
+    structured_output: str = ""  # a grammar the output must follow (engine/constraint.py); "" = none
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation
@@ -71,12 +73,17 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the logits as they are: what a batch argmax (greedy_batch) can serve."""
-        return self.greedy and not (self.logit_bias or self.min_tokens or self.penalized or self.top_logprobs)
+        return self.greedy and not (self.logit_bias or self.min_tokens or self.history or self.top_logprobs)
 
     @property
     def penalized(self) -> bool:
-        """Whether sampling depends on the tokens generated so far (their counts cross hand-off and resume)."""
         return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def history(self) -> bool:
+        """Whether sampling depends on the tokens generated so far (penalties count them, a grammar's state
+        follows them): they cross hand-off and resume."""
+        return self.penalized or bool(self.structured_output)
 
 
 @dataclass(slots=True)
@@ -96,6 +103,7 @@ class Sampler:
     draws: int = 0
     counts: dict[int, int] = field(default_factory=dict)  # tokens generated so far (penalties)
     last_top: list[tuple[int, float]] = field(default_factory=list)  # the last position's candidates
+    constraint: Constraint | None = None  # the grammar's state (params.structured_output)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -104,19 +112,28 @@ class Sampler:
 
     @classmethod
     def resumed(cls, params: SamplingParams, draws: int, ending_ids: frozenset[int] = frozenset(),
-                generated: Sequence[int] = ()) -> "Sampler":
-        """The sampler of a sequence that has made `draws` tokens already, `generated` among them (the ones the
-        penalties count: all of them where params.penalized)."""
-        s = cls(params, ending_ids)
+                generated: Sequence[int] = (), grammars: Grammars | None = None) -> "Sampler":
+        """The sampler of a sequence that has made `draws` tokens already, `generated` among them (all of them
+        where params.history). `grammars` builds the constraint of params.structured_output (ConstraintError if
+        the library refuses it; ValueError if there is none to build it with)."""
+        constraint = None
+        if params.structured_output:
+            if grammars is None:
+                raise ConstraintError("this model has no tokenizer to constrain its output with")
+            constraint = grammars.make(params.structured_output, frozenset(ending_ids) | set(params.stop_token_ids))
+        s = cls(params, ending_ids, constraint=constraint)
         s.seen(generated)
         for _ in range(draws):
             s._uniform()
         return s
 
     def seen(self, tokens: Sequence[int]) -> None:
-        """Count tokens generated outside this sampler (prefill's first token, a resumed stream's)."""
+        """Count tokens generated (here, or outside this sampler: prefill's first token, a resumed stream's) and
+        advance the grammar over them."""
         for t in tokens:
             self.counts[t] = self.counts.get(t, 0) + 1
+            if self.constraint is not None:
+                self.constraint.advance(t)
 
     def _uniform(self) -> float:
         self.draws += 1
@@ -137,6 +154,8 @@ class Sampler:
             held = [t for t in (*self.ending_ids, *self.params.stop_token_ids) if t < logits.numel()]
             if held:
                 logits = logits.index_fill(0, torch.tensor(held, device=logits.device), float("-inf"))
+        if self.constraint is not None:
+            logits = self.constraint.allowed(logits)
         if self.params.greedy:
             token = int(torch.argmax(logits))
             self._uniform()  # keep draws aligned with tokens, so resumption is position-exact

@@ -41,6 +41,10 @@ def _cut(text: str, at: int) -> int:
 class Tokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` with the checkpoint's special tokens and chat template."""
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what the grammar library reads)."""
+        return self._tok.to_str()
+
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"

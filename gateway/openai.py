@@ -2,8 +2,8 @@
 and turned into PrefillRequests, completions turned back into OpenAI JSON, and errors in OpenAI's error shape.
 No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
-What decode cannot do is refused with a 400 naming the parameter, never silently ignored: response_format, echo,
-best_of, suffix, tool_choice required/named; and so is every parameter an endpoint does not know (`repetition_penalty`,
+What decode cannot do is refused with a 400 naming the parameter, never silently ignored: echo, best_of, suffix;
+and so is every parameter an endpoint does not know (`repetition_penalty`,
 `reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
 presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
 `ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
@@ -27,19 +27,19 @@ from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdE
 from qwenpd.clients.chat_output import ChatOutput
 from qwenpd.clients.chat_request import chat_message, set_template_kwargs
 from qwenpd.clients.chat_output import collect as collect_output
+from qwenpd.clients.chat_output import tool_call_grammar
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_STOP = 4  # as OpenAI
-_UNSUPPORTED = ("functions", "function_call", "response_format", "echo", "suffix", "audio", "modalities",
-                "prediction")
+_UNSUPPORTED = ("functions", "function_call", "echo", "suffix", "audio", "modalities", "prediction")
 # The names each endpoint reads; any other is refused (400 naming it).
 _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
                             "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key", "min_p",
-                            "logit_bias", "stop_token_ids", "min_tokens",
+                            "logit_bias", "stop_token_ids", "min_tokens", "response_format",
                             *_UNSUPPORTED})
 _COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
 _CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
@@ -170,7 +170,28 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         if not -2 <= value <= 2:
             raise ApiError(400, f"'{penalty}' must be in [-2, 2], got {value}", param=penalty)
         setattr(s, penalty, float(value))
+    s.structured_output = _response_format(body)
     return s
+
+
+def _response_format(body: dict) -> str:
+    """OpenAI's response_format as a structured_output spec (engine/constraint.py); "" for text or none. The
+    prefill service checks the schema with the grammar library (400 naming sampling.structured_output)."""
+    fmt = _get(body, "response_format", (dict,))
+    if fmt is None or fmt == {"type": "text"}:
+        return ""
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return json.dumps({"type": "json_object"})
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, dict):
+            raise ApiError(400, "'response_format.json_schema' needs a 'name' and a 'schema' object",
+                           param="response_format.json_schema")
+        return json.dumps({"type": "json_schema", "schema": schema})
+    raise ApiError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                   param="response_format.type")
 
 
 def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int, bool, bool]:
@@ -187,8 +208,6 @@ def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int,
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, False, [], {}):
             raise ApiError(400, f"'{name}' is not supported by this server", param=name)
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise ApiError(400, "'response_format' is not supported by this server", param="response_format")
     n = _get(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
@@ -279,9 +298,16 @@ def parse_chat(body: Any, header_salt: str | None = None,
             raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
         chat.messages.append(_message(m, role, i))
-    tools = _tools(body)
+    tools, forced = _tools(body)
     if tools:
         chat.tools_json = json.dumps(tools)
+    parallel = _get(body, "parallel_tool_calls", (bool,), True)
+    if forced:
+        if sampling.structured_output:
+            raise ApiError(400, "'response_format' cannot be combined with tool_choice 'required' or a named function",
+                           param="response_format")
+        sampling.structured_output = json.dumps({"type": "lark",
+                                                 "grammar": tool_call_grammar(forced, parallel)})
     kwargs = {**(default_template_kwargs or {}), **_get(body, "chat_template_kwargs", (dict,), {})}
     if not isinstance(kwargs.get("enable_thinking", False), bool):
         raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
@@ -291,14 +317,14 @@ def parse_chat(body: Any, header_salt: str | None = None,
     salt = _salt(body, header_salt)
     if salt is not None:
         req.cache_salt = salt
-    parallel = _get(body, "parallel_tool_calls", (bool,), True)
     return Parsed(True, model, [req], n, stream, include_usage, logprobs, tools=tools, parallel_tool_calls=parallel,
                   top_logprobs=top)
 
 
-def _tools(body: dict) -> list[dict[str, Any]]:
-    """The tools a chat request offers the model, checked; none when tool_choice is "none" (the model is not told
-    of them). tool_choice "required" or a named function needs constrained decoding, which is not built yet."""
+def _tools(body: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tools a chat request offers the model, checked (none when tool_choice is "none": the model is not told
+    of them), and those its answer is constrained to call: all of them for tool_choice "required", the named one
+    for a named function, none otherwise."""
     tools = _get(body, "tools", (list,), [])
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -310,12 +336,21 @@ def _tools(body: dict) -> list[dict[str, Any]]:
             raise ApiError(400, "a tool's 'parameters' must be a JSON schema object", param=f"tools[{i}].function")
     choice = body.get("tool_choice")
     if choice in (None, "auto"):
-        return tools
+        return tools, []
     if choice == "none":
-        return []
-    if choice == "required" or isinstance(choice, dict):
-        raise ApiError(400, "tool_choice 'required' and named functions need constrained decoding, which this server "
-                       "does not do yet; use 'auto' or 'none'", param="tool_choice")
+        return [], []
+    if choice == "required":
+        if not tools:
+            raise ApiError(400, "tool_choice 'required' needs 'tools'", param="tool_choice")
+        return tools, tools
+    if isinstance(choice, dict):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        named = [t for t in tools if t["function"]["name"] == name]
+        if not named:
+            raise ApiError(400, "tool_choice names no function of 'tools' ({\"type\": \"function\", \"function\": "
+                           "{\"name\": ...}})", param="tool_choice")
+        return tools, named[:1]
     raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or a named function", param="tool_choice")
 
 

@@ -15,6 +15,8 @@ then asks decode to replay the generated tokens after that point through its own
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
-from qwenpd.engine.sampling import Sampler
+from qwenpd.engine.constraint import THINK_END, ConstraintError, parse_spec
+from qwenpd.engine.sampling import Sampler, SamplingParams
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
@@ -77,6 +80,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         params = with_seed(sampling_from_pb(request.sampling, self.config.default_max_tokens,
                                             self.engine.config.vocab_size))
         self.config.limits.check_sampling(params)
+        params = self._constrained(params, prompt.reasoning_open)
         resume = resume_point(params, ids, request.resume_generated, self.engine)
         remaining = context.time_remaining()
         job = Job(request_id, deadline=None if remaining is None else time.monotonic() + remaining)
@@ -123,11 +127,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 logits, state = self._prefill(job, ids[:prompt_len], plan, state)
             c = state.num_tokens  # consumed: the prompt, or up to the resume point
             if resume.draws:  # decode feeds ids[c:] and samples after the last: nothing is sampled here
-                generated = tuple(ids[prompt_len:]) if params.penalized else ()
+                generated = tuple(ids[prompt_len:]) if params.history else ()
                 token, logprob, text, top, draws = ids[c], 0.0, "", (), resume.draws
             else:
                 generated = ()
-                sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids)
+                sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids, grammars=self.engine.grammars)
                 token, logprob = sampler.sample(logits)
                 top = candidates(self.engine.tokenizer, sampler.last_top)
                 text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
@@ -159,6 +163,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 pass
         return Encoded(checkpoint_id=checkpoint_id, handoff=handoff, queue_ns=queue_ns, restore_ns=restored - started,
                        prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed)
+
+    def _constrained(self, params: SamplingParams, reasoning_open: bool) -> SamplingParams:
+        """Check sampling.structured_output (INVALID_ARGUMENT naming it) and, after a prompt that opened the
+        model's reasoning, let the reasoning run free until "</think>" (unless the spec says otherwise). The
+        resolved spec travels in the hand-off, so decode builds the same grammar state."""
+        if not params.structured_output:
+            return params
+        name = "sampling.structured_output"
+        grammars = self.engine.grammars
+        if grammars is None:
+            raise InvalidArgument(name, "this model has no tokenizer to constrain its output with")
+        try:
+            spec = parse_spec(params.structured_output)
+            if reasoning_open and "after" not in spec:
+                params = dataclasses.replace(params, structured_output=json.dumps({**spec, "after": THINK_END}))
+            grammars.check(params.structured_output)
+        except ConstraintError as exc:
+            raise InvalidArgument(name, str(exc)) from None
+        return params
 
     def _prefill(self, job: Job, ids: list[int], plan, state):
         """Prefill `ids` after the plan's cached prefix; (logits of the last token, state)."""

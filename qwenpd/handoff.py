@@ -49,6 +49,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             presence_penalty=pb.presence_penalty,
             frequency_penalty=pb.frequency_penalty,
             top_logprobs=pb.top_logprobs,
+            structured_output=pb.structured_output,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
@@ -72,7 +73,8 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
                                    stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
                                    min_p=params.min_p, logit_bias=dict(params.logit_bias),
                                    min_tokens=params.min_tokens, presence_penalty=params.presence_penalty,
-                                   frequency_penalty=params.frequency_penalty, top_logprobs=params.top_logprobs)
+                                   frequency_penalty=params.frequency_penalty, top_logprobs=params.top_logprobs,
+                                   structured_output=params.structured_output)
     if params.seed is not None:
         pb.seed = params.seed
     return pb

@@ -1,4 +1,4 @@
-"""Tool calls over the HTTP API (issue 24, item 1, tool_choice auto/none): the gateway's real HTTP app over a
+"""Tool calls over the HTTP API (issue 24: tool_choice auto/none parsed, required/named constrained): the gateway's real HTTP app over a
 stand-in for the backends that streams a hand-written Qwen3.6 output, through the official openai SDK."""
 
 from __future__ import annotations
@@ -117,17 +117,30 @@ def test_tool_results_and_assistant_calls_reach_prefill_and_refusals_name_the_pa
 
     async def run():
         await oai.chat.completions.create(model="m", messages=messages, tools=TOOLS)
-        with pytest.raises(openai.BadRequestError) as required:
-            await oai.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="required")
+        await oai.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="required")
+        await oai.chat.completions.create(model="m", messages=messages, tools=TOOLS, parallel_tool_calls=False,
+                                          tool_choice={"type": "function", "function": {"name": "get_time"}})
+        with pytest.raises(openai.BadRequestError) as unknown:
+            await oai.chat.completions.create(model="m", messages=messages, tools=TOOLS,
+                                              tool_choice={"type": "function", "function": {"name": "nope"}})
+        with pytest.raises(openai.BadRequestError) as both:
+            await oai.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="required",
+                                              response_format={"type": "json_object"})
         with pytest.raises(openai.BadRequestError) as bad:
             await oai.chat.completions.create(model="m", messages=messages, tools=[{"type": "function"}])
-        return required.value, bad.value
+        return unknown.value, both.value, bad.value
 
-    required, bad = asyncio.run(run())
+    unknown, both, bad = asyncio.run(run())
     sent = backends.requests[0].chat.messages
     assert json.loads(sent[1].tool_calls_json)[0]["function"]["name"] == "get_weather"
     assert (sent[2].role, sent[2].tool_call_id, sent[2].content) == ("tool", "c1", "sunny")
-    assert required.body["param"] == "tool_choice" and bad.body["param"] == "tools[0]"
+    assert not backends.requests[0].sampling.structured_output  # auto: free text, calls parsed
+    required, named = (json.loads(r.sampling.structured_output) for r in backends.requests[1:3])
+    assert required["type"] == named["type"] == "lark"
+    assert "<function=get_weather>" in required["grammar"] and "<function=get_time>" in required["grammar"]
+    assert "<function=get_weather>" not in named["grammar"] and '("\\n" call)*' not in named["grammar"]
+    assert unknown.body["param"] == "tool_choice" and both.body["param"] == "response_format"
+    assert bad.body["param"] == "tools[0]"
 
 
 def test_the_embedded_template_renders_tools_calls_and_results(tiny_model_dir):

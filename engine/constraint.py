@@ -1,0 +1,154 @@
+"""Constrained decoding: which tokens a grammar allows next, with llguidance (Earley parser + lazy lexer over the
+tokenizer's trie; no ahead-of-time grammar compilation, so a new schema per request costs nothing up front).
+
+A request asks for it with `SamplingParams.structured_output`, a JSON object (the same text in the protobuf
+`SamplingParams.structured_output`, so it crosses the hand-off and a crash resume with the other options):
+
+    {"type": "json_schema", "schema": {...}}     a JSON value valid under the schema
+    {"type": "json_object"}                      any JSON object
+    {"type": "regex", "pattern": "..."}          text matching the regex
+    {"type": "lark", "grammar": "..."}           llguidance's Lark dialect (what tool calls compile to)
+    optional: "after": "</think>"                 free text until this string has been generated, then the grammar
+                                                   (a thinking model constrains the answer, not the reasoning)
+
+The grammar state is a pure function of the tokens generated so far, so prefill (which samples the first token)
+and decode (the rest) each build it from the request and the tokens before: nothing but the options crosses the
+split. Masks cover the model's whole vocabulary: rows past the tokenizer (real checkpoints pad the embedding)
+are never allowed. Once the grammar is complete only the sequence's ending ids (EOS) may follow; JSON is
+generated without free whitespace (llguidance's default separators), so a bounded schema ends in a bounded
+number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+KINDS = ("json_schema", "json_object", "regex", "lark")
+THINK_END = "</think>"
+COMPACT = {"whitespace_flexible": False}  # JSON with fixed separators: no whitespace for a model to loop in  # where a thinking model's reasoning ends
+
+
+class ConstraintError(ValueError):
+    """A structured_output the grammar library refuses (the message says why)."""
+
+
+def grammar_of(spec: dict[str, Any]) -> str:
+    """llguidance's grammar text for a parsed structured_output object."""
+    import llguidance
+
+    kind = spec.get("type")
+    if kind == "json_schema":
+        schema = spec.get("schema")
+        if not isinstance(schema, (dict, bool)):
+            raise ConstraintError("json_schema needs a 'schema' object")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=COMPACT)
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=COMPACT)
+    if kind == "regex":
+        if not isinstance(spec.get("pattern"), str):
+            raise ConstraintError("regex needs a 'pattern' string")
+        return llguidance.LLMatcher.grammar_from_regex(spec["pattern"])
+    if kind == "lark":
+        if not isinstance(spec.get("grammar"), str):
+            raise ConstraintError("lark needs a 'grammar' string")
+        return llguidance.LLMatcher.grammar_from_lark(spec["grammar"])
+    raise ConstraintError(f"type must be one of {KINDS}, got {kind!r}")
+
+
+def parse_spec(text: str) -> dict[str, Any]:
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConstraintError(f"not JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConstraintError("must be a JSON object")
+    if "after" in spec and (not isinstance(spec["after"], str) or not spec["after"]):
+        raise ConstraintError("'after' must be a non-empty string")
+    return spec
+
+
+class Grammars:
+    """One engine's constraint factory: the tokenizer as llguidance sees it (built once) and the model's vocabulary
+    size (the mask's length)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_id: int | None):
+        import llguidance
+
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, eos_token=eos_token_id)
+        self.vocab_size = vocab_size
+        self.words = self.tokenizer.vocab_size  # tokens the tokenizer has; model rows past it are padding
+
+    def check(self, structured_output: str) -> None:
+        """ConstraintError unless `structured_output` is a spec llguidance accepts."""
+        self.make(structured_output, frozenset())
+
+    def make(self, structured_output: str, ending_ids: frozenset[int]) -> "Constraint":
+        import llguidance
+
+        spec = parse_spec(structured_output)
+        grammar = grammar_of(spec)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise ConstraintError("; ".join(m.strip() for m in messages) or "the grammar is not valid")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+        if matcher.is_error():
+            raise ConstraintError(matcher.get_error())
+        after = spec.get("after")
+        return Constraint(self, matcher, ending_ids, after)
+
+
+@dataclass(eq=False)
+class Constraint:
+    """One sequence's grammar state. `advance` every generated token (in order), `mask` before sampling."""
+
+    grammars: Grammars
+    matcher: Any
+    ending_ids: frozenset[int]
+    after: str | None = None  # free text until this has been generated
+    _tail: str = ""  # the end of the free text so far (to find `after` across token boundaries)
+    _bitmask: torch.Tensor | None = None  # llguidance's packed mask, reused step after step
+
+    @property
+    def active(self) -> bool:
+        return self.after is None
+
+    def advance(self, token: int) -> None:
+        if not self.active:
+            if token < self.grammars.words:
+                self._tail = (self._tail + self.grammars.tokenizer.decode_str([token]))[-4 * len(self.after):]
+            if self.after in self._tail:
+                self.after = None  # from the next token on, the grammar rules
+            return
+        if token in self.ending_ids and self.matcher.is_accepting():
+            return
+        self.matcher.consume_token(token)
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [V] with every token the grammar does not allow now set to -inf (ending ids allowed where the
+        grammar is complete; all tokens, free text, before `after`)."""
+        if not self.active:
+            return logits
+        m = self.matcher
+        if m.is_stopped() or m.is_error():
+            out = torch.full_like(logits, float("-inf"))
+        else:
+            import llguidance.torch as lt
+
+            if self._bitmask is None:
+                self._bitmask = lt.allocate_token_bitmask(1, self.grammars.words)
+            lt.fill_next_token_bitmask(m, self._bitmask, 0)
+            out = logits.clone()
+            lt.apply_token_bitmask_inplace(out[None], self._bitmask)  # rows past the tokenizer: -inf too
+            eos = self.grammars.tokenizer.eos_token
+            if eos is not None and eos < out.numel() and eos not in self.ending_ids:
+                out[eos] = float("-inf")  # the library's own end marker: ours are ending_ids
+        ending = [t for t in self.ending_ids if t < logits.numel()]
+        done = m.is_accepting() or m.is_stopped() or m.is_error()
+        if ending and (done or not torch.isfinite(out).any()):  # complete, or a dead end: the sequence may end
+            idx = torch.tensor(ending, device=logits.device)
+            out[idx] = logits[idx]
+        return out if torch.isfinite(out).any() else logits  # nothing at all allowed: better text than NaN

@@ -1,0 +1,93 @@
+"""Constrained decoding on a random-weight model (engine/constraint.py with llguidance): whatever the weights
+say, the output follows the grammar and a bounded schema ends in a bounded number of tokens; the grammar state is
+rebuilt exactly from the tokens generated so far (what crosses the hand-off and a resume); model rows past the
+tokenizer are never sampled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwenpd.engine.constraint import ConstraintError
+from qwenpd.engine.generate import generate
+from qwenpd.engine.sampling import Sampler, SamplingParams
+
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 30},
+                                           "hot": {"type": "boolean"}},
+          "required": ["city", "days", "hot"], "additionalProperties": False}
+
+
+def _spec(**kw) -> str:
+    return json.dumps(kw)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_bounded_schema_is_followed_and_finished(engine, temperature):
+    prompt = engine.tokenizer.encode("Weather please:")
+    for seed in range(4):
+        params = SamplingParams(temperature=temperature, seed=seed, max_tokens=60,
+                                structured_output=_spec(type="json_schema", schema=SCHEMA))
+        out = generate(engine, prompt, params)
+        assert out.finish_reason == "stop", out.text  # ended by EOS within 60 tokens
+        value = json.loads(out.text)
+        assert value["city"] in ("Paris", "Oslo", "Lima") and 1 <= value["days"] <= 30 and isinstance(value["hot"], bool)
+
+
+
+def test_lark_tool_call_and_regex(engine):
+    lark = ('start: "<tool_call>\\n<function=get_weather>\\n<parameter=city>\\n" /[A-Z][a-z]{1,8}/ '
+            '"\\n</parameter>\\n</function>\\n</tool_call>"')
+    prompt = engine.tokenizer.encode("Call a tool:")
+    out = generate(engine, prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=80,
+                                                  structured_output=_spec(type="lark", grammar=lark)))
+    assert out.finish_reason == "stop" and out.text.startswith("<tool_call>\n<function=get_weather>\n")
+    out = generate(engine, prompt, SamplingParams(temperature=1.0, seed=4, max_tokens=20,
+                                                  structured_output=_spec(type="regex", pattern="[0-9]{3}-[a-c]{2}")))
+    assert out.finish_reason == "stop" and len(out.text) == 6 and out.text[3] == "-"
+
+
+def test_free_text_until_after_then_the_grammar(engine):
+    """A thinking model: the reasoning is free, the answer after </think> is constrained."""
+    think = engine.tokenizer.encode("let me see</think>")
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=60,
+                            structured_output=_spec(type="json_schema", schema=SCHEMA, after="</think>"))
+    sampler = Sampler.resumed(params, 0, engine.eos_token_ids, (), engine.grammars)
+    assert not sampler.constraint.active
+    sampler.seen(think)  # the free part, as if generated
+    assert sampler.constraint.active
+    logits = torch.zeros(engine.config.vocab_size)
+    token, _ = sampler.sample(logits)
+    assert engine.tokenizer.decode([token]).startswith("{")
+
+
+def test_the_state_rebuilt_from_the_tokens_gives_the_same_masks(engine):
+    """Prefill samples the first token, decode the rest, a resume replays: each rebuilds the grammar state from
+    the tokens so far, and must allow exactly what the live one allows."""
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=60,
+                            structured_output=_spec(type="json_schema", schema=SCHEMA))
+    out = generate(engine, engine.tokenizer.encode("Again:"), params)
+    logits = torch.randn(engine.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    live = Sampler.resumed(params, 0, engine.eos_token_ids, (), engine.grammars)
+    for n, token in enumerate(out.token_ids[:-1]):
+        rebuilt = Sampler.resumed(params, n, engine.eos_token_ids, out.token_ids[:n], engine.grammars)
+        assert torch.equal(rebuilt.constraint.allowed(logits), live.constraint.allowed(logits)), f"after {n}"
+        live.seen((token,))
+
+
+def test_padding_rows_past_the_tokenizer_are_never_allowed(engine):
+    params = SamplingParams(temperature=1.0, seed=0, structured_output=_spec(type="json_object"))
+    sampler = Sampler.resumed(params, 0, engine.eos_token_ids, (), engine.grammars)
+    logits = torch.zeros(engine.config.vocab_size + 1000)
+    logits[-1000:] = 100.0  # padding rows the model loves
+    allowed = sampler.constraint.allowed(logits)
+    assert torch.isinf(allowed[engine.grammars.words:]).all()
+
+
+@pytest.mark.parametrize("spec", ['{"type": "json_schema"}', '{"type": "nope"}', "not json", '{"type": "regex", '
+                                  '"pattern": "(["}', '{"type": "lark", "grammar": "start: missing"}'])
+def test_bad_specs_are_refused_with_the_reason(engine, spec):
+    with pytest.raises(ConstraintError):
+        engine.grammars.check(spec)

@@ -44,3 +44,48 @@ def set_template_kwargs(chat: Any, kwargs: Mapping[str, Any]) -> None:
     others = {k: v for k, v in kwargs.items() if k != "enable_thinking"}
     if others:
         chat.template_kwargs_json = json.dumps(others)
+
+
+def response_format_spec(fmt: Any) -> str:
+    """OpenAI's response_format as SamplingParams.structured_output (engine/constraint.py): "" for text or none,
+    else a JSON spec. InvalidArgument names the bad part."""
+    if fmt is None or fmt == {"type": "text"}:
+        return ""
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind == "json_object":
+        return json.dumps({"type": "json_object"})
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema", {}) if isinstance(spec, Mapping) else None
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not isinstance(schema, Mapping):
+            raise InvalidArgument("response_format.json_schema", "needs a 'name' and a 'schema' object")
+        return json.dumps({"type": "json_schema", "schema": schema})
+    raise InvalidArgument("response_format.type", "must be 'text', 'json_object' or 'json_schema'")
+
+
+def tool_choice_spec(tools: list[dict[str, Any]], choice: Any, parallel: bool = True
+                     ) -> tuple[list[dict[str, Any]], str]:
+    """The tools to offer the model (none for tool_choice "none") and the structured_output that forces calls:
+    of any of them for "required", of the named one for {"type": "function", "function": {"name": ...}}, "" for
+    "auto" (the default: calls are parsed from free text). `tools` must be checked already."""
+    from qwenpd.clients.chat_output import tool_call_grammar
+
+    if choice in (None, "auto"):
+        return tools, ""
+    if choice == "none":
+        return [], ""
+    forced: list[dict[str, Any]] = []
+    if choice == "required":
+        if not tools:
+            raise InvalidArgument("tool_choice", "'required' needs tools")
+        forced = tools
+    elif isinstance(choice, Mapping):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        forced = [t for t in tools if t["function"]["name"] == name][:1]
+        if not forced:
+            raise InvalidArgument("tool_choice", 'names no function of the tools ({"type": "function", '
+                                  '"function": {"name": ...}})')
+    else:
+        raise InvalidArgument("tool_choice", "must be 'auto', 'none', 'required' or a named function")
+    return tools, json.dumps({"type": "lark", "grammar": tool_call_grammar(forced, parallel)})

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from qwenpd.clients.chat_output import ChatOutput
-from qwenpd.clients.chat_request import chat_message, set_template_kwargs
+from qwenpd.clients.chat_request import chat_message, response_format_spec, set_template_kwargs, tool_choice_spec
 from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, resumable, unary
 from qwenpd.clients.routing import BackendPool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
@@ -70,7 +70,9 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                           logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                           tools: Sequence[dict[str, Any]] | None = None,
-                          chat_template_kwargs: dict[str, Any] | None = None) -> prefill_pb2.PrefillRequest:
+                          chat_template_kwargs: dict[str, Any] | None = None, tool_choice: Any = None,
+                          parallel_tool_calls: bool = True, response_format: dict[str, Any] | None = None
+                          ) -> prefill_pb2.PrefillRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids, messages")
@@ -89,11 +91,17 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
         req.token_ids.ids.extend(token_ids)
     else:
         req.chat.messages.extend(chat_message(m, i) for i, m in enumerate(messages or ()))
-        if tools:
-            req.chat.tools_json = json.dumps(list(tools))
+        offered, forced = tool_choice_spec(list(tools or ()), tool_choice, parallel_tool_calls)
+        if offered:
+            req.chat.tools_json = json.dumps(offered)
         set_template_kwargs(req.chat, chat_template_kwargs or {})
-    if messages is None and (tools or chat_template_kwargs):
-        raise ValueError("tools and chat_template_kwargs need a chat prompt (messages)")
+        req.sampling.structured_output = forced
+    if messages is None and (tools or chat_template_kwargs or tool_choice is not None):
+        raise ValueError("tools, tool_choice and chat_template_kwargs need a chat prompt (messages)")
+    fmt = response_format_spec(response_format)
+    if fmt and req.sampling.structured_output:
+        raise ValueError("response_format cannot be combined with tool_choice 'required' or a named function")
+    req.sampling.structured_output = fmt or req.sampling.structured_output
     if cache_salt is not None:
         req.cache_salt = cache_salt
     return resumable(req)
@@ -141,20 +149,26 @@ class AsyncClient:
                        min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                        presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                        tools: Sequence[dict[str, Any]] | None = None,
-                       chat_template_kwargs: dict[str, Any] | None = None) -> Result:
+                       chat_template_kwargs: dict[str, Any] | None = None,
+                       tool_choice: Any = None, parallel_tool_calls: bool = True,
+                       response_format: dict[str, Any] | None = None) -> Result:
         """Prefill then decode to the end. Give exactly one of prompt (text), token_ids, messages (chat, rendered
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
         likely; logit_bias adds to token ids' logits; min_tokens holds EOS and stop ids back; presence_penalty and
         frequency_penalty are OpenAI's. Chat prompts (messages, OpenAI-style: assistant tool_calls and tool results
-        included) may offer `tools` and pass `chat_template_kwargs`; their Result has the text parsed into content,
-        reasoning and tool_calls. `timeout` bounds each of the two calls (default: the client's)."""
+        included) may offer `tools` (with OpenAI's `tool_choice`: "required" or a named function constrains the
+        answer to calls, `parallel_tool_calls`) and pass `chat_template_kwargs`; their Result has the text parsed
+        into content, reasoning and tool_calls. `response_format` as OpenAI's (json_object, json_schema) constrains
+        the output to JSON. `timeout` bounds each of the two calls (default: the client's)."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                        tools=tools, chat_template_kwargs=chat_template_kwargs)
+                                        tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                        tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                                        response_format=response_format)
         trace = Trace()
         ids: list[int] = []
         logprobs: list[float] = []
@@ -185,7 +199,9 @@ class AsyncClient:
                      min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                      tools: Sequence[dict[str, Any]] | None = None,
-                     chat_template_kwargs: dict[str, Any] | None = None) -> AsyncIterator[Chunk]:
+                     chat_template_kwargs: dict[str, Any] | None = None,
+                     tool_choice: Any = None, parallel_tool_calls: bool = True,
+                     response_format: dict[str, Any] | None = None) -> AsyncIterator[Chunk]:
         """Prefill then yield Decode's chunks as they arrive (the first holds the first token); options as for
         `generate` (the raw text: parse a chat's with clients.chat_output.ChatOutput). Leaving the loop early cancels
         the decode call, which frees its batch slot."""
@@ -194,7 +210,9 @@ class AsyncClient:
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                        tools=tools, chat_template_kwargs=chat_template_kwargs)
+                                        tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                        tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                                        response_format=response_format)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):
             yield chunk
 

@@ -25,9 +25,9 @@ from typing import Any
 from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdError, ResourceExhausted,
                            Unauthenticated, Unavailable)
 from qwenpd.clients.chat_output import ChatOutput
-from qwenpd.clients.chat_request import chat_message, set_template_kwargs
+from qwenpd.clients.chat_request import (chat_message, response_format_spec, set_template_kwargs,
+                                         tool_choice_spec)
 from qwenpd.clients.chat_output import collect as collect_output
-from qwenpd.clients.chat_output import tool_call_grammar
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
@@ -175,23 +175,12 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
 
 
 def _response_format(body: dict) -> str:
-    """OpenAI's response_format as a structured_output spec (engine/constraint.py); "" for text or none. The
-    prefill service checks the schema with the grammar library (400 naming sampling.structured_output)."""
-    fmt = _get(body, "response_format", (dict,))
-    if fmt is None or fmt == {"type": "text"}:
-        return ""
-    kind = fmt.get("type")
-    if kind == "json_object":
-        return json.dumps({"type": "json_object"})
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, dict):
-            raise ApiError(400, "'response_format.json_schema' needs a 'name' and a 'schema' object",
-                           param="response_format.json_schema")
-        return json.dumps({"type": "json_schema", "schema": schema})
-    raise ApiError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
-                   param="response_format.type")
+    """OpenAI's response_format as a structured_output spec; the prefill service checks the schema with the grammar
+    library (400 naming sampling.structured_output)."""
+    try:
+        return response_format_spec(_get(body, "response_format", (dict,)))
+    except InvalidArgument as exc:
+        raise ApiError(400, f"'{exc.field}' {exc.description}", param=exc.field) from None
 
 
 def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int, bool, bool]:
@@ -306,8 +295,7 @@ def parse_chat(body: Any, header_salt: str | None = None,
         if sampling.structured_output:
             raise ApiError(400, "'response_format' cannot be combined with tool_choice 'required' or a named function",
                            param="response_format")
-        sampling.structured_output = json.dumps({"type": "lark",
-                                                 "grammar": tool_call_grammar(forced, parallel)})
+        sampling.structured_output = forced
     kwargs = {**(default_template_kwargs or {}), **_get(body, "chat_template_kwargs", (dict,), {})}
     if not isinstance(kwargs.get("enable_thinking", False), bool):
         raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean",
@@ -321,10 +309,10 @@ def parse_chat(body: Any, header_salt: str | None = None,
                   top_logprobs=top)
 
 
-def _tools(body: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _tools(body: dict) -> tuple[list[dict[str, Any]], str]:
     """The tools a chat request offers the model, checked (none when tool_choice is "none": the model is not told
-    of them), and those its answer is constrained to call: all of them for tool_choice "required", the named one
-    for a named function, none otherwise."""
+    of them), and the structured_output that constrains its answer to calls of them (tool_choice "required" or a
+    named function; "" otherwise)."""
     tools = _get(body, "tools", (list,), [])
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -334,24 +322,10 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                            param=f"tools[{i}]")
         if not isinstance(function.get("parameters", {}), dict):
             raise ApiError(400, "a tool's 'parameters' must be a JSON schema object", param=f"tools[{i}].function")
-    choice = body.get("tool_choice")
-    if choice in (None, "auto"):
-        return tools, []
-    if choice == "none":
-        return [], []
-    if choice == "required":
-        if not tools:
-            raise ApiError(400, "tool_choice 'required' needs 'tools'", param="tool_choice")
-        return tools, tools
-    if isinstance(choice, dict):
-        function = choice.get("function") if choice.get("type") == "function" else None
-        name = function.get("name") if isinstance(function, dict) else None
-        named = [t for t in tools if t["function"]["name"] == name]
-        if not named:
-            raise ApiError(400, "tool_choice names no function of 'tools' ({\"type\": \"function\", \"function\": "
-                           "{\"name\": ...}})", param="tool_choice")
-        return tools, named[:1]
-    raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or a named function", param="tool_choice")
+    try:
+        return tool_choice_spec(tools, body.get("tool_choice"), _get(body, "parallel_tool_calls", (bool,), True))
+    except InvalidArgument as exc:
+        raise ApiError(400, f"'{exc.field}' {exc.description}", param=exc.field) from None
 
 
 def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:

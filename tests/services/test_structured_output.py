@@ -116,3 +116,20 @@ def test_the_grammar_state_crosses_a_resume_exactly(services):
         for k in range(1, len(ref) - 1, 4):
             again = prefill.Prefill(resume_request(request, prompt + ref[:k], k), timeout=60)
             assert decode_all(decode, again.checkpoint_id) == ref[k:], f"resumed after {k}"
+
+
+def test_the_python_client_constrains_and_parses(client):
+    """Client.generate with tool_choice / response_format (issue 24, item 6): calls parsed, JSON content."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.generate(messages=messages, tools=TOOLS, tool_choice={"type": "function",
+                                                                     "function": {"name": "get_time"}},
+                        parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=2,
+                        chat_template_kwargs={"enable_thinking": False})
+    assert [c["function"]["name"] for c in r.tool_calls] == ["get_time"], r.text
+    assert r.finish_reason == "tool_calls"
+    r = client.generate(messages=messages, max_tokens=80, temperature=1.0, seed=2,
+                        chat_template_kwargs={"enable_thinking": False},
+                        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}})
+    assert json.loads(r.content)["city"] in ("Paris", "Oslo", "Lima")
+    with pytest.raises(ValueError):
+        client.generate("text prompt", tool_choice="required")

@@ -264,7 +264,8 @@ class DecodeRunner:
         fed = [seq.next_token for seq in seqs]
         logits = self.batch.step(fed)  # [B, V] fp32
         greedy = [seq.sampler.params.plain_greedy and not seq.replay for seq in seqs]
-        ids, logprobs = greedy_batch(logits) if any(greedy) else ([], [])
+        words = None if self.engine is None or self.engine.grammars is None else self.engine.grammars.words
+        ids, logprobs = greedy_batch(logits, words) if any(greedy) else ([], [])
         outputs = []
         replayed = 0
         for row, seq in enumerate(seqs):

@@ -120,7 +120,7 @@ class Engine:
     @functools.cached_property
     def grammars(self) -> Grammars | None:
         """Constrained decoding's factory over this model's tokenizer (None without a tokenizer); built on first
-        use."""
+        use (warm_up). Its `words`: the tokenizer's size, past which embedding rows are padding, never sampled."""
         if self.tokenizer is None:
             return None
         return Grammars(self.tokenizer.to_json(), self.config.vocab_size, self.tokenizer.eos_token_id)
@@ -133,7 +133,9 @@ class Engine:
     def warm_up(self) -> None:
         """Do a first request's one-time work now: a short prefill and two decode steps on a scratch sequence,
         released after. The first call of a qwenpd:: custom op makes torch import torch._dynamo (~1 s), and oneDNN
-        creates its kernels on first use; without this the first request's time to first token pays for both."""
+        creates its kernels on first use; without this the first request's time to first token pays for both. The
+        grammar library's view of the tokenizer (every request's sampler reads its size) is built here too."""
+        _ = self.grammars
         _, state = self.prefill(list(range(1, min(5, self.config.vocab_size))))
         batch = DecodeBatch(self, max_batch=1)
         batch.add(state)

@@ -104,6 +104,7 @@ class Sampler:
     counts: dict[int, int] = field(default_factory=dict)  # tokens generated so far (penalties)
     last_top: list[tuple[int, float]] = field(default_factory=list)  # the last position's candidates
     constraint: Constraint | None = None  # the grammar's state (params.structured_output)
+    vocab: int | None = None  # tokens the tokenizer has: rows past it (embedding padding) are never sampled
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -121,7 +122,7 @@ class Sampler:
             if grammars is None:
                 raise ConstraintError("this model has no tokenizer to constrain its output with")
             constraint = grammars.make(params.structured_output, frozenset(ending_ids) | set(params.stop_token_ids))
-        s = cls(params, ending_ids, constraint=constraint)
+        s = cls(params, ending_ids, constraint=constraint, vocab=None if grammars is None else grammars.words)
         s.seen(generated)
         for _ in range(draws):
             s._uniform()
@@ -146,6 +147,9 @@ class Sampler:
         if self.params.top_logprobs:
             top = torch.topk(logprobs, min(self.params.top_logprobs, logprobs.numel()))
             self.last_top = list(zip(top.indices.tolist(), top.values.tolist()))
+        if self.vocab is not None and self.vocab < logits.numel():  # padding rows: never a token
+            logits = logits.index_fill(0, torch.arange(self.vocab, logits.numel(), device=logits.device),
+                                       float("-inf"))
         if self.params.logit_bias:
             logits = _biased(logits, self.params.logit_bias)
         if self.params.penalized and self.counts:
@@ -203,8 +207,9 @@ def _biased(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.
     return logits.index_add(0, ids, values)
 
 
-def greedy_batch(logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Argmax for a whole batch at once: logits [B, V] -> ids, logprobs."""
+def greedy_batch(logits: torch.Tensor, vocab: int | None = None) -> tuple[list[int], list[float]]:
+    """Argmax for a whole batch at once: logits [B, V] -> ids, logprobs; rows from `vocab` on (embedding padding
+    past the tokenizer) are never chosen."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.argmax(logits, dim=-1)
+    ids = torch.argmax(logits if vocab is None or vocab >= logits.shape[-1] else logits[:, :vocab], dim=-1)
     return ids.tolist(), logprobs.gather(1, ids[:, None])[:, 0].tolist()

@@ -91,3 +91,17 @@ def test_padding_rows_past_the_tokenizer_are_never_allowed(engine):
 def test_bad_specs_are_refused_with_the_reason(engine, spec):
     with pytest.raises(ConstraintError):
         engine.grammars.check(spec)
+
+
+def test_padding_rows_are_never_sampled_unconstrained_either(engine):
+    """A real checkpoint pads its embedding past the tokenizer (Qwen3.6: 248,320 rows); those rows are no token."""
+    from qwenpd.engine.sampling import greedy_batch
+
+    words = engine.grammars.words
+    logits = torch.zeros(words + 64)
+    logits[words:] = 50.0
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1)):
+        sampler = Sampler.resumed(params, 0, engine.eos_token_ids, (), engine.grammars)
+        assert all(sampler.sample(logits)[0] < words for _ in range(20))
+    ids, _ = greedy_batch(torch.stack([logits, logits]), words)
+    assert ids == [int(torch.argmax(logits[:words]))] * 2

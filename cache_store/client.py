@@ -235,6 +235,13 @@ class AsyncCacheStoreClient:
                 await self.release(lease.lease_id)
             raise
 
+    async def pin(self, checkpoint_id: str, expected_fingerprint: str, *, ttl_s: float | None = None
+                  ) -> tuple[str, float]:
+        """Lease a checkpoint without reading it, so the store cannot evict it; returns the lease id and its
+        seconds to live (release it with `release`). NotFound if it is gone."""
+        lease = await self._call("AcquireLease", _acquire_request(checkpoint_id, expected_fingerprint, ttl_s))
+        return lease.lease_id, lease.ttl_ns / 1e9
+
     async def release(self, lease: LeasedCheckpoint | str, *, delete: bool = False) -> None:
         """End a lease (NotFound if it already expired); with delete, also drop the checkpoint."""
         await self._call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=_lease_id(lease), delete_checkpoint=delete))

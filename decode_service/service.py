@@ -12,8 +12,10 @@ Resume points: the hand-off checkpoint is not deleted when its state is loaded b
 stream lives, and announced to the client (DecodeChunk.resume_point), so that if this service dies the stream
 resumes from the exact state it started from (decode_service/runner.py replays the tokens after it). With
 --decode-checkpoint-every N the stepping thread copies a sequence's state out every N tokens; it is stored here,
-announced, and replaces the previous resume point (deleted). The stream's last resume point is deleted when it
-ends; those of a service that died are unpinned and go with the store's LRU eviction.
+announced, and replaces the previous resume point (deleted). While the stream lives, its resume point is leased
+(renewed every third of the store's lease TTL), so store pressure cannot evict it; the stream's last resume point
+is deleted when it ends. Those of a service that died stay leased for at most one TTL (the time a client has to
+resume exactly), then go with the store's LRU eviction.
 """
 
 from __future__ import annotations
@@ -85,10 +87,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     self._spawn(self._store_resume_point(seq, tensors, out.record))
             seq.sink.put_nowait(out)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Future:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _store_resume_point(self, seq: DecodeSequence, tensors: dict, record) -> None:
         """Store a decode-side checkpoint; announce it and drop the previous resume point, unless the stream ended
@@ -114,6 +117,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if previous:
             await _delete_quietly(self.store, previous)
 
+    async def _pin_resume_point(self, seq: DecodeSequence) -> None:
+        """Keep the stream's current resume point leased until the stream ends (a new one is leased before the
+        old one's lease is released)."""
+        assert self.engine is not None
+        lease, pinned, renew_at = "", "", 0.0
+        try:
+            while not seq.ended and seq.resume_id:
+                if seq.resume_id != pinned or time.monotonic() >= renew_at:
+                    target = seq.resume_id
+                    try:
+                        new, ttl = await self.store.pin(target, self.engine.fingerprint)
+                    except QwenpdError as exc:  # gone (deleted, evicted before the pin): nothing to keep
+                        log.info("resume point %s of %s not pinned: %s", target, seq.request_id, exc.message)
+                        return
+                    if lease:
+                        await _release(self.store, lease)
+                    lease, pinned, renew_at = new, target, time.monotonic() + ttl / 3
+                await asyncio.sleep(min(1.0, max(0.0, renew_at - time.monotonic())))
+        finally:
+            if lease:
+                await _release(self.store, lease)
+
     def _release_later(self, lease_id: str) -> Callable[[], None]:
         """A callable (any thread) that releases the lease; the checkpoint stays as the stream's resume point."""
         return lambda: self._loop.call_soon_threadsafe(self._spawn, _release(self.store, lease_id))
@@ -136,6 +161,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 return
             self.runner.submit(seq)
             submitted = True
+            seq.pin = self._spawn(self._pin_resume_point(seq))
             while True:
                 outs = [await seq.sink.get()]
                 while not seq.sink.empty():
@@ -154,6 +180,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if submitted and seq.finish_reason is None:  # cancelled, deadline, or failed: free the slot now
                 self.runner.cancel(seq)
             seq.ended = True
+            if seq.pin is not None:
+                seq.pin.cancel()  # its lease on the resume point goes now (in its finally)
             seq.guard.abandon()  # releases now unless the stepping thread has (or had) the bytes
             if seq.resume_id:  # the stream is over: nobody resumes it (freed once no lease holds it)
                 self._spawn(_delete_quietly(self.store, seq.resume_id))

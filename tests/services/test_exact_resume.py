@@ -199,3 +199,28 @@ def test_resume_over_the_protos_continues_exactly_from_a_resume_point_or_by_reco
         with pytest.raises(grpc.RpcError) as err:
             prefill.Prefill(prefill_pb2.PrefillRequest(text="x", resume_checkpoint_id="abc"), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resume_checkpoint_id" in err.value.details()
+
+
+def test_a_live_streams_resume_point_is_leased_and_freed_at_its_end(services, store):
+    """Store pressure cannot evict a live stream's resume point (decode holds a lease on it); when the stream
+    ends, the lease and the checkpoint go."""
+    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+    import time
+
+    before = store.stats()
+    with grpc.insecure_channel(services.prefill) as pch, grpc.insecure_channel(services.decode) as dch:
+        pre = prefill_pb2_grpc.PrefillServiceStub(pch).Prefill(prefill_pb2.PrefillRequest(
+            text="pinned", sampling=common_pb2.SamplingParams(max_tokens=400, ignore_eos=True)), timeout=60)
+        live = decode_pb2_grpc.DecodeServiceStub(dch).Decode(decode_pb2.DecodeRequest(
+            checkpoint_id=pre.checkpoint_id), timeout=60)
+        assert next(live).resume_point.checkpoint_id == pre.checkpoint_id
+        deadline = time.monotonic() + 5
+        while store.stats().leases <= before.leases:
+            assert time.monotonic() < deadline, "the resume point was not leased"
+            time.sleep(0.02)
+        list(live)  # to the end
+    deadline = time.monotonic() + 5
+    while (s := store.stats()).leases != before.leases or s.entries > before.entries:
+        assert time.monotonic() < deadline, f"left behind: {s.leases} leases, {s.entries} entries"
+        time.sleep(0.02)

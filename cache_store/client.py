@@ -358,6 +358,10 @@ class CacheStoreClient:
         return self._run(lambda: self._async.get_checkpoint(checkpoint_id, expected_fingerprint, expected_shapes,
                                                             expected_dtypes, ttl_s=ttl_s))
 
+    def pin(self, checkpoint_id: str, expected_fingerprint: str, *, ttl_s: float | None = None
+            ) -> tuple[str, float]:
+        return self._run(lambda: self._async.pin(checkpoint_id, expected_fingerprint, ttl_s=ttl_s))
+
     def release(self, lease: LeasedCheckpoint | str, *, delete: bool = False) -> None:
         self._run(lambda: self._async.release(lease, delete=delete))
 

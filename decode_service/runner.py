@@ -120,7 +120,7 @@ class DecodeSequence:
     resume_id: str = ""  # the checkpoint it can be resumed from (the service's bookkeeping)
     writing: bool = False  # a checkpoint of it is being stored
     ended: bool = False  # its request left: nothing more to store
-    pin: Any = None  # the service's task keeping its resume point leased; opaque here
+    pin: Any = None  # the service's signal to end its resume point's lease; opaque here
 
     def push(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""

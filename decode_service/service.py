@@ -87,11 +87,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     self._spawn(self._store_resume_point(seq, tensors, out.record))
             seq.sink.put_nowait(out)
 
-    def _spawn(self, coro) -> asyncio.Future:
+    def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return task
 
     async def _store_resume_point(self, seq: DecodeSequence, tensors: dict, record) -> None:
         """Store a decode-side checkpoint; announce it and drop the previous resume point, unless the stream ended
@@ -117,7 +116,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if previous:
             await _delete_quietly(self.store, previous)
 
-    async def _pin_resume_point(self, seq: DecodeSequence) -> None:
+    async def _pin_resume_point(self, seq: DecodeSequence, ended: asyncio.Event) -> None:
         """Keep the stream's current resume point leased until the stream ends (a new one is leased before the
         old one's lease is released)."""
         assert self.engine is not None
@@ -134,7 +133,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     if lease:
                         await _release(self.store, lease)
                     lease, pinned, renew_at = new, target, time.monotonic() + ttl / 3
-                await asyncio.sleep(min(1.0, max(0.0, renew_at - time.monotonic())))
+                try:
+                    await asyncio.wait_for(ended.wait(), min(1.0, max(0.0, renew_at - time.monotonic())))
+                except asyncio.TimeoutError:
+                    pass
         finally:
             if lease:
                 await _release(self.store, lease)
@@ -161,7 +163,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 return
             self.runner.submit(seq)
             submitted = True
-            seq.pin = self._spawn(self._pin_resume_point(seq))
+            seq.pin = asyncio.Event()  # set when the stream ends: the pin's lease goes then
+            self._spawn(self._pin_resume_point(seq, seq.pin))
             while True:
                 outs = [await seq.sink.get()]
                 while not seq.sink.empty():
@@ -181,7 +184,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 self.runner.cancel(seq)
             seq.ended = True
             if seq.pin is not None:
-                seq.pin.cancel()  # its lease on the resume point goes now (in its finally)
+                seq.pin.set()  # its lease on the resume point goes now (not a cancel: a lease being granted would leak)
             seq.guard.abandon()  # releases now unless the stepping thread has (or had) the bytes
             if seq.resume_id:  # the stream is over: nobody resumes it (freed once no lease holds it)
                 self._spawn(_delete_quietly(self.store, seq.resume_id))

@@ -169,8 +169,9 @@ def test_metrics_move_after_requests(limited, lclient):
     assert moved(decode, "decode", "qwenpd_handoff_read_seconds_count") == 1
     assert moved(decode, "decode", "qwenpd_decode_batch_size_count") == 3  # 4 tokens: the first came from prefill
     assert decode["qwenpd_decode_active_sequences"] == 0 and "qwenpd_decode_queue_depth" in decode
-    assert moved(cache, "cache", ok.format("AcquireLease", "cache_store")) == 1
-    assert moved(cache, "cache", "qwenpd_cache_acquire_hits_total") == 1
+    # the hand-off read, and (if the stream lasted long enough to take it) the lease on its resume point
+    assert moved(cache, "cache", ok.format("AcquireLease", "cache_store")) in (1, 2)
+    assert moved(cache, "cache", "qwenpd_cache_acquire_hits_total") in (1, 2)  # as AcquireLease above
     assert cache["qwenpd_cache_entries"] >= 0 and "qwenpd_cache_used_bytes" in cache
     assert "qwenpd_cache_prefix_hits_total" in cache
 

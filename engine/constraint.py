@@ -83,22 +83,23 @@ class Grammars:
         self.words = self.tokenizer.vocab_size  # tokens the tokenizer has; model rows past it are padding
 
     def check(self, structured_output: str) -> None:
-        """ConstraintError unless `structured_output` is a spec llguidance accepts."""
-        self.make(structured_output, frozenset())
+        """ConstraintError (saying why) unless `structured_output` is a spec llguidance accepts; builds no
+        matcher (the sampler does, on the worker)."""
+        import llguidance
+
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar_of(parse_spec(structured_output)), self.tokenizer)
+        if is_error:
+            raise ConstraintError("; ".join(m.strip() for m in messages) or "the grammar is not valid")
 
     def make(self, structured_output: str, ending_ids: frozenset[int]) -> "Constraint":
         import llguidance
 
         spec = parse_spec(structured_output)
-        grammar = grammar_of(spec)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-        if is_error:
-            raise ConstraintError("; ".join(m.strip() for m in messages) or "the grammar is not valid")
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar_of(spec))
         if matcher.is_error():
             raise ConstraintError(matcher.get_error())
-        after = spec.get("after")
-        return Constraint(self, matcher, ending_ids, after)
+        return Constraint(self, matcher, ending_ids, spec.get("after"))
 
 
 @dataclass(eq=False)

@@ -287,10 +287,10 @@ def parse_chat(body: Any, header_salt: str | None = None,
             raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
         chat.messages.append(_message(m, role, i))
-    tools, forced = _tools(body)
+    parallel = _get(body, "parallel_tool_calls", (bool,), True)
+    tools, forced = _tools(body, parallel)
     if tools:
         chat.tools_json = json.dumps(tools)
-    parallel = _get(body, "parallel_tool_calls", (bool,), True)
     if forced:
         if sampling.structured_output:
             raise ApiError(400, "'response_format' cannot be combined with tool_choice 'required' or a named function",
@@ -309,7 +309,7 @@ def parse_chat(body: Any, header_salt: str | None = None,
                   top_logprobs=top)
 
 
-def _tools(body: dict) -> tuple[list[dict[str, Any]], str]:
+def _tools(body: dict, parallel: bool) -> tuple[list[dict[str, Any]], str]:
     """The tools a chat request offers the model, checked (none when tool_choice is "none": the model is not told
     of them), and the structured_output that constrains its answer to calls of them (tool_choice "required" or a
     named function; "" otherwise)."""
@@ -323,7 +323,7 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]], str]:
         if not isinstance(function.get("parameters", {}), dict):
             raise ApiError(400, "a tool's 'parameters' must be a JSON schema object", param=f"tools[{i}].function")
     try:
-        return tool_choice_spec(tools, body.get("tool_choice"), _get(body, "parallel_tool_calls", (bool,), True))
+        return tool_choice_spec(tools, body.get("tool_choice"), parallel)
     except InvalidArgument as exc:
         raise ApiError(400, f"'{exc.field}' {exc.description}", param=exc.field) from None
 

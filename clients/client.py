@@ -69,7 +69,7 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                           ignore_eos: bool, cache_salt: str | None, request_id: str, min_p: float = 0.0,
                           logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                          tools: Sequence[dict[str, Any]] | None = None,
+                          repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                           chat_template_kwargs: dict[str, Any] | None = None, tool_choice: Any = None,
                           parallel_tool_calls: bool = True, response_format: dict[str, Any] | None = None
                           ) -> prefill_pb2.PrefillRequest:
@@ -81,6 +81,8 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                                          stop_token_ids=list(stop_token_ids or ()), min_p=min_p,
                                          logit_bias=dict(logit_bias or {}), min_tokens=min_tokens,
                                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    if repetition_penalty != 1.0:
+        sampling.repetition_penalty = repetition_penalty
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("max_tokens", max_tokens)):
         if value is not None:
             setattr(sampling, name, value)
@@ -148,7 +150,7 @@ class AsyncClient:
                        cache_salt: str | None = None, request_id: str = "", timeout: float | None = None,
                        min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                        presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                       tools: Sequence[dict[str, Any]] | None = None,
+                       repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                        chat_template_kwargs: dict[str, Any] | None = None,
                        tool_choice: Any = None, parallel_tool_calls: bool = True,
                        response_format: dict[str, Any] | None = None) -> Result:
@@ -156,7 +158,7 @@ class AsyncClient:
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
         likely; logit_bias adds to token ids' logits; min_tokens holds EOS and stop ids back; presence_penalty and
-        frequency_penalty are OpenAI's. Chat prompts (messages, OpenAI-style: assistant tool_calls and tool results
+        frequency_penalty are OpenAI's, repetition_penalty transformers'/vLLM's. Chat prompts (messages, OpenAI-style: assistant tool_calls and tool results
         included) may offer `tools` (with OpenAI's `tool_choice`: "required" or a named function constrains the
         answer to calls, `parallel_tool_calls`) and pass `chat_template_kwargs`; their Result has the text parsed
         into content, reasoning and tool_calls. `response_format` as OpenAI's (json_object, json_schema) constrains
@@ -166,7 +168,7 @@ class AsyncClient:
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                        tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                        repetition_penalty=repetition_penalty, tools=tools, chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                                         response_format=response_format)
         trace = Trace()
@@ -198,7 +200,7 @@ class AsyncClient:
                      cache_salt: str | None = None, request_id: str = "", timeout: float | None = None,
                      min_p: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     tools: Sequence[dict[str, Any]] | None = None,
+                     repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                      chat_template_kwargs: dict[str, Any] | None = None,
                      tool_choice: Any = None, parallel_tool_calls: bool = True,
                      response_format: dict[str, Any] | None = None) -> AsyncIterator[Chunk]:
@@ -210,7 +212,7 @@ class AsyncClient:
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                        tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                        repetition_penalty=repetition_penalty, tools=tools, chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                                         response_format=response_format)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):

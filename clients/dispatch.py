@@ -39,8 +39,10 @@ class Chunk:
     text: str
     logprobs: list[float]
     finish_reason: str | None = None
-    # with top_logprobs: each token's candidates, most likely first: (id, log-probability, the token's text)
-    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)
+    # with top_logprobs: each token's candidates, most likely first: (id, log-probability, the token's own text,
+    # its own bytes)
+    top_logprobs: list[list[tuple[int, float, str, bytes]]] = field(default_factory=list)
+    token_bytes: list[bytes] = field(default_factory=list)  # with SamplingParams.token_bytes: each token's own
 
 
 @dataclass(slots=True)
@@ -181,7 +183,8 @@ class Dispatcher:
                             continue  # only where to resume from: nothing for the caller
                     chunk = Chunk(list(pb.token_ids), pb.text, list(pb.logprobs),
                                   FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None,
-                                  [[(c.id, c.logprob, c.text) for c in t.candidates] for t in pb.top_logprobs])
+                                  [[(c.id, c.logprob, c.text, c.bytes) for c in t.candidates]
+                                   for t in pb.top_logprobs], list(pb.token_bytes))
                     trace.received(len(chunk.token_ids))
                     if chunk.finish_reason is not None:
                         trace.usage = pb.usage

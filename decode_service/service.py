@@ -227,7 +227,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv_tokens - num_tokens, ckpt.locations),
             guard=guard, kv_tokens=kv_tokens,
             sampler=Sampler.resumed(params, handoff.sampler_draws, e.eos_token_ids,
-                                    generated if params.history else (), e.grammars),
+                                    generated if params.history else (), e.grammars, prompt=handoff.prompt_seen),
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens,
@@ -252,12 +252,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         resumes = [o.resume for o in outs if o.resume is not None]
         if resumes:
             chunk.resume_point.checkpoint_id, chunk.resume_point.num_tokens = resumes[-1]
+        tok = self.engine.tokenizer if self.engine is not None else None
         if seq.sampler.params.top_logprobs:
-            tok = self.engine.tokenizer if self.engine is not None else None
             chunk.top_logprobs.extend(
-                common_pb2.TopLogprobs(candidates=[common_pb2.TopLogprob(id=i, logprob=lp, text=t)
-                                                   for i, lp, t in candidates(tok, top)])
+                common_pb2.TopLogprobs(candidates=[common_pb2.TopLogprob(id=i, logprob=lp, text=t, bytes=b)
+                                                   for i, lp, t, b in candidates(tok, top)])
                 for o in outs for top in o.top)
+        if seq.sampler.params.token_bytes and tok is not None:
+            chunk.token_bytes.extend(tok.token_bytes(t) for t in chunk.token_ids)
         self.metrics.tokens.inc(len(chunk.token_ids))
         reason = outs[-1].finish_reason
         if reason is not None:

@@ -25,7 +25,7 @@ class GenerationResult:
 def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_size: int = 512,
              on_text: Callable[[str], None] | None = None) -> GenerationResult:
     """Prefill, sample the first token from the last logits, then decode one token per step until finished."""
-    sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars)
+    sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt_ids)
     tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
     t0 = time.perf_counter()
     logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size)

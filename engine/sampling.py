@@ -36,6 +36,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # times how often it was generated
     top_logprobs: int = 0  # report this many most likely tokens at each position (Sampler.last_top)
     structured_output: str = ""  # a grammar the output must follow (engine/constraint.py); "" = none
+    repetition_penalty: float = 1.0  # vLLM's/transformers': tokens of the prompt or output so far, logit/p if > 0
+    token_bytes: bool = False  # report each token's own bytes (a reporting option: sampling does not read it)
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation
@@ -57,6 +59,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not math.isfinite(value) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.min_tokens < 0:
@@ -77,7 +81,7 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
     @property
     def history(self) -> bool:
@@ -105,6 +109,7 @@ class Sampler:
     last_top: list[tuple[int, float]] = field(default_factory=list)  # the last position's candidates
     constraint: Constraint | None = None  # the grammar's state (params.structured_output)
     vocab: int | None = None  # tokens the tokenizer has: rows past it (embedding padding) are never sampled
+    prompt_seen: frozenset[int] = frozenset()  # repetition_penalty: the prompt's distinct ids
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -113,16 +118,19 @@ class Sampler:
 
     @classmethod
     def resumed(cls, params: SamplingParams, draws: int, ending_ids: frozenset[int] = frozenset(),
-                generated: Sequence[int] = (), grammars: Grammars | None = None) -> "Sampler":
+                generated: Sequence[int] = (), grammars: Grammars | None = None,
+                prompt: Sequence[int] = ()) -> "Sampler":
         """The sampler of a sequence that has made `draws` tokens already, `generated` among them (all of them
         where params.history). `grammars` builds the constraint of params.structured_output (ConstraintError if
-        the library refuses it; ValueError if there is none to build it with)."""
+        the library refuses it; ValueError if there is none to build it with). `prompt`: its ids (or only the
+        distinct ones), which repetition_penalty penalizes too."""
         constraint = None
         if params.structured_output:
             if grammars is None:
                 raise ConstraintError("this model has no tokenizer to constrain its output with")
             constraint = grammars.make(params.structured_output, frozenset(ending_ids) | set(params.stop_token_ids))
-        s = cls(params, ending_ids, constraint=constraint, vocab=None if grammars is None else grammars.words)
+        s = cls(params, ending_ids, constraint=constraint, vocab=None if grammars is None else grammars.words,
+                prompt_seen=frozenset(prompt) if params.repetition_penalty != 1.0 else frozenset())
         s.seen(generated)
         for _ in range(draws):
             s._uniform()
@@ -152,7 +160,9 @@ class Sampler:
                                        float("-inf"))
         if self.params.logit_bias:
             logits = _biased(logits, self.params.logit_bias)
-        if self.params.penalized and self.counts:
+        if self.params.repetition_penalty != 1.0 and (self.counts or self.prompt_seen):
+            logits = _repeated(logits, self.prompt_seen.union(self.counts), self.params.repetition_penalty)
+        if (self.params.presence_penalty or self.params.frequency_penalty) and self.counts:
             logits = _penalized(logits, self.counts, self.params)
         if self.draws < self.params.min_tokens:  # draws = tokens this sequence has made so far
             held = [t for t in (*self.ending_ids, *self.params.stop_token_ids) if t < logits.numel()]
@@ -199,6 +209,14 @@ def _penalized(logits: torch.Tensor, counts: dict[int, int], p: SamplingParams) 
     ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
     n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
     return logits.index_add(0, ids, -(p.presence_penalty + p.frequency_penalty * n))
+
+
+def _repeated(logits: torch.Tensor, seen: frozenset[int], penalty: float) -> torch.Tensor:
+    """transformers' and vLLM's repetition penalty: the logit of every token seen in the prompt or the output so
+    far is divided by `penalty` where positive and multiplied by it where negative."""
+    ids = torch.tensor(sorted(t for t in seen if t < logits.numel()), dtype=torch.long, device=logits.device)
+    got = logits.index_select(0, ids)
+    return logits.index_copy(0, ids, torch.where(got > 0, got / penalty, got * penalty))
 
 
 def _biased(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:

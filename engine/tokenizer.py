@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from qwenpd.tokens import token_text
 
 
 # Bounds of Tokenizer.encode_at_most: a normalizer can shorten a text (NFC composes characters); a piece boundary
@@ -64,6 +67,35 @@ class Tokenizer:
         # The most characters one token stands for (byte-level BPE: one per byte of its piece): a text of n
         # characters has at least n / (that x NORMALIZE_SLACK) tokens, whatever it says.
         self.max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        self._byte_level = _uses_byte_level(json.loads(self._tok.to_str()))
+        self._added = {i for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._bytes: dict[int, bytes] = {}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes this token stands for on its own (OpenAI's logprobs `bytes`): a byte-level BPE token maps
+        its piece back through the byte alphabet (so a token holding part of a character gives that part, not a
+        replacement character), a byte-fallback token `<0xNN>` its byte, an added token its text, anything else
+        its text decoded alone."""
+        got = self._bytes.get(token_id)
+        if got is None:
+            piece = self._tok.id_to_token(token_id)
+            if piece is None:
+                got = b""
+            elif token_id in self._added:
+                got = piece.encode()
+            elif self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+                got = bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                got = bytes([int(piece[3:5], 16)])
+            else:
+                got = self._tok.decode([token_id], skip_special_tokens=False).encode()
+            self._bytes[token_id] = got
+        return got
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text for logprobs: its bytes as UTF-8, or `bytes:\\xNN...` (OpenAI's spelling) when they
+        are not whole characters."""
+        return token_text(self.token_bytes(token_id))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -131,10 +163,37 @@ class Tokenizer:
             eos_token=self.eos_token or "", bos_token=self.bos_token or "", **extra)
 
 
-def candidates(tokenizer: "Tokenizer | None", top: Sequence[tuple[int, float]]) -> tuple[tuple[int, float, str], ...]:
-    """(id, log-probability, the token's own text) of a position's most likely tokens (no text without a
-    tokenizer)."""
-    return tuple((i, lp, tokenizer.decode([i], skip_special_tokens=False) if tokenizer else "") for i, lp in top)
+def candidates(tokenizer: "Tokenizer | None", top: Sequence[tuple[int, float]]
+               ) -> tuple[tuple[int, float, str, bytes], ...]:
+    """(id, log-probability, the token's own text, its own bytes) of a position's most likely tokens (empty
+    without a tokenizer)."""
+    if tokenizer is None:
+        return tuple((i, lp, "", b"") for i, lp in top)
+    return tuple((i, lp, tokenizer.token_text(i), tokenizer.token_bytes(i)) for i, lp in top)
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte alphabet (what byte-level BPE pieces are spelled in), inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _bytes_to_unicode()
+
+
+def _uses_byte_level(spec: dict[str, Any]) -> bool:
+    """Whether tokenizer.json decodes byte-level pieces (a ByteLevel decoder, alone or in a sequence)."""
+    dec = spec.get("decoder") or {}
+    parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,

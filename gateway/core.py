@@ -40,7 +40,8 @@ class Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)  # one string per token (token_texts())
-    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)  # per token, when asked
+    top_logprobs: list[list[tuple[int, float, str, bytes]]] = field(default_factory=list)  # per token, when asked
+    token_bytes: list[bytes] = field(default_factory=list)  # per token, with SamplingParams.token_bytes
     finish_reason: str | None = None
 
 
@@ -217,5 +218,6 @@ def collect(choice: Choice, chunk: Chunk) -> None:
         choice.token_texts[-1] += chunk.text
     choice.logprobs += chunk.logprobs
     choice.top_logprobs += chunk.top_logprobs
+    choice.token_bytes += chunk.token_bytes
     choice.finish_reason = chunk.finish_reason or choice.finish_reason
 

@@ -63,7 +63,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         async for chunk in self.gateway.stream(pre, self.gateway.timeout(context.time_remaining()), trace):
             out = generate_pb2.GenerateChunk(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
             out.top_logprobs.extend(common_pb2.TopLogprobs(candidates=[
-                common_pb2.TopLogprob(id=i, logprob=lp, text=t) for i, lp, t in top]) for top in chunk.top_logprobs)
+                common_pb2.TopLogprob(id=i, logprob=lp, text=t, bytes=b) for i, lp, t, b in top])
+                for top in chunk.top_logprobs)
+            out.token_bytes.extend(chunk.token_bytes)
             if first:
                 out.request_id = pre.request_id
                 first = False

@@ -203,7 +203,7 @@ class HttpApi:
                     continue  # nothing to say (text held back or mid-character)
                 yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, text, chunk.logprobs,
                                                finish, first, reasoning, token_text=chunk.text, tool_calls=calls,
-                                               top_logprobs=chunk.top_logprobs))
+                                               top_logprobs=chunk.top_logprobs, token_bytes=chunk.token_bytes))
                 if chunk.finish_reason is not None:
                     u = usage(choice.trace)
                     if choice.index == 0:

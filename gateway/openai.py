@@ -3,19 +3,20 @@ and turned into PrefillRequests, completions turned back into OpenAI JSON, and e
 No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: echo, best_of, suffix;
-and so is every parameter an endpoint does not know (`repetition_penalty`,
-`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
+and so is every parameter an endpoint does not know
+(`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
 presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
-`ignore_eos`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
+`ignore_eos`, `repetition_penalty`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
 `chat_template_kwargs` reaches the template (`enable_thinking` and any other argument). `user`,
 `safety_identifier` and `prompt_cache_key` identify an end user or a prompt family: accepted, and they do not
 partition the cache. Chat outputs are parsed into reasoning, content and tool calls (clients.chat_output).
-Per-token strings of `logprobs`: decode sends text per chunk, not per token, so a chunk's text is given to its
-last token and the others get "" (the strings still concatenate to the output text).
+Per-token strings of `logprobs` are each token's own (decode sends every token's bytes when logprobs are asked
+for): a token holding part of a character is `bytes:\\xNN...` with its exact `bytes`, as OpenAI writes it.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import time
@@ -29,6 +30,7 @@ from qwenpd.clients.chat_request import (chat_message, response_format_spec, set
                                          tool_choice_spec)
 from qwenpd.clients.chat_output import collect as collect_output
 from qwenpd.gateway.core import Choice, token_texts
+from qwenpd.tokens import token_text
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 MAX_N = 16
@@ -40,7 +42,7 @@ _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
                             "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key", "min_p",
                             "logit_bias", "stop_token_ids", "min_tokens", "response_format",
-                            *_UNSUPPORTED})
+                            "repetition_penalty", *_UNSUPPORTED})
 _COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
 _CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
                                   "tool_choice", "parallel_tool_calls"}
@@ -170,6 +172,11 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         if not -2 <= value <= 2:
             raise ApiError(400, f"'{penalty}' must be in [-2, 2], got {value}", param=penalty)
         setattr(s, penalty, float(value))
+    repetition = _get(body, "repetition_penalty", (int, float), 1)
+    if not 0 < repetition <= 100:
+        raise ApiError(400, f"'repetition_penalty' must be in (0, 100], got {repetition}", param="repetition_penalty")
+    if repetition != 1:
+        s.repetition_penalty = float(repetition)
     s.structured_output = _response_format(body)
     return s
 
@@ -223,6 +230,7 @@ def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
     sampling.top_logprobs = logprobs or 0  # N > 0: the N most likely tokens at each position too
+    sampling.token_bytes = logprobs is not None
     prompt = body.get("prompt")
     prompts: list[Any]
     if isinstance(prompt, str):
@@ -278,6 +286,7 @@ def parse_chat(body: Any, header_salt: str | None = None,
         raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}] and needs 'logprobs': true",
                        param="top_logprobs")
     sampling.top_logprobs = top
+    sampling.token_bytes = logprobs
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
@@ -338,21 +347,29 @@ def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:
 
 # ---- responses ---------------------------------------------------------------------------------------------------
 def _logprobs(p: Parsed, texts: list[str], logprobs: list[float],
-              tops: list[list[tuple[int, float, str]]] | None = None) -> Any:
+              tops: list[list[tuple[int, float, str, bytes]]] | None = None,
+              raw: list[bytes] | None = None) -> Any:
+    """OpenAI's logprobs of some tokens. Each token's string and bytes are its own (`raw`, from decode: a token
+    holding part of a character is `bytes:\\xNN` with its exact bytes); without them (an older decode) the text
+    of a chunk goes to its last token."""
     if not p.logprobs:
         return None
-    tops = tops if tops else [[] for _ in texts]
+    tops = tops if tops else [[] for _ in logprobs]
+    own = raw is not None and len(raw) == len(logprobs)
+    if own:
+        texts = [token_text(b) for b in raw]
     if p.chat:
-        return {"content": [{"token": t, "logprob": _finite(lp), "bytes": list(t.encode()),
-                             "top_logprobs": [{"token": c, "logprob": _finite(v), "bytes": list(c.encode())}
-                                              for _, v, c in top]}
-                            for t, lp, top in zip(texts, logprobs, tops)]}
+        return {"content": [{"token": t, "logprob": _finite(lp), "bytes": list(raw[k] if own else t.encode()),
+                             "top_logprobs": [{"token": c, "logprob": _finite(v), "bytes": list(b or c.encode())}
+                                              for _, v, c, b in top]}
+                            for k, (t, lp, top) in enumerate(zip(texts, logprobs, tops))]}
     offsets, at = [], 0
-    for t in texts:
-        offsets.append(at)
-        at += len(t)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for k, t in enumerate(texts):
+        offsets.append(at)  # characters of the text before this token
+        at += len(decoder.decode(raw[k])) if own else len(t)
     return {"tokens": texts, "token_logprobs": [_finite(lp) for lp in logprobs],
-            "top_logprobs": [{c: _finite(v) for _, v, c in top} for top in tops] if p.top_logprobs else None,
+            "top_logprobs": [{c: _finite(v) for _, v, c, _ in top} for top in tops] if p.top_logprobs else None,
             "text_offset": offsets}
 
 
@@ -392,7 +409,7 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
     out = []
     for c in choices:
         text = "".join(c.text)
-        lp = _logprobs(p, c.token_texts, c.logprobs, c.top_logprobs)
+        lp = _logprobs(p, c.token_texts, c.logprobs, c.top_logprobs, c.token_bytes)
         if p.chat:
             parser = chat_output(p, c)
             whole = collect_output([parser.push(text), parser.finish()])
@@ -409,10 +426,12 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
 def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], text: str, logprobs: list[float],
                  finish_reason: str | None, first: bool, reasoning: str = "", token_text: str | None = None,
                  tool_calls: list[dict[str, Any]] | None = None,
-                 top_logprobs: list[list[tuple[int, float, str]]] | None = None) -> dict[str, Any]:
+                 top_logprobs: list[list[tuple[int, float, str, bytes]]] | None = None,
+                 token_bytes: list[bytes] | None = None) -> dict[str, Any]:
     """One event. Chat: `text`, `reasoning` and `tool_calls` are the parsed parts of the chunk's text
     (`token_text`, for the log-probabilities' token strings)."""
-    lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs, top_logprobs)
+    lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs, top_logprobs,
+                   token_bytes)
     if p.chat:
         parts = message(text, reasoning, tool_calls)
         delta: dict[str, Any] = {"role": "assistant", **parts} if first else parts

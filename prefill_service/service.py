@@ -131,9 +131,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 token, logprob, text, top, draws = ids[c], 0.0, "", (), resume.draws
             else:
                 generated = ()
-                sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids, grammars=self.engine.grammars)
+                sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids, grammars=self.engine.grammars,
+                                          prompt=ids[:prompt_len])
                 token, logprob = sampler.sample(logits)
-                top = candidates(self.engine.tokenizer, sampler.last_top)
+                top = tuple(c[:3] for c in candidates(self.engine.tokenizer, sampler.last_top))
                 text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
                 draws = sampler.draws
             computed = time.monotonic_ns()
@@ -143,7 +144,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                               prompt_tail_ids=tuple(ids[-(PROMPT_TAIL + resume.detok_unread):]),
                               pending_text=resume.pending_text, detok_unread=resume.detok_unread,
                               generated_ids=generated, first_top=top, first_token_delivered=bool(resume.draws),
-                              replay_ids=tuple(ids[c + 1:]))
+                              replay_ids=tuple(ids[c + 1:]),
+                              prompt_seen=tuple(sorted(set(ids[:prompt_len])))
+                              if params.repetition_penalty != 1.0 else ())
             record = StreamRecord(prompt_digest(ids[:prompt_len]), prompt_len, c, params.seed,
                                   tuple(ids[max(0, c - STREAM_TAIL):c]))
             job.check()  # nobody would read the checkpoint

@@ -50,6 +50,8 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             frequency_penalty=pb.frequency_penalty,
             top_logprobs=pb.top_logprobs,
             structured_output=pb.structured_output,
+            repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+            token_bytes=pb.token_bytes,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
@@ -74,7 +76,9 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
                                    min_p=params.min_p, logit_bias=dict(params.logit_bias),
                                    min_tokens=params.min_tokens, presence_penalty=params.presence_penalty,
                                    frequency_penalty=params.frequency_penalty, top_logprobs=params.top_logprobs,
-                                   structured_output=params.structured_output)
+                                   structured_output=params.structured_output, token_bytes=params.token_bytes)
+    if params.repetition_penalty != 1.0:
+        pb.repetition_penalty = params.repetition_penalty
     if params.seed is not None:
         pb.seed = params.seed
     return pb
@@ -100,6 +104,7 @@ class Handoff:
     first_top: tuple[tuple[int, float, str], ...] = ()  # top_logprobs: the first token's candidates (id, lp, text)
     first_token_delivered: bool = False  # resumed: first_token was streamed before the failure
     replay_ids: tuple[int, ...] = ()  # resumed: tokens already streamed, fed after first_token before sampling
+    prompt_seen: tuple[int, ...] = ()  # repetition_penalty: the prompt's distinct ids, ascending
 
     def to_pb(self) -> common_pb2.Handoff:
         return common_pb2.Handoff(
@@ -112,7 +117,7 @@ class Handoff:
             prompt_tail_ids=list(self.prompt_tail_ids[-(PROMPT_TAIL + self.detok_unread):]),
             pending_text=self.pending_text, detok_unread=self.detok_unread,
             generated_ids=list(self.generated_ids), first_token_delivered=self.first_token_delivered,
-            replay_ids=list(self.replay_ids))
+            replay_ids=list(self.replay_ids), prompt_seen_ids=list(self.prompt_seen))
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Handoff, vocab_size: int) -> "Handoff":
@@ -133,6 +138,9 @@ class Handoff:
         if len(pb.generated_ids) > most or any(t >= vocab_size for t in (*pb.generated_ids, *pb.replay_ids)):
             raise DataLoss("checkpoint hand-off record has more generated ids than draws, or bad ones",
                            reason="HANDOFF_CORRUPT")
+        if any(t >= vocab_size for t in pb.prompt_seen_ids):
+            raise DataLoss("checkpoint hand-off record has prompt ids outside the vocabulary",
+                           reason="HANDOFF_CORRUPT")
         if pb.replay_ids and (not pb.first_token_delivered or len(pb.replay_ids) >= pb.sampler_draws):
             raise DataLoss("checkpoint hand-off record replays more tokens than were drawn",
                            reason="HANDOFF_CORRUPT")
@@ -142,7 +150,8 @@ class Handoff:
                    prompt_tail_ids=tuple(pb.prompt_tail_ids), pending_text=pb.pending_text,
                    detok_unread=pb.detok_unread, generated_ids=tuple(pb.generated_ids),
                    first_top=tuple((c.id, c.logprob, c.text) for c in pb.first_token.top_logprobs),
-                   first_token_delivered=pb.first_token_delivered, replay_ids=tuple(pb.replay_ids))
+                   first_token_delivered=pb.first_token_delivered, replay_ids=tuple(pb.replay_ids),
+                   prompt_seen=tuple(pb.prompt_seen_ids))
 
     def to_metadata(self) -> dict[str, str]:
         return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}

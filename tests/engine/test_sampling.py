@@ -152,3 +152,53 @@ def test_presence_and_frequency_penalties_count_what_was_generated():
     assert [resumed.sample(logits)[0] for _ in range(3)] == tokens[5:]
     with pytest.raises(ValueError, match="presence_penalty"):
         SamplingParams(presence_penalty=3.0)
+
+
+def test_repetition_penalty_is_transformers_over_prompt_and_output():
+    """The penalized logits are transformers' RepetitionPenaltyLogitsProcessor's over prompt + generated ids
+    (the oracle), positive and negative logits alike; a resumed sampler given the prompt continues identically."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from qwenpd.engine.sampling import _repeated
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, generator=g) * 3
+    prompt, generated = [5, 9, 9, 40], [1, 5, 63]
+    ours = _repeated(logits, frozenset(prompt) | set(generated), 1.7)
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + generated]), logits[None].clone())[0]
+    assert torch.equal(ours, ref)
+    params = SamplingParams(temperature=0.8, seed=3, repetition_penalty=1.7)
+    whole = Sampler.resumed(params, 0, prompt=prompt)
+    tokens = [whole.sample(logits)[0] for _ in range(12)]
+    assert len(set(tokens)) > 1  # the sampled tokens were penalized as they came
+    resumed = Sampler.resumed(params, 6, generated=tokens[:6], prompt=sorted(set(prompt)))
+    assert [resumed.sample(logits)[0] for _ in range(6)] == tokens[6:]
+    greedy = Sampler.resumed(SamplingParams(temperature=0, repetition_penalty=100.0), 0, prompt=[int(logits.argmax())])
+    assert greedy.sample(logits)[0] != int(logits.argmax()) or logits.max() <= 0
+    for bad in (0.0, -1.0, float("nan"), 101.0):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+
+
+def test_token_bytes_are_each_tokens_own(tiny_model_dir, tmp_path):
+    """Byte-level BPE: a token's bytes come back through the byte alphabet, so pieces of one character are its
+    bytes (spelled `bytes:\\xNN`), and the bytes of a text's tokens concatenate to the text. A byte-fallback
+    tokenizer (`<0xNN>` pieces) gives those bytes."""
+    from tokenizers import Tokenizer as HF, decoders, models
+
+    from qwenpd.engine.tokenizer import Tokenizer
+    from qwenpd.tokens import token_text
+
+    tok = Tokenizer(tiny_model_dir)
+    text = "héllo wörld — 日本 🙂 <|im_end|>"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    assert any(token_text(tok.token_bytes(i)).startswith("bytes:\\x") for i in ids)
+    assert all("\ufffd" not in tok.token_text(i) for i in range(tok.vocab_size))
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁hi": 257}
+    fallback = HF(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    fallback.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    (tmp_path / "tokenizer.json").write_text(fallback.to_str())
+    bf = Tokenizer(tmp_path)
+    assert bf.token_bytes(1 + 0xE6) == b"\xe6" and bf.token_text(1 + 0xE6) == "bytes:\\xe6"
+    assert bf.token_bytes(257) == b" hi"

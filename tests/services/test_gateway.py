@@ -126,14 +126,14 @@ def test_completions_greedy_equals_the_client(oai, model_name, client):
     assert r.choices[0].text == client.generate(token_ids=[5, 6, 7, 8], **{**GREEDY, "max_tokens": 5}).text
 
 
-def test_chat_completions_use_the_chat_template(oai, model_name, client):
+def test_chat_completions_use_the_chat_template(oai, model_name, client, engine):
     r = oai.chat.completions.create(model=model_name, messages=CHAT, max_completion_tokens=12, temperature=0,
                                     logprobs=True, extra_body={"ignore_eos": True})
     ref = client.generate(messages=CHAT, **{**GREEDY, "max_tokens": 12})
     msg = r.choices[0].message
     assert msg.role == "assistant" and msg.content == ref.text
     lps = r.choices[0].logprobs.content
-    assert len(lps) == 12 and "".join(t.token for t in lps) == ref.text
+    assert len(lps) == 12 and [bytes(t.bytes) for t in lps] == [engine.tokenizer.token_bytes(i) for i in ref.token_ids]
     assert [t.logprob for t in lps] == pytest.approx(ref.logprobs)
 
 
@@ -324,6 +324,57 @@ def test_top_logprobs_across_the_hand_off(oai, model_name, stub):
     tops = [t for c in chunks for t in c.top_logprobs]
     assert len(tops) == len(ids) == 5 and [t.candidates[0].id for t in tops] == ids
     assert all(len(t.candidates) == 4 and t.candidates[0].text for t in tops)
+
+
+def test_logprob_tokens_are_each_tokens_own_bytes(oai, model_name, stub, engine):
+    """Every logprobs entry is its own token's: its bytes are the tokenizer's bytes of that id (a token holding
+    part of a character is `bytes:\\xNN` with those bytes, never "" or U+FFFD), and the tokens' bytes concatenate
+    to the output's, in the completions and chat shapes and in GenerateChunk.token_bytes."""
+    from qwenpd.tokens import token_text
+
+    tok = engine.tokenizer
+    comp = oai.completions.create(model=model_name, prompt="héllo — 日本 🙂", max_tokens=24, temperature=0,
+                                  logprobs=2, extra_body={"ignore_eos": True})
+    choice = comp.choices[0]
+    assert len(choice.logprobs.tokens) == 24
+    assert all(t and "\ufffd" not in t for t in choice.logprobs.tokens)
+    chunks, ids, text = _generate(stub, text="héllo — 日本 🙂", sampling=common_pb2.SamplingParams(
+        temperature=0.0, max_tokens=24, ignore_eos=True, token_bytes=True, top_logprobs=2))
+    got = [b for c in chunks for b in c.token_bytes]
+    assert got == [tok.token_bytes(i) for i in ids]
+    # the text as streamed (a character cut off by max_tokens is not emitted)
+    assert b"".join(got).decode("utf-8", "replace").rstrip("\ufffd") == text.rstrip("\ufffd")
+    assert choice.logprobs.tokens == [token_text(b) for b in got]  # the same greedy tokens over HTTP
+    assert all(c.bytes == tok.token_bytes(c.id) for c in chunks[0].top_logprobs[0].candidates)
+    offsets = choice.logprobs.text_offset  # characters of the text before each token
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(choice.text)
+    chat = oai.chat.completions.create(model=model_name, messages=CHAT, max_tokens=12, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert all(e.token == token_text(bytes(e.bytes)) for e in content)
+    assert all(t.token == token_text(bytes(t.bytes)) for e in content for t in e.top_logprobs)
+
+
+def test_repetition_penalty_across_the_hand_off_equals_the_in_process_engine(oai, model_name, stub, engine):
+    """repetition_penalty counts the prompt's tokens (decode gets them in the hand-off) and the generated ones:
+    through the split it gives the in-process loop's tokens, and it changed them; out of range is a 400."""
+    from qwenpd.engine.generate import generate
+    from qwenpd.engine.sampling import SamplingParams
+
+    opts = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    _, ids, _ = _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(repetition_penalty=1.8, **opts))
+    ref = generate(engine, engine.tokenizer.encode(PROMPT), SamplingParams(repetition_penalty=1.8, **opts))
+    plain = _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(**opts))[1]
+    assert ids == ref.token_ids and ids != plain
+    comp = oai.completions.create(model=model_name, prompt=PROMPT, max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True, "repetition_penalty": 1.8})
+    assert comp.choices[0].text == ref.text
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, extra_body={"repetition_penalty": 0})
+    assert err.value.body["param"] == "repetition_penalty"
+    with pytest.raises(grpc.RpcError) as rpc:
+        _generate(stub, text=PROMPT, sampling=common_pb2.SamplingParams(repetition_penalty=-1.0, **opts))
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty" in rpc.value.details()
 
 
 def test_the_python_client_offers_tools_and_parses_chat_output(client):

@@ -96,6 +96,8 @@ class SamplingParams(_message.Message):
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Softmax temperature; 0 = greedy. Absent = 1.0."""
     top_p: _builtins.float
@@ -124,6 +126,15 @@ class SamplingParams(_message.Message):
     {"type": "lark", "grammar": "..."}; optional "after": "</think>" leaves the text free until that string
     was generated. Empty = unconstrained. INVALID_ARGUMENT names it when the grammar library refuses it.
     With a chat prompt whose template opened the model's reasoning, "after": "</think>" is the default.
+    """
+    token_bytes: _builtins.bool
+    """Report each generated token's own bytes (DecodeChunk.token_bytes, GenerateChunk.token_bytes): the exact
+    per-token strings and bytes of OpenAI's logprobs, which chunk text (several tokens, held-back stop text)
+    cannot give.
+    """
+    repetition_penalty: _builtins.float
+    """transformers' and vLLM's: the logit of every token of the prompt or the output so far is divided by it
+    where positive and multiplied by it where negative, in (0, 100]. Absent = 1.0 (off).
     """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -155,13 +166,17 @@ class SamplingParams(_message.Message):
         frequency_penalty: _builtins.float = ...,
         top_logprobs: _builtins.int = ...,
         structured_output: _builtins.str = ...,
+        token_bytes: _builtins.bool = ...,
+        repetition_penalty: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_tokens", b"max_tokens", "min_p", b"min_p", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_output", b"structured_output", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_tokens", b"max_tokens", "min_p", b"min_p", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_output", b"structured_output", "temperature", b"temperature", "token_bytes", b"token_bytes", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__repetition_penalty: _TypeAlias = _typing.Literal["repetition_penalty"]  # noqa: Y015
+    _WhichOneofArgType__repetition_penalty: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
@@ -170,6 +185,8 @@ class SamplingParams(_message.Message):
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__repetition_penalty) -> _WhichOneofReturnType__repetition_penalty | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
@@ -189,12 +206,15 @@ class Token(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Vocabulary id."""
     text: _builtins.str
     """Text this token adds to the output, given the tokens before it (may be empty mid-character)."""
     logprob: _builtins.float
     """Log-probability of the token under the model's unmodified distribution."""
+    bytes: _builtins.bytes
+    """The token's own bytes (set where a token is reported alone: PrefillResponse.prompt_logprobs)."""
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
         """The most likely tokens at this position, most likely first (SamplingParams.top_logprobs of them)."""
@@ -206,10 +226,11 @@ class Token(_message.Message):
         text: _builtins.str = ...,
         logprob: _builtins.float = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+        bytes: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "logprob", b"logprob", "text", b"text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "id", b"id", "logprob", b"logprob", "text", b"text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -224,22 +245,26 @@ class TopLogprob(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Vocabulary id."""
     logprob: _builtins.float
     """Its log-probability under the model's unmodified distribution."""
     text: _builtins.str
-    """The token's own text (decoded alone; may be part of a character)."""
+    """The token's own text: its bytes as UTF-8, or "bytes:\\\\xNN..." when they are part of a character."""
+    bytes: _builtins.bytes
+    """The token's own bytes (what it stands for alone; may be part of a UTF-8 character)."""
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         logprob: _builtins.float = ...,
         text: _builtins.str = ...,
+        bytes: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "logprob", b"logprob", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "id", b"id", "logprob", b"logprob", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -364,6 +389,7 @@ class Handoff(_message.Message):
     GENERATED_IDS_FIELD_NUMBER: _builtins.int
     FIRST_TOKEN_DELIVERED_FIELD_NUMBER: _builtins.int
     REPLAY_IDS_FIELD_NUMBER: _builtins.int
+    PROMPT_SEEN_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request this checkpoint was made for."""
     sampler_draws: _builtins.int
@@ -409,6 +435,10 @@ class Handoff(_message.Message):
         decode_service/runner.py).
         """
 
+    @_builtins.property
+    def prompt_seen_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With SamplingParams.repetition_penalty: the prompt's distinct token ids, ascending (penalized too)."""
+
     def __init__(
         self,
         *,
@@ -424,10 +454,11 @@ class Handoff(_message.Message):
         generated_ids: _abc.Iterable[_builtins.int] | None = ...,
         first_token_delivered: _builtins.bool = ...,
         replay_ids: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_seen_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "first_token_delivered", b"first_token_delivered", "generated_ids", b"generated_ids", "pending_text", b"pending_text", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "replay_ids", b"replay_ids", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "first_token_delivered", b"first_token_delivered", "generated_ids", b"generated_ids", "pending_text", b"pending_text", "prompt_seen_ids", b"prompt_seen_ids", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "replay_ids", b"replay_ids", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

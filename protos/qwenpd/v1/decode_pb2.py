@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from qwenpd.protos.qwenpd.v1 import common_pb2 as qwenpd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16qwenpd/v1/decode.proto\x12\tqwenpd.v1\x1a\x16qwenpd/v1/common.proto\"g\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcheckpoint_id\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\"\x84\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.qwenpd.v1.FinishReasonH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.qwenpd.v1.Usage\x12,\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x16.qwenpd.v1.TopLogprobs\x12,\n\x0cresume_point\x18\x07 \x01(\x0b\x32\x16.qwenpd.v1.ResumePointB\x10\n\x0e_finish_reason\"\x10\n\x0eGetLoadRequest\"W\n\x04Load\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r2\x84\x01\n\rDecodeService\x12<\n\x06\x44\x65\x63ode\x12\x18.qwenpd.v1.DecodeRequest\x1a\x16.qwenpd.v1.DecodeChunk0\x01\x12\x35\n\x07GetLoad\x12\x19.qwenpd.v1.GetLoadRequest\x1a\x0f.qwenpd.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16qwenpd/v1/decode.proto\x12\tqwenpd.v1\x1a\x16qwenpd/v1/common.proto\"g\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcheckpoint_id\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\"\x99\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.qwenpd.v1.FinishReasonH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.qwenpd.v1.Usage\x12,\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x16.qwenpd.v1.TopLogprobs\x12,\n\x0cresume_point\x18\x07 \x01(\x0b\x32\x16.qwenpd.v1.ResumePoint\x12\x13\n\x0btoken_bytes\x18\x08 \x03(\x0c\x42\x10\n\x0e_finish_reason\"\x10\n\x0eGetLoadRequest\"W\n\x04Load\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r2\x84\x01\n\rDecodeService\x12<\n\x06\x44\x65\x63ode\x12\x18.qwenpd.v1.DecodeRequest\x1a\x16.qwenpd.v1.DecodeChunk0\x01\x12\x35\n\x07GetLoad\x12\x19.qwenpd.v1.GetLoadRequest\x1a\x0f.qwenpd.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=61
   _globals['_DECODEREQUEST']._serialized_end=164
   _globals['_DECODECHUNK']._serialized_start=167
-  _globals['_DECODECHUNK']._serialized_end=427
-  _globals['_GETLOADREQUEST']._serialized_start=429
-  _globals['_GETLOADREQUEST']._serialized_end=445
-  _globals['_LOAD']._serialized_start=447
-  _globals['_LOAD']._serialized_end=534
-  _globals['_DECODESERVICE']._serialized_start=537
-  _globals['_DECODESERVICE']._serialized_end=669
+  _globals['_DECODECHUNK']._serialized_end=448
+  _globals['_GETLOADREQUEST']._serialized_start=450
+  _globals['_GETLOADREQUEST']._serialized_end=466
+  _globals['_LOAD']._serialized_start=468
+  _globals['_LOAD']._serialized_end=555
+  _globals['_DECODESERVICE']._serialized_start=558
+  _globals['_DECODESERVICE']._serialized_end=690
 # @@protoc_insertion_point(module_scope)

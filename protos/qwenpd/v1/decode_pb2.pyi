@@ -66,6 +66,7 @@ class DecodeChunk(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     RESUME_POINT_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text added by these tokens (text that may still become a stop string is held back)."""
     finish_reason: _common_pb2.FinishReason.ValueType
@@ -94,6 +95,12 @@ class DecodeChunk(_message.Message):
         may carry only this (no tokens).
         """
 
+    @_builtins.property
+    def token_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """With SamplingParams.token_bytes: each token's own bytes (what the token stands for alone; may be part of a
+        UTF-8 character), same order as token_ids.
+        """
+
     def __init__(
         self,
         *,
@@ -104,10 +111,11 @@ class DecodeChunk(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         top_logprobs: _abc.Iterable[_common_pb2.TopLogprobs] | None = ...,
         resume_point: _common_pb2.ResumePoint | None = ...,
+        token_bytes: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "resume_point", b"resume_point", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "resume_point", b"resume_point", "text", b"text", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "resume_point", b"resume_point", "text", b"text", "token_bytes", b"token_bytes", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__finish_reason: _TypeAlias = _typing.Literal["finish_reason"]  # noqa: Y015
     _WhichOneofArgType__finish_reason: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason"]  # noqa: Y015

@@ -132,6 +132,7 @@ class GenerateChunk(_message.Message):
     REASONING_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id (the caller's or the gateway's); set on the first chunk."""
     text: _builtins.str
@@ -166,6 +167,12 @@ class GenerateChunk(_message.Message):
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TopLogprobs]:
         """With SamplingParams.top_logprobs: the candidates of each token in token_ids, same order."""
 
+    @_builtins.property
+    def token_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """With SamplingParams.token_bytes: each token's own bytes (what the token stands for alone; may be part of a
+        UTF-8 character), same order as token_ids.
+        """
+
     def __init__(
         self,
         *,
@@ -180,10 +187,11 @@ class GenerateChunk(_message.Message):
         reasoning: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
         top_logprobs: _abc.Iterable[_common_pb2.TopLogprobs] | None = ...,
+        token_bytes: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "finish_reason", b"finish_reason", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "content", b"content", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "reasoning", b"reasoning", "request_id", b"request_id", "text", b"text", "timings", b"timings", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "content", b"content", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "reasoning", b"reasoning", "request_id", b"request_id", "text", b"text", "timings", b"timings", "token_bytes", b"token_bytes", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__finish_reason: _TypeAlias = _typing.Literal["finish_reason"]  # noqa: Y015
     _WhichOneofArgType__finish_reason: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason"]  # noqa: Y015

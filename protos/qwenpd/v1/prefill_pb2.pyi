@@ -103,6 +103,7 @@ class PrefillRequest(_message.Message):
     RETURN_PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     RESUME_GENERATED_FIELD_NUMBER: _builtins.int
     RESUME_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen id for logs and tracing; echoed in errors. Empty = the server makes one up."""
     text: _builtins.str
@@ -128,6 +129,12 @@ class PrefillRequest(_message.Message):
     restores that state (the exact one the failed decode had) instead of recomputing the prompt, and decode
     replays only the tokens after it. A checkpoint that is gone or does not match this request is ignored (the
     prompt is recomputed); one that matches is deleted once the new hand-off checkpoint is written.
+    """
+    prompt_logprobs: _builtins.int
+    """Score the prompt: the log-probability of each prompt token given the tokens before it (and this many most
+    likely tokens at each of those positions, 0..20), in PrefillResponse.prompt_logprobs; what completions'
+    `echo` with `logprobs` and lm-evaluation-harness's multiple-choice scoring need. Every position is
+    computed: such a request neither reads nor writes the prefix cache. Absent = off. Not with resume_generated.
     """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds:
@@ -155,19 +162,24 @@ class PrefillRequest(_message.Message):
         return_prompt_token_ids: _builtins.bool = ...,
         resume_generated: _builtins.int | None = ...,
         resume_checkpoint_id: _builtins.str = ...,
+        prompt_logprobs: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "resume_generated", b"resume_generated", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_prompt_logprobs", b"_prompt_logprobs", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "resume_generated", b"resume_generated", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "request_id", b"request_id", "resume_checkpoint_id", b"resume_checkpoint_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_prompt_logprobs", b"_prompt_logprobs", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "request_id", b"request_id", "resume_checkpoint_id", b"resume_checkpoint_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_salt: _TypeAlias = _typing.Literal["cache_salt"]  # noqa: Y015
     _WhichOneofArgType__cache_salt: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt"]  # noqa: Y015
+    _WhichOneofReturnType__prompt_logprobs: _TypeAlias = _typing.Literal["prompt_logprobs"]  # noqa: Y015
+    _WhichOneofArgType__prompt_logprobs: _TypeAlias = _typing.Literal["_prompt_logprobs", b"_prompt_logprobs"]  # noqa: Y015
     _WhichOneofReturnType__resume_generated: _TypeAlias = _typing.Literal["resume_generated"]  # noqa: Y015
     _WhichOneofArgType__resume_generated: _TypeAlias = _typing.Literal["_resume_generated", b"_resume_generated"]  # noqa: Y015
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "token_ids", "chat"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_salt) -> _WhichOneofReturnType__cache_salt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_logprobs) -> _WhichOneofReturnType__prompt_logprobs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__resume_generated) -> _WhichOneofReturnType__resume_generated | None: ...
     @_typing.overload
@@ -227,6 +239,7 @@ class PrefillResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     REASONING_OPEN_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id (the caller's, or the one the server made up)."""
     checkpoint_id: _builtins.str
@@ -255,6 +268,13 @@ class PrefillResponse(_message.Message):
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The prompt's token ids, only when return_prompt_token_ids was set."""
 
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]:
+        """With PrefillRequest.prompt_logprobs: one entry per prompt token from the second on (the first has nothing
+        before it): its id, its own text and bytes, its log-probability given the tokens before it, and the most
+        likely tokens at its position.
+        """
+
     def __init__(
         self,
         *,
@@ -266,10 +286,11 @@ class PrefillResponse(_message.Message):
         timings: Global___PrefillTimings | None = ...,
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         reasoning_open: _builtins.bool = ...,
+        prompt_logprobs: _abc.Iterable[_common_pb2.Token] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "checkpoint_id", b"checkpoint_id", "first_token", b"first_token", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "reasoning_open", b"reasoning_open", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "checkpoint_id", b"checkpoint_id", "first_token", b"first_token", "prompt_logprobs", b"prompt_logprobs", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "reasoning_open", b"reasoning_open", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

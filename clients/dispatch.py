@@ -293,6 +293,7 @@ def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generate
     del resumed.token_ids.ids[:]  # a token-id prompt's own ids are among `ids` already
     resumed.token_ids.ids.extend(ids)  # selects token_ids in the prompt oneof
     resumed.return_prompt_token_ids = False
+    resumed.ClearField("prompt_logprobs")  # the prompt was scored by the first prefill
     resumed.resume_generated = generated
     resumed.resume_checkpoint_id = resume_point
     return resumed

@@ -28,6 +28,7 @@ from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.weights import load_weights
 from qwenpd.kernels.ops import register_device_kernels
 
+SCORE_CHUNK = 128  # prompt scoring: positions per chunk, whose logits [T, V] are held at once
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -243,6 +244,43 @@ class Engine:
     def prefill_chunk(self, token_ids: list[int], state: HybridState) -> torch.Tensor:
         """One chunk (at most the largest compiled chunk) into `state`; logits [V] of its last token."""
         return self.runner.prefill_chunk(token_ids, state)
+
+    def prefill_scored(self, token_ids: Sequence[int], top: int, state: HybridState | None = None,
+                       on_chunk: Callable[[HybridState], None] | None = None
+                       ) -> tuple[torch.Tensor, HybridState, list[tuple[float, list[tuple[int, float]]]]]:
+        """Prefill that also scores the prompt: for every token after the first, (its log-probability given the
+        tokens before it, the `top` most likely ids at its position with theirs), under the model's unmodified
+        distribution. Eager, in chunks of SCORE_CHUNK (every position's logits are computed, a chunk's at once).
+        Returns (fp32 logits [V] of the last token, state, scores)."""
+        if not token_ids:
+            raise ValueError("prefill needs at least one token")
+        state = state if state is not None else self.new_state()
+        self.check_tokens(token_ids, state.num_tokens)
+        ids, start = list(token_ids), state.num_tokens
+        scores: list[tuple[float, list[tuple[int, float]]]] = []
+        before: torch.Tensor | None = None  # log-probabilities at the position before the chunk's first token
+        last = None
+        for lo, hi in chunk_spans(start, start + len(ids), SCORE_CHUNK):
+            chunk = ids[lo - start: hi - start]
+            logits = self.prefill_chunk_all(chunk, state)
+            rows = torch.log_softmax(logits.float(), dim=-1)
+            predicting = rows[:-1] if before is None else torch.cat([before[None], rows[:-1]])
+            targets = chunk[1:] if before is None else chunk
+            chosen = predicting.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
+            tops = torch.topk(predicting, min(top, rows.shape[-1])) if top else None
+            for k, lp in enumerate(chosen):
+                cand = list(zip(tops.indices[k].tolist(), tops.values[k].tolist())) if tops is not None else []
+                scores.append((lp, cand))
+            before, last = rows[-1], logits[-1]
+            if on_chunk is not None:
+                on_chunk(state)
+        assert last is not None
+        return last, state, scores
+
+    @cross_rank("engine.prefill_chunk_all")
+    def prefill_chunk_all(self, token_ids: list[int], state: HybridState) -> torch.Tensor:
+        """One chunk into `state` through the eager graphs; logits [T, V] of all its tokens."""
+        return self.eager.prefill_chunk(token_ids, state, all_logits=True)
 
     def forward_all(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] for every position of a fresh sequence (one chunk; for tests and scoring)."""

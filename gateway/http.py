@@ -185,6 +185,9 @@ class HttpApi:
                 first = index not in outputs
                 if first:
                     outputs[index] = openai.chat_output(parsed, choice)
+                    if parsed.echo is not None:  # the prompt first, then the output (prefill has answered)
+                        yield _sse(openai.echo_chunk(parsed, request_id, index,
+                                                     *openai.echo_prefix(parsed, choice, i)))
                 text, reasoning, calls, finish = chunk.text, "", [], chunk.finish_reason
                 if parsed.chat:  # the chunk's text, parsed: what is certain now (a tag's start waits for the rest)
                     delta = outputs[index].push(chunk.text)

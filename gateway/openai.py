@@ -2,7 +2,7 @@
 and turned into PrefillRequests, completions turned back into OpenAI JSON, and errors in OpenAI's error shape.
 No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
-What decode cannot do is refused with a 400 naming the parameter, never silently ignored: echo, best_of, suffix;
+What decode cannot do is refused with a 400 naming the parameter, never silently ignored: best_of, suffix;
 and so is every parameter an endpoint does not know
 (`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
 presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
@@ -36,14 +36,14 @@ from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_STOP = 4  # as OpenAI
-_UNSUPPORTED = ("functions", "function_call", "echo", "suffix", "audio", "modalities", "prediction")
+_UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "modalities", "prediction")
 # The names each endpoint reads; any other is refused (400 naming it).
 _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
                             "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key", "min_p",
                             "logit_bias", "stop_token_ids", "min_tokens", "response_format",
                             "repetition_penalty", *_UNSUPPORTED})
-_COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt"}
+_COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt", "echo"}
 _CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
                                   "tool_choice", "parallel_tool_calls"}
 
@@ -96,6 +96,9 @@ class Parsed:
     tools: list[dict[str, Any]] = field(default_factory=list)  # offered, with tool_choice "auto": calls are parsed
     parallel_tool_calls: bool = True
     top_logprobs: int = 0
+    # completions' echo: per prompt, the text to put before the output (None: the prompt's tokens' text, from
+    # PrefillResponse.prompt_logprobs); None = no echo
+    echo: list[str | None] | None = None
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -231,6 +234,7 @@ def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
         raise ApiError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
     sampling.top_logprobs = logprobs or 0  # N > 0: the N most likely tokens at each position too
     sampling.token_bytes = logprobs is not None
+    echo = _get(body, "echo", (bool,), False)  # the prompt before the output; with logprobs, its scores too
     prompt = body.get("prompt")
     prompts: list[Any]
     if isinstance(prompt, str):
@@ -255,8 +259,11 @@ def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
             raise ApiError(400, "'prompt' token arrays must hold non-negative integers", param="prompt")
         if salt is not None:
             req.cache_salt = salt
+        if echo and (logprobs is not None or not isinstance(p, str)):  # scores, or the text of token ids
+            req.prompt_logprobs = logprobs or 0
         out.append(req)
-    return Parsed(False, model, out, n, stream, include_usage, logprobs is not None, top_logprobs=logprobs or 0)
+    return Parsed(False, model, out, n, stream, include_usage, logprobs is not None, top_logprobs=logprobs or 0,
+                  echo=[p if isinstance(p, str) else None for p in prompts] if echo else None)
 
 
 def _content(message: dict, i: int) -> str:
@@ -373,6 +380,34 @@ def _logprobs(p: Parsed, texts: list[str], logprobs: list[float],
             "text_offset": offsets}
 
 
+def echo_prefix(p: Parsed, c: Choice, prompt: int) -> tuple[str, dict[str, Any] | None]:
+    """Completions' echo of prompt number `prompt`: its text and (with logprobs) its tokens' log-probabilities in
+    the completions shape, the first token's null (nothing comes before it)."""
+    entries = list(c.trace.prefill.prompt_logprobs) if c.trace.prefill is not None else []
+    given = p.echo[prompt] if p.echo else None
+    text = given if given is not None else b"".join(e.bytes for e in entries).decode("utf-8", "replace")
+    if not p.logprobs:
+        return text, None
+    lp = _logprobs(p, [], [e.logprob for e in entries],
+                   [[(t.id, t.logprob, t.text, t.bytes) for t in e.top_logprobs] for e in entries],
+                   [e.bytes for e in entries])
+    if lp is not None and entries:
+        lp["token_logprobs"][0] = None
+        if lp["top_logprobs"] is not None:
+            lp["top_logprobs"][0] = None
+    return text, lp
+
+
+def _joined(before: dict[str, Any] | None, after: dict[str, Any] | None, shift: int) -> dict[str, Any] | None:
+    """Two completions-shape logprobs one after the other; `after`'s offsets move past `shift` characters."""
+    if before is None or after is None:
+        return after if before is None else before
+    return {"tokens": before["tokens"] + after["tokens"],
+            "token_logprobs": before["token_logprobs"] + after["token_logprobs"],
+            "top_logprobs": None if after["top_logprobs"] is None else before["top_logprobs"] + after["top_logprobs"],
+            "text_offset": before["text_offset"] + [o + shift for o in after["text_offset"]]}
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0  # JSON has no -inf
 
@@ -418,9 +453,21 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
             out.append({"index": c.index, "message": {"role": "assistant", **message(content, whole.reasoning, calls)},
                         "logprobs": lp, "finish_reason": tool_finish(c.finish_reason, bool(calls))})
         else:
+            if p.echo is not None:
+                prefix, prefix_lp = echo_prefix(p, c, c.index // p.n)
+                text, lp = prefix + text, _joined(prefix_lp, lp, len(prefix))
             out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
     return {"id": request_id, "object": "chat.completion" if p.chat else "text_completion", "created": p.created,
             "model": p.model, "choices": out, "usage": usage, "system_fingerprint": None}
+
+
+def echo_chunk(p: Parsed, request_id: str, index: int, text: str, lp: dict[str, Any] | None) -> dict[str, Any]:
+    """The first event of a streamed completion with echo: the prompt (echo_prefix), before any output."""
+    out = {"id": request_id, "object": "text_completion", "created": p.created, "model": p.model,
+           "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": None}]}
+    if p.include_usage:
+        out["usage"] = None
+    return out
 
 
 def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], text: str, logprobs: list[float],

@@ -26,7 +26,7 @@ from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.constraint import THINK_END, ConstraintError, parse_spec
-from qwenpd.engine.sampling import Sampler, SamplingParams
+from qwenpd.engine.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
@@ -55,6 +55,7 @@ class Encoded:
     restore_ns: int
     prefill_ns: int
     write_ns: int
+    scores: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt_logprobs: Engine.prefill_scored's
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
@@ -88,7 +89,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         resume_from = request.resume_checkpoint_id
         if resume_from and not resume.draws:
             raise InvalidArgument("resume_checkpoint_id", "is only valid with resume_generated > 0")
-        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from))
+        score = request.prompt_logprobs if request.HasField("prompt_logprobs") else None
+        if score is not None and score > MAX_TOP_LOGPROBS:
+            raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {score}")
+        if score is not None and resume.draws:
+            raise InvalidArgument("prompt_logprobs", "is not valid with resume_generated (the prompt was scored)")
+        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from, score))
         self.served += 1
         h = done.handoff
         self._observe(done, arrived)
@@ -102,10 +108,22 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                          logprob=h.first_logprob,
                                          top_logprobs=h.to_pb().first_token.top_logprobs),
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
-            prompt_token_ids=ids if request.return_prompt_token_ids else [], reasoning_open=prompt.reasoning_open)
+            prompt_token_ids=ids if request.return_prompt_token_ids else [], reasoning_open=prompt.reasoning_open,
+            prompt_logprobs=self._prompt_logprobs(ids, done.scores) if done.scores is not None else [])
+
+    def _prompt_logprobs(self, ids: list[int], scores: list[tuple[float, list[tuple[int, float]]]]
+                         ) -> list[common_pb2.Token]:
+        """PrefillResponse.prompt_logprobs: each prompt token with its own text and bytes (the first: logprob 0, no
+        candidates)."""
+        tok = self.engine.tokenizer
+        return [common_pb2.Token(id=t, logprob=lp, text=tok.token_text(t) if tok else "",
+                                 bytes=tok.token_bytes(t) if tok else b"",
+                                 top_logprobs=[common_pb2.TopLogprob(id=i, logprob=v, text=c, bytes=b)
+                                               for i, v, c, b in candidates(tok, top)])
+                for t, (lp, top) in zip(ids, [(0.0, []), *scores])]
 
     def _encode(self, job: Job, ids: list[int], resume: Resume, cache_salt: str | None,
-                resume_from: str = "") -> Encoded:
+                resume_from: str = "", score: int | None = None) -> Encoded:
         """On the worker thread: restore the longest cached prefix, prefill the rest of the prompt (stopping at
         snapshot boundaries), sample the first token, publish new cache entries and write the hand-off checkpoint.
         Resumed: the state at the stream's resume point, or the original prompt's, and no sampling (module doc)."""
@@ -119,12 +137,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self.metrics.resumes.labels("checkpoint" if stream is not None else "recomputed").inc()
         elif resume.draws:
             self.metrics.resumes.labels("recomputed").inc()
-        plan = self.prefix.plan(ids[:prompt_len] if stream is None else (), cache_salt)
+        # a scored prompt computes every position: it neither restores from the prefix cache nor adds to it
+        plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt)
+        scores = None
         try:
             state = self.prefix.restore(plan) if stream is None else stream
             restored = time.monotonic_ns()
             if stream is None:
-                logits, state = self._prefill(job, ids[:prompt_len], plan, state)
+                logits, state, scores = self._prefill(job, ids[:prompt_len], plan, state, score)
             c = state.num_tokens  # consumed: the prompt, or up to the resume point
             if resume.draws:  # decode feeds ids[c:] and samples after the last: nothing is sampled here
                 generated = tuple(ids[prompt_len:]) if params.history else ()
@@ -165,7 +185,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             except QwenpdError:
                 pass
         return Encoded(checkpoint_id=checkpoint_id, handoff=handoff, queue_ns=queue_ns, restore_ns=restored - started,
-                       prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed)
+                       prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed, scores=scores)
 
     def _constrained(self, params: SamplingParams, reasoning_open: bool) -> SamplingParams:
         """Check sampling.structured_output (INVALID_ARGUMENT naming it) and, after a prompt that opened the
@@ -186,8 +206,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise InvalidArgument(name, str(exc)) from None
         return params
 
-    def _prefill(self, job: Job, ids: list[int], plan, state):
-        """Prefill `ids` after the plan's cached prefix; (logits of the last token, state)."""
+    def _prefill(self, job: Job, ids: list[int], plan, state, score: int | None = None):
+        """Prefill `ids` after the plan's cached prefix; (logits of the last token, state, the prompt's scores
+        with `score` candidates each (Engine.prefill_scored), None when score is None)."""
         try:
             state.reserve(len(ids))  # every page of the prompt at once, before any work
         except OutOfPages as exc:
@@ -198,8 +219,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             job.check()
             plan.on_chunk(s)
 
-        return self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
-                                   boundaries=plan.boundaries, on_chunk=between_chunks)
+        if score is not None:
+            return self.engine.prefill_scored(ids, score, state, on_chunk=between_chunks)
+        logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
+                                            boundaries=plan.boundaries, on_chunk=between_chunks)
+        return logits, state, None
 
     def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None):
         """The state of a broken stream's resume point, if it is still stored and its stream record matches this

@@ -40,6 +40,23 @@ def test_full_forward_logits(pair, t):
     assert err <= ATOL, f"{variant} T={t}: max-abs {err:.2e}"
 
 
+def test_prompt_scores_are_transformers_log_probabilities(pair):
+    """Engine.prefill_scored: each prompt token's log-probability given those before it, and the most likely ids
+    at its position, are transformers' log_softmax of its logits, across scoring chunks (300 > SCORE_CHUNK);
+    the state it leaves continues like a plain prefill's."""
+    variant, hf, eng = pair
+    ids = _ids(300, eng.config.vocab_size, seed=5)
+    last, state, scores = eng.prefill_scored(ids, top=3)
+    ref = torch.log_softmax(_hf_logits(hf, ids), dim=-1)
+    want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert len(scores) == 299 and _max_abs(torch.tensor([lp for lp, _ in scores]), want) <= ATOL
+    top = ref[:-1].topk(3)
+    assert _max_abs(torch.tensor([[v for _, v in c] for _, c in scores]), top.values) <= ATOL
+    assert sum(c[0][0] == i for (_, c), i in zip(scores, top.indices[:, 0].tolist())) >= 297  # ties may swap
+    assert state.num_tokens == 300
+    assert _max_abs(torch.log_softmax(last, -1), ref[-1]) <= ATOL
+
+
 @pytest.mark.parametrize("chunk", [1, 16, 64, 128, 300], ids=lambda c: f"C{c}")
 def test_chunked_prefill_matches(pair, chunk):
     variant, hf, eng = pair

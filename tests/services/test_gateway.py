@@ -377,6 +377,49 @@ def test_repetition_penalty_across_the_hand_off_equals_the_in_process_engine(oai
     assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty" in rpc.value.details()
 
 
+def test_completions_echo_scores_the_prompt_like_transformers(oai, model_name, gateway, services, engine,
+                                                              tiny_model_dir):
+    """lm-evaluation-harness's multiple-choice call (echo, logprobs 1, max_tokens 1): the text starts with the prompt,
+    the first token's log-probability is null, and the others are transformers' log_softmax of its logits on the
+    same checkpoint; streamed, the prompt comes first; a token-id prompt echoes its text; Prefill refuses a
+    prompt_logprobs past 20 naming it."""
+    from transformers import Qwen3_5ForCausalLM
+
+    from qwenpd.tokens import token_text
+
+    prompt_ids = engine.tokenizer.encode(PROMPT)
+    comp = oai.completions.create(model=model_name, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1,
+                                  echo=True)
+    c = comp.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(PROMPT) and len(lp.tokens) == len(prompt_ids) + 1
+    assert lp.tokens[:-1] == [token_text(engine.tokenizer.token_bytes(i)) for i in prompt_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    hf = Qwen3_5ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt_ids])).logits[0].float(), -1)
+    want = ref[:-1].gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0].tolist()
+    assert lp.token_logprobs[1:-1] == pytest.approx(want, abs=1e-4)
+    assert lp.text_offset[:len(prompt_ids)] == sorted(lp.text_offset[:len(prompt_ids)])
+    assert lp.text_offset[-1] == len(PROMPT) and comp.usage.prompt_tokens == len(prompt_ids)
+    plain = oai.completions.create(model=model_name, prompt=PROMPT, max_tokens=6, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    events = list(oai.completions.create(model=model_name, prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                         stream=True, extra_body={"ignore_eos": True}))
+    assert events[0].choices[0].text == PROMPT
+    assert "".join(e.choices[0].text for e in events) == PROMPT + plain.choices[0].text
+    ids_echo = oai.completions.create(model=model_name, prompt=prompt_ids, max_tokens=2, temperature=0, echo=True,
+                                      extra_body={"ignore_eos": True})
+    assert ids_echo.choices[0].text.startswith(PROMPT)
+    with grpc.insecure_channel(services.prefill) as ch:
+        from qwenpd.protos.qwenpd.v1 import prefill_pb2_grpc
+
+        with pytest.raises(grpc.RpcError) as err:
+            prefill_pb2_grpc.PrefillServiceStub(ch).Prefill(prefill_pb2.PrefillRequest(
+                text=PROMPT, prompt_logprobs=21), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs" in err.value.details()
+
+
 def test_the_python_client_offers_tools_and_parses_chat_output(client):
     """Client.generate with messages: tools and template arguments reach the template, and the Result has the
     text parsed (content; tool calls only when tools were offered)."""

@@ -270,9 +270,9 @@ class PrefillResponse(_message.Message):
 
     @_builtins.property
     def prompt_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]:
-        """With PrefillRequest.prompt_logprobs: one entry per prompt token from the second on (the first has nothing
-        before it): its id, its own text and bytes, its log-probability given the tokens before it, and the most
-        likely tokens at its position.
+        """With PrefillRequest.prompt_logprobs: one entry per prompt token: its id, its own text and bytes, its
+        log-probability given the tokens before it, and the most likely tokens at its position. The first token
+        has nothing before it: its entry has logprob 0 and no candidates (OpenAI's echo shows null there).
         """
 
     def __init__(

@@ -17,11 +17,17 @@ split. Masks cover the model's whole vocabulary: rows past the tokenizer (real c
 are never allowed. Once the grammar is complete only the sequence's ending ids (EOS) may follow; JSON is
 generated without free whitespace (llguidance's default separators), so a bounded schema ends in a bounded
 number of tokens.
+
+Masks are computed off the critical path: once a token is sampled the next position's mask depends on nothing
+else, so `Sampler.sample` starts it (`prefetch`) on a worker thread at once, and it runs (llguidance drops the GIL)
+while decode's next forward pass runs; `allowed` then only waits for it. Only where a core is free for it
+(Grammars.prefetch: the engine says; on a CPU whose cores all run the forward it would only slow it down).
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +35,8 @@ import torch
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 THINK_END = "</think>"
+_MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenpd-mask")  # prefetched masks, one at a time
+PREFETCH = True  # off: never prefetch (bench/constrained.py measures both ways)
 COMPACT = {"whitespace_flexible": False}  # JSON with fixed separators: no whitespace for a model to loop in  # where a thinking model's reasoning ends
 
 
@@ -75,12 +83,13 @@ class Grammars:
     """One engine's constraint factory: the tokenizer as llguidance sees it (built once) and the model's vocabulary
     size (the mask's length)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_id: int | None):
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_id: int | None, prefetch: bool = True):
         import llguidance
 
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, eos_token=eos_token_id)
         self.vocab_size = vocab_size
         self.words = self.tokenizer.vocab_size  # tokens the tokenizer has; model rows past it are padding
+        self.prefetch = prefetch  # compute a sequence's next mask on a worker thread as soon as it can be
 
     def check(self, structured_output: str) -> None:
         """ConstraintError (saying why) unless `structured_output` is a spec llguidance accepts; builds no
@@ -112,12 +121,14 @@ class Constraint:
     after: str | None = None  # free text until this has been generated
     _tail: str = ""  # the end of the free text so far (to find `after` across token boundaries)
     _bitmask: torch.Tensor | None = None  # llguidance's packed mask, reused step after step
+    _pending: Future | None = None  # the next position's mask being filled (prefetch)
 
     @property
     def active(self) -> bool:
         return self.after is None
 
     def advance(self, token: int) -> None:
+        self._settle()  # the matcher is not shared between threads
         if not self.active:
             if token < self.grammars.words:
                 self._tail = (self._tail + self.grammars.tokenizer.decode_str([token]))[-4 * len(self.after):]
@@ -128,6 +139,24 @@ class Constraint:
             return
         self.matcher.consume_token(token)
 
+    def prefetch(self) -> None:
+        """Start filling the next position's mask on the worker thread (after the last `advance`)."""
+        if PREFETCH and self.grammars.prefetch and self.active and self._pending is None and \
+                not (self.matcher.is_stopped() or self.matcher.is_error()):
+            self._pending = _MASKS.submit(self._fill)
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _fill(self) -> None:
+        import llguidance.torch as lt
+
+        if self._bitmask is None:
+            self._bitmask = lt.allocate_token_bitmask(1, self.grammars.words)
+        lt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+
     def allowed(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [V] with every token the grammar does not allow now set to -inf (ending ids allowed where the
         grammar is complete; all tokens, free text, before `after`)."""
@@ -135,13 +164,15 @@ class Constraint:
             return logits
         m = self.matcher
         if m.is_stopped() or m.is_error():
+            self._settle()
             out = torch.full_like(logits, float("-inf"))
         else:
             import llguidance.torch as lt
 
-            if self._bitmask is None:
-                self._bitmask = lt.allocate_token_bitmask(1, self.grammars.words)
-            lt.fill_next_token_bitmask(m, self._bitmask, 0)
+            if self._pending is not None:
+                self._settle()  # prefetched while the forward pass ran
+            else:
+                self._fill()
             out = logits.clone()
             lt.apply_token_bitmask_inplace(out[None], self._bitmask)  # rows past the tokenizer: -inf too
             eos = self.grammars.tokenizer.eos_token

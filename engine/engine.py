@@ -124,7 +124,11 @@ class Engine:
         use (warm_up). Its `words`: the tokenizer's size, past which embedding rows are padding, never sampled."""
         if self.tokenizer is None:
             return None
-        return Grammars(self.tokenizer.to_json(), self.config.vocab_size, self.tokenizer.eos_token_id)
+        # prefetch masks where a core is free while the forward runs: the model on an accelerator, or CPU threads
+        # to spare (on a CPU busy with the forward, the mask thread only takes its cores: bench/constrained.py)
+        spare = self.device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+        return Grammars(self.tokenizer.to_json(), self.config.vocab_size, self.tokenizer.eos_token_id,
+                        prefetch=spare)
 
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel group (nothing to do otherwise). Idempotent."""

@@ -174,6 +174,7 @@ class Sampler:
             token = int(torch.argmax(logits))
             self._uniform()  # keep draws aligned with tokens, so resumption is position-exact
             self.seen((token,))
+            self._prefetch()
             return token, float(logprobs[token])
         probs = _filtered_probs(logits, self.params)
         # inverse-CDF with one uniform draw: independent of thread count and reproducible from the seed
@@ -184,7 +185,13 @@ class Sampler:
         while probs[token] == 0:  # u landed exactly on a boundary of a zeroed entry
             token -= 1
         self.seen((token,))
+        self._prefetch()
         return token, float(logprobs[token])
+
+    def _prefetch(self) -> None:
+        """The next position's grammar mask, started now: it runs while the next forward pass does."""
+        if self.constraint is not None:
+            self.constraint.prefetch()
 
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

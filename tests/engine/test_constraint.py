@@ -105,3 +105,28 @@ def test_padding_rows_are_never_sampled_unconstrained_either(engine):
         assert all(sampler.sample(logits)[0] < words for _ in range(20))
     ids, _ = greedy_batch(torch.stack([logits, logits]), words)
     assert ids == [int(torch.argmax(logits[:words]))] * 2
+
+
+def test_prefetched_masks_give_the_same_tokens(engine):
+    """A mask prefetched on the worker thread (started as each token is sampled) is the mask computed at sampling:
+    the same seeded, constrained sequence either way, and a prefetch does not outlive the grammar state it read
+    (the next `advance` waits for it)."""
+    from qwenpd.engine import constraint
+
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=40,
+                            structured_output=_spec(type="json_schema", schema=SCHEMA))
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(engine.config.vocab_size, generator=g) for _ in range(40)]
+    runs = []
+    for prefetch in (False, True):
+        grammars = engine.grammars
+        before = grammars.prefetch
+        grammars.prefetch = prefetch
+        try:
+            sampler = Sampler.resumed(params, 0, engine.eos_token_ids, (), grammars)
+            runs.append([sampler.sample(x)[0] for x in logits])
+            assert (sampler.constraint._pending is not None) == (prefetch and constraint.PREFETCH
+                                                                 and not sampler.constraint.matcher.is_stopped())
+        finally:
+            grammars.prefetch = before
+    assert runs[0] == runs[1]

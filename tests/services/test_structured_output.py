@@ -133,3 +133,27 @@ def test_the_python_client_constrains_and_parses(client):
     assert json.loads(r.content)["city"] in ("Paris", "Oslo", "Lima")
     with pytest.raises(ValueError):
         client.generate("text prompt", tool_choice="required")
+
+
+def test_grpc_generate_takes_structured_output(gateway):
+    """A client built from the .proto files alone: GenerateRequest's SamplingParams.structured_output constrains a
+    chat answer to the schema through the gateway and the split (the gateway's chat output parsed into content),
+    and a schema the grammar library refuses is INVALID_ARGUMENT naming the field."""
+    from qwenpd.protos.qwenpd.v1 import generate_pb2, generate_pb2_grpc
+
+    spec = json.dumps({"type": "json_schema", "schema": SCHEMA})
+    chat = prefill_pb2.Chat(messages=[common_pb2.ChatMessage(role="user", content="Weather in Paris?")],
+                            enable_thinking=False)
+    with grpc.insecure_channel(gateway.address) as ch:
+        stub = generate_pb2_grpc.GenerateServiceStub(ch)
+        for seed in range(2):
+            chunks = list(stub.Generate(generate_pb2.GenerateRequest(chat=chat, sampling=common_pb2.SamplingParams(
+                temperature=1.0, seed=seed, max_tokens=80, structured_output=spec)), timeout=60))
+            value = json.loads("".join(c.content for c in chunks))
+            assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+            assert value["city"] in ("Paris", "Oslo", "Lima") and 1 <= value["days"] <= 30
+        bad = json.dumps({"type": "json_schema", "schema": {"type": "object", "properties": {"x": {"type": 7}}}})
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(generate_pb2.GenerateRequest(chat=chat, sampling=common_pb2.SamplingParams(
+                max_tokens=8, structured_output=bad)), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured_output" in err.value.details()

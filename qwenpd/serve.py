@@ -283,12 +283,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
             t = last.timings
             print(f"\n    {n} tokens  TTFT {1e3 * ttft:.1f} ms (gateway: {t.ttft_ns / 1e6:.1f} ms)  "
                   f"TPOT {t.tpot_ns / 1e6:.2f} ms  cached {last.usage.cached_tokens} prompt tokens", flush=True)
+        _demo_tool_call(stub, args.timeout)
         print("\n  time to first token: call start to the first chunk here (gateway: arrival to prefill's answer);\n"
               "  time per output token: (last token - first token) / (tokens - 1), timed at the gateway per token,\n"
               "  not per chunk, so tokens that share a chunk do not shrink it.", flush=True)
         print("\nstopping services ...", flush=True)
     print("qwenpd demo: done", flush=True)
     return 0
+
+
+DEMO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string", "maxLength": 16},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                                   "required": ["city", "days"]}}}]
+
+
+def _demo_tool_call(stub, timeout: float) -> None:
+    """A chat that must call a tool (tool_choice "required": constrained decoding, so even the random-weight tiny
+    model makes a valid call), streamed as the gateway parses it."""
+    import json
+
+    from qwenpd.clients.chat_request import tool_choice_spec
+    from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, prefill_pb2
+
+    offered, forced = tool_choice_spec(DEMO_TOOLS, "required", parallel=False)
+    chat = prefill_pb2.Chat(messages=[common_pb2.ChatMessage(role="user", content="Weather in Oslo for 3 days?")],
+                            tools_json=json.dumps(offered), enable_thinking=False)
+    request = generate_pb2.GenerateRequest(chat=chat, sampling=common_pb2.SamplingParams(
+        temperature=0, max_tokens=256, structured_output=forced))
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stub.Generate(request, timeout=timeout):
+        for d in chunk.tool_calls:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.name
+            call["arguments"] += d.arguments
+        if chunk.HasField("finish_reason"):
+            finish = common_pb2.FinishReason.Name(chunk.finish_reason)
+    print(f"[{len(DEMO_PROMPTS) + 1}] a chat offering get_weather with tool_choice \"required\" ->", flush=True)
+    for i, call in sorted(calls.items()):
+        print(f"    tool call {i}: {call['name']}({call['arguments']})", flush=True)
+    print(f"    finish: {finish}", flush=True)
 
 
 def default_tiny_model() -> Path:

@@ -99,6 +99,7 @@ def test_demo_runs_end_to_end(tmp_path):
                        timeout=180, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("TTFT") == 3 and "done" in r.stdout
+    assert "tool call 0: get_weather({" in r.stdout and "FINISH_REASON_TOOL_CALLS" in r.stdout  # a forced call
     tpots = [float(line.split("TPOT ")[1].split(" ms")[0]) for line in r.stdout.splitlines() if "TPOT" in line]
     assert len(tpots) == 3 and all(t > 0.3 for t in tpots), tpots  # per token, never ~0 from coalesced chunks
     assert (tmp_path / "qwenpd" / "tiny-seed0" / "config.json").is_file()

@@ -49,6 +49,8 @@ class ModelConfig:
     attention_bias: bool = False
     mrope_section: tuple[int, ...] = ()
     mrope_interleaved: bool = False
+    # decoder layers of the multi-token-prediction head (`mtp.*` weights; 0: none); the main model ignores them
+    mtp_num_hidden_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -201,6 +203,7 @@ class ModelConfig:
             attention_bias=bool(t.get("attention_bias", False)),
             mrope_section=tuple(rope.get("mrope_section", ())),
             mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
+            mtp_num_hidden_layers=int(t.get("mtp_num_hidden_layers", 0)),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -237,12 +240,14 @@ class ModelConfig:
             "hidden_act": self.hidden_act,
             "attention_bias": False,
             "dtype": self.torch_dtype,
+            **({"mtp_num_hidden_layers": self.mtp_num_hidden_layers} if self.mtp_num_hidden_layers else {}),
         }
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The fields that decide what state a model produces (dtype excluded: it is checked per tensor)."""
         d = dataclasses.asdict(self)
         d.pop("torch_dtype")
+        d.pop("mtp_num_hidden_layers")  # the draft head changes no state of the main model
         return d
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -280,14 +285,14 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
-        linear_conv_kernel_dim=4, layer_types=_pattern(1), max_position_embeddings=8192,
+        linear_conv_kernel_dim=4, layer_types=_pattern(1), max_position_embeddings=8192, mtp_num_hidden_layers=1,
     ),
     "small": ModelConfig(
         vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
         num_attention_heads=8, num_key_value_heads=2, head_dim=128,
         linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, layer_types=_pattern(2), max_position_embeddings=32768,
-        torch_dtype="bfloat16",
+        torch_dtype="bfloat16", mtp_num_hidden_layers=1,
     ),
     # Qwen/Qwen3.6-27B (same architecture as Qwen3.5-27B, model_type qwen3_5): the model card gives hidden 5120,
     # 64 layers as 16 x (3 x Gated DeltaNet + 1 x gated attention), DeltaNet 48 V / 16 QK heads of dim 128,
@@ -299,7 +304,7 @@ PRESETS: dict[str, ModelConfig] = {
         linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, layer_types=_pattern(16), max_position_embeddings=262144,
         eos_token_ids=(248044,), torch_dtype="bfloat16", model_type="qwen3_5",
-        mrope_section=(11, 11, 10), mrope_interleaved=True,
+        mrope_section=(11, 11, 10), mrope_interleaved=True, mtp_num_hidden_layers=1,
     ),
     # Qwen/Qwen3.5-2B, as its model card is quoted (awesomeagents.ai, apxml.com): hidden 2048, 24 layers as
     # 6 x (3 x Gated DeltaNet + 1 x gated attention), FFN 6144, DeltaNet 16 V / 16 QK heads of dim 128, attention
@@ -312,7 +317,7 @@ PRESETS: dict[str, ModelConfig] = {
         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, layer_types=_pattern(6), max_position_embeddings=262144,
         tie_word_embeddings=True, eos_token_ids=(248044,), torch_dtype="bfloat16", model_type="qwen3_5",
-        mrope_section=(11, 11, 10), mrope_interleaved=True,
+        mrope_section=(11, 11, 10), mrope_interleaved=True, mtp_num_hidden_layers=1,
     ),
 }
 

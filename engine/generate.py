@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+import torch
 from typing import Callable, Sequence
 
 from qwenpd.engine.engine import DecodeBatch
@@ -20,6 +22,9 @@ class GenerationResult:
     logprobs: list[float]
     prefill_s: float
     decode_s: float
+    draft_tokens: int = 0  # speculative: drafts proposed
+    accepted_tokens: int = 0  # speculative: drafts that were the tokens chosen
+    accepted_at: list[int] | None = None  # speculative: accepted drafts per draft position (1st, 2nd, ...)
 
 
 def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_size: int = 512,
@@ -45,3 +50,71 @@ def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_si
     decode_s = time.perf_counter() - t1
     return GenerationResult(token_ids=tracker.token_ids, text=tracker.text, finish_reason=tracker.finish_reason,
                             logprobs=tracker.logprobs, prefill_s=prefill_s, decode_s=decode_s)
+
+
+def generate_speculative(engine, head, prompt_ids: Sequence[int], params: SamplingParams, k: int,
+                         chunk_size: int = 512, rollback: str = "replay",
+                         on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """`generate` with k drafts per step from the checkpoint's MTP head (`head`, an engine/mtp.py MTPHead) and one
+    verify pass of k+1 positions (engine/speculative.py): the same tokens and log-probabilities as `generate`,
+    greedy or seeded sampling alike, in fewer passes over the weights. Prefill also runs the head over the prompt,
+    so the first step drafts already."""
+    from qwenpd.engine.engine import chunk_spans
+    from qwenpd.engine.speculative import Drafter, accept, verify
+
+    if k < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
+    sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt_ids)
+    tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
+    drafter = Drafter(head, sampler.vocab)
+    t0 = time.perf_counter()
+    engine.check_tokens(prompt_ids)
+    state = engine.new_state()
+    normed: list = []
+    logits = None
+    for lo, hi in chunk_spans(0, len(prompt_ids), chunk_size):
+        logits = engine.eager.prefill_chunk(list(prompt_ids[lo:hi]), state, normed=normed)
+    assert logits is not None
+    token, logprob = sampler.sample(logits)
+    hidden = torch.cat(normed)
+    prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    drafted = accepted = 0
+    at = [0] * k
+    # the head reads (hidden of position t, token t+1) for every prompt position: the first token closes the prompt
+    drafts = drafter.draft(hidden, [*prompt_ids[1:], token], 0, k)
+    while True:
+        delta = tracker.push(token, logprob)
+        if on_text is not None and delta:
+            on_text(delta)
+        if tracker.finish_reason is not None:
+            break
+        room = min(engine.config.max_position_embeddings - state.num_tokens - 1,  # context left after `token`
+                   params.max_tokens - len(tracker.token_ids) - 1)  # tokens left after the next one
+        drafts = drafts[:max(0, room)]
+        fed = [token, *drafts]
+        done = verify(engine, state, fed, rollback)
+        drafted += len(drafts)
+        chosen: list[tuple[int, float]] = []
+        for i in range(len(fed)):  # as plain decoding would choose, position by position
+            t, lp = sampler.sample(done.logits[i])
+            chosen.append((t, lp))
+            if i == len(drafts) or t != drafts[i]:
+                break
+            accepted += 1
+            at[i] += 1
+            finished = tracker.push(t, lp)  # a draft that is the chosen token: stream it now
+            if on_text is not None and finished:
+                on_text(finished)
+            if tracker.finish_reason is not None:
+                break
+        accept(engine, state, done, len(chosen))
+        if tracker.finish_reason is not None:
+            break
+        token, logprob = chosen[-1]
+        drafts = drafter.draft(done.hidden[:len(chosen)], [t for t, _ in chosen], done.start, k)
+    decode_s = time.perf_counter() - t1
+    state.release()
+    return GenerationResult(token_ids=tracker.token_ids, text=tracker.text, finish_reason=tracker.finish_reason,
+                            logprobs=tracker.logprobs, prefill_s=prefill_s, decode_s=decode_s,
+                            draft_tokens=drafted, accepted_tokens=accepted, accepted_at=at)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from qwenpd.engine.config import ModelConfig, preset
-from qwenpd.engine.weights import expected_weight_shapes
+from qwenpd.engine.weights import MTP, expected_weight_shapes, mtp_weight_shapes
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The Qwen3.6 chat format: tools offered in the system turn, calls as <tool_call><function=...><parameter=...>,
@@ -122,10 +122,20 @@ def _weight_blocks(c: ModelConfig, seed: int, dtype: torch.dtype, max_elements: 
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, block of rows in `dtype`) of every weight, in sorted name order: one generator walks the
     names in that order, so a seed gives the same weights however they are cut into blocks."""
-    g = torch.Generator().manual_seed(seed)
-    for name, shape in sorted(expected_weight_shapes(c).items()):
+    for name, shape, g in _written(c, seed):
         for start, stop in _row_blocks(shape, max_elements):
             yield name, _draw(name, shape, stop - start, g).to(dtype).contiguous()
+
+
+def _written(c: ModelConfig, seed: int) -> Iterator[tuple[str, tuple[int, ...], torch.Generator]]:
+    """(name, shape, generator) of every tensor in file order: the text model's in sorted name order from one
+    generator, then the MTP head's from another (so adding the head left the text model's weights as they were)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in sorted(expected_weight_shapes(c).items()):
+        yield name, shape, g
+    g_mtp = torch.Generator().manual_seed(seed + 0x6D7470)
+    for name, shape in sorted(mtp_weight_shapes(c).items()):
+        yield name, shape, g_mtp
 
 
 def random_weights(c: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -137,7 +147,7 @@ def random_weights(c: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _stored_name(name: str) -> str:
-    return name if name == "lm_head.weight" else "model." + name
+    return name if name == "lm_head.weight" or name.startswith(MTP) else "model." + name
 
 
 def write_weights(path: str | Path, c: ModelConfig, seed: int, dtype: torch.dtype,
@@ -149,7 +159,7 @@ def write_weights(path: str | Path, c: ModelConfig, seed: int, dtype: torch.dtyp
     itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in sorted(expected_weight_shapes(c).items()):
+    for name, shape, _ in _written(c, 0):
         size = math.prod(shape) * itemsize
         header[_stored_name(name)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                                       "data_offsets": [offset, offset + size]}

@@ -125,11 +125,12 @@ class HybridModel:
     def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
                       k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
                       table: torch.Tensor, start: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor,
-                      layers: "HybridModel | None" = None) -> torch.Tensor:
+                      layers: "HybridModel | None" = None, normed: list | None = None) -> torch.Tensor:
         """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
         pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
         real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V].
-        `layers` runs each layer and the head (default this model; a runner's compiled regions)."""
+        `layers` runs each layer and the head (default this model; a runner's compiled regions). `normed` (eager
+        only): a list that gets the final-normed hidden states of every row [T, H] (what an MTP head reads)."""
         layers = layers or self
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
@@ -138,6 +139,8 @@ class HybridModel:
                 x = layers.linear_prefill(blk, x, conv[j], recurrent[j], mask)
             else:
                 x = layers.attention_prefill(blk, x, k_pools[j], v_pools[j], slots, table, start)
+        if normed is not None:
+            normed.append(rms_norm(x, self.final_norm, self.config.rms_norm_eps, self.dtype))
         return layers.logits(x.index_select(0, last))
 
     def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],

@@ -155,9 +155,10 @@ class GraphRunner:
             return pick(self.buckets.batches, n, "decode batch of")
         return -(-n // self.row_multiple) * self.row_multiple
 
-    def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False) -> torch.Tensor:
+    def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False,
+                      normed: list | None = None) -> torch.Tensor:
         """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (all
-        [T, V] with all_logits, eager only)."""
+        [T, V] with all_logits, eager only). `normed` (eager only) gets the final-normed hidden states [T, H]."""
         t, start, b = len(token_ids), state.num_tokens, self.buckets
         state.reserve(start + t)
         padded = self._pad(None if b is None else b.chunks, t, "prefill chunk of")
@@ -170,7 +171,7 @@ class GraphRunner:
         args = (self._long(token_ids + [0] * pad), state.conv, state.recurrent, cache.k, cache.v, self._long(slots),
                 self._long(state.kv.table(width)), self._long([start]), mask, last)
         with torch.inference_mode():  # inputs are made outside it: graphs guard on the kind of tensor
-            logits = self.prefill_fn(*args)
+            logits = self.prefill_fn(*args) if normed is None else self.prefill_fn(*args, normed=normed)
         state.num_tokens = start + t
         state.token_ids.extend(token_ids)
         return logits if all_logits else logits[0]

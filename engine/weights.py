@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from qwenpd.engine.config import LINEAR, ModelConfig
+from qwenpd.engine.config import FULL, LINEAR, ModelConfig
 
 _PREFIXES = ("model.language_model.", "model.")
 _SKIPPED = ("model.visual.", "visual.", "mtp.", "model.mtp.")
@@ -57,6 +57,50 @@ def expected_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[q + "q_norm.weight"] = (c.head_dim,)
             shapes[q + "k_norm.weight"] = (c.head_dim,)
     return shapes
+
+
+MTP = "mtp."
+
+
+def mtp_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the multi-token-prediction head's tensors (as the public checkpoints store them, under
+    `mtp.`): fc over [normed embedding | normed hidden], its two input norms, `mtp_num_hidden_layers` gated
+    attention decoder layers with their MLPs, and its final norm. Embedding and lm_head are the main model's."""
+    if not c.mtp_num_hidden_layers:
+        return {}
+    h = c.hidden_size
+    shapes = {MTP + "fc.weight": (h, 2 * h), MTP + "pre_fc_norm_embedding.weight": (h,),
+              MTP + "pre_fc_norm_hidden.weight": (h,), MTP + "norm.weight": (h,)}
+    layer = expected_weight_shapes(c.replace(num_hidden_layers=1, layer_types=(FULL,), tie_word_embeddings=True))
+    for i in range(c.mtp_num_hidden_layers):
+        shapes.update({f"{MTP}layers.{i}.{name[len('layers.0.'):]}": shape
+                       for name, shape in layer.items() if name.startswith("layers.0.")})
+    return shapes
+
+
+def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The MTP head's tensors (`mtp.*` or `model.mtp.*`), names under `mtp.`, cast to `dtype`; WeightError naming
+    what is missing or misshaped (a checkpoint without the head, or a config without mtp_num_hidden_layers)."""
+    expected = mtp_weight_shapes(config)
+    if not expected:
+        raise WeightError("config.json has no mtp_num_hidden_layers: this checkpoint declares no MTP head (mtp.*)")
+    found: dict[str, torch.Tensor] = {}
+    for path in _weight_files(Path(model_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                canon = name[len("model."):] if name.startswith("model." + MTP) else name
+                if canon in expected:
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != expected[canon]:
+                        raise WeightError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected[canon]}")
+                    found[canon] = t
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise WeightError(f"checkpoint {model_dir} has no MTP head: it lacks {len(missing)} of the "
+                          f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
+    if any(t.dtype in _FP8 for t in found.values()):
+        raise WeightError("the MTP head is stored as FP8: not supported yet")
+    return {name: t.to(dtype) for name, t in found.items()}
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

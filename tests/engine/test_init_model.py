@@ -41,9 +41,10 @@ def test_streamed_file_is_safetensors_of_the_weights(tmp_path, dtype):
     nbytes = write_weights(path, c, seed=3, dtype=dtype, max_elements=512)
     loaded = load_file(str(path))
     want = random_weights(c, seed=3)
-    assert set(loaded) == {k if k == "lm_head.weight" else "model." + k for k in want}
+    stored = {k: k if k == "lm_head.weight" or k.startswith("mtp.") else "model." + k for k in want}
+    assert set(loaded) == set(stored.values()) and "mtp.fc.weight" in loaded  # the MTP head too
     for name, t in want.items():
-        got = loaded[name if name == "lm_head.weight" else "model." + name]
+        got = loaded[stored[name]]
         assert got.dtype == dtype and torch.equal(got, t.to(dtype)), name
     assert nbytes == sum(t.numel() * t.element_size() for t in loaded.values())
     assert not (tmp_path / "model.safetensors.partial").exists()

@@ -7,6 +7,13 @@ prefill: the logits of every prompt position (one chunk; the projections see man
 teacher-forced steps of a batch of `--batch` copies of the prompt's continuation (few rows per projection: on a
 CPU without bf16 arithmetic the two paths multiply differently, engine/linear.py). Both engines read the same bf16
 weights, so the error is what computing in bf16 costs. Prints one table.
+
+    python bench/accuracy.py --quantized [--presets small,qwen3.6-27b:4] [--prompts 4] [--prompt 128]
+
+Quantization, measured as peers report it: for each of `--quantize` fp8, fp8-mlp and int8 against the same
+checkpoint in bf16, the mean KL divergence KL(bf16 || quantized) of the next-token distributions and the top-1
+agreement, over every position of `--prompts` fixed random prompts (one forward each). `name:N` cuts a preset to
+N layers (the 27B's shapes, 4 layers: what fits here).
 """
 
 from __future__ import annotations
@@ -47,8 +54,38 @@ def hf_logits(path: Path, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
+def quantized_table(presets: str, prompts: int, length: int, seed: int) -> None:
+    print("| model | quantize | mean KL(bf16 ‖ quantized) | top-1 agreement | positions |")
+    print("|---|---|---|---|---|")
+    for spec in presets.split(","):
+        name, _, layers = spec.partition(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = init_model(Path(tmp) / "m", name, dtype="bfloat16", num_layers=int(layers) if layers else None)
+            base = Engine(path, dtype="bfloat16", warm_up=False)
+            g = torch.Generator().manual_seed(seed)
+            vocab = base.grammars.words if base.grammars else base.config.vocab_size
+            inputs = [torch.randint(10, vocab, (length,), generator=g).tolist() for _ in range(prompts)]
+            ref = [torch.log_softmax(base.forward_all(ids).float(), -1) for ids in inputs]
+            del base
+            for mode in ("fp8", "fp8-mlp", "int8"):
+                eng = Engine(path, dtype="bfloat16", quantize=mode, warm_up=False)
+                kls, agree, n = [], 0, 0
+                for ids, r in zip(inputs, ref):
+                    q = torch.log_softmax(eng.forward_all(ids).float(), -1)
+                    kls.append((r.exp() * (r - q)).sum(-1))
+                    agree += int((r.argmax(-1) == q.argmax(-1)).sum())
+                    n += len(ids)
+                del eng
+                label = f"{name} ({layers} layers)" if layers else name
+                print(f"| {label} | {mode} | {torch.cat(kls).mean().item():.5f} | {agree / n:.1%} | {n} |",
+                      flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantized", action="store_true", help="the quantization table instead (module doc)")
+    ap.add_argument("--presets", default="small,qwen3.6-27b:4")
+    ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--model", help="existing bf16 checkpoint dir (default: init the preset into a temp dir)")
     ap.add_argument("--prompt", type=int, default=256)
@@ -56,6 +93,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.quantized:
+        quantized_table(args.presets, args.prompts, args.prompt if args.prompt != 256 else 128, args.seed)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else init_model(Path(tmp) / "m", args.preset, dtype="bfloat16")
         fp32 = Engine(path, dtype="float32")

@@ -36,7 +36,7 @@ from qwenpd.engine.config import ModelConfig, preset  # noqa: E402
 from qwenpd.engine.tp.plan import Range, ShardingError, ShardPlan  # noqa: E402
 from qwenpd.engine import state_spec  # noqa: E402
 from qwenpd.engine.state_spec import shapes as expected_shapes  # noqa: E402
-from qwenpd.engine.weights import expected_weight_shapes  # noqa: E402
+from qwenpd.engine.weights import expected_weight_shapes, quantized_names  # noqa: E402
 
 GIB, GB = 1 << 30, 1e9
 CORE_HBM = 24 * GIB               # one logical NeuronCore at LNC=2: 96 GiB / 4
@@ -54,13 +54,21 @@ def _numel(shape: tuple[int, ...], ranges: list[Range] | None) -> int:
     return sum((stop - start) * math.prod(shape) // shape[dim] for dim, start, stop in ranges)
 
 
+WEIGHTS = {"format": "bf16"}  # --weights: bf16, fp8 or fp8-mlp (main sets it)
+
+
 def weight_bytes(c: ModelConfig, plan: ShardPlan | None, replicated_only: bool = False) -> int:
-    """bf16 bytes of the weights one rank holds (the whole model for plan None)."""
+    """Bytes of the weights one rank holds (the whole model for plan None), in --weights' format: bf16, or the
+    fine-grained FP8 of the published checkpoint (1 byte per element and one fp32 scale per 128x128 block of the
+    decoder projections --quantize fp8 / fp8-mlp quantizes; the rest bf16)."""
+    fmt = WEIGHTS["format"]
+    fp8 = quantized_names(expected_weight_shapes(c), None if fmt == "bf16" else fmt)
     total = 0
     for name, shape in expected_weight_shapes(c).items():
         ranges = plan.weight_ranges(name) if plan else None
         if not replicated_only or (plan and ranges is None):
-            total += 2 * _numel(shape, ranges)
+            n = _numel(shape, ranges)
+            total += n + 4 * -(-n // (128 * 128)) if name in fp8 else 2 * n
     return total
 
 
@@ -175,6 +183,33 @@ def state_table(c: ModelConfig, tps: list[int], page_size: int) -> None:
     print("State: KV (attention layers only) per token, DeltaNet state (conv bf16 + recurrent fp32) per sequence:")
     table(["", "KV / token", "DeltaNet / sequence", f"KV page ({page_size} tokens)", "DeltaNet = KV of N tokens"],
           rows)
+
+
+def rollback_bytes(c: ModelConfig, k: int, mode: str, plan: ShardPlan | None = None) -> int:
+    """What a verify pass of k drafts keeps per sequence to undo rejected ones (engine/speculative.py): "replay"
+    one DeltaNet state copy plus each of the k+1 positions' conv input (fp32), decay and write strength (fp32) per
+    layer; "snapshot" k+1 state copies. The MTP head's own KV is not counted (it is one more attention layer)."""
+    state = deltanet_per_seq(c, plan)
+    if mode == "snapshot":
+        return (k + 1) * state
+    n_lin = len(c.linear_layers)
+    tp = 1 if plan is None else plan.degree
+    inputs = (k + 1) * 4 * (c.conv_dim + 2 * c.linear_num_value_heads) // tp * n_lin
+    return state + inputs
+
+
+def rollback_table(c: ModelConfig, tps: list[int], ks: tuple[int, ...] = (1, 2, 3, 4)) -> None:
+    rows = []
+    for tp in sorted({1, *tps}):
+        plan = None if tp == 1 else plan_or_reason(c, tp)
+        if isinstance(plan, str):
+            continue
+        rows.append([f"TP {tp}" + (" (per rank)" if tp > 1 else "")]
+                    + [f"{mib(rollback_bytes(c, k, 'replay', plan))} / {mib(rollback_bytes(c, k, 'snapshot', plan))}"
+                       for k in ks])
+    print("Speculative decoding: bytes a verify pass keeps per sequence to undo rejected drafts, replay / snapshot "
+          "(engine/speculative.py):")
+    table([""] + [f"K = {k}" for k in ks], rows)
 
 
 def handoff_table(c: ModelConfig, tps: list[int], contexts: list[int], host_bps: float,
@@ -303,11 +338,15 @@ def main() -> int:
     ap.add_argument("--prefill-tok-s-per-core", type=float, default=REF_PREFILL_TOK_S_PER_CORE,
                     help="Qwen3.6-27B prefill tokens/s per logical core (other models scaled by FLOPs)")
     ap.add_argument("--no-measure", action="store_true", help="skip the memcpy measurement")
+    ap.add_argument("--weights", choices=("bf16", "fp8", "fp8-mlp"), default="bf16",
+                    help="weight format: bf16, or the published fine-grained FP8 of every decoder projection (fp8) "
+                         "or of the MLP only (fp8-mlp, the trn2 reference's long-context path)")
     args = ap.parse_args()
+    WEIGHTS["format"] = args.weights
     tps = [int(x) for x in args.tp.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     memcpy = None if args.no_measure else measure_memcpy_gbps() * GB
-    print("# Sizing on paper (bf16 weights and KV, fp32 DeltaNet recurrent state)\n")
+    print(f"# Sizing on paper ({args.weights} weights, bf16 KV, fp32 DeltaNet recurrent state)\n")
     print(f"this machine: memcpy {memcpy / GB:,.1f} GB/s (1 GiB torch copy, {torch.get_num_threads()} threads, "
           f"median of 5)\n" if memcpy else "memcpy not measured (--no-measure)\n")
     for name in args.models.split(","):
@@ -315,6 +354,7 @@ def main() -> int:
         describe(c, name)
         weights_table(c, tps, int(args.reserve_gib * GIB))
         state_table(c, tps, args.page_size)
+        rollback_table(c, tps)
         handoff_table(c, tps, contexts, args.host_gbps * GB, memcpy)
         capacity_table(c, tps, contexts, args)
         for instance, cores in INSTANCES.items():

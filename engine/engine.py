@@ -93,7 +93,10 @@ class Engine:
         sharded = self.plan.degree > 1
         self.local_config = self.plan.local_config if sharded else self.config
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype,
-                                                 self.plan.weight_ranges if sharded else None)
+                                                 self.plan.weight_ranges if sharded else None,
+                                                 quantize=self.engine_config.quantize)
+        # weights held: as loaded (FP8 and --quantize are multiplied in the model dtype here)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family

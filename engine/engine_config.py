@@ -19,6 +19,8 @@ from typing import Any
 
 from qwenpd.units import parse_kv_cache_size
 
+QUANTIZE = ("fp8", "fp8-mlp", "int8")  # --quantize: engine/weights.py load_weights
+
 DTYPE_NAMES = ("auto", "float32", "bfloat16")  # "auto": the checkpoint's own dtype
 DELTANET_KERNELS = ("torch", "fla", "nki")
 DEVICE_KINDS = ("cpu", "cuda", "neuron", "meta")
@@ -42,7 +44,9 @@ class EngineConfig:
     default: DEFAULT_PAGE_SIZE, prefill a divisor of its block size). tp: tensor-parallel degree (ranks 1..tp-1
     are child processes). compile / compile_cache / whole_graphs: torch.compile the graphs the process runs at
     start (needs kv_cache_bytes), keep them in a directory across restarts, one graph per bucket on CPU too.
-    warm_up: do a first request's one-time work while loading (Engine.warm_up), not inside the first request."""
+    warm_up: do a first request's one-time work while loading (Engine.warm_up), not inside the first request.
+    quantize: round the decoder's projections to fp8 (128x128 blocks), fp8-mlp (the MLP's only) or int8 (per
+    output channel) at load (engine/weights.py load_weights); None = as stored."""
 
     model_dir: str
     dtype: str = "auto"
@@ -57,6 +61,7 @@ class EngineConfig:
     compile_cache: str | None = None
     whole_graphs: bool = False
     warm_up: bool = True
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", str(self.model_dir))
@@ -65,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.deltanet_kernels not in DELTANET_KERNELS:
             raise ValueError(f"deltanet_kernels must be one of {DELTANET_KERNELS}, got {self.deltanet_kernels!r}")
         if self.device.split(":", 1)[0] not in DEVICE_KINDS:
@@ -159,6 +166,9 @@ _FLAGS = (
     _Flag("compile", "torch.compile the prefill chunks / decode steps this process runs over static buckets at "
           "start (over a fixed-size KV cache: see --kv-cache-bytes)", {"action": "store_true"}),
     _Flag("compile_cache", "keep compiled graphs in this directory across restarts", {"metavar": "DIR"}),
+    _Flag("quantize", "round the decoder's projections at load: fp8 (128x128 blocks, the published FP8 recipe), "
+          "fp8-mlp (the MLP only) or int8 (weight-only, per output channel); on CPU they are multiplied in the "
+          "model dtype (default: as stored)", {"choices": QUANTIZE}),
     _Flag("whole_graphs", "with --compile on CPU: one graph per bucket instead of one region per layer kind "
           "(slower warm-up, faster steps; neuron and CUDA always compile whole graphs)", {"action": "store_true"}),
 )

@@ -25,6 +25,8 @@ class GenerationResult:
     draft_tokens: int = 0  # speculative: drafts proposed
     accepted_tokens: int = 0  # speculative: drafts that were the tokens chosen
     accepted_at: list[int] | None = None  # speculative: accepted drafts per draft position (1st, 2nd, ...)
+    verify_steps: int = 0  # speculative: verify passes (each emits its accepted drafts and one more token)
+    rollback_bytes: int = 0  # speculative: the most bytes one verify pass kept for undoing rejected drafts
 
 
 def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_size: int = 512,
@@ -60,7 +62,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     greedy or seeded sampling alike, in fewer passes over the weights. Prefill also runs the head over the prompt,
     so the first step drafts already."""
     from qwenpd.engine.engine import chunk_spans
-    from qwenpd.engine.speculative import Drafter, accept, verify
+    from qwenpd.engine.speculative import Drafter, accept, rollback_bytes, verify
 
     if k < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
@@ -79,7 +81,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     hidden = torch.cat(normed)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    drafted = accepted = 0
+    drafted = accepted = steps = kept = 0
     at = [0] * k
     # the head reads (hidden of position t, token t+1) for every prompt position: the first token closes the prompt
     drafts = drafter.draft(hidden, [*prompt_ids[1:], token], 0, k)
@@ -95,6 +97,8 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
         fed = [token, *drafts]
         done = verify(engine, state, fed, rollback)
         drafted += len(drafts)
+        steps += 1
+        kept = max(kept, rollback_bytes(done))
         chosen: list[tuple[int, float]] = []
         for i in range(len(fed)):  # as plain decoding would choose, position by position
             t, lp = sampler.sample(done.logits[i])
@@ -117,4 +121,5 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     state.release()
     return GenerationResult(token_ids=tracker.token_ids, text=tracker.text, finish_reason=tracker.finish_reason,
                             logprobs=tracker.logprobs, prefill_s=prefill_s, decode_s=decode_s,
-                            draft_tokens=drafted, accepted_tokens=accepted, accepted_at=at)
+                            draft_tokens=drafted, accepted_tokens=accepted, accepted_at=at, verify_steps=steps,
+                            rollback_bytes=kept)

@@ -26,7 +26,7 @@ from qwenpd.engine.config import FULL, ModelConfig
 from qwenpd.engine.layers import Rotary, rms_norm
 from qwenpd.engine.linear import Linear
 from qwenpd.engine.model import Block, HybridModel
-from qwenpd.engine.weights import MTP
+from qwenpd.engine.weights import DRAFT_HEAD, MTP
 
 
 class MTPCache:
@@ -63,6 +63,8 @@ class MTPHead:
         self.norm_hidden = 1.0 + weights[MTP + "pre_fc_norm_hidden.weight"].float()
         self.final_norm = 1.0 + weights[MTP + "norm.weight"].float()
         self.fc = Linear(weights[MTP + "fc.weight"])
+        # logits over the tokenizer's tokens only, where the embedding is padded far past it (load_mtp_weights)
+        self.draft_head = Linear(weights[DRAFT_HEAD]) if DRAFT_HEAD in weights else None
         layer_config = config.replace(num_hidden_layers=1, layer_types=(FULL,))
         rotary = Rotary(config, model.device)
         self.layers = []
@@ -78,7 +80,8 @@ class MTPHead:
                 step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [T] of one sequence (consecutive, ascending): hidden [T, H] (a main model's or the head's own
         normed output), next_tokens [T] (the token after each position). Writes their KV, attends over every
-        position <= each. Returns (the head's normed output [T, H] in the model dtype, fp32 logits [T, V]).
+        position <= each. Returns (the head's normed output [T, H] in the model dtype, fp32 logits [T, V]; [T, rows]
+        with a draft head of the tokenizer's rows).
         `step` picks the layer (draft k uses layer k mod mtp_num_hidden_layers, as vLLM does)."""
         layer = step % len(self.layers)
         blk = self.layers[layer]
@@ -97,7 +100,21 @@ class MTPHead:
         out = mixer.o_proj(o.reshape(x.shape[0], -1).float() * torch.sigmoid(gate.float()))
         x = blk.finish(x, out)
         normed = rms_norm(x, self.final_norm, self.eps, self.dtype)
+        if self.draft_head is not None:
+            return normed, self.draft_head(normed).float()
         logits = self.model.lm_head(normed).float()
         if self.model.tp is not None:
             logits = self.model.tp.gather_vocab(logits)
         return normed, logits
+
+
+def load_head(engine, model_dir) -> MTPHead:
+    """The MTP head of `engine`'s checkpoint (WeightError naming the missing mtp.* tensors without one). Where the
+    embedding is padded far past the tokenizer (the test and bench presets: 571 tokens, 32,000 rows), drafts get
+    logits of the tokenizer's rows only; a real checkpoint's few padding rows keep the shared lm_head."""
+    from qwenpd.engine.weights import load_mtp_weights
+
+    words = engine.grammars.words if engine.grammars is not None else None
+    rows = words if words is not None and words < 0.9 * engine.config.vocab_size else None
+    return MTPHead(engine.config, load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows),
+                   engine.model)

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from qwenpd.engine.config import FULL, LINEAR, ModelConfig
+from qwenpd.engine.engine_config import QUANTIZE
 
 _PREFIXES = ("model.language_model.", "model.")
 _SKIPPED = ("model.visual.", "visual.", "mtp.", "model.mtp.")
@@ -78,9 +79,16 @@ def mtp_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+DRAFT_HEAD = MTP + "draft_lm_head.weight"  # not a checkpoint tensor: load_mtp_weights' draft_rows
+
+
+def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
+                     draft_rows: int | None = None) -> dict[str, torch.Tensor]:
     """The MTP head's tensors (`mtp.*` or `model.mtp.*`), names under `mtp.`, cast to `dtype`; WeightError naming
-    what is missing or misshaped (a checkpoint without the head, or a config without mtp_num_hidden_layers)."""
+    what is missing or misshaped (a checkpoint without the head, or a config without mtp_num_hidden_layers).
+    `draft_rows` (the tokenizer's size, when well below the vocabulary: an embedding padded far past it) also reads
+    the first draft_rows rows of the lm_head as DRAFT_HEAD: drafts never pick a padding row, so they need no
+    logits for them."""
     expected = mtp_weight_shapes(config)
     if not expected:
         raise WeightError("config.json has no mtp_num_hidden_layers: this checkpoint declares no MTP head (mtp.*)")
@@ -100,7 +108,17 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
                           f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
     if any(t.dtype in _FP8 for t in found.values()):
         raise WeightError("the MTP head is stored as FP8: not supported yet")
-    return {name: t.to(dtype) for name, t in found.items()}
+    out = {name: t.to(dtype) for name, t in found.items()}
+    if draft_rows is not None and draft_rows < config.vocab_size:
+        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        for path in _weight_files(Path(model_dir)):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if _canonical(name) == head:
+                        out[DRAFT_HEAD] = f.get_slice(name)[:draft_rows].to(dtype)
+        if DRAFT_HEAD not in out:
+            raise WeightError(f"checkpoint {model_dir} has no {head}")
+    return out
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -213,6 +231,60 @@ def dequantize_fp8(name: str, q: torch.Tensor, scale: torch.Tensor | None, block
     return q.float() * full
 
 
+_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_PROJECTIONS = _MLP + ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                       "self_attn.o_proj.weight", "linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight",
+                       "linear_attn.out_proj.weight")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantized_names(names, mode: str | None) -> set[str]:
+    """The weights `--quantize mode` quantizes: every decoder projection for fp8 and int8 (not the embedding, the
+    lm_head, norms, the conv, or the DeltaNet decay/write-strength rows, which the published FP8 checkpoint keeps
+    too), the MLP's only for fp8-mlp."""
+    if mode is None:
+        return set()
+    if mode not in QUANTIZE:
+        raise WeightError(f"quantize must be one of {QUANTIZE}, got {mode!r}")
+    kinds = _MLP if mode == "fp8-mlp" else _PROJECTIONS
+    return {n for n in names if n.startswith("layers.") and n.endswith(kinds)}
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published fine-grained FP8 recipe: per block (ragged edges included) scale = block amax / 448 (fp32),
+    q = W / scale in float8_e4m3fn. Returns (q, scale [row blocks, col blocks]): what a checkpoint stores as
+    `weight` and `weight_scale_inv`."""
+    rows, cols = w.shape
+    br, bc = -(-rows // block[0]), -(-cols // block[1])
+    wf = _pad2(w.float(), br * block[0] - rows, bc * block[1] - cols)
+    blocks = wf.reshape(br, block[0], bc, block[1])
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(br * block[0], bc * block[1])[:rows, :cols].contiguous(), scale
+
+
+def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, cols, 0, rows)) if rows or cols else t
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8, symmetric per output channel: scale = row amax / 127, q = round(W / scale)."""
+    wf = w.float()
+    amax = wf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_dequantize(name: str, w: torch.Tensor, mode: str) -> torch.Tensor:
+    """W as `mode` stores it, back in fp32: what this engine multiplies by on CPU (module doc of load_weights)."""
+    if mode == "int8":
+        q, scale = int8_quantize(w)
+        return q.float() * scale[:, None]
+    q, scale = fp8_quantize(w)
+    return dequantize_fp8(name, q, scale, (128, 128))
+
+
 def _slices(t: torch.Tensor, ranges: Callable[[str], list | None] | None, name: str) -> torch.Tensor:
     """This rank's slices of a whole tensor (`ranges` as in load_weights)."""
     wanted = None if ranges is None else ranges(name)
@@ -220,7 +292,8 @@ def _slices(t: torch.Tensor, ranges: Callable[[str], list | None] | None, name: 
 
 
 def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
-                 ranges: Callable[[str], list | None] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+                 ranges: Callable[[str], list | None] | None = None, quantize: str | None = None
+                 ) -> tuple[dict[str, torch.Tensor], str]:
     """Read every expected tensor (checked for presence and shape), cast to `dtype`.
 
     `ranges(name)` (a tensor-parallel rank's `ShardPlan.weight_ranges`) reads only those slices of each tensor:
@@ -228,11 +301,18 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     fingerprint). The fingerprint covers the config, every tensor's name/shape/stored dtype and a digest of its
     stored bytes (read from the file, so every rank computes the same one), so state from another model is
     refused later.
+
+    `quantize` ("fp8", "fp8-mlp", "int8"; quantized_names says which weights) rounds each such weight, whole, to
+    that format and back (fp8: 128x128 blocks, scale = block amax / 448, exactly the published FP8 recipe, so a
+    bf16 checkpoint quantized here computes what its FP8 checkpoint computes; int8: per output channel), and only
+    then takes a rank's slices: a shard boundary that cuts a block keeps the block's scale. On CPU the engine
+    multiplies by these values in the model dtype (memory as bf16); the fingerprint records the quantization.
     """
     model_dir = Path(model_dir)
     expected = expected_weight_shapes(config)
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    to_quantize = quantized_names(expected, quantize)
     block = fp8_block_size(model_dir)
     found: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}  # weight name -> its FP8 block scales
@@ -257,7 +337,8 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                     if shape != expected[canon]:
                         raise WeightError(f"tensor {canon!r} has shape {shape}, expected {expected[canon]}")
                     fp8 = sliced.get_dtype().startswith("F8")
-                    found[canon] = f.get_tensor(name) if fp8 else _read(f, name, ranges, canon)  # FP8: whole
+                    whole = fp8 or canon in to_quantize  # FP8 and quantized: whole, sliced after
+                    found[canon] = f.get_tensor(name) if whole else _read(f, name, ranges, canon)
                     headers[canon] = (shape, found[canon].dtype, spans[name])
         except WeightError:
             raise
@@ -272,10 +353,16 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
             scale = scales.pop(name, None)
             if scale is not None:
                 scale_digests[name] = hashlib.sha256(scale.float().numpy().tobytes()).hexdigest()
-            found[name] = _slices(dequantize_fp8(name, t, scale, block), ranges, name)
+            found[name] = dequantize_fp8(name, t, scale, block)
+            if name not in to_quantize:
+                found[name] = _slices(found[name], ranges, name)
+    for name in to_quantize:  # --quantize: whole weights rounded to the format, then this rank's slices
+        found[name] = _slices(quantize_dequantize(name, found[name], quantize), ranges, name)
     if scales:
         raise WeightError(f"tensor {sorted(scales)[0]!r} has block scales but is not stored as FP8")
     h = hashlib.sha256(json.dumps(config.fingerprint_dict(), sort_keys=True).encode())
+    if quantize is not None:  # prefill and decode that compute differently refuse each other's hand-offs
+        h.update(f"quantize {quantize};".encode())
     weights: dict[str, torch.Tensor] = {}
     for name in sorted(expected):
         t = found[name]

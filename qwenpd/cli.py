@@ -115,18 +115,40 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace) -> 
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
         warmup_s = engine.compile(buckets, max_batch=1, cache_dir=config.compile_cache,
                                   regional=False if config.whole_graphs else None)
-    result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size,
-                      on_text=None if args.json else (lambda s: print(s, end="", flush=True)))
+    on_text = None if args.json else (lambda s: print(s, end="", flush=True))
+    spec = {}
+    if args.num_speculative_tokens:
+        result = _generate_speculative(engine, prompt_ids, params, args, on_text)
+        spec = {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens,
+                "accepted_per_position": result.accepted_at}
+    else:
+        result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size, on_text=on_text)
     if args.json:
         print(json.dumps({
             "token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
             "prompt_tokens": len(prompt_ids), "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-            "warmup_s": warmup_s,
+            "warmup_s": warmup_s, "weight_bytes": engine.weight_bytes, **spec,
             "wall_s": time.perf_counter() - started,
         }))
     else:
         print()
     return 0
+
+
+def _generate_speculative(engine, prompt_ids: list[int], params, args: argparse.Namespace, on_text):
+    """generate --num-speculative-tokens K: the checkpoint's MTP head drafts (ValueError naming the missing mtp.*
+    weights without one: exit code 2)."""
+    from qwenpd.engine.generate import generate_speculative
+    from qwenpd.engine.mtp import load_head
+
+    if args.num_speculative_tokens < 0:
+        raise ValueError(f"--num-speculative-tokens must be >= 0, got {args.num_speculative_tokens}")
+    if engine.engine_config.compile or engine.tp > 1 or engine.device.type != "cpu":
+        raise ValueError("--num-speculative-tokens runs the eager engine on one CPU rank for now: drop --compile, "
+                         "--tp and --device")
+    head = load_head(engine, args.model)
+    return generate_speculative(engine, head, prompt_ids, params, args.num_speculative_tokens,
+                                chunk_size=args.chunk_size, rollback=args.speculative_rollback, on_text=on_text)
 
 
 def cmd_check_device(args: argparse.Namespace) -> int:
@@ -163,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids, comma-separated")
     add_sampling_args(p)
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding (in-process, eager): K drafts per step from the checkpoint's MTP head "
+                        "(mtp.* weights), one verify pass of K+1 positions; the tokens are plain decoding's "
+                        "(default 0: off)")
+    p.add_argument("--speculative-rollback", choices=("replay", "snapshot"), default="replay",
+                   help="how rejected drafts are undone in the DeltaNet state (default replay)")
     from qwenpd.engine import engine_config  # plain Python: --help stays instant
 
     engine_config.add_args(p)  # --compile: warmup_s in --json, excluded from prefill_s/decode_s

@@ -97,3 +97,67 @@ def test_what_is_not_implemented_is_refused_at_load(checkpoints, tmp_path, chang
     save_file({k: v.contiguous() for k, v in weights.items()}, str(bad / "model.safetensors"))
     with pytest.raises(WeightError, match=match):
         Engine(bad, dtype="float32")
+
+
+# ---- --quantize at load (issue 27, item 3) ------------------------------------------------------------------------
+def test_the_fp8_recipe_is_the_reference_loop():
+    """fp8_quantize (vectorised) gives the reference loop's FP8 values and block scales, ragged edges included."""
+    from qwenpd.engine.weights import fp8_quantize
+
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0)) * 0.05
+    q, scale = fp8_quantize(w)
+    q_ref, scale_ref = _quantize(w)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def _fp8_checkpoint(tiny_model_dir, out, mode: str):
+    """The tiny checkpoint with exactly the weights `--quantize mode` quantizes stored in the FP8 format."""
+    from qwenpd.engine.weights import fp8_quantize, quantized_names
+
+    shutil.copytree(tiny_model_dir, out)
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    chosen = {"model." + n for n in quantized_names([k[len("model."):] for k in weights if k.startswith("model.")],
+                                                    mode)}
+    stored = {}
+    for name, t in weights.items():
+        if name in chosen:
+            stored[name], stored[name[: -len(".weight")] + ".weight_scale_inv"] = fp8_quantize(t)
+        else:
+            stored[name] = t
+    save_file(stored, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK),
+                                  "activation_scheme": "dynamic"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out, chosen
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8-mlp"])
+def test_quantize_at_load_computes_what_the_fp8_checkpoint_computes(tiny_model_dir, tmp_path, mode):
+    """A checkpoint quantized at load computes, bit for bit, what the FP8 checkpoint of the same weights computes
+    (fp8: every decoder projection; fp8-mlp: the MLP's only); the fingerprint tells each apart from plain."""
+    ckpt, chosen = _fp8_checkpoint(tiny_model_dir, tmp_path / "ckpt", mode)
+    assert chosen and (mode == "fp8" or all(".mlp." in n for n in chosen))
+    ids = list(range(3, 60))
+    plain = Engine(tiny_model_dir, dtype="float32")
+    at_load = Engine(tiny_model_dir, dtype="float32", quantize=mode)
+    stored = Engine(ckpt, dtype="float32")
+    assert torch.equal(at_load.forward_all(ids), stored.forward_all(ids))
+    assert not torch.equal(at_load.forward_all(ids), plain.forward_all(ids))
+    assert len({plain.fingerprint, at_load.fingerprint}) == 2
+
+
+def test_int8_and_tp2(tiny_model_dir):
+    """int8 (per output channel) stays close to the plain model; fp8 at TP 2 (every shard boundary cuts the one
+    128x128 block of tiny's projections) equals TP 1."""
+    ids = list(range(5, 40))
+    plain = torch.log_softmax(Engine(tiny_model_dir, dtype="float32").forward_all(ids), -1)
+    int8 = torch.log_softmax(Engine(tiny_model_dir, dtype="float32", quantize="int8").forward_all(ids), -1)
+    kl = (plain.exp() * (plain - int8)).sum(-1).mean()
+    assert 0 < kl < 0.01
+    one = Engine(tiny_model_dir, dtype="float32", quantize="fp8").forward_all(ids)
+    two = Engine(tiny_model_dir, dtype="float32", quantize="fp8", tp=2)
+    try:
+        assert (two.forward_all(ids) - one).abs().max() < 1e-4
+    finally:
+        two.close()

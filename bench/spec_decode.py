@@ -10,6 +10,12 @@ plain decoding's tokens. Table: decode tokens/s (median over runs and prompts), 
 measured in the same run, the mean accepted length (tokens emitted per verify pass: accepted drafts + 1), the
 acceptance per draft position, and the bytes a verify pass keeps for undoing rejected drafts.
 
+A head distilled on a random-weight model drafts poorly (its held-out agreement with the model is a few percent:
+there is little for a one-layer head to learn about a random model's next-but-one token), so the table also has
+rows with *oracle* drafts at a set acceptance (`--oracle`): the head runs as usual (its cost is paid) and each of
+its drafts is then replaced by the token plain decoding chooses there with that probability (seeded), else by a
+wrong one. They measure what the machinery costs and gains at a given acceptance, not a head's quality.
+
 Only batch 1 in-process eager is built: speculation in the decode service's continuous batching (b8, b32) and in
 compiled graphs is not, so those columns are not measured.
 """
@@ -33,6 +39,7 @@ from qwenpd.engine import Engine  # noqa: E402
 from qwenpd.engine.generate import generate, generate_speculative  # noqa: E402
 from qwenpd.engine.mtp import load_head  # noqa: E402
 from qwenpd.engine.sampling import SamplingParams  # noqa: E402
+from qwenpd.engine.speculative import Drafter  # noqa: E402
 
 
 def prompts(engine: Engine, n: int, length: int) -> list[list[int]]:
@@ -46,6 +53,23 @@ def prompts(engine: Engine, n: int, length: int) -> list[list[int]]:
     return out
 
 
+def oracle(sequence: list[int], acceptance: float, seed: int):
+    """Drafter.draft that runs the head, then puts plain decoding's token at each draft position with probability
+    `acceptance` (a wrong token otherwise)."""
+    real = Drafter.draft
+    rng = torch.Generator().manual_seed(seed)
+
+    def draft(self, hidden, next_tokens, start, k):
+        out = real(self, hidden, next_tokens, start, k)  # the head's cost, paid
+        first = start + len(next_tokens) + 1
+        for i in range(len(out)):
+            right = sequence[first + i] if first + i < len(sequence) else 0
+            keep = float(torch.rand((), generator=rng)) < acceptance
+            out[i] = right if keep else (right + 1) % 500
+        return out
+    return draft
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -56,6 +80,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--oracle", default="0.7,0.9", help="oracle-draft acceptances measured too ('' = none)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qwenpd" / "distilled")
     args = p.parse_args()
     model = cached(args.preset, args.dtype, args.cache_dir, log=lambda s: print(s, file=sys.stderr))
@@ -63,18 +88,25 @@ def main() -> None:
     head = load_head(engine, model)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     ks = [int(k) for k in args.ks.split(",")]
-    configs = [("plain", 0, "")] + [(f"k={k} {rb}", k, rb) for k in ks for rb in ("replay", "snapshot")]
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in configs}
-    stats: dict[str, list] = {name: [] for name, _, _ in configs}
+    configs = [("plain", 0, "", None)] + [(f"k={k} {rb}", k, rb, None) for k in ks for rb in ("replay", "snapshot")]
+    configs += [(f"k={k} replay, oracle drafts {a:.0%}", k, "replay", a)
+                for a in (float(x) for x in args.oracle.split(",") if x) for k in ks]
+    rates: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    stats: dict[str, list] = {name: [] for name, *_ in configs}
+    real_draft = Drafter.draft
     for prompt in prompts(engine, args.prompts, args.prompt):
         ref = None
-        for _ in range(args.runs):
-            for name, k, rb in configs:
+        for run in range(args.runs):
+            for name, k, rb, acceptance in configs:
                 if not k:
                     r = generate(engine, prompt, params)
                     ref = ref or r.token_ids
                 else:
-                    r = generate_speculative(engine, head, prompt, params, k, rollback=rb)
+                    Drafter.draft = real_draft if acceptance is None else oracle(prompt + ref, acceptance, run)
+                    try:
+                        r = generate_speculative(engine, head, prompt, params, k, rollback=rb)
+                    finally:
+                        Drafter.draft = real_draft
                     if r.token_ids != ref:
                         raise RuntimeError(f"{name}: tokens differ from plain decoding")
                     stats[name].append(r)
@@ -86,7 +118,7 @@ def main() -> None:
     print("\n| decoding | tokens/s | vs plain | mean accepted length | acceptance per draft position | "
           "rollback bytes per verify pass |")
     print("|---|---|---|---|---|---|")
-    for name, k, _ in configs:
+    for name, k, _, _ in configs:
         rate = statistics.median(rates[name])
         if not k:
             print(f"| plain | {rate:.1f} | 1.00x | - | - | - |")

@@ -41,17 +41,20 @@ def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_si
     t1 = time.perf_counter()
     batch = DecodeBatch(engine, max_batch=1)
     batch.add(state)
-    while True:
-        delta = tracker.push(token, logprob)
-        if on_text is not None and delta:
-            on_text(delta)
-        if tracker.finish_reason is not None:
-            break
+    while not _emit(tracker, token, logprob, on_text):
         logits = batch.step([token])[0]
         token, logprob = sampler.sample(logits)
     decode_s = time.perf_counter() - t1
     return GenerationResult(token_ids=tracker.token_ids, text=tracker.text, finish_reason=tracker.finish_reason,
                             logprobs=tracker.logprobs, prefill_s=prefill_s, decode_s=decode_s)
+
+
+def _emit(tracker: OutputTracker, token: int, logprob: float, on_text: Callable[[str], None] | None) -> bool:
+    """Push a chosen token to the output (its text to on_text); whether the sequence has finished."""
+    delta = tracker.push(token, logprob)
+    if on_text is not None and delta:
+        on_text(delta)
+    return tracker.finish_reason is not None
 
 
 def generate_speculative(engine, head, prompt_ids: Sequence[int], params: SamplingParams, k: int,
@@ -85,12 +88,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     at = [0] * k
     # the head reads (hidden of position t, token t+1) for every prompt position: the first token closes the prompt
     drafts = drafter.draft(hidden, [*prompt_ids[1:], token], 0, k)
-    while True:
-        delta = tracker.push(token, logprob)
-        if on_text is not None and delta:
-            on_text(delta)
-        if tracker.finish_reason is not None:
-            break
+    while not _emit(tracker, token, logprob, on_text):
         room = min(engine.config.max_position_embeddings - state.num_tokens - 1,  # context left after `token`
                    params.max_tokens - len(tracker.token_ids) - 1)  # tokens left after the next one
         drafts = drafts[:max(0, room)]
@@ -107,10 +105,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
                 break
             accepted += 1
             at[i] += 1
-            finished = tracker.push(t, lp)  # a draft that is the chosen token: stream it now
-            if on_text is not None and finished:
-                on_text(finished)
-            if tracker.finish_reason is not None:
+            if _emit(tracker, t, lp, on_text):  # a draft that is the chosen token: streamed now
                 break
         accept(engine, state, done, len(chosen))
         if tracker.finish_reason is not None:

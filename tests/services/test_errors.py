@@ -69,15 +69,18 @@ def test_unknown_checkpoint_is_not_found(services):
     assert info.value.field == "checkpoint_id"
 
 
-def test_checkpoint_of_another_model_is_refused(services, store, tmp_path):
-    """A second prefill service on another tiny seed shares the cache store; decode refuses its checkpoint."""
+@pytest.mark.parametrize("other", ["another seed", "--quantize fp8"])
+def test_checkpoint_of_another_model_is_refused(services, store, tmp_path, tiny_model_dir, other):
+    """A second prefill service shares the cache store, on another tiny seed or on the same weights quantized at
+    load (which compute differently); decode refuses its checkpoint."""
     from qwenpd.engine.init_model import init_model
 
-    other = init_model(tmp_path / "other", "tiny", seed=1)
+    model, flags = ((init_model(tmp_path / "other", "tiny", seed=1), ()) if other == "another seed"
+                    else (tiny_model_dir, ("--quantize", "fp8")))
     ready = tmp_path / "other-prefill.json"
-    proc = subprocess.Popen(qwenpd_cmd("serve", "prefill", "--model", str(other), "--cache", services.cache,
+    proc = subprocess.Popen(qwenpd_cmd("serve", "prefill", "--model", str(model), "--cache", services.cache,
                                        "--threads", "1", "--ready-file", str(ready), "--log-level", "WARNING",
-                                       *model_service_flags()))
+                                       *model_service_flags(), *flags))
     try:
         address = wait_ready_file(ready, proc)["address"]
         with grpc.insecure_channel(address) as ch:

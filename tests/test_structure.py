@@ -17,13 +17,14 @@ GENERIC_TOP_LEVEL = set(FOLDERS)  # names that must never be imported bare
 
 # The shared modules in qwenpd/ that every side may use (no service, no engine among their own imports).
 CORE = {"errors", "address", "grpc_status", "grpc_server", "security", "limits", "metrics", "service_config", "units",
-        "process"}
+        "process", "tokens"}
 # What each part may import, by part name: a folder above, or a module of qwenpd/ ("errors", "handoff", ...).
 ALLOWED: dict[str, set[str]] = {
     "protos": set(),
     "kernels": set(),
     # errors: plain domain errors (a lost tensor-parallel rank is UNAVAILABLE); units: flag values; process: ranks
-    "engine": {"kernels", "errors", "units", "process"},
+    # tokens: how a token's own bytes are spelled in logprobs (decode knows them, the gateway shows them)
+    "engine": {"kernels", "errors", "units", "process", "tokens"},
     "cache_store": {"protos", *CORE},
     "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
     "decode_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
@@ -33,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "layout": set(),  # each folder's __init__ calls it first: a folder is never a top-level package
     "units": set(),
+    "tokens": set(),
     "process": set(),
     "address": set(),
     "metrics": set(),
@@ -54,7 +56,7 @@ BOOKKEEPING = ("qwenpd.cache_store.index", "qwenpd.cache_store.allocator", "qwen
                "qwenpd.prefill_service.prefix_policy", "qwenpd.decode_service.scheduler", "qwenpd.clients.routing",
                "qwenpd.clients.chat_output",
                "qwenpd.engine.pages", "qwenpd.engine.engine_config", "qwenpd.errors", "qwenpd.address", "qwenpd.units",
-               "qwenpd.process")
+               "qwenpd.process", "qwenpd.tokens")
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,16 +162,15 @@ class Constraint:
         grammar is complete; all tokens, free text, before `after`)."""
         if not self.active:
             return logits
+        prefetched = self._pending is not None
+        self._settle()  # first: the worker may still hold the matcher (llguidance refuses a second user)
         m = self.matcher
         if m.is_stopped() or m.is_error():
-            self._settle()
             out = torch.full_like(logits, float("-inf"))
         else:
             import llguidance.torch as lt
 
-            if self._pending is not None:
-                self._settle()  # prefetched while the forward pass ran
-            else:
+            if not prefetched:
                 self._fill()
             out = logits.clone()
             lt.apply_token_bitmask_inplace(out[None], self._bitmask)  # rows past the tokenizer: -inf too

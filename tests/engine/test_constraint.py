@@ -109,9 +109,31 @@ def test_padding_rows_are_never_sampled_unconstrained_either(engine):
 
 def test_prefetched_masks_give_the_same_tokens(engine):
     """A mask prefetched on the worker thread (started as each token is sampled) is the mask computed at sampling:
-    the same seeded, constrained sequence either way, and a prefetch does not outlive the grammar state it read
-    (the next `advance` waits for it)."""
+    the same seeded, constrained sequence either way. The mask computation is slowed down so every next step finds
+    it still running: nothing touches the matcher until it is done (llguidance refuses a second user of a
+    matcher: "Already mutably borrowed", as a service saw under load)."""
+    import time
+
     from qwenpd.engine import constraint
+
+    class Guarded:
+        """The matcher, with llguidance's rule made visible: a call while a mask is being computed fails."""
+
+        def __init__(self, matcher):
+            self.matcher, self.busy = matcher, False
+
+        def unsafe_compute_mask_ptr(self, *args):
+            self.busy = True
+            time.sleep(0.003)  # a big vocabulary's mask: still computing when the next step comes
+            try:
+                return self.matcher.unsafe_compute_mask_ptr(*args)
+            finally:
+                self.busy = False
+
+        def __getattr__(self, name):
+            if self.busy:
+                raise RuntimeError("Already mutably borrowed")
+            return getattr(self.matcher, name)
 
     params = SamplingParams(temperature=1.0, seed=4, max_tokens=40,
                             structured_output=_spec(type="json_schema", schema=SCHEMA))
@@ -124,6 +146,7 @@ def test_prefetched_masks_give_the_same_tokens(engine):
         grammars.prefetch = prefetch
         try:
             sampler = Sampler.resumed(params, 0, engine.eos_token_ids, (), grammars)
+            sampler.constraint.matcher = Guarded(sampler.constraint.matcher)
             runs.append([sampler.sample(x)[0] for x in logits])
             assert (sampler.constraint._pending is not None) == (prefetch and constraint.PREFETCH
                                                                  and not sampler.constraint.matcher.is_stopped())

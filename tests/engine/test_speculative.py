@@ -80,7 +80,7 @@ def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, mo
     path = _with_head(hf_checkpoint(variant), tmp_path / "ckpt")
     eng = Engine(path, dtype=dtype)
     head = _head(eng, path)
-    prompt = torch.randint(1, eng.config.vocab_size, (1100,), generator=torch.Generator().manual_seed(2)).tolist()
+    prompt = torch.randint(1, eng.config.vocab_size, (700,), generator=torch.Generator().manual_seed(2)).tolist()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ref = generate(eng, prompt, params, chunk_size=512)
     assert generate_speculative(eng, head, prompt, params, 3).token_ids == ref.token_ids

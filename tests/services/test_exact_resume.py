@@ -93,7 +93,9 @@ def _check_identical(got, ref) -> None:
         assert lps == ref_lps, f"stream {i}: same tokens, other logprobs"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.skipif(
+    not os.environ.get("QWENPD_SLOW_TESTS"), reason="40 s; bf16 runs in every suite: set QWENPD_SLOW_TESTS=1")),
+    "bfloat16"])
 def test_kill9_of_decode_under_8_streams_resumes_every_stream_exactly(near_ties, tmp_path, dtype):
     store_id = f"exact{os.getpid()}{dtype[0]}"
     s = start_serve_all(near_ties, tmp_path, store_id, "--dtype", dtype, "--resume-wait", "120")

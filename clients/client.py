@@ -158,8 +158,8 @@ class AsyncClient:
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
         likely; logit_bias adds to token ids' logits; min_tokens holds EOS and stop ids back; presence_penalty and
-        frequency_penalty are OpenAI's, repetition_penalty transformers'/vLLM's. Chat prompts (messages, OpenAI-style: assistant tool_calls and tool results
-        included) may offer `tools` (with OpenAI's `tool_choice`: "required" or a named function constrains the
+        frequency_penalty are OpenAI's, repetition_penalty transformers'/vLLM's. Chat prompts (messages, OpenAI-style:
+        assistant tool_calls and tool results included) may offer `tools` (with OpenAI's `tool_choice`: "required" or a named function constrains the
         answer to calls, `parallel_tool_calls`) and pass `chat_template_kwargs`; their Result has the text parsed
         into content, reasoning and tool_calls. `response_format` as OpenAI's (json_object, json_schema) constrains
         the output to JSON. `timeout` bounds each of the two calls (default: the client's)."""
@@ -168,7 +168,8 @@ class AsyncClient:
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                        repetition_penalty=repetition_penalty, tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                        repetition_penalty=repetition_penalty, tools=tools,
+                                        chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                                         response_format=response_format)
         trace = Trace()
@@ -212,7 +213,8 @@ class AsyncClient:
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
                                         min_p=min_p, logit_bias=logit_bias, min_tokens=min_tokens,
                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                        repetition_penalty=repetition_penalty, tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                        repetition_penalty=repetition_penalty, tools=tools,
+                                        chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                                         response_format=response_format)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):

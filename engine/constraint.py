@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
-THINK_END = "</think>"
+THINK_END = "</think>"  # where a thinking model's reasoning ends
 _MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenpd-mask")  # prefetched masks, one at a time
 PREFETCH = True  # off: never prefetch (bench/constrained.py measures both ways)
-COMPACT = {"whitespace_flexible": False}  # JSON with fixed separators: no whitespace for a model to loop in  # where a thinking model's reasoning ends
+COMPACT = {"whitespace_flexible": False}  # JSON with fixed separators: no whitespace for a model to loop in
 
 
 class ConstraintError(ValueError):

@@ -115,10 +115,14 @@ class HybridModel:
         x = self.embed[local.clamp(0, self.embed.shape[0] - 1)].float() * mine[:, None]
         return self.tp.all_reduce(x)
 
+    def final_normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] (the fp32 residual stream) after the final norm, in the model dtype: what the lm_head reads,
+        and what an MTP head reads."""
+        return rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
-        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(self.final_normed(hidden)).float()
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
@@ -140,7 +144,7 @@ class HybridModel:
             else:
                 x = layers.attention_prefill(blk, x, k_pools[j], v_pools[j], slots, table, start)
         if normed is not None:
-            normed.append(rms_norm(x, self.final_norm, self.config.rms_norm_eps, self.dtype))
+            normed.append(self.final_normed(x))
         return layers.logits(x.index_select(0, last))
 
     def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],

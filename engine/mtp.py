@@ -30,8 +30,8 @@ from qwenpd.engine.weights import DRAFT_HEAD, MTP
 
 
 class MTPCache:
-    """One sequence's KV of the head's layers: [capacity, Hkv, D] per layer, grown by doubling. Entries at and past
-    `valid` are drafts' (overwritten when the verified tokens are fed)."""
+    """One sequence's KV of the head's layers: [capacity, Hkv, D] per layer, grown by doubling. Entries written by
+    drafts past the verified tokens are overwritten when the verified tokens are fed (speculative.Drafter.draft)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int = 256):
         shape = (capacity, config.num_key_value_heads, config.head_dim)
@@ -46,9 +46,6 @@ class MTPCache:
             self.v[layer] = F.pad(self.v[layer], (0, 0, 0, 0, 0, grow))
         self.k[layer][positions] = k.to(self.k[layer].dtype)
         self.v[layer][positions] = v.to(self.v[layer].dtype)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 class MTPHead:

@@ -129,16 +129,10 @@ def verify(engine, state: HybridState, tokens: list[int], rollback: str = "repla
                 out = mixer.o_proj(o.reshape(n, -1) * torch.sigmoid(gate.float()))
             x = blk.finish(x, out)
         logits = model.logits(x)
-        hidden = _normed(model, x)
+        hidden = model.final_normed(x)
     state.num_tokens = p + n
     state.token_ids.extend(tokens)
     return Verified(logits, hidden, p, list(tokens), layers, rollback)
-
-
-def _normed(model, x: torch.Tensor) -> torch.Tensor:
-    from qwenpd.engine.layers import rms_norm
-
-    return rms_norm(x, model.final_norm, model.config.rms_norm_eps, model.dtype)
 
 
 def accept(engine, state: HybridState, done: Verified, consumed: int) -> None:

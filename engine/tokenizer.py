@@ -67,9 +67,9 @@ class Tokenizer:
         # The most characters one token stands for (byte-level BPE: one per byte of its piece): a text of n
         # characters has at least n / (that x NORMALIZE_SLACK) tokens, whatever it says.
         self.max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
-        self._byte_level = _uses_byte_level(json.loads(self._tok.to_str()))
         self._added = {i for i, t in self._tok.get_added_tokens_decoder().items()}
         self._bytes: dict[int, bytes] = {}
+        self._byte_level_decoder: bool | None = None  # _byte_level()
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes this token stands for on its own (OpenAI's logprobs `bytes`): a byte-level BPE token maps
@@ -83,7 +83,7 @@ class Tokenizer:
                 got = b""
             elif token_id in self._added:
                 got = piece.encode()
-            elif self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            elif self._byte_level() and all(c in _UNICODE_TO_BYTE for c in piece):
                 got = bytes(_UNICODE_TO_BYTE[c] for c in piece)
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
                 got = bytes([int(piece[3:5], 16)])
@@ -91,6 +91,12 @@ class Tokenizer:
                 got = self._tok.decode([token_id], skip_special_tokens=False).encode()
             self._bytes[token_id] = got
         return got
+
+    def _byte_level(self) -> bool:
+        """Whether the decoder is byte-level (read once, on the first token_bytes: loading does not pay for it)."""
+        if self._byte_level_decoder is None:
+            self._byte_level_decoder = _uses_byte_level(json.loads(self._tok.to_str()))
+        return self._byte_level_decoder
 
     def token_text(self, token_id: int) -> str:
         """A token's own text for logprobs: its bytes as UTF-8, or `bytes:\\xNN...` (OpenAI's spelling) when they

@@ -92,6 +92,8 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
     expected = mtp_weight_shapes(config)
     if not expected:
         raise WeightError("config.json has no mtp_num_hidden_layers: this checkpoint declares no MTP head (mtp.*)")
+    rows = draft_rows if draft_rows is not None and draft_rows < config.vocab_size else None
+    head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     found: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(model_dir)):
         with safe_open(str(path), framework="pt") as f:
@@ -102,23 +104,17 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
                     if tuple(t.shape) != expected[canon]:
                         raise WeightError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected[canon]}")
                     found[canon] = t
+                elif rows is not None and _canonical(name) == head:  # the draft head's rows, in the same pass
+                    found[DRAFT_HEAD] = f.get_slice(name)[:rows]
     missing = sorted(set(expected) - set(found))
     if missing:
         raise WeightError(f"checkpoint {model_dir} has no MTP head: it lacks {len(missing)} of the "
                           f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
+    if rows is not None and DRAFT_HEAD not in found:
+        raise WeightError(f"checkpoint {model_dir} has no {head}")
     if any(t.dtype in _FP8 for t in found.values()):
         raise WeightError("the MTP head is stored as FP8: not supported yet")
-    out = {name: t.to(dtype) for name, t in found.items()}
-    if draft_rows is not None and draft_rows < config.vocab_size:
-        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        for path in _weight_files(Path(model_dir)):
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if _canonical(name) == head:
-                        out[DRAFT_HEAD] = f.get_slice(name)[:draft_rows].to(dtype)
-        if DRAFT_HEAD not in out:
-            raise WeightError(f"checkpoint {model_dir} has no {head}")
-    return out
+    return {name: t.to(dtype) for name, t in found.items()}
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

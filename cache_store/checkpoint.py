@@ -371,11 +371,16 @@ def _check_expected(table: Mapping[str, tuple[torch.dtype, tuple[int, ...], int,
         if expected is None:
             continue
         names = expected(num_tokens) if callable(expected) else expected
+        optional = getattr(names, "optional", frozenset())  # a group that may be absent, all of it or none
         missing, extra = sorted(set(names) - set(table)), sorted(set(table) - set(names))
+        if optional and set(missing) == optional:
+            missing = []
         if missing or extra:
             raise FailedPrecondition(f"checkpoint tensors do not match the model: missing {missing[:4]}, "
                                      f"unexpected {extra[:4]}", subject="tensors", reason="STATE_MISMATCH")
         for name, want in names.items():
+            if name not in table:
+                continue
             dtype, shape = table[name][0], table[name][1]
             if label == "shapes" and shape != tuple(want):
                 raise FailedPrecondition(f"checkpoint tensor {name} has shape {list(shape)}, expected {list(want)}",

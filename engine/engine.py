@@ -109,6 +109,7 @@ class Engine:
             shared = isinstance(kv_cache_bytes, float) and self.device.type == "cpu"  # ranks share host memory
             kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
         self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes)
+        self.draft_head = None  # the checkpoint's MTP head where speculative decoding runs (engine/mtp.py)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
@@ -221,13 +222,15 @@ class Engine:
                              f"{self.config.max_position_embeddings}")
 
     def prefill(self, token_ids: Sequence[int], state: HybridState | None = None, chunk_size: int = 512,
-                boundaries: Sequence[int] = (), on_chunk: Callable[[HybridState], None] | None = None
-                ) -> tuple[torch.Tensor, HybridState]:
+                boundaries: Sequence[int] = (), on_chunk: Callable[[HybridState], None] | None = None,
+                normed=None) -> tuple[torch.Tensor, HybridState]:
         """Chunked context encoding of `token_ids` on top of `state` (a fresh state when None).
 
         Chunks hold at most `chunk_size` tokens and also end exactly at every absolute position in
         `boundaries` (where a caller snapshots state). `on_chunk(state)` runs after every chunk; it may raise
-        to abandon the work (deadline, cancellation). Returns (fp32 logits [V] of the last token, state).
+        to abandon the work (deadline, cancellation). `normed` (one rank, eager or regionally compiled): gets each
+        chunk's final-normed hidden states [T, H] by `append` (what an MTP head reads: mtp.PromptDrafts).
+        Returns (fp32 logits [V] of the last token, state).
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -241,7 +244,10 @@ class Engine:
         start = state.num_tokens
         logits = None
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
-            logits = self.prefill_chunk(ids[lo - start: hi - start], state)
+            if normed is None:
+                logits = self.prefill_chunk(ids[lo - start: hi - start], state)
+            else:
+                logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state, normed=normed)
             if on_chunk is not None:
                 on_chunk(state)
         assert logits is not None
@@ -253,12 +259,12 @@ class Engine:
         return self.runner.prefill_chunk(token_ids, state)
 
     def prefill_scored(self, token_ids: Sequence[int], top: int, state: HybridState | None = None,
-                       on_chunk: Callable[[HybridState], None] | None = None
+                       on_chunk: Callable[[HybridState], None] | None = None, normed=None
                        ) -> tuple[torch.Tensor, HybridState, list[tuple[float, list[tuple[int, float]]]]]:
         """Prefill that also scores the prompt: for every token after the first, (its log-probability given the
         tokens before it, the `top` most likely ids at its position with theirs), under the model's unmodified
         distribution. Eager, in chunks of SCORE_CHUNK (every position's logits are computed, a chunk's at once).
-        Returns (fp32 logits [V] of the last token, state, scores)."""
+        `normed` as in `prefill`. Returns (fp32 logits [V] of the last token, state, scores)."""
         if not token_ids:
             raise ValueError("prefill needs at least one token")
         state = state if state is not None else self.new_state()
@@ -269,7 +275,8 @@ class Engine:
         last = None
         for lo, hi in chunk_spans(start, start + len(ids), SCORE_CHUNK):
             chunk = ids[lo - start: hi - start]
-            logits = self.prefill_chunk_all(chunk, state)
+            logits = (self.prefill_chunk_all(chunk, state) if normed is None else
+                      self.eager.prefill_chunk(chunk, state, all_logits=True, normed=normed))
             rows = torch.log_softmax(logits.float(), dim=-1)
             predicting = rows[:-1] if before is None else torch.cat([before[None], rows[:-1]])
             targets = chunk[1:] if before is None else chunk

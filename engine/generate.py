@@ -88,12 +88,14 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     at = [0] * k
     # the head reads (hidden of position t, token t+1) for every prompt position: the first token closes the prompt
     drafts = drafter.draft(hidden, [*prompt_ids[1:], token], 0, k)
+    batch = DecodeBatch(engine, max_batch=1)
+    batch.add(state)
     while not _emit(tracker, token, logprob, on_text):
         room = min(engine.config.max_position_embeddings - state.num_tokens - 1,  # context left after `token`
                    params.max_tokens - len(tracker.token_ids) - 1)  # tokens left after the next one
         drafts = drafts[:max(0, room)]
         fed = [token, *drafts]
-        done = verify(engine, state, fed, rollback)
+        done = verify(engine, batch, [fed], rollback)
         drafted += len(drafts)
         steps += 1
         kept = max(kept, rollback_bytes(done))
@@ -107,12 +109,13 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
             at[i] += 1
             if _emit(tracker, t, lp, on_text):  # a draft that is the chosen token: streamed now
                 break
-        accept(engine, state, done, len(chosen))
+        accept(engine, batch, done, [len(chosen)])
         if tracker.finish_reason is not None:
             break
         token, logprob = chosen[-1]
-        drafts = drafter.draft(done.hidden[:len(chosen)], [t for t, _ in chosen], done.start, k)
+        drafts = drafter.draft(done.hidden[:len(chosen)], [t for t, _ in chosen], done.starts[0], k)
     decode_s = time.perf_counter() - t1
+    batch.remove(state)
     state.release()
     return GenerationResult(token_ids=tracker.token_ids, text=tracker.text, finish_reason=tracker.finish_reason,
                             logprobs=tracker.logprobs, prefill_s=prefill_s, decode_s=decode_s,

@@ -34,6 +34,7 @@ class MTPCache:
     drafts past the verified tokens are overwritten when the verified tokens are fed (speculative.Drafter.draft)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int = 256):
+        capacity = max(1, capacity)
         shape = (capacity, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.mtp_num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.mtp_num_hidden_layers)]
@@ -70,16 +71,29 @@ class MTPHead:
             renamed = {"layers.0." + k[len(prefix):]: t for k, t in weights.items() if k.startswith(prefix)}
             self.layers.append(Block(layer_config, renamed, 0, rotary))
 
-    def new_cache(self) -> MTPCache:
-        return MTPCache(self.config, self.dtype, self.model.device)
+    def new_cache(self, capacity: int = 256) -> MTPCache:
+        return MTPCache(self.config, self.dtype, self.model.device, capacity)
 
     def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache: MTPCache,
-                step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                step: int = 0, logits: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions [T] of one sequence (consecutive, ascending): hidden [T, H] (a main model's or the head's own
         normed output), next_tokens [T] (the token after each position). Writes their KV, attends over every
         position <= each. Returns (the head's normed output [T, H] in the model dtype, fp32 logits [T, V]; [T, rows]
         with a draft head of the tokenizer's rows).
-        `step` picks the layer (draft k uses layer k mod mtp_num_hidden_layers, as vLLM does)."""
+        `step` picks the layer (draft k uses layer k mod mtp_num_hidden_layers, as vLLM does). `logits`: "all" rows,
+        the "last" row only ([1, V]), or "none" (None: feeding the head's KV only)."""
+        t = hidden.shape[0]
+        rows = {"all": list(range(t)), "last": [t - 1], "none": []}[logits]
+        normed, out = self.forward_many(hidden, next_tokens, positions, [cache], [t], step, rows)
+        return normed, out if logits != "none" else None
+
+    def forward_many(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                     caches: list[MTPCache], lengths: list[int], step: int = 0, logit_rows: list[int] = ()
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for several sequences at once: rows [sum(lengths)] are theirs in order (each one's positions
+        consecutive, ascending), caches[i] the i-th one's. Projections, the MLP and the logits run over all rows
+        at once, attention per sequence over its own cache. Returns (normed output [R, H], fp32 logits of
+        `logit_rows` [len, V], or None when there are none)."""
         layer = step % len(self.layers)
         blk = self.layers[layer]
         e = rms_norm(self.model.embed_tokens(next_tokens), self.norm_embedding, self.eps, self.dtype)
@@ -87,22 +101,96 @@ class MTPHead:
         x = self.fc(torch.cat([e, h], dim=-1)).float()  # the residual stream, fp32 as in the main model
         mixer = blk.mixer
         q, gate, k, v = mixer._qkv(blk.norm(x), positions)
-        cache.write(layer, positions, k, v)
-        end = int(positions[-1]) + 1
-        keys, values = cache.k[layer][:end], cache.v[layer][:end]
-        visible = torch.arange(end, device=x.device)[None, :] <= positions[:, None]  # [T, end]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None].to(keys.dtype), keys.transpose(0, 1)[None],
-                                           values.transpose(0, 1)[None], attn_mask=visible, scale=mixer.scale,
-                                           enable_gqa=True)[0].transpose(0, 1)
+        outs, lo = [], 0
+        for cache, n in zip(caches, lengths):
+            pos = positions[lo:lo + n]
+            cache.write(layer, pos, k[lo:lo + n], v[lo:lo + n])
+            end = int(pos[-1]) + 1
+            keys, values = cache.k[layer][:end], cache.v[layer][:end]
+            visible = None if n == 1 else torch.arange(end, device=x.device)[None, :] <= pos[:, None]  # [n, end]
+            outs.append(F.scaled_dot_product_attention(
+                q[lo:lo + n].transpose(0, 1)[None].to(keys.dtype), keys.transpose(0, 1)[None],
+                values.transpose(0, 1)[None], attn_mask=visible, scale=mixer.scale, enable_gqa=True)[0].transpose(0, 1))
+            lo += n
+        o = torch.cat(outs) if len(outs) > 1 else outs[0]
         out = mixer.o_proj(o.reshape(x.shape[0], -1).float() * torch.sigmoid(gate.float()))
         x = blk.finish(x, out)
         normed = rms_norm(x, self.final_norm, self.eps, self.dtype)
+        if not len(logit_rows):
+            return normed, None
+        picked = normed[list(logit_rows)]
         if self.draft_head is not None:
-            return normed, self.draft_head(normed).float()
-        logits = self.model.lm_head(normed).float()
+            return normed, self.draft_head(picked).float()
+        logits = self.model.lm_head(picked).float()
         if self.model.tp is not None:
             logits = self.model.tp.gather_vocab(logits)
         return normed, logits
+
+
+class PromptDrafts:
+    """The head run over a prompt while prefill computes it: pass it as Engine.prefill's `normed` and every chunk's
+    final-normed hidden states are paired with the tokens after them and fed to the head at once (the last one
+    waits for the next chunk), so the head never holds the whole prompt's hidden states. `tensors()` is the draft
+    state a hand-off carries (state_spec.draft_shapes): the head's KV of positions 0 .. T-2 and the hidden state
+    at T-1, which the first token decode feeds completes."""
+
+    def __init__(self, head: MTPHead, token_ids: list[int]):
+        self.head = head
+        self.ids = token_ids
+        self.cache = head.new_cache(len(token_ids))
+        self.pos = 0  # positions whose hidden states arrived
+        self.pending: torch.Tensor | None = None  # the hidden state at pos - 1
+
+    def restore(self, kv: dict[str, torch.Tensor], hidden: torch.Tensor, num_tokens: int) -> None:
+        """Start after a cached prefix of `num_tokens` tokens: `kv` its head KV (mtp.{l}.k/v, [Hkv, num_tokens-1,
+        D]), `hidden` the hidden state at num_tokens - 1 (what a prefix-cache hit keeps: prefill/prefix.py)."""
+        if num_tokens > 1:
+            positions = torch.arange(num_tokens - 1, device=self.head.model.device)
+            for layer in range(len(self.cache.k)):
+                k, v = kv[f"mtp.{layer}.k"], kv[f"mtp.{layer}.v"]
+                if k.shape[1] != num_tokens - 1 or v.shape[1] != num_tokens - 1:
+                    raise ValueError(f"cached head KV covers {k.shape[1]} positions, not {num_tokens - 1}")
+                self.cache.write(layer, positions, k.transpose(0, 1).to(positions.device),
+                                 v.transpose(0, 1).to(positions.device))
+        self.pos = num_tokens
+        self.pending = hidden.to(self.head.model.device).clone()
+
+    def append(self, hidden: torch.Tensor) -> None:
+        first = self.pos if self.pending is None else self.pos - 1
+        if self.pending is not None:
+            hidden = torch.cat([self.pending[None], hidden])
+        self.pos += hidden.shape[0] - (first != self.pos)
+        if hidden.shape[0] > 1:
+            dev = hidden.device
+            with torch.inference_mode():
+                self.head.forward(hidden[:-1], torch.tensor(self.ids[first + 1:self.pos], device=dev),
+                                  torch.arange(first, self.pos - 1, device=dev), self.cache, logits="none")
+        self.pending = hidden[-1].clone()
+
+    def kv(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """The head KV of positions [lo, hi) (mtp.{l}.k/v, [Hkv, hi-lo, D], host copies)."""
+        out = {}
+        for layer in range(len(self.cache.k)):
+            out[f"mtp.{layer}.k"] = self.cache.k[layer][lo:hi].transpose(0, 1).contiguous().cpu()
+            out[f"mtp.{layer}.v"] = self.cache.v[layer][lo:hi].transpose(0, 1).contiguous().cpu()
+        return out
+
+    def block(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """What a prefix-cache KV block of tokens [lo, hi) keeps of the head: the KV of the positions whose next
+        token is in the block, [lo-1, hi-1) ([0, hi-1) for the first), so it depends on the block's prefix only;
+        blocks and a hand-off's own part join into positions 0 .. T-2 (the store concatenates .k/.v tensors)."""
+        return self.kv(max(0, lo - 1), hi - 1)
+
+    def tensors(self, after: int = 0) -> dict[str, torch.Tensor]:
+        """The draft state a hand-off carries (state_spec.draft_shapes), less the head KV the blocks of its first
+        `after` tokens hold (`block`)."""
+        from qwenpd.engine.state_spec import DRAFT_HIDDEN
+
+        if self.pending is None:
+            raise ValueError("no hidden states were fed")
+        out = self.kv(max(0, after - 1), self.pos - 1)
+        out[DRAFT_HIDDEN] = self.pending.to(self.head.dtype).cpu()
+        return out
 
 
 def load_head(engine, model_dir) -> MTPHead:

@@ -1,16 +1,21 @@
-"""Speculative decoding with the checkpoint's MTP head: K drafts per step, one verify pass of K+1 positions.
+"""Speculative decoding with the checkpoint's MTP head: K drafts per step, one verify pass of K+1 positions per
+sequence, every sequence of a decode batch in the same pass.
 
-**Identical output, by construction.** The verify pass (`verify`) computes each of its K+1 positions with the
-decode step's own kernels, so every position's logits are the bits a plain decode step would give there:
+**Identical output, by construction.** The verify pass (`verify`) computes each of its positions with the decode
+step's own kernels, so every position's logits are the bits a plain decode step would give there:
 
-- projections, norms, MLPs and the lm_head see the K+1 positions as K+1 rows, and the decode step is row
+- projections, norms, MLPs and the lm_head see every sequence's positions as rows, and the decode step is row
   invariant (engine/linear.py, runner.decode_row_multiple: a row's result does not depend on the rows beside it);
-- attention writes the K+1 positions' K/V, then runs the decode attention op with one row per position, row i
-  seeing context p+i+1 (fixed-width tiles: the same sums as a decode step at that position);
+- attention writes the positions' K/V, then runs the decode attention op with one row per position, the row of
+  position p+i of a sequence seeing context p+i+1 (fixed-width tiles: the same sums as a decode step there);
 - the DeltaNet conv and delta rule, the only sequential part, run position after position with the decode step's
-  kernels on the sequence's state (a row of the padded width a decode step uses).
+  kernels on the batch's slot tensors: at position i, one step over the sequences that feed more than i tokens
+  (a slice of the slots when that is all of them, gathered rows otherwise; padded rows as a decode step pads).
 
-The tokens are then chosen position by position with the request's own Sampler, exactly as plain decoding would
+A sequence that feeds one token (no drafts: speculation off for it, or no room left) gets exactly a decode step,
+so sequences with and without speculation share one pass.
+
+The tokens are then chosen position by position with each request's own Sampler, exactly as plain decoding would
 choose them, stopping at the first position whose token differs from the draft: every emitted token is sampled
 from the target model's distribution given the tokens before it, with one draw of the request's random stream per
 position. So greedy and seeded sampling give the non-speculative tokens, and a crash resume (which replays draws
@@ -30,12 +35,13 @@ bench/spec_decode.py measures both; "replay" is the default (module doc of the b
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from qwenpd.engine.mtp import MTPCache, MTPHead
-from qwenpd.engine.state import HybridState
+from qwenpd.engine.pages import NULL_PAGE
 from qwenpd.kernels import ops
 
 ROLLBACKS = ("replay", "snapshot")
@@ -43,146 +49,198 @@ ROLLBACKS = ("replay", "snapshot")
 
 @dataclass(slots=True)
 class _Layer:
-    """What one DeltaNet layer's rollback needs: the state before the pass (or after each position) and, for a
-    replay, each position's conv input, decay and write strength."""
+    """What one DeltaNet layer's rollback needs. replay: `saved` is one (conv, recurrent) copy of the batch's
+    first B slots before the pass, plus every row's conv input, decay and write strength; snapshot: `snaps[i]` is
+    (slots, conv, recurrent) of the sequences stepped at position i, copied after it."""
 
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (conv, recurrent) copies
-    mixed: torch.Tensor | None = None  # [n, conv_dim] fp32: conv inputs
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None
+    snaps: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    mixed: torch.Tensor | None = None  # [R, conv_dim]: conv inputs of every row
     g: torch.Tensor | None = None
     beta: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
 class Verified:
-    logits: torch.Tensor  # [n, V] fp32: the logits after each fed token
-    hidden: torch.Tensor  # [n, H] the final-normed hidden states (what the MTP head reads)
-    start: int  # the state's num_tokens before the pass
-    tokens: list[int]
+    """One verify pass over a batch: row offsets[b] + i holds sequence b's position starts[b] + i."""
+
+    logits: torch.Tensor  # [R, V] fp32: the logits after each fed token
+    hidden: torch.Tensor  # [R, H] the final-normed hidden states (what the MTP head reads)
+    offsets: list[int]
+    starts: list[int]  # each state's num_tokens before the pass
+    tokens: list[list[int]]
     layers: dict[int, _Layer]
     rollback: str
 
+    def rows(self, b: int) -> slice:
+        return slice(self.offsets[b], self.offsets[b] + len(self.tokens[b]))
 
-def _rows(state_row: torch.Tensor, width: int) -> torch.Tensor:
-    """The sequence's state as the first of `width` rows (a decode step's padded batch), a view when width is 1."""
-    if width == 1:
-        return state_row[None]
-    out = torch.zeros((width, *state_row.shape), dtype=state_row.dtype, device=state_row.device)
-    out[0] = state_row
+
+def _step(mixer, kernels, conv_all: torch.Tensor, rec_all: torch.Tensor, slots: list[int], batch_size: int,
+          row_multiple: int, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """One recurrence step of a DeltaNet layer for the sequences in `slots` (their rows of mixed/g/beta, in that
+    order), as a decode step: rows padded to a multiple of row_multiple. In place on the slot tensors. Returns the
+    core outputs [len(slots), Hv, dv]."""
+    m = len(slots)
+    rows = -(-m // row_multiple) * row_multiple
+    dense = m == batch_size and slots == list(range(m)) and rows <= conv_all.shape[0]
+    if dense:  # every sequence: the slots themselves, padding rows are free slots (as a decode step pads)
+        conv, rec = conv_all[:rows], rec_all[:rows]
+    else:
+        index = torch.tensor(slots, device=conv_all.device)
+        conv = conv_all.new_zeros((rows, *conv_all.shape[1:]))
+        rec = rec_all.new_zeros((rows, *rec_all.shape[1:]))
+        conv[:m] = conv_all[index]
+        rec[:m] = rec_all[index]
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return t if rows == m else torch.cat([t, t.new_zeros((rows - m, *t.shape[1:]))])
+
+    x = kernels.conv_update(pad(mixed), mixer.conv_weight, conv)
+    q, k, v = mixer._split_heads(x)
+    out = kernels.step(q, k, v, pad(g), pad(beta), rec)[:m]
+    if not dense:
+        conv_all[index] = conv[:m]
+        rec_all[index] = rec[:m]
     return out
 
 
-def _recur(mixer, kernels, mixed_i: torch.Tensor, g_i: torch.Tensor, beta_i: torch.Tensor, conv: torch.Tensor,
-           rec: torch.Tensor, width: int) -> torch.Tensor:
-    """One position of a DeltaNet layer's recurrence, as a decode step of `width` rows whose first row is this
-    sequence (conv [width, D, W-1], rec [width, Hv, dk, dv] updated in place). Returns the core output [1, Hv, dv]."""
-    pad = width - 1
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t if not pad else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
-
-    m = kernels.conv_update(rows(mixed_i), mixer.conv_weight, conv)
-    q, k, v = mixer._split_heads(m)
-    return kernels.step(q, k, v, rows(g_i), rows(beta_i), rec)[:1]
-
-
-def verify(engine, state: HybridState, tokens: list[int], rollback: str = "replay") -> Verified:
-    """Feed `tokens` (the last sampled token and the drafts) to `state` in one pass; their logits are a plain
-    decode step's at each position (module doc). `state` is left after all of them: `accept` rolls it back."""
+def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Verified:
+    """Feed fed[b] (sequence b's last sampled token, then its drafts) to batch.states[b], all in one pass; their
+    logits are a plain decode step's at each position (module doc). The states are left after all of them:
+    `accept` rolls them back."""
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback must be one of {ROLLBACKS}, got {rollback!r}")
-    model, n, p = engine.model, len(tokens), state.num_tokens
-    width = engine.eager.row_multiple
-    state.reserve(p + n)
-    dev = model.device
-    positions = torch.arange(p, p + n, device=dev)
-    slots = torch.tensor(state.kv.slots(p, p + n), dtype=torch.long, device=dev)
-    tables = torch.tensor(state.kv.table(), dtype=torch.long, device=dev)[None].expand(n, -1).contiguous()
-    cache = state.kv.cache
+    states = batch.states
+    if len(fed) != len(states) or any(not f for f in fed):
+        raise ValueError(f"verify needs one non-empty token list per sequence of the batch ({len(states)})")
+    model, dev = engine.model, engine.model.device
+    limit = engine.config.max_position_embeddings
+    starts = [s.num_tokens for s in states]
+    if any(p + len(f) > limit for p, f in zip(starts, fed)):
+        raise ValueError(f"verify pass would exceed the model's maximum context of {limit} tokens")
+    flat = [t for f in fed for t in f]
+    engine.check_tokens(flat)
+    rm = engine.eager.row_multiple
+    offsets, r = [], 0
+    for f in fed:
+        offsets.append(r)
+        r += len(f)
+    pad = -(-r // rm) * rm - r  # whole rows for the row-wise ops (decode_row_multiple); padding: the null page
+    for s, p, f in zip(states, starts, fed):
+        s.reserve(p + len(f))
+    width = max(len(s.kv.pages) for s in states)
+    positions, slots, tables = [], [], []
+    for s, p, f in zip(states, starts, fed):
+        positions += range(p, p + len(f))
+        slots += s.kv.slots(p, p + len(f))
+        tables += [s.kv.table(width)] * len(f)
+    positions_t = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
+    slots_t = torch.tensor(slots + [NULL_PAGE] * pad, dtype=torch.long, device=dev)
+    tables_t = torch.tensor(tables + [[NULL_PAGE] * width] * pad, dtype=torch.long, device=dev)
+    cache = states[0].kv.cache
+    most = max(len(f) for f in fed)
+    steps = [[b for b, f in enumerate(fed) if len(f) > i] for i in range(most)]  # who steps at position i
     layers: dict[int, _Layer] = {}
     with torch.inference_mode():
-        x = model.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=dev))
+        x = model.embed_tokens(torch.tensor(flat + [0] * pad, dtype=torch.long, device=dev))
         for blk in model.blocks:
             j = model.slot[blk.index]
             mixer = blk.mixer
             h = blk.norm(x)
             if blk.is_linear:
                 mixed, z, beta, g = mixer._project(h)
-                conv, rec = _rows(state.conv[j], width), _rows(state.recurrent[j], width)
+                conv_all, rec_all = batch.conv[j], batch.recurrent[j]
                 keep = layers[j] = _Layer()
-                if rollback == "replay":
-                    keep.saved.append((state.conv[j].clone(), state.recurrent[j].clone()))
+                if rollback == "replay" and most > 1:
+                    keep.saved = (conv_all[:len(states)].clone(), rec_all[:len(states)].clone())
                     keep.mixed, keep.g, keep.beta = mixed, g, beta
-                outs = []
-                for i in range(n):
-                    outs.append(_recur(mixer, model.kernels, mixed[i:i + 1], g[i:i + 1], beta[i:i + 1], conv, rec,
-                                       width))
-                    if rollback == "snapshot":
-                        keep.saved.append((conv[0].clone(), rec[0].clone()))
-                if width != 1:  # scratch rows: the state is their first row
-                    state.conv[j].copy_(conv[0])
-                    state.recurrent[j].copy_(rec[0])
-                out = mixer._output(torch.cat(outs), z)
+                core = None
+                for i, who in enumerate(steps):
+                    rows = [offsets[b] + i for b in who]
+                    o = _step(mixer, model.kernels, conv_all, rec_all, who, len(states), rm, mixed[rows], g[rows],
+                              beta[rows])
+                    if core is None:
+                        core = o if len(rows) == r else o.new_empty((r, *o.shape[1:]))
+                    if core is not o:
+                        core[rows] = o
+                    if rollback == "snapshot" and most > 1:
+                        index = torch.tensor(who, device=dev)
+                        keep.snaps.append((who, conv_all[index].clone(), rec_all[index].clone()))
+                if pad:
+                    core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
+                out = mixer._output(core, z)
             else:
-                q, gate, k, v = mixer._qkv(h, positions)
-                ops.decode_write_kv(cache.k[j], cache.v[j], slots, k, v)
-                o = ops.decode_paged_attention(q, cache.k[j], cache.v[j], tables, positions + 1, mixer.scale)
-                out = mixer.o_proj(o.reshape(n, -1) * torch.sigmoid(gate.float()))
+                q, gate, k, v = mixer._qkv(h, positions_t)
+                ops.decode_write_kv(cache.k[j], cache.v[j], slots_t, k, v)
+                o = ops.decode_paged_attention(q, cache.k[j], cache.v[j], tables_t, positions_t + 1, mixer.scale)
+                out = mixer.o_proj(o.reshape(r + pad, -1) * torch.sigmoid(gate.float()))
             x = blk.finish(x, out)
+        x = x[:r]
         logits = model.logits(x)
         hidden = model.final_normed(x)
-    state.num_tokens = p + n
-    state.token_ids.extend(tokens)
-    return Verified(logits, hidden, p, list(tokens), layers, rollback)
+    for s, p, f in zip(states, starts, fed):
+        s.num_tokens = p + len(f)
+        s.token_ids.extend(f)
+    return Verified(logits, hidden, offsets, starts, [list(f) for f in fed], layers, rollback)
 
 
-def accept(engine, state: HybridState, done: Verified, consumed: int) -> None:
-    """Keep the first `consumed` fed tokens (1 <= consumed <= len(tokens)): roll the DeltaNet state back to just
-    after them and forget the rest (their KV is overwritten later)."""
-    n = len(done.tokens)
-    if not 1 <= consumed <= n:
-        raise ValueError(f"consumed must be in [1, {n}], got {consumed}")
-    if consumed < n:
-        model, width = engine.model, engine.eager.row_multiple
+def accept(engine, batch, done: Verified, consumed: list[int]) -> None:
+    """Keep the first consumed[b] fed tokens of each sequence (1 <= consumed[b] <= its fed tokens): roll the
+    DeltaNet state of those that keep fewer back to just after them and forget the rest (their KV is overwritten
+    later)."""
+    states = batch.states
+    if len(consumed) != len(done.tokens):
+        raise ValueError(f"{len(consumed)} counts for {len(done.tokens)} sequences")
+    for c, f in zip(consumed, done.tokens):
+        if not 1 <= c <= len(f):
+            raise ValueError(f"consumed must be in [1, {len(f)}], got {c}")
+    rolled = [b for b, (c, f) in enumerate(zip(consumed, done.tokens)) if c < len(f)]
+    if rolled:
+        model, rm, dev = engine.model, engine.eager.row_multiple, engine.model.device
+        index = torch.tensor(rolled, device=dev)
         with torch.inference_mode():
             for blk in model.blocks:
                 if not blk.is_linear:
                     continue
                 j = model.slot[blk.index]
                 keep = done.layers[j]
+                conv_all, rec_all = batch.conv[j], batch.recurrent[j]
                 if done.rollback == "snapshot":
-                    conv, rec = keep.saved[consumed - 1]
-                    state.conv[j].copy_(conv)
-                    state.recurrent[j].copy_(rec)
+                    for b in rolled:
+                        who, conv, rec = keep.snaps[consumed[b] - 1]
+                        at = who.index(b)
+                        conv_all[b].copy_(conv[at])
+                        rec_all[b].copy_(rec[at])
                     continue
-                conv0, rec0 = keep.saved[0]
-                state.conv[j].copy_(conv0)
-                state.recurrent[j].copy_(rec0)
-                conv, rec = _rows(state.conv[j], width), _rows(state.recurrent[j], width)
-                for i in range(consumed):
-                    _recur(blk.mixer, model.kernels, keep.mixed[i:i + 1], keep.g[i:i + 1], keep.beta[i:i + 1],
-                           conv, rec, width)
-                if width != 1:
-                    state.conv[j].copy_(conv[0])
-                    state.recurrent[j].copy_(rec[0])
-    state.num_tokens = done.start + consumed
-    del state.token_ids[done.start + consumed:]
+                conv_all[index] = keep.saved[0][index]
+                rec_all[index] = keep.saved[1][index]
+                for i in range(max(consumed[b] for b in rolled)):
+                    who = [b for b in rolled if consumed[b] > i]
+                    rows = [done.offsets[b] + i for b in who]
+                    _step(blk.mixer, model.kernels, conv_all, rec_all, who, len(states), rm, keep.mixed[rows],
+                          keep.g[rows], keep.beta[rows])
+    for s, p, c in zip(states, done.starts, consumed):
+        s.num_tokens = p + c
+        del s.token_ids[p + c:]
 
 
 def rollback_bytes(done: Verified) -> int:
     """Bytes the pass kept for a rollback (state copies and replay inputs)."""
     total = 0
     for keep in done.layers.values():
-        total += sum(c.numel() * c.element_size() + r.numel() * r.element_size() for c, r in keep.saved)
-        total += sum(t.numel() * t.element_size() for t in (keep.mixed, keep.g, keep.beta) if t is not None)
+        kept = [*(keep.saved or ()), *(t for _, c, r in keep.snaps for t in (c, r))]
+        kept += [t for t in (keep.mixed, keep.g, keep.beta) if t is not None]
+        total += sum(t.numel() * t.element_size() for t in kept)
     return total
 
 
 class Drafter:
     """One sequence's drafts: the MTP head's KV and how far the head has read the verified tokens."""
 
-    def __init__(self, head: MTPHead, vocab: int | None):
+    def __init__(self, head: MTPHead, vocab: int | None, capacity: int = 256):
         self.head = head
-        self.cache: MTPCache = head.new_cache()
+        self.cache: MTPCache = head.new_cache(capacity)
         self.vocab = vocab  # tokens the tokenizer has: drafts never pick embedding padding
 
     def _pick(self, logits: torch.Tensor) -> int:
@@ -190,16 +248,49 @@ class Drafter:
 
     def draft(self, hidden: torch.Tensor, next_tokens: list[int], start: int, k: int) -> list[int]:
         """Feed the verified pairs (hidden[i] of position start+i, the token after it) and draft k tokens after
-        the last: greedily, each draft's output hidden chained into the next."""
+        the last (none for k = 0): greedily, each draft's output hidden chained into the next."""
         dev = hidden.device
         with torch.inference_mode():
             positions = torch.arange(start, start + len(next_tokens), device=dev)
-            out, logits = self.head.forward(hidden, torch.tensor(next_tokens, device=dev), positions, self.cache)
+            out, logits = self.head.forward(hidden, torch.tensor(next_tokens, device=dev), positions, self.cache,
+                                            logits="last" if k else "none")
+            if k < 1:  # only keep up with the verified tokens
+                return []
             drafts = [self._pick(logits[-1])]
             h, pos = out[-1:], start + len(next_tokens)
             for step in range(1, k):
                 h, logits = self.head.forward(h, torch.tensor(drafts[-1:], device=dev), torch.tensor([pos], device=dev),
-                                              self.cache, step)
+                                              self.cache, step, logits="last")
                 drafts.append(self._pick(logits[-1]))
                 pos += 1
+        return drafts
+
+    @classmethod
+    def draft_many(cls, drafters: list["Drafter"], hidden: list[torch.Tensor], next_tokens: list[list[int]],
+                   starts: list[int], k: int) -> list[list[int]]:
+        """`draft` for several sequences at once (one head pass per draft position over all of them: the decode
+        service's batch); their drafts, in order."""
+        if not drafters:
+            return []
+        head, dev = drafters[0].head, hidden[0].device
+        lengths = [len(t) for t in next_tokens]
+        with torch.inference_mode():
+            positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lengths)])
+            last = list(itertools.accumulate(lengths))
+            out, logits = head.forward_many(torch.cat(hidden), torch.tensor([t for ts in next_tokens for t in ts],
+                                                                             device=dev),
+                                            positions, [d.cache for d in drafters], lengths, 0,
+                                            [i - 1 for i in last] if k else [])
+            if k < 1:
+                return [[] for _ in drafters]
+            drafts = [[d._pick(row)] for d, row in zip(drafters, logits)]
+            h = out[[i - 1 for i in last]]
+            pos = torch.tensor([s + n for s, n in zip(starts, lengths)], device=dev)
+            ones = [1] * len(drafters)
+            for step in range(1, k):
+                h, logits = head.forward_many(h, torch.tensor([d[-1] for d in drafts], device=dev), pos,
+                                              [d.cache for d in drafters], ones, step, list(range(len(drafters))))
+                for d, drafter, row in zip(drafts, drafters, logits):
+                    d.append(drafter._pick(row))
+                pos = pos + 1
         return drafts

@@ -9,7 +9,17 @@ Per sequence, named by absolute layer index i:
     layers.{i}.recurrent         DeltaNet layer: [Hv, dk, dv]             float32      TP: dim 0 by value head
 
 T is the number of tokens the KV covers (a block, a tail, or the whole prefix); the DeltaNet tensors do not
-depend on it. Adding a kind (a draft layer's KV, a rotary position offset) is one entry in KINDS; everything
+depend on it.
+
+The draft state: what speculative decoding's MTP head (engine/mtp.py) needs to draft from the next step, carried
+by a hand-off checkpoint next to the model state when prefill ran the head (optional: `handoff_shapes`):
+
+    mtp.{l}.k, mtp.{l}.v         MTP layer l:    [Hkv, T-1, D]            model dtype  (positions 0 .. T-2)
+    mtp.hidden                                   [H]                      model dtype  (the main model's final-normed
+                                                                                        hidden state at T-1)
+
+Position t of the head pairs the hidden state at t with token t+1, so after T tokens its KV covers T-1 positions;
+the last pair is completed by the first token decode feeds. Adding a kind (a draft layer's KV, a rotary position offset) is one entry in KINDS; everything
 else (the engine's state I/O, the decode service's checks, the sharding plan, the benchmarks) asks here.
 """
 
@@ -63,6 +73,44 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 )}
 KV_KINDS = tuple(k.name for k in KINDS.values() if k.per_token)
 DELTANET_KINDS = tuple(k.name for k in KINDS.values() if not k.per_token)
+
+
+DRAFT_HIDDEN = "mtp.hidden"
+
+
+def draft_shapes(config: ModelConfig, num_tokens: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the draft state after `num_tokens` tokens (none without an MTP head)."""
+    if not config.mtp_num_hidden_layers:
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    for layer in range(config.mtp_num_hidden_layers):
+        for kind in ("k", "v"):
+            out[f"mtp.{layer}.{kind}"] = (config.num_key_value_heads, max(0, num_tokens - 1), config.head_dim)
+    out[DRAFT_HIDDEN] = (config.hidden_size,)
+    return out
+
+
+class Expected(dict):
+    """Name -> shape (or dtype) a checkpoint's tensors must match, where the names in `optional` may be absent
+    (all of them or none: the cache store's readers check the set)."""
+
+    def __init__(self, required: Mapping, optional: Mapping):
+        super().__init__({**required, **optional})
+        self.optional = frozenset(optional)
+
+
+def handoff_shapes(config: ModelConfig, num_tokens: int) -> Expected:
+    """What a hand-off checkpoint after `num_tokens` tokens holds: the state, and maybe the draft state."""
+    return Expected(shapes(config, num_tokens), draft_shapes(config, num_tokens))
+
+
+def handoff_dtypes(config: ModelConfig, model_dtype: torch.dtype) -> Expected:
+    return Expected(dtypes(config, model_dtype), {name: model_dtype for name in draft_shapes(config, 1)})
+
+
+def split_draft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take the draft state's tensors out of a checkpoint's `tensors` (in place); returns them ({} if none)."""
+    return {name: tensors.pop(name) for name in [n for n in tensors if n.startswith("mtp.")]}
 
 
 class StateMismatch(ValueError):

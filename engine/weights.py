@@ -117,6 +117,29 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
     return {name: t.to(dtype) for name, t in found.items()}
 
 
+def check_mtp_head(model_dir: str | Path, config: ModelConfig) -> None:
+    """WeightError unless the checkpoint holds the MTP head its config declares, every `mtp.*` tensor with its
+    shape (reads the file headers only: what a service checks before it starts)."""
+    expected = mtp_weight_shapes(config)
+    if not expected:
+        raise WeightError(f"checkpoint {model_dir} declares no MTP head (no mtp_num_hidden_layers in config.json), "
+                          "so it has no mtp.* weights to draft with")
+    found: dict[str, tuple[int, ...]] = {}
+    for path in _weight_files(Path(model_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                canon = name[len("model."):] if name.startswith("model." + MTP) else name
+                if canon in expected:
+                    found[canon] = tuple(f.get_slice(name).get_shape())
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise WeightError(f"checkpoint {model_dir} has no MTP head: it lacks {len(missing)} of the "
+                          f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
+    for name, shape in found.items():
+        if shape != expected[name]:
+            raise WeightError(f"tensor {name!r} has shape {shape}, expected {expected[name]}")
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():

@@ -88,3 +88,24 @@ def load_hf(path: Path, variant: str):
     model = cls.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model
+
+
+def with_mtp_head(src: Path, dst: Path) -> Path:
+    """A transformers-made checkpoint with an MTP head added (random tensors of the public layout)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["mtp_num_hidden_layers"] = 1
+    (dst / "config.json").write_text(json.dumps(cfg))
+    from qwenpd.engine.config import ModelConfig
+    from qwenpd.engine.weights import mtp_weight_shapes
+
+    tensors = load_file(str(dst / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for name, shape in mtp_weight_shapes(ModelConfig.from_pretrained(dst)).items():
+        tensors[name] = (0.1 * torch.randn(shape, generator=g) if len(shape) == 1
+                         else torch.randn(shape, generator=g) / shape[-1] ** 0.5)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

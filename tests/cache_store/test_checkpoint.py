@@ -185,3 +185,29 @@ def test_plain_safetensors_file_is_not_a_checkpoint() -> None:
     raw = safetensors.torch.save({"a": torch.zeros(2)})
     with pytest.raises(DataLoss, match="not a qwenpd checkpoint"):
         read_checkpoint(raw, FP)
+
+
+def test_an_optional_group_is_all_there_or_absent() -> None:
+    """The hand-off's draft state (state_spec.Expected's optional names): a checkpoint may carry all of it or none;
+    part of it, or any of it misshaped, is FAILED_PRECONDITION."""
+    from qwenpd.engine.state_spec import Expected
+
+    def draft(tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"mtp.0.k": (2, tokens - 1, 16), "mtp.hidden": (32,)}
+
+    def shapes(n: int) -> Expected:
+        return Expected(state_shapes(n), draft(n))
+
+    dtypes = Expected(STATE_DTYPES, {"mtp.0.k": torch.bfloat16, "mtp.hidden": torch.bfloat16})
+    state = state_tensors(tokens=9)
+    with_draft = {**state, "mtp.0.k": torch.zeros(2, 8, 16, dtype=torch.bfloat16),
+                  "mtp.hidden": torch.zeros(32, dtype=torch.bfloat16)}
+    for tensors in (state, with_draft):
+        out, _ = read_checkpoint(make(tensors, tokens=9), FP, shapes, dtypes)
+        assert set(out) == set(tensors)
+    partial = {**state, "mtp.hidden": torch.zeros(32, dtype=torch.bfloat16)}
+    with pytest.raises(FailedPrecondition, match="missing"):
+        read_checkpoint(make(partial, tokens=9), FP, shapes, dtypes)
+    misshaped = {**with_draft, "mtp.0.k": torch.zeros(2, 9, 16, dtype=torch.bfloat16)}
+    with pytest.raises(FailedPrecondition, match="mtp.0.k"):
+        read_checkpoint(make(misshaped, tokens=9), FP, shapes, dtypes)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from qwenpd.engine import Engine
 from qwenpd.engine.generate import generate, generate_speculative
 from qwenpd.engine.mtp import MTPHead
 from qwenpd.engine.sampling import SamplingParams
 from qwenpd.engine.speculative import Drafter
-from qwenpd.engine.weights import load_mtp_weights, mtp_weight_shapes
+from qwenpd.engine.weights import load_mtp_weights
+from tests.hf_models import with_mtp_head
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=1.0, seed=7, max_tokens=48, ignore_eos=True)
@@ -52,32 +52,12 @@ def test_identical_to_plain_decoding_whatever_the_drafts(engine, tiny_model_dir,
     assert sum(got.accepted_at) == got.accepted_tokens
 
 
-def _with_head(src, dst):
-    """A transformers-made checkpoint with an MTP head added (random tensors of the public layout)."""
-    import json
-    import shutil
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["mtp_num_hidden_layers"] = 1
-    (dst / "config.json").write_text(json.dumps(cfg))
-    from qwenpd.engine.config import ModelConfig
-
-    tensors = load_file(str(dst / "model.safetensors"))
-    g = torch.Generator().manual_seed(1)
-    for name, shape in mtp_weight_shapes(ModelConfig.from_pretrained(dst)).items():
-        tensors[name] = (0.1 * torch.randn(shape, generator=g) if len(shape) == 1
-                         else torch.randn(shape, generator=g) / shape[-1] ** 0.5)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.parametrize("variant", ["text", "every2nd", "conv5_tied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, monkeypatch, variant, dtype):
     """Other shapes (attention every 2nd layer, conv kernel 5, tied embeddings), bf16 too, over 3 attention tiles
     of context: identical to plain decoding with the head's drafts and with mostly-right ones."""
-    path = _with_head(hf_checkpoint(variant), tmp_path / "ckpt")
+    path = with_mtp_head(hf_checkpoint(variant), tmp_path / "ckpt")
     eng = Engine(path, dtype=dtype)
     head = _head(eng, path)
     prompt = torch.randint(1, eng.config.vocab_size, (700,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -87,3 +67,63 @@ def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, mo
     _oracle_drafts(monkeypatch, prompt + ref.token_ids)
     got = generate_speculative(eng, head, prompt, params, 3)
     assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs) and got.accepted_tokens > 0
+
+
+def _chi2_two_sample(a: list, b: list, min_count: int = 10) -> tuple[float, int]:
+    """Pearson's two-sample chi-square over the categories of a and b (those with fewer than min_count in both
+    pooled into one); (statistic, degrees of freedom)."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    keep = [c for c in set(ca) | set(cb) if ca[c] + cb[c] >= min_count]
+    rows = [(ca[c], cb[c]) for c in keep]
+    rest = (len(a) - sum(x for x, _ in rows), len(b) - sum(y for _, y in rows))
+    if sum(rest):
+        rows.append(rest)
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in rows:
+        total = x + y
+        for observed, n in ((x, na), (y, nb)):
+            expected = total * n / (na + nb)
+            stat += (observed - expected) ** 2 / expected
+    return stat, len(rows) - 1
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at 1 - alpha (z: the normal quantile; 3.09 = alpha 0.001), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampled_tokens_have_the_target_distribution(engine, tiny_model_dir, monkeypatch):
+    """Speculative rejection sampling leaves the output distribution the target's: the first two tokens of 300
+    seeded speculative runs (K = 1, the draft at the second token always the same likely token) against 300 plain
+    runs with other seeds, two-sample chi-square at alpha = 0.001. Power: the control below, a naive acceptance
+    that keeps the draft whenever it could have been sampled, is rejected by the same test (the draft's
+    probability there is about 0.3, the control makes it 1 whenever the draft is offered)."""
+    head = _head(engine, tiny_model_dir)
+    prompt = [5 + (i * 37) % 400 for i in range(20)]
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)  # a draft for the 2nd
+    import dataclasses
+
+    plain = [tuple(generate(engine, prompt, dataclasses.replace(params, seed=10_000 + s)).token_ids[:2])
+             for s in range(300)]
+    firsts = {}
+    for x1, x2 in plain:
+        firsts.setdefault(x1, []).append(x2)
+    x1_mode = max(firsts, key=lambda t: len(firsts[t]))
+    seconds = firsts[x1_mode]
+    draft = max(set(seconds), key=seconds.count)  # a likely second token after the likeliest first one
+    monkeypatch.setattr(Drafter, "draft", lambda self, hidden, next_tokens, start, k: [draft] * k)
+    spec = []
+    accepted = 0
+    for s in range(300):
+        r = generate_speculative(engine, head, prompt, dataclasses.replace(params, seed=s), 1)
+        spec.append(tuple(r.token_ids[:2]))
+        accepted += r.accepted_tokens
+    assert 0 < accepted < 300  # the draft was both kept and replaced
+    stat, df = _chi2_two_sample(spec, plain)
+    assert stat < _chi2_critical(df), f"chi-square {stat:.1f} on {df} degrees of freedom"
+    naive = [(x1, draft) for x1, _ in spec]  # the control: the draft kept whenever offered
+    stat, df = _chi2_two_sample(naive, plain)
+    assert stat > _chi2_critical(df), "the test cannot tell a biased sampler from the target"

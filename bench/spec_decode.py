@@ -16,8 +16,11 @@ rows with *oracle* drafts at a set acceptance (`--oracle`): the head runs as usu
 its drafts is then replaced by the token plain decoding chooses there with that probability (seeded), else by a
 wrong one. They measure what the machinery costs and gains at a given acceptance, not a head's quality.
 
-Only batch 1 in-process eager is built: speculation in the decode service's continuous batching (b8, b32) and in
-compiled graphs is not, so those columns are not measured.
+The second table runs the decode service's own stepping loop (decode_service/runner.py DecodeRunner, in process,
+no gRPC) at batch 1, 8 and 32: B sequences prefilled (with the head's state, as the prefill service hands it off)
+and decoded together, plain (no head) against speculative with every step drafting (--speculative-max-batch
+lifted, so the table shows where drafting stops paying), each with its own tokens checked against plain decoding.
+Compiled graphs do not run speculation yet (the services refuse --compile with it), so there is no compiled column.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from qwenpd.engine.generate import generate, generate_speculative  # noqa: E402
 from qwenpd.engine.mtp import load_head  # noqa: E402
 from qwenpd.engine.sampling import SamplingParams  # noqa: E402
 from qwenpd.engine.speculative import Drafter  # noqa: E402
+from qwenpd.decode_service import runner as runner_mod  # noqa: E402
 
 
 def prompts(engine: Engine, n: int, length: int) -> list[list[int]]:
@@ -70,6 +74,133 @@ def oracle(sequence: list[int], acceptance: float, seed: int):
     return draft
 
 
+def run_batch(engine, head, prompts_: list[list[int]], params: SamplingParams, k: int,
+              refs: list[list[int]] | None = None, acceptance: float | None = None, seed: int = 0):
+    """The prompts decoded together by a DecodeRunner (k = 0: plain). Returns (decode tokens/s, token ids per
+    sequence, (drafting sequence steps, accepted drafts, accepted per draft position))."""
+    import threading
+
+    from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
+    from qwenpd.engine.mtp import PromptDrafts
+    from qwenpd.engine.output import OutputTracker
+    from qwenpd.engine.sampling import Sampler
+
+    engine.draft_head = head if k else None
+    seqs, outs = [], {}
+    for i, prompt in enumerate(prompts_):
+        sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt)
+        feed = PromptDrafts(head, prompt) if k else None
+        logits, state = engine.prefill(prompt, normed=feed)
+        token, logprob = sampler.sample(logits)
+        seq = DecodeSequence(request_id=str(i), load=lambda state=state: state, guard=ReadGuard(lambda: None),
+                             sampler=sampler, tracker=OutputTracker(params, engine.eos_token_ids, None, prompt),
+                             next_token=token, num_tokens=len(prompt),
+                             max_context=engine.config.max_position_embeddings,
+                             kv_tokens=len(prompt) + params.max_tokens,
+                             draft=feed.tensors() if feed is not None else None)
+        seq.push(token, logprob)
+        outs[seq.request_id] = [token]
+        seqs.append(seq)
+    finished = threading.Event()
+    verified = [0, 0, [0] * max(k, 1)]
+
+    def deliver(items):
+        for seq, out in items:
+            outs[seq.request_id] += out.token_ids
+        if all(s.finish_reason is not None for s in seqs):
+            finished.set()
+
+    def on_verify(n, drafted, at):
+        verified[0] += n
+        verified[1] += sum(at)
+        for i, a in enumerate(at):
+            verified[2][i] += a
+
+    current: dict = {}
+    plain_drafter, plain_class = runner_mod.DecodeRunner._drafter, runner_mod.Drafter
+    if acceptance is not None:
+        rng = torch.Generator().manual_seed(seed)
+
+        def drafter_of(self, seq):
+            current["ids"] = prompts_[int(seq.request_id)] + refs[int(seq.request_id)]
+            return plain_drafter(self, seq)
+
+        class Oracle(plain_class):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                self.ids = current["ids"]
+
+            def draft(self, hidden, next_tokens, start, kk):  # the first drafts, at join
+                return self.draft_many([self], [hidden], [next_tokens], [start], kk)[0]
+
+            @classmethod
+            def draft_many(cls, drafters, hidden, next_tokens, starts, kk):
+                real = plain_class.draft_many(drafters, hidden, next_tokens, starts, kk)  # the head's cost, paid
+                for d, tokens, start, out in zip(drafters, next_tokens, starts, real):
+                    first = start + len(tokens) + 1
+                    for i in range(len(out)):
+                        right = d.ids[first + i] if first + i < len(d.ids) else 0
+                        out[i] = right if float(torch.rand((), generator=rng)) < acceptance else (right + 1) % 500
+                return real
+
+        runner_mod.DecodeRunner._drafter, runner_mod.Drafter = drafter_of, Oracle
+    runner = DecodeRunner(lambda: engine, len(prompts_), len(prompts_), deliver, num_speculative_tokens=k,
+                          speculative_max_batch=len(prompts_))
+    runner.on_verify = on_verify
+    try:
+        runner.start()
+        t0 = time.perf_counter()
+        for seq in seqs:
+            runner.submit(seq)
+        if not finished.wait(3600):
+            raise RuntimeError("batch did not finish")
+        elapsed = time.perf_counter() - t0
+    finally:
+        runner.stop()
+        runner_mod.DecodeRunner._drafter, runner_mod.Drafter = plain_drafter, plain_class
+        engine.draft_head = None
+    ids = [outs[str(i)] for i in range(len(prompts_))]
+    return sum(len(x) - 1 for x in ids) / elapsed, ids, verified
+
+
+def batched_table(engine, head, args, params) -> dict[int, float]:
+    """Plain against speculative decoding in the decode service's stepping loop at each batch size; returns the
+    distilled head's ratio per batch size."""
+    batches = [int(b) for b in args.batches.split(",") if b]
+    pool = prompts(engine, max(batches), args.prompt)
+    acceptances = [None] + [float(x) for x in args.oracle.split(",") if x]
+    print(f"\n| batch | decoding (k={args.k}) | tokens/s | vs plain at this batch | mean accepted length | "
+          "acceptance per draft position |")
+    print("|---|---|---|---|---|---|")
+    ratios = {}
+    for b in batches:
+        group = pool[:b]
+        rates: dict = {}
+        for run in range(args.runs):
+            base, refs, _ = run_batch(engine, head, group, params, 0)
+            rates.setdefault("plain", []).append(base)
+            for a in acceptances:
+                rate, ids, v = run_batch(engine, head, group, params, args.k, refs, a, seed=run)
+                if ids != refs:
+                    raise RuntimeError(f"batch {b}: speculative tokens differ from plain decoding")
+                rates.setdefault(a, []).append((rate, v))
+        plain = statistics.median(rates["plain"])
+        print(f"| {b} | plain | {plain:.1f} | 1.00x | - | - |")
+        for a in acceptances:
+            rate = statistics.median(r for r, _ in rates[a])
+            steps = sum(v[0] for _, v in rates[a])
+            accepted = sum(v[1] for _, v in rates[a])
+            at = [sum(v[2][i] for _, v in rates[a]) for i in range(args.k)]
+            reached = [steps] + at[:-1]
+            per = ", ".join(f"{x / max(1, r):.0%}" for x, r in zip(at, reached))
+            name = "distilled head" if a is None else f"oracle drafts {a:.0%}"
+            print(f"| {b} | {name} | {rate:.1f} | {rate / plain:.2f}x | {1 + accepted / max(1, steps):.2f} | {per} |")
+            if a is None:
+                ratios[b] = rate / plain
+        sys.stdout.flush()
+    return ratios
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -82,6 +213,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--oracle", default="0.7,0.9", help="oracle-draft acceptances measured too ('' = none)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qwenpd" / "distilled")
+    p.add_argument("--batches", default="1,8,32", help="batch sizes of the stepping-loop table ('' = none)")
+    p.add_argument("--skip-b1-table", action="store_true", help="only the stepping-loop table")
     args = p.parse_args()
     model = cached(args.preset, args.dtype, args.cache_dir, log=lambda s: print(s, file=sys.stderr))
     engine = Engine(model, dtype=args.dtype)
@@ -91,6 +224,9 @@ def main() -> None:
     configs = [("plain", 0, "", None)] + [(f"k={k} {rb}", k, rb, None) for k in ks for rb in ("replay", "snapshot")]
     configs += [(f"k={k} replay, oracle drafts {a:.0%}", k, "replay", a)
                 for a in (float(x) for x in args.oracle.split(",") if x) for k in ks]
+    if args.skip_b1_table:
+        configs = configs[:1] + [c for c in configs if c[1] == args.k and c[2] == "replay" and c[3] is None]
+        args.prompts = 1
     rates: dict[str, list[float]] = {name: [] for name, *_ in configs}
     stats: dict[str, list] = {name: [] for name, *_ in configs}
     real_draft = Drafter.draft
@@ -135,9 +271,14 @@ def main() -> None:
     runs = stats[name]
     steps = sum(r.verify_steps for r in runs)
     length = (sum(r.accepted_tokens for r in runs) + steps) / steps
+    ratios = batched_table(engine, head, args, params) if args.batches else {}
+
+    def ratio(b: int) -> str:
+        return f"{ratios[b]:.2f}x" if b in ratios else "not measured"
+
     print(f"\nspec decode ({args.preset} {args.dtype}, distilled MTP, k={args.k}): "
-          f"b1 {statistics.median(rates[name]) / base:.2f}x, b8 not measured, b32 not measured non-speculative; "
-          f"mean accepted length {length:.2f}")
+          f"b1 {ratio(1) if 1 in ratios else f'{statistics.median(rates[name]) / base:.2f}x'}, b8 {ratio(8)}, "
+          f"b32 {ratio(32)} non-speculative; mean accepted length {length:.2f}")
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                           repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                           chat_template_kwargs: dict[str, Any] | None = None, tool_choice: Any = None,
-                          parallel_tool_calls: bool = True, response_format: dict[str, Any] | None = None
-                          ) -> prefill_pb2.PrefillRequest:
+                          parallel_tool_calls: bool = True, response_format: dict[str, Any] | None = None,
+                          speculative: bool | None = None) -> prefill_pb2.PrefillRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids, messages")
@@ -83,6 +83,8 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     if repetition_penalty != 1.0:
         sampling.repetition_penalty = repetition_penalty
+    if speculative is not None:
+        sampling.speculative = speculative
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("max_tokens", max_tokens)):
         if value is not None:
             setattr(sampling, name, value)
@@ -153,7 +155,7 @@ class AsyncClient:
                        repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                        chat_template_kwargs: dict[str, Any] | None = None,
                        tool_choice: Any = None, parallel_tool_calls: bool = True,
-                       response_format: dict[str, Any] | None = None) -> Result:
+                       response_format: dict[str, Any] | None = None, speculative: bool | None = None) -> Result:
         """Prefill then decode to the end. Give exactly one of prompt (text), token_ids, messages (chat, rendered
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
@@ -162,7 +164,8 @@ class AsyncClient:
         assistant tool_calls and tool results included) may offer `tools` (with OpenAI's `tool_choice`: "required" or a named function constrains the
         answer to calls, `parallel_tool_calls`) and pass `chat_template_kwargs`; their Result has the text parsed
         into content, reasoning and tool_calls. `response_format` as OpenAI's (json_object, json_schema) constrains
-        the output to JSON. `timeout` bounds each of the two calls (default: the client's)."""
+        the output to JSON. `speculative=False` decodes this request without MTP drafts where the services run them
+        (True where they run none is refused). `timeout` bounds each of the two calls (default: the client's)."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
@@ -171,7 +174,7 @@ class AsyncClient:
                                         repetition_penalty=repetition_penalty, tools=tools,
                                         chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                                        response_format=response_format)
+                                        response_format=response_format, speculative=speculative)
         trace = Trace()
         ids: list[int] = []
         logprobs: list[float] = []
@@ -204,7 +207,8 @@ class AsyncClient:
                      repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                      chat_template_kwargs: dict[str, Any] | None = None,
                      tool_choice: Any = None, parallel_tool_calls: bool = True,
-                     response_format: dict[str, Any] | None = None) -> AsyncIterator[Chunk]:
+                     response_format: dict[str, Any] | None = None, speculative: bool | None = None
+                     ) -> AsyncIterator[Chunk]:
         """Prefill then yield Decode's chunks as they arrive (the first holds the first token); options as for
         `generate` (the raw text: parse a chat's with clients.chat_output.ChatOutput). Leaving the loop early cancels
         the decode call, which frees its batch slot."""
@@ -216,7 +220,7 @@ class AsyncClient:
                                         repetition_penalty=repetition_penalty, tools=tools,
                                         chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                                        response_format=response_format)
+                                        response_format=response_format, speculative=speculative)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):
             yield chunk
 

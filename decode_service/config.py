@@ -16,11 +16,14 @@ class DecodeConfig(ModelServiceConfig):
     max_batch: sequences stepped together. max_queue: sequences that may wait for a slot. (default_max_tokens applies when a request
     overrides sampling without giving max_tokens; limits bound those overrides.) checkpoint_every: write each
     sequence's state to the cache store every this many tokens, so a crash resume replays at most that many decode
-    steps (0 = never: a resume replays every token generated since the hand-off)."""
+    steps (0 = never: a resume replays every token generated since the hand-off). speculative_max_batch: with
+    num_speculative_tokens, a step of more sequences than this drafts nothing (each sequence feeds one token):
+    past it, verifying drafts costs more than it saves (bench/spec_decode.py)."""
 
     max_queue: int = 256
     max_batch: int = 32
     checkpoint_every: int = 0
+    speculative_max_batch: int = 4
 
     def __post_init__(self) -> None:
         if self.engine.page_size is None:
@@ -28,6 +31,8 @@ class DecodeConfig(ModelServiceConfig):
         ModelServiceConfig.__post_init__(self)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.speculative_max_batch < 1:
+            raise ValueError(f"speculative_max_batch must be >= 1, got {self.speculative_max_batch}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
@@ -38,6 +43,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"sequences stepped together (default {d.max_batch})")
     add_checkpoint_every(p, d.checkpoint_every, "checkpoint_every")
+    add_speculative_max_batch(p, d.speculative_max_batch)
+
+
+def add_speculative_max_batch(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("--speculative-max-batch", type=int, default=default, metavar="N",
+                   help="with --num-speculative-tokens: steps of more than N sequences draft nothing, where "
+                   f"verifying drafts costs more than it saves (default {default}, from bench/spec_decode.py)")
 
 
 def add_checkpoint_every(p: argparse.ArgumentParser, default: int, dest: str) -> None:

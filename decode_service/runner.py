@@ -36,7 +36,9 @@ from qwenpd.decode_service.scheduler import LoadInfo, Scheduler
 from qwenpd.engine.pages import PageBudget, pages_for
 from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
+from qwenpd.engine import state_spec
 from qwenpd.engine.sampling import Sampler, greedy_batch
+from qwenpd.engine.speculative import Drafter, accept, verify
 from qwenpd.engine.state import HybridState
 from qwenpd.errors import QwenpdError, Unavailable
 from qwenpd.handoff import STREAM_TAIL, StreamRecord
@@ -121,6 +123,9 @@ class DecodeSequence:
     writing: bool = False  # a checkpoint of it is being stored
     ended: bool = False  # its request left: nothing more to store
     pin: Any = None  # the service's signal to end its resume point's lease; opaque here
+    draft: dict[str, torch.Tensor] | None = None  # speculative: the hand-off's draft state (leased views), until it joins
+    drafter: Drafter | None = None  # speculative: its MTP head's KV, once joined
+    drafts: list[int] = field(default_factory=list)  # speculative: the drafts after next_token
 
     def push(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""
@@ -143,10 +148,15 @@ class DecodeRunner:
     thread."""
 
     def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
-                 checkpoint_every: int = 0):
+                 checkpoint_every: int = 0, num_speculative_tokens: int = 0, speculative_max_batch: int = 4):
         self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
         self.checkpoint_every = checkpoint_every  # tokens between decode-side checkpoints (0 = none)
+        self.k = num_speculative_tokens
+        self.speculative_max_batch = speculative_max_batch
+        # metrics: per verify pass, the sequences that fed drafts, the drafts fed, and how many were accepted at
+        # each draft position (1st, 2nd, ...)
+        self.on_verify: Callable[[int, int, list[int]], None] = lambda seqs, drafted, accepted_at: None
         self.engine: Engine | None = None
         self.batch: DecodeBatch | None = None
         self.steps = 0
@@ -236,19 +246,39 @@ class DecodeRunner:
         try:
             seq.state = seq.load()
             self.batch.add(seq.state)
+            if seq.draft is not None:
+                seq.drafter, seq.drafts = self._drafter(seq)
         except Exception as exc:  # noqa: BLE001
             log.exception("loading sequence %s failed", seq.request_id)
             if seq.state is not None:
+                if any(s is seq.state for s in self.batch.states):
+                    self.batch.remove(seq.state)
                 seq.state.release()
             self.scheduler.finish(seq)
             err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"loading the checkpoint failed: {exc}")
             return seq, Output([], [], "", error=err)
         finally:
             seq.load = _loaded  # drop the references to the leased bytes before they are released
+            seq.draft = None
             seq.guard.done()
         self._members[id(seq.state)] = seq
         self.on_join(time.monotonic() - seq.submitted_at)
         return None
+
+    def _drafter(self, seq: DecodeSequence) -> tuple[Drafter, list[int]]:
+        """The sequence's Drafter with the hand-off's head KV copied in, and its first drafts (the hand-off's
+        hidden state at the last position paired with next_token)."""
+        assert self.engine is not None and self.engine.draft_head is not None and seq.draft is not None
+        head, n = self.engine.draft_head, seq.num_tokens
+        drafter = Drafter(head, seq.sampler.vocab, capacity=seq.kv_tokens + self.k + 1)
+        dev = head.model.device
+        if n > 1:
+            positions = torch.arange(n - 1, device=dev)
+            for layer in range(len(drafter.cache.k)):
+                drafter.cache.write(layer, positions, seq.draft[f"mtp.{layer}.k"].transpose(0, 1).to(dev),
+                                    seq.draft[f"mtp.{layer}.v"].transpose(0, 1).to(dev))
+        hidden = seq.draft[state_spec.DRAFT_HIDDEN].to(dev)[None]
+        return drafter, drafter.draft(hidden, [seq.next_token], n - 1, self.k)
 
     def _leave(self, seq: DecodeSequence) -> None:
         """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler."""
@@ -262,6 +292,8 @@ class DecodeRunner:
         assert self.batch is not None
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
         self.on_step(len(seqs))
+        if self.k and any(seq.drafter is not None for seq in seqs):
+            return self._verify_step(seqs)
         fed = [seq.next_token for seq in seqs]
         logits = self.batch.step(fed)  # [B, V] fp32
         greedy = [seq.sampler.params.plain_greedy and not seq.replay for seq in seqs]
@@ -291,6 +323,78 @@ class DecodeRunner:
         if replayed:
             self.replayed += replayed
             self.on_replay(replayed)
+        for seq, out in outputs:
+            if out.finish_reason is not None:
+                self._leave(seq)
+        return outputs
+
+    def _verify_step(self, seqs: list[DecodeSequence]) -> list[tuple[DecodeSequence, Output]]:
+        """One verify pass over the batch (module doc): drafts where they pay, one token elsewhere."""
+        assert self.batch is not None and self.engine is not None
+        drafting = len(seqs) <= self.speculative_max_batch
+        fed = []
+        for seq in seqs:
+            drafts: list[int] = []
+            if drafting and seq.drafter is not None and not seq.replay:
+                room = min(seq.max_context - seq.num_tokens - 1,  # context left after next_token
+                           seq.sampler.params.max_tokens - len(seq.tracker.token_ids) - 1)  # tokens left after it
+                drafts = seq.drafts[:max(0, room)]
+            fed.append([seq.next_token, *drafts])
+        done = verify(self.engine, self.batch, fed)
+        consumed, outputs, replayed = [], [], 0
+        drafted, drafting_seqs, accepted_at = 0, 0, [0] * self.k
+        for b, seq in enumerate(seqs):
+            start, rows, drafts = seq.num_tokens, done.rows(b), fed[b][1:]
+            drafted += len(drafts)
+            drafting_seqs += bool(drafts)
+            if seq.replay:  # already streamed before a failure: feed it, sample nothing
+                seq.num_tokens += 1
+                seq.tail.append(fed[b][0])
+                seq.next_token = seq.replay.popleft()
+                replayed += 1
+                consumed.append(1)
+                continue
+            out = Output([], [], "")
+            logits = done.logits[rows]
+            for i in range(len(fed[b])):  # as plain decoding would choose, position by position
+                seq.num_tokens = start + i + 1
+                seq.tail.append(fed[b][i])
+                token, logprob = seq.sampler.sample(logits[i])
+                top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
+                step_out = seq.push(token, logprob, top)
+                out.token_ids += step_out.token_ids
+                out.logprobs += step_out.logprobs
+                out.text += step_out.text
+                out.top += step_out.top
+                out.finish_reason = step_out.finish_reason
+                if seq.finish_reason is not None or i == len(drafts) or token != drafts[i]:
+                    break
+                accepted_at[i] += 1
+            consumed.append(seq.num_tokens - start)
+            outputs.append((seq, out))
+        accept(self.engine, self.batch, done, consumed)
+        # the heads read the verified positions and draft what comes next, all sequences in one pass per draft
+        going = [b for b, seq in enumerate(seqs) if seq.drafter is not None and seq.finish_reason is None]
+        drafts = Drafter.draft_many([seqs[b].drafter for b in going],
+                                    [done.hidden[done.rows(b)][:consumed[b]] for b in going],
+                                    [[*done.tokens[b][1:consumed[b]], seqs[b].next_token] for b in going],
+                                    [done.starts[b] for b in going], self.k if drafting else 0)
+        for b, d in zip(going, drafts):
+            seqs[b].drafts = d
+        for seq, out in outputs:
+            if self._checkpoint_due(seq, out):
+                copy_started = time.perf_counter()
+                out.checkpoint = seq.state.to_tensors()
+                self.on_checkpoint_copy(time.perf_counter() - copy_started)
+                out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
+                seq.checkpointed_at = seq.num_tokens
+        self.steps += 1
+        self.tokens += sum(len(out.token_ids) for _, out in outputs)
+        if replayed:
+            self.replayed += replayed
+            self.on_replay(replayed)
+        if drafted:
+            self.on_verify(drafting_seqs, drafted, accepted_at)
         for seq, out in outputs:
             if out.finish_reason is not None:
                 self._leave(seq)

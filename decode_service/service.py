@@ -39,7 +39,7 @@ from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.handoff import Handoff, StreamRecord, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from qwenpd.errors import DataLoss, InvalidArgument, QwenpdError
+from qwenpd.errors import DataLoss, FailedPrecondition, InvalidArgument, QwenpdError
 from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Task] = set()
         self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver,
-                                   config.checkpoint_every)
+                                   config.checkpoint_every, config.num_speculative_tokens,
+                                   config.speculative_max_batch)
         self.metrics = metrics or DecodeMetrics()
         self.metrics.watch(self.runner)
         self.runner.on_replay = self.metrics.replayed.inc
@@ -67,8 +68,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     async def start(self) -> Engine:
         self.engine = e = await asyncio.to_thread(self.runner.start)
-        self._shapes = lambda n: state_spec.shapes(e.config, n)
-        self._dtypes = state_spec.dtypes(e.config, e.dtype)
+        self._shapes = lambda n: state_spec.handoff_shapes(e.config, n)  # the draft state may come along
+        self._dtypes = state_spec.handoff_dtypes(e.config, e.dtype)
         return e
 
     def stop(self) -> None:
@@ -215,6 +216,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise
         tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
         delivered = handoff.first_token_delivered  # resumed: first_token and replay_ids were streamed already
+        draft = state_spec.split_draft(tensors)
+        try:
+            draft = self._draft_state(params, draft, delivered)
+        except BaseException:
+            guard.abandon()  # the checkpoint stays: a call with sampling.speculative = false can still use it
+            raise
         fed = 1 + len(handoff.replay_ids) if delivered else 0  # tokens consumed before the first new one
         # its longest possible KV
         kv_tokens = min(e.config.max_position_embeddings, num_tokens + fed + params.max_tokens)
@@ -232,7 +239,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens,
             replay=collections.deque(handoff.replay_ids), stream=stream, checkpointed_at=num_tokens,
-            resume_id=request.checkpoint_id)
+            resume_id=request.checkpoint_id, draft=draft)
         if stream is not None:
             seq.tail.extend(stream.tail)
         resume = (request.checkpoint_id, num_tokens) if stream is not None else None
@@ -244,6 +251,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         first.resume = resume
         seq.sink.put_nowait(first)
         return seq
+
+    def _draft_state(self, params, draft: dict, resumed: bool) -> dict | None:
+        """The draft state this sequence drafts from (None: it decodes one token per step). With speculation on
+        and not opted out, a fresh hand-off must carry it: FAILED_PRECONDITION otherwise, never a silent
+        recompute of the prompt through the head. A resumed stream decodes without drafts (the same tokens)."""
+        k = self.config.num_speculative_tokens
+        if params.speculative and not k:
+            raise InvalidArgument("sampling.speculative", "this decode service runs no speculative decoding "
+                                  "(started without --num-speculative-tokens)")
+        if not k or params.speculative is False or resumed:
+            return None
+        if not draft:
+            raise FailedPrecondition("the hand-off checkpoint carries no MTP draft state, which this decode "
+                                     f"service (--num-speculative-tokens {k}) drafts from: start the prefill "
+                                     "service with --num-speculative-tokens too, or send sampling.speculative = "
+                                     "false", subject="checkpoint_id", reason="NO_DRAFT_STATE")
+        return draft
 
     def _chunk(self, seq: DecodeSequence, outs: list[Output]) -> decode_pb2.DecodeChunk:
         chunk = decode_pb2.DecodeChunk(token_ids=[t for o in outs for t in o.token_ids],

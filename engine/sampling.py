@@ -38,6 +38,7 @@ class SamplingParams:
     structured_output: str = ""  # a grammar the output must follow (engine/constraint.py); "" = none
     repetition_penalty: float = 1.0  # vLLM's/transformers': tokens of the prompt or output so far, logit/p if > 0
     token_bytes: bool = False  # report each token's own bytes (a reporting option: sampling does not read it)
+    speculative: bool | None = None  # MTP drafts where the service runs them (None = the service's default: on)
 
     def __post_init__(self) -> None:
         # each error names the field, so services can turn it into a field violation

@@ -6,7 +6,8 @@ What decode cannot do is refused with a 400 naming the parameter, never silently
 and so is every parameter an endpoint does not know
 (`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
 presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
-`ignore_eos`, `repetition_penalty`. `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
+`ignore_eos`, `repetition_penalty`; qwenpd's `speculative` (false: this request decodes without MTP drafts; true
+where the deployment runs none is a 400). `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
 `chat_template_kwargs` reaches the template (`enable_thinking` and any other argument). `user`,
 `safety_identifier` and `prompt_cache_key` identify an end user or a prompt family: accepted, and they do not
 partition the cache. Chat outputs are parsed into reasoning, content and tool calls (clients.chat_output).
@@ -42,7 +43,7 @@ _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed
                             "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
                             "ignore_eos", "cache_salt", "user", "safety_identifier", "prompt_cache_key", "min_p",
                             "logit_bias", "stop_token_ids", "min_tokens", "response_format",
-                            "repetition_penalty", *_UNSUPPORTED})
+                            "repetition_penalty", "speculative", *_UNSUPPORTED})
 _COMPLETION_PARAMS = _COMMON_PARAMS | {"prompt", "echo"}
 _CHAT_PARAMS = _COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
                                   "tool_choice", "parallel_tool_calls"}
@@ -180,6 +181,9 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         raise ApiError(400, f"'repetition_penalty' must be in (0, 100], got {repetition}", param="repetition_penalty")
     if repetition != 1:
         s.repetition_penalty = float(repetition)
+    speculative = _get(body, "speculative", (bool,))
+    if speculative is not None:
+        s.speculative = speculative
     s.structured_output = _response_format(body)
     return s
 

@@ -2,6 +2,12 @@
 policy's boundaries (and where the prompt leaves the longest cached KV chain) while encoding the rest, then publish the new KV blocks and snapshots and write the
 hand-off checkpoint as references to the shared blocks + the tail KV + the DeltaNet state at the prompt end.
 
+With speculative decoding (the engine has its MTP head, `plan.drafts` runs it over the prompt: mtp.PromptDrafts),
+the head's state is cached the same way: each KV block also keeps the head's KV of the positions whose next token
+is in the block (PromptDrafts.block), each snapshot the hidden state just before it; a hit restores both, so a
+warm request drafts from its first step as a cold one does. Such a deployment's block keys are its own (the
+fingerprint does not cover the head), so blocks without the head's KV are never mixed in.
+
 Runs on the prefill worker thread (the sync cache-store client). The prefix cache only ever saves work: a
 damaged or vanished entry means recomputing, never a wrong state.
 """
@@ -15,7 +21,12 @@ from typing import Callable, Sequence
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import CacheStoreClient, PrefixRead, SharedItem
 from qwenpd.prefill_service.prefix_policy import PrefixPolicy, block_keys
+import torch
+
+from qwenpd.engine import state_spec
 from qwenpd.engine.engine import Engine
+from qwenpd.engine.mtp import PromptDrafts
+from qwenpd.engine.state_spec import DRAFT_HIDDEN
 from qwenpd.engine.state import HybridState
 from qwenpd.protos.qwenpd.v1 import cache_store_pb2 as store_pb
 from qwenpd.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
@@ -35,11 +46,15 @@ class PrefixPlan:
     lease_ids: list[str] = field(default_factory=list)
     boundaries: list[int] = field(default_factory=list)  # snapshot positions still to take
     snapshots: dict[int, dict] = field(default_factory=dict)  # position -> DeltaNet tensors
+    drafts: PromptDrafts | None = None  # the MTP head over the prompt (speculative decoding)
 
     def on_chunk(self, state: HybridState) -> None:
         """Engine callback after each prefill chunk: the engine stops exactly at every boundary."""
         if state.num_tokens in self.boundaries:
-            self.snapshots[state.num_tokens] = state.deltanet_tensors(for_write=True)
+            snap = state.deltanet_tensors(for_write=True)
+            if self.drafts is not None:  # the chunk's hidden states reached the head before this call
+                snap[DRAFT_HIDDEN] = self.drafts.pending.cpu()
+            self.snapshots[state.num_tokens] = snap
 
 
 class PrefixCache:
@@ -57,10 +72,13 @@ class PrefixCache:
         self._on_skip = on_skip or (lambda: None)
         self._on_written = on_written or (lambda nbytes: None)
 
-    def plan(self, token_ids: Sequence[int], cache_salt: str | None) -> PrefixPlan:
+    def plan(self, token_ids: Sequence[int], cache_salt: str | None, drafts: PromptDrafts | None = None
+             ) -> PrefixPlan:
         b = self.policy.block_size
-        keys = block_keys(self.engine.fingerprint, cache_salt, token_ids, b) if self.policy.enabled else []
-        return PrefixPlan(token_ids, keys)
+        # a deployment with the MTP head caches its KV in every block: its keys are its own (module doc)
+        fingerprint = self.engine.fingerprint + ("+mtp" if self.engine.draft_head is not None else "")
+        keys = block_keys(fingerprint, cache_salt, token_ids, b) if self.policy.enabled else []
+        return PrefixPlan(token_ids, keys, drafts=drafts)
 
     def restore(self, plan: PrefixPlan) -> HybridState:
         """The state at the longest usable cached prefix (a fresh one on a miss); sets the plan's boundaries."""
@@ -72,7 +90,7 @@ class PrefixCache:
                 plan.lease_ids = hit.lease_ids
                 plan.known_kv_ids = hit.kv_ids
                 if hit.blocks:
-                    state = self._state_from(hit)
+                    state = self._state_from(hit, plan.drafts)
                     plan.cached_tokens = hit.num_tokens
         if self.policy.enabled:
             wanted = set(self.policy.snapshot_positions(len(plan.token_ids)))
@@ -94,25 +112,37 @@ class PrefixCache:
             log.warning("prefix cache entry unusable, recomputing: %s", exc.message)
             return None
 
-    def _state_from(self, hit: PrefixRead) -> HybridState | None:
+    def _state_from(self, hit: PrefixRead, drafts: PromptDrafts | None) -> HybridState | None:
+        blocks = [dict(kv) for kv in hit.kv[: hit.blocks]]
+        snapshot = dict(hit.snapshot)
+        head = [state_spec.split_draft(kv) for kv in blocks]
+        hidden = state_spec.split_draft(snapshot).get(DRAFT_HIDDEN)
         try:
-            return self.engine.state_from_prefix(hit.kv[: hit.blocks], hit.snapshot, hit.num_tokens)
-        except ValueError as exc:
+            if drafts is not None:  # the head's state at the hit, or no hit
+                if hidden is None or any(not h for h in head):
+                    raise ValueError("the cached prefix lacks the MTP head's state")
+                kv = {name: torch.cat([h[name] for h in head], dim=1) for name in head[0]}
+                drafts.restore(kv, hidden, hit.num_tokens)
+            return self.engine.state_from_prefix(blocks, snapshot, hit.num_tokens)
+        except (ValueError, KeyError, RuntimeError) as exc:
             log.warning("prefix cache hit does not fit the model, recomputing: %s", exc)
+            if drafts is not None:
+                drafts.pos, drafts.pending = 0, None
             return None
 
     def handoff(self, plan: PrefixPlan, state: HybridState, meta: CheckpointMeta,
-                handoff_ttl_s: float | None) -> str:
+                handoff_ttl_s: float | None, draft: bool = False) -> str:
         """Publish new KV blocks and snapshots with the hand-off checkpoint, which references every full KV
-        block of the prompt and carries only the tail KV and the DeltaNet state at the prompt end."""
+        block of the prompt and carries only the tail KV and the DeltaNet state at the prompt end (and, with
+        `draft`, the MTP head's state past the blocks: plan.drafts)."""
         b = self.policy.block_size
         known = plan.known_kv_ids
         try:
             if not (self.policy.enabled and plan.keys):
-                return self._own_checkpoint(state, meta, handoff_ttl_s, [])
+                return self._own_checkpoint(state, meta, handoff_ttl_s, [], draft, plan)
             new_blocks = range(len(known), len(plan.keys))
-            items = [SharedItem(store_pb.ENTRY_KIND_KV_BLOCK, plan.keys[i], state.kv_tensors(i * b, (i + 1) * b, for_write=True),
-                                (i + 1) * b) for i in new_blocks]
+            items = [SharedItem(store_pb.ENTRY_KIND_KV_BLOCK, plan.keys[i], self._block(plan, state, i), (i + 1) * b)
+                     for i in new_blocks]
             items += [SharedItem(store_pb.ENTRY_KIND_SNAPSHOT, plan.keys[pos // b - 1], snap, pos)
                       for pos, snap in sorted(plan.snapshots.items())]
             new_bytes = sum(_nbytes(it.tensors) for it in items)
@@ -120,8 +150,10 @@ class PrefixCache:
                 log.info("prompt would add %d bytes to the prefix cache (limit %d per request): not cached",
                          new_bytes, self.max_bytes_per_request)
                 self._on_skip()
-                return self._own_checkpoint(state, meta, handoff_ttl_s, known)
+                return self._own_checkpoint(state, meta, handoff_ttl_s, known, draft, plan)
             own = state.handoff_tensors(len(plan.keys) * b, for_write=True)
+            if draft:
+                own = {**own, **plan.drafts.tensors(after=len(plan.keys) * b)}
             try:
                 checkpoint_id = self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
                                                                  handoff_ttl_s=handoff_ttl_s)
@@ -130,17 +162,26 @@ class PrefixCache:
             except ResourceExhausted as exc:  # no room to cache this prompt: hand off without caching it
                 log.warning("prefix cache full, handing off without caching the prompt: %s", exc.message)
                 self._on_skip()
-                return self._own_checkpoint(state, meta, handoff_ttl_s, known)
+                return self._own_checkpoint(state, meta, handoff_ttl_s, known, draft, plan)
         finally:
             self.release(plan)
+
+    def _block(self, plan: PrefixPlan, state: HybridState, i: int) -> dict:
+        """The tensors of the prompt's KV block i (with the MTP head's KV for it: PromptDrafts.block)."""
+        b = self.policy.block_size
+        kv = state.kv_tensors(i * b, (i + 1) * b, for_write=True)
+        return kv if plan.drafts is None else {**kv, **plan.drafts.block(i * b, (i + 1) * b)}
 
     def own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None) -> str:
         """A hand-off checkpoint holding all of the state itself (no prefix-cache references)."""
         return self._own_checkpoint(state, meta, handoff_ttl_s, [])
 
     def _own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
-                        refs: list[str]) -> str:
-        own = state.handoff_tensors(len(refs) * self.policy.block_size, for_write=True)
+                        refs: list[str], draft: bool = False, plan: PrefixPlan | None = None) -> str:
+        after = len(refs) * self.policy.block_size
+        own = state.handoff_tensors(after, for_write=True)
+        if draft:
+            own = {**own, **plan.drafts.tensors(after=after)}
         checkpoint_id = self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
         self._on_written(_nbytes(own))
         return checkpoint_id

@@ -27,6 +27,7 @@ from qwenpd.cache_store.client import CacheStoreClient
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.constraint import THINK_END, ConstraintError, parse_spec
 from qwenpd.engine.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams
+from qwenpd.engine.mtp import PromptDrafts
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
@@ -82,6 +83,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                             self.engine.config.vocab_size))
         self.config.limits.check_sampling(params)
         params = self._constrained(params, prompt.reasoning_open)
+        if params.speculative and self.engine.draft_head is None:
+            raise InvalidArgument("sampling.speculative", "this deployment runs no speculative decoding (its "
+                                  "services were started without --num-speculative-tokens)")
         resume = resume_point(params, ids, request.resume_generated, self.engine)
         remaining = context.time_remaining()
         job = Job(request_id, deadline=None if remaining is None else time.monotonic() + remaining)
@@ -137,14 +141,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self.metrics.resumes.labels("checkpoint" if stream is not None else "recomputed").inc()
         elif resume.draws:
             self.metrics.resumes.labels("recomputed").inc()
+        # the MTP head's state for decode's drafts (not for a resumed stream: decode replays it without drafts);
+        # computed for an opted-out request too, so the prefix-cache blocks it adds carry the head's KV
+        drafts = (PromptDrafts(self.engine.draft_head, ids[:prompt_len])
+                  if self.engine.draft_head is not None and not resume.draws else None)
         # a scored prompt computes every position: it neither restores from the prefix cache nor adds to it
-        plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt)
+        plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt, drafts)
         scores = None
         try:
             state = self.prefix.restore(plan) if stream is None else stream
             restored = time.monotonic_ns()
             if stream is None:
-                logits, state, scores = self._prefill(job, ids[:prompt_len], plan, state, score)
+                logits, state, scores = self._prefill(job, ids[:prompt_len], plan, state, score, drafts)
             c = state.num_tokens  # consumed: the prompt, or up to the resume point
             if resume.draws:  # decode feeds ids[c:] and samples after the last: nothing is sampled here
                 generated = tuple(ids[prompt_len:]) if params.history else ()
@@ -172,7 +180,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             job.check()  # nobody would read the checkpoint
             meta = CheckpointMeta(self.engine.fingerprint, c, {**handoff.to_metadata(), **record.to_metadata()})
             if stream is None:
-                checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s)
+                checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s,
+                                                    draft=drafts is not None and params.speculative is not False)
             else:  # its own copy of every tensor: the old resume point is dropped now
                 checkpoint_id = self.prefix.own_checkpoint(state, meta, self.config.handoff_ttl_s)
                 state.release()
@@ -206,9 +215,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise InvalidArgument(name, str(exc)) from None
         return params
 
-    def _prefill(self, job: Job, ids: list[int], plan, state, score: int | None = None):
+    def _prefill(self, job: Job, ids: list[int], plan, state, score: int | None = None, drafts=None):
         """Prefill `ids` after the plan's cached prefix; (logits of the last token, state, the prompt's scores
-        with `score` candidates each (Engine.prefill_scored), None when score is None)."""
+        with `score` candidates each (Engine.prefill_scored), None when score is None). `drafts` (mtp.PromptDrafts)
+        runs the MTP head over the prompt on the way."""
         try:
             state.reserve(len(ids))  # every page of the prompt at once, before any work
         except OutOfPages as exc:
@@ -220,9 +230,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             plan.on_chunk(s)
 
         if score is not None:
-            return self.engine.prefill_scored(ids, score, state, on_chunk=between_chunks)
+            return self.engine.prefill_scored(ids, score, state, on_chunk=between_chunks, normed=drafts)
         logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
-                                            boundaries=plan.boundaries, on_chunk=between_chunks)
+                                            boundaries=plan.boundaries, on_chunk=between_chunks, normed=drafts)
         return logits, state, None
 
     def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None):
@@ -230,8 +240,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         request (StreamRecord.matches); None otherwise (the prompt is then recomputed)."""
         e = self.engine
         try:
-            ckpt = self.store.get_checkpoint(checkpoint_id, e.fingerprint, lambda n: state_spec.shapes(e.config, n),
-                                             state_spec.dtypes(e.config, e.dtype))
+            ckpt = self.store.get_checkpoint(checkpoint_id, e.fingerprint,
+                                             lambda n: state_spec.handoff_shapes(e.config, n),
+                                             state_spec.handoff_dtypes(e.config, e.dtype))
         except QwenpdError as exc:
             log.info("resume point %s not used, recomputing the prompt: %s", checkpoint_id, exc.message)
             return None
@@ -244,7 +255,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                             why)
                 return None
             try:
-                return e.state_from_tensors(dict(ckpt.tensors), ckpt.num_tokens)
+                tensors = dict(ckpt.tensors)
+                state_spec.split_draft(tensors)  # a resumed stream decodes without drafts
+                return e.state_from_tensors(tensors, ckpt.num_tokens)
             except (ValueError, OutOfPages) as exc:
                 log.warning("resume point %s not loaded, recomputing the prompt: %s", checkpoint_id, exc)
                 return None

@@ -62,6 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         given = [f"--{f.replace('_', '-')}" for f in engine_config.FIELDS
                  if getattr(args, f) != getattr(engine_config.EngineConfig(model_dir=""), f)]
+        given += ["--num-speculative-tokens"] if args.num_speculative_tokens else []
         if given or args.model:
             raise ValueError(f"{', '.join(given or ['--model'])}: engine options apply in-process; the services "
                              "were started with their own")

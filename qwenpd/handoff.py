@@ -52,6 +52,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, default_max_tokens: int, voc
             structured_output=pb.structured_output,
             repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
             token_bytes=pb.token_bytes,
+            speculative=pb.speculative if pb.HasField("speculative") else None,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
@@ -81,6 +82,8 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
         pb.repetition_penalty = params.repetition_penalty
     if params.seed is not None:
         pb.seed = params.seed
+    if params.speculative is not None:
+        pb.speculative = params.speculative
     return pb
 
 

@@ -105,12 +105,40 @@ class DecodeMetrics(Metrics):
                                                "copying a sequence's state out for a decode-side checkpoint (on "
                                                "the stepping thread: the batch waits)")
 
+        self.draft_tokens = Counter("qwenpd_decode_draft_tokens", "speculative decoding: MTP drafts verified",
+                                    registry=self.registry)
+        self.accepted = Counter("qwenpd_decode_accepted_draft_tokens", "speculative decoding: drafts accepted, by "
+                                "draft position (1 = the first draft after the last token)", ["position"],
+                                registry=self.registry)
+        self.drafting_steps = Counter("qwenpd_decode_drafting_steps", "speculative decoding: sequence steps that "
+                                      "verified drafts (each emits its accepted drafts and one more token)",
+                                      registry=self.registry)
+        self.accepted_length = Gauge("qwenpd_decode_mean_accepted_length", "speculative decoding: tokens emitted "
+                                     "per drafting sequence step since start (1 + accepted drafts per step)",
+                                     registry=self.registry)
+        self._verified = [0, 0]  # drafting steps, accepted drafts
+
     def watch(self, runner: Any) -> None:
-        """Read active/queued from the runner's LoadInfo at scrape time; observe its joins and steps."""
+        """Read active/queued from the runner's LoadInfo at scrape time; observe its joins, steps and verify
+        passes."""
         self.active.set_function(lambda: runner.load_info().active)
         self.queue_depth.set_function(lambda: runner.load_info().queued)
         runner.on_join = self.queue.observe
         runner.on_step = self.batch.observe
+        runner.on_verify = self._verified_step
+        for position in range(1, getattr(runner, "k", 0) + 1):
+            self.accepted.labels(str(position))  # every position exported from the start, at 0
+        self.accepted_length.set_function(lambda: 1 + self._verified[1] / self._verified[0] if self._verified[0]
+                                          else 0.0)
+
+    def _verified_step(self, seqs: int, drafted: int, accepted_at: list[int]) -> None:
+        self.draft_tokens.inc(drafted)
+        self.drafting_steps.inc(seqs)
+        for position, n in enumerate(accepted_at, 1):
+            if n:
+                self.accepted.labels(str(position)).inc(n)
+        self._verified[0] += seqs
+        self._verified[1] += sum(accepted_at)
 
 
 class StoreMetrics(Metrics):

@@ -47,6 +47,7 @@ class ModelServiceConfig:
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
     metrics_port: int = 0
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_model_service(self)
@@ -68,6 +69,14 @@ def add_model_service_args(p: argparse.ArgumentParser, d: argparse.Namespace, en
                         "--max-new-tokens)")
     add_server_args(p, d)
     limits_mod.add_args(p)
+    add_speculative_args(p)
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding with the checkpoint's MTP head (mtp.* weights): prefill hands decode "
+                   "the head's state, decode drafts K tokens per step and verifies them in one pass; the tokens are "
+                   "those of plain decoding (default 0 = off; give prefill and decode the same K)")
 
 
 def model_service_from_args(cls: type[C], args: argparse.Namespace) -> C:
@@ -89,6 +98,25 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
     if cfg.default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
     cfg.default_max_tokens = min(cfg.default_max_tokens, cfg.limits.max_new_tokens)
+    if cfg.num_speculative_tokens:
+        check_speculative(cfg.engine, cfg.num_speculative_tokens)
+
+
+MAX_SPECULATIVE_TOKENS = 8
+
+
+def check_speculative(ec: EngineConfig, k: int) -> None:
+    """ValueError unless `ec` can run speculative decoding with k drafts: the checkpoint's MTP head is there, and
+    the engine is the eager one on one rank (what is built so far)."""
+    from qwenpd.engine.config import ModelConfig
+    from qwenpd.engine.weights import check_mtp_head
+
+    if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
+    if ec.tp > 1 or ec.compile:
+        raise ValueError("num_speculative_tokens runs the eager engine on one rank for now: drop --compile and "
+                         "--tp, or drop --num-speculative-tokens")
+    check_mtp_head(ec.model_dir, ModelConfig.from_pretrained(ec.model_dir))
 
 
 _lost: list[str] = []
@@ -112,6 +140,10 @@ def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graph
     "decode") compiled over every bucket (warm-up time logged)."""
     ec = cfg.engine
     engine = Engine(ec)
+    if cfg.num_speculative_tokens:
+        from qwenpd.engine.mtp import load_head
+
+        engine.draft_head = load_head(engine, ec.model_dir)
     if engine.group is not None:
         engine.group.on_lost = _stop_on_rank_loss
     if ec.kv_cache_bytes is not None:

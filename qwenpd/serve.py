@@ -73,7 +73,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     from qwenpd.cache_store.config import CacheStoreConfig
     from qwenpd.engine import engine_config
     from qwenpd.units import parse_bytes
-    from qwenpd.decode_service.config import DecodeConfig, add_checkpoint_every
+    from qwenpd.decode_service.config import DecodeConfig, add_checkpoint_every, add_speculative_max_batch
+    from qwenpd.model_service import add_speculative_args
     from qwenpd.gateway.config import DEFAULT_RESUME_WAIT_S, add_http_args
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
     from qwenpd.supervisor import ServiceSet
@@ -100,6 +101,8 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=decode.max_batch,
                    help=f"sequences decode steps together (default {decode.max_batch})")
     add_checkpoint_every(p, decode.checkpoint_every, "decode_checkpoint_every")
+    add_speculative_args(p)
+    add_speculative_max_batch(p, decode.speculative_max_batch)
     p.add_argument("--budget", type=parse_bytes, default=cache.budget_bytes,
                    help=f"cache store shared-memory budget (default {cache.budget_bytes >> 30}GiB)")
     p.add_argument("--store-id", default=None, help="cache store id (the prefix of its shared-memory segments; a "

@@ -231,10 +231,13 @@ class ServiceSet:
                                 listen=format_address(args.host, args.prefill_port), chunk_size=args.chunk_size,
                                 max_queue=args.prefill_max_queue, block_size=args.block_size,
                                 snapshot_interval=args.snapshot_interval, prefix_cache=args.prefix_cache,
-                                metrics_port=port(1), **common)
+                                metrics_port=port(1), num_speculative_tokens=args.num_speculative_tokens,
+                                **common)
         decode = DecodeConfig(engine=engine_config.from_args(args, args.model, "decode"), cache=PLACEHOLDER,
                               listen=format_address(args.host, args.decode_port), max_batch=args.max_batch,
                               checkpoint_every=args.decode_checkpoint_every,
+                              num_speculative_tokens=args.num_speculative_tokens,
+                              speculative_max_batch=args.speculative_max_batch,
                               max_queue=args.decode_max_queue, metrics_port=port(2), **common)
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),

@@ -72,6 +72,9 @@ def test_generate_reports_bad_input_clearly(tiny_model_dir):
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
     r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0")
     assert r.returncode == 2 and "top_p" in r.stderr
+    r = _qwenpd("generate", "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:1", "--prompt-ids", "5",
+                "--num-speculative-tokens", "2")  # the services were started with their own
+    assert r.returncode == 2 and "--num-speculative-tokens" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_generate_on_explicit_cpu_device_with_neuron_cores(tiny_model_dir):

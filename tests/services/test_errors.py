@@ -30,6 +30,7 @@ BAD = {
     "max-tokens-zero": (dict(prompt="hi", max_tokens=0), "sampling.max_tokens"),
     "stop-empty": (dict(prompt="hi", stop=[""]), "sampling.stop"),
     "stop-id-ge-vocab": (dict(prompt="hi", stop_token_ids=[9999]), "sampling.stop_token_ids"),
+    "speculative-where-none-runs": (dict(prompt="hi", speculative=True), "sampling.speculative"),
 }
 
 

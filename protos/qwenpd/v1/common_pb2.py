@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16qwenpd/v1/common.proto\x12\tqwenpd.v1\"\xab\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.qwenpd.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x19\n\x11structured_output\x18\x0f \x01(\t\x12\x13\n\x0btoken_bytes\x18\x10 \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x01H\x04\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x15\n\x13_repetition_penalty\"n\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.qwenpd.v1.TopLogprob\x12\r\n\x05\x62ytes\x18\x05 \x01(\x0c\"F\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"8\n\x0bTopLogprobs\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.qwenpd.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x84\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x19\n\x11reasoning_content\x18\x06 \x01(\t\"\xde\x02\n\x07Handoff\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x10.qwenpd.v1.Token\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\x12\x15\n\rsampler_draws\x18\x04 \x01(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x17\n\x0fprompt_tail_ids\x18\x07 \x03(\r\x12\x14\n\x0cpending_text\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65tok_unread\x18\t \x01(\r\x12\x15\n\rgenerated_ids\x18\n \x03(\r\x12\x1d\n\x15\x66irst_token_delivered\x18\x0b \x01(\x08\x12\x12\n\nreplay_ids\x18\x0c \x03(\r\x12\x17\n\x0fprompt_seen_ids\x18\r \x03(\r\"8\n\x0bResumePoint\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16qwenpd/v1/common.proto\x12\tqwenpd.v1\"\xd5\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.qwenpd.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x19\n\x11structured_output\x18\x0f \x01(\t\x12\x13\n\x0btoken_bytes\x18\x10 \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x12 \x01(\x08H\x05\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x15\n\x13_repetition_penaltyB\x0e\n\x0c_speculative\"n\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.qwenpd.v1.TopLogprob\x12\r\n\x05\x62ytes\x18\x05 \x01(\x0c\"F\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"8\n\x0bTopLogprobs\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.qwenpd.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x84\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x19\n\x11reasoning_content\x18\x06 \x01(\t\"\xde\x02\n\x07Handoff\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x10.qwenpd.v1.Token\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\x12\x15\n\rsampler_draws\x18\x04 \x01(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x17\n\x0fprompt_tail_ids\x18\x07 \x03(\r\x12\x14\n\x0cpending_text\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65tok_unread\x18\t \x01(\r\x12\x15\n\rgenerated_ids\x18\n \x03(\r\x12\x1d\n\x15\x66irst_token_delivered\x18\x0b \x01(\x08\x12\x12\n\nreplay_ids\x18\x0c \x03(\r\x12\x17\n\x0fprompt_seen_ids\x18\r \x03(\r\"8\n\x0bResumePoint\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1466
-  _globals['_FINISHREASON']._serialized_end=1645
+  _globals['_FINISHREASON']._serialized_start=1508
+  _globals['_FINISHREASON']._serialized_end=1687
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=593
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=472
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=520
-  _globals['_TOKEN']._serialized_start=595
-  _globals['_TOKEN']._serialized_end=705
-  _globals['_TOPLOGPROB']._serialized_start=707
-  _globals['_TOPLOGPROB']._serialized_end=777
-  _globals['_TOPLOGPROBS']._serialized_start=779
-  _globals['_TOPLOGPROBS']._serialized_end=835
-  _globals['_USAGE']._serialized_start=837
-  _globals['_USAGE']._serialized_end=917
-  _globals['_CHATMESSAGE']._serialized_start=920
-  _globals['_CHATMESSAGE']._serialized_end=1052
-  _globals['_HANDOFF']._serialized_start=1055
-  _globals['_HANDOFF']._serialized_end=1405
-  _globals['_RESUMEPOINT']._serialized_start=1407
-  _globals['_RESUMEPOINT']._serialized_end=1463
+  _globals['_SAMPLINGPARAMS']._serialized_end=635
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=498
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=546
+  _globals['_TOKEN']._serialized_start=637
+  _globals['_TOKEN']._serialized_end=747
+  _globals['_TOPLOGPROB']._serialized_start=749
+  _globals['_TOPLOGPROB']._serialized_end=819
+  _globals['_TOPLOGPROBS']._serialized_start=821
+  _globals['_TOPLOGPROBS']._serialized_end=877
+  _globals['_USAGE']._serialized_start=879
+  _globals['_USAGE']._serialized_end=959
+  _globals['_CHATMESSAGE']._serialized_start=962
+  _globals['_CHATMESSAGE']._serialized_end=1094
+  _globals['_HANDOFF']._serialized_start=1097
+  _globals['_HANDOFF']._serialized_end=1447
+  _globals['_RESUMEPOINT']._serialized_start=1449
+  _globals['_RESUMEPOINT']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

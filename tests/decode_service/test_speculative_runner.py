@@ -1,0 +1,167 @@
+"""Speculative decoding in the decode service's stepping loop (decode_service/runner.py): sequences with and
+without drafts in one batch, every step one verify pass, and each sequence's tokens and log-probabilities those of
+plain decoding, greedy and seeded sampling, with the head's own drafts and with mostly-right ones (every
+accept/reject pattern), while the batch drafts and while it is too large to."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from qwenpd.decode_service import runner as runner_mod
+from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
+from qwenpd.engine.generate import generate
+from qwenpd.engine.mtp import MTPHead, PromptDrafts
+from qwenpd.engine.output import OutputTracker
+from qwenpd.engine.sampling import Sampler, SamplingParams
+from qwenpd.engine.speculative import Drafter
+from qwenpd.engine.weights import load_mtp_weights
+
+K = 3
+GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+SAMPLED = SamplingParams(temperature=1.0, seed=11, max_tokens=30, ignore_eos=True)
+PROMPTS = [[5 + (i * 37) % 400 for i in range(50)], [7 + (i * 13) % 300 for i in range(23)],
+           [9 + (i * 71) % 450 for i in range(70)]]
+MAX_TOKENS = [30, 12, 20]  # so the batch shrinks as they finish
+
+
+def _params(params: SamplingParams, i: int) -> SamplingParams:
+    return dataclasses.replace(params, max_tokens=MAX_TOKENS[i])
+
+
+@pytest.fixture(scope="module")
+def head(engine, tiny_model_dir):
+    return MTPHead(engine.config, load_mtp_weights(tiny_model_dir, engine.config, engine.dtype), engine.model)
+
+
+def _sequence(engine, head, prompt: list[int], params: SamplingParams, rid: str, drafts: bool):
+    """A sequence as the decode service makes one from a hand-off: prefill (with the head's state when it
+    drafts), the first token sampled."""
+    sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt)
+    feed = PromptDrafts(head, prompt) if drafts else None
+    logits, state = engine.prefill(prompt, normed=feed)
+    token, logprob = sampler.sample(logits)
+    seq = DecodeSequence(request_id=rid, load=lambda: state, guard=ReadGuard(lambda: None), sampler=sampler,
+                         tracker=OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt),
+                         next_token=token, num_tokens=len(prompt), max_context=engine.config.max_position_embeddings,
+                         kv_tokens=len(prompt) + params.max_tokens,
+                         draft=feed.tensors() if feed is not None else None)
+    first = seq.push(token, logprob)
+    return seq, (list(first.token_ids), list(first.logprobs))
+
+
+def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batch: int):
+    """Every prompt through one DecodeRunner (the second without drafts); each one's (token ids, logprobs)."""
+    monkeypatch.setattr(engine, "draft_head", head)
+    got: dict[str, tuple[list[int], list[float]]] = {}
+    finished = threading.Event()
+    seqs = []
+
+    def deliver(items):
+        for seq, out in items:
+            assert out.error is None, out.error
+            got[seq.request_id][0].extend(out.token_ids)
+            got[seq.request_id][1].extend(out.logprobs)
+            if all(s.finish_reason is not None for s in seqs):
+                finished.set()
+
+    runner = DecodeRunner(lambda: engine, max_batch, 8, deliver, num_speculative_tokens=K,
+                          speculative_max_batch=speculative_max_batch)
+    steps = []
+    runner.on_verify = lambda n, drafted, at: steps.append((n, drafted, list(at)))
+    runner.start()
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            seq, first = _sequence(engine, head, prompt, _params(params, i), f"r{i}", drafts=i != 1)
+            got[seq.request_id] = first
+            seqs.append(seq)
+        for seq in seqs:
+            runner.submit(seq)
+        assert finished.wait(120)
+    finally:
+        runner.stop()
+    return got, steps
+
+
+def _reference(engine, params):
+    return {f"r{i}": generate(engine, p, _params(params, i)) for i, p in enumerate(PROMPTS)}
+
+
+def _oracle(monkeypatch, refs):
+    """Drafts that are the right tokens except where the position says otherwise (all right, the first wrong,
+    the second wrong), the head still fed every verified position."""
+    current = {}
+    plain = DecodeRunner._drafter
+
+    def drafter_of(self, seq):
+        current["ids"] = PROMPTS[int(seq.request_id[1:])] + refs[seq.request_id].token_ids
+        return plain(self, seq)
+
+    class Oracle(Drafter):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.ids = current["ids"]
+
+        def draft(self, hidden, next_tokens, start, k):  # the first drafts, at join
+            return self.draft_many([self], [hidden], [next_tokens], [start], k)[0]
+
+        @classmethod
+        def draft_many(cls, drafters, hidden, next_tokens, starts, k):
+            Drafter.draft_many(drafters, hidden, next_tokens, starts, 0)  # the head still reads every position
+            out = []
+            for d, tokens, start in zip(drafters, next_tokens, starts):
+                first = start + len(tokens) + 1
+                drafts = (d.ids[first:first + k] + [0] * k)[:k]
+                wrong = (first * 2654435761 >> 9) % 3
+                if k and wrong and wrong <= len(drafts):
+                    drafts[wrong - 1] = (drafts[wrong - 1] + 1) % 300
+                out.append(drafts)
+            return out
+
+    monkeypatch.setattr(DecodeRunner, "_drafter", drafter_of)
+    monkeypatch.setattr(runner_mod, "Drafter", Oracle)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_batched_speculation_is_plain_decoding(engine, head, monkeypatch, params):
+    refs = _reference(engine, params)
+    want = {rid: (r.token_ids, r.logprobs) for rid, r in refs.items()}
+    got, steps = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
+    assert got == want  # the tiny model's random head: drafts rejected
+    assert steps and all(n <= 2 for n, _, _ in steps)  # the second sequence never drafts
+    _oracle(monkeypatch, refs)
+    got, steps = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
+    assert got == want
+    accepted = [sum(at) for _, _, at in steps]
+    drafted = sum(d for _, d, _ in steps)
+    assert 0 < sum(accepted) < drafted  # accepted and rejected along the way
+    assert any(at[K - 1] for _, _, at in steps)  # all K drafts of a step accepted somewhere
+
+
+def test_a_batch_past_speculative_max_batch_drafts_nothing(engine, head, monkeypatch):
+    refs = _reference(engine, GREEDY)
+    _oracle(monkeypatch, refs)
+    got, steps = _run(engine, head, monkeypatch, GREEDY, max_batch=4, speculative_max_batch=1)
+    assert got == {rid: (r.token_ids, r.logprobs) for rid, r in refs.items()}
+    # drafts only once a single sequence is left (the longest-running one), and right ones are accepted then
+    assert steps and all(n == 1 for n, _, _ in steps) and sum(sum(at) for _, _, at in steps) > 0
+
+
+def test_prompt_drafts_are_the_heads_state_over_the_prompt(engine, head):
+    """PromptDrafts, chunk by chunk, gives the head's KV of one pass over the whole prompt."""
+    prompt = PROMPTS[0]
+    feed = PromptDrafts(head, prompt)
+    engine.prefill(prompt, chunk_size=7, normed=feed)[1].release()
+    normed: list = []
+    engine.prefill(prompt, chunk_size=len(prompt), normed=normed)[1].release()
+    hidden = torch.cat(normed)
+    cache = head.new_cache()
+    head.forward(hidden[:-1], torch.tensor(prompt[1:]), torch.arange(len(prompt) - 1), cache)
+    t = feed.tensors()
+    assert t["mtp.0.k"].shape == (engine.config.num_key_value_heads, len(prompt) - 1, engine.config.head_dim)
+    torch.testing.assert_close(t["mtp.0.k"], cache.k[0][:len(prompt) - 1].transpose(0, 1))
+    torch.testing.assert_close(t["mtp.0.v"], cache.v[0][:len(prompt) - 1].transpose(0, 1))
+    torch.testing.assert_close(t["mtp.hidden"], hidden[-1])

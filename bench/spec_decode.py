@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,9 +75,26 @@ def oracle(sequence: list[int], acceptance: float, seed: int):
     return draft
 
 
-def run_batch(engine, head, prompts_: list[list[int]], params: SamplingParams, k: int,
+class Loaded:
+    """The engine and head of the stepping-loop table, loaded on the first runner's thread (`get`), so that this
+    process's main thread does no torch work: a second thread with its own OpenMP pool slows the stepping thread's
+    small ops (~25% per token on 2 cores), and the decode service too keeps all of it on one thread."""
+
+    def __init__(self, model: Path, dtype: str):
+        self.model, self.dtype = model, dtype
+        self.engine = self.head = None
+
+    def get(self):
+        if self.engine is None:
+            self.engine = Engine(self.model, dtype=self.dtype)
+            self.head = load_head(self.engine, self.model)
+        return self.engine
+
+
+def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams, k: int,
               refs: list[list[int]] | None = None, acceptance: float | None = None, seed: int = 0):
-    """The prompts decoded together by a DecodeRunner (k = 0: plain). Returns (decode tokens/s, token ids per
+    """The prompts decoded together by a DecodeRunner (k = 0: plain), every prefill on its stepping thread (as a
+    joining sequence's load); tokens/s counts the time in decode steps. Returns (decode tokens/s, token ids per
     sequence, (drafting sequence steps, accepted drafts, accepted per draft position))."""
     import threading
 
@@ -85,21 +103,27 @@ def run_batch(engine, head, prompts_: list[list[int]], params: SamplingParams, k
     from qwenpd.engine.output import OutputTracker
     from qwenpd.engine.sampling import Sampler
 
-    engine.draft_head = head if k else None
     seqs, outs = [], {}
-    for i, prompt in enumerate(prompts_):
-        sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt)
-        feed = PromptDrafts(head, prompt) if k else None
+
+    def prefill(seq: DecodeSequence, prompt: list[int]):
+        engine = loaded.get()
+        engine.draft_head = loaded.head if k else None
+        seq.sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt)
+        seq.tracker = OutputTracker(params, engine.eos_token_ids, None, prompt)
+        seq.max_context = engine.config.max_position_embeddings
+        feed = PromptDrafts(loaded.head, prompt) if k else None
         logits, state = engine.prefill(prompt, normed=feed)
-        token, logprob = sampler.sample(logits)
-        seq = DecodeSequence(request_id=str(i), load=lambda state=state: state, guard=ReadGuard(lambda: None),
-                             sampler=sampler, tracker=OutputTracker(params, engine.eos_token_ids, None, prompt),
-                             next_token=token, num_tokens=len(prompt),
-                             max_context=engine.config.max_position_embeddings,
-                             kv_tokens=len(prompt) + params.max_tokens,
-                             draft=feed.tensors() if feed is not None else None)
+        token, logprob = seq.sampler.sample(logits)
         seq.push(token, logprob)
+        seq.draft = feed.tensors() if feed is not None else None
         outs[seq.request_id] = [token]
+        return state
+
+    for i, prompt in enumerate(prompts_):
+        seq = DecodeSequence(request_id=str(i), load=lambda: None, guard=ReadGuard(lambda: None), sampler=None,
+                             tracker=None, next_token=0, num_tokens=len(prompt), max_context=0,
+                             kv_tokens=len(prompt) + params.max_tokens)
+        seq.load = lambda seq=seq, prompt=prompt: prefill(seq, prompt)
         seqs.append(seq)
     finished = threading.Event()
     verified = [0, 0, [0] * max(k, 1)]
@@ -144,31 +168,47 @@ def run_batch(engine, head, prompts_: list[list[int]], params: SamplingParams, k
                 return real
 
         runner_mod.DecodeRunner._drafter, runner_mod.Drafter = drafter_of, Oracle
-    runner = DecodeRunner(lambda: engine, len(prompts_), len(prompts_), deliver, num_speculative_tokens=k,
+    runner = DecodeRunner(loaded.get, len(prompts_), len(prompts_), deliver, num_speculative_tokens=k,
                           speculative_max_batch=len(prompts_))
     runner.on_verify = on_verify
+    stepping = [0.0]
+    step = runner._step
+
+    def timed_step():
+        t = time.perf_counter()
+        try:
+            return step()
+        finally:
+            stepping[0] += time.perf_counter() - t
+
+    runner._step = timed_step
     try:
         runner.start()
-        t0 = time.perf_counter()
         for seq in seqs:
             runner.submit(seq)
         if not finished.wait(3600):
             raise RuntimeError("batch did not finish")
-        elapsed = time.perf_counter() - t0
     finally:
         runner.stop()
         runner_mod.DecodeRunner._drafter, runner_mod.Drafter = plain_drafter, plain_class
-        engine.draft_head = None
+    elapsed = stepping[0]
     ids = [outs[str(i)] for i in range(len(prompts_))]
     return sum(len(x) - 1 for x in ids) / elapsed, ids, verified
 
 
-def batched_table(engine, head, args, params) -> dict[int, float]:
+def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
     """Plain against speculative decoding in the decode service's stepping loop at each batch size; returns the
     distilled head's ratio per batch size."""
     batches = [int(b) for b in args.batches.split(",") if b]
-    pool = prompts(engine, max(batches), args.prompt)
+    g = torch.Generator().manual_seed(4321)  # prompts as `prompts` makes them, continued in one batch
+    starts = [torch.randint(3, args.words, (32,), generator=g).tolist() for _ in range(max(batches))]
+    _, continued, _ = run_batch(loaded, starts, SamplingParams(temperature=0, max_tokens=args.prompt - 32,
+                                                               ignore_eos=True), 0)
+    pool = [s + c for s, c in zip(starts, continued)]
     acceptances = [None] + [float(x) for x in args.oracle.split(",") if x]
+    print(f"# {cpu_description()}; {args.preset} {args.dtype}, {torch.get_num_threads()} threads; the decode "
+          f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, eager, "
+          f"every step drafting; {args.runs} runs")
     print(f"\n| batch | decoding (k={args.k}) | tokens/s | vs plain at this batch | mean accepted length | "
           "acceptance per draft position |")
     print("|---|---|---|---|---|---|")
@@ -177,10 +217,10 @@ def batched_table(engine, head, args, params) -> dict[int, float]:
         group = pool[:b]
         rates: dict = {}
         for run in range(args.runs):
-            base, refs, _ = run_batch(engine, head, group, params, 0)
+            base, refs, _ = run_batch(loaded, group, params, 0)
             rates.setdefault("plain", []).append(base)
             for a in acceptances:
-                rate, ids, v = run_batch(engine, head, group, params, args.k, refs, a, seed=run)
+                rate, ids, v = run_batch(loaded, group, params, args.k, refs, a, seed=run)
                 if ids != refs:
                     raise RuntimeError(f"batch {b}: speculative tokens differ from plain decoding")
                 rates.setdefault(a, []).append((rate, v))
@@ -216,7 +256,18 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32", help="batch sizes of the stepping-loop table ('' = none)")
     p.add_argument("--skip-b1-table", action="store_true", help="only the stepping-loop table")
     args = p.parse_args()
-    model = cached(args.preset, args.dtype, args.cache_dir, log=lambda s: print(s, file=sys.stderr))
+    made: list[Path] = []  # distilled (if not cached yet) on a thread that ends: the main thread stays torch-free
+    worker = threading.Thread(target=lambda: made.append(
+        cached(args.preset, args.dtype, args.cache_dir, log=lambda s: print(s, file=sys.stderr))))
+    worker.start()
+    worker.join()
+    model = made[0]
+    from qwenpd.engine.tokenizer import Tokenizer
+
+    args.words = Tokenizer(model).vocab_size if (model / "tokenizer.json").is_file() else 500
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    # the stepping-loop table first, before this thread does torch work (Loaded)
+    ratios = batched_table(Loaded(model, args.dtype), args, params) if args.batches else {}
     engine = Engine(model, dtype=args.dtype)
     head = load_head(engine, model)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
@@ -248,7 +299,7 @@ def main() -> None:
                     stats[name].append(r)
                 rates[name].append((len(r.token_ids) - 1) / r.decode_s)
     base = statistics.median(rates["plain"])
-    print(f"# {cpu_description()}; {args.preset} {args.dtype} with its distilled MTP head, {torch.get_num_threads()} "
+    print(f"\n# {cpu_description()}; {args.preset} {args.dtype} with its distilled MTP head, {torch.get_num_threads()} "
           f"threads; decode of {args.tokens} tokens after {args.prompt}-token prompts, batch 1, eager; "
           f"{args.prompts} prompts x {args.runs} runs")
     print("\n| decoding | tokens/s | vs plain | mean accepted length | acceptance per draft position | "
@@ -271,7 +322,6 @@ def main() -> None:
     runs = stats[name]
     steps = sum(r.verify_steps for r in runs)
     length = (sum(r.accepted_tokens for r in runs) + steps) / steps
-    ratios = batched_table(engine, head, args, params) if args.batches else {}
 
     def ratio(b: int) -> str:
         return f"{ratios[b]:.2f}x" if b in ratios else "not measured"

@@ -341,6 +341,10 @@ class DecodeRunner:
                 drafts = seq.drafts[:max(0, room)]
             fed.append([seq.next_token, *drafts])
         done = verify(self.engine, self.batch, fed)
+        greedy = [seq.sampler.params.plain_greedy and not seq.replay for seq in seqs]
+        words = None if self.engine.grammars is None else self.engine.grammars.words
+        # plain greedy rows as the plain step picks them: one argmax over every row of the pass
+        ids, logprobs = greedy_batch(done.logits, words) if any(greedy) else ([], [])
         consumed, outputs, replayed = [], [], 0
         drafted, drafting_seqs, accepted_at = 0, 0, [0] * self.k
         for b, seq in enumerate(seqs):
@@ -359,7 +363,8 @@ class DecodeRunner:
             for i in range(len(fed[b])):  # as plain decoding would choose, position by position
                 seq.num_tokens = start + i + 1
                 seq.tail.append(fed[b][i])
-                token, logprob = seq.sampler.sample(logits[i])
+                row = done.offsets[b] + i
+                token, logprob = (ids[row], logprobs[row]) if greedy[b] else seq.sampler.sample(logits[i])
                 top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
                 step_out = seq.push(token, logprob, top)
                 out.token_ids += step_out.token_ids

@@ -23,7 +23,7 @@ class DecodeConfig(ModelServiceConfig):
     max_queue: int = 256
     max_batch: int = 32
     checkpoint_every: int = 0
-    speculative_max_batch: int = 4
+    speculative_max_batch: int = 2
 
     def __post_init__(self) -> None:
         if self.engine.page_size is None:

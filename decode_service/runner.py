@@ -148,7 +148,7 @@ class DecodeRunner:
     thread."""
 
     def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
-                 checkpoint_every: int = 0, num_speculative_tokens: int = 0, speculative_max_batch: int = 4):
+                 checkpoint_every: int = 0, num_speculative_tokens: int = 0, speculative_max_batch: int = 2):
         self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
         self.checkpoint_every = checkpoint_every  # tokens between decode-side checkpoints (0 = none)
@@ -311,12 +311,7 @@ class DecodeRunner:
             token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
             top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
             out = seq.push(token, logprob, top)
-            if self._checkpoint_due(seq, out):
-                copy_started = time.perf_counter()
-                out.checkpoint = seq.state.to_tensors()
-                self.on_checkpoint_copy(time.perf_counter() - copy_started)
-                out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
-                seq.checkpointed_at = seq.num_tokens
+            self._maybe_checkpoint(seq, out)
             outputs.append((seq, out))
         self.steps += 1
         self.tokens += len(seqs) - replayed
@@ -387,12 +382,7 @@ class DecodeRunner:
         for b, d in zip(going, drafts):
             seqs[b].drafts = d
         for seq, out in outputs:
-            if self._checkpoint_due(seq, out):
-                copy_started = time.perf_counter()
-                out.checkpoint = seq.state.to_tensors()
-                self.on_checkpoint_copy(time.perf_counter() - copy_started)
-                out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
-                seq.checkpointed_at = seq.num_tokens
+            self._maybe_checkpoint(seq, out)
         self.steps += 1
         self.tokens += sum(len(out.token_ids) for _, out in outputs)
         if replayed:
@@ -404,6 +394,15 @@ class DecodeRunner:
             if out.finish_reason is not None:
                 self._leave(seq)
         return outputs
+
+    def _maybe_checkpoint(self, seq: DecodeSequence, out: Output) -> None:
+        """Attach a copy of `seq`'s state to `out` for the service to store, when one is due."""
+        if self._checkpoint_due(seq, out):
+            copy_started = time.perf_counter()
+            out.checkpoint = seq.state.to_tensors()
+            self.on_checkpoint_copy(time.perf_counter() - copy_started)
+            out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
+            seq.checkpointed_at = seq.num_tokens
 
     def _checkpoint_due(self, seq: DecodeSequence, out: Output) -> bool:
         """Whether to copy out `seq`'s state now: every checkpoint_every tokens while it goes on, unless the last

@@ -44,6 +44,7 @@ def spec(checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spec-serve")
     metrics = _free_ports(5)
     s = start_serve_all(checkpoints[1], tmp, f"spec{os.getpid()}", "--num-speculative-tokens", "3",
+                        "--speculative-max-batch", str(STREAMS),
                         "--decode-checkpoint-every", "48", "--resume-wait", "120", "--metrics-port", str(metrics))
     s.metrics, s.tmp = metrics, tmp
     yield s

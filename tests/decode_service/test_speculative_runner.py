@@ -54,9 +54,11 @@ def _sequence(engine, head, prompt: list[int], params: SamplingParams, rid: str,
 
 
 def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batch: int):
-    """Every prompt through one DecodeRunner (the second without drafts); each one's (token ids, logprobs)."""
+    """Every prompt through one DecodeRunner (the second without drafts); each one's (token ids, logprobs), the
+    verify passes' (sequences drafting, drafts, accepted per position), each one's [text, finish reason]."""
     monkeypatch.setattr(engine, "draft_head", head)
     got: dict[str, tuple[list[int], list[float]]] = {}
+    texts: dict[str, list] = {}  # streamed text, finish reason
     finished = threading.Event()
     seqs = []
 
@@ -65,6 +67,8 @@ def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batc
             assert out.error is None, out.error
             got[seq.request_id][0].extend(out.token_ids)
             got[seq.request_id][1].extend(out.logprobs)
+            texts.setdefault(seq.request_id, ["", None])[0] += out.text
+            texts[seq.request_id][1] = out.finish_reason
             if all(s.finish_reason is not None for s in seqs):
                 finished.set()
 
@@ -77,13 +81,14 @@ def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batc
         for i, prompt in enumerate(PROMPTS):
             seq, first = _sequence(engine, head, prompt, _params(params, i), f"r{i}", drafts=i != 1)
             got[seq.request_id] = first
+            texts[seq.request_id] = [seq.tracker.text, None]
             seqs.append(seq)
         for seq in seqs:
             runner.submit(seq)
         assert finished.wait(120)
     finally:
         runner.stop()
-    return got, steps
+    return got, steps, texts
 
 
 def _reference(engine, params):
@@ -129,11 +134,11 @@ def _oracle(monkeypatch, refs):
 def test_batched_speculation_is_plain_decoding(engine, head, monkeypatch, params):
     refs = _reference(engine, params)
     want = {rid: (r.token_ids, r.logprobs) for rid, r in refs.items()}
-    got, steps = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
+    got, steps, _ = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
     assert got == want  # the tiny model's random head: drafts rejected
     assert steps and all(n <= 2 for n, _, _ in steps)  # the second sequence never drafts
     _oracle(monkeypatch, refs)
-    got, steps = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
+    got, steps, _ = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
     assert got == want
     accepted = [sum(at) for _, _, at in steps]
     drafted = sum(d for _, d, _ in steps)
@@ -144,7 +149,7 @@ def test_batched_speculation_is_plain_decoding(engine, head, monkeypatch, params
 def test_a_batch_past_speculative_max_batch_drafts_nothing(engine, head, monkeypatch):
     refs = _reference(engine, GREEDY)
     _oracle(monkeypatch, refs)
-    got, steps = _run(engine, head, monkeypatch, GREEDY, max_batch=4, speculative_max_batch=1)
+    got, steps, _ = _run(engine, head, monkeypatch, GREEDY, max_batch=4, speculative_max_batch=1)
     assert got == {rid: (r.token_ids, r.logprobs) for rid, r in refs.items()}
     # drafts only once a single sequence is left (the longest-running one), and right ones are accepted then
     assert steps and all(n == 1 for n, _, _ in steps) and sum(sum(at) for _, _, at in steps) > 0
@@ -165,3 +170,19 @@ def test_prompt_drafts_are_the_heads_state_over_the_prompt(engine, head):
     torch.testing.assert_close(t["mtp.0.k"], cache.k[0][:len(prompt) - 1].transpose(0, 1))
     torch.testing.assert_close(t["mtp.0.v"], cache.v[0][:len(prompt) - 1].transpose(0, 1))
     torch.testing.assert_close(t["mtp.hidden"], hidden[-1])
+
+
+def test_stop_strings_and_stop_ids_end_where_plain_decoding_ends(engine, head, monkeypatch):
+    """A stop string or stop id inside a run of accepted drafts ends the stream there: the same tokens, text
+    (the stop string and what follows never emitted) and finish reason as plain decoding."""
+    free = generate(engine, PROMPTS[0], _params(GREEDY, 0))
+    params = dataclasses.replace(GREEDY, ignore_eos=True, stop=(free.text[12:15],),
+                                 stop_token_ids=(free.token_ids[20],))
+    refs = _reference(engine, params)
+    assert refs["r0"].finish_reason == "stop" and len(refs["r0"].token_ids) < len(free.token_ids)
+    _oracle(monkeypatch, refs)
+    got, steps, texts = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4)
+    assert got == {rid: (r.token_ids, r.logprobs) for rid, r in refs.items()}
+    assert {rid: tuple(t) for rid, t in texts.items()} == {rid: (r.text, r.finish_reason)
+                                                              for rid, r in refs.items()}
+    assert sum(sum(at) for _, _, at in steps) > 0

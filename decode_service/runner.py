@@ -271,13 +271,8 @@ class DecodeRunner:
         assert self.engine is not None and self.engine.draft_head is not None and seq.draft is not None
         head, n = self.engine.draft_head, seq.num_tokens
         drafter = Drafter(head, seq.sampler.vocab, capacity=seq.kv_tokens + self.k + 1)
-        dev = head.model.device
-        if n > 1:
-            positions = torch.arange(n - 1, device=dev)
-            for layer in range(len(drafter.cache.k)):
-                drafter.cache.write(layer, positions, seq.draft[f"mtp.{layer}.k"].transpose(0, 1).to(dev),
-                                    seq.draft[f"mtp.{layer}.v"].transpose(0, 1).to(dev))
-        hidden = seq.draft[state_spec.DRAFT_HIDDEN].to(dev)[None]
+        drafter.cache.load(seq.draft, n - 1)
+        hidden = seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device)[None]
         return drafter, drafter.draft(hidden, [seq.next_token], n - 1, self.k)
 
     def _leave(self, seq: DecodeSequence) -> None:

@@ -48,6 +48,18 @@ class MTPCache:
         self.k[layer][positions] = k.to(self.k[layer].dtype)
         self.v[layer][positions] = v.to(self.v[layer].dtype)
 
+    def load(self, kv: dict[str, torch.Tensor], positions: int) -> None:
+        """Write a draft state's head KV (mtp.{l}.k/v, [Hkv, positions, D]: state_spec.draft_shapes) as positions
+        0 .. positions-1; ValueError if it covers another number of positions."""
+        if positions < 1:
+            return
+        where = torch.arange(positions, device=self.k[0].device)
+        for layer in range(len(self.k)):
+            k, v = kv[f"mtp.{layer}.k"], kv[f"mtp.{layer}.v"]
+            if k.shape[1] != positions or v.shape[1] != positions:
+                raise ValueError(f"the head KV covers {k.shape[1]} positions, not {positions}")
+            self.write(layer, where, k.transpose(0, 1).to(where.device), v.transpose(0, 1).to(where.device))
+
 
 class MTPHead:
     """The head over a loaded HybridModel (its embedding and lm_head); `weights` are load_mtp_weights' (`mtp.*`)."""
@@ -144,14 +156,7 @@ class PromptDrafts:
     def restore(self, kv: dict[str, torch.Tensor], hidden: torch.Tensor, num_tokens: int) -> None:
         """Start after a cached prefix of `num_tokens` tokens: `kv` its head KV (mtp.{l}.k/v, [Hkv, num_tokens-1,
         D]), `hidden` the hidden state at num_tokens - 1 (what a prefix-cache hit keeps: prefill/prefix.py)."""
-        if num_tokens > 1:
-            positions = torch.arange(num_tokens - 1, device=self.head.model.device)
-            for layer in range(len(self.cache.k)):
-                k, v = kv[f"mtp.{layer}.k"], kv[f"mtp.{layer}.v"]
-                if k.shape[1] != num_tokens - 1 or v.shape[1] != num_tokens - 1:
-                    raise ValueError(f"cached head KV covers {k.shape[1]} positions, not {num_tokens - 1}")
-                self.cache.write(layer, positions, k.transpose(0, 1).to(positions.device),
-                                 v.transpose(0, 1).to(positions.device))
+        self.cache.load(kv, num_tokens - 1)
         self.pos = num_tokens
         self.pending = hidden.to(self.head.model.device).clone()
 

@@ -371,9 +371,9 @@ def _check_expected(table: Mapping[str, tuple[torch.dtype, tuple[int, ...], int,
         if expected is None:
             continue
         names = expected(num_tokens) if callable(expected) else expected
-        optional = getattr(names, "optional", frozenset())  # a group that may be absent, all of it or none
         missing, extra = sorted(set(names) - set(table)), sorted(set(table) - set(names))
-        if optional and set(missing) == optional:
+        absent_allowed = getattr(names, "absent_allowed", None)  # optional groups: all of one or none of it
+        if missing and absent_allowed is not None and absent_allowed(set(missing)):
             missing = []
         if missing or extra:
             raise FailedPrecondition(f"checkpoint tensors do not match the model: missing {missing[:4]}, "

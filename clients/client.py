@@ -60,6 +60,7 @@ class Result:
     content: str = ""
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    image_tokens: int = 0  # prompt tokens that stand for images and video frames
 
 
 def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
@@ -72,7 +73,8 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
                           repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                           chat_template_kwargs: dict[str, Any] | None = None, tool_choice: Any = None,
                           parallel_tool_calls: bool = True, response_format: dict[str, Any] | None = None,
-                          speculative: bool | None = None) -> prefill_pb2.PrefillRequest:
+                          speculative: bool | None = None, images: Sequence[bytes] | None = None
+                          ) -> prefill_pb2.PrefillRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids, messages")
@@ -108,6 +110,10 @@ def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
     req.sampling.structured_output = fmt or req.sampling.structured_output
     if cache_salt is not None:
         req.cache_salt = cache_salt
+    if images:
+        if messages is not None:
+            raise ValueError("a chat prompt carries its images in its messages' content parts, not images=")
+        req.media.extend(common_pb2.Media(image=bytes(img)) for img in images)
     return resumable(req)
 
 
@@ -155,7 +161,8 @@ class AsyncClient:
                        repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                        chat_template_kwargs: dict[str, Any] | None = None,
                        tool_choice: Any = None, parallel_tool_calls: bool = True,
-                       response_format: dict[str, Any] | None = None, speculative: bool | None = None) -> Result:
+                       response_format: dict[str, Any] | None = None, speculative: bool | None = None,
+                       images: Sequence[bytes] | None = None) -> Result:
         """Prefill then decode to the end. Give exactly one of prompt (text), token_ids, messages (chat, rendered
         by the model's template). Sampling options left None take the server's defaults (temperature 1, top_p 1,
         max_tokens the server's); temperature 0 is greedy; min_p drops tokens less likely than min_p times the most
@@ -165,7 +172,10 @@ class AsyncClient:
         answer to calls, `parallel_tool_calls`) and pass `chat_template_kwargs`; their Result has the text parsed
         into content, reasoning and tool_calls. `response_format` as OpenAI's (json_object, json_schema) constrains
         the output to JSON. `speculative=False` decodes this request without MTP drafts where the services run them
-        (True where they run none is refused). `timeout` bounds each of the two calls (default: the client's)."""
+        (True where they run none is refused). Images: a text or token_ids prompt takes `images` (encoded image
+        bytes, one per <|image_pad|> placeholder in the prompt, in order); a chat message takes them as content
+        parts ({"type": "image", "image": bytes}, or OpenAI's {"type": "image_url", "image_url": {"url":
+        "data:..."}}). `timeout` bounds each of the two calls (default: the client's)."""
         request = build_prefill_request(prompt, token_ids, messages, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                         ignore_eos=ignore_eos, cache_salt=cache_salt, request_id=request_id,
@@ -174,7 +184,7 @@ class AsyncClient:
                                         repetition_penalty=repetition_penalty, tools=tools,
                                         chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                                        response_format=response_format, speculative=speculative)
+                                        response_format=response_format, speculative=speculative, images=images)
         trace = Trace()
         ids: list[int] = []
         logprobs: list[float] = []
@@ -207,8 +217,8 @@ class AsyncClient:
                      repetition_penalty: float = 1.0, tools: Sequence[dict[str, Any]] | None = None,
                      chat_template_kwargs: dict[str, Any] | None = None,
                      tool_choice: Any = None, parallel_tool_calls: bool = True,
-                     response_format: dict[str, Any] | None = None, speculative: bool | None = None
-                     ) -> AsyncIterator[Chunk]:
+                     response_format: dict[str, Any] | None = None, speculative: bool | None = None,
+                     images: Sequence[bytes] | None = None) -> AsyncIterator[Chunk]:
         """Prefill then yield Decode's chunks as they arrive (the first holds the first token); options as for
         `generate` (the raw text: parse a chat's with clients.chat_output.ChatOutput). Leaving the loop early cancels
         the decode call, which frees its batch slot."""
@@ -220,7 +230,7 @@ class AsyncClient:
                                         repetition_penalty=repetition_penalty, tools=tools,
                                         chat_template_kwargs=chat_template_kwargs,
                                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                                        response_format=response_format, speculative=speculative)
+                                        response_format=response_format, speculative=speculative, images=images)
         async for chunk in self.dispatcher.run(Trace(), request, timeout or self.timeout):
             yield chunk
 
@@ -259,7 +269,7 @@ def _result(trace: Trace, ids: list[int], text: str, reason: str | None, logprob
                   prompt_tokens=usage.prompt_tokens if usage else pre.prompt_tokens,
                   cached_tokens=usage.cached_tokens if usage else pre.cached_tokens, ttft_s=trace.ttft_s,
                   tpot_s=trace.tpot_s, logprobs=logprobs, prefill_s=trace.ttft_s, decode_s=trace.decode_s,
-                  request_id=pre.request_id)
+                  request_id=pre.request_id, image_tokens=pre.image_tokens)
 
 
 class Client:

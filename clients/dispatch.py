@@ -290,6 +290,9 @@ def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generate
     broken stream's last resume point (a checkpoint id; "" = none)."""
     resumed = prefill_pb2.PrefillRequest()
     resumed.CopyFrom(request)
+    if request.WhichOneof("prompt") == "chat":  # its images and videos, in prompt order, as the request's media
+        resumed.media.extend(part.media for m in request.chat.messages for part in m.parts
+                             if part.WhichOneof("part") == "media")
     del resumed.token_ids.ids[:]  # a token-id prompt's own ids are among `ids` already
     resumed.token_ids.ids.extend(ids)  # selects token_ids in the prompt oneof
     resumed.return_prompt_token_ids = False

@@ -112,6 +112,7 @@ class DecodeSequence:
     kv_tokens: int = 0  # the most tokens its KV can ever hold (pages promised at admission)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    image_tokens: int = 0
     state: HybridState | None = None
     finish_reason: str | None = field(default=None)
     submitted_at: float = 0.0  # time.monotonic() when it started waiting for a slot

@@ -238,6 +238,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens,
+            image_tokens=handoff.image_tokens,
             replay=collections.deque(handoff.replay_ids), stream=stream, checkpointed_at=num_tokens,
             resume_id=request.checkpoint_id, draft=draft)
         if stream is not None:
@@ -289,7 +290,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if reason is not None:
             chunk.finish_reason = _FINISH[reason]
             chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=seq.prompt_tokens, cached_tokens=seq.cached_tokens,
-                                                  completion_tokens=len(seq.tracker.token_ids)))
+                                                  completion_tokens=len(seq.tracker.token_ids),
+                                                  image_tokens=seq.image_tokens))
         return chunk
 
     async def GetLoad(self, request: decode_pb2.GetLoadRequest, context) -> decode_pb2.Load:

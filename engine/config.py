@@ -18,8 +18,72 @@ class ConfigError(ValueError):
 
 
 @dataclass(slots=True, frozen=True)
+class VisionConfig:
+    """The vision tower of a multimodal (`qwen3_5`) checkpoint (`vision_config`) and the special tokens that
+    place its output in a prompt (engine/vision.py runs it; engine/mrope.py positions it)."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    num_position_embeddings: int = 2304
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10_000.0
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size", "in_channels", "num_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"vision_config.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ConfigError(f"vision_config: hidden_size {self.hidden_size} over {self.num_heads} heads must give "
+                              "a head dim divisible by 4 (2-D rotary)")
+        if int(self.num_position_embeddings ** 0.5) ** 2 != self.num_position_embeddings:
+            raise ConfigError("vision_config.num_position_embeddings must be a square (a grid of positions)")
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"unsupported vision hidden_act {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x temporal x patch x patch (a row of pixel_values)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @classmethod
+    def from_hf_dict(cls, v: dict[str, Any], top: dict[str, Any]) -> "VisionConfig":
+        rope = dict(v.get("rope_parameters") or {})
+        ids = {k: int(top[k]) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                          "vision_end_token_id") if top.get(k) is not None}
+        try:
+            return cls(depth=int(v["depth"]), hidden_size=int(v["hidden_size"]),
+                       intermediate_size=int(v["intermediate_size"]), num_heads=int(v["num_heads"]),
+                       out_hidden_size=int(v["out_hidden_size"]), patch_size=int(v.get("patch_size", 16)),
+                       temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+                       spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+                       in_channels=int(v.get("in_channels", 3)),
+                       num_position_embeddings=int(v.get("num_position_embeddings", 2304)),
+                       hidden_act=str(v.get("hidden_act", "gelu_pytorch_tanh")),
+                       rope_theta=float(rope.get("rope_theta", 10_000.0)), **ids)
+        except KeyError as e:
+            raise ConfigError(f"vision_config lacks required field {e.args[0]!r}") from e
+
+
+@dataclass(slots=True, frozen=True)
 class ModelConfig:
-    """Text-model shapes of a Qwen3.5/3.6 hybrid checkpoint (vision tower and MTP head are ignored)."""
+    """Shapes of a Qwen3.5/3.6 hybrid checkpoint: the text model, and the vision tower where the checkpoint has
+    one (`vision`; the MTP head's depth too, which the main model ignores)."""
 
     vocab_size: int
     hidden_size: int
@@ -51,6 +115,8 @@ class ModelConfig:
     mrope_interleaved: bool = False
     # decoder layers of the multi-token-prediction head (`mtp.*` weights; 0: none); the main model ignores them
     mtp_num_hidden_layers: int = 0
+    # the vision tower (multimodal `qwen3_5` checkpoints with a vision_config); None: text only
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -82,6 +148,9 @@ class ModelConfig:
                               f"{self.rotary_dim} for head_dim={self.head_dim}; need an even number in 2..head_dim")
         if self.linear_conv_kernel_dim < 2:
             raise ConfigError("linear_conv_kernel_dim must be at least 2")
+        if self.vision is not None and self.vision.out_hidden_size != self.hidden_size:
+            raise ConfigError(f"vision_config.out_hidden_size {self.vision.out_hidden_size} != hidden_size "
+                              f"{self.hidden_size}")
 
     # ---- derived shapes -------------------------------------------------------------------------
     @property
@@ -155,9 +224,12 @@ class ModelConfig:
         else:
             raise ConfigError(f"unsupported model_type {model_type!r}; qwenpd serves {SUPPORTED_MODEL_TYPES}")
         try:
-            return cls._from_text_dict(text, model_type=model_type)
+            config = cls._from_text_dict(text, model_type=model_type)
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from e
+        if model_type == "qwen3_5" and raw.get("vision_config"):
+            config = config.replace(vision=VisionConfig.from_hf_dict(raw["vision_config"], raw))
+        return config
 
     @classmethod
     def _from_text_dict(cls, t: dict[str, Any], model_type: str) -> "ModelConfig":
@@ -248,6 +320,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("torch_dtype")
         d.pop("mtp_num_hidden_layers")  # the draft head changes no state of the main model
+        if d["vision"] is None:  # text-only models keep the fingerprint they had before the vision tower
+            d.pop("vision")
         return d
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from qwenpd.engine.tp.group import TPGroup
 from qwenpd.engine.tp.launch import launch
 from qwenpd.engine.tp.plan import ShardPlan
 from qwenpd.engine.tokenizer import Tokenizer
+from qwenpd.engine.vision import PromptMedia, VisionTower, load_vision_weights
 from qwenpd.engine.weights import load_weights
 from qwenpd.kernels.ops import register_device_kernels
 
@@ -109,6 +111,11 @@ class Engine:
             shared = isinstance(kv_cache_bytes, float) and self.device.type == "cpu"  # ranks share host memory
             kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
         self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes)
+        self.vision = None  # the vision tower of a multimodal checkpoint (engine/vision.py)
+        if self.config.vision is not None:
+            tower, digest = load_vision_weights(model_dir, self.config.vision, self.dtype)
+            self.vision = VisionTower(self.config.vision, tower, self.device)
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint} vision {digest}".encode()).hexdigest()
         self.draft_head = None  # the checkpoint's MTP head where speculative decoding runs (engine/mtp.py)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
@@ -223,13 +230,16 @@ class Engine:
 
     def prefill(self, token_ids: Sequence[int], state: HybridState | None = None, chunk_size: int = 512,
                 boundaries: Sequence[int] = (), on_chunk: Callable[[HybridState], None] | None = None,
-                normed=None) -> tuple[torch.Tensor, HybridState]:
+                normed=None, media: PromptMedia | None = None) -> tuple[torch.Tensor, HybridState]:
         """Chunked context encoding of `token_ids` on top of `state` (a fresh state when None).
 
         Chunks hold at most `chunk_size` tokens and also end exactly at every absolute position in
         `boundaries` (where a caller snapshots state). `on_chunk(state)` runs after every chunk; it may raise
         to abandon the work (deadline, cancellation). `normed` (one rank, eager or regionally compiled): gets each
         chunk's final-normed hidden states [T, H] by `append` (what an MTP head reads: mtp.PromptDrafts).
+        `media` (one rank): the prompt's images (embeddings and mRoPE positions of the whole prompt, indexed
+        from token 0, so a state restored from a cached prefix continues with the right ones); the state then
+        keeps the prompt's rope delta for decode.
         Returns (fp32 logits [V] of the last token, state).
         """
         if chunk_size < 1:
@@ -243,15 +253,36 @@ class Engine:
         ids = list(token_ids)
         start = state.num_tokens
         logits = None
+        self._check_media(media, start + len(ids))
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
-            if normed is None:
+            if normed is None and media is None:
                 logits = self.prefill_chunk(ids[lo - start: hi - start], state)
             else:
-                logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state, normed=normed)
+                logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state, normed=normed,
+                                                   media=None if media is None else media.chunk(lo, hi, self.device))
+            if media is not None:  # a snapshot taken here (on_chunk) carries the offset at its position
+                state.rope_delta = media.delta_at(state.num_tokens)
             if on_chunk is not None:
                 on_chunk(state)
         assert logits is not None
         return logits, state
+
+    def _check_media(self, media: PromptMedia | None, num_tokens: int) -> None:
+        if media is None:
+            return
+        if self.vision is None:
+            raise ValueError("this model has no vision tower: it takes no images")
+        if self.group is not None:
+            raise ValueError("images are not served with tensor parallelism yet (tp > 1)")
+        if media.rope.shape[0] < num_tokens:
+            raise ValueError(f"the prompt's media cover {media.rope.shape[0]} tokens, the prompt has {num_tokens}")
+
+    def encode_images(self, pixels: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """The vision tower over images/videos (engine/media.py's patch rows and grids): one embedding tensor
+        [tokens, H] per grid, in the model dtype on this engine's device."""
+        if self.vision is None:
+            raise ValueError("this model has no vision tower: it takes no images")
+        return self.vision.encode(pixels, grids)
 
     @cross_rank("engine.prefill_chunk")
     def prefill_chunk(self, token_ids: list[int], state: HybridState) -> torch.Tensor:
@@ -259,7 +290,8 @@ class Engine:
         return self.runner.prefill_chunk(token_ids, state)
 
     def prefill_scored(self, token_ids: Sequence[int], top: int, state: HybridState | None = None,
-                       on_chunk: Callable[[HybridState], None] | None = None, normed=None
+                       on_chunk: Callable[[HybridState], None] | None = None, normed=None,
+                       media: PromptMedia | None = None
                        ) -> tuple[torch.Tensor, HybridState, list[tuple[float, list[tuple[int, float]]]]]:
         """Prefill that also scores the prompt: for every token after the first, (its log-probability given the
         tokens before it, the `top` most likely ids at its position with theirs), under the model's unmodified
@@ -270,13 +302,15 @@ class Engine:
         state = state if state is not None else self.new_state()
         self.check_tokens(token_ids, state.num_tokens)
         ids, start = list(token_ids), state.num_tokens
+        self._check_media(media, start + len(ids))
         scores: list[tuple[float, list[tuple[int, float]]]] = []
         before: torch.Tensor | None = None  # log-probabilities at the position before the chunk's first token
         last = None
         for lo, hi in chunk_spans(start, start + len(ids), SCORE_CHUNK):
             chunk = ids[lo - start: hi - start]
-            logits = (self.prefill_chunk_all(chunk, state) if normed is None else
-                      self.eager.prefill_chunk(chunk, state, all_logits=True, normed=normed))
+            logits = (self.prefill_chunk_all(chunk, state) if normed is None and media is None else
+                      self.eager.prefill_chunk(chunk, state, all_logits=True, normed=normed,
+                                               media=None if media is None else media.chunk(lo, hi, self.device)))
             rows = torch.log_softmax(logits.float(), dim=-1)
             predicting = rows[:-1] if before is None else torch.cat([before[None], rows[:-1]])
             targets = chunk[1:] if before is None else chunk
@@ -288,6 +322,8 @@ class Engine:
             before, last = rows[-1], logits[-1]
             if on_chunk is not None:
                 on_chunk(state)
+        if media is not None:
+            state.rope_delta = media.delta_at(state.num_tokens)
         assert last is not None
         return last, state, scores
 

@@ -30,12 +30,13 @@ class GenerationResult:
 
 
 def generate(engine, prompt_ids: Sequence[int], params: SamplingParams, chunk_size: int = 512,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Prefill, sample the first token from the last logits, then decode one token per step until finished."""
+             on_text: Callable[[str], None] | None = None, media=None) -> GenerationResult:
+    """Prefill, sample the first token from the last logits, then decode one token per step until finished.
+    `media`: the prompt's images (engine/vision.py PromptMedia; prompt_ids with their placeholders expanded)."""
     sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt_ids)
     tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
     t0 = time.perf_counter()
-    logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size)
+    logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size, media=media)
     token, logprob = sampler.sample(logits)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -56,6 +56,20 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# Qwen3.5/3.6's vision tokens: an image is <|vision_start|><|image_pad|><|vision_end|> in a rendered chat, its pad
+# token repeated once per merged patch when the prompt is tokenized (engine/media.py).
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# CHAT_TEMPLATE for messages whose content is a list of parts (text, image, video), as Qwen3.6's template takes them
+VISION_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] -}}",
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}")
+
 _CORPUS = """\
 qwenpd serves hybrid language models. A prefill service encodes the prompt in chunks and hands the whole model
 state to a decode service, which generates tokens for many requests at once. The state holds the keys and values
@@ -71,14 +85,14 @@ The numbers are 0 1 2 3 4 5 6 7 8 9 10 100 1000. Tokens, tensors, caches, checkp
 """
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
     """Byte-level BPE with Qwen-style special tokens; deterministic for a given vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     return tok

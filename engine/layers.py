@@ -33,8 +33,28 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
 VECTOR_SPAN = 64  # elements: the most one step of torch's CPU elementwise loops takes (2 vectors of 32 bf16)
 
 
+MROPE_SECTION = (11, 11, 10)  # transformers' default where a config names none
+
+
+def mrope_axes(config: ModelConfig) -> torch.Tensor:
+    """Which of a token's three positions (0 temporal, 1 height, 2 width) each rotary frequency turns with:
+    interleaved sections, as transformers' Qwen3.5 recomposes them (frequency i -> height if i % 3 == 1 and
+    i < 3*section[1], width if i % 3 == 2 and i < 3*section[2], temporal otherwise). [rotary_dim / 2] long."""
+    section = config.mrope_section or MROPE_SECTION
+    axes = []
+    for i in range(config.rotary_dim // 2):
+        if i % 3 == 1 and i < 3 * section[1]:
+            axes.append(1)
+        elif len(section) > 2 and i % 3 == 2 and i < 3 * section[2]:
+            axes.append(2)
+        else:
+            axes.append(0)
+    return torch.tensor(axes, dtype=torch.long)
+
+
 class Rotary:
-    """Partial rotary embedding on the first `rotary_dim` dims of each head (text mRoPE == plain RoPE)."""
+    """Partial rotary embedding on the first `rotary_dim` dims of each head. Positions are one per token (text:
+    mRoPE with three equal positions is plain RoPE) or three (mRoPE: temporal, height, width; engine/mrope.py)."""
 
     def __init__(self, config: ModelConfig, device: torch.device):
         dim = config.rotary_dim
@@ -44,10 +64,16 @@ class Rotary:
         # [inv_freq, inv_freq] padded to whole vector spans: cos/sin of every position take torch's vector path
         # whatever the number of rows (batch invariance: runner.decode_row_multiple)
         self.inv_freq2 = F.pad(torch.cat([inv_freq, inv_freq]), (0, -dim % VECTOR_SPAN))
+        axes = mrope_axes(config)
+        self.axes2 = F.pad(torch.cat([axes, axes]), (0, -dim % VECTOR_SPAN)).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> cos, sin [N, rotary_dim] in `dtype` (computed in fp32 like transformers)."""
-        emb = positions.float()[:, None] * self.inv_freq2[None, :]
+        """positions [N] (or [N, 3]: mRoPE) -> cos, sin [N, rotary_dim] in `dtype` (computed in fp32 like
+        transformers; a token with three equal positions gets the bits of the one-position form)."""
+        if positions.dim() == 2:
+            emb = positions.float().index_select(1, self.axes2) * self.inv_freq2[None, :]
+        else:
+            emb = positions.float()[:, None] * self.inv_freq2[None, :]
         return emb.cos()[:, :self.dim].to(dtype), emb.sin()[:, :self.dim].to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,21 +191,23 @@ class AttentionMixer:
         return self.rotary.apply(q, cos, sin), gate, self.rotary.apply(k, cos, sin), v
 
     def prefill(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                table: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+                table: torch.Tensor, start: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] at positions start..start+T-1 (start [1]); this chunk's K/V go to pool slots [T] first, then
-        every query attends causally over the sequence's pages (table [W])."""
+        every query attends causally over the sequence's pages (table [W]). `rope` [T, 3]: the tokens' mRoPE
+        positions where they are not their indices (a prompt with images; engine/mrope.py)."""
         t = x.shape[0]
         positions = start + torch.arange(t, device=x.device)
-        q, gate, k, v = self._qkv(x, positions)
+        q, gate, k, v = self._qkv(x, positions if rope is None else rope)
         ops.write_kv(k_pool, v_pool, slots, k, v)
         o = ops.paged_attention_prefill(q.to(k_pool.dtype), k_pool, v_pool, table, start, self.scale)
         return self.o_proj(o.reshape(t, -1).float() * torch.sigmoid(gate.float()))
 
     def decode(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-               tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+               tables: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, H]; sequence b's new K/V go to slots[b] (its token positions[b]), then one paged attention
-        call for the whole batch (tables [B, W]; fp32 scores and sums)."""
-        q, gate, k, v = self._qkv(x, positions)
+        call for the whole batch (tables [B, W]; fp32 scores and sums). `rope` [B]: rotary positions where they
+        differ from the token positions (positions + a prompt's mRoPE delta)."""
+        q, gate, k, v = self._qkv(x, positions if rope is None else rope)
         ops.decode_write_kv(k_pool, v_pool, slots, k, v)
         o = ops.decode_paged_attention(q, k_pool, v_pool, tables, positions + 1, self.scale)  # fp32 q and out
         return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()))

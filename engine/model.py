@@ -129,18 +129,27 @@ class HybridModel:
     def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
                       k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
                       table: torch.Tensor, start: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor,
-                      layers: "HybridModel | None" = None, normed: list | None = None) -> torch.Tensor:
+                      layers: "HybridModel | None" = None, normed: list | None = None,
+                      embeds: tuple[torch.Tensor, torch.Tensor] | None = None, rope: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
         pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
         real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V].
         `layers` runs each layer and the head (default this model; a runner's compiled regions). `normed` (eager
-        only): a list that gets the final-normed hidden states of every row [T, H] (what an MTP head reads)."""
+        only): a list that gets the final-normed hidden states of every row [T, H] (what an MTP head reads).
+        Images (eager only): `embeds` (rows [n], values [n, H]) replace those rows' token embeddings (the vision
+        tower's output in place of <|image_pad|>); `rope` [T, 3] or [T] are the rotary positions where they are not
+        start + row (engine/mrope.py)."""
         layers = layers or self
         x = self.embed_tokens(ids)  # the residual stream stays fp32
+        if embeds is not None:  # as transformers: the embeddings in the model dtype, then the fp32 stream
+            x = x.index_copy(0, embeds[0], embeds[1].to(self.dtype).float())
         for blk in self.blocks:
             j = self.slot[blk.index]
             if blk.is_linear:
                 x = layers.linear_prefill(blk, x, conv[j], recurrent[j], mask)
+            elif rope is not None:
+                x = layers.attention_prefill(blk, x, k_pools[j], v_pools[j], slots, table, start, rope)
             else:
                 x = layers.attention_prefill(blk, x, k_pools[j], v_pools[j], slots, table, start)
         if normed is not None:
@@ -149,10 +158,11 @@ class HybridModel:
 
     def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
                      k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
-                     tables: torch.Tensor, positions: torch.Tensor, layers: "HybridModel | None" = None
-                     ) -> torch.Tensor:
+                     tables: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
+                     layers: "HybridModel | None" = None) -> torch.Tensor:
         """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
-        recurrent[j] [B, Hv, dk, dv] updated in place. Returns logits [B, V]. `layers` as in prefill_graph."""
+        recurrent[j] [B, Hv, dk, dv] updated in place; rope [B] the rotary positions (positions plus each
+        sequence's mRoPE delta: engine/mrope.py). Returns logits [B, V]. `layers` as in prefill_graph."""
         layers = layers or self
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
@@ -160,7 +170,7 @@ class HybridModel:
             if blk.is_linear:
                 x = layers.linear_decode(blk, x, conv[j], recurrent[j])
             else:
-                x = layers.attention_decode(blk, x, k_pools[j], v_pools[j], slots, tables, positions)
+                x = layers.attention_decode(blk, x, k_pools[j], v_pools[j], slots, tables, positions, rope)
         return layers.logits(x)
 
     # ---- one layer of each kind: the graphs' steps, and the regions a regional compile compiles (once per kind
@@ -170,13 +180,15 @@ class HybridModel:
         return blk.finish(x, blk.mixer.prefill(blk.norm(x), conv, recurrent, self.kernels, mask))
 
     def attention_prefill(self, blk: Block, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                          slots: torch.Tensor, table: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        return blk.finish(x, blk.mixer.prefill(blk.norm(x), k_pool, v_pool, slots, table, start))
+                          slots: torch.Tensor, table: torch.Tensor, start: torch.Tensor,
+                          rope: torch.Tensor | None = None) -> torch.Tensor:
+        return blk.finish(x, blk.mixer.prefill(blk.norm(x), k_pool, v_pool, slots, table, start, rope))
 
     def linear_decode(self, blk: Block, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor
                       ) -> torch.Tensor:
         return blk.finish(x, blk.mixer.decode(blk.norm(x), conv, recurrent, self.kernels))
 
     def attention_decode(self, blk: Block, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                         slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return blk.finish(x, blk.mixer.decode(blk.norm(x), k_pool, v_pool, slots, tables, positions))
+                         slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor
+                         ) -> torch.Tensor:
+        return blk.finish(x, blk.mixer.decode(blk.norm(x), k_pool, v_pool, slots, tables, positions, rope))

@@ -38,6 +38,16 @@ log = logging.getLogger("qwenpd.compile")
 GRAPHS = ("prefill", "decode")
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkMedia:
+    """What a prefill chunk of an image prompt adds to its token ids (engine/media.py PromptMedia.chunk):
+    rows [n] of the chunk whose embeddings are the vision tower's `values` [n, H], and every row's mRoPE
+    positions `rope` [T, 3] (device tensors)."""
+
+    rope: torch.Tensor
+    embeds: tuple[torch.Tensor, torch.Tensor] | None
+
+
 def decode_row_multiple(c: ModelConfig) -> int:
     """Rows an eager decode step on CPU is padded to a multiple of, so that a sequence's logits are the same bits
     in any batch and any slot (crash resume replays a sequence in another batch than the one that decoded it).
@@ -156,9 +166,13 @@ class GraphRunner:
         return -(-n // self.row_multiple) * self.row_multiple
 
     def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False,
-                      normed: list | None = None) -> torch.Tensor:
+                      normed: list | None = None, media: "ChunkMedia | None" = None) -> torch.Tensor:
         """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (all
-        [T, V] with all_logits, eager only). `normed` (eager only) gets the final-normed hidden states [T, H]."""
+        [T, V] with all_logits, eager only). `normed` (eager only) gets the final-normed hidden states [T, H].
+        `media`: the chunk's image embeddings and mRoPE positions; such a chunk, and every chunk of a sequence
+        whose rotary positions are shifted (state.rope_delta), runs the eager graph at its exact shape."""
+        if media is not None or state.rope_delta:
+            return self._prefill_media(token_ids, state, all_logits, normed, media)
         t, start, b = len(token_ids), state.num_tokens, self.buckets
         state.reserve(start + t)
         padded = self._pad(None if b is None else b.chunks, t, "prefill chunk of")
@@ -176,6 +190,26 @@ class GraphRunner:
         state.token_ids.extend(token_ids)
         return logits if all_logits else logits[0]
 
+    def _prefill_media(self, token_ids: list[int], state: HybridState, all_logits: bool, normed: list | None,
+                       media: "ChunkMedia | None") -> torch.Tensor:
+        t, start = len(token_ids), state.num_tokens
+        state.reserve(start + t)
+        if media is not None:
+            rope, embeds = media.rope, media.embeds
+        else:
+            rope = torch.arange(start, start + t, device=self.device) + state.rope_delta
+            embeds = None
+        last = self._long(list(range(t)) if all_logits else [t - 1])
+        cache = state.kv.cache
+        with torch.inference_mode():
+            logits = self.model.prefill_graph(
+                self._long(token_ids), state.conv, state.recurrent, cache.k, cache.v,
+                self._long(state.kv.slots(start, start + t)), self._long(state.kv.table(len(state.kv.pages))),
+                self._long([start]), None, last, normed=normed, embeds=embeds, rope=rope)
+        state.num_tokens = start + t
+        state.token_ids.extend(token_ids)
+        return logits if all_logits else logits[0]
+
     def decode_step(self, token_ids: list[int], states: list[HybridState], conv: list[torch.Tensor],
                     recurrent: list[torch.Tensor]) -> torch.Tensor:
         """One token for each of B sequences. conv[j] [>=B', D, W-1] and recurrent[j] [>=B', Hv, dk, dv] are the
@@ -188,11 +222,13 @@ class GraphRunner:
         width = self._pad(None if b is None else b.widths, max(len(s.kv.pages) for s in states), "block table of")
         pad = rows - n
         positions = [s.num_tokens for s in states]
+        rope = [p + s.rope_delta for s, p in zip(states, positions)]
         slots = [s.kv.slots(p, p + 1)[0] for s, p in zip(states, positions)]
         tables = [s.kv.table(width) for s in states] + [[NULL_PAGE] * width] * pad
         cache = states[0].kv.cache
         args = (self._long(token_ids + [0] * pad), [c[:rows] for c in conv], [r[:rows] for r in recurrent], cache.k,
-                cache.v, self._long(slots + [0] * pad), self._long(tables), self._long(positions + [0] * pad))
+                cache.v, self._long(slots + [0] * pad), self._long(tables), self._long(positions + [0] * pad),
+                self._long(rope + [0] * pad))
         with torch.inference_mode():
             logits = self.decode_fn(*args)
         for s, tok in zip(states, token_ids):
@@ -223,12 +259,12 @@ class GraphRunner:
                 done += 1
                 _progress(done, total, f"prefill chunk {chunk}, width {width}", started, t0)
             for rows in b.batches if "decode" in self.graphs else ():
-                ids, slots, positions = (self._long([0] * rows) for _ in range(3))
+                ids, slots, positions, rope = (self._long([0] * rows) for _ in range(4))
                 tables = self._long([[NULL_PAGE] * width] * rows)
                 started = time.perf_counter()
                 with torch.inference_mode():
                     self.decode_fn(ids, [c[:rows] for c in slots_conv], [r[:rows] for r in slots_rec], cache.k,
-                                   cache.v, slots, tables, positions)
+                                   cache.v, slots, tables, positions, rope)
                 done += 1
                 _progress(done, total, f"decode batch {rows}, width {width}", started, t0)
         self.warmup_s = time.perf_counter() - t0

@@ -140,12 +140,14 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
     for s, p, f in zip(states, starts, fed):
         s.reserve(p + len(f))
     width = max(len(s.kv.pages) for s in states)
-    positions, slots, tables = [], [], []
+    positions, rope, slots, tables = [], [], [], []
     for s, p, f in zip(states, starts, fed):
         positions += range(p, p + len(f))
+        rope += range(p + s.rope_delta, p + s.rope_delta + len(f))  # mRoPE: shifted after a prompt's images
         slots += s.kv.slots(p, p + len(f))
         tables += [s.kv.table(width)] * len(f)
     positions_t = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
+    rope_t = torch.tensor(rope + [0] * pad, dtype=torch.long, device=dev)
     slots_t = torch.tensor(slots + [NULL_PAGE] * pad, dtype=torch.long, device=dev)
     tables_t = torch.tensor(tables + [[NULL_PAGE] * width] * pad, dtype=torch.long, device=dev)
     cache = states[0].kv.cache
@@ -181,7 +183,7 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
                     core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
                 out = mixer._output(core, z)
             else:
-                q, gate, k, v = mixer._qkv(h, positions_t)
+                q, gate, k, v = mixer._qkv(h, rope_t)
                 ops.decode_write_kv(cache.k[j], cache.v[j], slots_t, k, v)
                 o = ops.decode_paged_attention(q, cache.k[j], cache.v[j], tables_t, positions_t + 1, mixer.scale)
                 out = mixer.o_proj(o.reshape(r + pad, -1) * torch.sigmoid(gate.float()))

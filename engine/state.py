@@ -33,6 +33,7 @@ class HybridState:
     kv:           the sequence's pages in the engine's PagedKVCache (all attention layers share the block table).
     conv:         per DeltaNet layer [conv_dim, W-1], the last W-1 projected inputs (oldest first). Model dtype.
     recurrent:    per DeltaNet layer [Hv, dk, dv], float32 always.
+    rope_delta:   what the next token's rotary position adds to its index (nonzero after a prompt with images).
     Layer lists follow config.attention_layers / config.linear_layers order.
 
     Under tensor parallelism `config` is the rank's local config and the tensors hold its heads and channels;
@@ -47,6 +48,8 @@ class HybridState:
     recurrent: list[torch.Tensor]
     token_ids: list[int] = field(default_factory=list)
     mirror: Any = None  # its place on every rank of a tensor-parallel group (None: not sharded)
+    # what a token's rotary position adds to its index after a prompt with images (engine/mrope.py); 0 for text
+    rope_delta: int = 0
 
     @classmethod
     def empty(cls, config: ModelConfig, kv_cache: PagedKVCache) -> "HybridState":
@@ -100,6 +103,7 @@ class HybridState:
             state.num_tokens = num_tokens
             for name, _, j, kind in state_spec.names(config, state_spec.DELTANET_KINDS):
                 (state.conv if kind == "conv" else state.recurrent)[j].copy_(tensors[name])
+        state.rope_delta = state_spec.rope_delta_of(tensors)
         state.reserve(num_tokens + extra_tokens)
         state.load_kv(tensors)
         return state
@@ -143,6 +147,7 @@ class HybridState:
         if piece.what in ("deltanet", "handoff"):
             for name, _, j, kind in state_spec.names(self.config, state_spec.DELTANET_KINDS):
                 out[name] = _host((self.conv if kind == "conv" else self.recurrent)[j], copy=True)
+            out.update(state_spec.rope_tensors(self.rope_delta))  # after a prompt with images
         return out
 
     def _export(self, piece: Piece, for_write: bool) -> dict[str, Any] | None:

@@ -19,7 +19,15 @@ by a hand-off checkpoint next to the model state when prefill ran the head (opti
                                                                                         hidden state at T-1)
 
 Position t of the head pairs the hidden state at t with token t+1, so after T tokens its KV covers T-1 positions;
-the last pair is completed by the first token decode feeds. Adding a kind (a draft layer's KV, a rotary position offset) is one entry in KINDS; everything
+the last pair is completed by the first token decode feeds.
+
+The rotary offset: after a prompt with images, a token's rotary position is its index plus a (negative) delta
+(engine/mrope.py). A state with a nonzero delta carries it (optional, for models with a vision tower), in every
+piece that ends at a position: the hand-off, a prefix-cache snapshot, a decode-side resume point:
+
+    rope.delta                                   [1]                      int64
+
+Adding a kind (a draft layer's KV, a rotary position offset) is one entry in KINDS; everything
 else (the engine's state I/O, the decode service's checks, the sharding plan, the benchmarks) asks here.
 """
 
@@ -90,22 +98,55 @@ def draft_shapes(config: ModelConfig, num_tokens: int) -> dict[str, tuple[int, .
     return out
 
 
-class Expected(dict):
-    """Name -> shape (or dtype) a checkpoint's tensors must match, where the names in `optional` may be absent
-    (all of them or none: the cache store's readers check the set)."""
+ROPE_DELTA = "rope.delta"
+ROPE_DELTA_DTYPE = torch.int64
 
-    def __init__(self, required: Mapping, optional: Mapping):
-        super().__init__({**required, **optional})
-        self.optional = frozenset(optional)
+
+def rope_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the rotary offset a state may carry (models with a vision tower only)."""
+    return {ROPE_DELTA: (1,)} if config.vision is not None else {}
+
+
+class Expected(dict):
+    """Name -> shape (or dtype) a checkpoint's tensors must match, where each of the `optional` groups may be
+    absent (all of a group or none of it: the cache store's readers check the set)."""
+
+    def __init__(self, required: Mapping, *optional: Mapping):
+        merged = dict(required)
+        for group in optional:
+            merged.update(group)
+        super().__init__(merged)
+        self.groups = tuple(frozenset(g) for g in optional if g)
+
+    def absent_allowed(self, missing: set[str]) -> bool:
+        """Whether exactly these names may be missing: whole optional groups, nothing else."""
+        rest = set(missing)
+        for group in self.groups:
+            if group <= rest:
+                rest -= group
+        return not rest
 
 
 def handoff_shapes(config: ModelConfig, num_tokens: int) -> Expected:
-    """What a hand-off checkpoint after `num_tokens` tokens holds: the state, and maybe the draft state."""
-    return Expected(shapes(config, num_tokens), draft_shapes(config, num_tokens))
+    """What a hand-off checkpoint after `num_tokens` tokens holds: the state, maybe the draft state, maybe the
+    rotary offset."""
+    return Expected(shapes(config, num_tokens), draft_shapes(config, num_tokens), rope_shapes(config))
 
 
 def handoff_dtypes(config: ModelConfig, model_dtype: torch.dtype) -> Expected:
-    return Expected(dtypes(config, model_dtype), {name: model_dtype for name in draft_shapes(config, 1)})
+    return Expected(dtypes(config, model_dtype), {name: model_dtype for name in draft_shapes(config, 1)},
+                    {name: ROPE_DELTA_DTYPE for name in rope_shapes(config)})
+
+
+def rope_delta_of(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The rotary offset a set of state tensors carries (0 if none)."""
+    t = tensors.get(ROPE_DELTA)
+    return 0 if t is None else int(t.reshape(-1)[0])
+
+
+def rope_tensors(delta: int) -> dict[str, torch.Tensor]:
+    """The tensor that carries a nonzero rotary offset ({} for 0: text-only states carry nothing)."""
+    return {ROPE_DELTA: torch.tensor([delta], dtype=ROPE_DELTA_DTYPE)} if delta else {}
 
 
 def split_draft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,9 +213,13 @@ def check_tensors(config: ModelConfig, tensors: Mapping[str, torch.Tensor], num_
     `num_tokens` tokens, with the contract's shapes and dtypes."""
     expected = shapes(config, num_tokens)
     missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(tensors) - set(expected) - set(rope_shapes(config)))
     if missing or extra:
         raise StateMismatch(f"state tensors do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    if ROPE_DELTA in tensors and (tuple(tensors[ROPE_DELTA].shape) != (1,)
+                                  or tensors[ROPE_DELTA].dtype != ROPE_DELTA_DTYPE):
+        raise StateMismatch(f"{ROPE_DELTA} must be one int64, got {tuple(tensors[ROPE_DELTA].shape)} "
+                            f"{tensors[ROPE_DELTA].dtype}")
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:

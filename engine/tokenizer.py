@@ -139,7 +139,8 @@ class Tokenizer:
                             enable_thinking: bool | None = None, tools: Sequence[dict[str, Any]] | None = None,
                             template_kwargs: dict[str, Any] | None = None) -> str:
         """Render chat messages ([{"role", "content", optional "tool_calls", "tool_call_id", "name",
-        "reasoning_content"}]) with the checkpoint's Jinja template; `tools` (OpenAI's tool list) as the template's
+        "reasoning_content"}]; content a string, or parts [{"type": "text", "text"}, {"type": "image"},
+        {"type": "video"}] as multimodal templates take them) with the checkpoint's Jinja template; `tools` (OpenAI's tool list) as the template's
         `tools`.
 
         enable_thinking is passed to the template (Qwen3.5 templates read it); None leaves the template's default.
@@ -152,8 +153,12 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         env.filters["tojson"] = _tojson  # as transformers renders templates: no HTML escaping
         for m in messages:
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TokenizerError("each chat message needs a string 'role' and 'content'")
+            content = m.get("content")
+            parts = isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str)
+                                                      for p in content)
+            if not isinstance(m.get("role"), str) or not (isinstance(content, str) or parts):
+                raise TokenizerError("each chat message needs a string 'role' and a 'content' (a string, or parts "
+                                     "with a 'type')")
             if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
                 raise TokenizerError("a message's 'tool_calls' must be a list")
         taken = set(TEMPLATE_NAMES) & set(template_kwargs or {})

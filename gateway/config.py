@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 from typing import Any
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class GatewayConfig:
     served_model_names: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     default_chat_template_kwargs: str = ""  # a JSON object: chat template arguments a request does not set itself
+    # where image URLs may be fetched from (gateway/media.py): hosts, and a local folder for file URLs; none = only
+    # data: URLs
+    allowed_media_domains: tuple[str, ...] = ()
+    allowed_local_media_path: str = ""
     grace_s: float = DEFAULT_GRACE_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int = 0
@@ -49,6 +54,9 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         self.prefill, self.decode = tuple(self.prefill), tuple(self.decode)
         self.served_model_names, self.cors_origins = tuple(self.served_model_names), tuple(self.cors_origins)
+        self.allowed_media_domains = tuple(self.allowed_media_domains)
+        if self.allowed_local_media_path and not Path(self.allowed_local_media_path).is_dir():
+            raise ValueError(f"allowed_local_media_path {self.allowed_local_media_path!r} is not a folder")
         if any(not name or not name.strip() for name in self.served_model_names):
             raise ValueError("served_model_names: a name must not be empty")
         if self.default_chat_template_kwargs and not isinstance(self.template_defaults, dict):
@@ -116,6 +124,11 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], dest="cors_origins", metavar="ORIGIN",
                    help="an origin browsers may call the HTTP API from, e.g. https://app.example (repeatable; "
                    "default: none, no CORS headers)")
+    p.add_argument("--allowed-media-domains", nargs="+", default=(), metavar="HOST",
+                   help="hosts (and their subdomains) image_url http(s) URLs may be fetched from (default: none, "
+                        "only data: URLs)")
+    p.add_argument("--allowed-local-media-path", default="", metavar="DIR",
+                   help="a folder image_url file:// URLs may read from (default: none)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

@@ -200,7 +200,8 @@ def usage(trace: Trace) -> common_pb2.Usage:
     tokens, which are not prompt tokens) and every token streamed, across resumes."""
     pre = trace.prefill
     return common_pb2.Usage(prompt_tokens=pre.prompt_tokens if pre else 0,
-                            cached_tokens=pre.cached_tokens if pre else 0, completion_tokens=trace.tokens)
+                            cached_tokens=pre.cached_tokens if pre else 0, completion_tokens=trace.tokens,
+                            image_tokens=pre.image_tokens if pre else 0)
 
 
 def token_texts(token_ids: list[int], text: str) -> list[str]:

@@ -26,6 +26,7 @@ def prefill_request(request: generate_pb2.GenerateRequest) -> prefill_pb2.Prefil
         getattr(out, kind).CopyFrom(getattr(request, kind))
     if request.HasField("cache_salt"):
         out.cache_salt = request.cache_salt
+    out.media.extend(request.media)
     return out
 
 

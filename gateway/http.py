@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+
+from qwenpd.gateway.media import MediaFetcher
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -52,6 +54,8 @@ def _sse(obj: Any) -> bytes:
 class HttpApi:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        c = gateway.config
+        self.fetch = MediaFetcher(c.allowed_media_domains, c.allowed_local_media_path, c.max_message_bytes)
         token = gateway.config.security.token()
         self._expected = f"Bearer {token}".encode() if token else None
         self.app = Starlette(routes=[
@@ -102,14 +106,15 @@ class HttpApi:
     async def chat_completions(self, request: Request) -> Response:
         defaults = self.gateway.config.template_defaults
         return await self._generate(request, "/v1/chat/completions",
-                                    lambda body, salt: openai.parse_chat(body, salt, defaults))
+                                    lambda body, salt: openai.parse_chat(body, salt, defaults, self.fetch))
 
     # ---- the common path -----------------------------------------------------------------------------------------
     async def _generate(self, request: Request, route: str, parse) -> Response:
         try:
             self._authorize(request)
             body = await self._json(request)
-            parsed: Parsed = parse(body, request.headers.get(SALT_HEADER))
+            # in a worker thread: an image URL may be fetched (only where the operator allows: gateway/media.py)
+            parsed: Parsed = await asyncio.to_thread(parse, body, request.headers.get(SALT_HEADER))
             if parsed.model not in self.gateway.model_names:
                 await self._check_model(parsed.model)
         except ApiError as err:
@@ -175,7 +180,7 @@ class HttpApi:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _events(self, parsed: Parsed, request_id: str, access: Access) -> AsyncIterator[bytes]:
-        totals = [0, 0, 0]
+        totals = [0, 0, 0, 0]  # prompt, cached, completion, image tokens
         for i, prompt in enumerate(parsed.prompts):
             prompt.request_id = f"{access.request_id}-{i}"
             outputs: dict[int, ChatOutput] = {}  # chat: each choice's reasoning/content/tool-call parser
@@ -212,6 +217,7 @@ class HttpApi:
                     if choice.index == 0:
                         totals[0] += u.prompt_tokens
                         totals[1] += u.cached_tokens
+                        totals[3] += u.image_tokens
                     totals[2] += u.completion_tokens
                     access.prompt_tokens, access.completion_tokens = totals[0], totals[2]
                     if access.ttft_s is None:
@@ -302,11 +308,12 @@ async def _unless_disconnected(request: Request, work: Any) -> Any:
 
 
 def _usage(parsed: Parsed, choices: list[tuple[Choice, int]]) -> dict[str, Any]:
-    prompt = cached = completion = 0
+    prompt = cached = completion = images = 0
     for choice, _ in choices:
         u = usage(choice.trace)
         if choice.index % parsed.n == 0:
             prompt += u.prompt_tokens
             cached += u.cached_tokens
+            images += u.image_tokens
         completion += u.completion_tokens
-    return openai.usage_json(prompt, cached, completion)
+    return openai.usage_json(prompt, cached, completion, images)

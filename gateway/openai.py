@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from typing import Any
 from qwenpd.errors import (Cancelled, DeadlineExceeded, InvalidArgument, QwenpdError, ResourceExhausted,
                            Unauthenticated, Unavailable)
 from qwenpd.clients.chat_output import ChatOutput
-from qwenpd.clients.chat_request import (chat_message, response_format_spec, set_template_kwargs,
-                                         tool_choice_spec)
+from qwenpd.clients.chat_request import (Fetch, chat_message, data_url, response_format_spec,
+                                         set_template_kwargs, tool_choice_spec)
 from qwenpd.clients.chat_output import collect as collect_output
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.tokens import token_text
@@ -65,7 +66,7 @@ class ApiError(Exception):
 def api_error(exc: QwenpdError) -> ApiError:
     """A backend or routing failure as the HTTP error a caller of the OpenAI API expects."""
     if isinstance(exc, InvalidArgument):
-        return ApiError(400, exc.message, param=exc.field or None, code=exc.reason.lower())
+        return ApiError(400, exc.message, param=_openai_field(exc.field) or None, code=exc.reason.lower())
     if isinstance(exc, Unauthenticated):
         return ApiError(401, exc.message, "authentication_error", code="invalid_api_key")
     if isinstance(exc, ResourceExhausted):
@@ -79,6 +80,14 @@ def api_error(exc: QwenpdError) -> ApiError:
     if isinstance(exc, Cancelled):
         return ApiError(499, exc.message, "cancelled", code="cancelled")
     return ApiError(500, exc.message, "server_error", code=exc.status.lower())
+
+
+_PART = re.compile(r"^chat\.messages\[(\d+)\]\.parts\[(\d+)\](?:\.media)?")
+
+
+def _openai_field(field: str) -> str:
+    """A prefill request's field as the OpenAI request names it (a content part: messages[i].content[j])."""
+    return _PART.sub(r"messages[\1].content[\2]", field)
 
 
 # ---- requests ----------------------------------------------------------------------------------------------------
@@ -287,9 +296,9 @@ def _content(message: dict, i: int) -> str:
 
 
 def parse_chat(body: Any, header_salt: str | None = None,
-               default_template_kwargs: dict[str, Any] | None = None) -> Parsed:
+               default_template_kwargs: dict[str, Any] | None = None, fetch: Fetch = data_url) -> Parsed:
     """A chat request; `default_template_kwargs` (the server's --default-chat-template-kwargs) under the request's
-    own chat_template_kwargs."""
+    own chat_template_kwargs; `fetch` resolves image URLs (the server's policy: gateway/media.py)."""
     model, sampling, n, stream, include_usage = _common(body, chat=True)
     logprobs = _get(body, "logprobs", (bool,), False)
     top = _get(body, "top_logprobs", (int,), 0)
@@ -306,7 +315,7 @@ def parse_chat(body: Any, header_salt: str | None = None,
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        chat.messages.append(_message(m, role, i))
+        chat.messages.append(_message(m, role, i, fetch))
     parallel = _get(body, "parallel_tool_calls", (bool,), True)
     tools, forced = _tools(body, parallel)
     if tools:
@@ -348,10 +357,12 @@ def _tools(body: dict, parallel: bool) -> tuple[list[dict[str, Any]], str]:
         raise ApiError(400, f"'{exc.field}' {exc.description}", param=exc.field) from None
 
 
-def _message(m: dict, role: str, i: int) -> common_pb2.ChatMessage:
-    """A chat message of the request as the prefill service takes it (tool calls and results included)."""
+def _message(m: dict, role: str, i: int, fetch: Fetch = data_url) -> common_pb2.ChatMessage:
+    """A chat message of the request as the prefill service takes it (tool calls and results included; images and
+    videos of its content parts, their URLs resolved by `fetch`: gateway/media.py)."""
     try:
-        return chat_message(m, i, role, _content(m, i))
+        content = m.get("content")
+        return chat_message(m, i, role, content if isinstance(content, list) else _content(m, i), fetch)
     except InvalidArgument as exc:
         raise ApiError(400, exc.description, param=exc.field) from None
 
@@ -416,10 +427,15 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0  # JSON has no -inf
 
 
-def usage_json(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_json(prompt_tokens: int, cached_tokens: int, completion_tokens: int, image_tokens: int = 0
+               ) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.image_tokens` (an extension) counts the prompt tokens that
+    stand for images and video frames, when there are any."""
+    details: dict[str, Any] = {"cached_tokens": cached_tokens}
+    if image_tokens:
+        details["image_tokens"] = image_tokens
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": details}
 
 
 def chat_output(p: Parsed, choice: Choice) -> ChatOutput:

@@ -10,6 +10,7 @@ from pathlib import Path
 import math
 
 from qwenpd import service_config
+from qwenpd.units import parse_bytes
 from qwenpd.engine.engine_config import DEFAULT_PAGE_SIZE, EngineConfig
 from qwenpd.model_service import ModelServiceConfig, add_model_service_args, model_service_from_args
 from qwenpd.prefill_service.prefix_policy import DEFAULT_BLOCK_SIZE, DEFAULT_SNAPSHOT_INTERVAL, PrefixPolicy
@@ -31,6 +32,7 @@ class PrefillConfig(ModelServiceConfig):
     block_size: int = DEFAULT_BLOCK_SIZE
     snapshot_interval: int = DEFAULT_SNAPSHOT_INTERVAL
     prefix_cache: bool = True
+    encoder_cache_bytes: int = 256 << 20  # the vision tower's output kept per image (models with a vision tower)
 
     def __post_init__(self) -> None:
         self.prefix_policy  # validates block_size / snapshot_interval
@@ -41,6 +43,8 @@ class PrefillConfig(ModelServiceConfig):
             raise ValueError(f"page_size {self.engine.page_size} must divide block_size {self.block_size}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.encoder_cache_bytes < 0:
+            raise ValueError(f"encoder_cache_bytes must be >= 0, got {self.encoder_cache_bytes}")
         if self.handoff_ttl_s is not None and self.handoff_ttl_s <= 0:
             raise ValueError(f"handoff_ttl_s must be > 0, got {self.handoff_ttl_s}")
 
@@ -73,6 +77,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=d.model_name, help="the name GetModelInfo reports (default: the "
                    "checkpoint's _name_or_path, else its folder)")
     add_prefix_args(p)
+    p.add_argument("--encoder-cache-bytes", type=parse_bytes, default=d.encoder_cache_bytes,
+                   help="vision tower output kept per image, so a repeated image skips the tower (default "
+                        f"{d.encoder_cache_bytes >> 20} MiB; 0 = off)")
 
 
 def add_prefix_args(p: argparse.ArgumentParser) -> None:

@@ -72,12 +72,14 @@ class PrefixCache:
         self._on_skip = on_skip or (lambda: None)
         self._on_written = on_written or (lambda nbytes: None)
 
-    def plan(self, token_ids: Sequence[int], cache_salt: str | None, drafts: PromptDrafts | None = None
-             ) -> PrefixPlan:
+    def plan(self, token_ids: Sequence[int], cache_salt: str | None, drafts: PromptDrafts | None = None,
+             media: Sequence[tuple[int, int, bytes]] = ()) -> PrefixPlan:
+        """`media`: (start, end, content key) of the prompt's image/video tokens, mixed into the keys of the blocks
+        they touch (prefill_service/media.py)."""
         b = self.policy.block_size
         # a deployment with the MTP head caches its KV in every block: its keys are its own (module doc)
         fingerprint = self.engine.fingerprint + ("+mtp" if self.engine.draft_head is not None else "")
-        keys = block_keys(fingerprint, cache_salt, token_ids, b) if self.policy.enabled else []
+        keys = block_keys(fingerprint, cache_salt, token_ids, b, media=media) if self.policy.enabled else []
         return PrefixPlan(token_ids, keys, drafts=drafts)
 
     def restore(self, plan: PrefixPlan) -> HybridState:

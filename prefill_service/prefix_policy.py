@@ -58,12 +58,17 @@ def chain_seed(fingerprint: str, cache_salt: str | None) -> bytes:
 
 
 def block_keys(fingerprint: str, cache_salt: str | None, token_ids: Sequence[int], block_size: int,
-               num_blocks: int | None = None) -> list[str]:
-    """Hex keys of the first `num_blocks` full blocks (default: all full blocks) of `token_ids`."""
+               num_blocks: int | None = None, media: Sequence[tuple[int, int, bytes]] = ()) -> list[str]:
+    """Hex keys of the first `num_blocks` full blocks (default: all full blocks) of `token_ids`. `media`:
+    (start, end, content key) of image/video token runs; a block they touch has their key and where the block
+    cuts them in its own key (the same placeholder tokens stand for different pictures)."""
     n = len(token_ids) // block_size if num_blocks is None else num_blocks
     tokens = np.asarray(token_ids[: n * block_size], dtype="<i4")
     keys, prev = [], chain_seed(fingerprint, cache_salt)
     for i in range(n):
-        prev = hashlib.sha256(prev + tokens[i * block_size:(i + 1) * block_size].tobytes()).digest()
+        lo, hi = i * block_size, (i + 1) * block_size
+        mixed = b"".join(key + max(lo, a).to_bytes(8, "little") + min(hi, b).to_bytes(8, "little")
+                         for a, b, key in media if a < hi and b > lo)
+        prev = hashlib.sha256(prev + tokens[lo:hi].tobytes() + mixed).digest()
         keys.append(prev.hex())
     return keys

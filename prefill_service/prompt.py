@@ -10,6 +10,7 @@ from qwenpd.engine.engine import Engine
 from qwenpd.engine.tokenizer import TemplateArgumentError, TokenizerError
 from qwenpd.errors import InvalidArgument
 from qwenpd.limits import Limits
+from qwenpd.prefill_service.media import PromptImages, place_media, read_media, template_content
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 _FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
@@ -18,10 +19,12 @@ REASONING_OPEN = "<think>"  # Qwen3.5/3.6 reasoning; their templates open it in 
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """A request's prompt as token ids, and whether its chat template opened the model's reasoning."""
+    """A request's prompt as token ids, whether its chat template opened the model's reasoning, and its images
+    and videos placed in the ids (None: a text prompt)."""
 
     ids: list[int]
     reasoning_open: bool = False
+    images: PromptImages | None = None
 
 
 def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: Limits | None = None) -> Prompt:
@@ -33,6 +36,9 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
         raise InvalidArgument("prompt", "give the prompt as text, token_ids or chat")
     field = _FIELD[kind]
     reasoning_open = False
+    media, media_fields = list(request.media), [f"media[{i}]" for i in range(len(request.media))]
+    if media and kind == "chat":
+        raise InvalidArgument("media[0]", "a chat prompt carries its images in its messages' parts")
     if kind == "token_ids":
         ids = list(request.token_ids.ids)
     else:
@@ -42,7 +48,13 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
         if kind == "text":
             text = request.text
         else:
-            messages = [_message(m, i) for i, m in enumerate(request.chat.messages)]
+            messages = []
+            for i, m in enumerate(request.chat.messages):
+                message = _message(m, i)
+                message["content"], more, more_fields = template_content(m, i)
+                media += more
+                media_fields += more_fields
+                messages.append(message)
             if not messages:
                 raise InvalidArgument(field, "the chat has no messages")
             tools = _json(request.chat.tools_json, "chat.tools_json", list) if request.chat.tools_json else None
@@ -64,6 +76,18 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
                                   reason="PROMPT_TOO_LONG")
     if not ids:
         raise InvalidArgument(field, "the prompt is empty")
+    images = None
+    resumed = kind == "token_ids" and request.resume_generated > 0
+    # a resumed request sends the prompt back as prefill returned it (its placeholders expanded already), then
+    # the tokens it generated (which may be anything, pad tokens included)
+    own = len(ids) - request.resume_generated if resumed else len(ids)
+    if media or (engine.config.vision is not None and _has_placeholder(ids[:own], engine)):
+        items = read_media(media, media_fields, engine, (limits or Limits()).media())
+        ids, images = place_media(ids, items, engine, media_fields[0] if media_fields else field,
+                                  expanded=own if resumed else None)
+        if len(ids) > prompt_capacity(engine, limits) + max(0, request.resume_generated):
+            raise InvalidArgument(field, f"the prompt with its images has {len(ids)} tokens, more than this "
+                                  f"server takes ({prompt_capacity(engine, limits)})", reason="PROMPT_TOO_LONG")
     if limits is not None:
         # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
         limits.check_prompt(len(ids) - min(request.resume_generated, len(ids) - 1), field)
@@ -71,7 +95,13 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
         engine.check_tokens(ids)
     except ValueError as exc:  # an id outside the vocabulary, or longer than the context
         raise InvalidArgument(field, str(exc)) from None
-    return Prompt(ids, reasoning_open)
+    return Prompt(ids, reasoning_open, images)
+
+
+def _has_placeholder(ids: list[int], engine: Engine) -> bool:
+    """Whether a prompt without media holds image/video placeholders (refused: they would stand for nothing)."""
+    v = engine.config.vision
+    return v.image_token_id in ids or v.video_token_id in ids
 
 
 def _message(m: common_pb2.ChatMessage, i: int) -> dict[str, Any]:

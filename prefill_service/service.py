@@ -31,6 +31,7 @@ from qwenpd.engine.mtp import PromptDrafts
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.engine.tokenizer import IncrementalDetokenizer
 from qwenpd.prefill_service.config import PrefillConfig
+from qwenpd.prefill_service.media import EncoderCache, PromptImages, embed
 from qwenpd.prefill_service.prefix import PrefixCache
 from qwenpd.engine import state_spec
 from qwenpd.handoff import (PROMPT_TAIL, STREAM_TAIL, Handoff, StreamRecord, prompt_digest, sampling_from_pb,
@@ -57,6 +58,7 @@ class Encoded:
     prefill_ns: int
     write_ns: int
     scores: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt_logprobs: Engine.prefill_scored's
+    encoder_ns: int = 0  # the vision tower's share of prefill_ns
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
@@ -70,6 +72,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.metrics.queue_depth.set_function(lambda: queue.waiting)
         self.prefix = PrefixCache(engine, store, config.prefix_policy, config.limits.max_cache_bytes_per_request,
                                   on_skip=self.metrics.uncached.inc, on_written=self.metrics.handoff_bytes.inc)
+        # the vision tower's output per image (and tenant): a repeated image skips the tower
+        self.encoders = (EncoderCache(config.encoder_cache_bytes)
+                         if engine.vision is not None and config.encoder_cache_bytes else None)
         self.served = 0
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
@@ -98,14 +103,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {score}")
         if score is not None and resume.draws:
             raise InvalidArgument("prompt_logprobs", "is not valid with resume_generated (the prompt was scored)")
-        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from, score))
+        images = prompt.images
+        if images is not None and self.engine.tp > 1:
+            raise InvalidArgument("media", "images and videos are not served with tensor parallelism yet (--tp 1)")
+        done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from, score, images))
         self.served += 1
         h = done.handoff
         self._observe(done, arrived)
         timings = prefill_pb2.PrefillTimings(queue_ns=done.queue_ns, cache_restore_ns=done.restore_ns,
                                              prefill_ns=done.prefill_ns,
                                              checkpoint_write_ns=done.write_ns,
-                                             total_ns=time.monotonic_ns() - arrived)
+                                             total_ns=time.monotonic_ns() - arrived, encoder_ns=done.encoder_ns)
         return prefill_pb2.PrefillResponse(
             request_id=request_id, checkpoint_id=done.checkpoint_id,
             first_token=common_pb2.Token(id=ids[-1] if resume.draws else h.first_token, text=h.first_text,
@@ -113,7 +121,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                          top_logprobs=h.to_pb().first_token.top_logprobs),
             prompt_tokens=h.prompt_tokens, cached_tokens=h.cached_tokens, timings=timings,
             prompt_token_ids=ids if request.return_prompt_token_ids else [], reasoning_open=prompt.reasoning_open,
-            prompt_logprobs=self._prompt_logprobs(ids, done.scores) if done.scores is not None else [])
+            prompt_logprobs=self._prompt_logprobs(ids, done.scores) if done.scores is not None else [],
+            image_tokens=h.image_tokens)
 
     def _prompt_logprobs(self, ids: list[int], scores: list[tuple[float, list[tuple[int, float]]]]
                          ) -> list[common_pb2.Token]:
@@ -127,7 +136,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 for t, (lp, top) in zip(ids, [(0.0, []), *scores])]
 
     def _encode(self, job: Job, ids: list[int], resume: Resume, cache_salt: str | None,
-                resume_from: str = "", score: int | None = None) -> Encoded:
+                resume_from: str = "", score: int | None = None, images: PromptImages | None = None) -> Encoded:
         """On the worker thread: restore the longest cached prefix, prefill the rest of the prompt (stopping at
         snapshot boundaries), sample the first token, publish new cache entries and write the hand-off checkpoint.
         Resumed: the state at the stream's resume point, or the original prompt's, and no sampling (module doc)."""
@@ -146,13 +155,22 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         drafts = (PromptDrafts(self.engine.draft_head, ids[:prompt_len])
                   if self.engine.draft_head is not None and not resume.draws else None)
         # a scored prompt computes every position: it neither restores from the prefix cache nor adds to it
-        plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt, drafts)
+        plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt, drafts,
+                                images.key_spans() if images is not None else ())
         scores = None
+        encoder_ns = 0
         try:
             state = self.prefix.restore(plan) if stream is None else stream
             restored = time.monotonic_ns()
             if stream is None:
-                logits, state, scores = self._prefill(job, ids[:prompt_len], plan, state, score, drafts)
+                media = None
+                if images is not None:  # the tower runs for the items past the restored prefix only
+                    media = images.prompt_media(prompt_len, embed(self.engine, images,
+                                                                  images.needed(plan.cached_tokens), self.encoders,
+                                                                  cache_salt),
+                                                self.engine.config.hidden_size, self.engine.dtype)
+                    encoder_ns = time.monotonic_ns() - restored
+                logits, state, scores = self._prefill(job, ids[:prompt_len], plan, state, score, drafts, media)
             c = state.num_tokens  # consumed: the prompt, or up to the resume point
             if resume.draws:  # decode feeds ids[c:] and samples after the last: nothing is sampled here
                 generated = tuple(ids[prompt_len:]) if params.history else ()
@@ -174,7 +192,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                               generated_ids=generated, first_top=top, first_token_delivered=bool(resume.draws),
                               replay_ids=tuple(ids[c + 1:]),
                               prompt_seen=tuple(sorted(set(ids[:prompt_len])))
-                              if params.repetition_penalty != 1.0 else ())
+                              if params.repetition_penalty != 1.0 else (),
+                              image_tokens=images.image_tokens if images is not None else 0)
             record = StreamRecord(prompt_digest(ids[:prompt_len]), prompt_len, c, params.seed,
                                   tuple(ids[max(0, c - STREAM_TAIL):c]))
             job.check()  # nobody would read the checkpoint
@@ -194,7 +213,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             except QwenpdError:
                 pass
         return Encoded(checkpoint_id=checkpoint_id, handoff=handoff, queue_ns=queue_ns, restore_ns=restored - started,
-                       prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed, scores=scores)
+                       prefill_ns=computed - restored, write_ns=time.monotonic_ns() - computed, scores=scores,
+                       encoder_ns=encoder_ns)
 
     def _constrained(self, params: SamplingParams, reasoning_open: bool) -> SamplingParams:
         """Check sampling.structured_output (INVALID_ARGUMENT naming it) and, after a prompt that opened the
@@ -215,7 +235,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise InvalidArgument(name, str(exc)) from None
         return params
 
-    def _prefill(self, job: Job, ids: list[int], plan, state, score: int | None = None, drafts=None):
+    def _prefill(self, job: Job, ids: list[int], plan, state, score: int | None = None, drafts=None, media=None):
         """Prefill `ids` after the plan's cached prefix; (logits of the last token, state, the prompt's scores
         with `score` candidates each (Engine.prefill_scored), None when score is None). `drafts` (mtp.PromptDrafts)
         runs the MTP head over the prompt on the way."""
@@ -230,9 +250,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             plan.on_chunk(s)
 
         if score is not None:
-            return self.engine.prefill_scored(ids, score, state, on_chunk=between_chunks, normed=drafts)
+            return self.engine.prefill_scored(ids, score, state, on_chunk=between_chunks, normed=drafts, media=media)
         logits, state = self.engine.prefill(ids[plan.cached_tokens:], state, chunk_size=self.config.chunk_size,
-                                            boundaries=plan.boundaries, on_chunk=between_chunks, normed=drafts)
+                                            boundaries=plan.boundaries, on_chunk=between_chunks, normed=drafts,
+                                            media=media)
         return logits, state, None
 
     def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None):
@@ -292,5 +313,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             max_context=e.config.max_position_embeddings, chunk_size=c.chunk_size,
             eos_token_ids=sorted(e.eos_token_ids),
             has_chat_template=bool(e.tokenizer is not None and e.tokenizer.chat_template),
+            vision=e.vision is not None,
             max_prompt_chars=0 if e.tokenizer is None else e.tokenizer.max_text_chars(
                 prompt_capacity(e, self.config.limits)))

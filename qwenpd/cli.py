@@ -86,14 +86,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
         logging.getLogger("qwenpd.compile").setLevel(logging.INFO)
     engine = Engine(config)
     try:
-        return _generate_local(engine, prompt_ids, args)
+        media = None
+        if args.image:
+            prompt_ids, media = _local_images(engine, prompt_ids, args.image)
+        return _generate_local(engine, prompt_ids, args, media)
     finally:
         engine.close()
+
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _with_placeholders(prompt: str | None, images: list[str]) -> str | None:
+    """--image with a text prompt that names no place for the images: the images first, then the text."""
+    if not images or prompt is None or "<|image_pad|>" in prompt:
+        return prompt
+    return IMAGE_PLACEHOLDER * len(images) + prompt
+
+
+def _local_images(engine, prompt_ids: list[int], paths: list[str]):
+    """The prompt's ids with its images placed, and their PromptMedia (ValueError: exit code 2, naming the file)."""
+    from pathlib import Path
+
+    import torch
+
+    from qwenpd.engine.media import MediaError, ProcessorSpec, decode_image, image_pixels
+    from qwenpd.engine.vision import prompt_media
+
+    v = engine.config.vision
+    if v is None:
+        raise ValueError("--image: this checkpoint has no vision tower")
+    spec, _ = ProcessorSpec.from_checkpoint(engine.model_dir, v.patch_size, v.temporal_patch_size,
+                                            v.spatial_merge_size)
+    items = []
+    for path in paths:
+        try:
+            items.append(image_pixels(decode_image(Path(path).read_bytes()), spec))
+        except (OSError, MediaError) as exc:
+            raise ValueError(f"--image {path}: {exc}") from None
+    embeds = [engine.encode_images(torch.from_numpy(p.values), [p.grid])[0] for p in items]
+    tok = engine.tokenizer
+    try:
+        return prompt_media(prompt_ids, items, embeds, v, tok.encode if tok is not None else None)
+    except MediaError as exc:
+        raise ValueError(f"--image: {exc}") from None
 
 
 def _prompt_ids(args: argparse.Namespace) -> list[int]:
     if args.prompt_ids is not None:
         return args.prompt_ids
+    args.prompt = _with_placeholders(args.prompt, args.image)
     if args.prompt is None:
         raise SystemExit("qwenpd generate: give --prompt TEXT or --prompt-ids 1,2,3")
     from pathlib import Path
@@ -105,7 +147,7 @@ def _prompt_ids(args: argparse.Namespace) -> list[int]:
     return Tokenizer(args.model).encode(args.prompt)
 
 
-def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace) -> int:
+def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, media=None) -> int:
     from qwenpd.engine.generate import generate
 
     params = sampling_from_args(args)
@@ -119,11 +161,14 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace) -> 
     on_text = None if args.json else (lambda s: print(s, end="", flush=True))
     spec = {}
     if args.num_speculative_tokens:
+        if media is not None:
+            raise ValueError("--image with --num-speculative-tokens: speculative decoding of image prompts runs in "
+                             "the services only")
         result = _generate_speculative(engine, prompt_ids, params, args, on_text)
         spec = {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens,
                 "accepted_per_position": result.accepted_at}
     else:
-        result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size, on_text=on_text)
+        result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size, on_text=on_text, media=media)
     if args.json:
         print(json.dumps({
             "token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
@@ -185,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids, comma-separated")
     add_sampling_args(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for the prompt (repeatable; a model with a vision tower). The prompt's "
+                        "<|image_pad|> placeholders place them in order; a --prompt without any gets the images "
+                        "first")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
     p.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
                    help="speculative decoding (in-process, eager): K drafts per step from the checkpoint's MTP head "

@@ -108,6 +108,7 @@ class Handoff:
     first_token_delivered: bool = False  # resumed: first_token was streamed before the failure
     replay_ids: tuple[int, ...] = ()  # resumed: tokens already streamed, fed after first_token before sampling
     prompt_seen: tuple[int, ...] = ()  # repetition_penalty: the prompt's distinct ids, ascending
+    image_tokens: int = 0  # prompt tokens that stand for images and video frames (usage)
 
     def to_pb(self) -> common_pb2.Handoff:
         return common_pb2.Handoff(
@@ -120,7 +121,8 @@ class Handoff:
             prompt_tail_ids=list(self.prompt_tail_ids[-(PROMPT_TAIL + self.detok_unread):]),
             pending_text=self.pending_text, detok_unread=self.detok_unread,
             generated_ids=list(self.generated_ids), first_token_delivered=self.first_token_delivered,
-            replay_ids=list(self.replay_ids), prompt_seen_ids=list(self.prompt_seen))
+            replay_ids=list(self.replay_ids), prompt_seen_ids=list(self.prompt_seen),
+            image_tokens=self.image_tokens)
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Handoff, vocab_size: int) -> "Handoff":
@@ -154,7 +156,7 @@ class Handoff:
                    detok_unread=pb.detok_unread, generated_ids=tuple(pb.generated_ids),
                    first_top=tuple((c.id, c.logprob, c.text) for c in pb.first_token.top_logprobs),
                    first_token_delivered=pb.first_token_delivered, replay_ids=tuple(pb.replay_ids),
-                   prompt_seen=tuple(pb.prompt_seen_ids))
+                   prompt_seen=tuple(pb.prompt_seen_ids), image_tokens=min(pb.image_tokens, pb.prompt_tokens))
 
     def to_metadata(self) -> dict[str, str]:
         return {HANDOFF_KEY: json_format.MessageToJson(self.to_pb(), indent=None)}

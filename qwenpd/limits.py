@@ -33,16 +33,30 @@ class Limits:
     max_stop_length: int = 256
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_cache_bytes_per_request: int | None = None
+    # images and videos (models with a vision tower): decoded pixels per image (from the header, before decoding),
+    # media items per request (an image or a video each), frames per video, bytes per encoded image
+    max_image_pixels: int = 40_000_000
+    max_images_per_request: int = 16
+    max_video_frames: int = 64
+    max_image_bytes: int = 20 << 20
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_new_tokens", "max_stop_strings", "max_stop_length",
-                     "max_message_bytes", "max_cache_bytes_per_request"):
+                     "max_message_bytes", "max_cache_bytes_per_request", "max_image_pixels",
+                     "max_images_per_request", "max_video_frames", "max_image_bytes"):
             value = getattr(self, name)
             floor = 0 if name in ("max_stop_strings", "max_cache_bytes_per_request") else 1
             if value is not None and value < floor:
                 raise ValueError(f"{name} must be >= {floor}, got {value}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+
+    def media(self):
+        """These limits as engine/media.py takes them."""
+        from qwenpd.engine.media import MediaLimits
+
+        return MediaLimits(max_image_pixels=self.max_image_pixels, max_images_per_request=self.max_images_per_request,
+                           max_video_frames=self.max_video_frames, max_image_bytes=self.max_image_bytes)
 
     def check_prompt(self, num_tokens: int, field: str) -> None:
         if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
@@ -78,10 +92,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-bytes-per-request", type=int, default=None,
                    help="most bytes of new prefix-cache entries one prompt may add; past it the prompt is served "
                         "without being cached (default: no limit)")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help=f"most pixels (width x height) of one image as sent, checked before it is decoded "
+                        f"(default {d.max_image_pixels})")
+    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
+                   help=f"images and videos per request (default {d.max_images_per_request})")
+    p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                   help=f"frames per video (default {d.max_video_frames})")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
+                   help=f"bytes of one encoded image or video frame (default {d.max_image_bytes})")
 
 
 def from_args(args: argparse.Namespace) -> Limits:
     return Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                   max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
                   max_message_bytes=args.max_message_bytes,
-                  max_cache_bytes_per_request=args.max_cache_bytes_per_request)
+                  max_cache_bytes_per_request=args.max_cache_bytes_per_request,
+                  max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images_per_request,
+                  max_video_frames=args.max_video_frames, max_image_bytes=args.max_image_bytes)

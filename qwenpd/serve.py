@@ -222,7 +222,12 @@ def generate_remote(args: argparse.Namespace) -> int:
         raise SystemExit("qwenpd generate: give --prompt TEXT or --prompt-ids 1,2,3")
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    seed=args.seed, stop=list(args.stop), ignore_eos=args.ignore_eos, cache_salt=args.cache_salt)
-    prompt = dict(prompt=args.prompt) if args.prompt is not None else dict(token_ids=args.prompt_ids)
+    from qwenpd.cli import _with_placeholders
+
+    prompt = (dict(prompt=_with_placeholders(args.prompt, args.image)) if args.prompt is not None
+              else dict(token_ids=args.prompt_ids))
+    if args.image:
+        prompt["images"] = [Path(p).read_bytes() for p in args.image]
     started = time.perf_counter()
     from qwenpd.security import from_args as security_from_args
 
@@ -238,7 +243,7 @@ def generate_remote(args: argparse.Namespace) -> int:
         "token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
         "prompt_tokens": r.prompt_tokens, "prefill_s": r.prefill_s, "decode_s": r.decode_s,
         "wall_s": time.perf_counter() - started, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
-        "cached_tokens": r.cached_tokens,
+        "cached_tokens": r.cached_tokens, "image_tokens": r.image_tokens,
     }))
     return 0
 

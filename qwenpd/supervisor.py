@@ -246,7 +246,9 @@ class ServiceSet:
             resume_wait_s=args.resume_wait_s or (COMPILED_RESUME_WAIT_S if decode.engine.compile else
                                                   DEFAULT_RESUME_WAIT_S),
             served_model_names=tuple(args.served_model_names), cors_origins=tuple(args.cors_origins),
-            default_chat_template_kwargs=args.default_chat_template_kwargs)
+            default_chat_template_kwargs=args.default_chat_template_kwargs,
+            allowed_media_domains=tuple(args.allowed_media_domains),
+            allowed_local_media_path=args.allowed_local_media_path)
         return cls(cache, prefill, decode, gateway, start_timeout_s=args.start_timeout, log_level=args.log_level,
                    max_restarts=args.max_restarts, metrics_port=port(4))
 

@@ -109,3 +109,42 @@ def with_mtp_head(src: Path, dst: Path) -> Path:
                          else torch.randn(shape, generator=g) / shape[-1] ** 0.5)
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+# the checkpoint's image processor spec (what Qwen3.5's preprocessor_config.json holds, at this tower's patch size)
+PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+                "patch_size": 4, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}}
+
+
+def save_vision_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A multimodal checkpoint made by transformers (Qwen3_5ForConditionalGeneration, random weights with a
+    2-block vision tower), with what serving it needs beside: a tokenizer holding Qwen's vision tokens, a chat
+    template that renders image and video parts, and the image processor's preprocessor_config.json."""
+    import json
+
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from qwenpd.engine.init_model import SPECIAL_TOKENS, VISION_CHAT_TEMPLATE, VISION_TOKENS, build_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(BASE["vocab_size"], SPECIAL_TOKENS + VISION_TOKENS)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + VISION_TOKENS}
+    text = {**BASE, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    torch.manual_seed(seed)
+    cfg = Qwen3_5Config(text_config=text, vision_config=VISION, tie_word_embeddings=False,
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen3_5ForConditionalGeneration(cfg)
+    _randomise(model, seed)
+    model.eval()
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": VISION_CHAT_TEMPLATE}))
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return out

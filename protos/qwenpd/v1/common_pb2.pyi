@@ -314,22 +314,26 @@ class Usage(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt after templating and tokenization."""
     cached_tokens: _builtins.int
     """Prompt tokens restored from the prefix cache instead of computed."""
     completion_tokens: _builtins.int
     """Tokens generated, the first one included."""
+    image_tokens: _builtins.int
+    """Prompt tokens that stand for images and video frames (their placeholder tokens; part of prompt_tokens)."""
     def __init__(
         self,
         *,
         prompt_tokens: _builtins.int = ...,
         cached_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        image_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "image_tokens", b"image_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -347,6 +351,7 @@ class ChatMessage(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     REASONING_CONTENT_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"system", "user", "assistant" or "tool": passed to the template as is."""
     content: _builtins.str
@@ -361,6 +366,14 @@ class ChatMessage(_message.Message):
     """A tool message: the tool's name (optional)."""
     reasoning_content: _builtins.str
     """An assistant message's reasoning, passed to the template as `reasoning_content` (templates may drop it)."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
+        """The content as parts, text and media in order (a user turn with images); `content` must then be empty. The
+        template gets them as [{"type": "text", "text": ...}, {"type": "image"}, {"type": "video"}], as
+        multimodal chat templates take them; each media part becomes the model's placeholder tokens
+        (INVALID_ARGUMENT on a model without a vision tower).
+        """
+
     def __init__(
         self,
         *,
@@ -370,14 +383,119 @@ class ChatMessage(_message.Message):
         tool_call_id: _builtins.str = ...,
         name: _builtins.str = ...,
         reasoning_content: _builtins.str = ...,
+        parts: _abc.Iterable[Global___ContentPart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "reasoning_content", b"reasoning_content", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "parts", b"parts", "reasoning_content", b"reasoning_content", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ContentPart(_message.Message):
+    """One part of a chat message's content."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    MEDIA_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text."""
+    @_builtins.property
+    def media(self) -> Global___Media:
+        """An image or a video."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        media: Global___Media | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "part", b"part", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "part", b"part", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "media"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ContentPart: _TypeAlias = ContentPart  # noqa: Y015
+
+@_typing.final
+class Media(_message.Message):
+    """An image or a video in a prompt. Decoded, resized and normalised by the serving model's image processor
+    (its preprocessor_config.json); limits per request: qwenpd serve --max-image-pixels,
+    --max-images-per-request, --max-video-frames (INVALID_ARGUMENT naming the limit when exceeded).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    VIDEO_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    image: _builtins.bytes
+    """An encoded image: PNG, JPEG, WebP, GIF (its first frame) or BMP."""
+    mime_type: _builtins.str
+    """The media type of `image` ("image/png", ...); empty = told by the bytes. Another type than the bytes' is
+    INVALID_ARGUMENT.
+    """
+    fps: _builtins.float
+    """A video: the rate its frames were sampled at, in frames per second (their timestamps in the prompt).
+    Absent = the model's video processor default (2).
+    """
+    @_builtins.property
+    def video(self) -> Global___VideoFrames:
+        """A video as its sampled frames, in order, each an encoded image (no video container is decoded)."""
+
+    def __init__(
+        self,
+        *,
+        image: _builtins.bytes = ...,
+        video: Global___VideoFrames | None = ...,
+        mime_type: _builtins.str = ...,
+        fps: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "fps", b"fps", "image", b"image", "source", b"source", "video", b"video"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "fps", b"fps", "image", b"image", "mime_type", b"mime_type", "source", b"source", "video", b"video"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__fps: _TypeAlias = _typing.Literal["fps"]  # noqa: Y015
+    _WhichOneofArgType__fps: _TypeAlias = _typing.Literal["_fps", b"_fps"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["image", "video"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fps) -> _WhichOneofReturnType__fps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___Media: _TypeAlias = Media  # noqa: Y015
+
+@_typing.final
+class VideoFrames(_message.Message):
+    """The sampled frames of a video."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Encoded images, one per frame, in time order."""
+
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoFrames: _TypeAlias = VideoFrames  # noqa: Y015
 
 @_typing.final
 class Handoff(_message.Message):
@@ -401,6 +519,7 @@ class Handoff(_message.Message):
     FIRST_TOKEN_DELIVERED_FIELD_NUMBER: _builtins.int
     REPLAY_IDS_FIELD_NUMBER: _builtins.int
     PROMPT_SEEN_IDS_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request this checkpoint was made for."""
     sampler_draws: _builtins.int
@@ -421,6 +540,8 @@ class Handoff(_message.Message):
     """A resumed request: first_token was already streamed to the client before the failure, so decode feeds it
     (and then replay_ids) without streaming it again, and samples only after the last of them.
     """
+    image_tokens: _builtins.int
+    """Prompt tokens that stand for images and video frames (reported in the final Usage)."""
     @_builtins.property
     def first_token(self) -> Global___Token:
         """The first generated token, sampled by prefill from the last prompt logits."""
@@ -466,10 +587,11 @@ class Handoff(_message.Message):
         first_token_delivered: _builtins.bool = ...,
         replay_ids: _abc.Iterable[_builtins.int] | None = ...,
         prompt_seen_ids: _abc.Iterable[_builtins.int] | None = ...,
+        image_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "first_token_delivered", b"first_token_delivered", "generated_ids", b"generated_ids", "pending_text", b"pending_text", "prompt_seen_ids", b"prompt_seen_ids", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "replay_ids", b"replay_ids", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detok_unread", b"detok_unread", "first_token", b"first_token", "first_token_delivered", b"first_token_delivered", "generated_ids", b"generated_ids", "image_tokens", b"image_tokens", "pending_text", b"pending_text", "prompt_seen_ids", b"prompt_seen_ids", "prompt_tail_ids", b"prompt_tail_ids", "prompt_tokens", b"prompt_tokens", "replay_ids", b"replay_ids", "request_id", b"request_id", "sampler_draws", b"sampler_draws", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

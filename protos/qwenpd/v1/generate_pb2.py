@@ -26,7 +26,7 @@ from qwenpd.protos.qwenpd.v1 import common_pb2 as qwenpd_dot_v1_dot_common__pb2
 from qwenpd.protos.qwenpd.v1 import prefill_pb2 as qwenpd_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qwenpd/v1/generate.proto\x12\tqwenpd.v1\x1a\x16qwenpd/v1/common.proto\x1a\x17qwenpd/v1/prefill.proto\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.qwenpd.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.qwenpd.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_cache_salt\"W\n\x0fGenerateTimings\x12\x0f\n\x07ttft_ns\x18\x01 \x01(\x04\x12\x11\n\tdecode_ns\x18\x02 \x01(\x04\x12\x0f\n\x07tpot_ns\x18\x03 \x01(\x04\x12\x0f\n\x07resumes\x18\x04 \x01(\r\"\x80\x03\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x01\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.qwenpd.v1.FinishReasonH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.qwenpd.v1.Usage\x12+\n\x07timings\x18\x07 \x01(\x0b\x32\x1a.qwenpd.v1.GenerateTimings\x12\x0f\n\x07\x63ontent\x18\x08 \x01(\t\x12\x11\n\treasoning\x18\t \x01(\t\x12,\n\ntool_calls\x18\n \x03(\x0b\x32\x18.qwenpd.v1.ToolCallDelta\x12,\n\x0ctop_logprobs\x18\x0b \x03(\x0b\x32\x16.qwenpd.v1.TopLogprobs\x12\x13\n\x0btoken_bytes\x18\x0c \x03(\x0c\x42\x10\n\x0e_finish_reason\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t2\x9b\x01\n\x0fGenerateService\x12\x42\n\x08Generate\x12\x1a.qwenpd.v1.GenerateRequest\x1a\x18.qwenpd.v1.GenerateChunk0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.qwenpd.v1.GetModelInfoRequest\x1a\x14.qwenpd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qwenpd/v1/generate.proto\x12\tqwenpd.v1\x1a\x16qwenpd/v1/common.proto\x1a\x17qwenpd/v1/prefill.proto\"\x80\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.qwenpd.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.qwenpd.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x1f\n\x05media\x18\x07 \x03(\x0b\x32\x10.qwenpd.v1.MediaB\x08\n\x06promptB\r\n\x0b_cache_salt\"W\n\x0fGenerateTimings\x12\x0f\n\x07ttft_ns\x18\x01 \x01(\x04\x12\x11\n\tdecode_ns\x18\x02 \x01(\x04\x12\x0f\n\x07tpot_ns\x18\x03 \x01(\x04\x12\x0f\n\x07resumes\x18\x04 \x01(\r\"\x80\x03\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x01\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.qwenpd.v1.FinishReasonH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.qwenpd.v1.Usage\x12+\n\x07timings\x18\x07 \x01(\x0b\x32\x1a.qwenpd.v1.GenerateTimings\x12\x0f\n\x07\x63ontent\x18\x08 \x01(\t\x12\x11\n\treasoning\x18\t \x01(\t\x12,\n\ntool_calls\x18\n \x03(\x0b\x32\x18.qwenpd.v1.ToolCallDelta\x12,\n\x0ctop_logprobs\x18\x0b \x03(\x0b\x32\x16.qwenpd.v1.TopLogprobs\x12\x13\n\x0btoken_bytes\x18\x0c \x03(\x0c\x42\x10\n\x0e_finish_reason\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t2\x9b\x01\n\x0fGenerateService\x12\x42\n\x08Generate\x12\x1a.qwenpd.v1.GenerateRequest\x1a\x18.qwenpd.v1.GenerateChunk0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.qwenpd.v1.GetModelInfoRequest\x1a\x14.qwenpd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qwenpd.protos.qwenpd.v1.gen
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=312
-  _globals['_GENERATETIMINGS']._serialized_start=314
-  _globals['_GENERATETIMINGS']._serialized_end=401
-  _globals['_GENERATECHUNK']._serialized_start=404
-  _globals['_GENERATECHUNK']._serialized_end=788
-  _globals['_TOOLCALLDELTA']._serialized_start=790
-  _globals['_TOOLCALLDELTA']._serialized_end=865
-  _globals['_GENERATESERVICE']._serialized_start=868
-  _globals['_GENERATESERVICE']._serialized_end=1023
+  _globals['_GENERATEREQUEST']._serialized_end=345
+  _globals['_GENERATETIMINGS']._serialized_start=347
+  _globals['_GENERATETIMINGS']._serialized_end=434
+  _globals['_GENERATECHUNK']._serialized_start=437
+  _globals['_GENERATECHUNK']._serialized_end=821
+  _globals['_TOOLCALLDELTA']._serialized_start=823
+  _globals['_TOOLCALLDELTA']._serialized_end=898
+  _globals['_GENERATESERVICE']._serialized_start=901
+  _globals['_GENERATESERVICE']._serialized_end=1056
 # @@protoc_insertion_point(module_scope)

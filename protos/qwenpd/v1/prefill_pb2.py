@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from qwenpd.protos.qwenpd.v1 import common_pb2 as qwenpd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qwenpd/v1/prefill.proto\x12\tqwenpd.v1\x1a\x16qwenpd/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x94\x01\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.qwenpd.v1.ChatMessage\x12\x1c\n\x0f\x65nable_thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x01(\t\x12\x1c\n\x14template_kwargs_json\x18\x04 \x01(\tB\x12\n\x10_enable_thinking\"\x83\x03\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.qwenpd.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.qwenpd.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x1f\n\x17return_prompt_token_ids\x18\x07 \x01(\x08\x12\x1d\n\x10resume_generated\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x14resume_checkpoint_id\x18\t \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x03\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_cache_saltB\x13\n\x11_resume_generatedB\x12\n\x10_prompt_logprobs\"\x7f\n\x0ePrefillTimings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_restore_ns\x18\x02 \x01(\x04\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x1b\n\x13\x63heckpoint_write_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\"\x9a\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcheckpoint_id\x18\x02 \x01(\t\x12%\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x10.qwenpd.v1.Token\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12*\n\x07timings\x18\x06 \x01(\x0b\x32\x19.qwenpd.v1.PrefillTimings\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\x12\x16\n\x0ereasoning_open\x18\x08 \x01(\x08\x12)\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x10.qwenpd.v1.Token\"\x15\n\x13GetModelInfoRequest\"\xe4\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\nmodel_path\x18\x02 \x01(\tB\x02\x18\x01\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\x12\n\nchunk_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\x12\x18\n\x10max_prompt_chars\x18\n \x01(\x04\x32\x98\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x19.qwenpd.v1.PrefillRequest\x1a\x1a.qwenpd.v1.PrefillResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.qwenpd.v1.GetModelInfoRequest\x1a\x14.qwenpd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qwenpd/v1/prefill.proto\x12\tqwenpd.v1\x1a\x16qwenpd/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x94\x01\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.qwenpd.v1.ChatMessage\x12\x1c\n\x0f\x65nable_thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x01(\t\x12\x1c\n\x14template_kwargs_json\x18\x04 \x01(\tB\x12\n\x10_enable_thinking\"\xa4\x03\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.qwenpd.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.qwenpd.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.qwenpd.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x1f\n\x17return_prompt_token_ids\x18\x07 \x01(\x08\x12\x1d\n\x10resume_generated\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x14resume_checkpoint_id\x18\t \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x05media\x18\x0b \x03(\x0b\x32\x10.qwenpd.v1.MediaB\x08\n\x06promptB\r\n\x0b_cache_saltB\x13\n\x11_resume_generatedB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x0ePrefillTimings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_restore_ns\x18\x02 \x01(\x04\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x1b\n\x13\x63heckpoint_write_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x12\n\nencoder_ns\x18\x06 \x01(\x04\"\xb0\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcheckpoint_id\x18\x02 \x01(\t\x12%\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x10.qwenpd.v1.Token\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12*\n\x07timings\x18\x06 \x01(\x0b\x32\x19.qwenpd.v1.PrefillTimings\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\x12\x16\n\x0ereasoning_open\x18\x08 \x01(\x08\x12)\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x10.qwenpd.v1.Token\x12\x14\n\x0cimage_tokens\x18\n \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xf4\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\nmodel_path\x18\x02 \x01(\tB\x02\x18\x01\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\x12\n\nchunk_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\x12\x18\n\x10max_prompt_chars\x18\n \x01(\x04\x12\x0e\n\x06vision\x18\x0b \x01(\x08\x32\x98\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x19.qwenpd.v1.PrefillRequest\x1a\x1a.qwenpd.v1.PrefillResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.qwenpd.v1.GetModelInfoRequest\x1a\x14.qwenpd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_start=88
   _globals['_CHAT']._serialized_end=236
   _globals['_PREFILLREQUEST']._serialized_start=239
-  _globals['_PREFILLREQUEST']._serialized_end=626
-  _globals['_PREFILLTIMINGS']._serialized_start=628
-  _globals['_PREFILLTIMINGS']._serialized_end=755
-  _globals['_PREFILLRESPONSE']._serialized_start=758
-  _globals['_PREFILLRESPONSE']._serialized_end=1040
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1042
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1063
-  _globals['_MODELINFO']._serialized_start=1066
-  _globals['_MODELINFO']._serialized_end=1294
-  _globals['_PREFILLSERVICE']._serialized_start=1297
-  _globals['_PREFILLSERVICE']._serialized_end=1449
+  _globals['_PREFILLREQUEST']._serialized_end=659
+  _globals['_PREFILLTIMINGS']._serialized_start=662
+  _globals['_PREFILLTIMINGS']._serialized_end=809
+  _globals['_PREFILLRESPONSE']._serialized_start=812
+  _globals['_PREFILLRESPONSE']._serialized_end=1116
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1118
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1139
+  _globals['_MODELINFO']._serialized_start=1142
+  _globals['_MODELINFO']._serialized_end=1386
+  _globals['_PREFILLSERVICE']._serialized_start=1389
+  _globals['_PREFILLSERVICE']._serialized_end=1541
 # @@protoc_insertion_point(module_scope)

@@ -104,6 +104,7 @@ class PrefillRequest(_message.Message):
     RESUME_GENERATED_FIELD_NUMBER: _builtins.int
     RESUME_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    MEDIA_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen id for logs and tracing; echoed in errors. Empty = the server makes one up."""
     text: _builtins.str
@@ -150,6 +151,14 @@ class PrefillRequest(_message.Message):
         in the checkpoint for decode. Absent = all defaults.
         """
 
+    @_builtins.property
+    def media(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Media]:
+        """Images and videos of a `text` or `token_ids` prompt, in the order of their placeholders there: one
+        <|image_pad|> per image and one <|video_pad|> per video (Qwen3.5/3.6's tokens; each becomes the item's
+        tokens). A `chat` prompt carries its media in its messages' parts instead. INVALID_ARGUMENT when the
+        placeholders and the items do not match, or the model has no vision tower.
+        """
+
     def __init__(
         self,
         *,
@@ -163,10 +172,11 @@ class PrefillRequest(_message.Message):
         resume_generated: _builtins.int | None = ...,
         resume_checkpoint_id: _builtins.str = ...,
         prompt_logprobs: _builtins.int | None = ...,
+        media: _abc.Iterable[_common_pb2.Media] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_prompt_logprobs", b"_prompt_logprobs", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "resume_generated", b"resume_generated", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_prompt_logprobs", b"_prompt_logprobs", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "request_id", b"request_id", "resume_checkpoint_id", b"resume_checkpoint_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_prompt_logprobs", b"_prompt_logprobs", "_resume_generated", b"_resume_generated", "cache_salt", b"cache_salt", "chat", b"chat", "media", b"media", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "request_id", b"request_id", "resume_checkpoint_id", b"resume_checkpoint_id", "resume_generated", b"resume_generated", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_salt: _TypeAlias = _typing.Literal["cache_salt"]  # noqa: Y015
     _WhichOneofArgType__cache_salt: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt"]  # noqa: Y015
@@ -198,6 +208,7 @@ class PrefillTimings(_message.Message):
     PREFILL_NS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_WRITE_NS_FIELD_NUMBER: _builtins.int
     TOTAL_NS_FIELD_NUMBER: _builtins.int
+    ENCODER_NS_FIELD_NUMBER: _builtins.int
     queue_ns: _builtins.int
     """Waiting in the prefill queue."""
     cache_restore_ns: _builtins.int
@@ -208,6 +219,10 @@ class PrefillTimings(_message.Message):
     """Writing and committing the hand-off checkpoint."""
     total_ns: _builtins.int
     """From arrival to response."""
+    encoder_ns: _builtins.int
+    """Running the vision tower over the prompt's images (part of prefill_ns; 0 when the encoder cache or the
+    prefix cache had them all, or the prompt has none).
+    """
     def __init__(
         self,
         *,
@@ -216,10 +231,11 @@ class PrefillTimings(_message.Message):
         prefill_ns: _builtins.int = ...,
         checkpoint_write_ns: _builtins.int = ...,
         total_ns: _builtins.int = ...,
+        encoder_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_restore_ns", b"cache_restore_ns", "checkpoint_write_ns", b"checkpoint_write_ns", "prefill_ns", b"prefill_ns", "queue_ns", b"queue_ns", "total_ns", b"total_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_restore_ns", b"cache_restore_ns", "checkpoint_write_ns", b"checkpoint_write_ns", "encoder_ns", b"encoder_ns", "prefill_ns", b"prefill_ns", "queue_ns", b"queue_ns", "total_ns", b"total_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +256,7 @@ class PrefillResponse(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     REASONING_OPEN_FIELD_NUMBER: _builtins.int
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id (the caller's, or the one the server made up)."""
     checkpoint_id: _builtins.str
@@ -252,6 +269,8 @@ class PrefillResponse(_message.Message):
     """The chat template's generation prompt opened the model's reasoning (the rendered prompt ends with "<think>"):
     the output is reasoning until "</think>". False for text and token-id prompts.
     """
+    image_tokens: _builtins.int
+    """Prompt tokens that stand for images and video frames (part of prompt_tokens)."""
     @_builtins.property
     def first_token(self) -> _common_pb2.Token:
         """The first generated token. For display only: the Decode stream emits it again as its first token,
@@ -287,10 +306,11 @@ class PrefillResponse(_message.Message):
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         reasoning_open: _builtins.bool = ...,
         prompt_logprobs: _abc.Iterable[_common_pb2.Token] | None = ...,
+        image_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "checkpoint_id", b"checkpoint_id", "first_token", b"first_token", "prompt_logprobs", b"prompt_logprobs", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "reasoning_open", b"reasoning_open", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "checkpoint_id", b"checkpoint_id", "first_token", b"first_token", "image_tokens", b"image_tokens", "prompt_logprobs", b"prompt_logprobs", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "reasoning_open", b"reasoning_open", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,6 +349,7 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     MAX_PROMPT_CHARS_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model name (the checkpoint directory's name unless configured)."""
     @_builtins.property
@@ -357,6 +378,8 @@ class ModelInfo(_message.Message):
     """The most characters a text prompt may have and still fit the prompt limit (each token stands for at most so
     many characters); longer ones are refused without being tokenized. 0 = no tokenizer.
     """
+    vision: _builtins.bool
+    """Whether prompts may carry images and videos (the checkpoint has a vision tower)."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids that end generation unless ignore_eos is set."""
@@ -374,10 +397,11 @@ class ModelInfo(_message.Message):
         eos_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         has_chat_template: _builtins.bool = ...,
         max_prompt_chars: _builtins.int = ...,
+        vision: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "fingerprint", b"fingerprint", "has_chat_template", b"has_chat_template", "max_context", b"max_context", "max_prompt_chars", b"max_prompt_chars", "model_name", b"model_name", "model_path", b"model_path", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "fingerprint", b"fingerprint", "has_chat_template", b"has_chat_template", "max_context", b"max_context", "max_prompt_chars", b"max_prompt_chars", "model_name", b"model_name", "model_path", b"model_path", "vision", b"vision", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

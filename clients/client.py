@@ -61,6 +61,7 @@ class Result:
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     image_tokens: int = 0  # prompt tokens that stand for images and video frames
+    encoder_s: float = 0.0  # the vision tower's share of prefill (0: no images, or all cached)
 
 
 def build_prefill_request(prompt: str | None, token_ids: Sequence[int] | None,
@@ -269,7 +270,8 @@ def _result(trace: Trace, ids: list[int], text: str, reason: str | None, logprob
                   prompt_tokens=usage.prompt_tokens if usage else pre.prompt_tokens,
                   cached_tokens=usage.cached_tokens if usage else pre.cached_tokens, ttft_s=trace.ttft_s,
                   tpot_s=trace.tpot_s, logprobs=logprobs, prefill_s=trace.ttft_s, decode_s=trace.decode_s,
-                  request_id=pre.request_id, image_tokens=pre.image_tokens)
+                  request_id=pre.request_id, image_tokens=pre.image_tokens,
+                  encoder_s=pre.timings.encoder_ns / 1e9)
 
 
 class Client:

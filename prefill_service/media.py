@@ -26,6 +26,7 @@ from qwenpd.engine.media import (MediaError, MediaLimits, Pixels, ProcessorSpec,
 from qwenpd.engine.mrope import VisionSpan
 from qwenpd.engine.vision import PromptMedia
 from qwenpd.errors import InvalidArgument
+from qwenpd.limits import Limits
 from qwenpd.protos.qwenpd.v1 import common_pb2
 
 
@@ -35,6 +36,12 @@ def item_key(p: Pixels) -> bytes:
     h.update(f"{p.kind}:{p.grid}:{p.timestamps}:".encode())
     h.update(np.ascontiguousarray(p.values).view(np.uint8).data)
     return h.digest()
+
+
+def media_limits(limits: Limits) -> MediaLimits:
+    """The service's media limits as engine/media.py takes them."""
+    return MediaLimits(max_image_pixels=limits.max_image_pixels, max_images_per_request=limits.max_images_per_request,
+                       max_video_frames=limits.max_video_frames, max_image_bytes=limits.max_image_bytes)
 
 
 def read_media(media: Sequence[common_pb2.Media], fields: Sequence[str], engine: Engine, limits: MediaLimits

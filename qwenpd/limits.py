@@ -51,13 +51,6 @@ class Limits:
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
-    def media(self):
-        """These limits as engine/media.py takes them."""
-        from qwenpd.engine.media import MediaLimits
-
-        return MediaLimits(max_image_pixels=self.max_image_pixels, max_images_per_request=self.max_images_per_request,
-                           max_video_frames=self.max_video_frames, max_image_bytes=self.max_image_bytes)
-
     def check_prompt(self, num_tokens: int, field: str) -> None:
         if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
             raise InvalidArgument(field, f"the prompt has {num_tokens} tokens; this service accepts at most "

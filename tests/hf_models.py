@@ -119,10 +119,13 @@ PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_clas
                 "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}}
 
 
-def save_vision_checkpoint(out: Path, seed: int = 0) -> Path:
-    """A multimodal checkpoint made by transformers (Qwen3_5ForConditionalGeneration, random weights with a
-    2-block vision tower), with what serving it needs beside: a tokenizer holding Qwen's vision tokens, a chat
-    template that renders image and video parts, and the image processor's preprocessor_config.json."""
+def save_vision_checkpoint(out: Path, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+                           preprocessor: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """A multimodal checkpoint made by transformers (Qwen3_5ForConditionalGeneration, random weights; by default
+    the tiny BASE text model with a 2-block vision tower), with what serving it needs beside: a tokenizer holding
+    Qwen's vision tokens, a chat template that renders image and video parts, and the image processor's
+    preprocessor_config.json. `text` / `vision` / `preprocessor` replace the defaults (bench/vision.py: `small`
+    with a real-width tower)."""
     import json
 
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
@@ -130,21 +133,22 @@ def save_vision_checkpoint(out: Path, seed: int = 0) -> Path:
     from qwenpd.engine.init_model import SPECIAL_TOKENS, VISION_CHAT_TEMPLATE, VISION_TOKENS, build_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(BASE["vocab_size"], SPECIAL_TOKENS + VISION_TOKENS)
+    text = dict(text or {**BASE, "rope_parameters": {**BASE["rope_parameters"], "mrope_section": [2, 1, 1],
+                                                     "mrope_interleaved": True}})
+    tok = build_tokenizer(min(text["vocab_size"], 4096), SPECIAL_TOKENS + VISION_TOKENS)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + VISION_TOKENS}
-    text = {**BASE, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
-    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    text.update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(seed)
-    cfg = Qwen3_5Config(text_config=text, vision_config=VISION, tie_word_embeddings=False,
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision or VISION, tie_word_embeddings=False,
                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     model = Qwen3_5ForConditionalGeneration(cfg)
     _randomise(model, seed)
     model.eval()
-    model.save_pretrained(out)
+    model.to(dtype).save_pretrained(out)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "chat_template": VISION_CHAT_TEMPLATE}))
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor or PREPROCESSOR))
     return out

@@ -12,7 +12,8 @@ step), per run with a fresh image:
   cold           a new image and new text: the tower and the whole prompt run
   encoder hit    the same image after other text of the same length: the encoder cache skips the tower, the prefix
                  cache misses from the changed text on
-  prefix hit     the same prompt again: the prefix cache restores every full block (block 16 here)
+  prefix hit     the same prompt again: the prefix cache restores every full block (blocks of 16 tokens; one
+                 DeltaNet snapshot per prompt, at its last block boundary)
   text only      token ids of the same count, new each run: the baseline, cold
 
 TTFT is the client's clock (call to first token). "encoder" is the tower's time inside prefill
@@ -86,7 +87,7 @@ def main() -> None:
     rows: dict[str, list[tuple[float, float, int, int]]] = {k: [] for k in ("cold", "encoder hit", "prefix hit",
                                                                             "text only")}
     with ServiceSet.build(str(model), threads=args.threads, store_id="benchvision", log_level="WARNING",
-                          block_size=16, snapshot_interval=16, budget="4GiB") as services, \
+                          block_size=16, snapshot_interval=0, budget="4GiB") as services, \
             Client(prefill=services.prefill, decode=services.decode, timeout=600) as client:
         client.generate(messages=chat(image(999), "warm up"), max_tokens=2)
         vocab = 4000

@@ -199,8 +199,13 @@ class Engine:
         in a shared-memory file: LeasedCheckpoint.locations) let every rank read its own slices there; the other
         tensors are scattered from this rank."""
         state_spec.check_tensors(self.config, tensors, num_tokens, self.dtype)
+        if self.group is None:
+            return self._load_state(tensors, num_tokens, extra_tokens)
+        tensors = dict(tensors)  # the rotary offset goes to every rank as a number, the rest in slices
+        delta = state_spec.rope_delta_of(tensors)
+        tensors.pop(state_spec.ROPE_DELTA, None)
         located = {n: loc for n, loc in (locations or {}).items() if n in tensors}
-        return self._load_state(tensors, num_tokens, extra_tokens, located)
+        return self._load_state(tensors, num_tokens, extra_tokens, located, delta)
 
     def state_from_prefix(self, kv_blocks: list[dict[str, torch.Tensor]], snapshot: dict[str, torch.Tensor],
                           num_tokens: int, extra_tokens: int = 0) -> HybridState:
@@ -211,12 +216,14 @@ class Engine:
 
     @cross_rank("engine.load_state", creates=True)
     def _load_state(self, tensors: dict[str, torch.Tensor] | None, num_tokens: int, extra_tokens: int,
-                    located: dict[str, tuple[str, int]] | None = None) -> HybridState:
+                    located: dict[str, tuple[str, int]] | None = None, rope_delta: int = 0) -> HybridState:
         if self.group is not None:  # each rank reads (located) or receives only its slices
             tensors = state_io.receive_state(self.group, self.local_config, tensors, num_tokens, self.dtype, located or {})
         assert tensors is not None
-        return adopt(self, HybridState.from_tensors(self.local_config, tensors, num_tokens, self.kv_cache,
-                                                    extra_tokens))
+        state = HybridState.from_tensors(self.local_config, tensors, num_tokens, self.kv_cache, extra_tokens)
+        if self.group is not None:
+            state.rope_delta = rope_delta
+        return adopt(self, state)
 
     def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> None:
         """Raise ValueError for ids outside the vocabulary or a context past max_position_embeddings."""
@@ -257,6 +264,8 @@ class Engine:
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
             if normed is None and media is None:
                 logits = self.prefill_chunk(ids[lo - start: hi - start], state)
+            elif self.group is not None:  # images, tensor-parallel: every rank takes the chunk's embeddings
+                logits = self._prefill_media_chunk(ids[lo - start: hi - start], state, media, lo, hi)
             else:
                 logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state, normed=normed,
                                                    media=None if media is None else media.chunk(lo, hi, self.device))
@@ -267,13 +276,39 @@ class Engine:
         assert logits is not None
         return logits, state
 
+    def _prefill_media_chunk(self, token_ids: list[int], state: HybridState, media: PromptMedia, lo: int,
+                             hi: int) -> torch.Tensor:
+        """One image chunk on every rank of a tensor-parallel group: positions and rows as plain data, the
+        embeddings broadcast from the leader (the tower runs there)."""
+        chunk = media.chunk(lo, hi, torch.device("cpu"))
+        rows, values = chunk.embeds if chunk.embeds is not None else (torch.zeros(0, dtype=torch.long), None)
+        self._outgoing_embeds = values
+        return self._prefill_chunk_media(token_ids, state, chunk.rope.tolist(), rows.tolist(), media.delta_at(hi))
+
+    @cross_rank("engine.prefill_chunk_media")
+    def _prefill_chunk_media(self, token_ids: list[int], state: HybridState, rope: list[list[int]],
+                             rows: list[int], delta: int) -> torch.Tensor:
+        from qwenpd.engine.runner import ChunkMedia
+
+        embeds = None
+        if rows:
+            if self.group.leader:
+                values, self._outgoing_embeds = self._outgoing_embeds.float().contiguous(), None
+            else:
+                values = torch.empty(len(rows), self.config.hidden_size, dtype=torch.float32)
+            self.group.transfer(torch.distributed.broadcast, values, src=0, group=self.group.control)
+            # fp32 on the wire: exact for the model dtype's values, whatever the transport supports
+            embeds = (torch.tensor(rows, device=self.device), values.to(self.device, self.dtype))
+        media = ChunkMedia(torch.tensor(rope, dtype=torch.long, device=self.device), embeds)
+        logits = self.runner.prefill_chunk(token_ids, state, media=media)
+        state.rope_delta = delta
+        return logits
+
     def _check_media(self, media: PromptMedia | None, num_tokens: int) -> None:
         if media is None:
             return
         if self.vision is None:
             raise ValueError("this model has no vision tower: it takes no images")
-        if self.group is not None:
-            raise ValueError("images are not served with tensor parallelism yet (tp > 1)")
         if media.rope.shape[0] < num_tokens:
             raise ValueError(f"the prompt's media cover {media.rope.shape[0]} tokens, the prompt has {num_tokens}")
 

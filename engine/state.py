@@ -147,13 +147,17 @@ class HybridState:
         if piece.what in ("deltanet", "handoff"):
             for name, _, j, kind in state_spec.names(self.config, state_spec.DELTANET_KINDS):
                 out[name] = _host((self.conv if kind == "conv" else self.recurrent)[j], copy=True)
-            out.update(state_spec.rope_tensors(self.rope_delta))  # after a prompt with images
+            if self.mirror is None:  # sharded: added once, on the leader (_export)
+                out.update(state_spec.rope_tensors(self.rope_delta))  # after a prompt with images
         return out
 
     def _export(self, piece: Piece, for_write: bool) -> dict[str, Any] | None:
         if self.mirror is None:
             return self.local_tensors(piece)
-        return state_io.export(self, piece, for_write)
+        out = state_io.export(self, piece, for_write)
+        if out is not None and piece.what in ("deltanet", "handoff"):
+            out.update(state_spec.rope_tensors(self.rope_delta))  # the same number on every rank
+        return out
 
     @classmethod
     def from_prefix(cls, config: ModelConfig, kv_blocks: list[dict[str, torch.Tensor]],

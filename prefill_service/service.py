@@ -104,8 +104,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if score is not None and resume.draws:
             raise InvalidArgument("prompt_logprobs", "is not valid with resume_generated (the prompt was scored)")
         images = prompt.images
-        if images is not None and self.engine.tp > 1:
-            raise InvalidArgument("media", "images and videos are not served with tensor parallelism yet (--tp 1)")
         done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from, score, images))
         self.served += 1
         h = done.handoff

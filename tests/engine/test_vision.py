@@ -214,3 +214,34 @@ def test_bad_images_are_refused_before_decoding():
     with pytest.raises(MediaError) as err:
         video_pixels([_image(8, 8, i) for i in range(5)], ProcessorSpec(patch_size=4), MediaLimits(max_video_frames=4))
     assert err.value.limit == "max_video_frames"
+
+
+def test_image_prompt_with_tensor_parallelism_equals_transformers(vision_checkpoint):
+    """tp 2: the tower runs on the leader, every rank takes the chunk's embeddings and positions; decode on both
+    ranks adds the rope delta; the state exported and loaded again (a hand-off) keeps it."""
+    eng = Engine(vision_checkpoint, dtype="float32", tp=2, threads=1)
+    try:
+        v = eng.config.vision
+        images = [_image(30, 45, seed=0), _image(20, 24, seed=1)]
+        items = [image_pixels(decode_image(_png(img)), _spec(vision_checkpoint)[0]) for img in images]
+        text = [30, 31]
+        for _ in items:
+            text += [v.vision_start_token_id, v.image_token_id, v.vision_end_token_id, 40]
+        embeds = [eng.encode_images(torch.from_numpy(p.values), [p.grid])[0] for p in items]
+        ids, media = prompt_media(text, items, embeds, v)
+        hf_in = _hf_processor(vision_checkpoint)(images, return_tensors="pt")
+        mm = torch.tensor([[1 if t == v.image_token_id else 0 for t in ids]])
+        theirs = _hf_greedy(vision_checkpoint, ids, 8, pixel_values=hf_in["pixel_values"],
+                            image_grid_thw=hf_in["image_grid_thw"], mm_token_type_ids=mm)
+        logits, state = eng.prefill(ids, chunk_size=11, media=media)
+        handed = state.handoff_tensors(0)
+        assert int(handed["rope.delta"][0]) == media.delta
+        state = eng.state_from_tensors(handed, len(ids))  # what decode does with a hand-off
+        batch = DecodeBatch(eng, 1)
+        batch.add(state)
+        mine = [int(logits.argmax())]
+        while len(mine) < 8:
+            mine.append(int(batch.step([mine[-1]])[0].argmax()))
+        assert mine == theirs
+    finally:
+        eng.close()

@@ -222,3 +222,26 @@ def test_bad_images_are_refused_while_others_are_served(served):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(missing, timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholder" in err.value.details()
+
+
+def test_image_chat_through_tensor_parallel_services(checkpoint, tmp_path):
+    """serve all with prefill and decode at tp 2: the same greedy tokens as transformers, and a repeated image hits
+    the prefix cache (the snapshot's rope offset crosses the ranks too)."""
+    s = start_serve_all(checkpoint, tmp_path, f"vistp{os.getpid()}", "--prefill-tp", "2", "--decode-tp", "2",
+                        "--block-size", "16", "--snapshot-interval", "16")
+    try:
+        data = _png(11, 40, 40)
+        content = [{"type": "text", "text": "twice:"}, {"type": "image", "image": data},
+                   {"type": "text", "text": "what?"}]
+        prefill = _chat_request(content)
+        request = generate_pb2.GenerateRequest(chat=prefill.chat, sampling=common_pb2.SamplingParams(
+            temperature=0, max_tokens=10, ignore_eos=True))
+        runs = []
+        with grpc.insecure_channel(s.gateway) as ch:
+            for _ in range(2):
+                chunks = list(generate_pb2_grpc.GenerateServiceStub(ch).Generate(request, timeout=120))
+                runs.append(([t for c in chunks for t in c.token_ids], chunks[-1].usage))
+        assert runs[0][0] == runs[1][0] == _transformers_greedy(checkpoint, prefill, [data], 10)
+        assert runs[0][1].cached_tokens == 0 and runs[1][1].cached_tokens >= runs[1][1].prompt_tokens - 16
+    finally:
+        assert stop_serve_all(s) == 0

@@ -8,8 +8,8 @@ Everything else about the project lives in pyproject.toml.
 from setuptools import find_packages, setup
 
 # Top-level folders that are installed as qwenpd.<folder>.
-SUBPACKAGES = ("protos", "kernels", "engine", "cache_store", "prefill_service", "decode_service", "clients",
-               "gateway")
+SUBPACKAGES = ("protos", "kernels", "engine", "cache_store", "encoder_service", "prefill_service", "decode_service",
+               "clients", "gateway")
 
 package_dir = {"qwenpd": "qwenpd"}
 packages = ["qwenpd", *(f"qwenpd.{p}" for p in find_packages("qwenpd"))]

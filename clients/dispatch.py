@@ -22,9 +22,10 @@ from typing import Any
 import grpc
 
 from qwenpd.clients.routing import Backend, BackendPool
-from qwenpd.errors import DeadlineExceeded, QwenpdError, Unavailable
+from qwenpd.errors import DeadlineExceeded, InvalidArgument, QwenpdError, Unavailable
 from qwenpd.grpc_status import from_rpc_error
-from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from qwenpd.protos.qwenpd.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, encoder_pb2, encoder_pb2_grpc,
+                                     prefill_pb2, prefill_pb2_grpc)
 
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                 common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error",
@@ -112,9 +113,10 @@ class Dispatcher:
     resume_poll_s = 0.2  # between those checks
 
     def __init__(self, prefill: BackendPool, decode: BackendPool, channel: Callable[[str], grpc.aio.Channel], *,
-                 poll_load: bool = True, eject: bool = False):
+                 poll_load: bool = True, eject: bool = False, encoders: BackendPool | None = None):
         self.prefill_pool = prefill
         self.decode_pool = decode
+        self.encoder_pool = encoders  # image prompts are encoded there first (EncoderService); None: by prefill
         self._channel = channel
         self.poll_load = poll_load
         self.eject = eject
@@ -128,6 +130,7 @@ class Dispatcher:
         must carry a seed and ask for the prompt's token ids (`resumable`)."""
         if not self.poll_load:
             self.decode_pool.ranked()  # no decode instance can take it: refuse before prefill does the work
+        request = await self.encode(request, timeout)
         trace.prefill = pre = await self.prefill(request, timeout)
         trace.first_token_at = time.perf_counter()
         prompt_ids = list(pre.prompt_token_ids)
@@ -145,6 +148,41 @@ class Dispatcher:
             trace.resumes += 1
             pre = await self.prefill(resume_request(request, prompt_ids + received, len(received),
                                                     trace.resume_point), timeout)
+
+    async def encode(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillRequest:
+        """With an encoder pool and a prompt with images: the request with each item's `encoded` set by the best
+        encoder instance (another one on UNAVAILABLE). When no instance can take it, the request as it was:
+        prefill then runs the tower itself. An error of the request's own (INVALID_ARGUMENT) is raised."""
+        if self.encoder_pool is None or not media_of(request):
+            return request
+        out = prefill_pb2.PrefillRequest()
+        out.CopyFrom(request)
+        media = media_of(out)
+        call = encoder_pb2.EncodeRequest(request_id=request.request_id, media=media)
+        if request.HasField("cache_salt"):
+            call.cache_salt = request.cache_salt
+        try:
+            backends = self.encoder_pool.ranked()
+        except QwenpdError:
+            return request
+        for backend in backends:
+            stub = encoder_pb2_grpc.EncoderServiceStub(self._channel(backend.address))
+            BackendPool.started(backend)
+            ok = False
+            try:
+                response = await unary(stub.Encode(call, timeout=timeout))
+                ok = True
+            except (Unavailable, DeadlineExceeded) as exc:
+                self._failed(backend, "encoder", exc)
+                continue
+            except InvalidArgument as exc:  # named as the request names the item (media[k] is the k-th of all)
+                raise InvalidArgument(_own_field(request, exc.field), exc.description, reason=exc.reason) from None
+            finally:
+                BackendPool.finished(backend, ok)
+            for m, encoded in zip(media, response.items):
+                m.encoded.CopyFrom(encoded)
+            return out
+        return request
 
     async def prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         """Prefill on the best instance; on UNAVAILABLE the next one (anything else is the request's own fault)."""
@@ -215,20 +253,23 @@ class Dispatcher:
         once; one that is only slow to answer (a busy host) after `slow_checks` rounds in a row. A backend that
         passes is readmitted."""
         await asyncio.gather(*(self._poll(b, timeout) for b in self.decode_pool.backends),
-                             *(self._check_prefill(b, timeout) for b in self.prefill_pool.backends))
+                             *(self._check_prefill(b, timeout) for b in self.prefill_pool.backends),
+                             *(self._check_prefill(b, timeout, "encoder")
+                               for b in (self.encoder_pool.backends if self.encoder_pool else ())))
 
     slow_checks = 3
 
-    async def _check_prefill(self, backend: Backend, timeout: float) -> None:
+    async def _check_prefill(self, backend: Backend, timeout: float, kind: str = "prefill") -> None:
+        """grpc.health.v1 of a prefill (or encoder) instance."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel(backend.address))
         try:
             status = (await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)).status
         except grpc.RpcError as err:
-            self._checked(backend, "prefill", from_rpc_error(err))
+            self._checked(backend, kind, from_rpc_error(err))
         else:
-            self._checked(backend, "prefill", None if status == health_pb2.HealthCheckResponse.SERVING else
+            self._checked(backend, kind, None if status == health_pb2.HealthCheckResponse.SERVING else
                           Unavailable("not serving"))
 
     async def _poll(self, backend: Backend, timeout: float) -> None:
@@ -284,6 +325,25 @@ class Dispatcher:
         return self.decode_pool.ranked()
 
 
+def media_of(request: prefill_pb2.PrefillRequest) -> list[common_pb2.Media]:
+    """The request's images and videos in prompt order (its own `media`, or its chat messages' parts): the
+    messages themselves, so setting a field sets it in the request."""
+    if request.WhichOneof("prompt") == "chat":
+        return [part.media for m in request.chat.messages for part in m.parts if part.WhichOneof("part") == "media"]
+    return list(request.media)
+
+
+def _own_field(request: prefill_pb2.PrefillRequest, field: str) -> str:
+    """An EncodeRequest's `media[k]...` as the field of the prefill request it came from (a chat's k-th media part:
+    chat.messages[i].parts[j].media...)."""
+    if request.WhichOneof("prompt") != "chat" or not field.startswith("media["):
+        return field
+    k, _, rest = field[len("media["):].partition("]")
+    names = [f"chat.messages[{i}].parts[{j}].media" for i, m in enumerate(request.chat.messages)
+             for j, part in enumerate(m.parts) if part.WhichOneof("part") == "media"]
+    return names[int(k)] + rest if k.isdigit() and int(k) < len(names) else field
+
+
 def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generated: int, resume_point: str = ""
                    ) -> prefill_pb2.PrefillRequest:
     """The request again, as token ids = prompt + the `generated` tokens already received, resumed from the
@@ -291,8 +351,7 @@ def resume_request(request: prefill_pb2.PrefillRequest, ids: list[int], generate
     resumed = prefill_pb2.PrefillRequest()
     resumed.CopyFrom(request)
     if request.WhichOneof("prompt") == "chat":  # its images and videos, in prompt order, as the request's media
-        resumed.media.extend(part.media for m in request.chat.messages for part in m.parts
-                             if part.WhichOneof("part") == "media")
+        resumed.media.extend(media_of(request))
     del resumed.token_ids.ids[:]  # a token-id prompt's own ids are among `ids` already
     resumed.token_ids.ids.extend(ids)  # selects token_ids in the prompt oneof
     resumed.return_prompt_token_ids = False

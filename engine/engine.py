@@ -26,7 +26,7 @@ from qwenpd.engine.tp.group import TPGroup
 from qwenpd.engine.tp.launch import launch
 from qwenpd.engine.tp.plan import ShardPlan
 from qwenpd.engine.tokenizer import Tokenizer
-from qwenpd.engine.vision import PromptMedia, VisionTower, load_vision_weights
+from qwenpd.engine.vision import PromptMedia, VisionTower, load_vision_weights, vision_fingerprint
 from qwenpd.engine.weights import load_weights
 from qwenpd.kernels.ops import register_device_kernels
 
@@ -112,10 +112,12 @@ class Engine:
             kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
         self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes)
         self.vision = None  # the vision tower of a multimodal checkpoint (engine/vision.py)
+        self.vision_fingerprint = ""  # what embeddings stored by an encoder instance are checked against
         if self.config.vision is not None:
             tower, digest = load_vision_weights(model_dir, self.config.vision, self.dtype)
             self.vision = VisionTower(self.config.vision, tower, self.device)
             self.fingerprint = hashlib.sha256(f"{self.fingerprint} vision {digest}".encode()).hexdigest()
+            self.vision_fingerprint = vision_fingerprint(self.config.vision, self.dtype, digest)
         self.draft_head = None  # the checkpoint's MTP head where speculative decoding runs (engine/mtp.py)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)

@@ -251,3 +251,38 @@ def prompt_media(ids: Sequence[int], items: Sequence, embeds: Sequence[torch.Ten
     for span, (n, frame) in zip(spans, owners):
         per_span.append(embeds[n][frame * span.length: (frame + 1) * span.length])
     return out, PromptMedia(len(out), spans, per_span)
+
+
+def vision_fingerprint(v: VisionConfig, dtype: torch.dtype, digest: str) -> str:
+    """What stored embeddings are checked against: the tower's config, compute dtype and weights (an encoder
+    instance and a prefill instance of the same checkpoint compute the same one)."""
+    import dataclasses
+    import json
+
+    spec = json.dumps({**dataclasses.asdict(v), "dtype": str(dtype)}, sort_keys=True)
+    return hashlib.sha256(f"vision {spec} {digest}".encode()).hexdigest()
+
+
+class VisionModel:
+    """The vision tower alone, as an encoder instance loads it (no language model): `config`, `model_dir`,
+    `fingerprint` (vision_fingerprint) and `encode_images`, as an Engine has them."""
+
+    def __init__(self, model_dir: str, dtype: str = "auto", device: str = "cpu"):
+        from qwenpd.engine.config import ModelConfig
+        from qwenpd.engine.engine import DTYPES
+
+        self.model_dir = str(model_dir)
+        self.config = ModelConfig.from_pretrained(model_dir)
+        if self.config.vision is None:
+            raise ValueError(f"checkpoint {model_dir} has no vision tower (no vision_config)")
+        name = self.config.torch_dtype if dtype == "auto" else dtype
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name!r} is not supported; pass float32 or bfloat16")
+        self.dtype = DTYPES[name]
+        self.device = torch.device(device)
+        weights, digest = load_vision_weights(model_dir, self.config.vision, self.dtype)
+        self.tower = VisionTower(self.config.vision, weights, self.device)
+        self.fingerprint = vision_fingerprint(self.config.vision, self.dtype, digest)
+
+    def encode_images(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> list[torch.Tensor]:
+        return self.tower.encode(pixels, grids)

@@ -32,6 +32,7 @@ class GatewayConfig:
 
     prefill: tuple[str, ...]
     decode: tuple[str, ...]
+    encoders: tuple[str, ...] = ()  # an encoder pool (qwenpd serve encoder): image prompts are encoded there first
     listen: str = "127.0.0.1:0"
     http_listen: str = ""
     timeout_s: float = 600.0
@@ -52,7 +53,9 @@ class GatewayConfig:
     security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
-        self.prefill, self.decode = tuple(self.prefill), tuple(self.decode)
+        self.prefill, self.decode, self.encoders = tuple(self.prefill), tuple(self.decode), tuple(self.encoders)
+        for a in self.encoders:
+            check_address("encoders", a)
         self.served_model_names, self.cors_origins = tuple(self.served_model_names), tuple(self.cors_origins)
         self.allowed_media_domains = tuple(self.allowed_media_domains)
         if self.allowed_local_media_path and not Path(self.allowed_local_media_path).is_dir():
@@ -97,6 +100,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     d = service_config.field_defaults(GatewayConfig)
     p.add_argument("--prefill", required=True, type=_addresses, help="prefill addresses HOST:PORT, comma-separated")
     p.add_argument("--decode", required=True, type=_addresses, help="decode addresses HOST:PORT, comma-separated")
+    p.add_argument("--encoders", type=_addresses, default=(), help="encoder addresses HOST:PORT, comma-separated "
+                   "(qwenpd serve encoder): the vision tower runs there, prefill reads its output from the cache "
+                   "store (default: none, prefill runs the tower)")
     service_config.add_server_args(p, d)  # --listen (gRPC), --grace, TLS and token, --metrics-port
     p.add_argument("--http-listen", default=d.http_listen, help="OpenAI-compatible HTTP API HOST:PORT (default: off)")
     p.add_argument("--timeout", type=float, default=d.timeout_s, dest="timeout_s",

@@ -56,7 +56,9 @@ class Gateway:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.dispatcher = Dispatcher(BackendPool(list(config.prefill), "prefill", config.max_in_flight_prefill),
                                      BackendPool(list(config.decode), "decode", config.max_in_flight_decode),
-                                     self._channel, poll_load=False, eject=True)
+                                     self._channel, poll_load=False, eject=True,
+                                     encoders=BackendPool(list(config.encoders), "encoder",
+                                                          config.max_in_flight_prefill) if config.encoders else None)
         self.dispatcher.resume_wait_s = config.resume_wait_s
         self.dispatcher.on_health = self._on_health
         self._health_task: asyncio.Task | None = None

@@ -11,7 +11,7 @@ item's key and the request's cache salt (tenants never share embeddings either).
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,86 +21,14 @@ import numpy as np
 import torch
 
 from qwenpd.engine.engine import Engine
-from qwenpd.engine.media import (MediaError, MediaLimits, Pixels, ProcessorSpec, decode_image, image_pixels, locate,
-                                 place, video_pixels)
+from qwenpd.engine.media import MediaError, Pixels, locate, place
 from qwenpd.engine.mrope import VisionSpan
 from qwenpd.engine.vision import PromptMedia
-from qwenpd.errors import InvalidArgument
-from qwenpd.limits import Limits
+from qwenpd.errors import InvalidArgument, QwenpdError
+from qwenpd.media import EMBEDS, item_key
 from qwenpd.protos.qwenpd.v1 import common_pb2
 
-
-def item_key(p: Pixels) -> bytes:
-    """The content key of one image or video: its grid, kind and pixel rows."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{p.kind}:{p.grid}:{p.timestamps}:".encode())
-    h.update(np.ascontiguousarray(p.values).view(np.uint8).data)
-    return h.digest()
-
-
-def media_limits(limits: Limits) -> MediaLimits:
-    """The service's media limits as engine/media.py takes them."""
-    return MediaLimits(max_image_pixels=limits.max_image_pixels, max_images_per_request=limits.max_images_per_request,
-                       max_video_frames=limits.max_video_frames, max_image_bytes=limits.max_image_bytes)
-
-
-def read_media(media: Sequence[common_pb2.Media], fields: Sequence[str], engine: Engine, limits: MediaLimits
-               ) -> list[Pixels]:
-    """The request's media as patch rows; InvalidArgument naming the field (and the limit) for anything the
-    model or the limits do not take."""
-    if not media:
-        return []
-    if engine.config.vision is None:
-        raise InvalidArgument(fields[0], "this model has no vision tower: it takes no images or videos")
-    if len(media) > limits.max_images_per_request:
-        raise InvalidArgument(fields[0], f"{len(media)} images/videos; this service takes at most "
-                                         f"{limits.max_images_per_request} per request (--max-images-per-request)",
-                              reason="TOO_MANY_IMAGES")
-    image_spec, video_spec = processor_specs(engine)
-    out = []
-    for m, field in zip(media, fields):
-        try:
-            kind = m.WhichOneof("source")
-            if kind == "image":
-                out.append(image_pixels(decode_image(m.image, limits, m.mime_type or None), image_spec))
-            elif kind == "video":
-                if len(m.video.frames) > limits.max_video_frames:
-                    raise MediaError(f"video of {len(m.video.frames)} frames is over the limit of "
-                                     f"{limits.max_video_frames}", "max_video_frames")
-                spec = video_spec
-                if m.HasField("fps"):
-                    if not 0.01 <= m.fps <= 240:
-                        raise MediaError(f"fps must be in [0.01, 240], got {m.fps}")
-                    spec = _with_fps(video_spec, m.fps)
-                frames = [decode_image(f, limits, m.mime_type or None) for f in m.video.frames]
-                if len({f.size for f in frames}) > 1:
-                    raise MediaError("all frames of a video must have the same size")
-                out.append(video_pixels(frames, spec, limits))
-            else:
-                raise MediaError("give an image or a video")
-        except MediaError as exc:
-            limit = f" (--{exc.limit.replace('_', '-')})" if exc.limit else ""
-            raise InvalidArgument(field, f"{exc}{limit}", reason="BAD_MEDIA" if not exc.limit else
-                                  exc.limit.upper()) from None
-    return out
-
-
-def _with_fps(spec: ProcessorSpec, fps: float) -> ProcessorSpec:
-    import dataclasses
-
-    return dataclasses.replace(spec, fps=float(fps))
-
-
-_SPECS: dict[str, tuple[ProcessorSpec, ProcessorSpec]] = {}
-
-
-def processor_specs(engine: Engine) -> tuple[ProcessorSpec, ProcessorSpec]:
-    """The checkpoint's (image, video) processor specs, read once per model directory."""
-    if engine.model_dir not in _SPECS:
-        v = engine.config.vision
-        _SPECS[engine.model_dir] = ProcessorSpec.from_checkpoint(engine.model_dir, v.patch_size,
-                                                                 v.temporal_patch_size, v.spatial_merge_size)
-    return _SPECS[engine.model_dir]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +40,7 @@ class PromptImages:
     keys: tuple[bytes, ...]
     spans: tuple[VisionSpan, ...]
     owners: tuple[tuple[int, int], ...]
+    refs: tuple[str, ...] = ()  # per item: where an encoder instance stored its embeddings ("" = none)
 
     @property
     def image_tokens(self) -> int:
@@ -138,8 +67,8 @@ class PromptImages:
         return PromptMedia(num_tokens, list(self.spans), per_span)
 
 
-def place_media(ids: list[int], items: list[Pixels], engine: Engine, field: str, expanded: int | None = None
-                ) -> tuple[list[int], PromptImages]:
+def place_media(ids: list[int], items: list[Pixels], engine: Engine, field: str, expanded: int | None = None,
+                media: Sequence[common_pb2.Media] = ()) -> tuple[list[int], PromptImages]:
     """Expand the placeholders of `ids` for `items` (engine/media.py place), or with `expanded` (the length of
     the prompt in `ids`) find the items' runs of tokens in a prompt that has them already (a resumed request's,
     followed by the tokens it generated); InvalidArgument naming `field`."""
@@ -153,7 +82,11 @@ def place_media(ids: list[int], items: list[Pixels], engine: Engine, field: str,
                                        None if tok is None else (lambda s: tok.encode(s)))
     except MediaError as exc:
         raise InvalidArgument(field, str(exc), reason="MEDIA_PLACEHOLDERS") from None
-    return out, PromptImages(tuple(items), tuple(item_key(p) for p in items), tuple(spans), tuple(owners))
+    keys = tuple(item_key(p) for p in items)
+    # an encoder instance's embeddings count only for the pixels they were computed from
+    refs = tuple(m.encoded.checkpoint_id if m.HasField("encoded") and m.encoded.key == key else ""
+                 for m, key in zip(media, keys)) if media else ()
+    return out, PromptImages(tuple(items), keys, tuple(spans), tuple(owners), refs)
 
 
 class EncoderCache:
@@ -193,12 +126,21 @@ class EncoderCache:
 
 
 def embed(engine: Engine, images: PromptImages, needed: list[int], cache: EncoderCache | None,
-          salt: str | None) -> dict[int, torch.Tensor]:
-    """The tower's output for the `needed` items: from the cache where it has them, the rest in one pass."""
+          salt: str | None, store: Any = None, on_stored: Any = None) -> dict[int, torch.Tensor]:
+    """The tower's output for the `needed` items: from the cache where it has them, else from the cache store
+    where an encoder instance left them (images.refs; `on_stored(n)` per item read there), the rest in one
+    pass of the tower."""
     out: dict[int, torch.Tensor] = {}
     missing = []
     for n in needed:
         hit = cache.get(salt, images.keys[n]) if cache is not None else None
+        if hit is None and store is not None and n < len(images.refs) and images.refs[n]:
+            hit = _stored(engine, store, images.refs[n], images.items[n])
+            if hit is not None:
+                if on_stored is not None:
+                    on_stored(n)
+                if cache is not None:
+                    cache.put(salt, images.keys[n], hit)
         if hit is not None:
             out[n] = hit
         else:
@@ -210,6 +152,27 @@ def embed(engine: Engine, images: PromptImages, needed: list[int], cache: Encode
             if cache is not None:
                 cache.put(salt, images.keys[n], e)
     return out
+
+
+def _stored(engine: Engine, store: Any, checkpoint_id: str, item: Pixels) -> torch.Tensor | None:
+    """An item's embeddings from the cache store (a copy on the engine's device), None when they are gone or do
+    not fit this model (checked against the vision fingerprint, the item's token count and the model dtype)."""
+    m2 = engine.config.vision.spatial_merge_size ** 2
+    tokens = item.grid[0] * item.grid[1] * item.grid[2] // m2
+    try:
+        ckpt = store.get_checkpoint(checkpoint_id, engine.vision_fingerprint,
+                                    {EMBEDS: (tokens, engine.config.hidden_size)}, {EMBEDS: engine.dtype})
+    except QwenpdError as exc:
+        log.info("stored embeddings %s not used, running the tower: %s", checkpoint_id, exc.message)
+        return None
+    try:
+        return ckpt.tensors[EMBEDS].to(engine.device, copy=True)
+    finally:
+        ckpt.tensors.clear()
+        try:
+            store.release(ckpt)
+        except QwenpdError:
+            pass
 
 
 def template_content(message: common_pb2.ChatMessage, i: int) -> tuple[Any, list[common_pb2.Media], list[str]]:

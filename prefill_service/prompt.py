@@ -10,7 +10,8 @@ from qwenpd.engine.engine import Engine
 from qwenpd.engine.tokenizer import TemplateArgumentError, TokenizerError
 from qwenpd.errors import InvalidArgument
 from qwenpd.limits import Limits
-from qwenpd.prefill_service.media import PromptImages, media_limits, place_media, read_media, template_content
+from qwenpd.media import media_limits, read_media
+from qwenpd.prefill_service.media import PromptImages, place_media, template_content
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 _FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
@@ -84,7 +85,7 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     if media or (engine.config.vision is not None and _has_placeholder(ids[:own], engine)):
         items = read_media(media, media_fields, engine, media_limits(limits or Limits()))
         ids, images = place_media(ids, items, engine, media_fields[0] if media_fields else field,
-                                  expanded=own if resumed else None)
+                                  expanded=own if resumed else None, media=media)
         if len(ids) > prompt_capacity(engine, limits) + max(0, request.resume_generated):
             raise InvalidArgument(field, f"the prompt with its images has {len(ids)} tokens, more than this "
                                   f"server takes ({prompt_capacity(engine, limits)})", reason="PROMPT_TOO_LONG")

@@ -163,10 +163,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if stream is None:
                 media = None
                 if images is not None:  # the tower runs for the items past the restored prefix only
-                    media = images.prompt_media(prompt_len, embed(self.engine, images,
-                                                                  images.needed(plan.cached_tokens), self.encoders,
-                                                                  cache_salt),
-                                                self.engine.config.hidden_size, self.engine.dtype)
+                    embeds = embed(self.engine, images, images.needed(plan.cached_tokens), self.encoders,
+                                   cache_salt, self.store, lambda n: self.metrics.stored_embeddings.inc())
+                    media = images.prompt_media(prompt_len, embeds, self.engine.config.hidden_size, self.engine.dtype)
                     encoder_ns = time.monotonic_ns() - restored
                 logits, state, scores = self._prefill(job, ids[:prompt_len], plan, state, score, drafts, media)
             c = state.num_tokens  # consumed: the prompt, or up to the resume point
@@ -301,6 +300,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         m.compute.observe(done.prefill_ns / 1e9)
         m.write.observe(done.write_ns / 1e9)
         m.prompt_tokens.inc(done.handoff.prompt_tokens)
+        m.image_tokens.inc(done.handoff.image_tokens)
         m.cached_tokens.inc(done.handoff.cached_tokens)
 
     async def GetModelInfo(self, request: prefill_pb2.GetModelInfoRequest, context) -> prefill_pb2.ModelInfo:

@@ -79,6 +79,20 @@ class PrefillMetrics(Metrics):
                                "checkpoint (the failed decode's own state: exact) or recomputed (the prompt "
                                "prefilled again: exact when chunked as the first time)", ["source"],
                                registry=self.registry)
+        self.image_tokens = Counter("qwenpd_prefill_image_tokens", "prompt tokens that stand for images and video "
+                                    "frames", registry=self.registry)
+        self.stored_embeddings = Counter("qwenpd_prefill_stored_embeddings", "images and videos whose embeddings "
+                                         "came from an encoder instance through the cache store",
+                                         registry=self.registry)
+
+
+class EncoderMetrics(Metrics):
+    def __init__(self) -> None:
+        super().__init__("encoder")
+        self.encode = self._histogram("qwenpd_encoder_seconds", "one Encode call: reading the media, the tower, "
+                                      "storing the embeddings")
+        self.items = Counter("qwenpd_encoder_items", "images and videos encoded, by outcome: computed, or reused "
+                             "(stored before)", ["outcome"], registry=self.registry)
 
 
 class DecodeMetrics(Metrics):

@@ -40,6 +40,14 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=cmd_serve_decode)
 
+    p = kinds.add_parser("encoder", help="an encoder instance: a multimodal checkpoint's vision tower, its output "
+                         "handed to prefill through the cache store (the gateway's --encoder pool)")
+    from qwenpd.encoder_service import config as encoder_config
+
+    encoder_config.add_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_serve_encoder)
+
     p = kinds.add_parser("gateway", help="the gateway: gRPC Generate and the OpenAI-compatible HTTP API over pools "
                          "of prefill and decode instances")
     from qwenpd.gateway import config as gateway_config
@@ -93,6 +101,10 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    help="seconds the gateway holds a broken decode stream while no decode instance answers, e.g. "
                    f"during a restart (default {DEFAULT_RESUME_WAIT_S:g}; with "
                    "--compile 120, long enough for a decode service to restart from its compile cache)")
+    p.add_argument("--encoders", type=int, default=0, metavar="N",
+                   help="N encoder instances (qwenpd serve encoder: a multimodal checkpoint's vision tower) the "
+                        "gateway encodes image prompts on, their output reaching prefill through the cache store "
+                        "(default 0: prefill runs the tower)")
     p.add_argument("--max-restarts", type=int, default=sup.max_restarts, help="restarts of one crashed child "
                    f"within 5 minutes before serve all gives up (default {sup.max_restarts})")
     engine_config.add_args(p, roles=("prefill", "decode"))  # the services' engine flags, per role where they differ
@@ -166,6 +178,12 @@ def cmd_serve_prefill(args: argparse.Namespace) -> int:
 
 def cmd_serve_decode(args: argparse.Namespace) -> int:
     from qwenpd.decode_service import config, server
+
+    return _serve(args, config.config_from_args, server.serve)
+
+
+def cmd_serve_encoder(args: argparse.Namespace) -> int:
+    from qwenpd.encoder_service import config, server
 
     return _serve(args, config.config_from_args, server.serve)
 

@@ -46,6 +46,7 @@ from qwenpd.engine.engine_config import EngineConfig
 from qwenpd.process import dying_with_parent
 from qwenpd.units import parse_bytes
 from qwenpd.decode_service.config import DecodeConfig
+from qwenpd.encoder_service.config import EncoderConfig
 from qwenpd.gateway.config import DEFAULT_RESUME_WAIT_S, GatewayConfig
 from qwenpd.prefill_service.config import PrefillConfig
 from qwenpd.security import Security
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER = "127.0.0.1:0"  # the cache address of prefill/decode configs until the store has bound its port
 LOCAL_MASTER = "local"  # mooncake_master/_metadata of a cache config: start a local mooncake_master child
-CONFIG_TYPES = {cls.__name__: cls for cls in (CacheStoreConfig, PrefillConfig, DecodeConfig, GatewayConfig)}
+CONFIG_TYPES = {cls.__name__: cls for cls in (CacheStoreConfig, PrefillConfig, DecodeConfig, GatewayConfig,
+                                              EncoderConfig)}
 
 
 # ---- configs as JSON, for children -------------------------------------------------------------------------------
@@ -167,6 +169,7 @@ class ServiceSet:
     max_restarts: int = 5  # per child within restart_window_s; past it, serve all stops everything
     restart_window_s: float = 300.0
     metrics_port: int = 0  # the supervisor's own /metrics (restart counts); 0 = off
+    encoders: int = 0  # encoder instances (the vision tower, E/P/D): the gateway encodes image prompts there
     children: list[Child] = field(default_factory=list)
     master: "MooncakeMaster | None" = None
     _tmp: tempfile.TemporaryDirectory | None = None
@@ -249,8 +252,15 @@ class ServiceSet:
             default_chat_template_kwargs=args.default_chat_template_kwargs,
             allowed_media_domains=tuple(args.allowed_media_domains),
             allowed_local_media_path=args.allowed_local_media_path)
+        if args.encoders < 0:
+            raise ValueError(f"--encoders must be >= 0, got {args.encoders}")
+        if args.encoders:
+            from qwenpd.engine.config import ModelConfig
+
+            if ModelConfig.from_pretrained(args.model).vision is None:
+                raise ValueError("--encoders: this checkpoint has no vision tower (no vision_config)")
         return cls(cache, prefill, decode, gateway, start_timeout_s=args.start_timeout, log_level=args.log_level,
-                   max_restarts=args.max_restarts, metrics_port=port(4))
+                   max_restarts=args.max_restarts, metrics_port=port(4), encoders=args.encoders)
 
     # ---- addresses -----------------------------------------------------------------------------------------------
     def _child(self, role: str) -> Child:
@@ -314,10 +324,15 @@ class ServiceSet:
                       Child("decode", _with_compile_cache(self.decode_config, cache.address, tmp / "compiled-decode"),
                             tmp, self.log_level, self.decode_netns)]
             self.children += models
-            self._launch(models, deadline)
+            encoders = [Child(f"encoder {i}", self._encoder_config(cache.address, i), tmp, self.log_level)
+                        for i in range(self.encoders)]
+            self.children += encoders
+            self._launch(models + encoders, deadline)
             if self.gateway_config is not None:
                 gw = Child("gateway", dataclasses.replace(self.gateway_config, prefill=(models[0].address,),
-                                                          decode=(models[1].address,)), tmp, self.log_level)
+                                                          decode=(models[1].address,),
+                                                          encoders=tuple(e.address for e in encoders)),
+                           tmp, self.log_level)
                 self.children.append(gw)
                 self._launch([gw], deadline)
             if self.metrics_port:
@@ -325,6 +340,15 @@ class ServiceSet:
         except BaseException:
             self.stop()
             raise
+
+    def _encoder_config(self, cache: str, i: int) -> EncoderConfig:
+        """Encoder instance i beside prefill: its checkpoint, dtype, device, threads, limits and security; metrics
+        on the supervisor's port + 1 + i when the supervisor has one."""
+        p = self.prefill_config
+        return EncoderConfig(model_dir=p.model_dir, cache=cache, listen=format_address(
+            p.listen.rsplit(":", 1)[0].strip("[]"), 0), dtype=p.engine.dtype, device=p.engine.device,
+            threads=p.engine.threads, grace_s=p.grace_s, limits=p.limits, security=p.security,
+            metrics_port=self.metrics_port + 1 + i if self.metrics_port else 0)
 
     def _launch(self, children: list[Child], deadline: float) -> None:
         for child in children:
@@ -390,7 +414,7 @@ class ServiceSet:
         codes: dict[str, int] = {}
         grace = max(c.config.grace_s for c in self.children) if self.children else 0.0
         for group in ([c for c in self.children if c.role == "gateway"],
-                      [c for c in self.children if c.role in ("prefill", "decode")],
+                      [c for c in self.children if c.role in ("prefill", "decode") or c.role.startswith("encoder")],
                       [c for c in self.children if c.role == "cache store"]):
             live = [c for c in group if c.proc is not None and c.proc.poll() is None]
             for c in live:

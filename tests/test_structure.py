@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Top-level folders installed as qwenpd.<folder> (setup.py), and the qwenpd/ folder itself.
-FOLDERS = ("protos", "kernels", "engine", "cache_store", "prefill_service", "decode_service", "clients", "gateway")
+FOLDERS = ("protos", "kernels", "engine", "cache_store", "encoder_service", "prefill_service", "decode_service",
+           "clients", "gateway")
 GENERIC_TOP_LEVEL = set(FOLDERS)  # names that must never be imported bare
 
 # The shared modules in qwenpd/ that every side may use (no service, no engine among their own imports).
@@ -26,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     # tokens: how a token's own bytes are spelled in logprobs (decode knows them, the gateway shows them)
     "engine": {"kernels", "errors", "units", "process", "tokens"},
     "cache_store": {"protos", *CORE},
-    "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
+    "encoder_service": {"engine", "cache_store", "protos", "media", *CORE},
+    "prefill_service": {"engine", "kernels", "cache_store", "protos", "handoff", "media", "model_service", *CORE},
     "decode_service": {"engine", "kernels", "cache_store", "protos", "handoff", "model_service", *CORE},
     "clients": {"protos", "errors", "grpc_status", "security", "address", "limits"},
     "gateway": {"clients", "protos", *CORE},
@@ -44,6 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "service_config": {"limits", "security", "address", "units"},
     "grpc_server": {"errors", "grpc_status", "security", "address", "limits", "service_config"},
     "handoff": {"engine", "protos", "errors"},  # the prefill -> decode contract
+    "media": {"engine", "protos", "errors", "limits"},  # an image between the encoder pool and prefill
     "model_service": {"engine", "service_config", "limits", "security", "address"},  # what prefill and decode share
     # entry points and process management: they start everything
     "__init__": set(),

@@ -436,6 +436,7 @@ class Media(_message.Message):
     VIDEO_FIELD_NUMBER: _builtins.int
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     FPS_FIELD_NUMBER: _builtins.int
+    ENCODED_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """An encoded image: PNG, JPEG, WebP, GIF (its first frame) or BMP."""
     mime_type: _builtins.str
@@ -450,6 +451,13 @@ class Media(_message.Message):
     def video(self) -> Global___VideoFrames:
         """A video as its sampled frames, in order, each an encoded image (no video container is decoded)."""
 
+    @_builtins.property
+    def encoded(self) -> Global___EncodedMedia:
+        """Where an encoder instance (EncoderService.Encode) left this item's embeddings. Prefill reads them instead of
+        running the vision tower when they are still stored and `key` is the content key of the pixels it reads from
+        `image`/`video` itself; otherwise it runs the tower. The gateway sets it when it runs an encoder pool.
+        """
+
     def __init__(
         self,
         *,
@@ -457,10 +465,11 @@ class Media(_message.Message):
         video: Global___VideoFrames | None = ...,
         mime_type: _builtins.str = ...,
         fps: _builtins.float | None = ...,
+        encoded: Global___EncodedMedia | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "fps", b"fps", "image", b"image", "source", b"source", "video", b"video"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "encoded", b"encoded", "fps", b"fps", "image", b"image", "source", b"source", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "fps", b"fps", "image", b"image", "mime_type", b"mime_type", "source", b"source", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "encoded", b"encoded", "fps", b"fps", "image", b"image", "mime_type", b"mime_type", "source", b"source", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__fps: _TypeAlias = _typing.Literal["fps"]  # noqa: Y015
     _WhichOneofArgType__fps: _TypeAlias = _typing.Literal["_fps", b"_fps"]  # noqa: Y015
@@ -472,6 +481,32 @@ class Media(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___Media: _TypeAlias = Media  # noqa: Y015
+
+@_typing.final
+class EncodedMedia(_message.Message):
+    """An image's or video's embeddings in the cache store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    checkpoint_id: _builtins.str
+    """The checkpoint holding them (one tensor, "embeds": [tokens, hidden])."""
+    key: _builtins.bytes
+    """The content key of the pixels they were computed from (the item's grid, kind and pixel rows, digested)."""
+    def __init__(
+        self,
+        *,
+        checkpoint_id: _builtins.str = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncodedMedia: _TypeAlias = EncodedMedia  # noqa: Y015
 
 @_typing.final
 class VideoFrames(_message.Message):

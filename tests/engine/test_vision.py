@@ -245,3 +245,27 @@ def test_image_prompt_with_tensor_parallelism_equals_transformers(vision_checkpo
         assert mine == theirs
     finally:
         eng.close()
+
+
+def test_compiled_engine_serves_image_prompts(vision_checkpoint):
+    """--compile: an image prompt's chunks run the eager prefill graph at their exact shape (so no bucket
+    recompiles), decode runs the compiled graph with the rope offset as an input: the eager engine's tokens."""
+    from qwenpd.engine.runner import Buckets
+
+    def tokens(eng):
+        v = eng.config.vision
+        item = image_pixels(_image(30, 45, 4), _spec(vision_checkpoint)[0])
+        ids, media = prompt_media([30, v.vision_start_token_id, v.image_token_id, v.vision_end_token_id, 40], [item],
+                                  [eng.encode_images(torch.from_numpy(item.values), [item.grid])[0]], v)
+        logits, state = eng.prefill(ids, chunk_size=16, media=media)
+        batch = DecodeBatch(eng, 1)
+        batch.add(state)
+        out = [int(logits.argmax())]
+        while len(out) < 8:
+            out.append(int(batch.step([out[-1]])[0].argmax()))
+        return out
+
+    eager = tokens(Engine(vision_checkpoint, dtype="float32"))
+    compiled = Engine(vision_checkpoint, dtype="float32", kv_cache_bytes=1 << 22)
+    compiled.compile(Buckets((16,), (1,), (compiled.default_buckets(16, 1).widths[-1],)), max_batch=1)
+    assert tokens(compiled) == eager

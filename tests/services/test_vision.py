@@ -224,87 +224,78 @@ def test_bad_images_are_refused_while_others_are_served(served):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholder" in err.value.details()
 
 
-def test_image_chat_through_tensor_parallel_services(checkpoint, tmp_path):
-    """serve all with prefill and decode at tp 2: the same greedy tokens as transformers, and a repeated image hits
-    the prefix cache (the snapshot's rope offset crosses the ranks too)."""
-    s = start_serve_all(checkpoint, tmp_path, f"vistp{os.getpid()}", "--prefill-tp", "2", "--decode-tp", "2",
-                        "--block-size", "16", "--snapshot-interval", "16")
-    try:
-        data = _png(11, 40, 40)
-        content = [{"type": "text", "text": "twice:"}, {"type": "image", "image": data},
-                   {"type": "text", "text": "what?"}]
-        prefill = _chat_request(content)
-        request = generate_pb2.GenerateRequest(chat=prefill.chat, sampling=common_pb2.SamplingParams(
-            temperature=0, max_tokens=10, ignore_eos=True))
-        runs = []
-        with grpc.insecure_channel(s.gateway) as ch:
-            for _ in range(2):
-                chunks = list(generate_pb2_grpc.GenerateServiceStub(ch).Generate(request, timeout=120))
-                runs.append(([t for c in chunks for t in c.token_ids], chunks[-1].usage))
-        assert runs[0][0] == runs[1][0] == _transformers_greedy(checkpoint, prefill, [data], 10)
-        assert runs[0][1].cached_tokens == 0 and runs[1][1].cached_tokens >= runs[1][1].prompt_tokens - 16
-    finally:
-        assert stop_serve_all(s) == 0
-
-
 def _scrape(port: int) -> str:
     import urllib.request
 
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
-def test_encoder_pool(checkpoint, tmp_path):
-    """serve all --encoders 1: the gateway encodes image prompts on the encoder instance, prefill reads the
-    embeddings from the cache store (no tower run there), a repeated image is not encoded again, tokens are
-    transformers'; bad media are named as the request names them; with the encoder killed, requests are still
-    served (prefill runs the tower) and the supervisor brings it back."""
+@pytest.fixture(scope="module")
+def pooled(checkpoint, tmp_path_factory):
+    """serve all with prefill and decode at tp 2 and an encoder pool of one."""
+    from tests.services.test_supervisor import _free_ports
+
+    tmp = tmp_path_factory.mktemp("vision-pool")
+    metrics = _free_ports(6)
+    s = start_serve_all(checkpoint, tmp, f"vispool{os.getpid()}", "--prefill-tp", "2", "--decode-tp", "2",
+                        "--encoders", "1", "--block-size", "16", "--snapshot-interval", "16", "--metrics-port",
+                        str(metrics))
+    s.tmp, s.metrics = tmp, metrics
+    s.model = httpx.get(f"http://{s.http}/v1/models", timeout=30).json()["data"][0]["id"]
+    yield s
+    assert stop_serve_all(s) == 0
+
+
+def test_tensor_parallel_services_with_an_encoder_pool(pooled, checkpoint):
+    """Prefill and decode at tp 2, the tower on the encoder instance: transformers' greedy tokens; prefill read the
+    embeddings from the cache store; the same prompt again hits the prefix cache (the snapshot's rope offset
+    crosses the ranks too) with the same tokens, and the same image after other text is not encoded again."""
+    from tests.services.test_exact_resume import _metric
+
+    data = _png(11, 40, 40)
+    content = [{"type": "text", "text": "twice:"}, {"type": "image", "image": data},
+               {"type": "text", "text": "what?"}]
+    prefill = _chat_request(content)
+    request = generate_pb2.GenerateRequest(chat=prefill.chat, sampling=common_pb2.SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True))
+    runs = []
+    with grpc.insecure_channel(pooled.gateway) as ch:
+        for _ in range(2):
+            chunks = list(generate_pb2_grpc.GenerateServiceStub(ch).Generate(request, timeout=120))
+            runs.append(([t for c in chunks for t in c.token_ids], chunks[-1].usage))
+    assert runs[0][0] == runs[1][0] == _transformers_greedy(checkpoint, prefill, [data], 10)
+    assert runs[0][1].cached_tokens == 0 and runs[1][1].cached_tokens >= runs[1][1].prompt_tokens - 16
+    assert _metric(_scrape(pooled.metrics + 1), "qwenpd_prefill_stored_embeddings_total") == 1
+    other = _chat(pooled, [{"type": "text", "text": "something else first, then"},
+                           {"type": "image_url", "image_url": {"url": _url(data)}}])
+    assert other.status_code == 200, other.text
+    encoder = _scrape(pooled.metrics + 5)
+    assert _metric(encoder, 'qwenpd_encoder_items_total{outcome="computed"}') == 1
+    assert _metric(encoder, 'qwenpd_encoder_items_total{outcome="reused"}') == 2
+
+
+def test_encoder_pool_errors_and_failure(pooled):
+    """Bad media are named as the request names them; with the encoder killed, requests are still served
+    (prefill runs the tower) with the same answer, and the supervisor brings the encoder back."""
     import json
     import signal
     import time
 
-    from tests.services.test_exact_resume import _metric
-    from tests.services.test_supervisor import _free_ports
-
-    metrics = _free_ports(6)
-    s = start_serve_all(checkpoint, tmp_path, f"visenc{os.getpid()}", "--encoders", "1", "--metrics-port",
-                        str(metrics))
-    try:
-        model = httpx.get(f"http://{s.http}/v1/models", timeout=30).json()["data"][0]["id"]
-        s.model = model
-        data = _png(21, 48, 40)
-        content = [{"type": "text", "text": "encoded elsewhere:"},
-                   {"type": "image_url", "image_url": {"url": _url(data)}}]
-        first = _chat(s, content)
-        assert first.status_code == 200, first.text
-        prefill = _chat_request(content)
-        request = generate_pb2.GenerateRequest(chat=prefill.chat, sampling=common_pb2.SamplingParams(
-            temperature=0, max_tokens=12))
-        with grpc.insecure_channel(s.gateway) as ch:
-            chunks = list(generate_pb2_grpc.GenerateServiceStub(ch).Generate(request, timeout=120))
-        assert [t for c in chunks for t in c.token_ids] == _transformers_greedy(checkpoint, prefill, [data], 12)
-        encoder, prefill_metrics = _scrape(metrics + 5), _scrape(metrics + 1)
-        assert _metric(encoder, 'qwenpd_encoder_items_total{outcome="computed"}') == 1
-        assert _metric(encoder, 'qwenpd_encoder_items_total{outcome="reused"}') == 1  # the gRPC request's image
-        # the first request's from the store; the second's from prefill's own encoder cache, filled by the first
-        assert _metric(prefill_metrics, "qwenpd_prefill_stored_embeddings_total") == 1
-
-        bad = _chat(s, [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": _url(b"junk")}}])
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[0].content[1]", bad.text
-
-        pid = json.loads((tmp_path / f"visenc{os.getpid()}.json").read_text())["children"]["encoder 0"]
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        again = _chat(s, content)  # the encoder is down: prefill runs the tower
-        assert again.status_code == 200, again.text
-        assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
-        deadline = time.monotonic() + 60
-        while True:  # the supervisor restarts the encoder in place; the gateway readmits it
-            try:
-                if _metric(_scrape(metrics + 5), 'qwenpd_encoder_items_total{outcome="computed"}') >= 0:
-                    break
-            except OSError:
-                pass
+    bad = _chat(pooled, [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": _url(b"junk")}}])
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[0].content[1]", bad.text
+    content = [{"type": "text", "text": "kill:"}, {"type": "image_url", "image_url": {"url": _url(_png(22))}}]
+    first = _chat(pooled, content)
+    pid = json.loads((pooled.tmp / f"{pooled.store_id}.json").read_text())["children"]["encoder 0"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    again = _chat(pooled, content)  # the encoder is down: prefill runs the tower
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    deadline = time.monotonic() + 60
+    while True:  # the supervisor restarts the encoder in place
+        try:
+            _scrape(pooled.metrics + 5)
+            break
+        except OSError:
             assert time.monotonic() < deadline, "the encoder did not come back"
             time.sleep(0.5)
-    finally:
-        assert stop_serve_all(s) == 0

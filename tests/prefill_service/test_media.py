@@ -164,3 +164,12 @@ def test_fetch_policy(image_server, tmp_path):
         local(f"file://{tmp_path}/../etc/passwd", "f")
     with pytest.raises(InvalidArgument, match="base64"):
         local("data:image/png,raw", "f")
+
+
+def test_a_text_only_model_refuses_media(tiny_model_dir):
+    text_engine = Engine(tiny_model_dir, warm_up=False)
+    with pytest.raises(InvalidArgument, match="no vision tower") as err:
+        encode_prompt(_chat("look", _png(0)), text_engine, Limits())
+    assert err.value.field == "chat.messages[0].parts[1].media"
+    plain = encode_prompt(prefill_pb2.PrefillRequest(text="x<|image_pad|>"), text_engine, Limits())
+    assert plain.images is None  # not a special token here: text like any other

@@ -172,11 +172,12 @@ class Dispatcher:
             try:
                 response = await unary(stub.Encode(call, timeout=timeout))
                 ok = True
-            except (Unavailable, DeadlineExceeded) as exc:
-                self._failed(backend, "encoder", exc)
-                continue
             except InvalidArgument as exc:  # named as the request names the item (media[k] is the k-th of all)
                 raise InvalidArgument(_own_field(request, exc.field), exc.description, reason=exc.reason) from None
+            except QwenpdError as exc:  # down, full or failing: the next one, and in the end prefill's own tower
+                if isinstance(exc, (Unavailable, DeadlineExceeded)):
+                    self._failed(backend, "encoder", exc)
+                continue
             finally:
                 BackendPool.finished(backend, ok)
             for m, encoded in zip(media, response.items):

@@ -20,7 +20,7 @@ from qwenpd.encoder_service.config import EncoderConfig
 from qwenpd.engine.vision import VisionModel
 from qwenpd.errors import QwenpdError, ResourceExhausted
 from qwenpd.metrics import EncoderMetrics
-from qwenpd.media import EMBEDS, item_key, media_limits, read_media
+from qwenpd.media import EMBEDS, MEDIA_KEY, item_key, media_limits, read_media
 from qwenpd.protos.qwenpd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 KNOWN = 65536  # (salt, key) -> checkpoint entries remembered
@@ -64,7 +64,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         started = time.perf_counter()
         fields = [f"media[{i}]" for i in range(len(request.media))]
         items = await asyncio.to_thread(read_media, list(request.media), fields, self.model,
-                                        media_limits(self.config.limits))
+                                        media_limits(self.config.limits), self.config.limits.max_prompt_tokens)
         keys = [item_key(p) for p in items]
         salt = request.cache_salt if request.HasField("cache_salt") else None
         ids, encoder_ns, reused = await self.worker.run(lambda: self._encode(items, keys, salt))
@@ -73,8 +73,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                                                  for c, k in zip(ids, keys)], encoder_ns=encoder_ns, reused=reused)
 
     def _encode(self, items, keys, salt) -> tuple[list[str], int, int]:
-        """On the worker thread: reuse what is stored, run the tower over the rest in one pass, store it."""
-        import numpy as np
+        """On the worker thread: reuse what is stored, run the tower over the rest (an item at a time), store it."""
         import torch
 
         ids: list[str] = [""] * len(items)
@@ -88,16 +87,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         reused = len(items) - len(missing)
         self.metrics.items.labels("reused").inc(reused)
         encoder_ns = 0
-        if missing:
+        for n in missing:  # one tower pass per item: activations of one image at a time
             t0 = time.monotonic_ns()
-            pixels = torch.from_numpy(np.concatenate([items[n].values for n in missing]))
-            embeds = self.model.encode_images(pixels, [items[n].grid for n in missing])
-            encoder_ns = time.monotonic_ns() - t0
-            for n, e in zip(missing, embeds):
-                meta = CheckpointMeta(self.model.fingerprint, int(e.shape[0]), {})
-                ids[n] = self.store.put_checkpoint({EMBEDS: e}, meta, handoff_ttl_s=self.config.embeddings_ttl_s)
-                self._remember(salt, keys[n], ids[n])
-            self.metrics.items.labels("computed").inc(len(missing))
+            e = self.model.encode_images(torch.from_numpy(items[n].values), [items[n].grid])[0]
+            encoder_ns += time.monotonic_ns() - t0
+            meta = CheckpointMeta(self.model.fingerprint, int(e.shape[0]), {MEDIA_KEY: keys[n].hex()})
+            ids[n] = self.store.put_checkpoint({EMBEDS: e}, meta, handoff_ttl_s=self.config.embeddings_ttl_s)
+            self._remember(salt, keys[n], ids[n])
+        self.metrics.items.labels("computed").inc(len(missing))
         return ids, encoder_ns, reused
 
     def _still_stored(self, checkpoint_id: str) -> bool:

@@ -106,18 +106,22 @@ class Engine:
             self.group.config = self.config
         self.model = HybridModel(self.local_config, weights, DeltaNetKernels.named(family), self.group)
         del weights  # what the model did not keep (unfused copies) is freed before free memory is measured
+        # the vision tower of a multimodal checkpoint (engine/vision.py), before free memory is measured for the KV
+        # cache; under tensor parallelism it runs on the leader only (the others receive its output)
+        self.vision = None
+        self.vision_fingerprint = ""  # what embeddings stored by an encoder instance are checked against
+        if self.config.vision is not None:
+            tower, digest = load_vision_weights(model_dir, self.config.vision, self.dtype)
+            if self.group is None or self.group.leader:
+                self.vision = VisionTower(self.config.vision, tower, self.device)
+            del tower
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint} vision {digest}".encode()).hexdigest()
+            self.vision_fingerprint = vision_fingerprint(self.config.vision, self.dtype, digest)
         kv_bytes = resolve_kv_cache_bytes(kv_cache_bytes, self.device)
         if self.group is not None and kv_bytes is not None:  # every rank must hold the same number of pages
             shared = isinstance(kv_cache_bytes, float) and self.device.type == "cpu"  # ranks share host memory
             kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
         self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes)
-        self.vision = None  # the vision tower of a multimodal checkpoint (engine/vision.py)
-        self.vision_fingerprint = ""  # what embeddings stored by an encoder instance are checked against
-        if self.config.vision is not None:
-            tower, digest = load_vision_weights(model_dir, self.config.vision, self.dtype)
-            self.vision = VisionTower(self.config.vision, tower, self.device)
-            self.fingerprint = hashlib.sha256(f"{self.fingerprint} vision {digest}".encode()).hexdigest()
-            self.vision_fingerprint = vision_fingerprint(self.config.vision, self.dtype, digest)
         self.draft_head = None  # the checkpoint's MTP head where speculative decoding runs (engine/mtp.py)
         self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
@@ -340,6 +344,8 @@ class Engine:
         self.check_tokens(token_ids, state.num_tokens)
         ids, start = list(token_ids), state.num_tokens
         self._check_media(media, start + len(ids))
+        if media is not None and self.group is not None:
+            raise ValueError("scoring a prompt with images is not served with tensor parallelism")
         scores: list[tuple[float, list[tuple[int, float]]]] = []
         before: torch.Tensor | None = None  # log-probabilities at the position before the chunk's first token
         last = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -152,26 +151,27 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(), mime: str | N
                          "max_image_bytes")
     if mime is not None and mime.lower() not in MIME_FORMATS:
         raise MediaError(f"unsupported image type {mime!r}; send one of {sorted(MIME_FORMATS)}")
+    formats = [MIME_FORMATS[mime.lower()]] if mime is not None else list(FORMATS)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(FORMATS))
-            w, h = img.size
-            if w * h > limits.max_image_pixels:
-                raise MediaError(f"image of {w}x{h} = {w * h} pixels is over the limit of "
-                                 f"{limits.max_image_pixels}", "max_image_pixels")
-            if w < 1 or h < 1:
-                raise MediaError(f"image of {w}x{h} pixels is empty")
-            img.load()  # decodes: raises on corrupt or truncated data
-            return img.convert("RGB")
+        img = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise MediaError(f"image of {w}x{h} = {w * h} pixels is over the limit of {limits.max_image_pixels}",
+                             "max_image_pixels")
+        if w < 1 or h < 1:
+            raise MediaError(f"image of {w}x{h} pixels is empty")
+        img.load()  # decodes: raises on corrupt or truncated data
+        return img.convert("RGB")  # as transformers' processors convert
     except MediaError:
         raise
     except UnidentifiedImageError:
+        if mime is not None:
+            raise MediaError(f"the data is not a {formats[0]} image, as its type {mime!r} says") from None
         raise MediaError(f"not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise MediaError(f"image rejected as a decompression bomb: {exc}", "max_image_pixels") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's errors for damaged data
-        raise MediaError(f"the image does not decode: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - crafted files raise many kinds (struct.error, IndexError, ...)
+        raise MediaError(f"the image does not decode: {type(exc).__name__}: {exc}") from None
 
 
 def _normalised(img, height: int, width: int, spec: ProcessorSpec) -> np.ndarray:
@@ -200,24 +200,41 @@ def image_pixels(img, spec: ProcessorSpec) -> Pixels:
     return Pixels(np.ascontiguousarray(patches.reshape(gh * gw, c * tp * p * p)), (1, gh, gw))
 
 
-def video_pixels(frames: Sequence, spec: ProcessorSpec, limits: MediaLimits = MediaLimits()) -> Pixels:
-    """Sampled frames (RGB images, in order, at spec.fps) -> patch rows: every frame resized to one size chosen
-    for the whole clip, the last frame repeated to a whole number of temporal patches, each temporal patch
-    flattened with its frames' pixels side by side (Qwen3-VL's video processor)."""
+def video_pixels(frames: Sequence, spec: ProcessorSpec, limits: MediaLimits = MediaLimits(),
+                 mime: str | None = None) -> Pixels:
+    """Sampled frames (RGB images, or encoded ones decoded here one at a time, in order, at spec.fps) -> patch
+    rows: every frame resized to one size chosen for the whole clip (as each is decoded: only one full-size frame
+    is held at a time), the last frame repeated to a whole number of temporal patches, each temporal patch
+    flattened with its frames' pixels side by side (Qwen3-VL's video processor; timestamps from the frame
+    indices, the repeated frame taking the last one's)."""
     if not frames:
         raise MediaError("a video needs at least one frame")
     if len(frames) > limits.max_video_frames:
         raise MediaError(f"video of {len(frames)} frames is over the limit of {limits.max_video_frames}",
                          "max_video_frames")
+
+    def load(frame):
+        return decode_image(frame, limits, mime) if isinstance(frame, (bytes, bytearray)) else frame
+
     tp = spec.temporal_patch_size
-    frames = list(frames) + [frames[-1]] * (-len(frames) % tp)
-    w, h = frames[0].size
+    first = load(frames[0])
+    w, h = first.size
     rh, rw = smart_resize(h, w, spec.factor, spec.min_pixels, spec.max_pixels, frames=len(frames), temporal=tp)
-    a = np.stack([_normalised(f, rh, rw, spec) for f in frames])  # [F, C, H, W]
+    arrays = []
+    for i, frame in enumerate(frames):
+        img = first if i == 0 else load(frame)
+        if img.size != (w, h):
+            raise MediaError("all frames of a video must have the same size")
+        arrays.append(_normalised(img, rh, rw, spec))
+    indices = list(range(len(frames)))
+    pad = -len(frames) % tp
+    arrays += [arrays[-1]] * pad
+    indices += [indices[-1]] * pad
+    a = np.stack(arrays)  # [F, C, H, W]
     p, m = spec.patch_size, spec.merge_size
-    gt, c, gh, gw = len(frames) // tp, a.shape[1], rh // p, rw // p
+    gt, c, gh, gw = len(arrays) // tp, a.shape[1], rh // p, rw // p
     patches = a.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    stamps = [(i / spec.fps + (i + tp - 1) / spec.fps) / 2 for i in range(0, len(frames), tp)]
+    stamps = [(indices[i] / spec.fps + indices[i + tp - 1] / spec.fps) / 2 for i in range(0, len(arrays), tp)]
     return Pixels(np.ascontiguousarray(patches.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw), "video",
                   tuple(stamps))
 
@@ -236,23 +253,19 @@ def locate(ids: Sequence[int], items: Sequence[Pixels], vision) -> tuple[list["V
             wanted.append((vision.image_token_id, t * h * w // (m * m), n, 0, t))
         else:
             wanted += [(vision.video_token_id, h * w // (m * m), n, f, 1) for f in range(t)]
-    runs, i = [], 0
-    while i < len(ids):
-        if ids[i] in (vision.image_token_id, vision.video_token_id):
-            j = i
-            while j < len(ids) and ids[j] == ids[i]:
-                j += 1
-            runs.append((ids[i], i, j - i))
-            i = j
-        else:
+    pads = (vision.image_token_id, vision.video_token_id)
+    spans, owners, i = [], [], 0
+    for token, length, n, f, t in wanted:  # each item's run in order (adjacent runs are told apart by length)
+        while i < len(ids) and ids[i] not in pads:
             i += 1
-    if [(k, n) for k, _, n in runs] != [(k, n) for k, n, _, _, _ in wanted]:
-        raise MediaError("the prompt's image/video tokens do not match its images and videos")
-    spans, owners = [], []
-    for (kind, start, _), (_, _, n, f, t) in zip(runs, wanted):
+        if i + length > len(ids) or any(x != token for x in ids[i:i + length]):
+            raise MediaError("the prompt's image/video tokens do not match its images and videos")
         grid = items[n].grid
-        spans.append(VisionSpan(start, t, grid[1] // m, grid[2] // m))
+        spans.append(VisionSpan(i, t, grid[1] // m, grid[2] // m))
         owners.append((n, f))
+        i += length
+    if any(x in pads for x in ids[i:]):
+        raise MediaError("the prompt has more image/video tokens than its images and videos")
     return spans, owners
 
 

@@ -169,9 +169,17 @@ class Tokenizer:
             extra["enable_thinking"] = enable_thinking
         if tools:
             extra["tools"] = list(tools)
-        return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            eos_token=self.eos_token or "", bos_token=self.bos_token or "", **extra)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                eos_token=self.eos_token or "", bos_token=self.bos_token or "", **extra)
+        except TokenizerError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # the checkpoint's template cannot render these messages (e.g. content parts a text-only template
+            # concatenates as a string): the request's to change, not a server fault
+            raise TokenizerError(f"the chat template cannot render these messages: {type(exc).__name__}: "
+                                 f"{exc}") from None
 
 
 def candidates(tokenizer: "Tokenizer | None", top: Sequence[tuple[int, float]]

@@ -106,7 +106,8 @@ class HttpApi:
     async def chat_completions(self, request: Request) -> Response:
         defaults = self.gateway.config.template_defaults
         return await self._generate(request, "/v1/chat/completions",
-                                    lambda body, salt: openai.parse_chat(body, salt, defaults, self.fetch))
+                                    lambda body, salt: openai.parse_chat(body, salt, defaults,
+                                                                         self.fetch.for_request()))
 
     # ---- the common path -----------------------------------------------------------------------------------------
     async def _generate(self, request: Request, route: str, parse) -> Response:
@@ -256,10 +257,10 @@ class HttpApi:
     def _body_limit(self) -> int:
         """The largest body worth reading: what the longest prompt that could fit the model's context takes in JSON
         (12 bytes a character at worst: a \\uXXXX surrogate pair), plus room for the other fields; never past
-        --max-message-bytes."""
+        --max-message-bytes. A model that takes images takes data URLs up to --max-message-bytes."""
         limit = self.gateway.config.max_message_bytes
         info = self.gateway.model_info
-        if info is not None and info.max_prompt_chars:
+        if info is not None and info.max_prompt_chars and not info.vision:
             limit = min(limit, 12 * info.max_prompt_chars + (1 << 20))
         return limit
 

@@ -8,6 +8,7 @@ follows a redirect only to an allowed host."""
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,7 +17,8 @@ from pathlib import Path
 from qwenpd.clients.chat_request import data_url
 from qwenpd.errors import InvalidArgument
 
-FETCH_TIMEOUT_S = 10.0
+FETCH_TIMEOUT_S = 10.0  # one fetch, start to end
+MAX_ITEMS = 1024  # images and video frames one request may name (URLs and data URLs alike)
 
 
 class MediaFetcher:
@@ -28,6 +30,22 @@ class MediaFetcher:
         self.root = Path(allowed_local_path).resolve() if allowed_local_path else None
         self.max_bytes = max_bytes
 
+    def for_request(self) -> "MediaFetcher":
+        """A fetcher for one request: at most MAX_ITEMS items and `max_bytes` in all (each check names the item
+        that passes the bound)."""
+        fetcher = MediaFetcher.__new__(MediaFetcher)
+        fetcher.domains, fetcher.root, fetcher.max_bytes = self.domains, self.root, self.max_bytes
+        fetcher._items, fetcher._bytes = 0, 0
+        return fetcher
+
+    def _count(self, data: bytes, field: str) -> None:
+        self._items = getattr(self, "_items", 0) + 1
+        self._bytes = getattr(self, "_bytes", 0) + len(data)
+        if self._items > MAX_ITEMS:
+            raise InvalidArgument(field, f"more than {MAX_ITEMS} images and video frames in one request")
+        if self._bytes > self.max_bytes:
+            raise InvalidArgument(field, f"the request's images come to more than {self.max_bytes} bytes")
+
     def _host_allowed(self, host: str) -> bool:
         host = host.lower()
         return any(host == d or host.endswith("." + d) for d in self.domains)
@@ -37,12 +55,15 @@ class MediaFetcher:
             raise InvalidArgument(field, "the URL must be a string")
         scheme = url.split(":", 1)[0].lower()
         if scheme == "data":
-            return data_url(url, field)
-        if scheme == "file":
-            return self._file(url, field)
-        if scheme in ("http", "https"):
-            return self._http(url, field)
-        raise InvalidArgument(field, f"unsupported URL scheme {scheme!r}: use a data: URL")
+            out = data_url(url, field)
+        elif scheme == "file":
+            out = self._file(url, field)
+        elif scheme in ("http", "https"):
+            out = self._http(url, field)
+        else:
+            raise InvalidArgument(field, f"unsupported URL scheme {scheme!r}: use a data: URL")
+        self._count(out[0], field)
+        return out
 
     def _file(self, url: str, field: str) -> tuple[bytes, str]:
         if self.root is None:
@@ -68,10 +89,20 @@ class MediaFetcher:
                 return super().redirect_request(req, fp, code, msg, headers, newurl)
 
         opener = urllib.request.build_opener(_Redirects)
+        deadline = time.monotonic() + FETCH_TIMEOUT_S
         try:
             with opener.open(url, timeout=FETCH_TIMEOUT_S) as resp:
-                data = resp.read(self.max_bytes + 1)
                 mime = (resp.headers.get_content_type() or "").lower()
+                chunks, size = [], 0
+                while size <= self.max_bytes:  # in pieces: the whole fetch has one deadline, not each read
+                    if time.monotonic() > deadline:
+                        raise InvalidArgument(field, f"fetching the URL took over {FETCH_TIMEOUT_S:g} s")
+                    piece = resp.read(min(1 << 20, self.max_bytes + 1 - size))
+                    if not piece:
+                        break
+                    chunks.append(piece)
+                    size += len(piece)
+                data = b"".join(chunks)
         except InvalidArgument:
             raise
         except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -17,7 +17,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from qwenpd.engine.engine import Engine
@@ -25,7 +24,7 @@ from qwenpd.engine.media import MediaError, Pixels, locate, place
 from qwenpd.engine.mrope import VisionSpan
 from qwenpd.engine.vision import PromptMedia
 from qwenpd.errors import InvalidArgument, QwenpdError
-from qwenpd.media import EMBEDS, item_key
+from qwenpd.media import EMBEDS, MEDIA_KEY, item_key
 from qwenpd.protos.qwenpd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class PromptImages:
         for s, (n, frame) in zip(self.spans, self.owners):
             e = embeds.get(n)
             per_span.append(e[frame * s.length:(frame + 1) * s.length] if e is not None
-                            else torch.empty((s.length, hidden), dtype=dtype))
+                            else torch.zeros((1, hidden), dtype=dtype).expand(s.length, hidden))  # no storage
         return PromptMedia(num_tokens, list(self.spans), per_span)
 
 
@@ -135,7 +134,7 @@ def embed(engine: Engine, images: PromptImages, needed: list[int], cache: Encode
     for n in needed:
         hit = cache.get(salt, images.keys[n]) if cache is not None else None
         if hit is None and store is not None and n < len(images.refs) and images.refs[n]:
-            hit = _stored(engine, store, images.refs[n], images.items[n])
+            hit = _stored(engine, store, images.refs[n], images.items[n], images.keys[n])
             if hit is not None:
                 if on_stored is not None:
                     on_stored(n)
@@ -145,18 +144,19 @@ def embed(engine: Engine, images: PromptImages, needed: list[int], cache: Encode
             out[n] = hit
         else:
             missing.append(n)
-    if missing:
-        pixels = torch.from_numpy(np.concatenate([images.items[n].values for n in missing]))
-        for n, e in zip(missing, engine.encode_images(pixels, [images.items[n].grid for n in missing])):
-            out[n] = e
-            if cache is not None:
-                cache.put(salt, images.keys[n], e)
+    for n in missing:  # one tower pass per item: the activations of one image at a time
+        item = images.items[n]
+        out[n] = e = engine.encode_images(torch.from_numpy(item.values), [item.grid])[0]
+        if cache is not None:
+            cache.put(salt, images.keys[n], e)
     return out
 
 
-def _stored(engine: Engine, store: Any, checkpoint_id: str, item: Pixels) -> torch.Tensor | None:
-    """An item's embeddings from the cache store (a copy on the engine's device), None when they are gone or do
-    not fit this model (checked against the vision fingerprint, the item's token count and the model dtype)."""
+def _stored(engine: Engine, store: Any, checkpoint_id: str, item: Pixels, key: bytes) -> torch.Tensor | None:
+    """An item's embeddings from the cache store (a copy on the engine's device), None when they are gone, do not
+    fit this model (checked against the vision fingerprint, the item's token count and the model dtype) or were
+    computed from other pixels (the content key the encoder recorded with them is not `key`: a request's claim
+    about a reference is never trusted)."""
     m2 = engine.config.vision.spatial_merge_size ** 2
     tokens = item.grid[0] * item.grid[1] * item.grid[2] // m2
     try:
@@ -166,6 +166,9 @@ def _stored(engine: Engine, store: Any, checkpoint_id: str, item: Pixels) -> tor
         log.info("stored embeddings %s not used, running the tower: %s", checkpoint_id, exc.message)
         return None
     try:
+        if ckpt.metadata.get(MEDIA_KEY) != key.hex():
+            log.warning("stored embeddings %s are not of this request's pixels: running the tower", checkpoint_id)
+            return None
         return ckpt.tensors[EMBEDS].to(engine.device, copy=True)
     finally:
         ckpt.tensors.clear()

@@ -93,7 +93,8 @@ class PrefixCache:
                 plan.known_kv_ids = hit.kv_ids
                 if hit.blocks:
                     state = self._state_from(hit, plan.drafts)
-                    plan.cached_tokens = hit.num_tokens
+                    if state is not None:  # a hit that does not fit the model is recomputed, all of it
+                        plan.cached_tokens = hit.num_tokens
         if self.policy.enabled:
             wanted = set(self.policy.snapshot_positions(len(plan.token_ids)))
             if len(plan.known_kv_ids) > plan.cached_tokens // self.policy.block_size:

@@ -40,6 +40,12 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     media, media_fields = list(request.media), [f"media[{i}]" for i in range(len(request.media))]
     if media and kind == "chat":
         raise InvalidArgument("media[0]", "a chat prompt carries its images in its messages' parts")
+    if engine.config.vision is None:  # before any template sees a media part
+        parts = [f"chat.messages[{i}].parts[{j}].media" for i, m in enumerate(request.chat.messages)
+                 for j, p in enumerate(m.parts) if p.WhichOneof("part") == "media"] if kind == "chat" else []
+        if media or parts:
+            raise InvalidArgument((media_fields + parts)[0], "this model has no vision tower: it takes no images "
+                                  "or videos")
     if kind == "token_ids":
         ids = list(request.token_ids.ids)
     else:
@@ -83,7 +89,8 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     # the tokens it generated (which may be anything, pad tokens included)
     own = len(ids) - request.resume_generated if resumed else len(ids)
     if media or (engine.config.vision is not None and _has_placeholder(ids[:own], engine)):
-        items = read_media(media, media_fields, engine, media_limits(limits or Limits()))
+        items = read_media(media, media_fields, engine, media_limits(limits or Limits()),
+                           max_tokens=prompt_capacity(engine, limits) + max(0, request.resume_generated))
         ids, images = place_media(ids, items, engine, media_fields[0] if media_fields else field,
                                   expanded=own if resumed else None, media=media)
         if len(ids) > prompt_capacity(engine, limits) + max(0, request.resume_generated):

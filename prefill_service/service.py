@@ -104,6 +104,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if score is not None and resume.draws:
             raise InvalidArgument("prompt_logprobs", "is not valid with resume_generated (the prompt was scored)")
         images = prompt.images
+        if images is not None and score is not None and self.engine.tp > 1:
+            raise InvalidArgument("prompt_logprobs", "scoring a prompt with images is not served with tensor "
+                                  "parallelism (--tp > 1)")
         done = await self.queue.run(job, lambda j: self._encode(j, ids, resume, salt, resume_from, score, images))
         self.served += 1
         h = done.handoff
@@ -144,7 +147,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         params = resume.params
         stream = None
         if resume_from:
-            stream = self._stream_state(resume_from, ids, prompt_len, params.seed)
+            stream = self._stream_state(resume_from, ids, prompt_len, params.seed, images)
             self.metrics.resumes.labels("checkpoint" if stream is not None else "recomputed").inc()
         elif resume.draws:
             self.metrics.resumes.labels("recomputed").inc()
@@ -191,7 +194,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                               prompt_seen=tuple(sorted(set(ids[:prompt_len])))
                               if params.repetition_penalty != 1.0 else (),
                               image_tokens=images.image_tokens if images is not None else 0)
-            record = StreamRecord(prompt_digest(ids[:prompt_len]), prompt_len, c, params.seed,
+            record = StreamRecord(prompt_digest(ids[:prompt_len], images.keys if images is not None else ()),
+                                  prompt_len, c, params.seed,
                                   tuple(ids[max(0, c - STREAM_TAIL):c]))
             job.check()  # nobody would read the checkpoint
             meta = CheckpointMeta(self.engine.fingerprint, c, {**handoff.to_metadata(), **record.to_metadata()})
@@ -253,7 +257,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                             media=media)
         return logits, state, None
 
-    def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None):
+    def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None,
+                      images: PromptImages | None = None):
         """The state of a broken stream's resume point, if it is still stored and its stream record matches this
         request (StreamRecord.matches); None otherwise (the prompt is then recomputed)."""
         e = self.engine
@@ -267,7 +272,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             record = StreamRecord.from_metadata(ckpt.metadata)
             why = ("it has no stream record" if record is None or record.num_tokens != ckpt.num_tokens
-                   else record.mismatch(ids, prompt_len, seed))
+                   else record.mismatch(ids, prompt_len, seed, images.keys if images is not None else ()))
             if why:
                 log.warning("resume point %s does not match the request (%s), recomputing the prompt", checkpoint_id,
                             why)

@@ -178,8 +178,10 @@ STREAM_KEY = "qwenpd.stream"
 STREAM_TAIL = 16  # last consumed ids a stream record keeps
 
 
-def prompt_digest(token_ids: Sequence[int]) -> str:
-    return hashlib.sha256(np.asarray(token_ids, dtype="<u4").tobytes()).hexdigest()
+def prompt_digest(token_ids: Sequence[int], media_keys: Sequence[bytes] = ()) -> str:
+    """The prompt's identity: its token ids and, for a prompt with images, their content keys (the same pad
+    tokens stand for any picture of the same size)."""
+    return hashlib.sha256(np.asarray(token_ids, dtype="<u4").tobytes() + b"".join(media_keys)).hexdigest()
 
 
 @dataclass(slots=True, frozen=True)
@@ -212,7 +214,8 @@ class StreamRecord:
     def advanced(self, num_tokens: int, tail: Sequence[int]) -> "StreamRecord":
         return dataclasses.replace(self, num_tokens=num_tokens, tail=tuple(tail)[-STREAM_TAIL:])
 
-    def mismatch(self, ids: Sequence[int], prompt_tokens: int, seed: int | None) -> str:
+    def mismatch(self, ids: Sequence[int], prompt_tokens: int, seed: int | None, media_keys: Sequence[bytes] = ()
+                 ) -> str:
         """Why this state does not continue `ids` (original prompt + tokens generated) with `prompt_tokens`
         prompt tokens; "" when it does: a position from the prompt's end up to the last id (exclusive), same
         prompt, seed and tail."""
@@ -225,6 +228,6 @@ class StreamRecord:
             return "another seed"
         if tuple(ids[max(0, c - STREAM_TAIL):c]) != self.tail:
             return "other tokens before its position"
-        if self.prompt_digest != prompt_digest(ids[:prompt_tokens]):
-            return "another prompt"
+        if self.prompt_digest != prompt_digest(ids[:prompt_tokens], media_keys):
+            return "another prompt (or other images)"
         return ""

@@ -32,10 +32,12 @@ def media_limits(limits: Limits) -> MediaLimits:
                        max_video_frames=limits.max_video_frames, max_image_bytes=limits.max_image_bytes)
 
 
-def read_media(media: Sequence[common_pb2.Media], fields: Sequence[str], engine: Any, limits: MediaLimits
-               ) -> list[Pixels]:
+def read_media(media: Sequence[common_pb2.Media], fields: Sequence[str], engine: Any, limits: MediaLimits,
+               max_tokens: int | None = None) -> list[Pixels]:
     """The request's media as patch rows; InvalidArgument naming the field (and the limit) for anything the
-    model or the limits do not take. `engine`: an Engine or a VisionModel (its config and model_dir)."""
+    model or the limits do not take. `engine`: an Engine or a VisionModel (its config and model_dir). Items are
+    read one at a time, and reading stops as soon as they come to more than `max_tokens` prompt tokens (default:
+    the model's context), so a request that cannot fit holds at most one item more than fits."""
     if not media:
         return []
     if engine.config.vision is None:
@@ -45,11 +47,15 @@ def read_media(media: Sequence[common_pb2.Media], fields: Sequence[str], engine:
                                          f"{limits.max_images_per_request} per request (--max-images-per-request)",
                               reason="TOO_MANY_IMAGES")
     image_spec, video_spec = processor_specs(engine)
-    out = []
+    budget = max_tokens if max_tokens is not None else engine.config.max_position_embeddings
+    merge2 = engine.config.vision.spatial_merge_size ** 2
+    out, tokens = [], 0
     for m, field in zip(media, fields):
         try:
             kind = m.WhichOneof("source")
             if kind == "image":
+                if m.HasField("fps"):
+                    raise MediaError("fps is for a video; this item is an image")
                 out.append(image_pixels(decode_image(m.image, limits, m.mime_type or None), image_spec))
             elif kind == "video":
                 if len(m.video.frames) > limits.max_video_frames:
@@ -60,16 +66,18 @@ def read_media(media: Sequence[common_pb2.Media], fields: Sequence[str], engine:
                     if not 0.01 <= m.fps <= 240:
                         raise MediaError(f"fps must be in [0.01, 240], got {m.fps}")
                     spec = _with_fps(video_spec, m.fps)
-                frames = [decode_image(f, limits, m.mime_type or None) for f in m.video.frames]
-                if len({f.size for f in frames}) > 1:
-                    raise MediaError("all frames of a video must have the same size")
-                out.append(video_pixels(frames, spec, limits))
+                out.append(video_pixels(list(m.video.frames), spec, limits, m.mime_type or None))
             else:
                 raise MediaError("give an image or a video")
         except MediaError as exc:
             limit = f" (--{exc.limit.replace('_', '-')})" if exc.limit else ""
             raise InvalidArgument(field, f"{exc}{limit}", reason="BAD_MEDIA" if not exc.limit else
                                   exc.limit.upper()) from None
+        t, h, w = out[-1].grid
+        tokens += t * h * w // merge2
+        if tokens > budget:
+            raise InvalidArgument(field, f"the images and videos up to this one come to {tokens} prompt tokens, "
+                                  f"more than this server takes ({budget})", reason="PROMPT_TOO_LONG")
     return out
 
 
@@ -90,3 +98,6 @@ def processor_specs(engine: Any) -> tuple[ProcessorSpec, ProcessorSpec]:
 
 
 EMBEDS = "embeds"  # the one tensor of an encoder instance's checkpoint: [tokens, hidden], model dtype
+# the checkpoint's metadata: the content key (hex) of the pixels its embeddings were computed from, written by the
+# encoder; prefill trusts the store's record of it, never a request's claim
+MEDIA_KEY = "qwenpd.media_key"

@@ -99,7 +99,7 @@ def test_encoder_cache_skips_the_tower_and_keeps_tenants_apart(engine, monkeypat
     cold = embed(engine, prompt.images, [0, 1], cache, "tenant-a")
     warm = embed(engine, prompt.images, [0, 1], cache, "tenant-a")
     other = embed(engine, prompt.images, [1], cache, "tenant-b")
-    assert calls == [2, 1]  # warm: no tower; another tenant: its own
+    assert calls == [1, 1, 1]  # cold: one pass per item; warm: no tower; another tenant: its own
     assert all(torch.equal(cold[n], warm[n]) for n in (0, 1)) and torch.equal(other[1], cold[1])
     tiny = EncoderCache(cold[0].numel() * cold[0].element_size())  # room for one: the older goes
     tiny.put(None, b"x", cold[0])
@@ -173,3 +173,66 @@ def test_a_text_only_model_refuses_media(tiny_model_dir):
     assert err.value.field == "chat.messages[0].parts[1].media"
     plain = encode_prompt(prefill_pb2.PrefillRequest(text="x<|image_pad|>"), text_engine, Limits())
     assert plain.images is None  # not a special token here: text like any other
+
+
+def test_adjacent_images_are_found_again_in_a_resumed_prompt(engine):
+    first = encode_prompt(prefill_pb2.PrefillRequest(
+        text="<|image_pad|><|image_pad|>", media=[common_pb2.Media(image=_png(1)), common_pb2.Media(image=_png(2))]),
+        engine, Limits())
+    resumed = prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=first.ids + [40]), resume_generated=1,
+                                         media=[common_pb2.Media(image=_png(1)), common_pb2.Media(image=_png(2))])
+    assert encode_prompt(resumed, engine, Limits()).images.spans == first.images.spans
+
+
+class _Store:
+    """A cache store holding one stored item's embeddings, recorded as computed from `key`."""
+
+    def __init__(self, embeds, key: bytes):
+        from qwenpd.media import EMBEDS, MEDIA_KEY
+
+        self.ckpt = type("Leased", (), {})()
+        self.ckpt.tensors, self.ckpt.metadata = {EMBEDS: embeds}, {MEDIA_KEY: key.hex()}
+        self.reads = 0
+
+    def get_checkpoint(self, checkpoint_id, fingerprint, shapes, dtypes):
+        self.reads += 1
+        return self.ckpt
+
+    def release(self, ckpt):
+        pass
+
+
+def test_a_stored_reference_counts_only_for_the_pixels_it_was_computed_from(engine):
+    """A request claims another picture's stored embeddings are its own (Media.encoded with its own key): prefill
+    reads the key the encoder recorded in the store, sees the mismatch and runs the tower."""
+    own, other = _png(11), _png(12)
+    req = _chat("x", own)
+    req.chat.messages[0].parts[1].media.encoded.checkpoint_id = "forged"
+    prompt = encode_prompt(req, engine, Limits())
+    req.chat.messages[0].parts[1].media.encoded.key = prompt.images.keys[0]  # the claim: "these are mine"
+    prompt = encode_prompt(req, engine, Limits())
+    assert prompt.images.refs == ("forged",)
+    truth = embed(engine, prompt.images, [0], None, None)[0]
+    wrong = embed(engine, encode_prompt(_chat("x", other), engine, Limits()).images, [0], None, None)[0]
+    forged = _Store(wrong, key=b"someone else's pixels")
+    assert torch.equal(embed(engine, prompt.images, [0], None, None, forged)[0], truth) and forged.reads == 1
+    honest = _Store(truth + 1, key=prompt.images.keys[0])  # recorded for these pixels: used as stored
+    assert torch.equal(embed(engine, prompt.images, [0], None, None, honest)[0], truth + 1)
+
+
+def test_media_fields_are_honoured_or_refused(engine):
+    png = _png(0)
+    with pytest.raises(InvalidArgument, match="not a JPEG image"):
+        encode_prompt(_chat_media(common_pb2.Media(image=png, mime_type="image/jpeg")), engine, Limits())
+    with pytest.raises(InvalidArgument, match="fps is for a video"):
+        encode_prompt(_chat_media(common_pb2.Media(image=png, fps=2.0)), engine, Limits())
+    many = _chat(*[_png(i, 64, 64) for i in range(3)])  # 64 tokens each
+    with pytest.raises(InvalidArgument, match="more than this server takes") as err:
+        encode_prompt(many, engine, Limits(max_prompt_tokens=100))
+    assert err.value.field == "chat.messages[0].parts[1].media"  # refused at the second, the third never read
+
+
+def _chat_media(media: common_pb2.Media) -> prefill_pb2.PrefillRequest:
+    req = prefill_pb2.PrefillRequest()
+    req.chat.messages.add(role="user", parts=[common_pb2.ContentPart(text="x"), common_pb2.ContentPart(media=media)])
+    return req

@@ -192,7 +192,7 @@ def test_bad_images_are_refused_while_others_are_served(served):
     Image.new("L", (1000, 1000)).save(bomb, "PNG")  # a few KB that decode to 1e6 pixels, over 250000
     cases = {
         "truncated": ([{"type": "image_url", "image_url": {"url": _url(_png(4)[:300])}}], "decode", None),
-        "not an image": ([{"type": "image_url", "image_url": {"url": _url(b"hello")}}], "format", None),
+        "not an image": ([{"type": "image_url", "image_url": {"url": _url(b"hello")}}], "not a PNG image", None),
         "bomb": ([{"type": "image_url", "image_url": {"url": _url(bomb.getvalue())}}], "max-image-pixels", None),
         "too many": ([{"type": "image_url", "image_url": {"url": _url(_png(i, 16, 16))}} for i in range(4)],
                      "max-images-per-request", None),

@@ -14,7 +14,7 @@ _spec.loader.exec_module(load)
 
 
 def test_short_load_has_no_unexpected_failures_and_leaks_nothing(tiny_model_dir):
-    r = load.run(tiny_model_dir, clients=16, duration=15.0, warmup=5.0)
+    r = load.run(tiny_model_dir, clients=16, duration=12.0, warmup=4.0)
     load.print_table(r)
     assert r["requests"] > 50 and r["outcomes"].get("ok", 0) > 0
     assert r["unexpected"] == {}

@@ -221,10 +221,24 @@ class PromptMedia:
         self.embeds = list(embeds)
         positions, self.delta = rope_positions(num_tokens, self.spans)  # ValueError on misplaced spans
         self.rope = torch.tensor(positions, dtype=torch.long)  # [T, 3], host
+        self._highest = self.rope.amax(1).cummax(0).values  # [T]: the largest position among tokens 0..i
+
+    @classmethod
+    def of_items(cls, num_tokens: int, spans: Sequence[VisionSpan], owners: Sequence[tuple[int, int]],
+                 embeds: dict[int, torch.Tensor | None], stand_in: torch.Tensor | None = None) -> "PromptMedia":
+        """From each item's embeddings (`embeds[n]`; a video's temporal patches one after another) and the spans
+        engine/media.py place gave (owners: (item, temporal patch) per span). An item whose embeddings are None
+        gets `stand_in` [1, H] broadcast over its rows (rows prefill never reads: before a restored prefix)."""
+        per_span = []
+        for s, (n, frame) in zip(spans, owners):
+            e = embeds.get(n)
+            per_span.append(e[frame * s.length:(frame + 1) * s.length] if e is not None
+                            else stand_in.expand(s.length, stand_in.shape[-1]))
+        return cls(num_tokens, list(spans), per_span)
 
     def delta_at(self, n: int) -> int:
         """The rope delta after the first n tokens (what text following them would add to its index)."""
-        return self.delta if n == self.rope.shape[0] else int(self.rope[:n].max()) + 1 - n
+        return self.delta if n == self.rope.shape[0] else int(self._highest[n - 1]) + 1 - n
 
     def chunk(self, lo: int, hi: int, device: torch.device):
         """ChunkMedia for prompt tokens [lo, hi): their positions, and the embedding rows that fall inside."""
@@ -247,10 +261,7 @@ def prompt_media(ids: Sequence[int], items: Sequence, embeds: Sequence[torch.Ten
     from qwenpd.engine.media import place
 
     out, spans, owners = place(ids, items, vision, encode_text)
-    per_span = []
-    for span, (n, frame) in zip(spans, owners):
-        per_span.append(embeds[n][frame * span.length: (frame + 1) * span.length])
-    return out, PromptMedia(len(out), spans, per_span)
+    return out, PromptMedia.of_items(len(out), spans, owners, dict(enumerate(embeds)))
 
 
 def vision_fingerprint(v: VisionConfig, dtype: torch.dtype, digest: str) -> str:

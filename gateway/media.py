@@ -8,6 +8,7 @@ follows a redirect only to an allowed host."""
 
 from __future__ import annotations
 
+import copy
 import time
 import urllib.error
 import urllib.parse
@@ -29,18 +30,18 @@ class MediaFetcher:
         self.domains = tuple(d.lower().strip() for d in allowed_domains if d.strip())
         self.root = Path(allowed_local_path).resolve() if allowed_local_path else None
         self.max_bytes = max_bytes
+        self._items = self._bytes = 0  # fetched so far (for_request: per request)
 
     def for_request(self) -> "MediaFetcher":
         """A fetcher for one request: at most MAX_ITEMS items and `max_bytes` in all (each check names the item
         that passes the bound)."""
-        fetcher = MediaFetcher.__new__(MediaFetcher)
-        fetcher.domains, fetcher.root, fetcher.max_bytes = self.domains, self.root, self.max_bytes
-        fetcher._items, fetcher._bytes = 0, 0
+        fetcher = copy.copy(self)
+        fetcher._items = fetcher._bytes = 0
         return fetcher
 
     def _count(self, data: bytes, field: str) -> None:
-        self._items = getattr(self, "_items", 0) + 1
-        self._bytes = getattr(self, "_bytes", 0) + len(data)
+        self._items += 1
+        self._bytes += len(data)
         if self._items > MAX_ITEMS:
             raise InvalidArgument(field, f"more than {MAX_ITEMS} images and video frames in one request")
         if self._bytes > self.max_bytes:

@@ -58,12 +58,9 @@ class PromptImages:
                      ) -> PromptMedia:
         """PromptMedia over the embeddings of the items in `embeds` (the others are before the restored prefix:
         stand-ins that prefill never reads)."""
-        per_span = []
-        for s, (n, frame) in zip(self.spans, self.owners):
-            e = embeds.get(n)
-            per_span.append(e[frame * s.length:(frame + 1) * s.length] if e is not None
-                            else torch.zeros((1, hidden), dtype=dtype).expand(s.length, hidden))  # no storage
-        return PromptMedia(num_tokens, list(self.spans), per_span)
+        stand_in = torch.zeros((1, hidden), dtype=dtype)  # broadcast to each span's rows: no storage
+        return PromptMedia.of_items(num_tokens, self.spans, self.owners,
+                                    {n: embeds.get(n) for n in range(len(self.items))}, stand_in)
 
 
 def place_media(ids: list[int], items: list[Pixels], engine: Engine, field: str, expanded: int | None = None,
@@ -97,17 +94,12 @@ class EncoderCache:
         self._entries: OrderedDict[tuple[str | None, bytes], torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, salt: str | None, key: bytes) -> torch.Tensor | None:
         with self._lock:
             t = self._entries.get((salt, key))
-            if t is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end((salt, key))
-            self.hits += 1
+            if t is not None:
+                self._entries.move_to_end((salt, key))
             return t
 
     def put(self, salt: str | None, key: bytes, t: torch.Tensor) -> None:
@@ -178,9 +170,11 @@ def _stored(engine: Engine, store: Any, checkpoint_id: str, item: Pixels, key: b
             pass
 
 
-def template_content(message: common_pb2.ChatMessage, i: int) -> tuple[Any, list[common_pb2.Media], list[str]]:
+def template_content(message: common_pb2.ChatMessage, i: int, vision: bool = True
+                     ) -> tuple[Any, list[common_pb2.Media], list[str]]:
     """A message's content as the template takes it (a string, or parts with media as {"type": "image"|"video"}),
-    and its media with their field names."""
+    and its media with their field names. Without `vision` (a model without a tower) a media part is refused
+    here, before any template sees it."""
     if not message.parts:
         return message.content, [], []
     if message.content:
@@ -191,6 +185,9 @@ def template_content(message: common_pb2.ChatMessage, i: int) -> tuple[Any, list
         if kind == "text":
             parts.append({"type": "text", "text": part.text})
         elif kind == "media":
+            if not vision:
+                raise InvalidArgument(f"chat.messages[{i}].parts[{j}].media", "this model has no vision tower: it "
+                                      "takes no images or videos")
             source = part.media.WhichOneof("source")
             parts.append({"type": source or "image"})
             media.append(part.media)

@@ -40,12 +40,8 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     media, media_fields = list(request.media), [f"media[{i}]" for i in range(len(request.media))]
     if media and kind == "chat":
         raise InvalidArgument("media[0]", "a chat prompt carries its images in its messages' parts")
-    if engine.config.vision is None:  # before any template sees a media part
-        parts = [f"chat.messages[{i}].parts[{j}].media" for i, m in enumerate(request.chat.messages)
-                 for j, p in enumerate(m.parts) if p.WhichOneof("part") == "media"] if kind == "chat" else []
-        if media or parts:
-            raise InvalidArgument((media_fields + parts)[0], "this model has no vision tower: it takes no images "
-                                  "or videos")
+    # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
+    most = prompt_capacity(engine, limits) + max(0, request.resume_generated)
     if kind == "token_ids":
         ids = list(request.token_ids.ids)
     else:
@@ -58,7 +54,7 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
             messages = []
             for i, m in enumerate(request.chat.messages):
                 message = _message(m, i)
-                message["content"], more, more_fields = template_content(m, i)
+                message["content"], more, more_fields = template_content(m, i, engine.config.vision is not None)
                 media += more
                 media_fields += more_fields
                 messages.append(message)
@@ -75,8 +71,6 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
             except TokenizerError as exc:
                 raise InvalidArgument(field, str(exc)) from None
             reasoning_open = text.rstrip().endswith(REASONING_OPEN)
-        # a resumed request's prompt ends with tokens it generated itself: those count against max_tokens
-        most = prompt_capacity(engine, limits) + max(0, request.resume_generated)
         ids = tok.encode_at_most(text, most) if text else []
         if ids is None:
             raise InvalidArgument(field, f"the prompt has more than {most} tokens, the most this server takes",
@@ -89,11 +83,10 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     # the tokens it generated (which may be anything, pad tokens included)
     own = len(ids) - request.resume_generated if resumed else len(ids)
     if media or (engine.config.vision is not None and _has_placeholder(ids[:own], engine)):
-        items = read_media(media, media_fields, engine, media_limits(limits or Limits()),
-                           max_tokens=prompt_capacity(engine, limits) + max(0, request.resume_generated))
+        items = read_media(media, media_fields, engine, media_limits(limits or Limits()), max_tokens=most)
         ids, images = place_media(ids, items, engine, media_fields[0] if media_fields else field,
                                   expanded=own if resumed else None, media=media)
-        if len(ids) > prompt_capacity(engine, limits) + max(0, request.resume_generated):
+        if len(ids) > most:
             raise InvalidArgument(field, f"the prompt with its images has {len(ids)} tokens, more than this "
                                   f"server takes ({prompt_capacity(engine, limits)})", reason="PROMPT_TOO_LONG")
     if limits is not None:

@@ -14,6 +14,7 @@ import torch
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.constraint import Grammars
 from qwenpd.engine.device import resolve_device
+from qwenpd.engine.host import keep_freed_memory
 from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner
@@ -67,6 +68,8 @@ class Engine:
             raise TypeError("give an EngineConfig or a model directory with options, not both")
         self.engine_config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations reuse freed memory, not fresh zero-filled pages (engine/host.py)
         threads = config.threads
         if threads is None and config.tp > 1 and self.device.type == "cpu":  # the ranks share the host's cores
             threads = max(1, (os.cpu_count() or 1) // config.tp)

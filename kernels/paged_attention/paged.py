@@ -101,15 +101,22 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     width = -(-block_tables.shape[1] // pages_per_tile) * pages_per_tile
     if width != block_tables.shape[1]:
         block_tables = F.pad(block_tables, (0, width - block_tables.shape[1]))
-    if width == pages_per_tile:  # one tile: the loop below once, without its running state
-        scores, values = _tile(qf, k_pool, v_pool, block_tables, context_lens, 0)
+    if q.device.type == "cpu":  # tiles past every context change nothing (above): skip them (a host read here)
+        needed = -(-int(context_lens.max()) // (pages_per_tile * page)) * pages_per_tile
+        block_tables = block_tables[:, :max(pages_per_tile, min(width, needed))]
+    hidden = (torch.arange(block_tables.shape[1] * page, device=q.device)[None, :]
+              >= context_lens[:, None])[:, None, None, :]  # [B, 1, 1, W*P]: positions past each context
+    if block_tables.shape[1] == pages_per_tile:  # one tile: the loop below once, without its running state
+        scores, values = _tile(qf, k_pool, v_pool, block_tables, hidden)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # a real token is always visible: no -inf max
         return ((weights @ values) / weights.sum(-1, keepdim=True)).to(q.dtype).view(batch, hq, dim)
     best = torch.full((batch, hkv, group, 1), float("-inf"), device=q.device)
     total = torch.zeros(batch, hkv, group, 1, device=q.device)
     acc = torch.zeros(batch, hkv, group, dim, device=q.device)
+    tile = pages_per_tile * page
     for w0 in range(0, block_tables.shape[1], pages_per_tile):
-        scores, values = _tile(qf, k_pool, v_pool, block_tables[:, w0:w0 + pages_per_tile], context_lens, w0 * page)
+        scores, values = _tile(qf, k_pool, v_pool, block_tables[:, w0:w0 + pages_per_tile],
+                               hidden[..., w0 * page:w0 * page + tile])
         new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
         safe = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)  # no -inf - -inf
         weights = torch.exp(scores - safe)
@@ -120,14 +127,19 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     return (acc / total).to(q.dtype).view(batch, hq, dim)
 
 
-def _tile(qf: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Tensor, context_lens: Tensor, first: int
-          ) -> tuple[Tensor, Tensor]:
-    """Scores [B, Hkv, group, L] (fp32, -inf past each context) and values [B, Hkv, L, D] (fp32) of the pages
-    [B, n] whose first token is at position `first`."""
-    page = k_pool.shape[2]
-    keys = k_pool[pages].transpose(1, 2).flatten(2, 3).transpose(2, 3).float()  # [B, Hkv, D, L]
-    values = v_pool[pages].transpose(1, 2).flatten(2, 3).float()  # [B, Hkv, L, D]
-    scores = qf @ keys  # [B, Hkv, group, L]
-    pos = first + torch.arange(pages.shape[1] * page, device=qf.device)
-    hidden = (pos[None, :] >= context_lens[:, None])[:, None, None, :]
+def _tile(qf: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores [B, Hkv, group, L] (fp32, -inf where `hidden` [B, 1, 1, L]) and values [B, Hkv, L, D] (fp32) of
+    the pages [B, n]. Each pool is read once into a gathered copy and once more into fp32 in [B, Hkv, L, D]
+    order (the keys' transpose is a view: the matmul reads it in place)."""
+    keys, values = (_gather_fp32(pool, pages) for pool in (k_pool, v_pool))
+    scores = qf @ keys.transpose(2, 3)  # [B, Hkv, group, L]
     return scores.masked_fill(hidden, float("-inf")), values
+
+
+def _gather_fp32(pool: Tensor, pages: Tensor) -> Tensor:
+    """pool [N, Hkv, P, D] pages [B, n] -> fp32 [B, Hkv, n*P, D]."""
+    batch, n = pages.shape
+    _, hkv, page, dim = pool.shape
+    gathered = pool.index_select(0, pages.reshape(-1)).view(batch, n, hkv, page, dim)
+    out = torch.empty(batch, hkv, n, page, dim, dtype=torch.float32, device=pool.device)
+    return out.copy_(gathered.transpose(1, 2)).view(batch, hkv, n * page, dim)

@@ -109,6 +109,32 @@ def test_paged_decode_matches_reference(page, dtype, monkeypatch):
         assert_close(o[b:b + 1], ref, atol=1e-5 if dtype == torch.float32 else 2e-2, what=f"seq {b}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paged_decode_row_is_the_same_bits_in_any_batch_and_table_width(dtype, monkeypatch):
+    """A sequence's output is the same bits alone with its own pages, in a table padded far past its context (the
+    tiles past every context are skipped on CPU: they would change nothing), and beside a longer sequence whose
+    tiles it must then walk through (the loop's running state, not the one-tile shortcut)."""
+    from qwenpd.kernels.paged_attention import paged
+
+    page = 4
+    monkeypatch.setattr(paged, "TILE_TOKENS", 2 * page)
+    gen = torch.Generator().manual_seed(3)
+    pages, hkv, hq, dim = 60, 2, 6, 8
+    kp, vp = (t.to(dtype) for t in _pools(pages, page, hkv, dim, seed=3))
+    for n in (3, 2 * page, 2 * page + 1, 5 * page + 2):
+        table = _table(n, page, pages, gen)
+        q = torch.randn(1, hq, dim, generator=gen).to(dtype)
+        alone = ops.paged_attention_decode(q, kp, vp, torch.tensor([table]), torch.tensor([n]), 0.35)
+        wide = ops.paged_attention_decode(q, kp, vp, torch.tensor([table + [0] * 9]), torch.tensor([n]), 0.35)
+        other = _table(11 * page, page, pages, gen)
+        width = len(other) + 2
+        bt = torch.tensor([table + [0] * (width - len(table)), other + [0] * (width - len(other))])
+        pair = ops.paged_attention_decode(torch.cat([q, torch.randn(1, hq, dim, generator=gen).to(dtype)]), kp, vp,
+                                          bt, torch.tensor([n, 11 * page]), 0.35)
+        assert torch.equal(alone, wide), n
+        assert torch.equal(alone[0], pair[0]), n
+
+
 @pytest.mark.parametrize("start,t", [(0, 5), (7, 6), (16, 1)], ids=lambda v: str(v))
 def test_paged_prefill_matches_reference(start, t):
     gen = torch.Generator().manual_seed(start)

@@ -14,13 +14,45 @@ from qwenpd.engine.linear import Linear
 from qwenpd.kernels import ops
 
 
+ROW_BLOCK = 128  # rows per block of a row-wise fp32 chain over a long prefill chunk (by_row_blocks)
+
+
+def by_row_blocks(x: torch.Tensor) -> bool:
+    """Whether to run a row-wise elementwise chain over x [T, ...] in blocks of ROW_BLOCK rows: eager CPU code on
+    more rows than one block. Each op of such a chain reads and writes the whole tensor in fp32; over a long chunk
+    that is MBs a pass, out of cache. A block's temporaries stay in cache (MLP activation of `small` over 2048
+    rows: 7.5 -> 4.6 ms here). Every row's result is the same bits either way (row-wise ops). Compiled graphs
+    fuse the chain instead."""
+    return x.shape[0] > ROW_BLOCK and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
              ) -> torch.Tensor:
-    """Zero-centred RMSNorm: normalise in fp32, scale by (1 + w) in fp32, cast to out_dtype (default x.dtype).
-    `weight_plus_one` is fp32."""
+    """Zero-centred RMSNorm over the last dim: normalise in fp32, scale by (1 + w) in fp32, cast to out_dtype
+    (default x.dtype). `weight_plus_one` is fp32."""
+    if not by_row_blocks(x):
+        return _rms_norm(x, weight_plus_one, eps, out_dtype or x.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype)
+    for r in range(0, x.shape[0], ROW_BLOCK):
+        out[r:r + ROW_BLOCK] = _rms_norm(x[r:r + ROW_BLOCK], weight_plus_one, eps, torch.float32)
+    return out
+
+
+def _rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight_plus_one).to(out_dtype or x.dtype)
+    return (xf * weight_plus_one).to(out_dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up in fp32, rounded once to out_dtype (the down projection's input)."""
+    if not by_row_blocks(gate):
+        return (F.silu(gate.float()) * up.float()).to(out_dtype)
+    out = torch.empty(gate.shape, dtype=out_dtype)
+    for r in range(0, gate.shape[0], ROW_BLOCK):
+        act = F.silu(gate[r:r + ROW_BLOCK].to(torch.float32, copy=True), inplace=True)  # never the caller's
+        out[r:r + ROW_BLOCK] = act.mul_(up[r:r + ROW_BLOCK])  # bf16 `up` multiplies as its exact fp32 value
+    return out
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -95,7 +127,7 @@ class MLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate.float()) * up.float())  # fp32 product, rounded once at down's input
+        return self.down(swiglu(gate, up, self.down.dtype))  # fp32 product, rounded once at down's input
 
 
 class DeltaNetMixer:

@@ -8,7 +8,7 @@ between services (state_spec.py) and per-sequence state (state.py), devices (dev
 (generate.py), `init-model` (init_model.py), `check-device` (check_device.py) and tensor parallelism (tp/).
 Math kernels come from qwenpd.kernels; nothing here knows about gRPC.
 
-Importing this package imports no torch: the names below load their modules on first use, so plain
+Importing this package imports no torch (it asks torch for huge pages under its weights: host.py): the names below load their modules on first use, so plain
 bookkeeping (pages.py, engine_config.py) stays importable on its own.
 """
 
@@ -17,9 +17,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from qwenpd.engine.host import prefer_huge_pages
 from qwenpd.layout import subpackage_only
 
 subpackage_only(__name__)  # never a top-level package (qwenpd/layout.py)
+prefer_huge_pages()  # before torch's first allocation, where this import comes first (engine/host.py)
 
 _EXPORTS = {
     "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config", "preset": "config",

@@ -8,9 +8,13 @@ padding tokens write there and table padding points there, so no real sequence's
 
 - write_kv: scatter new K/V into their slots (one index_copy_ per pool).
 - paged_attention_prefill: one sequence's chunk of T queries against its pages, causal (SDPA with a mask).
-- paged_attention_decode: one query per sequence for a whole batch, in one call: tiles of pages are gathered for
-  every sequence at once and merged with an online softmax in fp32, so only one tile at a time is ever
-  converted to fp32, never the whole KV.
+- paged_attention_decode: one query per sequence for a whole batch, scores, softmax and weighted sum in fp32.
+  On CPU each sequence runs on its own over exactly its context (its pages gathered into fp32, then SDPA): a
+  row's result depends on nothing but its own query, pages and length, so it is the same bits in any batch and
+  any block-table width, and no work is spent on padding (here 1.3-2.9x faster than the tiles below, b1 to b32).
+  That reads the host's copy of context_lens, which an accelerator should not wait for; there tiles of pages are
+  gathered for every sequence at once, padded to a fixed width and merged with an online softmax, so only one
+  tile at a time is ever converted to fp32 and nothing reads a value on the host.
 """
 
 from __future__ import annotations
@@ -86,12 +90,38 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     Returns:
         o [B, Hq, D] in q.dtype; scores, softmax and the weighted sum in fp32.
     """
-    page, group = check_pools(k_pool, v_pool, q)
-    batch, hq, dim = q.shape
-    hkv = k_pool.shape[1]
+    check_pools(k_pool, v_pool, q)
+    batch = q.shape[0]
     _require(block_tables.ndim == 2 and block_tables.shape[0] == batch,
              f"block_tables must be [B={batch}, W], got {tuple(block_tables.shape)}")
     _require(context_lens.shape == (batch,), f"context_lens must be [B={batch}], got {tuple(context_lens.shape)}")
+    if q.device.type == "cpu":
+        return decode_by_sequence(q, k_pool, v_pool, block_tables, context_lens, scale)
+    return decode_tiles(q, k_pool, v_pool, block_tables, context_lens, scale)
+
+
+def decode_by_sequence(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,
+                       scale: float) -> Tensor:
+    """paged_attention_decode one sequence at a time, each over exactly its context (module docstring). Holds one
+    sequence's K and V in fp32 at a time."""
+    page = k_pool.shape[2]
+    out = torch.empty_like(q)
+    qf = q.float()
+    for b, n in enumerate(context_lens.tolist()):
+        pages = block_tables[b:b + 1, :-(-n // page)]
+        keys, values = (_gather_fp32(pool, pages)[:, :, :n] for pool in (k_pool, v_pool))  # [1, Hkv, n, D]
+        o = F.scaled_dot_product_attention(qf[b:b + 1, :, None], keys, values, scale=scale, enable_gqa=True)
+        out[b] = o[0, :, 0]
+    return out
+
+
+def decode_tiles(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,
+                 scale: float) -> Tensor:
+    """paged_attention_decode for the whole batch at once in fixed-width tiles with an online softmax; reads no
+    value on the host (module docstring)."""
+    page, group = check_pools(k_pool, v_pool, q)
+    batch, hq, dim = q.shape
+    hkv = k_pool.shape[1]
     qf = q.float().view(batch, hkv, group, dim) * scale
     pages_per_tile = max(1, TILE_TOKENS // page)
     # Every tile is pages_per_tile wide (the table padded with the null page, masked), so a sequence's result
@@ -101,12 +131,9 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     width = -(-block_tables.shape[1] // pages_per_tile) * pages_per_tile
     if width != block_tables.shape[1]:
         block_tables = F.pad(block_tables, (0, width - block_tables.shape[1]))
-    if q.device.type == "cpu":  # tiles past every context change nothing (above): skip them (a host read here)
-        needed = -(-int(context_lens.max()) // (pages_per_tile * page)) * pages_per_tile
-        block_tables = block_tables[:, :max(pages_per_tile, min(width, needed))]
-    hidden = (torch.arange(block_tables.shape[1] * page, device=q.device)[None, :]
+    hidden = (torch.arange(width * page, device=q.device)[None, :]
               >= context_lens[:, None])[:, None, None, :]  # [B, 1, 1, W*P]: positions past each context
-    if block_tables.shape[1] == pages_per_tile:  # one tile: the loop below once, without its running state
+    if width == pages_per_tile:  # one tile: the loop below once, without its running state
         scores, values = _tile(qf, k_pool, v_pool, block_tables, hidden)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # a real token is always visible: no -inf max
         return ((weights @ values) / weights.sum(-1, keepdim=True)).to(q.dtype).view(batch, hq, dim)
@@ -114,7 +141,7 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     total = torch.zeros(batch, hkv, group, 1, device=q.device)
     acc = torch.zeros(batch, hkv, group, dim, device=q.device)
     tile = pages_per_tile * page
-    for w0 in range(0, block_tables.shape[1], pages_per_tile):
+    for w0 in range(0, width, pages_per_tile):
         scores, values = _tile(qf, k_pool, v_pool, block_tables[:, w0:w0 + pages_per_tile],
                                hidden[..., w0 * page:w0 * page + tile])
         new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
@@ -129,15 +156,15 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
 
 def _tile(qf: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
     """Scores [B, Hkv, group, L] (fp32, -inf where `hidden` [B, 1, 1, L]) and values [B, Hkv, L, D] (fp32) of
-    the pages [B, n]. Each pool is read once into a gathered copy and once more into fp32 in [B, Hkv, L, D]
-    order (the keys' transpose is a view: the matmul reads it in place)."""
+    the pages [B, n]."""
     keys, values = (_gather_fp32(pool, pages) for pool in (k_pool, v_pool))
     scores = qf @ keys.transpose(2, 3)  # [B, Hkv, group, L]
     return scores.masked_fill(hidden, float("-inf")), values
 
 
 def _gather_fp32(pool: Tensor, pages: Tensor) -> Tensor:
-    """pool [N, Hkv, P, D] pages [B, n] -> fp32 [B, Hkv, n*P, D]."""
+    """pool [N, Hkv, P, D], pages [B, n] -> fp32 [B, Hkv, n*P, D]: the pool read once into a gathered copy and once
+    more into fp32 in this order (a keys' transpose is then a view the matmul reads in place)."""
     batch, n = pages.shape
     _, hkv, page, dim = pool.shape
     gathered = pool.index_select(0, pages.reshape(-1)).view(batch, n, hkv, page, dim)

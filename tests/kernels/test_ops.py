@@ -88,9 +88,13 @@ def _table(n_tokens, page, pages, gen):
     return (torch.randperm(pages - 1, generator=gen)[: -(-n_tokens // page)] + 1).tolist()
 
 
+DECODE_KERNELS = ["decode_by_sequence", "decode_tiles"]  # CPU's; accelerators' (run here too)
+
+
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
 @pytest.mark.parametrize("page", [1, 4, 16], ids=lambda p: f"P{p}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_paged_decode_matches_reference(page, dtype, monkeypatch):
+def test_paged_decode_matches_reference(page, dtype, kernel, monkeypatch):
     from qwenpd.kernels.paged_attention import paged
 
     monkeypatch.setattr(paged, "TILE_TOKENS", 2 * page)  # several tiles: the online softmax merges them
@@ -102,20 +106,24 @@ def test_paged_decode_matches_reference(page, dtype, monkeypatch):
     width = max(len(t) for t in tables) + 1  # padded with the null page
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = torch.randn(len(lens), hq, dim, generator=gen).to(dtype)
-    o = ops.paged_attention_decode(q, kp, vp, bt, torch.tensor(lens), 0.35)
+    o = getattr(paged, kernel)(q, kp, vp, bt, torch.tensor(lens), 0.35)
     assert o.dtype == dtype
+    if kernel == "decode_by_sequence":  # what the op runs on CPU
+        assert torch.equal(o, ops.paged_attention_decode(q, kp, vp, bt, torch.tensor(lens), 0.35))
     for b, n in enumerate(lens):
         ref = naive_paged_attention(q[b:b + 1], kp, vp, tables[b], [n - 1], 0.35)
         assert_close(o[b:b + 1], ref, atol=1e-5 if dtype == torch.float32 else 2e-2, what=f"seq {b}")
 
 
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_paged_decode_row_is_the_same_bits_in_any_batch_and_table_width(dtype, monkeypatch):
-    """A sequence's output is the same bits alone with its own pages, in a table padded far past its context (the
-    tiles past every context are skipped on CPU: they would change nothing), and beside a longer sequence whose
-    tiles it must then walk through (the loop's running state, not the one-tile shortcut)."""
+def test_paged_decode_row_is_the_same_bits_in_any_batch_and_table_width(dtype, kernel, monkeypatch):
+    """A sequence's output is the same bits alone with its own pages, in a table padded far past its context,
+    and beside a longer sequence (tiles: whose tiles it must then walk through, the loop's running state, not the
+    one-tile shortcut)."""
     from qwenpd.kernels.paged_attention import paged
 
+    decode = getattr(paged, kernel)
     page = 4
     monkeypatch.setattr(paged, "TILE_TOKENS", 2 * page)
     gen = torch.Generator().manual_seed(3)
@@ -124,13 +132,13 @@ def test_paged_decode_row_is_the_same_bits_in_any_batch_and_table_width(dtype, m
     for n in (3, 2 * page, 2 * page + 1, 5 * page + 2):
         table = _table(n, page, pages, gen)
         q = torch.randn(1, hq, dim, generator=gen).to(dtype)
-        alone = ops.paged_attention_decode(q, kp, vp, torch.tensor([table]), torch.tensor([n]), 0.35)
-        wide = ops.paged_attention_decode(q, kp, vp, torch.tensor([table + [0] * 9]), torch.tensor([n]), 0.35)
+        alone = decode(q, kp, vp, torch.tensor([table]), torch.tensor([n]), 0.35)
+        wide = decode(q, kp, vp, torch.tensor([table + [0] * 9]), torch.tensor([n]), 0.35)
         other = _table(11 * page, page, pages, gen)
         width = len(other) + 2
         bt = torch.tensor([table + [0] * (width - len(table)), other + [0] * (width - len(other))])
-        pair = ops.paged_attention_decode(torch.cat([q, torch.randn(1, hq, dim, generator=gen).to(dtype)]), kp, vp,
-                                          bt, torch.tensor([n, 11 * page]), 0.35)
+        pair = decode(torch.cat([q, torch.randn(1, hq, dim, generator=gen).to(dtype)]), kp, vp, bt,
+                      torch.tensor([n, 11 * page]), 0.35)
         assert torch.equal(alone, wide), n
         assert torch.equal(alone[0], pair[0]), n
 

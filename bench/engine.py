@@ -160,9 +160,10 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
     if warmup is not None:
         kind = "whole graphs" if args.whole_graphs else "regions on CPU"
         print(f"compiled ({kind}): {engines['compiled'].runner.buckets} warmed up in {warmup:.1f} s")
-    first, second = first_and_second_request(model_dir, dtype_name)
-    print(f"first request after load (fresh process): prefill of 128 tokens {first * 1e3:.0f} ms, the second "
-          f"{second * 1e3:.0f} ms: {first / second:.2f}x")
+    for tokens in (128, 512):
+        first, second = first_and_second_request(model_dir, dtype_name, tokens)
+        print(f"first request after load (fresh process): prefill of {tokens} tokens {first * 1e3:.0f} ms, the "
+              f"second {second * 1e3:.0f} ms: {first / second:.2f}x")
     names = list(engines)
     print("| measure | " + " | ".join(f"qwenpd {n}" for n in names) + " | transformers | " +
           " | ".join(f"{n} / transformers" for n in names) + " |")
@@ -215,17 +216,17 @@ engine = Engine(sys.argv[1], dtype=sys.argv[2])
 times = []
 for _ in range(2):
     t0 = time.perf_counter()
-    _, state = engine.prefill([1 + i % 1000 for i in range(128)])
+    _, state = engine.prefill([1 + i % 1000 for i in range(int(sys.argv[3]))])
     times.append(time.perf_counter() - t0)
     state.release()
 print(json.dumps(times))
 """
 
 
-def first_and_second_request(model_dir: Path, dtype_name: str) -> tuple[float, float]:
-    """Seconds of the first and second prefill of 128 tokens in a fresh process, right after Engine() returns: what
-    a service's first caller and the next one wait (the one-time work belongs in loading, not in the first)."""
-    run = subprocess.run([sys.executable, "-c", _FIRST_AND_SECOND, str(model_dir), dtype_name], check=True,
+def first_and_second_request(model_dir: Path, dtype_name: str, tokens: int) -> tuple[float, float]:
+    """Seconds of the first and second prefill of `tokens` tokens in a fresh process, right after Engine() returns:
+    what a service's first caller and the next one wait (the one-time work belongs in loading, not in the first)."""
+    run = subprocess.run([sys.executable, "-c", _FIRST_AND_SECOND, str(model_dir), dtype_name, str(tokens)], check=True,
                          capture_output=True, text=True, cwd=tempfile.gettempdir())
     first, second = json.loads(run.stdout.splitlines()[-1])
     return first, second

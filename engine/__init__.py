@@ -8,8 +8,9 @@ between services (state_spec.py) and per-sequence state (state.py), devices (dev
 (generate.py), `init-model` (init_model.py), `check-device` (check_device.py) and tensor parallelism (tp/).
 Math kernels come from qwenpd.kernels; nothing here knows about gRPC.
 
-Importing this package imports no torch (it asks torch for huge pages under its weights: host.py): the names below load their modules on first use, so plain
-bookkeeping (pages.py, engine_config.py) stays importable on its own.
+Importing this package imports no torch (it only asks torch, through the environment, for huge pages under its
+weights: host.py): the names below load their modules on first use, so plain bookkeeping (pages.py,
+engine_config.py) stays importable on its own.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ it (prefer_huge_pages) unless the environment says otherwise; where torch has al
 stays as it was. Allocations of 2 MB and more are then 2 MB aligned, and the kernel backs them with huge pages
 where it has them (THP "always" or "madvise").
 
-Freed memory. A prefill chunk allocates and frees tensors of many sizes from a few hundred KB to tens of MB (fp32 activations
-of [chunk, intermediate] and the like). With glibc's defaults, such a chunk is served by mmap, or the heap is
-trimmed back to the system whenever its free top passes a threshold that glibc keeps moving; either way the next
-chunk touches fresh pages and the kernel zero-fills them one page fault at a time. Measured on `small` bf16, a
-512-token prefill took ~48,000 minor page faults (190 MB zero-filled) every time, ~14% of its wall time; with the
-settings below, none after the first.
+Freed memory. A prefill chunk allocates and frees tensors of many sizes from a few hundred KB to tens of MB
+(fp32 activations of [chunk, intermediate] and the like). With glibc's defaults, such a chunk is served by mmap,
+or the heap is trimmed back to the system whenever its free top passes a threshold that glibc keeps moving; either
+way the next chunk touches fresh pages and the kernel zero-fills them one page fault at a time. Measured on
+`small` bf16, a 512-token prefill took ~48,000 minor page faults (190 MB zero-filled) every time, ~14% of its wall
+time; with the settings below, none after the first.
 
 So a CPU engine asks glibc, once per process, to serve chunks up to 32 MiB (the most glibc allows) from the heap
 and to keep up to 1 GiB of freed heap instead of returning it. The process keeps its peak of activations

@@ -38,7 +38,7 @@ from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine import state_spec
 from qwenpd.engine.sampling import Sampler, greedy_batch
-from qwenpd.engine.speculative import Drafter, accept, verify
+from qwenpd.engine.speculative import Drafter
 from qwenpd.engine.state import HybridState
 from qwenpd.errors import QwenpdError, Unavailable
 from qwenpd.handoff import STREAM_TAIL, StreamRecord
@@ -127,6 +127,9 @@ class DecodeSequence:
     draft: dict[str, torch.Tensor] | None = None  # speculative: the hand-off's draft state (leased views), until it joins
     drafter: Drafter | None = None  # speculative: its MTP head's KV, once joined
     drafts: list[int] = field(default_factory=list)  # speculative: the drafts after next_token
+    # speculative: the final-normed hidden state at num_tokens - 1, which the head paired with next_token (a
+    # decode-side checkpoint carries it with the head's KV, so a resumed stream drafts again)
+    draft_hidden: torch.Tensor | None = None
 
     def push(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""
@@ -274,6 +277,7 @@ class DecodeRunner:
         drafter = Drafter(head, seq.sampler.vocab, capacity=seq.kv_tokens + self.k + 1)
         drafter.cache.load(seq.draft, n - 1)
         hidden = seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device)[None]
+        seq.draft_hidden = hidden[0]
         return drafter, drafter.draft(hidden, [seq.next_token], n - 1, self.k)
 
     def _leave(self, seq: DecodeSequence) -> None:
@@ -331,7 +335,7 @@ class DecodeRunner:
                            seq.sampler.params.max_tokens - len(seq.tracker.token_ids) - 1)  # tokens left after it
                 drafts = seq.drafts[:max(0, room)]
             fed.append([seq.next_token, *drafts])
-        done = verify(self.engine, self.batch, fed)
+        done = self.batch.verify(fed)
         greedy = [seq.sampler.params.plain_greedy and not seq.replay for seq in seqs]
         words = None if self.engine.grammars is None else self.engine.grammars.words
         # plain greedy rows as the plain step picks them: one argmax over every row of the pass
@@ -368,7 +372,7 @@ class DecodeRunner:
                 accepted_at[i] += 1
             consumed.append(seq.num_tokens - start)
             outputs.append((seq, out))
-        accept(self.engine, self.batch, done, consumed)
+        self.batch.accept(consumed)
         # the heads read the verified positions and draft what comes next, all sequences in one pass per draft
         going = [b for b, seq in enumerate(seqs) if seq.drafter is not None and seq.finish_reason is None]
         drafts = Drafter.draft_many([seqs[b].drafter for b in going],
@@ -377,6 +381,7 @@ class DecodeRunner:
                                     [done.starts[b] for b in going], self.k if drafting else 0)
         for b, d in zip(going, drafts):
             seqs[b].drafts = d
+            seqs[b].draft_hidden = done.hidden[done.offsets[b] + consumed[b] - 1]
         for seq, out in outputs:
             self._maybe_checkpoint(seq, out)
         self.steps += 1
@@ -396,6 +401,9 @@ class DecodeRunner:
         if self._checkpoint_due(seq, out):
             copy_started = time.perf_counter()
             out.checkpoint = seq.state.to_tensors()
+            if seq.drafter is not None and seq.draft_hidden is not None:  # the draft state, as a hand-off's
+                out.checkpoint.update(seq.drafter.cache.copy_out(0, seq.num_tokens - 1))
+                out.checkpoint[state_spec.DRAFT_HIDDEN] = seq.draft_hidden.to(seq.drafter.head.dtype).cpu()
             self.on_checkpoint_copy(time.perf_counter() - copy_started)
             out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
             seq.checkpointed_at = seq.num_tokens

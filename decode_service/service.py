@@ -256,12 +256,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def _draft_state(self, params, draft: dict, resumed: bool) -> dict | None:
         """The draft state this sequence drafts from (None: it decodes one token per step). With speculation on
         and not opted out, a fresh hand-off must carry it: FAILED_PRECONDITION otherwise, never a silent
-        recompute of the prompt through the head. A resumed stream decodes without drafts (the same tokens)."""
+        recompute of the prompt through the head. A resumed stream drafts from its resume point's draft state
+        (decode-side checkpoints carry it too) and decodes without drafts where that has none: the same tokens."""
         k = self.config.num_speculative_tokens
         if params.speculative and not k:
             raise InvalidArgument("sampling.speculative", "this decode service runs no speculative decoding "
                                   "(started without --num-speculative-tokens)")
-        if not k or params.speculative is False or resumed:
+        if not k or params.speculative is False or (resumed and not draft):
             return None
         if not draft:
             raise FailedPrecondition("the hand-off checkpoint carries no MTP draft state, which this decode "

@@ -7,7 +7,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -30,6 +30,9 @@ from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.vision import PromptMedia, VisionTower, load_vision_weights, vision_fingerprint
 from qwenpd.engine.weights import load_weights
 from qwenpd.kernels.ops import register_device_kernels
+
+if TYPE_CHECKING:
+    from qwenpd.engine.speculative import Verified
 
 SCORE_CHUNK = 128  # prompt scoring: positions per chunk, whose logits [T, V] are held at once
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -284,8 +287,11 @@ class Engine:
         for lo, hi in chunk_spans(start, start + len(ids), chunk_size, boundaries):
             if normed is None and media is None:
                 logits = self.prefill_chunk(ids[lo - start: hi - start], state)
+            elif self.group is not None and media is None:  # tensor-parallel: the leader gets the hidden states
+                logits, hidden = self._prefill_chunk_normed(ids[lo - start: hi - start], state, False)
+                normed.append(hidden)
             elif self.group is not None:  # images, tensor-parallel: every rank takes the chunk's embeddings
-                logits = self._prefill_media_chunk(ids[lo - start: hi - start], state, media, lo, hi)
+                logits = self._prefill_media_chunk(ids[lo - start: hi - start], state, media, lo, hi, normed)
             else:
                 logits = self.runner.prefill_chunk(ids[lo - start: hi - start], state, normed=normed,
                                                    media=None if media is None else media.chunk(lo, hi, self.device))
@@ -297,17 +303,31 @@ class Engine:
         return logits, state
 
     def _prefill_media_chunk(self, token_ids: list[int], state: HybridState, media: PromptMedia, lo: int,
-                             hi: int) -> torch.Tensor:
+                             hi: int, normed=None) -> torch.Tensor:
         """One image chunk on every rank of a tensor-parallel group: positions and rows as plain data, the
-        embeddings broadcast from the leader (the tower runs there)."""
+        embeddings broadcast from the leader (the tower runs there). `normed` as in `prefill` (the leader's)."""
         chunk = media.chunk(lo, hi, torch.device("cpu"))
         rows, values = chunk.embeds if chunk.embeds is not None else (torch.zeros(0, dtype=torch.long), None)
         self._outgoing_embeds = values
-        return self._prefill_chunk_media(token_ids, state, chunk.rope.tolist(), rows.tolist(), media.delta_at(hi))
+        logits, hidden = self._prefill_chunk_media(token_ids, state, chunk.rope.tolist(), rows.tolist(),
+                                                   media.delta_at(hi), normed is not None)
+        if normed is not None:
+            normed.append(hidden)
+        return logits
+
+    @cross_rank("engine.prefill_chunk_normed")
+    def _prefill_chunk_normed(self, token_ids: list[int], state: HybridState, all_logits: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk into `state` through the eager graphs, on every rank: (its logits, as prefill_chunk's or all
+        of them, and its final-normed hidden states [T, H], the same on every rank: what an MTP head reads)."""
+        normed: list = []
+        logits = self.eager.prefill_chunk(token_ids, state, all_logits=all_logits, normed=normed)
+        return logits, normed[0]
 
     @cross_rank("engine.prefill_chunk_media")
     def _prefill_chunk_media(self, token_ids: list[int], state: HybridState, rope: list[list[int]],
-                             rows: list[int], delta: int) -> torch.Tensor:
+                             rows: list[int], delta: int, with_normed: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from qwenpd.engine.runner import ChunkMedia
 
         embeds = None
@@ -320,9 +340,10 @@ class Engine:
             # fp32 on the wire: exact for the model dtype's values, whatever the transport supports
             embeds = (torch.tensor(rows, device=self.device), values.to(self.device, self.dtype))
         media = ChunkMedia(torch.tensor(rope, dtype=torch.long, device=self.device), embeds)
-        logits = self.runner.prefill_chunk(token_ids, state, media=media)
+        normed: list | None = [] if with_normed else None
+        logits = self.runner.prefill_chunk(token_ids, state, normed=normed, media=media)
         state.rope_delta = delta
-        return logits
+        return logits, normed[0] if normed else None
 
     def _check_media(self, media: PromptMedia | None, num_tokens: int) -> None:
         if media is None:
@@ -365,9 +386,14 @@ class Engine:
         last = None
         for lo, hi in chunk_spans(start, start + len(ids), SCORE_CHUNK):
             chunk = ids[lo - start: hi - start]
-            logits = (self.prefill_chunk_all(chunk, state) if normed is None and media is None else
-                      self.eager.prefill_chunk(chunk, state, all_logits=True, normed=normed,
-                                               media=None if media is None else media.chunk(lo, hi, self.device)))
+            if normed is None and media is None:
+                logits = self.prefill_chunk_all(chunk, state)
+            elif self.group is not None:  # tensor-parallel, no images (refused above): the leader gets the states
+                logits, hidden = self._prefill_chunk_normed(chunk, state, True)
+                normed.append(hidden)
+            else:
+                logits = self.eager.prefill_chunk(chunk, state, all_logits=True, normed=normed,
+                                                  media=None if media is None else media.chunk(lo, hi, self.device))
             rows = torch.log_softmax(logits.float(), dim=-1)
             predicting = rows[:-1] if before is None else torch.cat([before[None], rows[:-1]])
             targets = chunk[1:] if before is None else chunk
@@ -455,6 +481,7 @@ class DecodeBatch:
         self.recurrent = [torch.zeros(rows, c.linear_num_value_heads, c.linear_key_head_dim,
                                       c.linear_value_head_dim, dtype=torch.float32, device=dev) for _ in range(n_lin)]
         self.states: list[HybridState] = []
+        self.verified: "Verified | None" = None  # the last verify pass, until its accept
         self.mirror = None
         mirror_new(engine, "engine.decode_batch", (max_batch,), self)  # the other ranks make their copy
 
@@ -499,6 +526,26 @@ class DecodeBatch:
             self.states[slot] = moved
             self._bind(moved, slot)
         self.states.pop()
+
+    @cross_rank("batch.verify")
+    def verify(self, fed: list[list[int]], rollback: str = "replay") -> "Verified":
+        """Speculative decoding's verify pass (engine/speculative.py `verify`): fed[i] (sequence i's last token,
+        then its drafts) into self.states[i], every rank its shard; the pass is kept for `accept`."""
+        from qwenpd.engine.speculative import verify
+
+        self.verified = None
+        self.verified = verify(self.engine, self, fed, rollback)
+        return self.verified
+
+    @cross_rank("batch.accept")
+    def accept(self, consumed: list[int]) -> None:
+        """Keep the first consumed[i] fed tokens of the last verify pass (speculative.py `accept`)."""
+        from qwenpd.engine.speculative import accept
+
+        if self.verified is None:
+            raise RuntimeError("accept without a verify pass")
+        done, self.verified = self.verified, None
+        accept(self.engine, self, done, consumed)
 
     @cross_rank("batch.step")
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:

@@ -65,8 +65,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     verify pass of k+1 positions (engine/speculative.py): the same tokens and log-probabilities as `generate`,
     greedy or seeded sampling alike, in fewer passes over the weights. Prefill also runs the head over the prompt,
     so the first step drafts already."""
-    from qwenpd.engine.engine import chunk_spans
-    from qwenpd.engine.speculative import Drafter, accept, rollback_bytes, verify
+    from qwenpd.engine.speculative import Drafter, rollback_bytes
 
     if k < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
@@ -74,13 +73,8 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
     drafter = Drafter(head, sampler.vocab)
     t0 = time.perf_counter()
-    engine.check_tokens(prompt_ids)
-    state = engine.new_state()
     normed: list = []
-    logits = None
-    for lo, hi in chunk_spans(0, len(prompt_ids), chunk_size):
-        logits = engine.eager.prefill_chunk(list(prompt_ids[lo:hi]), state, normed=normed)
-    assert logits is not None
+    logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size, normed=normed)
     token, logprob = sampler.sample(logits)
     hidden = torch.cat(normed)
     prefill_s = time.perf_counter() - t0
@@ -96,7 +90,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
                    params.max_tokens - len(tracker.token_ids) - 1)  # tokens left after the next one
         drafts = drafts[:max(0, room)]
         fed = [token, *drafts]
-        done = verify(engine, batch, [fed], rollback)
+        done = batch.verify([fed], rollback)
         drafted += len(drafts)
         steps += 1
         kept = max(kept, rollback_bytes(done))
@@ -110,7 +104,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
             at[i] += 1
             if _emit(tracker, t, lp, on_text):  # a draft that is the chosen token: streamed now
                 break
-        accept(engine, batch, done, [len(chosen)])
+        batch.accept([len(chosen)])
         if tracker.finish_reason is not None:
             break
         token, logprob = chosen[-1]

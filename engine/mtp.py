@@ -26,7 +26,7 @@ from qwenpd.engine.config import FULL, ModelConfig
 from qwenpd.engine.layers import Rotary, rms_norm
 from qwenpd.engine.linear import Linear
 from qwenpd.engine.model import Block, HybridModel
-from qwenpd.engine.weights import DRAFT_HEAD, MTP
+from qwenpd.engine.weights import DRAFT_EMBED, DRAFT_HEAD, MTP
 
 
 class MTPCache:
@@ -60,6 +60,14 @@ class MTPCache:
                 raise ValueError(f"the head KV covers {k.shape[1]} positions, not {positions}")
             self.write(layer, where, k.transpose(0, 1).to(where.device), v.transpose(0, 1).to(where.device))
 
+    def copy_out(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """The head KV of positions [lo, hi) (mtp.{l}.k/v, [Hkv, hi-lo, D], host copies): `load`'s layout."""
+        out = {}
+        for layer in range(len(self.k)):
+            out[f"mtp.{layer}.k"] = self.k[layer][lo:hi].transpose(0, 1).contiguous().cpu()
+            out[f"mtp.{layer}.v"] = self.v[layer][lo:hi].transpose(0, 1).contiguous().cpu()
+        return out
+
 
 class MTPHead:
     """The head over a loaded HybridModel (its embedding and lm_head); `weights` are load_mtp_weights' (`mtp.*`)."""
@@ -75,6 +83,12 @@ class MTPHead:
         self.fc = Linear(weights[MTP + "fc.weight"])
         # logits over the tokenizer's tokens only, where the embedding is padded far past it (load_mtp_weights)
         self.draft_head = Linear(weights[DRAFT_HEAD]) if DRAFT_HEAD in weights else None
+        # under tensor parallelism the head runs on the leader alone, with its own whole embedding and lm_head rows
+        # (the model's are vocabulary slices joined by collectives): load_mtp_weights(own_vocab=True)
+        self.embed = weights.get(DRAFT_EMBED)
+        if model.tp is not None and (self.embed is None or self.draft_head is None):
+            raise ValueError("a tensor-parallel model's MTP head needs its own embedding and lm_head rows "
+                             "(load_mtp_weights(own_vocab=True))")
         layer_config = config.replace(num_hidden_layers=1, layer_types=(FULL,))
         rotary = Rotary(config, model.device)
         self.layers = []
@@ -108,7 +122,8 @@ class MTPHead:
         `logit_rows` [len, V], or None when there are none)."""
         layer = step % len(self.layers)
         blk = self.layers[layer]
-        e = rms_norm(self.model.embed_tokens(next_tokens), self.norm_embedding, self.eps, self.dtype)
+        embedded = self.model.embed_tokens(next_tokens) if self.embed is None else self.embed[next_tokens].float()
+        e = rms_norm(embedded, self.norm_embedding, self.eps, self.dtype)
         h = rms_norm(hidden.float(), self.norm_hidden, self.eps, self.dtype)
         x = self.fc(torch.cat([e, h], dim=-1)).float()  # the residual stream, fp32 as in the main model
         mixer = blk.mixer
@@ -133,10 +148,7 @@ class MTPHead:
         picked = normed[list(logit_rows)]
         if self.draft_head is not None:
             return normed, self.draft_head(picked).float()
-        logits = self.model.lm_head(picked).float()
-        if self.model.tp is not None:
-            logits = self.model.tp.gather_vocab(logits)
-        return normed, logits
+        return normed, self.model.lm_head(picked).float()
 
 
 class PromptDrafts:
@@ -174,11 +186,7 @@ class PromptDrafts:
 
     def kv(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """The head KV of positions [lo, hi) (mtp.{l}.k/v, [Hkv, hi-lo, D], host copies)."""
-        out = {}
-        for layer in range(len(self.cache.k)):
-            out[f"mtp.{layer}.k"] = self.cache.k[layer][lo:hi].transpose(0, 1).contiguous().cpu()
-            out[f"mtp.{layer}.v"] = self.cache.v[layer][lo:hi].transpose(0, 1).contiguous().cpu()
-        return out
+        return self.cache.copy_out(lo, hi)
 
     def block(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """What a prefix-cache KV block of tokens [lo, hi) keeps of the head: the KV of the positions whose next
@@ -201,10 +209,12 @@ class PromptDrafts:
 def load_head(engine, model_dir) -> MTPHead:
     """The MTP head of `engine`'s checkpoint (WeightError naming the missing mtp.* tensors without one). Where the
     embedding is padded far past the tokenizer (the test and bench presets: 571 tokens, 32,000 rows), drafts get
-    logits of the tokenizer's rows only; a real checkpoint's few padding rows keep the shared lm_head."""
+    logits of the tokenizer's rows only; a real checkpoint's few padding rows keep the shared lm_head. A
+    tensor-parallel engine's head is its leader's alone, with its own whole embedding and lm_head rows
+    (load_mtp_weights' own_vocab: on Qwen3.6-27B's shapes 2.5 GB each, on the leader only)."""
     from qwenpd.engine.weights import load_mtp_weights
 
     words = engine.grammars.words if engine.grammars is not None else None
     rows = words if words is not None and words < 0.9 * engine.config.vocab_size else None
-    return MTPHead(engine.config, load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows),
-                   engine.model)
+    weights = load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows, own_vocab=engine.tp > 1)
+    return MTPHead(engine.config, {name: t.to(engine.device) for name, t in weights.items()}, engine.model)

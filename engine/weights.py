@@ -80,19 +80,24 @@ def mtp_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 DRAFT_HEAD = MTP + "draft_lm_head.weight"  # not a checkpoint tensor: load_mtp_weights' draft_rows
+DRAFT_EMBED = MTP + "draft_embed_tokens.weight"  # not a checkpoint tensor: load_mtp_weights' own_vocab
 
 
 def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
-                     draft_rows: int | None = None) -> dict[str, torch.Tensor]:
+                     draft_rows: int | None = None, own_vocab: bool = False) -> dict[str, torch.Tensor]:
     """The MTP head's tensors (`mtp.*` or `model.mtp.*`), names under `mtp.`, cast to `dtype`; WeightError naming
     what is missing or misshaped (a checkpoint without the head, or a config without mtp_num_hidden_layers).
     `draft_rows` (the tokenizer's size, when well below the vocabulary: an embedding padded far past it) also reads
     the first draft_rows rows of the lm_head as DRAFT_HEAD: drafts never pick a padding row, so they need no
-    logits for them."""
+    logits for them. `own_vocab` (the leader of a tensor-parallel group, whose embedding and lm_head are one
+    vocabulary slice each) also reads the whole embedding as DRAFT_EMBED and the lm_head's rows (all, or
+    draft_rows) as DRAFT_HEAD, so the head runs on that rank alone, without collectives."""
     expected = mtp_weight_shapes(config)
     if not expected:
         raise WeightError("config.json has no mtp_num_hidden_layers: this checkpoint declares no MTP head (mtp.*)")
     rows = draft_rows if draft_rows is not None and draft_rows < config.vocab_size else None
+    if own_vocab and rows is None:
+        rows = config.vocab_size
     head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     found: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(model_dir)):
@@ -104,14 +109,20 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
                     if tuple(t.shape) != expected[canon]:
                         raise WeightError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected[canon]}")
                     found[canon] = t
-                elif rows is not None and _canonical(name) == head:  # the draft head's rows, in the same pass
+                    continue
+                base = _canonical(name)
+                if rows is not None and base == head:  # the draft head's rows, in the same pass
                     found[DRAFT_HEAD] = f.get_slice(name)[:rows]
+                if own_vocab and base == "embed_tokens.weight":
+                    found[DRAFT_EMBED] = f.get_tensor(name)
     missing = sorted(set(expected) - set(found))
     if missing:
         raise WeightError(f"checkpoint {model_dir} has no MTP head: it lacks {len(missing)} of the "
                           f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
     if rows is not None and DRAFT_HEAD not in found:
         raise WeightError(f"checkpoint {model_dir} has no {head}")
+    if own_vocab and DRAFT_EMBED not in found:
+        raise WeightError(f"checkpoint {model_dir} has no embed_tokens.weight")
     if any(t.dtype in _FP8 for t in found.values()):
         raise WeightError("the MTP head is stored as FP8: not supported yet")
     return {name: t.to(dtype) for name, t in found.items()}

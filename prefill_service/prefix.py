@@ -140,9 +140,13 @@ class PrefixCache:
         `draft`, the MTP head's state past the blocks: plan.drafts)."""
         b = self.policy.block_size
         known = plan.known_kv_ids
+
+        def drafts(after: int) -> dict[str, torch.Tensor]:  # the head's state past the first `after` tokens
+            return plan.drafts.tensors(after=after) if draft else {}
+
         try:
             if not (self.policy.enabled and plan.keys):
-                return self._own_checkpoint(state, meta, handoff_ttl_s, [], draft, plan)
+                return self._own_checkpoint(state, meta, handoff_ttl_s, [], drafts(0))
             new_blocks = range(len(known), len(plan.keys))
             items = [SharedItem(store_pb.ENTRY_KIND_KV_BLOCK, plan.keys[i], self._block(plan, state, i), (i + 1) * b)
                      for i in new_blocks]
@@ -153,10 +157,8 @@ class PrefixCache:
                 log.info("prompt would add %d bytes to the prefix cache (limit %d per request): not cached",
                          new_bytes, self.max_bytes_per_request)
                 self._on_skip()
-                return self._own_checkpoint(state, meta, handoff_ttl_s, known, draft, plan)
-            own = state.handoff_tensors(len(plan.keys) * b, for_write=True)
-            if draft:
-                own = {**own, **plan.drafts.tensors(after=len(plan.keys) * b)}
+                return self._own_checkpoint(state, meta, handoff_ttl_s, known, drafts(len(known) * b))
+            own = {**state.handoff_tensors(len(plan.keys) * b, for_write=True), **drafts(len(plan.keys) * b)}
             try:
                 checkpoint_id = self.store.put_prefix_checkpoint(items, own, meta, known, len(new_blocks),
                                                                  handoff_ttl_s=handoff_ttl_s)
@@ -165,7 +167,7 @@ class PrefixCache:
             except ResourceExhausted as exc:  # no room to cache this prompt: hand off without caching it
                 log.warning("prefix cache full, handing off without caching the prompt: %s", exc.message)
                 self._on_skip()
-                return self._own_checkpoint(state, meta, handoff_ttl_s, known, draft, plan)
+                return self._own_checkpoint(state, meta, handoff_ttl_s, known, drafts(len(known) * b))
         finally:
             self.release(plan)
 
@@ -175,16 +177,15 @@ class PrefixCache:
         kv = state.kv_tensors(i * b, (i + 1) * b, for_write=True)
         return kv if plan.drafts is None else {**kv, **plan.drafts.block(i * b, (i + 1) * b)}
 
-    def own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None) -> str:
-        """A hand-off checkpoint holding all of the state itself (no prefix-cache references)."""
-        return self._own_checkpoint(state, meta, handoff_ttl_s, [])
+    def own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
+                       draft: dict[str, torch.Tensor] | None = None) -> str:
+        """A hand-off checkpoint holding all of the state itself (no prefix-cache references), and `draft` (the
+        draft state a resumed stream's resume point carried)."""
+        return self._own_checkpoint(state, meta, handoff_ttl_s, [], draft or {})
 
     def _own_checkpoint(self, state: HybridState, meta: CheckpointMeta, handoff_ttl_s: float | None,
-                        refs: list[str], draft: bool = False, plan: PrefixPlan | None = None) -> str:
-        after = len(refs) * self.policy.block_size
-        own = state.handoff_tensors(after, for_write=True)
-        if draft:
-            own = {**own, **plan.drafts.tensors(after=after)}
+                        refs: list[str], draft: dict[str, torch.Tensor]) -> str:
+        own = {**state.handoff_tensors(len(refs) * self.policy.block_size, for_write=True), **draft}
         checkpoint_id = self.store.put_checkpoint(own, meta, handoff_ttl_s=handoff_ttl_s, refs=refs)
         self._on_written(_nbytes(own))
         return checkpoint_id

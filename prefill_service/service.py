@@ -145,16 +145,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         queue_ns = int(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1e9)
         prompt_len = len(ids) - resume.draws  # the original prompt
         params = resume.params
-        stream = None
+        stream, stream_draft = None, {}
         if resume_from:
-            stream = self._stream_state(resume_from, ids, prompt_len, params.seed, images)
+            stream, stream_draft = self._stream_state(resume_from, ids, prompt_len, params.seed, images)
             self.metrics.resumes.labels("checkpoint" if stream is not None else "recomputed").inc()
         elif resume.draws:
             self.metrics.resumes.labels("recomputed").inc()
-        # the MTP head's state for decode's drafts (not for a resumed stream: decode replays it without drafts);
-        # computed for an opted-out request too, so the prefix-cache blocks it adds carry the head's KV
+        # the MTP head's state for decode's drafts over the prompt (a stream resumed from a checkpoint carries the
+        # head's state at its resume point instead); computed for an opted-out request too, so the prefix-cache
+        # blocks it adds carry the head's KV
         drafts = (PromptDrafts(self.engine.draft_head, ids[:prompt_len])
-                  if self.engine.draft_head is not None and not resume.draws else None)
+                  if self.engine.draft_head is not None and stream is None else None)
         # a scored prompt computes every position: it neither restores from the prefix cache nor adds to it
         plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt, drafts,
                                 images.key_spans() if images is not None else ())
@@ -203,7 +204,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s,
                                                     draft=drafts is not None and params.speculative is not False)
             else:  # its own copy of every tensor: the old resume point is dropped now
-                checkpoint_id = self.prefix.own_checkpoint(state, meta, self.config.handoff_ttl_s)
+                checkpoint_id = self.prefix.own_checkpoint(
+                    state, meta, self.config.handoff_ttl_s,
+                    stream_draft if self.engine.draft_head is not None and params.speculative is not False else {})
                 state.release()
                 self._delete_quietly(resume_from)
         finally:
@@ -259,8 +262,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def _stream_state(self, checkpoint_id: str, ids: list[int], prompt_len: int, seed: int | None,
                       images: PromptImages | None = None):
-        """The state of a broken stream's resume point, if it is still stored and its stream record matches this
-        request (StreamRecord.matches); None otherwise (the prompt is then recomputed)."""
+        """The state of a broken stream's resume point and its draft state (host copies; {} if it has none), if
+        it is still stored and its stream record matches this request (StreamRecord.matches); (None, {})
+        otherwise (the prompt is then recomputed)."""
         e = self.engine
         try:
             ckpt = self.store.get_checkpoint(checkpoint_id, e.fingerprint,
@@ -268,7 +272,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                              state_spec.handoff_dtypes(e.config, e.dtype))
         except QwenpdError as exc:
             log.info("resume point %s not used, recomputing the prompt: %s", checkpoint_id, exc.message)
-            return None
+            return None, {}
         try:
             record = StreamRecord.from_metadata(ckpt.metadata)
             why = ("it has no stream record" if record is None or record.num_tokens != ckpt.num_tokens
@@ -276,14 +280,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if why:
                 log.warning("resume point %s does not match the request (%s), recomputing the prompt", checkpoint_id,
                             why)
-                return None
+                return None, {}
             try:
                 tensors = dict(ckpt.tensors)
-                state_spec.split_draft(tensors)  # a resumed stream decodes without drafts
-                return e.state_from_tensors(tensors, ckpt.num_tokens)
+                draft = {name: t.clone() for name, t in state_spec.split_draft(tensors).items()}  # outlive the lease
+                return e.state_from_tensors(tensors, ckpt.num_tokens), draft
             except (ValueError, OutOfPages) as exc:
                 log.warning("resume point %s not loaded, recomputing the prompt: %s", checkpoint_id, exc)
-                return None
+                return None, {}
         finally:
             ckpt.tensors.clear()
             try:

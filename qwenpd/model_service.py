@@ -107,15 +107,15 @@ MAX_SPECULATIVE_TOKENS = 8
 
 def check_speculative(ec: EngineConfig, k: int) -> None:
     """ValueError unless `ec` can run speculative decoding with k drafts: the checkpoint's MTP head is there, and
-    the engine is the eager one on one rank (what is built so far)."""
+    the engine is the eager one (what is built so far; any tensor-parallel degree)."""
     from qwenpd.engine.config import ModelConfig
     from qwenpd.engine.weights import check_mtp_head
 
     if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
-    if ec.tp > 1 or ec.compile:
-        raise ValueError("num_speculative_tokens runs the eager engine on one rank for now: drop --compile and "
-                         "--tp, or drop --num-speculative-tokens")
+    if ec.compile:
+        raise ValueError("num_speculative_tokens runs the eager engine for now: drop --compile, or drop "
+                         "--num-speculative-tokens")
     check_mtp_head(ec.model_dir, ModelConfig.from_pretrained(ec.model_dir))
 
 

@@ -186,3 +186,47 @@ def test_stop_strings_and_stop_ids_end_where_plain_decoding_ends(engine, head, m
     assert {rid: tuple(t) for rid, t in texts.items()} == {rid: (r.text, r.finish_reason)
                                                               for rid, r in refs.items()}
     assert sum(sum(at) for _, _, at in steps) > 0
+
+
+def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine, head, monkeypatch):
+    """With --decode-checkpoint-every, a drafting sequence's checkpoint carries the draft state a hand-off at its
+    position would (state_spec.draft_shapes: the head's KV of positions 0 .. N-2 and the hidden state at N-1),
+    so a stream resumed from it drafts again: the head's state over the same tokens, computed by a prefill."""
+    from qwenpd.engine import state_spec
+    from qwenpd.handoff import StreamRecord, prompt_digest
+
+    monkeypatch.setattr(engine, "draft_head", head)
+    prompt = PROMPTS[0]
+    seq, first = _sequence(engine, head, prompt, GREEDY, "r0", drafts=True)
+    seq.stream = StreamRecord(prompt_digest(prompt), len(prompt), len(prompt), 0, tuple(prompt[-8:]))
+    checkpoints, ids = [], list(first[0])
+    finished = threading.Event()
+
+    def deliver(items):
+        for s, out in items:
+            assert out.error is None, out.error
+            ids.extend(out.token_ids)
+            if out.checkpoint is not None:
+                checkpoints.append((out.record.num_tokens, out.checkpoint))
+            if out.finish_reason is not None:
+                finished.set()
+
+    runner = DecodeRunner(lambda: engine, 2, 8, deliver, checkpoint_every=8, num_speculative_tokens=K,
+                          speculative_max_batch=2)
+    runner.start()
+    try:
+        runner.submit(seq)
+        assert finished.wait(120)
+    finally:
+        runner.stop()
+    assert len(checkpoints) >= 2
+    c = engine.config
+    for n, tensors in checkpoints:
+        expected = state_spec.handoff_shapes(c, n)
+        assert {name: tuple(t.shape) for name, t in tensors.items()} == dict(expected)  # every group present
+        tokens = (prompt + ids)[:n]
+        feed = PromptDrafts(head, tokens)
+        engine.prefill(tokens, normed=feed)[1].release()
+        want = feed.tensors()
+        for name in want:
+            torch.testing.assert_close(tensors[name].float(), want[name].float(), atol=3e-2, rtol=3e-2, msg=name)

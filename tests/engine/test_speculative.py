@@ -69,6 +69,32 @@ def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, mo
     assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs) and got.accepted_tokens > 0
 
 
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_tensor_parallel_speculation_is_plain_decoding(hf_checkpoint, tmp_path, monkeypatch, params):
+    """TP 2: verify and accept run on every rank in lockstep, the head on the leader alone (its own whole
+    embedding and lm_head: load_head). The tokens and log-probabilities of plain decoding at the same degree, with
+    the head's drafts and with mostly-right ones; greedy, the unsharded engine's tokens too."""
+    from qwenpd.engine.mtp import load_head
+
+    path = with_mtp_head(hf_checkpoint("text"), tmp_path / "ckpt")
+    eng = Engine(path, dtype="float32", tp=2, threads=1)
+    try:
+        head = load_head(eng, path)
+        assert head.embed is not None and head.draft_head is not None
+        prompt = torch.randint(1, eng.config.vocab_size, (90,), generator=torch.Generator().manual_seed(4)).tolist()
+        ref = generate(eng, prompt, params, chunk_size=32)
+        got = generate_speculative(eng, head, prompt, params, 3, chunk_size=32)
+        assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs)
+        if params is GREEDY:
+            assert ref.token_ids == generate(Engine(path, dtype="float32"), prompt, params, chunk_size=32).token_ids
+        _oracle_drafts(monkeypatch, prompt + ref.token_ids)
+        got = generate_speculative(eng, head, prompt, params, 3, chunk_size=32, rollback="snapshot")
+        assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs)
+        assert 0 < got.accepted_tokens < got.draft_tokens
+    finally:
+        eng.close()
+
+
 def _chi2_two_sample(a: list, b: list, min_count: int = 10) -> tuple[float, int]:
     """Pearson's two-sample chi-square over the categories of a and b (those with fewer than min_count in both
     pooled into one); (statistic, degrees of freedom)."""

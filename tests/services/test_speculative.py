@@ -106,6 +106,9 @@ def test_kill9_of_decode_resumes_speculating_streams_exactly(spec, reference):
     got = _run(spec.gateway, _requests(), kill=(_decode_pid(spec, spec.tmp), 0.5))
     assert [r for _, _, r in got] == [1] * STREAMS, "not every stream resumed once"
     assert [(ids, lps) for ids, lps, _ in got] == reference
+    # the restarted decode service drafted for the resumed streams: their resume points carried the head's state
+    scrape = _decode_metrics(spec)
+    assert _metric(scrape, "qwenpd_decode_draft_tokens_total") > 0
 
 
 def test_opting_out_decodes_without_drafts(spec, reference):

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,10 @@ from qwenpd.engine.sampling import SamplingParams
 from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from tests.services.conftest import pid_alive, segments, start_serve_all, stop_serve_all
 
-PAIRS = [(1, 2), (2, 1), (2, 2)]  # (1, 1) is every other service test
+SPECULATIVE = ("--num-speculative-tokens", "3")  # the tiny preset's MTP head (random: its drafts are rejected)
+# (prefill degree, decode degree, speculative): (1, 1) is every other service test; with speculation the head runs
+# on the leaders (prefill: over the prompt, decode: drafting) while every rank verifies
+PAIRS = [(1, 2, True), (2, 1, True), (2, 2, False)]
 
 
 def _ranks(pid: int) -> list[int]:
@@ -51,11 +55,15 @@ def expected(engine):
     return [generate(engine, ids, SamplingParams(**kw)).token_ids for ids, kw in REQUESTS]
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"prefill-tp{p[0]}-decode-tp{p[1]}")
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"prefill-tp{p[0]}-decode-tp{p[1]}" + "-mtp" * p[2])
 def test_every_pair_gives_the_same_tokens(pair, tiny_model_dir, tmp_path, expected):
-    p, d = pair
+    from tests.services.test_exact_resume import _metric
+    from tests.services.test_supervisor import _free_ports
+
+    p, d, speculative = pair
+    metrics = _free_ports(5)
     s = start_serve_all(tiny_model_dir, tmp_path, f"tp{p}{d}{os.getpid()}", "--prefill-tp", str(p), "--decode-tp",
-                        str(d), "--no-gateway")
+                        str(d), "--no-gateway", "--metrics-port", str(metrics), *(SPECULATIVE if speculative else ()))
     try:
         assert len(_ranks(s.children["prefill"])) == p - 1 and len(_ranks(s.children["decode"])) == d - 1
         ranks = _ranks(s.children["prefill"]) + _ranks(s.children["decode"])
@@ -66,6 +74,8 @@ def test_every_pair_gives_the_same_tokens(pair, tiny_model_dir, tmp_path, expect
                 assert first.token_ids == want and again.token_ids == want
             hit = c.generate(token_ids=REQUESTS[0][0], **REQUESTS[0][1])
             assert hit.cached_tokens >= 256
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics + 2}/metrics", timeout=10).read().decode()
+        assert (_metric(scrape, "qwenpd_decode_draft_tokens_total") > 0) == speculative
     finally:
         code = stop_serve_all(s)
     assert code == 0

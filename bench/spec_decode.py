@@ -21,6 +21,11 @@ no gRPC) at batch 1, 8 and 32: B sequences prefilled (with the head's state, as 
 and decoded together, plain (no head) against speculative with every step drafting (--speculative-max-batch
 lifted, so the table shows where drafting stops paying), each with its own tokens checked against plain decoding.
 Compiled graphs do not run speculation yet (the services refuse --compile with it), so there is no compiled column.
+
+`--num-layers N` runs the preset cut or grown to N layers (init-model's --num-layers) with its *random* MTP head
+(not distilled: its rows say so), for the oracle rows: the head is one decoder layer whatever the depth, so on
+`small`'s 8 layers three drafts cost about half a decode step, on Qwen3.6-27B's 64 about a twentieth. N = 32
+shows what the machinery gains where the head is a realistic share of the model.
 """
 
 from __future__ import annotations
@@ -89,6 +94,16 @@ class Loaded:
             self.engine = Engine(self.model, dtype=self.dtype)
             self.head = load_head(self.engine, self.model)
         return self.engine
+
+
+def deeper(preset: str, dtype: str, num_layers: int, cache_dir: Path) -> Path:
+    """init-model's `preset` at `num_layers` layers, its MTP head random (cached)."""
+    from qwenpd.engine.init_model import init_model
+
+    out = cache_dir / f"{preset}-{dtype}-{num_layers}-layers"
+    if not (out / "config.json").is_file():
+        init_model(out, preset, seed=0, dtype=dtype, num_layers=num_layers)
+    return out
 
 
 def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams, k: int,
@@ -206,7 +221,8 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
                                                                ignore_eos=True), 0)
     pool = [s + c for s, c in zip(starts, continued)]
     acceptances = [None] + [float(x) for x in args.oracle.split(",") if x]
-    print(f"# {cpu_description()}; {args.preset} {args.dtype}, {torch.get_num_threads()} threads; the decode "
+    print(f"# {cpu_description()}; {args.preset}{f' at {args.num_layers} layers' if args.num_layers else ''} "
+          f"{args.dtype}, {torch.get_num_threads()} threads; the decode "
           f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, eager, "
           f"every step drafting; {args.runs} runs")
     print(f"\n| batch | decoding (k={args.k}) | tokens/s | vs plain at this batch | mean accepted length | "
@@ -233,7 +249,8 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
             at = [sum(v[2][i] for _, v in rates[a]) for i in range(args.k)]
             reached = [steps] + at[:-1]
             per = ", ".join(f"{x / max(1, r):.0%}" for x, r in zip(at, reached))
-            name = "distilled head" if a is None else f"oracle drafts {a:.0%}"
+            name = (("random head" if args.num_layers else "distilled head") if a is None
+                    else f"oracle drafts {a:.0%}")
             print(f"| {b} | {name} | {rate:.1f} | {rate / plain:.2f}x | {1 + accepted / max(1, steps):.2f} | {per} |")
             if a is None:
                 ratios[b] = rate / plain
@@ -255,9 +272,12 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qwenpd" / "distilled")
     p.add_argument("--batches", default="1,8,32", help="batch sizes of the stepping-loop table ('' = none)")
     p.add_argument("--skip-b1-table", action="store_true", help="only the stepping-loop table")
+    p.add_argument("--num-layers", type=int, default=0,
+                   help="the preset at this depth with its random MTP head (module doc; 0 = the distilled preset)")
     args = p.parse_args()
     made: list[Path] = []  # distilled (if not cached yet) on a thread that ends: the main thread stays torch-free
     worker = threading.Thread(target=lambda: made.append(
+        deeper(args.preset, args.dtype, args.num_layers, args.cache_dir) if args.num_layers else
         cached(args.preset, args.dtype, args.cache_dir, log=lambda s: print(s, file=sys.stderr))))
     worker.start()
     worker.join()
@@ -299,7 +319,9 @@ def main() -> None:
                     stats[name].append(r)
                 rates[name].append((len(r.token_ids) - 1) / r.decode_s)
     base = statistics.median(rates["plain"])
-    print(f"\n# {cpu_description()}; {args.preset} {args.dtype} with its distilled MTP head, {torch.get_num_threads()} "
+    print(f"\n# {cpu_description()}; {args.preset} {args.dtype} with its "
+          f"{f'random MTP head, {args.num_layers} layers' if args.num_layers else 'distilled MTP head'}, "
+          f"{torch.get_num_threads()} "
           f"threads; decode of {args.tokens} tokens after {args.prompt}-token prompts, batch 1, eager; "
           f"{args.prompts} prompts x {args.runs} runs")
     print("\n| decoding | tokens/s | vs plain | mean accepted length | acceptance per draft position | "
@@ -326,7 +348,8 @@ def main() -> None:
     def ratio(b: int) -> str:
         return f"{ratios[b]:.2f}x" if b in ratios else "not measured"
 
-    print(f"\nspec decode ({args.preset} {args.dtype}, distilled MTP, k={args.k}): "
+    head_kind = f"{args.num_layers} layers, random MTP" if args.num_layers else "distilled MTP"
+    print(f"\nspec decode ({args.preset} {args.dtype}, {head_kind}, k={args.k}): "
           f"b1 {ratio(1) if 1 in ratios else f'{statistics.median(rates[name]) / base:.2f}x'}, b8 {ratio(8)}, "
           f"b32 {ratio(32)} non-speculative; mean accepted length {length:.2f}")
 

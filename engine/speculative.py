@@ -43,6 +43,8 @@ import torch
 from qwenpd.engine.mtp import MTPCache, MTPHead
 from qwenpd.engine.pages import NULL_PAGE
 from qwenpd.kernels import ops
+from qwenpd.kernels.causal_conv1d.conv import causal_conv1d_update_many
+from qwenpd.kernels.gated_delta_rule.step import StepInputs, step_inputs, step_state
 
 ROLLBACKS = ("replay", "snapshot")
 
@@ -50,14 +52,18 @@ ROLLBACKS = ("replay", "snapshot")
 @dataclass(slots=True)
 class _Layer:
     """What one DeltaNet layer's rollback needs. replay: `saved` is one (conv, recurrent) copy of the batch's
-    first B slots before the pass, plus every row's conv input, decay and write strength; snapshot: `snaps[i]` is
-    (slots, conv, recurrent) of the sequences stepped at position i, copied after it."""
+    first B slots before the pass, plus every row's conv input, decay and write strength (or, where the pass ran
+    the reference kernels in two parts, every row's prepared step inputs); snapshot: `snaps[i]` is (slots, conv,
+    recurrent) of the sequences stepped at position i, copied after it. `histories` (two-part pass): each
+    sequence's conv inputs, from which its conv state after any number of its tokens is a slice."""
 
     saved: tuple[torch.Tensor, torch.Tensor] | None = None
     snaps: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     mixed: torch.Tensor | None = None  # [R, conv_dim]: conv inputs of every row
     g: torch.Tensor | None = None
     beta: torch.Tensor | None = None
+    prepared: StepInputs | None = None
+    histories: list[torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +121,41 @@ def _step(mixer, kernels, conv_all: torch.Tensor, rec_all: torch.Tensor, slots: 
     return out
 
 
+def _split_kernels(kernels, device: torch.device) -> bool:
+    """Whether the decode step runs the torch reference kernels (CPU and CUDA: kernels/ops.py `_direct`), which
+    the verify pass runs in two parts: every row's conv and step inputs at once, then only the state updates
+    position by position (the same bits: causal_conv1d_update_many, step_inputs/step_state). Elsewhere (neuron's
+    kernels) each position is a whole step of the decode step's own kernels."""
+    return (device.type in ("cpu", "cuda") and kernels.step is ops.decode_step_gated_delta_rule
+            and kernels.conv_update is ops.decode_causal_conv1d_update)
+
+
+def _recur(prepared: StepInputs, rec_all: torch.Tensor, slots: list[int], batch_size: int, row_multiple: int
+           ) -> torch.Tensor:
+    """`_step`'s state part for prepared rows (the sequences in `slots`, in that order), padded as a decode step
+    pads. In place on the slot tensor; the outputs [len(slots), Hv, dv]."""
+    m = len(slots)
+    rows = -(-m // row_multiple) * row_multiple
+    if rows != m:
+        prepared = StepInputs(*(torch.cat([t, t.new_zeros((rows - m, *t.shape[1:]))]) for t in prepared[:-1]),
+                              prepared.out_dtype)
+    if m == batch_size and slots == list(range(m)) and rows <= rec_all.shape[0]:
+        return step_state(prepared, rec_all[:rows])[:m]
+    index = torch.tensor(slots, device=rec_all.device)
+    rec = rec_all.new_zeros((rows, *rec_all.shape[1:]))
+    rec[:m] = rec_all[index]
+    out = step_state(prepared, rec)[:m]
+    rec_all[index] = rec[:m]
+    return out
+
+
+def _conv_states(conv_all: torch.Tensor, histories: list[torch.Tensor], who: list[int], counts: list[int]) -> None:
+    """Set the conv state of the sequences `who` to the one after counts[i] of their pass's tokens."""
+    keep = conv_all.shape[-1]
+    for b, c in zip(who, counts):
+        conv_all[b].copy_(histories[b][:, c:c + keep])
+
+
 def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Verified:
     """Feed fed[b] (sequence b's last sampled token, then its drafts) to batch.states[b], all in one pass; their
     logits are a plain decode step's at each position (module doc). The states are left after all of them:
@@ -151,7 +192,9 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
     slots_t = torch.tensor(slots + [NULL_PAGE] * pad, dtype=torch.long, device=dev)
     tables_t = torch.tensor(tables + [[NULL_PAGE] * width] * pad, dtype=torch.long, device=dev)
     cache = states[0].kv.cache
-    most = max(len(f) for f in fed)
+    lengths = [len(f) for f in fed]
+    split = _split_kernels(model.kernels, dev)
+    most = max(lengths)
     steps = [[b for b, f in enumerate(fed) if len(f) > i] for i in range(most)]  # who steps at position i
     layers: dict[int, _Layer] = {}
     with torch.inference_mode():
@@ -164,21 +207,32 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
                 mixed, z, beta, g = mixer._project(h)
                 conv_all, rec_all = batch.conv[j], batch.recurrent[j]
                 keep = layers[j] = _Layer()
+                if split:  # every row's conv and step inputs at once; only the state updates go position by position
+                    conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
+                                                                         list(conv_all[:len(states)]), lengths)
+                    keep.prepared = step_inputs(*mixer._split_heads(conv_out), g, beta)
                 if rollback == "replay" and most > 1:
-                    keep.saved = (conv_all[:len(states)].clone(), rec_all[:len(states)].clone())
-                    keep.mixed, keep.g, keep.beta = mixed, g, beta
+                    keep.saved = (None if split else conv_all[:len(states)].clone(), rec_all[:len(states)].clone())
+                    if not split:
+                        keep.mixed, keep.g, keep.beta = mixed, g, beta
                 core = None
                 for i, who in enumerate(steps):
                     rows = _pick_rows([offsets[b] + i for b in who])
-                    o = _step(mixer, model.kernels, conv_all, rec_all, who, len(states), rm, mixed[rows], g[rows],
-                              beta[rows])
+                    if split:
+                        o = _recur(keep.prepared.rows(rows), rec_all, who, len(states), rm)
+                    else:
+                        o = _step(mixer, model.kernels, conv_all, rec_all, who, len(states), rm, mixed[rows],
+                                  g[rows], beta[rows])
                     if core is None:
                         core = o if len(who) == r else o.new_empty((r, *o.shape[1:]))
                     if core is not o:
                         core[rows] = o
                     if rollback == "snapshot" and most > 1:
                         index = torch.tensor(who, device=dev)
-                        keep.snaps.append((who, conv_all[index].clone(), rec_all[index].clone()))
+                        conv = None if split else conv_all[index].clone()
+                        keep.snaps.append((who, conv, rec_all[index].clone()))
+                if split:
+                    _conv_states(conv_all, keep.histories, list(range(len(states))), lengths)
                 if pad:
                     core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
                 out = mixer._output(core, z)
@@ -218,20 +272,27 @@ def accept(engine, batch, done: Verified, consumed: list[int]) -> None:
                 j = model.slot[blk.index]
                 keep = done.layers[j]
                 conv_all, rec_all = batch.conv[j], batch.recurrent[j]
+                if keep.histories is not None:  # the conv state is a slice of the pass's inputs
+                    _conv_states(conv_all, keep.histories, rolled, [consumed[b] for b in rolled])
                 if done.rollback == "snapshot":
                     for b in rolled:
                         who, conv, rec = keep.snaps[consumed[b] - 1]
                         at = who.index(b)
-                        conv_all[b].copy_(conv[at])
+                        if conv is not None:
+                            conv_all[b].copy_(conv[at])
                         rec_all[b].copy_(rec[at])
                     continue
-                conv_all[index] = keep.saved[0][index]
+                if keep.saved[0] is not None:
+                    conv_all[index] = keep.saved[0][index]
                 rec_all[index] = keep.saved[1][index]
                 for i in range(max(consumed[b] for b in rolled)):
                     who = [b for b in rolled if consumed[b] > i]
                     rows = _pick_rows([done.offsets[b] + i for b in who])
-                    _step(blk.mixer, model.kernels, conv_all, rec_all, who, len(states), rm, keep.mixed[rows],
-                          keep.g[rows], keep.beta[rows])
+                    if keep.prepared is not None:
+                        _recur(keep.prepared.rows(rows), rec_all, who, len(states), rm)
+                    else:
+                        _step(blk.mixer, model.kernels, conv_all, rec_all, who, len(states), rm, keep.mixed[rows],
+                              keep.g[rows], keep.beta[rows])
     for s, p, c in zip(states, done.starts, consumed):
         s.num_tokens = p + c
         del s.token_ids[p + c:]
@@ -243,6 +304,8 @@ def rollback_bytes(done: Verified) -> int:
     for keep in done.layers.values():
         kept = [*(keep.saved or ()), *(t for _, c, r in keep.snaps for t in (c, r))]
         kept += [t for t in (keep.mixed, keep.g, keep.beta) if t is not None]
+        kept += [*(keep.prepared or ())[:-1], *(keep.histories or ())]
+        kept = [t for t in kept if t is not None]
         total += sum(t.numel() * t.element_size() for t in kept)
     return total
 

@@ -90,3 +90,29 @@ def causal_conv1d_update(x: Tensor, weight: Tensor, state: Tensor, activation: s
         acc.addcmul_(past[:, :, i], taps[i])
     state.copy_(torch.cat([state[:, :, 1:], x.to(state.dtype)[:, :, None]], dim=-1))
     return finish(acc, weight, activation, x.dtype)
+
+
+def causal_conv1d_update_many(x: Tensor, weight: Tensor, states: list[Tensor], lengths: list[int],
+                              activation: str | None = "silu") -> tuple[Tensor, list[Tensor]]:
+    """Several tokens of each of several sequences at once, each token's output the bits causal_conv1d_update gives
+    it token after token (speculative decoding's verify pass). x [R, D]: lengths[b] consecutive rows per sequence,
+    then any padding rows (their outputs are garbage); states[b] [D, W-1] its previous W-1 inputs (not modified).
+
+    Returns y [R, D] in x.dtype and each sequence's history [D, W-1+lengths[b]] in its state's dtype: the state
+    after its first t tokens is history[:, t:t+W-1] (what causal_conv1d_update would have left there)."""
+    width = weight.shape[1]
+    acc_dtype = accumulate_dtype(weight)
+    taps = weight.to(acc_dtype).t()  # [W, D]
+    histories, windows, lo = [], [], 0
+    for state, n in zip(states, lengths):
+        history = torch.cat([state, x[lo:lo + n].to(state.dtype).t()], dim=-1)  # [D, W-1+n]
+        histories.append(history)
+        windows.append(history.to(weight.dtype).unfold(1, width - 1, 1)[:, :n].transpose(0, 1))  # [n, D, W-1]
+        lo += n
+    if lo < x.shape[0]:
+        windows.append(x.new_zeros((x.shape[0] - lo, x.shape[1], width - 1), dtype=weight.dtype))
+    past = torch.cat(windows).contiguous()  # [R, D, W-1]: laid out as causal_conv1d_update's `past`
+    acc = x.to(weight.dtype).to(acc_dtype, copy=True).mul_(taps[-1])  # [R, D]
+    for i in range(width - 1):
+        acc.addcmul_(past[:, :, i], taps[i])
+    return finish(acc, weight, activation, x.dtype), histories

@@ -2,6 +2,7 @@
 
 from qwenpd.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 from qwenpd.kernels.gated_delta_rule.naive import naive_gated_delta_rule
-from qwenpd.kernels.gated_delta_rule.step import step_gated_delta_rule
+from qwenpd.kernels.gated_delta_rule.step import StepInputs, step_gated_delta_rule, step_inputs, step_state
 
-__all__ = ["chunk_gated_delta_rule", "naive_gated_delta_rule", "step_gated_delta_rule"]
+__all__ = ["StepInputs", "chunk_gated_delta_rule", "naive_gated_delta_rule", "step_gated_delta_rule", "step_inputs",
+           "step_state"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -22,18 +24,45 @@ def step_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
     Returns:
         o [B, Hv, V] in v.dtype; same result as naive_gated_delta_rule on a one-token sequence.
     """
-    group = check_step_inputs(q, k, v, g, beta, state)
-    batch, hv, dk, dv = state.shape
+    check_step_inputs(q, k, v, g, beta, state)
+    return step_state(step_inputs(q, k, v, g, beta, use_qk_l2norm), state)
+
+
+class StepInputs(NamedTuple):
+    """The per-token part of a step (no state read): `step_inputs` of a batch of tokens, rows selectable, so that
+    several tokens of one sequence (speculative decoding's verify pass) prepare at once and step one at a time."""
+
+    qk: Tensor  # [B, Hv, 2, K] fp32: k and q (l2-normalised, q scaled), repeated to the value heads
+    k: Tensor  # [B, Hv, K]
+    qdotk: Tensor  # [B, Hv, 1]
+    decay: Tensor  # [B, Hv, 1] e^g
+    beta: Tensor  # [B, Hv, 1] fp32
+    v: Tensor  # [B, Hv, V] fp32
+    out_dtype: torch.dtype
+
+    def rows(self, index) -> "StepInputs":
+        return StepInputs(*(t[index] for t in self[:-1]), self.out_dtype)
+
+
+def step_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, use_qk_l2norm: bool = True
+                ) -> StepInputs:
+    """step_gated_delta_rule's work before it reads the state (arguments as there, unchecked): row by row the
+    same bits whatever the rows beside them."""
+    group = v.shape[1] // q.shape[1]
     q, k = prepare_qk(q, k, torch.float32, use_qk_l2norm)
     q, k = q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1)  # [B, Hv, K]
     decay = g.float().exp()[..., None]  # [B, Hv, 1]
+    qk = torch.stack([k, q], dim=2)  # [B, Hv, 2, K]
+    return StepInputs(qk, k, (q * k).sum(-1, keepdim=True), decay, beta.float()[..., None], v.float(), v.dtype)
 
+
+def step_state(x: StepInputs, state: Tensor) -> Tensor:
+    """step_gated_delta_rule's state part: one token per row of `x` into state [B, Hv, K, V] (in place)."""
     # Read the old state once for both k and q (S is the largest tensor here; it bounds decode):
     #   k^T (e^g S) = e^g (k^T S)   and   q^T S' = e^g (q^T S) + (q . k) delta
-    qk = torch.stack([k, q], dim=2)  # [B, Hv, 2, K]
-    reads = (qk @ state).mul_(decay[..., None])  # [B, Hv, 2, V]
-    delta = beta.float()[..., None] * (v.float() - reads[:, :, 0])  # [B, Hv, V]
-    out = reads[:, :, 1] + (q * k).sum(-1, keepdim=True) * delta
+    reads = (x.qk @ state).mul_(x.decay[..., None])  # [B, Hv, 2, V]
+    delta = x.beta * (x.v - reads[:, :, 0])  # [B, Hv, V]
+    out = reads[:, :, 1] + x.qdotk * delta
 
-    state.mul_(decay[..., None]).addcmul_(k[..., :, None], delta[..., None, :])
-    return out.to(v.dtype)
+    state.mul_(x.decay[..., None]).addcmul_(x.k[..., :, None], delta[..., None, :])
+    return out.to(x.out_dtype)

@@ -108,6 +108,29 @@ def test_update_token_by_token_equals_prefill_and_transformers(dtype, activation
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_NAMES[d])
+@pytest.mark.parametrize("width", [4, 5])
+def test_update_many_is_update_token_by_token_bit_for_bit(state_dtype, width):
+    """causal_conv1d_update_many (speculative verify): several sequences' tokens at once, padding rows after them,
+    each output and each intermediate state the bits of causal_conv1d_update token after token."""
+    weight = torch.randn(DIM * 8, width, generator=torch.Generator().manual_seed(3))
+    lengths = [4, 1, 3]
+    x = torch.randn(sum(lengths) + 2, DIM * 8, generator=torch.Generator().manual_seed(4))  # + 2 padding rows
+    states = [torch.randn(DIM * 8, width - 1, generator=torch.Generator().manual_seed(5 + b)).to(state_dtype)
+              for b in range(len(lengths))]
+    y, histories = conv_module.causal_conv1d_update_many(x, weight, states, lengths)
+    lo = 0
+    for b, n in enumerate(lengths):
+        state = states[b][None].clone()
+        for t in range(n):
+            assert torch.equal(histories[b][:, t:t + width - 1], state[0]), (b, t)
+            want = causal_conv1d_update(x[lo + t:lo + t + 1], weight, state)
+            assert torch.equal(y[lo + t], want[0]), (b, t)
+        assert torch.equal(histories[b][:, n:n + width - 1], state[0]) and histories[b].dtype == state_dtype
+        lo += n
+    assert y.shape == x.shape
+
+
 def test_prefill_then_update_equals_whole():
     x, weight, state = _inputs(2, 20, 4, torch.float32, with_state=True, seed=5)
     y_whole, s_whole = causal_conv1d(x, weight, state)

@@ -181,6 +181,24 @@ def test_step_token_by_token_equals_naive(dtype, ratio):
     assert_close(state, s_ref, **FP32_TOL, what="state updated in place")
 
 
+@pytest.mark.parametrize("ratio", [1, 2], ids=lambda r: f"Hv/Hk{r}")
+def test_step_inputs_then_states_are_the_step_bit_for_bit(ratio):
+    """step_inputs over many tokens at once, then step_state one row at a time (speculative verify): the bits of
+    step_gated_delta_rule token by token, outputs and state."""
+    from qwenpd.kernels.gated_delta_rule import step_inputs, step_state
+
+    seq, hk = 6, 2
+    inputs = gdn_inputs(1, seq, hk, hk * ratio, K, V, torch.bfloat16, seed=17, with_state=True)
+    names = ("q", "k", "v", "g", "beta")
+    state = inputs["initial_state"].clone()
+    want = [step_gated_delta_rule(*(inputs[n][:, t] for n in names), state) for t in range(seq)]
+    prepared = step_inputs(*(inputs[n][0] for n in names))  # the tokens as rows
+    ours = inputs["initial_state"].clone()
+    for t in range(seq):
+        assert torch.equal(step_state(prepared.rows(slice(t, t + 1)), ours), want[t]), t
+    assert torch.equal(ours, state)
+
+
 def test_chunk_prefill_then_step_decode_equals_whole():
     """The engine's hand-off: chunked prefill of a prompt, then decode steps from the returned state."""
     inputs = gdn_inputs(3, 90, 2, 4, K, V, seed=8, with_state=True)

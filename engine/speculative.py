@@ -11,6 +11,9 @@ step's own kernels, so every position's logits are the bits a plain decode step 
 - the DeltaNet conv and delta rule, the only sequential part, run position after position with the decode step's
   kernels on the batch's slot tensors: at position i, one step over the sequences that feed more than i tokens
   (a slice of the slots when that is all of them, gathered rows otherwise; padded rows as a decode step pads).
+  On the reference kernels (CPU and CUDA) only the state updates go position by position: every row's conv
+  output (from each sequence's conv state and its earlier rows) and step inputs are computed at once, the same
+  bits row by row (kernels: causal_conv1d_update_many, step_inputs / step_state).
 
 A sequence that feeds one token (no drafts: speculation off for it, or no room left) gets exactly a decode step,
 so sequences with and without speculation share one pass.
@@ -27,7 +30,8 @@ position's token is distributed as p without d, renormalised: the residual distr
 the DeltaNet conv and recurrent state do. Two ways, `ROLLBACKS`:
 - "replay": copy the state before the verify pass and keep each position's conv input, decay and write strength
   (a ring of inputs, as ReplaySSM does); on a rejection restore the copy and replay the accepted positions'
-  recurrence only (no matmuls). Memory: one state copy per sequence.
+  recurrence only (no matmuls; on the reference kernels only the state updates, the conv state being a slice of
+  the kept inputs). Memory: one state copy per sequence.
 - "snapshot": copy the state after every position; on a rejection restore the copy after the last accepted one.
   Memory: K+1 state copies per sequence.
 bench/spec_decode.py measures both; "replay" is the default (module doc of the bench says why).

@@ -186,16 +186,19 @@ def state_table(c: ModelConfig, tps: list[int], page_size: int) -> None:
 
 
 def rollback_bytes(c: ModelConfig, k: int, mode: str, plan: ShardPlan | None = None) -> int:
-    """What a verify pass of k drafts keeps per sequence to undo rejected ones (engine/speculative.py): "replay"
-    one DeltaNet state copy plus each of the k+1 positions' conv input (fp32), decay and write strength (fp32) per
-    layer; "snapshot" k+1 state copies. The MTP head's own KV is not counted (it is one more attention layer)."""
-    state = deltanet_per_seq(c, plan)
-    if mode == "snapshot":
-        return (k + 1) * state
-    n_lin = len(c.linear_layers)
-    tp = 1 if plan is None else plan.degree
-    inputs = (k + 1) * 4 * (c.conv_dim + 2 * c.linear_num_value_heads) // tp * n_lin
-    return state + inputs
+    """What a verify pass of k drafts keeps per sequence to undo rejected ones (engine/speculative.py, its two-part
+    pass on the reference kernels), per DeltaNet layer: every position's prepared step inputs (fp32: q and k
+    repeated to the value heads, k again, v, and per head e^g, beta and q.k) and the sequence's conv inputs (model
+    dtype, bf16 here: its conv state after any accepted count is a slice of them), plus one copy of the
+    recurrent state ("replay") or one per position ("snapshot"). The MTP head's own KV is not counted (it is one
+    more attention layer). tests/engine/test_sizing.py checks it against what a verify pass keeps."""
+    local = c if plan is None else plan.local_config
+    rows = k + 1
+    hv, dk, dv = local.linear_num_value_heads, local.linear_key_head_dim, local.linear_value_head_dim
+    prepared = rows * hv * (3 * dk + dv + 3) * 4
+    history = local.conv_dim * (local.linear_conv_kernel_dim - 1 + rows) * torch.bfloat16.itemsize
+    recurrent = state_bytes(c, 1, plan, ("recurrent",))
+    return len(c.linear_layers) * (prepared + history) + (rows if mode == "snapshot" else 1) * recurrent
 
 
 def rollback_table(c: ModelConfig, tps: list[int], ks: tuple[int, ...] = (1, 2, 3, 4)) -> None:

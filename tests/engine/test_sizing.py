@@ -55,3 +55,19 @@ def test_script_runs_and_names_what_does_not_fit():
     assert "TP 16 does not divide num_attention_heads=24" in r.stdout
     assert "trn2.3xlarge (4 logical cores), 4K-token prompts, 512 tokens out: does not fit" in r.stdout
     assert r.stdout.count("| best |") >= 6
+
+
+@pytest.mark.parametrize("mode", ["replay", "snapshot"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_rollback_bytes_are_what_a_verify_pass_keeps(sizing, tiny_model_dir, mode, k):
+    """The rollback table's formula against a real verify pass of one bf16 sequence feeding k drafts."""
+    from qwenpd.engine import DecodeBatch, Engine
+    from qwenpd.engine.speculative import rollback_bytes
+
+    engine = Engine(tiny_model_dir, dtype="bfloat16")
+    _, state = engine.prefill([5 + i % 50 for i in range(30)])
+    batch = DecodeBatch(engine, 1)
+    batch.add(state)
+    done = batch.verify([[7] * (k + 1)], mode)
+    assert rollback_bytes(done) == sizing.rollback_bytes(engine.config, k, mode)
+    batch.accept([1])

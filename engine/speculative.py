@@ -61,8 +61,8 @@ class _Layer:
     recurrent) of the sequences stepped at position i, copied after it. `histories` (two-part pass): each
     sequence's conv inputs, from which its conv state after any number of its tokens is a slice."""
 
-    saved: tuple[torch.Tensor, torch.Tensor] | None = None
-    snaps: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    saved: tuple[torch.Tensor | None, torch.Tensor] | None = None  # conv None in a two-part pass (histories)
+    snaps: list[tuple[list[int], torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
     mixed: torch.Tensor | None = None  # [R, conv_dim]: conv inputs of every row
     g: torch.Tensor | None = None
     beta: torch.Tensor | None = None

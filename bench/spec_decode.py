@@ -24,7 +24,7 @@ Compiled graphs do not run speculation yet (the services refuse --compile with i
 
 `--num-layers N` runs the preset cut or grown to N layers (init-model's --num-layers) with its *random* MTP head
 (not distilled: its rows say so), for the oracle rows: the head is one decoder layer whatever the depth, so on
-`small`'s 8 layers three drafts cost about half a decode step, on Qwen3.6-27B's 64 about a twentieth. N = 32
+`small`'s 8 layers three drafts cost about a third of a decode step, on Qwen3.6-27B's 64 about a twentieth. N = 32
 shows what the machinery gains where the head is a realistic share of the model.
 """
 

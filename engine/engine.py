@@ -265,8 +265,9 @@ class Engine:
 
         Chunks hold at most `chunk_size` tokens and also end exactly at every absolute position in
         `boundaries` (where a caller snapshots state). `on_chunk(state)` runs after every chunk; it may raise
-        to abandon the work (deadline, cancellation). `normed` (one rank, eager or regionally compiled): gets each
-        chunk's final-normed hidden states [T, H] by `append` (what an MTP head reads: mtp.PromptDrafts).
+        to abandon the work (deadline, cancellation). `normed` (eager or regionally compiled; under tensor
+        parallelism the leader's): gets each chunk's final-normed hidden states [T, H] by `append` (what an MTP
+        head reads: mtp.PromptDrafts).
         `media` (one rank): the prompt's images (embeddings and mRoPE positions of the whole prompt, indexed
         from token 0, so a state restored from a cached prefix continues with the right ones); the state then
         keeps the prompt's rope delta for decode.
@@ -499,6 +500,7 @@ class DecodeBatch:
 
     @cross_rank("batch.add")
     def add(self, state: HybridState) -> None:
+        self.verified = None  # a pass not accepted (its step failed) is void once the slots change
         if not self.free_slots:
             raise RuntimeError("decode batch is full")
         if any(s is state for s in self.states):
@@ -513,6 +515,7 @@ class DecodeBatch:
     @cross_rank("batch.remove")
     def remove(self, state: HybridState) -> None:
         """Detach `state` (it gets its own copy of its DeltaNet state back); the last slot fills the hole."""
+        self.verified = None
         slot = next(i for i, s in enumerate(self.states) if s is state)
         for j in range(len(self.conv)):
             state.conv[j] = self.conv[j][slot].clone()

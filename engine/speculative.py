@@ -11,7 +11,7 @@ step's own kernels, so every position's logits are the bits a plain decode step 
 - the DeltaNet conv and delta rule, the only sequential part, run position after position with the decode step's
   kernels on the batch's slot tensors: at position i, one step over the sequences that feed more than i tokens
   (a slice of the slots when that is all of them, gathered rows otherwise; padded rows as a decode step pads).
-  On the reference kernels (CPU and CUDA) only the state updates go position by position: every row's conv
+  On the reference kernels on CPU only the state updates go position by position: every row's conv
   output (from each sequence's conv state and its earlier rows) and step inputs are computed at once, the same
   bits row by row (kernels: causal_conv1d_update_many, step_inputs / step_state).
 
@@ -96,61 +96,55 @@ def _pick_rows(rows: list[int]):
     return rows
 
 
-def _step(mixer, kernels, conv_all: torch.Tensor, rec_all: torch.Tensor, slots: list[int], batch_size: int,
-          row_multiple: int, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """One recurrence step of a DeltaNet layer for the sequences in `slots` (their rows of mixed/g/beta, in that
-    order), as a decode step: rows padded to a multiple of row_multiple. In place on the slot tensors. Returns the
-    core outputs [len(slots), Hv, dv]."""
+def _on_slots(slot_tensors: list[torch.Tensor], slots: list[int], batch_size: int, row_multiple: int,
+              inputs: list[torch.Tensor], fn) -> torch.Tensor:
+    """fn(inputs, slot rows) for the sequences in `slots` (their rows of `inputs`, in that order) as a decode step
+    runs them: rows padded to a multiple of row_multiple, the slots themselves when they are all of the batch
+    (padding rows are then free slots, as a decode step pads), gathered rows otherwise (written back). In place
+    on the slot tensors; returns the first len(slots) rows of fn's output."""
     m = len(slots)
     rows = -(-m // row_multiple) * row_multiple
-    dense = m == batch_size and slots == list(range(m)) and rows <= conv_all.shape[0]
-    if dense:  # every sequence: the slots themselves, padding rows are free slots (as a decode step pads)
-        conv, rec = conv_all[:rows], rec_all[:rows]
-    else:
-        index = torch.tensor(slots, device=conv_all.device)
-        conv = conv_all.new_zeros((rows, *conv_all.shape[1:]))
-        rec = rec_all.new_zeros((rows, *rec_all.shape[1:]))
-        conv[:m] = conv_all[index]
-        rec[:m] = rec_all[index]
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return t if rows == m else torch.cat([t, t.new_zeros((rows - m, *t.shape[1:]))])
-
-    x = kernels.conv_update(pad(mixed), mixer.conv_weight, conv)
-    q, k, v = mixer._split_heads(x)
-    out = kernels.step(q, k, v, pad(g), pad(beta), rec)[:m]
-    if not dense:
-        conv_all[index] = conv[:m]
-        rec_all[index] = rec[:m]
+    inputs = [t if rows == m else torch.cat([t, t.new_zeros((rows - m, *t.shape[1:]))]) for t in inputs]
+    if m == batch_size and slots == list(range(m)) and rows <= slot_tensors[0].shape[0]:
+        return fn(inputs, [t[:rows] for t in slot_tensors])[:m]
+    index = torch.tensor(slots, device=slot_tensors[0].device)
+    gathered = []
+    for t in slot_tensors:
+        g = t.new_zeros((rows, *t.shape[1:]))
+        g[:m] = t[index]
+        gathered.append(g)
+    out = fn(inputs, gathered)[:m]
+    for t, g in zip(slot_tensors, gathered):
+        t[index] = g[:m]
     return out
 
 
+def _step(mixer, kernels, conv_all: torch.Tensor, rec_all: torch.Tensor, slots: list[int], batch_size: int,
+          row_multiple: int, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """One recurrence step of a DeltaNet layer for the sequences in `slots` (their rows of mixed/g/beta), with the
+    decode step's kernels (`_on_slots`). Returns the core outputs [len(slots), Hv, dv]."""
+    def step(inputs, states):
+        x = kernels.conv_update(inputs[0], mixer.conv_weight, states[0])
+        return kernels.step(*mixer._split_heads(x), inputs[1], inputs[2], states[1])
+
+    return _on_slots([conv_all, rec_all], slots, batch_size, row_multiple, [mixed, g, beta], step)
+
+
 def _split_kernels(kernels, device: torch.device) -> bool:
-    """Whether the decode step runs the torch reference kernels (CPU and CUDA: kernels/ops.py `_direct`), which
-    the verify pass runs in two parts: every row's conv and step inputs at once, then only the state updates
-    position by position (the same bits: causal_conv1d_update_many, step_inputs/step_state). Elsewhere (neuron's
-    kernels) each position is a whole step of the decode step's own kernels."""
-    return (device.type in ("cpu", "cuda") and kernels.step is ops.decode_step_gated_delta_rule
+    """Whether the decode step runs the torch reference kernels on CPU (kernels/ops.py `_direct`), which the verify
+    pass runs in two parts: every row's conv and step inputs at once, then only the state updates position by
+    position (the same bits: causal_conv1d_update_many, step_inputs/step_state; checked on CPU). Elsewhere (CUDA,
+    not checked on a device yet; neuron's kernels) each position is a whole step of the decode step's kernels."""
+    return (device.type == "cpu" and kernels.step is ops.decode_step_gated_delta_rule
             and kernels.conv_update is ops.decode_causal_conv1d_update)
 
 
 def _recur(prepared: StepInputs, rec_all: torch.Tensor, slots: list[int], batch_size: int, row_multiple: int
            ) -> torch.Tensor:
-    """`_step`'s state part for prepared rows (the sequences in `slots`, in that order), padded as a decode step
-    pads. In place on the slot tensor; the outputs [len(slots), Hv, dv]."""
-    m = len(slots)
-    rows = -(-m // row_multiple) * row_multiple
-    if rows != m:
-        prepared = StepInputs(*(torch.cat([t, t.new_zeros((rows - m, *t.shape[1:]))]) for t in prepared[:-1]),
-                              prepared.out_dtype)
-    if m == batch_size and slots == list(range(m)) and rows <= rec_all.shape[0]:
-        return step_state(prepared, rec_all[:rows])[:m]
-    index = torch.tensor(slots, device=rec_all.device)
-    rec = rec_all.new_zeros((rows, *rec_all.shape[1:]))
-    rec[:m] = rec_all[index]
-    out = step_state(prepared, rec)[:m]
-    rec_all[index] = rec[:m]
-    return out
+    """`_step`'s state part for prepared rows (the sequences in `slots`, in that order; `_on_slots`): the outputs
+    [len(slots), Hv, dv]."""
+    return _on_slots([rec_all], slots, batch_size, row_multiple, list(prepared[:-1]),
+                     lambda inputs, states: step_state(StepInputs(*inputs, prepared.out_dtype), states[0]))
 
 
 def _conv_states(conv_all: torch.Tensor, histories: list[torch.Tensor], who: list[int], counts: list[int]) -> None:

@@ -111,21 +111,26 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
                     found[canon] = t
                     continue
                 base = _canonical(name)
-                if rows is not None and base == head:  # the draft head's rows, in the same pass
-                    found[DRAFT_HEAD] = f.get_slice(name)[:rows]
                 if own_vocab and base == "embed_tokens.weight":
                     found[DRAFT_EMBED] = f.get_tensor(name)
+                    if base == head and rows == config.vocab_size:  # tied, every row: one tensor for both
+                        continue
+                if rows is not None and base == head:  # the draft head's rows, in the same pass
+                    found[DRAFT_HEAD] = f.get_slice(name)[:rows]
     missing = sorted(set(expected) - set(found))
     if missing:
         raise WeightError(f"checkpoint {model_dir} has no MTP head: it lacks {len(missing)} of the "
                           f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
-    if rows is not None and DRAFT_HEAD not in found:
-        raise WeightError(f"checkpoint {model_dir} has no {head}")
     if own_vocab and DRAFT_EMBED not in found:
         raise WeightError(f"checkpoint {model_dir} has no embed_tokens.weight")
+    if rows is not None and DRAFT_HEAD not in found and head == "embed_tokens.weight" and own_vocab:
+        found[DRAFT_HEAD] = found[DRAFT_EMBED]  # tied embeddings, all rows: the same tensor
+    if rows is not None and DRAFT_HEAD not in found:
+        raise WeightError(f"checkpoint {model_dir} has no {head}")
     if any(t.dtype in _FP8 for t in found.values()):
         raise WeightError("the MTP head is stored as FP8: not supported yet")
-    return {name: t.to(dtype) for name, t in found.items()}
+    cast: dict[int, torch.Tensor] = {}  # a tensor shared by two names stays one
+    return {name: cast.setdefault(id(t), t.to(dtype)) for name, t in found.items()}
 
 
 def check_mtp_head(model_dir: str | Path, config: ModelConfig) -> None:

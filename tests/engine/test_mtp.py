@@ -77,3 +77,26 @@ def test_a_checkpoint_without_the_head_names_what_it_lacks(tiny_model_dir, tmp_p
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightError, match="mtp_num_hidden_layers"):
         load_mtp_weights(tmp_path / "m", Engine(tmp_path / "m").config, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["text", "conv5_tied"])
+def test_own_vocab_reads_the_whole_embedding_and_lm_head_once(hf_checkpoint, tmp_path, variant):
+    """A tensor-parallel leader's head (own_vocab): the whole embedding and lm_head rows as stored, bf16; with tied
+    embeddings one tensor for both."""
+    from qwenpd.engine.config import ModelConfig
+    from qwenpd.engine.weights import DRAFT_EMBED, DRAFT_HEAD
+    from tests.hf_models import with_mtp_head
+
+    path = with_mtp_head(hf_checkpoint(variant), tmp_path / "ckpt")
+    config = ModelConfig.from_pretrained(path)
+    weights = load_mtp_weights(path, config, torch.bfloat16, own_vocab=True)
+    stored = {}
+    for f in path.glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    embed = next(t for n, t in stored.items() if n.endswith("embed_tokens.weight"))
+    assert torch.equal(weights[DRAFT_EMBED], embed.to(torch.bfloat16))
+    if config.tie_word_embeddings:
+        assert weights[DRAFT_HEAD] is weights[DRAFT_EMBED]
+    else:
+        assert torch.equal(weights[DRAFT_HEAD], stored["lm_head.weight"].to(torch.bfloat16))
+    assert DRAFT_EMBED not in load_mtp_weights(path, config, torch.bfloat16)

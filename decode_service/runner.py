@@ -402,8 +402,7 @@ class DecodeRunner:
             copy_started = time.perf_counter()
             out.checkpoint = seq.state.to_tensors()
             if seq.drafter is not None and seq.draft_hidden is not None:  # the draft state, as a hand-off's
-                out.checkpoint.update(seq.drafter.cache.copy_out(0, seq.num_tokens - 1))
-                out.checkpoint[state_spec.DRAFT_HIDDEN] = seq.draft_hidden.to(seq.drafter.head.dtype).cpu()
+                out.checkpoint.update(seq.drafter.cache.draft_state(0, seq.num_tokens, seq.draft_hidden))
             self.on_checkpoint_copy(time.perf_counter() - copy_started)
             out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
             seq.checkpointed_at = seq.num_tokens

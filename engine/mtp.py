@@ -68,6 +68,16 @@ class MTPCache:
             out[f"mtp.{layer}.v"] = self.v[layer][lo:hi].transpose(0, 1).contiguous().cpu()
         return out
 
+    def draft_state(self, lo: int, num_tokens: int, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The draft state after `num_tokens` tokens (state_spec.draft_shapes), less the head KV of positions
+        before `lo` (which prefix-cache blocks hold): the KV of positions [lo, num_tokens-1) and `hidden`, the
+        final-normed hidden state at num_tokens-1 (host copies)."""
+        from qwenpd.engine.state_spec import DRAFT_HIDDEN
+
+        out = self.copy_out(lo, num_tokens - 1)
+        out[DRAFT_HIDDEN] = hidden.to(self.k[0].dtype).cpu()
+        return out
+
 
 class MTPHead:
     """The head over a loaded HybridModel (its embedding and lm_head); `weights` are load_mtp_weights' (`mtp.*`)."""
@@ -184,26 +194,18 @@ class PromptDrafts:
                                   torch.arange(first, self.pos - 1, device=dev), self.cache, logits="none")
         self.pending = hidden[-1].clone()
 
-    def kv(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        """The head KV of positions [lo, hi) (mtp.{l}.k/v, [Hkv, hi-lo, D], host copies)."""
-        return self.cache.copy_out(lo, hi)
-
     def block(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """What a prefix-cache KV block of tokens [lo, hi) keeps of the head: the KV of the positions whose next
         token is in the block, [lo-1, hi-1) ([0, hi-1) for the first), so it depends on the block's prefix only;
         blocks and a hand-off's own part join into positions 0 .. T-2 (the store concatenates .k/.v tensors)."""
-        return self.kv(max(0, lo - 1), hi - 1)
+        return self.cache.copy_out(max(0, lo - 1), hi - 1)
 
     def tensors(self, after: int = 0) -> dict[str, torch.Tensor]:
         """The draft state a hand-off carries (state_spec.draft_shapes), less the head KV the blocks of its first
         `after` tokens hold (`block`)."""
-        from qwenpd.engine.state_spec import DRAFT_HIDDEN
-
         if self.pending is None:
             raise ValueError("no hidden states were fed")
-        out = self.kv(max(0, after - 1), self.pos - 1)
-        out[DRAFT_HIDDEN] = self.pending.to(self.head.dtype).cpu()
-        return out
+        return self.cache.draft_state(max(0, after - 1), self.pos, self.pending)
 
 
 def load_head(engine, model_dir) -> MTPHead:

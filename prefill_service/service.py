@@ -156,6 +156,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         # blocks it adds carry the head's KV
         drafts = (PromptDrafts(self.engine.draft_head, ids[:prompt_len])
                   if self.engine.draft_head is not None and stream is None else None)
+        hands_draft = self.engine.draft_head is not None and params.speculative is not False  # to decode
         # a scored prompt computes every position: it neither restores from the prefix cache nor adds to it
         plan = self.prefix.plan(ids[:prompt_len] if stream is None and score is None else (), cache_salt, drafts,
                                 images.key_spans() if images is not None else ())
@@ -202,11 +203,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             meta = CheckpointMeta(self.engine.fingerprint, c, {**handoff.to_metadata(), **record.to_metadata()})
             if stream is None:
                 checkpoint_id = self.prefix.handoff(plan, state, meta, self.config.handoff_ttl_s,
-                                                    draft=drafts is not None and params.speculative is not False)
+                                                    draft=hands_draft)
             else:  # its own copy of every tensor: the old resume point is dropped now
-                checkpoint_id = self.prefix.own_checkpoint(
-                    state, meta, self.config.handoff_ttl_s,
-                    stream_draft if self.engine.draft_head is not None and params.speculative is not False else {})
+                checkpoint_id = self.prefix.own_checkpoint(state, meta, self.config.handoff_ttl_s,
+                                                           stream_draft if hands_draft else {})
                 state.release()
                 self._delete_quietly(resume_from)
         finally:

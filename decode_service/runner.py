@@ -374,14 +374,17 @@ class DecodeRunner:
             outputs.append((seq, out))
         self.batch.accept(consumed)
         # the heads read the verified positions and draft what comes next, all sequences in one pass per draft
+        # (a sequence still replaying next step feeds no drafts then: its head only keeps up)
         going = [b for b, seq in enumerate(seqs) if seq.drafter is not None and seq.finish_reason is None]
-        drafts = Drafter.draft_many([seqs[b].drafter for b in going],
-                                    [done.hidden[done.rows(b)][:consumed[b]] for b in going],
-                                    [[*done.tokens[b][1:consumed[b]], seqs[b].next_token] for b in going],
-                                    [done.starts[b] for b in going], self.k if drafting else 0)
-        for b, d in zip(going, drafts):
-            seqs[b].drafts = d
-            seqs[b].draft_hidden = done.hidden[done.offsets[b] + consumed[b] - 1]
+        for group, k in (([b for b in going if not seqs[b].replay], self.k if drafting else 0),
+                         ([b for b in going if seqs[b].replay], 0)):
+            drafts = Drafter.draft_many([seqs[b].drafter for b in group],
+                                        [done.hidden[done.rows(b)][:consumed[b]] for b in group],
+                                        [[*done.tokens[b][1:consumed[b]], seqs[b].next_token] for b in group],
+                                        [done.starts[b] for b in group], k)
+            for b, d in zip(group, drafts):
+                seqs[b].drafts = d
+                seqs[b].draft_hidden = done.hidden[done.offsets[b] + consumed[b] - 1]
         for seq, out in outputs:
             self._maybe_checkpoint(seq, out)
         self.steps += 1

@@ -16,6 +16,7 @@ from qwenpd.engine.constraint import Grammars
 from qwenpd.engine.device import resolve_device
 from qwenpd.engine.host import keep_freed_memory
 from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
+from qwenpd.engine.linear import held_bytes
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner
 from qwenpd.engine import state_spec
@@ -106,8 +107,8 @@ class Engine:
         weights, self.fingerprint = load_weights(model_dir, self.config, self.dtype,
                                                  self.plan.weight_ranges if sharded else None,
                                                  quantize=self.engine_config.quantize)
-        # weights held: as loaded (FP8 and --quantize are multiplied in the model dtype here)
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        # weights held: as loaded (FP8 and --quantize fp8 are multiplied in the model dtype here, int8 as int8)
+        self.weight_bytes = sum(held_bytes(t) for t in weights.values())
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family

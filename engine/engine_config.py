@@ -46,7 +46,7 @@ class EngineConfig:
     start (needs kv_cache_bytes), keep them in a directory across restarts, one graph per bucket on CPU too.
     warm_up: do a first request's one-time work while loading (Engine.warm_up), not inside the first request.
     quantize: round the decoder's projections to fp8 (128x128 blocks), fp8-mlp (the MLP's only) or int8 (per
-    output channel) at load (engine/weights.py load_weights); None = as stored."""
+    output channel, the lm_head too, held as int8) at load (engine/weights.py load_weights); None = as stored."""
 
     model_dir: str
     dtype: str = "auto"
@@ -167,8 +167,8 @@ _FLAGS = (
           "start (over a fixed-size KV cache: see --kv-cache-bytes)", {"action": "store_true"}),
     _Flag("compile_cache", "keep compiled graphs in this directory across restarts", {"metavar": "DIR"}),
     _Flag("quantize", "round the decoder's projections at load: fp8 (128x128 blocks, the published FP8 recipe), "
-          "fp8-mlp (the MLP only) or int8 (weight-only, per output channel); on CPU they are multiplied in the "
-          "model dtype (default: as stored)", {"choices": QUANTIZE}),
+          "fp8-mlp (the MLP only; fp8 is multiplied in the model dtype on CPU) or int8 (weight-only, per output "
+          "channel, the lm_head too; held as int8, decode steps by aten's int8 kernel on CPU) (default: as stored)", {"choices": QUANTIZE}),
     _Flag("whole_graphs", "with --compile on CPU: one graph per bucket instead of one region per layer kind "
           "(slower warm-up, faster steps; neuron and CUDA always compile whole graphs)", {"action": "store_true"}),
 )

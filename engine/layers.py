@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.engine.config import ModelConfig
-from qwenpd.engine.linear import Linear
+from qwenpd.engine.linear import Linear, cat, pad_rows
 from qwenpd.kernels import ops
 
 
@@ -125,9 +125,10 @@ class MLP:
         self.gate_up = Linear(gate_up)  # [2I, H]
         self.down = Linear(down)  # [H, I]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(swiglu(gate, up, self.down.dtype))  # fp32 product, rounded once at down's input
+    def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """`step`: x's rows are decode-step tokens (Linear)."""
+        gate, up = self.gate_up(x, step).chunk(2, dim=-1)
+        return self.down(swiglu(gate, up, self.down.dtype), step)  # fp32 product, rounded once at down's input
 
 
 class DeltaNetMixer:
@@ -141,8 +142,8 @@ class DeltaNetMixer:
         # path for every head whatever the number of rows (batch invariance: runner.decode_row_multiple)
         hv = self.heads = c.linear_num_value_heads
         span = hv + -hv % VECTOR_SPAN
-        b, a = (F.pad(w[p + name], (0, 0, 0, span - hv)) for name in ("in_proj_b.weight", "in_proj_a.weight"))
-        self.in_proj = Linear(torch.cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"], b, a], dim=0))
+        b, a = (pad_rows(w[p + name], span - hv) for name in ("in_proj_b.weight", "in_proj_a.weight"))
+        self.in_proj = Linear(cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"], b, a]))
         # fp32 taps on fp32 inputs: the conv, the delta rule and the output norm run on unrounded activations
         self.conv_weight = w[p + "conv1d.weight"][:, 0, :].float().contiguous()  # [D, W]
         self.neg_A = F.pad(-w[p + "A_log"].float().exp(), (0, span - hv))  # [span]
@@ -151,8 +152,9 @@ class DeltaNetMixer:
         self.out_proj = Linear(w[p + "out_proj.weight"])
         self.splits = (c.conv_dim, c.linear_value_dim, span, span)
 
-    def _project(self, x: torch.Tensor):
-        mixed, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
+    def _project(self, x: torch.Tensor, step: bool = False):
+        """`step`: x's rows are decode-step tokens (Linear), as in _output."""
+        mixed, z, b, a = self.in_proj(x, step).split(self.splits, dim=-1)
         beta = b.float().sigmoid()[..., :self.heads]
         g = (self.neg_A * F.softplus(a.float() + self.dt_bias))[..., :self.heads]
         return mixed.float(), z, beta, g
@@ -165,11 +167,11 @@ class DeltaNetMixer:
                 k.reshape(*lead, c.linear_num_key_heads, c.linear_key_head_dim),
                 v.reshape(*lead, c.linear_num_value_heads, c.linear_value_head_dim))
 
-    def _output(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _output(self, o: torch.Tensor, z: torch.Tensor, step: bool = False) -> torch.Tensor:
         c = self.c
         z = z.reshape(*z.shape[:-1], c.linear_num_value_heads, c.linear_value_head_dim)
         o = gated_rms_norm(o, z, self.norm_weight, c.rms_norm_eps)
-        return self.out_proj(o.flatten(-2))
+        return self.out_proj(o.flatten(-2), step)
 
     def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,11 +188,11 @@ class DeltaNetMixer:
 
     def decode(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels) -> torch.Tensor:
         """x [B, H]; conv_state [B, D, W-1] and rec_state [B, Hv, dk, dv] are updated in place."""
-        mixed, z, beta, g = self._project(x)
+        mixed, z, beta, g = self._project(x, step=True)
         mixed = kernels.conv_update(mixed, self.conv_weight, conv_state)
         q, k, v = self._split_heads(mixed)
         o = kernels.step(q, k, v, g, beta, rec_state)
-        return self._output(o, z)
+        return self._output(o, z, step=True)
 
 
 class AttentionMixer:
@@ -200,7 +202,7 @@ class AttentionMixer:
         p = prefix + "self_attn."
         self.c = c
         self.rotary = rotary
-        self.qkv = Linear(torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]], 0))
+        self.qkv = Linear(cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]]))
         self.o_proj = Linear(w[p + "o_proj.weight"])
         self.q_norm = 1.0 + w[p + "q_norm.weight"].float()
         self.k_norm = 1.0 + w[p + "k_norm.weight"].float()
@@ -208,12 +210,12 @@ class AttentionMixer:
                        c.num_key_value_heads * c.head_dim)
         self.scale = c.head_dim ** -0.5
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, step: bool = False):
         """x [N, H] -> q [N, nh, D], gate [N, nh*D], k, v [N, nkv, D] with norms and rotary applied (q, k in fp32:
-        rounded only where they enter a matmul or the KV cache)."""
+        rounded only where they enter a matmul or the KV cache). `step`: x's rows are decode-step tokens (Linear)."""
         c = self.c
         n = x.shape[0]
-        qg, k, v = self.qkv(x).split(self.splits, dim=-1)
+        qg, k, v = self.qkv(x, step).split(self.splits, dim=-1)
         qg = qg.view(n, c.num_attention_heads, 2 * c.head_dim)
         q, gate = qg[..., : c.head_dim], qg[..., c.head_dim:].reshape(n, -1)
         q = rms_norm(q, self.q_norm, c.rms_norm_eps, torch.float32)
@@ -239,7 +241,7 @@ class AttentionMixer:
         """x [B, H]; sequence b's new K/V go to slots[b] (its token positions[b]), then one paged attention
         call for the whole batch (tables [B, W]; fp32 scores and sums). `rope` [B]: rotary positions where they
         differ from the token positions (positions + a prompt's mRoPE delta)."""
-        q, gate, k, v = self._qkv(x, positions if rope is None else rope)
+        q, gate, k, v = self._qkv(x, positions if rope is None else rope, step=True)
         ops.decode_write_kv(k_pool, v_pool, slots, k, v)
         o = ops.decode_paged_attention(q, k_pool, v_pool, tables, positions + 1, self.scale)  # fp32 q and out
-        return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()))
+        return self.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()), step=True)

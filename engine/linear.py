@@ -139,16 +139,117 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class Int8Weight:
+    """A weight-only int8 projection (`--quantize int8`): W = q * scale[:, None], q int8 [out, in], one scale per
+    output row, in the model dtype (the kernel multiplies by it as stored). Loaded, sliced for a tensor-parallel
+    rank, fused and moved like a weight tensor (`cat`, `pad_rows`, `.to`)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    def to(self, target: torch.dtype | torch.device | str) -> "Int8Weight":
+        """A dtype casts the scales (q stays int8); a device moves both."""
+        if isinstance(target, torch.dtype):
+            return Int8Weight(self.q, self.scale.to(target))
+        return Int8Weight(self.q.to(target), self.scale.to(target))
+
+    def dequantized(self) -> torch.Tensor:
+        """W in fp32 (exact: an int8 times a bf16 or fp32 scale)."""
+        return self.q.float() * self.scale.float()[:, None]
+
+    def __getitem__(self, index: tuple) -> "Int8Weight":
+        """A slice of rows (dim 0: their scales too) or of columns (dim 1: every row keeps its scale), as a
+        tensor-parallel rank reads its shard."""
+        dim = len(index) - 1
+        if dim == 0:
+            return Int8Weight(self.q[index], self.scale[index])
+        return Int8Weight(self.q[index], self.scale)
+
+
+def cat(parts: list, dim: int = 0):
+    """torch.cat for weights: tensors, or Int8Weights (along rows: their scales too; along columns: the rows keep
+    their scales, which must agree)."""
+    if not isinstance(parts[0], Int8Weight):
+        return torch.cat(parts, dim=dim)
+    if not all(isinstance(p, Int8Weight) for p in parts):
+        raise TypeError("cannot fuse int8 and unquantized weights into one projection")
+    q = torch.cat([p.q for p in parts], dim=dim)
+    return Int8Weight(q, torch.cat([p.scale for p in parts]) if dim == 0 else parts[0].scale)
+
+
+def pad_rows(w, rows: int):
+    """`rows` zero rows appended to a weight (an Int8Weight's: q 0, scale 1)."""
+    if not isinstance(w, Int8Weight):
+        return F.pad(w, (0, 0, 0, rows))
+    return Int8Weight(F.pad(w.q, (0, 0, 0, rows)), F.pad(w.scale, (0, rows), value=1.0))
+
+
+def held_bytes(w) -> int:
+    """Bytes a weight holds (an Int8Weight's q and scales)."""
+    return w.nbytes if isinstance(w, Int8Weight) else w.numel() * w.element_size()
+
+
+def int8_step_kernel(device: torch.device, in_features: int) -> bool:
+    """Whether decode-step rows take aten's int8 kernel: on CPU, where it reads whole 16-lane vectors of every
+    weight row (torch 2.13's AVX512 kernel has no tail: it reads past a row of another length and crashes)."""
+    return device.type == "cpu" and in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bool) -> torch.Tensor:
+    """x [..., in] in the scales' dtype -> [..., out] in that dtype: sum_k x[k] q[n, k] in fp32, times scale[n].
+    Decode-step rows (`step`) on CPU: aten's weight-only int8 kernel, which reads the int8 weight itself (half
+    the bytes of bf16: a decode step is bound by reading weights) and gives each row the same bits whatever the
+    row count. Prefill rows: the int8 values converted to the model dtype (exact: |q| <= 127) and multiplied by
+    oneDNN's matmul, the scales applied to its output; the int8 kernel has no blocking over rows and is 2.9x
+    slower than this at 512 rows (docs/performance.md)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if step and int8_step_kernel(x.device, x.shape[-1]):
+        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale)
+    elif x.device.type == "cpu" and onednn_packing_available():  # oneDNN: every row count from 2 on alike
+        one = rows.shape[0] == 1
+        w = q.to(x.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(torch.cat((rows, rows)) if one else rows, w, None, "none", [], "")
+        y = (y[:1] if one else y).float() * scale.float()
+    else:
+        y = F.linear(rows, q.to(x.dtype)).float() * scale.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+
+
+_lib.define("int8_linear(Tensor x, Tensor q, Tensor scale, bool step) -> Tensor")
+_lib.impl("int8_linear", _int8_linear, "CPU")  # graphs call the eager kernels: the same bits compiled or not
+
+
+@torch.library.register_fake("qwenpd::int8_linear")
+def _(x, q, scale, step):
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
 class Linear:
     """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere are fp32: the model rounds to bf16
     only at matmul inputs). A bf16 or fp32 weight on CPU is packed (module docstring), and every row's result is
     independent of the row count; on a CPU without bf16 arithmetic a bf16 weight multiplies in fp32 and returns
     fp32. `wide`: whether to keep that fp32 copy of a bf16 weight (default: detected); `weight` is None when packed
-    and `key` finds the packed copies."""
+    and `key` finds the packed copies. An Int8Weight (`int8`) multiplies by `_int8_linear`: the call's `step` says
+    whether its rows are decode-step tokens (a decode step's or a speculative verify pass's), which take the int8
+    kernel; other weights ignore it."""
 
-    __slots__ = ("weight", "key", "dtype", "wide", "_copies")
+    __slots__ = ("weight", "key", "dtype", "wide", "int8", "_copies")
 
-    def __init__(self, weight: torch.Tensor, wide: bool | None = None):
+    def __init__(self, weight: "torch.Tensor | Int8Weight", wide: bool | None = None):
+        self.int8 = weight if isinstance(weight, Int8Weight) else None
+        if self.int8 is not None:
+            self.int8 = Int8Weight(weight.q.contiguous(), weight.scale.contiguous())
+            self.dtype, self.wide, self.key, self._copies, self.weight = weight.scale.dtype, False, None, None, None
+            return
         weight = weight.contiguous()
         self.dtype = weight.dtype
         packable = weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and onednn_packing_available()
@@ -157,8 +258,12 @@ class Linear:
         self._copies = _PACKED[int(self.key[0, 0])] if packable else None
         self.weight = None if packable else weight
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         x = x.to(self.dtype)
+        if self.int8 is not None:
+            if torch.compiler.is_compiling() and x.device.type == "cpu":
+                return torch.ops.qwenpd.int8_linear(x, self.int8.q, self.int8.scale, step)
+            return _int8_linear(x, self.int8.q, self.int8.scale, step)
         if self.key is None:
             return F.linear(x, self.weight)
         if torch.compiler.is_compiling():  # graphs call the op: the key stands in for the packed copies

@@ -9,7 +9,7 @@ import torch
 
 from qwenpd.engine.config import LINEAR, ModelConfig
 from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Rotary, rms_norm
-from qwenpd.engine.linear import Linear
+from qwenpd.engine.linear import Linear, cat
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,21 +62,22 @@ class Block:
         self.in_norm = 1.0 + w[p + "input_layernorm.weight"].float()
         self.post_norm = 1.0 + w[p + "post_attention_layernorm.weight"].float()
         self.mixer = DeltaNetMixer(c, w, p) if self.is_linear else AttentionMixer(c, w, p, rotary)
-        self.mlp = MLP(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0),
+        self.mlp = MLP(cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
                        w[p + "mlp.down_proj.weight"])
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """The mixer's input: fp32 residual [N, H] -> normalised, in the model dtype."""
         return rms_norm(x, self.in_norm, self.eps, self.dtype)
 
-    def finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, mixed: torch.Tensor, step: bool = False) -> torch.Tensor:
         """x + mixer output, then + MLP output. Under tensor parallelism both are partial sums of the row-parallel
-        projections (o_proj / out_proj, down_proj): summed over the ranks in fp32 before they join x."""
+        projections (o_proj / out_proj, down_proj): summed over the ranks in fp32 before they join x. `step`: x's
+        rows are decode-step tokens (engine/linear.py Linear)."""
         if self.reduce is None:
             x = x + mixed  # fp32 + model dtype -> fp32
-            return x + self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype))
+            return x + self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype), step)
         x = x + self.reduce(mixed.float())
-        return x + self.reduce(self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype)).float())
+        return x + self.reduce(self.mlp(rms_norm(x, self.post_norm, self.eps, self.dtype), step).float())
 
 
 class HybridModel:
@@ -121,8 +122,9 @@ class HybridModel:
         return rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers)."""
-        logits = self.lm_head(self.final_normed(hidden)).float()
+        """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers). An int8
+        lm_head multiplies every call's rows (few but for scored prompts) by the int8 step kernel (Linear)."""
+        logits = self.lm_head(self.final_normed(hidden), step=True).float()
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
@@ -186,9 +188,9 @@ class HybridModel:
 
     def linear_decode(self, blk: Block, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor
                       ) -> torch.Tensor:
-        return blk.finish(x, blk.mixer.decode(blk.norm(x), conv, recurrent, self.kernels))
+        return blk.finish(x, blk.mixer.decode(blk.norm(x), conv, recurrent, self.kernels), step=True)
 
     def attention_decode(self, blk: Block, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor
                          ) -> torch.Tensor:
-        return blk.finish(x, blk.mixer.decode(blk.norm(x), k_pool, v_pool, slots, tables, positions, rope))
+        return blk.finish(x, blk.mixer.decode(blk.norm(x), k_pool, v_pool, slots, tables, positions, rope), step=True)

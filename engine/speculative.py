@@ -202,7 +202,7 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
             mixer = blk.mixer
             h = blk.norm(x)
             if blk.is_linear:
-                mixed, z, beta, g = mixer._project(h)
+                mixed, z, beta, g = mixer._project(h, step=True)
                 conv_all, rec_all = batch.conv[j], batch.recurrent[j]
                 keep = layers[j] = _Layer()
                 if split:  # every row's conv and step inputs at once; only the state updates go position by position
@@ -233,13 +233,13 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
                     _conv_states(conv_all, keep.histories, list(range(len(states))), lengths)
                 if pad:
                     core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
-                out = mixer._output(core, z)
+                out = mixer._output(core, z, step=True)
             else:
-                q, gate, k, v = mixer._qkv(h, rope_t)
+                q, gate, k, v = mixer._qkv(h, rope_t, step=True)
                 ops.decode_write_kv(cache.k[j], cache.v[j], slots_t, k, v)
                 o = ops.decode_paged_attention(q, cache.k[j], cache.v[j], tables_t, positions_t + 1, mixer.scale)
-                out = mixer.o_proj(o.reshape(r + pad, -1) * torch.sigmoid(gate.float()))
-            x = blk.finish(x, out)
+                out = mixer.o_proj(o.reshape(r + pad, -1) * torch.sigmoid(gate.float()), step=True)
+            x = blk.finish(x, out, step=True)
         x = x[:r]
         logits = model.logits(x)
         hidden = model.final_normed(x)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from qwenpd.engine.config import FULL, LINEAR, ModelConfig
 from qwenpd.engine.engine_config import QUANTIZE
+from qwenpd.engine.linear import Int8Weight, cat
 
 _PREFIXES = ("model.language_model.", "model.")
 _SKIPPED = ("model.visual.", "visual.", "mtp.", "model.mtp.")
@@ -270,19 +271,24 @@ _MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 _PROJECTIONS = _MLP + ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                        "self_attn.o_proj.weight", "linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight",
                        "linear_attn.out_proj.weight")
+# int8 (our CPU decode format, not a published one) also takes the DeltaNet decay/write-strength rows (fused into
+# in_proj with the rest: one int8 matmul) and the lm_head (a quarter of the bytes a decode step of small reads)
+_INT8_EXTRA = ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def quantized_names(names, mode: str | None) -> set[str]:
-    """The weights `--quantize mode` quantizes: every decoder projection for fp8 and int8 (not the embedding, the
-    lm_head, norms, the conv, or the DeltaNet decay/write-strength rows, which the published FP8 checkpoint keeps
-    too), the MLP's only for fp8-mlp."""
+    """The weights `--quantize mode` quantizes: every decoder projection for fp8 (not the embedding, the lm_head,
+    norms, the conv, or the DeltaNet decay/write-strength rows, which the published FP8 checkpoint keeps too), the
+    MLP's only for fp8-mlp; for int8 those of fp8, the decay/write-strength rows and the lm_head (a tied one gets
+    its own int8 copy at load: load_weights)."""
     if mode is None:
         return set()
     if mode not in QUANTIZE:
         raise WeightError(f"quantize must be one of {QUANTIZE}, got {mode!r}")
-    kinds = _MLP if mode == "fp8-mlp" else _PROJECTIONS
-    return {n for n in names if n.startswith("layers.") and n.endswith(kinds)}
+    kinds = _MLP if mode == "fp8-mlp" else _PROJECTIONS + (_INT8_EXTRA if mode == "int8" else ())
+    return {n for n in names
+            if (n.startswith("layers.") and n.endswith(kinds)) or (mode == "int8" and n == "lm_head.weight")}
 
 
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,27 +309,34 @@ def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, cols, 0, rows)) if rows or cols else t
 
 
-def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight-only int8, symmetric per output channel: scale = row amax / 127, q = round(W / scale)."""
+def int8_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8, symmetric per output channel: scale = row amax / 127 rounded to `scale_dtype` (the model
+    dtype, which the kernel multiplies by), q = round(W / scale) in [-127, 127]. Returns (q, scale as fp32)."""
     wf = w.float()
     amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(scale_dtype).float()
     return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def quantize_dequantize(name: str, w: torch.Tensor, mode: str) -> torch.Tensor:
-    """W as `mode` stores it, back in fp32: what this engine multiplies by on CPU (module doc of load_weights)."""
+def quantize_dequantize(name: str, w: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32
+                        ) -> torch.Tensor:
+    """W as `mode` stores it (int8: scales in `dtype`), back in fp32: what it stands for."""
     if mode == "int8":
-        q, scale = int8_quantize(w)
+        q, scale = int8_quantize(w, dtype)
         return q.float() * scale[:, None]
     q, scale = fp8_quantize(w)
     return dequantize_fp8(name, q, scale, (128, 128))
 
 
-def _slices(t: torch.Tensor, ranges: Callable[[str], list | None] | None, name: str) -> torch.Tensor:
-    """This rank's slices of a whole tensor (`ranges` as in load_weights)."""
+def _slices(t: torch.Tensor | Int8Weight, ranges: Callable[[str], list | None] | None, name: str
+            ) -> torch.Tensor | Int8Weight:
+    """This rank's slices of a whole tensor or Int8Weight (`ranges` as in load_weights)."""
     wanted = None if ranges is None else ranges(name)
-    return t if wanted is None else _take(t, wanted)
+    if wanted is None:
+        return t
+    if isinstance(t, Int8Weight):
+        return cat([t[(slice(None),) * dim + (slice(start, stop),)] for dim, start, stop in wanted], wanted[0][0])
+    return _take(t, wanted)
 
 
 def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
@@ -338,10 +351,12 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     refused later.
 
     `quantize` ("fp8", "fp8-mlp", "int8"; quantized_names says which weights) rounds each such weight, whole, to
-    that format and back (fp8: 128x128 blocks, scale = block amax / 448, exactly the published FP8 recipe, so a
-    bf16 checkpoint quantized here computes what its FP8 checkpoint computes; int8: per output channel), and only
-    then takes a rank's slices: a shard boundary that cuts a block keeps the block's scale. On CPU the engine
-    multiplies by these values in the model dtype (memory as bf16); the fingerprint records the quantization.
+    that format (fp8: 128x128 blocks, scale = block amax / 448, exactly the published FP8 recipe, so a bf16
+    checkpoint quantized here computes what its FP8 checkpoint computes; int8: per output channel), and only then
+    takes a rank's slices: a shard boundary that cuts a block keeps the block's scale. FP8 weights come back
+    dequantized to `dtype` (what the engine multiplies by on CPU: memory as bf16); int8 weights stay int8, as
+    engine/linear.py Int8Weight (q and one scale per output row in `dtype`). The fingerprint records the
+    quantization.
     """
     model_dir = Path(model_dir)
     expected = expected_weight_shapes(config)
@@ -392,17 +407,25 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
             if name not in to_quantize:
                 found[name] = _slices(found[name], ranges, name)
     for name in to_quantize:  # --quantize: whole weights rounded to the format, then this rank's slices
-        found[name] = _slices(quantize_dequantize(name, found[name], quantize), ranges, name)
+        if quantize == "int8":
+            found[name] = _slices(Int8Weight(*int8_quantize(found[name], dtype)), ranges, name)
+        else:
+            found[name] = _slices(quantize_dequantize(name, found[name], quantize), ranges, name)
+    tied_int8 = quantize == "int8" and config.tie_word_embeddings
+    if tied_int8:  # the lm_head its own int8 copy of the embedding rows (per-row scales: the rank's slice alone)
+        found["lm_head.weight"] = Int8Weight(*int8_quantize(found["embed_tokens.weight"], dtype))
     if scales:
         raise WeightError(f"tensor {sorted(scales)[0]!r} has block scales but is not stored as FP8")
     h = hashlib.sha256(json.dumps(config.fingerprint_dict(), sort_keys=True).encode())
     if quantize is not None:  # prefill and decode that compute differently refuse each other's hand-offs
         h.update(f"quantize {quantize};".encode())
     weights: dict[str, torch.Tensor] = {}
+    if tied_int8:
+        weights["lm_head.weight"] = found["lm_head.weight"].to(dtype)
     for name in sorted(expected):
         t = found[name]
         shape, stored, raw = headers[name]
-        if not t.is_floating_point():
+        if not isinstance(t, Int8Weight) and not t.is_floating_point():
             raise WeightError(f"tensor {name!r} has non-float dtype {t.dtype}")
         h.update(f"{name}:{shape}:{stored};".encode())
         _content_digest(h, raw)

@@ -1,0 +1,138 @@
+"""Weight-only int8 (`--quantize int8`, issue 27): the weights stay int8 in memory with one scale per output row;
+decode-step rows multiply by aten's int8 kernel, prefill rows by the int8 values in the model dtype. Either way a
+row computes sum_k x[k] q[n, k] in fp32 times scale[n] (checked against that sum in float64), and its bits do not
+depend on the rows beside it: decode stays batch invariant and speculation stays plain decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenpd.engine import Engine
+from qwenpd.engine.generate import generate, generate_speculative
+from qwenpd.engine.linear import Int8Weight, Linear, cat, held_bytes
+from qwenpd.engine.sampling import SamplingParams
+from qwenpd.engine.weights import int8_quantize
+from tests.engine.test_batch_invariance import _check
+from tests.engine.test_speculative import _head, _oracle_drafts
+
+SHAPES = [(384, 256), (160, 64), (3088, 1024), (1000, 3000)]  # tiny's, small's and odd ones
+
+
+def _weight(shape, dtype, seed=0) -> Int8Weight:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) / 16
+    q, scale = int8_quantize(w, dtype)
+    return Int8Weight(q, scale.to(dtype))
+
+
+def _exact(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """The same sum in float64, from the inputs rounded as the kernels read them."""
+    return (x.to(w.scale.dtype).double() @ w.q.double().T) * w.scale.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("step", [True, False], ids=["step", "prefill"])
+def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, step):
+    w = _weight(shape, dtype)
+    lin = Linear(w)
+    x = torch.randn(37, shape[1], generator=torch.Generator().manual_seed(1))
+    got = lin(x, step=step)
+    assert got.dtype == dtype and got.shape == (37, shape[0])
+    exact = _exact(x, w)
+    # one rounding to the model dtype (2^-8 relative for bf16), plus fp32 sums (the prefill path's bf16 matmul
+    # also rounds once before the scale)
+    tol = (2.0 ** -7 if dtype == torch.bfloat16 else 1e-5) * exact.abs().amax(dim=1, keepdim=True)
+    assert ((got.double() - exact).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("step", [True, False], ids=["step", "prefill"])
+def test_an_int8_row_is_the_same_bits_among_any_rows(dtype, shape, step):
+    lin = Linear(_weight(shape, dtype))
+    x = torch.randn(70, shape[1], generator=torch.Generator().manual_seed(2))
+    every = lin(x, step=step)
+    for n in (1, 2, 3, 5, 8, 16, 33):
+        assert torch.equal(lin(x[:n], step=step), every[:n]), f"{n} rows"
+        assert torch.equal(lin(x[-n:], step=step), every[-n:]), f"last {n} rows"
+
+
+def test_int8_linear_compiles_to_the_same_bits():
+    lin = Linear(_weight((384, 256), torch.bfloat16))
+    x = torch.randn(6, 256)
+    for step in (True, False):
+        compiled = torch.compile(lambda t, s=step: lin(t, step=s), fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(x), lin(x, step=step))
+    torch._dynamo.reset()
+
+
+def test_int8_weight_slices_and_fuses_with_its_scales():
+    w = _weight((96, 40), torch.bfloat16)
+    rows, cols = w[(slice(10, 30),)], w[(slice(None), slice(8, 24))]
+    assert torch.equal(rows.q, w.q[10:30]) and torch.equal(rows.scale, w.scale[10:30])
+    assert torch.equal(cols.q, w.q[:, 8:24]) and torch.equal(cols.scale, w.scale)  # a row keeps its scale
+    fused = cat([rows, w])
+    assert fused.shape == (116, 40) and torch.equal(fused.scale[20:], w.scale)
+    assert held_bytes(w) == 96 * 40 + 96 * 2
+    with pytest.raises(TypeError):
+        cat([w, torch.zeros(3, 40)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_decode_is_batch_invariant(tiny_model_dir, dtype):
+    _check(Engine(tiny_model_dir, dtype=dtype, quantize="int8"))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_int8_holds_int8_weights(tiny_model_dir, hf_checkpoint, tied):
+    """weight_bytes: every quantized projection at one byte a weight plus a bf16 scale a row, the rest as bf16; a
+    tied lm_head is an int8 copy of the embedding beside it."""
+    model_dir = hf_checkpoint("conv5_tied") if tied else tiny_model_dir
+    plain = Engine(model_dir, dtype="bfloat16", warm_up=False)
+    int8 = Engine(model_dir, dtype="bfloat16", quantize="int8", warm_up=False)
+    c = plain.config
+    assert c.tie_word_embeddings == tied
+    h = c.hidden_size
+    linear = (c.conv_dim + c.linear_value_dim + 2 * c.linear_num_value_heads, h), (h, c.linear_value_dim)
+    attention = ((2 * c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, h), \
+        (h, c.num_attention_heads * c.head_dim)
+    mlp = (2 * c.intermediate_size, h), (h, c.intermediate_size)  # gate|up, down
+    shapes = len(c.linear_layers) * list(linear) + len(c.attention_layers) * list(attention) \
+        + c.num_hidden_layers * list(mlp)
+    weights, rows = sum(r * k for r, k in shapes), sum(r for r, _ in shapes)
+    head_weights, head_rows = c.vocab_size * h, c.vocab_size
+    if tied:  # the decoder at 2 -> 1 byte plus scales; the int8 lm_head added
+        assert plain.weight_bytes - int8.weight_bytes == weights - 2 * rows - (head_weights + 2 * head_rows)
+    else:
+        assert plain.weight_bytes - int8.weight_bytes == weights + head_weights - 2 * (rows + head_rows)
+    assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in int8.model.blocks)
+    assert isinstance(int8.model.lm_head.int8, Int8Weight)
+
+
+@pytest.mark.parametrize("rollback", ["replay", "snapshot"])
+def test_int8_speculation_is_plain_int8_decoding(tiny_model_dir, monkeypatch, rollback):
+    """A verify pass multiplies its rows by the decode step's int8 kernel: tokens and log-probabilities are plain
+    int8 decoding's, whatever the drafts."""
+    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8")
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    prompt = [5 + (i * 37) % 400 for i in range(50)]
+    ref = generate(engine, prompt, params)
+    head = _head(engine, tiny_model_dir)
+    _oracle_drafts(monkeypatch, prompt + ref.token_ids)
+    got = generate_speculative(engine, head, prompt, params, 3, rollback=rollback)
+    assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs)
+    assert 0 < got.accepted_tokens < got.draft_tokens
+
+
+def test_int8_at_tp2_stays_with_tp1(tiny_model_dir):
+    """TP 2 shards the int8 rows with their scales (column-parallel) and keeps every row's scale where it cuts the
+    columns (row-parallel): its logits differ from TP 1's by fp32 summation order only."""
+    ids = list(range(5, 40))
+    one = Engine(tiny_model_dir, dtype="float32", quantize="int8").forward_all(ids)
+    two = Engine(tiny_model_dir, dtype="float32", quantize="int8", tp=2)
+    try:
+        assert (two.forward_all(ids) - one).abs().max() < 1e-4
+        assert two.weight_bytes < Engine(tiny_model_dir, dtype="float32", tp=1, warm_up=False).weight_bytes / 2
+    finally:
+        two.close()

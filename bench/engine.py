@@ -1,12 +1,14 @@
 """Engine throughput vs transformers on the same checkpoint, dtype and thread count, in one run.
 
     python bench/engine.py [--preset small] [--dtype bfloat16|float32|both] [--quick] [--no-compile] [--whole-graphs]
-                           [--tp 2]
+                           [--tp 2] [--quantize int8,fp8] [--batches 1,8,32] [--prefill-lengths 512,2048]
 
 Prints prefill tokens/s at several prompt lengths and decode tokens/s at several batch sizes for qwenpd eager,
 qwenpd compiled (torch.compile over static buckets, paged KV; its warm-up time is printed) and transformers
 (`generate` with its cache), with ratios; beside them the CPU model and its bf16 ISA, the plain bf16/fp32 matmul
-throughput of the model's shapes and the memory-read bandwidth this machine reaches, as ceilings.
+throughput of the model's shapes and the memory-read bandwidth this machine reaches, as ceilings. `--quantize`
+adds, for each mode, the engine quantized at load (eager, and compiled unless --no-compile) with its ratio to the
+same engine unquantized, measured in the same run, and the weight bytes each holds.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from qwenpd.engine.runner import Buckets  # noqa: E402
 from machine import cpu_description  # noqa: E402 - bench/machine.py
 
 
-def compiled_engine(model_dir: Path, dtype_name: str, args) -> tuple[Engine, float]:
+def compiled_engine(model_dir: Path, dtype_name: str, args, quantize: str | None = None) -> tuple[Engine, float]:
     """The engine compiled over exactly the shapes this benchmark runs; returns it and its warm-up seconds."""
     longest = max(max(args.prefill_lengths), args.decode_prompt + args.steps + 2)
-    eng = Engine(model_dir, dtype=dtype_name, kv_cache_bytes=args.kv_cache_bytes)
+    eng = Engine(model_dir, dtype=dtype_name, kv_cache_bytes=args.kv_cache_bytes, quantize=quantize)
     page = eng.kv_cache.page_size
     widths = sorted({pages_for(args.decode_prompt + args.steps + 2, page), pages_for(longest, page)})
     chunks = sorted({min(length, args.chunk_size) for length in args.prefill_lengths})
@@ -151,37 +153,55 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
         torch.set_num_threads(threads)
     elif not args.no_compile:
         engines["compiled"], warmup = compiled_engine(model_dir, dtype_name, args)
-    hf = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    baseline = {}  # a quantized engine's column -> the unquantized one it is compared with
+    for mode in args.quantize:
+        engines[f"eager {mode}"] = Engine(model_dir, dtype=dtype_name, quantize=mode)
+        baseline[f"eager {mode}"] = "eager"
+        if "compiled" in engines:
+            engines[f"compiled {mode}"] = compiled_engine(model_dir, dtype_name, args, mode)[0]
+            baseline[f"compiled {mode}"] = "compiled"
     cfg = engines["eager"].config
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed" not in n)
+    if args.no_transformers:  # what the eager engine holds, less the embedding (looked up, not streamed)
+        hf = None
+        weight_bytes = engines["eager"].weight_bytes - cfg.vocab_size * cfg.hidden_size * dtype.itemsize
+    else:
+        hf = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed" not in n)
     print(f"\n## {args.preset} preset, {dtype_name}, {torch.get_num_threads()} threads, "
           f"{cfg.num_parameters() / 1e6:.0f}M params")
     print(cpu_description())
     if warmup is not None:
         kind = "whole graphs" if args.whole_graphs else "regions on CPU"
         print(f"compiled ({kind}): {engines['compiled'].runner.buckets} warmed up in {warmup:.1f} s")
-    for tokens in (128, 512):
+    for tokens in () if args.no_transformers else (128, 512):
         first, second = first_and_second_request(model_dir, dtype_name, tokens)
         print(f"first request after load (fresh process): prefill of {tokens} tokens {first * 1e3:.0f} ms, the "
               f"second {second * 1e3:.0f} ms: {first / second:.2f}x")
     names = list(engines)
+    if baseline:
+        print("weights held: " + ", ".join(f"{n} {engines[n].weight_bytes / 1e6:,.0f} MB" for n in names))
+    pairs = [(names.index(q), names.index(b)) for q, b in baseline.items()]
     print("| measure | " + " | ".join(f"qwenpd {n}" for n in names) + " | transformers | " +
-          " | ".join(f"{n} / transformers" for n in names) + " |")
-    print("|---|" + "---|" * (2 * len(names) + 1))
+          " | ".join(f"{n} / transformers" for n in names) + "".join(f" | {q} / {b}" for q, b in baseline.items())
+          + " |")
+    print("|---|" + "---|" * (2 * len(names) + 1 + len(baseline)))
     best = {}
     comm: dict[int, tuple[float, float]] = {}
     for length in args.prefill_lengths:
         ids = prompts(1, length, cfg.vocab_size, False)[0]
         ours = [length / ours_prefill(engines[n], ids, args.chunk_size) for n in names]
-        theirs = length / hf_prefill(hf, ids)
-        _row(f"prefill {length} tok (tok/s)", ours, theirs, "{:,.0f}")
+        theirs = None if hf is None else length / hf_prefill(hf, ids)
+        _row(f"prefill {length} tok (tok/s)", ours, theirs, "{:,.0f}", pairs)
         if length == 2048:
             best["prefill_2048"] = max(ours)
     for bsz in args.batches:
         batch = prompts(bsz, args.decode_prompt, cfg.vocab_size, vary=bsz > 1)
-        ours = [bsz * args.steps / ours_decode(engines[n], batch, args.steps) for n in names]
-        theirs = bsz * args.steps / hf_decode(hf, batch, args.steps)
-        _row(f"decode batch {bsz} (tok/s)", ours, theirs, "{:,.1f}")
+        seconds = [float("inf")] * len(names)
+        for _ in range(args.repeats):  # the engines in turn, each one's best: this machine drifts minute to minute
+            seconds = [min(t, ours_decode(engines[n], batch, args.steps)) for t, n in zip(seconds, names)]
+        ours = [bsz * args.steps / t for t in seconds]
+        theirs = None if hf is None else bsz * args.steps / hf_decode(hf, batch, args.steps)
+        _row(f"decode batch {bsz} (tok/s)", ours, theirs, "{:,.1f}", pairs)
         if bsz == 1:
             step_s = 1 / max(ours)
         if args.tp > 1:
@@ -232,8 +252,13 @@ def first_and_second_request(model_dir: Path, dtype_name: str, tokens: int) -> t
     return first, second
 
 
-def _row(label: str, ours: list[float], theirs: float, fmt: str) -> None:
-    cells = [fmt.format(x) for x in ours] + [fmt.format(theirs)] + [f"{x / theirs:.2f}x" for x in ours]
+def _row(label: str, ours: list[float], theirs: float | None, fmt: str, pairs: list[tuple[int, int]]) -> None:
+    """One table row; `pairs` (quantized, unquantized) column indices add their ratios. `theirs` None: not run."""
+    if theirs is None:
+        cells = [fmt.format(x) for x in ours] + ["—"] * (len(ours) + 1)
+    else:
+        cells = [fmt.format(x) for x in ours] + [fmt.format(theirs)] + [f"{x / theirs:.2f}x" for x in ours]
+    cells += [f"{ours[q] / ours[b]:.2f}x" for q, b in pairs]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -250,15 +275,26 @@ def main() -> None:
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache of the compiled engine")
     ap.add_argument("--tp", type=int, default=1, help="also run the engine sharded over this many ranks (instead "
                     "of the compiled column); prints the collectives' share of a decode step")
+    ap.add_argument("--quantize", default="", help="comma-separated --quantize modes to add beside the plain engine")
+    ap.add_argument("--batches", default="1,8,32", help="decode batch sizes")
+    ap.add_argument("--no-transformers", action="store_true", help="leave out transformers and the fresh-process "
+                    "first-request timing (a model too large to hold twice)")
+    ap.add_argument("--num-layers", type=int, help="cut the preset to this many layers (bench/sizing.py shapes)")
+    ap.add_argument("--repeats", type=int, default=1, help="decode runs per engine and batch, in turn (the best)")
+    ap.add_argument("--steps", type=int, help="decode steps per run (default 32; --quick 8)")
+    ap.add_argument("--prefill-lengths", default="", help="prompt lengths (default 512,2048,8192; --quick 512,2048)")
     args = ap.parse_args()
-    args.prefill_lengths = [512, 2048] if args.quick else [512, 2048, 8192]
-    args.batches = [1, 8, 32]
-    args.steps = 8 if args.quick else 32
+    args.quantize = [m for m in args.quantize.split(",") if m]
+    args.prefill_lengths = ([int(n) for n in args.prefill_lengths.split(",")] if args.prefill_lengths
+                            else [512, 2048] if args.quick else [512, 2048, 8192])
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.steps = args.steps or (8 if args.quick else 32)
     args.decode_prompt = 128 if args.quick else 512
     dtypes = ["bfloat16", "float32"] if args.dtype == "both" else [args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         for name in dtypes:
-            model_dir = Path(args.model) if args.model else init_model(Path(tmp) / name, args.preset, dtype=name)
+            model_dir = Path(args.model) if args.model else init_model(Path(tmp) / name, args.preset, dtype=name,
+                                                                                 num_layers=args.num_layers)
             run(model_dir, name, args)
 
 

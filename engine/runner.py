@@ -125,6 +125,9 @@ class Buckets:
         return len(self.widths) * sum(per_width[g] for g in graphs)
 
 
+_GRAPHS_IN_PROCESS = 0  # graphs compiled by every GraphRunner of this process (the recompile limit above)
+
+
 class GraphRunner:
     """Runs prefill chunks and decode steps of `model` with pages from `states`' cache; with `buckets`, padded to
     them and compiled (the kinds in `graphs`; then the KV cache must not grow), eager otherwise."""
@@ -141,8 +144,12 @@ class GraphRunner:
         self.warmup_s = 0.0
         opts = dict(fullgraph=True, dynamic=False, backend=backend)
         if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
+            # dynamo counts per code object, over every engine this process compiles (another model, dtype or
+            # quantization compiles the same functions again)
+            global _GRAPHS_IN_PROCESS
+            _GRAPHS_IN_PROCESS += buckets.count(self.graphs)
             dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, buckets.count(self.graphs))
+            dynamo.recompile_limit = max(dynamo.recompile_limit, _GRAPHS_IN_PROCESS)
         if regional and self.graphs:
             layers = CompiledLayers(model, self.graphs, opts)
             self.prefill_fn = functools.partial(model.prefill_graph, layers=layers)

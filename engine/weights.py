@@ -312,10 +312,15 @@ def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def int8_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight-only int8, symmetric per output channel: scale = row amax / 127 rounded to `scale_dtype` (the model
     dtype, which the kernel multiplies by), q = round(W / scale) in [-127, 127]. Returns (q, scale as fp32)."""
-    wf = w.float()
-    amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(scale_dtype).float()
-    return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    for start in range(0, w.shape[0], 4096):  # rows at a time: no fp32 copy of a whole lm_head (5 GB on the 27B)
+        wf = w[start:start + 4096].float()
+        amax = wf.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(scale_dtype).float()
+        q[start:start + 4096] = torch.round(wf / s[:, None]).clamp(-127, 127)
+        scale[start:start + 4096] = s
+    return q, scale
 
 
 def quantize_dequantize(name: str, w: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32

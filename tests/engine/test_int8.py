@@ -84,6 +84,16 @@ def test_int8_decode_is_batch_invariant(tiny_model_dir, dtype):
     _check(Engine(tiny_model_dir, dtype=dtype, quantize="int8"))
 
 
+def test_compiled_int8_decode_is_batch_invariant(tiny_model_dir):
+    """Compiled decode graphs call the same int8 kernels (qwenpd::int8_linear) at every batch bucket."""
+    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8", kv_cache_bytes=64 << 20)
+    try:
+        engine.compile(engine.default_buckets(64, 8, max_context=2048), max_batch=8, graphs=("decode",))
+        _check(engine)
+    finally:  # dynamo counts compilations per code object across engines: leave none for the next test's limit
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_int8_holds_int8_weights(tiny_model_dir, hf_checkpoint, tied):
     """weight_bytes: every quantized projection at one byte a weight plus a bf16 scale a row, the rest as bf16; a

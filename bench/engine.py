@@ -161,9 +161,10 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
             engines[f"compiled {mode}"] = compiled_engine(model_dir, dtype_name, args, mode)[0]
             baseline[f"compiled {mode}"] = "compiled"
     cfg = engines["eager"].config
-    if args.no_transformers:  # what the eager engine holds, less the embedding (looked up, not streamed)
+    if args.no_transformers:  # what the eager engine holds, less an untied embedding (looked up, not streamed)
         hf = None
-        weight_bytes = engines["eager"].weight_bytes - cfg.vocab_size * cfg.hidden_size * dtype.itemsize
+        embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * dtype.itemsize
+        weight_bytes = engines["eager"].weight_bytes - embedding
     else:
         hf = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         weight_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed" not in n)

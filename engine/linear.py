@@ -182,6 +182,8 @@ def cat(parts: list, dim: int = 0):
         return torch.cat(parts, dim=dim)
     if not all(isinstance(p, Int8Weight) for p in parts):
         raise TypeError("cannot fuse int8 and unquantized weights into one projection")
+    if dim == 1 and not all(torch.equal(p.scale, parts[0].scale) for p in parts):
+        raise ValueError("int8 column slices of one weight carry its rows' scales: these differ")
     q = torch.cat([p.q for p in parts], dim=dim)
     return Int8Weight(q, torch.cat([p.scale for p in parts]) if dim == 0 else parts[0].scale)
 
@@ -198,21 +200,25 @@ def held_bytes(w) -> int:
     return w.nbytes if isinstance(w, Int8Weight) else w.numel() * w.element_size()
 
 
-def int8_step_kernel(device: torch.device, in_features: int) -> bool:
-    """Whether decode-step rows take aten's int8 kernel: on CPU, where it reads whole 16-lane vectors of every
-    weight row (torch 2.13's AVX512 kernel has no tail: it reads past a row of another length and crashes)."""
-    return device.type == "cpu" and in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+def int8_step_kernel(x: torch.Tensor) -> bool:
+    """Whether decode-step rows x take aten's int8 kernel: bf16 on CPU (its vectorized case; fp32 runs a scalar
+    loop, ~11x slower), where the input width is whole 16-lane vectors (torch 2.13's AVX512 kernel has no tail: it
+    reads past a row of another width and crashes)."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
 
 def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bool) -> torch.Tensor:
-    """x [..., in] in the scales' dtype -> [..., out] in that dtype: sum_k x[k] q[n, k] in fp32, times scale[n].
-    Decode-step rows (`step`) on CPU: aten's weight-only int8 kernel, which reads the int8 weight itself (half
+    """x [..., in] in the scales' dtype -> [..., out] in that dtype: sum_k x[k] (q[n, k] scale[n]) in fp32 (each
+    product exact: a bf16 scale times |q| <= 127 fits fp32), rounded once to the model dtype on the int8 kernel's
+    path, twice on the converted one (its matmul's output, then after the scale). Decode-step rows (`step`, bf16)
+    on CPU: aten's weight-only int8 kernel, which reads the int8 weight itself (half
     the bytes of bf16: a decode step is bound by reading weights) and gives each row the same bits whatever the
     row count. Prefill rows: the int8 values converted to the model dtype (exact: |q| <= 127) and multiplied by
     oneDNN's matmul, the scales applied to its output; the int8 kernel has no blocking over rows and is 2.9x
     slower than this at 512 rows (docs/performance.md)."""
     rows = x.reshape(-1, x.shape[-1])
-    if step and int8_step_kernel(x.device, x.shape[-1]):
+    if step and int8_step_kernel(x):
         y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale)
     elif x.device.type == "cpu" and onednn_packing_available():  # oneDNN: every row count from 2 on alike
         one = rows.shape[0] == 1

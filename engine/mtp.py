@@ -158,7 +158,7 @@ class MTPHead:
         picked = normed[list(logit_rows)]
         if self.draft_head is not None:
             return normed, self.draft_head(picked).float()
-        return normed, self.model.lm_head(picked).float()
+        return normed, self.model.lm_head(picked, step=True).float()  # an int8 lm_head: its int8 kernel
 
 
 class PromptDrafts:

@@ -317,7 +317,8 @@ def int8_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> 
     for start in range(0, w.shape[0], 4096):  # rows at a time: no fp32 copy of a whole lm_head (5 GB on the 27B)
         wf = w[start:start + 4096].float()
         amax = wf.abs().amax(dim=1)
-        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(scale_dtype).float()
+        s = (amax / 127.0).to(scale_dtype).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))  # a zero row, or one whose scale underflows the dtype
         q[start:start + 4096] = torch.round(wf / s[:, None]).clamp(-127, 127)
         scale[start:start + 4096] = s
     return q, scale
@@ -331,6 +332,12 @@ def quantize_dequantize(name: str, w: torch.Tensor, mode: str, dtype: torch.dtyp
         return q.float() * scale[:, None]
     q, scale = fp8_quantize(w)
     return dequantize_fp8(name, q, scale, (128, 128))
+
+
+def _rows(ranges: Callable[[str], list | None] | None, name: str) -> bool:
+    """Whether a rank's slices of `name` are whole rows (or all of it)."""
+    wanted = None if ranges is None else ranges(name)
+    return wanted is None or all(dim == 0 for dim, _, _ in wanted)
 
 
 def _slices(t: torch.Tensor | Int8Weight, ranges: Callable[[str], list | None] | None, name: str
@@ -371,6 +378,7 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     block = fp8_block_size(model_dir)
     found: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}  # weight name -> its FP8 block scales
+    read_whole: set[str] = set()  # read whole, to be sliced after dequantizing or quantizing
     headers: dict[str, tuple[tuple[int, ...], str, memoryview]] = {}
     for path in _weight_files(model_dir):
         try:
@@ -392,7 +400,10 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                     if shape != expected[canon]:
                         raise WeightError(f"tensor {canon!r} has shape {shape}, expected {expected[canon]}")
                     fp8 = sliced.get_dtype().startswith("F8")
-                    whole = fp8 or canon in to_quantize  # FP8 and quantized: whole, sliced after
+                    # FP8 and quantized: whole, sliced after; int8's per-row scales need whole rows only
+                    whole = fp8 or (canon in to_quantize and not (quantize == "int8" and _rows(ranges, canon)))
+                    if whole:
+                        read_whole.add(canon)
                     found[canon] = f.get_tensor(name) if whole else _read(f, name, ranges, canon)
                     headers[canon] = (shape, found[canon].dtype, spans[name])
         except WeightError:
@@ -412,8 +423,9 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
             if name not in to_quantize:
                 found[name] = _slices(found[name], ranges, name)
     for name in to_quantize:  # --quantize: whole weights rounded to the format, then this rank's slices
-        if quantize == "int8":
-            found[name] = _slices(Int8Weight(*int8_quantize(found[name], dtype)), ranges, name)
+        if quantize == "int8":  # a weight read as this rank's rows alone: quantized as they are
+            q = Int8Weight(*int8_quantize(found[name], dtype))
+            found[name] = _slices(q, ranges, name) if name in read_whole else q
         else:
             found[name] = _slices(quantize_dequantize(name, found[name], quantize), ranges, name)
     tied_int8 = quantize == "int8" and config.tie_word_embeddings

@@ -200,6 +200,9 @@ def held_bytes(w) -> int:
     return w.nbytes if isinstance(w, Int8Weight) else w.numel() * w.element_size()
 
 
+CONVERTED_BYTES = 16 << 20  # prefill rows: weight rows converted from int8 at a time (_int8_linear)
+
+
 def int8_step_kernel(x: torch.Tensor) -> bool:
     """Whether decode-step rows x take aten's int8 kernel: bf16 on CPU (its vectorized case; fp32 runs a scalar
     loop, ~11x slower), where the input width is whole 16-lane vectors (torch 2.13's AVX512 kernel has no tail: it
@@ -215,19 +218,25 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
     on CPU: aten's weight-only int8 kernel, which reads the int8 weight itself (half
     the bytes of bf16: a decode step is bound by reading weights) and gives each row the same bits whatever the
     row count. Prefill rows: the int8 values converted to the model dtype (exact: |q| <= 127) and multiplied by
-    oneDNN's matmul, the scales applied to its output; the int8 kernel has no blocking over rows and is 2.9x
-    slower than this at 512 rows (docs/performance.md)."""
+    oneDNN's matmul, the scales applied to its output, CONVERTED_BYTES of converted weight rows at a time (a
+    whole converted weight is a fresh allocation a call: 1.7-3x slower on Qwen3.6-27B's MLP, and 356 MB for its
+    gate_up); the int8 kernel has no blocking over rows and is 2.9x slower than this at 512 rows
+    (docs/performance.md)."""
     rows = x.reshape(-1, x.shape[-1])
     if step and int8_step_kernel(x):
-        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale)
+        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale).to(x.dtype)
     elif x.device.type == "cpu" and onednn_packing_available():  # oneDNN: every row count from 2 on alike
         one = rows.shape[0] == 1
-        w = q.to(x.dtype)
-        y = torch.ops.mkldnn._linear_pointwise(torch.cat((rows, rows)) if one else rows, w, None, "none", [], "")
-        y = (y[:1] if one else y).float() * scale.float()
+        rows = torch.cat((rows, rows)) if one else rows
+        y = rows.new_empty(rows.shape[0], q.shape[0])
+        block = max(16, CONVERTED_BYTES // (q.shape[1] * rows.element_size()))  # fixed per weight: same bits
+        for start in range(0, q.shape[0], block):
+            part = torch.ops.mkldnn._linear_pointwise(rows, q[start:start + block].to(x.dtype), None, "none", [], "")
+            y[:, start:start + block] = part.float() * scale[start:start + block].float()
+        y = y[:1] if one else y
     else:
-        y = F.linear(rows, q.to(x.dtype)).float() * scale.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+        y = (F.linear(rows, q.to(x.dtype)).float() * scale.float()).to(x.dtype)
+    return y.reshape(*x.shape[:-1], q.shape[0])
 
 
 _lib.define("int8_linear(Tensor x, Tensor q, Tensor scale, bool step) -> Tensor")

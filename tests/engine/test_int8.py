@@ -58,6 +58,19 @@ def test_an_int8_row_is_the_same_bits_among_any_rows(dtype, shape, step):
         assert torch.equal(lin(x[-n:], step=step), every[-n:]), f"last {n} rows"
 
 
+def test_prefill_rows_convert_the_weight_in_blocks_to_the_same_bits(monkeypatch):
+    """The converted path takes CONVERTED_BYTES of weight rows at a time (a ragged last block here): the same bits
+    as one block, and a row's bits still independent of the rows beside it."""
+    from qwenpd.engine import linear
+
+    lin = Linear(_weight((1000, 256), torch.bfloat16))
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(3))
+    whole = lin(x)
+    monkeypatch.setattr(linear, "CONVERTED_BYTES", 96 * 256 * 2)  # 96 rows a block: 10 of 96 and one of 40
+    assert torch.equal(lin(x), whole)
+    assert all(torch.equal(lin(x[:n]), whole[:n]) for n in (1, 2, 7))
+
+
 def test_int8_linear_compiles_to_the_same_bits():
     lin = Linear(_weight((384, 256), torch.bfloat16))
     x = torch.randn(6, 256)

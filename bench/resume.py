@@ -3,6 +3,7 @@
 running decode.
 
     python bench/resume.py [--preset tiny] [--dtype float32] [--generated 100,1000,4000] [--every 256]
+                           [--speculative K]
 
 Real processes on 127.0.0.1: a cache store, a prefill service and two decode services (each started with
 --decode-checkpoint-every 0, then N). A `Client` streams one request (seeded sampling, ignore_eos) from decode A;
@@ -12,6 +13,9 @@ resume point, or the prompt recomputed) and decode B replaying every token after
 each. Beside it, the undisturbed time per output token of the same stream (the replay's unit cost) and the
 replayed tokens decode B counted (its /metrics). Every resumed stream is checked to be identical to the
 undisturbed one.
+
+With `--speculative K`, table 1 gains the same resume on services started with --num-speculative-tokens K (no
+decode-side checkpoints): a replaying stream feeds K+1 of its tokens a verify pass instead of one a step.
 
 Table 2: decode throughput of 8 concurrent streams of 512 tokens with checkpoints every N tokens, against none
 (ratio; median of 3 runs after a warm-up run), the mean time to copy a state out on the stepping thread (the
@@ -53,13 +57,14 @@ def _free_port() -> int:
 class Stack:
     """Cache store + prefill + decode A and B, decode-side checkpoints every `every` tokens."""
 
-    def __init__(self, model: Path, tmp: Path, dtype: str, every: int, threads: int):
+    def __init__(self, model: Path, tmp: Path, dtype: str, every: int, threads: int, speculative: int = 0):
         self.model, self.tmp, self.dtype, self.every, self.threads = model, tmp, dtype, every, threads
+        self.speculative = speculative  # --num-speculative-tokens of prefill and decode
         self.cache = f"127.0.0.1:{_free_port()}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.addr: dict[str, str] = {}
         self.metrics: dict[str, int] = {}
-        self.store_id = f"bres{os.getpid()}{every}"
+        self.store_id = f"bres{os.getpid()}{every}s{speculative}"
 
     def start(self, *names: str) -> None:
         ready = {}
@@ -74,6 +79,8 @@ class Stack:
                         str(self.metrics[name])]
                 if name.startswith("decode"):
                     args += ["--decode-checkpoint-every", str(self.every)]
+                if self.speculative:
+                    args += ["--num-speculative-tokens", str(self.speculative)]
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "qwenpd.cli", *args, "--ready-file",
                                                  str(ready[name]), "--log-level", "ERROR"])
         for name in names:
@@ -183,6 +190,9 @@ def main() -> None:
     p.add_argument("--every", type=int, default=256, help="decode checkpoint interval compared with none")
     p.add_argument("--throughput-every", default="64,256", help="intervals of table 2")
     p.add_argument("--threads", type=int, default=1, help="torch threads per service")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="also resume on services with --num-speculative-tokens K (module doc)")
+    p.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True, help="table 2")
     args = p.parse_args()
     print(f"# {cpu_description()}; preset {args.preset}, {args.dtype}, {args.threads} thread(s) per service")
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +207,17 @@ def main() -> None:
                 if every in (0, args.every):
                     rows[every] = [resume_row(stack, int(g), seed=i)
                                    for i, g in enumerate(args.generated.split(","))]
-                tput[every] = throughput_row(stack)
+                if args.throughput:
+                    tput[every] = throughput_row(stack)
+            finally:
+                stack.stop()
+        spec: list[dict] = []
+        if args.speculative:
+            stack = Stack(model, Path(tmp), args.dtype, 0, args.threads, args.speculative)
+            stack.start("cache")
+            try:
+                stack.start("prefill", "decodeA", "decodeB")
+                spec = [resume_row(stack, int(g), seed=i) for i, g in enumerate(args.generated.split(","))]
             finally:
                 stack.stop()
     print("\n## Resume after kill -9 of the decode (kill to first new token); identical output checked\n")
@@ -207,6 +227,16 @@ def main() -> None:
     for a, b in zip(rows[0], rows[args.every]):
         print(f"| {a['generated']} | {1e3 * a['tpot_s']:.1f} ms | {a['resume_s']:.2f} s | {a['replayed']} | "
               f"{b['resume_s']:.2f} s | {b['replayed']} | {a['resume_s'] / b['resume_s']:.1f}x |")
+    if spec:
+        print(f"\n## The same resume with --num-speculative-tokens {args.speculative} (no checkpoints; K+1 replayed "
+              "tokens a verify pass)\n")
+        print("| generated | TPOT undisturbed | resume | replayed | vs without speculation |")
+        print("|---|---|---|---|---|")
+        for a, c in zip(rows[0], spec):
+            print(f"| {c['generated']} | {1e3 * c['tpot_s']:.1f} ms | {c['resume_s']:.2f} s | {c['replayed']} | "
+                  f"{a['resume_s'] / c['resume_s']:.2f}x faster |")
+    if not tput:
+        return
     print("\n## Decode throughput with decode-side checkpoints (8 streams x 512 tokens, median of 3 runs)\n")
     print("| checkpoint every | tokens/s | vs none | checkpoints | mean state copy (batch waits) | mean store "
           "(async) |")

@@ -324,13 +324,18 @@ class DecodeRunner:
         return outputs
 
     def _verify_step(self, seqs: list[DecodeSequence]) -> list[tuple[DecodeSequence, Output]]:
-        """One verify pass over the batch (module doc): drafts where they pay, one token elsewhere."""
+        """One verify pass over the batch (module doc): drafts where they pay, one token elsewhere. A resumed
+        sequence still replaying feeds up to K of its replayed tokens after next_token, all of them kept: K+1
+        replayed positions a pass, each the bits of a decode step (engine/speculative.py), at least one left to
+        become next_token (its logits choose the first new token)."""
         assert self.batch is not None and self.engine is not None
         drafting = len(seqs) <= self.speculative_max_batch
         fed = []
         for seq in seqs:
             drafts: list[int] = []
-            if drafting and seq.drafter is not None and not seq.replay:
+            if seq.replay:
+                drafts = [seq.replay[i] for i in range(min(self.k, len(seq.replay) - 1))]
+            elif drafting and seq.drafter is not None:
                 room = min(seq.max_context - seq.num_tokens - 1,  # context left after next_token
                            seq.sampler.params.max_tokens - len(seq.tracker.token_ids) - 1)  # tokens left after it
                 drafts = seq.drafts[:max(0, room)]
@@ -344,15 +349,16 @@ class DecodeRunner:
         drafted, drafting_seqs, accepted_at = 0, 0, [0] * self.k
         for b, seq in enumerate(seqs):
             start, rows, drafts = seq.num_tokens, done.rows(b), fed[b][1:]
+            if seq.replay:  # already streamed before a failure: feed them, sample nothing
+                seq.num_tokens += len(fed[b])
+                seq.tail.extend(fed[b])
+                for _ in fed[b]:
+                    seq.next_token = seq.replay.popleft()
+                replayed += len(fed[b])
+                consumed.append(len(fed[b]))
+                continue
             drafted += len(drafts)
             drafting_seqs += bool(drafts)
-            if seq.replay:  # already streamed before a failure: feed it, sample nothing
-                seq.num_tokens += 1
-                seq.tail.append(fed[b][0])
-                seq.next_token = seq.replay.popleft()
-                replayed += 1
-                consumed.append(1)
-                continue
             out = Output([], [], "")
             logits = done.logits[rows]
             for i in range(len(fed[b])):  # as plain decoding would choose, position by position

@@ -155,6 +155,42 @@ def test_a_batch_past_speculative_max_batch_drafts_nothing(engine, head, monkeyp
     assert steps and all(n == 1 for n, _, _ in steps) and sum(sum(at) for _, _, at in steps) > 0
 
 
+@pytest.mark.parametrize("replay", [1, 2, 10])
+def test_a_resumed_sequence_replays_k_plus_1_tokens_a_pass(engine, head, monkeypatch, replay):
+    """A resumed sequence joins with tokens streamed before a failure still to feed: they ride in the verify
+    pass K+1 at a time (each position the bits of a decode step), and the tokens after them are plain
+    decoding's. Here a hand-off whose first `replay` + 1 tokens were streamed already."""
+    monkeypatch.setattr(engine, "draft_head", head)
+    params = dataclasses.replace(GREEDY, max_tokens=24)
+    ref = generate(engine, PROMPTS[0], params)
+    seq, _ = _sequence(engine, head, PROMPTS[0], params, "r0", drafts=True)
+    for token, logprob in zip(ref.token_ids[1:replay + 1], ref.logprobs[1:replay + 1]):
+        seq.push(token, logprob)  # streamed before the failure
+    seq.next_token = ref.token_ids[0]
+    seq.replay.extend(ref.token_ids[1:replay + 1])
+    got: list[int] = []
+    finished = threading.Event()
+
+    def deliver(items):
+        for _, out in items:
+            assert out.error is None, out.error
+            got.extend(out.token_ids)
+            if out.finish_reason is not None:
+                finished.set()
+
+    runner = DecodeRunner(lambda: engine, 1, 8, deliver, num_speculative_tokens=K, speculative_max_batch=1)
+    per_pass: list[int] = []
+    runner.on_replay = per_pass.append
+    runner.start()
+    try:
+        runner.submit(seq)
+        assert finished.wait(120)
+    finally:
+        runner.stop()
+    assert got == ref.token_ids[replay + 1:]
+    assert sum(per_pass) == replay and len(per_pass) == -(-replay // (K + 1))  # K+1 a pass, the last fewer
+
+
 def test_prompt_drafts_are_the_heads_state_over_the_prompt(engine, head):
     """PromptDrafts, chunk by chunk, gives the head's KV of one pass over the whole prompt."""
     prompt = PROMPTS[0]

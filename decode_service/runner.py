@@ -12,7 +12,8 @@ to the event loop with one thread-safe call). No gRPC here.
 Crash resume is exact because a resumed sequence is replayed here, not recomputed by prefill: it joins with the
 state the failed decode had at some point (its hand-off checkpoint or a decode-side checkpoint) and the tokens
 already streamed after that point (`replay`), and each step feeds it the next of them instead of sampling, as
-one row of the batch, through the same kernels as a live step. The decode step is batch invariant (engine/
+one row of the batch, through the same kernels as a live step (with speculation on, up to K+1 of them a verify
+pass, each position a decode step's bits). The decode step is batch invariant (engine/
 runner.py decode_row_multiple, engine/linear.py, kernels/paged_attention), so the logits after the last replayed
 token are the bits the failed decode computed, and the sampler (advanced by the draws already made) picks the
 token it would have picked. With `checkpoint_every`, a sequence's state is copied out every that many tokens for

@@ -326,16 +326,16 @@ class DecodeRunner:
 
     def _verify_step(self, seqs: list[DecodeSequence]) -> list[tuple[DecodeSequence, Output]]:
         """One verify pass over the batch (module doc): drafts where they pay, one token elsewhere. A resumed
-        sequence still replaying feeds up to K of its replayed tokens after next_token, all of them kept: K+1
-        replayed positions a pass, each the bits of a decode step (engine/speculative.py), at least one left to
+        sequence still replaying feeds up to K of its replayed tokens after next_token (in a batch that drafts),
+        all of them kept: K+1 replayed positions a pass, each the bits of a decode step (engine/speculative.py), at least one left to
         become next_token (its logits choose the first new token)."""
         assert self.batch is not None and self.engine is not None
         drafting = len(seqs) <= self.speculative_max_batch
         fed = []
         for seq in seqs:
             drafts: list[int] = []
-            if seq.replay:
-                drafts = [seq.replay[i] for i in range(min(self.k, len(seq.replay) - 1))]
+            if seq.replay:  # only where drafts would ride too: a pass with several positions copies every state
+                drafts = [seq.replay[i] for i in range(min(self.k, len(seq.replay) - 1))] if drafting else []
             elif drafting and seq.drafter is not None:
                 room = min(seq.max_context - seq.num_tokens - 1,  # context left after next_token
                            seq.sampler.params.max_tokens - len(seq.tracker.token_ids) - 1)  # tokens left after it

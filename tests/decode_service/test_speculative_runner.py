@@ -168,13 +168,14 @@ def test_a_resumed_sequence_replays_k_plus_1_tokens_a_pass(engine, head, monkeyp
         seq.push(token, logprob)  # streamed before the failure
     seq.next_token = ref.token_ids[0]
     seq.replay.extend(ref.token_ids[1:replay + 1])
-    got: list[int] = []
+    got: tuple[list[int], list[float]] = ([], [])
     finished = threading.Event()
 
     def deliver(items):
         for _, out in items:
             assert out.error is None, out.error
-            got.extend(out.token_ids)
+            got[0].extend(out.token_ids)
+            got[1].extend(out.logprobs)
             if out.finish_reason is not None:
                 finished.set()
 
@@ -187,7 +188,7 @@ def test_a_resumed_sequence_replays_k_plus_1_tokens_a_pass(engine, head, monkeyp
         assert finished.wait(120)
     finally:
         runner.stop()
-    assert got == ref.token_ids[replay + 1:]
+    assert got == (ref.token_ids[replay + 1:], ref.logprobs[replay + 1:])  # the bits of plain decoding
     assert sum(per_pass) == replay and len(per_pass) == -(-replay // (K + 1))  # K+1 a pass, the last fewer
 
 

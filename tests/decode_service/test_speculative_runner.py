@@ -91,6 +91,16 @@ def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batc
     return got, steps, texts
 
 
+def _serve(runner: DecodeRunner, seq: DecodeSequence, finished: threading.Event) -> None:
+    """Run `seq` alone through `runner` until `finished` is set."""
+    runner.start()
+    try:
+        runner.submit(seq)
+        assert finished.wait(120)
+    finally:
+        runner.stop()
+
+
 def _reference(engine, params):
     return {f"r{i}": generate(engine, p, _params(params, i)) for i, p in enumerate(PROMPTS)}
 
@@ -182,12 +192,7 @@ def test_a_resumed_sequence_replays_k_plus_1_tokens_a_pass(engine, head, monkeyp
     runner = DecodeRunner(lambda: engine, 1, 8, deliver, num_speculative_tokens=K, speculative_max_batch=1)
     per_pass: list[int] = []
     runner.on_replay = per_pass.append
-    runner.start()
-    try:
-        runner.submit(seq)
-        assert finished.wait(120)
-    finally:
-        runner.stop()
+    _serve(runner, seq, finished)
     assert got == (ref.token_ids[replay + 1:], ref.logprobs[replay + 1:])  # the bits of plain decoding
     assert sum(per_pass) == replay and len(per_pass) == -(-replay // (K + 1))  # K+1 a pass, the last fewer
 
@@ -250,12 +255,7 @@ def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine
 
     runner = DecodeRunner(lambda: engine, 2, 8, deliver, checkpoint_every=8, num_speculative_tokens=K,
                           speculative_max_batch=2)
-    runner.start()
-    try:
-        runner.submit(seq)
-        assert finished.wait(120)
-    finally:
-        runner.stop()
+    _serve(runner, seq, finished)
     assert len(checkpoints) >= 2
     c = engine.config
     for n, tensors in checkpoints:

@@ -327,8 +327,8 @@ class DecodeRunner:
     def _verify_step(self, seqs: list[DecodeSequence]) -> list[tuple[DecodeSequence, Output]]:
         """One verify pass over the batch (module doc): drafts where they pay, one token elsewhere. A resumed
         sequence still replaying feeds up to K of its replayed tokens after next_token (in a batch that drafts),
-        all of them kept: K+1 replayed positions a pass, each the bits of a decode step (engine/speculative.py), at least one left to
-        become next_token (its logits choose the first new token)."""
+        all of them kept: K+1 replayed positions a pass, each the bits of a decode step (engine/speculative.py),
+        at least one left to become next_token (its logits choose the first new token)."""
         assert self.batch is not None and self.engine is not None
         drafting = len(seqs) <= self.speculative_max_batch
         fed = []

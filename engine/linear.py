@@ -162,10 +162,6 @@ class Int8Weight:
             return Int8Weight(self.q, self.scale.to(target))
         return Int8Weight(self.q.to(target), self.scale.to(target))
 
-    def dequantized(self) -> torch.Tensor:
-        """W in fp32 (exact: an int8 times a bf16 or fp32 scale)."""
-        return self.q.float() * self.scale.float()[:, None]
-
     def __getitem__(self, index: tuple) -> "Int8Weight":
         """A slice of rows (dim 0: their scales too) or of columns (dim 1: every row keeps its scale), as a
         tensor-parallel rank reads its shard."""

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenpd.kernels.int8_matmul import available as int8_matmul_available
+
 PACKED_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes packed for oneDNN on CPU
 
 
@@ -199,27 +201,36 @@ def held_bytes(w) -> int:
 CONVERTED_BYTES = 16 << 20  # prefill rows: weight rows converted from int8 at a time (_int8_linear)
 
 
-def int8_step_kernel(x: torch.Tensor) -> bool:
-    """Whether decode-step rows x take aten's int8 kernel: bf16 on CPU (its vectorized case; fp32 runs a scalar
-    loop, ~11x slower), where the input width is whole 16-lane vectors (torch 2.13's AVX512 kernel has no tail: it
-    reads past a row of another width and crashes)."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+def int8_step_kernel(x: torch.Tensor) -> str | None:
+    """Which kernel multiplies decode-step rows x by int8 weights: "qwenpd" (kernels/int8_matmul: bf16 on a CPU
+    with AVX512-BF16 and AVX512-VBMI, built on first use), else "aten" (aten's weight-only int8 kernel: bf16 on CPU
+    where the input width is whole 16-lane vectors: torch 2.13's AVX512 kernel has no tail, reads past a row of
+    another width and crashes; fp32 runs its scalar loop, ~11x slower), else None (the converted path)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    if int8_matmul_available():
+        return "qwenpd"
+    if x.shape[-1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "aten"
+    return None
 
 
 def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bool) -> torch.Tensor:
     """x [..., in] in the scales' dtype -> [..., out] in that dtype: sum_k x[k] (q[n, k] scale[n]) in fp32 (each
     product exact: a bf16 scale times |q| <= 127 fits fp32), rounded once to the model dtype on the int8 kernel's
     path, twice on the converted one (its matmul's output, then after the scale). Decode-step rows (`step`, bf16)
-    on CPU: aten's weight-only int8 kernel, which reads the int8 weight itself (half
-    the bytes of bf16: a decode step is bound by reading weights) and gives each row the same bits whatever the
-    row count. Prefill rows: the int8 values converted to the model dtype (exact: |q| <= 127) and multiplied by
-    oneDNN's matmul, the scales applied to its output, CONVERTED_BYTES of converted weight rows at a time (a
-    whole converted weight is a fresh allocation a call: 1.7-3x slower on Qwen3.6-27B's MLP, and 356 MB for its
-    gate_up); the int8 kernel has no blocking over rows and is 2.9x slower than this at 512 rows
-    (docs/performance.md)."""
+    on CPU: our int8 kernel (kernels/int8_matmul) where the CPU has it, else aten's weight-only int8 kernel
+    (int8_step_kernel); both read the int8 weight itself (half the bytes of bf16: a decode step is bound by reading
+    weights) and give each row the same bits whatever the row count. Prefill rows: the int8 values converted to
+    the model dtype (exact: |q| <= 127) and multiplied by oneDNN's matmul, the scales applied to its output,
+    CONVERTED_BYTES of converted weight rows at a time (a whole converted weight is a fresh allocation a call:
+    1.7-3x slower on Qwen3.6-27B's MLP, and 356 MB for its gate_up); aten's int8 kernel has no blocking over rows
+    and is 2.9x slower than this at 512 rows, ours reconverts the weights every 8 rows (docs/performance.md)."""
     rows = x.reshape(-1, x.shape[-1])
-    if step and int8_step_kernel(x):
+    kernel = int8_step_kernel(x) if step else None
+    if kernel == "qwenpd":
+        y = torch.ops.qwenpd_int8.int8_matmul(rows.contiguous(), q, scale)
+    elif kernel == "aten":
         y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale).to(x.dtype)
     elif x.device.type == "cpu" and onednn_packing_available():  # oneDNN: every row count from 2 on alike
         one = rows.shape[0] == 1

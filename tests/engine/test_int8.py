@@ -1,5 +1,6 @@
 """Weight-only int8 (`--quantize int8`, issue 27): the weights stay int8 in memory with one scale per output row;
-decode-step rows multiply by aten's int8 kernel, prefill rows by the int8 values in the model dtype. Either way a
+decode-step rows multiply by our int8 kernel (kernels/int8_matmul) or, on a CPU without it, aten's, prefill rows
+by the int8 values in the model dtype. Either way a
 row computes sum_k x[k] q[n, k] in fp32 times scale[n] (checked against that sum in float64), and its bits do not
 depend on the rows beside it: decode stays batch invariant and speculation stays plain decoding."""
 
@@ -25,6 +26,21 @@ def _weight(shape, dtype, seed=0) -> Int8Weight:
     return Int8Weight(q, scale.to(dtype))
 
 
+STEPS = ["qwenpd-step", "aten-step", "prefill"]  # a decode step's rows on either kernel, prefill rows
+
+
+def _step(path: str, monkeypatch) -> bool:
+    """The `step` argument for a path; "aten-step" hides our kernel (as on a CPU without AVX512-BF16/VBMI)."""
+    from qwenpd.engine import linear
+    from qwenpd.kernels import int8_matmul
+
+    if path == "qwenpd-step" and not int8_matmul.available():
+        pytest.skip("no int8 CPU kernel here: decode steps take aten's")
+    if path == "aten-step":
+        monkeypatch.setattr(linear, "int8_matmul_available", lambda: False)
+    return path != "prefill"
+
+
 def _exact(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """The same sum in float64, from the inputs rounded as the kernels read them."""
     return (x.to(w.scale.dtype).double() @ w.q.double().T) * w.scale.double()
@@ -32,8 +48,9 @@ def _exact(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("step", [True, False], ids=["step", "prefill"])
-def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, step):
+@pytest.mark.parametrize("path", STEPS)
+def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, path, monkeypatch):
+    step = _step(path, monkeypatch)
     w = _weight(shape, dtype)
     lin = Linear(w)
     x = torch.randn(37, shape[1], generator=torch.Generator().manual_seed(1))
@@ -48,8 +65,9 @@ def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, step):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("step", [True, False], ids=["step", "prefill"])
-def test_an_int8_row_is_the_same_bits_among_any_rows(dtype, shape, step):
+@pytest.mark.parametrize("path", STEPS)
+def test_an_int8_row_is_the_same_bits_among_any_rows(dtype, shape, path, monkeypatch):
+    step = _step(path, monkeypatch)
     lin = Linear(_weight(shape, dtype))
     x = torch.randn(70, shape[1], generator=torch.Generator().manual_seed(2))
     every = lin(x, step=step)

@@ -1,0 +1,68 @@
+"""Build and load the CPU kernel (cpu.cpp) on first use: torch's C++ extension build, cached on disk.
+
+The kernel needs AVX512-BF16 (bf16 dot products) and AVX512-VBMI (the byte-table conversion); a CPU without them,
+or a machine without a C++ compiler, has no kernel (`load()` returns False and says why once), and decode steps of
+int8 weights take aten's weight-only kernel instead (engine/linear.py). The first build takes ~10 s on 2 cores;
+torch keeps it under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), keyed by the source and flags, and
+serializes concurrent builds of processes started together with a lock file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "bmi2", "fma")
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+                 "-mavx512vbmi", "-mbmi2", "-mfma"]
+DISABLE_ENV = "QWENPD_INT8_KERNEL"  # "0": never build or use it (aten's kernel then; for comparisons)
+
+
+def missing_cpu_flags() -> tuple[str, ...]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return CPU_FLAGS
+    return tuple(flag for flag in CPU_FLAGS if flag not in flags)
+
+
+def _ninja_on_path() -> None:
+    """torch's loader runs `ninja` from PATH; the ninja wheel (a dependency) may sit in a venv that is not on it."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> bool:
+    """Whether `torch.ops.qwenpd_int8.int8_matmul` is there: built (or found built) and loaded in this process."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return False
+    missing = missing_cpu_flags()
+    if missing:
+        log.info("int8 decode kernel: this CPU lacks %s; decode steps take aten's int8 kernel", ", ".join(missing))
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        _ninja_on_path()
+
+        cpp_extension.load(name="qwenpd_int8_matmul", sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a broken toolchain: the engine still serves, on aten's kernel
+        log.warning("int8 decode kernel: could not build %s (%s); decode steps take aten's int8 kernel",
+                    SOURCE.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    return hasattr(torch.ops.qwenpd_int8, "int8_matmul")

@@ -181,6 +181,10 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
     names = list(engines)
     if baseline:
         print("weights held: " + ", ".join(f"{n} {engines[n].weight_bytes / 1e6:,.0f} MB" for n in names))
+        kernels = {n: e.int8_kernel for n, e in engines.items() if getattr(e, "int8_kernel", None)}
+        if kernels:
+            print("int8 decode-step kernel: " + ", ".join(f"{n} {k}" for n, k in kernels.items())
+                  + " (qwenpd: kernels/int8_matmul; aten: aten::_weight_int8pack_mm; QWENPD_INT8_KERNEL=0 picks aten)")
     pairs = [(names.index(q), names.index(b)) for q, b in baseline.items()]
     print("| measure | " + " | ".join(f"qwenpd {n}" for n in names) + " | transformers | " +
           " | ".join(f"{n} / transformers" for n in names) + "".join(f" | {q} / {b}" for q, b in baseline.items())

@@ -16,7 +16,7 @@ from qwenpd.engine.constraint import Grammars
 from qwenpd.engine.device import resolve_device
 from qwenpd.engine.host import keep_freed_memory
 from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
-from qwenpd.engine.linear import held_bytes
+from qwenpd.engine.linear import held_bytes, int8_step_kernel
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner
 from qwenpd.engine import state_spec
@@ -109,6 +109,10 @@ class Engine:
                                                  quantize=self.engine_config.quantize)
         # weights held: as loaded (FP8 and --quantize fp8 are multiplied in the model dtype here, int8 as int8)
         self.weight_bytes = sum(held_bytes(t) for t in weights.values())
+        # which kernel multiplies decode steps by int8 weights; ours is built here (~10 s once a machine), not in
+        # the first request
+        self.int8_kernel = (int8_step_kernel(torch.empty(0, 64, dtype=self.dtype, device=self.device))
+                            if self.engine_config.quantize == "int8" else None)
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family

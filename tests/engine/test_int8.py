@@ -148,6 +148,8 @@ def test_int8_holds_int8_weights(tiny_model_dir, hf_checkpoint, tied):
     else:
         assert plain.weight_bytes - int8.weight_bytes == weights + head_weights - 2 * (rows + head_rows)
     assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in int8.model.blocks)
+    from qwenpd.kernels import int8_matmul
+    assert int8.int8_kernel == ("qwenpd" if int8_matmul.available() else "aten") and plain.int8_kernel is None
     assert isinstance(int8.model.lm_head.int8, Int8Weight)
 
 

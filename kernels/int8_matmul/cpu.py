@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -59,7 +60,9 @@ def load() -> bool:
 
         _ninja_on_path()
 
-        cpp_extension.load(name="qwenpd_int8_matmul", sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+        # one build per torch version: a build against another libtorch may load and then misbehave
+        name = "qwenpd_int8_matmul_torch" + re.sub(r"\W", "_", torch.__version__)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a broken toolchain: the engine still serves, on aten's kernel
         log.warning("int8 decode kernel: could not build %s (%s); decode steps take aten's int8 kernel",

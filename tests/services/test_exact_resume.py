@@ -44,11 +44,15 @@ def _requests() -> list[generate_pb2.GenerateRequest]:
     return out
 
 
-def _run(gateway: str, requests, kill: tuple[int, float] | None = None) -> list[tuple[list[int], list[float], int]]:
-    """All requests at once; with kill = (pid, after_s), kill -9 that pid once the streams are under way."""
+def _run(gateway: str, requests, kill: tuple[int, float] | None = None, kill_after_tokens: int | None = None
+         ) -> list[tuple[list[int], list[float], int]]:
+    """All requests at once; with kill = (pid, after_s), kill -9 that pid once the streams are under way: after_s
+    seconds after they start or, with kill_after_tokens, once every stream has that many tokens (a fast host can
+    finish short streams before any fixed delay; the kill must land mid-stream)."""
     results: list = [None] * len(requests)
     errors: list[BaseException] = []
     started = threading.Barrier(len(requests) + 1)
+    received = [0] * len(requests)
 
     def one(i: int) -> None:
         try:
@@ -60,6 +64,7 @@ def _run(gateway: str, requests, kill: tuple[int, float] | None = None) -> list[
                 for chunk in stream:
                     ids += chunk.token_ids
                     lps += chunk.logprobs
+                    received[i] = len(ids)
                     if chunk.HasField("timings"):
                         resumes = chunk.timings.resumes
                 results[i] = (ids, lps, resumes)
@@ -71,7 +76,13 @@ def _run(gateway: str, requests, kill: tuple[int, float] | None = None) -> list[
         t.start()
     started.wait()
     if kill is not None:
-        time.sleep(kill[1])
+        if kill_after_tokens is None:
+            time.sleep(kill[1])
+        else:
+            deadline = time.monotonic() + 120
+            while min(received) < kill_after_tokens and not errors and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert all(r is None for r in results), "a stream ended before the kill"
         os.kill(kill[0], signal.SIGKILL)
     for t in threads:
         t.join(300)

@@ -103,7 +103,7 @@ def test_kill9_of_decode_resumes_speculating_streams_exactly(spec, reference):
         if _metric(_decode_metrics(spec), "qwenpd_decode_active_sequences") == 0:
             break
         time.sleep(0.1)
-    got = _run(spec.gateway, _requests(), kill=(_decode_pid(spec, spec.tmp), 0.5))
+    got = _run(spec.gateway, _requests(), kill=(_decode_pid(spec, spec.tmp), 0), kill_after_tokens=12)
     assert [r for _, _, r in got] == [1] * STREAMS, "not every stream resumed once"
     assert [(ids, lps) for ids, lps, _ in got] == reference
     # the restarted decode service drafted for the resumed streams: their resume points carried the head's state

@@ -171,7 +171,7 @@ def test_image_stream_resumes_identically_after_decode_is_killed(served):
 
     requests = [request(i) for i in range(2)]  # a greedy and a sampled stream
     ref = _run(served.gateway, requests)
-    got = _run(served.gateway, requests, kill=(_decode_pid(served, served.tmp), 0.5))
+    got = _run(served.gateway, requests, kill=(_decode_pid(served, served.tmp), 0), kill_after_tokens=16)
     assert [r for _, _, r in got] == [1, 1], "every stream resumed once"
     for (ids, lps, _), (ref_ids, ref_lps, _) in zip(got, ref):
         assert ids == ref_ids and lps == ref_lps

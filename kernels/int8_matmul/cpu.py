@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,19 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
+STALE_LOCK_S = 600  # a build takes ~10 s; a lock this old is a killed builder's (torch would wait on it forever)
+
+
+def _drop_stale_lock(cpp_extension, name: str) -> None:
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            log.warning("int8 decode kernel: removed a stale build lock %s", lock)
+    except (OSError, AttributeError):  # a private helper of torch's; without it torch's own wait applies
+        pass
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> bool:
     """Whether `torch.ops.qwenpd_int8.int8_matmul` is there: built (or found built) and loaded in this process."""
@@ -62,6 +76,7 @@ def load() -> bool:
 
         # one build per torch version: a build against another libtorch may load and then misbehave
         name = "qwenpd_int8_matmul_torch" + re.sub(r"\W", "_", torch.__version__)
+        _drop_stale_lock(cpp_extension, name)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a broken toolchain: the engine still serves, on aten's kernel

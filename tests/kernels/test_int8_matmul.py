@@ -115,3 +115,21 @@ def test_switched_off_decode_steps_take_atens_kernel():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, DISABLE_ENV: "0"}, capture_output=True,
                          text=True, timeout=120, check=True).stdout.split()[-1]
     assert out == "aten"
+
+
+def test_a_killed_builders_lock_is_dropped_a_fresh_one_kept(tmp_path):
+    """torch waits forever on the lock of a build whose process was killed; ours drops a lock older than a build."""
+    import time
+    from types import SimpleNamespace
+
+    from qwenpd.kernels.int8_matmul import cpu
+
+    loader = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu._drop_stale_lock(loader, "x")
+    assert lock.exists()
+    old = time.time() - cpu.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    cpu._drop_stale_lock(loader, "x")
+    assert not lock.exists()

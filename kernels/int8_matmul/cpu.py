@@ -47,6 +47,7 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
+why_not = ""  # why load() found no kernel, once it has run
 STALE_LOCK_S = 600  # a build takes ~10 s; a lock this old is a killed builder's (torch would wait on it forever)
 
 
@@ -63,11 +64,14 @@ def _drop_stale_lock(cpp_extension, name: str) -> None:
 @functools.lru_cache(maxsize=1)
 def load() -> bool:
     """Whether `torch.ops.qwenpd_int8.int8_matmul` is there: built (or found built) and loaded in this process."""
+    global why_not
     if os.environ.get(DISABLE_ENV, "1") == "0":
+        why_not = f"{DISABLE_ENV}=0"
         return False
     missing = missing_cpu_flags()
     if missing:
-        log.info("int8 decode kernel: this CPU lacks %s; decode steps take aten's int8 kernel", ", ".join(missing))
+        why_not = "this CPU lacks " + ", ".join(missing)
+        log.info("int8 decode kernel: %s; decode steps take aten's int8 kernel", why_not)
         return False
     try:
         from torch.utils import cpp_extension
@@ -80,7 +84,7 @@ def load() -> bool:
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a broken toolchain: the engine still serves, on aten's kernel
-        log.warning("int8 decode kernel: could not build %s (%s); decode steps take aten's int8 kernel",
-                    SOURCE.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        why_not = f"could not build {SOURCE.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("int8 decode kernel: %s; decode steps take aten's int8 kernel", why_not)
         return False
     return hasattr(torch.ops.qwenpd_int8, "int8_matmul")

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwenpd.kernels.int8_matmul import available, int8_matmul, naive_int8_matmul
-from qwenpd.kernels.int8_matmul.cpu import DISABLE_ENV, missing_cpu_flags
+from qwenpd.kernels.int8_matmul import cpu
+from qwenpd.kernels.int8_matmul.cpu import DISABLE_ENV
 
-pytestmark = pytest.mark.skipif(not available(), reason=f"no int8 CPU kernel here (CPU lacks {missing_cpu_flags()} "
-                                                        "or the build failed: see the log)")
+pytestmark = pytest.mark.skipif(not available(), reason=f"no int8 CPU kernel here: {cpu.why_not}")
 
 
 def _inputs(m, n, k, seed=0, q_range=127):
@@ -121,8 +121,6 @@ def test_a_killed_builders_lock_is_dropped_a_fresh_one_kept(tmp_path):
     """torch waits forever on the lock of a build whose process was killed; ours drops a lock older than a build."""
     import time
     from types import SimpleNamespace
-
-    from qwenpd.kernels.int8_matmul import cpu
 
     loader = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path))
     lock = tmp_path / "lock"

@@ -109,10 +109,13 @@ class Engine:
                                                  quantize=self.engine_config.quantize)
         # weights held: as loaded (FP8 and --quantize fp8 are multiplied in the model dtype here, int8 as int8)
         self.weight_bytes = sum(held_bytes(t) for t in weights.values())
-        # which kernel multiplies decode steps by int8 weights; ours is built here (~10 s once a machine), not in
-        # the first request
+        # which kernel family multiplies decode steps by int8 weights (ours is built here, ~10 s once a machine,
+        # not in the first request); ours and aten's give other bits, so it joins the fingerprint: a prefill and a
+        # decode (or a restarted decode) that fell back to another kernel refuse each other's hand-offs
         self.int8_kernel = (int8_step_kernel(torch.empty(0, 64, dtype=self.dtype, device=self.device))
                             if self.engine_config.quantize == "int8" else None)
+        if self.int8_kernel:
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint} int8 kernel {self.int8_kernel}".encode()).hexdigest()
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family

@@ -7,6 +7,10 @@
 // weights at a time become bf16 once (two byte-table lookups, exact: |q| <= 127) and every row of x takes them by
 // bf16 dot products (vdpbf16ps, fp32 sums). A row's sums run in the same order whatever the row count, the other
 // rows, or the thread split: every row of x gets the same bits alone or in any batch.
+//
+// Preconditions, not checked per call (a check would read the weights once more): q in [-127, 127] (the quantizer,
+// engine/weights.py int8_quantize, clamps to it; -128 would read as 0). vdpbf16ps treats denormal inputs as zero,
+// so a denormal x element counts as 0 (the same for every row: batch invariance holds).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -3,17 +3,19 @@
 The kernel needs AVX512-BF16 (bf16 dot products) and AVX512-VBMI (the byte-table conversion); a CPU without them,
 or a machine without a C++ compiler, has no kernel (`load()` returns False and says why once), and decode steps of
 int8 weights take aten's weight-only kernel instead (engine/linear.py). The first build takes ~10 s on 2 cores;
-torch keeps it under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), keyed by the source and flags, and
-serializes concurrent builds of processes started together with a lock file.
+torch keeps it under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), in a folder named by the torch
+version; ninja rebuilds it when the source or the flags change. Processes started together build it once
+(`_build`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -48,17 +50,26 @@ def _ninja_on_path() -> None:
 
 
 why_not = ""  # why load() found no kernel, once it has run
-STALE_LOCK_S = 600  # a build takes ~10 s; a lock this old is a killed builder's (torch would wait on it forever)
 
 
-def _drop_stale_lock(cpp_extension, name: str) -> None:
+def _build(cpp_extension, name: str) -> None:
+    """torch's loader under a lock of ours. torch serializes builders with a lock *file* and waits, without end,
+    while one exists, so a builder killed mid-build (a service restarted while loading) would hang every later
+    load. An flock is released by the kernel when its holder dies: whoever holds it is the only builder alive,
+    and a lock file it finds is a dead builder's."""
     try:
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-            log.warning("int8 decode kernel: removed a stale build lock %s", lock)
-    except (OSError, AttributeError):  # a private helper of torch's; without it torch's own wait applies
-        pass
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))  # a private helper of torch's
+    except (AttributeError, OSError):
+        build_dir = None
+    with open(build_dir / "qwenpd.flock", "a") if build_dir else contextlib.nullcontext() as held:
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = build_dir / "lock"
+            if stale.exists():
+                stale.unlink(missing_ok=True)
+                log.warning("int8 decode kernel: removed a dead builder's lock %s", stale)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,9 +91,7 @@ def load() -> bool:
 
         # one build per torch version: a build against another libtorch may load and then misbehave
         name = "qwenpd_int8_matmul_torch" + re.sub(r"\W", "_", torch.__version__)
-        _drop_stale_lock(cpp_extension, name)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _build(cpp_extension, name)
     except Exception as e:  # no compiler, no ninja, a broken toolchain: the engine still serves, on aten's kernel
         why_not = f"could not build {SOURCE.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
         log.warning("int8 decode kernel: %s; decode steps take aten's int8 kernel", why_not)

@@ -29,11 +29,13 @@ def _weight(shape, dtype, seed=0) -> Int8Weight:
 STEPS = ["qwenpd-step", "aten-step", "prefill"]  # a decode step's rows on either kernel, prefill rows
 
 
-def _step(path: str, monkeypatch) -> bool:
+def _step(path: str, monkeypatch, dtype: torch.dtype) -> bool:
     """The `step` argument for a path; "aten-step" hides our kernel (as on a CPU without AVX512-BF16/VBMI)."""
     from qwenpd.engine import linear
     from qwenpd.kernels import int8_matmul
 
+    if path == "aten-step" and dtype != torch.bfloat16:
+        pytest.skip("fp32 decode-step rows take the converted path whichever kernel is there (qwenpd-step covers it)")
     if path == "qwenpd-step" and not int8_matmul.available():
         pytest.skip("no int8 CPU kernel here: decode steps take aten's")
     if path == "aten-step":
@@ -50,7 +52,7 @@ def _exact(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("path", STEPS)
 def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, path, monkeypatch):
-    step = _step(path, monkeypatch)
+    step = _step(path, monkeypatch, dtype)
     w = _weight(shape, dtype)
     lin = Linear(w)
     x = torch.randn(37, shape[1], generator=torch.Generator().manual_seed(1))
@@ -67,7 +69,7 @@ def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, path, monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("path", STEPS)
 def test_an_int8_row_is_the_same_bits_among_any_rows(dtype, shape, path, monkeypatch):
-    step = _step(path, monkeypatch)
+    step = _step(path, monkeypatch, dtype)
     lin = Linear(_weight(shape, dtype))
     x = torch.randn(70, shape[1], generator=torch.Generator().manual_seed(2))
     every = lin(x, step=step)
@@ -179,3 +181,16 @@ def test_int8_at_tp2_stays_with_tp1(tiny_model_dir):
         assert two.weight_bytes < Engine(tiny_model_dir, dtype="float32", tp=1, warm_up=False).weight_bytes / 2
     finally:
         two.close()
+
+
+def test_the_int8_kernel_joins_the_fingerprint(tiny_model_dir, monkeypatch):
+    """Our kernel and aten's give other bits: a prefill and a decode that took different ones must refuse each
+    other's hand-offs, as they do for another dtype or quantization."""
+    from qwenpd.engine import engine as engine_module
+
+    ours = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8", warm_up=False)
+    monkeypatch.setattr(engine_module, "int8_step_kernel", lambda x: "aten")
+    atens = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8", warm_up=False)
+    assert atens.int8_kernel == "aten"
+    assert (ours.fingerprint != atens.fingerprint) == (ours.int8_kernel != "aten")
+    assert Engine(tiny_model_dir, dtype="bfloat16", quantize="int8", warm_up=False).fingerprint == atens.fingerprint

@@ -27,6 +27,10 @@ def _weight(shape, dtype, seed=0) -> Int8Weight:
 
 
 STEPS = ["qwenpd-step", "aten-step", "prefill"]  # a decode step's rows on either kernel, prefill rows
+# fp32 decode-step rows take the converted path whichever kernel is there: "qwenpd-step" covers them
+PATHS = [pytest.param(dtype, path, id=f"{name}-{path}")
+         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))
+         for path in STEPS if not (dtype == torch.float32 and path == "aten-step")]
 
 
 def _step(path: str, monkeypatch, dtype: torch.dtype) -> bool:
@@ -34,8 +38,6 @@ def _step(path: str, monkeypatch, dtype: torch.dtype) -> bool:
     from qwenpd.engine import linear
     from qwenpd.kernels import int8_matmul
 
-    if path == "aten-step" and dtype != torch.bfloat16:
-        pytest.skip("fp32 decode-step rows take the converted path whichever kernel is there (qwenpd-step covers it)")
     if path == "qwenpd-step" and not int8_matmul.available():
         pytest.skip("no int8 CPU kernel here: decode steps take aten's")
     if path == "aten-step":
@@ -48,9 +50,8 @@ def _exact(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     return (x.to(w.scale.dtype).double() @ w.q.double().T) * w.scale.double()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("path", STEPS)
+@pytest.mark.parametrize(("dtype", "path"), PATHS)
 def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, path, monkeypatch):
     step = _step(path, monkeypatch, dtype)
     w = _weight(shape, dtype)
@@ -65,9 +66,8 @@ def test_int8_linear_is_the_scaled_integer_sum(dtype, shape, path, monkeypatch):
     assert ((got.double() - exact).abs() <= tol).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("path", STEPS)
+@pytest.mark.parametrize(("dtype", "path"), PATHS)
 def test_an_int8_row_is_the_same_bits_among_any_rows(dtype, shape, path, monkeypatch):
     step = _step(path, monkeypatch, dtype)
     lin = Linear(_weight(shape, dtype))

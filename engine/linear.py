@@ -36,7 +36,6 @@ above, for one arithmetic at every batch size).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -45,20 +44,16 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.kernels.int8_matmul import available as int8_matmul_available
+from qwenpd.kernels.int8_matmul.cpu import cpu_flags
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes packed for oneDNN on CPU
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); read from /proc/cpuinfo (elsewhere: assume
     it does, which keeps the plain bf16 path)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = cpu_flags()
+    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def onednn_packing_available() -> bool:

@@ -29,13 +29,19 @@ COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-m
 DISABLE_ENV = "QWENPD_INT8_KERNEL"  # "0": never build or use it (aten's kernel then; for comparisons)
 
 
-def missing_cpu_flags() -> tuple[str, ...]:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags, from /proc/cpuinfo; None where that cannot be read (engine/linear.py asks too)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return CPU_FLAGS
-    return tuple(flag for flag in CPU_FLAGS if flag not in flags)
+        return None
+
+
+def missing_cpu_flags() -> tuple[str, ...]:
+    flags = cpu_flags()
+    return CPU_FLAGS if flags is None else tuple(flag for flag in CPU_FLAGS if flag not in flags)
 
 
 def _ninja_on_path() -> None:

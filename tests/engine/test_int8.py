@@ -1,8 +1,8 @@
 """Weight-only int8 (`--quantize int8`, issue 27): the weights stay int8 in memory with one scale per output row;
 decode-step rows multiply by our int8 kernel (kernels/int8_matmul) or, on a CPU without it, aten's, prefill rows
-by the int8 values in the model dtype. Either way a
-row computes sum_k x[k] q[n, k] in fp32 times scale[n] (checked against that sum in float64), and its bits do not
-depend on the rows beside it: decode stays batch invariant and speculation stays plain decoding."""
+by the int8 values in the model dtype. Either way a row computes sum_k x[k] q[n, k] in fp32 times scale[n]
+(checked against that sum in float64), and its bits do not depend on the rows beside it: decode stays batch
+invariant and speculation stays plain decoding."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Speculative decoding with the MTP head against plain decoding, in one run, on the distilled `small` checkpoint.
 
     python bench/spec_decode.py [--preset small] [--dtype bfloat16] [--k 3] [--prompt 512] [--tokens 128] [--runs 3]
+                                [--compile]
 
 The checkpoint is init-model's `preset` with its MTP head distilled by bench/distill_mtp.py (cached; made on first
 use, ~10 min for small on 2 cores). Prompts are 512 tokens of the kind the head was distilled on: 32 random
@@ -20,7 +21,10 @@ The second table runs the decode service's own stepping loop (decode_service/run
 no gRPC) at batch 1, 8 and 32: B sequences prefilled (with the head's state, as the prefill service hands it off)
 and decoded together, plain (no head) against speculative with every step drafting (--speculative-max-batch
 lifted, so the table shows where drafting stops paying), each with its own tokens checked against plain decoding.
-Compiled graphs do not run speculation yet (the services refuse --compile with it), so there is no compiled column.
+
+`--compile`: both tables on compiled graphs (`--compile` of the services: regional, the decode graphs, compiled
+for the verify passes' rows too), plain and speculative on the same compiled engine; a separate run from the
+eager one (each table's ratios are within its own run).
 
 `--num-layers N` runs the preset cut or grown to N layers (init-model's --num-layers) with its *random* MTP head
 (not distilled: its rows say so), for the oracle rows: the head is one decoder layer whatever the depth, so on
@@ -85,15 +89,33 @@ class Loaded:
     process's main thread does no torch work: a second thread with its own OpenMP pool slows the stepping thread's
     small ops (~25% per token on 2 cores), and the decode service too keeps all of it on one thread."""
 
-    def __init__(self, model: Path, dtype: str):
-        self.model, self.dtype = model, dtype
+    def __init__(self, model: Path, dtype: str, compiled: tuple[int, int, int] | None = None):
+        self.model, self.dtype, self.compiled = model, dtype, compiled
         self.engine = self.head = None
 
     def get(self):
         if self.engine is None:
-            self.engine = Engine(self.model, dtype=self.dtype)
+            self.engine = engine_for(self.model, self.dtype, self.compiled)
             self.head = load_head(self.engine, self.model)
         return self.engine
+
+
+def engine_for(model: Path, dtype: str, compiled: tuple[int, int, int] | None) -> Engine:
+    """The eager engine, or (compiled = (max_batch, context, verify_rows)) one whose decode graphs are compiled for
+    batches of up to max_batch sequences of `context` tokens and verify passes of up to verify_rows rows, as the
+    decode service compiles them (the warm-up is printed to stderr)."""
+    if compiled is None:
+        return Engine(model, dtype=dtype)
+    from qwenpd.engine.engine_config import EngineConfig
+    from qwenpd.engine.kv_cache import kv_cache_bytes_for
+
+    max_batch, context, verify_rows = compiled
+    kv = max_batch * kv_cache_bytes_for(EngineConfig(model_dir=str(model), dtype=dtype), context)
+    engine = Engine(model, dtype=dtype, kv_cache_bytes=kv)
+    seconds = engine.compile(engine.default_buckets(512, max_batch, max_context=context), max_batch,
+                             graphs=("decode",), verify_rows=verify_rows)
+    print(f"compiled {engine.runner.buckets} in {seconds:.0f} s", file=sys.stderr)
+    return engine
 
 
 def deeper(preset: str, dtype: str, num_layers: int, cache_dir: Path) -> Path:
@@ -183,7 +205,8 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
                 return real
 
         runner_mod.DecodeRunner._drafter, runner_mod.Drafter = drafter_of, Oracle
-    runner = DecodeRunner(loaded.get, len(prompts_), len(prompts_), deliver, num_speculative_tokens=k,
+    runner = DecodeRunner(loaded.get, loaded.compiled[0] if loaded.compiled else len(prompts_), len(prompts_),
+                          deliver, num_speculative_tokens=k,
                           speculative_max_batch=len(prompts_))
     runner.on_verify = on_verify
     stepping = [0.0]
@@ -223,7 +246,7 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
     acceptances = [None] + [float(x) for x in args.oracle.split(",") if x]
     print(f"# {cpu_description()}; {args.preset}{f' at {args.num_layers} layers' if args.num_layers else ''} "
           f"{args.dtype}, {torch.get_num_threads()} threads; the decode "
-          f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, eager, "
+          f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, {mode(args)}, "
           f"every step drafting; {args.runs} runs")
     print(f"\n| batch | decoding (k={args.k}) | tokens/s | vs plain at this batch | mean accepted length | "
           "acceptance per draft position |")
@@ -258,6 +281,10 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
     return ratios
 
 
+def mode(args) -> str:
+    return "compiled" if args.compile else "eager"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -272,6 +299,7 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qwenpd" / "distilled")
     p.add_argument("--batches", default="1,8,32", help="batch sizes of the stepping-loop table ('' = none)")
     p.add_argument("--skip-b1-table", action="store_true", help="only the stepping-loop table")
+    p.add_argument("--compile", action="store_true", help="compiled graphs instead of eager (module doc)")
     p.add_argument("--num-layers", type=int, default=0,
                    help="the preset at this depth with its random MTP head (module doc; 0 = the distilled preset)")
     args = p.parse_args()
@@ -287,11 +315,14 @@ def main() -> None:
     args.words = Tokenizer(model).vocab_size if (model / "tokenizer.json").is_file() else 500
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     # the stepping-loop table first, before this thread does torch work (Loaded)
-    ratios = batched_table(Loaded(model, args.dtype), args, params) if args.batches else {}
-    engine = Engine(model, dtype=args.dtype)
+    context = args.prompt + args.tokens
+    batches = [int(b) for b in args.batches.split(",") if b]
+    many = (max(batches), context, max(batches) * (args.k + 1)) if args.compile and batches else None
+    ratios = batched_table(Loaded(model, args.dtype, many), args, params) if batches else {}
+    ks = [int(k) for k in args.ks.split(",")]
+    engine = engine_for(model, args.dtype, (1, context, max(ks) + 1) if args.compile else None)
     head = load_head(engine, model)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    ks = [int(k) for k in args.ks.split(",")]
     configs = [("plain", 0, "", None)] + [(f"k={k} {rb}", k, rb, None) for k in ks for rb in ("replay", "snapshot")]
     configs += [(f"k={k} replay, oracle drafts {a:.0%}", k, "replay", a)
                 for a in (float(x) for x in args.oracle.split(",") if x) for k in ks]
@@ -322,7 +353,7 @@ def main() -> None:
     print(f"\n# {cpu_description()}; {args.preset} {args.dtype} with its "
           f"{f'random MTP head, {args.num_layers} layers' if args.num_layers else 'distilled MTP head'}, "
           f"{torch.get_num_threads()} "
-          f"threads; decode of {args.tokens} tokens after {args.prompt}-token prompts, batch 1, eager; "
+          f"threads; decode of {args.tokens} tokens after {args.prompt}-token prompts, batch 1, {mode(args)}; "
           f"{args.prompts} prompts x {args.runs} runs")
     print("\n| decoding | tokens/s | vs plain | mean accepted length | acceptance per draft position | "
           "rollback bytes per verify pass |")
@@ -349,7 +380,7 @@ def main() -> None:
         return f"{ratios[b]:.2f}x" if b in ratios else "not measured"
 
     head_kind = f"{args.num_layers} layers, random MTP" if args.num_layers else "distilled MTP"
-    print(f"\nspec decode ({args.preset} {args.dtype}, {head_kind}, k={args.k}): "
+    print(f"\nspec decode ({args.preset} {args.dtype}, {head_kind}, k={args.k}, {mode(args)}): "
           f"b1 {ratio(1) if 1 in ratios else f'{statistics.median(rates[name]) / base:.2f}x'}, b8 {ratio(8)}, "
           f"b32 {ratio(32)} non-speculative; mean accepted length {length:.2f}")
 

@@ -36,6 +36,14 @@ class DecodeConfig(ModelServiceConfig):
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
+    @property
+    def verify_rows(self) -> int:
+        """The most rows a speculative verify pass runs (what compiled graphs are compiled for; 0 without
+        speculation): a step that drafts has at most speculative_max_batch sequences of K + 1 positions, one that
+        does not max_batch sequences of one."""
+        k = self.num_speculative_tokens
+        return max(self.max_batch, min(self.max_batch, self.speculative_max_batch) * (k + 1)) if k else 0
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     d = service_config.field_defaults(DecodeConfig)

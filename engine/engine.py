@@ -201,12 +201,14 @@ class Engine:
 
     @cross_rank("engine.compile")
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
-                cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS, regional: bool | None = None
-                ) -> float:
+                cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS, regional: bool | None = None,
+                verify_rows: int = 0) -> float:
         """Compile the prefill chunk and decode step (or only those in `graphs`) for every bucket (torch.compile,
         static shapes) and use them from now on; returns the warm-up seconds. `regional` compiles per layer kind
-        instead of whole graphs (engine/runner.py; default: on CPU). Needs a fixed-size KV cache (kv_cache_bytes). `cache_dir` keeps
-        the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them."""
+        instead of whole graphs (engine/runner.py; default: on CPU). Needs a fixed-size KV cache (kv_cache_bytes).
+        `cache_dir` keeps the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them.
+        `verify_rows`: the most rows a speculative verify pass runs (sequences x positions; engine/speculative.py):
+        the decode regions are compiled for them too (Buckets.covering), and need to be regional."""
         if cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         if self.kv_cache.growable:
@@ -215,6 +217,11 @@ class Engine:
             raise ValueError(f"largest batch bucket {buckets.batches[-1]} is below max_batch {max_batch}")
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
         regional = self.device.type == "cpu" if regional is None else regional
+        if verify_rows and "decode" in graphs:
+            if not regional:
+                raise ValueError("speculative decoding with compiled graphs needs them compiled by region (the "
+                                 "verify pass runs the decode step's regions; the default on CPU)")
+            buckets = buckets.covering(verify_rows)
         self.runner = GraphRunner(self.model, buckets, backend, graphs, regional)
         scratch = HybridState.empty(self.local_config, self.kv_cache)
         return self.runner.warm_up(scratch, buckets.batches[-1])

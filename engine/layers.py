@@ -140,7 +140,7 @@ class DeltaNetMixer:
         # one matmul for q|k|v (conv input), z (output gate), b (beta), a (decay)
         # b and a each padded with zero rows to whole vector spans: their sigmoid and softplus take torch's vector
         # path for every head whatever the number of rows (batch invariance: runner.decode_row_multiple)
-        hv = self.heads = c.linear_num_value_heads
+        hv = self.num_heads = c.linear_num_value_heads
         span = hv + -hv % VECTOR_SPAN
         b, a = (pad_rows(w[p + name], span - hv) for name in ("in_proj_b.weight", "in_proj_a.weight"))
         self.in_proj = Linear(cat([w[p + "in_proj_qkv.weight"], w[p + "in_proj_z.weight"], b, a]))
@@ -153,11 +153,15 @@ class DeltaNetMixer:
         self.splits = (c.conv_dim, c.linear_value_dim, span, span)
 
     def _project(self, x: torch.Tensor, step: bool = False):
-        """`step`: x's rows are decode-step tokens (Linear), as in _output."""
+        """x [N, H] -> the conv input [N, conv_dim] (fp32), the output gate z, and the write strength beta and decay
+        g [N, span] (fp32, padded to whole vector spans: `heads` takes the real heads). `step`: x's rows are
+        decode-step tokens (Linear), as in _output."""
         mixed, z, b, a = self.in_proj(x, step).split(self.splits, dim=-1)
-        beta = b.float().sigmoid()[..., :self.heads]
-        g = (self.neg_A * F.softplus(a.float() + self.dt_bias))[..., :self.heads]
-        return mixed.float(), z, beta, g
+        return mixed.float(), z, b.float().sigmoid(), self.neg_A * F.softplus(a.float() + self.dt_bias)
+
+    def heads(self, per_span: torch.Tensor) -> torch.Tensor:
+        """beta or g [..., span] -> [..., Hv]: a view (its rows keep the span's stride, as every step reads them)."""
+        return per_span[..., :self.num_heads]
 
     def _split_heads(self, mixed: torch.Tensor):
         c = self.c
@@ -178,6 +182,7 @@ class DeltaNetMixer:
         """x [T, H]; conv_state [D, W-1] and rec_state [Hv, dk, dv] (fp32) are updated in place. mask [T] bool
         marks the real tokens (a prefix; padding leaves both states alone)."""
         mixed, z, beta, g = self._project(x)
+        beta, g = self.heads(beta), self.heads(g)
         mask = None if mask is None else mask[None]
         mixed, new_conv = kernels.conv(mixed[None], self.conv_weight, conv_state[None], mask)
         conv_state.copy_(new_conv[0])
@@ -186,13 +191,13 @@ class DeltaNetMixer:
         rec_state.copy_(new_rec[0])
         return self._output(o[0], z)
 
-    def decode(self, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor, kernels) -> torch.Tensor:
-        """x [B, H]; conv_state [B, D, W-1] and rec_state [B, Hv, dk, dv] are updated in place."""
-        mixed, z, beta, g = self._project(x, step=True)
+    def recur(self, mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, conv_state: torch.Tensor,
+              rec_state: torch.Tensor, kernels) -> torch.Tensor:
+        """A decode step's recurrence, the only part of it that is sequential in tokens: B rows of _project's
+        mixed, beta, g (span-padded) through the conv and the delta rule; conv_state [B, D, W-1] and rec_state
+        [B, Hv, dk, dv] are updated in place. Returns the core output [B, Hv, dv]."""
         mixed = kernels.conv_update(mixed, self.conv_weight, conv_state)
-        q, k, v = self._split_heads(mixed)
-        o = kernels.step(q, k, v, g, beta, rec_state)
-        return self._output(o, z, step=True)
+        return kernels.step(*self._split_heads(mixed), self.heads(g), self.heads(beta), rec_state)
 
 
 class AttentionMixer:

@@ -169,8 +169,12 @@ class HybridModel:
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
             j = self.slot[blk.index]
-            if blk.is_linear:
-                x = layers.linear_decode(blk, x, conv[j], recurrent[j])
+            if blk.is_linear:  # three regions: a verify pass runs the middle one position by position
+                # dense rows between them (a compiled region may return views; a verify pass gives dense rows)
+                mixed, z, beta, g = layers.linear_decode_in(blk, x)
+                core = layers.linear_decode_core(blk, mixed.contiguous(), beta.contiguous(), g.contiguous(), conv[j],
+                                                 recurrent[j])
+                x = layers.linear_decode_out(blk, x, core.contiguous(), z)
             else:
                 x = layers.attention_decode(blk, x, k_pools[j], v_pools[j], slots, tables, positions, rope)
         return layers.logits(x)
@@ -186,9 +190,19 @@ class HybridModel:
                           rope: torch.Tensor | None = None) -> torch.Tensor:
         return blk.finish(x, blk.mixer.prefill(blk.norm(x), k_pool, v_pool, slots, table, start, rope))
 
-    def linear_decode(self, blk: Block, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor
-                      ) -> torch.Tensor:
-        return blk.finish(x, blk.mixer.decode(blk.norm(x), conv, recurrent, self.kernels), step=True)
+    def linear_decode_in(self, blk: Block, x: torch.Tensor):
+        """A DeltaNet layer's decode step up to its recurrence, row by row: mixed, z, beta, g (DeltaNetMixer._project)
+        of x [B, H]."""
+        return blk.mixer._project(blk.norm(x), step=True)
+
+    def linear_decode_core(self, blk: Block, mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor,
+                           conv: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
+        """The recurrence (DeltaNetMixer.recur): conv [B, D, W-1] and recurrent [B, Hv, dk, dv] updated in place."""
+        return blk.mixer.recur(mixed, beta, g, conv, recurrent, self.kernels)
+
+    def linear_decode_out(self, blk: Block, x: torch.Tensor, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer, row by row: gated norm, out_proj, residual, MLP."""
+        return blk.finish(x, blk.mixer._output(core, z, step=True), step=True)
 
     def attention_decode(self, blk: Block, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor

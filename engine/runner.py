@@ -10,7 +10,8 @@ compiles only the graphs it runs (`graphs`: prefill or decode); the other one ru
 shapes.
 
 Regional compilation (`regional=True`, the default on CPU) compiles each layer kind and the head instead of the
-whole graph: a region is traced and code-generated once per layer kind and shape and serves every layer of that
+whole graph (a DeltaNet layer's decode step as three regions around its recurrence, which a speculative verify pass
+runs apart: engine/speculative.py): a region is traced and code-generated once per layer kind and shape and serves every layer of that
 kind (the weights are its inputs), and a DeltaNet layer's region does not depend on the block-table width, so a
 width bucket adds only the attention layer's region. On `small` it cuts the warm-up of every bucket about
 threefold; the price is one compiled call per layer instead of one per step (tens of microseconds on CPU, where
@@ -23,7 +24,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -66,7 +67,7 @@ def decode_row_multiple(c: ModelConfig) -> int:
                c.vocab_size, c.hidden_size)
     return VECTOR_SPAN // math.gcd(VECTOR_SPAN, *per_row)
 _REGIONS = {"prefill": ("linear_prefill", "attention_prefill", "logits"),
-            "decode": ("linear_decode", "attention_decode", "logits")}
+            "decode": ("linear_decode_in", "linear_decode_core", "linear_decode_out", "attention_decode", "logits")}
 
 
 class CompiledLayers:
@@ -119,6 +120,13 @@ class Buckets:
         return cls(tuple(sorted({min(64, chunk_size), chunk_size})), _geometric(1, max_batch, 4),
                    _geometric(min(max_pages, pages_for(512, page_size)), max_pages, 4))
 
+    def covering(self, rows: int) -> "Buckets":
+        """These buckets with batch buckets up to `rows` (x4 steps past the largest): a speculative verify pass runs
+        each sequence's positions as rows of the decode step's regions (engine/speculative.py)."""
+        if rows <= self.batches[-1]:
+            return self
+        return replace(self, batches=tuple(sorted({*self.batches, *_geometric(self.batches[-1], rows, 4)})))
+
     def count(self, graphs: tuple[str, ...] = GRAPHS) -> int:
         """How many graphs compiling `graphs` ("prefill", "decode") over these buckets makes."""
         per_width = {"prefill": len(self.chunks), "decode": len(self.batches)}
@@ -142,6 +150,7 @@ class GraphRunner:
         # eager on CPU: decode rows padded for batch invariance (decode_row_multiple); compiled: to the buckets
         self.row_multiple = decode_row_multiple(model.config) if buckets is None and self.device.type == "cpu" else 1
         self.warmup_s = 0.0
+        self.layers: CompiledLayers | None = None  # the regions, regionally compiled
         opts = dict(fullgraph=True, dynamic=False, backend=backend)
         if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
             # dynamo counts per code object, over every engine this process compiles (another model, dtype or
@@ -151,7 +160,7 @@ class GraphRunner:
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, _GRAPHS_IN_PROCESS)
         if regional and self.graphs:
-            layers = CompiledLayers(model, self.graphs, opts)
+            layers = self.layers = CompiledLayers(model, self.graphs, opts)
             self.prefill_fn = functools.partial(model.prefill_graph, layers=layers)
             self.decode_fn = functools.partial(model.decode_graph, layers=layers)
         else:
@@ -172,18 +181,22 @@ class GraphRunner:
             return pick(self.buckets.batches, n, "decode batch of")
         return -(-n // self.row_multiple) * self.row_multiple
 
+    def table_width(self, pages: int) -> int:
+        """Width of a block table covering `pages` pages (a width bucket, compiled)."""
+        return self._pad(None if self.buckets is None else self.buckets.widths, pages, "block table of")
+
     def prefill_chunk(self, token_ids: list[int], state: HybridState, all_logits: bool = False,
                       normed: list | None = None, media: "ChunkMedia | None" = None) -> torch.Tensor:
         """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (all
-        [T, V] with all_logits, eager only). `normed` (eager only) gets the final-normed hidden states [T, H].
-        `media`: the chunk's image embeddings and mRoPE positions; such a chunk, and every chunk of a sequence
+        [T, V] with all_logits, eager only). `normed` gets the final-normed hidden states [T, H] of the real tokens
+        (its `append`). `media`: the chunk's image embeddings and mRoPE positions; such a chunk, and every chunk of a sequence
         whose rotary positions are shifted (state.rope_delta), runs the eager graph at its exact shape."""
         if media is not None or state.rope_delta:
             return self._prefill_media(token_ids, state, all_logits, normed, media)
         t, start, b = len(token_ids), state.num_tokens, self.buckets
         state.reserve(start + t)
         padded = self._pad(None if b is None else b.chunks, t, "prefill chunk of")
-        width = self._pad(None if b is None else b.widths, len(state.kv.pages), "block table of")
+        width = self.table_width(len(state.kv.pages))
         pad = padded - t
         slots = state.kv.slots(start, start + t) + [NULL_PAGE] * pad  # padding writes to the null page (slot 0)
         mask = None if b is None else torch.arange(padded, device=self.device) < t
@@ -191,8 +204,11 @@ class GraphRunner:
         cache = state.kv.cache
         args = (self._long(token_ids + [0] * pad), state.conv, state.recurrent, cache.k, cache.v, self._long(slots),
                 self._long(state.kv.table(width)), self._long([start]), mask, last)
+        padded_normed: list = []
         with torch.inference_mode():  # inputs are made outside it: graphs guard on the kind of tensor
-            logits = self.prefill_fn(*args) if normed is None else self.prefill_fn(*args, normed=normed)
+            logits = self.prefill_fn(*args) if normed is None else self.prefill_fn(*args, normed=padded_normed)
+        if normed is not None:
+            normed.append(padded_normed[0][:t])  # the real tokens' rows
         state.num_tokens = start + t
         state.token_ids.extend(token_ids)
         return logits if all_logits else logits[0]
@@ -224,9 +240,9 @@ class GraphRunner:
         each state's pages. Returns logits [B, V]."""
         for s in states:
             s.reserve(s.num_tokens + 1)
-        n, b = len(states), self.buckets
+        n = len(states)
         rows = self.decode_rows(n)
-        width = self._pad(None if b is None else b.widths, max(len(s.kv.pages) for s in states), "block table of")
+        width = self.table_width(max(len(s.kv.pages) for s in states))
         pad = rows - n
         positions = [s.num_tokens for s in states]
         rope = [p + s.rope_delta for s, p in zip(states, positions)]

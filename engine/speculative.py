@@ -18,6 +18,13 @@ step's own kernels, so every position's logits are the bits a plain decode step 
 A sequence that feeds one token (no drafts: speculation off for it, or no room left) gets exactly a decode step,
 so sequences with and without speculation share one pass.
 
+**Compiled graphs** (`--compile`, regional): the pass calls the compiled decode step's own regions
+(HybridModel.linear_decode_in/_core/_out, .attention_decode, .logits) where the eager pass calls the model's:
+the row-wise ones over all its rows padded to a batch bucket (Engine.compile(verify_rows=) compiles the buckets
+such passes need), the recurrence once per position on bucket-padded slot rows with dense inputs, as a decode step
+gives them. Compiled code is row invariant across buckets as the eager code is (tests/engine/test_batch_invariance),
+so every position's logits are the compiled decode step's bits (tests/engine/test_compiled_speculative.py).
+
 The tokens are then chosen position by position with each request's own Sampler, exactly as plain decoding would
 choose them, stopping at the first position whose token differs from the draft: every emitted token is sampled
 from the target model's distribution given the tokens before it, with one draw of the request's random stream per
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -81,6 +89,7 @@ class Verified:
     tokens: list[list[int]]
     layers: dict[int, _Layer]
     rollback: str
+    runs: "_Runs"
 
     def rows(self, b: int) -> slice:
         return slice(self.offsets[b], self.offsets[b] + len(self.tokens[b]))
@@ -96,38 +105,61 @@ def _pick_rows(rows: list[int]):
     return rows
 
 
-def _on_slots(slot_tensors: list[torch.Tensor], slots: list[int], batch_size: int, row_multiple: int,
+@dataclass(frozen=True, slots=True)
+class _Runs:
+    """How a pass runs the decode step's parts, as the decode step runs them: `layers` has the step's regions
+    (HybridModel.linear_decode_in, ..., .logits: the model's own, or a runner's compiled ones), `rows(m)` the rows
+    a step of m sequences runs (GraphRunner.decode_rows), `width(pages)` a block table's width."""
+
+    layers: object
+    rows: Callable[[int], int]
+    width: Callable[[int], int]
+    compiled: bool
+
+
+def _runs(engine) -> _Runs:
+    """The decode step's way (module doc): the compiled regions where the engine compiled its decode graphs
+    (regionally: a whole graph has no regions to run apart), the model's eager code otherwise."""
+    runner = engine.runner
+    if "decode" not in runner.graphs:
+        return _Runs(engine.model, engine.eager.decode_rows, engine.eager.table_width, False)
+    if runner.layers is None:
+        raise ValueError("speculative decoding with compiled graphs needs them compiled by region (the verify pass "
+                         "runs the decode step's regions; the default on CPU)")
+    return _Runs(runner.layers, runner.decode_rows, runner.table_width, True)
+
+
+def _on_slots(slot_tensors: list[torch.Tensor], slots: list[int], batch_size: int, runs: _Runs,
               inputs: list[torch.Tensor], fn) -> torch.Tensor:
     """fn(inputs, slot rows) for the sequences in `slots` (their rows of `inputs`, in that order) as a decode step
-    runs them: rows padded to a multiple of row_multiple, the slots themselves when they are all of the batch
-    (padding rows are then free slots, as a decode step pads), gathered rows otherwise (written back). In place
-    on the slot tensors; returns the first len(slots) rows of fn's output."""
+    runs them: rows padded to runs.rows, the slots themselves when they are all of the batch (padding rows are
+    then free slots, as a decode step pads), gathered rows otherwise (written back). In place on the slot tensors;
+    returns the first len(slots) rows of fn's output. Compiled regions get what a decode step gives them: dense
+    rows (they guard on layout), slot rows that are not inference tensors (they guard on that too)."""
     m = len(slots)
-    rows = -(-m // row_multiple) * row_multiple
+    rows = runs.rows(m)
+    if runs.compiled:
+        inputs = [t.contiguous() for t in inputs]
     inputs = [t if rows == m else torch.cat([t, t.new_zeros((rows - m, *t.shape[1:]))]) for t in inputs]
     if m == batch_size and slots == list(range(m)) and rows <= slot_tensors[0].shape[0]:
         return fn(inputs, [t[:rows] for t in slot_tensors])[:m]
     index = torch.tensor(slots, device=slot_tensors[0].device)
-    gathered = []
-    for t in slot_tensors:
-        g = t.new_zeros((rows, *t.shape[1:]))
+    with torch.inference_mode(False):
+        gathered = [t.new_zeros((rows, *t.shape[1:])) for t in slot_tensors]
+    for t, g in zip(slot_tensors, gathered):
         g[:m] = t[index]
-        gathered.append(g)
     out = fn(inputs, gathered)[:m]
     for t, g in zip(slot_tensors, gathered):
         t[index] = g[:m]
     return out
 
 
-def _step(mixer, kernels, conv_all: torch.Tensor, rec_all: torch.Tensor, slots: list[int], batch_size: int,
-          row_multiple: int, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """One recurrence step of a DeltaNet layer for the sequences in `slots` (their rows of mixed/g/beta), with the
-    decode step's kernels (`_on_slots`). Returns the core outputs [len(slots), Hv, dv]."""
-    def step(inputs, states):
-        x = kernels.conv_update(inputs[0], mixer.conv_weight, states[0])
-        return kernels.step(*mixer._split_heads(x), inputs[1], inputs[2], states[1])
-
-    return _on_slots([conv_all, rec_all], slots, batch_size, row_multiple, [mixed, g, beta], step)
+def _step(runs: _Runs, blk, conv_all: torch.Tensor, rec_all: torch.Tensor, slots: list[int], batch_size: int,
+          mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One recurrence step of a DeltaNet layer for the sequences in `slots` (their rows of mixed/beta/g), as the
+    decode step runs it (its linear_decode_core, `_on_slots`). Returns the core outputs [len(slots), Hv, dv]."""
+    return _on_slots([conv_all, rec_all], slots, batch_size, runs, [mixed, beta, g],
+                     lambda inputs, states: runs.layers.linear_decode_core(blk, *inputs, *states))
 
 
 def _split_kernels(kernels, device: torch.device) -> bool:
@@ -139,11 +171,11 @@ def _split_kernels(kernels, device: torch.device) -> bool:
             and kernels.conv_update is ops.decode_causal_conv1d_update)
 
 
-def _recur(prepared: StepInputs, rec_all: torch.Tensor, slots: list[int], batch_size: int, row_multiple: int
+def _recur(prepared: StepInputs, rec_all: torch.Tensor, slots: list[int], batch_size: int, runs: _Runs
            ) -> torch.Tensor:
     """`_step`'s state part for prepared rows (the sequences in `slots`, in that order; `_on_slots`): the outputs
     [len(slots), Hv, dv]."""
-    return _on_slots([rec_all], slots, batch_size, row_multiple, list(prepared[:-1]),
+    return _on_slots([rec_all], slots, batch_size, runs, list(prepared[:-1]),
                      lambda inputs, states: step_state(StepInputs(*inputs, prepared.out_dtype), states[0]))
 
 
@@ -170,83 +202,82 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
         raise ValueError(f"verify pass would exceed the model's maximum context of {limit} tokens")
     flat = [t for f in fed for t in f]
     engine.check_tokens(flat)
-    rm = engine.eager.row_multiple
+    runs = _runs(engine)
     offsets, r = [], 0
     for f in fed:
         offsets.append(r)
         r += len(f)
-    pad = -(-r // rm) * rm - r  # whole rows for the row-wise ops (decode_row_multiple); padding: the null page
+    pad = runs.rows(r) - r  # whole rows for the row-wise parts, as a decode step of r rows; padding: the null page
     for s, p, f in zip(states, starts, fed):
         s.reserve(p + len(f))
-    width = max(len(s.kv.pages) for s in states)
+    width = runs.width(max(len(s.kv.pages) for s in states))
     positions, rope, slots, tables = [], [], [], []
     for s, p, f in zip(states, starts, fed):
         positions += range(p, p + len(f))
         rope += range(p + s.rope_delta, p + s.rope_delta + len(f))  # mRoPE: shifted after a prompt's images
         slots += s.kv.slots(p, p + len(f))
         tables += [s.kv.table(width)] * len(f)
-    positions_t = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
-    rope_t = torch.tensor(rope + [0] * pad, dtype=torch.long, device=dev)
-    slots_t = torch.tensor(slots + [NULL_PAGE] * pad, dtype=torch.long, device=dev)
-    tables_t = torch.tensor(tables + [[NULL_PAGE] * width] * pad, dtype=torch.long, device=dev)
+
+    def long(values: list) -> torch.Tensor:  # made outside inference mode, as a decode step's (graphs guard on it)
+        return torch.tensor(values, dtype=torch.long, device=dev)
+
+    ids_t, positions_t, rope_t, slots_t = (long(v + [0] * pad) for v in (flat, positions, rope, slots))
+    tables_t = long(tables + [[NULL_PAGE] * width] * pad)
     cache = states[0].kv.cache
     lengths = [len(f) for f in fed]
-    split = _split_kernels(model.kernels, dev)
+    split = not runs.compiled and _split_kernels(model.kernels, dev)
     most = max(lengths)
     steps = [[b for b, f in enumerate(fed) if len(f) > i] for i in range(most)]  # who steps at position i
     layers: dict[int, _Layer] = {}
+    regions = runs.layers
     with torch.inference_mode():
-        x = model.embed_tokens(torch.tensor(flat + [0] * pad, dtype=torch.long, device=dev))
+        x = model.embed_tokens(ids_t)
         for blk in model.blocks:
             j = model.slot[blk.index]
+            if not blk.is_linear:  # every row attends over its own context: the decode step's region, r rows
+                x = regions.attention_decode(blk, x, cache.k[j], cache.v[j], slots_t, tables_t, positions_t, rope_t)
+                continue
             mixer = blk.mixer
-            h = blk.norm(x)
-            if blk.is_linear:
-                mixed, z, beta, g = mixer._project(h, step=True)
-                conv_all, rec_all = batch.conv[j], batch.recurrent[j]
-                keep = layers[j] = _Layer()
-                if split:  # every row's conv and step inputs at once; only the state updates go position by position
-                    conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
-                                                                         list(conv_all[:len(states)]), lengths)
-                    keep.prepared = step_inputs(*mixer._split_heads(conv_out), g, beta)
-                if rollback == "replay" and most > 1:
-                    keep.saved = (None if split else conv_all[:len(states)].clone(), rec_all[:len(states)].clone())
-                    if not split:
-                        keep.mixed, keep.g, keep.beta = mixed, g, beta
-                core = None
-                for i, who in enumerate(steps):
-                    rows = _pick_rows([offsets[b] + i for b in who])
-                    if split:
-                        o = _recur(keep.prepared.rows(rows), rec_all, who, len(states), rm)
-                    else:
-                        o = _step(mixer, model.kernels, conv_all, rec_all, who, len(states), rm, mixed[rows],
-                                  g[rows], beta[rows])
-                    if core is None:
-                        core = o if len(who) == r else o.new_empty((r, *o.shape[1:]))
-                    if core is not o:
-                        core[rows] = o
-                    if rollback == "snapshot" and most > 1:
-                        index = torch.tensor(who, device=dev)
-                        conv = None if split else conv_all[index].clone()
-                        keep.snaps.append((who, conv, rec_all[index].clone()))
+            mixed, z, beta, g = regions.linear_decode_in(blk, x)
+            conv_all, rec_all = batch.conv[j], batch.recurrent[j]
+            keep = layers[j] = _Layer()
+            if split:  # every row's conv and step inputs at once; only the state updates go position by position
+                conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
+                                                                     list(conv_all[:len(states)]), lengths)
+                keep.prepared = step_inputs(*mixer._split_heads(conv_out), mixer.heads(g), mixer.heads(beta))
+            if rollback == "replay" and most > 1:
+                keep.saved = (None if split else conv_all[:len(states)].clone(), rec_all[:len(states)].clone())
+                if not split:
+                    keep.mixed, keep.beta, keep.g = mixed, beta, g
+            core = None
+            for i, who in enumerate(steps):
+                rows = _pick_rows([offsets[b] + i for b in who])
                 if split:
-                    _conv_states(conv_all, keep.histories, list(range(len(states))), lengths)
-                if pad:
-                    core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
-                out = mixer._output(core, z, step=True)
-            else:
-                q, gate, k, v = mixer._qkv(h, rope_t, step=True)
-                ops.decode_write_kv(cache.k[j], cache.v[j], slots_t, k, v)
-                o = ops.decode_paged_attention(q, cache.k[j], cache.v[j], tables_t, positions_t + 1, mixer.scale)
-                out = mixer.o_proj(o.reshape(r + pad, -1) * torch.sigmoid(gate.float()), step=True)
-            x = blk.finish(x, out, step=True)
-        x = x[:r]
-        logits = model.logits(x)
-        hidden = model.final_normed(x)
+                    o = _recur(keep.prepared.rows(rows), rec_all, who, len(states), runs)
+                else:
+                    o = _step(runs, blk, conv_all, rec_all, who, len(states), mixed[rows], beta[rows], g[rows])
+                if core is None:
+                    core = o if len(who) == r else o.new_empty((r, *o.shape[1:]))
+                if core is not o:
+                    core[rows] = o
+                if rollback == "snapshot" and most > 1:
+                    index = torch.tensor(who, device=dev)
+                    conv = None if split else conv_all[index].clone()
+                    keep.snaps.append((who, conv, rec_all[index].clone()))
+            if split:
+                _conv_states(conv_all, keep.histories, list(range(len(states))), lengths)
+            if pad:
+                core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
+            if runs.compiled:
+                core = core.contiguous()
+            x = regions.linear_decode_out(blk, x, core, z)
+        # compiled: the head's region over the padded rows, as a decode step runs it
+        logits = regions.logits(x)[:r] if runs.compiled else model.logits(x[:r])
+        hidden = model.final_normed(x[:r])
     for s, p, f in zip(states, starts, fed):
         s.num_tokens = p + len(f)
         s.token_ids.extend(f)
-    return Verified(logits, hidden, offsets, starts, [list(f) for f in fed], layers, rollback)
+    return Verified(logits, hidden, offsets, starts, [list(f) for f in fed], layers, rollback, runs)
 
 
 def accept(engine, batch, done: Verified, consumed: list[int]) -> None:
@@ -261,7 +292,7 @@ def accept(engine, batch, done: Verified, consumed: list[int]) -> None:
             raise ValueError(f"consumed must be in [1, {len(f)}], got {c}")
     rolled = [b for b, (c, f) in enumerate(zip(consumed, done.tokens)) if c < len(f)]
     if rolled:
-        model, rm, dev = engine.model, engine.eager.row_multiple, engine.model.device
+        model, runs, dev = engine.model, done.runs, engine.model.device
         index = torch.tensor(rolled, device=dev)
         with torch.inference_mode():
             for blk in model.blocks:
@@ -287,10 +318,10 @@ def accept(engine, batch, done: Verified, consumed: list[int]) -> None:
                     who = [b for b in rolled if consumed[b] > i]
                     rows = _pick_rows([done.offsets[b] + i for b in who])
                     if keep.prepared is not None:
-                        _recur(keep.prepared.rows(rows), rec_all, who, len(states), rm)
+                        _recur(keep.prepared.rows(rows), rec_all, who, len(states), runs)
                     else:
-                        _step(blk.mixer, model.kernels, conv_all, rec_all, who, len(states), rm, keep.mixed[rows],
-                              keep.g[rows], keep.beta[rows])
+                        _step(runs, blk, conv_all, rec_all, who, len(states), keep.mixed[rows], keep.beta[rows],
+                              keep.g[rows])
     for s, p, c in zip(states, done.starts, consumed):
         s.num_tokens = p + c
         del s.token_ids[p + c:]

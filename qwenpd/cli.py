@@ -154,10 +154,15 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
     started = time.perf_counter()
     warmup_s = 0.0
     config = engine.engine_config
+    k = args.num_speculative_tokens
+    if k < 0:
+        raise ValueError(f"--num-speculative-tokens must be >= 0, got {k}")
+    if k and engine.device.type != "cpu":
+        raise ValueError("--num-speculative-tokens runs on CPU for now: drop --device")
     if config.compile:
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
         warmup_s = engine.compile(buckets, max_batch=1, cache_dir=config.compile_cache,
-                                  regional=False if config.whole_graphs else None)
+                                  regional=False if config.whole_graphs else None, verify_rows=k + 1 if k else 0)
     on_text = None if args.json else (lambda s: print(s, end="", flush=True))
     spec = {}
     if args.num_speculative_tokens:
@@ -188,11 +193,6 @@ def _generate_speculative(engine, prompt_ids: list[int], params, args: argparse.
     from qwenpd.engine.generate import generate_speculative
     from qwenpd.engine.mtp import load_head
 
-    if args.num_speculative_tokens < 0:
-        raise ValueError(f"--num-speculative-tokens must be >= 0, got {args.num_speculative_tokens}")
-    if engine.engine_config.compile or engine.device.type != "cpu":
-        raise ValueError("--num-speculative-tokens runs the eager engine on CPU for now: drop --compile and "
-                         "--device")
     head = load_head(engine, args.model)
     return generate_speculative(engine, head, prompt_ids, params, args.num_speculative_tokens,
                                 chunk_size=args.chunk_size, rollback=args.speculative_rollback, on_text=on_text)

@@ -107,15 +107,15 @@ MAX_SPECULATIVE_TOKENS = 8
 
 def check_speculative(ec: EngineConfig, k: int) -> None:
     """ValueError unless `ec` can run speculative decoding with k drafts: the checkpoint's MTP head is there, and
-    the engine is the eager one (what is built so far; any tensor-parallel degree)."""
+    the graphs, compiled, are compiled by region (engine/speculative.py runs the decode step's regions)."""
     from qwenpd.engine.config import ModelConfig
     from qwenpd.engine.weights import check_mtp_head
 
     if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
-    if ec.compile:
-        raise ValueError("num_speculative_tokens runs the eager engine for now: drop --compile, or drop "
-                         "--num-speculative-tokens")
+    if ec.compile and ec.whole_graphs:
+        raise ValueError("--num-speculative-tokens with --compile needs the graphs compiled by region (the verify "
+                         "pass runs the decode step's regions): drop --whole-graphs")
     check_mtp_head(ec.model_dir, ModelConfig.from_pretrained(ec.model_dir))
 
 
@@ -135,9 +135,11 @@ def _stop_on_rank_loss(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graphs: tuple[str, ...]) -> Engine:
+def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graphs: tuple[str, ...],
+                 verify_rows: int = 0) -> Engine:
     """The service's engine on its device; when its config says compile, the graphs it runs (`graphs`: "prefill",
-    "decode") compiled over every bucket (warm-up time logged)."""
+    "decode") compiled over every bucket (warm-up time logged), and for verify passes of up to `verify_rows` rows
+    (Engine.compile)."""
     ec = cfg.engine
     engine = Engine(ec)
     if cfg.num_speculative_tokens:
@@ -153,6 +155,7 @@ def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graph
     if ec.compile:
         buckets = engine.default_buckets(chunk_size, max_batch)
         seconds = engine.compile(buckets, max_batch, cache_dir=ec.compile_cache, graphs=graphs,
-                                 regional=False if ec.whole_graphs else None)
+                                 regional=False if ec.whole_graphs else None, verify_rows=verify_rows)
+        buckets = engine.runner.buckets
         log.info("compiled %d %s graphs (%s) in %.1f s", buckets.count(graphs), "+".join(graphs), buckets, seconds)
     return engine

@@ -163,8 +163,9 @@ def test_regions_are_compiled_once_per_layer_kind_and_shape(engines, hf_checkpoi
     assert len(eng.config.linear_layers) >= 2 and len(eng.config.attention_layers) >= 2
     before = counters["stats"]["unique_graphs"]
     eng.compile(buckets, max_batch=3, regional=True)
-    # prefill: DeltaNet 1 + attention 2 widths + head; decode: DeltaNet 1 + attention 2 + head 3 rows (+ 1 row)
-    assert counters["stats"]["unique_graphs"] - before <= 8
+    # prefill: DeltaNet 1 + attention 2 widths + head; decode: DeltaNet 3 (before, in and after its recurrence) +
+    # attention 2 + head 3 rows
+    assert counters["stats"]["unique_graphs"] - before <= 10
     before = counters["stats"]["unique_graphs"]
     ids = _ids(40, eager.config.vocab_size, 4)
     logits, state = eng.prefill(ids, chunk_size=48)

@@ -1,6 +1,8 @@
 """`serve all --compile --kv-cache-bytes`: compiled prefill and decode graphs over a fixed paged KV cache give the
-in-process eager engine's tokens (one and several sequences at once); decode refuses a sequence whose KV pages are
-not free (RESOURCE_EXHAUSTED, with a retry hint only when waiting can help)."""
+in-process eager engine's tokens (one and several sequences at once), with speculation on (the verify passes of
+the checkpoint's MTP head's drafts run the compiled decode regions: one sequence, and three drafting together);
+decode refuses a sequence whose KV pages are not free (RESOURCE_EXHAUSTED, with a retry hint only when waiting can
+help)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ KV_BYTES = 1 << 20  # tiny: 32 KiB per 64-token page -> 31 usable pages, 1984 to
 @pytest.fixture(scope="module")
 def compiled_services(tiny_model_dir, tmp_path_factory):
     services = start_serve_all(tiny_model_dir, tmp_path_factory.mktemp("compiled"), "compiled", "--compile",
-                               "--kv-cache-bytes", str(KV_BYTES), "--max-batch", "4", "--chunk-size", "64")
+                               "--kv-cache-bytes", str(KV_BYTES), "--max-batch", "4", "--chunk-size", "64",
+                               "--num-speculative-tokens", "3", "--speculative-max-batch", "4")
     yield services
     stop_serve_all(services)
 

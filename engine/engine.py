@@ -224,7 +224,7 @@ class Engine:
             buckets = buckets.covering(verify_rows)
         self.runner = GraphRunner(self.model, buckets, backend, graphs, regional)
         scratch = HybridState.empty(self.local_config, self.kv_cache)
-        return self.runner.warm_up(scratch, buckets.batches[-1])
+        return self.runner.warm_up(scratch, self.runner.buckets.batches[-1])
 
     @cross_rank("engine.new_state", creates=True)
     def new_state(self) -> HybridState:

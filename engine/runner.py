@@ -120,6 +120,10 @@ class Buckets:
         return cls(tuple(sorted({min(64, chunk_size), chunk_size})), _geometric(1, max_batch, 4),
                    _geometric(min(max_pages, pages_for(512, page_size)), max_pages, 4))
 
+    def at_least(self, rows: int) -> "Buckets":
+        """These buckets with no batch bucket below `rows` (those become `rows`)."""
+        return replace(self, batches=tuple(sorted({max(b, rows) for b in self.batches})))
+
     def covering(self, rows: int) -> "Buckets":
         """These buckets with batch buckets up to `rows` (x4 steps past the largest): a speculative verify pass runs
         each sequence's positions as rows of the decode step's regions (engine/speculative.py)."""
@@ -133,6 +137,14 @@ class Buckets:
         return len(self.widths) * sum(per_width[g] for g in graphs)
 
 
+# Rows a compiled decode step runs at least. Inductor's CPU code reduces a lone row differently from a row among
+# others: with one row the row's own reduction is the whole loop nest, and it splits it over the threads
+# (partial sums joined), where with more rows each thread takes whole rows and sums each in order. So the RMSNorm
+# of a sequence decoded alone (batch bucket 1) differed in the last bits from the same sequence's in bucket 4 (on
+# `small`, hidden 1024, 2 threads: a greedy token a few steps in), which breaks batch invariance (crash resume)
+# and speculation's verify rows. Every bucket has at least 2 rows; one more row costs a free slot's recurrence.
+MIN_COMPILED_ROWS = 2
+
 _GRAPHS_IN_PROCESS = 0  # graphs compiled by every GraphRunner of this process (the recompile limit above)
 
 
@@ -144,6 +156,8 @@ class GraphRunner:
                  graphs: tuple[str, ...] = GRAPHS, regional: bool = False):
         if not set(graphs) <= set(GRAPHS):
             raise ValueError(f"graphs must be among {GRAPHS}, got {graphs}")
+        if buckets is not None:
+            buckets = buckets.at_least(MIN_COMPILED_ROWS)
         self.model, self.buckets, self.device = model, buckets, model.device
         self.prefill_fn, self.decode_fn = model.prefill_graph, model.decode_graph
         self.graphs = graphs if buckets is not None else ()

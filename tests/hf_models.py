@@ -52,12 +52,13 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def save_hf_checkpoint(out: Path, variant: str, seed: int = 0, sharpen: bool = True) -> Path:
+def save_hf_checkpoint(out: Path, variant: str, seed: int = 0, sharpen: bool = True, **overrides) -> Path:
     """transformers' own save_pretrained of a random model; `sharpen` replaces its small init (near-uniform
-    logits: near-ties everywhere, the hard case for crash resume) with O(1)-activation weights."""
+    logits: near-ties everywhere, the hard case for crash resume) with O(1)-activation weights. `overrides`: config
+    fields over the variant's."""
     from transformers import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig
 
-    kw = {**BASE, **VARIANTS[variant]}
+    kw = {**BASE, **VARIANTS[variant], **overrides}
     torch.manual_seed(seed)
     if variant == "multimodal":
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,

@@ -18,7 +18,7 @@ from qwenpd.engine.weights import load_mtp_weights
 from tests.hf_models import with_mtp_head
 
 BUCKETS = Buckets(chunks=(16, 64), batches=(1, 4), widths=(8, 32))
-VERIFY_ROWS = 12  # 3 sequences x 4 positions: batch buckets (1, 4, 12) after Buckets.covering
+VERIFY_ROWS = 12  # 3 sequences x 4 positions: batch buckets (2, 4, 12) after Buckets.covering (and at_least)
 
 
 def _ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -45,7 +45,7 @@ def no_recompiles():
 
 def test_verify_rows_are_compiled_at_warm_up(compiled):
     engine, _ = compiled
-    assert engine.runner.buckets.batches == (1, 4, 12) and engine.runner.layers is not None
+    assert engine.runner.buckets.batches == (2, 4, 12) and engine.runner.layers is not None
 
 
 def test_whole_graphs_refuse_speculation(hf_checkpoint):

@@ -103,7 +103,7 @@ SLOW = pytest.mark.skipif(not os.environ.get("QWENPD_SLOW_TESTS"),
 @SLOW
 def test_compiled_tp_equals_eager_tp1(tiny_model_dir):
     """--compile with --tp 2: the collectives trace into the static graphs (functional collectives) and the
-    tokens are those of the eager unsharded engine."""
+    tokens are those of the eager unsharded engine, with speculation too."""
     def run(*extra: str) -> list[int]:
         out = subprocess.run([sys.executable, "-m", "qwenpd.cli", "generate", "--model", str(tiny_model_dir),
                               "--prompt-ids", "1,2,3,4,5", "--max-tokens", "6", "--temperature", "0", "--json",
@@ -111,7 +111,10 @@ def test_compiled_tp_equals_eager_tp1(tiny_model_dir):
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["token_ids"]
 
-    assert run("--compile", "--kv-cache-bytes", "4MiB", "--tp", "2") == run()
+    compiled = run("--compile", "--kv-cache-bytes", "4MiB", "--tp", "2")
+    assert compiled == run()
+    # speculation on the compiled ranks: every rank's verify pass runs its compiled decode regions
+    assert run("--compile", "--kv-cache-bytes", "4MiB", "--tp", "2", "--num-speculative-tokens", "2") == compiled
 
 
 @SLOW

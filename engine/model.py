@@ -137,8 +137,8 @@ class HybridModel:
         """One chunk of one sequence. ids [T]; conv[j] [D, W-1], recurrent[j] [Hv, dk, dv] updated in place;
         pools [num_pages, Hkv, P, D]; slots [T] (padding -> null page); table [W]; start [1]; mask [T] bool of
         real tokens (a prefix; None = all real); last [N] rows whose logits to return. Returns logits [N, V].
-        `layers` runs each layer and the head (default this model; a runner's compiled regions). `normed` (eager
-        only): a list that gets the final-normed hidden states of every row [T, H] (what an MTP head reads).
+        `layers` runs each layer and the head (default this model; a runner's compiled regions). `normed` (eager or
+        regions): a list that gets the final-normed hidden states of every row [T, H] (what an MTP head reads).
         Images (eager only): `embeds` (rows [n], values [n, H]) replace those rows' token embeddings (the vision
         tower's output in place of <|image_pad|>); `rope` [T, 3] or [T] are the rotary positions where they are not
         start + row (engine/mrope.py)."""

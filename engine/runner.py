@@ -15,7 +15,7 @@ runs apart: engine/speculative.py): a region is traced and code-generated once p
 kind (the weights are its inputs), and a DeltaNet layer's region does not depend on the block-table width, so a
 width bucket adds only the attention layer's region. On `small` it cuts the warm-up of every bucket about
 threefold; the price is one compiled call per layer instead of one per step (tens of microseconds on CPU, where
-a step takes milliseconds). Whole graphs (`regional=False`) suit devices where launches are dear (neuron, CUDA).
+a step takes milliseconds; a DeltaNet layer's decode step is three calls). Whole graphs (`regional=False`) suit devices where launches are dear (neuron, CUDA).
 """
 
 from __future__ import annotations
@@ -137,13 +137,17 @@ class Buckets:
         return len(self.widths) * sum(per_width[g] for g in graphs)
 
 
-# Rows a compiled decode step runs at least. Inductor's CPU code reduces a lone row differently from a row among
-# others: with one row the row's own reduction is the whole loop nest, and it splits it over the threads
-# (partial sums joined), where with more rows each thread takes whole rows and sums each in order. So the RMSNorm
-# of a sequence decoded alone (batch bucket 1) differed in the last bits from the same sequence's in bucket 4 (on
-# `small`, hidden 1024, 2 threads: a greedy token a few steps in), which breaks batch invariance (crash resume)
-# and speculation's verify rows. Every bucket has at least 2 rows; one more row costs a free slot's recurrence.
-MIN_COMPILED_ROWS = 2
+def min_compiled_rows(c: ModelConfig) -> int:
+    """Rows a compiled decode step runs at least on CPU, so that inductor reduces every row the same way in every
+    batch bucket. Its CPU code splits a row's reduction over the threads (partial sums joined, another order)
+    where the rows' loop is too short beside it: always for a lone row (the reduction is then the whole loop
+    nest), and for R rows when R * 300 < the reduction's vector steps (torch/_inductor/codegen/cpp.py
+    `max_parallel_depth`). Reductions over the hidden size (the RMSNorms) are the longest a row has: at 8 fp32
+    lanes (AVX2; AVX-512's 16 halve the steps) rows >= hidden / 2400. So at least 2 rows (`small`, hidden 1024:
+    a sequence decoded alone drifted from the same sequence in bucket 4 a few tokens in, before this), 3 for
+    Qwen3.6-27B's 5120 (tests/engine/test_batch_invariance.py checks it under AVX2 code). A padding row costs a
+    free slot's recurrence and its share of the row-wise ops."""
+    return max(2, -(-c.hidden_size // (300 * 8)))
 
 _GRAPHS_IN_PROCESS = 0  # graphs compiled by every GraphRunner of this process (the recompile limit above)
 
@@ -156,8 +160,8 @@ class GraphRunner:
                  graphs: tuple[str, ...] = GRAPHS, regional: bool = False):
         if not set(graphs) <= set(GRAPHS):
             raise ValueError(f"graphs must be among {GRAPHS}, got {graphs}")
-        if buckets is not None:
-            buckets = buckets.at_least(MIN_COMPILED_ROWS)
+        if buckets is not None and model.device.type == "cpu":  # inductor's CPU code (min_compiled_rows)
+            buckets = buckets.at_least(min_compiled_rows(model.config))
         self.model, self.buckets, self.device = model, buckets, model.device
         self.prefill_fn, self.decode_fn = model.prefill_graph, model.decode_graph
         self.graphs = graphs if buckets is not None else ()

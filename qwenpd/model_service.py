@@ -116,6 +116,9 @@ def check_speculative(ec: EngineConfig, k: int) -> None:
     if ec.compile and ec.whole_graphs:
         raise ValueError("--num-speculative-tokens with --compile needs the graphs compiled by region (the verify "
                          "pass runs the decode step's regions): drop --whole-graphs")
+    if ec.compile and ec.device != "cpu":
+        raise ValueError("--num-speculative-tokens with --compile runs on CPU for now (regions compiled on CPU "
+                         "only): drop --compile or --device")
     check_mtp_head(ec.model_dir, ModelConfig.from_pretrained(ec.model_dir))
 
 

@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from qwenpd.engine import DecodeBatch, Engine
-from qwenpd.engine.runner import MIN_COMPILED_ROWS, Buckets
+from qwenpd.engine.runner import Buckets, min_compiled_rows
 from tests.hf_models import load_hf
 
 ATOL = 1e-4
@@ -40,7 +40,7 @@ def no_recompiles():
 
 def test_warm_up_compiled_every_bucket(engines):
     _, _, compiled = engines
-    assert compiled.warmup_s > 0 and compiled.runner.buckets == BUCKETS.at_least(MIN_COMPILED_ROWS)
+    assert compiled.warmup_s > 0 and compiled.runner.buckets == BUCKETS.at_least(min_compiled_rows(compiled.config))
     assert counters["stats"]["unique_graphs"] >= BUCKETS.count()
 
 

@@ -81,7 +81,8 @@ def test_compiled_speculation_is_plain_compiled_decoding(compiled, monkeypatch, 
     assert 0 < got.accepted_tokens < got.draft_tokens
 
 
-def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_recompiles):
+@pytest.mark.parametrize("rollback", ["replay", "snapshot"])
+def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_recompiles, rollback):
     """Three sequences (contexts in both width buckets) in one batch, each feeding 1-4 positions a pass (some
     steps all of them, others a subset: gathered slots), drafts right and wrong: every verified position's logits
     equal the plain compiled step's at that position, bit for bit, and the accepted tokens continue exactly."""
@@ -116,7 +117,7 @@ def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_r
             if (turn * 7 + b) % 3 == 0 and drafts:
                 drafts[-1] = drafts[-1] % (vocab - 1) + 1  # a wrong last draft
             fed.append([g[-1], *drafts])
-        done = batch.verify(fed)
+        done = batch.verify(fed, rollback)
         consumed = []
         for b, (g, f) in enumerate(zip(got, fed)):
             n, rows = len(g), done.logits[done.rows(b)]

@@ -168,7 +168,7 @@ class GraphRunner:
         # eager on CPU: decode rows padded for batch invariance (decode_row_multiple); compiled: to the buckets
         self.row_multiple = decode_row_multiple(model.config) if buckets is None and self.device.type == "cpu" else 1
         self.warmup_s = 0.0
-        self.layers: CompiledLayers | None = None  # the regions, regionally compiled
+        self.layers: CompiledLayers | None = None  # the decode graph's regions, regionally compiled
         opts = dict(fullgraph=True, dynamic=False, backend=backend)
         if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
             # dynamo counts per code object, over every engine this process compiles (another model, dtype or
@@ -178,9 +178,12 @@ class GraphRunner:
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, _GRAPHS_IN_PROCESS)
         if regional and self.graphs:
-            layers = self.layers = CompiledLayers(model, self.graphs, opts)
-            self.prefill_fn = functools.partial(model.prefill_graph, layers=layers)
-            self.decode_fn = functools.partial(model.decode_graph, layers=layers)
+            # each graph its own regions: the head (`logits`) is a region of both, and a graph that is not compiled
+            # runs it eagerly rather than the other's compiled region at a shape never warmed up
+            prefill_layers = CompiledLayers(model, tuple(g for g in self.graphs if g == "prefill"), opts)
+            self.layers = CompiledLayers(model, tuple(g for g in self.graphs if g == "decode"), opts)
+            self.prefill_fn = functools.partial(model.prefill_graph, layers=prefill_layers)
+            self.decode_fn = functools.partial(model.decode_graph, layers=self.layers)
         else:
             if "prefill" in self.graphs:
                 self.prefill_fn = torch.compile(model.prefill_graph, **opts)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from qwenpd.engine import DecodeBatch, Engine
 from qwenpd.engine.generate import generate, generate_speculative
@@ -15,6 +14,7 @@ from qwenpd.engine.runner import Buckets
 from qwenpd.engine.sampling import SamplingParams
 from qwenpd.engine.speculative import Drafter
 from qwenpd.engine.weights import load_mtp_weights
+from tests.engine.test_compiled import no_recompiles  # noqa: F401 - the fixture: fail on any compile while serving
 from tests.hf_models import with_mtp_head
 
 BUCKETS = Buckets(chunks=(16, 64), batches=(1, 4), widths=(8, 32))
@@ -33,14 +33,6 @@ def compiled(hf_checkpoint, tmp_path_factory):
     engine.compile(BUCKETS, max_batch=4, graphs=("decode",), verify_rows=VERIFY_ROWS)
     yield engine, MTPHead(engine.config, load_mtp_weights(path, engine.config, engine.dtype), engine.model)
     torch._dynamo.reset()  # dynamo counts compilations per code object across engines
-
-
-@pytest.fixture
-def no_recompiles():
-    before = counters["stats"]["unique_graphs"]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        yield
-    assert counters["stats"]["unique_graphs"] == before, "a graph was compiled after warm-up"
 
 
 def test_verify_rows_are_compiled_at_warm_up(compiled):

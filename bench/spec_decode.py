@@ -246,8 +246,8 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
     acceptances = [None] + [float(x) for x in args.oracle.split(",") if x]
     print(f"# {cpu_description()}; {args.preset}{f' at {args.num_layers} layers' if args.num_layers else ''} "
           f"{args.dtype}, {torch.get_num_threads()} threads; the decode "
-          f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, {mode(args)}, "
-          f"every step drafting; {args.runs} runs")
+          f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, "
+          f"{mode(args)}, every step drafting; {args.runs} runs")
     print(f"\n| batch | decoding (k={args.k}) | tokens/s | vs plain at this batch | mean accepted length | "
           "acceptance per draft position |")
     print("|---|---|---|---|---|---|")

@@ -168,8 +168,8 @@ _FLAGS = (
     _Flag("compile_cache", "keep compiled graphs in this directory across restarts", {"metavar": "DIR"}),
     _Flag("quantize", "round the decoder's projections at load: fp8 (128x128 blocks, the published FP8 recipe), "
           "fp8-mlp (the MLP only; fp8 is multiplied in the model dtype on CPU) or int8 (weight-only, per output "
-          "channel, the lm_head too; held as int8, decode steps by qwenpd's int8 kernel on CPU, or aten's where the CPU "
-          "lacks AVX512-BF16/VBMI) (default: as stored)",
+          "channel, the lm_head too; held as int8, decode steps by qwenpd's int8 kernel on CPU, or aten's where the "
+          "CPU lacks AVX512-BF16/VBMI) (default: as stored)",
           {"choices": QUANTIZE}),
     _Flag("whole_graphs", "with --compile on CPU: one graph per bucket instead of one region per layer kind "
           "(slower warm-up, faster steps; neuron and CUDA always compile whole graphs)", {"action": "store_true"}),

@@ -10,12 +10,13 @@ compiles only the graphs it runs (`graphs`: prefill or decode); the other one ru
 shapes.
 
 Regional compilation (`regional=True`, the default on CPU) compiles each layer kind and the head instead of the
-whole graph (a DeltaNet layer's decode step as three regions around its recurrence, which a speculative verify pass
-runs apart: engine/speculative.py): a region is traced and code-generated once per layer kind and shape and serves every layer of that
-kind (the weights are its inputs), and a DeltaNet layer's region does not depend on the block-table width, so a
-width bucket adds only the attention layer's region. On `small` it cuts the warm-up of every bucket about
-threefold; the price is one compiled call per layer instead of one per step (tens of microseconds on CPU, where
-a step takes milliseconds; a DeltaNet layer's decode step is three calls). Whole graphs (`regional=False`) suit devices where launches are dear (neuron, CUDA).
+whole graph (a DeltaNet layer's decode step as three regions around its recurrence, which a speculative verify
+pass runs apart: engine/speculative.py): a region is traced and code-generated once per layer kind and shape and
+serves every layer of that kind (the weights are its inputs), and a DeltaNet layer's region does not depend on the
+block-table width, so a width bucket adds only the attention layer's region. On `small` it cuts the warm-up of
+every bucket about threefold; the price is one compiled call per layer instead of one per step (tens of
+microseconds on CPU, where a step takes milliseconds; a DeltaNet layer's decode step is three calls). Whole graphs
+(`regional=False`) suit devices where launches are dear (neuron, CUDA).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def min_compiled_rows(c: ModelConfig) -> int:
     free slot's recurrence and its share of the row-wise ops."""
     return max(2, -(-c.hidden_size // (300 * 8)))
 
+
 _GRAPHS_IN_PROCESS = 0  # graphs compiled by every GraphRunner of this process (the recompile limit above)
 
 
@@ -210,8 +212,8 @@ class GraphRunner:
                       normed: list | None = None, media: "ChunkMedia | None" = None) -> torch.Tensor:
         """Consume token_ids (T host ints) into `state` (in place). Returns logits of the last token [V] (all
         [T, V] with all_logits, eager only). `normed` gets the final-normed hidden states [T, H] of the real tokens
-        (its `append`). `media`: the chunk's image embeddings and mRoPE positions; such a chunk, and every chunk of a sequence
-        whose rotary positions are shifted (state.rope_delta), runs the eager graph at its exact shape."""
+        (its `append`). `media`: the chunk's image embeddings and mRoPE positions; such a chunk, and every chunk of a
+        sequence whose rotary positions are shifted (state.rope_delta), runs the eager graph at its exact shape."""
         if media is not None or state.rope_delta:
             return self._prefill_media(token_ids, state, all_logits, normed, media)
         t, start, b = len(token_ids), state.num_tokens, self.buckets

@@ -165,7 +165,7 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
                                   regional=False if config.whole_graphs else None, verify_rows=k + 1 if k else 0)
     on_text = None if args.json else (lambda s: print(s, end="", flush=True))
     spec = {}
-    if args.num_speculative_tokens:
+    if k:
         if media is not None:
             raise ValueError("--image with --num-speculative-tokens: speculative decoding of image prompts runs in "
                              "the services only")

@@ -19,8 +19,11 @@ wrong one. They measure what the machinery costs and gains at a given acceptance
 
 The second table runs the decode service's own stepping loop (decode_service/runner.py DecodeRunner, in process,
 no gRPC) at batch 1, 8 and 32: B sequences prefilled (with the head's state, as the prefill service hands it off)
-and decoded together, plain (no head) against speculative with every step drafting (--speculative-max-batch
-lifted, so the table shows where drafting stops paying), each with its own tokens checked against plain decoding.
+and decoded together, plain (no head) against speculative two ways: with every step drafting
+(--speculative-max-batch lifted, --speculative-policy always: where drafting stops paying) and as served (the
+decode service's defaults: the adaptive policy of decode_service/policy.py under the default
+--speculative-max-batch), each with its own tokens checked against plain decoding. The summary line is the served
+one; "sequence steps drafting" is the share of sequence steps that verified drafts.
 
 `--compile`: both tables on compiled graphs (`--compile` of the services: regional, the decode graphs, compiled
 for the verify passes' rows too), plain and speculative on the same compiled engine; a separate run from the
@@ -129,10 +132,14 @@ def deeper(preset: str, dtype: str, num_layers: int, cache_dir: Path) -> Path:
 
 
 def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams, k: int,
-              refs: list[list[int]] | None = None, acceptance: float | None = None, seed: int = 0):
+              refs: list[list[int]] | None = None, acceptance: float | None = None, seed: int = 0,
+              served: bool = False):
     """The prompts decoded together by a DecodeRunner (k = 0: plain), every prefill on its stepping thread (as a
-    joining sequence's load); tokens/s counts the time in decode steps. Returns (decode tokens/s, token ids per
-    sequence, (drafting sequence steps, accepted drafts, accepted per draft position))."""
+    joining sequence's load); tokens/s counts the time in decode steps. `served`: the decode service's defaults
+    (the adaptive policy, --speculative-max-batch's default), else every step drafts. Returns (decode tokens/s,
+    token ids per sequence, (drafting sequence steps, accepted drafts, accepted per draft position))."""
+    from qwenpd.decode_service.config import DecodeConfig
+    from qwenpd.service_config import field_defaults
     import threading
 
     from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
@@ -204,10 +211,17 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
                         out[i] = right if float(torch.rand((), generator=rng)) < acceptance else (right + 1) % 500
                 return real
 
+            @classmethod
+            def read_many(cls, drafters, hidden, next_tokens, starts):  # the head's cost paid, scored as drafted
+                _, scored = plain_class.read_many(drafters, hidden, next_tokens, starts)
+                return int((torch.rand(scored, generator=rng) < acceptance).sum()), scored
+
         runner_mod.DecodeRunner._drafter, runner_mod.Drafter = drafter_of, Oracle
+    defaults = field_defaults(DecodeConfig)
     runner = DecodeRunner(loaded.get, loaded.compiled[0] if loaded.compiled else len(prompts_), len(prompts_),
                           deliver, num_speculative_tokens=k,
-                          speculative_max_batch=len(prompts_))
+                          speculative_max_batch=defaults.speculative_max_batch if served else len(prompts_),
+                          speculative_policy=defaults.speculative_policy if served else "always")
     runner.on_verify = on_verify
     stepping = [0.0]
     step = runner._step
@@ -248,10 +262,10 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
           f"{args.dtype}, {torch.get_num_threads()} threads; the decode "
           f"service's stepping loop (in process), {args.tokens} tokens after {args.prompt}-token prompts, "
           f"{mode(args)}, every step drafting; {args.runs} runs")
-    print(f"\n| batch | decoding (k={args.k}) | tokens/s | vs plain at this batch | mean accepted length | "
-          "acceptance per draft position |")
-    print("|---|---|---|---|---|---|")
-    ratios = {}
+    print(f"\n| batch | decoding (k={args.k}) | policy | tokens/s | vs plain at this batch | mean accepted length | "
+          "acceptance per draft position | sequence steps drafting |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios: dict[str, dict[int, float]] = {"served": {}, "always": {}}
     for b in batches:
         group = pool[:b]
         rates: dict = {}
@@ -259,24 +273,29 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
             base, refs, _ = run_batch(loaded, group, params, 0)
             rates.setdefault("plain", []).append(base)
             for a in acceptances:
-                rate, ids, v = run_batch(loaded, group, params, args.k, refs, a, seed=run)
-                if ids != refs:
-                    raise RuntimeError(f"batch {b}: speculative tokens differ from plain decoding")
-                rates.setdefault(a, []).append((rate, v))
+                for served in (False, True):
+                    rate, ids, v = run_batch(loaded, group, params, args.k, refs, a, seed=run, served=served)
+                    if ids != refs:
+                        raise RuntimeError(f"batch {b}: speculative tokens differ from plain decoding")
+                    rates.setdefault((a, served), []).append((rate, v))
         plain = statistics.median(rates["plain"])
-        print(f"| {b} | plain | {plain:.1f} | 1.00x | - | - |")
+        print(f"| {b} | plain | - | {plain:.1f} | 1.00x | - | - | - |")
         for a in acceptances:
-            rate = statistics.median(r for r, _ in rates[a])
-            steps = sum(v[0] for _, v in rates[a])
-            accepted = sum(v[1] for _, v in rates[a])
-            at = [sum(v[2][i] for _, v in rates[a]) for i in range(args.k)]
-            reached = [steps] + at[:-1]
-            per = ", ".join(f"{x / max(1, r):.0%}" for x, r in zip(at, reached))
-            name = (("random head" if args.num_layers else "distilled head") if a is None
-                    else f"oracle drafts {a:.0%}")
-            print(f"| {b} | {name} | {rate:.1f} | {rate / plain:.2f}x | {1 + accepted / max(1, steps):.2f} | {per} |")
-            if a is None:
-                ratios[b] = rate / plain
+            for served in (False, True):
+                runs = rates[(a, served)]
+                rate = statistics.median(r for r, _ in runs)
+                steps = sum(v[0] for _, v in runs)
+                accepted = sum(v[1] for _, v in runs)
+                at = [sum(v[2][i] for _, v in runs) for i in range(args.k)]
+                reached = [steps] + at[:-1]
+                per = ", ".join(f"{x / max(1, r):.0%}" for x, r in zip(at, reached))
+                name = (("random head" if args.num_layers else "distilled head") if a is None
+                        else f"oracle drafts {a:.0%}")
+                share = steps / (len(runs) * b * args.tokens)  # of the sequence steps plain decoding takes
+                print(f"| {b} | {name} | {'served' if served else 'every step'} | {rate:.1f} | {rate / plain:.2f}x | "
+                      f"{1 + accepted / max(1, steps):.2f} | {per} | {share:.0%} |")
+                if a is None:
+                    ratios["served" if served else "always"][b] = rate / plain
         sys.stdout.flush()
     return ratios
 
@@ -376,13 +395,14 @@ def main() -> None:
     steps = sum(r.verify_steps for r in runs)
     length = (sum(r.accepted_tokens for r in runs) + steps) / steps
 
-    def ratio(b: int) -> str:
-        return f"{ratios[b]:.2f}x" if b in ratios else "not measured"
+    def ratio(b: int, policy: str = "served") -> str:
+        return f"{ratios[policy][b]:.2f}x" if b in ratios.get(policy, {}) else "not measured"
 
     head_kind = f"{args.num_layers} layers, random MTP" if args.num_layers else "distilled MTP"
-    print(f"\nspec decode ({args.preset} {args.dtype}, {head_kind}, k={args.k}, {mode(args)}): "
-          f"b1 {ratio(1) if 1 in ratios else f'{statistics.median(rates[name]) / base:.2f}x'}, b8 {ratio(8)}, "
-          f"b32 {ratio(32)} non-speculative; mean accepted length {length:.2f}")
+    print(f"\nevery step drafting ({mode(args)}): b1 {ratio(1, 'always')}, b8 {ratio(8, 'always')}, "
+          f"b32 {ratio(32, 'always')}; generate b1 {statistics.median(rates[name]) / base:.2f}x")
+    print(f"spec decode ({args.preset} {args.dtype}, {head_kind}, k={args.k}, {mode(args)}, as served): "
+          f"b1 {ratio(1)}, b8 {ratio(8)}, b32 {ratio(32)} non-speculative; mean accepted length {length:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ runner.py decode_row_multiple, engine/linear.py, kernels/paged_attention), so th
 token are the bits the failed decode computed, and the sampler (advanced by the draws already made) picks the
 token it would have picked. With `checkpoint_every`, a sequence's state is copied out every that many tokens for
 the service to store, so a resume replays at most that many steps.
+
+With speculation on, decode_service/policy.py decides before each step whether the batch drafts; a step that
+does not is a plain step whose final-normed hidden states the MTP heads read later, many positions in one pass
+(`_plan`, `_catch_up`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import torch
 
+from qwenpd.decode_service.policy import SpeculationPolicy
 from qwenpd.decode_service.scheduler import LoadInfo, Scheduler
 from qwenpd.engine.pages import PageBudget, pages_for
 from qwenpd.engine.engine import DecodeBatch, Engine
@@ -45,6 +50,7 @@ from qwenpd.errors import QwenpdError, Unavailable
 from qwenpd.handoff import STREAM_TAIL, StreamRecord
 
 log = logging.getLogger(__name__)
+CATCH_UP = 32  # unread positions after which a head that is not drafting reads them (policy.py)
 
 
 @dataclass(slots=True)
@@ -131,6 +137,29 @@ class DecodeSequence:
     # speculative: the final-normed hidden state at num_tokens - 1, which the head paired with next_token (a
     # decode-side checkpoint carries it with the head's KV, so a resumed stream drafts again)
     draft_hidden: torch.Tensor | None = None
+    # speculative: what the head has not read yet (it reads late while the batch does not draft: policy.py), the
+    # hidden states of positions unread_from.. and the token after each
+    unread_from: int = 0
+    unread_hidden: list[torch.Tensor] = field(default_factory=list)
+    unread_tokens: list[int] = field(default_factory=list)
+
+    def unread(self, start: int, hidden: torch.Tensor, tokens: list[int]) -> None:
+        """The head's input at positions start.. (hidden [n, H], the token after each), for it to read later."""
+        if not self.unread_tokens:
+            self.unread_from = start
+        self.unread_hidden.append(hidden)
+        self.unread_tokens += tokens
+        self.draft_hidden = hidden[-1]
+
+    def take_unread(self, keep_last: bool = False) -> tuple[torch.Tensor, list[int], int]:
+        """The unread input (hidden [n, H], tokens, first position), the last position's left unread with
+        `keep_last` (a checkpoint's draft state ends before it: state_spec.draft_shapes)."""
+        hidden, tokens, start = torch.cat(self.unread_hidden), self.unread_tokens, self.unread_from
+        self.unread_hidden, self.unread_tokens = [], []
+        if keep_last:
+            self.unread(start + len(tokens) - 1, hidden[-1:], tokens[-1:])
+            hidden, tokens = hidden[:-1], tokens[:-1]
+        return hidden, tokens, start
 
     def push(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> Output:
         """Record a sampled token; the output to stream, with the finish reason when the sequence ends."""
@@ -153,15 +182,17 @@ class DecodeRunner:
     thread."""
 
     def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
-                 checkpoint_every: int = 0, num_speculative_tokens: int = 0, speculative_max_batch: int = 2):
+                 checkpoint_every: int = 0, num_speculative_tokens: int = 0, speculative_max_batch: int = 2,
+                 speculative_policy: str = "adaptive"):
         self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
         self.checkpoint_every = checkpoint_every  # tokens between decode-side checkpoints (0 = none)
         self.k = num_speculative_tokens
-        self.speculative_max_batch = speculative_max_batch
+        self.policy = SpeculationPolicy(num_speculative_tokens, speculative_max_batch, speculative_policy)
         # metrics: per verify pass, the sequences that fed drafts, the drafts fed, and how many were accepted at
         # each draft position (1st, 2nd, ...)
         self.on_verify: Callable[[int, int, list[int]], None] = lambda seqs, drafted, accepted_at: None
+        self.on_plain_step: Callable[[], None] = lambda: None  # metrics: a step with heads that drafted nothing
         self.engine: Engine | None = None
         self.batch: DecodeBatch | None = None
         self.steps = 0
@@ -252,7 +283,7 @@ class DecodeRunner:
             seq.state = seq.load()
             self.batch.add(seq.state)
             if seq.draft is not None:
-                seq.drafter, seq.drafts = self._drafter(seq)
+                seq.drafter = self._drafter(seq)
         except Exception as exc:  # noqa: BLE001
             log.exception("loading sequence %s failed", seq.request_id)
             if seq.state is not None:
@@ -270,16 +301,15 @@ class DecodeRunner:
         self.on_join(time.monotonic() - seq.submitted_at)
         return None
 
-    def _drafter(self, seq: DecodeSequence) -> tuple[Drafter, list[int]]:
-        """The sequence's Drafter with the hand-off's head KV copied in, and its first drafts (the hand-off's
-        hidden state at the last position paired with next_token)."""
+    def _drafter(self, seq: DecodeSequence) -> Drafter:
+        """The sequence's Drafter with the hand-off's head KV copied in; the hand-off's hidden state at the last
+        position, paired with next_token, is the head's first unread input."""
         assert self.engine is not None and self.engine.draft_head is not None and seq.draft is not None
         head, n = self.engine.draft_head, seq.num_tokens
         drafter = Drafter(head, seq.sampler.vocab, capacity=seq.kv_tokens + self.k + 1)
         drafter.cache.load(seq.draft, n - 1)
-        hidden = seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device)[None]
-        seq.draft_hidden = hidden[0]
-        return drafter, drafter.draft(hidden, [seq.next_token], n - 1, self.k)
+        seq.unread(n - 1, seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device)[None], [seq.next_token])
+        return drafter
 
     def _leave(self, seq: DecodeSequence) -> None:
         """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler."""
@@ -293,10 +323,53 @@ class DecodeRunner:
         assert self.batch is not None
         seqs = [self._members[id(s)] for s in self.batch.states]  # row order
         self.on_step(len(seqs))
-        if self.k and any(seq.drafter is not None for seq in seqs):
-            return self._verify_step(seqs)
+        heads = [seq for seq in seqs if seq.drafter is not None]
+        if not heads:
+            return self._plain_step(seqs, False)
+        started = time.perf_counter()
+        drafting = self._plan(seqs, heads)
+        replaying = any(seq.replay for seq in seqs)
+        if drafting or (replaying and self.policy.allowed(len(seqs))):
+            outputs = self._verify_step(seqs)
+        else:
+            outputs = self._plain_step(seqs, True)
+            self.on_plain_step()
+        if not replaying:
+            self.policy.timed(len(seqs), drafting, time.perf_counter() - started)
+        return outputs
+
+    def _plan(self, seqs: list[DecodeSequence], heads: list[DecodeSequence]) -> bool:
+        """Before a step: where the policy has the batch draft, the heads read their unread input and draft what
+        comes after next_token (one head pass per draft position over them all); elsewhere they only catch up once
+        CATCH_UP positions are unread, scoring their would-be drafts (policy.py). Whether the step drafts."""
+        ready = [seq for seq in heads if not seq.replay]  # a sequence still replaying feeds no drafts: they ride
+        drafting = self.policy.drafts(len(seqs), len(ready))
+        for seq in heads:
+            seq.drafts = []
+        if drafting:
+            taken = [seq.take_unread() for seq in ready]
+            drafts = Drafter.draft_many([seq.drafter for seq in ready], [h for h, _, _ in taken],
+                                        [t for _, t, _ in taken], [p for _, _, p in taken], self.k)
+            for seq, d in zip(ready, drafts):
+                seq.drafts = d
+        self._catch_up([seq for seq in heads if len(seq.unread_tokens) >= CATCH_UP])
+        return drafting and any(seq.drafts for seq in ready)
+
+    def _catch_up(self, seqs: list[DecodeSequence], keep_last: bool = False) -> None:
+        """The heads of `seqs` read their unread input (but the last position's with `keep_last`), in one pass;
+        their first drafts at those positions are scored for the policy."""
+        group = [(seq, seq.take_unread(keep_last)) for seq in seqs if len(seq.unread_tokens) > keep_last]
+        if group:
+            hits, scored = Drafter.read_many([seq.drafter for seq, _ in group], [h for _, (h, _, _) in group],
+                                             [t for _, (_, t, _) in group], [p for _, (_, _, p) in group])
+            self.policy.scored(hits, scored)
+
+    def _plain_step(self, seqs: list[DecodeSequence], heads: bool) -> list[tuple[DecodeSequence, Output]]:
+        """One token for every sequence; with `heads`, the heads' input is kept for them to read later."""
+        assert self.batch is not None
         fed = [seq.next_token for seq in seqs]
-        logits = self.batch.step(fed)  # [B, V] fp32
+        starts = [seq.num_tokens for seq in seqs]
+        logits, hidden = self.batch.step(fed, normed=True) if heads else (self.batch.step(fed), None)
         greedy = [seq.sampler.params.plain_greedy and not seq.replay for seq in seqs]
         words = None if self.engine is None or self.engine.grammars is None else self.engine.grammars.words
         ids, logprobs = greedy_batch(logits, words) if any(greedy) else ([], [])
@@ -312,8 +385,12 @@ class DecodeRunner:
             token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
             top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
             out = seq.push(token, logprob, top)
-            self._maybe_checkpoint(seq, out)
             outputs.append((seq, out))
+        for row, seq in enumerate(seqs):
+            if hidden is not None and seq.drafter is not None and seq.finish_reason is None:
+                seq.unread(starts[row], hidden[row:row + 1], [seq.next_token])
+        for seq, out in outputs:
+            self._maybe_checkpoint(seq, out)
         self.steps += 1
         self.tokens += len(seqs) - replayed
         if replayed:
@@ -330,13 +407,13 @@ class DecodeRunner:
         all of them kept: K+1 replayed positions a pass, each the bits of a decode step (engine/speculative.py),
         at least one left to become next_token (its logits choose the first new token)."""
         assert self.batch is not None and self.engine is not None
-        drafting = len(seqs) <= self.speculative_max_batch
+        riding = self.policy.allowed(len(seqs))
         fed = []
         for seq in seqs:
             drafts: list[int] = []
-            if seq.replay:  # only where drafts would ride too: a pass with several positions copies every state
-                drafts = [seq.replay[i] for i in range(min(self.k, len(seq.replay) - 1))] if drafting else []
-            elif drafting and seq.drafter is not None:
+            if seq.replay:  # only where drafts may ride too: a pass with several positions copies every state
+                drafts = [seq.replay[i] for i in range(min(self.k, len(seq.replay) - 1))] if riding else []
+            elif seq.drafts:
                 room = min(seq.max_context - seq.num_tokens - 1,  # context left after next_token
                            seq.sampler.params.max_tokens - len(seq.tracker.token_ids) - 1)  # tokens left after it
                 drafts = seq.drafts[:max(0, room)]
@@ -380,18 +457,10 @@ class DecodeRunner:
             consumed.append(seq.num_tokens - start)
             outputs.append((seq, out))
         self.batch.accept(consumed)
-        # the heads read the verified positions and draft what comes next, all sequences in one pass per draft
-        # (a sequence still replaying next step feeds no drafts then: its head only keeps up)
-        going = [b for b, seq in enumerate(seqs) if seq.drafter is not None and seq.finish_reason is None]
-        for group, k in (([b for b in going if not seqs[b].replay], self.k if drafting else 0),
-                         ([b for b in going if seqs[b].replay], 0)):
-            drafts = Drafter.draft_many([seqs[b].drafter for b in group],
-                                        [done.hidden[done.rows(b)][:consumed[b]] for b in group],
-                                        [[*done.tokens[b][1:consumed[b]], seqs[b].next_token] for b in group],
-                                        [done.starts[b] for b in group], k)
-            for b, d in zip(group, drafts):
-                seqs[b].drafts = d
-                seqs[b].draft_hidden = done.hidden[done.offsets[b] + consumed[b] - 1]
+        for b, seq in enumerate(seqs):  # the heads' input at the verified positions, read at the next _plan
+            if seq.drafter is not None and seq.finish_reason is None:
+                seq.unread(done.starts[b], done.hidden[done.rows(b)][:consumed[b]],
+                           [*done.tokens[b][1:consumed[b]], seq.next_token])
         for seq, out in outputs:
             self._maybe_checkpoint(seq, out)
         self.steps += 1
@@ -400,6 +469,7 @@ class DecodeRunner:
             self.replayed += replayed
             self.on_replay(replayed)
         if drafted:
+            self.policy.scored(accepted_at[0], drafting_seqs)
             self.on_verify(drafting_seqs, drafted, accepted_at)
         for seq, out in outputs:
             if out.finish_reason is not None:
@@ -412,6 +482,7 @@ class DecodeRunner:
             copy_started = time.perf_counter()
             out.checkpoint = seq.state.to_tensors()
             if seq.drafter is not None and seq.draft_hidden is not None:  # the draft state, as a hand-off's
+                self._catch_up([seq], keep_last=True)
                 out.checkpoint.update(seq.drafter.cache.draft_state(0, seq.num_tokens, seq.draft_hidden))
             self.on_checkpoint_copy(time.perf_counter() - copy_started)
             out.record = seq.stream.advanced(seq.num_tokens, seq.tail)

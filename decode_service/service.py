@@ -59,7 +59,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._background: set[asyncio.Task] = set()
         self.runner = DecodeRunner(make_engine, config.max_batch, config.max_queue, self._deliver,
                                    config.checkpoint_every, config.num_speculative_tokens,
-                                   config.speculative_max_batch)
+                                   config.speculative_max_batch, config.speculative_policy)
         self.metrics = metrics or DecodeMetrics()
         self.metrics.watch(self.runner)
         self.runner.on_replay = self.metrics.replayed.inc

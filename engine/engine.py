@@ -566,8 +566,9 @@ class DecodeBatch:
         accept(self.engine, self, done, consumed)
 
     @cross_rank("batch.step")
-    def step(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Feed token_ids[i] to self.states[i]; returns fp32 logits [B, V]."""
+    def step(self, token_ids: Sequence[int], normed: bool = False):
+        """Feed token_ids[i] to self.states[i]; returns fp32 logits [B, V], with `normed` (logits, the final-normed
+        hidden states [B, H]: what an MTP head reads)."""
         b = len(self.states)
         if len(token_ids) != b:
             raise ValueError(f"{len(token_ids)} tokens for a batch of {b}")
@@ -578,4 +579,6 @@ class DecodeBatch:
         if longest + 1 > limit:  # one check for the whole batch: only the longest sequence can overflow
             raise ValueError(f"context of {longest + 1} tokens exceeds the model's maximum {limit}")
         self.engine.check_tokens(token_ids)
-        return self.engine.runner.decode_step(list(token_ids), self.states, self.conv, self.recurrent)
+        hidden: list | None = [] if normed else None
+        logits = self.engine.runner.decode_step(list(token_ids), self.states, self.conv, self.recurrent, hidden)
+        return (logits, hidden[0]) if normed else logits

@@ -161,10 +161,12 @@ class HybridModel:
     def decode_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
                      k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], slots: torch.Tensor,
                      tables: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                     layers: "HybridModel | None" = None) -> torch.Tensor:
+                     layers: "HybridModel | None" = None, normed: list | None = None) -> torch.Tensor:
         """One token for each of B sequences. ids, slots, positions [B]; tables [B, W]; conv[j] [B, D, W-1] and
         recurrent[j] [B, Hv, dk, dv] updated in place; rope [B] the rotary positions (positions plus each
-        sequence's mRoPE delta: engine/mrope.py). Returns logits [B, V]. `layers` as in prefill_graph."""
+        sequence's mRoPE delta: engine/mrope.py). Returns logits [B, V]. `layers` as in prefill_graph; `normed`
+        gets the final-normed hidden states [B, H] appended (what an MTP head reads; not in a whole-graph
+        compile)."""
         layers = layers or self
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
@@ -177,6 +179,8 @@ class HybridModel:
                 x = layers.linear_decode_out(blk, x, core.contiguous(), z)
             else:
                 x = layers.attention_decode(blk, x, k_pools[j], v_pools[j], slots, tables, positions, rope)
+        if normed is not None:
+            normed.append(self.final_normed(x))
         return layers.logits(x)
 
     # ---- one layer of each kind: the graphs' steps, and the regions a regional compile compiles (once per kind

@@ -257,10 +257,11 @@ class GraphRunner:
         return logits if all_logits else logits[0]
 
     def decode_step(self, token_ids: list[int], states: list[HybridState], conv: list[torch.Tensor],
-                    recurrent: list[torch.Tensor]) -> torch.Tensor:
+                    recurrent: list[torch.Tensor], normed: list | None = None) -> torch.Tensor:
         """One token for each of B sequences. conv[j] [>=B', D, W-1] and recurrent[j] [>=B', Hv, dk, dv] are the
         batch's slot tensors, B' = decode_rows(B) (rows past B are free slots, used as padding rows); KV goes to
-        each state's pages. Returns logits [B, V]."""
+        each state's pages. Returns logits [B, V]; `normed` gets the final-normed hidden states [B, H] appended
+        (model.decode_graph's: eager or regional graphs only)."""
         for s in states:
             s.reserve(s.num_tokens + 1)
         n = len(states)
@@ -275,8 +276,15 @@ class GraphRunner:
         args = (self._long(token_ids + [0] * pad), [c[:rows] for c in conv], [r[:rows] for r in recurrent], cache.k,
                 cache.v, self._long(slots + [0] * pad), self._long(tables), self._long(positions + [0] * pad),
                 self._long(rope + [0] * pad))
+        if normed is not None and "decode" in self.graphs and self.layers is None:
+            raise ValueError("a whole-graph decode step gives no hidden states (speculation needs regional graphs)")
         with torch.inference_mode():
-            logits = self.decode_fn(*args)
+            if normed is None:
+                logits = self.decode_fn(*args)
+            else:
+                out: list = []
+                logits = self.decode_fn(*args, normed=out)
+                normed.append(out[0][:n])
         for s, tok in zip(states, token_ids):
             s.num_tokens += 1
             s.token_ids.append(tok)

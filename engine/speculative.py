@@ -398,3 +398,27 @@ class Drafter:
                     d.append(drafter._pick(row))
                 pos = pos + 1
         return drafts
+
+    @classmethod
+    def read_many(cls, drafters: list["Drafter"], hidden: list[torch.Tensor], next_tokens: list[list[int]],
+                  starts: list[int]) -> tuple[int, int]:
+        """The heads read positions they did not draft from (`draft_many`'s input, drafting nothing), in one pass,
+        and their first draft at each of those positions is scored against the token that came there: returns
+        (first drafts that were it, first drafts scored)."""
+        if not drafters:
+            return 0, 0
+        head, dev = drafters[0].head, hidden[0].device
+        lengths = [len(t) for t in next_tokens]
+        lo = [0, *itertools.accumulate(lengths)]
+        rows = [r for b, n in enumerate(lengths) for r in range(lo[b], lo[b] + n - 1)]  # those with a token after
+        with torch.inference_mode():
+            positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lengths)])
+            _, logits = head.forward_many(torch.cat(hidden), torch.tensor([t for ts in next_tokens for t in ts],
+                                                                          device=dev),
+                                          positions, [d.cache for d in drafters], lengths, 0, rows)
+            if logits is None:
+                return 0, 0
+            vocab = drafters[0].vocab
+            picked = (logits if vocab is None else logits[:, :vocab]).argmax(-1).tolist()
+        came = [t for ts in next_tokens for t in ts[1:]]
+        return sum(p == c for p, c in zip(picked, came)), len(came)

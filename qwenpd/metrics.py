@@ -130,6 +130,12 @@ class DecodeMetrics(Metrics):
         self.accepted_length = Gauge("qwenpd_decode_mean_accepted_length", "speculative decoding: tokens emitted "
                                      "per drafting sequence step since start (1 + accepted drafts per step)",
                                      registry=self.registry)
+        self.acceptance = Gauge("qwenpd_decode_draft_acceptance", "speculative decoding: the MTP head's recent "
+                                "first-draft acceptance, drafted or scored while not drafting, which the adaptive "
+                                "policy decides by", registry=self.registry)
+        self.plain_steps = Counter("qwenpd_decode_plain_steps", "speculative decoding: steps of a batch with MTP "
+                                   "heads that drafted nothing (the policy found drafting would not pay)",
+                                   registry=self.registry)
         self._verified = [0, 0]  # drafting steps, accepted drafts
 
     def watch(self, runner: Any) -> None:
@@ -144,6 +150,10 @@ class DecodeMetrics(Metrics):
             self.accepted.labels(str(position))  # every position exported from the start, at 0
         self.accepted_length.set_function(lambda: 1 + self._verified[1] / self._verified[0] if self._verified[0]
                                           else 0.0)
+        policy = getattr(runner, "policy", None)
+        if policy is not None:
+            self.acceptance.set_function(lambda: policy.acceptance)
+            runner.on_plain_step = self.plain_steps.inc
 
     def _verified_step(self, seqs: int, drafted: int, accepted_at: list[int]) -> None:
         self.draft_tokens.inc(drafted)

@@ -81,7 +81,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
     from qwenpd.cache_store.config import CacheStoreConfig
     from qwenpd.engine import engine_config
     from qwenpd.units import parse_bytes
-    from qwenpd.decode_service.config import DecodeConfig, add_checkpoint_every, add_speculative_max_batch
+    from qwenpd.decode_service.config import DecodeConfig, add_checkpoint_every, add_speculative_policy
     from qwenpd.model_service import add_speculative_args
     from qwenpd.gateway.config import DEFAULT_RESUME_WAIT_S, add_http_args
     from qwenpd.prefill_service.config import PrefillConfig, add_prefix_args
@@ -114,7 +114,7 @@ def add_serve_all_args(p: argparse.ArgumentParser) -> None:
                    help=f"sequences decode steps together (default {decode.max_batch})")
     add_checkpoint_every(p, decode.checkpoint_every, "decode_checkpoint_every")
     add_speculative_args(p)
-    add_speculative_max_batch(p, decode.speculative_max_batch)
+    add_speculative_policy(p, decode)
     p.add_argument("--budget", type=parse_bytes, default=cache.budget_bytes,
                    help=f"cache store shared-memory budget (default {cache.budget_bytes >> 30}GiB)")
     p.add_argument("--store-id", default=None, help="cache store id (the prefix of its shared-memory segments; a "

@@ -241,6 +241,7 @@ class ServiceSet:
                               checkpoint_every=args.decode_checkpoint_every,
                               num_speculative_tokens=args.num_speculative_tokens,
                               speculative_max_batch=args.speculative_max_batch,
+                              speculative_policy=args.speculative_policy,
                               max_queue=args.decode_max_queue, metrics_port=port(2), **common)
         gateway = None if args.no_gateway else GatewayConfig(
             prefill=(PLACEHOLDER,), decode=(PLACEHOLDER,), listen=format_address(args.host, args.gateway_port),

@@ -53,7 +53,7 @@ def _sequence(engine, head, prompt: list[int], params: SamplingParams, rid: str,
     return seq, (list(first.token_ids), list(first.logprobs))
 
 
-def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batch: int):
+def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batch: int, policy: str = "always"):
     """Every prompt through one DecodeRunner (the second without drafts); each one's (token ids, logprobs), the
     verify passes' (sequences drafting, drafts, accepted per position), each one's [text, finish reason]."""
     monkeypatch.setattr(engine, "draft_head", head)
@@ -73,7 +73,7 @@ def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batc
                 finished.set()
 
     runner = DecodeRunner(lambda: engine, max_batch, 8, deliver, num_speculative_tokens=K,
-                          speculative_max_batch=speculative_max_batch)
+                          speculative_max_batch=speculative_max_batch, speculative_policy=policy)
     steps = []
     runner.on_verify = lambda n, drafted, at: steps.append((n, drafted, list(at)))
     runner.start()
@@ -189,7 +189,8 @@ def test_a_resumed_sequence_replays_k_plus_1_tokens_a_pass(engine, head, monkeyp
             if out.finish_reason is not None:
                 finished.set()
 
-    runner = DecodeRunner(lambda: engine, 1, 8, deliver, num_speculative_tokens=K, speculative_max_batch=1)
+    runner = DecodeRunner(lambda: engine, 1, 8, deliver, num_speculative_tokens=K, speculative_max_batch=1,
+                          speculative_policy="always")
     per_pass: list[int] = []
     runner.on_replay = per_pass.append
     _serve(runner, seq, finished)
@@ -230,10 +231,13 @@ def test_stop_strings_and_stop_ids_end_where_plain_decoding_ends(engine, head, m
     assert sum(sum(at) for _, _, at in steps) > 0
 
 
-def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine, head, monkeypatch):
+@pytest.mark.parametrize("policy", ["always", "adaptive"])
+def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine, head, monkeypatch, policy):
     """With --decode-checkpoint-every, a drafting sequence's checkpoint carries the draft state a hand-off at its
     position would (state_spec.draft_shapes: the head's KV of positions 0 .. N-2 and the hidden state at N-1),
-    so a stream resumed from it drafts again: the head's state over the same tokens, computed by a prefill."""
+    so a stream resumed from it drafts again: the head's state over the same tokens, computed by a prefill.
+    Adaptive: the tiny model's random head drafts poorly, so the policy soon stops drafting and the head reads
+    late (plain steps keep its input; a checkpoint makes it catch up first)."""
     from qwenpd.engine import state_spec
     from qwenpd.handoff import StreamRecord, prompt_digest
 
@@ -254,9 +258,12 @@ def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine
                 finished.set()
 
     runner = DecodeRunner(lambda: engine, 2, 8, deliver, checkpoint_every=8, num_speculative_tokens=K,
-                          speculative_max_batch=2)
+                          speculative_max_batch=2, speculative_policy=policy)
+    plain_steps = []
+    runner.on_plain_step = lambda: plain_steps.append(1)
     _serve(runner, seq, finished)
     assert len(checkpoints) >= 2
+    assert bool(plain_steps) == (policy == "adaptive")
     c = engine.config
     for n, tensors in checkpoints:
         expected = state_spec.handoff_shapes(c, n)
@@ -267,3 +274,42 @@ def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine
         want = feed.tensors()
         for name in want:
             torch.testing.assert_close(tensors[name].float(), want[name].float(), atol=3e-2, rtol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_the_adaptive_policy_stops_drafting_for_a_head_that_drafts_poorly(engine, head, monkeypatch, params):
+    """The tiny model's random head is almost never right: under the adaptive policy the batch drafts only
+    while the policy measures (MIN_SAMPLES drafting steps per batch size), then steps plainly, its heads reading
+    late; the tokens are plain decoding's throughout."""
+    from qwenpd.decode_service.policy import MIN_SAMPLES
+
+    refs = _reference(engine, params)
+    got, steps, _ = _run(engine, head, monkeypatch, params, max_batch=4, speculative_max_batch=4,
+                         policy="adaptive")
+    assert got == {rid: (r.token_ids, r.logprobs) for rid, r in refs.items()}
+    assert 0 < len(steps) <= MIN_SAMPLES * len(PROMPTS)  # batches of 3, 2 and 1 sequences
+
+
+def test_read_many_scores_the_first_draft_at_each_position(engine, head):
+    """A catch-up pass (Drafter.read_many) leaves the head's KV a position-by-position feed leaves, and counts
+    the positions where its first draft is the token that came next."""
+    prompt = PROMPTS[0]
+    normed: list = []
+    engine.prefill(prompt, normed=normed)[1].release()
+    hidden = torch.cat(normed)
+    tokens = prompt[1:] + [prompt[0]]
+    many, one = Drafter(head, None), Drafter(head, None)
+    n = len(prompt)
+    hits, scored = Drafter.read_many([many], [hidden], [tokens], [0])
+    want = 0
+    for i in range(n):
+        draft = one.draft(hidden[i:i + 1], [tokens[i]], i, 1)[0]
+        want += i + 1 < n and draft == tokens[i + 1]
+    assert scored == n - 1 and hits == want
+    torch.testing.assert_close(many.cache.k[0][:n], one.cache.k[0][:n])
+    torch.testing.assert_close(many.cache.v[0][:n], one.cache.v[0][:n])
+    # tokens that are the head's own first drafts, each fed after the one before: all scored right
+    chain, right = Drafter(head, None), [tokens[0]]
+    for i in range(n - 1):
+        right += chain.draft(hidden[i:i + 1], right[-1:], i, 1)
+    assert Drafter.read_many([Drafter(head, None)], [hidden], [right], [0]) == (n - 1, n - 1)

@@ -22,7 +22,8 @@ KV_BYTES = 1 << 20  # tiny: 32 KiB per 64-token page -> 31 usable pages, 1984 to
 def compiled_services(tiny_model_dir, tmp_path_factory):
     services = start_serve_all(tiny_model_dir, tmp_path_factory.mktemp("compiled"), "compiled", "--compile",
                                "--kv-cache-bytes", str(KV_BYTES), "--max-batch", "4", "--chunk-size", "64",
-                               "--num-speculative-tokens", "3", "--speculative-max-batch", "4")
+                               "--num-speculative-tokens", "3", "--speculative-max-batch", "4",
+                               "--speculative-policy", "always")
     yield services
     stop_serve_all(services)
 

@@ -4,7 +4,11 @@ drafts from its first step; every stream, alone or among others, greedy or seede
 of decode, is the in-process plain decoding of the same checkpoint, token for token and logprob for logprob.
 Opting out, a hand-off without the draft state, and a checkpoint without a head get their clear errors.
 (The head here is random, so its drafts are rejected: tests/decode_service/test_speculative_runner.py checks
-accepted drafts, every accept/reject pattern, in the stepping loop itself.)"""
+accepted drafts, every accept/reject pattern, in the stepping loop itself.) Decode runs the default adaptive
+policy (decode_service/policy.py): it drafts while it measures, finds that drafting does not pay for this head and
+steps plainly, the heads reading their input late; resume points carry the heads' state all the same.
+tests/services/test_compiled_paged.py and test_tensor_parallel.py draft at every step (--speculative-policy
+always)."""
 
 from __future__ import annotations
 
@@ -93,6 +97,8 @@ def test_streams_alone_and_batched_are_plain_decoding(spec, reference):
     assert _metric(scrape, "qwenpd_decode_drafting_steps_total") > 0
     assert 'qwenpd_decode_accepted_draft_tokens_total{position="3"}' in scrape
     assert _metric(scrape, "qwenpd_decode_mean_accepted_length") >= 1
+    assert _metric(scrape, "qwenpd_decode_plain_steps_total") > 0  # the policy stopped drafting for this head
+    assert 0 <= _metric(scrape, "qwenpd_decode_draft_acceptance") < 0.5
 
 
 def test_kill9_of_decode_resumes_speculating_streams_exactly(spec, reference):

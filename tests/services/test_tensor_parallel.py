@@ -20,7 +20,9 @@ from qwenpd.engine.sampling import SamplingParams
 from qwenpd.protos.qwenpd.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from tests.services.conftest import pid_alive, segments, start_serve_all, stop_serve_all
 
-SPECULATIVE = ("--num-speculative-tokens", "3")  # the tiny preset's MTP head (random: its drafts are rejected)
+# the tiny preset's MTP head (random: its drafts are rejected) under the adaptive policy: a stream's first steps
+# draft (while the policy measures), the rest step plainly with the heads reading late, on every rank
+SPECULATIVE = ("--num-speculative-tokens", "3")
 # (prefill degree, decode degree, speculative): (1, 1) is every other service test; with speculation the head runs
 # on the leaders (prefill: over the prompt, decode: drafting) while every rank verifies
 PAIRS = [(1, 2, True), (2, 1, True), (2, 2, False)]

@@ -1,0 +1,103 @@
+"""When a decode step drafts: speculation only where it pays, measured while serving.
+
+A verify pass of K drafts per sequence emits each sequence's accepted drafts and one more token, and costs more
+than a plain step: the K extra positions, the head's K draft passes, the rollback. Whether it pays depends on the
+head's acceptance on the text being written (a head that drafts poorly never pays), the batch size (a plain step's
+cost per token falls with the batch, a verify pass's extra rows do not), the context and the machine. No constant
+gets all of these right, so the policy measures them (`SpeculationPolicy`): the seconds of a drafting step and of
+a plain step at each batch size, and the head's first-draft acceptance, and drafts when
+
+    (B + D * a) / t_spec(B) >= (1 + margin) * B / t_plain(B)
+
+for B sequences in the step, D of them drafting, a = p + p^2 + ... + p^K the accepted drafts a pass expects from
+the first-draft acceptance p. Tokens never depend on it: a verify pass emits plain decoding's tokens whatever was
+drafted (engine/speculative.py), so the policy moves speed only.
+
+While a batch does not draft, the decode runner keeps every position's head input (the final-normed hidden state
+and the token after it) and feeds them to the head later, many positions in one pass; such a catch-up pass also
+scores the head's first draft at each of those positions against the token that came (`shadow`), so the policy
+sees the acceptance of text it is not drafting for and starts drafting again when the text gets predictable.
+Each batch size's step times are measured again when they are `STALE_STEPS` old (one step of the other kind).
+`--speculative-policy always` drafts at every step up to `--speculative-max-batch` (the policy's hard limit).
+"""
+
+from __future__ import annotations
+
+POLICIES = ("adaptive", "always")
+STALE_STEPS = 512  # a batch size's step time this many steps old is measured again
+MIN_SAMPLES = 2  # step times of a kind measured at a batch size before the policy trusts them
+MARGIN = 0.03  # drafting must be expected to pay this much more than plain steps
+_DECAY = 0.98  # per observed draft: the acceptance is an average over the last ~50 drafts
+_PRIOR = (0.5, 1.0)  # (accepted, drafted) before any draft was scored
+
+
+class _Seconds:
+    """A step kind's seconds at one batch size: a running mean (recent steps weigh more), with a single sample
+    capped at 3x the mean so one stall (a page fault, another process) does not flip the decision."""
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.samples = 0
+        self.at = 0  # the policy's step count at the latest sample
+
+    def add(self, seconds: float, step: int) -> None:
+        if self.samples:
+            seconds = min(seconds, 3 * self.mean)
+        self.samples += 1
+        self.mean += (seconds - self.mean) / min(self.samples, 5)
+        self.at = step
+
+
+class SpeculationPolicy:
+    """Whether the next decode step drafts (module doc). `k` drafts per sequence; steps of more than `max_batch`
+    sequences never draft; `mode` one of POLICIES."""
+
+    def __init__(self, k: int, max_batch: int, mode: str = "adaptive"):
+        if mode not in POLICIES:
+            raise ValueError(f"speculative policy must be one of {POLICIES}, got {mode!r}")
+        self.k, self.max_batch, self.mode = k, max_batch, mode
+        self.steps = 0
+        self._spec: dict[int, _Seconds] = {}
+        self._plain: dict[int, _Seconds] = {}
+        self._accepted, self._drafted = _PRIOR
+
+    def allowed(self, batch: int) -> bool:
+        """Whether a step of `batch` sequences may draft at all (or carry a resumed stream's replayed tokens)."""
+        return self.k > 0 and batch <= self.max_batch
+
+    @property
+    def acceptance(self) -> float:
+        """The head's recent first-draft acceptance (the share of first drafts that were the chosen token)."""
+        return self._accepted / self._drafted
+
+    def expected_accepted(self) -> float:
+        """Accepted drafts a sequence's verify pass is expected to emit: p + p^2 + ... + p^K."""
+        p = self.acceptance
+        return sum(p ** i for i in range(1, self.k + 1))
+
+    def drafts(self, batch: int, drafting: int) -> bool:
+        """Whether a step of `batch` sequences, `drafting` of which have a head, should draft."""
+        if drafting < 1 or not self.allowed(batch):
+            return False
+        if self.mode == "always":
+            return True
+        spec, plain = self._spec.get(batch), self._plain.get(batch)
+        if spec is None or spec.samples < MIN_SAMPLES:
+            return True  # not measured yet: try it
+        if plain is None or plain.samples < MIN_SAMPLES:
+            return False
+        pays = (batch + drafting * self.expected_accepted()) / spec.mean >= (1 + MARGIN) * batch / plain.mean
+        stale = (plain if pays else spec).at + STALE_STEPS <= self.steps
+        return pays != stale  # now and then one step of the other kind, to measure it again
+
+    def timed(self, batch: int, drafted: bool, seconds: float) -> None:
+        """A step of `batch` sequences took `seconds` (its drafting included); it drafted or not."""
+        self.steps += 1
+        (self._spec if drafted else self._plain).setdefault(batch, _Seconds()).add(seconds, self.steps)
+
+    def scored(self, accepted: int, drafted: int) -> None:
+        """`drafted` first drafts were scored against the chosen tokens, `accepted` of them were them (a verify
+        pass's, or a catch-up pass's shadow drafts)."""
+        decay = _DECAY ** drafted
+        self._accepted = self._accepted * decay + accepted
+        self._drafted = self._drafted * decay + drafted

@@ -1,0 +1,74 @@
+"""The adaptive speculation policy's decision (decode_service/policy.py), on step times and acceptances given
+to it: it measures each kind of step before it trusts them, drafts exactly where drafting is expected to pay,
+measures a kind again once its time is stale, and never drafts past its batch limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenpd.decode_service.policy import MARGIN, MIN_SAMPLES, STALE_STEPS, SpeculationPolicy
+
+K = 3
+
+
+def _measured(policy: SpeculationPolicy, batch: int, spec_s: float, plain_s: float) -> None:
+    for _ in range(MIN_SAMPLES):
+        policy.timed(batch, True, spec_s)
+        policy.timed(batch, False, plain_s)
+
+
+def _accepting(policy: SpeculationPolicy, p: float, drafts: int = 2000) -> None:
+    policy.scored(round(p * drafts), drafts)
+
+
+def test_it_tries_drafting_then_a_plain_step_before_it_decides():
+    policy = SpeculationPolicy(K, 4)
+    _accepting(policy, 0.0)
+    for _ in range(MIN_SAMPLES):
+        assert policy.drafts(1, 1)  # not measured yet: try it, however poor the head
+        policy.timed(1, True, 0.015)
+    assert not policy.drafts(1, 1)  # now a plain step, to compare
+    policy.timed(1, False, 0.010)
+    policy.timed(1, False, 0.010)
+    assert not policy.drafts(1, 1)  # a head that is never right: 1 token for 1.5 steps' time
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_it_drafts_exactly_where_the_expected_tokens_per_second_pay(p, batch):
+    spec_s, plain_s = 0.016, 0.011
+    policy = SpeculationPolicy(K, 8)
+    _measured(policy, batch, spec_s, plain_s)
+    _accepting(policy, p)
+    expected = sum(p ** i for i in range(1, K + 1))
+    pays = (batch + batch * expected) / spec_s >= (1 + MARGIN) * batch / plain_s
+    assert policy.drafts(batch, batch) == pays
+    assert policy.expected_accepted() == pytest.approx(expected, rel=1e-3)
+
+
+def test_acceptance_follows_the_recent_drafts():
+    policy = SpeculationPolicy(K, 4)
+    _accepting(policy, 0.9, 500)
+    assert policy.acceptance == pytest.approx(0.9, abs=0.01)
+    _accepting(policy, 0.1, 500)  # the text changed: the old drafts have decayed away
+    assert policy.acceptance == pytest.approx(0.1, abs=0.02)
+
+
+def test_a_stale_measurement_is_taken_again():
+    policy = SpeculationPolicy(K, 4)
+    _measured(policy, 1, 0.030, 0.010)
+    _accepting(policy, 0.0)
+    decisions = []
+    for _ in range(STALE_STEPS + 2):
+        d = policy.drafts(1, 1)
+        decisions.append(d)
+        policy.timed(1, d, 0.030 if d else 0.010)
+    assert decisions.count(True) == 1  # one drafting step once the drafting time was stale
+
+
+def test_the_batch_limit_and_always():
+    policy = SpeculationPolicy(K, 2, "always")
+    assert policy.drafts(2, 1) and not policy.drafts(3, 3) and not policy.drafts(2, 0)
+    assert not SpeculationPolicy(0, 2).allowed(1)
+    with pytest.raises(ValueError, match="speculative policy"):
+        SpeculationPolicy(K, 2, "sometimes")

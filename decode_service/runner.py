@@ -50,7 +50,10 @@ from qwenpd.errors import QwenpdError, Unavailable
 from qwenpd.handoff import STREAM_TAIL, StreamRecord
 
 log = logging.getLogger(__name__)
-CATCH_UP = 32  # unread positions after which a head that is not drafting reads them (policy.py)
+# unread positions after which a head that is not drafting reads them (policy.py): in a batch that may draft,
+# soon, so the policy sees the acceptance of what it is not drafting for; in one too large to draft, late (a
+# sequence that finishes first never pays for them; [CATCH_UP_LATE, H] hidden states kept per sequence at most)
+CATCH_UP, CATCH_UP_LATE = 32, 512
 
 
 @dataclass(slots=True)
@@ -341,7 +344,8 @@ class DecodeRunner:
     def _plan(self, seqs: list[DecodeSequence], heads: list[DecodeSequence]) -> bool:
         """Before a step: where the policy has the batch draft, the heads read their unread input and draft what
         comes after next_token (one head pass per draft position over them all); elsewhere they only catch up once
-        CATCH_UP positions are unread, scoring their would-be drafts (policy.py). Whether the step drafts."""
+        CATCH_UP (CATCH_UP_LATE in a batch too large to draft) positions are unread, scoring their would-be drafts
+        (policy.py). Whether the step drafts."""
         ready = [seq for seq in heads if not seq.replay]  # a sequence still replaying feeds no drafts: they ride
         drafting = self.policy.drafts(len(seqs), len(ready))
         for seq in heads:
@@ -352,7 +356,8 @@ class DecodeRunner:
                                         [t for _, t, _ in taken], [p for _, _, p in taken], self.k)
             for seq, d in zip(ready, drafts):
                 seq.drafts = d
-        self._catch_up([seq for seq in heads if len(seq.unread_tokens) >= CATCH_UP])
+        most = CATCH_UP if self.policy.allowed(len(seqs)) else CATCH_UP_LATE
+        self._catch_up([seq for seq in heads if len(seq.unread_tokens) >= most])
         return drafting and any(seq.drafts for seq in ready)
 
     def _catch_up(self, seqs: list[DecodeSequence], keep_last: bool = False) -> None:

@@ -56,7 +56,8 @@ ALLOWED: dict[str, set[str]] = {
 }
 # Plain bookkeeping: no grpc and no torch among its imports, even indirectly (module level).
 BOOKKEEPING = ("qwenpd.cache_store.index", "qwenpd.cache_store.allocator", "qwenpd.prefill_service.queue",
-               "qwenpd.prefill_service.prefix_policy", "qwenpd.decode_service.scheduler", "qwenpd.clients.routing",
+               "qwenpd.prefill_service.prefix_policy", "qwenpd.decode_service.scheduler", "qwenpd.decode_service.policy",
+               "qwenpd.clients.routing",
                "qwenpd.clients.chat_output",
                "qwenpd.engine.pages", "qwenpd.engine.engine_config", "qwenpd.errors", "qwenpd.address", "qwenpd.units",
                "qwenpd.process", "qwenpd.tokens")

@@ -18,6 +18,7 @@ import logging
 import secrets
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ INSTALL_HINT = ("pip install 'qwenpd[mooncake]' (the mooncake-transfer-engine-no
                 "mooncake-transfer-engine-efa-non-cuda) and apt-get install libibverbs1 libnuma1")
 KEY_PREFIX = "qwenpd/"
 _OBJECT_NOT_FOUND = -704  # mooncake ErrorCode::OBJECT_NOT_FOUND
+_RPC_FAIL = -900  # mooncake ErrorCode::RPC_FAIL: the master did not answer (each such call waits out a timeout)
+_SKIP_REMOVES_S = 5.0  # after a remove the master did not answer, frees skip their removes this long
 _CONNECT_TIMEOUT_S = 3.0
 _ALIGN = 4096
 
@@ -114,6 +117,7 @@ class MooncakeSpace:
         self.config = config
         self.prefix = f"{KEY_PREFIX}{config.store_id}/"
         self.client: Any = None
+        self._master_silent_until = 0.0  # time.monotonic(): frees skip their removes until then
 
     def open(self) -> list[str]:
         c = self.config
@@ -145,8 +149,19 @@ class MooncakeSpace:
         return Extent(f"{self.prefix}{secrets.token_hex(16)}", 0, need)
 
     def free(self, extent: Extent) -> None:
+        """Remove the entry's object. While the master does not answer, removes are skipped for a few seconds
+        rather than each waiting out Mooncake's RPC timeout (~4 s) one after another, which held up the request
+        that freed them (an aborted put of N blocks: N timeouts): a dead master's objects died with it, and a
+        live one's skipped objects (random keys, never read again) go with the store's prefix at its next
+        start or close (`open`, `close`)."""
+        if time.monotonic() < self._master_silent_until:
+            return
         rc = self.client.remove(extent.segment, True)
-        if rc != 0 and rc != _OBJECT_NOT_FOUND:  # never written (aborted), or gone already: fine
+        if rc == _RPC_FAIL:
+            self._master_silent_until = time.monotonic() + _SKIP_REMOVES_S
+            log.warning("mooncake master did not answer the remove of %s: removes skipped for %g s",
+                        extent.segment, _SKIP_REMOVES_S)
+        elif rc != 0 and rc != _OBJECT_NOT_FOUND:  # never written (aborted), or gone already: fine
             log.warning("mooncake remove %s failed (code %d)", extent.segment, rc)
 
 

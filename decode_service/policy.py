@@ -9,13 +9,15 @@ a plain step at each batch size, and the head's first-draft acceptance, and draf
 
     (B + D * a) / t_spec(B) >= (1 + margin) * B / t_plain(B)
 
-for B sequences in the step, D of them drafting, a = p + p^2 + ... + p^K the accepted drafts a pass expects from
-the first-draft acceptance p. Tokens never depend on it: a verify pass emits plain decoding's tokens whatever was
-drafted (engine/speculative.py), so the policy moves speed only.
+for B sequences in the step, D of them drafting, a = p1 + p1 q2 + p1 q2 q3 + ... the accepted drafts a pass
+expects from the first-draft acceptance p1 and the acceptance q_i of the i-th draft where the ones before it were
+accepted (measured by verify passes; p1 where none has reached position i yet). Tokens never depend on it: a
+verify pass emits plain decoding's tokens whatever was drafted (engine/speculative.py), so the policy moves speed
+only.
 
 While a batch does not draft, the decode runner keeps every position's head input (the final-normed hidden state
 and the token after it) and feeds them to the head later, many positions in one pass; such a catch-up pass also
-scores the head's first draft at each of those positions against the token that came (`shadow`), so the policy
+scores the head's first draft at each of those positions against the token that came (`scored`), so the policy
 sees the acceptance of text it is not drafting for and starts drafting again when the text gets predictable.
 Each batch size's step times are measured again when they are `STALE_STEPS` old (one step of the other kind).
 `--speculative-policy always` drafts at every step up to `--speculative-max-batch` (the policy's hard limit).
@@ -27,8 +29,24 @@ POLICIES = ("adaptive", "always")
 STALE_STEPS = 512  # a batch size's step time this many steps old is measured again
 MIN_SAMPLES = 2  # step times of a kind measured at a batch size before the policy trusts them
 MARGIN = 0.03  # drafting must be expected to pay this much more than plain steps
-_DECAY = 0.98  # per observed draft: the acceptance is an average over the last ~50 drafts
-_PRIOR = (0.5, 1.0)  # (accepted, drafted) before any draft was scored
+_DECAY = 0.98  # per observed draft: an acceptance is an average over the last ~50 drafts
+
+
+class _Rate:
+    """A share of drafts accepted, recent ones weighing more; `prior` until one was scored."""
+
+    def __init__(self, prior: float | None = None):
+        self.hits, self.trials, self.prior = 0.0, 0.0, prior
+
+    def add(self, hits: int, trials: int) -> None:
+        decay = _DECAY ** trials
+        self.hits = self.hits * decay + hits
+        self.trials = self.trials * decay + trials
+
+    def value(self, default: float) -> float:
+        if self.trials > 0:
+            return self.hits / self.trials
+        return default if self.prior is None else self.prior
 
 
 class _Seconds:
@@ -59,7 +77,8 @@ class SpeculationPolicy:
         self.steps = 0
         self._spec: dict[int, _Seconds] = {}
         self._plain: dict[int, _Seconds] = {}
-        self._accepted, self._drafted = _PRIOR
+        # the first draft's acceptance, then each later draft's where the ones before it were accepted
+        self._rates = [_Rate(prior=0.5)] + [_Rate() for _ in range(max(0, k - 1))]
 
     def allowed(self, batch: int) -> bool:
         """Whether a step of `batch` sequences may draft at all (or carry a resumed stream's replayed tokens)."""
@@ -68,12 +87,16 @@ class SpeculationPolicy:
     @property
     def acceptance(self) -> float:
         """The head's recent first-draft acceptance (the share of first drafts that were the chosen token)."""
-        return self._accepted / self._drafted
+        return self._rates[0].value(0.0)
 
     def expected_accepted(self) -> float:
-        """Accepted drafts a sequence's verify pass is expected to emit: p + p^2 + ... + p^K."""
-        p = self.acceptance
-        return sum(p ** i for i in range(1, self.k + 1))
+        """Accepted drafts a sequence's verify pass is expected to emit: p1 + p1 q2 + p1 q2 q3 + ..."""
+        p1 = self.acceptance
+        total, reach = 0.0, 1.0
+        for rate in self._rates:
+            reach *= rate.value(p1)
+            total += reach
+        return total
 
     def drafts(self, batch: int, drafting: int) -> bool:
         """Whether a step of `batch` sequences, `drafting` of which have a head, should draft."""
@@ -96,8 +119,13 @@ class SpeculationPolicy:
         (self._spec if drafted else self._plain).setdefault(batch, _Seconds()).add(seconds, self.steps)
 
     def scored(self, accepted: int, drafted: int) -> None:
-        """`drafted` first drafts were scored against the chosen tokens, `accepted` of them were them (a verify
-        pass's, or a catch-up pass's shadow drafts)."""
-        decay = _DECAY ** drafted
-        self._accepted = self._accepted * decay + accepted
-        self._drafted = self._drafted * decay + drafted
+        """`drafted` first drafts were scored against the chosen tokens, `accepted` of them were them (a catch-up
+        pass's shadow drafts)."""
+        self._rates[0].add(accepted, drafted)
+
+    def verified(self, accepted_at: list[int], drafting: int) -> None:
+        """A verify pass: `drafting` sequences fed drafts, accepted_at[i] of them had their (i+1)-th accepted."""
+        reached = [drafting, *accepted_at[:-1]]
+        for rate, hits, trials in zip(self._rates, accepted_at, reached):
+            if trials:
+                rate.add(hits, trials)

@@ -474,7 +474,7 @@ class DecodeRunner:
             self.replayed += replayed
             self.on_replay(replayed)
         if drafted:
-            self.policy.scored(accepted_at[0], drafting_seqs)
+            self.policy.verified(accepted_at, drafting_seqs)
             self.on_verify(drafting_seqs, drafted, accepted_at)
         for seq, out in outputs:
             if out.finish_reason is not None:

@@ -46,6 +46,18 @@ def test_it_drafts_exactly_where_the_expected_tokens_per_second_pay(p, batch):
     assert policy.expected_accepted() == pytest.approx(expected, rel=1e-3)
 
 
+def test_later_drafts_count_by_their_own_acceptance():
+    """Verify passes measure each later draft's acceptance where the ones before it were accepted; until one has,
+    the first draft's stands in for it."""
+    policy = SpeculationPolicy(K, 4)
+    _accepting(policy, 0.8, 100)
+    assert policy.expected_accepted() == pytest.approx(0.8 + 0.8 ** 2 + 0.8 ** 3, rel=1e-3)
+    for _ in range(20):  # 10 sequences a pass: 8 first drafts accepted, 4 of those second ones, 1 third
+        policy.verified([8, 4, 1], 10)
+    assert policy.acceptance == pytest.approx(0.8, abs=0.01)
+    assert policy.expected_accepted() == pytest.approx(0.8 + 0.8 * 0.5 + 0.8 * 0.5 * 0.25, rel=1e-2)
+
+
 def test_acceptance_follows_the_recent_drafts():
     policy = SpeculationPolicy(K, 4)
     _accepting(policy, 0.9, 500)

@@ -37,7 +37,8 @@ INSTALL_HINT = ("pip install 'qwenpd[mooncake]' (the mooncake-transfer-engine-no
                 "mooncake-transfer-engine-efa-non-cuda) and apt-get install libibverbs1 libnuma1")
 KEY_PREFIX = "qwenpd/"
 _OBJECT_NOT_FOUND = -704  # mooncake ErrorCode::OBJECT_NOT_FOUND
-_RPC_FAIL = -900  # mooncake ErrorCode::RPC_FAIL: the master did not answer (each such call waits out a timeout)
+# mooncake ErrorCode::RPC_FAIL / RPC_TIMEOUT: the master did not answer (each such call waits out a timeout)
+_MASTER_SILENT = (-900, -901)
 _SKIP_REMOVES_S = 5.0  # after a remove the master did not answer, frees skip their removes this long
 _CONNECT_TIMEOUT_S = 3.0
 _ALIGN = 4096
@@ -157,7 +158,7 @@ class MooncakeSpace:
         if time.monotonic() < self._master_silent_until:
             return
         rc = self.client.remove(extent.segment, True)
-        if rc == _RPC_FAIL:
+        if rc in _MASTER_SILENT:
             self._master_silent_until = time.monotonic() + _SKIP_REMOVES_S
             log.warning("mooncake master did not answer the remove of %s: removes skipped for %g s",
                         extent.segment, _SKIP_REMOVES_S)

@@ -20,14 +20,19 @@ and the token after it) and feeds them to the head later, many positions in one 
 scores the head's first draft at each of those positions against the token that came (`scored`), so the policy
 sees the acceptance of text it is not drafting for and starts drafting again when the text gets predictable.
 Each batch size's step times are measured again when they are `STALE_STEPS` old (one step of the other kind).
+The times are of the step and its drafting: the heads' catch-up passes and checkpoint copies are left out (they
+come every so many steps whichever kind runs, and would read as one kind's spikes).
 `--speculative-policy always` drafts at every step up to `--speculative-max-batch` (the policy's hard limit).
 """
 
 from __future__ import annotations
 
+import collections
+import statistics
+
 POLICIES = ("adaptive", "always")
 STALE_STEPS = 512  # a batch size's step time this many steps old is measured again
-MIN_SAMPLES = 2  # step times of a kind measured at a batch size before the policy trusts them
+MIN_SAMPLES = 3  # step times of a kind measured at a batch size before the policy trusts them
 MARGIN = 0.03  # drafting must be expected to pay this much more than plain steps
 _DECAY = 0.98  # per observed draft: an acceptance is an average over the last ~50 drafts
 
@@ -50,19 +55,21 @@ class _Rate:
 
 
 class _Seconds:
-    """A step kind's seconds at one batch size: a running mean (recent steps weigh more), with a single sample
-    capped at 3x the mean so one stall (a page fault, another process) does not flip the decision."""
+    """A step kind's seconds at one batch size: the median of its last 5 steps, so one stall (a page fault,
+    another process, a first call) does not flip the decision."""
 
     def __init__(self) -> None:
-        self.mean = 0.0
+        self.recent: collections.deque[float] = collections.deque(maxlen=5)
         self.samples = 0
         self.at = 0  # the policy's step count at the latest sample
 
+    @property
+    def mean(self) -> float:
+        return statistics.median(self.recent)
+
     def add(self, seconds: float, step: int) -> None:
-        if self.samples:
-            seconds = min(seconds, 3 * self.mean)
+        self.recent.append(seconds)
         self.samples += 1
-        self.mean += (seconds - self.mean) / min(self.samples, 5)
         self.at = step
 
 

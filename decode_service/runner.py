@@ -196,6 +196,7 @@ class DecodeRunner:
         # each draft position (1st, 2nd, ...)
         self.on_verify: Callable[[int, int, list[int]], None] = lambda seqs, drafted, accepted_at: None
         self.on_plain_step: Callable[[], None] = lambda: None  # metrics: a step with heads that drafted nothing
+        self._untimed = 0.0  # seconds of this step the policy does not count (catch-ups, checkpoint copies)
         self.engine: Engine | None = None
         self.batch: DecodeBatch | None = None
         self.steps = 0
@@ -311,7 +312,9 @@ class DecodeRunner:
         head, n = self.engine.draft_head, seq.num_tokens
         drafter = Drafter(head, seq.sampler.vocab, capacity=seq.kv_tokens + self.k + 1)
         drafter.cache.load(seq.draft, n - 1)
-        seq.unread(n - 1, seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device)[None], [seq.next_token])
+        # a copy: the hand-off's bytes are leased until the join ends, and the head may read this much later
+        seq.unread(n - 1, seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device, copy=True)[None],
+                   [seq.next_token])
         return drafter
 
     def _leave(self, seq: DecodeSequence) -> None:
@@ -329,7 +332,7 @@ class DecodeRunner:
         heads = [seq for seq in seqs if seq.drafter is not None]
         if not heads:
             return self._plain_step(seqs, False)
-        started = time.perf_counter()
+        started, self._untimed = time.perf_counter(), 0.0
         drafting = self._plan(seqs, heads)
         replaying = any(seq.replay for seq in seqs)
         if drafting or (replaying and self.policy.allowed(len(seqs))):
@@ -338,7 +341,7 @@ class DecodeRunner:
             outputs = self._plain_step(seqs, True)
             self.on_plain_step()
         if not replaying:
-            self.policy.timed(len(seqs), drafting, time.perf_counter() - started)
+            self.policy.timed(len(seqs), drafting, time.perf_counter() - started - self._untimed)
         return outputs
 
     def _plan(self, seqs: list[DecodeSequence], heads: list[DecodeSequence]) -> bool:
@@ -365,9 +368,11 @@ class DecodeRunner:
         their first drafts at those positions are scored for the policy."""
         group = [(seq, seq.take_unread(keep_last)) for seq in seqs if len(seq.unread_tokens) > keep_last]
         if group:
+            started = time.perf_counter()
             hits, scored = Drafter.read_many([seq.drafter for seq, _ in group], [h for _, (h, _, _) in group],
                                              [t for _, (_, t, _) in group], [p for _, (_, _, p) in group])
             self.policy.scored(hits, scored)
+            self._untimed += time.perf_counter() - started  # not a step's own cost (policy.py)
 
     def _plain_step(self, seqs: list[DecodeSequence], heads: bool) -> list[tuple[DecodeSequence, Output]]:
         """One token for every sequence; with `heads`, the heads' input is kept for them to read later."""
@@ -484,12 +489,13 @@ class DecodeRunner:
     def _maybe_checkpoint(self, seq: DecodeSequence, out: Output) -> None:
         """Attach a copy of `seq`'s state to `out` for the service to store, when one is due."""
         if self._checkpoint_due(seq, out):
-            copy_started = time.perf_counter()
+            copy_started, untimed = time.perf_counter(), self._untimed
             out.checkpoint = seq.state.to_tensors()
             if seq.drafter is not None and seq.draft_hidden is not None:  # the draft state, as a hand-off's
                 self._catch_up([seq], keep_last=True)
                 out.checkpoint.update(seq.drafter.cache.draft_state(0, seq.num_tokens, seq.draft_hidden))
             self.on_checkpoint_copy(time.perf_counter() - copy_started)
+            self._untimed = untimed + time.perf_counter() - copy_started  # its catch-up counted once
             out.record = seq.stream.advanced(seq.num_tokens, seq.tail)
             seq.checkpointed_at = seq.num_tokens
 

@@ -155,10 +155,13 @@ class MTPHead:
         normed = rms_norm(x, self.final_norm, self.eps, self.dtype)
         if not len(logit_rows):
             return normed, None
-        picked = normed[list(logit_rows)]
+        return normed, self.logits(normed[list(logit_rows)])
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, V] of the head's normed output rows [N, H] ([N, rows] with a draft head)."""
         if self.draft_head is not None:
-            return normed, self.draft_head(picked).float()
-        return normed, self.model.lm_head(picked, step=True).float()  # an int8 lm_head: its int8 kernel
+            return self.draft_head(normed).float()
+        return self.model.lm_head(normed, step=True).float()  # an int8 lm_head: its int8 kernel
 
 
 class PromptDrafts:

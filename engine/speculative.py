@@ -339,6 +339,9 @@ def rollback_bytes(done: Verified) -> int:
     return total
 
 
+_SCORE_ROWS = 64  # rows whose logits a catch-up pass makes at once (Drafter.read_many)
+
+
 class Drafter:
     """One sequence's drafts: the MTP head's KV and how far the head has read the verified tokens."""
 
@@ -401,24 +404,29 @@ class Drafter:
 
     @classmethod
     def read_many(cls, drafters: list["Drafter"], hidden: list[torch.Tensor], next_tokens: list[list[int]],
-                  starts: list[int]) -> tuple[int, int]:
+                  starts: list[int], scored: int = 32) -> tuple[int, int]:
         """The heads read positions they did not draft from (`draft_many`'s input, drafting nothing), in one pass,
-        and their first draft at each of those positions is scored against the token that came there: returns
-        (first drafts that were it, first drafts scored)."""
+        and their first draft at each of the last `scored` of each one's positions with a token after it is
+        scored against that token: returns (first drafts that were it, first drafts scored). Logits are made a
+        few rows at a time (a real vocabulary's are ~1 MB a row)."""
         if not drafters:
             return 0, 0
         head, dev = drafters[0].head, hidden[0].device
         lengths = [len(t) for t in next_tokens]
         lo = [0, *itertools.accumulate(lengths)]
-        rows = [r for b, n in enumerate(lengths) for r in range(lo[b], lo[b] + n - 1)]  # those with a token after
+        rows, came = [], []
+        for b, ts in enumerate(next_tokens):
+            first = max(0, len(ts) - 1 - scored)
+            rows += range(lo[b] + first, lo[b] + len(ts) - 1)
+            came += ts[first + 1:]
+        vocab = drafters[0].vocab
+        picked: list[int] = []
         with torch.inference_mode():
             positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lengths)])
-            _, logits = head.forward_many(torch.cat(hidden), torch.tensor([t for ts in next_tokens for t in ts],
-                                                                          device=dev),
-                                          positions, [d.cache for d in drafters], lengths, 0, rows)
-            if logits is None:
-                return 0, 0
-            vocab = drafters[0].vocab
-            picked = (logits if vocab is None else logits[:, :vocab]).argmax(-1).tolist()
-        came = [t for ts in next_tokens for t in ts[1:]]
+            normed, _ = head.forward_many(torch.cat(hidden), torch.tensor([t for ts in next_tokens for t in ts],
+                                                                           device=dev),
+                                          positions, [d.cache for d in drafters], lengths, 0, [])
+            for i in range(0, len(rows), _SCORE_ROWS):
+                logits = head.logits(normed[rows[i:i + _SCORE_ROWS]])
+                picked += (logits if vocab is None else logits[:, :vocab]).argmax(-1).tolist()
         return sum(p == c for p, c in zip(picked, came)), len(came)

@@ -151,7 +151,7 @@ class DecodeMetrics(Metrics):
         self.accepted_length.set_function(lambda: 1 + self._verified[1] / self._verified[0] if self._verified[0]
                                           else 0.0)
         policy = getattr(runner, "policy", None)
-        if policy is not None:
+        if policy is not None and policy.k:
             self.acceptance.set_function(lambda: policy.acceptance)
             runner.on_plain_step = self.plain_steps.inc
 

@@ -300,7 +300,7 @@ def test_read_many_scores_the_first_draft_at_each_position(engine, head):
     tokens = prompt[1:] + [prompt[0]]
     many, one = Drafter(head, None), Drafter(head, None)
     n = len(prompt)
-    hits, scored = Drafter.read_many([many], [hidden], [tokens], [0])
+    hits, scored = Drafter.read_many([many], [hidden], [tokens], [0], scored=n)
     want = 0
     for i in range(n):
         draft = one.draft(hidden[i:i + 1], [tokens[i]], i, 1)[0]
@@ -312,4 +312,6 @@ def test_read_many_scores_the_first_draft_at_each_position(engine, head):
     chain, right = Drafter(head, None), [tokens[0]]
     for i in range(n - 1):
         right += chain.draft(hidden[i:i + 1], right[-1:], i, 1)
-    assert Drafter.read_many([Drafter(head, None)], [hidden], [right], [0]) == (n - 1, n - 1)
+    assert Drafter.read_many([Drafter(head, None)], [hidden], [right], [0], scored=n) == (n - 1, n - 1)
+    # by default the last 32 positions with a token after them are scored
+    assert Drafter.read_many([Drafter(head, None)], [hidden], [right], [0]) == (32, 32)

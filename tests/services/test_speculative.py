@@ -32,7 +32,7 @@ from tests.services.conftest import qwenpd_cmd, start_serve_all, stop_serve_all
 from tests.services.test_exact_resume import _decode_pid, _metric, _run
 from tests.services.test_supervisor import _free_ports
 
-TOKENS = 96
+TOKENS = 200  # long enough that no stream ends before the kill -9 lands (the slowest stream has 12 tokens)
 STREAMS = 4
 
 

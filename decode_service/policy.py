@@ -19,7 +19,9 @@ While a batch does not draft, the decode runner keeps every position's head inpu
 and the token after it) and feeds them to the head later, many positions in one pass; such a catch-up pass also
 scores the head's first draft at each of those positions against the token that came (`scored`), so the policy
 sees the acceptance of text it is not drafting for and starts drafting again when the text gets predictable.
-Each batch size's step times are measured again when they are `STALE_STEPS` old (one step of the other kind).
+A head whose expected accepted drafts could not pay even for a free verify pass does not draft at all. Each
+batch size's step times are measured again when they are `STALE_STEPS` old (one step of the other kind), or
+`CLOSE_STALE_STEPS` where the decision was a close call.
 The times are of the step and its drafting: the heads' catch-up passes and checkpoint copies are left out (they
 come every so many steps whichever kind runs, and would read as one kind's spikes).
 `--speculative-policy always` drafts at every step up to `--speculative-max-batch` (the policy's hard limit).
@@ -32,6 +34,8 @@ import statistics
 
 POLICIES = ("adaptive", "always")
 STALE_STEPS = 512  # a batch size's step time this many steps old is measured again
+CLOSE_STALE_STEPS = 16  # ... this many, where the last decision was a close call (a slow patch can flip it)
+CLOSE = (0.8, 1.25)  # expected drafting speed / plain speed counted as a close call
 MIN_SAMPLES = 3  # step times of a kind measured at a batch size before the policy trusts them
 MARGIN = 0.03  # drafting must be expected to pay this much more than plain steps
 _DECAY = 0.98  # per observed draft: an acceptance is an average over the last ~50 drafts
@@ -55,11 +59,11 @@ class _Rate:
 
 
 class _Seconds:
-    """A step kind's seconds at one batch size: the median of its last 5 steps, so one stall (a page fault,
-    another process, a first call) does not flip the decision."""
+    """A step kind's seconds at one batch size: the median of its last 3 steps, so one stall (a page fault,
+    another process, a first call) does not flip the decision, and a slow patch passes soon."""
 
     def __init__(self) -> None:
-        self.recent: collections.deque[float] = collections.deque(maxlen=5)
+        self.recent: collections.deque[float] = collections.deque(maxlen=3)
         self.samples = 0
         self.at = 0  # the policy's step count at the latest sample
 
@@ -111,13 +115,18 @@ class SpeculationPolicy:
             return False
         if self.mode == "always":
             return True
+        tokens = batch + drafting * self.expected_accepted()  # a drafting step's expected tokens
+        if tokens < (1 + MARGIN) * batch:
+            return False  # would not pay even if drafting cost nothing (drafts scored while plain bring it back)
         spec, plain = self._spec.get(batch), self._plain.get(batch)
         if spec is None or spec.samples < MIN_SAMPLES:
             return True  # not measured yet: try it
         if plain is None or plain.samples < MIN_SAMPLES:
             return False
-        pays = (batch + drafting * self.expected_accepted()) / spec.mean >= (1 + MARGIN) * batch / plain.mean
-        stale = (plain if pays else spec).at + STALE_STEPS <= self.steps
+        speedup = tokens / spec.mean * plain.mean / batch
+        pays = speedup >= 1 + MARGIN
+        close = CLOSE[0] <= speedup <= CLOSE[1]
+        stale = (plain if pays else spec).at + (CLOSE_STALE_STEPS if close else STALE_STEPS) <= self.steps
         return pays != stale  # now and then one step of the other kind, to measure it again
 
     def timed(self, batch: int, drafted: bool, seconds: float) -> None:

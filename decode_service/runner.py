@@ -354,6 +354,9 @@ class DecodeRunner:
         for seq in heads:
             seq.drafts = []
         if drafting:
+            # what piled up while not drafting is read apart (a catch-up, untimed), so every drafting step the
+            # policy times reads only the last pass's positions
+            self._catch_up([seq for seq in ready if len(seq.unread_tokens) > self.k + 1], keep_last=True)
             taken = [seq.take_unread() for seq in ready]
             drafts = Drafter.draft_many([seq.drafter for seq in ready], [h for h, _, _ in taken],
                                         [t for _, t, _ in taken], [p for _, _, p in taken], self.k)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwenpd.decode_service.policy import MARGIN, MIN_SAMPLES, STALE_STEPS, SpeculationPolicy
+from qwenpd.decode_service.policy import (CLOSE_STALE_STEPS, MARGIN, MIN_SAMPLES, STALE_STEPS,
+                                          SpeculationPolicy)
 
 K = 3
 
@@ -22,15 +23,16 @@ def _accepting(policy: SpeculationPolicy, p: float, drafts: int = 2000) -> None:
 
 
 def test_it_tries_drafting_then_a_plain_step_before_it_decides():
-    policy = SpeculationPolicy(K, 4)
-    _accepting(policy, 0.0)
+    policy = SpeculationPolicy(K, 4)  # a head not scored yet (its prior acceptance: 0.5)
     for _ in range(MIN_SAMPLES):
-        assert policy.drafts(1, 1)  # not measured yet: try it, however poor the head
+        assert policy.drafts(1, 1)  # not measured yet: try it
         policy.timed(1, True, 0.015)
-    assert not policy.drafts(1, 1)  # now a plain step, to compare
-    policy.timed(1, False, 0.010)
-    policy.timed(1, False, 0.010)
-    assert not policy.drafts(1, 1)  # a head that is never right: 1 token for 1.5 steps' time
+    for _ in range(MIN_SAMPLES):
+        assert not policy.drafts(1, 1)  # now plain steps, to compare
+        policy.timed(1, False, 0.010)
+    assert policy.drafts(1, 1)  # 1.875 expected tokens in 1.5 steps' time
+    _accepting(policy, 0.1)
+    assert not policy.drafts(1, 1)  # 1.11 tokens in 1.5 steps' time
 
 
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.7, 0.9])
@@ -69,13 +71,40 @@ def test_acceptance_follows_the_recent_drafts():
 def test_a_stale_measurement_is_taken_again():
     policy = SpeculationPolicy(K, 4)
     _measured(policy, 1, 0.030, 0.010)
-    _accepting(policy, 0.0)
+    _accepting(policy, 0.2)  # far from paying: re-measured after STALE_STEPS
     decisions = []
     for _ in range(STALE_STEPS + 2):
         d = policy.drafts(1, 1)
         decisions.append(d)
         policy.timed(1, d, 0.030 if d else 0.010)
     assert decisions.count(True) == 1  # one drafting step once the drafting time was stale
+
+
+def test_a_close_call_is_measured_again_soon():
+    """A slow patch made drafting look 5% too slow: the drafting time is measured again after CLOSE_STALE_STEPS,
+    and once the patch has passed the batch drafts again."""
+    policy = SpeculationPolicy(K, 4)
+    _accepting(policy, 0.7)  # 0.7 + 0.49 + 0.34 = 1.53 expected accepted drafts
+    _measured(policy, 1, 0.0230, 0.010)  # 2.53 tokens in 2.3 plain steps' time: 1.10x, a close call
+    assert policy.drafts(1, 1)
+    for _ in range(MIN_SAMPLES):
+        policy.timed(1, True, 0.026)  # a slow patch: 0.97x
+    decisions = []
+    for _ in range(CLOSE_STALE_STEPS * 3):
+        d = policy.drafts(1, 1)
+        decisions.append(d)
+        policy.timed(1, d, 0.018 if d else 0.010)  # the patch has passed
+    # measured again after CLOSE_STALE_STEPS, twice (the median of 3 needs two fast samples), then drafting
+    assert not decisions[0] and decisions[CLOSE_STALE_STEPS] and all(decisions[2 * CLOSE_STALE_STEPS + 1:])
+
+
+def test_a_head_that_cannot_pay_does_not_draft_even_unmeasured():
+    policy = SpeculationPolicy(K, 4)
+    assert policy.drafts(1, 1)  # the prior (0.5) may pay
+    policy.verified([0, 0, 0], 1)  # its first draft was wrong
+    assert not policy.drafts(1, 1)  # 0 expected: no step time could make drafting pay
+    _accepting(policy, 0.6)  # its drafts, scored while plain, got better
+    assert policy.drafts(1, 1)
 
 
 def test_the_batch_limit_and_always():

@@ -22,8 +22,9 @@ no gRPC) at batch 1, 8 and 32: B sequences prefilled (with the head's state, as 
 and decoded together, plain (no head) against speculative two ways: with every step drafting
 (--speculative-max-batch lifted, --speculative-policy always: where drafting stops paying) and as served (the
 decode service's defaults: the adaptive policy of decode_service/policy.py under the default
---speculative-max-batch), each with its own tokens checked against plain decoding. The summary line is the served
-one; "sequence steps drafting" is the share of sequence steps that verified drafts.
+--speculative-max-batch, its policy warmed by one untimed run first, as a serving process's is by the requests
+before), each with its own tokens checked against plain decoding. The summary line is the served one;
+"sequence steps drafting" is the share of sequence steps that verified drafts.
 
 `--compile`: both tables on compiled graphs (`--compile` of the services: regional, the decode graphs, compiled
 for the verify passes' rows too), plain and speculative on the same compiled engine; a separate run from the
@@ -57,6 +58,9 @@ from qwenpd.engine.mtp import load_head  # noqa: E402
 from qwenpd.engine.sampling import SamplingParams  # noqa: E402
 from qwenpd.engine.speculative import Drafter  # noqa: E402
 from qwenpd.decode_service import runner as runner_mod  # noqa: E402
+from qwenpd.decode_service.config import DecodeConfig  # noqa: E402
+from qwenpd.decode_service.policy import SpeculationPolicy  # noqa: E402
+from qwenpd.service_config import field_defaults  # noqa: E402
 
 
 def prompts(engine: Engine, n: int, length: int) -> list[list[int]]:
@@ -133,13 +137,12 @@ def deeper(preset: str, dtype: str, num_layers: int, cache_dir: Path) -> Path:
 
 def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams, k: int,
               refs: list[list[int]] | None = None, acceptance: float | None = None, seed: int = 0,
-              served: bool = False):
+              served: "bool | SpeculationPolicy" = False):
     """The prompts decoded together by a DecodeRunner (k = 0: plain), every prefill on its stepping thread (as a
     joining sequence's load); tokens/s counts the time in decode steps. `served`: the decode service's defaults
-    (the adaptive policy, --speculative-max-batch's default), else every step drafts. Returns (decode tokens/s,
+    (the adaptive policy, --speculative-max-batch's default; a SpeculationPolicy: that one, warm from earlier
+    runs), else every step drafts. Returns (decode tokens/s,
     token ids per sequence, (drafting sequence steps, accepted drafts, accepted per draft position))."""
-    from qwenpd.decode_service.config import DecodeConfig
-    from qwenpd.service_config import field_defaults
     import threading
 
     from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
@@ -221,7 +224,8 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
     runner = DecodeRunner(loaded.get, loaded.compiled[0] if loaded.compiled else len(prompts_), len(prompts_),
                           deliver, num_speculative_tokens=k,
                           speculative_max_batch=defaults.speculative_max_batch if served else len(prompts_),
-                          speculative_policy=defaults.speculative_policy if served else "always")
+                          speculative_policy=(served if not isinstance(served, bool) else
+                                              defaults.speculative_policy if served else "always"))
     runner.on_verify = on_verify
     stepping = [0.0]
     step = runner._step
@@ -273,8 +277,14 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
             base, refs, _ = run_batch(loaded, group, params, 0)
             rates.setdefault("plain", []).append(base)
             for a in acceptances:
+                if (a, "policy") not in rates:  # a serving process's policy, warmed by one run first (untimed)
+                    defaults = field_defaults(DecodeConfig)
+                    rates[(a, "policy")] = SpeculationPolicy(args.k, defaults.speculative_max_batch,
+                                                             defaults.speculative_policy)
+                    run_batch(loaded, group, params, args.k, refs, a, seed=99, served=rates[(a, "policy")])
                 for served in (False, True):
-                    rate, ids, v = run_batch(loaded, group, params, args.k, refs, a, seed=run, served=served)
+                    rate, ids, v = run_batch(loaded, group, params, args.k, refs, a, seed=run,
+                                             served=rates[(a, "policy")] if served else False)
                     if ids != refs:
                         raise RuntimeError(f"batch {b}: speculative tokens differ from plain decoding")
                     rates.setdefault((a, served), []).append((rate, v))

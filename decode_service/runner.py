@@ -186,12 +186,14 @@ class DecodeRunner:
 
     def __init__(self, make_engine: Callable[[], Engine], max_batch: int, max_queued: int, deliver: Deliver,
                  checkpoint_every: int = 0, num_speculative_tokens: int = 0, speculative_max_batch: int = 2,
-                 speculative_policy: str = "adaptive"):
+                 speculative_policy: "str | SpeculationPolicy" = "adaptive"):
         self.scheduler: Scheduler[DecodeSequence] = Scheduler(max_batch, max_queued)
         self.max_batch = max_batch
         self.checkpoint_every = checkpoint_every  # tokens between decode-side checkpoints (0 = none)
         self.k = num_speculative_tokens
-        self.policy = SpeculationPolicy(num_speculative_tokens, speculative_max_batch, speculative_policy)
+        # a policy object carries what it measured over from another runner (bench/spec_decode.py: a warm server)
+        self.policy = speculative_policy if isinstance(speculative_policy, SpeculationPolicy) else \
+            SpeculationPolicy(num_speculative_tokens, speculative_max_batch, speculative_policy)
         # metrics: per verify pass, the sequences that fed drafts, the drafts fed, and how many were accepted at
         # each draft position (1st, 2nd, ...)
         self.on_verify: Callable[[int, int, list[int]], None] = lambda seqs, drafted, accepted_at: None

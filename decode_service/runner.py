@@ -359,9 +359,7 @@ class DecodeRunner:
             # what piled up while not drafting is read apart (a catch-up, untimed), so every drafting step the
             # policy times reads only the last pass's positions
             self._catch_up([seq for seq in ready if len(seq.unread_tokens) > self.k + 1], keep_last=True)
-            taken = [seq.take_unread() for seq in ready]
-            drafts = Drafter.draft_many([seq.drafter for seq in ready], [h for h, _, _ in taken],
-                                        [t for _, t, _ in taken], [p for _, _, p in taken], self.k)
+            drafts = Drafter.draft_many(*_take_unread(ready), self.k)
             for seq, d in zip(ready, drafts):
                 seq.drafts = d
         most = CATCH_UP if self.policy.allowed(len(seqs)) else CATCH_UP_LATE
@@ -371,11 +369,10 @@ class DecodeRunner:
     def _catch_up(self, seqs: list[DecodeSequence], keep_last: bool = False) -> None:
         """The heads of `seqs` read their unread input (but the last position's with `keep_last`), in one pass;
         their first drafts at those positions are scored for the policy."""
-        group = [(seq, seq.take_unread(keep_last)) for seq in seqs if len(seq.unread_tokens) > keep_last]
+        group = [seq for seq in seqs if len(seq.unread_tokens) > keep_last]
         if group:
             started = time.perf_counter()
-            hits, scored = Drafter.read_many([seq.drafter for seq, _ in group], [h for _, (h, _, _) in group],
-                                             [t for _, (_, t, _) in group], [p for _, (_, _, p) in group])
+            hits, scored = Drafter.read_many(*_take_unread(group, keep_last))
             self.policy.scored(hits, scored)
             self._untimed += time.perf_counter() - started  # not a step's own cost (policy.py)
 
@@ -515,6 +512,14 @@ class DecodeRunner:
             seq.checkpointed_at = seq.num_tokens
             return False
         return True
+
+
+def _take_unread(seqs: list[DecodeSequence], keep_last: bool = False) -> tuple[list, list, list, list]:
+    """What the heads of `seqs` have not read (DecodeSequence.take_unread), as Drafter.draft_many / read_many take
+    it: (drafters, hidden states, tokens, first positions)."""
+    taken = [seq.take_unread(keep_last) for seq in seqs]
+    return ([seq.drafter for seq in seqs], [h for h, _, _ in taken], [t for _, t, _ in taken],
+            [p for _, _, p in taken])
 
 
 def _loaded() -> HybridState:

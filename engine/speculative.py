@@ -351,7 +351,24 @@ class Drafter:
         self.vocab = vocab  # tokens the tokenizer has: drafts never pick embedding padding
 
     def _pick(self, logits: torch.Tensor) -> int:
-        return int(torch.argmax(logits if self.vocab is None else logits[:self.vocab]))
+        return self._picks(logits[None])[0]
+
+    def _picks(self, logits: torch.Tensor) -> list[int]:
+        """The greedy draft of each row of logits [N, V]."""
+        return (logits if self.vocab is None else logits[:, :self.vocab]).argmax(-1).tolist()
+
+    @staticmethod
+    def _read(drafters: list["Drafter"], hidden: list[torch.Tensor], next_tokens: list[list[int]],
+              starts: list[int], logit_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One head pass over several sequences' verified pairs (hidden[i]: positions starts[i].., the token after
+        each: next_tokens[i]), writing their head KV: MTPHead.forward_many's (normed output, logits of
+        logit_rows)."""
+        dev = hidden[0].device
+        lengths = [len(t) for t in next_tokens]
+        positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lengths)])
+        tokens = torch.tensor([t for ts in next_tokens for t in ts], device=dev)
+        return drafters[0].head.forward_many(torch.cat(hidden), tokens, positions, [d.cache for d in drafters],
+                                             lengths, 0, logit_rows)
 
     def draft(self, hidden: torch.Tensor, next_tokens: list[int], start: int, k: int) -> list[int]:
         """Feed the verified pairs (hidden[i] of position start+i, the token after it) and draft k tokens after
@@ -382,12 +399,8 @@ class Drafter:
         head, dev = drafters[0].head, hidden[0].device
         lengths = [len(t) for t in next_tokens]
         with torch.inference_mode():
-            positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lengths)])
             last = list(itertools.accumulate(lengths))
-            out, logits = head.forward_many(torch.cat(hidden), torch.tensor([t for ts in next_tokens for t in ts],
-                                                                             device=dev),
-                                            positions, [d.cache for d in drafters], lengths, 0,
-                                            [i - 1 for i in last] if k else [])
+            out, logits = cls._read(drafters, hidden, next_tokens, starts, [i - 1 for i in last] if k else [])
             if k < 1:
                 return [[] for _ in drafters]
             drafts = [[d._pick(row)] for d, row in zip(drafters, logits)]
@@ -411,22 +424,15 @@ class Drafter:
         few rows at a time (a real vocabulary's are ~1 MB a row)."""
         if not drafters:
             return 0, 0
-        head, dev = drafters[0].head, hidden[0].device
-        lengths = [len(t) for t in next_tokens]
-        lo = [0, *itertools.accumulate(lengths)]
+        lo = [0, *itertools.accumulate(len(t) for t in next_tokens)]
         rows, came = [], []
         for b, ts in enumerate(next_tokens):
             first = max(0, len(ts) - 1 - scored)
             rows += range(lo[b] + first, lo[b] + len(ts) - 1)
             came += ts[first + 1:]
-        vocab = drafters[0].vocab
         picked: list[int] = []
         with torch.inference_mode():
-            positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lengths)])
-            normed, _ = head.forward_many(torch.cat(hidden), torch.tensor([t for ts in next_tokens for t in ts],
-                                                                           device=dev),
-                                          positions, [d.cache for d in drafters], lengths, 0, [])
-            for i in range(0, len(rows), _SCORE_ROWS):
-                logits = head.logits(normed[rows[i:i + _SCORE_ROWS]])
-                picked += (logits if vocab is None else logits[:, :vocab]).argmax(-1).tolist()
+            normed, _ = cls._read(drafters, hidden, next_tokens, starts, [])
+            for i in range(0, len(rows), _SCORE_ROWS):  # drafts share the tokenizer's vocabulary
+                picked += drafters[0]._picks(drafters[0].head.logits(normed[rows[i:i + _SCORE_ROWS]]))
         return sum(p == c for p, c in zip(picked, came)), len(came)

@@ -30,6 +30,7 @@ from qwenpd.engine.tp.plan import ShardPlan
 from qwenpd.engine.tokenizer import Tokenizer
 from qwenpd.engine.vision import PromptMedia, VisionTower, load_vision_weights, vision_fingerprint
 from qwenpd.engine.weights import load_weights
+from qwenpd.kernels.gated_delta_rule import cpu as delta_cpu
 from qwenpd.kernels.ops import register_device_kernels
 
 if TYPE_CHECKING:
@@ -116,6 +117,12 @@ class Engine:
                             if self.engine_config.quantize == "int8" else None)
         if self.int8_kernel:
             self.fingerprint = hashlib.sha256(f"{self.fingerprint} int8 kernel {self.int8_kernel}".encode()).hexdigest()
+        # a CPU decode step's DeltaNet state update runs kernels/gated_delta_rule/cpu_step.cpp where it builds (here,
+        # ~10 s once a machine); its bits are not the torch code's, so it joins the fingerprint too
+        self.delta_step_kernel = (("cpp" if delta_cpu.load() else "torch") if self.device.type == "cpu"
+                                  else None)
+        if self.delta_step_kernel == "cpp":
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint} delta step kernel cpp".encode()).hexdigest()
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenpd.kernels.int8_matmul import available as int8_matmul_available
-from qwenpd.kernels.int8_matmul.cpu import cpu_flags
+from qwenpd.kernels.cpp_build import cpu_flags
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes packed for oneDNN on CPU
 

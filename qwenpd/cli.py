@@ -180,6 +180,7 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
             "prompt_tokens": len(prompt_ids), "prefill_s": result.prefill_s, "decode_s": result.decode_s,
             "warmup_s": warmup_s, "weight_bytes": engine.weight_bytes, **spec,
             **({"int8_kernel": engine.int8_kernel} if engine.int8_kernel else {}),
+            **({"delta_step_kernel": engine.delta_step_kernel} if engine.delta_step_kernel else {}),
             "wall_s": time.perf_counter() - started,
         }))
     else:

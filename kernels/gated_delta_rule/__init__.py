@@ -2,7 +2,8 @@
 
 from qwenpd.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 from qwenpd.kernels.gated_delta_rule.naive import naive_gated_delta_rule
-from qwenpd.kernels.gated_delta_rule.step import StepInputs, step_gated_delta_rule, step_inputs, step_state
+from qwenpd.kernels.gated_delta_rule.step import (StepInputs, step_gated_delta_rule, step_inputs, step_state,
+                                                  step_state_torch)
 
 __all__ = ["StepInputs", "chunk_gated_delta_rule", "naive_gated_delta_rule", "step_gated_delta_rule", "step_inputs",
-           "step_state"]
+           "step_state", "step_state_torch"]

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from qwenpd.kernels.gated_delta_rule import cpu
 from qwenpd.kernels.gated_delta_rule.checks import check_step_inputs, prepare_qk
 
 
@@ -57,7 +58,17 @@ def step_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, use_qk
 
 
 def step_state(x: StepInputs, state: Tensor) -> Tensor:
-    """step_gated_delta_rule's state part: one token per row of `x` into state [B, Hv, K, V] (in place)."""
+    """step_gated_delta_rule's state part: one token per row of `x` into state [B, Hv, K, V] (in place). On CPU the
+    kernel of cpu_step.cpp (loaded on first use; an engine loads it at start): one pass over the state, ~2x
+    step_state_torch at batch 8 here; elsewhere, or without a compiler, step_state_torch."""
+    if (state.device.type == "cpu" and state.is_contiguous()
+            and (cpu.ready or (not torch.compiler.is_compiling() and cpu.load()))):
+        return torch.ops.qwenpd_delta.step_state(x.qk, x.qdotk, x.decay, x.beta, x.v, state).to(x.out_dtype)
+    return step_state_torch(x, state)
+
+
+def step_state_torch(x: StepInputs, state: Tensor) -> Tensor:
+    """step_state in torch ops: the reference of cpu_step.cpp and the code of every other device."""
     # Read the old state once for both k and q (S is the largest tensor here; it bounds decode):
     #   k^T (e^g S) = e^g (k^T S)   and   q^T S' = e^g (q^T S) + (q . k) delta
     reads = (x.qk @ state).mul_(x.decay[..., None])  # [B, Hv, 2, V]

@@ -79,6 +79,20 @@ def test_deltanet_kernel_families(tiny_model_dir):
     assert Engine(tiny_model_dir, dtype="float32").kernel_family == "torch"
 
 
+def test_the_cpu_delta_step_kernel_joins_the_fingerprint(tiny_model_dir, monkeypatch):
+    """cpu_step.cpp and the torch code give other bits: a prefill and a decode that took different ones (one of
+    them without a compiler) must refuse each other's hand-offs, as for the int8 kernel."""
+    from qwenpd.kernels.gated_delta_rule import cpu
+
+    ours = Engine(tiny_model_dir, dtype="float32", warm_up=False)
+    monkeypatch.setattr(cpu, "load", lambda: False)
+    torch_code = Engine(tiny_model_dir, dtype="float32", warm_up=False)
+    assert torch_code.delta_step_kernel == "torch"
+    assert ours.delta_step_kernel == ("cpp" if cpu.ready else "torch")
+    assert (ours.fingerprint != torch_code.fingerprint) == (ours.delta_step_kernel == "cpp")
+    assert Engine(tiny_model_dir, dtype="float32", device="meta", warm_up=False).delta_step_kernel is None
+
+
 def test_neuron_cores_split_between_ranks():
     from qwenpd.engine.device import split_cores
 

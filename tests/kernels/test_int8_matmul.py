@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwenpd.kernels.int8_matmul import available, int8_matmul, naive_int8_matmul
+from qwenpd.kernels import cpp_build
 from qwenpd.kernels.int8_matmul import cpu
 from qwenpd.kernels.int8_matmul.cpu import DISABLE_ENV
 
@@ -136,5 +137,5 @@ def test_a_dead_builders_lock_file_is_removed_under_our_lock(tmp_path):
     loader = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path),
                              load=lambda **kw: seen.append((kw["name"], (tmp_path / "lock").exists())))
     (tmp_path / "lock").touch()
-    cpu._build(loader, "x")
+    cpp_build._build(loader, "x", cpu.SOURCE, [])
     assert seen == [("x", False)]

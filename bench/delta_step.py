@@ -29,10 +29,12 @@ from machine import cpu_description  # noqa: E402 - bench/machine.py
 from qwenpd.engine import DecodeBatch, Engine  # noqa: E402
 from qwenpd.engine.config import PRESETS  # noqa: E402
 from qwenpd.engine.init_model import init_model  # noqa: E402
+from qwenpd.engine.pages import pages_for  # noqa: E402
 from qwenpd.engine.runner import Buckets  # noqa: E402
 from qwenpd.kernels.gated_delta_rule import cpu, step_inputs, step_state_torch  # noqa: E402
 
 LOAD = cpu.load
+PROMPT = 256  # tokens before the timed steps
 
 
 def use_kernel(on: bool) -> None:
@@ -80,7 +82,7 @@ def engine_steps(eng: Engine, label: str, batches: list[int], steps: int, rounds
     for b in batches:
         batch = DecodeBatch(eng, b)
         for _ in range(b):
-            _, state = eng.prefill(torch.randint(3, 500, (256,), generator=g).tolist())
+            _, state = eng.prefill(torch.randint(3, 500, (PROMPT,), generator=g).tolist())
             batch.add(state)
         tokens = [5] * b
         for on in (False, True):  # warm (a compiled region traces each way once)
@@ -126,8 +128,10 @@ def main() -> None:
         engine_steps(Engine(model, dtype=args.dtype), "eager", batches, args.steps, args.rounds)
         if not args.no_compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            eng = Engine(model, dtype=args.dtype, kv_cache_bytes=max(batches) * (512 << 20) // 32)
-            seconds = eng.compile(Buckets((256,), tuple(batches), (2, 4)), max_batch=max(batches))
+            eng = Engine(model, dtype=args.dtype, kv_cache_bytes=1 << 30)
+            longest = PROMPT + 6 + 2 * args.rounds * args.steps  # warm-up and timed steps
+            widths = (pages_for(longest, eng.kv_cache.page_size),)
+            seconds = eng.compile(Buckets((PROMPT,), tuple(batches), widths), max_batch=max(batches))
             print(f"<!-- compiled in {seconds:.0f} s -->")
             engine_steps(eng, "compiled", batches, args.steps, args.rounds)
 

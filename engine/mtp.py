@@ -28,6 +28,8 @@ from qwenpd.engine.linear import Linear
 from qwenpd.engine.model import Block, HybridModel
 from qwenpd.engine.weights import DRAFT_EMBED, DRAFT_HEAD, MTP
 
+STEP_ROWS = 16  # head passes of at most this many rows (drafting ones) take Linear's decode-step path
+
 
 class MTPCache:
     """One sequence's KV of the head's layers: [capacity, Hkv, D] per layer, grown by doubling. Entries written by
@@ -135,9 +137,10 @@ class MTPHead:
         embedded = self.model.embed_tokens(next_tokens) if self.embed is None else self.embed[next_tokens].float()
         e = rms_norm(embedded, self.norm_embedding, self.eps, self.dtype)
         h = rms_norm(hidden.float(), self.norm_hidden, self.eps, self.dtype)
-        x = self.fc(torch.cat([e, h], dim=-1)).float()  # the residual stream, fp32 as in the main model
+        few = hidden.shape[0] <= STEP_ROWS  # few rows: decode-step rows to Linear (an int8 head's kernel)
+        x = self.fc(torch.cat([e, h], dim=-1), few).float()  # the residual stream, fp32 as in the main model
         mixer = blk.mixer
-        q, gate, k, v = mixer._qkv(blk.norm(x), positions)
+        q, gate, k, v = mixer._qkv(blk.norm(x), positions, few)
         outs, lo = [], 0
         for cache, n in zip(caches, lengths):
             pos = positions[lo:lo + n]
@@ -150,8 +153,8 @@ class MTPHead:
                 values.transpose(0, 1)[None], attn_mask=visible, scale=mixer.scale, enable_gqa=True)[0].transpose(0, 1))
             lo += n
         o = torch.cat(outs) if len(outs) > 1 else outs[0]
-        out = mixer.o_proj(o.reshape(x.shape[0], -1).float() * torch.sigmoid(gate.float()))
-        x = blk.finish(x, out)
+        out = mixer.o_proj(o.reshape(x.shape[0], -1).float() * torch.sigmoid(gate.float()), few)
+        x = blk.finish(x, out, few)
         normed = rms_norm(x, self.final_norm, self.eps, self.dtype)
         if not len(logit_rows):
             return normed, None
@@ -160,7 +163,7 @@ class MTPHead:
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] of the head's normed output rows [N, H] ([N, rows] with a draft head)."""
         if self.draft_head is not None:
-            return self.draft_head(normed).float()
+            return self.draft_head(normed, normed.shape[0] <= STEP_ROWS).float()
         return self.model.lm_head(normed, step=True).float()  # an int8 lm_head: its int8 kernel
 
 
@@ -216,10 +219,22 @@ def load_head(engine, model_dir) -> MTPHead:
     embedding is padded far past the tokenizer (the test and bench presets: 571 tokens, 32,000 rows), drafts get
     logits of the tokenizer's rows only; a real checkpoint's few padding rows keep the shared lm_head. A
     tensor-parallel engine's head is its leader's alone, with its own whole embedding and lm_head rows
-    (load_mtp_weights' own_vocab: on Qwen3.6-27B's shapes 2.5 GB each, on the leader only)."""
-    from qwenpd.engine.weights import load_mtp_weights
+    (load_mtp_weights' own_vocab: on Qwen3.6-27B's shapes 2.5 GB each, on the leader only). An engine quantized
+    to int8 (`--quantize int8`) gets an int8 head: its projections and its own lm_head rows weight-only int8 as
+    the model's are (the shared lm_head already is); drafting passes (few rows) multiply on the int8 kernel."""
+    from qwenpd.engine.linear import Int8Weight
+    from qwenpd.engine.weights import int8_quantize, load_mtp_weights
 
     words = engine.grammars.words if engine.grammars is not None else None
     rows = words if words is not None and words < 0.9 * engine.config.vocab_size else None
     weights = load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows, own_vocab=engine.tp > 1)
+    if engine.engine_config.quantize == "int8":
+        weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype) if _projection(name) else t
+                   for name, t in weights.items()}
     return MTPHead(engine.config, {name: t.to(engine.device) for name, t in weights.items()}, engine.model)
+
+
+def _projection(name: str) -> bool:
+    """Whether the head's tensor `name` is a matmul weight (not a norm, not the embedding)."""
+    return name == DRAFT_HEAD or name == MTP + "fc.weight" or (
+        name.startswith(MTP + "layers.") and name.endswith("_proj.weight"))

@@ -170,6 +170,34 @@ def test_int8_speculation_is_plain_int8_decoding(tiny_model_dir, monkeypatch, ro
     assert 0 < got.accepted_tokens < got.draft_tokens
 
 
+def test_an_int8_engine_drafts_with_an_int8_head(tiny_model_dir):
+    """--quantize int8 takes the MTP head too (its projections and its own lm_head rows): a head pass reads the
+    int8 weights, its logits stay near the bf16 head's, and the tokens stay plain int8 decoding's."""
+    from qwenpd.engine.mtp import load_head
+
+    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8")
+    head = load_head(engine, tiny_model_dir)
+    assert isinstance(head.fc.int8, Int8Weight)
+    assert all(isinstance(blk.mlp.down.int8, Int8Weight) and isinstance(blk.mixer.o_proj.int8, Int8Weight)
+               for blk in head.layers)
+    assert head.draft_head is None or isinstance(head.draft_head.int8, Int8Weight)
+    bf16 = _head(engine, tiny_model_dir)
+    assert bf16.fc.int8 is None
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(5, engine.config.hidden_size, generator=g).bfloat16()
+    tokens, positions = torch.tensor([7, 90, 4, 300, 12]), torch.arange(5)
+    for rows in (hidden[:1], hidden):  # a drafting pass (int8 kernel) and a catch-up's rows
+        n = rows.shape[0]
+        _, ours = head.forward(rows, tokens[:n], positions[:n], head.new_cache())
+        _, want = bf16.forward(rows, tokens[:n], positions[:n], bf16.new_cache())
+        assert (ours - want).abs().max() < 0.05 * want.abs().max()
+        assert (ours.argmax(-1) == want.argmax(-1)).float().mean() >= 0.6
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompt = [5 + (i * 53) % 400 for i in range(40)]
+    got = generate_speculative(engine, head, prompt, params, 3)
+    assert got.token_ids == generate(engine, prompt, params).token_ids and got.draft_tokens > 0
+
+
 def test_int8_at_tp2_stays_with_tp1(tiny_model_dir):
     """TP 2 shards the int8 rows with their scales (column-parallel) and keeps every row's scale where it cuts the
     columns (row-parallel): its logits differ from TP 1's by fp32 summation order only."""

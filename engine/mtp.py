@@ -220,17 +220,21 @@ def load_head(engine, model_dir) -> MTPHead:
     logits of the tokenizer's rows only; a real checkpoint's few padding rows keep the shared lm_head. A
     tensor-parallel engine's head is its leader's alone, with its own whole embedding and lm_head rows
     (load_mtp_weights' own_vocab: on Qwen3.6-27B's shapes 2.5 GB each, on the leader only). An engine quantized
-    to int8 (`--quantize int8`) gets an int8 head: its projections and its own lm_head rows weight-only int8 as
-    the model's are (the shared lm_head already is); drafting passes (few rows) multiply on the int8 kernel."""
-    from qwenpd.engine.linear import Int8Weight
+    to int8 (`--quantize int8`) gets an int8 head where a decode-step int8 kernel multiplies its rows (CPU, bf16:
+    engine/linear.py int8_step_kernel): its projections and its own lm_head rows weight-only int8 as the model's
+    are (the shared lm_head already is), drafting passes (few rows) on that kernel."""
+    from qwenpd.engine.linear import Int8Weight, int8_step_kernel
     from qwenpd.engine.weights import int8_quantize, load_mtp_weights
 
     words = engine.grammars.words if engine.grammars is not None else None
     rows = words if words is not None and words < 0.9 * engine.config.vocab_size else None
     weights = load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows, own_vocab=engine.tp > 1)
-    if engine.engine_config.quantize == "int8":
-        weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype) if _projection(name) else t
-                   for name, t in weights.items()}
+    probe = torch.empty(0, 64, dtype=engine.dtype, device=engine.device)
+    if engine.engine_config.quantize == "int8" and int8_step_kernel(probe) is not None:
+        # (without a decode-step int8 kernel, int8 weights are converted at every call: the head stays as loaded)
+        shared = weights.get(DRAFT_EMBED)  # tied rows kept whole: the head reads its embedding from them too
+        weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype)
+                   if _projection(name) and t is not shared else t for name, t in weights.items()}
     return MTPHead(engine.config, {name: t.to(engine.device) for name, t in weights.items()}, engine.model)
 
 

@@ -196,6 +196,8 @@ def test_an_int8_engine_drafts_with_an_int8_head(tiny_model_dir):
     prompt = [5 + (i * 53) % 400 for i in range(40)]
     got = generate_speculative(engine, head, prompt, params, 3)
     assert got.token_ids == generate(engine, prompt, params).token_ids and got.draft_tokens > 0
+    # fp32 has no decode-step int8 kernel (its int8 weights are converted at every call): the head stays fp32
+    assert load_head(Engine(tiny_model_dir, dtype="float32", quantize="int8"), tiny_model_dir).fc.int8 is None
 
 
 def test_int8_at_tp2_stays_with_tp1(tiny_model_dir):

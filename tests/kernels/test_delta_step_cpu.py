@@ -80,9 +80,17 @@ def test_compiled_as_the_decode_step_compiles_it():
 
     eager_state, compiled_state = state.clone(), state.clone()
     want = fn(*x[:-1], eager_state)
-    got = torch.compile(fn, fullgraph=True, dynamic=False)(*x[:-1], compiled_state)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    got = compiled(*x[:-1], compiled_state)
     assert torch.equal(got, want)
     assert torch.equal(compiled_state, eager_state)
+    # as a decode step passes it: the first rows of a batch's slot tensor, under inference mode; the rows past
+    # them (free slots) untouched
+    slots = torch.cat([state, torch.full_like(state[:2], 7.0)])
+    with torch.inference_mode():
+        got = compiled(*x[:-1], slots[:4])
+    assert torch.equal(got, want)
+    assert torch.equal(slots[:4], eager_state) and bool((slots[4:] == 7.0).all())
 
 
 @needs_kernel

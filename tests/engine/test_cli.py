@@ -30,6 +30,9 @@ def test_init_model_then_generate_json(tmp_path):
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["prompt_tokens"] == 4 and len(line["token_ids"]) == 9
     assert line["prefill_s"] > 0 and line["decode_s"] > 0 and line["finish_reason"] == "length"
+    from qwenpd.kernels.gated_delta_rule import cpu
+
+    assert line["delta_step_kernel"] == ("cpp" if cpu.load() else "torch")  # which ran the DeltaNet state update
     eng = Engine(out)
     ref = generate(eng, [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
     assert line["token_ids"] == ref.token_ids and line["text"] == ref.text

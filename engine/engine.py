@@ -118,11 +118,11 @@ class Engine:
         if self.int8_kernel:
             self.fingerprint = hashlib.sha256(f"{self.fingerprint} int8 kernel {self.int8_kernel}".encode()).hexdigest()
         # a CPU decode step's DeltaNet state update runs kernels/gated_delta_rule/cpu_step.cpp where it builds (here,
-        # ~10 s once a machine); its bits are not the torch code's, so it joins the fingerprint too
+        # ~10 s once a machine, not in the first request). Not in the fingerprint: the kernel continues a state, it
+        # does not change what a handed-off state means (nor does the device: a CPU prefill hands off to a CUDA
+        # decode, whose step is the torch code)
         self.delta_step_kernel = (("cpp" if delta_cpu.load() else "torch") if self.device.type == "cpu"
                                   else None)
-        if self.delta_step_kernel == "cpp":
-            self.fingerprint = hashlib.sha256(f"{self.fingerprint} delta step kernel cpp".encode()).hexdigest()
         weights = {name: t.to(self.device) for name, t in weights.items()}
         family = _deltanet_family(deltanet_kernels, self.device.type)
         self.kernel_family = register_device_kernels(self.device.type) if family == "torch" else family

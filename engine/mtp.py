@@ -223,14 +223,13 @@ def load_head(engine, model_dir) -> MTPHead:
     to int8 (`--quantize int8`) gets an int8 head where a decode-step int8 kernel multiplies its rows (CPU, bf16:
     engine/linear.py int8_step_kernel): its projections and its own lm_head rows weight-only int8 as the model's
     are (the shared lm_head already is), drafting passes (few rows) on that kernel."""
-    from qwenpd.engine.linear import Int8Weight, int8_step_kernel
+    from qwenpd.engine.linear import Int8Weight
     from qwenpd.engine.weights import int8_quantize, load_mtp_weights
 
     words = engine.grammars.words if engine.grammars is not None else None
     rows = words if words is not None and words < 0.9 * engine.config.vocab_size else None
     weights = load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows, own_vocab=engine.tp > 1)
-    probe = torch.empty(0, 64, dtype=engine.dtype, device=engine.device)
-    if engine.engine_config.quantize == "int8" and int8_step_kernel(probe) is not None:
+    if engine.int8_kernel is not None:  # int8, with a decode-step int8 kernel (Engine: int8_step_kernel)
         # (without a decode-step int8 kernel, int8 weights are converted at every call: the head stays as loaded)
         shared = weights.get(DRAFT_EMBED)  # tied rows kept whole: the head reads its embedding from them too
         weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype)

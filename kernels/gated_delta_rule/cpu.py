@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qwenpd.kernels.cpp_build import cpu_flags, load_kernel
+from qwenpd.kernels.cpp_build import load_kernel, missing_cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,9 @@ ready = False  # load() succeeded in this process: what step_state reads (a plai
 
 
 def _variant() -> tuple[str, list[str]] | None:
-    flags = cpu_flags() or frozenset()
-    if "avx512f" in flags and "fma" in flags:
+    if not missing_cpu_flags(("avx512f", "fma")):
         return "avx512", ["-mavx512f", "-mfma"]
-    if "avx2" in flags and "fma" in flags:
+    if not missing_cpu_flags(("avx2", "fma")):
         return "avx2", ["-mavx2", "-mfma"]
     return None
 

@@ -5,7 +5,7 @@
 //   S <- e^g S + k delta^T                    (one write; S is back in L1/L2 by then: 64 KB per head at 128 x 128)
 //
 // The torch code (step_state_torch, the plain reference beside it; equivalence tests in
-// tests/kernels/test_gated_delta_rule.py) reads S three times and writes it twice: one batched matmul, then the
+// tests/kernels/test_delta_step_cpu.py) reads S three times and writes it twice: one batched matmul, then the
 // decay and the update as two in-place passes. Every multiply-add is an explicit fma, each sum runs over k in
 // order, and every (sequence, head) is computed alone: the same bits whatever the batch, the thread split or the
 // vector width the build picked.

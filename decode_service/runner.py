@@ -502,16 +502,12 @@ class DecodeRunner:
             seq.checkpointed_at = seq.num_tokens
 
     def _checkpoint_due(self, seq: DecodeSequence, out: Output) -> bool:
-        """Whether to copy out `seq`'s state now: every checkpoint_every tokens while it goes on, unless the last
-        copy is still being stored (the next one is due checkpoint_every tokens later)."""
+        """Whether to copy out `seq`'s state now: every checkpoint_every tokens while it goes on; one due while the
+        last copy is still being stored is taken at the first step after that store ends (so a resume replays at
+        most checkpoint_every tokens and what streamed during one store, on a loaded host too)."""
         if not self.checkpoint_every or out.finish_reason is not None or seq.stream is None or seq.state is None:
             return False
-        if seq.num_tokens - seq.checkpointed_at < self.checkpoint_every:
-            return False
-        if seq.writing:
-            seq.checkpointed_at = seq.num_tokens
-            return False
-        return True
+        return seq.num_tokens - seq.checkpointed_at >= self.checkpoint_every and not seq.writing
 
 
 def _take_unread(seqs: list[DecodeSequence], keep_last: bool = False) -> tuple[list, list, list, list]:

@@ -133,14 +133,16 @@ def test_decode_checkpoints_bound_the_replay(near_ties, tmp_path):
     try:
         requests = _requests()
         ref = _run(s.gateway, requests)
-        got = _run(s.gateway, requests, kill=(_decode_pid(s, tmp_path), 1.0))
+        # killed with ~300 tokens out per stream: a resume without decode checkpoints would replay them all
+        got = _run(s.gateway, requests, kill=(_decode_pid(s, tmp_path), 0.0), kill_after_tokens=300)
         _check_identical(got, ref)
         decode = urllib.request.urlopen(f"http://127.0.0.1:{metrics + 2}/metrics", timeout=10).read().decode()
         prefill = urllib.request.urlopen(f"http://127.0.0.1:{metrics + 1}/metrics", timeout=10).read().decode()
         replayed = _metric(decode, "qwenpd_decode_replayed_tokens_total")
         resumed = _metric(prefill, 'qwenpd_prefill_resumes_total{source="checkpoint"}')
         assert resumed >= 1 and _metric(prefill, 'qwenpd_prefill_resumes_total{source="recomputed"}') == 0
-        assert replayed <= 64 * resumed, f"{replayed} tokens replayed for {resumed} resumes"
+        # at most the 64 tokens after the last stored checkpoint and what streamed while one was being stored
+        assert replayed <= 2 * 64 * resumed, f"{replayed} tokens replayed for {resumed} resumes"
     finally:
         assert stop_serve_all(s) == 0
 

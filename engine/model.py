@@ -124,8 +124,14 @@ class HybridModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (pre-norm) -> fp32 logits [N, V] (lm_head in model dtype, like transformers). An int8
         lm_head multiplies every call's rows (few but for scored prompts) by the int8 step kernel (Linear)."""
-        logits = self.lm_head(self.final_normed(hidden), step=True).float()
-        return logits if self.tp is None else self.tp.gather_vocab(logits)
+        return self.normed_logits(hidden)[0]
+
+    def normed_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logits` of hidden [N, H], and the final-normed rows the lm_head read ([N, H], model dtype: what an MTP
+        head reads), from one call: a decode step's head region (compiled, the norm is computed once there)."""
+        normed = self.final_normed(hidden)
+        logits = self.lm_head(normed, step=True).float()
+        return (logits if self.tp is None else self.tp.gather_vocab(logits)), normed
 
     # ---- tensor-only graphs: static shapes, no host reads (what --compile compiles) --------------------------
     def prefill_graph(self, ids: torch.Tensor, conv: list[torch.Tensor], recurrent: list[torch.Tensor],
@@ -179,9 +185,10 @@ class HybridModel:
                 x = layers.linear_decode_out(blk, x, core.contiguous(), z)
             else:
                 x = layers.attention_decode(blk, x, k_pools[j], v_pools[j], slots, tables, positions, rope)
+        logits, out = layers.normed_logits(x)
         if normed is not None:
-            normed.append(self.final_normed(x))
-        return layers.logits(x)
+            normed.append(out)
+        return logits
 
     # ---- one layer of each kind: the graphs' steps, and the regions a regional compile compiles (once per kind
     # and shape, shared by every layer of that kind: a layer's weights are inputs, not constants) ---------------

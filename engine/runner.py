@@ -67,8 +67,11 @@ def decode_row_multiple(c: ModelConfig) -> int:
                c.intermediate_size, c.num_attention_heads * c.head_dim,  # MLP silu; attention output gate
                c.vocab_size, c.hidden_size)
     return VECTOR_SPAN // math.gcd(VECTOR_SPAN, *per_row)
+
+
 _REGIONS = {"prefill": ("linear_prefill", "attention_prefill", "logits"),
-            "decode": ("linear_decode_in", "linear_decode_core", "linear_decode_out", "attention_decode", "logits")}
+            "decode": ("linear_decode_in", "linear_decode_core", "linear_decode_out", "attention_decode",
+                       "normed_logits")}
 
 
 class CompiledLayers:

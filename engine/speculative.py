@@ -19,7 +19,7 @@ A sequence that feeds one token (no drafts: speculation off for it, or no room l
 so sequences with and without speculation share one pass.
 
 **Compiled graphs** (`--compile`, regional): the pass calls the compiled decode step's own regions
-(HybridModel.linear_decode_in/_core/_out, .attention_decode, .logits) where the eager pass calls the model's:
+(HybridModel.linear_decode_in/_core/_out, .attention_decode, .normed_logits) where the eager pass calls the model's:
 the row-wise ones over all its rows padded to a batch bucket (Engine.compile(verify_rows=) compiles the buckets
 such passes need), the recurrence once per position on bucket-padded slot rows with dense inputs, as a decode step
 gives them. Compiled code is row invariant across buckets as the eager code is (tests/engine/test_batch_invariance),
@@ -108,8 +108,8 @@ def _pick_rows(rows: list[int]):
 @dataclass(frozen=True, slots=True)
 class _Runs:
     """How a pass runs the decode step's parts, as the decode step runs them: `layers` has the step's regions
-    (HybridModel.linear_decode_in, ..., .logits: the model's own, or a runner's compiled ones), `rows(m)` the rows
-    a step of m sequences runs (GraphRunner.decode_rows), `width(pages)` a block table's width."""
+    (HybridModel.linear_decode_in, ..., .normed_logits: the model's own, or a runner's compiled ones), `rows(m)`
+    the rows a step of m sequences runs (GraphRunner.decode_rows), `width(pages)` a block table's width."""
 
     layers: object
     rows: Callable[[int], int]
@@ -272,8 +272,8 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
                 core = core.contiguous()
             x = regions.linear_decode_out(blk, x, core, z)
         # compiled: the head's region over the padded rows, as a decode step runs it
-        logits = regions.logits(x)[:r] if runs.compiled else model.logits(x[:r])
-        hidden = model.final_normed(x[:r])
+        logits, hidden = regions.normed_logits(x) if runs.compiled else model.normed_logits(x[:r])
+        logits, hidden = logits[:r], hidden[:r]
     for s, p, f in zip(states, starts, fed):
         s.num_tokens = p + len(f)
         s.token_ids.extend(f)

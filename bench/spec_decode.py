@@ -97,7 +97,7 @@ class Loaded:
     small ops (~25% per token on 2 cores), and the decode service too keeps all of it on one thread."""
 
     def __init__(self, model: Path, dtype: str, compiled: tuple[int, int, int] | None = None,
-                 quantize: str | None = None):
+                 quantize: dict | None = None):
         self.model, self.dtype, self.compiled, self.quantize = model, dtype, compiled, quantize
         self.engine = self.head = None
 
@@ -108,19 +108,21 @@ class Loaded:
         return self.engine
 
 
-def engine_for(model: Path, dtype: str, compiled: tuple[int, int, int] | None, quantize: str | None = None
+def engine_for(model: Path, dtype: str, compiled: tuple[int, int, int] | None, quantize: dict | None = None
                ) -> Engine:
     """The eager engine, or (compiled = (max_batch, context, verify_rows)) one whose decode graphs are compiled for
     batches of up to max_batch sequences of `context` tokens and verify passes of up to verify_rows rows, as the
-    decode service compiles them (the warm-up is printed to stderr)."""
+    decode service compiles them (the warm-up is printed to stderr). `quantize`: the engine's quantize and
+    draft_quantize options."""
+    quantize = quantize or {}
     if compiled is None:
-        return Engine(model, dtype=dtype, quantize=quantize)
+        return Engine(model, dtype=dtype, **quantize)
     from qwenpd.engine.engine_config import EngineConfig
     from qwenpd.engine.kv_cache import kv_cache_bytes_for
 
     max_batch, context, verify_rows = compiled
     kv = max_batch * kv_cache_bytes_for(EngineConfig(model_dir=str(model), dtype=dtype), context)
-    engine = Engine(model, dtype=dtype, kv_cache_bytes=kv, quantize=quantize)
+    engine = Engine(model, dtype=dtype, kv_cache_bytes=kv, **quantize)
     seconds = engine.compile(engine.default_buckets(512, max_batch, max_context=context), max_batch,
                              graphs=("decode",), verify_rows=verify_rows)
     print(f"compiled {engine.runner.buckets} in {seconds:.0f} s", file=sys.stderr)
@@ -313,7 +315,14 @@ def batched_table(loaded: Loaded, args, params) -> dict[int, float]:
 
 
 def mode(args) -> str:
-    return ("compiled" if args.compile else "eager") + (f", --quantize {args.quantize}" if args.quantize else "")
+    return ("compiled" if args.compile else "eager") + "".join(
+        f", --{name.replace('_', '-')} {value}" for name, value in quantized(args).items())
+
+
+def quantized(args) -> dict:
+    """The engine options --quantize and --draft-quantize give (both sides of every ratio)."""
+    return {name: value for name, value in (("quantize", args.quantize), ("draft_quantize", args.draft_quantize))
+            if value}
 
 
 def main() -> None:
@@ -333,6 +342,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="compiled graphs instead of eager (module doc)")
     p.add_argument("--quantize", choices=["int8"], help="the engine (and so its head) quantized at load: both sides "
                    "of every ratio")
+    p.add_argument("--draft-quantize", choices=["int8"], help="the head alone quantized at load (the model's weights "
+                   "as stored): plain decoding runs the same weights, speculation drafts with an int8 head")
     p.add_argument("--num-layers", type=int, default=0,
                    help="the preset at this depth with its random MTP head (module doc; 0 = the distilled preset)")
     args = p.parse_args()
@@ -351,9 +362,9 @@ def main() -> None:
     context = args.prompt + args.tokens
     batches = [int(b) for b in args.batches.split(",") if b]
     many = (max(batches), context, max(batches) * (args.k + 1)) if args.compile and batches else None
-    ratios = batched_table(Loaded(model, args.dtype, many, args.quantize), args, params) if batches else {}
+    ratios = batched_table(Loaded(model, args.dtype, many, quantized(args)), args, params) if batches else {}
     ks = [int(k) for k in args.ks.split(",")]
-    engine = engine_for(model, args.dtype, (1, context, max(ks) + 1) if args.compile else None, args.quantize)
+    engine = engine_for(model, args.dtype, (1, context, max(ks) + 1) if args.compile else None, quantized(args))
     head = load_head(engine, model)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     configs = [("plain", 0, "", None)] + [(f"k={k} {rb}", k, rb, None) for k in ks for rb in ("replay", "snapshot")]

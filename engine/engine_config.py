@@ -20,6 +20,7 @@ from typing import Any
 from qwenpd.units import parse_kv_cache_size
 
 QUANTIZE = ("fp8", "fp8-mlp", "int8")  # --quantize: engine/weights.py load_weights
+DRAFT_QUANTIZE = ("int8",)  # --draft-quantize: engine/mtp.py load_head
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16")  # "auto": the checkpoint's own dtype
 DELTANET_KERNELS = ("torch", "fla", "nki")
@@ -46,7 +47,9 @@ class EngineConfig:
     start (needs kv_cache_bytes), keep them in a directory across restarts, one graph per bucket on CPU too.
     warm_up: do a first request's one-time work while loading (Engine.warm_up), not inside the first request.
     quantize: round the decoder's projections to fp8 (128x128 blocks), fp8-mlp (the MLP's only) or int8 (per
-    output channel, the lm_head too, held as int8) at load (engine/weights.py load_weights); None = as stored."""
+    output channel, the lm_head too, held as int8) at load (engine/weights.py load_weights); None = as stored.
+    draft_quantize: the MTP head's projections (and its own lm_head rows) weight-only int8 at load, whatever
+    `quantize` is (engine/mtp.py load_head; speculative decoding only); None = as the model's."""
 
     model_dir: str
     dtype: str = "auto"
@@ -62,6 +65,7 @@ class EngineConfig:
     whole_graphs: bool = False
     warm_up: bool = True
     quantize: str | None = None
+    draft_quantize: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", str(self.model_dir))
@@ -72,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.draft_quantize is not None and self.draft_quantize not in DRAFT_QUANTIZE:
+            raise ValueError(f"draft_quantize must be one of {DRAFT_QUANTIZE}, got {self.draft_quantize!r}")
         if self.deltanet_kernels not in DELTANET_KERNELS:
             raise ValueError(f"deltanet_kernels must be one of {DELTANET_KERNELS}, got {self.deltanet_kernels!r}")
         if self.device.split(":", 1)[0] not in DEVICE_KINDS:
@@ -171,6 +177,10 @@ _FLAGS = (
           "channel, the lm_head too; held as int8, decode steps by qwenpd's int8 kernel on CPU, or aten's where the "
           "CPU lacks AVX512-BF16/VBMI) (default: as stored)",
           {"choices": QUANTIZE}),
+    _Flag("draft_quantize", "with --num-speculative-tokens: the MTP head's projections weight-only int8 at load "
+          "(drafts only decide how many tokens a verify pass accepts, never which: tokens stay the model's, "
+          "drafting reads half the bytes; CPU bf16, where decode steps have an int8 kernel) (default: as the "
+          "model's)", {"choices": DRAFT_QUANTIZE}),
     _Flag("whole_graphs", "with --compile on CPU: one graph per bucket instead of one region per layer kind "
           "(slower warm-up, faster steps; neuron and CUDA always compile whole graphs)", {"action": "store_true"}),
 )

@@ -219,18 +219,30 @@ def load_head(engine, model_dir) -> MTPHead:
     embedding is padded far past the tokenizer (the test and bench presets: 571 tokens, 32,000 rows), drafts get
     logits of the tokenizer's rows only; a real checkpoint's few padding rows keep the shared lm_head. A
     tensor-parallel engine's head is its leader's alone, with its own whole embedding and lm_head rows
-    (load_mtp_weights' own_vocab: on Qwen3.6-27B's shapes 2.5 GB each, on the leader only). An engine quantized
-    to int8 (`--quantize int8`) gets an int8 head where a decode-step int8 kernel multiplies its rows (CPU, bf16:
-    engine/linear.py int8_step_kernel): its projections and its own lm_head rows weight-only int8 as the model's
-    are (the shared lm_head already is), drafting passes (few rows) on that kernel."""
-    from qwenpd.engine.linear import Int8Weight
+    (load_mtp_weights' own_vocab: on Qwen3.6-27B's shapes 2.5 GB each, on the leader only).
+    An int8 head (`--quantize int8`, or `--draft-quantize int8` whatever the model's weights are) where a
+    decode-step int8 kernel multiplies its rows (CPU, bf16: engine/linear.py int8_step_kernel): its projections
+    and its own lm_head rows weight-only int8 (as the model's are under --quantize int8), drafting passes (few
+    rows) on that kernel. With --draft-quantize over a model whose lm_head is not int8, the head gets its own int8
+    lm_head rows (vocab x hidden bytes: 1.27 GB on Qwen3.6-27B's shapes, where the lm_head is most of what a
+    draft pass reads). --draft-quantize where no such kernel runs is a ValueError (the int8 weights would be
+    converted at every call: drafting slower, not faster)."""
+    from qwenpd.engine.linear import Int8Weight, int8_step_kernel
     from qwenpd.engine.weights import int8_quantize, load_mtp_weights
 
+    asked = engine.engine_config.draft_quantize == "int8"
+    kernel = engine.int8_kernel  # --quantize int8's (Engine: int8_step_kernel)
+    if asked and kernel is None:
+        kernel = int8_step_kernel(torch.empty(0, engine.config.hidden_size, dtype=engine.dtype, device=engine.device))
+        if kernel is None:
+            raise ValueError(f"--draft-quantize int8: no int8 kernel multiplies decode-step rows on {engine.device} "
+                             f"in {str(engine.dtype).removeprefix('torch.')} (CPU bf16 only): drop it")
     words = engine.grammars.words if engine.grammars is not None else None
     rows = words if words is not None and words < 0.9 * engine.config.vocab_size else None
+    if asked and engine.int8_kernel is None and rows is None:
+        rows = engine.config.vocab_size  # its own lm_head rows, to be int8 (the model's stay as they are)
     weights = load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows, own_vocab=engine.tp > 1)
-    if engine.int8_kernel is not None:  # int8, with a decode-step int8 kernel (Engine: int8_step_kernel)
-        # (without a decode-step int8 kernel, int8 weights are converted at every call: the head stays as loaded)
+    if kernel is not None:  # (--quantize int8 without a decode-step kernel: the head stays as loaded)
         shared = weights.get(DRAFT_EMBED)  # tied rows kept whole: the head reads its embedding from them too
         weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype)
                    if _projection(name) and t is not shared else t for name, t in weights.items()}

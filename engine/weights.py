@@ -90,13 +90,14 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
     what is missing or misshaped (a checkpoint without the head, or a config without mtp_num_hidden_layers).
     `draft_rows` (the tokenizer's size, when well below the vocabulary: an embedding padded far past it) also reads
     the first draft_rows rows of the lm_head as DRAFT_HEAD: drafts never pick a padding row, so they need no
-    logits for them. `own_vocab` (the leader of a tensor-parallel group, whose embedding and lm_head are one
-    vocabulary slice each) also reads the whole embedding as DRAFT_EMBED and the lm_head's rows (all, or
-    draft_rows) as DRAFT_HEAD, so the head runs on that rank alone, without collectives."""
+    logits for them (all rows: the head's own copy, for an int8 head over a model whose lm_head is not int8).
+    `own_vocab` (the leader of a tensor-parallel group, whose embedding and lm_head are one vocabulary slice each)
+    also reads the whole embedding as DRAFT_EMBED and the lm_head's rows (all, or draft_rows) as DRAFT_HEAD, so
+    the head runs on that rank alone, without collectives."""
     expected = mtp_weight_shapes(config)
     if not expected:
         raise WeightError("config.json has no mtp_num_hidden_layers: this checkpoint declares no MTP head (mtp.*)")
-    rows = draft_rows if draft_rows is not None and draft_rows < config.vocab_size else None
+    rows = draft_rows if draft_rows is not None and draft_rows <= config.vocab_size else None
     if own_vocab and rows is None:
         rows = config.vocab_size
     head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"

@@ -159,6 +159,8 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
         raise ValueError(f"--num-speculative-tokens must be >= 0, got {k}")
     if k and engine.device.type != "cpu":
         raise ValueError("--num-speculative-tokens runs on CPU for now: drop --device")
+    if not k and config.draft_quantize:
+        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
     if config.compile:
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
         warmup_s = engine.compile(buckets, max_batch=1, cache_dir=config.compile_cache,

@@ -100,6 +100,8 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
     cfg.default_max_tokens = min(cfg.default_max_tokens, cfg.limits.max_new_tokens)
     if cfg.num_speculative_tokens:
         check_speculative(cfg.engine, cfg.num_speculative_tokens)
+    elif cfg.engine.draft_quantize:
+        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
 
 
 MAX_SPECULATIVE_TOKENS = 8

@@ -60,6 +60,9 @@ def test_speculative_without_a_head_is_a_usage_error(tiny_model_dir, tmp_path):
     r = _qwenpd("generate", "--model", str(tmp_path / "m"), "--prompt-ids", "5,6", "--max-tokens", "3",
                 "--num-speculative-tokens", "2")
     assert r.returncode == 2 and "mtp." in r.stderr and "Traceback" not in r.stderr
+    r = _qwenpd("generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6", "--max-tokens", "3",
+                "--draft-quantize", "int8")  # a head option without a head to run
+    assert r.returncode == 2 and "--num-speculative-tokens" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_generate_text_prompt_with_seed_is_reproducible(tiny_model_dir):

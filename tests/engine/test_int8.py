@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qwenpd.engine import Engine
+from qwenpd.engine.engine_config import EngineConfig
 from qwenpd.engine.generate import generate, generate_speculative
 from qwenpd.engine.linear import Int8Weight, Linear, cat, held_bytes
 from qwenpd.engine.sampling import SamplingParams
@@ -198,6 +199,34 @@ def test_an_int8_engine_drafts_with_an_int8_head(tiny_model_dir):
     assert got.token_ids == generate(engine, prompt, params).token_ids and got.draft_tokens > 0
     # fp32 has no decode-step int8 kernel (its int8 weights are converted at every call): the head stays fp32
     assert load_head(Engine(tiny_model_dir, dtype="float32", quantize="int8"), tiny_model_dir).fc.int8 is None
+
+
+def test_draft_quantize_gives_a_bf16_model_an_int8_head(tiny_model_dir):
+    """--draft-quantize int8 quantizes the head alone: its projections and its own lm_head rows are int8, the
+    model's weights stay bf16, and the tokens stay plain bf16 decoding's (drafts only decide how many a verify
+    pass accepts). Without an int8 decode-step kernel (fp32) it is refused, not run slower."""
+    from qwenpd.engine.mtp import load_head
+    from qwenpd.model_service import ModelServiceConfig
+
+    engine = Engine(tiny_model_dir, dtype="bfloat16", draft_quantize="int8")
+    plain = Engine(tiny_model_dir, dtype="bfloat16")
+    assert engine.fingerprint == plain.fingerprint and engine.model.lm_head.int8 is None
+    head = load_head(engine, tiny_model_dir)
+    assert isinstance(head.fc.int8, Int8Weight) and isinstance(head.draft_head.int8, Int8Weight)
+    assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in head.layers)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompt = [5 + (i * 53) % 400 for i in range(40)]
+    got = generate_speculative(engine, head, prompt, params, 3)
+    ref = generate(plain, prompt, params)
+    assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs) and got.draft_tokens > 0
+    with pytest.raises(ValueError, match="--draft-quantize int8: no int8 kernel"):
+        load_head(Engine(tiny_model_dir, dtype="float32", draft_quantize="int8"), tiny_model_dir)
+    with pytest.raises(ValueError, match="draft_quantize must be one of"):
+        Engine(tiny_model_dir, draft_quantize="fp8")
+    config = EngineConfig(str(tiny_model_dir), draft_quantize="int8")
+    with pytest.raises(ValueError, match="only with --num-speculative-tokens"):
+        ModelServiceConfig(engine=config, cache="127.0.0.1:5")
+    assert ModelServiceConfig(engine=config, cache="127.0.0.1:5", num_speculative_tokens=2).engine.draft_quantize
 
 
 def test_int8_at_tp2_stays_with_tp1(tiny_model_dir):

@@ -210,8 +210,8 @@ def test_prompt_drafts_are_the_heads_state_over_the_prompt(engine, head):
     head.forward(hidden[:-1], torch.tensor(prompt[1:]), torch.arange(len(prompt) - 1), cache)
     t = feed.tensors()
     assert t["mtp.0.k"].shape == (engine.config.num_key_value_heads, len(prompt) - 1, engine.config.head_dim)
-    torch.testing.assert_close(t["mtp.0.k"], cache.k[0][:len(prompt) - 1].transpose(0, 1))
-    torch.testing.assert_close(t["mtp.0.v"], cache.v[0][:len(prompt) - 1].transpose(0, 1))
+    torch.testing.assert_close(t["mtp.0.k"], cache.k[0][:, :len(prompt) - 1])
+    torch.testing.assert_close(t["mtp.0.v"], cache.v[0][:, :len(prompt) - 1])
     torch.testing.assert_close(t["mtp.hidden"], hidden[-1])
 
 
@@ -306,8 +306,8 @@ def test_read_many_scores_the_first_draft_at_each_position(engine, head):
         draft = one.draft(hidden[i:i + 1], [tokens[i]], i, 1)[0]
         want += i + 1 < n and draft == tokens[i + 1]
     assert scored == n - 1 and hits == want
-    torch.testing.assert_close(many.cache.k[0][:n], one.cache.k[0][:n])
-    torch.testing.assert_close(many.cache.v[0][:n], one.cache.v[0][:n])
+    torch.testing.assert_close(many.cache.k[0][:, :n], one.cache.k[0][:, :n])
+    torch.testing.assert_close(many.cache.v[0][:, :n], one.cache.v[0][:, :n])
     # tokens that are the head's own first drafts, each fed after the one before: all scored right
     chain, right = Drafter(head, None), [tokens[0]]
     for i in range(n - 1):

@@ -100,3 +100,29 @@ def test_own_vocab_reads_the_whole_embedding_and_lm_head_once(hf_checkpoint, tmp
     else:
         assert torch.equal(weights[DRAFT_HEAD], stored["lm_head.weight"].to(torch.bfloat16))
     assert DRAFT_EMBED not in load_mtp_weights(path, config, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_head_attention_by_matmuls_equals_sdpa(monkeypatch, dtype, n):
+    """The head's attention (mtp._attend: grouped matmuls, fp32 scores) against torch's SDPA, the path it takes
+    past ATTEND_BYTES: causal over a cache of positions 0..end-1, query head h reading kv head h // (Hq / Hkv)."""
+    from qwenpd.engine import mtp
+
+    g = torch.Generator().manual_seed(n)
+    hq, hkv, d, end = 8, 2, 32, 50
+    q = torch.randn(n, hq, d, generator=g)
+    keys, values = (torch.randn(hkv, end + 7, d, generator=g).to(dtype)[:, :end] for _ in range(2))
+    positions = torch.arange(end - n, end)
+    got = mtp._attend(q, keys, values, positions, d ** -0.5)
+    monkeypatch.setattr(mtp, "ATTEND_BYTES", 0)
+    want = mtp._attend(q, keys, values, positions, d ** -0.5)
+    assert got.shape == want.shape == (n, hq, d) and got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    # position p sees keys 0..p only, head h its kv head h // 4 (head 3: kv head 0, where h % 2 would be 1)
+    row = torch.softmax((q[-1, 3] @ keys[0].float().T) * d ** -0.5, dim=-1) @ values[0].float()
+    torch.testing.assert_close(got[-1, 3].float(), row, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    if n > 1:
+        early = torch.softmax((q[0, 0] @ keys[0, :end - n + 1].float().T) * d ** -0.5, dim=-1)
+        torch.testing.assert_close(got[0, 0].float(), early @ values[0, :end - n + 1].float(),
+                                   atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
-import torch
 from typing import Callable, Sequence
 
 from qwenpd.engine.engine import DecodeBatch
@@ -64,7 +62,9 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     """`generate` with k drafts per step from the checkpoint's MTP head (`head`, an engine/mtp.py MTPHead) and one
     verify pass of k+1 positions (engine/speculative.py): the same tokens and log-probabilities as `generate`,
     greedy or seeded sampling alike, in fewer passes over the weights. Prefill also runs the head over the prompt,
-    so the first step drafts already."""
+    chunk by chunk as the prefill service does (mtp.PromptDrafts: its time is prefill_s), so the first step drafts
+    already."""
+    from qwenpd.engine.mtp import PromptDrafts
     from qwenpd.engine.speculative import Drafter, rollback_bytes
 
     if k < 1:
@@ -73,16 +73,16 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
     drafter = Drafter(head, sampler.vocab)
     t0 = time.perf_counter()
-    normed: list = []
-    logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size, normed=normed)
+    prompt = PromptDrafts(head, list(prompt_ids))  # the head reads (hidden at t, token t+1) as chunks come
+    logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size, normed=prompt)
     token, logprob = sampler.sample(logits)
-    hidden = torch.cat(normed)
+    drafter.cache = prompt.cache
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     drafted = accepted = steps = kept = 0
     at = [0] * k
-    # the head reads (hidden of position t, token t+1) for every prompt position: the first token closes the prompt
-    drafts = drafter.draft(hidden, [*prompt_ids[1:], token], 0, k)
+    # the first token closes the prompt: the head reads the last prompt position with it and drafts after it
+    drafts = drafter.draft(prompt.pending[None], [token], len(prompt_ids) - 1, k)
     batch = DecodeBatch(engine, max_batch=1)
     batch.add(state)
     while not _emit(tracker, token, logprob, on_text):

@@ -171,9 +171,9 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
         if media is not None:
             raise ValueError("--image with --num-speculative-tokens: speculative decoding of image prompts runs in "
                              "the services only")
-        result = _generate_speculative(engine, prompt_ids, params, args, on_text)
+        result, head = _generate_speculative(engine, prompt_ids, params, args, on_text)
         spec = {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens,
-                "accepted_per_position": result.accepted_at}
+                "accepted_per_position": result.accepted_at, "draft_weight_bytes": head.weight_bytes}
     else:
         result = generate(engine, prompt_ids, params, chunk_size=args.chunk_size, on_text=on_text, media=media)
     if args.json:
@@ -192,13 +192,14 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
 
 def _generate_speculative(engine, prompt_ids: list[int], params, args: argparse.Namespace, on_text):
     """generate --num-speculative-tokens K: the checkpoint's MTP head drafts (ValueError naming the missing mtp.*
-    weights without one: exit code 2)."""
+    weights without one: exit code 2). Returns (the result, the head)."""
     from qwenpd.engine.generate import generate_speculative
     from qwenpd.engine.mtp import load_head
 
     head = load_head(engine, args.model)
-    return generate_speculative(engine, head, prompt_ids, params, args.num_speculative_tokens,
-                                chunk_size=args.chunk_size, rollback=args.speculative_rollback, on_text=on_text)
+    result = generate_speculative(engine, head, prompt_ids, params, args.num_speculative_tokens,
+                                  chunk_size=args.chunk_size, rollback=args.speculative_rollback, on_text=on_text)
+    return result, head
 
 
 def cmd_check_device(args: argparse.Namespace) -> int:

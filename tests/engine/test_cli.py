@@ -44,6 +44,7 @@ def test_init_model_then_generate_json(tmp_path):
     got = json.loads(spec.stdout.strip().splitlines()[-1])
     assert got["token_ids"] == line["token_ids"] and got["draft_tokens"] > 0
     assert 0 <= got["accepted_tokens"] == sum(got["accepted_per_position"]) <= got["draft_tokens"]
+    assert got["draft_weight_bytes"] == _mtp_bytes(out)  # the head's own weights, as held
 
 
 def _mtp_bytes(model) -> int:

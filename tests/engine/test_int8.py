@@ -214,6 +214,7 @@ def test_draft_quantize_gives_a_bf16_model_an_int8_head(tiny_model_dir):
     head = load_head(engine, tiny_model_dir)
     assert isinstance(head.fc.int8, Int8Weight) and isinstance(head.draft_head.int8, Int8Weight)
     assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in head.layers)
+    assert head.weight_bytes < load_head(plain, tiny_model_dir).weight_bytes  # with its own int8 lm_head rows
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     prompt = [5 + (i * 53) % 400 for i in range(40)]
     got = generate_speculative(engine, head, prompt, params, 3)

@@ -96,11 +96,11 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions
     n, hq, d = q.shape
     hkv, end = keys.shape[0], keys.shape[1]
     g = hq // hkv
-    if (n * hq + hkv * d) * end * 4 > ATTEND_BYTES:
+    if (3 * n * hq + hkv * d) * end * 4 > ATTEND_BYTES:  # scores, masked and softmaxed copies, fp32 keys
         visible = None if n == 1 else torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [n, end]
         return F.scaled_dot_product_attention(q.transpose(0, 1)[None].to(keys.dtype), keys[None], values[None],
                                               attn_mask=visible, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-    grouped = q.view(n, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n * g, d)  # query head h reads kv head h // g
+    grouped = q.reshape(n, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n * g, d)  # query head h reads kv head h // g
     scores = torch.bmm(grouped, keys.float().transpose(1, 2)) * scale  # [Hkv, n*g, end]
     if n > 1:
         hidden = torch.arange(end, device=q.device)[None, :] > positions[:, None]  # [n, end]
@@ -120,7 +120,8 @@ class MTPHead:
         self.norm_embedding = 1.0 + weights[MTP + "pre_fc_norm_embedding.weight"].float()
         self.norm_hidden = 1.0 + weights[MTP + "pre_fc_norm_hidden.weight"].float()
         self.final_norm = 1.0 + weights[MTP + "norm.weight"].float()
-        self.weight_bytes = sum(held_bytes(t) for t in weights.values())  # the head's own, as held
+        own = {id(t): t for t in weights.values()}  # a tied head's rows are one tensor under two names
+        self.weight_bytes = sum(held_bytes(t) for t in own.values())  # the head's own, as held
         self.fc = Linear(weights[MTP + "fc.weight"])
         # logits over the tokenizer's tokens only, where the embedding is padded far past it (load_mtp_weights)
         self.draft_head = Linear(weights[DRAFT_HEAD]) if DRAFT_HEAD in weights else None
@@ -268,9 +269,10 @@ def load_head(engine, model_dir) -> MTPHead:
         rows = engine.config.vocab_size  # its own lm_head rows, to be int8 (the model's stay as they are)
     weights = load_mtp_weights(model_dir, engine.config, engine.dtype, draft_rows=rows, own_vocab=engine.tp > 1)
     if kernel is not None:  # (--quantize int8 without a decode-step kernel: the head stays as loaded)
-        shared = weights.get(DRAFT_EMBED)  # tied rows kept whole: the head reads its embedding from them too
-        weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype)
-                   if _projection(name) and t is not shared else t for name, t in weights.items()}
+        # a tied tensor-parallel head's lm_head rows are its embedding (load_mtp_weights): they get an int8 copy,
+        # the embedding stays as loaded for its lookups
+        weights = {name: Int8Weight(*int8_quantize(t, engine.dtype)).to(engine.dtype) if _projection(name) else t
+                   for name, t in weights.items()}
     return MTPHead(engine.config, {name: t.to(engine.device) for name, t in weights.items()}, engine.model)
 
 

@@ -73,6 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from qwenpd.engine.engine import Engine
 
     config = engine_config.from_args(args, args.model)
+    if config.draft_quantize and not args.num_speculative_tokens:  # before the model loads
+        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
     prompt_ids = _prompt_ids(args)
     if config.compile and args.kv_cache_bytes is None:  # exactly the pages this prompt and max_tokens need
         from qwenpd.engine.kv_cache import kv_cache_bytes_for
@@ -159,8 +161,6 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
         raise ValueError(f"--num-speculative-tokens must be >= 0, got {k}")
     if k and engine.device.type != "cpu":
         raise ValueError("--num-speculative-tokens runs on CPU for now: drop --device")
-    if not k and config.draft_quantize:
-        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
     if config.compile:
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
         warmup_s = engine.compile(buckets, max_batch=1, cache_dir=config.compile_cache,

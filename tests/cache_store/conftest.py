@@ -18,7 +18,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
-TEST_ID_PREFIX = "t_"  # every store id used by these tests starts with this
+# every store id used by these tests starts with this (one per pytest-xdist worker: a worker that finishes must not
+# take another's live segments for leftovers)
+TEST_ID_PREFIX = f"t{os.environ.get('PYTEST_XDIST_WORKER', '')}_"
 
 
 def new_store_id() -> str:

@@ -230,6 +230,31 @@ def test_draft_quantize_gives_a_bf16_model_an_int8_head(tiny_model_dir):
     assert ModelServiceConfig(engine=config, cache="127.0.0.1:5", num_speculative_tokens=2).engine.draft_quantize
 
 
+def test_draft_quantize_at_tp2_with_tied_embeddings(hf_checkpoint, tmp_path):
+    """A tensor-parallel leader's head over tied embeddings: its lm_head rows are its whole embedding
+    (load_mtp_weights' own_vocab); --draft-quantize gives them an int8 copy and keeps the embedding for lookups,
+    and the tokens stay plain decoding's at TP 2."""
+    from qwenpd.engine.mtp import MTPHead, load_head
+    from qwenpd.engine.weights import DRAFT_EMBED, DRAFT_HEAD, load_mtp_weights
+    from tests.hf_models import with_mtp_head
+
+    path = with_mtp_head(hf_checkpoint("conv5_tied"), tmp_path / "ckpt")
+    eng = Engine(path, dtype="bfloat16", tp=2, threads=1, draft_quantize="int8")
+    try:
+        head = load_head(eng, path)
+        assert isinstance(head.draft_head.int8, Int8Weight) and head.embed.dtype == torch.bfloat16
+        weights = load_mtp_weights(path, eng.config, eng.dtype, own_vocab=True)
+        assert weights[DRAFT_HEAD] is weights[DRAFT_EMBED]  # tied: one tensor, counted once
+        plain = MTPHead(eng.config, weights, eng.model)
+        assert plain.weight_bytes == sum(held_bytes(t) for name, t in weights.items() if name != DRAFT_HEAD)
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        prompt = [3 + (i * 37) % 200 for i in range(50)]
+        got = generate_speculative(eng, head, prompt, params, 3, chunk_size=32)
+        assert got.token_ids == generate(eng, prompt, params, chunk_size=32).token_ids and got.draft_tokens > 0
+    finally:
+        eng.close()
+
+
 def test_int8_at_tp2_stays_with_tp1(tiny_model_dir):
     """TP 2 shards the int8 rows with their scales (column-parallel) and keeps every row's scale where it cuts the
     columns (row-parallel): its logits differ from TP 1's by fp32 summation order only."""

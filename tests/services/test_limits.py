@@ -8,6 +8,7 @@ prefill queue through real processes)."""
 from __future__ import annotations
 
 import os
+import time
 import socket
 import urllib.request
 
@@ -143,9 +144,25 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
+def _settled(port: int, timeout: float = 10.0) -> dict[str, float]:
+    """`_scrape` once the service's request counts stopped moving for 0.3 s: an earlier test's stream can still be
+    leasing its resume point (on a loaded host, several test files run at once)."""
+    def calls(m: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in m.items() if k.startswith("qwenpd_requests_total")}
+
+    last, deadline = _scrape(port), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = _scrape(port)
+        if calls(now) == calls(last):
+            return now
+        last = now
+    return last
+
+
 def test_metrics_move_after_requests(limited, lclient):
     port = limited.metrics_port
-    before = {name: _scrape(port + i) for i, name in enumerate(("cache", "prefill", "decode"))}
+    before = {name: _settled(port + i) for i, name in enumerate(("cache", "prefill", "decode"))}
     r = lclient.generate("count me", max_tokens=4, temperature=0, ignore_eos=True)
     with pytest.raises(InvalidArgument):
         lclient.generate("too many", max_tokens=MAX_NEW + 1)

@@ -83,7 +83,7 @@ class MTPCache:
         return out
 
 
-ATTEND_BYTES = 64 << 20  # the most fp32 scores and keys `_attend` makes by matmuls; past it torch's SDPA
+ATTEND_BYTES = 64 << 20  # the most fp32 scores, keys and values `_attend` makes by matmuls; past it SDPA
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
@@ -91,12 +91,14 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions
     """Causal GQA attention of q [n, Hq, D] (fp32) at positions [n] over keys, values [Hkv, end, D] of positions
     0 .. end-1: [n, Hq, D] in the cache dtype. By grouped matmuls, scores and softmax in fp32: torch's CPU SDPA
     takes 0.6 ms for one bf16 query row over 640 keys, 3.9 ms over 4,096 and 14 ms over 16K (2-core EPYC), the
-    matmuls 0.09, 0.3 and 2.6 ms. Past ATTEND_BYTES of scores and fp32 keys (many rows: a prompt's chunk, a
-    catch-up, or a long context) SDPA, whose memory is bounded."""
+    matmuls 0.09, 0.3 and 2.6 ms. Both matmuls in fp32: a bf16 one goes to oneDNN, which builds a kernel for every
+    new shape (~0.8 ms each time here, and the key count grows every step: measured 0.67 ms per drafting pass in
+    the decode loop against 0.14 in fp32). Past ATTEND_BYTES of scores and fp32 keys and values (many rows: a
+    prompt's chunk, a catch-up, or a long context) SDPA, whose memory is bounded."""
     n, hq, d = q.shape
     hkv, end = keys.shape[0], keys.shape[1]
     g = hq // hkv
-    if (3 * n * hq + hkv * d) * end * 4 > ATTEND_BYTES:  # scores, masked and softmaxed copies, fp32 keys
+    if (3 * n * hq + 2 * hkv * d) * end * 4 > ATTEND_BYTES:  # scores, masked and softmaxed copies, fp32 K and V
         visible = None if n == 1 else torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [n, end]
         return F.scaled_dot_product_attention(q.transpose(0, 1)[None].to(keys.dtype), keys[None], values[None],
                                               attn_mask=visible, scale=scale, enable_gqa=True)[0].transpose(0, 1)
@@ -105,8 +107,8 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions
     if n > 1:
         hidden = torch.arange(end, device=q.device)[None, :] > positions[:, None]  # [n, end]
         scores = scores.view(hkv, n, g, end).masked_fill(hidden[None, :, None, :], float("-inf")).view(hkv, n * g, end)
-    out = torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [Hkv, n*g, D]
-    return out.view(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d)
+    out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # [Hkv, n*g, D]
+    return out.view(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d).to(values.dtype)
 
 
 class MTPHead:

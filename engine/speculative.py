@@ -11,9 +11,11 @@ step's own kernels, so every position's logits are the bits a plain decode step 
 - the DeltaNet conv and delta rule, the only sequential part, run position after position with the decode step's
   kernels on the batch's slot tensors: at position i, one step over the sequences that feed more than i tokens
   (a slice of the slots when that is all of them, gathered rows otherwise; padded rows as a decode step pads).
-  On the reference kernels on CPU only the state updates go position by position: every row's conv
-  output (from each sequence's conv state and its earlier rows) and step inputs are computed at once, the same
-  bits row by row (kernels: causal_conv1d_update_many, step_inputs / step_state).
+  On the reference kernels on CPU with the delta rule's C++ step kernel (kernels/gated_delta_rule/cpu.py) every
+  row's conv output (from each sequence's conv state and its earlier rows) and step inputs are computed at once,
+  the same bits row by row, and then the state updates of every sequence's positions in one call of the kernel,
+  each (sequence, head) its positions in turn exactly as a decode step runs one (kernels:
+  causal_conv1d_update_many, step_inputs, step_states; per position and layer that was ~8 small torch calls).
 
 A sequence that feeds one token (no drafts: speculation off for it, or no room left) gets exactly a decode step,
 so sequences with and without speculation share one pass.
@@ -37,10 +39,10 @@ position's token is distributed as p without d, renormalised: the residual distr
 the DeltaNet conv and recurrent state do. Two ways, `ROLLBACKS`:
 - "replay": copy the state before the verify pass and keep each position's conv input, decay and write strength
   (a ring of inputs, as ReplaySSM does); on a rejection restore the copy and replay the accepted positions'
-  recurrence only (no matmuls; on the reference kernels only the state updates, the conv state being a slice of
-  the kept inputs). Memory: one state copy per sequence.
-- "snapshot": copy the state after every position; on a rejection restore the copy after the last accepted one.
-  Memory: K+1 state copies per sequence.
+  recurrence only (no matmuls; on the reference kernels one step_states call per layer for the state updates, the
+  conv state being a slice of the kept inputs). Memory: one state copy per sequence.
+- "snapshot": copy the state after every position (the step kernel writes it out while it is in cache); on a
+  rejection restore the copy after the last accepted one. Memory: K+1 state copies per sequence.
 bench/spec_decode.py measures both; "replay" is the default (module doc of the bench says why).
 """
 
@@ -56,7 +58,8 @@ from qwenpd.engine.mtp import MTPCache, MTPHead
 from qwenpd.engine.pages import NULL_PAGE
 from qwenpd.kernels import ops
 from qwenpd.kernels.causal_conv1d.conv import causal_conv1d_update_many
-from qwenpd.kernels.gated_delta_rule.step import StepInputs, step_inputs, step_state
+from qwenpd.kernels.gated_delta_rule import cpu as delta_cpu
+from qwenpd.kernels.gated_delta_rule.step import StepInputs, step_inputs, step_states
 
 ROLLBACKS = ("replay", "snapshot")
 
@@ -66,16 +69,18 @@ class _Layer:
     """What one DeltaNet layer's rollback needs. replay: `saved` is one (conv, recurrent) copy of the batch's
     first B slots before the pass, plus every row's conv input, decay and write strength (or, where the pass ran
     the reference kernels in two parts, every row's prepared step inputs); snapshot: `snaps[i]` is (slots, conv,
-    recurrent) of the sequences stepped at position i, copied after it. `histories` (two-part pass): each
-    sequence's conv inputs, from which its conv state after any number of its tokens is a slice."""
+    recurrent) of the sequences stepped at position i, copied after it (a two-part pass: `after`, the recurrent
+    state after each row). `histories` (two-part pass): each sequence's conv inputs, from which its conv state
+    after any number of its tokens is a slice."""
 
     saved: tuple[torch.Tensor | None, torch.Tensor] | None = None  # conv None in a two-part pass (histories)
-    snaps: list[tuple[list[int], torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
+    snaps: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     mixed: torch.Tensor | None = None  # [R, conv_dim]: conv inputs of every row
     g: torch.Tensor | None = None
     beta: torch.Tensor | None = None
     prepared: StepInputs | None = None
     histories: list[torch.Tensor] | None = None
+    after: torch.Tensor | None = None  # [R, Hv, dk, dv]
 
 
 @dataclass(slots=True)
@@ -163,20 +168,13 @@ def _step(runs: _Runs, blk, conv_all: torch.Tensor, rec_all: torch.Tensor, slots
 
 
 def _split_kernels(kernels, device: torch.device) -> bool:
-    """Whether the decode step runs the torch reference kernels on CPU (kernels/ops.py `_direct`), which the verify
-    pass runs in two parts: every row's conv and step inputs at once, then only the state updates position by
-    position (the same bits: causal_conv1d_update_many, step_inputs/step_state; checked on CPU). Elsewhere (CUDA,
-    not checked on a device yet; neuron's kernels) each position is a whole step of the decode step's kernels."""
+    """Whether the decode step runs the torch reference kernels on CPU (kernels/ops.py `_direct`) with the delta
+    rule's C++ step kernel, which the verify pass runs in two parts: every row's conv and step inputs at once, then
+    the state updates of all positions in one kernel call (the same bits: causal_conv1d_update_many, step_inputs,
+    step_states; checked on CPU). Elsewhere (the torch code of the step, where no kernel could be built; CUDA, not
+    checked on a device yet; neuron's kernels) each position is a whole step of the decode step's kernels."""
     return (device.type == "cpu" and kernels.step is ops.decode_step_gated_delta_rule
-            and kernels.conv_update is ops.decode_causal_conv1d_update)
-
-
-def _recur(prepared: StepInputs, rec_all: torch.Tensor, slots: list[int], batch_size: int, runs: _Runs
-           ) -> torch.Tensor:
-    """`_step`'s state part for prepared rows (the sequences in `slots`, in that order; `_on_slots`): the outputs
-    [len(slots), Hv, dv]."""
-    return _on_slots([rec_all], slots, batch_size, runs, list(prepared[:-1]),
-                     lambda inputs, states: step_state(StepInputs(*inputs, prepared.out_dtype), states[0]))
+            and kernels.conv_update is ops.decode_causal_conv1d_update and delta_cpu.ready)
 
 
 def _conv_states(conv_all: torch.Tensor, histories: list[torch.Tensor], who: list[int], counts: list[int]) -> None:
@@ -184,6 +182,26 @@ def _conv_states(conv_all: torch.Tensor, histories: list[torch.Tensor], who: lis
     keep = conv_all.shape[-1]
     for b, c in zip(who, counts):
         conv_all[b].copy_(histories[b][:, c:c + keep])
+
+
+def _positions(runs: _Runs, blk, conv_all: torch.Tensor, rec_all: torch.Tensor, steps: list[list[int]],
+               offsets: list[int], r: int, batch_size: int, mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor,
+               snaps: list | None) -> torch.Tensor:
+    """A DeltaNet layer's recurrence over a pass's r rows position by position, each a decode step's (`_step`) over
+    the sequences steps[i] that feed more than i tokens; `snaps` (snapshot rollback) gets (those sequences, their
+    conv and recurrent state) after each position. The core outputs [r, Hv, dv]."""
+    core = None
+    for i, who in enumerate(steps):
+        rows = _pick_rows([offsets[b] + i for b in who])
+        o = _step(runs, blk, conv_all, rec_all, who, batch_size, mixed[rows], beta[rows], g[rows])
+        if core is None:
+            core = o if len(who) == r else o.new_empty((r, *o.shape[1:]))
+        if core is not o:
+            core[rows] = o
+        if snaps is not None:
+            index = torch.tensor(who, device=rec_all.device)
+            snaps.append((who, conv_all[index].clone(), rec_all[index].clone()))
+    return core
 
 
 def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Verified:
@@ -241,33 +259,23 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "replay") -> Ver
             mixed, z, beta, g = regions.linear_decode_in(blk, x)
             conv_all, rec_all = batch.conv[j], batch.recurrent[j]
             keep = layers[j] = _Layer()
-            if split:  # every row's conv and step inputs at once; only the state updates go position by position
-                conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
-                                                                     list(conv_all[:len(states)]), lengths)
-                keep.prepared = step_inputs(*mixer._split_heads(conv_out), mixer.heads(g), mixer.heads(beta))
             if rollback == "replay" and most > 1:
                 keep.saved = (None if split else conv_all[:len(states)].clone(), rec_all[:len(states)].clone())
                 if not split:
                     keep.mixed, keep.beta, keep.g = mixed, beta, g
-            core = None
-            for i, who in enumerate(steps):
-                rows = _pick_rows([offsets[b] + i for b in who])
-                if split:
-                    o = _recur(keep.prepared.rows(rows), rec_all, who, len(states), runs)
-                else:
-                    o = _step(runs, blk, conv_all, rec_all, who, len(states), mixed[rows], beta[rows], g[rows])
-                if core is None:
-                    core = o if len(who) == r else o.new_empty((r, *o.shape[1:]))
-                if core is not o:
-                    core[rows] = o
+            if split:  # every row's conv and step inputs at once, then every position's state update in one call
+                conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
+                                                                     list(conv_all[:len(states)]), lengths)
+                keep.prepared = step_inputs(*mixer._split_heads(conv_out), mixer.heads(g), mixer.heads(beta))
                 if rollback == "snapshot" and most > 1:
-                    index = torch.tensor(who, device=dev)
-                    conv = None if split else conv_all[index].clone()
-                    keep.snaps.append((who, conv, rec_all[index].clone()))
-            if split:
+                    keep.after = rec_all.new_empty((x.shape[0], *rec_all.shape[1:]))
+                core = step_states(keep.prepared, rec_all, list(range(len(states))), offsets, lengths, keep.after)
                 _conv_states(conv_all, keep.histories, list(range(len(states))), lengths)
-            if pad:
-                core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
+            else:
+                core = _positions(runs, blk, conv_all, rec_all, steps, offsets, r, len(states), mixed, beta, g,
+                                  keep.snaps if rollback == "snapshot" and most > 1 else None)
+                if pad:
+                    core = torch.cat([core, core.new_zeros((pad, *core.shape[1:]))])
             if runs.compiled:
                 core = core.contiguous()
             x = regions.linear_decode_out(blk, x, core, z)
@@ -305,23 +313,26 @@ def accept(engine, batch, done: Verified, consumed: list[int]) -> None:
                     _conv_states(conv_all, keep.histories, rolled, [consumed[b] for b in rolled])
                 if done.rollback == "snapshot":
                     for b in rolled:
+                        if keep.after is not None:
+                            rec_all[b].copy_(keep.after[done.offsets[b] + consumed[b] - 1])
+                            continue
                         who, conv, rec = keep.snaps[consumed[b] - 1]
                         at = who.index(b)
-                        if conv is not None:
-                            conv_all[b].copy_(conv[at])
+                        conv_all[b].copy_(conv[at])
                         rec_all[b].copy_(rec[at])
                     continue
                 if keep.saved[0] is not None:
                     conv_all[index] = keep.saved[0][index]
                 rec_all[index] = keep.saved[1][index]
+                if keep.prepared is not None:  # the accepted positions' state updates, in one call
+                    step_states(keep.prepared, rec_all, rolled, [done.offsets[b] for b in rolled],
+                                [consumed[b] for b in rolled])
+                    continue
                 for i in range(max(consumed[b] for b in rolled)):
                     who = [b for b in rolled if consumed[b] > i]
                     rows = _pick_rows([done.offsets[b] + i for b in who])
-                    if keep.prepared is not None:
-                        _recur(keep.prepared.rows(rows), rec_all, who, len(states), runs)
-                    else:
-                        _step(runs, blk, conv_all, rec_all, who, len(states), keep.mixed[rows], keep.beta[rows],
-                              keep.g[rows])
+                    _step(runs, blk, conv_all, rec_all, who, len(states), keep.mixed[rows], keep.beta[rows],
+                          keep.g[rows])
     for s, p, c in zip(states, done.starts, consumed):
         s.num_tokens = p + c
         del s.token_ids[p + c:]
@@ -331,7 +342,7 @@ def rollback_bytes(done: Verified) -> int:
     """Bytes the pass kept for a rollback (state copies and replay inputs)."""
     total = 0
     for keep in done.layers.values():
-        kept = [*(keep.saved or ()), *(t for _, c, r in keep.snaps for t in (c, r))]
+        kept = [*(keep.saved or ()), *(t for _, c, r in keep.snaps for t in (c, r)), keep.after]
         kept += [t for t in (keep.mixed, keep.g, keep.beta) if t is not None]
         kept += [*(keep.prepared or ())[:-1], *(keep.histories or ())]
         kept = [t for t in kept if t is not None]

@@ -67,6 +67,33 @@ def step_state(x: StepInputs, state: Tensor) -> Tensor:
     return step_state_torch(x, state)
 
 
+def step_states(x: StepInputs, state: Tensor, slots: list[int], offsets: list[int], counts: list[int],
+                snaps: Tensor | None = None) -> Tensor:
+    """Several tokens of each of several sequences, one after another: rows offsets[b] .. offsets[b]+counts[b]-1 of
+    `x` into state[slots[b]] (in place), every row's output and state the bits step_state gives it when the rows
+    go one step at a time (speculative decoding's verify pass, and its replay of accepted tokens). `snaps`
+    [R, Hv, K, V] fp32: row r's place gets the state after row r, for every row but its sequence's last. Returns
+    [R, Hv, V] in x's out_dtype, zeros in rows no sequence reads. On CPU the kernel of cpu_step.cpp (one call, each
+    head's state read from memory once for all its tokens; `cpu.ready`), elsewhere step_states_torch."""
+    if state.device.type == "cpu" and state.is_contiguous() and cpu.ready:
+        empty = state.new_empty(0) if snaps is None else snaps
+        return torch.ops.qwenpd_delta.step_states(x.qk, x.qdotk, x.decay, x.beta, x.v, state, slots, offsets, counts,
+                                                  empty).to(x.out_dtype)
+    return step_states_torch(x, state, slots, offsets, counts, snaps)
+
+
+def step_states_torch(x: StepInputs, state: Tensor, slots: list[int], offsets: list[int], counts: list[int],
+                      snaps: Tensor | None = None) -> Tensor:
+    """step_states one row at a time with step_state_torch: its plain reference."""
+    out = x.v.new_zeros(x.v.shape)
+    for slot, lo, n in zip(slots, offsets, counts):
+        for r in range(lo, lo + n):
+            out[r] = step_state_torch(x.rows(slice(r, r + 1)), state[slot:slot + 1])[0]
+            if snaps is not None and r + 1 < lo + n:
+                snaps[r].copy_(state[slot])
+    return out.to(x.out_dtype)
+
+
 def step_state_torch(x: StepInputs, state: Tensor) -> Tensor:
     """step_state in torch ops: the reference of cpu_step.cpp and the code of every other device."""
     # Read the old state once for both k and q (S is the largest tensor here; it bounds decode):

@@ -52,6 +52,21 @@ def test_identical_to_plain_decoding_whatever_the_drafts(engine, tiny_model_dir,
     assert sum(got.accepted_at) == got.accepted_tokens
 
 
+@pytest.mark.parametrize("rollback", ["replay", "snapshot"])
+def test_whole_decode_steps_per_position_where_no_step_kernel_is_built(engine, tiny_model_dir, monkeypatch, rollback):
+    """Without the delta rule's C++ step kernel (no compiler: kernels/gated_delta_rule/cpu.py) the verify pass
+    runs every position as a whole decode step of the recurrence (speculative._split_kernels): the same tokens."""
+    from qwenpd.kernels.gated_delta_rule import cpu
+
+    prompt = [5 + (i * 37) % 400 for i in range(50)]
+    ref = generate(engine, prompt, SAMPLED)
+    monkeypatch.setattr(cpu, "ready", False)
+    _oracle_drafts(monkeypatch, prompt + ref.token_ids)
+    got = generate_speculative(engine, _head(engine, tiny_model_dir), prompt, SAMPLED, 3, rollback=rollback)
+    assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs)
+    assert 0 < got.accepted_tokens < got.draft_tokens
+
+
 @pytest.mark.parametrize("variant", ["text", "every2nd", "conv5_tied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, monkeypatch, variant, dtype):

@@ -1,6 +1,7 @@
 """The CPU kernel of a decode step's state update (kernels/gated_delta_rule/cpu_step.cpp) against its plain
 reference, step_state_torch: the same math in another order (fp32, tight bounds), the same bits for a row alone or
-in any batch, in place on the state, traced by torch.compile as the engine's compiled decode step traces it."""
+in any batch, in place on the state, traced by torch.compile as the engine's compiled decode step traces it; its
+several-tokens op (step_states) against step_state token after token, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from qwenpd.kernels.gated_delta_rule import cpu, step_inputs, step_state, step_state_torch
+from qwenpd.kernels.gated_delta_rule import (cpu, step_inputs, step_state, step_state_torch, step_states,
+                                             step_states_torch)
 from tests.kernels.helpers import assert_close, gdn_inputs
 
 needs_kernel = pytest.mark.skipif(not cpu.load(), reason=f"no delta-rule step kernel here: {cpu.why_not}")
@@ -118,3 +120,48 @@ def test_switched_off_steps_take_the_torch_code():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, cpu.DISABLE_ENV: "0"}, capture_output=True,
                          text=True, timeout=120, check=True).stdout.split()
     assert out == ["False", f"{cpu.DISABLE_ENV}=0", "True"]
+
+
+def _tokens(rows: int, hk: int, hv: int, dk: int, dv: int, seed: int):
+    inputs = gdn_inputs(rows, 1, hk, hv, dk, dv, torch.bfloat16, seed=seed, with_state=True)
+    return step_inputs(*(inputs[n][:, 0] for n in NAMES)), (inputs["initial_state"] * 3).contiguous()
+
+
+@needs_kernel
+@pytest.mark.parametrize("counts", [[4], [1], [3, 1, 4], [2, 0, 3]], ids=str)
+def test_many_tokens_per_sequence_are_step_state_token_after_token(counts):
+    """step_states (speculative decoding's verify pass): every row's output, every snapshot and every final state
+    the bits of step_state run one token at a time, in slots out of order, padding rows left zero."""
+    offsets = [sum(counts[:b]) for b in range(len(counts))]
+    rows = sum(counts) + 2  # two padding rows no sequence reads
+    x, state = _tokens(rows, 2, 4, 32, 24, seed=sum(counts))
+    slots = list(range(len(counts)))[::-1]  # sequence b in slot B-1-b
+    pool = torch.cat([state[:len(counts)], torch.full_like(state[:1], 5.0)])  # and a slot nobody steps
+    ours, snaps = pool.clone(), torch.full((rows, *state.shape[1:]), -1.0)
+    got = step_states(x, ours, slots, offsets, counts, snaps)
+    ref, want = pool.clone(), torch.zeros(rows, *x.v.shape[1:], dtype=torch.bfloat16)
+    for slot, lo, n in zip(slots, offsets, counts):
+        for r in range(lo, lo + n):
+            want[r] = step_state(x.rows(slice(r, r + 1)), ref[slot:slot + 1])[0]
+            if r + 1 < lo + n:
+                assert torch.equal(snaps[r], ref[slot]), r
+            else:
+                assert bool((snaps[r] == -1.0).all()), r  # a sequence's last state is its slot's, not copied
+    assert torch.equal(got, want)
+    assert torch.equal(ours, ref)
+    assert bool((got[-2:] == 0).all()) and bool((ours[-1] == 5.0).all())
+    torch_state = pool.clone()
+    assert_close(step_states_torch(x, torch_state, slots, offsets, counts).float(), want.float(), atol=1e-2,
+                 rtol=1e-2, what="the plain reference")
+    assert_close(torch_state, ref, **TOL, what="its states")
+
+
+@needs_kernel
+def test_many_tokens_refuses_rows_it_does_not_have():
+    x, state = _tokens(3, 1, 2, 16, 16, seed=4)
+    with pytest.raises(RuntimeError, match="rows of sequence 0 out of 3"):
+        step_states(x, state, [0], [1], [3])
+    with pytest.raises(RuntimeError, match="slot 3 out of 3"):
+        step_states(x, state, [3], [0], [1])
+    with pytest.raises(RuntimeError, match="snaps must be"):
+        step_states(x, state, [0], [0], [2], torch.zeros(2, 2, 16, 16))

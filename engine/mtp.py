@@ -19,6 +19,8 @@ layout and no batch invariance.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -83,31 +85,70 @@ class MTPCache:
         return out
 
 
-ATTEND_BYTES = 64 << 20  # the most fp32 scores, keys and values `_attend` makes by matmuls; past it SDPA
+ATTEND_ROWS = 64  # up to this many query rows `_attend` multiplies block by block; more (a prompt's chunk): SDPA
+ATTEND_BLOCK = 4096  # keys per block: the fp32 copies of a block's keys and values are made at this one size
+
+
+_scratch = threading.local()
+
+
+def _blocks(hkv: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's fp32 buffers for a block of keys and of values, [hkv, ATTEND_BLOCK, d] (made once per shape;
+    not inference tensors, so that they can be written in and out of inference mode)."""
+    key = (hkv, ATTEND_BLOCK, d, str(device))
+    held = getattr(_scratch, "blocks", None)
+    if held is None or held[0] != key:
+        with torch.inference_mode(False):
+            held = _scratch.blocks = (key, torch.empty(key[:3], device=device), torch.empty(key[:3], device=device))
+    return held[1], held[2]
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
             ) -> torch.Tensor:
     """Causal GQA attention of q [n, Hq, D] (fp32) at positions [n] over keys, values [Hkv, end, D] of positions
-    0 .. end-1: [n, Hq, D] in the cache dtype. By grouped matmuls, scores and softmax in fp32: torch's CPU SDPA
-    takes 0.6 ms for one bf16 query row over 640 keys, 3.9 ms over 4,096 and 14 ms over 16K (2-core EPYC), the
-    matmuls 0.09, 0.3 and 2.6 ms. Both matmuls in fp32: a bf16 one goes to oneDNN, which builds a kernel for every
-    new shape (~0.8 ms each time here, and the key count grows every step: measured 0.67 ms per drafting pass in
-    the decode loop against 0.14 in fp32). Past ATTEND_BYTES of scores and fp32 keys and values (many rows: a
-    prompt's chunk, a catch-up, or a long context) SDPA, whose memory is bounded."""
+    0 .. end-1: [n, Hq, D] in the cache dtype. Drafting passes and catch-ups (n <= ATTEND_ROWS): grouped matmuls in
+    fp32 over blocks of ATTEND_BLOCK keys, an online softmax across blocks, so memory is bounded at any context.
+    Why so (2-core EPYC, docs/performance.md ninth and tenth rounds):
+    - torch's CPU SDPA took 0.6 ms for one bf16 query row over 640 keys and 14 ms over 16K, the matmuls 0.09 and
+      2.6 ms;
+    - a bf16 matmul goes to oneDNN, which builds a kernel for every new shape (~0.8 ms), and the key count grows
+      every step: fp32 matmuls (MKL) instead;
+    - fp32 copies that grow by a key every step are a new allocation above glibc's mmap threshold every time,
+      each one page-faulted in afresh (8.6 ms to convert 4K keys of Qwen3.6-27B's head shapes against 0.8 at a
+      fixed size; a fresh block-sized buffer costs its huge pages' zeroing instead): a block's copies go to this
+      thread's two buffers of ATTEND_BLOCK keys (`_blocks`), made once.
+    More rows (a prompt's chunk) go to SDPA, one fused call whose memory is bounded."""
     n, hq, d = q.shape
     hkv, end = keys.shape[0], keys.shape[1]
-    g = hq // hkv
-    if (3 * n * hq + 2 * hkv * d) * end * 4 > ATTEND_BYTES:  # scores, masked and softmaxed copies, fp32 K and V
-        visible = None if n == 1 else torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [n, end]
+    if n > ATTEND_ROWS:
+        visible = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [n, end]
         return F.scaled_dot_product_attention(q.transpose(0, 1)[None].to(keys.dtype), keys[None], values[None],
                                               attn_mask=visible, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+    g = hq // hkv
     grouped = q.reshape(n, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n * g, d)  # query head h reads kv head h // g
-    scores = torch.bmm(grouped, keys.float().transpose(1, 2)) * scale  # [Hkv, n*g, end]
-    if n > 1:
-        hidden = torch.arange(end, device=q.device)[None, :] > positions[:, None]  # [n, end]
-        scores = scores.view(hkv, n, g, end).masked_fill(hidden[None, :, None, :], float("-inf")).view(hkv, n * g, end)
-    out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # [Hkv, n*g, D]
+    k32, v32 = _blocks(hkv, d, q.device)
+    best = total = acc = None
+    for lo in range(0, end, ATTEND_BLOCK):
+        m = min(end - lo, ATTEND_BLOCK)
+        k, v = k32[:, :m].copy_(keys[:, lo:lo + m]), v32[:, :m].copy_(values[:, lo:lo + m])
+        scores = torch.bmm(grouped, k.transpose(1, 2)) * scale  # [Hkv, n*g, m]
+        if n > 1:
+            hidden = torch.arange(lo, lo + m, device=q.device)[None, :] > positions[:, None]  # [n, m]
+            scores = scores.view(hkv, n, g, m).masked_fill(hidden[None, :, None, :], float("-inf")).view(hkv, n * g, m)
+        if m == end:  # one block: a plain softmax
+            acc, total = torch.bmm(torch.softmax(scores, dim=-1), v), 1.0
+            break
+        # key 0, in the first block, is visible to every row: `best` is finite from there on
+        top = scores.amax(-1, keepdim=True) if best is None else torch.maximum(best, scores.amax(-1, keepdim=True))
+        weights = torch.exp(scores - top)
+        if best is None:
+            total, acc = weights.sum(-1, keepdim=True), torch.bmm(weights, v)
+        else:
+            rescale = torch.exp(best - top)
+            total = total * rescale + weights.sum(-1, keepdim=True)
+            acc = acc * rescale + torch.bmm(weights, v)
+        best = top
+    out = acc / total  # [Hkv, n*g, D]
     return out.view(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d).to(values.dtype)
 
 

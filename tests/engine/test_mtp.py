@@ -104,9 +104,11 @@ def test_own_vocab_reads_the_whole_embedding_and_lm_head_once(hf_checkpoint, tmp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 3, 17])
-def test_head_attention_by_matmuls_equals_sdpa(monkeypatch, dtype, n):
-    """The head's attention (mtp._attend: grouped matmuls, fp32 scores) against torch's SDPA, the path it takes
-    past ATTEND_BYTES: causal over a cache of positions 0..end-1, query head h reading kv head h // (Hq / Hkv)."""
+@pytest.mark.parametrize("block", [4096, 16, 7], ids=["one-block", "blocks", "ragged-blocks"])
+def test_head_attention_by_matmuls_equals_sdpa(monkeypatch, dtype, n, block):
+    """The head's attention (mtp._attend: grouped matmuls, fp32 scores, in one block of keys or several joined by
+    an online softmax) against torch's SDPA, the path it takes past ATTEND_ROWS rows: causal over a cache of
+    positions 0..end-1, query head h reading kv head h // (Hq / Hkv)."""
     from qwenpd.engine import mtp
 
     g = torch.Generator().manual_seed(n)
@@ -114,8 +116,9 @@ def test_head_attention_by_matmuls_equals_sdpa(monkeypatch, dtype, n):
     q = torch.randn(n, hq, d, generator=g)
     keys, values = (torch.randn(hkv, end + 7, d, generator=g).to(dtype)[:, :end] for _ in range(2))
     positions = torch.arange(end - n, end)
+    monkeypatch.setattr(mtp, "ATTEND_BLOCK", block)
     got = mtp._attend(q, keys, values, positions, d ** -0.5)
-    monkeypatch.setattr(mtp, "ATTEND_BYTES", 0)
+    monkeypatch.setattr(mtp, "ATTEND_ROWS", 0)
     want = mtp._attend(q, keys, values, positions, d ** -0.5)
     assert got.shape == want.shape == (n, hq, d) and got.dtype == want.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)

@@ -80,6 +80,21 @@ def test_a_stale_measurement_is_taken_again():
     assert decisions.count(True) == 1  # one drafting step once the drafting time was stale
 
 
+def test_a_head_well_short_of_paying_is_not_measured_again_soon():
+    """A head with ~8% acceptance (the distilled one of bench/spec_decode.py): its verify pass gives 1.09 tokens in
+    1.35 plain steps' time, 0.8x. Not a close call: re-measured after STALE_STEPS, not every CLOSE_STALE_STEPS
+    (each re-measuring step costs what a verify pass costs over a plain one)."""
+    policy = SpeculationPolicy(K, 4)
+    _accepting(policy, 0.08)
+    _measured(policy, 1, 0.0135, 0.010)
+    decisions = []
+    for _ in range(STALE_STEPS // 2):
+        d = policy.drafts(1, 1)
+        decisions.append(d)
+        policy.timed(1, d, 0.0135 if d else 0.010)
+    assert not any(decisions)
+
+
 def test_a_close_call_is_measured_again_soon():
     """A slow patch made drafting look 5% too slow: the drafting time is measured again after CLOSE_STALE_STEPS,
     and once the patch has passed the batch drafts again."""

@@ -187,7 +187,7 @@ def state_table(c: ModelConfig, tps: list[int], page_size: int) -> None:
 
 def rollback_bytes(c: ModelConfig, k: int, mode: str, plan: ShardPlan | None = None) -> int:
     """What a verify pass of k drafts keeps per sequence to undo rejected ones (engine/speculative.py, its two-part
-    pass on the reference kernels), per DeltaNet layer: every position's prepared step inputs (fp32: q and k
+    pass on the reference kernels with the C++ step kernel), per DeltaNet layer: every position's prepared step inputs (fp32: q and k
     repeated to the value heads, k again, v, and per head e^g, beta and q.k) and the sequence's conv inputs (model
     dtype, bf16 here: its conv state after any accepted count is a slice of them), plus one copy of the
     recurrent state ("replay") or one per position ("snapshot"). The MTP head's own KV is not counted (it is one

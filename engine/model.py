@@ -177,7 +177,7 @@ class HybridModel:
         x = self.embed_tokens(ids)  # the residual stream stays fp32
         for blk in self.blocks:
             j = self.slot[blk.index]
-            if blk.is_linear:  # three regions: a verify pass runs the middle one position by position
+            if blk.is_linear:  # three regions: a verify pass may run the middle one position by position
                 # dense rows between them (a compiled region may return views; a verify pass gives dense rows)
                 mixed, z, beta, g = layers.linear_decode_in(blk, x)
                 core = layers.linear_decode_core(blk, mixed.contiguous(), beta.contiguous(), g.contiguous(), conv[j],

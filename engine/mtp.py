@@ -93,13 +93,15 @@ _scratch = threading.local()
 
 
 def _blocks(hkv: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's fp32 buffers for a block of keys and of values, [hkv, ATTEND_BLOCK, d] (made once per shape;
-    not inference tensors, so that they can be written in and out of inference mode)."""
+    """This thread's fp32 buffers for a block of keys and of values, [hkv, ATTEND_BLOCK, d]: made once, again only
+    when the shape changes (2 x 16 MB on Qwen3.6-27B's head shapes, per thread that drafts); not inference
+    tensors, so that they can be written in and out of inference mode."""
     key = (hkv, ATTEND_BLOCK, d, str(device))
     held = getattr(_scratch, "blocks", None)
     if held is None or held[0] != key:
         with torch.inference_mode(False):
-            held = _scratch.blocks = (key, torch.empty(key[:3], device=device), torch.empty(key[:3], device=device))
+            held = _scratch.blocks = (key, *(torch.empty(key[:3], dtype=torch.float32, device=device)
+                                             for _ in range(2)))
     return held[1], held[2]
 
 

@@ -23,7 +23,9 @@ DISABLE_ENV = "QWENPD_DELTA_KERNEL"  # "0": never build or use it (the torch cod
 BASE_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the fmas are written out: the same bits at every width
 
 why_not = ""  # why load() found no kernel, once it has run
-ready = False  # load() succeeded in this process: what step_state reads (a plain global, also inside a graph)
+# load() succeeded in this process: what step_state and step_states read (a plain global, also inside a graph), and
+# what decides whether a verify pass runs in two parts (engine/speculative.py _split_kernels)
+ready = False
 
 
 def _variant() -> tuple[str, list[str]] | None:

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -57,10 +58,10 @@ std::vector<at::Tensor> token_inputs(const at::Tensor& qk, const at::Tensor& qdo
                                      int64_t V) {
   for (const at::Tensor* t : {&qk, &qdotk, &decay, &beta, &v})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "delta step: inputs must be fp32 CPU");
-  TORCH_CHECK(qk.sizes() == at::IntArrayRef({R, H, 2, K}), "delta step: qk must be [B, H, 2, K]");
-  TORCH_CHECK(v.sizes() == at::IntArrayRef({R, H, V}), "delta step: v must be [B, H, V]");
+  TORCH_CHECK(qk.sizes() == at::IntArrayRef({R, H, 2, K}), "delta step: qk must be [rows, H, 2, K]");
+  TORCH_CHECK(v.sizes() == at::IntArrayRef({R, H, V}), "delta step: v must be [rows, H, V]");
   for (const at::Tensor* t : {&qdotk, &decay, &beta})
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({R, H, 1}), "delta step: qdotk, decay, beta must be [B, H, 1]");
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({R, H, 1}), "delta step: qdotk, decay, beta must be [rows, H, 1]");
   return {qk.contiguous(), qdotk.contiguous(), decay.contiguous(), beta.contiguous(), v.contiguous()};
 }
 
@@ -108,6 +109,12 @@ at::Tensor step_states(const at::Tensor& qk, const at::Tensor& qdotk, const at::
     TORCH_CHECK(slots[b] >= 0 && slots[b] < S, "delta steps: slot ", slots[b], " out of ", S);
     TORCH_CHECK(counts[b] >= 0 && offsets[b] >= 0 && offsets[b] + counts[b] <= R, "delta steps: rows of sequence ",
                 b, " out of ", R);
+    for (int64_t a = 0; a < b; ++a) {  // sequences run in parallel: no two may share a state or an output row
+      TORCH_CHECK(slots[a] != slots[b], "delta steps: slot ", slots[b], " given twice");
+      TORCH_CHECK(offsets[a] + counts[a] <= offsets[b] || offsets[b] + counts[b] <= offsets[a] || !counts[a] ||
+                      !counts[b],
+                  "delta steps: rows of sequences ", a, " and ", b, " overlap");
+    }
   }
   const bool keep = snaps.numel() > 0;
   if (keep) {

@@ -73,9 +73,11 @@ def step_states(x: StepInputs, state: Tensor, slots: list[int], offsets: list[in
     `x` into state[slots[b]] (in place), every row's output and state the bits step_state gives it when the rows
     go one step at a time (speculative decoding's verify pass, and its replay of accepted tokens). `snaps`
     [R, Hv, K, V] fp32: row r's place gets the state after row r, for every row but its sequence's last. Returns
-    [R, Hv, V] in x's out_dtype, zeros in rows no sequence reads. On CPU the kernel of cpu_step.cpp (one call, each
-    head's state read from memory once for all its tokens; `cpu.ready`), elsewhere step_states_torch."""
-    if state.device.type == "cpu" and state.is_contiguous() and cpu.ready:
+    [R, Hv, V] in x's out_dtype, zeros in rows no sequence reads. Slots must be distinct and row ranges disjoint.
+    On CPU the kernel of cpu_step.cpp (one call, each head's state read from memory once for all its tokens),
+    elsewhere step_states_torch."""
+    if (state.device.type == "cpu" and state.is_contiguous()
+            and (cpu.ready or (not torch.compiler.is_compiling() and cpu.load()))):
         empty = state.new_empty(0) if snaps is None else snaps
         return torch.ops.qwenpd_delta.step_states(x.qk, x.qdotk, x.decay, x.beta, x.v, state, slots, offsets, counts,
                                                   empty).to(x.out_dtype)

@@ -52,19 +52,88 @@ def test_identical_to_plain_decoding_whatever_the_drafts(engine, tiny_model_dir,
     assert sum(got.accepted_at) == got.accepted_tokens
 
 
-@pytest.mark.parametrize("rollback", ["replay", "snapshot"])
-def test_whole_decode_steps_per_position_where_no_step_kernel_is_built(engine, tiny_model_dir, monkeypatch, rollback):
-    """Without the delta rule's C++ step kernel (no compiler: kernels/gated_delta_rule/cpu.py) the verify pass
-    runs every position as a whole decode step of the recurrence (speculative._split_kernels): the same tokens."""
+def _path_spy(monkeypatch) -> dict[str, int]:
+    """Counts of the verify pass's two ways through a DeltaNet layer (speculative.step_states: two parts;
+    speculative._positions: whole decode steps per position)."""
+    from qwenpd.engine import speculative
+
+    calls = {"step_states": 0, "_positions": 0}
+    for name in calls:
+        real = getattr(speculative, name)
+
+        def spy(*args, real=real, name=name, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(speculative, name, spy)
+    return calls
+
+
+def _without_step_kernel(monkeypatch) -> None:
+    """As on a machine where the delta rule's C++ step kernel could not be built (kernels/gated_delta_rule/cpu.py):
+    decode steps and verify passes run its torch code."""
     from qwenpd.kernels.gated_delta_rule import cpu
 
+    monkeypatch.setattr(cpu, "ready", False)
+    monkeypatch.setattr(cpu, "load", lambda: False)
+
+
+@pytest.mark.parametrize("rollback", ["replay", "snapshot"])
+def test_whole_decode_steps_per_position_where_no_step_kernel_is_built(engine, tiny_model_dir, monkeypatch, rollback):
+    """Without the delta rule's C++ step kernel the verify pass runs every position as a whole decode step of the
+    recurrence (speculative._split_kernels): the tokens of plain decoding on the same (torch) code."""
+    _without_step_kernel(monkeypatch)
     prompt = [5 + (i * 37) % 400 for i in range(50)]
     ref = generate(engine, prompt, SAMPLED)
-    monkeypatch.setattr(cpu, "ready", False)
     _oracle_drafts(monkeypatch, prompt + ref.token_ids)
+    calls = _path_spy(monkeypatch)
     got = generate_speculative(engine, _head(engine, tiny_model_dir), prompt, SAMPLED, 3, rollback=rollback)
     assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs)
     assert 0 < got.accepted_tokens < got.draft_tokens
+    assert calls["_positions"] > 0 and calls["step_states"] == 0
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["two-part", "whole-steps"])
+@pytest.mark.parametrize("rollback", ["replay", "snapshot"])
+def test_a_batch_verifies_and_rolls_back_as_plain_steps(engine, monkeypatch, rollback, kernel):
+    """Three sequences of different lengths in one verify pass, feeding 3, 1 and 4 tokens and keeping 2, 1 and 3
+    of them (the first and the last rolled back, at row offsets 0 and 4): every fed position's logits, and the
+    logits of the step after the rollback, are those of plain decode steps of each sequence alone, bit for bit;
+    with the C++ step kernel the pass ran in two parts, without it in whole steps."""
+    from qwenpd.engine import DecodeBatch
+    from qwenpd.kernels.gated_delta_rule import cpu
+
+    if kernel and not cpu.load():
+        pytest.skip(f"no delta-rule step kernel here: {cpu.why_not}")
+    if not kernel:
+        _without_step_kernel(monkeypatch)
+    prompts = [[5 + (i * 37 + 11 * n) % 400 for i in range(n)] for n in (20, 33, 27)]
+    fed = [[7, 8, 9], [10], [11, 12, 13, 14]]
+    consumed, after = [2, 1, 3], [21, 22, 23]
+    want, want_after = [], []
+    for prompt, f, c, a in zip(prompts, fed, consumed, after):
+        _, state = engine.prefill(prompt)
+        alone = DecodeBatch(engine, 1)
+        alone.add(state)
+        want.append(torch.cat([alone.step([t]) for t in f]))
+        _, state = engine.prefill(prompt)
+        alone = DecodeBatch(engine, 1)
+        alone.add(state)
+        for t in f[:c]:
+            alone.step([t])
+        want_after.append(alone.step([a]))
+    batch = DecodeBatch(engine, 3)
+    for prompt in prompts:
+        batch.add(engine.prefill(prompt)[1])
+    calls = _path_spy(monkeypatch)
+    done = batch.verify(fed, rollback)
+    for b in range(3):
+        assert torch.equal(done.logits[done.rows(b)], want[b]), b
+    batch.accept(consumed)
+    got_after = batch.step(after)
+    for b in range(3):
+        assert torch.equal(got_after[b:b + 1], want_after[b]), b
+    assert [s.num_tokens for s in batch.states] == [len(p) + c + 1 for p, c in zip(prompts, consumed)]
+    assert (calls["step_states"] > 0) == kernel and (calls["_positions"] > 0) != kernel
 
 
 @pytest.mark.parametrize("variant", ["text", "every2nd", "conv5_tied"])

@@ -165,3 +165,8 @@ def test_many_tokens_refuses_rows_it_does_not_have():
         step_states(x, state, [3], [0], [1])
     with pytest.raises(RuntimeError, match="snaps must be"):
         step_states(x, state, [0], [0], [2], torch.zeros(2, 2, 16, 16))
+    two = torch.cat([state, state])
+    with pytest.raises(RuntimeError, match="slot 0 given twice"):
+        step_states(x, two, [0, 0], [0, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="rows of sequences 0 and 1 overlap"):
+        step_states(x, two, [0, 1], [0, 1], [2, 1])

@@ -25,8 +25,11 @@ namespace {
 
 // One token of one (sequence, value head): S [K, V] updated in place, o [V] written. rk, rq, dl: scratch of V.
 // Both ops below run exactly this for every (sequence, head, token): the same bits.
-inline void step_head(float* S, const float* k, const float* q, float g, float b, float qd, const float* vv, float* o,
-                      float* rk, float* rq, float* dl, int64_t K, int64_t V) {
+inline __attribute__((always_inline)) void step_head(float* __restrict__ S, const float* __restrict__ k,
+                                                     const float* __restrict__ q, float g, float b, float qd,
+                                                     const float* __restrict__ vv, float* __restrict__ o,
+                                                     float* __restrict__ rk, float* __restrict__ rq,
+                                                     float* __restrict__ dl, int64_t K, int64_t V) {
   std::fill(rk, rk + V, 0.f);
   std::fill(rq, rq + V, 0.f);
   for (int64_t i = 0; i < K; ++i) {

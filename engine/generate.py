@@ -71,12 +71,11 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
         raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
     sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt_ids)
     tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
-    drafter = Drafter(head, sampler.vocab, capacity=1)  # its cache: the one the prompt's read filled (below)
     t0 = time.perf_counter()
     prompt = PromptDrafts(head, list(prompt_ids))  # the head reads (hidden at t, token t+1) as chunks come
     logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size, normed=prompt)
     token, logprob = sampler.sample(logits)
-    drafter.cache = prompt.cache
+    drafter = Drafter(head, sampler.vocab, cache=prompt.cache)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     drafted = accepted = steps = kept = 0

@@ -130,6 +130,13 @@ def compiled_kv_cache_default(device: str) -> KVCacheSize:
     return COMPILED_KV_CACHE_CPU if device.split(":", 1)[0] == "cpu" else COMPILED_KV_CACHE_FRACTION
 
 
+def check_draft_quantize(config: EngineConfig, num_speculative_tokens: int) -> None:
+    """ValueError where --draft-quantize is given without speculative decoding (`generate` and the services check
+    it before the model loads)."""
+    if config.draft_quantize and not num_speculative_tokens:
+        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
+
+
 def check_kv_cache_size(size: KVCacheSize | None) -> None:
     """ValueError unless `size` is None, a positive int (bytes) or a float in (0, 1] (a fraction)."""
     if size is None:

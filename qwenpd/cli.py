@@ -73,8 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from qwenpd.engine.engine import Engine
 
     config = engine_config.from_args(args, args.model)
-    if config.draft_quantize and not args.num_speculative_tokens:  # before the model loads
-        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
+    engine_config.check_draft_quantize(config, args.num_speculative_tokens)
     prompt_ids = _prompt_ids(args)
     if config.compile and args.kv_cache_bytes is None:  # exactly the pages this prompt and max_tokens need
         from qwenpd.engine.kv_cache import kv_cache_bytes_for

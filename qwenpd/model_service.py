@@ -98,10 +98,9 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
     if cfg.default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
     cfg.default_max_tokens = min(cfg.default_max_tokens, cfg.limits.max_new_tokens)
+    engine_config.check_draft_quantize(cfg.engine, cfg.num_speculative_tokens)
     if cfg.num_speculative_tokens:
         check_speculative(cfg.engine, cfg.num_speculative_tokens)
-    elif cfg.engine.draft_quantize:
-        raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
 
 
 MAX_SPECULATIVE_TOKENS = 8

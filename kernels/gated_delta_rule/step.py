@@ -57,12 +57,18 @@ def step_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, use_qk
     return StepInputs(qk, k, (q * k).sum(-1, keepdim=True), decay, beta.float()[..., None], v.float(), v.dtype)
 
 
+def _on_kernel(state: Tensor) -> bool:
+    """Whether cpu_step.cpp's ops take this state: a contiguous CPU one, the kernel loaded (loaded on first use, not
+    while torch.compile traces)."""
+    return (state.device.type == "cpu" and state.is_contiguous()
+            and (cpu.ready or (not torch.compiler.is_compiling() and cpu.load())))
+
+
 def step_state(x: StepInputs, state: Tensor) -> Tensor:
     """step_gated_delta_rule's state part: one token per row of `x` into state [B, Hv, K, V] (in place). On CPU the
     kernel of cpu_step.cpp (loaded on first use; an engine loads it at start): one pass over the state, ~2x
     step_state_torch at batch 8 here; elsewhere, or without a compiler, step_state_torch."""
-    if (state.device.type == "cpu" and state.is_contiguous()
-            and (cpu.ready or (not torch.compiler.is_compiling() and cpu.load()))):
+    if _on_kernel(state):
         return torch.ops.qwenpd_delta.step_state(x.qk, x.qdotk, x.decay, x.beta, x.v, state).to(x.out_dtype)
     return step_state_torch(x, state)
 
@@ -76,8 +82,7 @@ def step_states(x: StepInputs, state: Tensor, slots: list[int], offsets: list[in
     [R, Hv, V] in x's out_dtype, zeros in rows no sequence reads. Slots must be distinct and row ranges disjoint.
     On CPU the kernel of cpu_step.cpp (one call, each head's state read from memory once for all its tokens),
     elsewhere step_states_torch."""
-    if (state.device.type == "cpu" and state.is_contiguous()
-            and (cpu.ready or (not torch.compiler.is_compiling() and cpu.load()))):
+    if _on_kernel(state):
         empty = state.new_empty(0) if snaps is None else snaps
         return torch.ops.qwenpd_delta.step_states(x.qk, x.qdotk, x.decay, x.beta, x.v, state, slots, offsets, counts,
                                                   empty).to(x.out_dtype)

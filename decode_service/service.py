@@ -39,7 +39,7 @@ from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.handoff import Handoff, StreamRecord, sampling_from_pb
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from qwenpd.errors import DataLoss, FailedPrecondition, InvalidArgument, QwenpdError
+from qwenpd.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, QwenpdError
 from qwenpd.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 async def _delete_quietly(store: AsyncCacheStoreClient, checkpoint_id: str) -> None:
     try:
         await store.delete(checkpoint_id)
+    except NotFound as exc:  # already gone: e.g. a resume prefill took the stream's resume point over
+        log.info("checkpoint %s not deleted: %s", checkpoint_id, exc.message)
     except QwenpdError as exc:
-        log.warning("deleting corrupt checkpoint %s: %s", checkpoint_id, exc.message)
+        log.warning("deleting checkpoint %s: %s", checkpoint_id, exc.message)
 
 
 async def _release(store: AsyncCacheStoreClient, lease_id: str) -> None:

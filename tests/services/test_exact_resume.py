@@ -188,9 +188,14 @@ def test_resume_over_the_protos_continues_exactly_from_a_resume_point_or_by_reco
             assert again.first_token.id == ref[k - 1]  # nothing new sampled by prefill
             ids, lps, _ = _decode_all(decode, again.checkpoint_id)
             assert (ids, lps) == (ref[k:], ref_lps[k:]), f"resumed after {k} by recompute"
-        # from the live stream's resume point (its hand-off, kept while the stream runs)
+        # from the live stream's resume point (its hand-off, kept while the stream runs): the live stream asks for
+        # more tokens (the same random stream per position) so that it cannot end, and delete its resume point,
+        # before the resume below reads it (150 tokens could all be generated and buffered by then)
         pre = prefill.Prefill(request, timeout=60)
-        live = decode.Decode(decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id), timeout=60)
+        longer = common_pb2.SamplingParams()
+        longer.CopyFrom(request.sampling)
+        longer.max_tokens = 6000
+        live = decode.Decode(decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id, sampling=longer), timeout=60)
         first = next(live)
         assert first.resume_point.checkpoint_id == pre.checkpoint_id
         got = list(first.token_ids)

@@ -98,6 +98,7 @@ def test_paged_decode_matches_reference(page, dtype, kernel, monkeypatch):
     from qwenpd.kernels.paged_attention import paged
 
     monkeypatch.setattr(paged, "TILE_TOKENS", 2 * page)  # several tiles: the online softmax merges them
+    monkeypatch.setattr(paged, "CPU_BLOCK_TOKENS", 2 * page)  # several blocks (the CPU path's tiles)
     gen = torch.Generator().manual_seed(page)
     pages, hkv, hq, dim = 40, 2, 6, 8
     kp, vp = (t.to(dtype) for t in _pools(pages, page, hkv, dim, seed=page))
@@ -141,6 +142,30 @@ def test_paged_decode_row_is_the_same_bits_in_any_batch_and_table_width(dtype, k
                       torch.tensor([n, 11 * page]), 0.35)
         assert torch.equal(alone, wide), n
         assert torch.equal(alone[0], pair[0]), n
+
+
+@pytest.mark.parametrize("block", [4, 8, 4096], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attend_pages_causal_rows_match_reference(block, dtype, monkeypatch):
+    """attend_pages with causal rows (the MTP head's drafting rows) over one or several blocks: each row sees the
+    tokens up to its position, whatever the block size; a block size that is not a whole number of pages is
+    rounded down to one."""
+    from qwenpd.kernels.paged_attention import paged
+
+    monkeypatch.setattr(paged, "CPU_BLOCK_TOKENS", block)
+    page, pages, hkv, hq, dim = 4, 30, 2, 6, 8
+    gen = torch.Generator().manual_seed(block)
+    kp, vp = (t.to(dtype) for t in _pools(pages, page, hkv, dim, seed=block))
+    end = 37
+    table = _table(end, page, pages, gen)
+    positions = [30, 31, 32, 33, 34, 35, 36]
+    q = torch.randn(len(positions), hq, dim, generator=gen)
+    o = paged.attend_pages(q, kp, vp, torch.tensor(table), end, 0.35, torch.tensor(positions))
+    ref = naive_paged_attention(q.to(dtype), kp, vp, table, positions, 0.35)
+    assert o.dtype == torch.float32
+    assert_close(o, ref, atol=1e-5 if dtype == torch.float32 else 2e-2, what=f"block {block}")
+    one = paged.attend_pages(q[-1:], kp, vp, torch.tensor(table), end, 0.35)  # a decode row: every token
+    assert_close(one, ref[-1:], atol=1e-5 if dtype == torch.float32 else 2e-2, what="decode row")
 
 
 @pytest.mark.parametrize("start,t", [(0, 5), (7, 6), (16, 1)], ids=lambda v: str(v))

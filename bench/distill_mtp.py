@@ -185,10 +185,10 @@ def distill(model_dir: Path, out: Path, sequences: int = 256, length: int = 128,
 
 def _check(model_dir: Path, head: Head, dtype: str) -> None:
     """qwenpd's MTPHead on the written checkpoint gives the training module's logits (fp32 load, same tensors)."""
-    from qwenpd.engine.mtp import MTPHead
+    from qwenpd.engine.mtp import MTPCache, MTPHead
     from qwenpd.engine.weights import load_mtp_weights
 
-    eng = Engine(model_dir, dtype="float32")
+    eng = Engine(model_dir, dtype="float32", speculative=True)  # (its KV cache holds the head's layers)
     ours = MTPHead(eng.config, load_mtp_weights(model_dir, eng.config, torch.float32), eng.model)
     ref = Head(model_dir)  # reloads the tensors as written (rounded to the stored dtype)
     g = torch.Generator().manual_seed(1)
@@ -196,7 +196,7 @@ def _check(model_dir: Path, head: Head, dtype: str) -> None:
     ids = torch.randint(0, eng.config.vocab_size, (1, 16), generator=g)
     with torch.no_grad():
         want = ref(hidden, ids)[0]
-    _, got = ours.forward(hidden[0], ids[0], torch.arange(16), ours.new_cache())
+    _, got = ours.forward(hidden[0], ids[0], torch.arange(16), MTPCache.new(eng.kv_cache, 16))
     err = float((got - want).abs().max())
     if err > 1e-3 * max(1.0, float(want.abs().max())):
         raise RuntimeError(f"the written head does not load as trained (max logit error {err:.2e})")

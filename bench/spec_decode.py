@@ -54,7 +54,7 @@ from machine import cpu_description  # noqa: E402 - bench/machine.py
 
 from qwenpd.engine import Engine  # noqa: E402
 from qwenpd.engine.generate import generate, generate_speculative  # noqa: E402
-from qwenpd.engine.mtp import load_head  # noqa: E402
+from qwenpd.model_service import MAX_SPECULATIVE_TOKENS  # noqa: E402
 from qwenpd.engine.sampling import SamplingParams  # noqa: E402
 from qwenpd.engine.speculative import Drafter  # noqa: E402
 from qwenpd.decode_service import runner as runner_mod  # noqa: E402
@@ -104,7 +104,7 @@ class Loaded:
     def get(self):
         if self.engine is None:
             self.engine = engine_for(self.model, self.dtype, self.compiled, self.quantize)
-            self.head = load_head(self.engine, self.model)
+            self.head = self.engine.draft_head
         return self.engine
 
 
@@ -116,13 +116,15 @@ def engine_for(model: Path, dtype: str, compiled: tuple[int, int, int] | None, q
     draft_quantize options."""
     quantize = quantize or {}
     if compiled is None:
-        return Engine(model, dtype=dtype, **quantize)
+        return Engine(model, dtype=dtype, speculative=True, **quantize)
     from qwenpd.engine.engine_config import EngineConfig
     from qwenpd.engine.kv_cache import kv_cache_bytes_for
 
     max_batch, context, verify_rows = compiled
-    kv = max_batch * kv_cache_bytes_for(EngineConfig(model_dir=str(model), dtype=dtype), context)
-    engine = Engine(model, dtype=dtype, kv_cache_bytes=kv, **quantize)
+    # the head's layers in every page; the KV the drafts write past a sequence's last token
+    config = EngineConfig(model_dir=str(model), dtype=dtype, speculative=True)
+    kv = max_batch * kv_cache_bytes_for(config, context + MAX_SPECULATIVE_TOKENS)
+    engine = Engine(model, dtype=dtype, kv_cache_bytes=kv, speculative=True, **quantize)
     seconds = engine.compile(engine.default_buckets(512, max_batch, max_context=context), max_batch,
                              graphs=("decode",), verify_rows=verify_rows)
     print(f"compiled {engine.runner.buckets} in {seconds:.0f} s", file=sys.stderr)
@@ -162,8 +164,9 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
         seq.sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt)
         seq.tracker = OutputTracker(params, engine.eos_token_ids, None, prompt)
         seq.max_context = engine.config.max_position_embeddings
-        feed = PromptDrafts(loaded.head, prompt) if k else None
-        logits, state = engine.prefill(prompt, normed=feed)
+        state = engine.new_state()
+        feed = PromptDrafts(loaded.head, prompt, state) if k else None
+        logits, state = engine.prefill(prompt, state, normed=feed)
         token, logprob = seq.sampler.sample(logits)
         seq.push(token, logprob)
         seq.draft = feed.tensors() if feed is not None else None
@@ -173,7 +176,7 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
     for i, prompt in enumerate(prompts_):
         seq = DecodeSequence(request_id=str(i), load=lambda: None, guard=ReadGuard(lambda: None), sampler=None,
                              tracker=None, next_token=0, num_tokens=len(prompt), max_context=0,
-                             kv_tokens=len(prompt) + params.max_tokens)
+                             kv_tokens=len(prompt) + params.max_tokens + k)  # (+ the drafts' KV: MTPCache)
         seq.load = lambda seq=seq, prompt=prompt: prefill(seq, prompt)
         seqs.append(seq)
     finished = threading.Event()
@@ -365,7 +368,7 @@ def main() -> None:
     ratios = batched_table(Loaded(model, args.dtype, many, quantized(args)), args, params) if batches else {}
     ks = [int(k) for k in args.ks.split(",")]
     engine = engine_for(model, args.dtype, (1, context, max(ks) + 1) if args.compile else None, quantized(args))
-    head = load_head(engine, model)
+    head = engine.draft_head
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     configs = [("plain", 0, "", None)] + [(f"k={k} {rb}", k, rb, None) for k in ks for rb in ("replay", "snapshot")]
     configs += [(f"k={k} replay, oracle drafts {a:.0%}", k, "replay", a)

@@ -44,6 +44,7 @@ from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine import state_spec
 from qwenpd.engine.sampling import Sampler, greedy_batch
+from qwenpd.engine.mtp import MTPCache
 from qwenpd.engine.speculative import Drafter
 from qwenpd.engine.state import HybridState
 from qwenpd.errors import QwenpdError, Unavailable
@@ -312,7 +313,7 @@ class DecodeRunner:
         position, paired with next_token, is the head's first unread input."""
         assert self.engine is not None and self.engine.draft_head is not None and seq.draft is not None
         head, n = self.engine.draft_head, seq.num_tokens
-        drafter = Drafter(head, seq.sampler.vocab, capacity=seq.kv_tokens + self.k + 1)
+        drafter = Drafter(head, seq.sampler.vocab, MTPCache(seq.state.kv))  # in the sequence's pages
         drafter.cache.load(seq.draft, n - 1)
         # a copy: the hand-off's bytes are leased until the join ends, and the head may read this much later
         seq.unread(n - 1, seq.draft[state_spec.DRAFT_HIDDEN].to(head.model.device, copy=True)[None],
@@ -508,6 +509,14 @@ class DecodeRunner:
         if not self.checkpoint_every or out.finish_reason is not None or seq.stream is None or seq.state is None:
             return False
         return seq.num_tokens - seq.checkpointed_at >= self.checkpoint_every and not seq.writing
+
+
+def kv_tokens(num_tokens: int, fed: int, max_tokens: int, max_context: int, drafts: int) -> int:
+    """The most tokens a sequence's KV can ever hold, whose pages are promised at admission: `num_tokens` in its
+    state, `fed` more before its first new token and `max_tokens` new ones, within the context; and with `drafts`
+    per step (K: its MTP head drafts) the positions past those its head's drafts may write (the head's KV sits in
+    the sequence's pages: engine/mtp.py MTPCache)."""
+    return min(max_context, num_tokens + fed + max_tokens) + drafts
 
 
 def _take_unread(seqs: list[DecodeSequence], keep_last: bool = False) -> tuple[list, list, list, list]:

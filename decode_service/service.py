@@ -30,7 +30,7 @@ from collections.abc import Callable
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
-from qwenpd.decode_service.runner import DecodeRunner, Output, ReadGuard, DecodeSequence
+from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, Output, ReadGuard, kv_tokens
 from qwenpd.decode_service.state import state_from_checkpoint
 from qwenpd.engine import state_spec
 from qwenpd.engine.engine import Engine
@@ -223,16 +223,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             guard.abandon()  # the checkpoint stays: a call with sampling.speculative = false can still use it
             raise
         fed = 1 + len(handoff.replay_ids) if delivered else 0  # tokens consumed before the first new one
-        # its longest possible KV
-        kv_tokens = min(e.config.max_position_embeddings, num_tokens + fed + params.max_tokens)
+        kv = kv_tokens(num_tokens, fed, params.max_tokens, e.config.max_position_embeddings,
+                       self.config.num_speculative_tokens if draft is not None else 0)
         tracker = OutputTracker(params, e.eos_token_ids, e.tokenizer, handoff.prompt_tail_ids)
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
         generated = handoff.generated_ids if delivered else (*handoff.generated_ids, handoff.first_token)
         stream = StreamRecord.from_metadata(ckpt.metadata)
         seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
-            load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv_tokens - num_tokens, ckpt.locations),
-            guard=guard, kv_tokens=kv_tokens,
+            load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv - num_tokens, ckpt.locations),
+            guard=guard, kv_tokens=kv,
             sampler=Sampler.resumed(params, handoff.sampler_draws, e.eos_token_ids,
                                     generated if params.history else (), e.grammars, prompt=handoff.prompt_seen),
             tracker=tracker,

@@ -15,7 +15,7 @@ from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.constraint import Grammars
 from qwenpd.engine.device import resolve_device
 from qwenpd.engine.host import keep_freed_memory
-from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, resolve_kv_cache_bytes
+from qwenpd.engine.kv_cache import KVCacheSize, PagedKVCache, draft_layers, resolve_kv_cache_bytes
 from qwenpd.engine.linear import held_bytes, int8_step_kernel
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner
@@ -141,19 +141,29 @@ class Engine:
             del tower
             self.fingerprint = hashlib.sha256(f"{self.fingerprint} vision {digest}".encode()).hexdigest()
             self.vision_fingerprint = vision_fingerprint(self.config.vision, self.dtype, digest)
-        kv_bytes = resolve_kv_cache_bytes(kv_cache_bytes, self.device)
-        if self.group is not None and kv_bytes is not None:  # every rank must hold the same number of pages
-            shared = isinstance(kv_cache_bytes, float) and self.device.type == "cpu"  # ranks share host memory
-            kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
-        self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes)
-        self.draft_head = None  # the checkpoint's MTP head where speculative decoding runs (engine/mtp.py)
-        self.eager = self.runner = GraphRunner(self.model)
         self.model_dir = str(model_dir)
         self.tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        # the checkpoint's MTP head where speculative decoding runs (engine/mtp.py; the leader's alone), loaded
+        # before free memory is measured for the KV cache, which holds its KV as more layers of every page
+        self.draft_head = None
+        heads = draft_layers(self.engine_config, self.config)
+        leader = self.group is None or self.group.leader
+        if heads and leader:
+            from qwenpd.engine.mtp import load_head
+
+            self.draft_head = load_head(self, model_dir)
+        kv_bytes = resolve_kv_cache_bytes(kv_cache_bytes, self.device)
+        if self.group is not None and kv_bytes is not None:  # every rank must hold the same number of pages
+            shared = isinstance(kv_cache_bytes, float) and self.device.type == "cpu"  # ranks share host memory
+            kv_bytes = self.group.agree_bytes(kv_bytes // self.tp if shared else kv_bytes)
+        self.kv_cache = PagedKVCache(self.local_config, self.dtype, self.device, page_size, kv_bytes,
+                                     draft_layers=heads, draft_kv_heads=self.config.num_key_value_heads,
+                                     draft_pools=leader)
+        self.eager = self.runner = GraphRunner(self.model)
 
     @property
     def tp(self) -> int:

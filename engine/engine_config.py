@@ -49,7 +49,10 @@ class EngineConfig:
     quantize: round the decoder's projections to fp8 (128x128 blocks), fp8-mlp (the MLP's only) or int8 (per
     output channel, the lm_head too, held as int8) at load (engine/weights.py load_weights); None = as stored.
     draft_quantize: the MTP head's projections (and its own lm_head rows) weight-only int8 at load, whatever
-    `quantize` is (engine/mtp.py load_head; speculative decoding only); None = as the model's."""
+    `quantize` is (engine/mtp.py load_head; speculative decoding only); None = as the model's.
+    speculative: load the checkpoint's MTP head (Engine.draft_head; on a tensor-parallel group's leader) and hold
+    its KV as more layers of the paged cache (engine/kv_cache.py), both before the cache is sized; the services
+    and `generate` set it from --num-speculative-tokens."""
 
     model_dir: str
     dtype: str = "auto"
@@ -66,6 +69,7 @@ class EngineConfig:
     warm_up: bool = True
     quantize: str | None = None
     draft_quantize: str | None = None
+    speculative: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", str(self.model_dir))
@@ -130,10 +134,10 @@ def compiled_kv_cache_default(device: str) -> KVCacheSize:
     return COMPILED_KV_CACHE_CPU if device.split(":", 1)[0] == "cpu" else COMPILED_KV_CACHE_FRACTION
 
 
-def check_draft_quantize(config: EngineConfig, num_speculative_tokens: int) -> None:
+def check_draft_quantize(config: EngineConfig) -> None:
     """ValueError where --draft-quantize is given without speculative decoding (`generate` and the services check
     it before the model loads)."""
-    if config.draft_quantize and not num_speculative_tokens:
+    if config.draft_quantize and not config.speculative:
         raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
 
 

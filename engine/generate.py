@@ -72,10 +72,14 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt_ids)
     tracker = OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt_ids)
     t0 = time.perf_counter()
-    prompt = PromptDrafts(head, list(prompt_ids))  # the head reads (hidden at t, token t+1) as chunks come
-    logits, state = engine.prefill(prompt_ids, chunk_size=chunk_size, normed=prompt)
+    state = engine.new_state()
+    prompt = PromptDrafts(head, list(prompt_ids), state)  # the head reads (hidden at t, token t+1) as chunks come
+    logits, state = engine.prefill(prompt_ids, state, chunk_size=chunk_size, normed=prompt)
     token, logprob = sampler.sample(logits)
-    drafter = Drafter(head, sampler.vocab, cache=prompt.cache)
+    # the pages of the longest generation, and of the k positions past it the head's drafts may write (its KV is
+    # in the sequence's pages: mtp.MTPCache), as the decode service promises them
+    state.reserve(min(engine.config.max_position_embeddings, len(prompt_ids) + params.max_tokens) + k)
+    drafter = Drafter(head, sampler.vocab, prompt.cache)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     drafted = accepted = steps = kept = 0

@@ -4,6 +4,12 @@ Pools are [num_pages, Hkv, page_size, D] (see kernels/paged_attention). A sequen
 table, `SequenceKV`); token j lives in page pages[j // P] at offset j % P. The page size divides the prefix-cache
 block size, so a cached block [Hkv, 256, D] is a whole number of pages and is copied in page by page.
 
+With the MTP head (speculative decoding, engine/mtp.py) the cache holds the head's layers too, after the
+attention layers' (`draft_layers`): a page holds every layer's K and V of its tokens, the head's included, so the
+head's KV of a position sits at the model's slot of it, needs no block table of its own and comes out of the
+same budget (a tensor-parallel follower, which runs no head, counts the head's bytes in a page but holds no
+pools for them: every rank has the same number of pages).
+
 Sized by `--kv-cache-bytes`: a number of bytes, or a fraction of the memory free on the device once the weights
 are loaded (`KVCacheSize`); fixed, and a sequence that does not fit raises OutOfPages. Without a size the cache
 grows by doubling when it runs out (eager use: tests, `generate`); compiled graphs need a fixed size.
@@ -40,35 +46,54 @@ def kv_cache_bytes_for(engine_config, tokens: int) -> int:
     config = ModelConfig.from_pretrained(engine_config.model_dir)
     dtype = DTYPES[config.torch_dtype if engine_config.dtype == "auto" else engine_config.dtype]
     page = engine_config.pages
-    return (pages_for(tokens, page) + 2) * page_bytes(config, page, dtype)
+    return (pages_for(tokens, page) + 2) * page_bytes(config, page, dtype, draft_layers(engine_config, config))
 
 
-def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one page across every attention layer (K and V)."""
-    per_token = 2 * config.num_key_value_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
-    return len(config.attention_layers) * per_token * page_size
+def draft_layers(engine_config, config: ModelConfig) -> int:
+    """Layers of the MTP head the cache holds for an engine made with `engine_config` (none without speculative
+    decoding)."""
+    return config.mtp_num_hidden_layers if engine_config.speculative else 0
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype, draft_layers: int = 0,
+               draft_kv_heads: int | None = None) -> int:
+    """Bytes of one page across every attention layer and `draft_layers` layers of the MTP head (K and V), those of
+    `draft_kv_heads` KV heads (default: config's; a tensor-parallel rank's config has its share of the model's
+    heads, the head runs whole on the leader)."""
+    per_head = 2 * config.head_dim * torch.empty((), dtype=dtype).element_size() * page_size
+    heads = config.num_key_value_heads
+    return (len(config.attention_layers) * heads + draft_layers * (draft_kv_heads or heads)) * per_head
 
 
 class PagedKVCache:
+    """Pools k[j], v[j] of attention layer number j (config.attention_layers order), then of the MTP head's layer
+    l at j = draft_first + l (module doc)."""
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, page_size: int = DEFAULT_PAGE_SIZE,
-                 num_bytes: int | None = None):
+                 num_bytes: int | None = None, draft_layers: int = 0, draft_kv_heads: int | None = None,
+                 draft_pools: bool = True):
+        """`draft_layers`: the MTP head's, of `draft_kv_heads` KV heads (page_bytes), counted in every page; their
+        pools are held only with `draft_pools` (not on a tensor-parallel follower)."""
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.config, self.dtype, self.device, self.page_size = config, dtype, torch.device(device), page_size
+        self.draft_layers, self.draft_kv_heads = draft_layers, draft_kv_heads or config.num_key_value_heads
         self.growable = num_bytes is None
         if num_bytes is None:
             num_pages = _GROWABLE_START_PAGES
         else:
-            num_pages = num_bytes // max(1, page_bytes(config, page_size, dtype))
+            num_pages = num_bytes // max(1, page_bytes(config, page_size, dtype, draft_layers, draft_kv_heads))
             if num_pages < 2:
                 raise ValueError(f"kv cache of {num_bytes} bytes holds {num_pages} pages of {page_size} tokens; "
                                  "at least 2 are needed")
         self.allocator = PageAllocator(num_pages)
         shape = (num_pages, config.num_key_value_heads, page_size, config.head_dim)
-        n = len(config.attention_layers)
+        self.draft_first = len(config.attention_layers)
+        shapes = [shape] * self.draft_first + [(num_pages, self.draft_kv_heads, page_size, config.head_dim)] * (
+            draft_layers if draft_pools else 0)
         # zeros, not empty: padded reads must see finite values (masked scores are -inf, weights 0, but 0 * NaN)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
+        self.k = [torch.zeros(s, dtype=dtype, device=self.device) for s in shapes]
+        self.v = [torch.zeros(s, dtype=dtype, device=self.device) for s in shapes]
 
     @property
     def num_pages(self) -> int:
@@ -76,7 +101,16 @@ class PagedKVCache:
 
     @property
     def num_bytes(self) -> int:
-        return self.num_pages * page_bytes(self.config, self.page_size, self.dtype)
+        return self.num_pages * page_bytes(self.config, self.page_size, self.dtype, self.draft_layers,
+                                           self.draft_kv_heads)
+
+    def draft_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V pools of the MTP head's layer `layer`; ValueError where the cache holds none."""
+        j = self.draft_first + layer
+        if j >= len(self.k):
+            raise ValueError("this KV cache holds no pools for the MTP head's layers: make the engine with "
+                             "speculative=True (EngineConfig), on the rank that runs the head")
+        return self.k[j], self.v[j]
 
     def allocate(self, n: int) -> list[int]:
         if self.growable and n > self.allocator.free:
@@ -99,12 +133,21 @@ class SequenceKV:
     """One sequence's pages (its block table). Pages return to the cache on `release()` or when this object is
     garbage collected."""
 
-    __slots__ = ("cache", "pages", "_finalizer", "__weakref__")
+    __slots__ = ("cache", "pages", "_finalizer", "_held", "__weakref__")
 
     def __init__(self, cache: PagedKVCache):
         self.cache = cache
         self.pages: list[int] = []
         self._finalizer = weakref.finalize(self, cache.allocator.release, self.pages)
+        self._held: torch.Tensor | None = None  # page_tensor's, while `pages` is as long as it
+
+    def page_tensor(self) -> torch.Tensor:
+        """`pages` as an int64 tensor on the cache's device (made again only when pages were added or released:
+        the list is only ever extended or cleared)."""
+        held = self._held
+        if held is None or held.shape[0] != len(self.pages):
+            held = self._held = torch.tensor(self.pages, dtype=torch.long, device=self.cache.device)
+        return held
 
     def reserve(self, num_tokens: int) -> None:
         """Own enough pages for `num_tokens` tokens in total."""
@@ -129,7 +172,8 @@ class SequenceKV:
         return self.pages + [NULL_PAGE] * (width - len(self.pages))
 
     def read(self, j: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of tokens [lo, hi) of attention layer number j: contiguous [Hkv, hi-lo, D] copies."""
+        """K, V of tokens [lo, hi) of pool number j (an attention layer's, or the MTP head's at draft_first + l):
+        contiguous [Hkv, hi-lo, D] copies."""
         p = self.cache.page_size
         idx = torch.tensor(self.pages[lo // p: pages_for(hi, p)], dtype=torch.long, device=self.cache.device)
         out = []

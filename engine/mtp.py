@@ -12,66 +12,99 @@ lm_head reads to predict token t+1) and the embedding of token t+1; it predicts 
 
 A draft chain feeds `out` back as the next position's hidden (vLLM does the same): drafts after the first read the
 head's own output instead of the main model's. The head's attention is an ordinary gated GQA layer (the main
-model's AttentionMixer weights and projections), with its KV in a small contiguous cache per sequence (MTPCache):
-drafts only decide how many tokens a verify pass accepts, never which tokens come out, so the head needs no paged
-layout and no batch invariance.
+model's AttentionMixer weights and projections). Its KV is paged like the model's: the engine's paged cache holds
+the head's layers after the attention layers' (engine/kv_cache.py), and a sequence's head KV of position t sits at
+the slot of its model KV of t, in the same pages (MTPCache): the head needs no block table of its own, its bytes
+come out of the KV budget the decode service admits sequences against, a sequence's pages are freed at once, and
+the prefix cache and hand-offs copy it as they copy the model's. Drafting rows attend with the CPU decode path's
+kernel (kernels/paged_attention attend_pages: blocks of pages in fp32, an online softmax), a prompt's chunk with
+the prefill kernel. Drafts only decide how many tokens a verify pass accepts, never which tokens come out, so the
+head needs no batch invariance.
 """
 
 from __future__ import annotations
 
-import threading
+import itertools
 
 import torch
-import torch.nn.functional as F
 
 from qwenpd.engine.config import FULL, ModelConfig
+from qwenpd.engine.kv_cache import PagedKVCache, SequenceKV
 from qwenpd.engine.layers import Rotary, rms_norm
 from qwenpd.engine.linear import Linear, held_bytes
 from qwenpd.engine.model import Block, HybridModel
+from qwenpd.engine.pages import OutOfPages, pages_for
+from qwenpd.engine.state import HybridState
 from qwenpd.engine.weights import DRAFT_EMBED, DRAFT_HEAD, MTP
+from qwenpd.kernels import ops
+from qwenpd.kernels.paged_attention.paged import attend_pages
 
 STEP_ROWS = 16  # head passes of at most this many rows (drafting ones) take Linear's decode-step path
 
 
 class MTPCache:
-    """One sequence's KV of the head's layers: [Hkv, capacity, D] per layer (a head's positions in a row, as
-    attention reads them), grown by doubling. Entries written by drafts past the verified tokens are overwritten
-    when the verified tokens are fed (speculative.Drafter.draft)."""
+    """One sequence's KV of the head's layers: the head's pools of the engine's paged cache at the sequence's own
+    pages (`kv`, its model KV's block table), position t at the slot of the model's token t (module doc). Entries
+    written by drafts past the verified tokens are overwritten when the verified tokens are fed
+    (speculative.Drafter.draft)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int = 256):
-        capacity = max(1, capacity)
-        shape = (config.num_key_value_heads, capacity, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.mtp_num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.mtp_num_hidden_layers)]
+    def __init__(self, kv: SequenceKV):
+        self.kv = kv
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [n, Hkv, D] of positions [n]."""
-        need, have = int(positions.max()) + 1, self.k[layer].shape[1]
-        if need > have:
-            grow = max(need, 2 * have) - have
-            self.k[layer] = F.pad(self.k[layer], (0, 0, 0, grow))
-            self.v[layer] = F.pad(self.v[layer], (0, 0, 0, grow))
-        self.k[layer][:, positions] = k.transpose(0, 1).to(self.k[layer].dtype)
-        self.v[layer][:, positions] = v.transpose(0, 1).to(self.v[layer].dtype)
+    @classmethod
+    def new(cls, kv_cache: PagedKVCache, tokens: int) -> "MTPCache":
+        """A cache on pages of its own for `tokens` positions (no model KV beside it: tests, bench/distill_mtp.py)."""
+        kv = kv_cache.sequence()
+        kv.reserve(tokens)
+        return cls(kv)
+
+    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv.cache.draft_pools(layer)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [n, Hkv, D] of positions start .. start+n-1 (pages reserved: OutOfPages otherwise)."""
+        end = start + k.shape[0]
+        if pages_for(end, self.kv.cache.page_size) > len(self.kv.pages):
+            raise OutOfPages(f"the head's KV of position {end - 1} is past the sequence's {len(self.kv.pages)} pages")
+        k_pool, v_pool = self._pools(layer)
+        ops.decode_write_kv(k_pool, v_pool, torch.tensor(self.kv.slots(start, end), device=k.device), k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+        """Causal attention of q [n, Hq, D] (fp32) at positions start .. start+n-1 over this sequence's head KV of
+        the positions up to each (written): fp32 [n, Hq, D]. Drafting passes and catch-ups (n <= ATTEND_ROWS): the
+        CPU decode kernel's blocks (attend_pages); more rows (a prompt's chunk): the prefill kernel."""
+        n = q.shape[0]
+        end = start + n
+        k_pool, v_pool = self._pools(layer)
+        pages = self.kv.page_tensor()
+        if n > ATTEND_ROWS:
+            table = pages[:pages_for(end, self.kv.cache.page_size)]
+            start_t = torch.tensor([start], device=q.device)
+            return ops.paged_attention_prefill(q.to(k_pool.dtype), k_pool, v_pool, table, start_t, scale).float()
+        positions = torch.arange(start, end, device=q.device) if n > 1 else None
+        return attend_pages(q, k_pool, v_pool, pages, end, scale, positions)
 
     def load(self, kv: dict[str, torch.Tensor], positions: int) -> None:
         """Write a draft state's head KV (mtp.{l}.k/v, [Hkv, positions, D]: state_spec.draft_shapes) as positions
         0 .. positions-1; ValueError if it covers another number of positions."""
         if positions < 1:
             return
-        where = torch.arange(positions, device=self.k[0].device)
-        for layer in range(len(self.k)):
+        cache = self.kv.cache
+        for layer in range(cache.draft_layers):
             k, v = kv[f"mtp.{layer}.k"], kv[f"mtp.{layer}.v"]
             if k.shape[1] != positions or v.shape[1] != positions:
                 raise ValueError(f"the head KV covers {k.shape[1]} positions, not {positions}")
-            self.write(layer, where, k.transpose(0, 1).to(where.device), v.transpose(0, 1).to(where.device))
+            self._pools(layer)  # ValueError where the cache holds none
+            self.kv.load(cache.draft_first + layer, k, v)
 
     def copy_out(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """The head KV of positions [lo, hi) (mtp.{l}.k/v, [Hkv, hi-lo, D], host copies): `load`'s layout."""
         out = {}
-        for layer in range(len(self.k)):
-            out[f"mtp.{layer}.k"] = self.k[layer][:, lo:hi].contiguous().cpu()
-            out[f"mtp.{layer}.v"] = self.v[layer][:, lo:hi].contiguous().cpu()
+        cache = self.kv.cache
+        for layer in range(cache.draft_layers):
+            self._pools(layer)
+            k, v = self.kv.read(cache.draft_first + layer, lo, max(lo, hi))
+            out[f"mtp.{layer}.k"], out[f"mtp.{layer}.v"] = k.cpu(), v.cpu()
         return out
 
     def draft_state(self, lo: int, num_tokens: int, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,77 +114,11 @@ class MTPCache:
         from qwenpd.engine.state_spec import DRAFT_HIDDEN
 
         out = self.copy_out(lo, num_tokens - 1)
-        out[DRAFT_HIDDEN] = hidden.to(self.k[0].dtype).cpu()
+        out[DRAFT_HIDDEN] = hidden.to(self.kv.cache.dtype).cpu()
         return out
 
 
-ATTEND_ROWS = 64  # up to this many query rows `_attend` multiplies block by block; more (a prompt's chunk): SDPA
-ATTEND_BLOCK = 4096  # keys per block: the fp32 copies of a block's keys and values are made at this one size
-
-
-_scratch = threading.local()
-
-
-def _blocks(hkv: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's fp32 buffers for a block of keys and of values, [hkv, ATTEND_BLOCK, d]: made once, again only
-    when the shape changes (2 x 16 MB on Qwen3.6-27B's head shapes, per thread that drafts); not inference
-    tensors, so that they can be written in and out of inference mode."""
-    key = (hkv, ATTEND_BLOCK, d, str(device))
-    held = getattr(_scratch, "blocks", None)
-    if held is None or held[0] != key:
-        with torch.inference_mode(False):
-            held = _scratch.blocks = (key, *(torch.empty(key[:3], dtype=torch.float32, device=device)
-                                             for _ in range(2)))
-    return held[1], held[2]
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
-            ) -> torch.Tensor:
-    """Causal GQA attention of q [n, Hq, D] (fp32) at positions [n] over keys, values [Hkv, end, D] of positions
-    0 .. end-1: [n, Hq, D] in the cache dtype. Drafting passes and catch-ups (n <= ATTEND_ROWS): grouped matmuls in
-    fp32 over blocks of ATTEND_BLOCK keys, an online softmax across blocks, so memory is bounded at any context.
-    Why so (2-core EPYC, docs/performance.md ninth and tenth rounds):
-    - torch's CPU SDPA took 0.6 ms for one bf16 query row over 640 keys and 14 ms over 16K, the matmuls 0.09 and
-      2.6 ms;
-    - a bf16 matmul goes to oneDNN, which builds a kernel for every new shape (~0.8 ms), and the key count grows
-      every step: fp32 matmuls (MKL) instead;
-    - fp32 copies that grow by a key every step are a new allocation above glibc's mmap threshold every time,
-      each one page-faulted in afresh (8.6 ms to convert 4K keys of Qwen3.6-27B's head shapes against 0.8 at a
-      fixed size; a fresh block-sized buffer costs its huge pages' zeroing instead): a block's copies go to this
-      thread's two buffers of ATTEND_BLOCK keys (`_blocks`), made once.
-    More rows (a prompt's chunk) go to SDPA, one fused call whose memory is bounded."""
-    n, hq, d = q.shape
-    hkv, end = keys.shape[0], keys.shape[1]
-    if n > ATTEND_ROWS:
-        visible = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [n, end]
-        return F.scaled_dot_product_attention(q.transpose(0, 1)[None].to(keys.dtype), keys[None], values[None],
-                                              attn_mask=visible, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-    g = hq // hkv
-    grouped = q.reshape(n, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n * g, d)  # query head h reads kv head h // g
-    k32, v32 = _blocks(hkv, d, q.device)
-    best = total = acc = None
-    for lo in range(0, end, ATTEND_BLOCK):
-        m = min(end - lo, ATTEND_BLOCK)
-        k, v = k32[:, :m].copy_(keys[:, lo:lo + m]), v32[:, :m].copy_(values[:, lo:lo + m])
-        scores = torch.bmm(grouped, k.transpose(1, 2)) * scale  # [Hkv, n*g, m]
-        if n > 1:
-            hidden = torch.arange(lo, lo + m, device=q.device)[None, :] > positions[:, None]  # [n, m]
-            scores = scores.view(hkv, n, g, m).masked_fill(hidden[None, :, None, :], float("-inf")).view(hkv, n * g, m)
-        if m == end:  # one block: a plain softmax
-            acc, total = torch.bmm(torch.softmax(scores, dim=-1), v), 1.0
-            break
-        # key 0, in the first block, is visible to every row: `best` is finite from there on
-        top = scores.amax(-1, keepdim=True) if best is None else torch.maximum(best, scores.amax(-1, keepdim=True))
-        weights = torch.exp(scores - top)
-        if best is None:
-            total, acc = weights.sum(-1, keepdim=True), torch.bmm(weights, v)
-        else:
-            rescale = torch.exp(best - top)
-            total = total * rescale + weights.sum(-1, keepdim=True)
-            acc = acc * rescale + torch.bmm(weights, v)
-        best = top
-    out = acc / total  # [Hkv, n*g, D]
-    return out.view(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d).to(values.dtype)
+ATTEND_ROWS = 64  # up to this many query rows MTPCache.attend runs on the decode kernel's blocks; more: prefill's
 
 
 class MTPHead:
@@ -184,9 +151,6 @@ class MTPHead:
             renamed = {"layers.0." + k[len(prefix):]: t for k, t in weights.items() if k.startswith(prefix)}
             self.layers.append(Block(layer_config, renamed, 0, rotary))
 
-    def new_cache(self, capacity: int = 256) -> MTPCache:
-        return MTPCache(self.config, self.dtype, self.model.device, capacity)
-
     def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache: MTPCache,
                 step: int = 0, logits: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions [T] of one sequence (consecutive, ascending): hidden [T, H] (a main model's or the head's own
@@ -217,14 +181,12 @@ class MTPHead:
         mixer = blk.mixer
         q, gate, k, v = mixer._qkv(blk.norm(x), positions, few)
         outs, lo = [], 0
-        for cache, n in zip(caches, lengths):
-            pos = positions[lo:lo + n]
-            cache.write(layer, pos, k[lo:lo + n], v[lo:lo + n])
-            end = int(pos[-1]) + 1
-            outs.append(_attend(q[lo:lo + n], cache.k[layer][:, :end], cache.v[layer][:, :end], pos, mixer.scale))
+        for cache, n, first in zip(caches, lengths, positions[list(itertools.accumulate([0, *lengths[:-1]]))].tolist()):
+            cache.write(layer, first, k[lo:lo + n], v[lo:lo + n])
+            outs.append(cache.attend(layer, q[lo:lo + n], first, mixer.scale))
             lo += n
         o = torch.cat(outs) if len(outs) > 1 else outs[0]
-        out = mixer.o_proj(o.reshape(x.shape[0], -1).float() * torch.sigmoid(gate.float()), few)
+        out = mixer.o_proj(o.reshape(x.shape[0], -1) * torch.sigmoid(gate.float()), few)
         x = blk.finish(x, out, few)
         normed = rms_norm(x, self.final_norm, self.eps, self.dtype)
         if not len(logit_rows):
@@ -243,23 +205,33 @@ class PromptDrafts:
     final-normed hidden states are paired with the tokens after them and fed to the head at once (the last one
     waits for the next chunk), so the head never holds the whole prompt's hidden states. `tensors()` is the draft
     state a hand-off carries (state_spec.draft_shapes): the head's KV of positions 0 .. T-2 and the hidden state
-    at T-1, which the first token decode feeds completes."""
+    at T-1, which the first token decode feeds completes. The head's KV goes to the pages of the state the prompt
+    is prefilled into (`state`, or `bind` it before the first chunk)."""
 
-    def __init__(self, head: MTPHead, token_ids: list[int]):
+    def __init__(self, head: MTPHead, token_ids: list[int], state: HybridState | None = None):
         self.head = head
         self.ids = token_ids
-        self.cache = head.new_cache(len(token_ids))
+        self.cache: MTPCache | None = None if state is None else MTPCache(state.kv)
         self.pos = 0  # positions whose hidden states arrived
         self.pending: torch.Tensor | None = None  # the hidden state at pos - 1
 
-    def restore(self, kv: dict[str, torch.Tensor], hidden: torch.Tensor, num_tokens: int) -> None:
-        """Start after a cached prefix of `num_tokens` tokens: `kv` its head KV (mtp.{l}.k/v, [Hkv, num_tokens-1,
-        D]), `hidden` the hidden state at num_tokens - 1 (what a prefix-cache hit keeps: prefill/prefix.py)."""
+    def bind(self, state: HybridState) -> None:
+        """The state the prompt is prefilled into: the head's KV goes to its pages."""
+        self.cache = MTPCache(state.kv)
+
+    def restore(self, state: HybridState, kv: dict[str, torch.Tensor], hidden: torch.Tensor, num_tokens: int
+                ) -> None:
+        """Start after a cached prefix of `num_tokens` tokens, restored into `state` (bound): `kv` its head KV
+        (mtp.{l}.k/v, [Hkv, num_tokens-1, D]), `hidden` the hidden state at num_tokens - 1 (what a prefix-cache hit
+        keeps: prefill/prefix.py)."""
+        self.bind(state)
         self.cache.load(kv, num_tokens - 1)
         self.pos = num_tokens
         self.pending = hidden.to(self.head.model.device).clone()
 
     def append(self, hidden: torch.Tensor) -> None:
+        if self.cache is None:
+            raise ValueError("PromptDrafts: bind(state) before the prompt's first chunk")
         first = self.pos if self.pending is None else self.pos - 1
         if self.pending is not None:
             hidden = torch.cat([self.pending[None], hidden])
@@ -280,7 +252,7 @@ class PromptDrafts:
     def tensors(self, after: int = 0) -> dict[str, torch.Tensor]:
         """The draft state a hand-off carries (state_spec.draft_shapes), less the head KV the blocks of its first
         `after` tokens hold (`block`)."""
-        if self.pending is None:
+        if self.pending is None or self.cache is None:
             raise ValueError("no hidden states were fed")
         return self.cache.draft_state(max(0, after - 1), self.pos, self.pending)
 

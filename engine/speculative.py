@@ -356,10 +356,10 @@ _SCORE_ROWS = 64  # rows whose logits a catch-up pass makes at once (Drafter.rea
 class Drafter:
     """One sequence's drafts: the MTP head's KV and how far the head has read the verified tokens."""
 
-    def __init__(self, head: MTPHead, vocab: int | None, capacity: int = 256, cache: MTPCache | None = None):
-        """`cache`: the head's KV read so far (a prompt's: mtp.PromptDrafts), else an empty one of `capacity`."""
+    def __init__(self, head: MTPHead, vocab: int | None, cache: MTPCache):
+        """`cache`: the head's KV of the sequence (in its pages: MTPCache), as read so far."""
         self.head = head
-        self.cache: MTPCache = cache if cache is not None else head.new_cache(capacity)
+        self.cache = cache
         self.vocab = vocab  # tokens the tokenizer has: drafts never pick embedding padding
 
     def _pick(self, logits: torch.Tensor) -> int:

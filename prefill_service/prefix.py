@@ -104,6 +104,8 @@ class PrefixCache:
             plan.boundaries = sorted(p for p in wanted if p > plan.cached_tokens)
         if state is None:
             state = self.engine.new_state()
+            if plan.drafts is not None:  # the head's KV goes to the state's pages
+                plan.drafts.bind(state)
         else:
             state.token_ids = list(plan.token_ids[: plan.cached_tokens])
         return state
@@ -121,17 +123,22 @@ class PrefixCache:
         head = [state_spec.split_draft(kv) for kv in blocks]
         hidden = state_spec.split_draft(snapshot).get(DRAFT_HIDDEN)
         try:
-            if drafts is not None:  # the head's state at the hit, or no hit
-                if hidden is None or any(not h for h in head):
-                    raise ValueError("the cached prefix lacks the MTP head's state")
-                kv = {name: torch.cat([h[name] for h in head], dim=1) for name in head[0]}
-                drafts.restore(kv, hidden, hit.num_tokens)
-            return self.engine.state_from_prefix(blocks, snapshot, hit.num_tokens)
+            if drafts is not None and (hidden is None or any(not h for h in head)):  # the head's state, or no hit
+                raise ValueError("the cached prefix lacks the MTP head's state")
+            state = self.engine.state_from_prefix(blocks, snapshot, hit.num_tokens)
         except (ValueError, KeyError, RuntimeError) as exc:
             log.warning("prefix cache hit does not fit the model, recomputing: %s", exc)
-            if drafts is not None:
-                drafts.pos, drafts.pending = 0, None
             return None
+        if drafts is not None:
+            try:
+                kv = {name: torch.cat([h[name] for h in head], dim=1) for name in head[0]}
+                drafts.restore(state, kv, hidden, hit.num_tokens)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                log.warning("prefix cache hit does not fit the MTP head, recomputing: %s", exc)
+                state.release()
+                drafts.pos, drafts.pending = 0, None
+                return None
+        return state
 
     def handoff(self, plan: PrefixPlan, state: HybridState, meta: CheckpointMeta,
                 handoff_ttl_s: float | None, draft: bool = False) -> str:

@@ -72,13 +72,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from qwenpd.engine.device import set_neuron_cores
     from qwenpd.engine.engine import Engine
 
-    config = engine_config.from_args(args, args.model)
-    engine_config.check_draft_quantize(config, args.num_speculative_tokens)
+    config = engine_config.from_args(args, args.model, speculative=args.num_speculative_tokens > 0)
+    engine_config.check_draft_quantize(config)
     prompt_ids = _prompt_ids(args)
     if config.compile and args.kv_cache_bytes is None:  # exactly the pages this prompt and max_tokens need
         from qwenpd.engine.kv_cache import kv_cache_bytes_for
 
-        config = config.replace(kv_cache_bytes=kv_cache_bytes_for(config, len(prompt_ids) + args.max_tokens))
+        tokens = len(prompt_ids) + args.max_tokens + max(0, args.num_speculative_tokens)  # the drafts' KV past it
+        config = config.replace(kv_cache_bytes=kv_cache_bytes_for(config, tokens))
     set_neuron_cores(config.neuron_cores)
     if config.compile:  # one line per compiled bucket on stderr (warm-up takes a while)
         import logging
@@ -190,12 +191,11 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
 
 
 def _generate_speculative(engine, prompt_ids: list[int], params, args: argparse.Namespace, on_text):
-    """generate --num-speculative-tokens K: the checkpoint's MTP head drafts (ValueError naming the missing mtp.*
-    weights without one: exit code 2). Returns (the result, the head)."""
+    """generate --num-speculative-tokens K: the checkpoint's MTP head (loaded by the engine: EngineConfig.speculative)
+    drafts. Returns (the result, the head)."""
     from qwenpd.engine.generate import generate_speculative
-    from qwenpd.engine.mtp import load_head
 
-    head = load_head(engine, args.model)
+    head = engine.draft_head
     result = generate_speculative(engine, head, prompt_ids, params, args.num_speculative_tokens,
                                   chunk_size=args.chunk_size, rollback=args.speculative_rollback, on_text=on_text)
     return result, head

@@ -98,7 +98,7 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
     if cfg.default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be >= 1, got {cfg.default_max_tokens}")
     cfg.default_max_tokens = min(cfg.default_max_tokens, cfg.limits.max_new_tokens)
-    engine_config.check_draft_quantize(cfg.engine, cfg.num_speculative_tokens)
+    engine_config.check_draft_quantize(cfg.engine.replace(speculative=cfg.num_speculative_tokens > 0))
     if cfg.num_speculative_tokens:
         check_speculative(cfg.engine, cfg.num_speculative_tokens)
 
@@ -144,12 +144,8 @@ def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graph
     """The service's engine on its device; when its config says compile, the graphs it runs (`graphs`: "prefill",
     "decode") compiled over every bucket (warm-up time logged), and for verify passes of up to `verify_rows` rows
     (Engine.compile)."""
-    ec = cfg.engine
+    ec = cfg.engine.replace(speculative=cfg.num_speculative_tokens > 0)  # the MTP head and its KV's pages
     engine = Engine(ec)
-    if cfg.num_speculative_tokens:
-        from qwenpd.engine.mtp import load_head
-
-        engine.draft_head = load_head(engine, ec.model_dir)
     if engine.group is not None:
         engine.group.on_lost = _stop_on_rank_loss
     if ec.kv_cache_bytes is not None:

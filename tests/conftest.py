@@ -29,6 +29,14 @@ def engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def spec_engine(tiny_model_dir):
+    """`engine` with speculative decoding's MTP head (Engine.draft_head) and its KV layers in the paged cache."""
+    from qwenpd.engine import Engine
+
+    return Engine(tiny_model_dir, speculative=True)
+
+
+@pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: save a random transformers Qwen3.5 model with the given config overrides; cached per variant."""
     from tests.hf_models import save_hf_checkpoint

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from qwenpd.decode_service import runner as runner_mod
-from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
+from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard, kv_tokens
 from qwenpd.engine.generate import generate
-from qwenpd.engine.mtp import MTPHead, PromptDrafts
+from qwenpd.engine.mtp import MTPCache, MTPHead, PromptDrafts
 from qwenpd.engine.output import OutputTracker
 from qwenpd.engine.sampling import Sampler, SamplingParams
 from qwenpd.engine.speculative import Drafter
@@ -32,22 +32,31 @@ def _params(params: SamplingParams, i: int) -> SamplingParams:
     return dataclasses.replace(params, max_tokens=MAX_TOKENS[i])
 
 
+@pytest.fixture
+def engine(spec_engine):
+    """This module's engine on the tiny model: with the MTP head's KV layers in its paged cache."""
+    return spec_engine
+
+
 @pytest.fixture(scope="module")
-def head(engine, tiny_model_dir):
+def head(spec_engine, tiny_model_dir):
+    engine = spec_engine
     return MTPHead(engine.config, load_mtp_weights(tiny_model_dir, engine.config, engine.dtype), engine.model)
 
 
-def _sequence(engine, head, prompt: list[int], params: SamplingParams, rid: str, drafts: bool):
+def _sequence(engine, head, prompt: list[int], params: SamplingParams, rid: str, drafts: bool, k: int = K):
     """A sequence as the decode service makes one from a hand-off: prefill (with the head's state when it
-    drafts), the first token sampled."""
+    drafts, k a step), the first token sampled."""
     sampler = Sampler.resumed(params, 0, engine.eos_token_ids, grammars=engine.grammars, prompt=prompt)
-    feed = PromptDrafts(head, prompt) if drafts else None
-    logits, state = engine.prefill(prompt, normed=feed)
+    state = engine.new_state()
+    feed = PromptDrafts(head, prompt, state) if drafts else None
+    logits, state = engine.prefill(prompt, state, normed=feed)
     token, logprob = sampler.sample(logits)
     seq = DecodeSequence(request_id=rid, load=lambda: state, guard=ReadGuard(lambda: None), sampler=sampler,
                          tracker=OutputTracker(params, engine.eos_token_ids, engine.tokenizer, prompt),
                          next_token=token, num_tokens=len(prompt), max_context=engine.config.max_position_embeddings,
-                         kv_tokens=len(prompt) + params.max_tokens,
+                         kv_tokens=kv_tokens(len(prompt), 0, params.max_tokens, engine.config.max_position_embeddings,
+                                             k if drafts else 0),
                          draft=feed.tensors() if feed is not None else None)
     first = seq.push(token, logprob)
     return seq, (list(first.token_ids), list(first.logprobs))
@@ -201,17 +210,20 @@ def test_a_resumed_sequence_replays_k_plus_1_tokens_a_pass(engine, head, monkeyp
 def test_prompt_drafts_are_the_heads_state_over_the_prompt(engine, head):
     """PromptDrafts, chunk by chunk, gives the head's KV of one pass over the whole prompt."""
     prompt = PROMPTS[0]
-    feed = PromptDrafts(head, prompt)
-    engine.prefill(prompt, chunk_size=7, normed=feed)[1].release()
+    state = engine.new_state()
+    feed = PromptDrafts(head, prompt, state)
+    engine.prefill(prompt, state, chunk_size=7, normed=feed)
+    t = feed.tensors()
+    state.release()
     normed: list = []
     engine.prefill(prompt, chunk_size=len(prompt), normed=normed)[1].release()
     hidden = torch.cat(normed)
-    cache = head.new_cache()
+    cache = MTPCache.new(engine.kv_cache, len(prompt))
     head.forward(hidden[:-1], torch.tensor(prompt[1:]), torch.arange(len(prompt) - 1), cache)
-    t = feed.tensors()
+    want = cache.copy_out(0, len(prompt) - 1)
     assert t["mtp.0.k"].shape == (engine.config.num_key_value_heads, len(prompt) - 1, engine.config.head_dim)
-    torch.testing.assert_close(t["mtp.0.k"], cache.k[0][:, :len(prompt) - 1])
-    torch.testing.assert_close(t["mtp.0.v"], cache.v[0][:, :len(prompt) - 1])
+    torch.testing.assert_close(t["mtp.0.k"], want["mtp.0.k"])
+    torch.testing.assert_close(t["mtp.0.v"], want["mtp.0.v"])
     torch.testing.assert_close(t["mtp.hidden"], hidden[-1])
 
 
@@ -269,9 +281,11 @@ def test_a_decode_side_checkpoint_carries_the_heads_state_at_its_position(engine
         expected = state_spec.handoff_shapes(c, n)
         assert {name: tuple(t.shape) for name, t in tensors.items()} == dict(expected)  # every group present
         tokens = (prompt + ids)[:n]
-        feed = PromptDrafts(head, tokens)
-        engine.prefill(tokens, normed=feed)[1].release()
+        state = engine.new_state()
+        feed = PromptDrafts(head, tokens, state)
+        engine.prefill(tokens, state, normed=feed)
         want = feed.tensors()
+        state.release()
         for name in want:
             torch.testing.assert_close(tensors[name].float(), want[name].float(), atol=3e-2, rtol=3e-2, msg=name)
 
@@ -298,7 +312,10 @@ def test_read_many_scores_the_first_draft_at_each_position(engine, head):
     engine.prefill(prompt, normed=normed)[1].release()
     hidden = torch.cat(normed)
     tokens = prompt[1:] + [prompt[0]]
-    many, one = Drafter(head, None), Drafter(head, None)
+    def drafter() -> Drafter:
+        return Drafter(head, None, MTPCache.new(engine.kv_cache, len(prompt) + 1))
+
+    many, one = drafter(), drafter()
     n = len(prompt)
     hits, scored = Drafter.read_many([many], [hidden], [tokens], [0], scored=n)
     want = 0
@@ -306,12 +323,56 @@ def test_read_many_scores_the_first_draft_at_each_position(engine, head):
         draft = one.draft(hidden[i:i + 1], [tokens[i]], i, 1)[0]
         want += i + 1 < n and draft == tokens[i + 1]
     assert scored == n - 1 and hits == want
-    torch.testing.assert_close(many.cache.k[0][:, :n], one.cache.k[0][:, :n])
-    torch.testing.assert_close(many.cache.v[0][:, :n], one.cache.v[0][:, :n])
+    for name, t in many.cache.copy_out(0, n).items():
+        torch.testing.assert_close(t, one.cache.copy_out(0, n)[name])
     # tokens that are the head's own first drafts, each fed after the one before: all scored right
-    chain, right = Drafter(head, None), [tokens[0]]
+    chain, right = drafter(), [tokens[0]]
     for i in range(n - 1):
         right += chain.draft(hidden[i:i + 1], right[-1:], i, 1)
-    assert Drafter.read_many([Drafter(head, None)], [hidden], [right], [0], scored=n) == (n - 1, n - 1)
+    assert Drafter.read_many([drafter()], [hidden], [right], [0], scored=n) == (n - 1, n - 1)
     # by default the last 32 positions with a token after them are scored
-    assert Drafter.read_many([Drafter(head, None)], [hidden], [right], [0]) == (32, 32)
+    assert Drafter.read_many([drafter()], [hidden], [right], [0]) == (32, 32)
+
+
+def test_the_heads_drafts_past_the_last_token_have_pages(engine, head, monkeypatch):
+    """The head's KV sits in the sequence's pages (mtp.MTPCache), reserved up front to kv_tokens as the decode
+    service reserves them: with K = 8 and every draft right, its drafts near the end write up to K - 2 positions
+    past the last token the sequence can consume. Here prompt + max_tokens is a whole number of pages, so those
+    positions are on pages only kv_tokens' draft allowance adds: the sequence runs to its end with the tokens of
+    plain decoding (without the allowance the head's write is refused: OutOfPages)."""
+    monkeypatch.setattr(engine, "draft_head", head)
+    page = engine.kv_cache.page_size
+    prompt = PROMPTS[0]
+    params = dataclasses.replace(GREEDY, max_tokens=page + -len(prompt) % page)
+    ref = generate(engine, prompt, params)
+    right = prompt + ref.token_ids
+    real = Drafter.draft_many.__func__
+
+    def draft_many(cls, drafters, hidden, next_tokens, starts, k):
+        real(cls, drafters, hidden, next_tokens, starts, k)  # the head writes its draft positions
+        first = starts[0] + len(next_tokens[0]) + 1
+        return [(right[first:first + k] + [0] * k)[:k]]
+
+    monkeypatch.setattr(Drafter, "draft_many", classmethod(draft_many))
+    seq, got = _sequence(engine, head, prompt, params, "r0", drafts=True, k=8)
+    state = seq.load()
+    state.reserve(seq.kv_tokens)  # as state_from_checkpoint reserves them (decode_service/state.py)
+    seq.load = lambda: state
+    finished = threading.Event()
+    accepted, errors = [], []
+
+    def deliver(items):
+        for _, out in items:
+            got[0].extend(out.token_ids)
+            got[1].extend(out.logprobs)
+            if out.error is not None:
+                errors.append(out.error)
+            if out.finish_reason is not None or out.error is not None:
+                finished.set()
+
+    runner = DecodeRunner(lambda: engine, 1, 8, deliver, num_speculative_tokens=8, speculative_max_batch=1,
+                          speculative_policy="always")
+    runner.on_verify = lambda n, drafted, at: accepted.append(sum(at))
+    _serve(runner, seq, finished)
+    assert not errors, errors[0]
+    assert got == (ref.token_ids, ref.logprobs) and max(accepted) == 8

@@ -9,11 +9,9 @@ import torch
 
 from qwenpd.engine import DecodeBatch, Engine
 from qwenpd.engine.generate import generate, generate_speculative
-from qwenpd.engine.mtp import MTPHead
 from qwenpd.engine.runner import Buckets
 from qwenpd.engine.sampling import SamplingParams
 from qwenpd.engine.speculative import Drafter
-from qwenpd.engine.weights import load_mtp_weights
 from tests.engine.test_compiled import no_recompiles  # noqa: F401 - the fixture: fail on any compile while serving
 from tests.hf_models import with_mtp_head
 
@@ -29,9 +27,9 @@ def _ids(n: int, vocab: int, seed: int) -> list[int]:
 def compiled(hf_checkpoint, tmp_path_factory):
     """A compiled engine (decode graphs, regions) on the 'every2nd' checkpoint with an added MTP head."""
     path = with_mtp_head(hf_checkpoint("every2nd"), tmp_path_factory.mktemp("mtp") / "ckpt")
-    engine = Engine(path, dtype="float32", kv_cache_bytes=1 << 20, page_size=16)
+    engine = Engine(path, dtype="float32", kv_cache_bytes=1 << 20, page_size=16, speculative=True)
     engine.compile(BUCKETS, max_batch=4, graphs=("decode",), verify_rows=VERIFY_ROWS)
-    yield engine, MTPHead(engine.config, load_mtp_weights(path, engine.config, engine.dtype), engine.model)
+    yield engine, engine.draft_head
     torch._dynamo.reset()  # dynamo counts compilations per code object across engines
 
 

@@ -160,7 +160,7 @@ def test_int8_holds_int8_weights(tiny_model_dir, hf_checkpoint, tied):
 def test_int8_speculation_is_plain_int8_decoding(tiny_model_dir, monkeypatch, rollback):
     """A verify pass multiplies its rows by the decode step's int8 kernel: tokens and log-probabilities are plain
     int8 decoding's, whatever the drafts."""
-    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8")
+    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8", speculative=True)
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
     prompt = [5 + (i * 37) % 400 for i in range(50)]
     ref = generate(engine, prompt, params)
@@ -174,10 +174,10 @@ def test_int8_speculation_is_plain_int8_decoding(tiny_model_dir, monkeypatch, ro
 def test_an_int8_engine_drafts_with_an_int8_head(tiny_model_dir):
     """--quantize int8 takes the MTP head too (its projections and its own lm_head rows): a head pass reads the
     int8 weights, its logits stay near the bf16 head's, and the tokens stay plain int8 decoding's."""
-    from qwenpd.engine.mtp import load_head
+    from qwenpd.engine.mtp import MTPCache, load_head
 
-    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8")
-    head = load_head(engine, tiny_model_dir)
+    engine = Engine(tiny_model_dir, dtype="bfloat16", quantize="int8", speculative=True)
+    head = engine.draft_head
     assert isinstance(head.fc.int8, Int8Weight)
     assert all(isinstance(blk.mlp.down.int8, Int8Weight) and isinstance(blk.mixer.o_proj.int8, Int8Weight)
                for blk in head.layers)
@@ -189,8 +189,8 @@ def test_an_int8_engine_drafts_with_an_int8_head(tiny_model_dir):
     tokens, positions = torch.tensor([7, 90, 4, 300, 12]), torch.arange(5)
     for rows in (hidden[:1], hidden):  # a drafting pass (int8 kernel) and a catch-up's rows
         n = rows.shape[0]
-        _, ours = head.forward(rows, tokens[:n], positions[:n], head.new_cache())
-        _, want = bf16.forward(rows, tokens[:n], positions[:n], bf16.new_cache())
+        _, ours = head.forward(rows, tokens[:n], positions[:n], MTPCache.new(engine.kv_cache, n))
+        _, want = bf16.forward(rows, tokens[:n], positions[:n], MTPCache.new(engine.kv_cache, n))
         assert (ours - want).abs().max() < 0.05 * want.abs().max()
         assert (ours.argmax(-1) == want.argmax(-1)).float().mean() >= 0.6
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
@@ -208,10 +208,10 @@ def test_draft_quantize_gives_a_bf16_model_an_int8_head(tiny_model_dir):
     from qwenpd.engine.mtp import load_head
     from qwenpd.model_service import ModelServiceConfig
 
-    engine = Engine(tiny_model_dir, dtype="bfloat16", draft_quantize="int8")
+    engine = Engine(tiny_model_dir, dtype="bfloat16", draft_quantize="int8", speculative=True)
     plain = Engine(tiny_model_dir, dtype="bfloat16")
     assert engine.fingerprint == plain.fingerprint and engine.model.lm_head.int8 is None
-    head = load_head(engine, tiny_model_dir)
+    head = engine.draft_head
     assert isinstance(head.fc.int8, Int8Weight) and isinstance(head.draft_head.int8, Int8Weight)
     assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in head.layers)
     assert head.weight_bytes < load_head(plain, tiny_model_dir).weight_bytes  # with its own int8 lm_head rows
@@ -221,7 +221,7 @@ def test_draft_quantize_gives_a_bf16_model_an_int8_head(tiny_model_dir):
     ref = generate(plain, prompt, params)
     assert (got.token_ids, got.logprobs) == (ref.token_ids, ref.logprobs) and got.draft_tokens > 0
     with pytest.raises(ValueError, match="--draft-quantize int8: no int8 kernel"):
-        load_head(Engine(tiny_model_dir, dtype="float32", draft_quantize="int8"), tiny_model_dir)
+        Engine(tiny_model_dir, dtype="float32", draft_quantize="int8", speculative=True)
     with pytest.raises(ValueError, match="draft_quantize must be one of"):
         Engine(tiny_model_dir, draft_quantize="fp8")
     config = EngineConfig(str(tiny_model_dir), draft_quantize="int8")
@@ -234,14 +234,14 @@ def test_draft_quantize_at_tp2_with_tied_embeddings(hf_checkpoint, tmp_path):
     """A tensor-parallel leader's head over tied embeddings: its lm_head rows are its whole embedding
     (load_mtp_weights' own_vocab); --draft-quantize gives them an int8 copy and keeps the embedding for lookups,
     and the tokens stay plain decoding's at TP 2."""
-    from qwenpd.engine.mtp import MTPHead, load_head
+    from qwenpd.engine.mtp import MTPHead
     from qwenpd.engine.weights import DRAFT_EMBED, DRAFT_HEAD, load_mtp_weights
     from tests.hf_models import with_mtp_head
 
     path = with_mtp_head(hf_checkpoint("conv5_tied"), tmp_path / "ckpt")
-    eng = Engine(path, dtype="bfloat16", tp=2, threads=1, draft_quantize="int8")
+    eng = Engine(path, dtype="bfloat16", tp=2, threads=1, draft_quantize="int8", speculative=True)
     try:
-        head = load_head(eng, path)
+        head = eng.draft_head
         assert isinstance(head.draft_head.int8, Int8Weight) and head.embed.dtype == torch.bfloat16
         weights = load_mtp_weights(path, eng.config, eng.dtype, own_vocab=True)
         assert weights[DRAFT_HEAD] is weights[DRAFT_EMBED]  # tied: one tensor, counted once

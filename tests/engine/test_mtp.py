@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwenpd.engine import Engine
-from qwenpd.engine.mtp import MTPHead
+from qwenpd.engine.mtp import MTPCache, MTPHead
+from qwenpd.engine.pages import OutOfPages
 from qwenpd.engine.weights import WeightError, load_mtp_weights
 
 
@@ -48,15 +49,15 @@ def _reference(model_dir, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.T
 def test_the_head_is_transformers_modules_with_its_weights(tiny_model_dir):
     """fp32, 40 positions computed at once and then one at a time through the head's KV cache: both are the
     reference's logits."""
-    eng = Engine(tiny_model_dir, dtype="float32")
+    eng = Engine(tiny_model_dir, dtype="float32", speculative=True)
     head = MTPHead(eng.config, load_mtp_weights(tiny_model_dir, eng.config, torch.float32), eng.model)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(40, eng.config.hidden_size, generator=g)
     tokens = torch.randint(0, eng.config.vocab_size, (40,), generator=g)
     ref = _reference(tiny_model_dir, hidden, tokens)
-    _, logits = head.forward(hidden, tokens, torch.arange(40), head.new_cache())
+    _, logits = head.forward(hidden, tokens, torch.arange(40), mtp_cache(eng, 40))
     assert (logits - ref).abs().max() < 1e-4
-    cache = head.new_cache()
+    cache = mtp_cache(eng, 40)
     head.forward(hidden[:30], tokens[:30], torch.arange(30), cache)
     steps = [head.forward(hidden[i:i + 1], tokens[i:i + 1], torch.tensor([i]), cache)[1] for i in range(30, 40)]
     assert (torch.cat(steps) - ref[30:]).abs().max() < 1e-4
@@ -105,27 +106,85 @@ def test_own_vocab_reads_the_whole_embedding_and_lm_head_once(hf_checkpoint, tmp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 3, 17])
 @pytest.mark.parametrize("block", [4096, 16, 7], ids=["one-block", "blocks", "ragged-blocks"])
-def test_head_attention_by_matmuls_equals_sdpa(monkeypatch, dtype, n, block):
-    """The head's attention (mtp._attend: grouped matmuls, fp32 scores, in one block of keys or several joined by
-    an online softmax) against torch's SDPA, the path it takes past ATTEND_ROWS rows: causal over a cache of
-    positions 0..end-1, query head h reading kv head h // (Hq / Hkv)."""
+def test_head_attention_over_its_pages(tiny_model_dir, monkeypatch, dtype, n, block):
+    """The head's KV in its own pools of the paged cache, at a sequence's scattered pages (MTPCache): drafting
+    rows (attend_pages: grouped matmuls in fp32 over one block of pages or several joined by an online softmax)
+    against the prefill kernel, the path past ATTEND_ROWS rows, and against plain softmax rows: causal over
+    positions 0..end-1, query head h reading kv head h // (Hq / Hkv); the model's own pools untouched."""
     from qwenpd.engine import mtp
+    from qwenpd.engine.config import ModelConfig
+    from qwenpd.engine.kv_cache import PagedKVCache
+    from qwenpd.kernels.paged_attention import paged
 
+    config = ModelConfig.from_pretrained(tiny_model_dir)
+    cache = PagedKVCache(config, dtype, torch.device("cpu"), page_size=4, num_bytes=None, draft_layers=1)
+    cache.sequence().reserve(9)  # another sequence's pages first: this one's do not start at page 1
+    end = 50
+    head = mtp.MTPCache.new(cache, end)
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     g = torch.Generator().manual_seed(n)
-    hq, hkv, d, end = 8, 2, 32, 50
+    keys, values = (torch.randn(end, hkv, d, generator=g).to(dtype) for _ in range(2))
+    head.write(0, 0, keys[:end - n], values[:end - n])
+    head.write(0, end - n, keys[end - n:], values[end - n:])
     q = torch.randn(n, hq, d, generator=g)
-    keys, values = (torch.randn(hkv, end + 7, d, generator=g).to(dtype)[:, :end] for _ in range(2))
-    positions = torch.arange(end - n, end)
-    monkeypatch.setattr(mtp, "ATTEND_BLOCK", block)
-    got = mtp._attend(q, keys, values, positions, d ** -0.5)
+    monkeypatch.setattr(paged, "CPU_BLOCK_TOKENS", block)
+    got = head.attend(0, q, end - n, d ** -0.5)
     monkeypatch.setattr(mtp, "ATTEND_ROWS", 0)
-    want = mtp._attend(q, keys, values, positions, d ** -0.5)
-    assert got.shape == want.shape == (n, hq, d) and got.dtype == want.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
-    # position p sees keys 0..p only, head h its kv head h // 4 (head 3: kv head 0, where h % 2 would be 1)
-    row = torch.softmax((q[-1, 3] @ keys[0].float().T) * d ** -0.5, dim=-1) @ values[0].float()
-    torch.testing.assert_close(got[-1, 3].float(), row, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    want = head.attend(0, q, end - n, d ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == want.shape == (n, hq, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    # position p sees keys 0..p only, head h its kv head h // group
+    h = hq - 1
+    kv = h // (hq // hkv)
+    row = torch.softmax((q[-1, h] @ keys[:, kv].float().T) * d ** -0.5, dim=-1) @ values[:, kv].float()
+    torch.testing.assert_close(got[-1, h], row, atol=tol, rtol=0)
     if n > 1:
-        early = torch.softmax((q[0, 0] @ keys[0, :end - n + 1].float().T) * d ** -0.5, dim=-1)
-        torch.testing.assert_close(got[0, 0].float(), early @ values[0, :end - n + 1].float(),
-                                   atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+        early = torch.softmax((q[0, 0] @ keys[:end - n + 1, 0].float().T) * d ** -0.5, dim=-1)
+        torch.testing.assert_close(got[0, 0], early @ values[:end - n + 1, 0].float(), atol=tol, rtol=0)
+    assert all(not p.any() for p in cache.k[:cache.draft_first] + cache.v[:cache.draft_first])
+    copied = head.copy_out(0, end)["mtp.0.k"]
+    assert torch.equal(copied, keys.transpose(0, 1))
+
+
+def test_a_cache_without_the_heads_pools_says_so(tiny_model_dir):
+    eng = Engine(tiny_model_dir, dtype="float32")  # not speculative: no pools for the head
+    head = MTPHead(eng.config, load_mtp_weights(tiny_model_dir, eng.config, torch.float32), eng.model)
+    with pytest.raises(ValueError, match="speculative=True"):
+        head.forward(torch.zeros(2, eng.config.hidden_size), torch.tensor([1, 2]), torch.arange(2),
+                     mtp_cache(eng, 4))
+
+
+def mtp_cache(eng: Engine, tokens: int) -> MTPCache:
+    return MTPCache.new(eng.kv_cache, tokens)
+
+
+def test_the_heads_kv_is_in_the_kv_budget_and_the_sequences_pages(tiny_model_dir):
+    """With speculative decoding the paged cache holds the head's layers beside the attention layers': a fixed
+    budget holds fewer, larger pages (the head's bytes are counted, not added past it), kv_cache_bytes_for sizes
+    for them, and a sequence's head KV sits in its own pages, freed with them."""
+    from qwenpd.engine.engine_config import EngineConfig
+    from qwenpd.engine.kv_cache import kv_cache_bytes_for, page_bytes
+
+    config = Engine(tiny_model_dir, dtype="float32", warm_up=False).config
+    budget = 40 * page_bytes(config, 16, torch.float32)
+    plain = Engine(tiny_model_dir, dtype="float32", kv_cache_bytes=budget, page_size=16, warm_up=False)
+    spec = Engine(tiny_model_dir, dtype="float32", kv_cache_bytes=budget, page_size=16, speculative=True)
+    per_page = page_bytes(config, 16, torch.float32, draft_layers=config.mtp_num_hidden_layers)
+    assert per_page > page_bytes(config, 16, torch.float32)
+    assert spec.kv_cache.num_pages == budget // per_page < plain.kv_cache.num_pages == 40
+    assert spec.kv_cache.num_bytes <= budget
+    assert len(spec.kv_cache.k) == len(config.attention_layers) + config.mtp_num_hidden_layers
+    sized = EngineConfig(str(tiny_model_dir), dtype="float32", page_size=16, speculative=True)
+    assert kv_cache_bytes_for(sized, 100) == (7 + 2) * per_page
+    free = spec.kv_cache.allocator.free
+    state = spec.new_state()
+    state.reserve(40)
+    cache = MTPCache(state.kv)
+    kv = torch.randn(40, config.num_key_value_heads, config.head_dim)
+    cache.write(0, 0, kv, kv)
+    assert torch.equal(cache.copy_out(0, 40)["mtp.0.v"], kv.transpose(0, 1))
+    with pytest.raises(OutOfPages):  # past its pages
+        cache.write(0, 48, kv[:1], kv[:1])
+    state.release()
+    assert spec.kv_cache.allocator.free == free

@@ -18,6 +18,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=1.0, seed=7, max_tokens=48, ignore_eos=True)
 
 
+@pytest.fixture
+def engine(spec_engine):
+    """This module's engine on the tiny model: with the MTP head's KV layers in its paged cache."""
+    return spec_engine
+
+
 def _head(engine: Engine, model_dir) -> MTPHead:
     return MTPHead(engine.config, load_mtp_weights(model_dir, engine.config, engine.dtype), engine.model)
 
@@ -142,8 +148,8 @@ def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, mo
     """Other shapes (attention every 2nd layer, conv kernel 5, tied embeddings), bf16 too, over 3 attention tiles
     of context: identical to plain decoding with the head's drafts and with mostly-right ones."""
     path = with_mtp_head(hf_checkpoint(variant), tmp_path / "ckpt")
-    eng = Engine(path, dtype=dtype)
-    head = _head(eng, path)
+    eng = Engine(path, dtype=dtype, speculative=True)
+    head = eng.draft_head
     prompt = torch.randint(1, eng.config.vocab_size, (700,), generator=torch.Generator().manual_seed(2)).tolist()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ref = generate(eng, prompt, params, chunk_size=512)
@@ -158,12 +164,10 @@ def test_tensor_parallel_speculation_is_plain_decoding(hf_checkpoint, tmp_path, 
     """TP 2: verify and accept run on every rank in lockstep, the head on the leader alone (its own whole
     embedding and lm_head: load_head). The tokens and log-probabilities of plain decoding at the same degree, with
     the head's drafts and with mostly-right ones; greedy, the unsharded engine's tokens too."""
-    from qwenpd.engine.mtp import load_head
-
     path = with_mtp_head(hf_checkpoint("text"), tmp_path / "ckpt")
-    eng = Engine(path, dtype="float32", tp=2, threads=1)
+    eng = Engine(path, dtype="float32", tp=2, threads=1, speculative=True)
     try:
-        head = load_head(eng, path)
+        head = eng.draft_head
         assert head.embed is not None and head.draft_head is not None
         prompt = torch.randint(1, eng.config.vocab_size, (90,), generator=torch.Generator().manual_seed(4)).tolist()
         ref = generate(eng, prompt, params, chunk_size=32)

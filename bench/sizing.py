@@ -190,8 +190,8 @@ def rollback_bytes(c: ModelConfig, k: int, mode: str, plan: ShardPlan | None = N
     pass on the reference kernels with the C++ step kernel), per DeltaNet layer: every position's prepared step inputs (fp32: q and k
     repeated to the value heads, k again, v, and per head e^g, beta and q.k) and the sequence's conv inputs (model
     dtype, bf16 here: its conv state after any accepted count is a slice of them), plus one copy of the
-    recurrent state ("replay") or one per position ("snapshot"). The MTP head's own KV is not counted (it is one
-    more attention layer). Rows that pad a pass to the row multiple (engine/runner.py decode_row_multiple; 1 on
+    recurrent state ("replay") or one per position ("snapshot"). The MTP head's own KV is not counted here (more
+    layers of every KV page: rollback_table prints it). Rows that pad a pass to the row multiple (engine/runner.py decode_row_multiple; 1 on
     Qwen3.6-27B) are not counted. tests/engine/test_sizing.py checks it against what a verify pass keeps."""
     local = c if plan is None else plan.local_config
     rows = k + 1
@@ -214,6 +214,9 @@ def rollback_table(c: ModelConfig, tps: list[int], ks: tuple[int, ...] = (1, 2, 
     print("Speculative decoding: bytes a verify pass keeps per sequence to undo rejected drafts, replay / snapshot "
           "(engine/speculative.py):")
     table([""] + [f"K = {k}" for k in ks], rows)
+    head = 2 * c.mtp_num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.bfloat16.itemsize
+    print(f"The MTP head's KV: {head:,} B a token ({head / kv_per_token(c, None):.1%} on top of the model's KV; "
+          "more layers of every KV page, held whole on a tensor-parallel leader: engine/kv_cache.py).\n")
 
 
 def handoff_table(c: ModelConfig, tps: list[int], contexts: list[int], host_bps: float,

@@ -11,6 +11,13 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The service suites first (stable otherwise): they are most of the suite's time, and .ci/run spreads test
+    files over workers in collection order, so one collected last can leave a worker running it alone at the end
+    while the other core idles."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/services/"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded default: `qwenpd init-model --preset tiny` (fp32 weights, real BPE tokenizer)."""

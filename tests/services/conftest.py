@@ -23,7 +23,8 @@ from qwenpd.clients import Client
 SHM_DIR = Path("/dev/shm")
 COMPILE = os.environ.get("QWENPD_TEST_COMPILE", "") not in ("", "0")
 COMPILE_KV_BYTES = "8MiB"  # tiny: 32 KiB per 64-token page, so the model's whole context (8192 tokens) fits
-READY_TIMEOUT_S = 600.0 if COMPILE else 120.0  # a cold compile of every bucket takes minutes on 2 cores
+COMPILED_READY_TIMEOUT_S = 600.0  # a cold compile of every bucket takes minutes on 2 cores
+READY_TIMEOUT_S = COMPILED_READY_TIMEOUT_S if COMPILE else 120.0
 
 
 @dataclass
@@ -67,12 +68,14 @@ def segments(store_id: str) -> list[str]:
 
 def start_serve_all(model_dir: Path, tmp: Path, store_id: str, *extra: str) -> Services:
     ready = tmp / f"{store_id}.json"
+    flags = [*model_service_flags(*extra), *extra]
+    # a test's own --compile too: ~60 s alone, twice that beside another test worker on 2 cores
+    timeout = COMPILED_READY_TIMEOUT_S if "--compile" in flags else READY_TIMEOUT_S
     proc = subprocess.Popen(qwenpd_cmd("serve", "all", "--model", str(model_dir), "--store-id", store_id,
                                        "--threads", "1", "--ready-file", str(ready), "--log-level", "WARNING",
-                                       "--start-timeout", str(READY_TIMEOUT_S), *model_service_flags(*extra),
-                                       *extra))
+                                       "--start-timeout", str(timeout), *flags))
     try:
-        info = wait_ready_file(ready, proc)
+        info = wait_ready_file(ready, proc, timeout)
     except BaseException:
         proc.kill()
         raise

@@ -190,9 +190,10 @@ def rollback_bytes(c: ModelConfig, k: int, mode: str, plan: ShardPlan | None = N
     pass on the reference kernels with the C++ step kernel), per DeltaNet layer: every position's prepared step inputs (fp32: q and k
     repeated to the value heads, k again, v, and per head e^g, beta and q.k) and the sequence's conv inputs (model
     dtype, bf16 here: its conv state after any accepted count is a slice of them), plus one copy of the
-    recurrent state ("replay") or one per position ("snapshot"). The MTP head's own KV is not counted here (more
-    layers of every KV page: rollback_table prints it). Rows that pad a pass to the row multiple (engine/runner.py decode_row_multiple; 1 on
-    Qwen3.6-27B) are not counted. tests/engine/test_sizing.py checks it against what a verify pass keeps."""
+    recurrent state ("replay") or one per position ("snapshot"). The MTP head's own KV is not counted here (more layers
+    of every KV page: rollback_table prints it). Rows that pad a pass to the row multiple (engine/runner.py
+    decode_row_multiple; 1 on Qwen3.6-27B) are not counted. tests/engine/test_sizing.py checks it against what a
+    verify pass keeps."""
     local = c if plan is None else plan.local_config
     rows = k + 1
     hv, dk, dv = local.linear_num_value_heads, local.linear_key_head_dim, local.linear_value_head_dim

@@ -54,7 +54,6 @@ from machine import cpu_description  # noqa: E402 - bench/machine.py
 
 from qwenpd.engine import Engine  # noqa: E402
 from qwenpd.engine.generate import generate, generate_speculative  # noqa: E402
-from qwenpd.model_service import MAX_SPECULATIVE_TOKENS  # noqa: E402
 from qwenpd.engine.sampling import SamplingParams  # noqa: E402
 from qwenpd.engine.speculative import Drafter  # noqa: E402
 from qwenpd.decode_service import runner as runner_mod  # noqa: E402
@@ -117,7 +116,7 @@ def engine_for(model: Path, dtype: str, compiled: tuple[int, int, int] | None, q
     quantize = quantize or {}
     if compiled is None:
         return Engine(model, dtype=dtype, speculative=True, **quantize)
-    from qwenpd.engine.engine_config import EngineConfig
+    from qwenpd.engine.engine_config import MAX_SPECULATIVE_TOKENS, EngineConfig
     from qwenpd.engine.kv_cache import kv_cache_bytes_for
 
     max_batch, context, verify_rows = compiled
@@ -152,6 +151,7 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
     import threading
 
     from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
+    from qwenpd.engine.pages import kv_tokens
     from qwenpd.engine.mtp import PromptDrafts
     from qwenpd.engine.output import OutputTracker
     from qwenpd.engine.sampling import Sampler
@@ -176,7 +176,7 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
     for i, prompt in enumerate(prompts_):
         seq = DecodeSequence(request_id=str(i), load=lambda: None, guard=ReadGuard(lambda: None), sampler=None,
                              tracker=None, next_token=0, num_tokens=len(prompt), max_context=0,
-                             kv_tokens=len(prompt) + params.max_tokens + k)  # (+ the drafts' KV: MTPCache)
+                             kv_tokens=kv_tokens(len(prompt), 0, params.max_tokens, 1 << 30, k))
         seq.load = lambda seq=seq, prompt=prompt: prefill(seq, prompt)
         seqs.append(seq)
     finished = threading.Event()

@@ -43,8 +43,8 @@ from qwenpd.engine.pages import PageBudget, pages_for
 from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine import state_spec
-from qwenpd.engine.sampling import Sampler, greedy_batch
 from qwenpd.engine.mtp import MTPCache
+from qwenpd.engine.sampling import Sampler, greedy_batch
 from qwenpd.engine.speculative import Drafter
 from qwenpd.engine.state import HybridState
 from qwenpd.errors import QwenpdError, Unavailable
@@ -509,14 +509,6 @@ class DecodeRunner:
         if not self.checkpoint_every or out.finish_reason is not None or seq.stream is None or seq.state is None:
             return False
         return seq.num_tokens - seq.checkpointed_at >= self.checkpoint_every and not seq.writing
-
-
-def kv_tokens(num_tokens: int, fed: int, max_tokens: int, max_context: int, drafts: int) -> int:
-    """The most tokens a sequence's KV can ever hold, whose pages are promised at admission: `num_tokens` in its
-    state, `fed` more before its first new token and `max_tokens` new ones, within the context; and with `drafts`
-    per step (K: its MTP head drafts) the positions past those its head's drafts may write (the head's KV sits in
-    the sequence's pages: engine/mtp.py MTPCache)."""
-    return min(max_context, num_tokens + fed + max_tokens) + drafts
 
 
 def _take_unread(seqs: list[DecodeSequence], keep_last: bool = False) -> tuple[list, list, list, list]:

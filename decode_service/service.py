@@ -30,11 +30,12 @@ from collections.abc import Callable
 from qwenpd.cache_store.checkpoint import CheckpointMeta
 from qwenpd.cache_store.client import AsyncCacheStoreClient
 from qwenpd.decode_service.config import DecodeConfig
-from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, Output, ReadGuard, kv_tokens
+from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, Output, ReadGuard
 from qwenpd.decode_service.state import state_from_checkpoint
 from qwenpd.engine import state_spec
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
+from qwenpd.engine.pages import kv_tokens
 from qwenpd.engine.sampling import Sampler
 from qwenpd.engine.tokenizer import candidates
 from qwenpd.handoff import Handoff, StreamRecord, sampling_from_pb

@@ -19,7 +19,7 @@ from qwenpd.engine.linear import held_bytes, int8_step_kernel
 from qwenpd.engine.model import DeltaNetKernels, HybridModel
 from qwenpd.engine.runner import GRAPHS, Buckets, GraphRunner
 from qwenpd.engine import state_spec
-from qwenpd.engine.engine_config import EngineConfig
+from qwenpd.engine.engine_config import MAX_SPECULATIVE_TOKENS, EngineConfig
 from qwenpd.engine.state import HybridState
 from qwenpd.engine.tp import state_io
 from qwenpd.engine.tp.calls import ENGINE_HANDLE, Mirror, adopt, cross_rank, mirror_new
@@ -151,7 +151,7 @@ class Engine:
         self.draft_head = None
         heads = draft_layers(self.engine_config, self.config)
         leader = self.group is None or self.group.leader
-        if heads and leader:
+        if self.engine_config.speculative and leader:  # WeightError naming what a checkpoint without one lacks
             from qwenpd.engine.mtp import load_head
 
             self.draft_head = load_head(self, model_dir)
@@ -210,10 +210,13 @@ class Engine:
             state.release()
 
     def default_buckets(self, chunk_size: int, max_batch: int, max_context: int | None = None) -> Buckets:
-        """Buckets for contexts up to max_context (default: what the model and the KV cache allow)."""
+        """Buckets for contexts up to max_context (default: what the model and the KV cache allow); with
+        speculative decoding, and the positions the MTP head's drafts may write past it (pages.kv_tokens)."""
         cache = self.kv_cache
-        limit = min(self.config.max_position_embeddings, cache.allocator.usable * cache.page_size)
-        return Buckets.default(chunk_size, max_batch, min(limit, max_context or limit), cache.page_size)
+        drafts = MAX_SPECULATIVE_TOKENS if self.engine_config.speculative else 0
+        limit = min(self.config.max_position_embeddings + drafts, cache.allocator.usable * cache.page_size)
+        wanted = max_context + drafts if max_context else limit
+        return Buckets.default(chunk_size, max_batch, min(limit, wanted), cache.page_size)
 
     @cross_rank("engine.compile")
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,

@@ -134,6 +134,9 @@ def compiled_kv_cache_default(device: str) -> KVCacheSize:
     return COMPILED_KV_CACHE_CPU if device.split(":", 1)[0] == "cpu" else COMPILED_KV_CACHE_FRACTION
 
 
+MAX_SPECULATIVE_TOKENS = 8  # --num-speculative-tokens at most (and the KV positions drafts may write past the end)
+
+
 def check_draft_quantize(config: EngineConfig) -> None:
     """ValueError where --draft-quantize is given without speculative decoding (`generate` and the services check
     it before the model loads)."""

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from qwenpd.engine.engine import DecodeBatch
 from qwenpd.engine.output import OutputTracker
+from qwenpd.engine.pages import kv_tokens
 from qwenpd.engine.sampling import Sampler, SamplingParams
 
 
@@ -78,7 +79,7 @@ def generate_speculative(engine, head, prompt_ids: Sequence[int], params: Sampli
     token, logprob = sampler.sample(logits)
     # the pages of the longest generation, and of the k positions past it the head's drafts may write (its KV is
     # in the sequence's pages: mtp.MTPCache), as the decode service promises them
-    state.reserve(min(engine.config.max_position_embeddings, len(prompt_ids) + params.max_tokens) + k)
+    state.reserve(kv_tokens(len(prompt_ids), 0, params.max_tokens, engine.config.max_position_embeddings, k))
     drafter = Drafter(head, sampler.vocab, prompt.cache)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()

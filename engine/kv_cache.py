@@ -158,6 +158,7 @@ class SequenceKV:
     def release(self) -> None:
         self._finalizer()  # once: a later call or garbage collection does nothing
         self.pages.clear()
+        self._held = None
 
     def slots(self, lo: int, hi: int) -> list[int]:
         """Flat pool slots of tokens [lo, hi)."""

@@ -68,3 +68,11 @@ class PageBudget:
 
     def release(self, n: int) -> None:
         self.reserved -= n
+
+
+def kv_tokens(num_tokens: int, fed: int, max_tokens: int, max_context: int, drafts: int) -> int:
+    """The most tokens a sequence's KV can ever hold, whose pages are promised at admission: `num_tokens` in its
+    state, `fed` more before its first new token and `max_tokens` new ones, within the context; and with `drafts`
+    per step (K: its MTP head drafts) the positions past those its head's drafts may write (the head's KV sits in
+    the sequence's pages: engine/mtp.py MTPCache)."""
+    return min(max_context, num_tokens + fed + max_tokens) + drafts

@@ -16,7 +16,7 @@ from qwenpd import limits as limits_mod
 from qwenpd import service_config
 from qwenpd.engine import engine_config
 from qwenpd.engine.engine import Engine
-from qwenpd.engine.engine_config import EngineConfig
+from qwenpd.engine.engine_config import MAX_SPECULATIVE_TOKENS, EngineConfig
 from qwenpd.limits import Limits
 from qwenpd.security import Security
 from qwenpd.service_config import DEFAULT_GRACE_S, add_server_args, check_address, check_server
@@ -103,7 +103,6 @@ def check_model_service(cfg: ModelServiceConfig) -> None:
         check_speculative(cfg.engine, cfg.num_speculative_tokens)
 
 
-MAX_SPECULATIVE_TOKENS = 8
 
 
 def check_speculative(ec: EngineConfig, k: int) -> None:

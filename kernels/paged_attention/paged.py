@@ -109,7 +109,6 @@ def decode_by_sequence(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: 
                        scale: float) -> Tensor:
     """paged_attention_decode one sequence at a time, each over exactly its context (`attend_pages`; module
     docstring)."""
-    check_pools(k_pool, v_pool, q)
     out = torch.empty_like(q)
     qf = q.float()
     for b, n in enumerate(context_lens.tolist()):
@@ -129,12 +128,14 @@ def _cpu_buffers(pool: Tensor, pages: int) -> tuple[Tensor, Tensor, Tensor]:
     _, hkv, page, dim = pool.shape
     key = (pages, hkv, page, dim, pool.dtype, str(pool.device))
     held = getattr(_scratch, "buffers", None)
-    if held is None or held[0] != key:
+    if held is None:
+        held = _scratch.buffers = {}
+    if key not in held:  # a few shapes at most: a tensor-parallel leader's pools and its MTP head's
         with torch.inference_mode(False):
-            held = _scratch.buffers = (
-                key, torch.empty(pages, hkv, page, dim, dtype=pool.dtype, device=pool.device),
-                *(torch.empty(hkv, pages * page, dim, dtype=torch.float32, device=pool.device) for _ in range(2)))
-    return held[1], held[2], held[3]
+            held[key] = (torch.empty(pages, hkv, page, dim, dtype=pool.dtype, device=pool.device),
+                         *(torch.empty(hkv, pages * page, dim, dtype=torch.float32, device=pool.device)
+                           for _ in range(2)))
+    return held[key]
 
 
 def attend_pages(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Tensor, end: int, scale: float,
@@ -147,8 +148,9 @@ def attend_pages(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Tensor, end: 
     (`_cpu_buffers`), and multiplied as grouped matmuls (query head h reads KV head h // group), an online softmax
     across blocks, so memory is bounded at any context. Against the pages gathered into a fresh fp32 copy and
     SDPA (what this replaced) on Qwen3.6-27B's attention shapes (24 query heads, 4 KV heads, 256 dims, bf16), one
-    row on a 2-core EPYC: 0.54 -> 0.31 ms at 512 tokens, 28 -> 5.0 ms at 4K, 114 -> 33 ms at 32K (fp32 matmuls:
-    a bf16 one goes to oneDNN, which builds a kernel for every new shape, and the key count grows every step)."""
+    row on a 2-core EPYC: 0.46 -> 0.37 ms at 512 tokens, 10.8 -> 6.4 ms at 4K, 270 -> 52 ms at 32K
+    (docs/performance.md, eleventh round). fp32 matmuls: a bf16 one goes to oneDNN, which builds a kernel for every
+    new shape, and the key count grows every step."""
     n, hq, dim = q.shape
     _, hkv, page, _ = k_pool.shape
     group = hq // hkv

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from qwenpd.decode_service import runner as runner_mod
-from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard, kv_tokens
+from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, ReadGuard
 from qwenpd.engine.generate import generate
 from qwenpd.engine.mtp import MTPCache, MTPHead, PromptDrafts
 from qwenpd.engine.output import OutputTracker
+from qwenpd.engine.pages import kv_tokens
 from qwenpd.engine.sampling import Sampler, SamplingParams
 from qwenpd.engine.speculative import Drafter
 from qwenpd.engine.weights import load_mtp_weights

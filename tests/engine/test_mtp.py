@@ -78,6 +78,8 @@ def test_a_checkpoint_without_the_head_names_what_it_lacks(tiny_model_dir, tmp_p
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightError, match="mtp_num_hidden_layers"):
         load_mtp_weights(tmp_path / "m", Engine(tmp_path / "m").config, torch.float32)
+    with pytest.raises(WeightError, match="mtp_num_hidden_layers"):  # speculative decoding asked for: refused
+        Engine(tmp_path / "m", speculative=True)
 
 
 @pytest.mark.parametrize("variant", ["text", "conv5_tied"])
@@ -163,8 +165,9 @@ def test_the_heads_kv_is_in_the_kv_budget_and_the_sequences_pages(tiny_model_dir
     """With speculative decoding the paged cache holds the head's layers beside the attention layers': a fixed
     budget holds fewer, larger pages (the head's bytes are counted, not added past it), kv_cache_bytes_for sizes
     for them, and a sequence's head KV sits in its own pages, freed with them."""
-    from qwenpd.engine.engine_config import EngineConfig
+    from qwenpd.engine.engine_config import MAX_SPECULATIVE_TOKENS, EngineConfig
     from qwenpd.engine.kv_cache import kv_cache_bytes_for, page_bytes
+    from qwenpd.engine.pages import pages_for
 
     config = Engine(tiny_model_dir, dtype="float32", warm_up=False).config
     budget = 40 * page_bytes(config, 16, torch.float32)
@@ -177,6 +180,9 @@ def test_the_heads_kv_is_in_the_kv_budget_and_the_sequences_pages(tiny_model_dir
     assert len(spec.kv_cache.k) == len(config.attention_layers) + config.mtp_num_hidden_layers
     sized = EngineConfig(str(tiny_model_dir), dtype="float32", page_size=16, speculative=True)
     assert kv_cache_bytes_for(sized, 100) == (7 + 2) * per_page
+    # compiled block tables as wide as the pages a sequence of 64 tokens holds with the drafts' allowance
+    assert spec.default_buckets(16, 1, max_context=64).widths[-1] >= pages_for(64 + MAX_SPECULATIVE_TOKENS, 16)
+    assert plain.default_buckets(16, 1, max_context=64).widths[-1] == pages_for(64, 16)
     free = spec.kv_cache.allocator.free
     state = spec.new_state()
     state.reserve(40)

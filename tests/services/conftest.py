@@ -22,7 +22,7 @@ from qwenpd.clients import Client
 
 SHM_DIR = Path("/dev/shm")
 COMPILE = os.environ.get("QWENPD_TEST_COMPILE", "") not in ("", "0")
-COMPILE_KV_BYTES = "8MiB"  # tiny: 32 KiB per 64-token page, so the model's whole context (8192 tokens) fits
+COMPILE_KV_BYTES = "16MiB"  # tiny: 32 KiB per 64-token page (64 KiB with the MTP head), the whole context fits
 COMPILED_READY_TIMEOUT_S = 600.0  # a cold compile of every bucket takes minutes on 2 cores
 READY_TIMEOUT_S = COMPILED_READY_TIMEOUT_S if COMPILE else 120.0
 

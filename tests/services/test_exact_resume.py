@@ -204,8 +204,8 @@ def test_resume_over_the_protos_continues_exactly_from_a_resume_point_or_by_reco
         k = len(got)
         again = prefill.Prefill(resume_request(request, prompt + got, k, pre.checkpoint_id), timeout=60)
         assert again.cached_tokens == len(prompt)  # the state came from the resume point
-        ids, lps, _ = _decode_all(decode, again.checkpoint_id)
         live.cancel()
+        ids, lps, _ = _decode_all(decode, again.checkpoint_id)
         assert (ids, lps) == (ref[k:], ref_lps[k:])
         # a resume point of another stream (or gone): recomputed around, still exact
         other = prefill.Prefill(prefill_pb2.PrefillRequest(text="another stream", sampling=request.sampling),

@@ -104,13 +104,13 @@ class PagedKVCache:
         return self.num_pages * page_bytes(self.config, self.page_size, self.dtype, self.draft_layers,
                                            self.draft_kv_heads)
 
-    def draft_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K and V pools of the MTP head's layer `layer`; ValueError where the cache holds none."""
+    def draft_index(self, layer: int) -> int:
+        """The pool number (k[j], v[j]) of the MTP head's layer `layer`; ValueError where the cache holds none."""
         j = self.draft_first + layer
         if j >= len(self.k):
             raise ValueError("this KV cache holds no pools for the MTP head's layers: make the engine with "
                              "speculative=True (EngineConfig), on the rank that runs the head")
-        return self.k[j], self.v[j]
+        return j
 
     def allocate(self, n: int) -> list[int]:
         if self.growable and n > self.allocator.free:

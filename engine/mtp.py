@@ -24,8 +24,6 @@ head needs no batch invariance.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from qwenpd.engine.config import FULL, ModelConfig
@@ -59,7 +57,9 @@ class MTPCache:
         return cls(kv)
 
     def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv.cache.draft_pools(layer)
+        cache = self.kv.cache
+        j = cache.draft_index(layer)
+        return cache.k[j], cache.v[j]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [n, Hkv, D] of positions start .. start+n-1 (pages reserved: OutOfPages otherwise)."""
@@ -94,16 +94,14 @@ class MTPCache:
             k, v = kv[f"mtp.{layer}.k"], kv[f"mtp.{layer}.v"]
             if k.shape[1] != positions or v.shape[1] != positions:
                 raise ValueError(f"the head KV covers {k.shape[1]} positions, not {positions}")
-            self._pools(layer)  # ValueError where the cache holds none
-            self.kv.load(cache.draft_first + layer, k, v)
+            self.kv.load(cache.draft_index(layer), k, v)
 
     def copy_out(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """The head KV of positions [lo, hi) (mtp.{l}.k/v, [Hkv, hi-lo, D], host copies): `load`'s layout."""
         out = {}
         cache = self.kv.cache
         for layer in range(cache.draft_layers):
-            self._pools(layer)
-            k, v = self.kv.read(cache.draft_first + layer, lo, max(lo, hi))
+            k, v = self.kv.read(cache.draft_index(layer), lo, max(lo, hi))
             out[f"mtp.{layer}.k"], out[f"mtp.{layer}.v"] = k.cpu(), v.cpu()
         return out
 
@@ -181,7 +179,8 @@ class MTPHead:
         mixer = blk.mixer
         q, gate, k, v = mixer._qkv(blk.norm(x), positions, few)
         outs, lo = [], 0
-        for cache, n, first in zip(caches, lengths, positions[list(itertools.accumulate([0, *lengths[:-1]]))].tolist()):
+        for cache, n in zip(caches, lengths):
+            first = int(positions[lo])
             cache.write(layer, first, k[lo:lo + n], v[lo:lo + n])
             outs.append(cache.attend(layer, q[lo:lo + n], first, mixer.scale))
             lo += n

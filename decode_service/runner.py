@@ -210,6 +210,7 @@ class DecodeRunner:
         self._make_engine = make_engine
         self._deliver = deliver
         self._members: dict[int, DecodeSequence] = {}  # id(state) -> sequence, for sequences in the batch
+        self._broken: QwenpdError | None = None  # why the batch cannot be used any more (a slot could not be freed)
         self.on_join: Callable[[float], None] = lambda waited_s: None  # metrics: slot wait of a joining sequence
         self.on_step: Callable[[int], None] = lambda batch_size: None  # metrics: sequences in each step
         self._ready: concurrent.futures.Future[Engine] = concurrent.futures.Future()
@@ -267,7 +268,7 @@ class DecodeRunner:
             for seq in rnd.leave:
                 self._leave(seq)
             outputs = [out for seq in rnd.join if (out := self._join(seq)) is not None]
-            if self.batch.states:
+            if self._members:
                 try:
                     outputs += self._step()
                 except Exception as exc:  # noqa: BLE001 - the sequences of this step fail, the loop lives on
@@ -275,7 +276,7 @@ class DecodeRunner:
                     err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"decode step failed: {exc}")
                     failed = list(self._members.values())
                     for seq in failed:
-                        self._leave(seq)
+                        self._leave(seq, quietly=True)
                     outputs += [(seq, Output([], [], "", error=err)) for seq in failed]
             if outputs:
                 self._deliver(outputs)
@@ -287,6 +288,9 @@ class DecodeRunner:
             self.scheduler.finish(seq)
             return None
         try:
+            if self._broken is not None:
+                self.scheduler.finish(seq)
+                return seq, Output([], [], "", error=self._broken)
             seq.state = seq.load()
             self.batch.add(seq.state)
             if seq.draft is not None:
@@ -294,9 +298,7 @@ class DecodeRunner:
         except Exception as exc:  # noqa: BLE001
             log.exception("loading sequence %s failed", seq.request_id)
             if seq.state is not None:
-                if any(s is seq.state for s in self.batch.states):
-                    self.batch.remove(seq.state)
-                seq.state.release()
+                self._free(seq, quietly=True)
             self.scheduler.finish(seq)
             err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"loading the checkpoint failed: {exc}")
             return seq, Output([], [], "", error=err)
@@ -320,13 +322,32 @@ class DecodeRunner:
                    [seq.next_token])
         return drafter
 
-    def _leave(self, seq: DecodeSequence) -> None:
-        """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler."""
-        assert self.batch is not None
-        if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
-            self.batch.remove(seq.state)
+    def _leave(self, seq: DecodeSequence, quietly: bool = False) -> None:
+        """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler (`quietly`: see
+        _free)."""
+        try:
+            if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
+                self._free(seq, quietly)
+        finally:
+            self.scheduler.finish(seq)
+
+    def _free(self, seq: DecodeSequence, quietly: bool) -> None:
+        """Take seq.state out of the batch if it is there and free its KV pages. quietly: after a failed step or
+        join, where this can fail in turn (a lost tensor-parallel rank breaks every engine call): logged, and the
+        batch is broken from then on (every later sequence fails at once with the reason: UNAVAILABLE, so it
+        resumes on another instance), so the failed sequences' streams still get their errors now."""
+        assert self.batch is not None and seq.state is not None
+        try:
+            if any(s is seq.state for s in self.batch.states):
+                self.batch.remove(seq.state)
             seq.state.release()  # its KV pages are free from now on
-        self.scheduler.finish(seq)
+        except Exception as exc:  # noqa: BLE001
+            if not quietly:
+                raise
+            log.warning("freeing the slot of %s failed: %s", seq.request_id, exc)
+            if self._broken is None:
+                self._broken = exc if isinstance(exc, Unavailable) else Unavailable(
+                    f"the decode batch is unusable (freeing a slot failed: {exc})")
 
     def _step(self) -> list[tuple[DecodeSequence, Output]]:
         assert self.batch is not None

@@ -211,13 +211,23 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
                             request)
 
 
+# gRPC's default reconnect backoff starts at 1 s and grows to 120 s: a backend back after an outage (a restarted
+# decode service, 5 s) would stay unreachable for seconds to minutes while its health checks fail at once on the
+# waiting channel. Ours reconnect at most a second apart (the gateway's health interval); a refused connect to
+# one address costs next to nothing.
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 1000))
+
+
 def channel(address: str, sec: Security | None = None, options: Iterable[tuple[str, Any]] = (), *,
             aio: bool = False) -> Any:
-    """A grpc (aio=False) or grpc.aio channel to `address` with this config's TLS and bearer token."""
+    """A grpc (aio=False) or grpc.aio channel to `address` with this config's TLS and bearer token, reconnecting
+    within a second of a backend's return (RECONNECT_OPTIONS, unless `options` set them)."""
     sec = sec or Security()
     creds = channel_credentials(sec)
     token = sec.token()
     opts = list(options)
+    opts += [(k, v) for k, v in RECONNECT_OPTIONS if k not in {name for name, _ in opts}]
     if aio:
         interceptors = [_AioUnaryToken(token), _AioStreamToken(token)] if token else None
         if creds is None:

@@ -196,3 +196,44 @@ def test_reflection_answers_as_v1_and_v1alpha() -> None:
             await server.shutdown(grace_s=0)
 
     asyncio.run(main())
+
+
+def test_our_channels_reach_a_returning_server_within_a_second() -> None:
+    """A backend down for a while, then back (a restarted decode service): gRPC's default reconnect backoff
+    (1 s growing x1.6 to 120 s) would keep a channel that saw it down unusable for seconds; qwenpd's channels
+    (qwenpd.security.channel) try again at most a second apart, so a health check readmits it within about one."""
+    import socket
+    import time
+
+    from qwenpd.security import channel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def check(stub) -> bool:
+        try:
+            await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.3)
+            return True
+        except grpc.aio.AioRpcError:
+            return False
+
+    async def main() -> float:
+        async with channel(f"127.0.0.1:{port}", aio=True) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            down_until = time.monotonic() + 6  # by now the default backoff waits ~4 s between attempts
+            while time.monotonic() < down_until:
+                assert not await check(stub)
+                await asyncio.sleep(0.1)
+            server = grpc_server.make_server(Decode(), host="127.0.0.1", port=port)
+            await server.start()
+            try:
+                back = time.monotonic()
+                while not await check(stub):
+                    assert time.monotonic() - back < 10
+                    await asyncio.sleep(0.05)
+                return time.monotonic() - back
+            finally:
+                await server.shutdown(grace_s=0)
+
+    assert asyncio.run(main()) < 1.5

@@ -153,3 +153,22 @@ def test_prefetched_masks_give_the_same_tokens(engine):
         finally:
             grammars.prefetch = before
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("vocab", [64, 100, 130])
+def test_apply_bitmask_equals_the_bit_by_bit_reference(vocab):
+    """engine.constraint.apply_bitmask against its plain reference: token t allowed iff bit t % 32 of word
+    t // 32; logits past the mask's words (a model's padded rows) are -inf. Sign bits included."""
+    from qwenpd.engine.constraint import apply_bitmask
+
+    g = torch.Generator().manual_seed(vocab)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (3,), generator=g, dtype=torch.int64).to(torch.int32)
+    words[0] = -1  # every bit
+    logits = torch.randn(vocab, generator=g)
+    want = logits.clone()
+    for t in range(vocab):
+        if t >= 32 * len(words) or not (int(words[t // 32]) >> (t % 32)) & 1:
+            want[t] = float("-inf")
+    got = logits.clone()
+    apply_bitmask(got, words)
+    assert torch.equal(got, want)

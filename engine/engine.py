@@ -565,7 +565,7 @@ class DecodeBatch:
         self.states.pop()
 
     @cross_rank("batch.verify")
-    def verify(self, fed: list[list[int]], rollback: str = "replay") -> "Verified":
+    def verify(self, fed: list[list[int]], rollback: str = "auto") -> "Verified":
         """Speculative decoding's verify pass (engine/speculative.py `verify`): fed[i] (sequence i's last token,
         then its drafts) into self.states[i], every rank its shard; the pass is kept for `accept`."""
         from qwenpd.engine.speculative import verify

@@ -58,7 +58,7 @@ def _emit(tracker: OutputTracker, token: int, logprob: float, on_text: Callable[
 
 
 def generate_speculative(engine, head, prompt_ids: Sequence[int], params: SamplingParams, k: int,
-                         chunk_size: int = 512, rollback: str = "replay",
+                         chunk_size: int = 512, rollback: str = "auto",
                          on_text: Callable[[str], None] | None = None) -> GenerationResult:
     """`generate` with k drafts per step from the checkpoint's MTP head (`head`, an engine/mtp.py MTPHead) and one
     verify pass of k+1 positions (engine/speculative.py): the same tokens and log-probabilities as `generate`,

@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding (in-process, eager): K drafts per step from the checkpoint's MTP head "
                         "(mtp.* weights), one verify pass of K+1 positions; the tokens are plain decoding's "
                         "(default 0: off)")
-    p.add_argument("--speculative-rollback", choices=("replay", "snapshot"), default="replay",
-                   help="how rejected drafts are undone in the DeltaNet state (default replay)")
+    p.add_argument("--speculative-rollback", choices=("auto", "replay", "snapshot"), default="auto",
+                   help="how rejected drafts are undone in the DeltaNet state (default auto: snapshot at batch <= 2)")
     from qwenpd.engine import engine_config  # plain Python: --help stays instant
 
     engine_config.add_args(p)  # --compile: warmup_s in --json, excluded from prefill_s/decode_s

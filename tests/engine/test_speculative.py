@@ -142,6 +142,27 @@ def test_a_batch_verifies_and_rolls_back_as_plain_steps(engine, monkeypatch, rol
     assert (calls["step_states"] > 0) == kernel and (calls["_positions"] > 0) != kernel
 
 
+def test_auto_rollback_snapshots_small_passes_and_replays_larger_ones(engine):
+    """The default rollback: per-position copies for a pass of up to SNAPSHOT_MAX_SEQUENCES sequences (cheaper to
+    undo), one copy and a replay above (bounded memory); either way the kept bytes are what that way keeps."""
+    from qwenpd.engine import DecodeBatch
+    from qwenpd.engine.speculative import SNAPSHOT_MAX_SEQUENCES, rollback_bytes
+
+    def kept(n: int, rollback: str):
+        batch = DecodeBatch(engine, n)
+        for i in range(n):
+            batch.add(engine.prefill([5 + i, 9, 11, 13])[1])
+        done = batch.verify([[7, 8, 9]] * n, rollback)
+        batch.accept([1] * n)
+        for state in list(batch.states):
+            batch.remove(state)
+            state.release()
+        return done.rollback, rollback_bytes(done)
+
+    for n, way in ((1, "snapshot"), (SNAPSHOT_MAX_SEQUENCES, "snapshot"), (SNAPSHOT_MAX_SEQUENCES + 1, "replay")):
+        assert kept(n, "auto") == (way, kept(n, way)[1]), n
+
+
 @pytest.mark.parametrize("variant", ["text", "every2nd", "conv5_tied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_transformers_checkpoints_with_an_added_head(hf_checkpoint, tmp_path, monkeypatch, variant, dtype):

@@ -172,3 +172,25 @@ def test_apply_bitmask_equals_the_bit_by_bit_reference(vocab):
     got = logits.clone()
     apply_bitmask(got, words)
     assert torch.equal(got, want)
+
+
+def test_a_constrained_token_compiles_nothing(tiny_model_dir):
+    """The first constrained request of a process waits for no torch.compile (llguidance.torch compiles its mask
+    helper at import and on first use: seconds, in every prefill and decode service)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, torch
+from qwenpd.engine.constraint import Grammars
+from qwenpd.engine.tokenizer import Tokenizer
+tok = Tokenizer({str(tiny_model_dir)!r})
+g = Grammars(tok.to_json(), tok.vocab_size + 7, None)
+c = g.make(json.dumps({{"type": "json_object"}}), frozenset())
+out = c.allowed(torch.zeros(tok.vocab_size + 7))
+assert torch.isfinite(out).sum() > 0 and not torch.isfinite(out[tok.vocab_size:]).any()
+print(sorted(m for m in ("llguidance.torch", "torch._dynamo", "torch._inductor") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

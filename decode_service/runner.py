@@ -262,7 +262,7 @@ class DecodeRunner:
     def _run(self) -> None:
         assert self.batch is not None
         while True:
-            rnd = self.scheduler.next_round(idle=not self.batch.states, timeout=1.0)
+            rnd = self.scheduler.next_round(idle=not self._members, timeout=1.0)
             if rnd is None:
                 return
             for seq in rnd.leave:
@@ -276,7 +276,7 @@ class DecodeRunner:
                     err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"decode step failed: {exc}")
                     failed = list(self._members.values())
                     for seq in failed:
-                        self._leave(seq, quietly=True)
+                        self._leave(seq)
                     outputs += [(seq, Output([], [], "", error=err)) for seq in failed]
             if outputs:
                 self._deliver(outputs)
@@ -298,7 +298,7 @@ class DecodeRunner:
         except Exception as exc:  # noqa: BLE001
             log.exception("loading sequence %s failed", seq.request_id)
             if seq.state is not None:
-                self._free(seq, quietly=True)
+                self._free(seq)
             self.scheduler.finish(seq)
             err = exc if isinstance(exc, QwenpdError) else QwenpdError(f"loading the checkpoint failed: {exc}")
             return seq, Output([], [], "", error=err)
@@ -322,28 +322,23 @@ class DecodeRunner:
                    [seq.next_token])
         return drafter
 
-    def _leave(self, seq: DecodeSequence, quietly: bool = False) -> None:
-        """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler (`quietly`: see
-        _free)."""
-        try:
-            if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
-                self._free(seq, quietly)
-        finally:
-            self.scheduler.finish(seq)
+    def _leave(self, seq: DecodeSequence) -> None:
+        """Take `seq` out of the batch (its slot is free from now on) and out of the scheduler."""
+        if seq.state is not None and self._members.pop(id(seq.state), None) is not None:
+            self._free(seq)
+        self.scheduler.finish(seq)
 
-    def _free(self, seq: DecodeSequence, quietly: bool) -> None:
-        """Take seq.state out of the batch if it is there and free its KV pages. quietly: after a failed step or
-        join, where this can fail in turn (a lost tensor-parallel rank breaks every engine call): logged, and the
-        batch is broken from then on (every later sequence fails at once with the reason: UNAVAILABLE, so it
-        resumes on another instance), so the failed sequences' streams still get their errors now."""
+    def _free(self, seq: DecodeSequence) -> None:
+        """Take seq.state out of the batch if it is there and free its KV pages. Where that fails (a lost
+        tensor-parallel rank breaks every engine call) it is logged and the batch is broken from then on: every
+        later sequence fails at once with the reason (UNAVAILABLE: it resumes on another instance), and the loop,
+        and the streams of this step, go on (their outputs or errors are delivered now)."""
         assert self.batch is not None and seq.state is not None
         try:
             if any(s is seq.state for s in self.batch.states):
                 self.batch.remove(seq.state)
             seq.state.release()  # its KV pages are free from now on
         except Exception as exc:  # noqa: BLE001
-            if not quietly:
-                raise
             log.warning("freeing the slot of %s failed: %s", seq.request_id, exc)
             if self._broken is None:
                 self._broken = exc if isinstance(exc, Unavailable) else Unavailable(

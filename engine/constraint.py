@@ -45,7 +45,7 @@ class ConstraintError(ValueError):
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits [V] (CPU) to -inf where llguidance's packed mask (int32 words, bit j of word w = token 32w + j)
+    """Set logits [V] to -inf where llguidance's packed mask (int32 words, bit j of word w = token 32w + j)
     has a 0 bit, and past the mask's end. llguidance's own helper (llguidance.torch.apply_token_bitmask_inplace)
     is torch.compile'd: importing it and its first call in a process took 4-8 s here (the first structured-output
     request of every prefill and decode service waited for them) and it needs a C++ compiler; unpacked with
@@ -55,7 +55,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     words = bitmask.numpy().astype("<i4", copy=False)  # little-endian: bit j of a word is bit j % 8 of byte j // 8
     bits = np.unpackbits(words.view(np.uint8), bitorder="little").view(np.bool_)
     n = min(bits.size, logits.numel())
-    logits[:n].masked_fill_(torch.from_numpy(bits[:n]).logical_not(), float("-inf"))
+    logits[:n].masked_fill_(torch.from_numpy(bits[:n]).logical_not().to(logits.device), float("-inf"))
     logits[n:] = float("-inf")
 
 

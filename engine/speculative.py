@@ -43,11 +43,13 @@ the DeltaNet conv and recurrent state do. Two ways, `ROLLBACKS`:
   conv state being a slice of the kept inputs). Memory: one state copy per sequence.
 - "snapshot": copy the state after every position (the step kernel writes it out while it is in cache); on a
   rejection restore the copy after the last accepted one. Memory: K+1 state copies per sequence.
-"auto", the default, takes "snapshot" for a pass of at most SNAPSHOT_MAX_SEQUENCES sequences and "replay" above:
-on `small` at batch 1 (K = 3) a snapshot pass cost what a replay pass did and its accept 0.4 ms against 1.0-1.4 ms
-eager (`generate` with 70% oracle drafts: 1.50x -> 1.60x plain decoding; compiled no change measured, 1.28x and
-1.25x), while the copies, held for one pass, stay within a few sequences' state (Qwen3.6-27B: ~150 MB a copy,
-K+1 copies a sequence). bench/spec_decode.py measures both.
+"auto", the default, takes "snapshot" for a two-part pass (the CPU kernels, above) of at most
+SNAPSHOT_MAX_SEQUENCES sequences and "replay" elsewhere: there, on `small` at batch 1 (K = 3), a snapshot pass cost
+what a replay pass did and its accept 0.4 ms against 1.0-1.4 ms (`generate` with 70% oracle drafts: 1.50x -> 1.60x
+plain decoding), and the copies, held for one pass in host memory, stay within a few sequences' state
+(Qwen3.6-27B: ~150 MB a copy, K+1 copies a sequence). Compiled, no gain was measured (1.28x replay, 1.25x snapshot),
+and on an accelerator the copies would come out of device memory that --kv-cache-bytes does not set aside.
+bench/spec_decode.py measures both.
 """
 
 from __future__ import annotations
@@ -216,8 +218,6 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "auto") -> Verif
     if rollback not in (*ROLLBACKS, "auto"):
         raise ValueError(f"rollback must be one of {(*ROLLBACKS, 'auto')}, got {rollback!r}")
     states = batch.states
-    if rollback == "auto":
-        rollback = "snapshot" if len(states) <= SNAPSHOT_MAX_SEQUENCES else "replay"
     if len(fed) != len(states) or any(not f for f in fed):
         raise ValueError(f"verify needs one non-empty token list per sequence of the batch ({len(states)})")
     model, dev = engine.model, engine.model.device
@@ -251,6 +251,8 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "auto") -> Verif
     cache = states[0].kv.cache
     lengths = [len(f) for f in fed]
     split = not runs.compiled and _split_kernels(model.kernels, dev)
+    if rollback == "auto":
+        rollback = "snapshot" if split and len(states) <= SNAPSHOT_MAX_SEQUENCES else "replay"
     most = max(lengths)
     steps = [[b for b, f in enumerate(fed) if len(f) > i] for i in range(most)]  # who steps at position i
     layers: dict[int, _Layer] = {}

@@ -214,9 +214,9 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 # gRPC's default reconnect backoff starts at 1 s and grows to 120 s: a backend back after an outage (a restarted
 # decode service, 5 s) would stay unreachable for seconds to minutes while its health checks fail at once on the
 # waiting channel. Ours reconnect at most a second apart (the gateway's health interval); a refused connect to
-# one address costs next to nothing.
-RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                     ("grpc.max_reconnect_backoff_ms", 1000))
+# one address costs next to nothing. (grpc.min_reconnect_backoff_ms is left alone: despite its name it is the
+# connect attempt's minimum timeout, 20 s.)
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 def channel(address: str, sec: Security | None = None, options: Iterable[tuple[str, Any]] = (), *,

@@ -142,11 +142,13 @@ def test_a_batch_verifies_and_rolls_back_as_plain_steps(engine, monkeypatch, rol
     assert (calls["step_states"] > 0) == kernel and (calls["_positions"] > 0) != kernel
 
 
-def test_auto_rollback_snapshots_small_passes_and_replays_larger_ones(engine):
-    """The default rollback: per-position copies for a pass of up to SNAPSHOT_MAX_SEQUENCES sequences (cheaper to
-    undo), one copy and a replay above (bounded memory); either way the kept bytes are what that way keeps."""
+def test_auto_rollback_snapshots_small_two_part_passes_and_replays_the_rest(engine, monkeypatch):
+    """The default rollback: per-position copies for a two-part pass (the CPU step kernel) of up to
+    SNAPSHOT_MAX_SEQUENCES sequences (cheaper to undo), one copy and a replay for larger passes and for passes of
+    whole steps (compiled regions, no step kernel); the kept bytes are what the way taken keeps."""
     from qwenpd.engine import DecodeBatch
     from qwenpd.engine.speculative import SNAPSHOT_MAX_SEQUENCES, rollback_bytes
+    from qwenpd.kernels.gated_delta_rule import cpu
 
     def kept(n: int, rollback: str):
         batch = DecodeBatch(engine, n)
@@ -159,8 +161,11 @@ def test_auto_rollback_snapshots_small_passes_and_replays_larger_ones(engine):
             state.release()
         return done.rollback, rollback_bytes(done)
 
-    for n, way in ((1, "snapshot"), (SNAPSHOT_MAX_SEQUENCES, "snapshot"), (SNAPSHOT_MAX_SEQUENCES + 1, "replay")):
+    two_part = "snapshot" if cpu.load() else "replay"
+    for n, way in ((1, two_part), (SNAPSHOT_MAX_SEQUENCES, two_part), (SNAPSHOT_MAX_SEQUENCES + 1, "replay")):
         assert kept(n, "auto") == (way, kept(n, way)[1]), n
+    _without_step_kernel(monkeypatch)
+    assert kept(1, "auto")[0] == "replay"
 
 
 @pytest.mark.parametrize("variant", ["text", "every2nd", "conv5_tied"])

@@ -4,7 +4,9 @@ it, not at the drain's deadline), and the loop lives on, failing later sequences
 
 from __future__ import annotations
 
+import resource
 import threading
+import time
 
 from qwenpd.decode_service.runner import DecodeRunner
 from qwenpd.engine.engine import DecodeBatch
@@ -60,5 +62,9 @@ def test_a_failed_step_and_slot_release_fail_the_batch_and_later_sequences_at_on
         (out,) = outputs["after"]
         assert isinstance(out.error, Unavailable) and "freeing a slot failed" in str(out.error)
         assert runner.load_info().active == 0
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(1.0)  # the loop waits for work (it does not spin on the broken batch's leftover slots)
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        assert now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime < 0.5
     finally:
         runner.stop()

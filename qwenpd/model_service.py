@@ -10,16 +10,18 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from qwenpd import limits as limits_mod
 from qwenpd import service_config
 from qwenpd.engine import engine_config
-from qwenpd.engine.engine import Engine
 from qwenpd.engine.engine_config import MAX_SPECULATIVE_TOKENS, EngineConfig
 from qwenpd.limits import Limits
 from qwenpd.security import Security
 from qwenpd.service_config import DEFAULT_GRACE_S, add_server_args, check_address, check_server
+
+if TYPE_CHECKING:  # torch is imported where an engine is built: the supervisor, gateway and store read these
+    from qwenpd.engine.engine import Engine  # configs without it
 
 C = TypeVar("C")
 
@@ -143,6 +145,8 @@ def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graph
     """The service's engine on its device; when its config says compile, the graphs it runs (`graphs`: "prefill",
     "decode") compiled over every bucket (warm-up time logged), and for verify passes of up to `verify_rows` rows
     (Engine.compile)."""
+    from qwenpd.engine.engine import Engine
+
     ec = cfg.engine.replace(speculative=cfg.num_speculative_tokens > 0)  # the MTP head and its KV's pages
     engine = Engine(ec)
     if engine.group is not None:

@@ -188,10 +188,10 @@ class Engine:
     def warm_up(self) -> None:
         """Do a first request's one-time work now: a prefill of one default chunk (WARM_UP_TOKENS, fewer where
         the context or a fixed KV cache holds fewer) and two decode steps on a scratch sequence, released after.
-        The first call of a qwenpd:: custom op makes torch import torch._dynamo (~1 s), oneDNN creates its
-        kernels on first use, and a chunk's activations first grow the process's heap (page faults: engine/
-        host.py); without this the first request's time to first token pays for all three (a 512-token prompt
-        of `small` here: 0.41-0.45 s first, 0.38 s after). The grammar library's view of the tokenizer (every
+        oneDNN creates its kernels on first use and a chunk's activations first grow the process's heap (page
+        faults: engine/host.py); without this the first request's time to first token pays for both (a
+        512-token prompt of `small` here: 0.41-0.45 s first, 0.38 s after; that included importing
+        torch._dynamo, which an eager engine now never does: kernels/ops.py prefill_*). The grammar library's view of the tokenizer (every
         request's sampler reads its size) is built here too."""
         _ = self.grammars
         room = self.config.max_position_embeddings - 2  # two decode steps follow

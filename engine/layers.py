@@ -237,8 +237,8 @@ class AttentionMixer:
         t = x.shape[0]
         positions = start + torch.arange(t, device=x.device)
         q, gate, k, v = self._qkv(x, positions if rope is None else rope)
-        ops.write_kv(k_pool, v_pool, slots, k, v)
-        o = ops.paged_attention_prefill(q.to(k_pool.dtype), k_pool, v_pool, table, start, self.scale)
+        ops.prefill_write_kv(k_pool, v_pool, slots, k, v)
+        o = ops.prefill_paged_attention(q.to(k_pool.dtype), k_pool, v_pool, table, start, self.scale)
         return self.o_proj(o.reshape(t, -1).float() * torch.sigmoid(gate.float()))
 
     def decode(self, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,

@@ -34,15 +34,15 @@ class DeltaNetKernels:
         from qwenpd.kernels import ops
 
         if name == "torch":
-            return cls("torch", ops.chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.causal_conv1d,
+            return cls("torch", ops.prefill_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.prefill_causal_conv1d,
                        ops.decode_causal_conv1d_update)
         if name == "fla":
-            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.causal_conv1d,
+            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.prefill_causal_conv1d,
                        ops.decode_causal_conv1d_update)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
             from qwenpd.kernels.nki import torch_ops
 
-            return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.causal_conv1d,
+            return cls("nki", torch_ops.nki_chunk, torch_ops.nki_step, ops.prefill_causal_conv1d,
                        ops.decode_causal_conv1d_update)
         raise ValueError(f"unknown deltanet kernels {name!r}; choose 'torch', 'fla' or 'nki'")
 

@@ -80,7 +80,7 @@ class MTPCache:
         if n > ATTEND_ROWS:
             table = pages[:pages_for(end, self.kv.cache.page_size)]
             start_t = torch.tensor([start], device=q.device)
-            return ops.paged_attention_prefill(q.to(k_pool.dtype), k_pool, v_pool, table, start_t, scale).float()
+            return ops.prefill_paged_attention(q.to(k_pool.dtype), k_pool, v_pool, table, start_t, scale).float()
         positions = torch.arange(start, end, device=q.device) if n > 1 else None
         return attend_pages(q, k_pool, v_pool, pages, end, scale, positions)
 

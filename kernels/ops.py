@@ -41,6 +41,10 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
                            mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [B, Hv, K, V] fp32; mask [B, T] bool.
     Returns o [B, T, Hv, V] (v.dtype) and the final state [B, Hv, K, V] fp32."""
+    return _chunk_code(q, k, v, g, beta, initial_state, mask)
+
+
+def _chunk_code(q, k, v, g, beta, initial_state, mask=None):
     return _chunk(q, k, v, g, beta, initial_state=initial_state, mask=mask)
 
 
@@ -92,6 +96,10 @@ def last_inputs(x: Tensor, state: Tensor, lengths: Tensor) -> Tensor:
 def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [B, T, D]; weight [D, W]; state [B, D, W-1]; mask [B, T] bool (a prefix). SiLU. Returns y [B, T, D] and
     the new state [B, D, W-1] after the real tokens."""
+    return _conv_code(x, weight, state, mask)
+
+
+def _conv_code(x, weight, state, mask=None):
     y, new_state = _conv(x, weight, state)
     if mask is not None:
         new_state = last_inputs(x, state, mask.sum(-1))
@@ -178,6 +186,13 @@ decode_write_kv = _direct(write_kv, pa.write_kv)
 # decode step of `small` at batch 1 (bf16, this repo's 2-core EPYC); traced at every width, its loop over tiles
 # unrolls per width bucket (a decode service's warm-up went from 50 s to 430 s).
 decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode, lambda *args: False)
+# A prompt chunk's ops: eagerly on CPU and CUDA their own code, called directly; in a graph being compiled, the ops
+# (opaque, as they always were there: matmul-bound, and faster to compile). An op's first eager call makes torch
+# import torch._dynamo (~1-2 s of CPU: at the start of every prefill and decode process that does not compile).
+prefill_chunk_gated_delta_rule = _direct(chunk_gated_delta_rule, _chunk_code, lambda *args: False)
+prefill_causal_conv1d = _direct(causal_conv1d, _conv_code, lambda *args: False)
+prefill_write_kv = _direct(write_kv, pa.write_kv, lambda *args: False)
+prefill_paged_attention = _direct(paged_attention_prefill, pa.paged_attention_prefill, lambda *args: False)
 
 
 # ---- per-device kernels -----------------------------------------------------------------------------------------

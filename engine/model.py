@@ -17,7 +17,8 @@ class DeltaNetKernels:
     """What the DeltaNet layers call (same shapes and contract as the qwenpd:: ops in kernels/ops.py).
 
     "torch": the custom ops, whose kernel is picked per device (the torch reference; the NKI kernels on neuron);
-             decode steps on CPU and CUDA call the torch reference directly (ops.decode_*).
+             on CPU and CUDA eager code and decode steps call the torch reference directly (ops.prefill_*,
+             ops.decode_*).
     "fla": flash-linear-attention's chunked Triton kernel for prefill (CUDA; tf32 inside); decode steps on the
            torch op (FLA's recurrent step failed our check, see kernels/ops.py).
     "nki": the NKI kernels called directly, eagerly (the CPU emulator without the Neuron SDK; tests and demos).
@@ -34,11 +35,11 @@ class DeltaNetKernels:
         from qwenpd.kernels import ops
 
         if name == "torch":
-            return cls("torch", ops.prefill_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.prefill_causal_conv1d,
-                       ops.decode_causal_conv1d_update)
+            return cls("torch", ops.prefill_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule,
+                       ops.prefill_causal_conv1d, ops.decode_causal_conv1d_update)
         if name == "fla":
-            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule, ops.prefill_causal_conv1d,
-                       ops.decode_causal_conv1d_update)
+            return cls("fla", ops.fla_chunk_gated_delta_rule, ops.decode_step_gated_delta_rule,
+                       ops.prefill_causal_conv1d, ops.decode_causal_conv1d_update)
         if name == "nki":  # NKI kernels: the real nki on trn2, the CPU emulator elsewhere (imported lazily)
             from qwenpd.kernels.nki import torch_ops
 

@@ -14,7 +14,8 @@ kernels are added on top: the NKI kernels on neuron (kernels/nki, registered whe
     qwenpd::paged_attention_prefill(q, k_pool, v_pool, block_table, start, scale) -> o
     qwenpd::paged_attention_decode(q, k_pool, v_pool, block_tables, context_lens, scale) -> o
 
-The decode step calls the last four through `decode_*` (below): on CPU and CUDA their torch code directly.
+The decode step calls the last four through `decode_*` (below): on CPU and CUDA their torch code directly; a
+prompt chunk calls the others through `prefill_*`: their torch code directly where nothing is being compiled.
 
 Shapes are those of the torch functions named alike (kernels.gated_delta_rule, kernels.causal_conv1d,
 kernels.paged_attention). A `mask` [B, T] marks real tokens and must be a prefix (padding at the end only): padded

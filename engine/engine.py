@@ -191,8 +191,8 @@ class Engine:
         oneDNN creates its kernels on first use and a chunk's activations first grow the process's heap (page
         faults: engine/host.py); without this the first request's time to first token pays for both (a
         512-token prompt of `small` here: 0.41-0.45 s first, 0.38 s after; that included importing
-        torch._dynamo, which an eager engine now never does: kernels/ops.py prefill_*). The grammar library's view of the tokenizer (every
-        request's sampler reads its size) is built here too."""
+        torch._dynamo, which an eager engine on CPU or CUDA now never does: kernels/ops.py prefill_*). The
+        grammar library's view of the tokenizer (every request's sampler reads its size) is built here too."""
         _ = self.grammars
         room = self.config.max_position_embeddings - 2  # two decode steps follow
         if not self.kv_cache.growable:

@@ -166,7 +166,8 @@ def _direct(op, kernel, in_graphs=lambda *args: True):
     on CPU) and, in a graph being compiled, traced into it, so inductor fuses it with its neighbours instead of
     calling an opaque op (compiled decode b1 of `small` here: 24.5 -> 20.5 ms a step). `in_graphs(*args)` says
     whether to trace it (default: always). Used by the decode step, where a batch of one cannot amortise either
-    cost; prefill keeps the ops (matmul-bound, and faster to compile)."""
+    cost, and by prompt chunks eagerly (`prefill_*`: in their graphs the ops stay, matmul-bound and faster to
+    compile)."""
 
     @functools.wraps(kernel)
     def call(*args):

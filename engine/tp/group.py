@@ -72,7 +72,9 @@ class TPGroup:
         from torch.distributed import _functional_collectives as funcol
 
         if self.shm is not None and self.shm.fits(t):
-            return torch.ops.qwenpd.tp_all_reduce(t, id(self))
+            if torch.compiler.is_compiling():  # the op, so compiled graphs call it as it is
+                return torch.ops.qwenpd.tp_all_reduce(t, id(self))
+            return self.shm.all_reduce(t.contiguous())  # eagerly: no op (its first call imports torch._dynamo)
         return funcol.all_reduce(t, "sum", self.compute)
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,8 @@ class TPGroup:
 
         n, part = logits.shape
         if self.shm is not None and self.shm.fits(logits):
-            stacked = torch.ops.qwenpd.tp_all_gather(logits, id(self), self.degree)
+            stacked = torch.ops.qwenpd.tp_all_gather(logits, id(self), self.degree) if torch.compiler.is_compiling() \
+                else self.shm.all_gather(logits.contiguous())
         else:
             stacked = funcol.all_gather_single(logits.contiguous(), 0, self.compute)  # [degree * N, V/n]
         return stacked.view(self.degree, n, part).permute(1, 0, 2).reshape(n, self.degree * part)

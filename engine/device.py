@@ -10,13 +10,11 @@ an argument of the engine, and every tensor it makes is created on it.
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-from qwenpd.engine.engine_config import DEVICE_KINDS
+from qwenpd.engine.engine_config import DEVICE_KINDS, parse_cores
 
-_CORES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -33,17 +31,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
         except ImportError as e:
             raise ValueError(f"device 'neuron' needs torch-neuronx (the `neuron` extra): {e}") from None
     return torch.device(text)
-
-
-def parse_cores(spec: str) -> str:
-    """Validate a NeuronCore list such as '0-3' or '0,2,4-5'; returns it unchanged."""
-    if not _CORES.match(spec):
-        raise ValueError(f"neuron cores must look like '0-3' or '0,1,4-7', got {spec!r}")
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        if hi and int(hi) < int(lo):
-            raise ValueError(f"neuron core range {part!r} runs backwards")
-    return spec
 
 
 def expand_cores(spec: str) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,6 @@ class EngineConfig:
         if self.device.split(":", 1)[0] not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {DEVICE_KINDS} (optionally ':N'), got {self.device!r}")
         if self.neuron_cores is not None:
-            from qwenpd.engine.device import parse_cores
-
             parse_cores(self.neuron_cores)
         check_kv_cache_size(self.kv_cache_bytes)
         if self.page_size is not None and self.page_size < 1:
@@ -142,6 +141,20 @@ def check_draft_quantize(config: EngineConfig) -> None:
     it before the model loads)."""
     if config.draft_quantize and not config.speculative:
         raise ValueError("--draft-quantize quantizes the MTP head, which runs only with --num-speculative-tokens K")
+
+
+_CORES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def parse_cores(spec: str) -> str:
+    """Validate a NeuronCore list such as '0-3' or '0,2,4-5'; returns it unchanged."""
+    if not _CORES.match(spec):
+        raise ValueError(f"neuron cores must look like '0-3' or '0,1,4-7', got {spec!r}")
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if hi and int(hi) < int(lo):
+            raise ValueError(f"neuron core range {part!r} runs backwards")
+    return spec
 
 
 def check_kv_cache_size(size: KVCacheSize | None) -> None:

@@ -236,6 +236,26 @@ def test_processes_without_a_model_import_no_torch(module: str) -> None:
         f"{sorted(m for m in closure if m.startswith('qwenpd'))}"
 
 
+def test_serve_all_builds_its_configs_without_torch(tiny_model_dir) -> None:
+    """At run time too: serve all's parent builds and checks every child's config (neuron cores included) without
+    importing torch. (With --tp > 1 or --num-speculative-tokens its checks read the checkpoint with the engine's
+    code, which does.)"""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from qwenpd.supervisor import ServiceSet, config_from_json, config_to_json
+s = ServiceSet.build({str(tiny_model_dir)!r}, gateway=True, neuron_cores="0-1")
+for child in s.children:
+    config_from_json(config_to_json(child.config))
+print("torch" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
+
+
 def test_the_rules_can_fail() -> None:
     """The checker itself: a service importing the other, and a client importing the engine, are caught."""
     assert "decode_service" not in ALLOWED["prefill_service"] and "prefill_service" not in ALLOWED["decode_service"]

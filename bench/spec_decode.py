@@ -167,6 +167,7 @@ def run_batch(loaded: Loaded, prompts_: list[list[int]], params: SamplingParams,
         state = engine.new_state()
         feed = PromptDrafts(loaded.head, prompt, state) if k else None
         logits, state = engine.prefill(prompt, state, normed=feed)
+        state.reserve(seq.kv_tokens)  # as the decode service's admission does (the drafts' KV included)
         token, logprob = seq.sampler.sample(logits)
         seq.push(token, logprob)
         seq.draft = feed.tensors() if feed is not None else None

@@ -88,6 +88,18 @@ def stop_serve_all(s: Services, timeout: float = 30.0) -> int:
     return s.proc.wait(timeout)
 
 
+def quiet(read, timeout: float = 5.0, still: float = 0.3):
+    """read() once its value has not changed for `still` seconds (a test's baseline of the store's counts: earlier
+    tests' streams release their resume points' leases and delete them a moment after they end)."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < still and time.monotonic() < deadline:
+        time.sleep(0.02)
+        if (now := read()) != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from qwenpd.clients.errors import DataLoss, from_rpc_error
 from qwenpd.protos.qwenpd.v1 import (cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc,
                                      prefill_pb2, prefill_pb2_grpc)
-from tests.services.conftest import SHM_DIR
+from tests.services.conftest import SHM_DIR, quiet
 
 CLEAN = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
@@ -51,7 +51,7 @@ def _decode(stub, checkpoint_id: str, **sampling) -> list[decode_pb2.DecodeChunk
 @pytest.mark.parametrize("where", ["tensor-data", "header"])
 def test_corrupt_checkpoint_bytes_are_data_loss_and_others_still_served(stubs, store, client, where):
     prefill, decode, cache = stubs
-    before = _counts(store)
+    before = quiet(lambda: _counts(store))
     pre = prefill.Prefill(prefill_pb2.PrefillRequest(text=f"corrupt {where}", cache_salt=f"integrity-{where}",
                                                      sampling=common_pb2.SamplingParams(max_tokens=4)), timeout=30)
     lease = cache.AcquireLease(cache_store_pb2.AcquireLeaseRequest(checkpoint_id=pre.checkpoint_id), timeout=10)
@@ -117,7 +117,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(Healt
 
 def test_random_prefill_requests_get_a_clean_status(stubs, store):
     prefill = stubs[0]
-    before = _counts(store)
+    before = quiet(lambda: _counts(store))
 
     @FUZZ
     @given(prefill_requests())
@@ -146,7 +146,7 @@ def decode_requests(draw, real_ids: list[str]) -> decode_pb2.DecodeRequest:
 
 def test_random_decode_requests_get_a_clean_status(stubs, store):
     prefill, decode, _ = stubs
-    before = _counts(store)
+    before = quiet(lambda: _counts(store))
     made: list[str] = []
 
     def fresh() -> str:

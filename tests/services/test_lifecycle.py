@@ -13,7 +13,7 @@ import pytest
 from qwenpd.clients import Client, DeadlineExceeded
 from qwenpd.engine.generate import generate
 from qwenpd.engine.sampling import SamplingParams
-from tests.services.conftest import (model_service_flags, pid_alive, qwenpd_cmd, segments, start_serve_all,
+from tests.services.conftest import (model_service_flags, pid_alive, quiet, qwenpd_cmd, segments, start_serve_all,
                                      stop_serve_all, wait_ready_file)
 
 LONG = dict(temperature=0, max_tokens=5000, ignore_eos=True)
@@ -31,18 +31,6 @@ def _store_counts(store) -> tuple[int, int]:
     return s.leases, s.entries
 
 
-def _quiet(store, timeout: float = 5.0) -> tuple[int, int]:
-    """The store's counts once they have not changed for 0.3 s: the streams of earlier tests release their resume
-    points' leases and delete them a moment after they end (the baseline must not count those)."""
-    deadline = time.monotonic() + timeout
-    last, since = _store_counts(store), time.monotonic()
-    while time.monotonic() - since < 0.3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-        if (now := _store_counts(store)) != last:
-            last, since = now, time.monotonic()
-    return last
-
-
 def _settled(store, before: tuple[int, int], timeout: float = 2.0) -> tuple[int, int]:
     """The store's counts once they are back to `before` (the decode service ends a stream's lease on its resume
     point and deletes it a moment after the stream ends), or as they are at the timeout."""
@@ -54,7 +42,7 @@ def _settled(store, before: tuple[int, int], timeout: float = 2.0) -> tuple[int,
 
 def test_cancel_mid_stream_frees_the_slot_and_the_checkpoint(client, store):
     _wait_idle(client)
-    before = _quiet(store)
+    before = quiet(lambda: _store_counts(store))
     stream = client.stream("cancel me", **LONG)
     got = [next(stream) for _ in range(5)]
     assert all(c.token_ids for c in got)
@@ -67,7 +55,7 @@ def test_cancel_mid_stream_frees_the_slot_and_the_checkpoint(client, store):
 
 def test_deadline_frees_the_slot(client, store):
     _wait_idle(client)
-    before = _quiet(store)
+    before = quiet(lambda: _store_counts(store))
     with pytest.raises(DeadlineExceeded):
         client.generate("too slow", timeout=0.5, **LONG)
     _wait_idle(client, timeout=2.0)

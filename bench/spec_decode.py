@@ -7,8 +7,9 @@ The checkpoint is init-model's `preset` with its MTP head distilled by bench/dis
 use, ~10 min for small on 2 cores). Prompts are 512 tokens of the kind the head was distilled on: 32 random
 tokens continued greedily by the model itself. For each prompt: plain `generate` (batch 1, eager) and
 `generate_speculative` with K = 1..4 and each rollback (the default, "auto", and the two it chooses between; the
-oracle rows and the summary line: "auto"), runs interleaved; every speculative run is checked to give plain decoding's tokens. Table: decode tokens/s (median over runs and prompts), the ratio to plain decoding
-measured in the same run, the mean accepted length (tokens emitted per verify pass: accepted drafts + 1), the
+oracle rows and the summary line: "auto"), runs interleaved; every speculative run is checked to give plain
+decoding's tokens. Table: decode tokens/s (median over runs and prompts), the ratio to plain decoding measured in
+the same run, the mean accepted length (tokens emitted per verify pass: accepted drafts + 1), the
 acceptance per draft position, and the bytes a verify pass keeps for undoing rejected drafts.
 
 A head distilled on a random-weight model drafts poorly (its held-out agreement with the model is a few percent:

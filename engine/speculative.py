@@ -175,7 +175,7 @@ def _step(runs: _Runs, blk, conv_all: torch.Tensor, rec_all: torch.Tensor, slots
 
 
 def _split_kernels(kernels, device: torch.device) -> bool:
-    """Whether the decode step runs the torch reference kernels on CPU (kernels/ops.py `_direct`) with the delta
+    """Whether the decode step runs the torch reference kernels on CPU (kernels/ops.py `direct`) with the delta
     rule's C++ step kernel, which the verify pass runs in two parts: every row's conv and step inputs at once, then
     the state updates of all positions in one kernel call (the same bits: causal_conv1d_update_many, step_inputs,
     step_states; checked on CPU). Elsewhere (the torch code of the step, where no kernel could be built; CUDA, not

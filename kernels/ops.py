@@ -160,7 +160,7 @@ def _(q, k_pool, v_pool, block_tables, context_lens, scale):
 
 
 # ---- the decode step's ops where their kernel is this package's torch code ----------------------------------------
-def _direct(op, kernel, in_graphs=lambda *args: True):
+def direct(op, kernel, in_graphs=lambda *args: True):
     """`op` on devices with kernels of their own (neuron) and where nothing runs (meta); on CPU and CUDA, whose
     kernel of `op` is `kernel`, that code called directly: the same math without the op's dispatch (~80 us a call
     on CPU) and, in a graph being compiled, traced into it, so inductor fuses it with its neighbours instead of
@@ -178,23 +178,23 @@ def _direct(op, kernel, in_graphs=lambda *args: True):
     return call
 
 
-decode_step_gated_delta_rule = _direct(step_gated_delta_rule, _step)
-decode_causal_conv1d_update = _direct(causal_conv1d_update, _conv_update)
-decode_write_kv = _direct(write_kv, pa.write_kv)
+decode_step_gated_delta_rule = direct(step_gated_delta_rule, _step)
+decode_causal_conv1d_update = direct(causal_conv1d_update, _conv_update)
+decode_write_kv = direct(write_kv, pa.write_kv)
 # Paged attention is never traced into a graph: a compiled graph calls the op, whose kernel is the same eager code
 # at every block-table width. Traced, inductor's code for one tile sums differently from the op's, so a sequence
 # decoded beside a long one (a wider bucket: the op) and replayed alone after a crash (one tile: traced) parted
 # ways (batch invariance: engine/runner.py decode_row_multiple). Tracing one-tile tables saved 7-14% of a compiled
 # decode step of `small` at batch 1 (bf16, this repo's 2-core EPYC); traced at every width, its loop over tiles
 # unrolls per width bucket (a decode service's warm-up went from 50 s to 430 s).
-decode_paged_attention = _direct(paged_attention_decode, pa.paged_attention_decode, lambda *args: False)
+decode_paged_attention = direct(paged_attention_decode, pa.paged_attention_decode, lambda *args: False)
 # A prompt chunk's ops: eagerly on CPU and CUDA their own code, called directly; in a graph being compiled, the ops
 # (opaque, as they always were there: matmul-bound, and faster to compile). An op's first eager call makes torch
 # import torch._dynamo (~1-2 s of CPU: at the start of every prefill and decode process that does not compile).
-prefill_chunk_gated_delta_rule = _direct(chunk_gated_delta_rule, _chunk_code, lambda *args: False)
-prefill_causal_conv1d = _direct(causal_conv1d, _conv_code, lambda *args: False)
-prefill_write_kv = _direct(write_kv, pa.write_kv, lambda *args: False)
-prefill_paged_attention = _direct(paged_attention_prefill, pa.paged_attention_prefill, lambda *args: False)
+prefill_chunk_gated_delta_rule = direct(chunk_gated_delta_rule, _chunk_code, lambda *args: False)
+prefill_causal_conv1d = direct(causal_conv1d, _conv_code, lambda *args: False)
+prefill_write_kv = direct(write_kv, pa.write_kv, lambda *args: False)
+prefill_paged_attention = direct(paged_attention_prefill, pa.paged_attention_prefill, lambda *args: False)
 
 
 # ---- per-device kernels -----------------------------------------------------------------------------------------

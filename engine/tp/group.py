@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from qwenpd.engine.tp.plan import ShardPlan
+from qwenpd.engine.tp import shm as shm_ops
 from qwenpd.engine.tp.shm import _SHM, ShmCollectives
 from qwenpd.errors import Unavailable
 
@@ -72,9 +73,7 @@ class TPGroup:
         from torch.distributed import _functional_collectives as funcol
 
         if self.shm is not None and self.shm.fits(t):
-            if torch.compiler.is_compiling():  # the op, so compiled graphs call it as it is
-                return torch.ops.qwenpd.tp_all_reduce(t, id(self))
-            return self.shm.all_reduce(t.contiguous())  # eagerly: no op (its first call imports torch._dynamo)
+            return shm_ops.all_reduce(t, id(self))
         return funcol.all_reduce(t, "sum", self.compute)
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
@@ -83,8 +82,7 @@ class TPGroup:
 
         n, part = logits.shape
         if self.shm is not None and self.shm.fits(logits):
-            stacked = torch.ops.qwenpd.tp_all_gather(logits, id(self), self.degree) if torch.compiler.is_compiling() \
-                else self.shm.all_gather(logits.contiguous())
+            stacked = shm_ops.all_gather(logits, id(self), self.degree)
         else:
             stacked = funcol.all_gather_single(logits.contiguous(), 0, self.compute)  # [degree * N, V/n]
         return stacked.view(self.degree, n, part).permute(1, 0, 2).reshape(n, self.degree * part)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from qwenpd.kernels import ops
+
 log = logging.getLogger("qwenpd.tp")
 
 
@@ -121,10 +123,18 @@ class ShmCollectives:
 _SHM: dict[int, ShmCollectives] = {}  # by the id of the group that opened it
 
 
+def _all_reduce_code(x: torch.Tensor, group: int) -> torch.Tensor:
+    return _SHM[group].all_reduce(x.contiguous())
+
+
+def _all_gather_code(x: torch.Tensor, group: int, degree: int) -> torch.Tensor:
+    return _SHM[group].all_gather(x.contiguous())
+
+
 @torch.library.custom_op("qwenpd::tp_all_reduce", mutates_args=())
 def _shm_all_reduce(x: torch.Tensor, group: int) -> torch.Tensor:
     """Sum over the tensor-parallel ranks of this host (an op, so compiled graphs call it as it is)."""
-    return _SHM[group].all_reduce(x.contiguous())
+    return _all_reduce_code(x, group)
 
 
 @_shm_all_reduce.register_fake
@@ -135,9 +145,15 @@ def _(x: torch.Tensor, group: int) -> torch.Tensor:
 @torch.library.custom_op("qwenpd::tp_all_gather", mutates_args=())
 def _shm_all_gather(x: torch.Tensor, group: int, degree: int) -> torch.Tensor:
     """[N, ...] from every tensor-parallel rank of this host -> [degree * N, ...]."""
-    return _SHM[group].all_gather(x.contiguous())
+    return _all_gather_code(x, group, degree)
 
 
 @_shm_all_gather.register_fake
 def _(x: torch.Tensor, group: int, degree: int) -> torch.Tensor:
     return x.new_empty((degree * x.shape[0], *x.shape[1:]))
+
+
+# What TPGroup calls: the ops in a graph being compiled, their code directly otherwise (an op's first eager call
+# imports torch._dynamo: kernels/ops.py `direct`).
+all_reduce = ops.direct(_shm_all_reduce, _all_reduce_code, lambda *args: False)
+all_gather = ops.direct(_shm_all_gather, _all_gather_code, lambda *args: False)

@@ -111,9 +111,9 @@ class EngineConfig:
             raise ValueError(f"model_dir {self.model_dir!r} has no config.json")
         if self.tp > 1:
             from qwenpd.engine.config import ModelConfig
-            from qwenpd.engine.tp.plan import ShardPlan
+            from qwenpd.engine.tp.degree import check_degree
 
-            ShardPlan(ModelConfig.from_pretrained(self.model_dir), self.tp, 0)  # ShardingError names what misfits
+            check_degree(ModelConfig.from_pretrained(self.model_dir), self.tp)  # ShardingError names what misfits
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from qwenpd.engine.config import ModelConfig, preset
-from qwenpd.engine.weights import MTP, expected_weight_shapes, mtp_weight_shapes
+from qwenpd.engine.weight_layout import MTP, expected_weight_shapes, mtp_weight_shapes
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The Qwen3.6 chat format: tools offered in the system turn, calls as <tool_call><function=...><parameter=...>,

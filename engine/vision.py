@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from qwenpd.engine.config import VisionConfig
 from qwenpd.engine.mrope import VisionSpan, rope_positions
+from qwenpd.engine.weight_layout import weight_files  # the checkpoint's safetensors files, one rule for all
 
 VISUAL_PREFIXES = ("model.visual.", "visual.")
 Grid = tuple[int, int, int]  # (t, h, w) in patches: what transformers calls grid_thw
@@ -61,11 +62,9 @@ def load_vision_weights(model_dir: str | Path, v: VisionConfig, dtype: torch.dty
     """The tower's tensors (stored under `model.visual.` or `visual.`), cast to `dtype`, and a digest of what was
     read (names, shapes and bytes: it joins the model fingerprint, since the tower decides the state an image
     prompt leaves). VisionWeightError naming what is missing or misshaped."""
-    from qwenpd.engine.weights import _weight_files  # the checkpoint's safetensors files, one rule for all
-
     expected = vision_weight_shapes(v)
     found: dict[str, torch.Tensor] = {}
-    for path in _weight_files(Path(model_dir)):
+    for path in weight_files(Path(model_dir)):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 prefix = next((p for p in VISUAL_PREFIXES if name.startswith(p)), None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,72 +12,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from qwenpd.engine.config import FULL, LINEAR, ModelConfig
+from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.engine_config import QUANTIZE
 from qwenpd.engine.linear import Int8Weight, cat
+from qwenpd.engine.weight_layout import (MTP, WeightError, expected_weight_shapes, mtp_weight_shapes,
+                                          safetensors_header, weight_files)
 
 _PREFIXES = ("model.language_model.", "model.")
 _SKIPPED = ("model.visual.", "visual.", "mtp.", "model.mtp.")
 _SAMPLE_WINDOWS, _WINDOW_BYTES = 16, 4096
-
-
-class WeightError(ValueError):
-    """A checkpoint whose tensors do not match its config (missing, unexpected shape, unreadable)."""
-
-
-def expected_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical (prefix-free) name -> shape of every text-model tensor transformers would load."""
-    h = c.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c.vocab_size, h), "norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for i, kind in enumerate(c.layer_types):
-        p = f"layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (c.intermediate_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (c.intermediate_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, c.intermediate_size)
-        if kind == LINEAR:
-            q = p + "linear_attn."
-            shapes[q + "in_proj_qkv.weight"] = (c.conv_dim, h)
-            shapes[q + "in_proj_z.weight"] = (c.linear_value_dim, h)
-            shapes[q + "in_proj_b.weight"] = (c.linear_num_value_heads, h)
-            shapes[q + "in_proj_a.weight"] = (c.linear_num_value_heads, h)
-            shapes[q + "conv1d.weight"] = (c.conv_dim, 1, c.linear_conv_kernel_dim)
-            shapes[q + "dt_bias"] = (c.linear_num_value_heads,)
-            shapes[q + "A_log"] = (c.linear_num_value_heads,)
-            shapes[q + "norm.weight"] = (c.linear_value_head_dim,)
-            shapes[q + "out_proj.weight"] = (h, c.linear_value_dim)
-        else:
-            q = p + "self_attn."
-            shapes[q + "q_proj.weight"] = (2 * c.num_attention_heads * c.head_dim, h)
-            shapes[q + "k_proj.weight"] = (c.num_key_value_heads * c.head_dim, h)
-            shapes[q + "v_proj.weight"] = (c.num_key_value_heads * c.head_dim, h)
-            shapes[q + "o_proj.weight"] = (h, c.num_attention_heads * c.head_dim)
-            shapes[q + "q_norm.weight"] = (c.head_dim,)
-            shapes[q + "k_norm.weight"] = (c.head_dim,)
-    return shapes
-
-
-MTP = "mtp."
-
-
-def mtp_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the multi-token-prediction head's tensors (as the public checkpoints store them, under
-    `mtp.`): fc over [normed embedding | normed hidden], its two input norms, `mtp_num_hidden_layers` gated
-    attention decoder layers with their MLPs, and its final norm. Embedding and lm_head are the main model's."""
-    if not c.mtp_num_hidden_layers:
-        return {}
-    h = c.hidden_size
-    shapes = {MTP + "fc.weight": (h, 2 * h), MTP + "pre_fc_norm_embedding.weight": (h,),
-              MTP + "pre_fc_norm_hidden.weight": (h,), MTP + "norm.weight": (h,)}
-    layer = expected_weight_shapes(c.replace(num_hidden_layers=1, layer_types=(FULL,), tie_word_embeddings=True))
-    for i in range(c.mtp_num_hidden_layers):
-        shapes.update({f"{MTP}layers.{i}.{name[len('layers.0.'):]}": shape
-                       for name, shape in layer.items() if name.startswith("layers.0.")})
-    return shapes
-
 
 DRAFT_HEAD = MTP + "draft_lm_head.weight"  # not a checkpoint tensor: load_mtp_weights' draft_rows
 DRAFT_EMBED = MTP + "draft_embed_tokens.weight"  # not a checkpoint tensor: load_mtp_weights' own_vocab
@@ -102,7 +44,7 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
         rows = config.vocab_size
     head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     found: dict[str, torch.Tensor] = {}
-    for path in _weight_files(Path(model_dir)):
+    for path in weight_files(Path(model_dir)):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 canon = name[len("model."):] if name.startswith("model." + MTP) else name
@@ -135,47 +77,6 @@ def load_mtp_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dt
     return {name: cast.setdefault(id(t), t.to(dtype)) for name, t in found.items()}
 
 
-def check_mtp_head(model_dir: str | Path, config: ModelConfig) -> None:
-    """WeightError unless the checkpoint holds the MTP head its config declares, every `mtp.*` tensor with its
-    shape (reads the file headers only: what a service checks before it starts)."""
-    expected = mtp_weight_shapes(config)
-    if not expected:
-        raise WeightError(f"checkpoint {model_dir} declares no MTP head (no mtp_num_hidden_layers in config.json), "
-                          "so it has no mtp.* weights to draft with")
-    found: dict[str, tuple[int, ...]] = {}
-    for path in _weight_files(Path(model_dir)):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                canon = name[len("model."):] if name.startswith("model." + MTP) else name
-                if canon in expected:
-                    found[canon] = tuple(f.get_slice(name).get_shape())
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise WeightError(f"checkpoint {model_dir} has no MTP head: it lacks {len(missing)} of the "
-                          f"{len(expected)} mtp.* tensors, e.g. {missing[:3]}")
-    for name, shape in found.items():
-        if shape != expected[name]:
-            raise WeightError(f"tensor {name!r} has shape {shape}, expected {expected[name]}")
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({model_dir / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise WeightError(f"shards listed in {index.name} are missing: {missing}")
-        return files
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise WeightError(f"no safetensors weights in {model_dir}")
-    return files
-
-
 def _canonical(name: str) -> str | None:
     """Strip the text-model prefix; None for tensors qwenpd does not use (vision tower, MTP head)."""
     if name.startswith(_SKIPPED):
@@ -200,17 +101,14 @@ def _content_digest(h: "hashlib._Hash", raw: memoryview) -> None:
 
 
 def _stored_bytes(path: Path) -> dict[str, memoryview]:
-    """Each tensor's stored bytes as a view of the mapped file (the safetensors layout: 8-byte header length,
-    JSON header, data). Reading a view reads only the pages it touches; the mapping goes with the views."""
+    """Each tensor's stored bytes as a view of the mapped file. Reading a view reads only the pages it touches; the
+    mapping goes with the views."""
+    entries, base = safetensors_header(path)
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mapped)
-    (header_len,) = struct.unpack("<Q", view[:8])
-    header = json.loads(bytes(view[8: 8 + header_len]))
-    base = 8 + header_len
-    spans = {name: view[base + entry["data_offsets"][0]: base + entry["data_offsets"][1]]
-             for name, entry in header.items() if name != "__metadata__"}
-    return spans
+    return {name: view[base + entry["data_offsets"][0]: base + entry["data_offsets"][1]]
+            for name, entry in entries.items()}
 
 
 def _read(f, name: str, ranges: Callable[[str], list | None] | None, canon: str) -> torch.Tensor:
@@ -381,7 +279,7 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     scales: dict[str, torch.Tensor] = {}  # weight name -> its FP8 block scales
     read_whole: set[str] = set()  # read whole, to be sliced after dequantizing or quantizing
     headers: dict[str, tuple[tuple[int, ...], str, memoryview]] = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         try:
             spans = _stored_bytes(path)
             with safe_open(str(path), framework="pt") as f:

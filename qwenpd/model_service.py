@@ -111,7 +111,7 @@ def check_speculative(ec: EngineConfig, k: int) -> None:
     """ValueError unless `ec` can run speculative decoding with k drafts: the checkpoint's MTP head is there, and
     the graphs, compiled, are compiled by region (engine/speculative.py runs the decode step's regions)."""
     from qwenpd.engine.config import ModelConfig
-    from qwenpd.engine.weights import check_mtp_head
+    from qwenpd.engine.weight_layout import check_mtp_head
 
     if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")

@@ -101,7 +101,7 @@ def with_mtp_head(src: Path, dst: Path) -> Path:
     cfg["mtp_num_hidden_layers"] = 1
     (dst / "config.json").write_text(json.dumps(cfg))
     from qwenpd.engine.config import ModelConfig
-    from qwenpd.engine.weights import mtp_weight_shapes
+    from qwenpd.engine.weight_layout import mtp_weight_shapes
 
     tensors = load_file(str(dst / "model.safetensors"))
     g = torch.Generator().manual_seed(1)

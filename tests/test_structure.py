@@ -237,16 +237,16 @@ def test_processes_without_a_model_import_no_torch(module: str) -> None:
 
 
 def test_serve_all_builds_its_configs_without_torch(tiny_model_dir) -> None:
-    """At run time too: serve all's parent builds and checks every child's config (neuron cores included) without
-    importing torch. (With --tp > 1 or --num-speculative-tokens its checks read the checkpoint with the engine's
-    code, which does.)"""
+    """At run time too: serve all's parent builds and checks every child's config without importing torch, with
+    the flags whose checks read the checkpoint (neuron cores, tensor parallelism, the MTP head's tensors)."""
     import subprocess
     import sys
 
     code = f"""
 import sys
 from qwenpd.supervisor import ServiceSet, config_from_json, config_to_json
-s = ServiceSet.build({str(tiny_model_dir)!r}, gateway=True, neuron_cores="0-1")
+s = ServiceSet.build({str(tiny_model_dir)!r}, gateway=True, neuron_cores="0-1", prefill_tp=2, decode_tp=2,
+                    num_speculative_tokens=2)
 for child in s.children:
     config_from_json(config_to_json(child.config))
 print("torch" in sys.modules)

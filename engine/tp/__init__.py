@@ -4,6 +4,7 @@ Rank 0, the leader, is the process that serves: its Engine, states and decode ba
 One module per job:
 
     plan.py      which slice of every weight and state tensor a rank holds (the sharding plan)
+    degree.py    whether a degree shards a model at all (torch-free: a service checks its flags with it)
     group.py     TPGroup: the collectives inside the forward, the control group, the group's lifetime (RankLost)
     shm.py       the shared-memory transport of CPU ranks on one host (all-reduce, all-gather as qwenpd:: ops)
     calls.py     cross-rank calls: a registry of named calls, the Call message, the followers' loop

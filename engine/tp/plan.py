@@ -30,12 +30,9 @@ import torch
 from qwenpd.engine import state_spec
 from qwenpd.engine.config import LINEAR, ModelConfig
 from qwenpd.engine.state_spec import Split
+from qwenpd.engine.tp.degree import ShardingError, check_degree
 
 Range = tuple[int, int, int]  # (dim, start, stop) of a canonical tensor
-
-
-class ShardingError(ValueError):
-    """The degree does not divide what it must (heads, channels, vocabulary)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +44,9 @@ class ShardPlan:
     rank: int
 
     def __post_init__(self) -> None:
-        c, n = self.config, self.degree
-        if n < 1 or not 0 <= self.rank < n:
-            raise ShardingError(f"rank {self.rank} of degree {n}: need degree >= 1 and 0 <= rank < degree")
-        _divides(n, c.num_attention_heads, "num_attention_heads")
-        _divides_or_replicates(n, c.num_key_value_heads, "num_key_value_heads")
-        _divides_or_replicates(n, c.linear_num_key_heads, "linear_num_key_heads")
-        _divides(n, c.linear_num_value_heads, "linear_num_value_heads")
-        _divides(n, c.intermediate_size, "intermediate_size")
-        _divides(n, c.vocab_size, "vocab_size")
-        # With the value heads split evenly and the key heads split or replicated, a rank's value heads always
-        # read whole key heads of its own (Hv = g·Hk; n = m·Hk dividing Hv means m divides g).
+        if not 0 <= self.rank < self.degree:
+            raise ShardingError(f"rank {self.rank} of degree {self.degree}: need 0 <= rank < degree")
+        check_degree(self.config, self.degree)
 
     # ---- what one rank computes -----------------------------------------------------------------------
     @property
@@ -198,13 +187,3 @@ def merge_state(shards: list[Mapping[str, torch.Tensor]], shard_plans: list[Shar
             for (dim, start, stop), offset in plan.write_ranges(name):
                 out[name].narrow(dim, start, stop - start).copy_(piece.narrow(dim, offset, stop - start))
     return out
-
-
-def _divides(n: int, total: int, what: str) -> None:
-    if total % n:
-        raise ShardingError(f"tensor-parallel degree {n} does not divide {what}={total}")
-
-
-def _divides_or_replicates(n: int, total: int, what: str) -> None:
-    if total % n and n % total:
-        raise ShardingError(f"tensor-parallel degree {n} neither divides {what}={total} nor is a multiple of it")

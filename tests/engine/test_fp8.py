@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwenpd.engine.engine import Engine
-from qwenpd.engine.weights import WeightError
+from qwenpd.engine.weight_layout import WeightError
 
 BLOCK = (128, 128)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qwenpd.engine import Engine
 from qwenpd.engine.config import FULL, LINEAR, ConfigError, preset
 from qwenpd.engine.init_model import _weight_blocks, random_weights, write_weights
-from qwenpd.engine.weights import expected_weight_shapes
+from qwenpd.engine.weight_layout import expected_weight_shapes
 
 
 def _qwenpd(*args: str) -> subprocess.CompletedProcess:

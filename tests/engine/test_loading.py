@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwenpd.engine import PRESETS, ConfigError, Engine, ModelConfig
-from qwenpd.engine.weights import WeightError
+from qwenpd.engine.weight_layout import WeightError
 
 
 def _copy(src, dst):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qwenpd.engine.config import preset
 from qwenpd.engine.tp.plan import ShardingError, ShardPlan, merge_state, plans, take
 from qwenpd.engine.state_spec import shapes as expected_shapes
-from qwenpd.engine.weights import expected_weight_shapes
+from qwenpd.engine.weight_layout import expected_weight_shapes
 
 CASES = [("tiny", 1), ("tiny", 2), ("tiny", 4), ("small", 2), ("small", 4), ("small", 8),
          ("qwen3.6-27b", 2), ("qwen3.6-27b", 4), ("qwen3.6-27b", 8)]

@@ -96,7 +96,7 @@ class Loaded:
     process's main thread does no torch work: a second thread with its own OpenMP pool slows the stepping thread's
     small ops (~25% per token on 2 cores), and the decode service too keeps all of it on one thread."""
 
-    def __init__(self, model: Path, dtype: str, compiled: tuple[int, int, int] | None = None,
+    def __init__(self, model: Path, dtype: str, compiled: tuple[int, int, tuple[int, int]] | None = None,
                  quantize: dict | None = None):
         self.model, self.dtype, self.compiled, self.quantize = model, dtype, compiled, quantize
         self.engine = self.head = None
@@ -108,25 +108,25 @@ class Loaded:
         return self.engine
 
 
-def engine_for(model: Path, dtype: str, compiled: tuple[int, int, int] | None, quantize: dict | None = None
-               ) -> Engine:
-    """The eager engine, or (compiled = (max_batch, context, verify_rows)) one whose decode graphs are compiled for
-    batches of up to max_batch sequences of `context` tokens and verify passes of up to verify_rows rows, as the
-    decode service compiles them (the warm-up is printed to stderr). `quantize`: the engine's quantize and
-    draft_quantize options."""
+def engine_for(model: Path, dtype: str, compiled: tuple[int, int, tuple[int, int]] | None,
+               quantize: dict | None = None) -> Engine:
+    """The eager engine, or (compiled = (max_batch, context, verify)) one whose decode graphs are compiled for
+    batches of up to max_batch sequences of `context` tokens and verify passes of up to verify = (sequences, tokens
+    each), as the decode service compiles them (the warm-up is printed to stderr). `quantize`: the engine's
+    quantize and draft_quantize options."""
     quantize = quantize or {}
     if compiled is None:
         return Engine(model, dtype=dtype, speculative=True, **quantize)
     from qwenpd.engine.engine_config import MAX_SPECULATIVE_TOKENS, EngineConfig
     from qwenpd.engine.kv_cache import kv_cache_bytes_for
 
-    max_batch, context, verify_rows = compiled
+    max_batch, context, verify = compiled
     # the head's layers in every page; the KV the drafts write past a sequence's last token
     config = EngineConfig(model_dir=str(model), dtype=dtype, speculative=True)
     kv = max_batch * kv_cache_bytes_for(config, context + MAX_SPECULATIVE_TOKENS)
     engine = Engine(model, dtype=dtype, kv_cache_bytes=kv, speculative=True, **quantize)
     seconds = engine.compile(engine.default_buckets(512, max_batch, max_context=context), max_batch,
-                             graphs=("decode",), verify_rows=verify_rows)
+                             graphs=("decode",), verify=verify)
     print(f"compiled {engine.runner.buckets} in {seconds:.0f} s", file=sys.stderr)
     return engine
 
@@ -366,10 +366,10 @@ def main() -> None:
     # the stepping-loop table first, before this thread does torch work (Loaded)
     context = args.prompt + args.tokens
     batches = [int(b) for b in args.batches.split(",") if b]
-    many = (max(batches), context, max(batches) * (args.k + 1)) if args.compile and batches else None
+    many = (max(batches), context, (max(batches), args.k + 1)) if args.compile and batches else None
     ratios = batched_table(Loaded(model, args.dtype, many, quantized(args)), args, params) if batches else {}
     ks = [int(k) for k in args.ks.split(",")]
-    engine = engine_for(model, args.dtype, (1, context, max(ks) + 1) if args.compile else None, quantized(args))
+    engine = engine_for(model, args.dtype, (1, context, (1, max(ks) + 1)) if args.compile else None, quantized(args))
     head = engine.draft_head
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     configs = [("plain", 0, "", None)] + [(f"k={k} {rb}", k, rb, None) for k in ks

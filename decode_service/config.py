@@ -43,12 +43,11 @@ class DecodeConfig(ModelServiceConfig):
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
     @property
-    def verify_rows(self) -> int:
-        """The most rows a speculative verify pass runs (what compiled graphs are compiled for; 0 without
-        speculation): a step that drafts has at most speculative_max_batch sequences of K + 1 positions, one that
-        does not max_batch sequences of one."""
+    def verify(self) -> tuple[int, int]:
+        """(sequences, tokens) of the largest speculative verify pass (what compiled graphs are compiled for; (0, 0)
+        without speculation): a step that drafts has at most speculative_max_batch sequences of K + 1 tokens."""
         k = self.num_speculative_tokens
-        return max(self.max_batch, min(self.max_batch, self.speculative_max_batch) * (k + 1)) if k else 0
+        return (min(self.max_batch, self.speculative_max_batch), k + 1) if k else (0, 0)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ async def run(config: DecodeConfig, on_ready: OnReady | None = None) -> None:
         await store.info()  # fail at start if the store is unreachable or on another host
         # decode runs no prefill chunks (but its start-up check, eagerly): it compiles only its decode graphs
         servicer = DecodeServicer(config, store, lambda: build_engine(config, 64, config.max_batch, ("decode",),
-                                                                      config.verify_rows), metrics)
+                                                                      config.verify), metrics)
         try:
             engine = await servicer.start()
             await run_server(servicer, listen=config.listen, security=config.security, metrics=metrics,

@@ -221,13 +221,14 @@ class Engine:
     @cross_rank("engine.compile")
     def compile(self, buckets: Buckets, max_batch: int, backend: str | None = None,
                 cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS, regional: bool | None = None,
-                verify_rows: int = 0) -> float:
+                verify: tuple[int, int] = (0, 0)) -> float:
         """Compile the prefill chunk and decode step (or only those in `graphs`) for every bucket (torch.compile,
         static shapes) and use them from now on; returns the warm-up seconds. `regional` compiles per layer kind
         instead of whole graphs (engine/runner.py; default: on CPU). Needs a fixed-size KV cache (kv_cache_bytes).
         `cache_dir` keeps the compiled artifacts (TORCHINDUCTOR_CACHE_DIR), so a restart reuses them.
-        `verify_rows`: the most rows a speculative verify pass runs (sequences x positions; engine/speculative.py):
-        the decode regions are compiled for them too (Buckets.covering), and need to be regional."""
+        `verify` = (sequences, tokens): the most sequences a speculative verify pass runs and the most tokens each
+        feeds (K + 1; engine/speculative.py): the decode regions are compiled for sequences x tokens rows too
+        (Buckets.covering), and for its two-part passes (GraphRunner.two_part), and need to be regional."""
         if cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         if self.kv_cache.growable:
@@ -236,12 +237,13 @@ class Engine:
             raise ValueError(f"largest batch bucket {buckets.batches[-1]} is below max_batch {max_batch}")
         backend = backend or ("neuron" if self.device.type == "neuron" else "inductor")
         regional = self.device.type == "cpu" if regional is None else regional
-        if verify_rows and "decode" in graphs:
+        verify = verify if verify[0] * verify[1] and "decode" in graphs else (0, 0)
+        if verify[0]:
             if not regional:
                 raise ValueError("speculative decoding with compiled graphs needs them compiled by region (the "
                                  "verify pass runs the decode step's regions; the default on CPU)")
-            buckets = buckets.covering(verify_rows)
-        self.runner = GraphRunner(self.model, buckets, backend, graphs, regional)
+            buckets = buckets.covering(verify[0] * verify[1])
+        self.runner = GraphRunner(self.model, buckets, backend, graphs, regional, verify)
         scratch = HybridState.empty(self.local_config, self.kv_cache)
         return self.runner.warm_up(scratch, self.runner.buckets.batches[-1])
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from qwenpd.engine.config import ModelConfig
 from qwenpd.engine.linear import Linear, cat, pad_rows
 from qwenpd.kernels import ops
+from qwenpd.kernels.gated_delta_rule.step import StepInputs, step_inputs
 
 
 ROW_BLOCK = 128  # rows per block of a row-wise fp32 chain over a long prefill chunk (by_row_blocks)
@@ -198,6 +199,18 @@ class DeltaNetMixer:
         [B, Hv, dk, dv] are updated in place. Returns the core output [B, Hv, dv]."""
         mixed = kernels.conv_update(mixed, self.conv_weight, conv_state)
         return kernels.step(*self._split_heads(mixed), self.heads(g), self.heads(beta), rec_state)
+
+    def prepare_steps(self, mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, conv_state: torch.Tensor,
+                      kernels) -> StepInputs:
+        """`recur`'s work before the delta rule reads its state, for n tokens of each of B sequences (a speculative
+        verify pass's rows, sequence-major [B*n, ...]; conv_state [B, D, W-1], left as it was): the conv a token
+        at a time as n decode steps run it, on a copy of the state, then every row's step inputs. With the step
+        kernel's state updates after it (gated_delta_rule.step_states), the bits of n `recur` calls."""
+        state = conv_state.clone()
+        rows = mixed.view(state.shape[0], -1, mixed.shape[-1])
+        out = torch.stack([kernels.conv_update(rows[:, i], self.conv_weight, state) for i in range(rows.shape[1])],
+                          dim=1)
+        return step_inputs(*self._split_heads(out.view(mixed.shape)), self.heads(g), self.heads(beta))
 
 
 class AttentionMixer:

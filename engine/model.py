@@ -10,6 +10,7 @@ import torch
 from qwenpd.engine.config import LINEAR, ModelConfig
 from qwenpd.engine.layers import MLP, AttentionMixer, DeltaNetMixer, Rotary, rms_norm
 from qwenpd.engine.linear import Linear, cat
+from qwenpd.kernels.gated_delta_rule.step import StepInputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +212,12 @@ class HybridModel:
                            conv: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
         """The recurrence (DeltaNetMixer.recur): conv [B, D, W-1] and recurrent [B, Hv, dk, dv] updated in place."""
         return blk.mixer.recur(mixed, beta, g, conv, recurrent, self.kernels)
+
+    def linear_verify_inputs(self, blk: Block, mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor,
+                             conv: torch.Tensor) -> StepInputs:
+        """A speculative verify pass's part of n linear_decode_core calls before the state (DeltaNetMixer.
+        prepare_steps: rows sequence-major [B*n, ...], conv [B, D, W-1] read only); engine/speculative.py."""
+        return blk.mixer.prepare_steps(mixed, beta, g, conv, self.kernels)
 
     def linear_decode_out(self, blk: Block, x: torch.Tensor, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The rest of the layer, row by row: gated norm, out_proj, residual, MLP."""

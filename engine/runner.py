@@ -70,8 +70,8 @@ def decode_row_multiple(c: ModelConfig) -> int:
 
 
 _REGIONS = {"prefill": ("linear_prefill", "attention_prefill", "logits"),
-            "decode": ("linear_decode_in", "linear_decode_core", "linear_decode_out", "attention_decode",
-                       "normed_logits")}
+            "decode": ("linear_decode_in", "linear_decode_core", "linear_verify_inputs", "linear_decode_out",
+                       "attention_decode", "normed_logits")}
 
 
 class CompiledLayers:
@@ -162,7 +162,7 @@ class GraphRunner:
     them and compiled (the kinds in `graphs`; then the KV cache must not grow), eager otherwise."""
 
     def __init__(self, model: HybridModel, buckets: Buckets | None = None, backend: str = "inductor",
-                 graphs: tuple[str, ...] = GRAPHS, regional: bool = False):
+                 graphs: tuple[str, ...] = GRAPHS, regional: bool = False, verify: tuple[int, int] = (0, 0)):
         if not set(graphs) <= set(GRAPHS):
             raise ValueError(f"graphs must be among {GRAPHS}, got {graphs}")
         if buckets is not None and model.device.type == "cpu":  # inductor's CPU code (min_compiled_rows)
@@ -174,12 +174,17 @@ class GraphRunner:
         self.row_multiple = decode_row_multiple(model.config) if buckets is None and self.device.type == "cpu" else 1
         self.warmup_s = 0.0
         self.layers: CompiledLayers | None = None  # the decode graph's regions, regionally compiled
+        # (decode rows, tokens) of the speculative verify passes that run in two parts (engine/speculative.py): B
+        # sequences (rows: their decode step's) feeding n tokens each, for every B and 2 <= n <= K + 1 of `verify`
+        sequences, tokens = verify if regional and "decode" in self.graphs else (0, 0)
+        self.two_part = tuple(sorted({(self.decode_rows(b), n) for b in range(1, sequences + 1)
+                                      for n in range(2, tokens + 1)}))
         opts = dict(fullgraph=True, dynamic=False, backend=backend)
         if self.graphs:  # one graph per bucket of one function: past dynamo's limit per function (8) it would fail
             # dynamo counts per code object, over every engine this process compiles (another model, dtype or
             # quantization compiles the same functions again)
             global _GRAPHS_IN_PROCESS
-            _GRAPHS_IN_PROCESS += buckets.count(self.graphs)
+            _GRAPHS_IN_PROCESS += buckets.count(self.graphs) + len(self.two_part)
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, _GRAPHS_IN_PROCESS)
         if regional and self.graphs:
@@ -324,8 +329,23 @@ class GraphRunner:
                                    cache.v, slots, tables, positions, rope)
                 done += 1
                 _progress(done, total, f"decode batch {rows}, width {width}", started, t0)
+        self._warm_two_part(slots_conv[0], t0)
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
+
+
+    def _warm_two_part(self, conv: torch.Tensor, t0: float) -> None:
+        """Compile linear_verify_inputs for every shape of `two_part`, on inputs made as a verify pass makes them
+        (engine/speculative.py _prepared): the rows inference tensors, the conv state a fresh ordinary one."""
+        blk = next((blk for blk in self.model.blocks if blk.is_linear), None)
+        for i, (rows, n) in enumerate(self.two_part if blk is not None else ()):
+            started = time.perf_counter()
+            state = conv.new_zeros((rows, *conv.shape[1:]))
+            with torch.inference_mode():
+                x = self.model.embed_tokens(self._long([0] * (rows * n)))
+                mixed, _, beta, g = self.model.linear_decode_in(blk, x)
+                self.layers.linear_verify_inputs(blk, mixed.contiguous(), beta.contiguous(), g.contiguous(), state)
+            _progress(i + 1, len(self.two_part), f"verify inputs of {rows} rows x {n} tokens", started, t0)
 
 
 def _progress(done: int, total: int, what: str, started: float, t0: float) -> None:

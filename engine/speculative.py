@@ -22,10 +22,14 @@ so sequences with and without speculation share one pass.
 
 **Compiled graphs** (`--compile`, regional): the pass calls the compiled decode step's own regions
 (HybridModel.linear_decode_in/_core/_out, .attention_decode, .normed_logits) where the eager pass calls the model's:
-the row-wise ones over all its rows padded to a batch bucket (Engine.compile(verify_rows=) compiles the buckets
-such passes need), the recurrence once per position on bucket-padded slot rows with dense inputs, as a decode step
-gives them. Compiled code is row invariant across buckets as the eager code is (tests/engine/test_batch_invariance),
-so every position's logits are the compiled decode step's bits (tests/engine/test_compiled_speculative.py).
+the row-wise ones over all its rows padded to a batch bucket (Engine.compile(verify=) compiles the buckets such
+passes need). Where every sequence feeds the same number of tokens, a shape compiled for it (GraphRunner.two_part;
+a batch-1 pass always), the recurrence runs in two parts as on the CPU kernels above: the region
+linear_verify_inputs (the conv a token at a time and every row's step inputs: the code the recurrence region traces
+before the state, traced the same way) and one step_states call; elsewhere the recurrence region once per position
+on bucket-padded slot rows with dense inputs, as a decode step gives them. Compiled code is row invariant across
+buckets as the eager code is (tests/engine/test_batch_invariance), so every position's logits are the compiled
+decode step's bits (tests/engine/test_compiled_speculative.py, both ways).
 
 The tokens are then chosen position by position with each request's own Sampler, exactly as plain decoding would
 choose them, stopping at the first position whose token differs from the draft: every emitted token is sampled
@@ -43,12 +47,13 @@ the DeltaNet conv and recurrent state do. Two ways, `ROLLBACKS`:
   conv state being a slice of the kept inputs). Memory: one state copy per sequence.
 - "snapshot": copy the state after every position (the step kernel writes it out while it is in cache); on a
   rejection restore the copy after the last accepted one. Memory: K+1 state copies per sequence.
-"auto", the default, takes "snapshot" for a two-part pass (the CPU kernels, above) of at most
+"auto", the default, takes "snapshot" for a two-part pass (the CPU kernels, above; eager or compiled) of at most
 SNAPSHOT_MAX_SEQUENCES sequences and "replay" elsewhere: there, on `small` at batch 1 (K = 3), a snapshot pass cost
 what a replay pass did and its accept 0.4 ms against 1.0-1.4 ms (`generate` with 70% oracle drafts: 1.50x -> 1.60x
 plain decoding), and the copies, held for one pass in host memory, stay within a few sequences' state
-(Qwen3.6-27B: ~150 MB a copy, K+1 copies a sequence). Compiled, no gain was measured (1.28x replay, 1.25x snapshot),
-and on an accelerator the copies would come out of device memory that --kv-cache-bytes does not set aside.
+(Qwen3.6-27B: ~150 MB a copy, K+1 copies a sequence). A compiled pass run position by position gained nothing from
+snapshots (1.28x replay, 1.25x snapshot); in two parts, with auto's snapshots, 1.32x -> 1.50x plain compiled
+decoding. On an accelerator the copies would come out of device memory that --kv-cache-bytes does not set aside.
 bench/spec_decode.py measures both.
 """
 
@@ -127,6 +132,7 @@ class _Runs:
     rows: Callable[[int], int]
     width: Callable[[int], int]
     compiled: bool
+    two_part: tuple[tuple[int, int], ...] = ()  # compiled: (rows, tokens) of the passes run in two parts
 
 
 def _runs(engine) -> _Runs:
@@ -138,7 +144,7 @@ def _runs(engine) -> _Runs:
     if runner.layers is None:
         raise ValueError("speculative decoding with compiled graphs needs them compiled by region (the verify pass "
                          "runs the decode step's regions; the default on CPU)")
-    return _Runs(runner.layers, runner.decode_rows, runner.table_width, True)
+    return _Runs(runner.layers, runner.decode_rows, runner.table_width, True, runner.two_part)
 
 
 def _on_slots(slot_tensors: list[torch.Tensor], slots: list[int], batch_size: int, runs: _Runs,
@@ -211,6 +217,29 @@ def _positions(runs: _Runs, blk, conv_all: torch.Tensor, rec_all: torch.Tensor, 
     return core
 
 
+def _two_part(runs: _Runs, lengths: list[int]) -> bool:
+    """Whether a compiled pass runs in two parts: every sequence feeds the same number of tokens, a shape compiled
+    for it (GraphRunner.two_part)."""
+    return all(n == lengths[0] for n in lengths) and (runs.rows(len(lengths)), lengths[0]) in runs.two_part
+
+
+def _prepared(runs: _Runs, blk, conv_all: torch.Tensor, b: int, n: int, mixed: torch.Tensor, beta: torch.Tensor,
+              g: torch.Tensor) -> tuple[StepInputs, list[torch.Tensor]]:
+    """A compiled two-part pass's first part for the batch's b sequences (slots 0..b-1), n tokens each: the
+    compiled region linear_verify_inputs over b sequences padded to a decode step's rows (the same code, traced,
+    as n steps' linear_decode_core runs before the state), the prepared step inputs of the b*n real rows, and each
+    sequence's conv inputs after its state (its history, as causal_conv1d_update_many gives it)."""
+    rows, r = runs.rows(b), b * n
+    with torch.inference_mode(False):  # as a decode step's slot rows (graphs guard on it)
+        conv = conv_all.new_zeros((rows, *conv_all.shape[1:]))
+    conv[:b] = conv_all[:b]
+    padded = [t[:r] if rows == b else torch.cat([t[:r], t.new_zeros(((rows - b) * n, *t.shape[1:]))])
+              for t in (mixed, beta, g)]
+    prepared = runs.layers.linear_verify_inputs(blk, *(t.contiguous() for t in padded), conv).rows(slice(0, r))
+    histories = [torch.cat([conv_all[i], mixed[i * n:(i + 1) * n].to(conv_all.dtype).t()], dim=-1) for i in range(b)]
+    return prepared, histories
+
+
 def verify(engine, batch, fed: list[list[int]], rollback: str = "auto") -> Verified:
     """Feed fed[b] (sequence b's last sampled token, then its drafts) to batch.states[b], all in one pass; their
     logits are a plain decode step's at each position (module doc). The states are left after all of them:
@@ -250,7 +279,7 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "auto") -> Verif
     tables_t = long(tables + [[NULL_PAGE] * width] * pad)
     cache = states[0].kv.cache
     lengths = [len(f) for f in fed]
-    split = not runs.compiled and _split_kernels(model.kernels, dev)
+    split = _split_kernels(model.kernels, dev) and (not runs.compiled or _two_part(runs, lengths))
     if rollback == "auto":
         rollback = "snapshot" if split and len(states) <= SNAPSHOT_MAX_SEQUENCES else "replay"
     most = max(lengths)
@@ -273,13 +302,18 @@ def verify(engine, batch, fed: list[list[int]], rollback: str = "auto") -> Verif
                 if not split:
                     keep.mixed, keep.beta, keep.g = mixed, beta, g
             if split:  # every row's conv and step inputs at once, then every position's state update in one call
-                conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
-                                                                     list(conv_all[:len(states)]), lengths)
-                keep.prepared = step_inputs(*mixer._split_heads(conv_out), mixer.heads(g), mixer.heads(beta))
+                if runs.compiled:  # as the compiled steps compute them (_prepared)
+                    keep.prepared, keep.histories = _prepared(runs, blk, conv_all, len(states), most, mixed, beta, g)
+                else:
+                    conv_out, keep.histories = causal_conv1d_update_many(mixed, mixer.conv_weight,
+                                                                         list(conv_all[:len(states)]), lengths)
+                    keep.prepared = step_inputs(*mixer._split_heads(conv_out), mixer.heads(g), mixer.heads(beta))
                 if rollback == "snapshot" and most > 1:
-                    keep.after = rec_all.new_empty((x.shape[0], *rec_all.shape[1:]))
+                    keep.after = rec_all.new_empty((keep.prepared.v.shape[0], *rec_all.shape[1:]))
                 core = step_states(keep.prepared, rec_all, list(range(len(states))), offsets, lengths, keep.after)
                 _conv_states(conv_all, keep.histories, list(range(len(states))), lengths)
+                if core.shape[0] < x.shape[0]:
+                    core = torch.cat([core, core.new_zeros((x.shape[0] - core.shape[0], *core.shape[1:]))])
             else:
                 core = _positions(runs, blk, conv_all, rec_all, steps, offsets, r, len(states), mixed, beta, g,
                                   keep.snaps if rollback == "snapshot" and most > 1 else None)

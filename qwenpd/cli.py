@@ -164,7 +164,7 @@ def _generate_local(engine, prompt_ids: list[int], args: argparse.Namespace, med
     if config.compile:
         buckets = engine.default_buckets(args.chunk_size, 1, max_context=len(prompt_ids) + args.max_tokens)
         warmup_s = engine.compile(buckets, max_batch=1, cache_dir=config.compile_cache,
-                                  regional=False if config.whole_graphs else None, verify_rows=k + 1 if k else 0)
+                                  regional=False if config.whole_graphs else None, verify=(1, k + 1) if k else (0, 0))
     on_text = None if args.json else (lambda s: print(s, end="", flush=True))
     spec = {}
     if k:

@@ -141,10 +141,10 @@ def _stop_on_rank_loss(reason: str) -> None:
 
 
 def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graphs: tuple[str, ...],
-                 verify_rows: int = 0) -> Engine:
+                 verify: tuple[int, int] = (0, 0)) -> Engine:
     """The service's engine on its device; when its config says compile, the graphs it runs (`graphs`: "prefill",
-    "decode") compiled over every bucket (warm-up time logged), and for verify passes of up to `verify_rows` rows
-    (Engine.compile)."""
+    "decode") compiled over every bucket (warm-up time logged), and for speculative verify passes of up to
+    `verify` = (sequences, tokens each) (Engine.compile)."""
     from qwenpd.engine.engine import Engine
 
     ec = cfg.engine.replace(speculative=cfg.num_speculative_tokens > 0)  # the MTP head and its KV's pages
@@ -158,7 +158,7 @@ def build_engine(cfg: ModelServiceConfig, chunk_size: int, max_batch: int, graph
     if ec.compile:
         buckets = engine.default_buckets(chunk_size, max_batch)
         seconds = engine.compile(buckets, max_batch, cache_dir=ec.compile_cache, graphs=graphs,
-                                 regional=False if ec.whole_graphs else None, verify_rows=verify_rows)
+                                 regional=False if ec.whole_graphs else None, verify=verify)
         buckets = engine.runner.buckets
         log.info("compiled %d %s graphs (%s) in %.1f s", buckets.count(graphs), "+".join(graphs), buckets, seconds)
     return engine

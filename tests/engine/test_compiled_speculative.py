@@ -16,7 +16,7 @@ from tests.engine.test_compiled import no_recompiles  # noqa: F401 - the fixture
 from tests.hf_models import with_mtp_head
 
 BUCKETS = Buckets(chunks=(16, 64), batches=(1, 4), widths=(8, 32))
-VERIFY_ROWS = 12  # 3 sequences x 4 positions: batch buckets (2, 4, 12) after Buckets.covering (and at_least)
+VERIFY = (3, 4)  # 3 sequences x 4 positions: batch buckets (2, 4, 12) after Buckets.covering (and at_least)
 
 
 def _ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -28,7 +28,7 @@ def compiled(hf_checkpoint, tmp_path_factory):
     """A compiled engine (decode graphs, regions) on the 'every2nd' checkpoint with an added MTP head."""
     path = with_mtp_head(hf_checkpoint("every2nd"), tmp_path_factory.mktemp("mtp") / "ckpt")
     engine = Engine(path, dtype="float32", kv_cache_bytes=1 << 20, page_size=16, speculative=True)
-    engine.compile(BUCKETS, max_batch=4, graphs=("decode",), verify_rows=VERIFY_ROWS)
+    engine.compile(BUCKETS, max_batch=4, graphs=("decode",), verify=VERIFY)
     yield engine, engine.draft_head
     torch._dynamo.reset()  # dynamo counts compilations per code object across engines
 
@@ -36,12 +36,14 @@ def compiled(hf_checkpoint, tmp_path_factory):
 def test_verify_rows_are_compiled_at_warm_up(compiled):
     engine, _ = compiled
     assert engine.runner.buckets.batches == (2, 4, 12) and engine.runner.layers is not None
+    # two-part passes: 1 or 2 sequences (rows 2), 3 (rows 4), 2-4 tokens each
+    assert engine.runner.two_part == ((2, 2), (2, 3), (2, 4), (4, 2), (4, 3), (4, 4))
 
 
 def test_whole_graphs_refuse_speculation(hf_checkpoint):
     engine = Engine(hf_checkpoint("every2nd"), dtype="float32", kv_cache_bytes=1 << 20, page_size=16)
     with pytest.raises(ValueError, match="compiled by region"):
-        engine.compile(BUCKETS, max_batch=4, graphs=("decode",), regional=False, verify_rows=VERIFY_ROWS)
+        engine.compile(BUCKETS, max_batch=4, graphs=("decode",), regional=False, verify=VERIFY)
 
 
 def _mostly_right(monkeypatch, sequence: list[int]) -> None:
@@ -72,11 +74,18 @@ def test_compiled_speculation_is_plain_compiled_decoding(compiled, monkeypatch, 
 
 
 @pytest.mark.parametrize("rollback", ["replay", "snapshot"])
-def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_recompiles, rollback):
-    """Three sequences (contexts in both width buckets) in one batch, each feeding 1-4 positions a pass (some
-    steps all of them, others a subset: gathered slots), drafts right and wrong: every verified position's logits
-    equal the plain compiled step's at that position, bit for bit, and the accepted tokens continue exactly."""
+@pytest.mark.parametrize("uniform", [False, True], ids=["ragged", "uniform"])
+def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_recompiles, monkeypatch, rollback,
+                                                                   uniform):
+    """Three sequences (contexts in both width buckets) in one batch, each feeding 1-4 positions a pass (ragged:
+    some steps all of them, others a subset: gathered slots, the recurrence a compiled step per position;
+    uniform: all the same number, the pass in two parts: the compiled verify inputs, then the step kernel over
+    every position), drafts right and wrong: every verified position's logits equal the plain compiled step's at
+    that position, bit for bit, and the accepted tokens continue exactly."""
     engine, _ = compiled
+    layers, two_part = engine.runner.layers, []
+    region = layers.linear_verify_inputs
+    monkeypatch.setattr(layers, "linear_verify_inputs", lambda *a: two_part.append(a[1].shape[0]) or region(*a))
     vocab = engine.config.vocab_size
     prompts = [_ids(n, vocab, seed) for n, seed in ((40, 1), (17, 2), (150, 3))]
     steps = 14
@@ -102,7 +111,7 @@ def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_r
         fed = []
         for b, g in enumerate(got):
             n = len(g)
-            k = (turn + b) % 4  # 0-3 drafts: every pattern of who steps at each position
+            k = turn % 4 if uniform else (turn + b) % 4  # 0-3 drafts: every pattern of who steps at each position
             drafts = ref[b][n:n + k]
             if (turn * 7 + b) % 3 == 0 and drafts:
                 drafts[-1] = drafts[-1] % (vocab - 1) + 1  # a wrong last draft
@@ -122,6 +131,7 @@ def test_batched_verify_rows_are_the_bits_of_plain_compiled_steps(compiled, no_r
         batch.accept(consumed)
         turn += 1
     assert all(g == r[:len(g)] for g, r in zip(got, ref))
+    assert set(two_part) == ({4 * 2, 4 * 3, 4 * 4} if uniform else set())  # rows x tokens of the two-part passes
 
 
 def test_services_refuse_whole_graphs_with_speculation(tiny_model_dir):

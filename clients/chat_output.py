@@ -12,10 +12,12 @@ opened it: `thinking_open`), and calls tools as
     </function>
     </tool_call>
 
-possibly several, possibly after text, possibly inside the reasoning (a call there is still a call). `ChatOutput`
-is a pure function of the text deltas: `push(text)` returns what is now certain (reasoning, content, tool-call
-deltas), holding back a tail that might still become markup; `finish()` flushes. No markup of a call ever reaches
-content; a call that is not well formed is given back as the text it was. Tool-call deltas follow OpenAI's stream
+possibly several, possibly after text, possibly inside the reasoning (a call there is still a call). `ChatOutput` is
+a pure function of the text deltas: `push(text)` returns what is now certain (reasoning, content, tool-call deltas),
+holding back a tail that might still become markup; `finish()` flushes. No markup of a call ever reaches content; a
+call that is not well formed is given back as the text it was. A call the output ends inside (the length limit) is
+still a call where its name is complete, with the parameters written in full (its arguments a JSON object all the
+same), and is dropped where even the name is not: it never becomes content. Tool-call deltas follow OpenAI's stream
 shape: the first carries index, id, type and name, then argument fragments that concatenate to the JSON object of
 the whole call; values are converted by the tool's JSON schema (integer, number, boolean, object, array, null;
 strings verbatim). The non-streamed result is the concatenation of the stream (`ChatOutput.parse`).
@@ -37,6 +39,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>\n?(.*?)</function>\s*", re.S)
 _PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+_CUT_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>\n?(.*)", re.S)  # a call the output ended inside
 _MARKUP = (THINK_OPEN, THINK_CLOSE, CALL_OPEN)
 
 
@@ -103,6 +106,7 @@ class ChatOutput:
         self._new_id = new_id
         self._pending = ""  # text not yet certain
         self._calls = 0
+        self._answered = False  # content has begun: a <think> after it is text
         self._after_think = False  # content's first newlines after </think> are the template's, not the answer's
         self._after_call = False  # whitespace between and after calls is layout, not content
         self._after_open = False  # the newline after the model's own <think> is layout too
@@ -130,7 +134,11 @@ class ChatOutput:
                 if end < 0:
                     if not final:
                         break  # the call is still being written
-                    self._text(out, self._pending)  # never closed: it was text after all
+                    deltas = self._cut_call(self._pending[len(CALL_OPEN):])
+                    if deltas is None:
+                        self._text(out, self._pending)  # never closed and not the start of a call: text
+                    else:
+                        out.tool_calls += deltas
                     self._pending = ""
                     break
                 block = self._pending[len(CALL_OPEN):end]
@@ -147,7 +155,7 @@ class ChatOutput:
                 self._after_think = True
                 self._pending = self._pending[len(THINK_CLOSE):]
                 continue
-            if not self._thinking and self._pending.startswith(THINK_OPEN) and not (out.content or self._calls):
+            if not self._thinking and self._pending.startswith(THINK_OPEN) and not (self._answered or self._calls):
                 self._thinking = True
                 self._after_open = True
                 self._pending = self._pending[len(THINK_OPEN):]
@@ -186,15 +194,39 @@ class ChatOutput:
             text = text.lstrip("\n") if self._after_think else text.lstrip()
             self._after_think = self._after_call = not text
         out.content += text
+        self._answered = self._answered or bool(text)
 
     def _call(self, block: str) -> list[ToolCallDelta] | None:
         m = _FUNCTION.fullmatch(block)
         if m is None:
             return None
-        name, body = m.group(1).strip(), m.group(2)
-        params = list(_PARAMETER.finditer(body))
+        body = m.group(2)
         if _PARAMETER.sub("", body).strip():  # text between parameters: not a call
             return None
+        return self._deltas(m.group(1).strip(), list(_PARAMETER.finditer(body)))
+
+    def _cut_call(self, block: str) -> list[ToolCallDelta] | None:
+        """A call the output ended inside: its deltas with the parameters written in full where the name is
+        complete, none where it is not; None where `block` is not the start of a call (it was text)."""
+        m = _CUT_FUNCTION.fullmatch(block)
+        if m is None:
+            head = block.lstrip()
+            opening = "<function=".startswith(head) or (head.startswith("<function=") and "\n" not in head)
+            return [] if opening else None
+        body, params, at = m.group(2), [], 0
+        for p in _PARAMETER.finditer(body):
+            if body[at:p.start()].strip():  # text between parameters: not a call
+                return None
+            params.append(p)
+            at = p.end()
+        rest = body[at:].strip()
+        if rest and not (rest.startswith("<parameter=") or any(tag.startswith(rest)
+                                                              for tag in ("<parameter=", "</function>"))):
+            return None
+        return self._deltas(m.group(1).strip(), params)
+
+    def _deltas(self, name: str, params: list[re.Match[str]]) -> list[ToolCallDelta]:
+        """The stream deltas of one call: id and name, then the parameters' JSON fragments."""
         types = self._types.get(name, {})
         index = self._calls
         self._calls += 1
@@ -217,6 +249,20 @@ def collect(deltas: Sequence[Delta]) -> Parsed:
             call = calls.setdefault(t.index, ToolCall(t.id or "", t.name or "", ""))
             call.arguments += t.arguments
     return Parsed(reasoning, content, [calls[i] for i in sorted(calls)])
+
+
+def merged(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Tool-call deltas with one entry per call (OpenAI sends at most one per index in a stream event): the
+    pieces of each index joined, in order."""
+    out: dict[int, ToolCallDelta] = {}
+    for t in deltas:
+        joined = out.get(t.index)
+        if joined is None:
+            out[t.index] = ToolCallDelta(t.index, t.id, t.name, t.arguments)
+        else:
+            joined.id, joined.name = joined.id or t.id, joined.name or t.name
+            joined.arguments += t.arguments
+    return list(out.values())
 
 
 def _tool_name(tool: Mapping[str, Any]) -> str | None:

@@ -150,14 +150,24 @@ def response_format_spec(fmt: Any) -> str:
         return ""
     kind = fmt.get("type") if isinstance(fmt, Mapping) else None
     if kind == "json_object":
+        _known(fmt, {"type"}, "response_format")
         return json.dumps({"type": "json_object"})
     if kind == "json_schema":
+        _known(fmt, {"type", "json_schema"}, "response_format")
         spec = fmt.get("json_schema")
         schema = spec.get("schema", {}) if isinstance(spec, Mapping) else None
         if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not isinstance(schema, Mapping):
             raise InvalidArgument("response_format.json_schema", "needs a 'name' and a 'schema' object")
+        # `strict`: the output always follows the schema; `description` is for the schema's readers
+        _known(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
         return json.dumps({"type": "json_schema", "schema": schema})
     raise InvalidArgument("response_format.type", "must be 'text', 'json_object' or 'json_schema'")
+
+
+def _known(obj: Mapping[str, Any], keys: set[str], field: str) -> None:
+    unknown = sorted(set(obj) - keys)
+    if unknown:
+        raise InvalidArgument(f"{field}.{unknown[0]}", "is not supported by this server")
 
 
 def tool_choice_spec(tools: list[dict[str, Any]], choice: Any, parallel: bool = True

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from qwenpd.clients.chat_output import ChatOutput
+from qwenpd.clients.chat_output import ChatOutput, merged
 from qwenpd.errors import QwenpdError
 from qwenpd.gateway import openai
 from qwenpd.gateway.access import Access, AccessLog
@@ -57,7 +58,8 @@ class HttpApi:
         c = gateway.config
         self.fetch = MediaFetcher(c.allowed_media_domains, c.allowed_local_media_path, c.max_message_bytes)
         token = gateway.config.security.token()
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._expected = token.encode() if token else None
+        self.created = int(time.time())  # the models' `created`: when this server started
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -87,7 +89,8 @@ class HttpApi:
         except QwenpdError as exc:
             return self._fail("/v1/models", openai.api_error(exc))
         self._count("/v1/models", 200)
-        return JSONResponse({"object": "list", "data": [_model_json(name) for name in self.gateway.model_names]})
+        return JSONResponse({"object": "list", "data": [_model_json(name, self.created)
+                                                        for name in self.gateway.model_names]})
 
     async def model(self, request: Request) -> Response:
         try:
@@ -98,7 +101,7 @@ class HttpApi:
         except QwenpdError as exc:
             return self._fail("/v1/models/{id}", openai.api_error(exc))
         self._count("/v1/models/{id}", 200)
-        return JSONResponse(_model_json(request.path_params["model_id"]))
+        return JSONResponse(_model_json(request.path_params["model_id"], self.created))
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "/v1/completions", openai.parse_completion)
@@ -111,25 +114,31 @@ class HttpApi:
 
     # ---- the common path -----------------------------------------------------------------------------------------
     async def _generate(self, request: Request, route: str, parse) -> Response:
+        parsed: Parsed | None = None
         try:
             self._authorize(request)
             body = await self._json(request)
             # in a worker thread: an image URL may be fetched (only where the operator allows: gateway/media.py)
-            parsed: Parsed = await asyncio.to_thread(parse, body, request.headers.get(SALT_HEADER))
+            parsed = await asyncio.to_thread(parse, body, request.headers.get(SALT_HEADER))
             if parsed.model not in self.gateway.model_names:
                 await self._check_model(parsed.model)
+            for prompt in parsed.prompts:  # token ids: their count is known before any backend sees them
+                if prompt.HasField("token_ids"):
+                    self._check_context(parsed, len(prompt.token_ids.ids))
         except ApiError as err:
             return self._fail(route, err)
         except QwenpdError as exc:
-            return self._fail(route, openai.api_error(exc))
+            return self._fail(route, self._api_error(exc, parsed))
         access: Access = request.state.access
         request_id = ("chatcmpl-" if parsed.chat else "cmpl-") + access.request_id
         if parsed.stream:
             return await self._stream(route, parsed, request_id, access)
         try:
             choices = await _unless_disconnected(request, self._collect(parsed, access))
+        except ApiError as err:
+            return self._fail(route, err)
         except QwenpdError as exc:
-            return self._fail(route, openai.api_error(exc))
+            return self._fail(route, self._api_error(exc, parsed))
         if choices is None:  # the caller left: its decode calls are cancelled, nobody reads an answer
             self._count(route, 499)
             return Response(status_code=499)
@@ -146,6 +155,8 @@ class HttpApi:
             prompt.request_id = f"{access.request_id}-{i}"
             group: dict[int, Choice] = {}
             async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
+                if choice.index not in group:
+                    self._check_context(parsed, usage(choice.trace).prompt_tokens)
                 collect(choice, chunk)
                 group[choice.index] = choice
             for j in range(parsed.n):
@@ -162,16 +173,20 @@ class HttpApi:
             first = await events.__anext__()
         except StopAsyncIteration:
             first = b""
+        except ApiError as err:
+            return self._fail(route, err)
         except QwenpdError as exc:
-            return self._fail(route, openai.api_error(exc))
+            return self._fail(route, self._api_error(exc, parsed))
 
         async def body() -> AsyncIterator[bytes]:
             try:
                 yield first
                 async for event in events:
                     yield event
-            except QwenpdError as exc:  # after the 200: the error as a last event, as OpenAI does
-                yield _sse(openai.api_error(exc).body())
+            except ApiError as err:  # after the 200: the error as a last event, as OpenAI does
+                yield _sse(err.body())
+            except QwenpdError as exc:
+                yield _sse(self._api_error(exc, parsed).body())
             finally:
                 await events.aclose()
             yield b"data: [DONE]\n\n"
@@ -186,14 +201,18 @@ class HttpApi:
             prompt.request_id = f"{access.request_id}-{i}"
             outputs: dict[int, ChatOutput] = {}  # chat: each choice's reasoning/content/tool-call parser
             called: set[int] = set()
+            offsets: dict[int, int] = {}  # completions: characters of each choice's text sent so far
             async for choice, chunk in self.gateway.choices(prompt, parsed.n, self.gateway.config.timeout_s):
                 index = i * parsed.n + choice.index
                 first = index not in outputs
                 if first:
+                    self._check_context(parsed, usage(choice.trace).prompt_tokens)
                     outputs[index] = openai.chat_output(parsed, choice)
+                    offsets[index] = 0
                     if parsed.echo is not None:  # the prompt first, then the output (prefill has answered)
-                        yield _sse(openai.echo_chunk(parsed, request_id, index,
-                                                     *openai.echo_prefix(parsed, choice, i)))
+                        echoed, lp = openai.echo_prefix(parsed, choice, i)
+                        offsets[index] = len(echoed)
+                        yield _sse(openai.echo_chunk(parsed, request_id, index, echoed, lp))
                 text, reasoning, calls, finish = chunk.text, "", [], chunk.finish_reason
                 if parsed.chat:  # the chunk's text, parsed: what is certain now (a tag's start waits for the rest)
                     delta = outputs[index].push(chunk.text)
@@ -203,7 +222,7 @@ class HttpApi:
                         delta.reasoning += tail.reasoning
                         delta.tool_calls += tail.tool_calls
                     limit = None if parsed.parallel_tool_calls else 1
-                    calls = [t.to_openai() for t in delta.tool_calls if limit is None or t.index < limit]
+                    calls = [t.to_openai() for t in merged(delta.tool_calls) if limit is None or t.index < limit]
                     if calls:
                         called.add(index)
                     text, reasoning = delta.content, delta.reasoning
@@ -212,7 +231,9 @@ class HttpApi:
                     continue  # nothing to say (text held back or mid-character)
                 yield _sse(openai.stream_chunk(parsed, request_id, index, chunk.token_ids, text, chunk.logprobs,
                                                finish, first, reasoning, token_text=chunk.text, tool_calls=calls,
-                                               top_logprobs=chunk.top_logprobs, token_bytes=chunk.token_bytes))
+                                               top_logprobs=chunk.top_logprobs, token_bytes=chunk.token_bytes,
+                                               text_offset=offsets[index]))
+                offsets[index] += len(chunk.text)
                 if chunk.finish_reason is not None:
                     u = usage(choice.trace)
                     if choice.index == 0:
@@ -230,12 +251,23 @@ class HttpApi:
     def _authorize(self, request: Request) -> None:
         if self._expected is None:
             return
-        got = request.headers.get("authorization", "").encode()
+        got = request.headers.get("authorization", "")
         if not got:
             raise ApiError(401, "this server requires 'Authorization: Bearer <token>'", "authentication_error",
                            code="missing_api_key")
-        if not hmac.compare_digest(got, self._expected):
+        scheme, _, token = got.strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._expected):
             raise ApiError(401, "the bearer token is not valid", "authentication_error", code="invalid_api_key")
+
+    def _check_context(self, parsed: Parsed, prompt_tokens: int) -> None:
+        info = self.gateway.model_info
+        if info is not None and info.max_context:
+            openai.check_context(parsed, prompt_tokens, info.max_context)
+
+    def _api_error(self, exc: QwenpdError, parsed: Parsed | None) -> ApiError:
+        info = self.gateway.model_info
+        return openai.api_error(exc, parsed, info.max_context if info is not None else None)
 
     async def _json(self, request: Request) -> Any:
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -286,8 +318,8 @@ class HttpApi:
                                         code="method_not_allowed"))
 
 
-def _model_json(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "qwenpd"}
+def _model_json(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "qwenpd"}
 
 
 async def _unless_disconnected(request: Request, work: Any) -> Any:

@@ -4,7 +4,10 @@ No HTTP framework here: the HTTP layer (gateway.http) only moves bytes.
 
 What decode cannot do is refused with a 400 naming the parameter, never silently ignored: best_of, suffix;
 and so is every parameter an endpoint does not know
-(`reasoning_effort`, ...): each endpoint reads a fixed set of names. Sampling: OpenAI's (logit_bias and the
+(`reasoning_effort`, ...): each endpoint reads a fixed set of names; so are an unknown key of a message or of
+`stream_options`, an integer past its protobuf field's range and a lone UTF-16 surrogate (no UTF-8 holds it).
+A prompt that does not fit the context with the max_tokens the caller gave is OpenAI's context_length_exceeded;
+completions without max_tokens get OpenAI's default, 16. Sampling: OpenAI's (logit_bias and the
 presence/frequency penalties included) and vLLM's `top_k`, `min_p`, `min_tokens`, `stop_token_ids`,
 `ignore_eos`, `repetition_penalty`; qwenpd's `speculative` (false: this request decodes without MTP drafts; true
 where the deployment runs none is a 400). `cache_salt` is the prefix-cache partition (the `X-Cache-Salt` header wins over it);
@@ -38,6 +41,15 @@ from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_STOP = 4  # as OpenAI
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions
+UINT32_MAX = 2**32 - 1  # the protobuf fields' range
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A message's keys: the ones read; what OpenAI's own responses carry, taken when null or empty (a response's
+# message sent back as history); `reasoning` is read as `reasoning_content` (our responses carry both names).
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "reasoning"})
+_MESSAGE_EMPTY_KEYS = frozenset({"refusal", "audio", "function_call", "annotations"})
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_STREAM_OPTIONS = frozenset({"include_usage"})
 _UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "modalities", "prediction")
 # The names each endpoint reads; any other is refused (400 naming it).
 _COMMON_PARAMS = frozenset({"model", "temperature", "top_p", "max_tokens", "seed", "stop", "n", "best_of", "stream",
@@ -63,10 +75,17 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def api_error(exc: QwenpdError) -> ApiError:
-    """A backend or routing failure as the HTTP error a caller of the OpenAI API expects."""
+def api_error(exc: QwenpdError, p: Parsed | None = None, context: int | None = None) -> ApiError:
+    """A backend or routing failure as the HTTP error a caller of the OpenAI API expects: a refused field named
+    as the request `p` named it, a prompt too long for the model's `context` as OpenAI says it."""
     if isinstance(exc, InvalidArgument):
-        return ApiError(400, exc.message, param=_openai_field(exc.field) or None, code=exc.reason.lower())
+        param = _openai_field(exc.field, p) or None
+        if exc.reason == "PROMPT_TOO_LONG":
+            return ApiError(400, _too_long(p, context, f"more than {context or 'that many'}", exc.description),
+                            param=param, code="context_length_exceeded")
+        code = None if exc.reason == InvalidArgument.default_reason else exc.reason.lower()
+        description = exc.description if param else exc.message
+        return ApiError(400, f"'{param}': {description}" if param else description, param=param, code=code)
     if isinstance(exc, Unauthenticated):
         return ApiError(401, exc.message, "authentication_error", code="invalid_api_key")
     if isinstance(exc, ResourceExhausted):
@@ -79,15 +98,58 @@ def api_error(exc: QwenpdError) -> ApiError:
         return ApiError(504, exc.message, "timeout", code="deadline_exceeded")
     if isinstance(exc, Cancelled):
         return ApiError(499, exc.message, "cancelled", code="cancelled")
-    return ApiError(500, exc.message, "server_error", code=exc.status.lower())
+    return ApiError(500, exc.message, "server_error")
 
 
 _PART = re.compile(r"^chat\.messages\[(\d+)\]\.parts\[(\d+)\](?:\.media)?")
+_MESSAGE_FIELD = re.compile(r"^chat\.messages\[(\d+)\]\.(\w+?)(?:_json)?(?=$|[.\[])")
+_STOP = re.compile(r"^sampling\.stop\[\d+\]")
+# the prefill request's fields as the OpenAI request names them; prompt fields are the endpoint's prompt
+_FIELDS = {"sampling.structured_output": "response_format", "chat.template_kwargs_json": "chat_template_kwargs",
+           "chat.enable_thinking": "chat_template_kwargs.enable_thinking", "chat.tools_json": "tools",
+           "sampling.top_logprobs": "top_logprobs"}
+_PROMPT_FIELDS = ("prompt", "text", "token_ids", "chat", "chat.messages")
 
 
-def _openai_field(field: str) -> str:
-    """A prefill request's field as the OpenAI request names it (a content part: messages[i].content[j])."""
-    return _PART.sub(r"messages[\1].content[\2]", field)
+def _openai_field(field: str, p: Parsed | None = None) -> str:
+    """A prefill request's field as the OpenAI request named it: `sampling.max_tokens` as the caller's
+    max_tokens or max_completion_tokens, `chat.messages[i].tool_calls_json` as messages[i].tool_calls, a content
+    part as messages[i].content[j], the prompt as `prompt` (completions) or `messages` (chat)."""
+    chat = p is None or p.chat
+    if field == "sampling.max_tokens":
+        return p.max_tokens_param if p is not None else "max_tokens"
+    if field == "sampling.top_logprobs" and not chat:
+        return "logprobs"
+    if field in _FIELDS:
+        return _FIELDS[field]
+    if field.split(".")[0] in _PROMPT_FIELDS and not field.startswith("chat.messages["):
+        return "messages" if chat else "prompt"
+    field = _STOP.sub("stop", _PART.sub(r"messages[\1].content[\2]", field))
+    field = _MESSAGE_FIELD.sub(r"messages[\1].\2", field)
+    return field.removeprefix("sampling.")
+
+
+def _too_long(p: Parsed | None, context: int | None, prompt: int | str, why: str = "", completion: int = 0) -> str:
+    """OpenAI's words for a request that does not fit the context (agents and LiteLLM recognise them)."""
+    where = "messages" if p is None or p.chat else "prompt"
+    limit = f"This model's maximum context length is {context} tokens." if context else \
+        "The prompt is longer than this model's context."
+    if completion and isinstance(prompt, int):
+        return (f"{limit} However, you requested {prompt + completion} tokens ({prompt} in the {where}, "
+                f"{completion} in the completion). Please reduce the length of the {where} or completion.")
+    return f"{limit} However, your {where} resulted in {prompt} tokens{f' ({why})' if why else ''}. " \
+        f"Please reduce the length of the {where}."
+
+
+def check_context(p: Parsed, prompt_tokens: int, context: int) -> None:
+    """OpenAI's 400 context_length_exceeded when a prompt of `prompt_tokens` alone, or with the max_tokens the
+    caller gave, is more than the model's `context` (a default max_tokens is cut short at the context's end)."""
+    param = "messages" if p.chat else "prompt"
+    if prompt_tokens > context:
+        raise ApiError(400, _too_long(p, context, prompt_tokens), param=param, code="context_length_exceeded")
+    if p.max_tokens is not None and prompt_tokens + p.max_tokens > context:
+        raise ApiError(400, _too_long(p, context, prompt_tokens, completion=p.max_tokens), param=param,
+                       code="context_length_exceeded")
 
 
 # ---- requests ----------------------------------------------------------------------------------------------------
@@ -109,6 +171,8 @@ class Parsed:
     # completions' echo: per prompt, the text to put before the output (None: the prompt's tokens' text, from
     # PrefillResponse.prompt_logprobs); None = no echo
     echo: list[str | None] | None = None
+    max_tokens: int | None = None  # as the caller gave it (None: the default)
+    max_tokens_param: str = "max_tokens"  # the name it came under: max_tokens or max_completion_tokens
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -140,15 +204,18 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
         if not 0 < top_p <= 1:
             raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
         s.top_p = float(top_p)
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    name = max_tokens_param(body, chat)
     max_tokens = _get(body, name, (int,))
     if max_tokens is not None:
-        if max_tokens < 1:
-            raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", param=name)
-        s.max_tokens = max_tokens
+        if max_tokens == 0 and body.get("echo"):
+            raise ApiError(400, f"'{name}' must be >= 1: this server does not score a prompt alone (echo with "
+                           "logprobs and max_tokens 1 scores it, beside one generated token)", param=name)
+        s.max_tokens = _bounded(name, max_tokens, 1, UINT32_MAX)
+    elif not chat:
+        s.max_tokens = COMPLETION_MAX_TOKENS
     seed = _get(body, "seed", (int,))
-    if seed is not None:
-        s.seed = seed & ((1 << 63) - 1)  # OpenAI allows negative seeds; ours are unsigned
+    if seed is not None:  # OpenAI's seeds are signed 64-bit integers; ours are unsigned 63-bit ones
+        s.seed = _bounded("seed", seed, -(1 << 63), (1 << 63) - 1) & ((1 << 63) - 1)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None:
@@ -158,26 +225,20 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
         s.stop.extend(stops)
     # extensions beside OpenAI's parameters (as vLLM names them)
-    top_k = _get(body, "top_k", (int,), 0)
-    if top_k < 0:
-        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
-    s.top_k = top_k
+    s.top_k = _bounded("top_k", _get(body, "top_k", (int,), 0), 0, UINT32_MAX)
     s.ignore_eos = _get(body, "ignore_eos", (bool,), False)
     min_p = _get(body, "min_p", (int, float), 0)
     if not 0 <= min_p <= 1:
         raise ApiError(400, f"'min_p' must be in [0, 1], got {min_p}", param="min_p")
     s.min_p = float(min_p)
     for key, bias in _get(body, "logit_bias", (dict,), {}).items():
-        if not str(key).isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float)) or \
-                not -100 <= bias <= 100:
+        if not (key.isascii() and key.isdigit() and int(key) <= UINT32_MAX) or isinstance(bias, bool) or \
+                not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise ApiError(400, "'logit_bias' maps token ids to numbers in [-100, 100]", param="logit_bias")
         s.logit_bias[int(key)] = float(bias)
-    min_tokens = _get(body, "min_tokens", (int,), 0)
-    if min_tokens < 0:
-        raise ApiError(400, f"'min_tokens' must be >= 0, got {min_tokens}", param="min_tokens")
-    s.min_tokens = min_tokens
+    s.min_tokens = _bounded("min_tokens", _get(body, "min_tokens", (int,), 0), 0, UINT32_MAX)
     stop_ids = _get(body, "stop_token_ids", (list,), [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids):
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= UINT32_MAX for t in stop_ids):
         raise ApiError(400, "'stop_token_ids' must be non-negative integers", param="stop_token_ids")
     s.stop_token_ids.extend(stop_ids)
     for penalty in ("presence_penalty", "frequency_penalty"):
@@ -197,6 +258,32 @@ def _sampling(body: dict, chat: bool) -> common_pb2.SamplingParams:
     return s
 
 
+def max_tokens_param(body: dict, chat: bool) -> str:
+    """The name the caller's output budget comes under: chat's max_completion_tokens wins over max_tokens."""
+    return "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+
+
+def _bounded(name: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value}", param=name)
+    return value
+
+
+def _no_surrogates(value: Any, path: str = "") -> None:
+    """A lone UTF-16 surrogate (JSON's "\\ud800") is no character: no UTF-8 text holds it, so no backend can take
+    it. A 400 naming where it is (the object holding a key that has one)."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ApiError(400, f"'{path}' holds a lone UTF-16 surrogate, which is not text", param=path or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_surrogates(key, path or "body")
+            _no_surrogates(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _no_surrogates(item, f"{path}[{i}]")
+
+
 def _response_format(body: dict) -> str:
     """OpenAI's response_format as a structured_output spec; the prefill service checks the schema with the grammar
     library (400 naming sampling.structured_output)."""
@@ -209,6 +296,7 @@ def _response_format(body: dict) -> str:
 def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int, bool, bool]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _no_surrogates(body)
     unknown = sorted(set(body) - (_CHAT_PARAMS if chat else _COMPLETION_PARAMS))
     if unknown:
         raise ApiError(400, f"'{unknown[0]}' is not supported by this server", param=unknown[0])
@@ -227,9 +315,15 @@ def _common(body: Any, chat: bool) -> tuple[str, common_pb2.SamplingParams, int,
         raise ApiError(400, "'best_of' is not supported (only equal to n)", param="best_of")
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
-    include_usage = bool(options.get("include_usage", False))
     if options and not stream:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    unknown = sorted(set(options) - _STREAM_OPTIONS)  # vLLM's continuous_usage_stats too
+    if unknown:
+        raise ApiError(400, f"'stream_options.{unknown[0]}' is not supported by this server",
+                       param=f"stream_options.{unknown[0]}")
+    include_usage = options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
     return model, _sampling(body, chat), n, stream, include_usage
 
 
@@ -276,7 +370,8 @@ def parse_completion(body: Any, header_salt: str | None = None) -> Parsed:
             req.prompt_logprobs = logprobs or 0
         out.append(req)
     return Parsed(False, model, out, n, stream, include_usage, logprobs is not None, top_logprobs=logprobs or 0,
-                  echo=[p if isinstance(p, str) else None for p in prompts] if echo else None)
+                  echo=[p if isinstance(p, str) else None for p in prompts] if echo else None,
+                  max_tokens=body.get("max_tokens"))
 
 
 def _content(message: dict, i: int) -> str:
@@ -312,8 +407,7 @@ def parse_chat(body: Any, header_salt: str | None = None,
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     chat = prefill_pb2.Chat()
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
+        _check_message(m, i)
         role = "system" if m["role"] == "developer" else m["role"]
         chat.messages.append(_message(m, role, i, fetch))
     parallel = _get(body, "parallel_tool_calls", (bool,), True)
@@ -334,8 +428,9 @@ def parse_chat(body: Any, header_salt: str | None = None,
     salt = _salt(body, header_salt)
     if salt is not None:
         req.cache_salt = salt
+    name = max_tokens_param(body, chat=True)
     return Parsed(True, model, [req], n, stream, include_usage, logprobs, tools=tools, parallel_tool_calls=parallel,
-                  top_logprobs=top)
+                  top_logprobs=top, max_tokens=body.get(name), max_tokens_param=name)
 
 
 def _tools(body: dict, parallel: bool) -> tuple[list[dict[str, Any]], str]:
@@ -357,9 +452,26 @@ def _tools(body: dict, parallel: bool) -> tuple[list[dict[str, Any]], str]:
         raise ApiError(400, f"'{exc.field}' {exc.description}", param=exc.field) from None
 
 
+def _check_message(m: Any, i: int) -> None:
+    """A message's role and keys, as OpenAI checks them: a 400 naming what is unknown or missing."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
+    if m["role"] not in _ROLES:
+        raise ApiError(400, f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}, got {m['role']!r}",
+                       param=f"messages[{i}].role")
+    for key in m:
+        if key not in _MESSAGE_KEYS and not (key in _MESSAGE_EMPTY_KEYS and m[key] in (None, [], {})):
+            raise ApiError(400, f"'messages[{i}].{key}' is not supported by this server", param=f"messages[{i}].{key}")
+    if m["role"] != "assistant" and m.get("content") is None:
+        raise ApiError(400, f"'messages[{i}].content' is required for a {m['role']} message",
+                       param=f"messages[{i}].content")
+
+
 def _message(m: dict, role: str, i: int, fetch: Fetch = data_url) -> common_pb2.ChatMessage:
     """A chat message of the request as the prefill service takes it (tool calls and results included; images and
     videos of its content parts, their URLs resolved by `fetch`: gateway/media.py)."""
+    if m.get("reasoning_content") is None and m.get("reasoning") is not None:  # our responses' other name
+        m = {**m, "reasoning_content": m["reasoning"]}
     try:
         content = m.get("content")
         return chat_message(m, i, role, content if isinstance(content, list) else _content(m, i), fetch)
@@ -469,7 +581,8 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
             parser = chat_output(p, c)
             whole = collect_output([parser.push(text), parser.finish()])
             calls = [t.to_openai() for t in whole.tool_calls][:None if p.parallel_tool_calls else 1]
-            content: Any = None if calls and not whole.content.strip() else whole.content
+            # no answer beside calls or reasoning: null, as OpenAI's
+            content: Any = None if (calls or whole.reasoning) and not whole.content.strip() else whole.content
             out.append({"index": c.index, "message": {"role": "assistant", **message(content, whole.reasoning, calls)},
                         "logprobs": lp, "finish_reason": tool_finish(c.finish_reason, bool(calls))})
         else:
@@ -484,7 +597,8 @@ def response(p: Parsed, request_id: str, choices: list[Choice], usage: dict[str,
 def echo_chunk(p: Parsed, request_id: str, index: int, text: str, lp: dict[str, Any] | None) -> dict[str, Any]:
     """The first event of a streamed completion with echo: the prompt (echo_prefix), before any output."""
     out = {"id": request_id, "object": "text_completion", "created": p.created, "model": p.model,
-           "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": None}]}
+           "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": None}],
+           "system_fingerprint": None}
     if p.include_usage:
         out["usage"] = None
     return out
@@ -494,11 +608,14 @@ def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], t
                  finish_reason: str | None, first: bool, reasoning: str = "", token_text: str | None = None,
                  tool_calls: list[dict[str, Any]] | None = None,
                  top_logprobs: list[list[tuple[int, float, str, bytes]]] | None = None,
-                 token_bytes: list[bytes] | None = None) -> dict[str, Any]:
+                 token_bytes: list[bytes] | None = None, text_offset: int = 0) -> dict[str, Any]:
     """One event. Chat: `text`, `reasoning` and `tool_calls` are the parsed parts of the chunk's text
-    (`token_text`, for the log-probabilities' token strings)."""
+    (`token_text`, for the log-probabilities' token strings). Completions: `text_offset` characters of the
+    choice's text came before this chunk (its logprobs' offsets count from the start of the whole text)."""
     lp = _logprobs(p, token_texts(token_ids, text if token_text is None else token_text), logprobs, top_logprobs,
                    token_bytes)
+    if lp is not None and not p.chat:
+        lp["text_offset"] = [o + text_offset for o in lp["text_offset"]]
     if p.chat:
         parts = message(text, reasoning, tool_calls)
         delta: dict[str, Any] = {"role": "assistant", **parts} if first else parts
@@ -508,7 +625,7 @@ def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], t
     else:
         choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
     out = {"id": request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
-           "created": p.created, "model": p.model, "choices": [choice]}
+           "created": p.created, "model": p.model, "choices": [choice], "system_fingerprint": None}
     if p.include_usage:
         out["usage"] = None
     return out
@@ -516,4 +633,4 @@ def stream_chunk(p: Parsed, request_id: str, index: int, token_ids: list[int], t
 
 def usage_chunk(p: Parsed, request_id: str, usage: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
-            "created": p.created, "model": p.model, "choices": [], "usage": usage}
+            "created": p.created, "model": p.model, "choices": [], "usage": usage, "system_fingerprint": None}

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from qwenpd.clients.chat_output import ChatOutput, collect
+from qwenpd.clients.chat_output import ChatOutput, collect, merged
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
@@ -48,8 +48,16 @@ GOLDEN = [  # (name, thinking_open, output, reasoning, content, [(name, argument
     ("no parameters", False, "<tool_call>\n<function=search>\n</function>\n</tool_call>", "", "", [("search", {})]),
     ("malformed: left as text", False, "<tool_call>\nnot a call\n</tool_call> ok", "",
      "<tool_call>\nnot a call\n</tool_call> ok", []),
-    ("never closed: left as text", False, "x <tool_call>\n<function=search>\n", "",
-     "x <tool_call>\n<function=search>\n", []),
+    ("cut off after the name: a call", False, "x <tool_call>\n<function=search>\n", "", "x ", [("search", {})]),
+    ("cut off inside a parameter: the ones written in full", False, "<tool_call>\n<function=get_weather>\n"
+     "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3", "", "", [("get_weather", {"city": "Paris"})]),
+    ("cut off before </tool_call>", False, "Sure.\n" + CALL[:-len("</tool_call>")], "", "Sure.\n",
+     [("get_weather", CALL_ARGS)]),
+    ("cut off inside the name: dropped", False, "Sure.\n<tool_call>\n<function=get_wea", "", "Sure.\n", []),
+    ("cut off after the opening tag: dropped", False, CALL + "\n<tool_call>\n<function", "", "",
+     [("get_weather", CALL_ARGS)]),
+    ("never closed and not a call: text", False, "x <tool_call> is the tag", "", "x <tool_call> is the tag", []),
+    ("<think> after content is text", False, "Hello <think>x</think> bye", "", "Hello <think>x</think> bye", []),
     ("markup-like text stays text", False, "a < b and <tool> and </think>", "", "a < b and <tool> and </think>", []),
 ]
 
@@ -103,3 +111,26 @@ def test_without_tools_call_markup_is_content():
     """A request that offered no tools gets what the model wrote as text; reasoning is still separated."""
     got = ChatOutput.parse("<think>x</think>" + SEARCH_CALL, calls=False)
     assert (got.reasoning, got.content, got.tool_calls) == ("x", SEARCH_CALL, [])
+
+
+@pytest.mark.parametrize("name,thinking,text,reasoning,content,calls", GOLDEN, ids=[g[0] for g in GOLDEN])
+def test_every_split_point_gives_the_whole(name, thinking, text, reasoning, content, calls):
+    """Two pieces, cut at every point: the same reasoning, content and calls as the text in one piece (a <think>
+    after content had begun used to open reasoning when it came in a later piece)."""
+    whole = ChatOutput.parse(text, TOOLS, thinking, _ids())
+    for at in range(len(text) + 1):
+        parser = ChatOutput(TOOLS, thinking, _ids())
+        got = collect([parser.push(text[:at]), parser.push(text[at:]), parser.finish()])
+        assert (got.reasoning, got.content) == (whole.reasoning, whole.content), at
+        assert [(c.id, c.name, c.arguments) for c in got.tool_calls] == \
+            [(c.id, c.name, c.arguments) for c in whole.tool_calls], at
+
+
+def test_merged_deltas_have_one_entry_per_call():
+    parser = ChatOutput(TOOLS, False, _ids())
+    pieces = parser.push(CALL + SEARCH_CALL).tool_calls
+    assert len(pieces) > 2
+    one = [t.to_openai() for t in merged(pieces)]
+    assert [(t["index"], t["id"], t["function"]["name"]) for t in one] == [(0, "call_0", "get_weather"),
+                                                                         (1, "call_1", "search")]
+    assert json.loads(one[0]["function"]["arguments"]) == CALL_ARGS

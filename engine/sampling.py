@@ -197,6 +197,11 @@ class Sampler:
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     scaled = logits / p.temperature
+    top = scaled.max()
+    if torch.isinf(top) or torch.isnan(top):
+        # a temperature (or a repetition penalty) so small that the logits overflow: the distribution's limit,
+        # the most likely tokens alike (softmax of infinities has no numbers)
+        scaled = torch.where(logits == logits.max(), 0.0, float("-inf"))
     if p.top_k and p.top_k < scaled.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

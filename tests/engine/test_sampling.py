@@ -15,6 +15,24 @@ def test_greedy_is_argmax():
     assert tok == 1 and lp == pytest.approx(float(torch.log_softmax(logits, -1)[1]))
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 1e-40, 5e-324])
+def test_a_vanishing_temperature_is_its_limit_greedy(temperature):
+    """logits / T overflows to infinity for a tiny T (the proto takes any T >= 0): the sample is T -> 0's limit, the
+    most likely token (ties alike), never a token picked from NaNs; so for a repetition penalty so small that the
+    seen tokens' logits overflow (the most likely of them)."""
+    logits = torch.randn(512, generator=torch.Generator().manual_seed(2)) * 4
+    best = int(logits.argmax())
+    for seed in range(5):
+        assert Sampler(SamplingParams(temperature=temperature, seed=seed)).sample(logits)[0] == best
+    tied = logits.clone()
+    tied[7] = tied[best]
+    assert {Sampler(SamplingParams(temperature=1e-40, seed=s)).sample(tied)[0] for s in range(40)} == {7, best}
+    seen = [3, 11, 200]
+    logits[seen] = torch.tensor([1.0, 2.0, -1.0])
+    params = SamplingParams(temperature=1.0, seed=1, repetition_penalty=1e-40)
+    assert Sampler.resumed(params, 0, prompt=seen).sample(logits)[0] in (3, 11)
+
+
 def test_seed_reproducible_and_distinct():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     p = SamplingParams(temperature=1.0, seed=1234)

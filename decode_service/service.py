@@ -215,6 +215,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             guard.abandon()
             self._spawn(_delete_quietly(self.store, request.checkpoint_id))  # used up, as by a stream
             raise
+        if params.structured_output != handoff.sampling.structured_output:
+            guard.abandon()  # the checkpoint stays: a call with prefill's grammar (or none given) can still use it
+            raise InvalidArgument("sampling.structured_output", "must be the one the prompt was prefilled with: the "
+                                  "output so far (prefill's first token at least) was sampled under it")
         tensors, num_tokens = ckpt.tensors, ckpt.num_tokens
         delivered = handoff.first_token_delivered  # resumed: first_token and replay_ids were streamed already
         draft = state_spec.split_draft(tensors)

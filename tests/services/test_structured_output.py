@@ -7,6 +7,7 @@ bad schemas are a 400 naming the parameter."""
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 import openai
@@ -116,6 +117,28 @@ def test_the_grammar_state_crosses_a_resume_exactly(services):
         for k in range(1, len(ref) - 1, 4):
             again = prefill.Prefill(resume_request(request, prompt + ref[:k], k), timeout=60)
             assert decode_all(decode, again.checkpoint_id) == ref[k:], f"resumed after {k}"
+
+
+def test_decode_refuses_another_grammar_than_prefills(services):
+    """The first token was sampled under prefill's structured_output (or none): a Decode that gives another one is
+    INVALID_ARGUMENT naming it, and the checkpoint stays for a call with prefill's."""
+    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+    plain = common_pb2.SamplingParams(temperature=0, max_tokens=12)
+    regex = common_pb2.SamplingParams(temperature=0, max_tokens=12,
+                                      structured_output=json.dumps({"type": "regex", "pattern": "[ab]{3}"}))
+    with grpc.insecure_channel(services.prefill) as pch, grpc.insecure_channel(services.decode) as dch:
+        prefill, decode = prefill_pb2_grpc.PrefillServiceStub(pch), decode_pb2_grpc.DecodeServiceStub(dch)
+        for before, after in ((plain, regex), (regex, plain)):
+            pre = prefill.Prefill(prefill_pb2.PrefillRequest(text="Hello", sampling=before), timeout=60)
+            with pytest.raises(grpc.RpcError) as err:
+                list(decode.Decode(decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id, sampling=after),
+                                   timeout=60))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "sampling.structured_output" in err.value.details()
+            text = "".join(c.text for c in decode.Decode(  # prefill's first token included
+                decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id, sampling=before), timeout=60))
+            assert before is plain or re.fullmatch("[ab]{3}", text), text
 
 
 def test_the_python_client_constrains_and_parses(client):

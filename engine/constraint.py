@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
+_KEYS = {"json_schema": ("schema",), "json_object": (), "regex": ("pattern",), "lark": ("grammar",)}  # and "after"
 THINK_END = "</think>"  # where a thinking model's reasoning ends
 _MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenpd-mask")  # prefetched masks, one at a time
 PREFETCH = True  # off: never prefetch (bench/constrained.py measures both ways)
@@ -60,10 +61,14 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 
 def grammar_of(spec: dict[str, Any]) -> str:
-    """llguidance's grammar text for a parsed structured_output object."""
+    """llguidance's grammar text for a parsed structured_output object (ConstraintError naming a key its type does
+    not take: a misspelt option is never ignored)."""
     import llguidance
 
     kind = spec.get("type")
+    unknown = sorted(set(spec) - {"type", "after", *_KEYS.get(kind, set(spec))})
+    if unknown:
+        raise ConstraintError(f"{kind} takes no {unknown[0]!r} (its keys: type, {', '.join(_KEYS[kind] + ('after',))})")
     if kind == "json_schema":
         schema = spec.get("schema")
         if not isinstance(schema, (dict, bool)):

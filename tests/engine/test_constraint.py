@@ -93,6 +93,15 @@ def test_bad_specs_are_refused_with_the_reason(engine, spec):
         engine.grammars.check(spec)
 
 
+def test_a_key_the_type_does_not_take_is_refused_not_ignored(engine):
+    for spec, key in (('{"type": "regex", "pattern": "[ab]{3}", "bogus": 1}', "bogus"),
+                      ('{"type": "json_object", "schema": {}}', "schema"),
+                      ('{"type": "json_schema", "schema": {}, "strict": true}', "strict")):
+        with pytest.raises(ConstraintError, match=f"takes no '{key}'"):
+            engine.grammars.check(spec)
+    engine.grammars.check('{"type": "regex", "pattern": "[ab]{3}", "after": "</think>"}')
+
+
 def test_padding_rows_are_never_sampled_unconstrained_either(engine):
     """A real checkpoint pads its embedding past the tokenizer (Qwen3.6: 248,320 rows); those rows are no token."""
     from qwenpd.engine.sampling import greedy_batch

@@ -107,23 +107,24 @@ class Index:
         self._expire_at(entry.deadline, "alloc", entry.entry_id)
         return entry, freed
 
-    def make_room(self, size: int) -> list[Entry]:
-        """Evict LRU unpinned entries until `size` more bytes fit the budget; return them."""
+    def make_room(self, size: int, asked: int | None = None) -> list[Entry]:
+        """Evict LRU unpinned entries until `size` more bytes fit the budget; return them. `asked`: the size the
+        caller asked for, where `size` is it rounded up (errors name both)."""
         if size > self.budget_bytes:
-            raise ResourceExhausted(f"{size} bytes exceed the cache budget of {self.budget_bytes} bytes",
+            raise ResourceExhausted(f"{_size(size, asked)} exceed the cache budget of {self.budget_bytes} bytes",
                                     subject="cache_store.budget_bytes", reason="LARGER_THAN_BUDGET")
         evicted = []
         while self.used_bytes + size > self.budget_bytes:
             victim = self.evict_one()
             if victim is None:
-                raise self.exhausted(size)
+                raise self.exhausted(size, asked)
             evicted.append(victim)
         return evicted
 
-    def exhausted(self, size: int) -> ResourceExhausted:
+    def exhausted(self, size: int, asked: int | None = None) -> ResourceExhausted:
         pinned = self.stats().pinned_bytes
-        return ResourceExhausted(f"no room for {size} bytes: {pinned} of {self.budget_bytes} budget bytes are "
-                                 "pinned by leases, references or writes in progress",
+        return ResourceExhausted(f"no room for {_size(size, asked)}: {pinned} of {self.budget_bytes} budget bytes "
+                                 "are pinned by leases, references or writes in progress",
                                  subject="cache_store.budget_bytes", retry_after_s=0.1, reason="CACHE_FULL")
 
     def commit(self, entry_id: str, refs: Iterable[str] = (), handoff_ttl_s: float | None = None) -> tuple[Entry, str | None]:
@@ -295,3 +296,10 @@ class Index:
     def _expire_at(self, when: float, what: str, key: str) -> None:
         self._seq += 1
         heapq.heappush(self._expiries, (when, self._seq, what, key))
+
+
+def _size(size: int, asked: int | None) -> str:
+    """A size for a message: the bytes the caller asked for, and what the store rounded them up to if more."""
+    if asked is None or asked == size:
+        return f"{size} bytes"
+    return f"{asked} bytes ({size} once rounded up)"

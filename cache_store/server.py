@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 from qwenpd.cache_store.config import CacheStoreConfig
 from qwenpd.cache_store.index import Entry, Kind
@@ -23,6 +24,7 @@ _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 _DATA_PLANE = {"shm": pb.DATA_PLANE_SHM, "mooncake": pb.DATA_PLANE_MOONCAKE}
 _NS = 1_000_000_000
 MAX_TTL_NS = 24 * 3600 * _NS
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 def _ttl_s(value_ns: int, field: str) -> float:
@@ -34,6 +36,12 @@ def _ttl_s(value_ns: int, field: str) -> float:
 def _required(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(field, "is required")
+    return value
+
+
+def _hex_key(value: str, field: str) -> str:
+    if not _HEX.fullmatch(_required(value, field)):
+        raise InvalidArgument(field, f"must be a hex key, got {value[:80]!r}")
     return value
 
 
@@ -90,14 +98,15 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
                              ttl_ns=int(self.config.allocation_ttl_s * _NS))
 
     async def CommitShared(self, request: pb.CommitSharedRequest, context) -> pb.CommitSharedResponse:
-        ids = []
+        shared = []  # every entry checked before any is published
         for i, e in enumerate(request.entries):
             kind = _PB_TO_KIND.get(e.kind)
             if kind not in (Kind.KV_BLOCK, Kind.SNAPSHOT):
                 raise InvalidArgument(f"entries[{i}].kind", "must be ENTRY_KIND_KV_BLOCK or ENTRY_KIND_SNAPSHOT")
-            ids.append(self.store.commit_shared(_required(e.entry_id, f"entries[{i}].entry_id"), kind,
-                                                _required(e.prefix_key, f"entries[{i}].prefix_key"),
-                                                _required(e.fingerprint, f"entries[{i}].fingerprint"), e.num_tokens))
+            shared.append((_required(e.entry_id, f"entries[{i}].entry_id"), kind,
+                           _hex_key(e.prefix_key, f"entries[{i}].prefix_key"),
+                           _required(e.fingerprint, f"entries[{i}].fingerprint"), e.num_tokens))
+        ids = [self.store.commit_shared(*args) for args in shared]
         leases = []
         if request.HasField("lease_ttl_ns"):
             ttl = _ttl_s(request.lease_ttl_ns, "lease_ttl_ns")

@@ -82,8 +82,8 @@ class Store:
     def allocate(self, kind: Kind, size: int) -> Entry:
         need = self.space.rounded(size)
         self._free(self.index.sweep())
-        self._free(self.index.make_room(need))
-        extent = self._place(need)
+        self._free(self.index.make_room(need, size))
+        extent = self._place(need, size)
         entry, freed = self.index.allocate(kind, need, self.config.allocation_ttl_s, Placement(extent, size))
         self._free(freed)
         return entry
@@ -202,13 +202,13 @@ class Store:
                           self.prefix_counters)
 
     # ---- space -------------------------------------------------------------------------------------------
-    def _place(self, need: int) -> Extent:
-        return self.space.place(need, lambda: self._evict_one(need))
+    def _place(self, need: int, asked: int) -> Extent:
+        return self.space.place(need, lambda: self._evict_one(need, asked))
 
-    def _evict_one(self, need: int) -> bool:
+    def _evict_one(self, need: int, asked: int) -> bool:
         victim = self.index.evict_one()
         if victim is None:
-            raise self.index.exhausted(need)
+            raise self.index.exhausted(need, asked)
         self._free([victim])
         return True
 

@@ -19,7 +19,8 @@ class OutputTracker:
 
     `push(token)` returns the text that may be streamed now. Text that could still turn into a stop string is
     held back; a matched stop string and everything after it is never emitted. EOS and stop ids end the
-    sequence without adding their text.
+    sequence without adding their text. An incomplete UTF-8 character is held back until a later token completes
+    it; when the sequence ends first (any finish reason but a stop string), its bytes are emitted as U+FFFD.
     """
 
     params: SamplingParams
@@ -95,6 +96,9 @@ class OutputTracker:
         return self._flush()
 
     def _flush(self) -> str:
-        out, self._pending = self._pending, ""
-        self.text += out
-        return out
+        """The end of the sequence: the held-back text and the tokens not yet detokenized, now final."""
+        tail = self._detok.flush() if self._detok is not None else ""
+        out = self._add_text(tail) if tail else ""
+        rest, self._pending = self._pending, ""
+        self.text += rest
+        return out + rest

@@ -234,7 +234,7 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting multi-byte characters.
 
     Decodes a short window of trailing tokens each step; text that ends in an incomplete UTF-8 sequence
-    (U+FFFD) is held back until the next token completes it.
+    (U+FFFD) is held back until the next token completes it, or until `flush` at the end of the sequence.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), unread: int = 0):
@@ -250,9 +250,17 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one generated token; return the newly completed text (possibly empty)."""
         self.ids.append(token_id)
+        return self._read(final=False)
+
+    def flush(self) -> str:
+        """The text of the ids still held back, an incomplete UTF-8 character as U+FFFD (as a UTF-8 decoder with
+        errors="replace" ends): for the end of a sequence, when no later token can complete it."""
+        return self._read(final=True) if self.unread else ""
+
+    def _read(self, final: bool) -> str:
         prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset])
         full = self._tok.decode(self.ids[self._prefix_offset:])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        if (full.endswith("\ufffd") and not final) or len(full) <= len(prefix):
             return ""
         delta = full[len(prefix):]
         self._prefix_offset = self._read_offset

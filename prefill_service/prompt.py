@@ -36,6 +36,10 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     if kind is None:
         raise InvalidArgument("prompt", "give the prompt as text, token_ids or chat")
     field = _FIELD[kind]
+    if request.resume_generated and kind != "token_ids":
+        # the generated tokens are given back as ids: text would tokenize them anew, maybe differently
+        raise InvalidArgument("resume_generated", "needs the prompt as token_ids (the prompt's ids, then the "
+                              f"tokens already generated), not as {kind}")
     reasoning_open = False
     media, media_fields = list(request.media), [f"media[{i}]" for i in range(len(request.media))]
     if media and kind == "chat":
@@ -60,7 +64,7 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
                 messages.append(message)
             if not messages:
                 raise InvalidArgument(field, "the chat has no messages")
-            tools = _json(request.chat.tools_json, "chat.tools_json", list) if request.chat.tools_json else None
+            tools = _tools(request.chat.tools_json) if request.chat.tools_json else None
             kwargs = _json(request.chat.template_kwargs_json, "chat.template_kwargs_json", dict) \
                 if request.chat.template_kwargs_json else None
             try:
@@ -78,7 +82,7 @@ def encode_prompt(request: prefill_pb2.PrefillRequest, engine: Engine, limits: L
     if not ids:
         raise InvalidArgument(field, "the prompt is empty")
     images = None
-    resumed = kind == "token_ids" and request.resume_generated > 0
+    resumed = request.resume_generated > 0  # a token_ids prompt (refused above otherwise)
     # a resumed request sends the prompt back as prefill returned it (its placeholders expanded already), then
     # the tokens it generated (which may be anything, pad tokens included)
     own = len(ids) - request.resume_generated if resumed else len(ids)
@@ -122,6 +126,21 @@ def _message(m: common_pb2.ChatMessage, i: int) -> dict[str, Any]:
         if getattr(m, name):
             out[name] = getattr(m, name)
     return out
+
+
+def _tools(text: str) -> list[dict[str, Any]]:
+    """Chat.tools_json as OpenAI's `tools`: each {"type": "function", "function": {"name": ..., "parameters": a
+    JSON schema object (optional)}}, as the gateway's HTTP API checks them."""
+    tools = _json(text, "chat.tools_json", list)
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function" or \
+                not isinstance(function.get("name"), str) or not function["name"]:
+            raise InvalidArgument("chat.tools_json", f'tool {i} is not {{"type": "function", "function": '
+                                  '{"name": ...}}')
+        if not isinstance(function.get("parameters", {}), dict):
+            raise InvalidArgument("chat.tools_json", f"tool {i}'s parameters must be a JSON schema object")
+    return tools
 
 
 def _json(text: str, field: str, kind: type) -> Any:

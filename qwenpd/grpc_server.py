@@ -1,7 +1,7 @@
 """The gRPC server skeleton every qwenpd service uses: `make_server` (the error-mapping interceptor first,
-security, health, reflection, message limits, port 0 read back), `GrpcServer` (start, graceful shutdown on
-SIGTERM/SIGINT), and `run_server` / `serve_main`, the one start-up of the cache store, prefill, decode and the
-gateway.
+security, requests that do not parse refused, health, reflection, message limits, port 0 read back),
+`GrpcServer` (start, graceful shutdown on SIGTERM/SIGINT), and `run_server` / `serve_main`, the one start-up of
+the cache store, prefill, decode and the gateway.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from qwenpd import security as sec_mod
 from qwenpd.address import format_address, split_address
 from qwenpd.errors import QwenpdError
-from qwenpd.grpc_status import ErrorMappingInterceptor, OnStatus
+from qwenpd.grpc_status import ErrorMappingInterceptor, OnStatus, RequestParsingInterceptor
 from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
 from qwenpd.service_config import DEFAULT_GRACE_S
 
@@ -136,7 +136,8 @@ def make_server(*servicers: Any, host: str = "127.0.0.1", port: int = 0,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Any = None,
                 on_status: OnStatus | None = None) -> GrpcServer:
     """Build a grpc.aio server serving `servicers` (instances of generated `*Servicer` classes) plus
-    grpc.health.v1 and reflection, with the error-mapping interceptor first. Call inside the event loop.
+    grpc.health.v1 and reflection, with the error-mapping interceptor first and the one refusing requests that do
+    not parse (INVALID_ARGUMENT) last, inside the security checks. Call inside the event loop.
 
     security: a qwenpd.security.Security (TLS / mutual TLS port, bearer-token check); None = plaintext, open.
     on_status(method, code) is called once per finished call (metrics).
@@ -146,7 +147,7 @@ def make_server(*servicers: Any, host: str = "127.0.0.1", port: int = 0,
     merged = dict(server_options(max_message_bytes))
     merged.update(dict(options))
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(on_status), *sec_mod.server_interceptors(sec),
-                                           *interceptors], options=list(merged.items()))
+                                           *interceptors, RequestParsingInterceptor()], options=list(merged.items()))
     names = []
     for servicer in servicers:
         add, full_name = _registration(servicer)

@@ -1,6 +1,7 @@
 """The ONE mapping between domain errors (`qwenpd.errors`) and gRPC statuses, both ways, with google.rpc
-rich details: `to_status` / `abort_with` and the server interceptor that applies them to every handler, and
-`from_rpc_error`, which turns a failed call (sync or aio) back into the same exception class.
+rich details: `to_status` / `abort_with` and the server interceptor that applies them to every handler, the
+interceptor that turns a request that does not parse into INVALID_ARGUMENT, and `from_rpc_error`, which turns a
+failed call (sync or aio) back into the same exception class.
 """
 
 from __future__ import annotations
@@ -8,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -34,8 +38,10 @@ def _details(exc: QwenpdError) -> list[Any]:
         return [error_details_pb2.PreconditionFailure(violations=[error_details_pb2.PreconditionFailure.Violation(
             type=exc.violation_type, subject=exc.subject, description=exc.message)])]
     if isinstance(exc, RetryableError):
-        out: list[Any] = [error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=exc.message)])]
+        out: list[Any] = []
+        if isinstance(exc, ResourceExhausted):  # a quota ran out; an outage (Unavailable) is no quota's failure
+            out.append(error_details_pb2.QuotaFailure(violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=exc.message)]))
         if exc.retry_after_s is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
@@ -199,3 +205,102 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, on_status: OnStat
                    response_serializer=handler.response_serializer)
 
 
+# ---- requests that do not parse -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Unparsable:
+    """What a guarded deserializer hands on instead of a message: the bytes were not a valid `type_name`."""
+
+    type_name: str
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument("", f"the request is not a valid {self.type_name} message: {self.reason}",
+                               reason="MALFORMED_REQUEST")
+
+
+class LogThrottle:
+    """At most one log line per `every_s` seconds; the next line counts the ones left out in between."""
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self._clock = every_s, clock
+        self._next = float("-inf")
+        self._skipped = 0
+
+    def warning(self, message: str) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._skipped += 1
+            return
+        more = f" ({self._skipped} more since the last such line)" if self._skipped else ""
+        log.warning("%s%s", message, more)
+        self._next, self._skipped = now + self.every_s, 0
+
+
+class RequestParsingInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse as the method's message (bad UTF-8 in a string field, truncated or garbage
+    bytes) end the call with INVALID_ARGUMENT naming the message type, logged as one throttled WARNING line;
+    grpc's own answer is UNKNOWN with the exception's class and a traceback per call. Install it innermost: the
+    check runs inside the call, after the interceptors outside it (the bearer token is checked first)."""
+
+    def __init__(self, throttle: LogThrottle | None = None) -> None:
+        self._throttle = throttle or LogThrottle()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _parsed(handler, _guarded(handler.request_deserializer, handler_call_details.method, self._throttle))
+
+
+def _guarded(deserialize: Callable[[bytes], Any], method: str, throttle: LogThrottle) -> Callable[[bytes], Any]:
+    """`deserialize`, returning an Unparsable where it raises DecodeError (the call fails inside, mapped)."""
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "") or "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            # upb: "Error parsing message with type 'qwenpd.v1.X': String field had bad UTF-8"
+            reason = str(exc).rpartition("': ")[2] or "cannot be parsed"
+            throttle.warning(f"malformed request to {method}: not a valid {type_name} ({reason})")
+            return Unparsable(type_name, reason)
+
+    return parse
+
+
+def _parsed(handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any]) -> grpc.RpcMethodHandler:
+    """`handler` reading its requests through `deserialize`, refusing an Unparsable one with its error."""
+    kw = dict(request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+    def checked(request: Any) -> Any:
+        if isinstance(request, Unparsable):
+            raise request.error()
+        return request
+
+    async def each_checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield checked(request)
+
+    if handler.unary_unary or handler.stream_unary:
+        behavior = handler.unary_unary or handler.stream_unary
+        read = checked if handler.unary_unary else each_checked
+
+        async def unary(request, context):
+            return await behavior(read(request), context)
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(unary, **kw)
+    behavior = handler.unary_stream or handler.stream_stream
+    read = checked if handler.unary_stream else each_checked
+
+    async def stream(request, context):
+        result = behavior(read(request), context)
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                yield item
+        else:  # a coroutine writing with context.write()
+            await result
+
+    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return factory(stream, **kw)

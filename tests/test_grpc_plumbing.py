@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -46,6 +47,9 @@ def test_errors_round_trip_through_status(exc: errors.QwenpdError) -> None:
     assert type(back) is type(exc)
     assert (back.message, back.reason, back.metadata) == (exc.message, exc.reason, exc.metadata)
     for attr in ("field", "resource_name", "resource_type", "subject", "retry_after_s"):
+        if attr == "subject" and isinstance(exc, errors.Unavailable):  # sent in QuotaFailure, which is no outage's
+            assert back.subject == ""
+            continue
         assert getattr(back, attr, None) == getattr(exc, attr, None), attr
 
 
@@ -237,3 +241,87 @@ def test_our_channels_reach_a_returning_server_within_a_second() -> None:
                 await server.shutdown(grace_s=0)
 
     assert asyncio.run(main()) < 1.5
+
+
+def _bad_utf8(message) -> bytes:
+    """`message` serialized with its "X" replaced by bytes that are not UTF-8 (what a proto3 string must be)."""
+    return message.SerializeToString().replace(b"X", b"\xff\xfe")
+
+
+def test_requests_that_do_not_parse_are_invalid_argument_after_the_token_check(tmp_path, caplog) -> None:
+    """Bad UTF-8 in a string field, truncated or garbage bytes: INVALID_ARGUMENT naming the message type (never
+    UNKNOWN with a Python class name), on unary and streaming methods, reflection's client stream included, one
+    WARNING line and no traceback; a call without the bearer token is UNAUTHENTICATED first."""
+    from qwenpd.security import Security, channel
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    bad_decode = _bad_utf8(decode_pb2.DecodeRequest(checkpoint_id="aXb", request_id="r"))
+    seen: list[tuple[str, grpc.StatusCode]] = []
+
+    async def main() -> None:
+        server = grpc_server.make_server(Decode(), security=Security(auth_token_file=str(token)),
+                                         on_status=lambda m, c: seen.append((m.rsplit("/", 1)[-1], c)))
+        await server.start()
+        try:
+            async with channel(server.address, Security(auth_token_file=str(token)), aio=True) as good, \
+                    grpc.aio.insecure_channel(server.address) as anon:
+                decode = good.unary_stream("/qwenpd.v1.DecodeService/Decode")  # raw bytes in, raw bytes out
+                for raw in (bad_decode, bad_decode[:-2], b"\xff\xff\xff"):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        async for _ in decode(raw, timeout=5):
+                            pass
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+                    assert e.value.details().startswith("the request is not a valid qwenpd.v1.DecodeRequest message")
+                    assert "class" not in e.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await good.unary_unary("/qwenpd.v1.DecodeService/GetLoad")(b"\x0a\x80", timeout=5)
+                err = grpc_status.from_rpc_error(e.value)
+                assert isinstance(err, errors.InvalidArgument) and err.reason == "MALFORMED_REQUEST"
+                assert err.message == "the request is not a valid qwenpd.v1.GetLoadRequest message: " \
+                    "Wire format was corrupt"
+                reflect = good.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in reflect(iter([b"\xff\xff\xff"]), timeout=5,
+                                           metadata=(("authorization", "Bearer t0ken"),)):
+                        pass
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in anon.unary_stream("/qwenpd.v1.DecodeService/Decode")(bad_decode, timeout=5):
+                        pass
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await server.shutdown(grace_s=0)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert [c for _, c in seen] == [grpc.StatusCode.INVALID_ARGUMENT] * 5 + [grpc.StatusCode.UNAUTHENTICATED]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["malformed request to /qwenpd.v1.DecodeService/Decode: not a valid qwenpd.v1.DecodeRequest "
+                        "(String field had bad UTF-8)"], warnings  # the rest within 10 s are counted, not logged
+
+
+def test_log_throttle_writes_one_line_per_interval_and_counts_the_rest(caplog) -> None:
+    now = [0.0]
+    throttle = grpc_status.LogThrottle(every_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING):
+        for t in (0.0, 1.0, 9.9, 10.0, 10.5, 25.0):
+            now[0] = t
+            throttle.warning(f"at {t}")
+    assert [r.getMessage() for r in caplog.records] == [
+        "at 0.0", "at 10.0 (2 more since the last such line)", "at 25.0 (1 more since the last such line)"]
+
+
+def test_an_outage_carries_a_retry_hint_but_no_quota_failure() -> None:
+    from grpc_status import rpc_status
+
+    def details(exc: errors.QwenpdError) -> set[str]:
+        status = grpc_status.to_status(exc)
+        proto = rpc_status.from_call(FakeRpcError(status))
+        return {d.type_url.rsplit(".", 1)[-1] for d in proto.details}
+
+    assert details(errors.Unavailable("no decode instance is up", subject="decode", retry_after_s=1.0)) == \
+        {"ErrorInfo", "RetryInfo"}
+    assert details(errors.ResourceExhausted("cache full", subject="cache_store.budget_bytes", retry_after_s=0.1)) \
+        == {"ErrorInfo", "QuotaFailure", "RetryInfo"}

@@ -99,3 +99,26 @@ def test_durations_end_in_ns(tmp_path: Path) -> None:
                 if any(w in f.name for w in ("ttl", "duration", "timeout", "latency")) and not f.name.endswith("_ns"):
                     suspicious.append(f"{msg.name}.{f.name}")
     assert not suspicious
+
+
+def _comment(tmp_path: Path, message: str, field_name: str) -> str:
+    """The leading comment of `message.field_name` in the protos."""
+    message_type, field = 4, 2
+    for file in _descriptor_set(tmp_path).file:
+        for i, msg in enumerate(file.message_type):
+            for j, f in enumerate(msg.field):
+                if (msg.name, f.name) == (message, field_name):
+                    path = [message_type, i, field, j]
+                    return next(loc.leading_comments for loc in file.source_code_info.location if loc.path == path)
+    raise KeyError(f"{message}.{field_name}")
+
+
+def test_refused_values_of_wide_fields_are_documented(tmp_path: Path) -> None:
+    """A uint64 seed is refused from 2^63 (SamplingParams checks it), and the proto says so."""
+    from qwenpd.engine.sampling import SamplingParams
+
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**63)
+    assert "[0, 2^63)" in _comment(tmp_path, "SamplingParams", "seed")
+    assert "INVALID_ARGUMENT" in _comment(tmp_path, "SharedEntry", "prefix_key")
+    assert "INVALID_ARGUMENT" in _comment(tmp_path, "PrefillRequest", "resume_generated")

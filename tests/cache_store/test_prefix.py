@@ -105,12 +105,12 @@ def test_client_put_shared_lookup_and_multipart_checkpoint(store):
     own = {n: (t[:, 8:].contiguous() if n.endswith((".k", ".v")) else t) for n, t in whole.items()}
     snap = {n: t for n, t in whole.items() if not n.endswith((".k", ".v"))}
     with CacheStoreClient(store.address) as client:
-        items = [SharedItem(pb.ENTRY_KIND_KV_BLOCK, "k0", blocks[0], 4),
-                 SharedItem(pb.ENTRY_KIND_KV_BLOCK, "k1", blocks[1], 8),
-                 SharedItem(pb.ENTRY_KIND_SNAPSHOT, "k1", snap, 8)]
+        items = [SharedItem(pb.ENTRY_KIND_KV_BLOCK, "a0", blocks[0], 4),
+                 SharedItem(pb.ENTRY_KIND_KV_BLOCK, "a1", blocks[1], 8),
+                 SharedItem(pb.ENTRY_KIND_SNAPSHOT, "a1", snap, 8)]
         ids = client.put_shared(items, "fp")
         assert client.stats().leases == 0
-        hit = client.lookup_prefix("fp", ["k0", "k1"])
+        hit = client.lookup_prefix("fp", ["a0", "a1"])
         assert hit.blocks == 2 and hit.num_tokens == 8 and hit.kv_ids == ids[:2]
         assert torch.equal(hit.kv[1]["layers.3.k"], blocks[1]["layers.3.k"])
         assert torch.equal(hit.snapshot["layers.0.recurrent"], snap["layers.0.recurrent"])
@@ -119,8 +119,8 @@ def test_client_put_shared_lookup_and_multipart_checkpoint(store):
         with client.checkpoint(ckpt_id, "fp", state_shapes, STATE_DTYPES) as ckpt:
             for name, t in whole.items():
                 assert torch.equal(ckpt.tensors[name], t), name
-        # the same in one go: new block k1b published with the checkpoint that references k0 + k1b
-        ckpt_id = client.put_prefix_checkpoint([SharedItem(pb.ENTRY_KIND_KV_BLOCK, "k1b", blocks[1], 8)], own,
+        # the same in one go: new block a1b published with the checkpoint that references a0 + a1b
+        ckpt_id = client.put_prefix_checkpoint([SharedItem(pb.ENTRY_KIND_KV_BLOCK, "a1b", blocks[1], 8)], own,
                                                CheckpointMeta("fp", 10, {}), ids[:1], 1)
         with client.checkpoint(ckpt_id, "fp", state_shapes, STATE_DTYPES) as ckpt:
             assert all(torch.equal(ckpt.tensors[n], t) for n, t in whole.items())

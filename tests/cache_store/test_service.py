@@ -230,3 +230,32 @@ def test_stats_track_usage(store) -> None:
         info = client.info()
         assert info.store_id == store.store_id and info.shm_dir == str(SHM) and info.lease_ttl_ns == 60 * 10**9
         del a, b
+
+
+def test_shared_entries_need_hex_keys_and_sizes_are_reported_as_asked(store) -> None:
+    """CommitShared refuses a prefix_key that is not hex (naming it) before publishing any entry; a size too large
+    for the budget is reported as the caller gave it, not as the store rounded it up; request bytes that do not
+    parse are INVALID_ARGUMENT here too."""
+    stub = pb_grpc.CacheStoreStub(grpc.insecure_channel(store.address))
+    good = stub.AllocateSegment(pb.AllocateSegmentRequest(size_bytes=100, kind=pb.ENTRY_KIND_KV_BLOCK), timeout=5)
+    bad = stub.AllocateSegment(pb.AllocateSegmentRequest(size_bytes=100, kind=pb.ENTRY_KIND_KV_BLOCK), timeout=5)
+    code, details = raw_status(stub.CommitShared, pb.CommitSharedRequest(entries=[
+        pb.SharedEntry(entry_id=good.entry_id, kind=pb.ENTRY_KIND_KV_BLOCK, prefix_key="ab12", fingerprint=FP),
+        pb.SharedEntry(entry_id=bad.entry_id, kind=pb.ENTRY_KIND_KV_BLOCK, prefix_key="zz-not-hex",
+                       fingerprint=FP)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details["BadRequest"].field_violations[0].field == "entries[1].prefix_key"
+    assert stub.GetStats(pb.GetStatsRequest(), timeout=5).allocations == 2  # neither was published
+    code, _ = raw_status(stub.AllocateSegment, pb.AllocateSegmentRequest(size_bytes=2**64 - 1,
+                                                                         kind=pb.ENTRY_KIND_CHECKPOINT))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AllocateSegment(pb.AllocateSegmentRequest(size_bytes=2**64 - 1, kind=pb.ENTRY_KIND_CHECKPOINT),
+                             timeout=5)
+    assert e.value.details().startswith("18446744073709551615 bytes (18446744073709551616 once rounded up) exceed")
+    raw = pb.AcquireLeaseRequest(checkpoint_id="aXb").SerializeToString().replace(b"X", b"\xff\xfe")
+    with pytest.raises(grpc.RpcError) as e:
+        grpc.insecure_channel(store.address).unary_unary("/qwenpd.v1.CacheStore/AcquireLease")(raw, timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "the request is not a valid qwenpd.v1.AcquireLeaseRequest message: String field " \
+        "had bad UTF-8"

@@ -111,6 +111,66 @@ def test_incremental_detokenizer_matches_full_decode(tiny_model_dir):
     assert out == text == tok.decode(ids)
 
 
+def _byte_ids(tok) -> dict[bytes, int]:
+    """The id of each single-byte token of a byte-level tokenizer, by its byte."""
+    out: dict[bytes, int] = {}
+    for i in range(tok.vocab_size):
+        b = tok.token_bytes(i)
+        if len(b) == 1:
+            out.setdefault(b, i)
+    return out
+
+
+@pytest.mark.parametrize("ending", ["length", "eos", "stop_id", "finish", "stop_string_held"])
+def test_tracker_flushes_an_incomplete_character_as_replacement_at_the_end(tiny_model_dir, ending):
+    """A sequence that ends inside a multi-byte character (any finish reason) emits the bytes held back as U+FFFD,
+    as a UTF-8 decoder with errors="replace" does: the streamed text is the decoded tokens, never shorter."""
+    from qwenpd.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_model_dir)
+    byte = _byte_ids(tok)
+    ids = [*tok.encode("Hi "), byte["你".encode()[:1]], byte["你".encode()[1:2]]]  # "Hi " + 2 of 你's 3 bytes
+    eos = 9999
+    params = {"length": SamplingParams(max_tokens=len(ids)),
+              "eos": SamplingParams(max_tokens=10), "stop_id": SamplingParams(max_tokens=10, stop_token_ids=(7,)),
+              "finish": SamplingParams(max_tokens=10),
+              "stop_string_held": SamplingParams(max_tokens=len(ids), stop=("\ufffdz",))}[ending]
+    t = OutputTracker(params, frozenset({eos}), tok)
+    pieces = [t.push(i) for i in ids]
+    assert pieces[-1] == "\ufffd" if ending in ("length", "stop_string_held") else pieces[-2:] == ["", ""]
+    if ending == "eos":
+        pieces.append(t.push(eos))
+    elif ending == "stop_id":
+        pieces.append(t.push(7))
+    elif ending == "finish":
+        pieces.append(t.finish("length"))
+    whole = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+    assert whole == "Hi \ufffd" and "".join(pieces) == t.text == whole
+    assert t.finish_reason == ("stop" if ending in ("eos", "stop_id") else "length")
+
+
+def test_generate_ends_with_the_replacement_of_a_last_partial_character(engine):
+    """The engine's own loop: greedy "Hello" on the tiny model gives one byte of a character (token 98, b"\xa2")
+    first; stopping there (max_tokens 1) still emits it, as U+FFFD."""
+    from qwenpd.engine.generate import generate
+
+    result = generate(engine, engine.tokenizer.encode("Hello"), SamplingParams(temperature=0, max_tokens=1))
+    assert result.token_ids == [98] and engine.tokenizer.token_bytes(98) == b"\xa2"
+    assert result.text == "\ufffd" and result.finish_reason == "length"
+
+
+def test_incremental_detokenizer_flush(tiny_model_dir):
+    from qwenpd.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    tok = Tokenizer(tiny_model_dir)
+    byte = _byte_ids(tok)
+    d = IncrementalDetokenizer(tok, tok.encode("Prompt"))
+    assert d.flush() == ""  # nothing held back
+    assert [d.push(i) for i in (byte[b"\xe4"], byte[b"\xbd"])] == ["", ""] and d.unread == 2
+    assert d.flush() == "\ufffd" and d.unread == 0 and d.flush() == ""
+    assert d.push(byte[b"a"]) == "a"  # later text decodes on its own
+
+
 def test_chat_template(tiny_model_dir):
     from qwenpd.engine.tokenizer import Tokenizer
 

@@ -832,7 +832,8 @@ class SharedEntry(_message.Message):
     prefix_key: _builtins.str
     """Hex key of the block chain the entry belongs to: for a KV block, the key of that block; for a snapshot,
     the key of the block that ends where the snapshot was taken. Keys are seeded with the model fingerprint
-    and the request's cache salt, so they never match across models or tenants.
+    and the request's cache salt, so they never match across models or tenants. Anything but hex digits is
+    INVALID_ARGUMENT.
     """
     fingerprint: _builtins.str
     """Model fingerprint of the bytes."""

@@ -106,7 +106,9 @@ class SamplingParams(_message.Message):
     top_k: _builtins.int
     """Keep only the k most likely tokens; 0 = off."""
     seed: _builtins.int
-    """Seed of the request's sampler, for reproducible sampling. Absent = drawn at random by prefill."""
+    """Seed of the request's sampler, for reproducible sampling, in [0, 2^63) (INVALID_ARGUMENT at 2^63 and
+    above). Absent = drawn at random by prefill.
+    """
     max_tokens: _builtins.int
     """Tokens to generate, the first one (sampled by prefill) included. Absent = the server's default."""
     ignore_eos: _builtins.bool

@@ -61,7 +61,10 @@ class Chat(_message.Message):
     enable_thinking: _builtins.bool
     """Passed to the template as `enable_thinking`. Absent = the template's default."""
     tools_json: _builtins.str
-    """Tools the model may call: OpenAI's `tools` array as JSON, passed to the template as `tools`. Empty = none."""
+    """Tools the model may call: OpenAI's `tools` array as JSON, passed to the template as `tools`: each
+    {"type": "function", "function": {"name": ..., "parameters": a JSON schema object (optional)}}, else
+    INVALID_ARGUMENT. Empty = none.
+    """
     template_kwargs_json: _builtins.str
     """Other arguments of the template (e.g. preserve_thinking), a JSON object of name -> value. Names the template
     gets from elsewhere (messages, tools, add_generation_prompt, enable_thinking, bos_token, eos_token) are refused.
@@ -120,7 +123,8 @@ class PrefillRequest(_message.Message):
     this many tokens that were already generated for it. Prefill continues the request's seeded random
     stream after them (the sampling seed must be the original one), counts them against max_tokens and
     carries held-back stop-string text over to decode, so the output continues exactly where it broke
-    off. Must be less than the prompt's length and than max_tokens; absent or 0 = a new request.
+    off. Must be less than the prompt's length and than max_tokens; absent or 0 = a new request. A text or
+    chat prompt with resume_generated > 0 is INVALID_ARGUMENT.
     Prefill recomputes only the original prompt (or restores resume_checkpoint_id's state) and decode replays
     the generated tokens through its own step kernels, so the continuation is the one the failed decode would
     have produced, bit for bit (greedy and seeded sampling alike).

@@ -127,7 +127,8 @@ class SamplingParams(_message.Message):
     """Constrained decoding: a JSON object saying what the output must be, enforced token by token (llguidance):
     {"type": "json_schema", "schema": {...}}, {"type": "json_object"}, {"type": "regex", "pattern": "..."} or
     {"type": "lark", "grammar": "..."}; optional "after": "</think>" leaves the text free until that string
-    was generated. Empty = unconstrained. INVALID_ARGUMENT names it when the grammar library refuses it.
+    was generated. Empty = unconstrained. INVALID_ARGUMENT names it when the grammar library refuses it, and
+    for a key its type does not take.
     With a chat prompt whose template opened the model's reasoning, "after": "</think>" is the default.
     """
     token_bytes: _builtins.bool

@@ -35,7 +35,8 @@ class DecodeRequest(_message.Message):
     @_builtins.property
     def sampling(self) -> _common_pb2.SamplingParams:
         """Sampling options for the rest of the sequence. Absent = those prefill recorded in the checkpoint
-        (the usual case); when given, its seed is ignored: the sampler continues prefill's random stream.
+        (the usual case); when given, its seed is ignored: the sampler continues prefill's random stream, and its
+        structured_output must be prefill's (the first token was sampled under it): INVALID_ARGUMENT otherwise.
         """
 
     def __init__(

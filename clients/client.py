@@ -32,7 +32,7 @@ from qwenpd.clients.dispatch import Chunk, Dispatcher, Trace, resumable, unary
 from qwenpd.clients.routing import BackendPool
 from qwenpd.protos.qwenpd.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from qwenpd.limits import DEFAULT_MAX_MESSAGE_BYTES
-from qwenpd.security import Security
+from qwenpd.security import KEEPALIVE_OPTIONS, Security
 from qwenpd.security import channel as secure_channel
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -130,7 +130,7 @@ class AsyncClient:
         self.timeout = timeout
         self._security = security
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
-                         ("grpc.max_send_message_length", max_message_bytes)]
+                         ("grpc.max_send_message_length", max_message_bytes), *KEEPALIVE_OPTIONS]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.dispatcher = Dispatcher(BackendPool(prefill if isinstance(prefill, str) else list(prefill), "prefill"),
                                      BackendPool(decode if isinstance(decode, str) else list(decode), "decode"),

@@ -7,15 +7,23 @@ instance died or is shutting down), re-prefills prompt + the tokens already rece
 set (and the stream's last resume point, `resume_checkpoint_id`) and continues on the best decode instance.
 Prefill restores the state the failed decode had (or recomputes the prompt), decode replays the tokens after it
 and continues the same seeded random stream (the request must carry a seed: `resumable`), budget and stop-string
-state, so the caller sees one uninterrupted output, identical to a run without the failure. Leaving the stream early cancels the decode call, which frees its slot.
+state, so the caller sees one uninterrupted output, identical to a run without the failure. Leaving the stream
+early cancels the decode call, which frees its slot.
+
+A backend that hangs (a frozen process: its connection stays open, it never answers) breaks no call by itself.
+Two things end such calls: keepalive pings on the channels (qwenpd.security.KEEPALIVE_OPTIONS; the transport
+closes and its calls fail with UNAVAILABLE) and, in the gateway, the health checks: when they eject a backend
+because it stopped answering, every call of ours in flight there is cancelled as UNAVAILABLE (`_abandon`), so
+a prefill is retried on another instance and a decode stream resumes on another one, as after a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +129,8 @@ class Dispatcher:
         self.poll_load = poll_load
         self.eject = eject
         self.resumed = 0  # streams continued after a decode failure
+        self._calls: dict[str, set[Any]] = {}  # address -> our prefill / decode / encode calls in flight there
+        self._abandoned: set[Any] = set()  # of those, the ones `_abandon` cancelled
         # on_health(backend, kind, why): called when a backend is ejected (why = the failure) or readmitted
         self.on_health: Callable[[Backend, str, str], None] = lambda backend, kind, why: None
 
@@ -170,7 +180,7 @@ class Dispatcher:
             BackendPool.started(backend)
             ok = False
             try:
-                response = await unary(stub.Encode(call, timeout=timeout))
+                response = await self._unary(backend, "encoder", stub.Encode(call, timeout=timeout))
                 ok = True
             except InvalidArgument as exc:  # named as the request names the item (media[k] is the k-th of all)
                 raise InvalidArgument(_own_field(request, exc.field), exc.description, reason=exc.reason) from None
@@ -193,7 +203,7 @@ class Dispatcher:
             BackendPool.started(backend)
             ok = False
             try:
-                response = await unary(stub.Prefill(request, timeout=timeout))
+                response = await self._unary(backend, "prefill", stub.Prefill(request, timeout=timeout))
                 ok = True
                 return response
             except Unavailable as exc:
@@ -214,24 +224,25 @@ class Dispatcher:
             BackendPool.started(backend)
             received = ok = False
             try:
-                async for pb in call:
-                    received = True
-                    if pb.HasField("resume_point"):
-                        trace.resume_point = pb.resume_point.checkpoint_id
-                        if not pb.token_ids and not pb.text and not pb.HasField("finish_reason"):
-                            continue  # only where to resume from: nothing for the caller
-                    chunk = Chunk(list(pb.token_ids), pb.text, list(pb.logprobs),
-                                  FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None,
-                                  [[(c.id, c.logprob, c.text, c.bytes) for c in t.candidates]
-                                   for t in pb.top_logprobs], list(pb.token_bytes))
-                    trace.received(len(chunk.token_ids))
-                    if chunk.finish_reason is not None:
-                        trace.usage = pb.usage
-                    yield chunk
+                with self._tracking(backend, "decode", call):
+                    async for pb in call:
+                        received = True
+                        if pb.HasField("resume_point"):
+                            trace.resume_point = pb.resume_point.checkpoint_id
+                            if not pb.token_ids and not pb.text and not pb.HasField("finish_reason"):
+                                continue  # only where to resume from: nothing for the caller
+                        finish = FINISH_NAMES.get(pb.finish_reason) if pb.HasField("finish_reason") else None
+                        chunk = Chunk(list(pb.token_ids), pb.text, list(pb.logprobs), finish,
+                                      [[(c.id, c.logprob, c.text, c.bytes) for c in t.candidates]
+                                       for t in pb.top_logprobs], list(pb.token_bytes))
+                        trace.received(len(chunk.token_ids))
+                        if chunk.finish_reason is not None:
+                            trace.usage = pb.usage
+                        yield chunk
                 ok = True
                 return
-            except grpc.RpcError as err:
-                exc = from_rpc_error(err)
+            except (grpc.RpcError, Unavailable) as err:
+                exc = from_rpc_error(err) if isinstance(err, grpc.RpcError) else err
                 if isinstance(exc, Unavailable):
                     self._failed(backend, "decode", exc)
                 if received or not isinstance(exc, Unavailable):
@@ -293,6 +304,8 @@ class Dispatcher:
             if backend.slow_checks < self.slow_checks:
                 return
         self._set_up(backend, kind, False, error.message)
+        if isinstance(error, DeadlineExceeded) and self.eject:
+            self._abandon(backend)  # it stopped answering: what runs there may never end
 
     def _set_up(self, backend: Backend, kind: str, up: bool, why: str = "") -> None:
         if not self.eject:
@@ -302,6 +315,35 @@ class Dispatcher:
 
     def _failed(self, backend: Backend, kind: str, error: QwenpdError) -> None:
         self._set_up(backend, kind, False, error.message)
+
+    # ---- calls in flight -----------------------------------------------------------------------------------------
+    async def _unary(self, backend: Backend, kind: str, call: Any) -> Any:
+        with self._tracking(backend, kind, call):
+            return await unary(call)
+
+    @contextlib.contextmanager
+    def _tracking(self, backend: Backend, kind: str, call: Any) -> Iterator[None]:
+        """`call` is in flight on `backend` inside this block. When `_abandon` cancels it, it fails with
+        Unavailable (not CancelledError: the caller did not leave), which retries or resumes the request."""
+        calls = self._calls.setdefault(backend.address, set())
+        calls.add(call)
+        try:
+            yield
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call not in self._abandoned or (task is not None and task.cancelling()):
+                raise
+            raise Unavailable(f"{kind} {backend.address} stopped answering", subject=kind) from None
+        finally:
+            calls.discard(call)
+            self._abandoned.discard(call)
+
+    def _abandon(self, backend: Backend) -> None:
+        """Cancel our calls in flight on a backend that stopped answering (a frozen process keeps its connection
+        open, so they would wait for their deadline): each fails with Unavailable (`_tracking`)."""
+        for call in list(self._calls.get(backend.address, ())):
+            self._abandoned.add(call)
+            call.cancel()
 
     async def _decode_back(self) -> bool:
         """Wait up to resume_wait_s until some decode address answers again; re-prefilling before that would

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -23,6 +24,7 @@ from qwenpd.clients.routing import Backend, BackendPool
 from qwenpd.gateway.config import GatewayConfig
 from qwenpd.gateway.metrics import GatewayMetrics
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from qwenpd.security import KEEPALIVE_OPTIONS
 from qwenpd.security import channel as secure_channel
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class Gateway:
         self.config = config
         self.metrics = metrics or GatewayMetrics()
         self._options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                         ("grpc.max_send_message_length", config.max_message_bytes)]
+                         ("grpc.max_send_message_length", config.max_message_bytes), *KEEPALIVE_OPTIONS]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.dispatcher = Dispatcher(BackendPool(list(config.prefill), "prefill", config.max_in_flight_prefill),
                                      BackendPool(list(config.decode), "decode", config.max_in_flight_decode),
@@ -63,6 +65,10 @@ class Gateway:
         self.dispatcher.on_health = self._on_health
         self._health_task: asyncio.Task | None = None
         self.model_info: prefill_pb2.ModelInfo | None = None
+        self._grpc_health: Any = None  # the gRPC server's grpc.health.v1 servicer, once `serve_health` is called
+        self._grpc_health_names: tuple[str, ...] = ()
+        self._grpc_health_lock = asyncio.Lock()
+        self._grpc_health_tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.dispatcher.check_health()
@@ -79,12 +85,40 @@ class Gateway:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        await asyncio.gather(*self._grpc_health_tasks, return_exceptions=True)
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
 
+    @property
+    def serving(self) -> bool:
+        """Whether requests can be served: some prefill and some decode instance is up. False: HTTP /health
+        answers 503 and grpc.health.v1 NOT_SERVING."""
+        d = self.dispatcher
+        return d.prefill_pool.up_count() > 0 and d.decode_pool.up_count() > 0
+
+    async def serve_health(self, health: Any, services: Iterable[str]) -> None:
+        """From now on report `serving` through `health` (a grpc.health.v1 aio servicer) for `services` ("" and
+        the gateway's own), as load balancers and Kubernetes probes ask: NOT_SERVING while no prefill or no
+        decode instance is up, SERVING again when one is back."""
+        self._grpc_health, self._grpc_health_names = health, tuple(services)
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        from grpc_health.v1 import health_pb2
+
+        async with self._grpc_health_lock:  # the state as it is when the lock is ours: the last call sets the last
+            answer = health_pb2.HealthCheckResponse
+            status = answer.SERVING if self.serving else answer.NOT_SERVING
+            for name in self._grpc_health_names:
+                await self._grpc_health.set(name, status)  # ignored once the server shuts down (stays NOT_SERVING)
+
     def _on_health(self, backend: Backend, kind: str, why: str) -> None:
         self.metrics.backend_up.labels(kind, backend.address).set(int(backend.up))
+        if self._grpc_health is not None:
+            task = asyncio.get_running_loop().create_task(self._publish_health())
+            self._grpc_health_tasks.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self._grpc_health_tasks.discard)
         if backend.up:
             log.warning("%s %s readmitted", kind, backend.address)
         else:

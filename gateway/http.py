@@ -76,7 +76,7 @@ class HttpApi:
     async def health(self, request: Request) -> Response:
         d = self.gateway.dispatcher
         body = {"prefill_up": d.prefill_pool.up_count(), "decode_up": d.decode_pool.up_count()}
-        ok = body["prefill_up"] > 0 and body["decode_up"] > 0
+        ok = self.gateway.serving
         self._count("/health", 200 if ok else 503)
         return JSONResponse({"status": "ok" if ok else "unavailable", **body}, status_code=200 if ok else 503)
 

@@ -69,7 +69,8 @@ async def run(config: GatewayConfig, on_ready: OnReady | None = None) -> None:
     gateway = Gateway(config, metrics)
 
     @contextlib.asynccontextmanager
-    async def http_api(server: GrpcServer) -> AsyncIterator[dict[str, str]]:
+    async def companion(server: GrpcServer) -> AsyncIterator[dict[str, str]]:
+        await gateway.serve_health(server.health, ("", *server.service_names))  # the pools', not the process's
         if not config.http_listen:
             yield {"http": ""}
             return
@@ -85,7 +86,7 @@ async def run(config: GatewayConfig, on_ready: OnReady | None = None) -> None:
         await gateway.start()
         await run_server(GenerateServicer(gateway), listen=config.listen, security=config.security, metrics=metrics,
                          metrics_port=config.metrics_port, grace_s=config.grace_s, on_ready=on_ready,
-                         max_message_bytes=config.max_message_bytes, companion=http_api,
+                         max_message_bytes=config.max_message_bytes, companion=companion,
                          describe=f"gateway (prefill {','.join(config.prefill)}, decode {','.join(config.decode)})")
     finally:
         await gateway.stop()

@@ -40,6 +40,9 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        # our clients' keepalive pings (security.KEEPALIVE_OPTIONS: one after 20 s without data) are welcome;
+        # gRPC's default (5 min) counts them as strikes and would end the connection with GOAWAY
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
 

@@ -218,6 +218,18 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 # connect attempt's minimum timeout, 20 s.)
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
 
+# A peer that hangs (a frozen process: the kernel keeps its connection open) answers nothing and closes nothing, so
+# a call to it waits for its deadline. Keepalive pings on a connection with calls in flight find that out: a ping
+# unanswered for 10 s closes the transport and its calls fail with UNAVAILABLE (the dispatcher then retries or
+# resumes them elsewhere). grpc 1.85 times a keepalive ping out after grpc.http2.ping_timeout_ms (default 60 s),
+# not keepalive_timeout_ms alone: both are set. A ping goes out after keepalive_time without data from the peer,
+# at most grpc.http2.max_pings_without_data (default 2, kept) in a row until we send data again: gRPC servers
+# count pings faster than `grpc.http2.min_ping_interval_without_data_ms` (default 5 min) as strikes and answer
+# the third with GOAWAY ENHANCE_YOUR_CALM ("too_many_pings"), which fails every call on the connection; qwenpd's
+# servers take one every 10 s (grpc_server.server_options), other servers get at most two per silence.
+KEEPALIVE_OPTIONS = (("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.http2.ping_timeout_ms", 10_000))
+
 
 def channel(address: str, sec: Security | None = None, options: Iterable[tuple[str, Any]] = (), *,
             aio: bool = False) -> Any:

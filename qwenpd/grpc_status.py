@@ -271,7 +271,6 @@ def _guarded(deserialize: Callable[[bytes], Any], method: str, throttle: LogThro
 
 def _parsed(handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any]) -> grpc.RpcMethodHandler:
     """`handler` reading its requests through `deserialize`, refusing an Unparsable one with its error."""
-    kw = dict(request_deserializer=deserialize, response_serializer=handler.response_serializer)
 
     def checked(request: Any) -> Any:
         if isinstance(request, Unparsable):
@@ -282,20 +281,29 @@ def _parsed(handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any])
         async for request in requests:
             yield checked(request)
 
+    read = each_checked if handler.request_streaming else checked
+    return with_before(handler, lambda request, context: read(request), deserialize)
+
+
+def with_before(handler: grpc.RpcMethodHandler, before: Callable[[Any, Any], Any],
+                deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """`handler` (an aio one, any of the four kinds) whose behaviour gets before(request, context) instead of the
+    request: a check that hands the request on, or the request (stream) made from it; read with `deserializer`
+    where given. What server interceptors that act per call return."""
+    kw = dict(request_deserializer=deserializer or handler.request_deserializer,
+              response_serializer=handler.response_serializer)
     if handler.unary_unary or handler.stream_unary:
         behavior = handler.unary_unary or handler.stream_unary
-        read = checked if handler.unary_unary else each_checked
 
         async def unary(request, context):
-            return await behavior(read(request), context)
+            return await behavior(before(request, context), context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return factory(unary, **kw)
     behavior = handler.unary_stream or handler.stream_stream
-    read = checked if handler.unary_stream else each_checked
 
     async def stream(request, context):
-        result = behavior(read(request), context)
+        result = behavior(before(request, context), context)
         if hasattr(result, "__aiter__"):
             async for item in result:
                 yield item

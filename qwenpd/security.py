@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from qwenpd.errors import Unauthenticated
+from qwenpd.grpc_status import with_before
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -130,29 +131,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _checked(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary or handler.stream_unary:
-        behavior = handler.unary_unary or handler.stream_unary
-
-        async def unary(request, context):
-            check(context)
-            return await behavior(request, context)
-
-        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-        return factory(unary, **kw)
-    behavior = handler.unary_stream or handler.stream_stream
-
-    async def stream(request, context):
+    """`handler` that runs check(context) before anything else of a call."""
+    def before(request, context):
         check(context)
-        result = behavior(request, context)
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:  # a coroutine writing with context.write()
-            await result
+        return request
 
-    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-    return factory(stream, **kw)
+    return with_before(handler, before)
 
 
 # ---- client side -----------------------------------------------------------------------------------------------

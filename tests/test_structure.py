@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "address": set(),
     "metrics": set(),
     "grpc_status": {"errors"},
-    "security": {"errors", "grpc_status"},  # grpc_status.with_before: its token check wraps handlers as the parse check does
+    "security": {"errors", "grpc_status"},  # grpc_status.with_before wraps its token check
     "limits": {"errors"},
     "service_config": {"limits", "security", "address", "units"},
     "grpc_server": {"errors", "grpc_status", "security", "address", "limits", "service_config"},

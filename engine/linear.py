@@ -30,7 +30,12 @@ last bits), and MKL's fp32 sgemm behind F.linear changes its blocking with the r
 are packed too, every call of one row runs as two (the row twice, one result kept: a decode step at batch 1 streams
 the weight once either way), and a CPU without bf16 arithmetic uses the wide copy for every row count (it no
 longer takes the narrow bf16 path for one row: about 2x the projection time at batch 1 on such a CPU, per the table
-above, for one arithmetic at every batch size).
+above, for one arithmetic at every batch size). On a CPU with AMX, oneDNN's bf16 kernels choose their blocking by
+the row count, so no single count is safe to mix with another: there a bf16 weight is only ever called with 16..64
+rows (`_row_window`: padded up, split into blocks; exactly 16 for a shape where the window's counts disagree).
+Measured on a 2-vCPU Sapphire Rapids VM, `small` bf16: a decode step 8-12% slower at batch 1, 2-8% at batch 8,
+1-5% at batch 32, a 2,048-token prefill 13% slower (the 64-row blocks read the weights more often); capping oneDNN
+below AMX instead (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) made that prefill 3.2x slower.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ def cpu_has_bf16() -> bool:
     return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's bf16 tiles (oneDNN's kernels use them for bf16 matmuls: _row_window)."""
+    flags = cpu_flags()
+    return flags is not None and "amx_bf16" in flags
+
+
 def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -65,9 +76,33 @@ class PackedCopies:
     narrow: torch.Tensor  # the weight in oneDNN's layout, its own dtype
     wide: torch.Tensor | None  # an fp32 copy in oneDNN's layout (CPUs without bf16 arithmetic), else None
     one_row_exact: bool = False  # oneDNN's one-row kernel gives this shape the bits of the many-row one
+    window: tuple[int, int] | None = None  # calls of lo..hi rows only (_row_window); None: any count from 2
 
 
 _ONE_ROW_EXACT: dict[tuple, bool] = {}  # (out, in, dtype, wide) -> PackedCopies.one_row_exact
+_ROW_WINDOWS: dict[tuple, tuple[int, int]] = {}  # (out, in) -> PackedCopies.window of a bf16 weight on AMX
+ROW_WINDOW = (16, 64)
+_PROBE_ROWS = (16, 17, 31, 37, 48, 64)
+
+
+def _row_window(copies: PackedCopies, wide: bool) -> tuple[int, int] | None:
+    """The row counts to call this weight with so that a row's bits never depend on the rows beside it. None (any
+    count from 2 on) but for a bf16 weight on a CPU with AMX: oneDNN's AMX kernels choose their blocking, and
+    with it the order of the sums, by the row count (on a Sapphire Rapids VM a row of `small`'s down projection
+    had other bits in calls of 8, 16 and 128 rows, and some shapes changed again at a few hundred rows), but
+    calls of ROW_WINDOW's counts agree: there every call has 16..64 rows (tried once per shape on random rows, at
+    counts across the window), or exactly 16 where even those disagree."""
+    w = copies.narrow
+    if wide or w.dtype != torch.bfloat16 or not cpu_has_amx():
+        return None
+    key = tuple(w.shape)
+    if key not in _ROW_WINDOWS:
+        lo, hi = ROW_WINDOW
+        x = torch.randn(hi, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+        whole = _linear_rows(x, copies, False)
+        agree = all(torch.equal(_linear_rows(x[:m], copies, False), whole[:m]) for m in _PROBE_ROWS)
+        _ROW_WINDOWS[key] = ROW_WINDOW if agree else (lo, lo)
+    return _ROW_WINDOWS[key]
 
 
 def _one_row_exact(copies: PackedCopies, wide: bool) -> bool:
@@ -102,11 +137,32 @@ def _packed_linear_cpu(x: torch.Tensor, key: torch.Tensor, wide: bool) -> torch.
 def _linear(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
     if wide:
         x = x.float()
+    if copies.window is not None:
+        return _in_window(x, copies, wide)
     if x.numel() == x.shape[-1] and not copies.one_row_exact:  # run one row as two (docstring)
         row = x.reshape(1, x.shape[-1])
         y = _linear_rows(torch.cat((row, row)), copies, wide)[:1]
         return y.reshape(*x.shape[:-1], y.shape[-1])
     return _linear_rows(x, copies, wide)
+
+
+def _in_window(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
+    y = in_window(x.reshape(-1, x.shape[-1]), copies.window, lambda rows: _linear_rows(rows, copies, wide))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def in_window(rows: torch.Tensor, window: tuple[int, int], fn) -> torch.Tensor:
+    """fn over rows [M, in] called with window = (lo, hi) rows at a time only: blocks of hi rows, one of fewer than
+    lo padded with zero rows (their outputs dropped)."""
+    lo, hi = window
+    out = []
+    for start in range(0, rows.shape[0], hi):
+        part = rows[start:start + hi]
+        n = part.shape[0]
+        if n < lo:
+            part = torch.cat((part, part.new_zeros(lo - n, part.shape[1])))
+        out.append(fn(part)[:n])
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _linear_rows(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
@@ -130,7 +186,8 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
     wide = wide and weight.dtype != torch.float32  # an fp32 weight is its own wide copy
     copies = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
                           torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
-    _PACKED[handle] = dataclasses.replace(copies, one_row_exact=_one_row_exact(copies, wide))
+    _PACKED[handle] = dataclasses.replace(copies, one_row_exact=_one_row_exact(copies, wide),
+                                          window=_row_window(copies, wide))
     key = torch.tensor(handle, dtype=torch.int64).expand(weight.shape)
     weakref.finalize(key, _PACKED.pop, handle, None)
     return key
@@ -223,17 +280,23 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
     and is 2.9x slower than this at 512 rows, ours reconverts the weights every 8 rows (docs/performance.md)."""
     rows = x.reshape(-1, x.shape[-1])
     kernel = int8_step_kernel(x) if step else None
+    # with AMX, oneDNN's and aten's bf16 kernels sum in an order chosen by the row count (and here, on a weight
+    # block that is no packed copy, even counts of ROW_WINDOW disagree): calls of exactly 16 rows
+    window = (16, 16) if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_has_amx() else None
     if kernel == "qwenpd":
         y = torch.ops.qwenpd_int8.int8_matmul(rows.contiguous(), q, scale)
     elif kernel == "aten":
-        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale).to(x.dtype)
+        aten = lambda r: torch.ops.aten._weight_int8pack_mm(r.contiguous(), q, scale)  # noqa: E731
+        y = (aten(rows) if window is None else in_window(rows, window, aten)).to(x.dtype)
     elif x.device.type == "cpu" and onednn_packing_available():  # oneDNN: every row count from 2 on alike
-        one = rows.shape[0] == 1
+        one = rows.shape[0] == 1 and window is None
         rows = torch.cat((rows, rows)) if one else rows
         y = rows.new_empty(rows.shape[0], q.shape[0])
         block = max(16, CONVERTED_BYTES // (q.shape[1] * rows.element_size()))  # fixed per weight: same bits
         for start in range(0, q.shape[0], block):
-            part = torch.ops.mkldnn._linear_pointwise(rows, q[start:start + block].to(x.dtype), None, "none", [], "")
+            w = q[start:start + block].to(x.dtype)
+            mm = lambda r: torch.ops.mkldnn._linear_pointwise(r, w, None, "none", [], "")  # noqa: E731
+            part = mm(rows) if window is None else in_window(rows, window, mm)
             y[:, start:start + block] = part.float() * scale[start:start + block].float()
         y = y[:1] if one else y
     else:

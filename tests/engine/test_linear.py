@@ -48,6 +48,26 @@ def test_a_row_is_the_same_bits_among_any_rows(dtype, wide, shape):
         assert torch.equal(lin(x[n - 1]), rows[40][n - 1])  # a 1-D input too
 
 
+def test_bf16_on_amx_runs_calls_of_the_row_window(monkeypatch):
+    """On a CPU with AMX, oneDNN's bf16 kernels sum in an order chosen by the row count, so every call runs 16..64
+    rows (padded, or split): a row's bits are the same among any rows, 1 to 150 of them, 1-D input too. Forced here
+    on any CPU (the blocks and padding are what is tested; on AMX the kernels too)."""
+    from qwenpd.engine import linear
+
+    monkeypatch.setattr(linear, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(linear, "_ROW_WINDOWS", {})
+    g = torch.Generator().manual_seed(3)
+    lin = Linear((torch.randn(96, 640, generator=g) / 640 ** 0.5).bfloat16(), wide=False)
+    assert lin._copies.window in (linear.ROW_WINDOW, (16, 16))
+    x = torch.randn(150, 640, generator=g)
+    whole = lin(x)
+    assert whole.shape == (150, 96)
+    for n in (1, 2, 15, 16, 17, 63, 64, 65, 129):
+        assert torch.equal(lin(x[:n]), whole[:n]), f"{n} rows"
+    assert torch.equal(lin(x[7]), whole[7])
+    assert Linear(torch.randn(96, 640).float())._copies.window is None  # fp32: no AMX kernels
+
+
 def test_packed_linear_compiles_to_the_same_result():
     """A compiled graph calls the same op on the same packed copies (the key is a graph input like a weight)."""
     w = (torch.randn(96, 64) / 8).bfloat16()

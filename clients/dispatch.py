@@ -145,13 +145,17 @@ class Dispatcher:
         trace.first_token_at = time.perf_counter()
         prompt_ids = list(pre.prompt_token_ids)
         received: list[int] = []
+        finished = False
         for attempt in range(self.max_resumes + 1):
             try:
                 async for chunk in self.decode(pre, timeout, trace):
                     received += chunk.token_ids
+                    finished = chunk.finish_reason is not None
                     yield chunk
                 return
             except Unavailable:
+                if finished:  # the call broke after its last chunk (before its status): the stream is whole
+                    return
                 if attempt == self.max_resumes or not prompt_ids or not await self._decode_back():
                     raise
             self.resumed += 1

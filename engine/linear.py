@@ -80,9 +80,8 @@ class PackedCopies:
 
 
 _ONE_ROW_EXACT: dict[tuple, bool] = {}  # (out, in, dtype, wide) -> PackedCopies.one_row_exact
-_ROW_WINDOWS: dict[tuple, tuple[int, int]] = {}  # (out, in) -> PackedCopies.window of a bf16 weight on AMX
+_ROW_WINDOWS: dict[tuple, tuple[int, int]] = {}  # (out, in, threads) -> PackedCopies.window of bf16 on AMX
 ROW_WINDOW = (16, 64)
-_PROBE_ROWS = (16, 17, 31, 37, 48, 64)
 
 
 def _row_window(copies: PackedCopies, wide: bool) -> tuple[int, int] | None:
@@ -90,17 +89,17 @@ def _row_window(copies: PackedCopies, wide: bool) -> tuple[int, int] | None:
     count from 2 on) but for a bf16 weight on a CPU with AMX: oneDNN's AMX kernels choose their blocking, and
     with it the order of the sums, by the row count (on a Sapphire Rapids VM a row of `small`'s down projection
     had other bits in calls of 8, 16 and 128 rows, and some shapes changed again at a few hundred rows), but
-    calls of ROW_WINDOW's counts agree: there every call has 16..64 rows (tried once per shape on random rows, at
-    counts across the window), or exactly 16 where even those disagree."""
+    calls of ROW_WINDOW's counts agree: there every call has 16..64 rows (tried once per shape and thread count on
+    random rows, every count of the window), or exactly 16 where even those disagree."""
     w = copies.narrow
     if wide or w.dtype != torch.bfloat16 or not cpu_has_amx():
         return None
-    key = tuple(w.shape)
+    key = (*w.shape, torch.get_num_threads())
     if key not in _ROW_WINDOWS:
         lo, hi = ROW_WINDOW
         x = torch.randn(hi, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
         whole = _linear_rows(x, copies, False)
-        agree = all(torch.equal(_linear_rows(x[:m], copies, False), whole[:m]) for m in _PROBE_ROWS)
+        agree = all(torch.equal(_linear_rows(x[:m], copies, False), whole[:m]) for m in range(lo, hi))
         _ROW_WINDOWS[key] = ROW_WINDOW if agree else (lo, lo)
     return _ROW_WINDOWS[key]
 
@@ -155,6 +154,8 @@ def in_window(rows: torch.Tensor, window: tuple[int, int], fn) -> torch.Tensor:
     """fn over rows [M, in] called with window = (lo, hi) rows at a time only: blocks of hi rows, one of fewer than
     lo padded with zero rows (their outputs dropped)."""
     lo, hi = window
+    if not rows.shape[0]:
+        return fn(rows.new_zeros(lo, rows.shape[1]))[:0]
     out = []
     for start in range(0, rows.shape[0], hi):
         part = rows[start:start + hi]

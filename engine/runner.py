@@ -329,7 +329,8 @@ class GraphRunner:
                                    cache.v, slots, tables, positions, rope)
                 done += 1
                 _progress(done, total, f"decode batch {rows}, width {width}", started, t0)
-        self._warm_two_part(slots_conv[0], t0)
+        if self.two_part:
+            self._warm_two_part(slots_conv[0], t0)
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 

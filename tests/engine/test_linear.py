@@ -65,6 +65,7 @@ def test_bf16_on_amx_runs_calls_of_the_row_window(monkeypatch):
     for n in (1, 2, 15, 16, 17, 63, 64, 65, 129):
         assert torch.equal(lin(x[:n]), whole[:n]), f"{n} rows"
     assert torch.equal(lin(x[7]), whole[7])
+    assert lin(x[:0]).shape == (0, 96)
     assert Linear(torch.randn(96, 640).float())._copies.window is None  # fp32: no AMX kernels
 
 

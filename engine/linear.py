@@ -281,8 +281,8 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
     and is 2.9x slower than this at 512 rows, ours reconverts the weights every 8 rows (docs/performance.md)."""
     rows = x.reshape(-1, x.shape[-1])
     kernel = int8_step_kernel(x) if step else None
-    # with AMX, oneDNN's and aten's bf16 kernels sum in an order chosen by the row count (and here, on a weight
-    # block that is no packed copy, even counts of ROW_WINDOW disagree): calls of exactly 16 rows
+    # with AMX, oneDNN's and aten's bf16 kernels sum in an order chosen by the row count: aten's in calls of exactly
+    # 16 rows (its counts disagreed even within ROW_WINDOW), oneDNN's converted blocks packed and in their row window
     window = (16, 16) if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_has_amx() else None
     if kernel == "qwenpd":
         y = torch.ops.qwenpd_int8.int8_matmul(rows.contiguous(), q, scale)
@@ -296,6 +296,9 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
         block = max(16, CONVERTED_BYTES // (q.shape[1] * rows.element_size()))  # fixed per weight: same bits
         for start in range(0, q.shape[0], block):
             w = q[start:start + block].to(x.dtype)
+            if window is not None:  # packed once for the block's calls, which take its shape's row window
+                w = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                window = _row_window(PackedCopies(w, None), False)
             mm = lambda r: torch.ops.mkldnn._linear_pointwise(r, w, None, "none", [], "")  # noqa: E731
             part = mm(rows) if window is None else in_window(rows, window, mm)
             y[:, start:start + block] = part.float() * scale[start:start + block].float()

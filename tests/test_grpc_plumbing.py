@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -135,37 +136,45 @@ def test_make_server_needs_a_generated_servicer() -> None:
     asyncio.run(main())
 
 
-def test_every_call_reports_its_final_code_and_the_token_is_checked_per_call(tmp_path) -> None:
-    """on_status (metrics) sees OK, mapped errors and unauthenticated calls; the bearer-token check runs on every
-    call, not once per method (the error interceptor caches handlers); health checks need no token."""
+@contextlib.asynccontextmanager
+async def _secured_decode(tmp_path, seen: list):
+    """A Decode server that wants a bearer token (its on_status appends (method, code) to `seen`), with a channel
+    that sends the token and one that does not."""
     from qwenpd.security import Security, channel
 
     token = tmp_path / "token"
     token.write_text("t0ken\n")
+    server = grpc_server.make_server(Decode(), security=Security(auth_token_file=str(token)),
+                                     on_status=lambda m, c: seen.append((m.rsplit("/", 1)[-1], c)))
+    await server.start()
+    try:
+        async with channel(server.address, Security(auth_token_file=str(token)), aio=True) as good, \
+                grpc.aio.insecure_channel(server.address) as anon:
+            yield good, anon
+    finally:
+        await server.shutdown(grace_s=0)
+
+
+def test_every_call_reports_its_final_code_and_the_token_is_checked_per_call(tmp_path) -> None:
+    """on_status (metrics) sees OK, mapped errors and unauthenticated calls; the bearer-token check runs on every
+    call, not once per method (the error interceptor caches handlers); health checks need no token."""
     seen: list[tuple[str, grpc.StatusCode]] = []
 
     async def main() -> None:
-        server = grpc_server.make_server(Decode(), security=Security(auth_token_file=str(token)),
-                                on_status=lambda m, c: seen.append((m.rsplit("/", 1)[-1], c)))
-        await server.start()
-        try:
-            async with channel(server.address, Security(auth_token_file=str(token)), aio=True) as good, \
-                    grpc.aio.insecure_channel(server.address) as anon:
-                ok, bad = decode_pb2_grpc.DecodeServiceStub(good), decode_pb2_grpc.DecodeServiceStub(anon)
-                assert [c.token_ids[0] async for c in ok.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"))] == [1, 2]
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    async for _ in bad.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"), timeout=5):
-                        pass
-                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert isinstance(grpc_status.from_rpc_error(e.value), errors.Unauthenticated)
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await ok.GetLoad(decode_pb2.GetLoadRequest(), timeout=5)
-                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-                health = health_pb2_grpc.HealthStub(anon)
-                assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
-                    health_pb2.HealthCheckResponse.SERVING
-        finally:
-            await server.shutdown(grace_s=0)
+        async with _secured_decode(tmp_path, seen) as (good, anon):
+            ok, bad = decode_pb2_grpc.DecodeServiceStub(good), decode_pb2_grpc.DecodeServiceStub(anon)
+            assert [c.token_ids[0] async for c in ok.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"))] == [1, 2]
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in bad.Decode(decode_pb2.DecodeRequest(checkpoint_id="ok"), timeout=5):
+                    pass
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert isinstance(grpc_status.from_rpc_error(e.value), errors.Unauthenticated)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ok.GetLoad(decode_pb2.GetLoadRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(anon)
+            assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
+                health_pb2.HealthCheckResponse.SERVING
 
     asyncio.run(main())
     assert seen == [("Decode", grpc.StatusCode.OK), ("Decode", grpc.StatusCode.UNAUTHENTICATED),
@@ -252,46 +261,35 @@ def test_requests_that_do_not_parse_are_invalid_argument_after_the_token_check(t
     """Bad UTF-8 in a string field, truncated or garbage bytes: INVALID_ARGUMENT naming the message type (never
     UNKNOWN with a Python class name), on unary and streaming methods, reflection's client stream included, one
     WARNING line and no traceback; a call without the bearer token is UNAUTHENTICATED first."""
-    from qwenpd.security import Security, channel
-
-    token = tmp_path / "token"
-    token.write_text("t0ken\n")
     bad_decode = _bad_utf8(decode_pb2.DecodeRequest(checkpoint_id="aXb", request_id="r"))
     seen: list[tuple[str, grpc.StatusCode]] = []
 
     async def main() -> None:
-        server = grpc_server.make_server(Decode(), security=Security(auth_token_file=str(token)),
-                                         on_status=lambda m, c: seen.append((m.rsplit("/", 1)[-1], c)))
-        await server.start()
-        try:
-            async with channel(server.address, Security(auth_token_file=str(token)), aio=True) as good, \
-                    grpc.aio.insecure_channel(server.address) as anon:
-                decode = good.unary_stream("/qwenpd.v1.DecodeService/Decode")  # raw bytes in, raw bytes out
-                for raw in (bad_decode, bad_decode[:-2], b"\xff\xff\xff"):
-                    with pytest.raises(grpc.aio.AioRpcError) as e:
-                        async for _ in decode(raw, timeout=5):
-                            pass
-                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-                    assert e.value.details().startswith("the request is not a valid qwenpd.v1.DecodeRequest message")
-                    assert "class" not in e.value.details()
+        async with _secured_decode(tmp_path, seen) as (good, anon):
+            decode = good.unary_stream("/qwenpd.v1.DecodeService/Decode")  # raw bytes in, raw bytes out
+            for raw in (bad_decode, bad_decode[:-2], b"\xff\xff\xff"):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await good.unary_unary("/qwenpd.v1.DecodeService/GetLoad")(b"\x0a\x80", timeout=5)
-                err = grpc_status.from_rpc_error(e.value)
-                assert isinstance(err, errors.InvalidArgument) and err.reason == "MALFORMED_REQUEST"
-                assert err.message == "the request is not a valid qwenpd.v1.GetLoadRequest message: " \
-                    "Wire format was corrupt"
-                reflect = good.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    async for _ in reflect(iter([b"\xff\xff\xff"]), timeout=5,
-                                           metadata=(("authorization", "Bearer t0ken"),)):
+                    async for _ in decode(raw, timeout=5):
                         pass
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    async for _ in anon.unary_stream("/qwenpd.v1.DecodeService/Decode")(bad_decode, timeout=5):
-                        pass
-                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        finally:
-            await server.shutdown(grace_s=0)
+                assert e.value.details().startswith("the request is not a valid qwenpd.v1.DecodeRequest message")
+                assert "class" not in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await good.unary_unary("/qwenpd.v1.DecodeService/GetLoad")(b"\x0a\x80", timeout=5)
+            err = grpc_status.from_rpc_error(e.value)
+            assert isinstance(err, errors.InvalidArgument) and err.reason == "MALFORMED_REQUEST"
+            assert err.message == "the request is not a valid qwenpd.v1.GetLoadRequest message: " \
+                "Wire format was corrupt"
+            reflect = good.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in reflect(iter([b"\xff\xff\xff"]), timeout=5,
+                                       metadata=(("authorization", "Bearer t0ken"),)):
+                    pass
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in anon.unary_stream("/qwenpd.v1.DecodeService/Decode")(bad_decode, timeout=5):
+                    pass
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     with caplog.at_level(logging.INFO):
         asyncio.run(main())

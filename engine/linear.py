@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -75,25 +76,26 @@ def onednn_packing_available() -> bool:
 class PackedCopies:
     narrow: torch.Tensor  # the weight in oneDNN's layout, its own dtype
     wide: torch.Tensor | None  # an fp32 copy in oneDNN's layout (CPUs without bf16 arithmetic), else None
-    one_row_exact: bool = False  # oneDNN's one-row kernel gives this shape the bits of the many-row one
-    window: tuple[int, int] | None = None  # calls of lo..hi rows only (_row_window); None: any count from 2
+    window: tuple[int, int] | None = None  # the row counts every call takes (_row_window, in_window); None: any
 
 
-_ONE_ROW_EXACT: dict[tuple, bool] = {}  # (out, in, dtype, wide) -> PackedCopies.one_row_exact
-_ROW_WINDOWS: dict[tuple, tuple[int, int]] = {}  # (out, in, threads) -> PackedCopies.window of bf16 on AMX
+_ONE_ROW_EXACT: dict[tuple, bool] = {}  # (out, in, dtype, wide) -> _one_row_exact
+_ROW_WINDOWS: dict[tuple, tuple[int, int]] = {}  # (out, in, threads) -> the window of a bf16 weight on AMX
 ROW_WINDOW = (16, 64)
+FROM_TWO = (2, sys.maxsize)  # every count but one row alone (oneDNN's one-row kernel sums otherwise)
 
 
 def _row_window(copies: PackedCopies, wide: bool) -> tuple[int, int] | None:
     """The row counts to call this weight with so that a row's bits never depend on the rows beside it. None (any
-    count from 2 on) but for a bf16 weight on a CPU with AMX: oneDNN's AMX kernels choose their blocking, and
+    count) where one row alone gets the bits it gets among others, else FROM_TWO (one row runs as two: docstring),
+    but for a bf16 weight on a CPU with AMX: oneDNN's AMX kernels choose their blocking, and
     with it the order of the sums, by the row count (on a Sapphire Rapids VM a row of `small`'s down projection
     had other bits in calls of 8, 16 and 128 rows, and some shapes changed again at a few hundred rows), but
     calls of ROW_WINDOW's counts agree: there every call has 16..64 rows (tried once per shape and thread count on
     random rows, every count of the window), or exactly 16 where even those disagree."""
     w = copies.narrow
     if wide or w.dtype != torch.bfloat16 or not cpu_has_amx():
-        return None
+        return None if _one_row_exact(copies, wide) else FROM_TWO
     key = (*w.shape, torch.get_num_threads())
     if key not in _ROW_WINDOWS:
         lo, hi = ROW_WINDOW
@@ -136,16 +138,8 @@ def _packed_linear_cpu(x: torch.Tensor, key: torch.Tensor, wide: bool) -> torch.
 def _linear(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
     if wide:
         x = x.float()
-    if copies.window is not None:
-        return _in_window(x, copies, wide)
-    if x.numel() == x.shape[-1] and not copies.one_row_exact:  # run one row as two (docstring)
-        row = x.reshape(1, x.shape[-1])
-        y = _linear_rows(torch.cat((row, row)), copies, wide)[:1]
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    return _linear_rows(x, copies, wide)
-
-
-def _in_window(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
+    if copies.window is None:
+        return _linear_rows(x, copies, wide)
     y = in_window(x.reshape(-1, x.shape[-1]), copies.window, lambda rows: _linear_rows(rows, copies, wide))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -187,8 +181,7 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
     wide = wide and weight.dtype != torch.float32  # an fp32 weight is its own wide copy
     copies = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
                           torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
-    _PACKED[handle] = dataclasses.replace(copies, one_row_exact=_one_row_exact(copies, wide),
-                                          window=_row_window(copies, wide))
+    _PACKED[handle] = dataclasses.replace(copies, window=_row_window(copies, wide))
     key = torch.tensor(handle, dtype=torch.int64).expand(weight.shape)
     weakref.finalize(key, _PACKED.pop, handle, None)
     return key
@@ -290,19 +283,16 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
         aten = lambda r: torch.ops.aten._weight_int8pack_mm(r.contiguous(), q, scale)  # noqa: E731
         y = (aten(rows) if window is None else in_window(rows, window, aten)).to(x.dtype)
     elif x.device.type == "cpu" and onednn_packing_available():  # oneDNN: every row count from 2 on alike
-        one = rows.shape[0] == 1 and window is None
-        rows = torch.cat((rows, rows)) if one else rows
         y = rows.new_empty(rows.shape[0], q.shape[0])
         block = max(16, CONVERTED_BYTES // (q.shape[1] * rows.element_size()))  # fixed per weight: same bits
         for start in range(0, q.shape[0], block):
-            w = q[start:start + block].to(x.dtype)
+            w, block_window = q[start:start + block].to(x.dtype), FROM_TWO
             if window is not None:  # packed once for the block's calls, which take its shape's row window
                 w = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-                window = _row_window(PackedCopies(w, None), False)
+                block_window = _row_window(PackedCopies(w, None), False)
             mm = lambda r: torch.ops.mkldnn._linear_pointwise(r, w, None, "none", [], "")  # noqa: E731
-            part = mm(rows) if window is None else in_window(rows, window, mm)
+            part = in_window(rows, block_window, mm)
             y[:, start:start + block] = part.float() * scale[start:start + block].float()
-        y = y[:1] if one else y
     else:
         y = (F.linear(rows, q.to(x.dtype)).float() * scale.float()).to(x.dtype)
     return y.reshape(*x.shape[:-1], q.shape[0])

@@ -44,10 +44,11 @@ from qwenpd.engine.engine import DecodeBatch, Engine
 from qwenpd.engine.output import FINISH_LENGTH, OutputTracker
 from qwenpd.engine import state_spec
 from qwenpd.engine.mtp import MTPCache
+from qwenpd.engine.constraint import ConstraintError
 from qwenpd.engine.sampling import Sampler, greedy_batch
 from qwenpd.engine.speculative import Drafter
 from qwenpd.engine.state import HybridState
-from qwenpd.errors import QwenpdError, Unavailable
+from qwenpd.errors import InvalidArgument, QwenpdError, Unavailable
 from qwenpd.handoff import STREAM_TAIL, StreamRecord
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 # soon, so the policy sees the acceptance of what it is not drafting for; in one too large to draft, late (a
 # sequence that finishes first never pays for them; [CATCH_UP_LATE, H] hidden states kept per sequence at most)
 CATCH_UP, CATCH_UP_LATE = 32, 512
+FINISH_ERROR = "error"  # DecodeSequence.finish_reason of one that failed alone (its Output carries the error)
 
 
 @dataclass(slots=True)
@@ -411,9 +413,12 @@ class DecodeRunner:
                 seq.next_token = seq.replay.popleft()
                 replayed += 1
                 continue
-            token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
-            top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
-            out = seq.push(token, logprob, top)
+            try:
+                token, logprob = (ids[row], logprobs[row]) if greedy[row] else seq.sampler.sample(logits[row])
+                top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
+                out = seq.push(token, logprob, top)
+            except Exception as exc:  # noqa: BLE001 - this sequence fails, the batch goes on
+                out = _failed(seq, exc, Output([], [], ""))
             outputs.append((seq, out))
         for row, seq in enumerate(seqs):
             if hidden is not None and seq.drafter is not None and seq.finish_reason is None:
@@ -426,7 +431,7 @@ class DecodeRunner:
             self.replayed += replayed
             self.on_replay(replayed)
         for seq, out in outputs:
-            if out.finish_reason is not None:
+            if seq.finish_reason is not None:
                 self._leave(seq)
         return outputs
 
@@ -472,9 +477,13 @@ class DecodeRunner:
                 seq.num_tokens = start + i + 1
                 seq.tail.append(fed[b][i])
                 row = done.offsets[b] + i
-                token, logprob = (ids[row], logprobs[row]) if greedy[b] else seq.sampler.sample(logits[i])
-                top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
-                step_out = seq.push(token, logprob, top)
+                try:
+                    token, logprob = (ids[row], logprobs[row]) if greedy[b] else seq.sampler.sample(logits[i])
+                    top = seq.sampler.last_top if seq.sampler.params.top_logprobs else None
+                    step_out = seq.push(token, logprob, top)
+                except Exception as exc:  # noqa: BLE001 - this sequence fails (with what it made before), the batch goes on
+                    _failed(seq, exc, out)
+                    break
                 out.token_ids += step_out.token_ids
                 out.logprobs += step_out.logprobs
                 out.text += step_out.text
@@ -501,13 +510,13 @@ class DecodeRunner:
             self.policy.verified(accepted_at, drafting_seqs)
             self.on_verify(drafting_seqs, drafted, accepted_at)
         for seq, out in outputs:
-            if out.finish_reason is not None:
+            if seq.finish_reason is not None:
                 self._leave(seq)
         return outputs
 
     def _maybe_checkpoint(self, seq: DecodeSequence, out: Output) -> None:
         """Attach a copy of `seq`'s state to `out` for the service to store, when one is due."""
-        if self._checkpoint_due(seq, out):
+        if out.error is None and self._checkpoint_due(seq, out):
             copy_started, untimed = time.perf_counter(), self._untimed
             out.checkpoint = seq.state.to_tensors()
             if seq.drafter is not None and seq.draft_hidden is not None:  # the draft state, as a hand-off's
@@ -525,6 +534,19 @@ class DecodeRunner:
         if not self.checkpoint_every or out.finish_reason is not None or seq.stream is None or seq.state is None:
             return False
         return seq.num_tokens - seq.checkpointed_at >= self.checkpoint_every and not seq.writing
+
+
+def _failed(seq: DecodeSequence, exc: Exception, out: Output) -> Output:
+    """`seq` could not sample or record its token (its grammar cannot go on: INVALID_ARGUMENT naming
+    structured_output; anything else: INTERNAL): `out` (what it made before, this step) ends with the error and
+    the sequence leaves the batch; the other sequences of the step are not touched."""
+    if isinstance(exc, ConstraintError):
+        out.error = InvalidArgument("sampling.structured_output", str(exc))
+    else:
+        log.exception("sampling for %s failed", seq.request_id)
+        out.error = exc if isinstance(exc, QwenpdError) else QwenpdError(f"sampling failed: {exc}")
+    seq.finish_reason = FINISH_ERROR
+    return out
 
 
 def _take_unread(seqs: list[DecodeSequence], keep_last: bool = False) -> tuple[list, list, list, list]:

@@ -173,6 +173,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     outs.append(seq.sink.get_nowait())
                 errors = [o.error for o in outs if o.error is not None]
                 if errors:
+                    if any(o.token_ids for o in outs):  # what it made before it failed (one sequence's error)
+                        yield self._chunk(seq, outs)
                     raise errors[0]
                 chunk = self._chunk(seq, outs)
                 yield chunk

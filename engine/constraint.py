@@ -14,9 +14,10 @@ A request asks for it with `SamplingParams.structured_output`, a JSON object (th
 The grammar state is a pure function of the tokens generated so far, so prefill (which samples the first token)
 and decode (the rest) each build it from the request and the tokens before: nothing but the options crosses the
 split. Masks cover the model's whole vocabulary: rows past the tokenizer (real checkpoints pad the embedding)
-are never allowed. Once the grammar is complete only the sequence's ending ids (EOS) may follow; JSON is
-generated without free whitespace (llguidance's default separators), so a bounded schema ends in a bounded
-number of tokens.
+are never allowed. Once the grammar is complete only the sequence's ending ids (EOS) may follow (where none may, as
+before min_tokens, or where the library hits one of its limits, sampling raises ConstraintError: the request
+fails saying why, never with text outside the grammar); JSON is generated without free whitespace (llguidance's
+default separators), so a bounded schema ends in a bounded number of tokens.
 
 Masks are computed off the critical path: once a token is sampled the next position's mask depends on nothing
 else, so `Sampler.sample` starts it (`prefetch`) on a worker thread at once, and it runs (llguidance drops the GIL)
@@ -185,7 +186,9 @@ class Constraint:
         prefetched = self._pending is not None
         self._settle()  # first: the worker may still hold the matcher (llguidance refuses a second user)
         m = self.matcher
-        if m.is_stopped() or m.is_error():
+        if m.is_error():  # a limit of the library (a grammar too costly to follow) or a bug: never text past it
+            raise ConstraintError(f"the grammar cannot be followed further: {m.get_error()}")
+        if m.is_stopped():
             out = torch.full_like(logits, float("-inf"))
         else:
             if not prefetched:
@@ -196,8 +199,11 @@ class Constraint:
             if eos is not None and eos < out.numel() and eos not in self.ending_ids:
                 out[eos] = float("-inf")  # the library's own end marker: ours are ending_ids
         ending = [t for t in self.ending_ids if t < logits.numel()]
-        done = m.is_accepting() or m.is_stopped() or m.is_error()
+        done = m.is_accepting() or m.is_stopped()
         if ending and (done or not torch.isfinite(out).any()):  # complete, or a dead end: the sequence may end
             idx = torch.tensor(ending, device=logits.device)
             out[idx] = logits[idx]
-        return out if torch.isfinite(out).any() else logits  # nothing at all allowed: better text than NaN
+        if not torch.isfinite(out).any():  # never text outside the grammar: the request fails, saying why
+            raise ConstraintError("no token may follow here: the grammar is complete (or allows no token the "
+                                  "model has) and what would end the sequence is held back (min_tokens) or missing")
+        return out

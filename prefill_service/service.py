@@ -179,9 +179,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 token, logprob, text, top, draws = ids[c], 0.0, "", (), resume.draws
             else:
                 generated = ()
-                sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids, grammars=self.engine.grammars,
-                                          prompt=ids[:prompt_len])
-                token, logprob = sampler.sample(logits)
+                try:
+                    sampler = Sampler.resumed(params, 0, self.engine.eos_token_ids, grammars=self.engine.grammars,
+                                              prompt=ids[:prompt_len])
+                    token, logprob = sampler.sample(logits)
+                except ConstraintError as exc:  # the grammar cannot be followed (engine/constraint.py)
+                    raise InvalidArgument("sampling.structured_output", str(exc)) from None
                 top = tuple(c[:3] for c in candidates(self.engine.tokenizer, sampler.last_top))
                 text = IncrementalDetokenizer(self.engine.tokenizer, ids).push(token) if self.engine.tokenizer else ""
                 draws = sampler.draws

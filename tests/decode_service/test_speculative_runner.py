@@ -377,3 +377,61 @@ def test_the_heads_drafts_past_the_last_token_have_pages(engine, head, monkeypat
     _serve(runner, seq, finished)
     assert not errors, errors[0]
     assert got == (ref.token_ids, ref.logprobs) and max(accepted) == 8
+
+
+@pytest.mark.parametrize("drafting", [False, True], ids=["plain-step", "verify-pass"])
+def test_one_sequence_whose_sampling_fails_ends_alone_the_batch_goes_on(engine, head, monkeypatch, drafting):
+    """A sequence that cannot sample (its grammar cannot go on; anything raising in its sampler) gets its error,
+    with the tokens it made before in the same step, and leaves; the others of the batch, drafting or not, go on
+    with the tokens of plain decoding, and the loop serves later sequences."""
+    monkeypatch.setattr(engine, "draft_head", head)
+    refs = _reference(engine, GREEDY)
+    outputs: dict[str, list] = {}
+    arrived = threading.Condition()
+
+    def deliver(items):
+        with arrived:
+            for seq, out in items:
+                outputs.setdefault(seq.request_id, []).append(out)
+            arrived.notify_all()
+
+    def ended(rid: str) -> bool:
+        return any(o.error is not None or o.finish_reason is not None for o in outputs.get(rid, []))
+
+    runner = DecodeRunner(lambda: engine, 4, 8, deliver, num_speculative_tokens=K, speculative_max_batch=8,
+                          speculative_policy="always")
+    runner.start()
+    try:
+        seqs = [_sequence(engine, head, p, _params(GREEDY, i), f"r{i}", drafts=drafting)[0]
+                for i, p in enumerate(PROMPTS)]
+        # r0's sampler fails on its 6th draw: its constraint-like error must not touch r1 and r2
+        bad = seqs[0].sampler
+        plain_sample = Sampler.sample
+
+        def failing(self, logits):
+            if self is bad and self.draws == 5:
+                raise runner_mod.ConstraintError("the grammar cannot be followed further: lexer fuel exhausted")
+            return plain_sample(self, logits)
+
+        bad.params = dataclasses.replace(bad.params, logit_bias=((1, 0.0),))  # through its sampler, not argmax
+        monkeypatch.setattr(Sampler, "sample", failing)
+        for seq in seqs:
+            runner.submit(seq)
+        with arrived:
+            assert arrived.wait_for(lambda: all(ended(s.request_id) for s in seqs), timeout=120)
+        (err,) = [o.error for o in outputs["r0"] if o.error is not None]
+        assert err.status == "INVALID_ARGUMENT" and err.field == "sampling.structured_output"
+        assert "lexer fuel exhausted" in str(err)
+        made = [t for o in outputs["r0"] for t in o.token_ids]
+        assert [refs["r0"].token_ids[0], *made] == refs["r0"].token_ids[:5]  # what it made before, all of it
+        for rid in ("r1", "r2"):
+            assert all(o.error is None for o in outputs[rid])
+            assert [refs[rid].token_ids[0], *(t for o in outputs[rid] for t in o.token_ids)] == refs[rid].token_ids
+        assert runner.load_info().active == 0
+        later = _sequence(engine, head, PROMPTS[1], _params(GREEDY, 1), "later", drafts=drafting)[0]
+        runner.submit(later)
+        with arrived:
+            assert arrived.wait_for(lambda: ended("later"), timeout=120)
+        assert [refs["r1"].token_ids[0], *(t for o in outputs["later"] for t in o.token_ids)] == refs["r1"].token_ids
+    finally:
+        runner.stop()

@@ -5,6 +5,7 @@ tokenizer are never sampled."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -47,6 +48,25 @@ def test_lark_tool_call_and_regex(engine):
     out = generate(engine, prompt, SamplingParams(temperature=1.0, seed=4, max_tokens=20,
                                                   structured_output=_spec(type="regex", pattern="[0-9]{3}-[a-c]{2}")))
     assert out.finish_reason == "stop" and len(out.text) == 6 and out.text[3] == "-"
+
+
+def test_a_grammar_that_cannot_go_on_fails_the_request_never_text_outside_it(engine):
+    """Where nothing the grammar allows may come next (it is complete and min_tokens holds EOS back) or the
+    library's matcher stopped in error (one of its limits), sampling raises ConstraintError saying why: the
+    request fails, it does not end as "stop" nor go on unconstrained."""
+    prompt = engine.tokenizer.encode("Digit:")
+    params = SamplingParams(temperature=0, max_tokens=20, min_tokens=5,
+                            structured_output=_spec(type="regex", pattern="[0-9]"))
+    with pytest.raises(ConstraintError, match="grammar is complete .* held back"):
+        generate(engine, prompt, params)
+    sampler = Sampler.resumed(dataclasses.replace(params, min_tokens=0), 0, engine.eos_token_ids, (),
+                              engine.grammars)
+    digit = int(torch.argmax(sampler.constraint.allowed(torch.zeros(engine.config.vocab_size))))
+    assert engine.tokenizer.decode([digit]).isdigit()
+    sampler.constraint.matcher.consume_token(engine.tokenizer.encode("x")[0])  # not allowed: the matcher errs
+    assert sampler.constraint.matcher.is_error()
+    with pytest.raises(ConstraintError, match="cannot be followed further"):
+        sampler.sample(torch.zeros(engine.config.vocab_size))
 
 
 def test_free_text_until_after_then_the_grammar(engine):

@@ -141,6 +141,30 @@ def test_decode_refuses_another_grammar_than_prefills(services):
             assert before is plain or re.fullmatch("[ab]{3}", text), text
 
 
+def test_a_grammar_that_cannot_go_on_fails_its_stream_alone(services):
+    """A grammar complete after one digit with min_tokens 4: prefill streams the digit, decode's next step has
+    no token it may sample; the stream ends INVALID_ARGUMENT naming sampling.structured_output (not "stop", no
+    text outside the grammar) and the decode service serves the next request."""
+    from qwenpd.protos.qwenpd.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+    stuck = common_pb2.SamplingParams(temperature=0, max_tokens=12, min_tokens=4,
+                                      structured_output=json.dumps({"type": "regex", "pattern": "[0-9]"}))
+    with grpc.insecure_channel(services.prefill) as pch, grpc.insecure_channel(services.decode) as dch:
+        prefill, decode = prefill_pb2_grpc.PrefillServiceStub(pch), decode_pb2_grpc.DecodeServiceStub(dch)
+        pre = prefill.Prefill(prefill_pb2.PrefillRequest(text="Digit:", sampling=stuck), timeout=60)
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for chunk in decode.Decode(decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id), timeout=60):
+                got.append(chunk)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "sampling.structured_output" in err.value.details() and "min_tokens" in err.value.details()
+        assert "".join(c.text for c in got).isdigit() and not any(c.HasField("finish_reason") for c in got)
+        plain = common_pb2.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        pre = prefill.Prefill(prefill_pb2.PrefillRequest(text="Hello", sampling=plain), timeout=60)
+        chunks = list(decode.Decode(decode_pb2.DecodeRequest(checkpoint_id=pre.checkpoint_id), timeout=60))
+        assert sum(len(c.token_ids) for c in chunks) == 6 and chunks[-1].HasField("finish_reason")
+
+
 def test_the_python_client_constrains_and_parses(client):
     """Client.generate with tool_choice / response_format (issue 24, item 6): calls parsed, JSON content."""
     messages = [{"role": "user", "content": "Weather in Paris?"}]

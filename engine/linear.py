@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenpd.kernels.int8_matmul import available as int8_matmul_available
+from qwenpd.kernels.int8_matmul import kernel as int8_matmul_kernel
 from qwenpd.kernels.cpp_build import cpu_flags
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes packed for oneDNN on CPU
@@ -248,14 +248,17 @@ CONVERTED_BYTES = 16 << 20  # prefill rows: weight rows converted from int8 at a
 
 
 def int8_step_kernel(x: torch.Tensor) -> str | None:
-    """Which kernel multiplies decode-step rows x by int8 weights: "qwenpd" (kernels/int8_matmul: bf16 on a CPU
-    with AVX512-BF16 and AVX512-VBMI, built on first use), else "aten" (aten's weight-only int8 kernel: bf16 on CPU
+    """Which kernel multiplies decode-step rows x by int8 weights: "qwenpd-amx" (kernels/int8_matmul/amx.cpp: bf16
+    tiles on a CPU with AMX-BF16), "qwenpd" (kernels/int8_matmul/cpu.cpp: bf16 dot products on a CPU with
+    AVX512-BF16 and AVX512-VBMI; both built on first use; their bits differ: the name goes into the weight
+    fingerprint), else "aten" (aten's weight-only int8 kernel: bf16 on CPU
     where the input width is whole 16-lane vectors: torch 2.13's AVX512 kernel has no tail, reads past a row of
     another width and crashes; fp32 runs its scalar loop, ~11x slower), else None (the converted path)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return None
-    if int8_matmul_available():
-        return "qwenpd"
+    ours = int8_matmul_kernel()
+    if ours is not None:
+        return "qwenpd-amx" if ours == "amx" else "qwenpd"
     if x.shape[-1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         return "aten"
     return None
@@ -277,7 +280,9 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
     # with AMX, oneDNN's and aten's bf16 kernels sum in an order chosen by the row count: aten's in calls of exactly
     # 16 rows (its counts disagreed even within ROW_WINDOW), oneDNN's converted blocks packed and in their row window
     window = (16, 16) if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_has_amx() else None
-    if kernel == "qwenpd":
+    if kernel == "qwenpd-amx":
+        y = torch.ops.qwenpd_int8_amx.int8_matmul(rows.contiguous(), q, scale)
+    elif kernel == "qwenpd":
         y = torch.ops.qwenpd_int8.int8_matmul(rows.contiguous(), q, scale)
     elif kernel == "aten":
         aten = lambda r: torch.ops.aten._weight_int8pack_mm(r.contiguous(), q, scale)  # noqa: E731

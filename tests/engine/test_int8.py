@@ -27,11 +27,12 @@ def _weight(shape, dtype, seed=0) -> Int8Weight:
     return Int8Weight(q, scale.to(dtype))
 
 
-STEPS = ["qwenpd-step", "aten-step", "prefill"]  # a decode step's rows on either kernel, prefill rows
+# a decode step's rows on each kernel (ours: AMX tiles where the CPU has them, AVX512-BF16 dot products), prefill rows
+STEPS = ["qwenpd-step", "avx512-step", "aten-step", "prefill"]
 # fp32 decode-step rows take the converted path whichever kernel is there: "qwenpd-step" covers them
 PATHS = [pytest.param(dtype, path, id=f"{name}-{path}")
          for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))
-         for path in STEPS if not (dtype == torch.float32 and path == "aten-step")]
+         for path in STEPS if not (dtype == torch.float32 and path in ("aten-step", "avx512-step"))]
 
 
 def _step(path: str, monkeypatch, dtype: torch.dtype) -> bool:
@@ -39,10 +40,12 @@ def _step(path: str, monkeypatch, dtype: torch.dtype) -> bool:
     from qwenpd.engine import linear
     from qwenpd.kernels import int8_matmul
 
-    if path == "qwenpd-step" and not int8_matmul.available():
+    if path in ("qwenpd-step", "avx512-step") and not int8_matmul.available():
         pytest.skip("no int8 CPU kernel here: decode steps take aten's")
+    if path == "avx512-step":  # cpu.cpp even where the AMX kernel would run
+        monkeypatch.setattr(linear, "int8_matmul_kernel", lambda: "avx512")
     if path == "aten-step":
-        monkeypatch.setattr(linear, "int8_matmul_available", lambda: False)
+        monkeypatch.setattr(linear, "int8_matmul_kernel", lambda: None)
     return path != "prefill"
 
 
@@ -152,7 +155,8 @@ def test_int8_holds_int8_weights(tiny_model_dir, hf_checkpoint, tied):
         assert plain.weight_bytes - int8.weight_bytes == weights + head_weights - 2 * (rows + head_rows)
     assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in int8.model.blocks)
     from qwenpd.kernels import int8_matmul
-    assert int8.int8_kernel == ("qwenpd" if int8_matmul.available() else "aten") and plain.int8_kernel is None
+    want = {"amx": "qwenpd-amx", "avx512": "qwenpd", None: "aten"}[int8_matmul.kernel()]
+    assert int8.int8_kernel == want and plain.int8_kernel is None
     assert isinstance(int8.model.lm_head.int8, Int8Weight)
 
 

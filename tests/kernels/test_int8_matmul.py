@@ -18,6 +18,19 @@ from qwenpd.kernels.int8_matmul import cpu
 from qwenpd.kernels.int8_matmul.cpu import DISABLE_ENV
 
 needs_kernel = pytest.mark.skipif(not available(), reason=f"no int8 CPU kernel here: {cpu.why_not}")
+# each kernel of ours this CPU runs: amx.cpp (AMX-BF16) and cpu.cpp (AVX512-BF16), each against the reference
+KERNELS = [pytest.param("avx512", marks=needs_kernel),
+           pytest.param("amx", marks=pytest.mark.skipif(not cpu.load_amx(),
+                                                        reason=f"no AMX int8 kernel here: {cpu.why_not_amx}"))]
+
+
+@pytest.fixture(params=KERNELS)
+def which(request, monkeypatch):
+    """Run the test on one kernel: int8_matmul dispatches by kernel()."""
+    from qwenpd.kernels import int8_matmul as package
+
+    monkeypatch.setattr(package, "kernel", lambda: request.param)
+    return request.param
 
 
 def _inputs(m, n, k, seed=0, q_range=127):
@@ -39,23 +52,20 @@ def _check(x, q, scale):
     return got
 
 
-@needs_kernel
 @pytest.mark.parametrize("k", [1, 5, 63, 64, 65, 130, 1000, 3072])
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 17, 64])
-def test_int8_matmul_is_the_scaled_sum(n, k):
-    for m in (1, 2, 5, 8, 9, 19):
+def test_int8_matmul_is_the_scaled_sum(n, k, which):
+    for m in (1, 2, 5, 8, 9, 19, 33, 70):
         _check(*_inputs(m, n, k, seed=m))
 
 
-@needs_kernel
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(m=st.integers(1, 24), n=st.integers(1, 40), k=st.integers(1, 300), seed=st.integers(0, 2 ** 16))
-def test_int8_matmul_any_shape(m, n, k, seed):
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 80), n=st.integers(1, 40), k=st.integers(1, 300), seed=st.integers(0, 2 ** 16))
+def test_int8_matmul_any_shape(m, n, k, seed, which):
     _check(*_inputs(m, n, k, seed))
 
 
-@needs_kernel
-def test_int8_matmul_at_the_ends_of_the_range():
+def test_int8_matmul_at_the_ends_of_the_range(which):
     """q = +-127 everywhere, x of large and tiny (normal) magnitude, zeros: the table conversion is exact."""
     x, q, scale = _inputs(6, 33, 257, seed=4)
     q = torch.where(q >= 0, 127, -127).to(torch.int8)
@@ -70,12 +80,11 @@ def test_int8_matmul_at_the_ends_of_the_range():
     assert torch.equal(int8_matmul(eye, q, torch.ones(3, dtype=torch.bfloat16)), q.T.to(torch.bfloat16))
 
 
-@needs_kernel
-def test_a_row_is_the_same_bits_alone_in_any_batch_and_thread_count():
-    x, q, scale = _inputs(40, 203, 1100, seed=5)
+def test_a_row_is_the_same_bits_alone_in_any_batch_and_thread_count(which):
+    x, q, scale = _inputs(150, 203, 1100, seed=5)
     every = int8_matmul(x, q, scale)
-    for rows in (1, 2, 3, 7, 8, 9, 16, 17, 33):
-        for start in (0, 40 - rows, 3):
+    for rows in (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 48, 63, 64, 65, 100, 128, 150):
+        for start in (0, 150 - rows, 3 if rows < 148 else 0):
             part = x[start:start + rows]
             assert torch.equal(int8_matmul(part, q, scale), every[start:start + rows]), (rows, start)
     threads = torch.get_num_threads()
@@ -89,8 +98,7 @@ def test_a_row_is_the_same_bits_alone_in_any_batch_and_thread_count():
     assert torch.equal(int8_matmul(x, q[7:200].contiguous(), scale[7:200]), every[:, 7:200])
 
 
-@needs_kernel
-def test_int8_matmul_takes_strided_inputs_and_no_rows():
+def test_int8_matmul_takes_strided_inputs_and_no_rows(which):
     x, q, scale = _inputs(5, 20, 128, seed=6)
     wide = torch.zeros(5, 256, dtype=torch.bfloat16)
     wide[:, ::2] = x
@@ -98,8 +106,7 @@ def test_int8_matmul_takes_strided_inputs_and_no_rows():
     assert int8_matmul(x[:0], q, scale).shape == (0, 20)
 
 
-@needs_kernel
-def test_int8_matmul_refuses_what_it_does_not_compute():
+def test_int8_matmul_refuses_what_it_does_not_compute(which):
     x, q, scale = _inputs(2, 8, 64)
     with pytest.raises(RuntimeError, match="x must be bf16"):
         int8_matmul(x.float(), q, scale)

@@ -33,6 +33,7 @@ from qwenpd.decode_service.config import DecodeConfig
 from qwenpd.decode_service.runner import DecodeRunner, DecodeSequence, Output, ReadGuard
 from qwenpd.decode_service.state import state_from_checkpoint
 from qwenpd.engine import state_spec
+from qwenpd.engine.constraint import ConstraintError
 from qwenpd.engine.engine import Engine
 from qwenpd.engine.output import FINISH_LENGTH, FINISH_STOP, OutputTracker
 from qwenpd.engine.pages import kv_tokens
@@ -236,12 +237,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         tracker.restore(handoff.pending_text, handoff.detok_unread)  # a resumed request's held-back output
         generated = handoff.generated_ids if delivered else (*handoff.generated_ids, handoff.first_token)
         stream = StreamRecord.from_metadata(ckpt.metadata)
+        try:
+            sampler = await self._sampler(params, handoff, generated)
+        except BaseException:
+            guard.abandon()
+            raise
         seq = DecodeSequence(
             request_id=request.request_id or handoff.request_id,
             load=lambda: state_from_checkpoint(e, tensors, num_tokens, kv - num_tokens, ckpt.locations),
             guard=guard, kv_tokens=kv,
-            sampler=Sampler.resumed(params, handoff.sampler_draws, e.eos_token_ids,
-                                    generated if params.history else (), e.grammars, prompt=handoff.prompt_seen),
+            sampler=sampler,
             tracker=tracker,
             next_token=handoff.first_token, num_tokens=num_tokens, max_context=e.config.max_position_embeddings,
             sink=asyncio.Queue(), prompt_tokens=handoff.prompt_tokens, cached_tokens=handoff.cached_tokens,
@@ -259,6 +264,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         first.resume = resume
         seq.sink.put_nowait(first)
         return seq
+
+    async def _sampler(self, params, handoff: Handoff, generated: tuple[int, ...]) -> Sampler:
+        """The sequence's sampler, advanced past the tokens made before. With a grammar, it is built and its first
+        mask computed on a worker thread (a costly grammar takes up to a second: engine/constraint.py), stalling
+        neither the event loop nor the stepping thread; one the library cannot follow is INVALID_ARGUMENT."""
+        e = self.engine
+        assert e is not None
+
+        def build() -> Sampler:
+            sampler = Sampler.resumed(params, handoff.sampler_draws, e.eos_token_ids,
+                                      generated if params.history else (), e.grammars, prompt=handoff.prompt_seen)
+            if sampler.constraint is not None:
+                sampler.constraint.warm()
+            return sampler
+
+        if not params.structured_output:
+            return build()
+        try:
+            return await asyncio.to_thread(build)
+        except ConstraintError as exc:
+            raise InvalidArgument("sampling.structured_output", str(exc)) from None
 
     def _draft_state(self, params, draft: dict, resumed: bool) -> dict | None:
         """The draft state this sequence drafts from (None: it decodes one token per step). With speculation on

@@ -143,6 +143,7 @@ class Constraint:
     _tail: str = ""  # the end of the free text so far (to find `after` across token boundaries)
     _bitmask: torch.Tensor | None = None  # llguidance's packed mask, reused step after step
     _pending: Future | None = None  # the next position's mask being filled (prefetch)
+    _fresh: bool = False  # _bitmask is the current position's mask (filled since the last advance)
 
     @property
     def active(self) -> bool:
@@ -150,6 +151,7 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         self._settle()  # the matcher is not shared between threads
+        self._fresh = False
         if not self.active:
             if token < self.grammars.words:
                 self._tail = (self._tail + self.grammars.tokenizer.decode_str([token]))[-4 * len(self.after):]
@@ -160,9 +162,17 @@ class Constraint:
             return
         self.matcher.consume_token(token)
 
+    def warm(self) -> None:
+        """Compute the current position's mask now, on the calling thread: a service builds a sequence's constraint
+        off its stepping thread and warms it there, so a costly grammar's first mask (the library's lexer is
+        built lazily) does not stall the batch."""
+        self._settle()
+        if self.active and not self._fresh and not (self.matcher.is_stopped() or self.matcher.is_error()):
+            self._fill()
+
     def prefetch(self) -> None:
         """Start filling the next position's mask on the worker thread (after the last `advance`)."""
-        if PREFETCH and self.grammars.prefetch and self.active and self._pending is None and \
+        if PREFETCH and self.grammars.prefetch and self.active and self._pending is None and not self._fresh and \
                 not (self.matcher.is_stopped() or self.matcher.is_error()):
             self._pending = _MASKS.submit(self._fill)
 
@@ -177,13 +187,13 @@ class Constraint:
         if self._bitmask is None:
             self._bitmask = torch.full(((self.grammars.words + 31) // 32,), -1, dtype=torch.int32)
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
+        self._fresh = True
 
     def allowed(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [V] with every token the grammar does not allow now set to -inf (ending ids allowed where the
         grammar is complete; all tokens, free text, before `after`)."""
         if not self.active:
             return logits
-        prefetched = self._pending is not None
         self._settle()  # first: the worker may still hold the matcher (llguidance refuses a second user)
         m = self.matcher
         if m.is_error():  # a limit of the library (a grammar too costly to follow) or a bug: never text past it
@@ -191,7 +201,7 @@ class Constraint:
         if m.is_stopped():
             out = torch.full_like(logits, float("-inf"))
         else:
-            if not prefetched:
+            if not self._fresh:  # neither prefetched nor warmed
                 self._fill()
             out = logits.clone()
             apply_bitmask(out, self._bitmask)

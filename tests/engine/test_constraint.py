@@ -223,3 +223,28 @@ print(sorted(m for m in ("llguidance.torch", "torch._dynamo", "torch._inductor")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_warmed_constraint_computes_its_first_mask_once_where_it_was_warmed(engine, monkeypatch):
+    """decode builds a sequence's constraint and warms it on a worker thread: the stepping thread's first sample
+    then uses that mask (no second computation), and the masks after it are computed as before."""
+    from qwenpd.engine import constraint
+    from qwenpd.engine.constraint import Constraint
+
+    monkeypatch.setattr(constraint, "PREFETCH", False)  # every mask where sample needs it (a many-core machine)
+    prompt = engine.tokenizer.encode("Weather please:")
+    params = SamplingParams(temperature=0, max_tokens=60, structured_output=_spec(type="json_schema", schema=SCHEMA))
+    want = generate(engine, prompt, params).token_ids
+    fills = []
+    plain_fill = Constraint._fill
+    monkeypatch.setattr(Constraint, "_fill", lambda self: (fills.append(1), plain_fill(self))[1])
+    sampler = Sampler.resumed(params, 1, engine.eos_token_ids, want[:1], engine.grammars, prompt=prompt)
+    sampler.constraint.warm()
+    sampler.constraint.warm()  # already fresh: nothing more
+    assert len(fills) == 1
+    state = engine.new_state()
+    logits, state = engine.prefill(prompt + want[:1], state)
+    token, _ = sampler.sample(logits)
+    assert token == want[1] and len(fills) == 1  # the warmed mask, not a second one
+    token, _ = sampler.sample(engine.decode([state], [token])[0])
+    assert token == want[2] and len(fills) == 2  # the next position's, computed as before

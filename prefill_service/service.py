@@ -87,7 +87,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         params = with_seed(sampling_from_pb(request.sampling, self.config.default_max_tokens,
                                             self.engine.config.vocab_size))
         self.config.limits.check_sampling(params)
-        params = self._constrained(params, prompt.reasoning_open)
+        if params.structured_output:  # a grammar's check builds its lexer: up to a second, off the event loop
+            params = await asyncio.to_thread(self._constrained, params, prompt.reasoning_open)
         if params.speculative and self.engine.draft_head is None:
             raise InvalidArgument("sampling.speculative", "this deployment runs no speculative decoding (its "
                                   "services were started without --num-speculative-tokens)")

@@ -36,6 +36,7 @@ from qwenpd.clients.chat_request import (Fetch, chat_message, data_url, response
 from qwenpd.clients.chat_output import collect as collect_output
 from qwenpd.gateway.core import Choice, token_texts
 from qwenpd.tokens import token_text
+from qwenpd.tools import check_tools
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
 
 MAX_N = 16
@@ -438,14 +439,10 @@ def _tools(body: dict, parallel: bool) -> tuple[list[dict[str, Any]], str]:
     of them), and the structured_output that constrains its answer to calls of them (tool_choice "required" or a
     named function; "" otherwise)."""
     tools = _get(body, "tools", (list,), [])
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) or \
-                not isinstance(function.get("name"), str) or not function["name"]:
-            raise ApiError(400, "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                           param=f"tools[{i}]")
-        if not isinstance(function.get("parameters", {}), dict):
-            raise ApiError(400, "a tool's 'parameters' must be a JSON schema object", param=f"tools[{i}].function")
+    try:
+        check_tools(tools)
+    except InvalidArgument as exc:
+        raise ApiError(400, exc.description, param=exc.field) from None
     try:
         return tool_choice_spec(tools, body.get("tool_choice"), parallel)
     except InvalidArgument as exc:

@@ -13,6 +13,7 @@ from qwenpd.limits import Limits
 from qwenpd.media import media_limits, read_media
 from qwenpd.prefill_service.media import PromptImages, place_media, template_content
 from qwenpd.protos.qwenpd.v1 import common_pb2, prefill_pb2
+from qwenpd.tools import check_tools
 
 _FIELD = {"text": "text", "token_ids": "token_ids.ids", "chat": "chat.messages"}
 REASONING_OPEN = "<think>"  # Qwen3.5/3.6 reasoning; their templates open it in the generation prompt
@@ -132,14 +133,10 @@ def _tools(text: str) -> list[dict[str, Any]]:
     """Chat.tools_json as OpenAI's `tools`: each {"type": "function", "function": {"name": ..., "parameters": a
     JSON schema object (optional)}}, as the gateway's HTTP API checks them."""
     tools = _json(text, "chat.tools_json", list)
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or tool.get("type") != "function" or \
-                not isinstance(function.get("name"), str) or not function["name"]:
-            raise InvalidArgument("chat.tools_json", f'tool {i} is not {{"type": "function", "function": '
-                                  '{"name": ...}}')
-        if not isinstance(function.get("parameters", {}), dict):
-            raise InvalidArgument("chat.tools_json", f"tool {i}'s parameters must be a JSON schema object")
+    try:
+        check_tools(tools)
+    except InvalidArgument as exc:
+        raise InvalidArgument("chat.tools_json", f"{exc.field}: {exc.description}") from None
     return tools
 
 

@@ -18,7 +18,7 @@ GENERIC_TOP_LEVEL = set(FOLDERS)  # names that must never be imported bare
 
 # The shared modules in qwenpd/ that every side may use (no service, no engine among their own imports).
 CORE = {"errors", "address", "grpc_status", "grpc_server", "security", "limits", "metrics", "service_config", "units",
-        "process", "tokens"}
+        "process", "tokens", "tools"}
 # What each part may import, by part name: a folder above, or a module of qwenpd/ ("errors", "handoff", ...).
 ALLOWED: dict[str, set[str]] = {
     "protos": set(),
@@ -37,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "layout": set(),  # each folder's __init__ calls it first: a folder is never a top-level package
     "units": set(),
     "tokens": set(),
+    "tools": {"errors"},  # OpenAI's function tools, checked alike by the gateway and prefill (Chat.tools_json)
     "process": set(),
     "address": set(),
     "metrics": set(),
@@ -60,7 +61,7 @@ BOOKKEEPING = ("qwenpd.cache_store.index", "qwenpd.cache_store.allocator", "qwen
                "qwenpd.clients.routing",
                "qwenpd.clients.chat_output",
                "qwenpd.engine.pages", "qwenpd.engine.engine_config", "qwenpd.errors", "qwenpd.address", "qwenpd.units",
-               "qwenpd.process", "qwenpd.tokens")
+               "qwenpd.process", "qwenpd.tokens", "qwenpd.tools")
 
 
 @dataclass(frozen=True, slots=True)

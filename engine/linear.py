@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenpd.kernels.amx_linear import amx_linear, available as amx_linear_available, pack_weight as pack_amx_weight
 from qwenpd.kernels.int8_matmul import kernel as int8_matmul_kernel
 from qwenpd.kernels.cpp_build import cpu_flags
 
@@ -74,9 +75,10 @@ def onednn_packing_available() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PackedCopies:
-    narrow: torch.Tensor  # the weight in oneDNN's layout, its own dtype
+    narrow: torch.Tensor  # the weight in oneDNN's layout, its own dtype (or in amx_linear's: `amx`)
     wide: torch.Tensor | None  # an fp32 copy in oneDNN's layout (CPUs without bf16 arithmetic), else None
     window: tuple[int, int] | None = None  # the row counts every call takes (_row_window, in_window); None: any
+    amx: int = 0  # the weight's output count where `narrow` is kernels/amx_linear's layout (its kernel: any rows)
 
 
 _ONE_ROW_EXACT: dict[tuple, bool] = {}  # (out, in, dtype, wide) -> _one_row_exact
@@ -161,6 +163,8 @@ def in_window(rows: torch.Tensor, window: tuple[int, int], fn) -> torch.Tensor:
 
 
 def _linear_rows(x: torch.Tensor, copies: PackedCopies, wide: bool) -> torch.Tensor:
+    if copies.amx:
+        return amx_linear(x, copies.narrow, copies.amx)
     return torch.ops.mkldnn._linear_pointwise(x, copies.wide if wide else copies.narrow, None, "none", [], "")
 
 
@@ -179,9 +183,13 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
     viewed as [out, in]. The copies are dropped with the key."""
     handle = next(_handles)
     wide = wide and weight.dtype != torch.float32  # an fp32 weight is its own wide copy
-    copies = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
-                          torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
-    _PACKED[handle] = dataclasses.replace(copies, window=_row_window(copies, wide))
+    if weight.dtype == torch.bfloat16 and not wide and cpu_has_amx() and amx_linear_available():
+        # our AMX kernel: every row count alike by construction, so no row window (and nothing to probe)
+        _PACKED[handle] = PackedCopies(pack_amx_weight(weight), None, amx=weight.shape[0])
+    else:
+        copies = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
+                              torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
+        _PACKED[handle] = dataclasses.replace(copies, window=_row_window(copies, wide))
     key = torch.tensor(handle, dtype=torch.int64).expand(weight.shape)
     weakref.finalize(key, _PACKED.pop, handle, None)
     return key

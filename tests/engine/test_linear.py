@@ -49,12 +49,14 @@ def test_a_row_is_the_same_bits_among_any_rows(dtype, wide, shape):
 
 
 def test_bf16_on_amx_runs_calls_of_the_row_window(monkeypatch):
-    """On a CPU with AMX, oneDNN's bf16 kernels sum in an order chosen by the row count, so every call runs 16..64
-    rows (padded, or split): a row's bits are the same among any rows, 1 to 150 of them, 1-D input too. Forced here
-    on any CPU (the blocks and padding are what is tested; on AMX the kernels too)."""
+    """On a CPU with AMX where our kernel (kernels/amx_linear) cannot be built, oneDNN's bf16 kernels sum in an
+    order chosen by the row count, so every call runs 16..64 rows (padded, or split): a row's bits are the same
+    among any rows, 1 to 150 of them, 1-D input too. Forced here on any CPU (the blocks and padding are what is
+    tested; on AMX the kernels too)."""
     from qwenpd.engine import linear
 
     monkeypatch.setattr(linear, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(linear, "amx_linear_available", lambda: False)  # oneDNN's kernels, as without ours
     monkeypatch.setattr(linear, "_ROW_WINDOWS", {})
     g = torch.Generator().manual_seed(3)
     lin = Linear((torch.randn(96, 640, generator=g) / 640 ** 0.5).bfloat16(), wide=False)
@@ -67,6 +69,27 @@ def test_bf16_on_amx_runs_calls_of_the_row_window(monkeypatch):
     assert torch.equal(lin(x[7]), whole[7])
     assert lin(x[:0]).shape == (0, 96)
     assert Linear(torch.randn(96, 640).float())._copies.window in (None, linear.FROM_TWO)  # fp32: no AMX kernels
+
+
+def test_bf16_on_amx_takes_our_kernel_in_any_row_count():
+    """Where kernels/amx_linear loads (a CPU with AMX-BF16), a bf16 weight is packed for it and called with the rows
+    as they come (no window, nothing probed): a row's bits are the same among any rows, and the result is the
+    kernel's own on the same packed weight."""
+    from qwenpd.engine import linear
+    from qwenpd.kernels import amx_linear
+
+    if not (linear.cpu_has_amx() and amx_linear.available()):
+        pytest.skip(f"no AMX projection kernel here: {amx_linear.cpu.why_not or 'no AMX'}")
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(100, 640, generator=g) / 640 ** 0.5).bfloat16()
+    lin = Linear(w, wide=False)
+    assert lin._copies.amx == 100 and lin._copies.window is None
+    x = torch.randn(150, 640, generator=g)
+    whole = lin(x)
+    assert torch.equal(whole, amx_linear.amx_linear(x.bfloat16(), amx_linear.pack_weight(w), 100))
+    for n in (1, 2, 15, 16, 17, 33, 64, 129):
+        assert torch.equal(lin(x[:n]), whole[:n]), f"{n} rows"
+    assert torch.equal(lin(x[7]), whole[7])
 
 
 def test_packed_linear_compiles_to_the_same_result():

@@ -49,8 +49,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenpd.kernels.amx_linear import amx_linear, available as amx_linear_available, pack_weight as pack_amx_weight
-from qwenpd.kernels.int8_matmul import kernel as int8_matmul_kernel
+from qwenpd.kernels.amx_linear import (amx_linear, amx_linear_int8, available as amx_linear_available,
+                                       pack_int8_weight, pack_weight as pack_amx_weight)
+from qwenpd.kernels.int8_matmul import available as int8_matmul_available
 from qwenpd.kernels.cpp_build import cpu_flags
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes packed for oneDNN on CPU
@@ -256,17 +257,18 @@ CONVERTED_BYTES = 16 << 20  # prefill rows: weight rows converted from int8 at a
 
 
 def int8_step_kernel(x: torch.Tensor) -> str | None:
-    """Which kernel multiplies decode-step rows x by int8 weights: "qwenpd-amx" (kernels/int8_matmul/amx.cpp: bf16
-    tiles on a CPU with AMX-BF16), "qwenpd" (kernels/int8_matmul/cpu.cpp: bf16 dot products on a CPU with
-    AVX512-BF16 and AVX512-VBMI; both built on first use; their bits differ: the name goes into the weight
-    fingerprint), else "aten" (aten's weight-only int8 kernel: bf16 on CPU
+    """Which kernel multiplies decode-step rows x by int8 weights: "qwenpd-amx" (kernels/amx_linear: bf16 tiles on
+    a CPU with AMX-BF16, prefill rows too; Linear packs the weight for it), "qwenpd" (kernels/int8_matmul: bf16 dot
+    products on a CPU with AVX512-BF16 and AVX512-VBMI; both built on first use; their bits differ: the name goes
+    into the weight fingerprint), else "aten" (aten's weight-only int8 kernel: bf16 on CPU
     where the input width is whole 16-lane vectors: torch 2.13's AVX512 kernel has no tail, reads past a row of
     another width and crashes; fp32 runs its scalar loop, ~11x slower), else None (the converted path)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return None
-    ours = int8_matmul_kernel()
-    if ours is not None:
-        return "qwenpd-amx" if ours == "amx" else "qwenpd"
+    if cpu_has_amx() and amx_linear_available():
+        return "qwenpd-amx"
+    if int8_matmul_available():
+        return "qwenpd"
     if x.shape[-1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         return "aten"
     return None
@@ -288,8 +290,8 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
     # with AMX, oneDNN's and aten's bf16 kernels sum in an order chosen by the row count: aten's in calls of exactly
     # 16 rows (its counts disagreed even within ROW_WINDOW), oneDNN's converted blocks packed and in their row window
     window = (16, 16) if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_has_amx() else None
-    if kernel == "qwenpd-amx":
-        y = torch.ops.qwenpd_int8_amx.int8_matmul(rows.contiguous(), q, scale)
+    if kernel == "qwenpd-amx":  # (Linear calls amx_linear_int8 on a weight packed once: this packs it every call)
+        y = amx_linear_int8(rows, pack_int8_weight(q), scale, q.shape[0])
     elif kernel == "qwenpd":
         y = torch.ops.qwenpd_int8.int8_matmul(rows.contiguous(), q, scale)
     elif kernel == "aten":
@@ -320,6 +322,15 @@ def _(x, q, scale, step):
     return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
+_lib.define("amx_int8_linear(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor")
+_lib.impl("amx_int8_linear", amx_linear_int8, "CPU")  # graphs call the eager kernel: the same bits
+
+
+@torch.library.register_fake("qwenpd::amx_int8_linear")
+def _(x, packed, scale, n):
+    return x.new_empty(*x.shape[:-1], n)
+
+
 class Linear:
     """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere are fp32: the model rounds to bf16
     only at matmul inputs). A bf16 or fp32 weight on CPU is packed (module docstring), and every row's result is
@@ -327,14 +338,19 @@ class Linear:
     fp32. `wide`: whether to keep that fp32 copy of a bf16 weight (default: detected); `weight` is None when packed
     and `key` finds the packed copies. An Int8Weight (`int8`) multiplies by `_int8_linear`: the call's `step` says
     whether its rows are decode-step tokens (a decode step's or a speculative verify pass's), which take the int8
-    kernel; other weights ignore it."""
+    kernel; other weights ignore it. Where the int8 kernel is kernels/amx_linear's (a CPU with AMX-BF16) the int8
+    weight is packed for it (`amx8`) and every row count takes it, decode steps and prefill rows alike."""
 
-    __slots__ = ("weight", "key", "dtype", "wide", "int8", "_copies")
+    __slots__ = ("weight", "key", "dtype", "wide", "int8", "amx8", "_copies")
 
     def __init__(self, weight: "torch.Tensor | Int8Weight", wide: bool | None = None):
         self.int8 = weight if isinstance(weight, Int8Weight) else None
+        self.amx8 = 0  # int8 packed for kernels/amx_linear: its output count (q is pack_int8_weight's layout)
         if self.int8 is not None:
-            self.int8 = Int8Weight(weight.q.contiguous(), weight.scale.contiguous())
+            q, scale = weight.q.contiguous(), weight.scale.contiguous()
+            if int8_step_kernel(torch.empty(0, q.shape[1], dtype=scale.dtype, device=q.device)) == "qwenpd-amx":
+                q, self.amx8 = pack_int8_weight(q), q.shape[0]  # every row count takes the AMX kernel
+            self.int8 = Int8Weight(q, scale)
             self.dtype, self.wide, self.key, self._copies, self.weight = weight.scale.dtype, False, None, None, None
             return
         weight = weight.contiguous()
@@ -347,6 +363,10 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         x = x.to(self.dtype)
+        if self.amx8:
+            if torch.compiler.is_compiling():
+                return torch.ops.qwenpd.amx_int8_linear(x, self.int8.q, self.int8.scale, self.amx8)
+            return amx_linear_int8(x, self.int8.q, self.int8.scale, self.amx8)
         if self.int8 is not None:
             if torch.compiler.is_compiling() and x.device.type == "cpu":
                 return torch.ops.qwenpd.int8_linear(x, self.int8.q, self.int8.scale, step)

@@ -22,6 +22,41 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
         .contiguous()
 
 
+def _conversion_order() -> torch.Tensor:
+    """Where each of 64 bf16 outputs of amx.cpp's byte-table conversion comes from among its 64 int8 inputs (the
+    lanes unpacklo/unpackhi interleave): pack_int8_weight stores each 64 int8 in that order."""
+    d = torch.arange(64)
+    src = 16 * ((d % 32) // 8) + 8 * (d // 32) + d % 8
+    order = torch.empty(64, dtype=torch.long)
+    order[src] = d
+    return order
+
+
+_ORDER = _conversion_order()
+
+
+def pack_int8_weight(q: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K] (|q| <= 127) -> int8 [ceil(N/16), ceil(K/32), 16, 32]: pack_weight's layout, each 64 values
+    in the order the kernel's conversion to bf16 puts back in place."""
+    n, k = q.shape
+    np_, kp = -(-n // 16) * 16, -(-k // 32) * 32
+    q = F.pad(q, (0, kp - k, 0, np_ - n))
+    q = q.reshape(np_ // 16, 16, kp // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1, 64)
+    return q[:, _ORDER].reshape(np_ // 16, kp // 32, 16, 32).contiguous()
+
+
+def amx_linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """x bf16 [..., K] times the int8 weight `packed` holds (pack_int8_weight of q [n, K]) with one bf16 scale per
+    output -> bf16 [..., n]: each output's fp32 sum of x q in a fixed order, times its scale, rounded once (the
+    same bits for a row alone or among any rows). Only where `available()`."""
+    rows = x.reshape(-1, x.shape[-1])
+    kp = packed.shape[1] * 32
+    if rows.shape[1] != kp:
+        rows = F.pad(rows, (0, kp - rows.shape[1]))
+    y = torch.ops.qwenpd_amx.linear_int8(rows.contiguous(), packed, scale.contiguous(), n)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """x bf16 [..., K] times the weight `packed` holds ([n, K] before packing) -> bf16 [..., n]: each output one
     fp32 sum in a fixed order (the same bits for a row alone or among any rows), rounded once. Only where
@@ -34,4 +69,4 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
-__all__ = ["amx_linear", "available", "naive_linear", "pack_weight"]
+__all__ = ["amx_linear", "amx_linear_int8", "available", "naive_linear", "pack_int8_weight", "pack_weight"]

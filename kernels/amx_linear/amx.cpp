@@ -14,6 +14,12 @@
 // outputs, rounded to bf16 (RNE) 16 at a time. Register blocking: 2 tiles of x rows x 2 of weight columns (4 C
 // tiles); cache blocking: a thread's weight columns in chunks of ~256 KB, each against every 32 rows of x.
 //
+// Weight-only int8 (`linear_int8`): the weight is packed as int8 in the same layout, each 64 bytes in the order
+// the byte-table conversion leaves them in (pack_int8_weight), one scale per output; a thread converts a cache
+// block's int8 to bf16 once (exact: |q| <= 127, the conversion of kernels/int8_matmul/cpu.cpp) into a buffer of
+// its own and runs the same tile loops from it against every row of x, then scales each output's fp32 sum and
+// rounds once. Decode steps and prefill rows alike, batch invariant as the bf16 path.
+//
 // Preconditions (the Python wrapper ensures them): x bf16 [M, K] contiguous with K a multiple of 32 (else padded
 // by the caller), the weight packed by pack_weight from [N, K]. tdpbf16ps treats denormal inputs as zero (the same
 // for every row).
@@ -45,6 +51,36 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kTile = 16 * 32;  // bf16 elements of one packed weight block (1 KB)
 
+// bf16 bits of the integers 0..127 as low and high bytes (kernels/int8_matmul/cpu.cpp's tables)
+struct Tables {
+  __m512i lo0, lo1, hi0, hi1;
+  Tables() {
+    alignas(64) uint8_t lo[128], hi[128];
+    for (int a = 0; a < 128; ++a) {
+      const float f = static_cast<float>(a);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      lo[a] = (bits >> 16) & 0xFF;
+      hi[a] = bits >> 24;
+    }
+    lo0 = _mm512_load_si512(lo);
+    lo1 = _mm512_load_si512(lo + 64);
+    hi0 = _mm512_load_si512(hi);
+    hi1 = _mm512_load_si512(hi + 64);
+  }
+};
+
+// 64 int8 (in pack_int8_weight's order) -> 64 bf16 in the packed bf16 layout's order, stored at `out`
+inline void convert64(const Tables& t, const int8_t* in, uint16_t* out) {
+  const __m512i q = _mm512_loadu_si512(in);
+  const __m512i a = _mm512_abs_epi8(q);
+  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, a, t.lo1);
+  const __m512i mag = _mm512_permutex2var_epi8(t.hi0, a, t.hi1);
+  const __m512i hi = _mm512_ternarylogic_epi32(mag, q, _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+  _mm512_store_si512(out, _mm512_unpacklo_epi8(lo, hi));
+  _mm512_store_si512(out + 32, _mm512_unpackhi_epi8(lo, hi));
+}
+
 // C tiles 4 + 2 mi + ni += x tile mi (A: tiles 0, 1) x weight tile ni (B: tiles 2, 3), over every k block
 template <int MT, int NT>
 inline void micro(const uint16_t* x0, const uint16_t* x1, int64_t xstride, const uint16_t* w0, const uint16_t* w1,
@@ -69,8 +105,44 @@ inline void micro(const uint16_t* x0, const uint16_t* x1, int64_t xstride, const
   }
 }
 
+// micro's sums with int8 weight tiles (pack_int8_weight's) converted one k block ahead of their tile multiplies
+// into a double buffer in L1 (few rows of x: converting a whole cache block first would read it back from L2)
+template <int MT, int NT>
+inline void micro_int8(const Tables& t, const uint16_t* x0, const uint16_t* x1, int64_t xstride, const int8_t* q0,
+                       const int8_t* q1, int64_t kblocks, uint16_t (*buf)[2][kTile]) {
+  _tile_zero(4);
+  if (NT > 1) _tile_zero(5);
+  if (MT > 1) _tile_zero(6);
+  if (MT > 1 && NT > 1) _tile_zero(7);
+  for (int64_t kb = 0; kb <= kblocks; ++kb) {
+    if (kb < kblocks) {
+      uint16_t (*slot)[kTile] = buf[kb & 1];
+      for (int e = 0; e < kTile; e += 64) convert64(t, q0 + kb * kTile + e, slot[0] + e);
+      if (NT > 1)
+        for (int e = 0; e < kTile; e += 64) convert64(t, q1 + kb * kTile + e, slot[1] + e);
+    }
+    if (kb == 0) continue;
+    const int64_t k = kb - 1;
+    uint16_t (*slot)[kTile] = buf[k & 1];
+    _tile_loadd(2, slot[0], 64);
+    _tile_loadd(0, x0 + k * 32, xstride);
+    _tile_dpbf16ps(4, 0, 2);
+    if (NT > 1) {
+      _tile_loadd(3, slot[1], 64);
+      _tile_dpbf16ps(5, 0, 3);
+    }
+    if (MT > 1) {
+      _tile_loadd(1, x1 + k * 32, xstride);
+      _tile_dpbf16ps(6, 1, 2);
+      if (NT > 1) _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+}
+
 // one C tile's rows (rows of x) rounded to bf16 into y[m0.., n0..n0+16) (columns past N not written)
-inline void store(int tile, float (*c)[16], int rows, at::BFloat16* y, int64_t N, int64_t m0, int64_t n0) {
+// (with `scale`: each output's sum times its scale, then rounded)
+inline void store(int tile, float (*c)[16], int rows, at::BFloat16* y, int64_t N, int64_t m0, int64_t n0,
+                  const at::BFloat16* scale = nullptr) {
   switch (tile) {
     case 4: _tile_stored(4, c, 64); break;
     case 5: _tile_stored(5, c, 64); break;
@@ -78,21 +150,32 @@ inline void store(int tile, float (*c)[16], int rows, at::BFloat16* y, int64_t N
     default: _tile_stored(7, c, 64); break;
   }
   const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>(_bzhi_u32(~0u, N - n0));
+  __m512 s = _mm512_set1_ps(1.0f);
+  if (scale != nullptr)  // bf16 -> fp32: the bits shifted up
+    s = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, scale + n0)), 16));
   for (int r = 0; r < rows; ++r) {
-    const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c[r]));
-    _mm256_mask_storeu_epi16(y + (m0 + r) * N + n0, mask, v);
+    __m512 v = _mm512_loadu_ps(c[r]);
+    if (scale != nullptr) v = _mm512_mul_ps(v, s);
+    _mm256_mask_storeu_epi16(y + (m0 + r) * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
 
-at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+// y = x times the packed weight (bf16, or int8 with `scale`): the tile loops of every path
+at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* scale, int64_t N) {
+  const bool int8 = scale != nullptr;
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "amx_linear: CPU tensors");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % 32 == 0,
               "amx_linear: x must be bf16 [M, K] with K a multiple of 32");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.size(2) == 16 &&
-                  packed.size(3) == 32 && packed.size(1) * 32 == x.size(1) && packed.size(0) * 16 >= N &&
-                  packed.size(0) * 16 < N + 16 && packed.is_contiguous(),
-              "amx_linear: the weight must be packed by pack_weight for x's K and N outputs");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == (int8 ? at::kChar : at::kBFloat16) &&
+                  packed.size(2) == 16 && packed.size(3) == 32 && packed.size(1) * 32 == x.size(1) &&
+                  packed.size(0) * 16 >= N && packed.size(0) * 16 < N + 16 && packed.is_contiguous(),
+              "amx_linear: the weight must be packed by pack_weight (pack_int8_weight) for x's K and N outputs");
+  TORCH_CHECK(!int8 || (scale->dim() == 1 && scale->scalar_type() == at::kBFloat16 && scale->size(0) == N &&
+                        scale->is_contiguous()),
+              "amx_linear: scale must be bf16 [N], contiguous");
   TORCH_CHECK(tiles_permitted(), "amx_linear: the kernel did not grant this process AMX tile state");
+  static const Tables tables;
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), kblocks = K / 32, nblocks = packed.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -106,11 +189,15 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) 
     xpad.narrow(0, 0, M).copy_(xc);
   }
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xpad.data_ptr<at::BFloat16>());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  const void* wp = packed.data_ptr();
+  const at::BFloat16* sp = int8 ? scale->data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t xstride = K * 2, mtiles = (Mp + rows - 1) / rows, npairs = (nblocks + 1) / 2;
-  // weight columns a cache block: ~256 KB of packed weight, whole pairs of 16
+  // weight columns a cache block: ~256 KB of bf16 weight (converted from int8 once a block), whole pairs of 16
   const int64_t chunk = std::max<int64_t>(1, (256 << 10) / (32 * K * 2));
+  // int8 with at most 32 rows of x (a decode step): each weight tile is used once a call, converted just ahead
+  // of its multiply in L1 (micro_int8); more rows: a cache block converted once, read again for every 32 rows
+  const bool streamed = int8 && mtiles <= 2;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
@@ -119,8 +206,23 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) 
   at::parallel_for(0, npairs, 1, [&](int64_t begin, int64_t end) {
     _tile_loadconfig(&cfg);
     alignas(64) float c[16][16];
+    uint16_t* buffer = nullptr;  // int8: a block's weights converted, 2 * chunk * kblocks tiles
+    at::Tensor held;
+    alignas(64) uint16_t ahead[2][2][kTile];  // int8, few rows: micro_int8's double buffer
+    if (int8 && !streamed) {
+      held = at::empty({2 * std::min(chunk, end - begin) * kblocks * kTile + 32}, x.options());
+      buffer = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(held.data_ptr()) + 63) & ~uintptr_t(63));
+    }
     for (int64_t p0 = begin; p0 < end; p0 += chunk) {
       const int64_t p1 = std::min(end, p0 + chunk);
+      const int64_t nb0 = 2 * p0, nb1 = std::min(nblocks, 2 * p1);
+      // the block's first weight tile: int8 ones converted to bf16 here, once for every row of x
+      const uint16_t* wblock = static_cast<const uint16_t*>(wp) + (int8 ? 0 : nb0 * kblocks * kTile);
+      if (int8 && !streamed) {
+        const int8_t* q = static_cast<const int8_t*>(wp) + nb0 * kblocks * kTile;
+        for (int64_t e = 0; e < (nb1 - nb0) * kblocks * kTile; e += 64) convert64(tables, q + e, buffer + e);
+        wblock = buffer;
+      }
       for (int64_t mt = 0; mt < mtiles; mt += 2) {
         const bool two_m = mt + 1 < mtiles;
         const uint16_t* x0 = xp + mt * rows * K;
@@ -128,20 +230,29 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) 
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t nb = 2 * p;
           const bool two_n = nb + 1 < nblocks;
-          const uint16_t* w0 = wp + nb * kblocks * kTile;
-          const uint16_t* w1 = two_n ? w0 + kblocks * kTile : w0;
-          if (two_m && two_n) micro<2, 2>(x0, x1, xstride, w0, w1, kblocks);
-          else if (two_m) micro<2, 1>(x0, x1, xstride, w0, w1, kblocks);
-          else if (two_n) micro<1, 2>(x0, x1, xstride, w0, w1, kblocks);
-          else micro<1, 1>(x0, x1, xstride, w0, w1, kblocks);
+          if (streamed) {
+            const int8_t* q0 = static_cast<const int8_t*>(wp) + nb * kblocks * kTile;
+            const int8_t* q1 = two_n ? q0 + kblocks * kTile : q0;
+            if (two_m && two_n) micro_int8<2, 2>(tables, x0, x1, xstride, q0, q1, kblocks, ahead);
+            else if (two_m) micro_int8<2, 1>(tables, x0, x1, xstride, q0, q1, kblocks, ahead);
+            else if (two_n) micro_int8<1, 2>(tables, x0, x1, xstride, q0, q1, kblocks, ahead);
+            else micro_int8<1, 1>(tables, x0, x1, xstride, q0, q1, kblocks, ahead);
+          } else {
+            const uint16_t* w0 = wblock + (nb - nb0) * kblocks * kTile;
+            const uint16_t* w1 = two_n ? w0 + kblocks * kTile : w0;
+            if (two_m && two_n) micro<2, 2>(x0, x1, xstride, w0, w1, kblocks);
+            else if (two_m) micro<2, 1>(x0, x1, xstride, w0, w1, kblocks);
+            else if (two_n) micro<1, 2>(x0, x1, xstride, w0, w1, kblocks);
+            else micro<1, 1>(x0, x1, xstride, w0, w1, kblocks);
+          }
           const int64_t m0 = mt * rows;
           const int r0 = static_cast<int>(std::min<int64_t>(rows, M - m0));
-          store(4, c, r0, yp, N, m0, nb * 16);
-          if (two_n) store(5, c, r0, yp, N, m0, nb * 16 + 16);
+          store(4, c, r0, yp, N, m0, nb * 16, sp);
+          if (two_n) store(5, c, r0, yp, N, m0, nb * 16 + 16, sp);
           if (two_m) {
             const int r1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(rows, M - m0 - rows)));
-            store(6, c, r1, yp, N, m0 + rows, nb * 16);
-            if (two_n) store(7, c, r1, yp, N, m0 + rows, nb * 16 + 16);
+            store(6, c, r1, yp, N, m0 + rows, nb * 16, sp);
+            if (two_n) store(7, c, r1, yp, N, m0 + rows, nb * 16 + 16, sp);
           }
         }
       }
@@ -151,7 +262,19 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) 
   return y;
 }
 
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) { return run(x, packed, nullptr, N); }
+
+at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N) {
+  return run(x, packed, &scale, N);
+}
+
 }  // namespace
 
-TORCH_LIBRARY(qwenpd_amx, m) { m.def("linear(Tensor x, Tensor packed, int n) -> Tensor"); }
-TORCH_LIBRARY_IMPL(qwenpd_amx, CPU, m) { m.impl("linear", &amx_linear); }
+TORCH_LIBRARY(qwenpd_amx, m) {
+  m.def("linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(qwenpd_amx, CPU, m) {
+  m.impl("linear", &amx_linear);
+  m.impl("linear_int8", &amx_linear_int8);
+}

@@ -1,6 +1,6 @@
 """Load the AMX projection kernel (amx.cpp) on first use (kernels/cpp_build.py builds it, ~10 s once a machine).
 
-Only a CPU with AMX-BF16 (and AVX512-BF16 for the rounding) has it; elsewhere, or without a C++ compiler, or with
+Only a CPU with AMX-BF16 (and AVX512-BF16/VBMI for the rounding and the int8 conversion) has it; elsewhere, or without a C++ compiler, or with
 QWENPD_AMX_LINEAR=0, `load()` is False and says why once (engine/linear.py then multiplies by oneDNN, in its row
 window).
 """
@@ -19,8 +19,8 @@ from qwenpd.kernels.cpp_build import load_kernel, missing_cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("amx.cpp")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "bmi2", "amx_tile", "amx_bf16")
-COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2",
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "bmi2", "amx_tile", "amx_bf16")
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mbmi2",
                  "-mamx-tile", "-mamx-bf16"]
 DISABLE_ENV = "QWENPD_AMX_LINEAR"  # "0": never build or use it (oneDNN in its row window then; for comparisons)
 

@@ -1,9 +1,8 @@
-"""Load the CPU kernels (cpu.cpp, amx.cpp) on first use (kernels/cpp_build.py builds them).
+"""Load the CPU kernel (cpu.cpp) on first use (kernels/cpp_build.py builds it).
 
-cpu.cpp needs AVX512-BF16 (bf16 dot products) and AVX512-VBMI (the byte-table conversion); a CPU without them,
+The kernel needs AVX512-BF16 (bf16 dot products) and AVX512-VBMI (the byte-table conversion); a CPU without them,
 or a machine without a C++ compiler, has no kernel (`load()` returns False and says why once), and decode steps of
-int8 weights take aten's weight-only kernel instead (engine/linear.py). amx.cpp needs AMX-BF16 too (`load_amx()`);
-where it loads it is the kernel decode steps take (`kernel()`).
+int8 weights take aten's weight-only kernel instead (engine/linear.py).
 """
 
 from __future__ import annotations
@@ -23,39 +22,9 @@ SOURCE = Path(__file__).with_name("cpu.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "bmi2", "fma")
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                  "-mavx512vbmi", "-mbmi2", "-mfma"]
-AMX_SOURCE = Path(__file__).with_name("amx.cpp")
-AMX_CPU_FLAGS = CPU_FLAGS + ("amx_tile", "amx_bf16")
-AMX_COMPILE_FLAGS = COMPILE_FLAGS + ["-mamx-tile", "-mamx-bf16"]
-# "0": never build or use ours (aten's kernel then); "avx512": cpu.cpp even where AMX is (for comparisons)
-DISABLE_ENV = "QWENPD_INT8_KERNEL"
+DISABLE_ENV = "QWENPD_INT8_KERNEL"  # "0": never build or use it (aten's kernel then; for comparisons)
 
 why_not = ""  # why load() found no kernel, once it has run
-why_not_amx = ""  # why load_amx() found none
-
-
-def kernel() -> str | None:
-    """The kernel decode-step rows take: "amx" (amx.cpp), "avx512" (cpu.cpp) or None (neither loads here)."""
-    if load_amx():
-        return "amx"
-    return "avx512" if load() else None
-
-
-@functools.lru_cache(maxsize=1)
-def load_amx() -> bool:
-    """Whether `torch.ops.qwenpd_int8_amx.int8_matmul` is there (the CPU has AMX-BF16, it built and loaded)."""
-    global why_not_amx
-    if os.environ.get(DISABLE_ENV, "1") in ("0", "avx512"):
-        why_not_amx = f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
-        return False
-    missing = missing_cpu_flags(AMX_CPU_FLAGS)
-    if missing:
-        why_not_amx = "this CPU lacks " + ", ".join(missing)
-        return False
-    why_not_amx = load_kernel("qwenpd_int8_amx", AMX_SOURCE, AMX_COMPILE_FLAGS)
-    if why_not_amx:
-        log.warning("int8 AMX decode kernel: %s; decode steps take cpu.cpp's", why_not_amx)
-        return False
-    return hasattr(torch.ops.qwenpd_int8_amx, "int8_matmul")
 
 
 @functools.lru_cache(maxsize=1)

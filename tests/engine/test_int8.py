@@ -27,7 +27,8 @@ def _weight(shape, dtype, seed=0) -> Int8Weight:
     return Int8Weight(q, scale.to(dtype))
 
 
-# a decode step's rows on each kernel (ours: AMX tiles where the CPU has them, AVX512-BF16 dot products), prefill rows
+# a decode step's rows on each kernel (ours: kernels/amx_linear's tiles where the CPU has AMX, kernels/int8_matmul's
+# AVX512-BF16 dot products), prefill rows
 STEPS = ["qwenpd-step", "avx512-step", "aten-step", "prefill"]
 # fp32 decode-step rows take the converted path whichever kernel is there: "qwenpd-step" covers them
 PATHS = [pytest.param(dtype, path, id=f"{name}-{path}")
@@ -42,10 +43,10 @@ def _step(path: str, monkeypatch, dtype: torch.dtype) -> bool:
 
     if path in ("qwenpd-step", "avx512-step") and not int8_matmul.available():
         pytest.skip("no int8 CPU kernel here: decode steps take aten's")
-    if path == "avx512-step":  # cpu.cpp even where the AMX kernel would run
-        monkeypatch.setattr(linear, "int8_matmul_kernel", lambda: "avx512")
+    if path in ("avx512-step", "aten-step"):  # not the AMX kernel, where it would run
+        monkeypatch.setattr(linear, "amx_linear_available", lambda: False)
     if path == "aten-step":
-        monkeypatch.setattr(linear, "int8_matmul_kernel", lambda: None)
+        monkeypatch.setattr(linear, "int8_matmul_available", lambda: False)
     return path != "prefill"
 
 
@@ -155,7 +156,10 @@ def test_int8_holds_int8_weights(tiny_model_dir, hf_checkpoint, tied):
         assert plain.weight_bytes - int8.weight_bytes == weights + head_weights - 2 * (rows + head_rows)
     assert all(isinstance(blk.mlp.down.int8, Int8Weight) for blk in int8.model.blocks)
     from qwenpd.kernels import int8_matmul
-    want = {"amx": "qwenpd-amx", "avx512": "qwenpd", None: "aten"}[int8_matmul.kernel()]
+    from qwenpd.engine import linear
+    from qwenpd.kernels import amx_linear
+    want = "qwenpd-amx" if linear.cpu_has_amx() and amx_linear.available() else \
+        "qwenpd" if int8_matmul.available() else "aten"
     assert int8.int8_kernel == want and plain.int8_kernel is None
     assert isinstance(int8.model.lm_head.int8, Int8Weight)
 

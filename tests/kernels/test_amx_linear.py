@@ -102,3 +102,61 @@ def test_the_reference_by_hand():
     x = torch.tensor([[1.0, 2.0, -0.5]], dtype=torch.bfloat16)
     w = torch.tensor([[3.0, -4.0, 8.0], [0.5, 0.25, 2.0]], dtype=torch.bfloat16)
     assert torch.equal(naive_linear(x, w), torch.tensor([[3 - 8 - 4.0, 0.5 + 0.5 - 1.0]], dtype=torch.bfloat16))
+
+
+def _int8_inputs(m, n, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    return x, q, (torch.rand(n, generator=gen) / 64 + 1e-4).bfloat16()
+
+
+def _check_int8(x, q, scale):
+    from qwenpd.kernels.amx_linear import amx_linear_int8, pack_int8_weight
+
+    got = amx_linear_int8(x, pack_int8_weight(q), scale, q.shape[0])
+    assert got.dtype == torch.bfloat16 and got.shape == (x.shape[0], q.shape[0])
+    exact = (x.double() @ q.double().T) * scale.double()
+    bound = (x.double().abs() @ q.double().abs().T) * scale.double()
+    assert ((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + x.shape[1] * 2.0 ** -24 * bound).all()
+    return got
+
+
+def test_the_int8_layout_is_the_bf16_one_in_the_conversions_order():
+    """pack_int8_weight holds each 64 values where the byte-table conversion (lanes interleaved by unpacklo/hi)
+    puts them back in pack_weight's order."""
+    from qwenpd.kernels.amx_linear import _ORDER, pack_int8_weight
+
+    q = torch.randint(-127, 128, (40, 96), dtype=torch.int8)
+    flat = pack_int8_weight(q).reshape(-1, 64)
+    lanes = flat.reshape(-1, 4, 16)  # 4 lanes of 16 bytes; unpacklo takes bytes 0..7 of each, unpackhi 8..15
+    converted = torch.cat([lanes[:, :, :8].reshape(-1, 32), lanes[:, :, 8:].reshape(-1, 32)], dim=1)
+    assert torch.equal(converted.reshape(pack_weight(q.float()).shape).float(), pack_weight(q.float()).float())
+    assert sorted(_ORDER.tolist()) == list(range(64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 33, 64, 1000, 3072])
+@pytest.mark.parametrize("n", [1, 17, 32, 100])
+def test_amx_linear_int8_is_the_scaled_sum(n, k):
+    for m in (1, 2, 16, 17, 32, 33, 70):  # up to 32 rows a weight tile is converted in L1, more: a block once
+        _check_int8(*_int8_inputs(m, n, k, seed=m))
+
+
+@needs_kernel
+def test_an_int8_row_is_the_same_bits_alone_in_any_batch_and_thread_count():
+    from qwenpd.kernels.amx_linear import amx_linear_int8, pack_int8_weight
+
+    x, q, scale = _int8_inputs(200, 203, 1024, seed=7)
+    p = pack_int8_weight(q)
+    every = amx_linear_int8(x, p, scale, 203)
+    for rows in (1, 2, 8, 16, 17, 31, 32, 33, 64, 65, 128, 200):
+        for start in (0, 200 - rows):
+            assert torch.equal(amx_linear_int8(x[start:start + rows], p, scale, 203), every[start:start + rows])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(amx_linear_int8(x, p, scale, 203), every)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(amx_linear_int8(x, pack_int8_weight(q[9:150]), scale[9:150], 141), every[:, 9:150])

@@ -184,8 +184,8 @@ def run(model_dir: Path, dtype_name: str, args) -> None:
         kernels = {n: e.int8_kernel for n, e in engines.items() if getattr(e, "int8_kernel", None)}
         if kernels:
             print("int8 decode-step kernel: " + ", ".join(f"{n} {k}" for n, k in kernels.items())
-                  + " (qwenpd-amx: kernels/int8_matmul/amx.cpp; qwenpd: kernels/int8_matmul/cpu.cpp; aten: "
-                  "aten::_weight_int8pack_mm; QWENPD_INT8_KERNEL=avx512 picks cpu.cpp, =0 aten)")
+                  + " (qwenpd-amx: kernels/amx_linear; qwenpd: kernels/int8_matmul; aten: aten::_weight_int8pack_mm; "
+                  "QWENPD_AMX_LINEAR=0 leaves out the first, QWENPD_INT8_KERNEL=0 the second)")
     pairs = [(names.index(q), names.index(b)) for q, b in baseline.items()]
     print("| measure | " + " | ".join(f"qwenpd {n}" for n in names) + " | transformers | " +
           " | ".join(f"{n} / transformers" for n in names) + "".join(f" | {q} / {b}" for q, b in baseline.items())

@@ -41,6 +41,7 @@ below AMX instead (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) made that prefill 3.2x s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import sys
 import weakref
@@ -187,6 +188,7 @@ def pack(weight: torch.Tensor, wide: bool) -> torch.Tensor:
     if weight.dtype == torch.bfloat16 and not wide and cpu_has_amx() and amx_linear_available():
         # our AMX kernel: every row count alike by construction, so no row window (and nothing to probe)
         _PACKED[handle] = PackedCopies(pack_amx_weight(weight), None, amx=weight.shape[0])
+        _amx_fakes()
     else:
         copies = PackedCopies(torch.ops.mkldnn._reorder_linear_weight(weight, 1),
                               torch.ops.mkldnn._reorder_linear_weight(weight.float(), 1) if wide else None)
@@ -331,6 +333,15 @@ def _(x, packed, scale, n):
     return x.new_empty(*x.shape[:-1], n)
 
 
+@functools.lru_cache(maxsize=1)
+def _amx_fakes() -> None:
+    """Shapes of kernels/amx_linear's own ops for graphs (registered once the kernel is loaded), so a graph calls
+    the C++ kernel itself, not a Python wrapper (~15 us a call: a decode step of `small` makes 33)."""
+    torch.library.register_fake("qwenpd_amx::linear_int8")(
+        lambda x, packed, scale, n: x.new_empty(x.shape[0], n))
+    torch.library.register_fake("qwenpd_amx::linear")(lambda x, packed, n: x.new_empty(x.shape[0], n))
+
+
 class Linear:
     """y = x @ W^T, x rounded to the weight dtype first (activations elsewhere are fp32: the model rounds to bf16
     only at matmul inputs). A bf16 or fp32 weight on CPU is packed (module docstring), and every row's result is
@@ -350,6 +361,7 @@ class Linear:
             q, scale = weight.q.contiguous(), weight.scale.contiguous()
             if int8_step_kernel(torch.empty(0, q.shape[1], dtype=scale.dtype, device=q.device)) == "qwenpd-amx":
                 q, self.amx8 = pack_int8_weight(q), q.shape[0]  # every row count takes the AMX kernel
+                _amx_fakes()
             self.int8 = Int8Weight(q, scale)
             self.dtype, self.wide, self.key, self._copies, self.weight = weight.scale.dtype, False, None, None, None
             return
@@ -364,15 +376,23 @@ class Linear:
     def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         x = x.to(self.dtype)
         if self.amx8:
+            q, scale = self.int8.q, self.int8.scale
+            if x.shape[-1] == q.shape[1] * 32:  # (else x is padded to whole 32s by the wrapper)
+                return torch.ops.qwenpd_amx.linear_int8(x.reshape(-1, x.shape[-1]).contiguous(), q, scale,
+                                                        self.amx8).reshape(*x.shape[:-1], self.amx8)
             if torch.compiler.is_compiling():
-                return torch.ops.qwenpd.amx_int8_linear(x, self.int8.q, self.int8.scale, self.amx8)
-            return amx_linear_int8(x, self.int8.q, self.int8.scale, self.amx8)
+                return torch.ops.qwenpd.amx_int8_linear(x, q, scale, self.amx8)
+            return amx_linear_int8(x, q, scale, self.amx8)
         if self.int8 is not None:
             if torch.compiler.is_compiling() and x.device.type == "cpu":
                 return torch.ops.qwenpd.int8_linear(x, self.int8.q, self.int8.scale, step)
             return _int8_linear(x, self.int8.q, self.int8.scale, step)
         if self.key is None:
             return F.linear(x, self.weight)
+        amx = self._copies.amx
+        if amx and x.shape[-1] % 32 == 0:  # our AMX kernel's C++ op, in graphs too (its packed weight an input)
+            return torch.ops.qwenpd_amx.linear(x.reshape(-1, x.shape[-1]).contiguous(), self._copies.narrow,
+                                               amx).reshape(*x.shape[:-1], amx)
         if torch.compiler.is_compiling():  # graphs call the op: the key stands in for the packed copies
             return torch.ops.qwenpd.packed_linear(x, self.key, self.wide)
         # eager: the op's kernel without its dispatch into Python and the key's lookup (~15 us a call; a decode

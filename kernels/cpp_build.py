@@ -5,7 +5,7 @@ first time on a machine), loads it into the process and says why not where it ca
 broken toolchain: the caller then runs its torch code). torch keeps builds under $TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions), in a folder named by the kernel, its flags' variant and the torch version; ninja
 rebuilds one when its source or flags change. Processes started together build it once (`_build`). Used by
-kernels/int8_matmul/cpu.py and kernels/gated_delta_rule/cpu.py.
+kernels/int8_matmul/cpu.py, kernels/amx_linear/cpu.py and kernels/gated_delta_rule/cpu.py.
 """
 
 from __future__ import annotations
@@ -80,3 +80,20 @@ def load_kernel(stem: str, source: Path, cflags: list[str]) -> str:
     except Exception as e:  # no compiler, no ninja, a broken toolchain: the caller's torch code serves instead
         return f"could not build {source.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
     return ""
+
+
+def load_cpu_kernel(stem: str, source: Path, cpu_flags_needed: tuple[str, ...], cflags: list[str], disable_env: str,
+                    what: str, instead: str) -> str:
+    """load_kernel for a kernel that needs some CPU flags and that `disable_env`=0 switches off: "" once loaded,
+    else why not (logged: `what` could not load, `instead` serves)."""
+    if os.environ.get(disable_env, "1") == "0":
+        return f"{disable_env}=0"
+    missing = missing_cpu_flags(cpu_flags_needed)
+    if missing:
+        why = "this CPU lacks " + ", ".join(missing)
+        log.info("%s: %s; %s", what, why, instead)
+        return why
+    why = load_kernel(stem, source, cflags)
+    if why:
+        log.warning("%s: %s; %s", what, why, instead)
+    return why

@@ -33,6 +33,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../int8_matmul/bf16_tables.h"
+
 namespace {
 
 // Linux hands a process AMX's tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
@@ -51,36 +53,15 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kTile = 16 * 32;  // bf16 elements of one packed weight block (1 KB)
 
-// bf16 bits of the integers 0..127 as low and high bytes (kernels/int8_matmul/cpu.cpp's tables)
-struct Tables {
-  __m512i lo0, lo1, hi0, hi1;
-  Tables() {
-    alignas(64) uint8_t lo[128], hi[128];
-    for (int a = 0; a < 128; ++a) {
-      const float f = static_cast<float>(a);
-      uint32_t bits;
-      std::memcpy(&bits, &f, 4);
-      lo[a] = (bits >> 16) & 0xFF;
-      hi[a] = bits >> 24;
-    }
-    lo0 = _mm512_load_si512(lo);
-    lo1 = _mm512_load_si512(lo + 64);
-    hi0 = _mm512_load_si512(hi);
-    hi1 = _mm512_load_si512(hi + 64);
-  }
-};
+using qwenpd_int8::Tables;
 
 // 64 int8 (in pack_int8_weight's order) -> 64 bf16 in the packed bf16 layout's order, stored at `out`
 inline void convert64(const Tables& t, const int8_t* in, uint16_t* out) {
-  const __m512i q = _mm512_loadu_si512(in);
-  const __m512i a = _mm512_abs_epi8(q);
-  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, a, t.lo1);
-  const __m512i mag = _mm512_permutex2var_epi8(t.hi0, a, t.hi1);
-  const __m512i hi = _mm512_ternarylogic_epi32(mag, q, _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
-  _mm512_store_si512(out, _mm512_unpacklo_epi8(lo, hi));
-  _mm512_store_si512(out + 32, _mm512_unpackhi_epi8(lo, hi));
+  __m512i w0, w1;
+  qwenpd_int8::convert64(t, _mm512_loadu_si512(in), w0, w1);
+  _mm512_store_si512(out, w0);
+  _mm512_store_si512(out + 32, w1);
 }
-
 // C tiles 4 + 2 mi + ni += x tile mi (A: tiles 0, 1) x weight tile ni (B: tiles 2, 3), over every k block
 template <int MT, int NT>
 inline void micro(const uint16_t* x0, const uint16_t* x1, int64_t xstride, const uint16_t* w0, const uint16_t* w1,

@@ -1,22 +1,18 @@
 """Load the AMX projection kernel (amx.cpp) on first use (kernels/cpp_build.py builds it, ~10 s once a machine).
 
-Only a CPU with AMX-BF16 (and AVX512-BF16/VBMI for the rounding and the int8 conversion) has it; elsewhere, or without a C++ compiler, or with
-QWENPD_AMX_LINEAR=0, `load()` is False and says why once (engine/linear.py then multiplies by oneDNN, in its row
-window).
+Only a CPU with AMX-BF16 (and AVX512-BF16/VBMI for the rounding and the int8 conversion) has it; elsewhere, or
+without a C++ compiler, or with QWENPD_AMX_LINEAR=0, `load()` is False and says why once (engine/linear.py then
+multiplies by oneDNN, in its row window, and int8 by kernels/int8_matmul).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from qwenpd.kernels.cpp_build import load_kernel, missing_cpu_flags
-
-log = logging.getLogger(__name__)
+from qwenpd.kernels.cpp_build import load_cpu_kernel
 
 SOURCE = Path(__file__).with_name("amx.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "bmi2", "amx_tile", "amx_bf16")
@@ -31,15 +27,8 @@ why_not = ""  # why load() found no kernel, once it has run
 def load() -> bool:
     """Whether `torch.ops.qwenpd_amx.linear` is there: built (or found built) and loaded in this process."""
     global why_not
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        why_not = f"{DISABLE_ENV}=0"
-        return False
-    missing = missing_cpu_flags(CPU_FLAGS)
-    if missing:
-        why_not = "this CPU lacks " + ", ".join(missing)
-        return False
-    why_not = load_kernel("qwenpd_amx_linear", SOURCE, COMPILE_FLAGS)
+    why_not = load_cpu_kernel("qwenpd_amx_linear", SOURCE, CPU_FLAGS, COMPILE_FLAGS, DISABLE_ENV,
+                              "AMX projection kernel", "bf16 projections take oneDNN in its row window")
     if why_not:
-        log.warning("AMX projection kernel: %s; bf16 projections take oneDNN in its row window", why_not)
         return False
     return hasattr(torch.ops.qwenpd_amx, "linear")

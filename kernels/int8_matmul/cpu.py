@@ -8,15 +8,11 @@ int8 weights take aten's weight-only kernel instead (engine/linear.py).
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from qwenpd.kernels.cpp_build import load_kernel, missing_cpu_flags
-
-log = logging.getLogger(__name__)
+from qwenpd.kernels.cpp_build import load_cpu_kernel
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "bmi2", "fma")
@@ -31,16 +27,8 @@ why_not = ""  # why load() found no kernel, once it has run
 def load() -> bool:
     """Whether `torch.ops.qwenpd_int8.int8_matmul` is there: built (or found built) and loaded in this process."""
     global why_not
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        why_not = f"{DISABLE_ENV}=0"
-        return False
-    missing = missing_cpu_flags(CPU_FLAGS)
-    if missing:
-        why_not = "this CPU lacks " + ", ".join(missing)
-        log.info("int8 decode kernel: %s; decode steps take aten's int8 kernel", why_not)
-        return False
-    why_not = load_kernel("qwenpd_int8_matmul", SOURCE, COMPILE_FLAGS)
+    why_not = load_cpu_kernel("qwenpd_int8_matmul", SOURCE, CPU_FLAGS, COMPILE_FLAGS, DISABLE_ENV,
+                              "int8 decode kernel", "decode steps take aten's int8 kernel")
     if why_not:
-        log.warning("int8 decode kernel: %s; decode steps take aten's int8 kernel", why_not)
         return False
     return hasattr(torch.ops.qwenpd_int8, "int8_matmul")

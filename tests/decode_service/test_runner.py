@@ -5,30 +5,20 @@ it, not at the drain's deadline), and the loop lives on, failing later sequences
 from __future__ import annotations
 
 import resource
-import threading
 import time
 
 from qwenpd.decode_service.runner import DecodeRunner
 from qwenpd.engine.engine import DecodeBatch
 from qwenpd.engine.sampling import SamplingParams
 from qwenpd.errors import QwenpdError, Unavailable
-from tests.decode_service.test_speculative_runner import _sequence
+from tests.decode_service.test_speculative_runner import Delivered, _sequence
 
 PARAMS = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
 def test_a_failed_step_and_slot_release_fail_the_batch_and_later_sequences_at_once(engine, monkeypatch):
-    outputs: dict[str, list] = {}
-    arrived = threading.Condition()
-
-    def deliver(items):
-        with arrived:
-            for seq, out in items:
-                outputs.setdefault(seq.request_id, []).append(out)
-            arrived.notify_all()
-
-    def ended(rid: str) -> bool:
-        return any(o.error is not None or o.finish_reason is not None for o in outputs.get(rid, []))
+    got = Delivered()
+    outputs = got.outputs
 
     broken = {"on": True}
     step, remove = DecodeBatch.step, DecodeBatch.remove
@@ -42,14 +32,13 @@ def test_a_failed_step_and_slot_release_fail_the_batch_and_later_sequences_at_on
 
     monkeypatch.setattr(DecodeBatch, "step", failing("step", step))
     monkeypatch.setattr(DecodeBatch, "remove", failing("remove", remove))
-    runner = DecodeRunner(lambda: engine, 4, 8, deliver)
+    runner = DecodeRunner(lambda: engine, 4, 8, got.deliver)
     runner.start()
     try:
         seqs = [_sequence(engine, None, [5 + i, 9, 11, 13], PARAMS, f"r{i}", drafts=False)[0] for i in range(2)]
         for seq in seqs:
             runner.submit(seq)
-        with arrived:
-            assert arrived.wait_for(lambda: all(ended(s.request_id) for s in seqs), timeout=60)
+        got.wait([s.request_id for s in seqs], timeout=60)
         for seq in seqs:
             (err,) = [o.error for o in outputs[seq.request_id] if o.error is not None]
             assert "step: tensor-parallel rank 1" in str(err)
@@ -57,8 +46,7 @@ def test_a_failed_step_and_slot_release_fail_the_batch_and_later_sequences_at_on
         # the batch could not free its slots: a later sequence fails at once, UNAVAILABLE (it resumes elsewhere)
         seq = _sequence(engine, None, [7, 9, 11], PARAMS, "after", drafts=False)[0]
         runner.submit(seq)
-        with arrived:
-            assert arrived.wait_for(lambda: ended("after"), timeout=60)
+        got.wait(["after"], timeout=60)
         (out,) = outputs["after"]
         assert isinstance(out.error, Unavailable) and "freeing a slot failed" in str(out.error)
         assert runner.load_info().active == 0

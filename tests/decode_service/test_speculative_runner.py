@@ -63,6 +63,27 @@ def _sequence(engine, head, prompt: list[int], params: SamplingParams, rid: str,
     return seq, (list(first.token_ids), list(first.logprobs))
 
 
+class Delivered:
+    """A DecodeRunner's `deliver`: the outputs per request id, and a wait for requests to end (error or finish)."""
+
+    def __init__(self):
+        self.outputs: dict[str, list] = {}
+        self.arrived = threading.Condition()
+
+    def deliver(self, items) -> None:
+        with self.arrived:
+            for seq, out in items:
+                self.outputs.setdefault(seq.request_id, []).append(out)
+            self.arrived.notify_all()
+
+    def ended(self, rid: str) -> bool:
+        return any(o.error is not None or o.finish_reason is not None for o in self.outputs.get(rid, []))
+
+    def wait(self, rids: list[str], timeout: float = 120) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: all(self.ended(r) for r in rids), timeout=timeout)
+
+
 def _run(engine, head, monkeypatch, params, max_batch: int, speculative_max_batch: int, policy: str = "always"):
     """Every prompt through one DecodeRunner (the second without drafts); each one's (token ids, logprobs), the
     verify passes' (sequences drafting, drafts, accepted per position), each one's [text, finish reason]."""
@@ -386,19 +407,9 @@ def test_one_sequence_whose_sampling_fails_ends_alone_the_batch_goes_on(engine, 
     with the tokens of plain decoding, and the loop serves later sequences."""
     monkeypatch.setattr(engine, "draft_head", head)
     refs = _reference(engine, GREEDY)
-    outputs: dict[str, list] = {}
-    arrived = threading.Condition()
-
-    def deliver(items):
-        with arrived:
-            for seq, out in items:
-                outputs.setdefault(seq.request_id, []).append(out)
-            arrived.notify_all()
-
-    def ended(rid: str) -> bool:
-        return any(o.error is not None or o.finish_reason is not None for o in outputs.get(rid, []))
-
-    runner = DecodeRunner(lambda: engine, 4, 8, deliver, num_speculative_tokens=K, speculative_max_batch=8,
+    got = Delivered()
+    outputs = got.outputs
+    runner = DecodeRunner(lambda: engine, 4, 8, got.deliver, num_speculative_tokens=K, speculative_max_batch=8,
                           speculative_policy="always")
     runner.start()
     try:
@@ -417,8 +428,7 @@ def test_one_sequence_whose_sampling_fails_ends_alone_the_batch_goes_on(engine, 
         monkeypatch.setattr(Sampler, "sample", failing)
         for seq in seqs:
             runner.submit(seq)
-        with arrived:
-            assert arrived.wait_for(lambda: all(ended(s.request_id) for s in seqs), timeout=120)
+        got.wait([s.request_id for s in seqs])
         (err,) = [o.error for o in outputs["r0"] if o.error is not None]
         assert err.status == "INVALID_ARGUMENT" and err.field == "sampling.structured_output"
         assert "lexer fuel exhausted" in str(err)
@@ -430,8 +440,7 @@ def test_one_sequence_whose_sampling_fails_ends_alone_the_batch_goes_on(engine, 
         assert runner.load_info().active == 0
         later = _sequence(engine, head, PROMPTS[1], _params(GREEDY, 1), "later", drafts=drafting)[0]
         runner.submit(later)
-        with arrived:
-            assert arrived.wait_for(lambda: ended("later"), timeout=120)
+        got.wait(["later"])
         assert [refs["r1"].token_ids[0], *(t for o in outputs["later"] for t in o.token_ids)] == refs["r1"].token_ids
     finally:
         runner.stop()

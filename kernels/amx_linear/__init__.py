@@ -47,8 +47,8 @@ def pack_int8_weight(q: torch.Tensor) -> torch.Tensor:
 
 def amx_linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
     """x bf16 [..., K] times the int8 weight `packed` holds (pack_int8_weight of q [n, K]) with one bf16 scale per
-    output -> bf16 [..., n]: each output's fp32 sum of x q in a fixed order, times its scale, rounded once (the
-    same bits for a row alone or among any rows). Only where `available()`."""
+    output -> bf16 [..., n]: each output's fp32 sum of x q in a fixed order, times its scale in fp32, rounded to
+    bf16 (the same bits for a row alone or among any rows). Only where `available()`."""
     rows = x.reshape(-1, x.shape[-1])
     kp = packed.shape[1] * 32
     if rows.shape[1] != kp:

@@ -18,7 +18,7 @@
 // the byte-table conversion leaves them in (pack_int8_weight), one scale per output; a thread converts a cache
 // block's int8 to bf16 once (exact: |q| <= 127, the conversion of kernels/int8_matmul/cpu.cpp) into a buffer of
 // its own and runs the same tile loops from it against every row of x, then scales each output's fp32 sum and
-// rounds once. Decode steps and prefill rows alike, batch invariant as the bf16 path.
+// rounds to bf16. Decode steps and prefill rows alike, batch invariant as the bf16 path.
 //
 // Preconditions (the Python wrapper ensures them): x bf16 [M, K] contiguous with K a multiple of 32 (else padded
 // by the caller), the weight packed by pack_weight from [N, K]. tdpbf16ps treats denormal inputs as zero (the same
@@ -152,7 +152,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* 
                   packed.size(2) == 16 && packed.size(3) == 32 && packed.size(1) * 32 == x.size(1) &&
                   packed.size(0) * 16 >= N && packed.size(0) * 16 < N + 16 && packed.is_contiguous(),
               "amx_linear: the weight must be packed by pack_weight (pack_int8_weight) for x's K and N outputs");
-  TORCH_CHECK(!int8 || (scale->dim() == 1 && scale->scalar_type() == at::kBFloat16 && scale->size(0) == N &&
+  TORCH_CHECK(!int8 || (scale->device().is_cpu() && scale->dim() == 1 && scale->scalar_type() == at::kBFloat16 && scale->size(0) == N &&
                         scale->is_contiguous()),
               "amx_linear: scale must be bf16 [N], contiguous");
   TORCH_CHECK(tiles_permitted(), "amx_linear: the kernel did not grant this process AMX tile state");
@@ -161,6 +161,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* 
   const int64_t M = x.size(0), K = x.size(1), kblocks = K / 32, nblocks = packed.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();  // (no k block to sum: and the cache block below divides by K)
   // x's rows a tile: all of them up to 16; more are taken 16 at a time, the last ones padded to 16 with zeros
   const int rows = M < 16 ? static_cast<int>(M) : 16;
   const int64_t Mp = M < 16 ? M : (M + 15) / 16 * 16;
@@ -186,6 +187,9 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* 
   }
   at::parallel_for(0, npairs, 1, [&](int64_t begin, int64_t end) {
     _tile_loadconfig(&cfg);
+    struct Release {  // the tile state is given back however this thread's part ends
+      ~Release() { _tile_release(); }
+    } release;
     alignas(64) float c[16][16];
     uint16_t* buffer = nullptr;  // int8: a block's weights converted, 2 * chunk * kblocks tiles
     at::Tensor held;
@@ -238,7 +242,6 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* 
         }
       }
     }
-    _tile_release();
   });
   return y;
 }

@@ -84,6 +84,8 @@ def test_amx_linear_takes_any_leading_shape_strided_input_and_no_rows():
     assert torch.equal(amx_linear(wide[:, ::2], p, 20), amx_linear(x, p, 20))
     assert torch.equal(amx_linear(x.reshape(2, 3, 64), p, 20), amx_linear(x, p, 20).reshape(2, 3, 20))
     assert amx_linear(x[:0], p, 20).shape == (0, 20)
+    # no inputs at all: zeros (not a crash)
+    assert torch.equal(amx_linear(x[:, :0], pack_weight(w[:, :0]), 20), torch.zeros(6, 20, dtype=torch.bfloat16))
 
 
 @needs_kernel

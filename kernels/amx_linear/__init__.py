@@ -4,6 +4,8 @@ Why, and what it measured against oneDNN: docs/performance.md."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,7 +51,7 @@ def amx_linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     """x bf16 [..., K] times the int8 weight `packed` holds (pack_int8_weight of q [n, K]) with one bf16 scale per
     output -> bf16 [..., n]: each output's fp32 sum of x q in a fixed order, times its scale in fp32, rounded to
     bf16 (the same bits for a row alone or among any rows). Only where `available()`."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     kp = packed.shape[1] * 32
     if rows.shape[1] != kp:
         rows = F.pad(rows, (0, kp - rows.shape[1]))
@@ -61,7 +63,7 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """x bf16 [..., K] times the weight `packed` holds ([n, K] before packing) -> bf16 [..., n]: each output one
     fp32 sum in a fixed order (the same bits for a row alone or among any rows), rounded once. Only where
     `available()`."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     kp = packed.shape[1] * 32
     if rows.shape[1] != kp:
         rows = F.pad(rows, (0, kp - rows.shape[1]))

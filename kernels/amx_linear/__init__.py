@@ -24,27 +24,18 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
         .contiguous()
 
 
-def _conversion_order() -> torch.Tensor:
-    """Where each of 64 bf16 outputs of amx.cpp's byte-table conversion comes from among its 64 int8 inputs (the
-    lanes unpacklo/unpackhi interleave): pack_int8_weight stores each 64 int8 in that order."""
-    d = torch.arange(64)
-    src = 16 * ((d % 32) // 8) + 8 * (d // 32) + d % 8
-    order = torch.empty(64, dtype=torch.long)
-    order[src] = d
-    return order
-
-
-_ORDER = _conversion_order()
-
-
 def pack_int8_weight(q: torch.Tensor) -> torch.Tensor:
     """q int8 [N, K] (|q| <= 127) -> int8 [ceil(N/16), ceil(K/32), 16, 32]: pack_weight's layout, each 64 values
-    in the order the kernel's conversion to bf16 puts back in place."""
+    in the order amx.cpp's byte-table conversion puts back in place (its unpacklo/unpackhi interleave the 16-byte
+    lanes: output d = 32 ii + 2 c + j of a 64 comes from byte 16 (c // 4) + 8 ii + 2 (c % 4) + j). One permuted
+    copy, no temporary of the weight's size beyond it (a load packs every int8 projection)."""
     n, k = q.shape
     np_, kp = -(-n // 16) * 16, -(-k // 32) * 32
-    q = F.pad(q, (0, kp - k, 0, np_ - n))
-    q = q.reshape(np_ // 16, 16, kp // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1, 64)
-    return q[:, _ORDER].reshape(np_ // 16, kp // 32, 16, 32).contiguous()
+    if (np_, kp) != (n, k):
+        q = F.pad(q, (0, kp - k, 0, np_ - n))
+    # q[16 nb + 4 ch + cl, 32 kb + 4 ih + 2 ii + j] -> [nb, kb, ih, ch, ii, cl, j]
+    return q.reshape(np_ // 16, 4, 4, kp // 32, 8, 2, 2).permute(0, 3, 4, 1, 5, 2, 6) \
+        .reshape(np_ // 16, kp // 32, 16, 32).contiguous()
 
 
 def amx_linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:

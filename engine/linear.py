@@ -35,7 +35,10 @@ the row count, so no single count is safe to mix with another: there a bf16 weig
 rows (`_row_window`: padded up, split into blocks; exactly 16 for a shape where the window's counts disagree).
 Measured on a 2-vCPU Sapphire Rapids VM, `small` bf16: a decode step 8-12% slower at batch 1, 2-8% at batch 8,
 1-5% at batch 32, a 2,048-token prefill 13% slower (the 64-row blocks read the weights more often); capping oneDNN
-below AMX instead (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) made that prefill 3.2x slower.
+below AMX instead (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) made that prefill 3.2x slower. So where our own AMX kernel
+loads (kernels/amx_linear: one fixed-order sum per output, batch invariant by construction) bf16 weights, and int8
+ones, are packed for it instead and called with the rows as they come: faster than oneDNN at every row count
+measured (docs/performance.md "Fourteenth round"); the window remains for an AMX CPU where it cannot be built.
 """
 
 from __future__ import annotations

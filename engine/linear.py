@@ -295,9 +295,9 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, step: bo
     # with AMX, oneDNN's and aten's bf16 kernels sum in an order chosen by the row count: aten's in calls of exactly
     # 16 rows (its counts disagreed even within ROW_WINDOW), oneDNN's converted blocks packed and in their row window
     window = (16, 16) if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_has_amx() else None
-    if kernel == "qwenpd-amx":  # (Linear calls amx_linear_int8 on a weight packed once: this packs it every call)
-        y = amx_linear_int8(rows, pack_int8_weight(q), scale, q.shape[0])
-    elif kernel == "qwenpd":
+    if kernel == "qwenpd-amx":
+        raise ValueError("int8 weights for kernels/amx_linear are packed once, by Linear (amx8): not multiplied here")
+    if kernel == "qwenpd":
         y = torch.ops.qwenpd_int8.int8_matmul(rows.contiguous(), q, scale)
     elif kernel == "aten":
         aten = lambda r: torch.ops.aten._weight_int8pack_mm(r.contiguous(), q, scale)  # noqa: E731
@@ -327,19 +327,11 @@ def _(x, q, scale, step):
     return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
-_lib.define("amx_int8_linear(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor")
-_lib.impl("amx_int8_linear", amx_linear_int8, "CPU")  # graphs call the eager kernel: the same bits
-
-
-@torch.library.register_fake("qwenpd::amx_int8_linear")
-def _(x, packed, scale, n):
-    return x.new_empty(*x.shape[:-1], n)
-
-
 @functools.lru_cache(maxsize=1)
 def _amx_fakes() -> None:
-    """Shapes of kernels/amx_linear's own ops for graphs (registered once the kernel is loaded), so a graph calls
-    the C++ kernel itself, not a Python wrapper (~15 us a call: a decode step of `small` makes 33)."""
+    """Shapes of kernels/amx_linear's own ops for graphs (registered once the kernel is loaded): a graph traces
+    through its Python wrappers and calls the C++ kernel itself (a Python op would cost ~15 us a call at run
+    time: a decode step of `small` makes 33)."""
     torch.library.register_fake("qwenpd_amx::linear_int8")(
         lambda x, packed, scale, n: x.new_empty(x.shape[0], n))
     torch.library.register_fake("qwenpd_amx::linear")(lambda x, packed, n: x.new_empty(x.shape[0], n))
@@ -378,24 +370,16 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         x = x.to(self.dtype)
-        if self.amx8:
-            q, scale = self.int8.q, self.int8.scale
-            if x.shape[-1] == q.shape[1] * 32:  # (else x is padded to whole 32s by the wrapper)
-                return torch.ops.qwenpd_amx.linear_int8(x.reshape(-1, x.shape[-1]).contiguous(), q, scale,
-                                                        self.amx8).reshape(*x.shape[:-1], self.amx8)
-            if torch.compiler.is_compiling():
-                return torch.ops.qwenpd.amx_int8_linear(x, q, scale, self.amx8)
-            return amx_linear_int8(x, q, scale, self.amx8)
+        if self.amx8:  # (graphs trace through the wrapper to the kernel's C++ op: _amx_fakes)
+            return amx_linear_int8(x, self.int8.q, self.int8.scale, self.amx8)
         if self.int8 is not None:
             if torch.compiler.is_compiling() and x.device.type == "cpu":
                 return torch.ops.qwenpd.int8_linear(x, self.int8.q, self.int8.scale, step)
             return _int8_linear(x, self.int8.q, self.int8.scale, step)
         if self.key is None:
             return F.linear(x, self.weight)
-        amx = self._copies.amx
-        if amx and x.shape[-1] % 32 == 0:  # our AMX kernel's C++ op, in graphs too (its packed weight an input)
-            return torch.ops.qwenpd_amx.linear(x.reshape(-1, x.shape[-1]).contiguous(), self._copies.narrow,
-                                               amx).reshape(*x.shape[:-1], amx)
+        if self._copies.amx:  # our AMX kernel, in graphs too (the packed weight an input, like a weight)
+            return amx_linear(x, self._copies.narrow, self._copies.amx)
         if torch.compiler.is_compiling():  # graphs call the op: the key stands in for the packed copies
             return torch.ops.qwenpd.packed_linear(x, self.key, self.wide)
         # eager: the op's kernel without its dispatch into Python and the key's lookup (~15 us a call; a decode
